@@ -1,0 +1,11 @@
+// Subcommand entry points. Each takes argv starting at its own name (argv[0] == "train"),
+// parses its options with ArgParser, and returns the process exit code. Errors are thrown as
+// switchyard::Error; main catches them once (see comm/bootstrap.h run_guarded).
+#pragma once
+
+namespace switchyard {
+int command_train(int argc, char** argv);         // src/cli/train_command.cpp
+int command_prepare_data(int argc, char** argv);  // src/cli/prepare_data_command.cpp
+int command_bench(int argc, char** argv);         // src/cli/bench_command.cpp: dispatches to the ones below
+int command_bench_comm(int argc, char** argv);    // src/cli/bench_comm_command.cpp
+}  // namespace switchyard
