@@ -39,7 +39,7 @@ AllocatorStats cuda_allocator_stats();
 class Buffer {
  public:
   Buffer() = default;
-  Buffer(DeviceKind device, size_t bytes) : device_(device), bytes_(bytes) {
+  Buffer(DeviceKind device, size_t bytes) : bytes_(bytes), device_(device) {
     pointer_ = bytes ? device_allocate(device, bytes) : nullptr;
   }
   ~Buffer() { reset(); }

@@ -1,0 +1,240 @@
+// switchyard train CONFIG.yaml [--set k=v]... [--resume auto|PATH] [--dry-run]
+//
+// Set-up, in an order that makes bad input fail fast and identically on every rank:
+//   1. before MPI starts (so each rank exits 2 on its own, with no collective to hang in):
+//      load + validate the config, resolve the device, open and check the data files, check a
+//      --resume path, check that the run directory holds no different run;
+//   2. bootstrap the process (MPI, local rank, GPU), check ep_size against the world size,
+//      build the parallel groups, fault point "after_bootstrap";
+//   3. rank 0 prints the resolved config and writes <logging.run_dir>/config.yaml; every rank
+//      reports its device and rank 0 prints the process layout.
+// set_up_training() does all of that and returns what the training loop starts from.
+#include <mpi.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "comm/bootstrap.h"
+#include "src/cli/cli_args.h"
+#include "src/cli/commands.h"
+#include "src/core/device.h"
+#include "src/core/error.h"
+#include "src/core/mpi_check.h"
+#include "src/train/config.h"
+#include "src/train/token_file.h"
+
+namespace switchyard {
+// Internal linkage until the training loop's issue gives these a header (src/train/), so that a
+// same-named type elsewhere cannot silently clash with them.
+namespace {
+
+struct TrainOptions {
+  std::string config_path;
+  std::vector<std::string> overrides;  // --set section.key=value, in order
+  std::string resume;                  // --resume: empty = as the config says
+  bool dry_run = false;
+};
+
+// Everything the training loop starts from. (The loop's issue adds `train(TrainingSetup&)`; when
+// it does, this struct and set_up_training() move to a header under src/train/.)
+struct TrainingSetup {
+  Config config;
+  const ProcessContext* process = nullptr;
+  ParallelGroups groups;
+  TokenFile train_data;
+  TokenFile val_data;  // !is_open() when data.val_path is empty
+};
+
+namespace fs = std::filesystem;
+
+bool is_rank0(const ProcessContext& process) { return process.world_rank == 0; }
+
+DeviceKind resolve_device(const Config& config) {
+  switch (config.training.device) {
+    case DeviceChoice::cpu: return DeviceKind::cpu;
+    case DeviceChoice::automatic: return cuda_available() ? DeviceKind::cuda : DeviceKind::cpu;
+    case DeviceChoice::cuda:
+      if (!cuda_available()) {
+#if defined(SWITCHYARD_WITH_CUDA)
+        SY_BAD_INPUT(config.source, ": training.device = cuda, but no CUDA device is visible (use cpu or auto)");
+#else
+        SY_BAD_INPUT(config.source, ": training.device = cuda, but this build has no CUDA backend (use cpu or auto)");
+#endif
+      }
+      return DeviceKind::cuda;
+  }
+  SY_THROW("unhandled device choice");
+}
+
+TokenFile open_data(const Config& config, const std::string& path, const char* key) {
+  TokenFile file(path, uint32_t(config.model.vocab_size));
+  if (file.size() < int64_t(config.model.seq_len) + 1)
+    SY_BAD_INPUT(config.source, ": ", key, " '", path, "' holds ", file.size(), " tokens; one sequence needs ",
+                 "model.seq_len + 1 = ", config.model.seq_len + 1);
+  return file;
+}
+
+std::string run_config_path(const Config& config) {
+  return (fs::path(config.logging.run_dir) / "config.yaml").string();
+}
+
+// The first key whose value differs, as "moe.top_k: 2 there, 1 now"; empty if none.
+// checkpoint.resume says how this process starts, not what the run is, so it is not compared.
+std::string first_difference(const Config& existing, const Config& current) {
+  for (const ConfigField& field : config_fields())
+    if (field.path() != "checkpoint.resume" && field.get(existing) != field.get(current))
+      return field.path() + ": " + field.get(existing) + " there, " + field.get(current) + " now";
+  return "";
+}
+
+// Throws when the run directory already holds a different config and the run does not resume.
+// Returns true when an existing, different config.yaml will be replaced (resuming).
+bool check_run_directory(const Config& config) {
+  const std::string path = run_config_path(config);
+  std::error_code status;
+  if (!fs::exists(path, status)) return false;
+  std::string difference;
+  try {
+    difference = first_difference(load_config(path), config);
+  } catch (const Error& error) {
+    difference = "it does not load: " + error.message();
+  }
+  if (difference.empty()) return false;
+  if (config.checkpoint.resume != "none") return true;
+  SY_BAD_INPUT("the run directory '", config.logging.run_dir, "' holds a different run (", path, " differs: ",
+               difference, "). Use another logging.run_dir, or resume that run with --resume auto");
+}
+
+void write_text_atomically(const std::string& path, const std::string& text) {
+  const std::string temp = path + ".tmp." + std::to_string(::getpid());
+  {
+    std::ofstream file(temp, std::ios::binary | std::ios::trunc);
+    if (!file) SY_BAD_INPUT("cannot write '", temp, "': ", std::strerror(errno));
+    file << text;
+    file.flush();
+    if (!file) SY_THROW("writing '", temp, "' failed: ", std::strerror(errno));
+  }
+  if (std::rename(temp.c_str(), path.c_str()) != 0) {
+    int saved = errno;
+    std::remove(temp.c_str());
+    SY_THROW("renaming '", temp, "' to '", path, "' failed: ", std::strerror(saved));
+  }
+}
+
+// Rank 0: prints the resolved config and records it in the run directory.
+void record_config(const Config& config) {
+  const std::string text = config_to_yaml(config);
+  std::cout << text << std::flush;
+  std::error_code status;
+  fs::create_directories(config.logging.run_dir, status);
+  if (status) SY_BAD_INPUT("cannot create logging.run_dir '", config.logging.run_dir, "': ", status.message());
+  const std::string path = run_config_path(config);
+  if (check_run_directory(config)) {  // resuming with a changed config: keep the old one beside it
+    std::string kept;
+    for (int index = 1; kept.empty() || fs::exists(kept, status); ++index)
+      kept = (fs::path(config.logging.run_dir) / ("config.before-resume-" + std::to_string(index) + ".yaml")).string();
+    fs::rename(path, kept, status);
+    if (status) SY_THROW("cannot keep the previous '", path, "' as '", kept, "': ", status.message());
+    std::cout << "switchyard train: the config differs from the run's previous one; that one is kept as " << kept << "\n";
+  }
+  write_text_atomically(path, text);
+  std::cout << "switchyard train: resolved config written to " << path << "\n";
+}
+
+// Every rank reports its host and device; rank 0 prints the layout of the job.
+void report_layout(const Config& config, const ProcessContext& process) {
+  struct RankInfo {
+    int local_rank, device, gpu;
+    char host[64];
+  };
+  RankInfo mine{process.local_rank, int(process.device), process.gpu, {0}};
+  std::strncpy(mine.host, process_host().c_str(), sizeof(mine.host) - 1);
+  std::vector<RankInfo> all(is_rank0(process) ? size_t(process.world_size) : 0);
+  MPI_CHECK(MPI_Gather(&mine, int(sizeof(RankInfo)), MPI_BYTE, all.data(), int(sizeof(RankInfo)), MPI_BYTE, 0,
+                       MPI_COMM_WORLD));
+  if (!is_rank0(process)) return;
+  const int ep_size = config.parallel.ep_size;
+  const int experts_per_rank = config.moe.num_experts / ep_size;
+  std::ostringstream out;
+  out << "switchyard train: world " << process.world_size << " (" << process.launcher << "), ep_size " << ep_size
+      << " x expert-data-parallel " << process.world_size / ep_size << "; " << config.model.moe_block_count()
+      << " MoE block(s) of " << config.model.n_layers << ", " << config.moe.num_experts << " experts each, "
+      << experts_per_rank << " per rank\n";
+  for (int rank = 0; rank < process.world_size; ++rank) {
+    const RankInfo& info = all[size_t(rank)];
+    const int shard = rank % ep_size;  // comm/communicator.h: same r % ep_size = same shard
+    out << "  rank " << rank << ": " << info.host << " (local rank " << info.local_rank << "), "
+        << (DeviceKind(info.device) == DeviceKind::cuda ? "cuda:" + std::to_string(info.gpu) : std::string("cpu"))
+        << ", experts " << shard * experts_per_rank << "-" << (shard + 1) * experts_per_rank - 1 << "\n";
+  }
+  std::cout << out.str() << std::flush;
+}
+
+TrainingSetup set_up_training(const TrainOptions& options) {
+  TrainingSetup setup;
+  // 1. Everything that can be wrong with the input, before MPI.
+  setup.config = load_config(options.config_path, options.overrides);
+  Config& config = setup.config;
+  if (!options.resume.empty()) config.checkpoint.resume = options.resume;
+  const std::string& resume = config.checkpoint.resume;
+  if (resume != "none" && resume != "auto" && !fs::exists(resume))
+    SY_BAD_INPUT("checkpoint to resume from '", resume, "' does not exist");
+  const DeviceKind device = resolve_device(config);
+  setup.train_data = open_data(config, config.data.path, "data.path");
+  if (!config.data.val_path.empty()) setup.val_data = open_data(config, config.data.val_path, "data.val_path");
+  check_run_directory(config);
+
+  // 2. Processes and groups.
+  const ProcessContext& process = bootstrap_process(device);
+  setup.process = &process;
+  validate_against_world(config, process.world_size);
+  setup.groups = create_parallel_groups(process, config.parallel.ep_size, config.parallel.collective_timeout_s);
+  inject_fault_point("after_bootstrap");
+
+  // 3. Record and report.
+  if (is_rank0(process)) record_config(config);
+  report_layout(config, process);
+  return setup;
+}
+
+}  // namespace
+
+int command_train(int argc, char** argv) {
+  ArgParser parser("switchyard train",
+                   "Train a Mixture-of-Experts language model described by a YAML config (keys: configs/README.md). "
+                   "Run one process per device: mpirun -np N switchyard train ... (or srun).");
+  parser.add_positional("config", "YAML config file");
+  parser.add_option("set", "KEY=VALUE", "override a config key, e.g. --set moe.top_k=2", "", /*repeatable=*/true);
+  parser.add_option("resume", "auto|PATH", "resume from the newest checkpoint in checkpoint.dir (auto) or from PATH");
+  parser.add_flag("dry-run", "validate the config and data, start the processes and groups, then exit");
+  parser.add_epilog("Examples:\n"
+                    "  switchyard train configs/tiny-cpu.yaml --set training.steps=50\n"
+                    "  mpirun -np 2 switchyard train configs/tiny-cpu.yaml --set parallel.ep_size=2 --dry-run");
+  if (!parser.parse(argc, argv)) return kExitOk;
+
+  TrainOptions options;
+  options.config_path = parser.get("config");
+  options.overrides = parser.get_all("set");
+  options.resume = parser.get("resume");
+  if (parser.has("resume") && options.resume.empty()) SY_BAD_INPUT("--resume needs auto or a checkpoint path");
+  options.dry_run = parser.flag("dry-run");
+
+  TrainingSetup setup = set_up_training(options);
+  if (options.dry_run) {
+    if (is_rank0(*setup.process)) std::cout << "switchyard train: dry run: set-up complete, not training\n";
+    return kExitOk;
+  }
+  if (is_rank0(*setup.process))
+    std::cerr << "switchyard train: set-up complete, but the training loop is not built yet; nothing was trained "
+                 "(use --dry-run to check a config)\n";
+  return kExitFailure;
+}
+
+}  // namespace switchyard

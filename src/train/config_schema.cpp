@@ -1,0 +1,451 @@
+// The key table of the run configuration (see config.h) and the cross-field checks.
+//
+// Each entry binds a YAML key to a struct member through member pointers, with its range or
+// choices and its default. Ranges are wide enough for any sensible run and narrow enough to catch
+// typos (an extra zero, a negative sign); the reasons for the tighter ones are in the help text.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "src/core/error.h"
+#include "src/train/config.h"
+
+namespace switchyard {
+namespace {
+
+constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+
+// runs/<config file name without extension>; "runs/run" when the source has no usable name.
+std::string default_run_dir(const std::string& source) {
+  std::string stem = std::filesystem::path(source).stem().string();
+  if (stem.empty() || stem == "." || stem == "..") stem = "run";
+  return "runs/" + stem;
+}
+constexpr int64_t kInt64Max = std::numeric_limits<int64_t>::max();
+
+// Shortest decimal text that reads back as exactly the same double (so the resolved config
+// round-trips and stays readable: 0.0003, not 0.00029999999999999997).
+std::string format_real(double value) {
+  char buffer[64];
+  if (value == std::floor(value) && std::fabs(value) < 1e15) {  // 600, not 6e+02
+    std::snprintf(buffer, sizeof(buffer), "%.0f", value);
+    return buffer;
+  }
+  for (int precision = 1; precision <= 17; ++precision) {
+    std::snprintf(buffer, sizeof(buffer), "%.*g", precision, value);
+    if (std::strtod(buffer, nullptr) == value) break;
+  }
+  return buffer;
+}
+
+std::string format_real_digits(double value, int digits) {
+  char buffer[64];
+  std::snprintf(buffer, sizeof(buffer), "%.*g", digits, value);
+  return buffer;
+}
+
+// A double-quoted YAML scalar: always quoted so that paths like "yes", "~" or "1e3" stay text.
+std::string quote_text(const std::string& text) {
+  std::string quoted = "\"";
+  for (char character : text) {
+    switch (character) {
+      case '"': quoted += "\\\""; break;
+      case '\\': quoted += "\\\\"; break;
+      case '\n': quoted += "\\n"; break;
+      case '\t': quoted += "\\t"; break;
+      default:
+        if (static_cast<unsigned char>(character) < 0x20) {
+          char escape[8];
+          std::snprintf(escape, sizeof(escape), "\\x%02x", static_cast<unsigned char>(character));
+          quoted += escape;
+        } else {
+          quoted += character;
+        }
+    }
+  }
+  return quoted + "\"";
+}
+
+ConfigField base_field(const char* section, const char* key, ConfigValueType type, const char* help,
+                       std::string default_text) {
+  ConfigField field;
+  field.section = section;
+  field.key = key;
+  field.type = type;
+  field.help = help;
+  field.default_text = std::move(default_text);
+  return field;
+}
+
+template <typename Section, typename Member>
+ConfigField integer_field(const char* section, const char* key, Section Config::*part, Member Section::*member,
+                          int64_t minimum, int64_t maximum, const char* help) {
+  static_assert(std::is_integral_v<Member>, "integer_field needs an integral member");
+  Config defaults;
+  ConfigField field = base_field(section, key, ConfigValueType::integer, help,
+                                 std::to_string((defaults.*part).*member));
+  field.integer_min = minimum;
+  field.integer_max = maximum;
+  field.get = [part, member](const Config& config) { return std::to_string((config.*part).*member); };
+  field.set = [part, member](Config& config, const ConfigValue& value) {
+    (config.*part).*member = static_cast<Member>(value.integer);
+  };
+  return field;
+}
+
+template <typename Section>
+ConfigField real_field(const char* section, const char* key, double Section::*member, Section Config::*part,
+                       double minimum, bool minimum_open, double maximum, bool maximum_open, const char* help) {
+  Config defaults;
+  ConfigField field = base_field(section, key, ConfigValueType::real, help, format_real((defaults.*part).*member));
+  field.real_min = minimum;
+  field.real_max = maximum;
+  field.real_min_open = minimum_open;
+  field.real_max_open = maximum_open;
+  field.get = [part, member](const Config& config) { return format_real((config.*part).*member); };
+  field.set = [part, member](Config& config, const ConfigValue& value) { (config.*part).*member = value.real; };
+  return field;
+}
+
+template <typename Section>
+ConfigField boolean_field(const char* section, const char* key, bool Section::*member, Section Config::*part,
+                          const char* help) {
+  Config defaults;
+  ConfigField field = base_field(section, key, ConfigValueType::boolean, help,
+                                 (defaults.*part).*member ? "true" : "false");
+  field.get = [part, member](const Config& config) { return std::string((config.*part).*member ? "true" : "false"); };
+  field.set = [part, member](Config& config, const ConfigValue& value) { (config.*part).*member = value.boolean; };
+  return field;
+}
+
+template <typename Section>
+ConfigField text_field(const char* section, const char* key, std::string Section::*member, Section Config::*part,
+                       const char* help) {
+  Config defaults;
+  ConfigField field = base_field(section, key, ConfigValueType::text, help, quote_text((defaults.*part).*member));
+  field.get = [part, member](const Config& config) { return quote_text((config.*part).*member); };
+  field.set = [part, member](Config& config, const ConfigValue& value) { (config.*part).*member = value.text; };
+  return field;
+}
+
+// An enum member spelled in YAML by the names in `names` (index = enum value order given).
+template <typename Section, typename Enum>
+ConfigField choice_field(const char* section, const char* key, Enum Section::*member, Section Config::*part,
+                         std::vector<std::pair<std::string, Enum>> names, const char* help) {
+  Config defaults;
+  auto name_of = [names](Enum value) {
+    for (const auto& entry : names)
+      if (entry.second == value) return entry.first;
+    SY_THROW("enum value without a YAML name");
+  };
+  ConfigField field = base_field(section, key, ConfigValueType::choice, help, name_of((defaults.*part).*member));
+  for (const auto& entry : names) field.choices.push_back(entry.first);
+  field.get = [part, member, name_of](const Config& config) { return name_of((config.*part).*member); };
+  field.set = [part, member, names](Config& config, const ConfigValue& value) {
+    for (const auto& entry : names)
+      if (entry.first == value.text) {
+        (config.*part).*member = entry.second;
+        return;
+      }
+    SY_THROW("choice '", value.text, "' passed the check but has no enum value");
+  };
+  return field;
+}
+
+ConfigField required(ConfigField field) {
+  field.required = true;
+  field.default_text = "(required)";
+  return field;
+}
+
+ConfigField derived(ConfigField field, std::string default_text, std::function<void(Config&)> derive) {
+  field.default_text = std::move(default_text);
+  field.derive_default = std::move(derive);
+  return field;
+}
+
+const std::vector<std::pair<std::string, DType>> kComputeDtypes = {
+    {"bf16", DType::bf16}, {"fp16", DType::f16}, {"fp32", DType::f32}};
+
+std::vector<ConfigField> build_fields() {
+  using C = Config;
+  std::vector<ConfigField> fields;
+  auto add = [&fields](ConfigField field) { fields.push_back(std::move(field)); };
+
+  // model
+  add(integer_field("model", "vocab_size", &C::model, &ModelConfig::vocab_size, 2, kIntMax,
+                    "token ids are 0 .. vocab_size-1 (256 = raw bytes, as prepare-data writes)"));
+  add(required(integer_field("model", "d_model", &C::model, &ModelConfig::d_model, 8, 65536, "hidden width")));
+  add(required(integer_field("model", "n_layers", &C::model, &ModelConfig::n_layers, 1, 1024, "transformer blocks")));
+  add(required(integer_field("model", "n_heads", &C::model, &ModelConfig::n_heads, 1, 1024,
+                             "attention heads; must divide d_model")));
+  add(required(integer_field("model", "seq_len", &C::model, &ModelConfig::seq_len, 2, 1 << 20,
+                             "tokens per training sequence (context length)")));
+  add(derived(integer_field("model", "d_ff", &C::model, &ModelConfig::d_ff, 1, 1 << 20,
+                            "hidden width of the dense FFN (blocks that are not MoE)"),
+              "4 * model.d_model", [](Config& config) { config.model.d_ff = 4 * config.model.d_model; }));
+  add(choice_field("model", "norm", &ModelConfig::norm, &C::model,
+                   {{"layernorm", NormKind::layernorm}, {"rmsnorm", NormKind::rmsnorm}}, "normalisation before each sublayer"));
+  add(choice_field("model", "positions", &ModelConfig::positions, &C::model,
+                   {{"learned", PositionKind::learned}, {"rotary", PositionKind::rotary}},
+                   "position encoding: learned table or rotary (needs an even head dim)"));
+  add(integer_field("model", "moe_every", &C::model, &ModelConfig::moe_every, 1, 1024,
+                    "block b (from 0) has an MoE FFN when (b+1) % moe_every == 0; 1 = every block"));
+  add(choice_field("model", "compute_dtype", &ModelConfig::compute_dtype, &C::model, kComputeDtypes,
+                   "type of activations and weight copies in GEMMs; master weights stay fp32"));
+  add(real_field("model", "init_std", &ModelConfig::init_std, &C::model, 0.0, true, 1.0, false,
+                 "standard deviation of the normal weight initialisation"));
+
+  // moe
+  add(required(integer_field("moe", "num_experts", &C::moe, &MoeConfig::num_experts, 1, 1024,
+                             "experts per MoE layer (over all ranks)")));
+  add(integer_field("moe", "top_k", &C::moe, &MoeConfig::top_k, 1, 8, "experts each token is sent to"));
+  add(derived(integer_field("moe", "k_min", &C::moe, &MoeConfig::k_min, 1, 8,
+                            "fewest experts a token uses under complexity routing (<= top_k)"),
+              "moe.top_k", [](Config& config) { config.moe.k_min = config.moe.top_k; }));
+  add(derived(integer_field("moe", "expert_d_ff", &C::moe, &MoeConfig::expert_d_ff, 1, 1 << 20,
+                            "hidden width of each expert FFN"),
+              "model.d_ff", [](Config& config) { config.moe.expert_d_ff = config.model.d_ff; }));
+  add(choice_field("moe", "activation", &MoeConfig::activation, &C::moe,
+                   {{"gelu", ExpertActivation::gelu_tanh}, {"swiglu", ExpertActivation::swiglu}},
+                   "expert FFN activation (swiglu has a third weight matrix)"));
+  add(real_field("moe", "capacity_factor", &MoeConfig::capacity_factor, &C::moe, 0.0, true, 64.0, false,
+                 "training: expert capacity = ceil(factor * tokens * top_k / num_experts); overflow is dropped"));
+  add(real_field("moe", "eval_capacity_factor", &MoeConfig::eval_capacity_factor, &C::moe, 0.0, true, 64.0, false,
+                 "capacity factor during evaluation"));
+  add(boolean_field("moe", "dropless", &MoeConfig::dropless, &C::moe,
+                    "true: no capacity limit, no token is dropped (capacity factors ignored)"));
+  add(derived(boolean_field("moe", "renormalize_gates", &MoeConfig::renormalize_gates, &C::moe,
+                            "rescale the chosen gates of a token to sum to 1"),
+              "true when moe.top_k > 1", [](Config& config) { config.moe.renormalize_gates = config.moe.top_k > 1; }));
+  add(real_field("moe", "jitter_eps", &MoeConfig::jitter_eps, &C::moe, 0.0, false, 1.0, true,
+                 "training: router input *= uniform(1-eps, 1+eps); 0 = off"));
+  add(real_field("moe", "aux_loss_weight", &MoeConfig::aux_loss_weight, &C::moe, 0.0, false, 100.0, false,
+                 "weight of the load-balancing loss"));
+  add(real_field("moe", "z_loss_weight", &MoeConfig::z_loss_weight, &C::moe, 0.0, false, 100.0, false,
+                 "weight of the router z-loss (mean squared logsumexp of router logits)"));
+  add(choice_field("moe", "complexity", &MoeConfig::complexity, &C::moe,
+                   {{"none", ComplexityMode::none}, {"given", ComplexityMode::given}, {"entropy", ComplexityMode::entropy}},
+                   "per-token expert count between k_min and top_k: none = always top_k"));
+  add(choice_field("moe", "compute_mode", &MoeConfig::compute_mode, &C::moe,
+                   {{"sparse", ExpertComputeMode::sparse}, {"dense", ExpertComputeMode::dense}},
+                   "sparse: experts see their routed tokens; dense: every token (slow reference)"));
+  add(integer_field("moe", "segment_alignment", &C::moe, &MoeConfig::segment_alignment, 1, 4096,
+                    "rows each expert's segment is padded to (GEMM tile height); a power of two"));
+
+  // parallel
+  add(integer_field("parallel", "ep_size", &C::parallel, &ParallelConfig::ep_size, 1, 1024,
+                    "ranks that split the experts; divides num_experts and the world size"));
+  add(integer_field("parallel", "a2a_chunks", &C::parallel, &ParallelConfig::a2a_chunks, 1, 64,
+                    "pieces each all-to-all is split into to overlap it with expert compute"));
+  add(real_field("parallel", "collective_timeout_s", &ParallelConfig::collective_timeout_s, &C::parallel, 0.0, true,
+                 86400.0, false, "a collective that takes longer aborts the run with an error"));
+  add(boolean_field("parallel", "deterministic", &ParallelConfig::deterministic, &C::parallel,
+                    "fixed reduction orders: bit-identical reruns and resumes (slower)"));
+
+  // optimizer
+  add(real_field("optimizer", "lr", &OptimizerConfig::lr, &C::optimizer, 0.0, true, 10.0, false,
+                 "peak learning rate (AdamW) after warm-up"));
+  add(derived(real_field("optimizer", "min_lr", &OptimizerConfig::min_lr, &C::optimizer, 0.0, false, 10.0, false,
+                         "learning rate at the end of the cosine decay (<= lr)"),
+              "optimizer.lr / 10", [](Config& config) {
+                // Rounded to 15 digits so that lr 3e-4 gives min_lr 3e-05, not 2.9999999999999997e-05.
+                config.optimizer.min_lr = std::stod(format_real_digits(config.optimizer.lr / 10.0, 15));
+              }));
+  add(integer_field("optimizer", "warmup_steps", &C::optimizer, &OptimizerConfig::warmup_steps, 0, kInt64Max,
+                    "linear warm-up from 0 to lr (<= training.steps)"));
+  add(real_field("optimizer", "weight_decay", &OptimizerConfig::weight_decay, &C::optimizer, 0.0, false, 10.0, false,
+                 "decoupled weight decay (not applied to norms and biases)"));
+  add(real_field("optimizer", "beta1", &OptimizerConfig::beta1, &C::optimizer, 0.0, false, 1.0, true,
+                 "AdamW first-moment decay"));
+  add(real_field("optimizer", "beta2", &OptimizerConfig::beta2, &C::optimizer, 0.0, false, 1.0, true,
+                 "AdamW second-moment decay"));
+  add(real_field("optimizer", "eps", &OptimizerConfig::eps, &C::optimizer, 0.0, true, 1.0, false,
+                 "AdamW denominator epsilon"));
+  add(real_field("optimizer", "grad_clip", &OptimizerConfig::grad_clip, &C::optimizer, 0.0, false, 1e6, false,
+                 "clip the global gradient norm to this; 0 = off"));
+  add(integer_field("optimizer", "grad_accum_steps", &C::optimizer, &OptimizerConfig::grad_accum_steps, 1, 65536,
+                    "micro-steps whose gradients are summed before each optimizer step"));
+  add(real_field("optimizer", "loss_scale_init", &OptimizerConfig::loss_scale_init, &C::optimizer, 1.0, false,
+                 16777216.0, false, "fp16 only: initial dynamic loss scale"));
+  add(integer_field("optimizer", "loss_scale_growth_interval", &C::optimizer,
+                    &OptimizerConfig::loss_scale_growth_interval, 1, 1000000000,
+                    "fp16 only: overflow-free steps before the loss scale doubles"));
+
+  // training
+  add(required(integer_field("training", "steps", &C::training, &TrainingConfig::steps, 1, 1000000000000LL,
+                             "optimizer steps to train for")));
+  add(integer_field("training", "micro_batch_size", &C::training, &TrainingConfig::micro_batch_size, 1, 65536,
+                    "sequences per rank per micro-step"));
+  add(integer_field("training", "seed", &C::training, &TrainingConfig::seed, 0, kInt64Max,
+                    "seeds initialisation, data order, jitter (counter-based: same on CPU and GPU)"));
+  add(integer_field("training", "eval_every", &C::training, &TrainingConfig::eval_every, 0, kInt64Max,
+                    "evaluate on data.val_path every N steps; 0 = never"));
+  add(integer_field("training", "eval_batches", &C::training, &TrainingConfig::eval_batches, 1, 1000000,
+                    "micro-batches per evaluation"));
+  add(integer_field("training", "log_every", &C::training, &TrainingConfig::log_every, 1, kInt64Max,
+                    "print and record metrics every N steps"));
+  add(choice_field("training", "device", &TrainingConfig::device, &C::training,
+                   {{"auto", DeviceChoice::automatic}, {"cpu", DeviceChoice::cpu}, {"cuda", DeviceChoice::cuda}},
+                   "auto = cuda when a GPU is visible, else cpu"));
+
+  // data
+  add(required(text_field("data", "path", &DataConfig::path, &C::data,
+                          "training token file (from switchyard prepare-data)")));
+  add(text_field("data", "val_path", &DataConfig::val_path, &C::data, "validation token file; empty = none"));
+  add(choice_field<DataConfig, std::string>("data", "format", &DataConfig::format, &C::data, {{"tokens", "tokens"}},
+                                            "file format: tokens (switchyard token file)"));
+
+  // checkpoint
+  add(derived(text_field("checkpoint", "dir", &CheckpointConfig::dir, &C::checkpoint, "where checkpoints are written"),
+              "\"<logging.run_dir>/checkpoints\"", [](Config& config) {
+                // logging comes after checkpoint in the table, so run_dir may not be derived yet.
+                std::string run_dir = config.logging.run_dir;
+                if (run_dir.empty()) run_dir = default_run_dir(config.source);
+                config.checkpoint.dir = (std::filesystem::path(run_dir) / "checkpoints").string();
+              }));
+  add(integer_field("checkpoint", "every", &C::checkpoint, &CheckpointConfig::every, 0, kInt64Max,
+                    "save every N steps (and at the end); 0 = only at the end"));
+  add(integer_field("checkpoint", "keep_last", &C::checkpoint, &CheckpointConfig::keep_last, 0, 1000000,
+                    "keep the newest N checkpoints; 0 = keep all"));
+  add(text_field("checkpoint", "resume", &CheckpointConfig::resume, &C::checkpoint,
+                 "none, auto (newest complete checkpoint in dir, if any) or a checkpoint path"));
+
+  // logging
+  add(derived(text_field("logging", "run_dir", &LoggingConfig::run_dir, &C::logging,
+                         "holds the resolved config.yaml and the metrics"),
+              "\"runs/<config file name without .yaml>\"", [](Config& config) {
+                config.logging.run_dir = default_run_dir(config.source);
+              }));
+  add(text_field("logging", "metrics_file", &LoggingConfig::metrics_file, &C::logging,
+                 "JSON-lines metrics, relative to run_dir unless absolute"));
+  return fields;
+}
+
+std::string describe_interval(double minimum, bool minimum_open, double maximum, bool maximum_open) {
+  return std::string(minimum_open ? "(" : "[") + format_real(minimum) + ", " + format_real(maximum) +
+         (maximum_open ? ")" : "]");
+}
+
+}  // namespace
+
+std::string ConfigField::range_text() const {
+  switch (type) {
+    case ConfigValueType::integer:
+      return "[" + std::to_string(integer_min) + ", " + std::to_string(integer_max) + "]";
+    case ConfigValueType::real:
+      return describe_interval(real_min, real_min_open, real_max, real_max_open);
+    case ConfigValueType::boolean:
+      return "true or false";
+    case ConfigValueType::choice: {
+      std::string text = "one of: ";
+      for (size_t index = 0; index < choices.size(); ++index) text += (index ? ", " : "") + choices[index];
+      return text;
+    }
+    case ConfigValueType::text:
+      return "text";
+  }
+  return "";
+}
+
+const std::vector<ConfigField>& config_fields() {
+  static const std::vector<ConfigField> fields = build_fields();
+  return fields;
+}
+
+bool operator==(const Config& left, const Config& right) {
+  for (const ConfigField& field : config_fields())
+    if (field.get(left) != field.get(right)) return false;
+  return true;
+}
+
+const char* norm_kind_name(NormKind kind) { return kind == NormKind::layernorm ? "layernorm" : "rmsnorm"; }
+const char* position_kind_name(PositionKind kind) { return kind == PositionKind::learned ? "learned" : "rotary"; }
+const char* expert_activation_name(ExpertActivation activation) {
+  return activation == ExpertActivation::gelu_tanh ? "gelu" : "swiglu";
+}
+const char* complexity_mode_name(ComplexityMode mode) {
+  switch (mode) {
+    case ComplexityMode::none: return "none";
+    case ComplexityMode::given: return "given";
+    case ComplexityMode::entropy: return "entropy";
+  }
+  return "?";
+}
+const char* expert_compute_mode_name(ExpertComputeMode mode) {
+  return mode == ExpertComputeMode::sparse ? "sparse" : "dense";
+}
+const char* device_choice_name(DeviceChoice choice) {
+  switch (choice) {
+    case DeviceChoice::automatic: return "auto";
+    case DeviceChoice::cpu: return "cpu";
+    case DeviceChoice::cuda: return "cuda";
+  }
+  return "?";
+}
+const char* compute_dtype_name(DType dtype) {
+  for (const auto& entry : kComputeDtypes)
+    if (entry.second == dtype) return entry.first.c_str();
+  return "?";
+}
+
+void check_config_consistency(const Config& config, const std::function<std::string(const std::string&)>& where) {
+  const ModelConfig& model = config.model;
+  const MoeConfig& moe = config.moe;
+  if (model.d_model % model.n_heads != 0)
+    SY_BAD_INPUT(where("model.n_heads"), ": model.n_heads = ", model.n_heads, " does not divide model.d_model = ",
+                 model.d_model);
+  if (model.positions == PositionKind::rotary && model.head_dim() % 2 != 0)
+    SY_BAD_INPUT(where("model.positions"), ": model.positions = rotary needs an even head dimension, but d_model / "
+                 "n_heads = ", model.d_model, " / ", model.n_heads, " = ", model.head_dim());
+  if (model.moe_every > model.n_layers)
+    SY_BAD_INPUT(where("model.moe_every"), ": model.moe_every = ", model.moe_every, " > model.n_layers = ",
+                 model.n_layers, ": no block would have an MoE FFN");
+  if (moe.top_k > moe.num_experts)
+    SY_BAD_INPUT(where("moe.top_k"), ": moe.top_k = ", moe.top_k, " exceeds moe.num_experts = ", moe.num_experts);
+  if (moe.k_min > moe.top_k)
+    SY_BAD_INPUT(where("moe.k_min"), ": moe.k_min = ", moe.k_min, " exceeds moe.top_k = ", moe.top_k);
+  if (moe.complexity == ComplexityMode::none && moe.k_min != moe.top_k)
+    SY_BAD_INPUT(where("moe.k_min"), ": moe.k_min = ", moe.k_min, " differs from moe.top_k = ", moe.top_k,
+                 " but moe.complexity = none always uses top_k experts (set moe.complexity to given or entropy)");
+  if (moe.renormalize_gates && moe.top_k == 1 && moe.complexity == ComplexityMode::none)
+    SY_BAD_INPUT(where("moe.renormalize_gates"), ": moe.renormalize_gates = true with moe.top_k = 1 makes every gate "
+                 "1, so the router would learn nothing from the loss");
+  if ((moe.segment_alignment & (moe.segment_alignment - 1)) != 0)
+    SY_BAD_INPUT(where("moe.segment_alignment"), ": moe.segment_alignment = ", moe.segment_alignment,
+                 " is not a power of two");
+  if (moe.num_experts % config.parallel.ep_size != 0)
+    SY_BAD_INPUT(where("parallel.ep_size"), ": parallel.ep_size = ", config.parallel.ep_size,
+                 " does not divide moe.num_experts = ", moe.num_experts, " (each rank must hold the same number of experts)");
+  if (config.optimizer.min_lr > config.optimizer.lr)
+    SY_BAD_INPUT(where("optimizer.min_lr"), ": optimizer.min_lr = ", format_real(config.optimizer.min_lr),
+                 " exceeds optimizer.lr = ", format_real(config.optimizer.lr));
+  if (config.optimizer.warmup_steps > config.training.steps)
+    SY_BAD_INPUT(where("optimizer.warmup_steps"), ": optimizer.warmup_steps = ", config.optimizer.warmup_steps,
+                 " exceeds training.steps = ", config.training.steps);
+  if (config.data.path.empty()) SY_BAD_INPUT(where("data.path"), ": data.path is empty");
+  if (config.training.eval_every > 0 && config.data.val_path.empty())
+    SY_BAD_INPUT(where("training.eval_every"), ": training.eval_every = ", config.training.eval_every,
+                 " needs data.val_path (a validation token file), which is not set");
+  if (config.checkpoint.resume.empty())
+    SY_BAD_INPUT(where("checkpoint.resume"), ": checkpoint.resume is empty (use none, auto or a path)");
+  if (config.logging.run_dir.empty()) SY_BAD_INPUT(where("logging.run_dir"), ": logging.run_dir is empty");
+  if (config.checkpoint.dir.empty()) SY_BAD_INPUT(where("checkpoint.dir"), ": checkpoint.dir is empty");
+  if (config.logging.metrics_file.empty())
+    SY_BAD_INPUT(where("logging.metrics_file"), ": logging.metrics_file is empty");
+}
+
+void validate_against_world(const Config& config, int world_size) {
+  SY_CHECK(world_size >= 1, "world size ", world_size);
+  if (world_size % config.parallel.ep_size != 0)
+    SY_BAD_INPUT(config.source, ": parallel.ep_size = ", config.parallel.ep_size, " does not divide the world size ",
+                 world_size, " (the ranks must split into world / ep_size expert-data-parallel groups)");
+}
+
+}  // namespace switchyard
