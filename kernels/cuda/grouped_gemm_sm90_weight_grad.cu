@@ -1,0 +1,237 @@
+// sm_90a grouped GEMM, weight gradient: dB_e = A_e^T * G_e, reducing over the rows of segment e.
+//
+// A [R, M] bf16 and G [R, N] bf16 row-major; dB [E, M, N] fp32 row-major, overwritten (zeros for an
+// empty expert). Tile (e, m-tile, n-tile) is 128 rows of dB_e x block_n columns; its reduction runs
+// over segment e in 64-row stages. Both operands are MN-major in shared memory (A^T: the M values of
+// one row of A are contiguous; G: the N values are), which wgmma reads with its transpose bits.
+//
+// Shared-memory layouts, descriptors and PTX wrappers: grouped_gemm_sm90_common.cuh.
+#include "kernels/cuda/grouped_gemm_sm90_common.cuh"
+#include "src/core/cuda_check.h"
+
+namespace switchyard {
+namespace cuda {
+namespace sm90 {
+namespace detail {
+namespace {
+
+#ifdef SY_SM90A_DEVICE_CODE
+// TMA loads of one stage: 64 rows (from `row`) of A's columns [m0, m0 + 64*chunks_a) and of G's
+// columns [n0, n0 + 64*chunks_b), one 64 x 64 box per chunk (chunks past M or N are skipped).
+__device__ __forceinline__ void load_weight_grad_stage(const CUtensorMap* map_a, const CUtensorMap* map_g,
+                                                       uint32_t barrier, uint32_t a_tile, uint32_t g_tile, int row,
+                                                       int m0, int n0, int chunks_a, int chunks_b) {
+  mbarrier_arrive_expect_tx(barrier, (chunks_a + chunks_b) * kChunkBytes);
+  for (int chunk = 0; chunk < chunks_a; ++chunk) {
+    tma_load_2d(a_tile + chunk * kChunkBytes, map_a, barrier, m0 + chunk * kChunk, row);
+  }
+  for (int chunk = 0; chunk < chunks_b; ++chunk) {
+    tma_load_2d(g_tile + chunk * kChunkBytes, map_g, barrier, n0 + chunk * kChunk, row);
+  }
+}
+
+// Writes one consumer warpgroup's 64 x kBlockN fp32 fragment tile (rows from `row0`, columns from
+// `n0`) of dB_e: each quad of threads writes a full 32-byte sector per row.
+template <int kBlockN>
+__device__ __forceinline__ void store_weight_grad_tile(const float (&acc)[kBlockN / 2], float* grad_expert, int row0,
+                                                       int n0, int m, int n, int thread_in_warpgroup) {
+  const int warp = thread_in_warpgroup / 32, lane = thread_in_warpgroup % 32;
+  const int row = row0 + warp * 16 + lane / 4;
+  if (row0 >= m) return;  // M is a multiple of 64: the warpgroup's rows are all in or all out
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j) {
+    const int column = n0 + j * 8 + (lane % 4) * 2;
+    if (column >= n) continue;
+    *reinterpret_cast<float2*>(grad_expert + int64_t(row) * n + column) = make_float2(acc[4 * j], acc[4 * j + 1]);
+    *reinterpret_cast<float2*>(grad_expert + int64_t(row + 8) * n + column) =
+        make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+  }
+}
+
+struct WeightGradTile {
+  int expert;
+  int m0;
+  int n0;
+};
+
+template <int kBlockN>
+__device__ __forceinline__ WeightGradTile weight_grad_tile(const WeightGradProblem& problem, int tile) {
+  const int tiles_per_expert = problem.m_tiles * problem.n_tiles;
+  const int expert = tile / tiles_per_expert;
+  const TileCoord coord = raster_tile(tile - expert * tiles_per_expert, problem.m_tiles, problem.n_tiles);
+  return WeightGradTile{expert, coord.m * kBlockM, coord.n * kBlockN};
+}
+#endif
+
+// Warp-specialized persistent kernel: warpgroup 0 (one thread) loads, warpgroups 1 and 2 own rows
+// [0, 64) and [64, 128) of each dB tile.
+template <int kBlockN>
+__global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
+    weight_grad_pipelined_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_g,
+                                 const WeightGradProblem problem) {
+#ifdef SY_SM90A_DEVICE_CODE
+  using Layout = PipelineLayout<kBlockN, false>;
+  constexpr int kStages = Layout::kStages;
+  extern __shared__ uint8_t dynamic_smem[];
+  const PipelineSmem smem = setup_pipeline<Layout>(dynamic_smem);
+  const int warpgroup = threadIdx.x / kWarpgroupThreads;
+  const int thread_in_warpgroup = threadIdx.x % kWarpgroupThreads;
+
+  const int total_tiles = problem.num_experts * problem.m_tiles * problem.n_tiles;
+  if (warpgroup == 0) {
+    setmaxnreg_decrease<kProducerRegisters>();
+    if (thread_in_warpgroup != 0) return;
+    prefetch_tensor_map(&map_a);
+    prefetch_tensor_map(&map_g);
+    PipelineState state;
+    for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+      const WeightGradTile where = weight_grad_tile<kBlockN>(problem, tile);
+      check_segment(problem.expert_offsets, where.expert, kBlockK, problem.rows);
+      const int begin = __ldg(problem.expert_offsets + where.expert);
+      const int k_blocks = (__ldg(problem.expert_offsets + where.expert + 1) - begin) / kBlockK;
+      const int chunks_a = min(kBlockM / kChunk, (problem.m - where.m0) / kChunk);
+      const int chunks_b = min(kBlockN / kChunk, (problem.n - where.n0) / kChunk);
+      for (int k_block = 0; k_block < k_blocks; ++k_block) {
+        mbarrier_wait(smem.empty_barriers + 8 * state.stage, state.phase ^ 1u);
+        load_weight_grad_stage(&map_a, &map_g, smem.full_barriers + 8 * state.stage,
+                               smem.address + Layout::kOffsetA + state.stage * kTileBytesA,
+                               smem.address + Layout::kOffsetB + state.stage * Layout::kTileBytesB,
+                               begin + k_block * kBlockK, where.m0, where.n0, chunks_a, chunks_b);
+        state.advance<kStages>();
+      }
+    }
+    return;
+  }
+
+  setmaxnreg_increase<kConsumerRegisters>();
+  const int consumer = warpgroup - 1;
+  const int lane = thread_in_warpgroup % 32;
+  // A^T rows [64*consumer, +64) are chunk `consumer` of the stage's A tile.
+  const uint32_t a_tiles = smem.address + Layout::kOffsetA + consumer * kChunkBytes;
+  const uint32_t g_tiles = smem.address + Layout::kOffsetB;
+  float acc[kBlockN / 2];
+  PipelineState state;
+  for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+    const WeightGradTile where = weight_grad_tile<kBlockN>(problem, tile);
+    const int k_blocks = (__ldg(problem.expert_offsets + where.expert + 1) -
+                          __ldg(problem.expert_offsets + where.expert)) / kBlockK;
+#pragma unroll
+    for (int i = 0; i < kBlockN / 2; ++i) acc[i] = 0.0f;
+    consume_k_blocks<kBlockN, true, true, kStages>(acc, k_blocks, a_tiles, kTileBytesA, g_tiles, Layout::kTileBytesB,
+                                                   smem.full_barriers, smem.empty_barriers, state, lane == 0);
+    store_weight_grad_tile<kBlockN>(acc, problem.grad_b + int64_t(where.expert) * problem.m * problem.n,
+                                    where.m0 + consumer * (kBlockM / 2), where.n0, problem.m, problem.n,
+                                    thread_in_warpgroup);
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built without sm_90a code: never run silently
+#endif
+}
+
+// Basic variant: one CTA (two warpgroups) per (expert, 128 x 128 tile), no warp specialization.
+__global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
+    weight_grad_basic_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_g,
+                             const WeightGradProblem problem) {
+#ifdef SY_SM90A_DEVICE_CODE
+  const int expert = blockIdx.z, m0 = blockIdx.y * kBlockM, n0 = blockIdx.x * kBasicBlockN;
+  extern __shared__ uint8_t dynamic_smem[];
+  const uint32_t a_tiles = shared_address(aligned_dynamic_smem(dynamic_smem));
+  const uint32_t g_tiles = a_tiles + kBasicStages * kTileBytesA;
+  const uint32_t full_barriers = g_tiles + kBasicStages * kBasicTileBytesB;
+  const int begin = __ldg(problem.expert_offsets + expert);
+  const int k_blocks = (__ldg(problem.expert_offsets + expert + 1) - begin) / kBlockK;
+  const int chunks_a = min(kBlockM / kChunk, (problem.m - m0) / kChunk);
+  const int chunks_b = min(kBasicBlockN / kChunk, (problem.n - n0) / kChunk);
+  if (threadIdx.x == 0) check_segment(problem.expert_offsets, expert, kBlockK, problem.rows);
+  const int consumer = threadIdx.x / kWarpgroupThreads;
+  float acc[kBasicBlockN / 2];
+  // A^T rows [64*consumer, +64) are chunk `consumer` of the stage's A tile.
+  basic_mainloop<kBasicBlockN, true, true, kBasicStages>(
+      acc, k_blocks, a_tiles, consumer * kChunkBytes, g_tiles, full_barriers, [&](int k_block, int stage) {
+        load_weight_grad_stage(&map_a, &map_g, full_barriers + 8 * stage, a_tiles + stage * kTileBytesA,
+                               g_tiles + stage * kBasicTileBytesB, begin + k_block * kBlockK, m0, n0, chunks_a,
+                               chunks_b);
+      });
+  store_weight_grad_tile<kBasicBlockN>(acc, problem.grad_b + int64_t(expert) * problem.m * problem.n,
+                                       m0 + consumer * (kBlockM / 2), n0, problem.m, problem.n,
+                                       threadIdx.x % kWarpgroupThreads);
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
+template <int kBlockN>
+void launch_pipelined(const CUtensorMap& map_a, const CUtensorMap& map_g, const WeightGradProblem& problem,
+                      cudaStream_t stream) {
+  constexpr int kSmemBytes = PipelineLayout<kBlockN, false>::kSmemBytes;
+  auto kernel = weight_grad_pipelined_kernel<kBlockN>;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  const int64_t tiles = int64_t(problem.num_experts) * problem.m_tiles * problem.n_tiles;
+  const int grid = int(std::min<int64_t>(tiles, current_device_sm_count()));
+  kernel<<<grid, 3 * kWarpgroupThreads, kSmemBytes, stream>>>(map_a, map_g, problem);
+  CUDA_CHECK_LAUNCH();
+}
+
+void launch_basic(const CUtensorMap& map_a, const CUtensorMap& map_g, const WeightGradProblem& problem,
+                  cudaStream_t stream) {
+  CUDA_CHECK(cudaFuncSetAttribute(weight_grad_basic_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  kBasicSmemBytes));
+  SY_CHECK(problem.m_tiles <= 65535 && problem.num_experts <= 65535, "sm90 basic weight grad: grid too large");
+  const dim3 grid(unsigned(problem.n_tiles), unsigned(problem.m_tiles), unsigned(problem.num_experts));
+  weight_grad_basic_kernel<<<grid, 2 * kWarpgroupThreads, kBasicSmemBytes, stream>>>(map_a, map_g, problem);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+}  // namespace detail
+
+void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& expert_offsets, Tensor& grad_b,
+                              const Options& options, void* stream) {
+  using namespace detail;
+  SY_CHECK(weight_grad_supported(a, g, expert_offsets, grad_b), "sm90::grouped_gemm_weight_grad: unsupported problem: a ",
+           a.describe(), ", g ", g.describe(), ", expert_offsets ", expert_offsets.describe(), ", grad_b ",
+           grad_b.describe());
+  const int64_t rows = a.dim(0), m = a.dim(1), n = g.dim(1), experts = grad_b.dim(0);
+  cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
+  if (rows == 0) {  // every segment is empty (and a zero-row tensor map cannot be encoded)
+    CUDA_CHECK(cudaMemsetAsync(grad_b.data, 0, grad_b.bytes(), cuda_stream));
+    return;
+  }
+  const uint32_t box[2] = {kChunk, kBlockK};
+  const uint64_t dims_a[2] = {uint64_t(m), uint64_t(rows)};
+  const uint64_t strides_a[1] = {uint64_t(m) * 2};
+  const CUtensorMap map_a = make_bf16_tensor_map(a.data, 2, dims_a, strides_a, box);
+  const uint64_t dims_g[2] = {uint64_t(n), uint64_t(rows)};
+  const uint64_t strides_g[1] = {uint64_t(n) * 2};
+  const CUtensorMap map_g = make_bf16_tensor_map(g.data, 2, dims_g, strides_g, box);
+
+  WeightGradProblem problem{};
+  problem.expert_offsets = expert_offsets.as<const int>();
+  problem.grad_b = grad_b.as<float>();
+  problem.num_experts = int(experts);
+  problem.rows = int(rows);
+  problem.m = int(m);
+  problem.n = int(n);
+  problem.m_tiles = int((m + kBlockM - 1) / kBlockM);
+  if (options.variant == Variant::basic) {
+    problem.n_tiles = int((n + kBasicBlockN - 1) / kBasicBlockN);
+    launch_basic(map_a, map_g, problem, cuda_stream);
+    return;
+  }
+  const int block_n = choose_block_n(options, n, experts * problem.m_tiles);
+  problem.n_tiles = int((n + block_n - 1) / block_n);
+  if (block_n == 256) {
+    launch_pipelined<256>(map_a, map_g, problem, cuda_stream);
+  } else {
+    launch_pipelined<128>(map_a, map_g, problem, cuda_stream);
+  }
+}
+
+void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& expert_offsets, Tensor& grad_b,
+                              void* stream) {
+  grouped_gemm_weight_grad(a, g, expert_offsets, grad_b, default_options(), stream);
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace switchyard
