@@ -18,6 +18,7 @@ struct Benchmark {
 
 const Benchmark kBenchmarks[] = {
     {"comm", "collective bandwidth and latency (all-to-all-v, all-reduce, ...) over MPI or NCCL", command_bench_comm},
+    {"moe", "the MoE layer vs a dense FFN, sparse vs dense-compute, expert GEMM TFLOP/s, routing", command_bench_moe},
 };
 
 void print_benchmarks(std::ostream& out) {

@@ -1,0 +1,88 @@
+#include "src/core/timing.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "src/core/error.h"
+
+namespace switchyard {
+
+#if defined(SWITCHYARD_WITH_CUDA)
+// src/core/cuda_timing.cpp
+void* cuda_create_stream();
+void cuda_destroy_stream(void* stream);
+void* cuda_create_event();
+void cuda_destroy_event(void* event);
+void cuda_record_event(void* event, void* stream);
+double cuda_event_elapsed_ms(void* start, void* stop);
+#endif
+
+namespace {
+double host_now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+}  // namespace
+
+void* create_stream(DeviceKind device) {
+#if defined(SWITCHYARD_WITH_CUDA)
+  if (device == DeviceKind::cuda) return cuda_create_stream();
+#endif
+  (void)device;
+  return nullptr;
+}
+
+void destroy_stream(DeviceKind device, void* stream) {
+#if defined(SWITCHYARD_WITH_CUDA)
+  if (device == DeviceKind::cuda && stream) cuda_destroy_stream(stream);
+#endif
+  (void)device;
+  (void)stream;
+}
+
+DeviceTimer::DeviceTimer(DeviceKind device, void* stream) : device_(device), stream_(stream) {
+#if defined(SWITCHYARD_WITH_CUDA)
+  if (device_ == DeviceKind::cuda) {
+    start_event_ = cuda_create_event();
+    stop_event_ = cuda_create_event();
+  }
+#endif
+}
+
+DeviceTimer::~DeviceTimer() {
+#if defined(SWITCHYARD_WITH_CUDA)
+  if (start_event_) cuda_destroy_event(start_event_);
+  if (stop_event_) cuda_destroy_event(stop_event_);
+#endif
+}
+
+void DeviceTimer::start() {
+#if defined(SWITCHYARD_WITH_CUDA)
+  if (device_ == DeviceKind::cuda) return cuda_record_event(start_event_, stream_);
+#endif
+  host_start_ms_ = host_now_ms();
+}
+
+void DeviceTimer::stop() {
+#if defined(SWITCHYARD_WITH_CUDA)
+  if (device_ == DeviceKind::cuda) return cuda_record_event(stop_event_, stream_);
+#endif
+  host_stop_ms_ = host_now_ms();
+}
+
+double DeviceTimer::elapsed_ms() {
+#if defined(SWITCHYARD_WITH_CUDA)
+  if (device_ == DeviceKind::cuda) return cuda_event_elapsed_ms(start_event_, stop_event_);
+#endif
+  return host_stop_ms_ - host_start_ms_;
+}
+
+double percentile(std::vector<double> values, double fraction) {
+  SY_CHECK(!values.empty(), "percentile of no values");
+  std::sort(values.begin(), values.end());
+  size_t index = size_t(std::min(1.0, std::max(0.0, fraction)) * double(values.size() - 1) + 0.5);
+  return values[index];
+}
+
+double median(std::vector<double> values) { return percentile(std::move(values), 0.5); }
+
+}  // namespace switchyard

@@ -1,0 +1,37 @@
+// Device streams and timers for benchmarks: CUDA events on a stream, or the host clock on CPU.
+#pragma once
+
+#include <vector>
+
+#include "src/core/tensor.h"
+
+namespace switchyard {
+
+// A new non-blocking CUDA stream (nullptr on CPU); destroy with destroy_stream.
+void* create_stream(DeviceKind device);
+void destroy_stream(DeviceKind device, void* stream);
+
+// Times a region of work enqueued on `stream`: start(), enqueue, stop(), then elapsed_ms() waits
+// for the stop event. On CPU it reads a steady clock (ops are synchronous there).
+class DeviceTimer {
+ public:
+  DeviceTimer(DeviceKind device, void* stream);
+  ~DeviceTimer();
+  DeviceTimer(const DeviceTimer&) = delete;
+  DeviceTimer& operator=(const DeviceTimer&) = delete;
+  void start();
+  void stop();
+  double elapsed_ms();
+
+ private:
+  DeviceKind device_;
+  void* stream_;
+  void* start_event_ = nullptr;
+  void* stop_event_ = nullptr;
+  double host_start_ms_ = 0, host_stop_ms_ = 0;
+};
+
+double median(std::vector<double> values);
+double percentile(std::vector<double> values, double fraction);  // fraction in [0, 1]
+
+}  // namespace switchyard
