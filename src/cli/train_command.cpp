@@ -197,6 +197,9 @@ TrainingSetup set_up_training(const TrainOptions& options) {
   validate_against_world(config, process.world_size);
   setup.groups = create_parallel_groups(process, config.parallel.ep_size, config.parallel.collective_timeout_s);
   inject_fault_point("after_bootstrap");
+  // Every rank reaches this barrier before any work starts: a rank that died or hangs during set-up
+  // is detected here (within parallel.collective_timeout_s), not at the end of the run.
+  setup.groups.world->barrier();
 
   // 3. Record and report.
   if (is_rank0(process)) record_config(config);
