@@ -1,0 +1,368 @@
+// The MoE layer's forward and backward (math and memory: src/model/moe_layer.h).
+#include "src/model/moe_layer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+
+namespace switchyard {
+
+namespace {
+
+bool is_host_reference_dtype(DType dtype) { return dtype == DType::f32 || dtype == DType::f64; }
+
+void expect_shape(const char* what, const Tensor& tensor, DType dtype, DeviceKind device,
+                  std::initializer_list<int64_t> dims) {
+  bool matches = tensor.dtype == dtype && tensor.device == device && tensor.rank == int(dims.size()) &&
+                 (tensor.data != nullptr || tensor.numel() == 0);
+  int axis = 0;
+  for (int64_t dim : dims) matches = matches && tensor.shape[axis++] == dim;
+  if (matches) return;
+  std::string expected = "[";
+  axis = 0;
+  for (int64_t dim : dims) expected += (axis++ ? ", " : "") + std::to_string(dim);
+  SY_THROW("MoeLayer: ", what, " must be ", dtype_name(dtype), expected, "] on ", device_kind_name(device), ", got ",
+           tensor.describe());
+}
+
+}  // namespace
+
+// ---- MoeLayerConfig --------------------------------------------------------------------------
+
+void MoeLayerConfig::validate() const {
+  SY_CHECK_INPUT(d_model >= 1, "moe: d_model must be >= 1, got ", d_model);
+  SY_CHECK_INPUT(expert_d_ff >= 1, "moe: expert_d_ff must be >= 1, got ", expert_d_ff);
+  SY_CHECK_INPUT(!dropless || (capacity_factor_train >= 0 && capacity_factor_eval >= 0),
+                 "moe: capacity factors must not be negative");
+  if (!dropless) {
+    SY_CHECK_INPUT(capacity_factor_train > 0 && std::isfinite(capacity_factor_train),
+                   "moe: capacity_factor_train must be a positive number, got ", capacity_factor_train);
+    SY_CHECK_INPUT(capacity_factor_eval > 0 && std::isfinite(capacity_factor_eval),
+                   "moe: capacity_factor_eval must be a positive number, got ", capacity_factor_eval);
+  }
+  SY_CHECK_INPUT(jitter_eps >= 0.0f && jitter_eps < 1.0f, "moe: jitter_eps must be in [0, 1), got ", jitter_eps);
+  SY_CHECK_INPUT(aux_loss_weight >= 0.0f && std::isfinite(aux_loss_weight),
+                 "moe: aux_loss_weight must be a non-negative number, got ", aux_loss_weight);
+  SY_CHECK_INPUT(z_loss_weight >= 0.0f && std::isfinite(z_loss_weight),
+                 "moe: z_loss_weight must be a non-negative number, got ", z_loss_weight);
+  SY_CHECK_INPUT(activation == ExpertActivation::gelu_tanh || activation == ExpertActivation::swiglu,
+                 "moe: unknown activation");
+  SY_CHECK_INPUT(compute_mode == MoeComputeMode::sparse || compute_mode == MoeComputeMode::dense,
+                 "moe: unknown compute mode");
+  validate_routing_params(routing_params(1, true));  // experts, k, k_min, alignment
+  validate_routing_params(routing_params(1, false));
+}
+
+RoutingParams MoeLayerConfig::routing_params(int64_t num_tokens, bool training) const {
+  RoutingParams params;
+  params.num_tokens = num_tokens;
+  params.num_experts = num_experts;
+  params.k_max = k_max;
+  params.k_min = k_min;
+  params.complexity = complexity;
+  params.renormalize = renormalize;
+  params.dropless = dropless;
+  params.capacity_factor = training ? capacity_factor_train : capacity_factor_eval;
+  params.segment_alignment = segment_alignment;
+  params.aux_loss_weight = aux_loss_weight;
+  params.z_loss_weight = z_loss_weight;
+  return params;
+}
+
+// ---- Construction ----------------------------------------------------------------------------
+
+MoeLayer::MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype, int64_t max_tokens)
+    : config_(config), device_(device), activation_dtype_(activation_dtype) {
+  config_.validate();
+  SY_CHECK_INPUT(max_tokens >= 1, "MoeLayer: max_tokens must be >= 1, got ", max_tokens);
+  if (device == DeviceKind::cpu) {
+    SY_CHECK_INPUT(is_host_reference_dtype(activation_dtype), "MoeLayer on cpu computes in f32 or f64, not ",
+                   dtype_name(activation_dtype));
+    float_dtype_ = gradient_dtype_ = activation_dtype;
+  } else {
+    SY_CHECK_INPUT(activation_dtype == DType::bf16 || activation_dtype == DType::f16,
+                   "MoeLayer on cuda takes bf16 or f16 activations, not ", dtype_name(activation_dtype));
+    float_dtype_ = gradient_dtype_ = DType::f32;
+  }
+  max_tokens_ = max_tokens;
+  const int64_t experts = config_.num_experts, d_model = config_.d_model;
+  if (config_.compute_mode == MoeComputeMode::dense) {
+    max_rows_ = experts * round_up(max_tokens, config_.segment_alignment);
+  } else {
+    max_rows_ = std::max(padded_rows_upper_bound(config_.routing_params(max_tokens, true)),
+                         padded_rows_upper_bound(config_.routing_params(max_tokens, false)));
+  }
+
+  const size_t activation_size = dtype_size(activation_dtype_), float_size = dtype_size(float_dtype_);
+  const size_t tokens = size_t(max_tokens), rows = size_t(max_rows_);
+  if (config_.jitter_eps > 0.0f) jittered_input_ = Buffer(device, tokens * size_t(d_model) * activation_size);
+  logits_buffer_ = Buffer(device, tokens * size_t(experts) * float_size);
+  routing_buffers_ = RoutingBuffers(device, float_dtype_, max_tokens, config_.num_experts, config_.k_max, max_rows_);
+  permuted_ = Buffer(device, rows * size_t(d_model) * activation_size);
+  hidden_pre_ = Buffer(device, rows * size_t(config_.w1_columns()) * activation_size);
+  hidden_post_ = Buffer(device, rows * size_t(config_.expert_d_ff) * activation_size);
+  expert_out_ = Buffer(device, rows * size_t(d_model) * activation_size);
+  if (config_.compute_mode == MoeComputeMode::dense) {
+    dense_offsets_ = Buffer(device, size_t(experts + 1) * sizeof(int32_t));
+    dense_counts_ = Buffer(device, size_t(experts) * sizeof(int32_t));
+    dense_scalars_ = Buffer(device, size_t(kNumRoutingScalars) * sizeof(int32_t));
+    host_counts_.resize(size_t(experts));
+    host_scalars_.resize(size_t(kNumRoutingScalars));
+    host_expert_ids_.resize(tokens * size_t(config_.k_max));
+    host_slots_.resize(tokens * size_t(config_.k_max));
+    host_choice_rows_.resize(tokens * size_t(config_.k_max));
+    host_row_tokens_.resize(rows);
+    host_offsets_.resize(size_t(experts + 1));
+  }
+}
+
+void MoeLayer::allocate_backward_buffers() {
+  if (backward_ready_) return;
+  const size_t activation_size = dtype_size(activation_dtype_), float_size = dtype_size(float_dtype_);
+  const size_t tokens = size_t(max_tokens_), rows = size_t(max_rows_);
+  const size_t d_model = size_t(config_.d_model), experts = size_t(config_.num_experts);
+  grad_rows_ = Buffer(device_, rows * d_model * activation_size);
+  grad_hidden_post_ = Buffer(device_, rows * size_t(config_.expert_d_ff) * activation_size);
+  grad_hidden_pre_ = Buffer(device_, rows * size_t(config_.w1_columns()) * activation_size);
+  grad_gates_ = Buffer(device_, tokens * size_t(config_.k_max) * float_size);
+  grad_logits_ = Buffer(device_, tokens * experts * float_size);
+  if (float_dtype_ != activation_dtype_) grad_logits_compute_ = Buffer(device_, tokens * experts * activation_size);
+  if (config_.jitter_eps > 0.0f) {
+    router_grad_input_ = Buffer(device_, tokens * d_model * activation_size);
+    jitter_grad_input_ = Buffer(device_, tokens * d_model * activation_size);
+  }
+  backward_ready_ = true;
+}
+
+Tensor MoeLayer::rows_view(const Buffer& buffer, DType dtype, int64_t rows, int64_t columns) const {
+  return buffer.view(dtype, {rows, columns});
+}
+
+void MoeLayer::check_weights(const MoeWeights& weights, DType dtype, const char* what) const {
+  const int64_t d_model = config_.d_model, experts = config_.num_experts;
+  const std::string prefix(what);
+  expect_shape((prefix + ".router").c_str(), weights.router, dtype, device_, {d_model, experts});
+  expect_shape((prefix + ".w1").c_str(), weights.w1, dtype, device_, {experts, d_model, config_.w1_columns()});
+  expect_shape((prefix + ".w2").c_str(), weights.w2, dtype, device_, {experts, config_.expert_d_ff, d_model});
+}
+
+// ---- Forward ---------------------------------------------------------------------------------
+
+MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights,
+                            const MoeForwardArgs& args, Tensor& y) {
+  SY_CHECK(context.device == device_, "MoeLayer::forward: context is on ", device_kind_name(context.device),
+           ", the layer on ", device_kind_name(device_));
+  SY_CHECK(x.rank == 2, "MoeLayer::forward: x must be [T, D], got ", x.describe());
+  const int64_t tokens = x.dim(0), d_model = config_.d_model;
+  SY_CHECK(tokens >= 1 && tokens <= max_tokens_, "MoeLayer::forward: ", tokens, " tokens, the layer holds 1 to ",
+           max_tokens_);
+  expect_shape("x", x, activation_dtype_, device_, {tokens, d_model});
+  expect_shape("y", y, activation_dtype_, device_, {tokens, d_model});
+  check_weights(weights, activation_dtype_, "weights");
+  has_forward_ = false;  // until this pass completes
+
+  params_ = config_.routing_params(tokens, args.training);
+  jittered_ = args.training && config_.jitter_eps > 0.0f;
+  step_ = args.step;
+  tokens_ = tokens;
+
+  // Router: jitter only perturbs what the router sees; the experts get x itself.
+  router_input_ = x;
+  if (jittered_) {
+    router_input_ = rows_view(jittered_input_, activation_dtype_, tokens, d_model);
+    ops::apply_jitter(context, x, config_.jitter_eps, config_.jitter_seed, config_.jitter_stream, step_,
+                      router_input_);
+  }
+  logits_ = rows_view(logits_buffer_, float_dtype_, tokens, config_.num_experts);
+  ops::gemm(context, false, false, 1.0f, router_input_, weights.router, 0.0f, logits_);
+  routing_ = routing_buffers_.result(tokens);
+  ops::route(context, logits_, args.complexity, params_, routing_);
+
+  // Tokens into the expert-contiguous layout.
+  if (config_.compute_mode == MoeComputeMode::sparse) {
+    rows_ = padded_rows_upper_bound(params_);
+    SY_CHECK(rows_ <= max_rows_, "MoeLayer: ", rows_, " rows exceed the ", max_rows_, " allocated");
+    map_ = routing_buffers_.map(tokens, rows_);
+    Tensor permuted = rows_view(permuted_, activation_dtype_, rows_, d_model);
+    ops::permute(context, x, routing_, params_, permuted, map_);
+    expert_offsets_ = routing_.expert_offsets;
+    combine_routing_ = routing_;
+  } else {
+    build_dense_layout(context, x);
+  }
+
+  // Experts.
+  Tensor permuted = rows_view(permuted_, activation_dtype_, rows_, d_model);
+  Tensor hidden_pre = rows_view(hidden_pre_, activation_dtype_, rows_, config_.w1_columns());
+  Tensor hidden_post = rows_view(hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
+  Tensor expert_out = rows_view(expert_out_, activation_dtype_, rows_, d_model);
+  ops::grouped_gemm(context, permuted, weights.w1, false, expert_offsets_, hidden_pre);
+  ops::activation_forward(context, config_.activation, hidden_pre, hidden_post);
+  ops::grouped_gemm(context, hidden_post, weights.w2, false, expert_offsets_, expert_out);
+
+  ops::unpermute_combine(context, expert_out, combine_routing_, map_, y);
+  x_ = x;
+  has_forward_ = true;
+  return args.read_losses ? read_losses(context) : MoeLosses{};
+}
+
+// Dense layout: segment e = rows [e * T_pad, e * T_pad + T) hold every token, the rest of the
+// segment is zero padding. A choice (t, j) that routing kept maps to row e_j * T_pad + t; every
+// other row is unreferenced (token -1), so the combine and its backward mask them out exactly as
+// sparse mode never computes them. The combine ops get combine_routing_: the routing decisions
+// with layout tensors describing this layout as padding-free (counts T_pad, capacity unlimited);
+// backward clears the unreferenced gradient rows itself.
+void MoeLayer::build_dense_layout(const ExecContext& context, const Tensor& x) {
+  const int64_t tokens = x.dim(0), d_model = config_.d_model, experts = config_.num_experts, k = config_.k_max;
+  const int64_t padded_tokens = round_up(tokens, config_.segment_alignment);
+  rows_ = experts * padded_tokens;
+  SY_CHECK(rows_ <= max_rows_, "MoeLayer: ", rows_, " dense rows exceed the ", max_rows_, " allocated");
+
+  const size_t row_bytes = size_t(d_model) * dtype_size(activation_dtype_);
+  char* permuted_base = static_cast<char*>(permuted_.data());
+  for (int64_t expert = 0; expert < experts; ++expert) {
+    char* segment_base = permuted_base + size_t(expert * padded_tokens) * row_bytes;
+    Tensor segment(segment_base, activation_dtype_, device_, {tokens, d_model});
+    ops::copy(context, x, segment);
+    if (padded_tokens > tokens) {
+      Tensor padding(segment_base + size_t(tokens) * row_bytes, activation_dtype_, device_,
+                     {padded_tokens - tokens, d_model});
+      ops::fill_zero(context, padding);
+    }
+  }
+  for (int64_t expert = 0; expert <= experts; ++expert) host_offsets_[size_t(expert)] = int32_t(expert * padded_tokens);
+  Tensor host_offsets(host_offsets_.data(), DType::i32, DeviceKind::cpu, {experts + 1});
+  expert_offsets_ = dense_offsets_.view(DType::i32, {experts + 1});
+  ops::copy(context, host_offsets, expert_offsets_);
+  std::fill(host_counts_.begin(), host_counts_.end(), int32_t(padded_tokens));
+  Tensor host_counts(host_counts_.data(), DType::i32, DeviceKind::cpu, {experts});
+  combine_routing_ = routing_;
+  combine_routing_.expert_offsets = expert_offsets_;
+  combine_routing_.expert_counts = dense_counts_.view(DType::i32, {experts});
+  combine_routing_.scalars = dense_scalars_.view(DType::i32, {kNumRoutingScalars});
+  ops::copy(context, host_counts, combine_routing_.expert_counts);
+
+  // The row map needs the routing decisions on the host (copies to the host synchronize).
+  Tensor host_ids(host_expert_ids_.data(), DType::i32, DeviceKind::cpu, {tokens, k});
+  Tensor host_slots(host_slots_.data(), DType::i32, DeviceKind::cpu, {tokens, k});
+  int32_t scalars[kNumRoutingScalars] = {};
+  Tensor host_scalars(scalars, DType::i32, DeviceKind::cpu, {kNumRoutingScalars});
+  ops::copy(context, routing_.expert_ids, host_ids);
+  ops::copy(context, routing_.slots, host_slots);
+  ops::copy(context, routing_.scalars, host_scalars);
+  const int64_t capacity = scalars[kCapacity];
+  host_scalars_[kCapacity] = std::numeric_limits<int32_t>::max();
+  host_scalars_[kTotalChoices] = scalars[kTotalChoices];
+  host_scalars_[kDroppedChoices] = scalars[kDroppedChoices];
+  host_scalars_[kPaddedRows] = int32_t(rows_);
+  Tensor host_dense_scalars(host_scalars_.data(), DType::i32, DeviceKind::cpu, {kNumRoutingScalars});
+  ops::copy(context, host_dense_scalars, combine_routing_.scalars);
+  std::fill(host_row_tokens_.begin(), host_row_tokens_.begin() + rows_, -1);
+  for (int64_t token = 0; token < tokens; ++token) {
+    for (int64_t choice = 0; choice < k; ++choice) {
+      const size_t index = size_t(token * k + choice);
+      const int64_t expert = host_expert_ids_[index], slot = host_slots_[index];
+      const bool kept = expert >= 0 && slot >= 0 && slot < capacity;
+      const int64_t row = kept ? expert * padded_tokens + token : -1;
+      host_choice_rows_[index] = int32_t(row);
+      if (kept) host_row_tokens_[size_t(row)] = int32_t(token);
+    }
+  }
+  map_ = routing_buffers_.map(tokens, rows_);
+  Tensor host_choice_rows(host_choice_rows_.data(), DType::i32, DeviceKind::cpu, {tokens, k});
+  Tensor host_row_tokens(host_row_tokens_.data(), DType::i32, DeviceKind::cpu, {rows_});
+  ops::copy(context, host_choice_rows, map_.choice_rows);
+  ops::copy(context, host_row_tokens, map_.row_tokens);
+}
+
+// ---- Backward --------------------------------------------------------------------------------
+
+void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights,
+                        float aux_grad_scale, float z_grad_scale, Tensor& grad_x, MoeGradients& gradients) {
+  SY_CHECK(has_forward_, "MoeLayer::backward: no completed forward to differentiate");
+  SY_CHECK(context.device == device_, "MoeLayer::backward: context is on ", device_kind_name(context.device),
+           ", the layer on ", device_kind_name(device_));
+  const int64_t tokens = tokens_, d_model = config_.d_model;
+  expect_shape("grad_y", grad_y, activation_dtype_, device_, {tokens, d_model});
+  expect_shape("grad_x", grad_x, activation_dtype_, device_, {tokens, d_model});
+  check_weights(weights, activation_dtype_, "weights");
+  MoeWeights gradient_view{gradients.router, gradients.w1, gradients.w2};
+  check_weights(gradient_view, gradient_dtype_, "gradients");
+  allocate_backward_buffers();
+
+  const Tensor permuted = rows_view(permuted_, activation_dtype_, rows_, d_model);
+  const Tensor hidden_pre = rows_view(hidden_pre_, activation_dtype_, rows_, config_.w1_columns());
+  const Tensor hidden_post = rows_view(hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
+  const Tensor expert_out = rows_view(expert_out_, activation_dtype_, rows_, d_model);
+  // grad_rows holds dL/d expert_out first, then dL/d permuted (the first is dead by then).
+  Tensor grad_rows = rows_view(grad_rows_, activation_dtype_, rows_, d_model);
+  Tensor grad_hidden_post = rows_view(grad_hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
+  Tensor grad_hidden_pre = rows_view(grad_hidden_pre_, activation_dtype_, rows_, config_.w1_columns());
+  Tensor grad_gates = rows_view(grad_gates_, float_dtype_, tokens, config_.k_max);
+  Tensor grad_logits = rows_view(grad_logits_, float_dtype_, tokens, config_.num_experts);
+
+  // Combine -> expert rows and gates; experts; permutation back to tokens.
+  if (config_.compute_mode == MoeComputeMode::dense) ops::fill_zero(context, grad_rows);  // unreferenced rows
+  ops::unpermute_combine_backward(context, grad_y, expert_out, combine_routing_, map_, grad_rows, grad_gates);
+  ops::grouped_gemm_weight_grad(context, hidden_post, grad_rows, expert_offsets_, gradients.w2);
+  ops::grouped_gemm(context, grad_rows, weights.w2, true, expert_offsets_, grad_hidden_post);
+  ops::activation_backward(context, config_.activation, hidden_pre, grad_hidden_post, grad_hidden_pre);
+  ops::grouped_gemm_weight_grad(context, permuted, grad_hidden_pre, expert_offsets_, gradients.w1);
+  ops::grouped_gemm(context, grad_hidden_pre, weights.w1, true, expert_offsets_, grad_rows);
+  ops::permute_backward(context, grad_rows, map_, tokens, grad_x);
+
+  // Gates and losses -> logits -> router weight and router input.
+  ops::route_backward(context, logits_, grad_gates, routing_, params_, aux_grad_scale, z_grad_scale, grad_logits);
+  Tensor grad_logits_compute = grad_logits;
+  if (float_dtype_ != activation_dtype_) {
+    // The router GEMMs take both operands in the activation type (cuBLASLt has no fp32 x bf16).
+    grad_logits_compute = rows_view(grad_logits_compute_, activation_dtype_, tokens, config_.num_experts);
+    ops::convert(context, grad_logits, grad_logits_compute);
+  }
+  ops::gemm(context, true, false, 1.0f, router_input_, grad_logits_compute, 0.0f, gradients.router);
+  if (!jittered_) {
+    ops::gemm(context, false, true, 1.0f, grad_logits_compute, weights.router, 1.0f, grad_x);  // grad_x += G Wr^T
+    return;
+  }
+  // x_r = x * u elementwise, so dL/dx gains u * (G Wr^T): the same jitter op applied to the gradient.
+  Tensor router_grad_input = rows_view(router_grad_input_, activation_dtype_, tokens, d_model);
+  Tensor jitter_grad_input = rows_view(jitter_grad_input_, activation_dtype_, tokens, d_model);
+  ops::gemm(context, false, true, 1.0f, grad_logits_compute, weights.router, 0.0f, router_grad_input);
+  ops::apply_jitter(context, router_grad_input, config_.jitter_eps, config_.jitter_seed, config_.jitter_stream, step_,
+                    jitter_grad_input);
+  ops::add_into(context, jitter_grad_input, grad_x);
+}
+
+// ---- Host reads ------------------------------------------------------------------------------
+
+MoeLosses MoeLayer::read_losses(const ExecContext& context) const {
+  SY_CHECK(routing_.losses.data != nullptr, "MoeLayer::read_losses: no forward has run");
+  double values[kNumRoutingLosses] = {};
+  float float_values[kNumRoutingLosses] = {};
+  Tensor host(float_dtype_ == DType::f64 ? static_cast<void*>(values) : static_cast<void*>(float_values), float_dtype_,
+              DeviceKind::cpu, {kNumRoutingLosses});
+  ops::copy(context, routing_.losses, host);
+  if (float_dtype_ != DType::f64)
+    for (int index = 0; index < kNumRoutingLosses; ++index) values[index] = float_values[index];
+  MoeLosses losses;
+  losses.aux_loss = values[kAuxLoss];
+  losses.z_loss = values[kZLoss];
+  losses.read = true;
+  return losses;
+}
+
+MoeRoutingStats MoeLayer::read_routing_stats(const ExecContext& context) const {
+  SY_CHECK(routing_.scalars.data != nullptr, "MoeLayer::read_routing_stats: no forward has run");
+  int32_t scalars[kNumRoutingScalars] = {};
+  Tensor host(scalars, DType::i32, DeviceKind::cpu, {kNumRoutingScalars});
+  ops::copy(context, routing_.scalars, host);
+  MoeRoutingStats stats;
+  stats.capacity = scalars[kCapacity];
+  stats.total_choices = scalars[kTotalChoices];
+  stats.dropped_choices = scalars[kDroppedChoices];
+  stats.padded_rows = scalars[kPaddedRows];
+  return stats;
+}
+
+}  // namespace switchyard

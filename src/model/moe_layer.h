@@ -1,0 +1,163 @@
+// The Mixture-of-Experts layer: explicit forward and backward over kernels/ops.h (no autograd).
+//
+// Forward, x [T, D]:
+//   x_r    = training && jitter_eps > 0 ? x * u : x     u ~ U[1-eps, 1+eps], Philox (seed, stream, step)
+//   logits = x_r Wr                                      Wr [D, E], logits fp32 on CUDA
+//   route(logits) -> expert ids, gates, slots, capacity, drops, layout offsets, aux / z losses
+//   X_p    = permute(x)                                  [R, D], expert-contiguous, padded segments
+//   H      = X_p W1_e, A = act(H), O = A W2_e            grouped GEMMs: W1 [E, D, F] (swiglu [E, D, 2F]),
+//                                                        W2 [E, F, D]; A [R, F]
+//   y[t]   = sum_j gate[t, j] * O[row(t, j)]             kept choices only
+// Backward (gradients are overwritten, not accumulated): through the combine (to the expert rows
+// and to the gates), both grouped GEMMs and the activation, the permutation, routing (gates ->
+// renormalization -> softmax, plus the aux and z losses), the router GEMM and the jitter (x_r
+// depends on x through the same factors u). Choices, k_t and drops are piecewise constant.
+//
+// compute_mode dense runs every expert on every token (segment e holds all T tokens, padded to
+// the alignment) and masks the combine by the routing: the same y and gradients as sparse at E
+// times the expert FLOPs, a baseline for the benchmark. Building its row map reads the routing on
+// the host (one small copy per step); sparse mode never copies to the host except to read losses.
+//
+// Dtypes. CPU: x, y, weights, gradients and logits all f32, or all f64 (gradient checks).
+// CUDA: x, y, grad_x, weights bf16 (or f16: the activation dtype); logits, gates and losses
+// fp32; weight gradients fp32.
+//
+// Memory: every activation and scratch buffer is owned by the layer, sized once for max_tokens
+// (the expert buffers by padded_rows_upper_bound, so the host never needs the routing counts) and
+// reused each step; backward buffers are allocated on the first backward. The caller keeps x
+// alive between forward and backward (the router GEMM's weight gradient reads it when there is no
+// jitter) and calls backward after the forward it belongs to.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels/ops.h"
+#include "src/core/device.h"
+
+namespace switchyard {
+
+enum class MoeComputeMode : uint8_t { sparse, dense };
+
+struct MoeLayerConfig {
+  int64_t d_model = 0;
+  int64_t expert_d_ff = 0;  // F: the activation's output width (swiglu's W1 has 2F columns)
+  int num_experts = 0;
+  int k_max = 1;
+  int k_min = 1;  // complexity routing only
+  ComplexityMode complexity = ComplexityMode::none;
+  bool renormalize = false;
+  bool dropless = false;
+  float capacity_factor_train = 1.25f;
+  float capacity_factor_eval = 2.0f;
+  int segment_alignment = 128;
+  float aux_loss_weight = 1e-2f;
+  float z_loss_weight = 1e-3f;
+  ExpertActivation activation = ExpertActivation::gelu_tanh;
+  float jitter_eps = 0.0f;       // 0 turns jitter off
+  uint64_t jitter_seed = 0;
+  uint32_t jitter_stream = 0;    // e.g. the layer index, so layers draw independent noise
+  MoeComputeMode compute_mode = MoeComputeMode::sparse;
+
+  void validate() const;  // SY_BAD_INPUT naming the field
+  RoutingParams routing_params(int64_t num_tokens, bool training) const;
+  int64_t w1_columns() const { return activation == ExpertActivation::swiglu ? 2 * expert_d_ff : expert_d_ff; }
+};
+
+// Parameters as the layer reads them (compute copies on CUDA). router [D, E], w1 [E, D, F or 2F],
+// w2 [E, F, D].
+struct MoeWeights {
+  Tensor router, w1, w2;
+};
+// Weight gradients, same shapes; overwritten by backward.
+struct MoeGradients {
+  Tensor router, w1, w2;
+};
+
+struct MoeForwardArgs {
+  bool training = false;           // train capacity factor and jitter; eval capacity factor otherwise
+  uint64_t step = 0;               // jitter RNG offset: each step draws new noise
+  const Tensor* complexity = nullptr;  // [T] in [0, 1], float type of the logits; complexity = given only
+  bool read_losses = true;         // copy the two losses to the host (waits for the stream on CUDA)
+};
+
+struct MoeLosses {
+  double aux_loss = 0.0;  // aux_loss_weight * E * sum_e f_e P_e
+  double z_loss = 0.0;    // z_loss_weight * mean_t logsumexp_t^2
+  bool read = false;      // false when forward was asked not to read them
+};
+
+// Routing counters of the last forward, read from the device on request.
+struct MoeRoutingStats {
+  int64_t capacity = 0, total_choices = 0, dropped_choices = 0, padded_rows = 0;
+};
+
+class MoeLayer {
+ public:
+  MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype, int64_t max_tokens);
+  MoeLayer(const MoeLayer&) = delete;
+  MoeLayer& operator=(const MoeLayer&) = delete;
+
+  // y [T, D] = MoE(x [T, D]), T <= max_tokens. Everything runs on context.stream.
+  MoeLosses forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights,
+                    const MoeForwardArgs& args, Tensor& y);
+  // Gradients of L given grad_y = dL/dy, where L also contains aux_grad_scale * aux_loss +
+  // z_grad_scale * z_loss (pass 0 to leave a loss out, or the loss scale under mixed precision).
+  void backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights, float aux_grad_scale,
+                float z_grad_scale, Tensor& grad_x, MoeGradients& gradients);
+
+  const MoeLayerConfig& config() const { return config_; }
+  DeviceKind device() const { return device_; }
+  DType activation_dtype() const { return activation_dtype_; }
+  DType float_dtype() const { return float_dtype_; }       // logits, gates, losses
+  DType gradient_dtype() const { return gradient_dtype_; }  // weight gradients
+  int64_t max_tokens() const { return max_tokens_; }
+  int64_t max_rows() const { return max_rows_; }
+
+  // State of the last forward, on the device.
+  const RoutingResult& routing() const { return routing_; }
+  const DispatchMap& dispatch_map() const { return map_; }
+  const Tensor& logits() const { return logits_; }
+  const Tensor& losses_on_device() const { return routing_.losses; }
+  int64_t rows() const { return rows_; }
+  MoeLosses read_losses(const ExecContext& context) const;
+  MoeRoutingStats read_routing_stats(const ExecContext& context) const;
+
+ private:
+  void check_weights(const MoeWeights& weights, DType dtype, const char* what) const;
+  void build_dense_layout(const ExecContext& context, const Tensor& x);
+  void allocate_backward_buffers();
+  Tensor rows_view(const Buffer& buffer, DType dtype, int64_t rows, int64_t columns) const;
+
+  MoeLayerConfig config_;
+  DeviceKind device_;
+  DType activation_dtype_, float_dtype_, gradient_dtype_;
+  int64_t max_tokens_ = 0, max_rows_ = 0;
+
+  // Forward activations.
+  Buffer jittered_input_, logits_buffer_, permuted_, hidden_pre_, hidden_post_, expert_out_;
+  RoutingBuffers routing_buffers_;
+  // Dense mode: the layout tensors the combine ops see (offsets e * T_pad, counts T_pad, unlimited
+  // capacity), so a backend that derives padding rows from the layout finds none to clear.
+  Buffer dense_offsets_, dense_counts_, dense_scalars_;
+  // Backward scratch (allocated by the first backward).
+  bool backward_ready_ = false;
+  Buffer grad_rows_, grad_hidden_post_, grad_hidden_pre_, grad_gates_, grad_logits_, grad_logits_compute_,
+      router_grad_input_, jitter_grad_input_;
+  // Host staging for the dense row map.
+  std::vector<int32_t> host_expert_ids_, host_slots_, host_choice_rows_, host_row_tokens_, host_offsets_,
+      host_counts_, host_scalars_;
+
+  // What the last forward left for backward.
+  bool has_forward_ = false;
+  bool jittered_ = false;
+  uint64_t step_ = 0;
+  int64_t tokens_ = 0, rows_ = 0;
+  RoutingParams params_;
+  RoutingResult routing_;
+  RoutingResult combine_routing_;  // routing_ (sparse) or routing_ with the dense layout tensors
+  DispatchMap map_;
+  Tensor x_, router_input_, logits_, expert_offsets_;
+};
+
+}  // namespace switchyard
