@@ -123,10 +123,15 @@ void unpermute_combine_backward(const Tensor& grad_combined, const Tensor& exper
                                 Tensor& grad_expert_outputs, Tensor& grad_gates, void* stream);
 void permute_backward(const Tensor& grad_permuted, const DispatchMap& map, int64_t num_tokens, Tensor& grad_tokens,
                       void* stream);
+// segment_alignment: a promise that every segment length is a multiple of it (the routing's
+// params.segment_alignment). With a multiple of 128 on an sm_90 GPU the hand-written wgmma kernels
+// run without any host sync (kernels/cuda/grouped_gemm_sm90.h); otherwise one cuBLAS GEMM per
+// expert after a copy of the offsets to the host. SWITCHYARD_GROUPED_GEMM=cublas forces the latter.
+// Rows at or beyond expert_offsets[E] of c are unspecified.
 void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& expert_offsets, Tensor& c,
-                  void* stream);
+                  void* stream, int segment_alignment = 1);
 void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& expert_offsets, Tensor& grad_b,
-                              void* stream);
+                              void* stream, int segment_alignment = 1);
 void activation_forward(ExpertActivation activation, const Tensor& pre, Tensor& post, void* stream);
 void activation_backward(ExpertActivation activation, const Tensor& pre, const Tensor& grad_post, Tensor& grad_pre,
                          void* stream);

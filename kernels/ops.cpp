@@ -134,18 +134,19 @@ void unpermute_combine_backward(const ExecContext& context, const Tensor& grad_c
 }
 
 void grouped_gemm(const ExecContext& context, const Tensor& a, const Tensor& b, bool trans_b,
-                  const Tensor& expert_offsets, Tensor& c) {
+                  const Tensor& expert_offsets, Tensor& c, int segment_alignment) {
   expect_on_device(context, "grouped_gemm", {&a, &b, &expert_offsets, &c});
   if (is_cpu(context)) return cpu::grouped_gemm(a, b, trans_b, expert_offsets, c);
-  SY_CUDA_BACKEND("grouped_gemm", cuda::grouped_gemm(a, b, trans_b, expert_offsets, c, context.stream));
+  SY_CUDA_BACKEND("grouped_gemm",
+                  cuda::grouped_gemm(a, b, trans_b, expert_offsets, c, context.stream, segment_alignment));
 }
 
 void grouped_gemm_weight_grad(const ExecContext& context, const Tensor& a, const Tensor& g,
-                              const Tensor& expert_offsets, Tensor& grad_b) {
+                              const Tensor& expert_offsets, Tensor& grad_b, int segment_alignment) {
   expect_on_device(context, "grouped_gemm_weight_grad", {&a, &g, &expert_offsets, &grad_b});
   if (is_cpu(context)) return cpu::grouped_gemm_weight_grad(a, g, expert_offsets, grad_b);
-  SY_CUDA_BACKEND("grouped_gemm_weight_grad",
-                  cuda::grouped_gemm_weight_grad(a, g, expert_offsets, grad_b, context.stream));
+  SY_CUDA_BACKEND("grouped_gemm_weight_grad", cuda::grouped_gemm_weight_grad(a, g, expert_offsets, grad_b,
+                                                                             context.stream, segment_alignment));
 }
 
 void activation_forward(const ExecContext& context, ExpertActivation activation, const Tensor& pre, Tensor& post) {

@@ -65,9 +65,9 @@ void unpermute_combine_backward(const ExecContext& context, const Tensor& grad_c
                                 const Tensor& expert_outputs, const RoutingResult& routing, const DispatchMap& map,
                                 Tensor& grad_expert_outputs, Tensor& grad_gates);
 void grouped_gemm(const ExecContext& context, const Tensor& a, const Tensor& b, bool trans_b,
-                  const Tensor& expert_offsets, Tensor& c);
+                  const Tensor& expert_offsets, Tensor& c, int segment_alignment = 1);
 void grouped_gemm_weight_grad(const ExecContext& context, const Tensor& a, const Tensor& g,
-                              const Tensor& expert_offsets, Tensor& grad_b);
+                              const Tensor& expert_offsets, Tensor& grad_b, int segment_alignment = 1);
 void activation_forward(const ExecContext& context, ExpertActivation activation, const Tensor& pre, Tensor& post);
 void activation_backward(const ExecContext& context, ExpertActivation activation, const Tensor& pre,
                          const Tensor& grad_post, Tensor& grad_pre);

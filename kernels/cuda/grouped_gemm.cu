@@ -17,11 +17,25 @@
 #include <algorithm>
 #include <vector>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/grouped_gemm_sm90.h"
 #include "kernels/moe_ops.h"
 
 namespace switchyard {
 namespace {
+
+// The sm_90a kernels need 128-row segments; SWITCHYARD_GROUPED_GEMM=cublas forces the cuBLAS loop
+// (for comparison in benchmarks).
+bool use_sm90(int segment_alignment) {
+  static const bool forced_cublas = [] {
+    const char* choice = std::getenv("SWITCHYARD_GROUPED_GEMM");
+    return choice && std::strcmp(choice, "cublas") == 0;
+  }();
+  return !forced_cublas && segment_alignment > 0 && segment_alignment % cuda::sm90::kRowAlignment == 0;
+}
 
 using namespace cuda_detail;
 
@@ -69,7 +83,7 @@ int checked_int(int64_t value, const char* what) {
 namespace cuda {
 
 void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& expert_offsets, Tensor& c,
-                  void* stream) {
+                  void* stream, int segment_alignment) {
   const char* op = "grouped_gemm";
   SY_CHECK(a.rank == 2 && b.rank == 3 && c.rank == 2, op, ": expected a [R, Kdim], b [E, ., .], c [R, N], got ",
                  a.describe(), ", ", b.describe(), ", ", c.describe());
@@ -82,6 +96,8 @@ void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& 
   else
     check_tensor(b, "grouped_gemm: b ([E, Kdim, N])", a.dtype, {num_experts, inner, columns});
   check_tensor(c, "grouped_gemm: c", c.dtype, {rows, columns});
+  if (use_sm90(segment_alignment) && sm90::supported(a, b, trans_b, expert_offsets, c))
+    return sm90::grouped_gemm(a, b, trans_b, expert_offsets, c, stream);
   cudaStream_t cuda_stream = as_stream(stream);
   const std::vector<int32_t> offsets =
       host_offsets("grouped_gemm: expert_offsets", expert_offsets, num_experts, rows, cuda_stream);
@@ -112,7 +128,7 @@ void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& 
 }
 
 void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& expert_offsets, Tensor& grad_b,
-                              void* stream) {
+                              void* stream, int segment_alignment) {
   const char* op = "grouped_gemm_weight_grad";
   SY_CHECK(a.rank == 2 && g.rank == 2 && grad_b.rank == 3, op,
                  ": expected a [R, M], g [R, N], grad_b [E, M, N], got ", a.describe(), ", ", g.describe(), ", ",
@@ -122,6 +138,8 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
   check_tensor(a, "grouped_gemm_weight_grad: a", a.dtype, {rows, left});
   check_tensor(g, "grouped_gemm_weight_grad: g", a.dtype, {rows, right});
   check_tensor(grad_b, "grouped_gemm_weight_grad: grad_b", grad_b.dtype, {num_experts, left, right});
+  if (use_sm90(segment_alignment) && sm90::weight_grad_supported(a, g, expert_offsets, grad_b))
+    return sm90::grouped_gemm_weight_grad(a, g, expert_offsets, grad_b, stream);
   cudaStream_t cuda_stream = as_stream(stream);
   const std::vector<int32_t> offsets =
       host_offsets("grouped_gemm_weight_grad: expert_offsets", expert_offsets, num_experts, rows, cuda_stream);

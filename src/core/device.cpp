@@ -21,7 +21,7 @@ AllocatorStats cuda_allocator_stats_impl();
 
 namespace {
 constexpr size_t kHostAlignment = 64;
-[[noreturn]] void no_cuda() { SY_THROW("this build of switchyard has no CUDA backend"); }
+[[noreturn, maybe_unused]] void no_cuda() { SY_THROW("this build of switchyard has no CUDA backend"); }
 }  // namespace
 
 int cuda_device_count() {

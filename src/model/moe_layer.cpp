@@ -197,9 +197,9 @@ MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const M
   Tensor hidden_pre = rows_view(hidden_pre_, activation_dtype_, rows_, config_.w1_columns());
   Tensor hidden_post = rows_view(hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
   Tensor expert_out = rows_view(expert_out_, activation_dtype_, rows_, d_model);
-  ops::grouped_gemm(context, permuted, weights.w1, false, expert_offsets_, hidden_pre);
+  ops::grouped_gemm(context, permuted, weights.w1, false, expert_offsets_, hidden_pre, params_.segment_alignment);
   ops::activation_forward(context, config_.activation, hidden_pre, hidden_post);
-  ops::grouped_gemm(context, hidden_post, weights.w2, false, expert_offsets_, expert_out);
+  ops::grouped_gemm(context, hidden_post, weights.w2, false, expert_offsets_, expert_out, params_.segment_alignment);
 
   ops::unpermute_combine(context, expert_out, combine_routing_, map_, y);
   x_ = x;
@@ -305,11 +305,11 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
   // Combine -> expert rows and gates; experts; permutation back to tokens.
   if (config_.compute_mode == MoeComputeMode::dense) ops::fill_zero(context, grad_rows);  // unreferenced rows
   ops::unpermute_combine_backward(context, grad_y, expert_out, combine_routing_, map_, grad_rows, grad_gates);
-  ops::grouped_gemm_weight_grad(context, hidden_post, grad_rows, expert_offsets_, gradients.w2);
-  ops::grouped_gemm(context, grad_rows, weights.w2, true, expert_offsets_, grad_hidden_post);
+  ops::grouped_gemm_weight_grad(context, hidden_post, grad_rows, expert_offsets_, gradients.w2, params_.segment_alignment);
+  ops::grouped_gemm(context, grad_rows, weights.w2, true, expert_offsets_, grad_hidden_post, params_.segment_alignment);
   ops::activation_backward(context, config_.activation, hidden_pre, grad_hidden_post, grad_hidden_pre);
-  ops::grouped_gemm_weight_grad(context, permuted, grad_hidden_pre, expert_offsets_, gradients.w1);
-  ops::grouped_gemm(context, grad_hidden_pre, weights.w1, true, expert_offsets_, grad_rows);
+  ops::grouped_gemm_weight_grad(context, permuted, grad_hidden_pre, expert_offsets_, gradients.w1, params_.segment_alignment);
+  ops::grouped_gemm(context, grad_hidden_pre, weights.w1, true, expert_offsets_, grad_rows, params_.segment_alignment);
   ops::permute_backward(context, grad_rows, map_, tokens, grad_x);
 
   // Gates and losses -> logits -> router weight and router input.
