@@ -19,6 +19,8 @@ struct Benchmark {
 const Benchmark kBenchmarks[] = {
     {"comm", "collective bandwidth and latency (all-to-all-v, all-reduce, ...) over MPI or NCCL", command_bench_comm},
     {"moe", "the MoE layer vs a dense FFN, sparse vs dense-compute, expert GEMM TFLOP/s, routing", command_bench_moe},
+    {"ep", "expert parallelism: dispatch+combine vs raw all-to-all-v, EP layer fwd and fwd+bwd (under mpirun)",
+     command_bench_ep},
 };
 
 void print_benchmarks(std::ostream& out) {

@@ -9,4 +9,5 @@ int command_prepare_data(int argc, char** argv);  // src/cli/prepare_data_comman
 int command_bench(int argc, char** argv);         // src/cli/bench_command.cpp: dispatches to the ones below
 int command_bench_comm(int argc, char** argv);    // src/cli/bench_comm_command.cpp
 int command_bench_moe(int argc, char** argv);     // src/cli/bench_moe_command.cpp
+int command_bench_ep(int argc, char** argv);      // src/cli/bench_ep_command.cpp
 }  // namespace switchyard
