@@ -111,6 +111,7 @@ void apply_jitter(const Tensor& x, float eps, uint64_t seed, uint32_t stream_id,
 namespace cuda {
 void route(const Tensor& logits, const Tensor* complexity, const RoutingParams& params, RoutingResult& result,
            void* stream);
+// grad_logits may be fp32, bf16 or fp16 (written in the router GEMM's input type, saving a conversion).
 void route_backward(const Tensor& logits, const Tensor& grad_gates, const RoutingResult& routing,
                     const RoutingParams& params, float grad_aux_scale, float grad_z_scale, Tensor& grad_logits,
                     void* stream);

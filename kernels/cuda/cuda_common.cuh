@@ -8,19 +8,23 @@
 // The caches are never destroyed: tearing down cuBLAS handles at exit races the driver.
 //
 // Device side: element conversions (bf16 / fp16 / fp32 <-> fp32), 16-byte vector loads and stores
-// of a "pack" (8 bf16/fp16 or 4 fp32 elements), warp and lane-group reductions, and gpu-scope
-// acquire/release accesses for inter-block flags.
+// of a "pack" (8 bf16/fp16 or 4 fp32 elements), warp and lane-group reductions, gpu-scope
+// acquire/release accesses for inter-block flags, a grid barrier for cooperative launches (with
+// cooperative_grid_limit on the host), and router-row pieces (lane-group layout over a row of
+// logits, ordered float keys, k_t, exp) that routing.cu and routing_backward.cu use.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -187,6 +191,32 @@ inline void* persistent_scratch(cudaStream_t stream, int tag, size_t bytes) {
   return buffer.data();
 }
 
+// Blocks of `kernel` (this block size and dynamic shared memory) that the current device holds at
+// once: the largest grid a cooperative launch (cudaLaunchCooperativeKernel, all blocks resident,
+// so they may wait for each other in grid_barrier) accepts. Cached: the occupancy query is not free.
+inline int cooperative_grid_limit(const void* kernel, int threads, size_t shared_bytes) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, int, size_t>, int> cache;
+  const int device = current_device();
+  const auto key = std::make_tuple(device, kernel, threads, shared_bytes);
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto found = cache.find(key);
+    if (found != cache.end()) return found->second;
+  }
+  int cooperative = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+  SY_CHECK(cooperative != 0, "CUDA device ", device, " does not support cooperative launches");
+  int per_multiprocessor = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, threads, shared_bytes));
+  SY_CHECK(per_multiprocessor >= 1, "a block of ", threads, " threads with ", shared_bytes,
+           " bytes of shared memory does not fit on a multiprocessor");
+  const int blocks = per_multiprocessor * multiprocessor_count();
+  std::lock_guard<std::mutex> lock(mutex);
+  cache.emplace(key, blocks);
+  return blocks;
+}
+
 // Pinned host memory of at least `bytes` for small device-to-host copies on `stream`. The caller
 // synchronizes `stream` before reading it; growing it waits for the stream for the same reason.
 inline void* pinned_staging(cudaStream_t stream, size_t bytes) {
@@ -346,6 +376,103 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* address) {
 
 __device__ __forceinline__ void store_release(unsigned* address, unsigned value) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(address), "r"(value) : "memory");
+}
+
+// A barrier over every block of a cooperatively launched grid: each block arrives once on the
+// counter, then waits until it reads `target` (n-th barrier of a kernel: n * gridDim.x, the counter
+// zero at kernel start; the kernel must reset it for the next launch). One thread per block polls,
+// with a short sleep, so the counter's L2 line is not flooded. The fences make each block's earlier
+// global writes visible to every block after the barrier (the pattern of cooperative_groups'
+// grid sync); read data that other blocks wrote with __ldcg (L2), never through a stale L1 line.
+__device__ __forceinline__ void grid_barrier(unsigned* arrivals, unsigned target) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(arrivals, 1u);
+    while (load_acquire(arrivals) < target) __nanosleep(32);
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// ------------------------------------------------------------------------------------------------
+// Router rows (routing.cu, routing_backward.cu)
+// ------------------------------------------------------------------------------------------------
+// A token's row of E fp32 logits is spread over a group of kGroup lanes, kPerLane logits each
+// (lane m of the group holds experts [m * kPerLane, (m + 1) * kPerLane)); 32 / kGroup tokens per
+// warp pass. 16 logits per lane where E allows: fewer lanes per token means fewer shuffle rounds.
+
+constexpr int kMaxRouteExperts = 256;
+
+template <int kGroup, int kPerLane>
+struct LaneLayout {
+  static constexpr int group = kGroup;
+  static constexpr int per_lane = kPerLane;
+};
+
+// Calls functor(LaneLayout<kGroup, kPerLane>{}) for the layout that covers `num_experts`
+// (kGroup * kPerLane >= E; E <= kMaxRouteExperts).
+template <typename Functor>
+void dispatch_lane_layout(int num_experts, Functor&& functor) {
+  if (num_experts <= 4) functor(LaneLayout<1, 4>{});
+  else if (num_experts <= 8) functor(LaneLayout<1, 8>{});
+  else if (num_experts <= 16) functor(LaneLayout<1, 16>{});
+  else if (num_experts <= 32) functor(LaneLayout<2, 16>{});
+  else if (num_experts <= 64) functor(LaneLayout<4, 16>{});
+  else if (num_experts <= 128) functor(LaneLayout<8, 16>{});
+  else functor(LaneLayout<16, 16>{});
+}
+
+// The kPerLane logits of experts [first_expert, first_expert + kPerLane) of `token`; -inf where
+// the expert or the token does not exist. Read once, so streamed past L1. vector_loads: E % 4 == 0
+// and a 16-byte aligned base (kPerLane is a multiple of 4).
+template <int kPerLane>
+__device__ __forceinline__ void load_logit_slice(const float* logits, int64_t num_tokens, int num_experts,
+                                                 bool vector_loads, int64_t token, int first_expert,
+                                                 float (&values)[kPerLane]) {
+  if (token >= num_tokens) {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) values[i] = -INFINITY;
+    return;
+  }
+  const float* row = logits + token * num_experts;
+  if (vector_loads && first_expert + kPerLane <= num_experts) {
+#pragma unroll
+    for (int i = 0; i < kPerLane; i += 4) {
+      float4 quad = __ldcs(reinterpret_cast<const float4*>(row + first_expert + i));
+      values[i] = quad.x;
+      values[i + 1] = quad.y;
+      values[i + 2] = quad.z;
+      values[i + 3] = quad.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i)
+      values[i] = first_expert + i < num_experts ? __ldcs(row + first_expert + i) : -INFINITY;
+  }
+}
+
+// Orders floats as unsigned integers (larger float -> larger key); -0 is folded into +0 first so
+// that equal logits tie exactly as they do in a float comparison.
+__device__ __forceinline__ unsigned ordered_bits(float value) {
+  unsigned bits = __float_as_uint(value + 0.0f);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+__device__ __forceinline__ float from_ordered_bits(unsigned ordered) {
+  return __uint_as_float((ordered & 0x80000000u) ? (ordered & 0x7fffffffu) : ~ordered);
+}
+
+// k_t of a token: k_max without complexity routing, else k_min + floor(c (k_max - k_min) + 1/2).
+__device__ __forceinline__ int choices_of_token(bool complexity_routing, float complexity, int k_min, int k_max) {
+  if (!complexity_routing) return k_max;
+  float clamped = fminf(fmaxf(complexity, 0.0f), 1.0f);  // fmaxf(NaN, 0) = 0
+  return k_min + int(floorf(clamped * float(k_max - k_min) + 0.5f));
+}
+
+// exp(logit - row_max) through the MUFU exp2 unit: relative error ~1e-6 for the logit spreads of a
+// router (|logit - max| < ~30), well inside the 1e-5 the outputs promise; exp(-inf) = 0.
+__device__ __forceinline__ float exp_from_max(float logit, float row_max) {
+  return exp2f((logit - row_max) * 1.4426950408889634f);
 }
 
 }  // namespace cuda_detail

@@ -2,6 +2,9 @@
 // combine; forward+backward includes every gradient and both losses) against a dense FFN of the
 // same active size, plus the sparse-vs-dense-compute comparison, the expert GEMMs of a large
 // layer, and routing alone. Medians of device-event timings after warm-up, on fresh random data.
+// --breakdown times every stage of the layer's forward and backward separately (the layer reports
+// its stage boundaries through MoeStageObserver, so the timed sequence is the layer's own) and
+// compares the sum of the stage medians with the uninstrumented whole.
 //
 // FLOP count of the expert GEMMs (forward): 2 * T * k * (D * F + F * D) (gelu) and
 // 2 * T * k * (D * 2F + F * D) (swiglu); backward is twice that.
@@ -177,6 +180,47 @@ struct DenseFfnBench {
   }
 };
 
+// Device-event timing of the layer's stages: one DeviceTimer per (pass, stage), started at
+// stage_begin and stopped at stage_end; collect() after each pass stores the elapsed times.
+class StageTimer : public MoeStageObserver {
+ public:
+  explicit StageTimer(const ExecContext& context) : context_(context) {}
+  void set_pass(const char* pass) { pass_ = pass; }
+  void stage_begin(const ExecContext&, const char* stage) override { slot(stage).timer->start(); }
+  void stage_end(const ExecContext&, const char* stage) override {
+    Slot& found = slot(stage);
+    found.timer->stop();
+    found.pending = true;
+  }
+  // Waits for the recorded events of the last pass and keeps their times (discarded when !keep).
+  void collect(bool keep) {
+    for (Slot& entry : slots_) {
+      if (!entry.pending) continue;
+      const double milliseconds = entry.timer->elapsed_ms();
+      if (keep) entry.samples.push_back(milliseconds);
+      entry.pending = false;
+    }
+  }
+  struct Slot {
+    std::string pass, stage;
+    std::unique_ptr<DeviceTimer> timer;
+    std::vector<double> samples;
+    bool pending = false;
+  };
+  const std::vector<Slot>& slots() const { return slots_; }
+
+ private:
+  Slot& slot(const char* stage) {
+    for (Slot& entry : slots_)
+      if (entry.pass == pass_ && entry.stage == stage) return entry;
+    slots_.push_back(Slot{pass_, stage, std::make_unique<DeviceTimer>(context_.device, context_.stream), {}, false});
+    return slots_.back();
+  }
+  ExecContext context_;
+  std::string pass_ = "forward";
+  std::vector<Slot> slots_;  // first-seen order, which is the layer's order
+};
+
 struct Record {
   std::vector<std::pair<std::string, std::string>> fields;
   void add(const std::string& key, double value) {
@@ -194,6 +238,87 @@ struct Record {
   }
 };
 
+// Times each stage of the layer (training forward, then backward) with device events, and the
+// uninstrumented layer and the dense FFN of the same active size for comparison.
+void run_breakdown(const BenchSettings& settings, const LayerShape& shape, std::vector<Record>& records) {
+  const ExecContext& context = settings.context;
+  MoeBench moe(settings, shape, MoeComputeMode::sparse);
+  DenseFfnBench dense(settings, shape);
+  const double whole_forward = time_median_ms(settings, [&] { moe.forward(context, true); });
+  const double whole_both = time_median_ms(settings, [&] { moe.forward_backward(context); });
+  const double dense_forward = time_median_ms(settings, [&] { dense.forward(context); });
+  const double dense_both = time_median_ms(settings, [&] { dense.forward_backward(context); });
+
+  StageTimer timer(context);
+  moe.layer->set_stage_observer(&timer);
+  for (int iteration = 0; iteration < settings.warmup + settings.iterations; ++iteration) {
+    timer.set_pass("forward");
+    moe.forward(context, true);
+    timer.set_pass("backward");
+    moe.layer->backward(context, moe.grad_y_view, moe.weights, 1.0f, 1.0f, moe.grad_x_view, moe.gradients);
+    timer.collect(iteration >= settings.warmup);
+  }
+  moe.layer->set_stage_observer(nullptr);
+  // The rows the expert GEMMs really cover (segments padded to the alignment) and the FLOPs of each
+  // GEMM stage over them, so the table shows how fast each grouped GEMM runs on its actual work.
+  const MoeRoutingStats stats = moe.layer->read_routing_stats(context);
+  const double padded = double(stats.padded_rows), d_model = shape.d_model, d_ff = shape.d_ff;
+  const double w1_columns = double(moe.config.w1_columns());
+  auto stage_flops = [&](const std::string& stage) -> double {
+    if (stage == "expert GEMM 1" || stage == "weight grad 1" || stage == "data grad 1")
+      return 2.0 * padded * d_model * w1_columns;
+    if (stage == "expert GEMM 2" || stage == "weight grad 2" || stage == "data grad 2") return 2.0 * padded * d_ff * d_model;
+    return 0.0;
+  };
+
+  std::printf("\nStage breakdown, %lld tokens, d%d ff%d E%d top-%d (%s, %s), us (median of %d, %s)\n",
+              (long long)shape.tokens, shape.d_model, shape.d_ff, shape.experts, shape.top_k,
+              context.device == DeviceKind::cuda ? "cuda" : "cpu", dtype_name(settings.activation_dtype),
+              settings.iterations, context.device == DeviceKind::cuda ? "device events" : "host clock");
+  std::printf("expert rows: %lld padded rows hold %lld choices (%.2fx); buffers sized for %lld rows\n",
+              (long long)stats.padded_rows, (long long)stats.total_choices,
+              stats.total_choices > 0 ? padded / double(stats.total_choices) : 0.0, (long long)moe.layer->rows());
+  std::printf("%-9s %-22s %10s %7s %9s\n", "pass", "stage", "us", "share", "TFLOP/s");
+  double pass_sums[2] = {0.0, 0.0};
+  for (const StageTimer::Slot& slot : timer.slots()) pass_sums[slot.pass == "forward" ? 0 : 1] += median(slot.samples);
+  for (const StageTimer::Slot& slot : timer.slots()) {
+    const double microseconds = median(slot.samples) * 1e3;
+    const double pass_sum = pass_sums[slot.pass == "forward" ? 0 : 1] * 1e3;
+    const double flops = stage_flops(slot.stage);
+    std::printf("%-9s %-22s %10.1f %6.1f%% ", slot.pass.c_str(), slot.stage.c_str(), microseconds,
+                pass_sum > 0 ? 100.0 * microseconds / pass_sum : 0.0);
+    if (flops > 0 && microseconds > 0) std::printf("%9.1f\n", flops / (microseconds * 1e-6) / 1e12);
+    else std::printf("%9s\n", "");
+    Record record;
+    record.add("part", "breakdown");
+    record.add("tokens", double(shape.tokens));
+    record.add("pass", slot.pass);
+    record.add("stage", slot.stage);
+    record.add("us", microseconds);
+    if (flops > 0 && microseconds > 0) record.add("tflops", flops / (microseconds * 1e-6) / 1e12);
+    records.push_back(record);
+  }
+  const double whole_backward = whole_both - whole_forward;
+  std::printf("sum of stages: forward %.1f us (whole %.1f), backward %.1f us (whole f+b minus fwd %.1f), "
+              "f+b %.1f us (whole %.1f)\n",
+              pass_sums[0] * 1e3, whole_forward * 1e3, pass_sums[1] * 1e3, whole_backward * 1e3,
+              (pass_sums[0] + pass_sums[1]) * 1e3, whole_both * 1e3);
+  std::printf("dense FFN of the same active size: forward %.1f us, f+b %.1f us; MoE/dense: forward %.2fx, f+b %.2fx\n",
+              dense_forward * 1e3, dense_both * 1e3, whole_forward / dense_forward, whole_both / dense_both);
+  Record summary;
+  summary.add("part", "breakdown-total");
+  summary.add("tokens", double(shape.tokens));
+  summary.add("stages_fwd_us", pass_sums[0] * 1e3);
+  summary.add("stages_bwd_us", pass_sums[1] * 1e3);
+  summary.add("whole_fwd_us", whole_forward * 1e3);
+  summary.add("whole_fwdbwd_us", whole_both * 1e3);
+  summary.add("dense_fwd_us", dense_forward * 1e3);
+  summary.add("dense_fwdbwd_us", dense_both * 1e3);
+  summary.add("padded_rows", padded);
+  summary.add("total_choices", double(stats.total_choices));
+  records.push_back(summary);
+}
+
 }  // namespace
 
 int command_bench_moe(int argc, char** argv) {
@@ -207,6 +332,8 @@ int command_bench_moe(int argc, char** argv) {
   parser.add_option("json", "FILE", "also write every record as JSON lines to FILE");
   parser.add_option("only", "LIST", "comma list of parts: seed,dense-mode,large,routing", "seed,dense-mode,large,routing");
   parser.add_flag("quick", "tiny shapes (a smoke test; runs on CPU too)");
+  parser.add_flag("breakdown", "time each stage of the layer's forward and backward (alone, unless --only is given)");
+  parser.add_option("breakdown-tokens", "N", "tokens of the --breakdown shape (d768 ff3072 E32 top-1)", "8192");
   if (!parser.parse(argc, argv)) return kExitOk;
 
   BenchSettings settings;
@@ -227,7 +354,11 @@ int command_bench_moe(int argc, char** argv) {
   SY_CHECK_INPUT(capacity_factor >= 0, "--capacity-factor must be >= 0");
   settings.dropless = capacity_factor == 0;
   if (!settings.dropless) settings.capacity_factor = float(capacity_factor);
-  const std::string only = "," + parser.get("only") + ",";
+  const bool breakdown = parser.flag("breakdown");
+  const int64_t breakdown_tokens = parser.has("breakdown-tokens") ? parser.get_int("breakdown-tokens") : quick ? 64 : 8192;
+  SY_CHECK_INPUT(breakdown_tokens >= 1, "--breakdown-tokens must be >= 1");
+  // --breakdown alone runs only the breakdown; with --only it joins the parts named there.
+  const std::string only = "," + std::string(breakdown && !parser.has("only") ? "" : parser.get("only")) + ",";
   auto wanted = [&](const char* part) { return only.find("," + std::string(part) + ",") != std::string::npos; };
   if (settings.context.device == DeviceKind::cuda) cuda_set_device(0);
   settings.context.stream = create_stream(settings.context.device);
@@ -367,6 +498,13 @@ int command_bench_moe(int argc, char** argv) {
     record.add("route_us", route_ms * 1e3);
     record.add("route_gbps", bytes / (route_ms * 1e-3) / 1e9);
     records.push_back(record);
+  }
+
+  // 5. Per-stage breakdown of one shape: where the layer's time goes.
+  if (breakdown) {
+    const LayerShape shape = quick ? LayerShape{"breakdown", breakdown_tokens, 32, 64, 4, 1}
+                                   : LayerShape{"breakdown", breakdown_tokens, 768, 3072, 32, 1};
+    run_breakdown(settings, shape, records);
   }
 
   destroy_stream(settings.context.device, settings.context.stream);

@@ -126,12 +126,8 @@ void MoeLayer::allocate_backward_buffers() {
   grad_hidden_post_ = Buffer(device_, rows * size_t(config_.expert_d_ff) * activation_size);
   grad_hidden_pre_ = Buffer(device_, rows * size_t(config_.w1_columns()) * activation_size);
   grad_gates_ = Buffer(device_, tokens * size_t(config_.k_max) * float_size);
-  grad_logits_ = Buffer(device_, tokens * experts * float_size);
-  if (float_dtype_ != activation_dtype_) grad_logits_compute_ = Buffer(device_, tokens * experts * activation_size);
-  if (config_.jitter_eps > 0.0f) {
-    router_grad_input_ = Buffer(device_, tokens * d_model * activation_size);
-    jitter_grad_input_ = Buffer(device_, tokens * d_model * activation_size);
-  }
+  grad_logits_ = Buffer(device_, tokens * experts * activation_size);
+  if (config_.jitter_eps > 0.0f) router_grad_input_ = Buffer(device_, tokens * d_model * activation_size);
   backward_ready_ = true;
 }
 
@@ -171,13 +167,16 @@ MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const M
   router_input_ = x;
   if (jittered_) {
     router_input_ = rows_view(jittered_input_, activation_dtype_, tokens, d_model);
-    ops::apply_jitter(context, x, config_.jitter_eps, config_.jitter_seed, config_.jitter_stream, step_,
-                      router_input_);
+    run_stage(context, "jitter", [&] {
+      ops::apply_jitter(context, x, config_.jitter_eps, config_.jitter_seed, config_.jitter_stream, step_,
+                        router_input_);
+    });
   }
   logits_ = rows_view(logits_buffer_, float_dtype_, tokens, config_.num_experts);
-  ops::gemm(context, false, false, 1.0f, router_input_, weights.router, 0.0f, logits_);
+  run_stage(context, "router GEMM",
+            [&] { ops::gemm(context, false, false, 1.0f, router_input_, weights.router, 0.0f, logits_); });
   routing_ = routing_buffers_.result(tokens);
-  ops::route(context, logits_, args.complexity, params_, routing_);
+  run_stage(context, "routing", [&] { ops::route(context, logits_, args.complexity, params_, routing_); });
 
   // Tokens into the expert-contiguous layout.
   if (config_.compute_mode == MoeComputeMode::sparse) {
@@ -185,11 +184,11 @@ MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const M
     SY_CHECK(rows_ <= max_rows_, "MoeLayer: ", rows_, " rows exceed the ", max_rows_, " allocated");
     map_ = routing_buffers_.map(tokens, rows_);
     Tensor permuted = rows_view(permuted_, activation_dtype_, rows_, d_model);
-    ops::permute(context, x, routing_, params_, permuted, map_);
+    run_stage(context, "permute", [&] { ops::permute(context, x, routing_, params_, permuted, map_); });
     expert_offsets_ = routing_.expert_offsets;
     combine_routing_ = routing_;
   } else {
-    build_dense_layout(context, x);
+    run_stage(context, "dense layout", [&] { build_dense_layout(context, x); });
   }
 
   // Experts.
@@ -197,14 +196,21 @@ MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const M
   Tensor hidden_pre = rows_view(hidden_pre_, activation_dtype_, rows_, config_.w1_columns());
   Tensor hidden_post = rows_view(hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
   Tensor expert_out = rows_view(expert_out_, activation_dtype_, rows_, d_model);
-  ops::grouped_gemm(context, permuted, weights.w1, false, expert_offsets_, hidden_pre, params_.segment_alignment);
-  ops::activation_forward(context, config_.activation, hidden_pre, hidden_post);
-  ops::grouped_gemm(context, hidden_post, weights.w2, false, expert_offsets_, expert_out, params_.segment_alignment);
-
-  ops::unpermute_combine(context, expert_out, combine_routing_, map_, y);
+  const int alignment = params_.segment_alignment;
+  run_stage(context, "expert GEMM 1", [&] {
+    ops::grouped_gemm(context, permuted, weights.w1, false, expert_offsets_, hidden_pre, alignment);
+  });
+  run_stage(context, "activation",
+            [&] { ops::activation_forward(context, config_.activation, hidden_pre, hidden_post); });
+  run_stage(context, "expert GEMM 2", [&] {
+    ops::grouped_gemm(context, hidden_post, weights.w2, false, expert_offsets_, expert_out, alignment);
+  });
+  run_stage(context, "combine", [&] { ops::unpermute_combine(context, expert_out, combine_routing_, map_, y); });
   x_ = x;
   has_forward_ = true;
-  return args.read_losses ? read_losses(context) : MoeLosses{};
+  MoeLosses losses;
+  if (args.read_losses) run_stage(context, "read losses", [&] { losses = read_losses(context); });
+  return losses;
 }
 
 // Dense layout: segment e = rows [e * T_pad, e * T_pad + T) hold every token, the rest of the
@@ -300,38 +306,53 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
   Tensor grad_hidden_post = rows_view(grad_hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
   Tensor grad_hidden_pre = rows_view(grad_hidden_pre_, activation_dtype_, rows_, config_.w1_columns());
   Tensor grad_gates = rows_view(grad_gates_, float_dtype_, tokens, config_.k_max);
-  Tensor grad_logits = rows_view(grad_logits_, float_dtype_, tokens, config_.num_experts);
+  // dL/dlogits in the activation type: the router GEMMs take both operands in it (cuBLASLt has no
+  // fp32 x bf16), and the CUDA routing backward writes that type directly (no conversion pass).
+  Tensor grad_logits = rows_view(grad_logits_, activation_dtype_, tokens, config_.num_experts);
+  const int alignment = params_.segment_alignment;
 
-  // Combine -> expert rows and gates; experts; permutation back to tokens.
-  if (config_.compute_mode == MoeComputeMode::dense) ops::fill_zero(context, grad_rows);  // unreferenced rows
-  ops::unpermute_combine_backward(context, grad_y, expert_out, combine_routing_, map_, grad_rows, grad_gates);
-  ops::grouped_gemm_weight_grad(context, hidden_post, grad_rows, expert_offsets_, gradients.w2, params_.segment_alignment);
-  ops::grouped_gemm(context, grad_rows, weights.w2, true, expert_offsets_, grad_hidden_post, params_.segment_alignment);
-  ops::activation_backward(context, config_.activation, hidden_pre, grad_hidden_post, grad_hidden_pre);
-  ops::grouped_gemm_weight_grad(context, permuted, grad_hidden_pre, expert_offsets_, gradients.w1, params_.segment_alignment);
-  ops::grouped_gemm(context, grad_hidden_pre, weights.w1, true, expert_offsets_, grad_rows, params_.segment_alignment);
-  ops::permute_backward(context, grad_rows, map_, tokens, grad_x);
+  // Combine -> expert rows and gates; experts; permutation back to tokens. The combine backward
+  // writes every row of grad_rows: the gradient where a kept choice refers to the row, zero where
+  // none does (segment padding, and in dense mode the tokens routing did not send there).
+  run_stage(context, "combine backward", [&] {
+    ops::unpermute_combine_backward(context, grad_y, expert_out, combine_routing_, map_, grad_rows, grad_gates);
+  });
+  run_stage(context, "weight grad 2", [&] {
+    ops::grouped_gemm_weight_grad(context, hidden_post, grad_rows, expert_offsets_, gradients.w2, alignment);
+  });
+  run_stage(context, "data grad 2", [&] {
+    ops::grouped_gemm(context, grad_rows, weights.w2, true, expert_offsets_, grad_hidden_post, alignment);
+  });
+  run_stage(context, "activation backward", [&] {
+    ops::activation_backward(context, config_.activation, hidden_pre, grad_hidden_post, grad_hidden_pre);
+  });
+  run_stage(context, "weight grad 1", [&] {
+    ops::grouped_gemm_weight_grad(context, permuted, grad_hidden_pre, expert_offsets_, gradients.w1, alignment);
+  });
+  run_stage(context, "data grad 1", [&] {
+    ops::grouped_gemm(context, grad_hidden_pre, weights.w1, true, expert_offsets_, grad_rows, alignment);
+  });
+  run_stage(context, "permute backward", [&] { ops::permute_backward(context, grad_rows, map_, tokens, grad_x); });
 
   // Gates and losses -> logits -> router weight and router input.
-  ops::route_backward(context, logits_, grad_gates, routing_, params_, aux_grad_scale, z_grad_scale, grad_logits);
-  Tensor grad_logits_compute = grad_logits;
-  if (float_dtype_ != activation_dtype_) {
-    // The router GEMMs take both operands in the activation type (cuBLASLt has no fp32 x bf16).
-    grad_logits_compute = rows_view(grad_logits_compute_, activation_dtype_, tokens, config_.num_experts);
-    ops::convert(context, grad_logits, grad_logits_compute);
-  }
-  ops::gemm(context, true, false, 1.0f, router_input_, grad_logits_compute, 0.0f, gradients.router);
-  if (!jittered_) {
-    ops::gemm(context, false, true, 1.0f, grad_logits_compute, weights.router, 1.0f, grad_x);  // grad_x += G Wr^T
-    return;
-  }
-  // x_r = x * u elementwise, so dL/dx gains u * (G Wr^T): the same jitter op applied to the gradient.
-  Tensor router_grad_input = rows_view(router_grad_input_, activation_dtype_, tokens, d_model);
-  Tensor jitter_grad_input = rows_view(jitter_grad_input_, activation_dtype_, tokens, d_model);
-  ops::gemm(context, false, true, 1.0f, grad_logits_compute, weights.router, 0.0f, router_grad_input);
-  ops::apply_jitter(context, router_grad_input, config_.jitter_eps, config_.jitter_seed, config_.jitter_stream, step_,
-                    jitter_grad_input);
-  ops::add_into(context, jitter_grad_input, grad_x);
+  run_stage(context, "routing backward", [&] {
+    ops::route_backward(context, logits_, grad_gates, routing_, params_, aux_grad_scale, z_grad_scale, grad_logits);
+  });
+  run_stage(context, "router weight grad",
+            [&] { ops::gemm(context, true, false, 1.0f, router_input_, grad_logits, 0.0f, gradients.router); });
+  run_stage(context, "router input grad", [&] {
+    if (!jittered_) {
+      ops::gemm(context, false, true, 1.0f, grad_logits, weights.router, 1.0f, grad_x);  // grad_x += G Wr^T
+      return;
+    }
+    // x_r = x * u elementwise, so dL/dx gains u * (G Wr^T): the same jitter op applied to the
+    // gradient (in place: both backends allow it), then added to grad_x.
+    Tensor router_grad_input = rows_view(router_grad_input_, activation_dtype_, tokens, d_model);
+    ops::gemm(context, false, true, 1.0f, grad_logits, weights.router, 0.0f, router_grad_input);
+    ops::apply_jitter(context, router_grad_input, config_.jitter_eps, config_.jitter_seed, config_.jitter_stream,
+                      step_, router_grad_input);
+    ops::add_into(context, router_grad_input, grad_x);
+  });
 }
 
 // ---- Host reads ------------------------------------------------------------------------------

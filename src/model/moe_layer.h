@@ -27,6 +27,20 @@
 // reused each step; backward buffers are allocated on the first backward. The caller keeps x
 // alive between forward and backward (the router GEMM's weight gradient reads it when there is no
 // jitter) and calls backward after the forward it belongs to.
+//
+// Work per pass on CUDA (sparse mode, no jitter; a cuBLASLt call counted as one kernel): forward 7
+// kernels (router GEMM, routing, permute, two grouped GEMMs, activation, combine) and no host sync
+// unless losses are read (with bf16 activations and an alignment that is a multiple of 128;
+// otherwise the grouped GEMMs take the cuBLAS path, which reads the expert offsets on the host
+// once per GEMM); backward 10
+// (combine backward, two weight-gradient and two data-gradient grouped GEMMs, activation backward,
+// permute backward, routing backward -- which writes dL/dlogits straight in the activation type
+// the router GEMMs take --, router weight GEMM, router input GEMM accumulating into grad_x).
+// Jitter adds one kernel to the forward and two to the backward (jitter, add_into).
+//
+// Stage timing: set_stage_observer() makes the layer report the start and end of each stage
+// (names in MoeStageObserver) on the context's stream, so a benchmark can time every stage with
+// device events while the layer runs its real sequence of ops.
 #pragma once
 
 #include <cstdint>
@@ -92,6 +106,20 @@ struct MoeRoutingStats {
   int64_t capacity = 0, total_choices = 0, dropped_choices = 0, padded_rows = 0;
 };
 
+// Receives the boundaries of the layer's stages; stage_begin is called before a stage's work is
+// enqueued on context.stream and stage_end after it, with the same name (a string literal).
+// Forward stages: "jitter", "router GEMM", "routing", "permute" (dense mode: "dense layout"),
+// "expert GEMM 1", "activation", "expert GEMM 2", "combine", "read losses".
+// Backward stages: "combine backward", "weight grad 2", "data grad 2", "activation backward",
+// "weight grad 1", "data grad 1", "permute backward", "routing backward", "router weight grad",
+// "router input grad" (with jitter it includes the jitter of the gradient and the add into grad_x).
+class MoeStageObserver {
+ public:
+  virtual ~MoeStageObserver() = default;
+  virtual void stage_begin(const ExecContext& context, const char* stage) = 0;
+  virtual void stage_end(const ExecContext& context, const char* stage) = 0;
+};
+
 class MoeLayer {
  public:
   MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype, int64_t max_tokens);
@@ -123,7 +151,17 @@ class MoeLayer {
   MoeLosses read_losses(const ExecContext& context) const;
   MoeRoutingStats read_routing_stats(const ExecContext& context) const;
 
+  // Reports stage boundaries to `observer` from now on (nullptr: stop). Not owned.
+  void set_stage_observer(MoeStageObserver* observer) { observer_ = observer; }
+
  private:
+  // Runs work() between the observer's stage_begin and stage_end for `stage` (just work() without one).
+  template <typename Work>
+  void run_stage(const ExecContext& context, const char* stage, Work&& work) {
+    if (observer_) observer_->stage_begin(context, stage);
+    work();
+    if (observer_) observer_->stage_end(context, stage);
+  }
   void check_weights(const MoeWeights& weights, DType dtype, const char* what) const;
   void build_dense_layout(const ExecContext& context, const Tensor& x);
   void allocate_backward_buffers();
@@ -140,10 +178,11 @@ class MoeLayer {
   // Dense mode: the layout tensors the combine ops see (offsets e * T_pad, counts T_pad, unlimited
   // capacity), so a backend that derives padding rows from the layout finds none to clear.
   Buffer dense_offsets_, dense_counts_, dense_scalars_;
-  // Backward scratch (allocated by the first backward).
+  // Backward scratch (allocated by the first backward). grad_logits_ holds dL/dlogits in the
+  // activation dtype: the type the router GEMMs take (routing backward writes it directly on CUDA).
   bool backward_ready_ = false;
-  Buffer grad_rows_, grad_hidden_post_, grad_hidden_pre_, grad_gates_, grad_logits_, grad_logits_compute_,
-      router_grad_input_, jitter_grad_input_;
+  Buffer grad_rows_, grad_hidden_post_, grad_hidden_pre_, grad_gates_, grad_logits_, router_grad_input_;
+  MoeStageObserver* observer_ = nullptr;
   // Host staging for the dense row map.
   std::vector<int32_t> host_expert_ids_, host_slots_, host_choice_rows_, host_row_tokens_, host_offsets_,
       host_counts_, host_scalars_;

@@ -14,6 +14,18 @@ done
 [ "$(grep -c '"part": "seed"' "$work/bench.jsonl")" -eq 2 ] || fail "expected 2 seed records"
 grep -q "Routing alone" "$work/out.txt" || fail "no routing line in the table"
 
+# --breakdown alone: one table of per-stage times for the forward and the backward, nothing else.
+"$binary" bench moe --quick --device cpu --iters 2 --warmup 1 --breakdown --breakdown-tokens 48 \
+  --json "$work/breakdown.jsonl" > "$work/breakdown.txt" 2>&1 || { cat "$work/breakdown.txt"; fail "--breakdown exited non-zero"; }
+for stage in "router GEMM" "routing" "permute" "expert GEMM 1" "activation" "combine" "combine backward" \
+             "weight grad 1" "data grad 1" "activation backward" "permute backward" "routing backward" \
+             "router weight grad" "router input grad"; do
+  grep -q "\"stage\": \"$stage\"" "$work/breakdown.jsonl" || fail "--breakdown has no '$stage' stage"
+done
+grep -q "sum of stages" "$work/breakdown.txt" || fail "--breakdown prints no sum-vs-whole line"
+grep -q '"part": "seed"' "$work/breakdown.jsonl" && fail "--breakdown alone must not run the other parts"
+grep -q "48 tokens" "$work/breakdown.txt" || fail "--breakdown-tokens was ignored"
+
 "$binary" bench moe --device cpu > "$work/err.txt" 2>&1
 [ $? -eq 2 ] || fail "bench moe on CPU without --quick must exit 2"
 "$binary" bench moe --no-such-flag > /dev/null 2>&1
