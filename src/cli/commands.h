@@ -6,6 +6,7 @@
 namespace switchyard {
 int command_train(int argc, char** argv);         // src/cli/train_command.cpp
 int command_prepare_data(int argc, char** argv);  // src/cli/prepare_data_command.cpp
+int command_generate(int argc, char** argv);      // src/cli/generate_command.cpp
 int command_bench(int argc, char** argv);         // src/cli/bench_command.cpp: dispatches to the ones below
 int command_bench_comm(int argc, char** argv);    // src/cli/bench_comm_command.cpp
 int command_bench_moe(int argc, char** argv);     // src/cli/bench_moe_command.cpp

@@ -29,6 +29,7 @@ struct Command {
 const Command kCommands[] = {
     {"train", "set up and train a model from a YAML config (configs/README.md)", switchyard::command_train},
     {"prepare-data", "turn text files into byte-level token files for training", switchyard::command_prepare_data},
+    {"generate", "sample text from a trained model's final weights", switchyard::command_generate},
     {"bench", "run a benchmark ('switchyard bench --help' lists them)", switchyard::command_bench},
 };
 

@@ -319,7 +319,7 @@ std::vector<ConfigField> build_fields() {
 
   // logging
   add(derived(text_field("logging", "run_dir", &LoggingConfig::run_dir, &C::logging,
-                         "holds the resolved config.yaml and the metrics"),
+                         "holds the resolved config.yaml, the metrics and final.weights"),
               "\"runs/<config file name without .yaml>\"", [](Config& config) {
                 config.logging.run_dir = default_run_dir(config.source);
               }));

@@ -1,0 +1,82 @@
+// MoE blocks for the transformer (src/model/moe_block.h).
+#include "src/model/moe_block.h"
+
+#include "src/core/error.h"
+
+namespace switchyard {
+
+LocalMoeBlock::LocalMoeBlock(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype,
+                             int64_t max_tokens)
+    : layer_(config, device, activation_dtype, max_tokens) {}
+
+void LocalMoeBlock::forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights,
+                            const MoeForwardArgs& args, Tensor& y) {
+  MoeForwardArgs layer_args = args;
+  layer_args.read_losses = false;  // read once per micro-step by read_stats, not mid-forward
+  layer_.forward(context, x, weights, layer_args, y);
+}
+
+void LocalMoeBlock::backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights,
+                             float aux_grad_scale, float z_grad_scale, Tensor& grad_x, MoeGradients& gradients) {
+  layer_.backward(context, grad_y, weights, aux_grad_scale, z_grad_scale, grad_x, gradients);
+}
+
+namespace {
+
+// The statistics both layers expose the same way.
+template <typename Layer>
+MoeBlockStats read_layer_stats(const ExecContext& context, const Layer& layer) {
+  MoeBlockStats stats;
+  const MoeLosses losses = layer.read_losses(context);
+  stats.aux_loss = losses.aux_loss;
+  stats.z_loss = losses.z_loss;
+  const MoeRoutingStats routing = layer.read_routing_stats(context);
+  stats.total_choices = routing.total_choices;
+  stats.dropped_choices = routing.dropped_choices;
+  const int experts = layer.config().num_experts;
+  std::vector<int32_t> counts(size_t(experts), 0);
+  Tensor host(counts.data(), DType::i32, DeviceKind::cpu, {experts});
+  ops::copy(context, layer.routing().expert_counts, host);
+  stats.expert_counts.assign(counts.begin(), counts.end());
+  return stats;
+}
+
+}  // namespace
+
+MoeBlockStats LocalMoeBlock::read_stats(const ExecContext& context) const { return read_layer_stats(context, layer_); }
+
+ExpertParallelMoeBlock::ExpertParallelMoeBlock(const MoeLayerConfig& config,
+                                               std::shared_ptr<Communicator> expert_parallel, DeviceKind device,
+                                               DType activation_dtype, int64_t max_tokens, int a2a_chunks)
+    : layer_(config, std::move(expert_parallel), device, activation_dtype, max_tokens, a2a_chunks) {}
+
+void ExpertParallelMoeBlock::forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights,
+                                     const MoeForwardArgs& args, Tensor& y) {
+  MoeForwardArgs layer_args = args;
+  layer_args.read_losses = false;
+  layer_.forward(context, x, weights, layer_args, y);
+}
+
+void ExpertParallelMoeBlock::backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights,
+                                      float aux_grad_scale, float z_grad_scale, Tensor& grad_x,
+                                      MoeGradients& gradients) {
+  layer_.backward(context, grad_y, weights, aux_grad_scale, z_grad_scale, grad_x, gradients);
+}
+
+MoeBlockStats ExpertParallelMoeBlock::read_stats(const ExecContext& context) const {
+  return read_layer_stats(context, layer_);
+}
+
+std::unique_ptr<MoeBlock> make_moe_block(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype,
+                                         int64_t max_tokens, int ep_size, const ParallelGroups* groups,
+                                         int a2a_chunks) {
+  if (ep_size == 1) return std::make_unique<LocalMoeBlock>(config, device, activation_dtype, max_tokens);
+  SY_CHECK(groups != nullptr && groups->expert_parallel != nullptr && groups->expert_parallel->size() == ep_size,
+           "make_moe_block: ep_size ", ep_size, " needs an expert-parallel communicator of that size");
+  SY_CHECK_INPUT(config.compute_mode == MoeComputeMode::sparse,
+                 "moe.compute_mode = dense is a single-device baseline; it needs parallel.ep_size = 1");
+  return std::make_unique<ExpertParallelMoeBlock>(config, groups->expert_parallel, device, activation_dtype,
+                                                  max_tokens, a2a_chunks);
+}
+
+}  // namespace switchyard

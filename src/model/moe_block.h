@@ -1,0 +1,84 @@
+// MoeBlock: what the transformer needs from an MoE FFN, so that the single-device layer
+// (src/model/moe_layer.h) and the expert-parallel one plug into the model the same way.
+//
+// Weights: router [D, E] (replicated), w1 [E_local, D, F or 2F], w2 [E_local, F, D] for the
+// experts this rank holds (all E with ep_size 1). Gradients have the same shapes and are
+// overwritten by backward. Statistics describe the last forward on this rank's tokens: the two
+// router losses (already weighted) and, per global expert, how many choices were routed to it
+// before capacity (its "tokens per expert"), with the dropped and total choice counts.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "src/model/moe_ep_layer.h"
+#include "src/model/moe_layer.h"
+
+namespace switchyard {
+
+struct MoeBlockStats {
+  double aux_loss = 0.0;
+  double z_loss = 0.0;
+  int64_t total_choices = 0;
+  int64_t dropped_choices = 0;
+  std::vector<int64_t> expert_counts;  // [E], global expert ids
+};
+
+class MoeBlock {
+ public:
+  virtual ~MoeBlock() = default;
+  // y [T, D] = MoE(x [T, D]); x stays alive until the matching backward.
+  virtual void forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights,
+                       const MoeForwardArgs& args, Tensor& y) = 0;
+  // aux / z scales: d(total loss) / d(aux loss) and / d(z loss), loss scale included.
+  virtual void backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights,
+                        float aux_grad_scale, float z_grad_scale, Tensor& grad_x, MoeGradients& gradients) = 0;
+  // Reads the statistics of the last forward to the host (waits for context.stream).
+  virtual MoeBlockStats read_stats(const ExecContext& context) const = 0;
+  virtual int local_experts() const = 0;
+  virtual int first_local_expert() const = 0;
+};
+
+// The single-device layer: every expert lives here (ep_size 1).
+class LocalMoeBlock : public MoeBlock {
+ public:
+  LocalMoeBlock(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype, int64_t max_tokens);
+  void forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights, const MoeForwardArgs& args,
+               Tensor& y) override;
+  void backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights, float aux_grad_scale,
+                float z_grad_scale, Tensor& grad_x, MoeGradients& gradients) override;
+  MoeBlockStats read_stats(const ExecContext& context) const override;
+  int local_experts() const override { return layer_.config().num_experts; }
+  int first_local_expert() const override { return 0; }
+
+ private:
+  MoeLayer layer_;
+};
+
+// Experts sharded over the expert_parallel communicator (src/model/moe_ep_layer.h). forward and
+// backward are collectives over that group: every rank of it must call them in the same order.
+class ExpertParallelMoeBlock : public MoeBlock {
+ public:
+  ExpertParallelMoeBlock(const MoeLayerConfig& config, std::shared_ptr<Communicator> expert_parallel,
+                         DeviceKind device, DType activation_dtype, int64_t max_tokens, int a2a_chunks);
+  void forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights, const MoeForwardArgs& args,
+               Tensor& y) override;
+  void backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights, float aux_grad_scale,
+                float z_grad_scale, Tensor& grad_x, MoeGradients& gradients) override;
+  MoeBlockStats read_stats(const ExecContext& context) const override;
+  int local_experts() const override { return layer_.local_experts(); }
+  int first_local_expert() const override { return layer_.first_expert(); }
+
+ private:
+  MoeEpLayer layer_;
+};
+
+// The block for a run with `ep_size` expert-parallel ranks: LocalMoeBlock when ep_size is 1,
+// otherwise ExpertParallelMoeBlock over groups->expert_parallel.
+std::unique_ptr<MoeBlock> make_moe_block(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype,
+                                         int64_t max_tokens, int ep_size, const ParallelGroups* groups,
+                                         int a2a_chunks);
+
+}  // namespace switchyard

@@ -1,0 +1,341 @@
+// The transformer's parameters, buffers and forward pass (math: src/model/transformer.h).
+// Backward lives in transformer_backward.cpp.
+#include "src/model/transformer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "src/model/model_dispatch.h"
+#include "src/model/transformer_block.h"
+
+namespace switchyard {
+namespace {
+
+MoeLayerConfig moe_layer_config(const ModelConfig& model, const MoeConfig& moe, const TransformerOptions& options,
+                                int block_index) {
+  MoeLayerConfig config;
+  config.d_model = model.d_model;
+  config.expert_d_ff = moe.expert_d_ff;
+  config.num_experts = moe.num_experts;
+  config.k_max = moe.top_k;
+  config.k_min = moe.k_min;
+  config.complexity = moe.complexity;
+  config.renormalize = moe.renormalize_gates;
+  config.dropless = moe.dropless || options.dropless;
+  config.capacity_factor_train = float(moe.capacity_factor);
+  config.capacity_factor_eval = float(moe.eval_capacity_factor);
+  config.segment_alignment = moe.segment_alignment;
+  config.aux_loss_weight = float(moe.aux_loss_weight);
+  config.z_loss_weight = float(moe.z_loss_weight);
+  config.activation = moe.activation;
+  config.jitter_eps = float(moe.jitter_eps);
+  config.jitter_seed = options.jitter_seed;
+  config.jitter_stream = uint32_t(block_index);  // independent noise per layer
+  config.compute_mode =
+      moe.compute_mode == ExpertComputeMode::dense ? MoeComputeMode::dense : MoeComputeMode::sparse;
+  return config;
+}
+
+int64_t activation_columns(ExpertActivation activation, int64_t width) {
+  return activation == ExpertActivation::swiglu ? 2 * width : width;
+}
+
+}  // namespace
+
+ParameterLayout Transformer::build_layout(const ModelConfig& model, const MoeConfig& moe, int ep_size, int ep_rank) {
+  SY_CHECK_INPUT(ep_size >= 1 && moe.num_experts % ep_size == 0, "parallel.ep_size = ", ep_size,
+                 " does not divide moe.num_experts = ", moe.num_experts);
+  SY_CHECK(ep_rank >= 0 && ep_rank < ep_size, "build_layout: ep_rank ", ep_rank, " of ", ep_size);
+  const int64_t d_model = model.d_model, vocab = model.vocab_size;
+  const double std = model.init_std, residual_std = model.init_std / std::sqrt(2.0 * model.n_layers);
+  const bool layernorm = model.norm == NormKind::layernorm;
+  ParameterLayout layout;
+  auto matrix = [&](const std::string& name, std::vector<int64_t> shape, double init_std) {
+    ParameterSpec spec;
+    spec.name = name;
+    spec.shape = std::move(shape);
+    spec.init_std = init_std;
+    return layout.add(spec);
+  };
+  auto norm = [&](const std::string& prefix) {
+    ParameterSpec weight;
+    weight.name = prefix + ".weight";
+    weight.shape = {d_model};
+    weight.init = ParameterInit::ones;
+    weight.weight_decay = false;
+    layout.add(weight);
+    if (!layernorm) return;
+    ParameterSpec bias = weight;
+    bias.name = prefix + ".bias";
+    bias.init = ParameterInit::zeros;
+    layout.add(bias);
+  };
+  matrix("embedding.token", {vocab, d_model}, std);
+  if (model.positions == PositionKind::learned) matrix("embedding.position", {model.seq_len, d_model}, std);
+  const int64_t local_experts = moe.num_experts / ep_size;
+  for (int block = 0; block < model.n_layers; ++block) {
+    const std::string prefix = "blocks." + std::to_string(block);
+    norm(prefix + ".attn_norm");
+    matrix(prefix + ".attn.qkv", {d_model, 3 * d_model}, std);
+    matrix(prefix + ".attn.out", {d_model, d_model}, residual_std);
+    norm(prefix + ".ffn_norm");
+    if (!model.block_is_moe(block)) {
+      matrix(prefix + ".ffn.w1", {d_model, activation_columns(moe.activation, model.d_ff)}, std);
+      matrix(prefix + ".ffn.w2", {model.d_ff, d_model}, residual_std);
+      continue;
+    }
+    matrix(prefix + ".moe.router", {d_model, moe.num_experts}, std);
+    for (int which = 1; which <= 2; ++which) {
+      ParameterSpec expert;
+      expert.name = prefix + ".moe.w" + std::to_string(which);
+      expert.shape = which == 1 ? std::vector<int64_t>{local_experts, d_model,
+                                                       activation_columns(moe.activation, moe.expert_d_ff)}
+                                : std::vector<int64_t>{local_experts, moe.expert_d_ff, d_model};
+      expert.group = ParameterGroup::expert;
+      expert.init_std = which == 1 ? std : residual_std;
+      expert.expert_first = int64_t(ep_rank) * local_experts;
+      expert.expert_total = moe.num_experts;
+      layout.add(expert);
+    }
+  }
+  norm("final_norm");
+  layout.finalize();
+  return layout;
+}
+
+Transformer::Transformer(const ModelConfig& model, const MoeConfig& moe, const TransformerOptions& options)
+    : model_(model), moe_(moe), options_(options) {
+  if (options_.max_seq_len == 0) options_.max_seq_len = model.seq_len;
+  const DeviceKind device = options_.device;
+  const DType dtype = options_.activation_dtype;
+  if (device == DeviceKind::cpu)
+    SY_CHECK_INPUT(dtype == DType::f32 || dtype == DType::f64, "the CPU backend computes in fp32 or fp64, not ",
+                   dtype_name(dtype));
+  else
+    SY_CHECK_INPUT(dtype == DType::bf16 || dtype == DType::f16, "the CUDA backend computes in bf16 or fp16, not ",
+                   dtype_name(dtype), " (set model.compute_dtype to bf16 or fp16)");
+  SY_CHECK_INPUT(options_.max_batch >= 1 && options_.max_seq_len >= 1 && options_.max_seq_len <= model.seq_len,
+                 "Transformer: need 1 <= max_seq_len <= model.seq_len and max_batch >= 1");
+  SY_CHECK_INPUT(moe.complexity != ComplexityMode::given,
+                 "moe.complexity = given needs a per-token complexity signal, which token files do not carry "
+                 "(use none or entropy)");
+  SY_CHECK(model.d_model % model.n_heads == 0, "n_heads must divide d_model");
+  stats_dtype_ = device == DeviceKind::cpu ? dtype : DType::f32;
+  max_tokens_ = options_.max_batch * options_.max_seq_len;
+  w1_columns_ = activation_columns(moe.activation, model.d_ff);
+  layout_ = build_layout(model, moe, options_.ep_size, options_.ep_rank);
+
+  token_embedding_ = layout_.find("embedding.token");
+  position_embedding_ = layout_.find("embedding.position");
+  final_norm_weight_ = layout_.find("final_norm.weight");
+  final_norm_bias_ = layout_.find("final_norm.bias");
+
+  const size_t element = dtype_size(dtype), stat = dtype_size(stats_dtype_);
+  const size_t tokens = size_t(max_tokens_), width = size_t(model.d_model);
+  const bool layernorm = model.norm == NormKind::layernorm;
+  for (int index = 0; index < model.n_layers; ++index) {
+    auto block = std::make_unique<Block>();
+    const std::string prefix = "blocks." + std::to_string(index);
+    block->index = index;
+    block->is_moe = model.block_is_moe(index);
+    block->attn_norm_weight = layout_.find(prefix + ".attn_norm.weight");
+    block->attn_norm_bias = layout_.find(prefix + ".attn_norm.bias");
+    block->qkv = layout_.find(prefix + ".attn.qkv");
+    block->out = layout_.find(prefix + ".attn.out");
+    block->ffn_norm_weight = layout_.find(prefix + ".ffn_norm.weight");
+    block->ffn_norm_bias = layout_.find(prefix + ".ffn_norm.bias");
+    block->norm1_out = Buffer(device, tokens * width * element);
+    block->norm1_rstd = Buffer(device, tokens * stat);
+    if (layernorm) block->norm1_mean = Buffer(device, tokens * stat);
+    block->qkv_rows = Buffer(device, tokens * 3 * width * element);
+    block->attention_out = Buffer(device, tokens * width * element);
+    block->attention_stats = Buffer(device, size_t(options_.max_batch) * size_t(model.n_heads) *
+                                                size_t(options_.max_seq_len) * stat);
+    block->mid = Buffer(device, tokens * width * element);
+    block->norm2_out = Buffer(device, tokens * width * element);
+    block->norm2_rstd = Buffer(device, tokens * stat);
+    if (layernorm) block->norm2_mean = Buffer(device, tokens * stat);
+    if (block->is_moe) {
+      block->router = layout_.find(prefix + ".moe.router");
+      block->expert_w1 = layout_.find(prefix + ".moe.w1");
+      block->expert_w2 = layout_.find(prefix + ".moe.w2");
+      block->moe = make_moe_block(moe_layer_config(model, moe, options_, index), device, dtype, max_tokens_,
+                                  options_.ep_size, options_.groups, options_.a2a_chunks);
+      const ParameterSpec& shard = layout_.spec(block->expert_w1);
+      SY_CHECK(block->moe->first_local_expert() == shard.expert_first && block->moe->local_experts() == shard.shape[0],
+               "Transformer: the MoE layer holds experts from ", block->moe->first_local_expert(), " (",
+               block->moe->local_experts(), "), the parameters from ", shard.expert_first, " (", shard.shape[0], ")");
+      block->moe_out = Buffer(device, tokens * width * element);
+    } else {
+      block->ffn_w1 = layout_.find(prefix + ".ffn.w1");
+      block->ffn_w2 = layout_.find(prefix + ".ffn.w2");
+      block->ffn_pre = Buffer(device, tokens * size_t(w1_columns_) * element);
+      block->ffn_post = Buffer(device, tokens * size_t(model.d_ff) * element);
+    }
+    blocks_.push_back(std::move(block));
+  }
+  for (int index = 0; index <= model.n_layers; ++index) residual_.emplace_back(device, tokens * width * element);
+  final_norm_out_ = Buffer(device, tokens * width * element);
+  final_rstd_ = Buffer(device, tokens * stat);
+  if (layernorm) final_mean_ = Buffer(device, tokens * stat);
+  logits_ = Buffer(device, tokens * size_t(model.vocab_size) * element);
+  token_losses_ = Buffer(device, tokens * stat);
+  loss_summary_ = Buffer(device, size_t(kNumCrossEntropySummary) * stat);
+
+  if (device == DeviceKind::cuda) {
+    // As many (sequence, head) pairs per pass as fit under the cap, at least one.
+    AttentionShape shape{options_.max_batch, options_.max_seq_len, model.n_heads, model.head_dim()};
+    int64_t pairs = shape.pairs();
+    while (pairs > 1 && attention_workspace_bytes(shape, dtype, pairs) > options_.attention_workspace_limit_bytes)
+      pairs = (pairs + 1) / 2;
+    attention_workspace_bytes_ = attention_workspace_bytes(shape, dtype, pairs);
+    attention_workspace_ = Buffer(device, size_t(attention_workspace_bytes_));
+  }
+}
+
+Transformer::~Transformer() = default;
+
+int Transformer::moe_block_count() const {
+  int count = 0;
+  for (const auto& block : blocks_) count += block->is_moe ? 1 : 0;
+  return count;
+}
+
+Tensor Transformer::rows(const Buffer& buffer, int64_t columns) const {
+  return buffer.view(options_.activation_dtype, {tokens_, columns});
+}
+
+Tensor Transformer::stat_rows(const Buffer& buffer) const {
+  if (buffer.data() == nullptr) return Tensor(nullptr, stats_dtype_, options_.device, {0});
+  return buffer.view(stats_dtype_, {tokens_});
+}
+
+void Transformer::norm_forward(const ExecContext& context, const ModelParameters& parameters, int weight, int bias,
+                               const Tensor& x, Tensor& out, Tensor& mean, Tensor& rstd) {
+  if (model_.norm == NormKind::layernorm) {
+    model_dispatch::layernorm_forward(context, x, parameters.compute(weight), parameters.compute(bias), kNormEps, out,
+                                      mean, rstd);
+  } else {
+    model_dispatch::rmsnorm_forward(context, x, parameters.compute(weight), kNormEps, out, rstd);
+  }
+}
+
+void Transformer::forward_body(const ExecContext& context, const ModelParameters& parameters, const Tensor& tokens,
+                               int64_t batch, int64_t seq_len, bool training, uint64_t step) {
+  SY_CHECK(context.device == options_.device && parameters.device() == options_.device,
+           "Transformer: context, parameters and model must share a device");
+  SY_CHECK(parameters.compute_dtype() == options_.activation_dtype, "Transformer: parameters compute in ",
+           dtype_name(parameters.compute_dtype()), ", the model in ", dtype_name(options_.activation_dtype));
+  SY_CHECK(parameters.layout().size() == layout_.size(), "Transformer: parameters of a different layout");
+  SY_CHECK(batch >= 1 && batch <= options_.max_batch && seq_len >= 1 && seq_len <= options_.max_seq_len,
+           "Transformer: batch ", batch, " x seq_len ", seq_len, " exceeds the allocated ", options_.max_batch,
+           " x ", options_.max_seq_len);
+  SY_CHECK(tokens.dtype == DType::i32 && tokens.numel() == batch * seq_len && tokens.device == options_.device,
+           "Transformer: tokens must be int32 [", batch * seq_len, "] on ", device_kind_name(options_.device),
+           ", got ", tokens.describe());
+  has_training_forward_ = false;
+  batch_ = batch;
+  seq_len_ = seq_len;
+  tokens_ = batch * seq_len;
+  tokens_view_ = tokens;
+
+  Tensor x0 = rows(residual_[0], model_.d_model);
+  Tensor position_table = position_embedding_ >= 0 ? parameters.compute(position_embedding_) : Tensor();
+  model_dispatch::embedding_forward(context, tokens, parameters.compute(token_embedding_),
+                                    position_embedding_ >= 0 ? &position_table : nullptr, seq_len, x0);
+  for (size_t index = 0; index < blocks_.size(); ++index) {
+    Tensor x = rows(residual_[index], model_.d_model);
+    Tensor x_out = rows(residual_[index + 1], model_.d_model);
+    forward_block(context, parameters, *blocks_[index], x, x_out, training, step);
+  }
+  Tensor last = rows(residual_.back(), model_.d_model);
+  Tensor normed = rows(final_norm_out_, model_.d_model);
+  Tensor mean = stat_rows(final_mean_), rstd = stat_rows(final_rstd_);
+  norm_forward(context, parameters, final_norm_weight_, final_norm_bias_, last, normed, mean, rstd);
+  logits_view_ = rows(logits_, model_.vocab_size);
+  ops::gemm(context, false, true, 1.0f, normed, parameters.compute(token_embedding_), 0.0f, logits_view_);
+}
+
+void Transformer::forward_block(const ExecContext& context, const ModelParameters& parameters, Block& block,
+                                const Tensor& x, Tensor& x_out, bool training, uint64_t step) {
+  const int64_t width = model_.d_model;
+  // Attention sublayer.
+  Tensor normed = rows(block.norm1_out, width);
+  Tensor mean1 = stat_rows(block.norm1_mean), rstd1 = stat_rows(block.norm1_rstd);
+  norm_forward(context, parameters, block.attn_norm_weight, block.attn_norm_bias, x, normed, mean1, rstd1);
+  Tensor qkv = rows(block.qkv_rows, 3 * width);
+  ops::gemm(context, false, false, 1.0f, normed, parameters.compute(block.qkv), 0.0f, qkv);
+  const AttentionShape shape{batch_, seq_len_, model_.n_heads, model_.head_dim()};
+  if (model_.positions == PositionKind::rotary) model_dispatch::rotary_forward(context, shape, qkv, kRotaryBase, 0, qkv);
+  Tensor attention = rows(block.attention_out, width);
+  Tensor stats = block.attention_stats.view(stats_dtype_, {batch_, model_.n_heads, seq_len_});
+  Tensor workspace(attention_workspace_.data(), DType::u8, options_.device, {attention_workspace_bytes_});
+  model_dispatch::attention_forward(context, shape, qkv, attention, stats, workspace);
+  Tensor mid = rows(block.mid, width);
+  ops::copy(context, x, mid);
+  ops::gemm(context, false, false, 1.0f, attention, parameters.compute(block.out), 1.0f, mid);
+
+  // FFN sublayer.
+  Tensor normed2 = rows(block.norm2_out, width);
+  Tensor mean2 = stat_rows(block.norm2_mean), rstd2 = stat_rows(block.norm2_rstd);
+  norm_forward(context, parameters, block.ffn_norm_weight, block.ffn_norm_bias, mid, normed2, mean2, rstd2);
+  ops::copy(context, mid, x_out);
+  if (!block.is_moe) {
+    Tensor pre = rows(block.ffn_pre, w1_columns_);
+    Tensor post = rows(block.ffn_post, model_.d_ff);
+    ops::gemm(context, false, false, 1.0f, normed2, parameters.compute(block.ffn_w1), 0.0f, pre);
+    ops::activation_forward(context, moe_.activation, pre, post);
+    ops::gemm(context, false, false, 1.0f, post, parameters.compute(block.ffn_w2), 1.0f, x_out);
+    return;
+  }
+  MoeWeights weights{parameters.compute(block.router), parameters.compute(block.expert_w1),
+                     parameters.compute(block.expert_w2)};
+  MoeForwardArgs args;
+  args.training = training;
+  args.step = step;
+  Tensor moe_out = rows(block.moe_out, width);
+  block.moe->forward(context, normed2, weights, args, moe_out);
+  ops::add_into(context, moe_out, x_out);
+}
+
+void Transformer::forward_loss(const ExecContext& context, const ModelParameters& parameters, const Tensor& tokens,
+                               const Tensor& targets, int64_t batch, int64_t seq_len, ForwardMode mode,
+                               float ce_grad_scale, uint64_t step) {
+  const bool training = mode == ForwardMode::training;
+  forward_body(context, parameters, tokens, batch, seq_len, training, step);
+  SY_CHECK(targets.dtype == DType::i32 && targets.numel() == tokens_ && targets.device == options_.device,
+           "Transformer: targets must be int32 [", tokens_, "] on the model's device, got ", targets.describe());
+  Tensor token_losses = stat_rows(token_losses_);
+  Tensor summary = loss_summary_.view(stats_dtype_, {kNumCrossEntropySummary});
+  Tensor target_view = make_tensor(targets.data, DType::i32, targets.device, {tokens_});
+  model_dispatch::cross_entropy(context, logits_view_, target_view, ce_grad_scale, token_losses, summary,
+                                training ? &logits_view_ : nullptr);
+  has_training_forward_ = training;
+}
+
+const Tensor& Transformer::forward_logits(const ExecContext& context, const ModelParameters& parameters,
+                                          const Tensor& tokens, int64_t batch, int64_t seq_len) {
+  forward_body(context, parameters, tokens, batch, seq_len, false, 0);
+  return logits_view_;
+}
+
+TransformerStats Transformer::read_stats(const ExecContext& context) const {
+  TransformerStats stats;
+  double summary[kNumCrossEntropySummary] = {};
+  float summary_float[kNumCrossEntropySummary] = {};
+  const bool is_double = stats_dtype_ == DType::f64;
+  Tensor host(is_double ? static_cast<void*>(summary) : static_cast<void*>(summary_float), stats_dtype_,
+              DeviceKind::cpu, {kNumCrossEntropySummary});
+  Tensor device_summary = loss_summary_.view(stats_dtype_, {kNumCrossEntropySummary});
+  ops::copy(context, device_summary, host);
+  if (!is_double)
+    for (int index = 0; index < kNumCrossEntropySummary; ++index) summary[index] = summary_float[index];
+  stats.tokens = int64_t(std::llround(summary[kCrossEntropyValidTokens]));
+  stats.loss_sum = summary[kCrossEntropyMeanLoss] * double(stats.tokens);
+  for (const auto& block : blocks_)
+    if (block->is_moe) stats.moe.push_back(block->moe->read_stats(context));
+  return stats;
+}
+
+}  // namespace switchyard

@@ -1,0 +1,150 @@
+// The decoder-only transformer LM: explicit forward and backward over the backend ops
+// (kernels/ops.h, src/model/model_dispatch.h) and the MoE block (src/model/moe_block.h).
+//
+// Model, for tokens of B sequences of S positions (T = B * S rows, D = d_model):
+//   x_0   = E[token] (+ P[position] with learned positions)         E [V, D], P [S_max, D]
+//   block b = 0 .. L-1 (pre-norm):
+//     a   = norm1(x_b)                                                LayerNorm or RMSNorm
+//     qkv = a Wqkv  (rotary on q, k)                                  Wqkv [D, 3D]
+//     x'  = x_b + attention(qkv) Wo                                   causal, H heads; Wo [D, D]
+//     u   = norm2(x')
+//     x_{b+1} = x' + FFN_b(u)    dense: act(u W1) W2 (W1 [D, F or 2F for swiglu], W2 [F, D]),
+//                                or the MoE layer when (b + 1) % moe_every == 0
+//   h = norm_f(x_L);  logits = h E^T (LM head tied to the embedding);  fused softmax cross-entropy.
+// Linear layers have no biases; LayerNorm has weight and bias, RMSNorm a weight.
+//
+// Loss and gradients. forward_loss() takes `ce_grad_scale` = dLoss/d(sum of token losses) and, when
+// training, writes d/dlogits into the logits' own memory in the same fused pass; backward() then
+// carries it to every parameter, with the MoE router losses entering at `aux_grad_scale`
+// (= dLoss/d(aux_l) = dLoss/d(z_l) for every MoE layer l). The trainer folds the loss scale,
+// 1 / tokens and 1 / (micro-steps * ranks) into those two numbers.
+// accumulate == false overwrites the gradient buffers; true adds to them (gradient accumulation):
+// GEMM weight gradients through beta = 1, ops that only overwrite (norms, the MoE layer) through
+// a scratch buffer and an add.
+//
+// Parameter names (src/model/parameters.h; the weights file uses them):
+//   embedding.token [V, D], embedding.position [S, D] (learned positions only)
+//   blocks.<b>.attn_norm.weight / .bias [D], blocks.<b>.attn.qkv [D, 3D], blocks.<b>.attn.out [D, D]
+//   blocks.<b>.ffn_norm.weight / .bias [D]
+//   blocks.<b>.ffn.w1 [D, F|2F], blocks.<b>.ffn.w2 [F, D]                        dense blocks
+//   blocks.<b>.moe.router [D, E], blocks.<b>.moe.w1 [E, D, Fe|2Fe], blocks.<b>.moe.w2 [E, Fe, D]
+//   final_norm.weight / .bias [D]                                                (bias: LayerNorm only)
+// Initialisation: N(0, init_std^2) for matrices and embeddings, init_std / sqrt(2 L) for the
+// residual output projections (attn.out, ffn.w2, moe.w2), ones for norm weights, zeros for biases.
+// Weight decay applies to matrices and embeddings, not to norms and biases.
+//
+// Memory: every activation needed by backward is kept per block in buffers sized once for
+// max_batch * max_seq_len tokens; backward scratch is shared between blocks. Activations are the
+// compute dtype (bf16 / fp16 on CUDA; f32 or f64 on the CPU); norm statistics, attention
+// statistics and losses are fp32 on CUDA (the activation dtype on the CPU reference).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "src/model/moe_block.h"
+#include "src/model/parameters.h"
+#include "src/train/config.h"
+
+namespace switchyard {
+
+struct TransformerOptions {
+  DeviceKind device = DeviceKind::cpu;
+  DType activation_dtype = DType::f32;  // CPU: f32 / f64; CUDA: bf16 / f16
+  int64_t max_batch = 1;                // sequences per forward
+  int64_t max_seq_len = 0;              // 0: model.seq_len
+  int ep_size = 1;                      // expert-parallel ranks (this rank's shard: ep_rank)
+  int ep_rank = 0;
+  const ParallelGroups* groups = nullptr;  // needed when ep_size > 1
+  int a2a_chunks = 1;                   // parallel.a2a_chunks (expert-parallel layer)
+  uint64_t jitter_seed = 0;             // router jitter noise (training.seed)
+  bool dropless = false;                // overrides moe.dropless (generation: no token is dropped)
+  int64_t attention_workspace_limit_bytes = int64_t(512) << 20;  // CUDA attention scratch cap
+};
+
+// Per-forward statistics, read to the host by read_stats().
+struct TransformerStats {
+  double loss_sum = 0.0;    // sum of the token cross-entropies of the last forward_loss
+  int64_t tokens = 0;       // tokens that entered it
+  std::vector<MoeBlockStats> moe;  // one per MoE block, in block order
+};
+
+enum class ForwardMode : uint8_t { training, evaluation };
+
+class Transformer {
+ public:
+  Transformer(const ModelConfig& model, const MoeConfig& moe, const TransformerOptions& options);
+  ~Transformer();
+  Transformer(const Transformer&) = delete;
+  Transformer& operator=(const Transformer&) = delete;
+
+  // The parameters of this model on rank `ep_rank` of `ep_size` (finalized).
+  static ParameterLayout build_layout(const ModelConfig& model, const MoeConfig& moe, int ep_size, int ep_rank);
+  const ParameterLayout& layout() const { return layout_; }
+  const ModelConfig& model_config() const { return model_; }
+  const TransformerOptions& options() const { return options_; }
+  int moe_block_count() const;
+
+  // Forward through the LM head and the cross-entropy against `targets` (int32 [B*S], -1 =
+  // ignore) for tokens (int32 [B*S]), both on the model's device. Training: also d/dlogits into
+  // the logits (scaled by ce_grad_scale), for backward. `step` seeds the router jitter.
+  void forward_loss(const ExecContext& context, const ModelParameters& parameters, const Tensor& tokens,
+                    const Tensor& targets, int64_t batch, int64_t seq_len, ForwardMode mode, float ce_grad_scale,
+                    uint64_t step);
+  // Forward to the logits only ([B*S, V], the compute dtype), for generation.
+  const Tensor& forward_logits(const ExecContext& context, const ModelParameters& parameters, const Tensor& tokens,
+                               int64_t batch, int64_t seq_len);
+  // Gradients of the last training forward_loss into parameters' gradient buffers.
+  void backward(const ExecContext& context, ModelParameters& parameters, float aux_grad_scale, bool accumulate);
+  // Loss sums and MoE statistics of the last forward (waits for context.stream).
+  TransformerStats read_stats(const ExecContext& context) const;
+
+ private:
+  struct Block;
+  void allocate_backward_buffers();
+  void forward_body(const ExecContext& context, const ModelParameters& parameters, const Tensor& tokens,
+                    int64_t batch, int64_t seq_len, bool training, uint64_t step);
+  void forward_block(const ExecContext& context, const ModelParameters& parameters, Block& block, const Tensor& x,
+                     Tensor& x_out, bool training, uint64_t step);
+  void backward_block(const ExecContext& context, ModelParameters& parameters, Block& block, float aux_grad_scale,
+                      bool accumulate, Tensor& grad_residual);
+  void norm_forward(const ExecContext& context, const ModelParameters& parameters, int weight, int bias,
+                    const Tensor& x, Tensor& out, Tensor& mean, Tensor& rstd);
+  void norm_backward(const ExecContext& context, ModelParameters& parameters, int weight, int bias, const Tensor& x,
+                     const Tensor& mean, const Tensor& rstd, const Tensor& grad_out, Tensor& grad_x,
+                     bool accumulate);
+  Tensor rows(const Buffer& buffer, int64_t columns) const;  // [tokens_, columns] activation view
+  Tensor stat_rows(const Buffer& buffer) const;              // [tokens_] statistics view
+  void add_gradient(const ExecContext& context, const Tensor& scratch, Tensor& target) const;
+  Tensor scratch_like(const Tensor& target) const;
+
+  ModelConfig model_;
+  MoeConfig moe_;
+  TransformerOptions options_;
+  ParameterLayout layout_;
+  DType stats_dtype_;  // fp32 on CUDA, the activation dtype on the CPU
+  int64_t max_tokens_ = 0;
+  int64_t w1_columns_ = 0;  // dense FFN: F, or 2F for swiglu
+
+  int token_embedding_ = -1, position_embedding_ = -1, final_norm_weight_ = -1, final_norm_bias_ = -1;
+  std::vector<std::unique_ptr<Block>> blocks_;
+
+  // Forward state.
+  int64_t batch_ = 0, seq_len_ = 0, tokens_ = 0;
+  bool has_training_forward_ = false;
+  Tensor tokens_view_;
+  std::vector<Buffer> residual_;  // L + 1 buffers [T, D]: block inputs and the last block's output
+  Buffer final_norm_out_, final_mean_, final_rstd_, logits_, token_losses_, loss_summary_;
+  Tensor logits_view_;
+  Buffer attention_workspace_;
+  int64_t attention_workspace_bytes_ = 0;
+
+  // Backward scratch, shared by the blocks (allocated by the first backward).
+  bool backward_ready_ = false;
+  Buffer grad_residual_, grad_a_, grad_b_, grad_qkv_, grad_attention_, grad_ffn_pre_, grad_ffn_post_,
+      gradient_scratch_;
+};
+
+}  // namespace switchyard

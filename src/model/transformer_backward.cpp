@@ -1,0 +1,191 @@
+// The transformer's backward pass (math: src/model/transformer.h).
+//
+// grad_residual carries dL/dx_b down the blocks: it enters block b as dL/dx_{b+1}; the FFN's
+// input gradient goes through norm2's backward and is added (dL/dx'), then the attention's input
+// gradient through norm1's backward is added (dL/dx_b). Weight gradients of GEMMs use
+// beta = accumulate; the ops that only overwrite (norm weights, the MoE layer) write a scratch
+// buffer that is then added when accumulating.
+#include <algorithm>
+
+#include "src/model/model_dispatch.h"
+#include "src/model/transformer_block.h"
+
+namespace switchyard {
+
+void Transformer::allocate_backward_buffers() {
+  if (backward_ready_) return;
+  const DeviceKind device = options_.device;
+  const size_t element = dtype_size(options_.activation_dtype), tokens = size_t(max_tokens_);
+  const size_t width = size_t(model_.d_model);
+  grad_residual_ = Buffer(device, tokens * width * element);
+  grad_a_ = Buffer(device, tokens * width * element);
+  grad_b_ = Buffer(device, tokens * width * element);
+  grad_qkv_ = Buffer(device, tokens * 3 * width * element);
+  grad_attention_ = Buffer(device, tokens * width * element);
+  bool any_dense = false;
+  int64_t scratch_elements = 2 * model_.d_model;  // a norm's weight and bias
+  for (const auto& block : blocks_) {
+    if (!block->is_moe) {
+      any_dense = true;
+      continue;
+    }
+    int64_t moe_elements = 0;
+    for (int index : {block->router, block->expert_w1, block->expert_w2}) moe_elements += layout_.spec(index).numel();
+    scratch_elements = std::max(scratch_elements, moe_elements);
+  }
+  if (any_dense) {
+    grad_ffn_pre_ = Buffer(device, tokens * size_t(w1_columns_) * element);
+    grad_ffn_post_ = Buffer(device, tokens * size_t(model_.d_ff) * element);
+  }
+  // Gradient dtype: fp32 on CUDA, the master dtype (= activation dtype) on the CPU.
+  const DType grad_dtype = device == DeviceKind::cpu ? options_.activation_dtype : DType::f32;
+  gradient_scratch_ = Buffer(device, size_t(scratch_elements) * dtype_size(grad_dtype));
+  backward_ready_ = true;
+}
+
+Tensor Transformer::scratch_like(const Tensor& target) const {
+  SY_CHECK(target.bytes() <= gradient_scratch_.bytes(), "Transformer: gradient scratch too small for ",
+           target.describe());
+  Tensor scratch = target;
+  scratch.data = gradient_scratch_.data();
+  return scratch;
+}
+
+void Transformer::add_gradient(const ExecContext& context, const Tensor& scratch, Tensor& target) const {
+  ops::add_into(context, scratch, target);
+}
+
+void Transformer::norm_backward(const ExecContext& context, ModelParameters& parameters, int weight, int bias,
+                                const Tensor& x, const Tensor& mean, const Tensor& rstd, const Tensor& grad_out,
+                                Tensor& grad_x, bool accumulate) {
+  Tensor grad_weight = parameters.grad(weight);
+  Tensor weight_target = grad_weight, bias_target;
+  if (accumulate) {
+    grad_weight = scratch_like(grad_weight);
+  }
+  const Tensor weight_values = parameters.compute(weight);
+  if (model_.norm == NormKind::layernorm) {
+    Tensor grad_bias = parameters.grad(bias);
+    bias_target = grad_bias;
+    if (accumulate) {  // the bias's scratch follows the weight's
+      grad_bias.data = static_cast<char*>(gradient_scratch_.data()) + grad_weight.bytes();
+      SY_CHECK(grad_weight.bytes() + grad_bias.bytes() <= gradient_scratch_.bytes(), "norm scratch too small");
+    }
+    model_dispatch::layernorm_backward(context, x, weight_values, mean, rstd, grad_out, grad_x, grad_weight,
+                                       grad_bias);
+    if (accumulate) add_gradient(context, grad_bias, bias_target);
+  } else {
+    model_dispatch::rmsnorm_backward(context, x, weight_values, rstd, grad_out, grad_x, grad_weight);
+  }
+  if (accumulate) add_gradient(context, grad_weight, weight_target);
+}
+
+void Transformer::backward(const ExecContext& context, ModelParameters& parameters, float aux_grad_scale,
+                           bool accumulate) {
+  SY_CHECK(has_training_forward_, "Transformer::backward: no training forward_loss to differentiate");
+  SY_CHECK(parameters.grad_dtype() == (options_.device == DeviceKind::cpu ? options_.activation_dtype : DType::f32),
+           "Transformer::backward: gradients must be ", options_.device == DeviceKind::cpu ? "the activation dtype"
+                                                                                          : "fp32");
+  allocate_backward_buffers();
+  const int64_t width = model_.d_model;
+  const float beta = accumulate ? 1.0f : 0.0f;
+
+  // LM head (tied): logits = h E^T, so dE (+)= dlogits^T h and dh = dlogits E.
+  const Tensor& grad_logits = logits_view_;
+  Tensor normed = rows(final_norm_out_, width);
+  Tensor grad_embedding = parameters.grad(token_embedding_);
+  ops::gemm(context, true, false, 1.0f, grad_logits, normed, beta, grad_embedding);
+  Tensor grad_normed = rows(grad_a_, width);
+  ops::gemm(context, false, false, 1.0f, grad_logits, parameters.compute(token_embedding_), 0.0f, grad_normed);
+  Tensor grad_residual = rows(grad_residual_, width);
+  Tensor last = rows(residual_.back(), width);
+  norm_backward(context, parameters, final_norm_weight_, final_norm_bias_, last, stat_rows(final_mean_),
+                stat_rows(final_rstd_), grad_normed, grad_residual, accumulate);
+
+  for (size_t index = blocks_.size(); index-- > 0;)
+    backward_block(context, parameters, *blocks_[index], aux_grad_scale, accumulate, grad_residual);
+
+  // Embedding: the head already wrote (or added to) dE, so the lookup's gradient is always added.
+  Tensor grad_position;
+  if (position_embedding_ >= 0) {
+    grad_position = parameters.grad(position_embedding_);
+    if (!accumulate) ops::fill_zero(context, grad_position);
+  }
+  model_dispatch::embedding_backward(context, tokens_view_, grad_residual, seq_len_, true, grad_embedding,
+                                     position_embedding_ >= 0 ? &grad_position : nullptr);
+}
+
+void Transformer::backward_block(const ExecContext& context, ModelParameters& parameters, Block& block,
+                                 float aux_grad_scale, bool accumulate, Tensor& grad_residual) {
+  const int64_t width = model_.d_model;
+  const float beta = accumulate ? 1.0f : 0.0f;
+  Tensor normed2 = rows(block.norm2_out, width);
+  Tensor grad_normed2 = rows(grad_a_, width);
+
+  // FFN sublayer: x_out = x' + FFN(u), u = norm2(x'); grad_residual = dL/dx_out.
+  if (!block.is_moe) {
+    const Tensor pre = rows(block.ffn_pre, w1_columns_);
+    const Tensor post = rows(block.ffn_post, model_.d_ff);
+    Tensor grad_pre = rows(grad_ffn_pre_, w1_columns_);
+    Tensor grad_post = rows(grad_ffn_post_, model_.d_ff);
+    Tensor grad_w2 = parameters.grad(block.ffn_w2), grad_w1 = parameters.grad(block.ffn_w1);
+    ops::gemm(context, true, false, 1.0f, post, grad_residual, beta, grad_w2);
+    ops::gemm(context, false, true, 1.0f, grad_residual, parameters.compute(block.ffn_w2), 0.0f, grad_post);
+    ops::activation_backward(context, moe_.activation, pre, grad_post, grad_pre);
+    ops::gemm(context, true, false, 1.0f, normed2, grad_pre, beta, grad_w1);
+    ops::gemm(context, false, true, 1.0f, grad_pre, parameters.compute(block.ffn_w1), 0.0f, grad_normed2);
+  } else {
+    MoeWeights weights{parameters.compute(block.router), parameters.compute(block.expert_w1),
+                       parameters.compute(block.expert_w2)};
+    Tensor targets[3] = {parameters.grad(block.router), parameters.grad(block.expert_w1),
+                         parameters.grad(block.expert_w2)};
+    MoeGradients gradients{targets[0], targets[1], targets[2]};
+    if (accumulate) {  // the three gradients side by side in the scratch
+      char* base = static_cast<char*>(gradient_scratch_.data());
+      Tensor* parts[3] = {&gradients.router, &gradients.w1, &gradients.w2};
+      size_t offset = 0;
+      for (Tensor* part : parts) {
+        part->data = base + offset;
+        offset += part->bytes();
+      }
+      SY_CHECK(offset <= gradient_scratch_.bytes(), "MoE gradient scratch too small");
+    }
+    block.moe->backward(context, grad_residual, weights, aux_grad_scale, aux_grad_scale, grad_normed2, gradients);
+    if (accumulate) {
+      add_gradient(context, gradients.router, targets[0]);
+      add_gradient(context, gradients.w1, targets[1]);
+      add_gradient(context, gradients.w2, targets[2]);
+    }
+  }
+  Tensor mid = rows(block.mid, width);
+  Tensor grad_part = rows(grad_b_, width);
+  norm_backward(context, parameters, block.ffn_norm_weight, block.ffn_norm_bias, mid, stat_rows(block.norm2_mean),
+                stat_rows(block.norm2_rstd), grad_normed2, grad_part, accumulate);
+  ops::add_into(context, grad_part, grad_residual);  // now dL/dx'
+
+  // Attention sublayer: x' = x + attention(rotary(norm1(x) Wqkv)) Wo.
+  const Tensor attention = rows(block.attention_out, width);
+  Tensor grad_out_weight = parameters.grad(block.out);
+  ops::gemm(context, true, false, 1.0f, attention, grad_residual, beta, grad_out_weight);
+  Tensor grad_attention = rows(grad_attention_, width);
+  ops::gemm(context, false, true, 1.0f, grad_residual, parameters.compute(block.out), 0.0f, grad_attention);
+  const AttentionShape shape{batch_, seq_len_, model_.n_heads, model_.head_dim()};
+  const Tensor qkv = rows(block.qkv_rows, 3 * width);
+  const Tensor stats = block.attention_stats.view(stats_dtype_, {batch_, model_.n_heads, seq_len_});
+  Tensor workspace(attention_workspace_.data(), DType::u8, options_.device, {attention_workspace_bytes_});
+  Tensor grad_qkv = rows(grad_qkv_, 3 * width);
+  model_dispatch::attention_backward(context, shape, qkv, attention, grad_attention, stats, workspace, grad_qkv);
+  if (model_.positions == PositionKind::rotary)
+    model_dispatch::rotary_backward(context, shape, grad_qkv, kRotaryBase, 0, grad_qkv);
+  const Tensor normed1 = rows(block.norm1_out, width);
+  Tensor grad_qkv_weight = parameters.grad(block.qkv);
+  ops::gemm(context, true, false, 1.0f, normed1, grad_qkv, beta, grad_qkv_weight);
+  Tensor grad_normed1 = rows(grad_a_, width);
+  ops::gemm(context, false, true, 1.0f, grad_qkv, parameters.compute(block.qkv), 0.0f, grad_normed1);
+  Tensor x = rows(residual_[size_t(block.index)], width);
+  norm_backward(context, parameters, block.attn_norm_weight, block.attn_norm_bias, x, stat_rows(block.norm1_mean),
+                stat_rows(block.norm1_rstd), grad_normed1, grad_part, accumulate);
+  ops::add_into(context, grad_part, grad_residual);  // now dL/dx_b
+}
+
+}  // namespace switchyard

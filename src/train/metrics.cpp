@@ -1,0 +1,131 @@
+// Training metrics (src/train/metrics.h).
+#include "src/train/metrics.h"
+
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <sstream>
+
+#include "src/core/error.h"
+
+namespace switchyard {
+namespace {
+
+std::string json_number(double value) {
+  if (!std::isfinite(value)) return "null";  // JSON has no inf / NaN
+  char buffer[32];
+  std::snprintf(buffer, sizeof(buffer), "%.9g", value);
+  return buffer;
+}
+
+std::string fixed(double value, int digits) {
+  char buffer[64];
+  std::snprintf(buffer, sizeof(buffer), "%.*f", digits, value);
+  return buffer;
+}
+
+// 1234567 -> "1.23M"
+std::string si(double value) {
+  const char* suffixes[] = {"", "k", "M", "G", "T", "P"};
+  int index = 0;
+  while (std::fabs(value) >= 1000 && index < 5) {
+    value /= 1000;
+    ++index;
+  }
+  char buffer[32];
+  std::snprintf(buffer, sizeof(buffer), index == 0 ? "%.0f%s" : "%.3g%s", value, suffixes[index]);
+  return buffer;
+}
+
+}  // namespace
+
+FlopsEstimate estimate_flops(const ModelConfig& model, const MoeConfig& moe) {
+  const double d = model.d_model, v = model.vocab_size, s = model.seq_len, layers = model.n_layers;
+  const double swiglu = moe.activation == ExpertActivation::swiglu ? 2.0 : 1.0;
+  const double dense_ffn = d * swiglu * model.d_ff + model.d_ff * d;
+  const double expert_ffn = d * swiglu * moe.expert_d_ff + moe.expert_d_ff * d;
+  const double router = d * moe.num_experts;
+  const double norm = model.norm == NormKind::layernorm ? 2 * d : d;
+  FlopsEstimate estimate;
+  double active = v * d, total = v * d + (model.positions == PositionKind::learned ? s * d : 0) + norm;
+  double active_all = total;
+  for (int block = 0; block < model.n_layers; ++block) {
+    const double attention = 4 * d * d;
+    const double ffn_active = model.block_is_moe(block) ? router + moe.top_k * expert_ffn : dense_ffn;
+    const double ffn_total = model.block_is_moe(block) ? router + moe.num_experts * expert_ffn : dense_ffn;
+    active += attention + ffn_active;
+    total += attention + ffn_total + 2 * norm;
+    active_all += attention + ffn_active + 2 * norm;
+  }
+  estimate.active_matmul_params = active;
+  estimate.matmul_flops_per_token = 6 * active;
+  estimate.attention_flops_per_token = 12 * layers * s * d;
+  estimate.flops_per_token = estimate.matmul_flops_per_token + estimate.attention_flops_per_token;
+  estimate.total_params = total;
+  estimate.active_params = active_all;
+  return estimate;
+}
+
+MetricsWriter::MetricsWriter(const std::string& path) : path_(path), stream_(path, std::ios::trunc) {
+  if (!stream_) SY_BAD_INPUT("cannot write the metrics file '", path, "': ", std::strerror(errno));
+}
+
+void MetricsWriter::write(const StepMetrics& metrics) {
+  stream_ << metrics_json(metrics) << '\n';
+  stream_.flush();
+  if (!stream_) SY_THROW("writing the metrics file '", path_, "' failed: ", std::strerror(errno));
+}
+
+std::string metrics_json(const StepMetrics& m) {
+  std::ostringstream out;
+  out << "{\"step\":" << m.step << ",\"total_steps\":" << m.total_steps << ",\"loss\":" << json_number(m.loss);
+  if (m.has_val_loss) out << ",\"val_loss\":" << json_number(m.val_loss);
+  out << ",\"lr\":" << json_number(m.lr) << ",\"grad_norm\":" << json_number(m.grad_norm)
+      << ",\"loss_scale\":" << json_number(m.loss_scale) << ",\"skipped\":" << (m.skipped ? "true" : "false")
+      << ",\"aux_loss\":" << json_number(m.aux_loss) << ",\"z_loss\":" << json_number(m.z_loss)
+      << ",\"dropped_fraction\":" << json_number(m.dropped_fraction) << ",\"tokens\":" << m.tokens
+      << ",\"step_time_s\":" << json_number(m.step_time_s) << ",\"tokens_per_s\":" << json_number(m.tokens_per_s)
+      << ",\"flops_per_s\":" << json_number(m.flops_per_s);
+  if (m.has_mfu)
+    out << ",\"mfu\":" << json_number(m.mfu) << ",\"mfu_measured_peak\":" << json_number(m.mfu_measured_peak);
+  out << ",\"elapsed_s\":" << json_number(m.elapsed_s) << ",\"eta_s\":" << json_number(m.eta_s)
+      << ",\"tokens_per_expert\":[";
+  for (size_t layer = 0; layer < m.tokens_per_expert.size(); ++layer) {
+    out << (layer ? ",[" : "[");
+    for (size_t expert = 0; expert < m.tokens_per_expert[layer].size(); ++expert)
+      out << (expert ? "," : "") << m.tokens_per_expert[layer][expert];
+    out << "]";
+  }
+  out << "]}";
+  return out.str();
+}
+
+std::string format_duration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "?";
+  const int64_t total = int64_t(std::llround(seconds));
+  char buffer[32];
+  if (total < 60) std::snprintf(buffer, sizeof(buffer), "%llds", (long long)total);
+  else if (total < 3600) std::snprintf(buffer, sizeof(buffer), "%lldm%02llds", (long long)(total / 60), (long long)(total % 60));
+  else std::snprintf(buffer, sizeof(buffer), "%lldh%02lldm", (long long)(total / 3600), (long long)(total % 3600 / 60));
+  return buffer;
+}
+
+std::string format_progress_line(const StepMetrics& m, DeviceKind device) {
+  std::ostringstream out;
+  out << "step " << m.step << "/" << m.total_steps << " | loss " << fixed(m.loss, 4) << " | val "
+      << (m.last_val_loss >= 0 ? fixed(m.last_val_loss, 4) : std::string("-")) << " | aux " << fixed(m.aux_loss, 4)
+      << " z " << fixed(m.z_loss, 5) << " | dropped " << fixed(100 * m.dropped_fraction, 2) << "% | "
+      << si(m.tokens_per_s) << " tok/s | ";
+  if (device == DeviceKind::cuda && m.has_mfu)
+    out << "MFU " << fixed(100 * m.mfu, 1) << "% (" << fixed(100 * m.mfu_measured_peak, 1) << "% of 790 TFLOP/s)";
+  else
+    out << fixed(m.flops_per_s / 1e9, 2) << " GFLOP/s";
+  char lr[32];
+  std::snprintf(lr, sizeof(lr), "%.3g", m.lr);
+  out << " | lr " << lr << " | ETA " << format_duration(m.eta_s);
+  if (m.skipped) out << " | step skipped (inf/NaN gradients, loss scale now " << json_number(m.loss_scale) << ")";
+  return out.str();
+}
+
+}  // namespace switchyard

@@ -1,0 +1,74 @@
+// Training metrics: the FLOP count behind MFU, per-step records as JSON lines, and the progress
+// line printed every training.log_every steps. docs/TRAINING.md states the formulas.
+//
+// FLOPs per token (forward + backward), counting only what a token actually runs:
+//   active matmul parameters A = per block (3D^2 + D^2 attention projections, plus the dense FFN
+//     D*W1 + F*D, or the MoE router D*E plus top_k experts' D*W1e + Fe*D) + V*D for the LM head
+//     (W1 = F, or 2F with swiglu). The embedding lookup, norms and activations are not counted.
+//   matmuls: 6 A   (2 A forward, 4 A backward)
+//   attention scores and values: 12 * L * S * D (2 matmuls of S x D per token and layer, times 6
+//     for forward + backward; the causal mask's zero half is not subtracted)
+// MFU = achieved FLOP/s / (ranks * peak). CUDA: peak = 989 TFLOP/s (H100 SXM dense bf16), and the
+// same against 790 TFLOP/s, a measured achievable peak; CPU: achieved GFLOP/s only.
+#pragma once
+
+#include <cstdint>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "src/core/tensor.h"
+#include "src/train/config.h"
+
+namespace switchyard {
+
+constexpr double kH100DenseBf16PeakFlops = 989e12;
+constexpr double kH100MeasuredPeakFlops = 790e12;
+
+struct FlopsEstimate {
+  double active_matmul_params = 0;      // A above
+  double matmul_flops_per_token = 0;    // 6 A
+  double attention_flops_per_token = 0; // 12 L S D
+  double flops_per_token = 0;           // the sum
+  double total_params = 0;              // every parameter of the model (all experts)
+  double active_params = 0;             // parameters a token uses (embedding and norms included)
+};
+FlopsEstimate estimate_flops(const ModelConfig& model, const MoeConfig& moe);
+
+struct StepMetrics {
+  int64_t step = 0, total_steps = 0;
+  double loss = 0;                 // mean cross-entropy of the step's tokens (all ranks)
+  bool has_val_loss = false;
+  double val_loss = 0;             // from the evaluation run at this step
+  double last_val_loss = -1;       // most recent evaluation (< 0: none yet), for the progress line
+  double lr = 0, grad_norm = 0, loss_scale = 1;
+  bool skipped = false;            // inf / NaN gradients: no update
+  double aux_loss = 0, z_loss = 0; // summed over MoE layers, mean over micro-steps and ranks
+  double dropped_fraction = 0;     // dropped / routed choices, all MoE layers
+  int64_t tokens = 0;              // trained tokens this step, all ranks
+  double step_time_s = 0, tokens_per_s = 0, flops_per_s = 0;
+  bool has_mfu = false;            // CUDA only
+  double mfu = 0, mfu_measured_peak = 0;
+  double elapsed_s = 0, eta_s = 0;
+  std::vector<std::vector<int64_t>> tokens_per_expert;  // [MoE layer][global expert]: routed choices
+};
+
+// One JSON object per line, flushed after every line so a crash keeps what was written.
+class MetricsWriter {
+ public:
+  MetricsWriter() = default;
+  explicit MetricsWriter(const std::string& path);  // truncates; SY_BAD_INPUT if not writable
+  bool is_open() const { return stream_.is_open(); }
+  const std::string& path() const { return path_; }
+  void write(const StepMetrics& metrics);
+
+ private:
+  std::string path_;
+  std::ofstream stream_;
+};
+
+std::string metrics_json(const StepMetrics& metrics);
+std::string format_progress_line(const StepMetrics& metrics, DeviceKind device);
+std::string format_duration(double seconds);  // "45s", "3m05s", "2h07m"
+
+}  // namespace switchyard

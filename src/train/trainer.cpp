@@ -1,0 +1,323 @@
+// The training loop (src/train/trainer.h).
+#include "src/train/trainer.h"
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <iomanip>
+#include <ostream>
+#include <sstream>
+
+#include "src/core/error.h"
+#include "src/core/timing.h"
+#include "src/train/weights_file.h"
+
+namespace switchyard {
+namespace {
+
+double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// The dtype activations and compute copies use. The CPU backend computes in fp32 whatever the
+// config says (its ops are fp32 / fp64 references); CUDA needs bf16 or fp16.
+DType resolve_compute_dtype(const Config& config, DeviceKind device) {
+  if (device == DeviceKind::cpu) return DType::f32;
+  SY_CHECK_INPUT(config.model.compute_dtype == DType::bf16 || config.model.compute_dtype == DType::f16,
+                 config.source, ": model.compute_dtype = fp32 is not supported on CUDA (the expert GEMMs take bf16 "
+                 "or fp16); use bf16, or fp16 with dynamic loss scaling");
+  return config.model.compute_dtype;
+}
+
+std::string resolve_in_run_dir(const Config& config, const std::string& path) {
+  const std::filesystem::path candidate(path);
+  if (candidate.is_absolute()) return path;
+  return (std::filesystem::path(config.logging.run_dir) / candidate).string();
+}
+
+}  // namespace
+
+Trainer::Trainer(const Config& config, const TokenFile& train, const TokenFile* val, const TrainerOptions& options)
+    : config_(config),
+      options_(options),
+      compute_dtype_(resolve_compute_dtype(config, options.device)),
+      schedule_(config.optimizer, config.training.steps),
+      scaler_(compute_dtype_ == DType::f16 || options.force_loss_scaling,
+              options.initial_loss_scale > 0 ? options.initial_loss_scale : config.optimizer.loss_scale_init,
+              config.optimizer.loss_scale_growth_interval),
+      train_loader_(train, config.model.seq_len, config.training.micro_batch_size, options.world_rank,
+                    options.world_size, uint64_t(config.training.seed), DataOrder::shuffled) {
+  const DeviceKind device = options_.device;
+  const int ep_size = config.parallel.ep_size;
+  SY_CHECK(options_.world_size >= 1 && options_.world_rank >= 0 && options_.world_rank < options_.world_size,
+           "Trainer: rank ", options_.world_rank, " of ", options_.world_size);
+  SY_CHECK_INPUT(options_.world_size % ep_size == 0, "parallel.ep_size = ", ep_size, " does not divide the ",
+                 options_.world_size, " ranks");
+  if (options_.world_size > 1 || ep_size > 1)
+    SY_CHECK(options_.groups.world && options_.groups.expert_parallel && options_.groups.expert_data_parallel,
+             "Trainer: ", options_.world_size, " ranks need the parallel groups");
+  if (ep_size > 1)
+    SY_CHECK(options_.groups.expert_parallel->size() == ep_size, "Trainer: the expert-parallel group has ",
+             options_.groups.expert_parallel->size(), " ranks, parallel.ep_size is ", ep_size);
+  if (config.checkpoint.resume != "none" && config.checkpoint.resume != "auto")
+    SY_BAD_INPUT("checkpoint.resume = '", config.checkpoint.resume,
+                 "': resuming from a checkpoint is not built yet (checkpoints are a separate issue)");
+
+  stream_ = create_stream(device);
+  context_ = ExecContext{device, stream_};
+  TransformerOptions model_options;
+  model_options.device = device;
+  model_options.activation_dtype = compute_dtype_;
+  model_options.max_batch = config.training.micro_batch_size;
+  model_options.max_seq_len = config.model.seq_len;
+  model_options.ep_size = ep_size;
+  model_options.ep_rank = ep_size > 1 ? options_.groups.expert_parallel->rank() : 0;
+  model_options.groups = &options_.groups;
+  model_options.a2a_chunks = config.parallel.a2a_chunks;
+  model_options.jitter_seed = uint64_t(config.training.seed);
+  model_ = std::make_unique<Transformer>(config.model, config.moe, model_options);
+  parameters_ = std::make_unique<ModelParameters>(model_->layout(), device, DType::f32, compute_dtype_);
+  parameters_->initialize(context_, uint64_t(config.training.seed));
+  optimizer_ = std::make_unique<AdamWOptimizer>(*parameters_, config.optimizer);
+  if (options_.world_size > 1) {
+    GradientSyncOptions sync_options;
+    sync_options.average = false;  // the backward seeds already divide by the number of ranks
+    synchronizer_ = std::make_unique<GradientSynchronizer>(options_.groups, device, sync_options);
+  }
+  if (val != nullptr && val->is_open())
+    val_loader_ = std::make_unique<DataLoader>(*val, config.model.seq_len, config.training.micro_batch_size,
+                                               options_.world_rank, options_.world_size,
+                                               uint64_t(config.training.seed), DataOrder::sequential);
+  flops_ = estimate_flops(config.model, config.moe);
+  const size_t tokens = size_t(config.training.micro_batch_size) * size_t(config.model.seq_len);
+  device_inputs_ = Buffer(device, tokens * sizeof(int32_t));
+  device_targets_ = Buffer(device, tokens * sizeof(int32_t));
+  reduce_buffer_ = Buffer(device, 64 * sizeof(double));
+}
+
+Trainer::~Trainer() {
+  // Work still queued may reference buffers about to be freed; never throw from here.
+  try {
+    if (stream_) {
+      ops::synchronize(context_);
+      destroy_stream(context_.device, stream_);
+    }
+  } catch (...) {
+  }
+}
+
+bool Trainer::has_peers(const std::shared_ptr<Communicator>& communicator) const {
+  return communicator != nullptr && communicator->size() > 1;
+}
+
+void Trainer::all_reduce_host(const std::shared_ptr<Communicator>& communicator, std::vector<double>& values) {
+  if (!has_peers(communicator) || values.empty()) return;
+  if (communicator->device() == DeviceKind::cpu) {
+    communicator->all_reduce_sum(values.data(), int64_t(values.size()), DType::f64);
+    return;
+  }
+  // NCCL reduces device memory: stage through a device buffer (blocking copies, then the
+  // communicator's stream is waited for).
+  const size_t bytes = values.size() * sizeof(double);
+  if (reduce_buffer_.bytes() < bytes) reduce_buffer_ = Buffer(communicator->device(), bytes);
+  device_copy(reduce_buffer_.data(), communicator->device(), values.data(), DeviceKind::cpu, bytes);
+  communicator->all_reduce_sum(reduce_buffer_.data(), int64_t(values.size()), DType::f64);
+  communicator->synchronize();
+  device_copy(values.data(), DeviceKind::cpu, reduce_buffer_.data(), communicator->device(), bytes);
+}
+
+void Trainer::upload_batch() {
+  const int64_t count = int64_t(host_inputs_.size());
+  Tensor host_inputs(host_inputs_.data(), DType::i32, DeviceKind::cpu, {count});
+  Tensor host_targets(host_targets_.data(), DType::i32, DeviceKind::cpu, {count});
+  Tensor inputs = device_inputs_.view(DType::i32, {count}), targets = device_targets_.view(DType::i32, {count});
+  ops::copy(context_, host_inputs, inputs);
+  ops::copy(context_, host_targets, targets);
+}
+
+StepMetrics Trainer::train_step() {
+  const double start = now_seconds();
+  const Config& config = config_;
+  const int64_t batch = config.training.micro_batch_size, seq_len = config.model.seq_len;
+  const int accumulation = config.optimizer.grad_accum_steps;
+  const double ranks = double(options_.world_size), loss_scale = scaler_.scale();
+  const double micro_tokens = double(batch * seq_len);
+  const float ce_grad_scale = float(loss_scale / (micro_tokens * accumulation * ranks));
+  const float aux_grad_scale = float(loss_scale / (accumulation * ranks));
+  const int moe_layers = model_->moe_block_count();
+  const int experts = config.moe.num_experts;
+
+  // Host statistics, summed over micro-steps, then over ranks:
+  // [loss sum, tokens, aux, z, dropped, routed, counts per (MoE layer, expert)...]
+  enum : size_t { kLossSum = 0, kTokens, kAux, kZ, kDropped, kRouted, kCounts };
+  std::vector<double> sums(kCounts + size_t(moe_layers) * size_t(experts), 0.0);
+  const Tensor inputs = device_inputs_.view(DType::i32, {batch * seq_len});
+  const Tensor targets = device_targets_.view(DType::i32, {batch * seq_len});
+  for (int micro = 0; micro < accumulation; ++micro) {
+    train_loader_.next_batch(host_inputs_, host_targets_);
+    upload_batch();
+    const uint64_t jitter_step = uint64_t(step_) * uint64_t(accumulation) + uint64_t(micro);
+    model_->forward_loss(context_, *parameters_, inputs, targets, batch, seq_len, ForwardMode::training,
+                         ce_grad_scale, jitter_step);
+    model_->backward(context_, *parameters_, aux_grad_scale, micro > 0);
+    const TransformerStats stats = model_->read_stats(context_);
+    sums[kLossSum] += stats.loss_sum;
+    sums[kTokens] += double(stats.tokens);
+    for (size_t layer = 0; layer < stats.moe.size(); ++layer) {
+      const MoeBlockStats& moe = stats.moe[layer];
+      sums[kAux] += moe.aux_loss;
+      sums[kZ] += moe.z_loss;
+      sums[kDropped] += double(moe.dropped_choices);
+      sums[kRouted] += double(moe.total_choices);
+      for (int expert = 0; expert < experts; ++expert)
+        sums[kCounts + layer * size_t(experts) + size_t(expert)] += double(moe.expert_counts[size_t(expert)]);
+    }
+  }
+
+  // Gradients of the whole global batch on every rank.
+  if (synchronizer_) {
+    synchronizer_->all_reduce(context_, {parameters_->grad_group(ParameterGroup::dense)},
+                              {parameters_->grad_group(ParameterGroup::expert)});
+  }
+  const GradientNorms norms = optimizer_->gradient_norms(context_);
+  std::vector<double> expert_part = {norms.squared[int(ParameterGroup::expert)],
+                                     norms.non_finite[int(ParameterGroup::expert)]};
+  if (config.parallel.ep_size > 1) all_reduce_host(options_.groups.expert_parallel, expert_part);
+  const double squared = norms.squared[int(ParameterGroup::dense)] + expert_part[0];
+  const double non_finite = norms.non_finite[int(ParameterGroup::dense)] + expert_part[1];
+  const double grad_norm = std::sqrt(squared) / loss_scale;
+  const bool apply = scaler_.update(non_finite > 0 || !std::isfinite(squared));
+  const double lr = schedule_.at(step_ + 1);
+  if (apply) {
+    const double max_norm = config.optimizer.grad_clip;
+    const double clip = max_norm > 0 && grad_norm > max_norm ? max_norm / (grad_norm + 1e-6) : 1.0;
+    optimizer_->step(context_, lr, clip / loss_scale);
+  }
+  ++step_;
+
+  all_reduce_host(options_.groups.world, sums);
+  ops::synchronize(context_);
+  const double seconds = now_seconds() - start;
+
+  StepMetrics metrics;
+  metrics.step = step_;
+  metrics.total_steps = config.training.steps;
+  metrics.loss = sums[kTokens] > 0 ? sums[kLossSum] / sums[kTokens] : 0.0;
+  metrics.lr = lr;
+  metrics.grad_norm = grad_norm;
+  metrics.loss_scale = scaler_.scale();
+  metrics.skipped = !apply;
+  const double micro_steps = double(accumulation) * ranks;
+  metrics.aux_loss = sums[kAux] / micro_steps;
+  metrics.z_loss = sums[kZ] / micro_steps;
+  metrics.dropped_fraction = sums[kRouted] > 0 ? sums[kDropped] / sums[kRouted] : 0.0;
+  metrics.tokens = int64_t(sums[kTokens]);
+  metrics.step_time_s = seconds;
+  metrics.tokens_per_s = seconds > 0 ? sums[kTokens] / seconds : 0.0;
+  metrics.flops_per_s = metrics.tokens_per_s * flops_.flops_per_token;
+  if (options_.device == DeviceKind::cuda) {
+    metrics.has_mfu = true;
+    metrics.mfu = metrics.flops_per_s / (ranks * kH100DenseBf16PeakFlops);
+    metrics.mfu_measured_peak = metrics.flops_per_s / (ranks * kH100MeasuredPeakFlops);
+  }
+  metrics.tokens_per_expert.resize(size_t(moe_layers));
+  for (int layer = 0; layer < moe_layers; ++layer)
+    for (int expert = 0; expert < experts; ++expert)
+      metrics.tokens_per_expert[size_t(layer)].push_back(
+          int64_t(std::llround(sums[kCounts + size_t(layer) * size_t(experts) + size_t(expert)])));
+  return metrics;
+}
+
+double Trainer::evaluate() {
+  SY_CHECK(val_loader_ != nullptr, "Trainer::evaluate: no validation data (data.val_path)");
+  const int64_t batch = config_.training.micro_batch_size, seq_len = config_.model.seq_len;
+  const Tensor inputs = device_inputs_.view(DType::i32, {batch * seq_len});
+  const Tensor targets = device_targets_.view(DType::i32, {batch * seq_len});
+  val_loader_->rewind();
+  std::vector<double> sums = {0.0, 0.0};
+  for (int index = 0; index < config_.training.eval_batches; ++index) {
+    val_loader_->next_batch(host_inputs_, host_targets_);
+    upload_batch();
+    model_->forward_loss(context_, *parameters_, inputs, targets, batch, seq_len, ForwardMode::evaluation, 0.0f, 0);
+    const TransformerStats stats = model_->read_stats(context_);
+    sums[0] += stats.loss_sum;
+    sums[1] += double(stats.tokens);
+  }
+  all_reduce_host(options_.groups.world, sums);
+  return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
+}
+
+std::string Trainer::final_weights_path() const {
+  return (std::filesystem::path(config_.logging.run_dir) / "final.weights").string();
+}
+
+std::string Trainer::metrics_path() const { return resolve_in_run_dir(config_, config_.logging.metrics_file); }
+
+void Trainer::run() {
+  const Config& config = config_;
+  std::ostream* log = options_.log;
+  const bool writer = options_.world_rank == 0;
+  MetricsWriter metrics_writer;
+  if (writer && options_.write_metrics) {
+    std::error_code status;
+    std::filesystem::create_directories(std::filesystem::path(metrics_path()).parent_path(), status);
+    metrics_writer = MetricsWriter(metrics_path());
+  }
+  const int64_t tokens_per_step = int64_t(config.training.micro_batch_size) * config.model.seq_len *
+                                  config.optimizer.grad_accum_steps * options_.world_size;
+  if (log) {
+    *log << "switchyard train: " << std::setprecision(4) << flops_.total_params / 1e6 << "M parameters ("
+         << flops_.active_params / 1e6 << "M active per token), " << flops_.flops_per_token / 1e6
+         << " MFLOP per token (6 x active matmul params + attention), " << tokens_per_step << " tokens per step, "
+         << config.training.steps << " steps on " << options_.world_size << " " << device_kind_name(options_.device)
+         << " rank(s) in " << compute_dtype_name(compute_dtype_) << "\n";
+    if (options_.device == DeviceKind::cpu && config.model.compute_dtype != DType::f32)
+      *log << "switchyard train: model.compute_dtype = " << compute_dtype_name(config.model.compute_dtype)
+           << " applies to CUDA; the CPU backend computes in fp32\n";
+    if (config.checkpoint.resume == "auto")
+      *log << "switchyard train: checkpoint.resume = auto: no checkpoints exist yet (checkpointing is a separate "
+              "issue); starting fresh\n";
+    if (writer && options_.write_metrics) *log << "switchyard train: metrics -> " << metrics_path() << "\n";
+    log->flush();
+  }
+
+  const double run_start = now_seconds();
+  double timed_seconds = 0.0;  // steps after the first (which includes allocation and warm-up)
+  double last_val_loss = -1.0;
+  for (int64_t index = 0; index < config.training.steps; ++index) {
+    StepMetrics metrics = train_step();
+    if (metrics.step > 1) timed_seconds += metrics.step_time_s;
+    const bool evaluate_now = val_loader_ && ((config.training.eval_every > 0 &&
+                                               metrics.step % config.training.eval_every == 0) ||
+                                              metrics.step == config.training.steps);
+    if (evaluate_now) {
+      metrics.has_val_loss = true;
+      metrics.val_loss = evaluate();
+      last_val_loss = metrics.val_loss;
+    }
+    metrics.last_val_loss = last_val_loss;
+    metrics.elapsed_s = now_seconds() - run_start;
+    const double per_step = metrics.step > 1 ? timed_seconds / double(metrics.step - 1) : metrics.step_time_s;
+    metrics.eta_s = per_step * double(config.training.steps - metrics.step);
+    if (metrics_writer.is_open()) metrics_writer.write(metrics);
+    if (log && (metrics.step % config.training.log_every == 0 || metrics.step == 1 ||
+                metrics.step == config.training.steps || metrics.skipped)) {
+      *log << format_progress_line(metrics, options_.device) << "\n";
+      log->flush();
+    }
+  }
+  if (options_.write_final_weights) {
+    save_final_weights(context_, final_weights_path(), config_to_yaml(config), *parameters_, &options_.groups,
+                       writer);
+  }
+  if (log) {
+    *log << "switchyard train: done: " << config.training.steps << " steps in "
+         << format_duration(now_seconds() - run_start);
+    if (scaler_.state().total_skips > 0) *log << ", " << scaler_.state().total_skips << " step(s) skipped";
+    if (options_.write_final_weights) *log << "; weights -> " << final_weights_path();
+    *log << "\n";
+    log->flush();
+  }
+}
+
+}  // namespace switchyard

@@ -1,0 +1,117 @@
+// The training loop: data -> model -> gradients -> all-reduce -> clip / loss scale -> AdamW, with
+// evaluation, metrics and the final weights file.
+//
+// One optimizer step on every rank:
+//   for m in 0 .. grad_accum_steps - 1:
+//     this rank's micro-batch (src/train/data_loader.h) -> forward, fused cross-entropy -> backward
+//     (the first micro-step overwrites the gradient buffers, the others add to them)
+//   all-reduce: dense gradients over the world, expert gradients over expert_data_parallel (sums;
+//     comm/gradient_sync.h)
+//   global gradient norm: dense part (replicated) + expert parts summed over the expert-parallel
+//     ranks, so expert shards count once each; inf / NaN anywhere -> the loss scaler skips the step
+//   AdamW with lr from the schedule and grad_scale = clip / loss_scale, clip = min(1, max_norm / norm)
+// The objective is the mean token cross-entropy over the whole global batch plus, for every MoE
+// layer, the mean over micro-steps and ranks of its aux and z losses. Every rank's backward is
+// seeded with ce_grad_scale = loss_scale / (tokens per micro-batch * micro-steps * ranks) and
+// aux_grad_scale = loss_scale / (micro-steps * ranks), so plain sums across ranks give the exact
+// gradient: no division after the all-reduce.
+//
+// The run (run()): training.steps steps; evaluation on data.val_path every training.eval_every
+// steps and after the last; one JSON line per step (src/train/metrics.h) and a progress line every
+// training.log_every steps, both from world rank 0; then <run_dir>/final.weights.
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <memory>
+#include <vector>
+
+#include "comm/bootstrap.h"
+#include "comm/communicator.h"
+#include "comm/gradient_sync.h"
+#include "src/model/transformer.h"
+#include "src/train/config.h"
+#include "src/train/data_loader.h"
+#include "src/train/loss_scaler.h"
+#include "src/train/lr_schedule.h"
+#include "src/train/metrics.h"
+#include "src/train/optimizer.h"
+#include "src/train/token_file.h"
+
+namespace switchyard {
+
+// Everything the training loop starts from (set up by `switchyard train`, src/cli/train_command.cpp).
+struct TrainingSetup {
+  Config config;
+  const ProcessContext* process = nullptr;
+  ParallelGroups groups;
+  TokenFile train_data;
+  TokenFile val_data;  // !is_open() when data.val_path is empty
+};
+
+struct TrainerOptions {
+  DeviceKind device = DeviceKind::cpu;
+  int world_rank = 0, world_size = 1;
+  ParallelGroups groups;           // null communicators: one process, nothing to reduce
+  std::ostream* log = nullptr;     // progress and summary lines (give it on world rank 0 only)
+  bool write_metrics = true;       // metrics JSONL (world rank 0)
+  bool write_final_weights = true; // <run_dir>/final.weights (world rank 0 writes, all ranks gather)
+  // Testing aids: a loss scale to start from (> 0 overrides optimizer.loss_scale_init and may
+  // exceed its range) and loss scaling without fp16.
+  double initial_loss_scale = 0;
+  bool force_loss_scaling = false;
+};
+
+class Trainer {
+ public:
+  // `train` (and `val`, may be null or closed) must outlive the trainer.
+  Trainer(const Config& config, const TokenFile& train, const TokenFile* val, const TrainerOptions& options);
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
+
+  void run();
+  // One optimizer step; the returned metrics lack val_loss, elapsed and ETA (run() fills them).
+  StepMetrics train_step();
+  // Mean validation loss over training.eval_batches micro-batches on every rank (the same batches
+  // each time). Collective: every rank must call it.
+  double evaluate();
+
+  int64_t step() const { return step_; }  // optimizer steps taken (skipped ones included)
+  const ExecContext& context() const { return context_; }
+  Transformer& model() { return *model_; }
+  ModelParameters& parameters() { return *parameters_; }
+  AdamWOptimizer& optimizer() { return *optimizer_; }
+  LossScaler& loss_scaler() { return scaler_; }
+  DataLoader& train_loader() { return train_loader_; }
+  const FlopsEstimate& flops() const { return flops_; }
+  std::string final_weights_path() const;
+  std::string metrics_path() const;
+
+ private:
+  // Sums `values` over `communicator` (no-op when it is null or of size 1).
+  void all_reduce_host(const std::shared_ptr<Communicator>& communicator, std::vector<double>& values);
+  void upload_batch();
+  bool has_peers(const std::shared_ptr<Communicator>& communicator) const;
+
+  Config config_;
+  TrainerOptions options_;
+  ExecContext context_;
+  void* stream_ = nullptr;
+  DType compute_dtype_;
+  std::unique_ptr<Transformer> model_;
+  std::unique_ptr<ModelParameters> parameters_;
+  std::unique_ptr<AdamWOptimizer> optimizer_;
+  std::unique_ptr<GradientSynchronizer> synchronizer_;
+  LrSchedule schedule_;
+  LossScaler scaler_;
+  DataLoader train_loader_;
+  std::unique_ptr<DataLoader> val_loader_;
+  FlopsEstimate flops_;
+  int64_t step_ = 0;
+  std::vector<int32_t> host_inputs_, host_targets_;
+  Buffer device_inputs_, device_targets_;
+  Buffer reduce_buffer_;  // device staging for host-value all-reduces over NCCL
+};
+
+}  // namespace switchyard

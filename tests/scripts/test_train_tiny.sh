@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Whole-program training test on the CPU backend:
+#   1. configs/tiny-cpu.yaml under mpirun -np 2 with parallel.ep_size 2 (experts split over the two
+#      ranks) on generated text: the loss must fall by a clear margin, metrics.jsonl must hold one
+#      line per step with per-expert token counts, evaluations and final.weights must appear, and
+#      `switchyard generate` must sample from those weights;
+#   2. the same seed twice gives bit-identical losses (parallel.deterministic);
+#   3. expert parallelism changes nothing but summation order: ep_size 2 and ep_size 1 (experts
+#      replicated) on the same two ranks give the same first losses.
+# Usage: test_train_tiny.sh SWITCHYARD_BINARY SOURCE_DIR MPIEXEC
+set -u
+
+binary="$1"
+source_dir="$2"
+mpiexec="${3:-mpirun}"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+failures=0
+fail() {
+  echo "FAIL: $*" >&2
+  failures=$((failures + 1))
+}
+
+mpi=("$mpiexec" -np 2 --oversubscribe --bind-to none)
+if [ "$(id -u)" -eq 0 ]; then mpi+=(--allow-run-as-root); fi
+
+# Generated text: sentences from a small grammar, fixed seed (~400 KB), and a validation split.
+awk 'BEGIN {
+  srand(7);
+  split("the nation|our people|the congress|every citizen|this union|the world|our children|the government", s, "|");
+  split("will build|must defend|has seen|shall honor|can restore|will remember|must reform|has earned", v, "|");
+  split("a stronger economy|the common good|our freedom|new schools|peace abroad|the future of work|fair wages|clean water", o, "|");
+  for (i = 0; i < 9000; i++) {
+    printf "%s %s %s", s[int(rand() * 8) + 1], v[int(rand() * 8) + 1], o[int(rand() * 8) + 1];
+    printf (rand() < 0.25 ? ".\n" : ". ");
+  }
+}' >"$work/corpus.txt"
+mkdir -p "$work/text"
+split -n 4 -d "$work/corpus.txt" "$work/text/part"
+"$binary" prepare-data --output "$work/train.bin" --val-output "$work/val.bin" "$work/text" >"$work/prepare.log" 2>&1 ||
+  { fail "prepare-data failed"; cat "$work/prepare.log" >&2; exit 1; }
+
+data=(--set "data.path=$work/train.bin" --set "data.val_path=$work/val.bin")
+
+# losses FILE: the "loss" of every metrics line, one per line.
+losses() { grep -o '"loss":[-0-9.eE+]*' "$1" | cut -d: -f2; }
+
+# ---- 1. tiny-cpu, two ranks, experts split -----------------------------------------------------
+run="$work/run"
+start=$(date +%s)
+timeout 300 "${mpi[@]}" "$binary" train "$source_dir/configs/tiny-cpu.yaml" "${data[@]}" \
+  --set parallel.ep_size=2 --set "logging.run_dir=$run" --set "checkpoint.dir=$run/checkpoints" \
+  >"$work/train.out" 2>"$work/train.err"
+status=$?
+seconds=$(( $(date +%s) - start ))
+if [ "$status" -ne 0 ]; then
+  fail "training tiny-cpu under mpirun -np 2 exited $status"
+  tail -20 "$work/train.err" >&2
+else
+  echo "ok: tiny-cpu trained under mpirun -np 2, ep_size 2, in ${seconds}s"
+fi
+metrics="$run/metrics.jsonl"
+if [ ! -s "$metrics" ]; then
+  fail "no metrics at $metrics"
+else
+  lines=$(wc -l <"$metrics")
+  [ "$lines" -eq 200 ] || fail "metrics.jsonl has $lines lines, expected 200 (one per step)"
+  grep -q '"tokens_per_expert":\[\[[0-9]*,[0-9]*,[0-9]*,[0-9]*\]\]' "$metrics" ||
+    fail "metrics lack per-expert token counts of the 4 experts"
+  evaluations=$(grep -c '"val_loss"' "$metrics")
+  [ "$evaluations" -eq 4 ] || fail "expected 4 evaluations (every 50 steps), found $evaluations"
+  first=$(losses "$metrics" | head -1)
+  last=$(losses "$metrics" | tail -20 | awk '{ sum += $1 } END { printf "%.4f", sum / NR }')
+  if awk -v first="$first" -v last="$last" 'BEGIN { exit !(first > 5.0 && last < first - 2.0) }'; then
+    echo "ok: loss fell from $first to $last (mean of the last 20 steps)"
+  else
+    fail "loss did not fall by 2 nats: first $first, mean of the last 20 steps $last"
+  fi
+  val=$(grep -o '"val_loss":[-0-9.eE+]*' "$metrics" | tail -1 | cut -d: -f2)
+  awk -v val="$val" 'BEGIN { exit !(val < 3.5) }' || fail "final validation loss $val is not below 3.5"
+fi
+grep -q "step 200/200 | loss" "$work/train.out" || fail "no progress line for step 200"
+grep -q "GFLOP/s" "$work/train.out" || fail "progress lines lack the CPU GFLOP/s figure"
+grep -q "ETA" "$work/train.out" || fail "progress lines lack an ETA"
+[ "$(grep -c '^step ' "$work/train.out")" -le 25 ] || fail "progress lines printed by more than one rank"
+[ -s "$run/final.weights" ] || fail "no final.weights"
+
+timeout 60 "$binary" generate --checkpoint "$run" --prompt "the nation " --max-new-tokens 60 --seed 1 \
+  >"$work/generate.out" 2>"$work/generate.err"
+status=$?
+if [ "$status" -ne 0 ]; then
+  fail "generate exited $status"
+  cat "$work/generate.err" >&2
+else
+  grep -q "^the nation " "$work/generate.out" || fail "generate did not echo the prompt"
+  [ "$(wc -c <"$work/generate.out")" -ge 70 ] || fail "generate printed too little"
+  echo "ok: generate: $(head -c 80 "$work/generate.out" | tr '\n' ' ')"
+fi
+timeout 60 "$binary" generate --checkpoint "$work/absent" >/dev/null 2>&1
+[ $? -eq 2 ] || fail "generate with a missing checkpoint should exit 2"
+
+# ---- 2. determinism ----------------------------------------------------------------------------
+short=(--set training.steps=30 --set optimizer.warmup_steps=5 --set training.eval_every=0 --set parallel.ep_size=2)
+for attempt in a b; do
+  timeout 120 "${mpi[@]}" "$binary" train "$source_dir/configs/tiny-cpu.yaml" "${data[@]}" "${short[@]}" \
+    --set "logging.run_dir=$work/same_$attempt" >"$work/same_$attempt.out" 2>&1 ||
+    fail "determinism run $attempt failed"
+done
+if [ -s "$work/same_a/metrics.jsonl" ] && cmp -s <(losses "$work/same_a/metrics.jsonl") <(losses "$work/same_b/metrics.jsonl"); then
+  echo "ok: two runs with the same seed give identical losses"
+else
+  fail "two runs with the same seed gave different losses"
+fi
+# tensors FILE: the weights file without its header and config (which names the run directory).
+tensors() {
+  local config_bytes
+  config_bytes=$(od -An -t u8 -j 16 -N 8 "$1" | tr -d ' ')
+  tail -c +$((24 + config_bytes + 1)) "$1"
+}
+if [ -s "$work/same_a/final.weights" ] && cmp -s <(tensors "$work/same_a/final.weights") <(tensors "$work/same_b/final.weights"); then
+  echo "ok: and bit-identical final weights"
+else
+  fail "the two runs' final weights differ"
+fi
+
+# ---- 3. ep_size 2 == ep_size 1 on the same ranks -------------------------------------------------
+timeout 120 "${mpi[@]}" "$binary" train "$source_dir/configs/tiny-cpu.yaml" "${data[@]}" "${short[@]}" \
+  --set parallel.ep_size=1 --set "logging.run_dir=$work/replicated" >"$work/replicated.out" 2>&1 ||
+  fail "the ep_size 1 run failed"
+if [ -s "$work/replicated/metrics.jsonl" ]; then
+  paste <(losses "$work/same_a/metrics.jsonl" | head -5) <(losses "$work/replicated/metrics.jsonl" | head -5) |
+    awk '{ d = $1 - $2; if (d < 0) d = -d; if (d > 1e-4 * $2) { bad = 1; print "  step " NR ": " $1 " vs " $2 } }
+         END { exit bad }' >&2 && echo "ok: ep_size 2 and ep_size 1 agree on the first 5 losses" ||
+    fail "ep_size 2 and ep_size 1 disagree"
+fi
+
+if [ "$failures" -ne 0 ]; then
+  echo "$failures failure(s)" >&2
+  exit 1
+fi
+echo "all training checks passed"
