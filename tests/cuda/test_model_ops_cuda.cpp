@@ -7,6 +7,7 @@
 // NaN) before every call.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -172,14 +173,20 @@ TEST(EmbeddingCudaIds, OutOfRangeIdsGiveZeroRowsAndNoGradient) {
   DeviceTensor d_out(DType::f32, grad_out.tensor()), d_grad_out = upload(grad_out, DType::f32);
   cuda::embedding_forward(d_tokens, d_table, nullptr, tokens_count, d_out, nullptr);
   HostTensor out = download(d_out);
-  for (int64_t c = 0; c < width; ++c) {
-    EXPECT_EQ(out.data<float>()[2 * width + c], 0.0f);
-    EXPECT_EQ(out.data<float>()[5 * width + c], 0.0f);
+  for (int64_t t = 0; t < tokens_count; ++t) {  // in-range rows are table rows, out-of-range ones zero
+    const int id = tokens.data<int32_t>()[t];
+    const bool valid = id >= 0 && id < vocab;
+    for (int64_t c = 0; c < width; ++c)
+      EXPECT_EQ(out.data<float>()[t * width + c], valid ? float(table.data<double>()[id * width + c]) : 0.0f)
+          << "token " << t << " (id " << id << "), column " << c;
   }
   DeviceTensor d_grad(DType::f32, table.tensor());
   cuda::embedding_backward(d_tokens, d_grad_out, tokens_count, false, d_grad, nullptr, nullptr);
   HostTensor grad = download(d_grad);
+  // The reference is summed here (cpu::embedding_backward rejects out-of-range ids), so it must start
+  // from zero: host tensors are uninitialized memory, and rows no token hits must stay exactly zero.
   HostTensor expected = f64_like(table.tensor());
+  std::fill(expected.data<double>(), expected.data<double>() + expected.numel(), 0.0);
   for (int64_t t = 0; t < tokens_count; ++t) {
     const int id = tokens.data<int32_t>()[t];
     if (id < 0 || id >= vocab) continue;
