@@ -103,6 +103,16 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
 // row), post [R, F] = silu(gate) * up.
 void activation_forward(ExpertActivation activation, const Tensor& pre, Tensor& post);
 void activation_backward(ExpertActivation activation, const Tensor& pre, const Tensor& grad_post, Tensor& grad_pre);
+// Expert GEMM 1 with its activation: pre = A * W1_e (grouped_gemm, W1 [E, D, F] or swiglu
+// [E, D, 2F]), post = act(pre) (activation_forward). Exactly those two ops in sequence.
+void grouped_gemm_activation(ExpertActivation activation, const Tensor& a, const Tensor& w1,
+                             const Tensor& expert_offsets, Tensor& pre, Tensor& post);
+// Data gradient of expert GEMM 2 through the activation: grad_post = G * W2_e^T (grouped_gemm
+// with trans_b, G [R, D], W2 [E, F, D], grad_post [R, F]), grad_pre = act'(pre) * grad_post
+// (activation_backward). Exactly those two ops in sequence.
+void grouped_gemm_activation_backward(ExpertActivation activation, const Tensor& grad_out, const Tensor& w2,
+                                      const Tensor& expert_offsets, const Tensor& pre, Tensor& grad_post,
+                                      Tensor& grad_pre);
 // Multiplicative router jitter: out = x * u, u uniform in [1-eps, 1+eps], u of element i =
 // 1 - eps + 2 * eps * philox_uniform(seed, stream_id, offset, i) (src/core/rng.h).
 void apply_jitter(const Tensor& x, float eps, uint64_t seed, uint32_t stream_id, uint64_t offset, Tensor& out);
@@ -136,6 +146,26 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
 void activation_forward(ExpertActivation activation, const Tensor& pre, Tensor& post, void* stream);
 void activation_backward(ExpertActivation activation, const Tensor& pre, const Tensor& grad_post, Tensor& grad_pre,
                          void* stream);
+// The two compositions above (bf16 or fp16). Where the sm_90a kernels take the problem
+// (fuses_expert_activation) the activation runs in the grouped GEMM's epilogue: no separate pass
+// over the [R, F] rows, and results equal the unfused ops (the GEMM result is rounded to the
+// activation dtype before the activation reads it, as when it is stored). Otherwise the two ops
+// run in sequence. keep_pre = false (inference): the fused kernel skips writing pre, whose
+// contents are then unspecified (the unfused path uses it as scratch). grad_post [R, F] is
+// scratch as well: written by the unfused path only. Rows at or beyond expert_offsets[E] of pre,
+// post, grad_post and grad_pre are unspecified.
+void grouped_gemm_activation(ExpertActivation activation, const Tensor& a, const Tensor& w1,
+                             const Tensor& expert_offsets, Tensor& pre, Tensor& post, bool keep_pre, void* stream,
+                             int segment_alignment = 1);
+void grouped_gemm_activation_backward(ExpertActivation activation, const Tensor& grad_out, const Tensor& w2,
+                                      const Tensor& expert_offsets, const Tensor& pre, Tensor& grad_post,
+                                      Tensor& grad_pre, void* stream, int segment_alignment = 1);
+// Whether the two ops above fuse for a layer of these sizes (with 16-byte aligned operands, as
+// buffer allocations are): bf16, d_model and d_ff multiples of 64, segment_alignment a multiple of
+// 128, an sm_90a build on a compute capability 9.0 GPU with the pipelined kernel variant, and
+// neither SWITCHYARD_GROUPED_GEMM=cublas nor SWITCHYARD_FUSED_ACTIVATION=0 (1 or unset: fuse).
+bool fuses_expert_activation(ExpertActivation activation, DType dtype, int64_t d_model, int64_t d_ff,
+                             int segment_alignment);
 void apply_jitter(const Tensor& x, float eps, uint64_t seed, uint32_t stream_id, uint64_t offset, Tensor& out,
                   void* stream);
 }  // namespace cuda

@@ -71,6 +71,19 @@ void grouped_gemm_weight_grad(const ExecContext& context, const Tensor& a, const
 void activation_forward(const ExecContext& context, ExpertActivation activation, const Tensor& pre, Tensor& post);
 void activation_backward(const ExecContext& context, ExpertActivation activation, const Tensor& pre,
                          const Tensor& grad_post, Tensor& grad_pre);
+// Expert GEMM 1 + activation and data grad 2 + activation backward (kernels/moe_ops.h): fused on
+// CUDA where fuses_expert_activation() holds, the two ops in sequence otherwise (always on CPU,
+// where keep_pre is ignored and pre always written).
+void grouped_gemm_activation(const ExecContext& context, ExpertActivation activation, const Tensor& a,
+                             const Tensor& w1, const Tensor& expert_offsets, Tensor& pre, Tensor& post,
+                             bool keep_pre = true, int segment_alignment = 1);
+void grouped_gemm_activation_backward(const ExecContext& context, ExpertActivation activation,
+                                      const Tensor& grad_out, const Tensor& w2, const Tensor& expert_offsets,
+                                      const Tensor& pre, Tensor& grad_post, Tensor& grad_pre,
+                                      int segment_alignment = 1);
+// Whether those two ops run fused on this context for a layer of these sizes (false on CPU).
+bool fuses_expert_activation(const ExecContext& context, ExpertActivation activation, DType dtype, int64_t d_model,
+                             int64_t d_ff, int segment_alignment);
 void apply_jitter(const ExecContext& context, const Tensor& x, float eps, uint64_t seed, uint32_t stream_id,
                   uint64_t offset, Tensor& out);
 void gemm(const ExecContext& context, bool trans_a, bool trans_b, float alpha, const Tensor& a, const Tensor& b,

@@ -5,6 +5,8 @@
 //                             rows at or past offsets[E] are written as zero.
 //   grouped_gemm_weight_grad: dB_e = sum_{r in segment e} A[r, :]^T G[r, :]
 //                             A [R, M], G [R, N], dB [E, M, N] (overwritten; empty segments give 0).
+//   grouped_gemm_activation(_backward): the expert GEMMs composed with the activation
+//                             (kernels/cpu/activation.cpp); the CUDA backend fuses them.
 // Row-major, one float type per call (f32 or f64), accumulation in double.
 #include <algorithm>
 #include <vector>
@@ -108,6 +110,19 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
   detail::dispatch_float(op, real, [&](auto tag) {
     grouped_gemm_weight_grad_impl<decltype(tag)>(a, g, expert_offsets, grad_b);
   });
+}
+
+void grouped_gemm_activation(ExpertActivation activation, const Tensor& a, const Tensor& w1,
+                             const Tensor& expert_offsets, Tensor& pre, Tensor& post) {
+  grouped_gemm(a, w1, false, expert_offsets, pre);
+  activation_forward(activation, pre, post);
+}
+
+void grouped_gemm_activation_backward(ExpertActivation activation, const Tensor& grad_out, const Tensor& w2,
+                                      const Tensor& expert_offsets, const Tensor& pre, Tensor& grad_post,
+                                      Tensor& grad_pre) {
+  grouped_gemm(grad_out, w2, true, expert_offsets, grad_post);
+  activation_backward(activation, pre, grad_post, grad_pre);
 }
 
 }  // namespace cpu

@@ -14,6 +14,11 @@
 // the column-major [c, r] matrix X^T, so C_e^T = op(B_e)^T A_e^T and dB_e^T = G_e^T A_e.
 // This is the fallback; kernels/cuda/grouped_gemm_sm90.* is the hand-written sm_90a kernel for the
 // shapes it supports.
+//
+//   grouped_gemm_activation(_backward): expert GEMM 1 + activation and data grad 2 + activation
+//                             backward, one sm_90a kernel each with the activation in the epilogue
+//                             when fuses_expert_activation(); else grouped_gemm + activation kernel.
+//                             SWITCHYARD_FUSED_ACTIVATION=0 forces the unfused pair (to compare).
 #include <algorithm>
 #include <vector>
 
@@ -35,6 +40,25 @@ bool use_sm90(int segment_alignment) {
     return choice && std::strcmp(choice, "cublas") == 0;
   }();
   return !forced_cublas && segment_alignment > 0 && segment_alignment % cuda::sm90::kRowAlignment == 0;
+}
+
+// SWITCHYARD_FUSED_ACTIVATION: unset or 1 fuses the activation into the grouped GEMMs where the
+// sm_90a kernels run; 0 keeps the separate activation kernels.
+bool fused_activation_allowed() {
+  static const bool allowed = [] {
+    const char* value = std::getenv("SWITCHYARD_FUSED_ACTIVATION");
+    if (value == nullptr || value[0] == '\0' || std::strcmp(value, "1") == 0) return true;
+    if (std::strcmp(value, "0") == 0) return false;
+    SY_BAD_INPUT("SWITCHYARD_FUSED_ACTIVATION must be 0 or 1, got '", value, "'");
+  }();
+  return allowed;
+}
+
+// Whether the fused epilogues may run for this alignment (the problem itself is checked by the
+// sm90 *_supported functions).
+bool fusion_enabled(int segment_alignment) {
+  return fused_activation_allowed() && use_sm90(segment_alignment) &&
+         cuda::sm90::default_options().variant == cuda::sm90::Variant::pipelined;
 }
 
 using namespace cuda_detail;
@@ -165,6 +189,38 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
                               &alpha, g_segment, input_type, n, a_segment, input_type, m, &beta, grad_expert,
                               output_type, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
+}
+
+void grouped_gemm_activation(ExpertActivation activation, const Tensor& a, const Tensor& w1,
+                             const Tensor& expert_offsets, Tensor& pre, Tensor& post, bool keep_pre, void* stream,
+                             int segment_alignment) {
+  // pre is checked even when not kept: the unfused path needs it.
+  if (fusion_enabled(segment_alignment) && sm90::activation_supported(activation, a, w1, expert_offsets, &pre, post))
+    return sm90::grouped_gemm_activation(activation, a, w1, expert_offsets, keep_pre ? &pre : nullptr, post,
+                                         sm90::default_options(), stream);
+  grouped_gemm(a, w1, false, expert_offsets, pre, stream, segment_alignment);
+  activation_forward(activation, pre, post, stream);
+}
+
+void grouped_gemm_activation_backward(ExpertActivation activation, const Tensor& grad_out, const Tensor& w2,
+                                      const Tensor& expert_offsets, const Tensor& pre, Tensor& grad_post,
+                                      Tensor& grad_pre, void* stream, int segment_alignment) {
+  // grad_post is checked even though the fused kernel does not touch it: the unfused path needs it.
+  if (fusion_enabled(segment_alignment) && grad_post.rank == 2 && grad_out.rank == 2 && w2.rank == 3 &&
+      grad_post.dim(0) == grad_out.dim(0) && grad_post.dim(1) == w2.dim(1) &&
+      sm90::activation_backward_supported(activation, grad_out, w2, expert_offsets, pre, grad_pre))
+    return sm90::grouped_gemm_activation_backward(activation, grad_out, w2, expert_offsets, pre, grad_pre,
+                                                  sm90::default_options(), stream);
+  grouped_gemm(grad_out, w2, true, expert_offsets, grad_post, stream, segment_alignment);
+  activation_backward(activation, pre, grad_post, grad_pre, stream);
+}
+
+bool fuses_expert_activation(ExpertActivation activation, DType dtype, int64_t d_model, int64_t d_ff,
+                             int segment_alignment) {
+  const bool known = activation == ExpertActivation::gelu_tanh || activation == ExpertActivation::swiglu;
+  const bool sizes = d_model > 0 && d_ff > 0 && d_model % sm90::kDimAlignment == 0 &&
+                     d_ff % sm90::kDimAlignment == 0;
+  return known && sizes && dtype == DType::bf16 && fusion_enabled(segment_alignment) && sm90::device_supported();
 }
 
 }  // namespace cuda

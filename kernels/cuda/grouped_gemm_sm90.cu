@@ -82,25 +82,36 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return encoder;
 }
 
-}  // namespace
-
-CUtensorMap make_bf16_tensor_map(const void* base, int rank, const uint64_t* dims, const uint64_t* stride_bytes,
-                                 const uint32_t* box) {
+CUtensorMap make_tensor_map(CUtensorMapDataType type, const void* base, int rank, const uint64_t* dims,
+                            const uint64_t* stride_bytes, const uint32_t* box) {
   CUtensorMap map;
   std::memset(&map, 0, sizeof(map));
   const uint32_t element_strides[3] = {1, 1, 1};
   SY_CHECK(rank >= 2 && rank <= 3, "tensor map rank ", rank);
   const CUresult result = tensor_map_encoder()(
-      &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, cuuint32_t(rank), const_cast<void*>(base),
+      &map, type, cuuint32_t(rank), const_cast<void*>(base),
       reinterpret_cast<const cuuint64_t*>(dims), reinterpret_cast<const cuuint64_t*>(stride_bytes),
       reinterpret_cast<const cuuint32_t*>(box), element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
       CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (result != CUDA_SUCCESS) {
-    SY_THROW("cuTensorMapEncodeTiled failed (CUresult ", int(result), ") for a rank-", rank, " bf16 tensor with dims [",
+    SY_THROW("cuTensorMapEncodeTiled failed (CUresult ", int(result), ") for a rank-", rank,
+             type == CU_TENSOR_MAP_DATA_TYPE_FLOAT32 ? " fp32" : " bf16", " tensor with dims [",
              dims[0], ", ", dims[1], rank > 2 ? ", " : "", rank > 2 ? std::to_string(dims[2]) : std::string(),
              "] (innermost first) and box [", box[0], ", ", box[1], "]");
   }
   return map;
+}
+
+}  // namespace
+
+CUtensorMap make_bf16_tensor_map(const void* base, int rank, const uint64_t* dims, const uint64_t* stride_bytes,
+                                 const uint32_t* box) {
+  return make_tensor_map(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, base, rank, dims, stride_bytes, box);
+}
+
+CUtensorMap make_f32_tensor_map(const void* base, int rank, const uint64_t* dims, const uint64_t* stride_bytes,
+                                const uint32_t* box) {
+  return make_tensor_map(CU_TENSOR_MAP_DATA_TYPE_FLOAT32, base, rank, dims, stride_bytes, box);
 }
 
 int current_device_sm_count() {
@@ -133,6 +144,14 @@ Options default_options() {
     } else {
       SY_BAD_INPUT("SWITCHYARD_SM90_GEMM must be 'basic' or 'pipelined', got '", value, "'");
     }
+    const char* store = std::getenv("SWITCHYARD_SM90_STORE");
+    if (store == nullptr || store[0] == '\0' || std::strcmp(store, "tma") == 0) {
+      parsed.store = Store::tma;
+    } else if (std::strcmp(store, "direct") == 0) {
+      parsed.store = Store::direct;
+    } else {
+      SY_BAD_INPUT("SWITCHYARD_SM90_STORE must be 'tma' or 'direct', got '", store, "'");
+    }
     return parsed;
   }();
   return options;
@@ -162,6 +181,53 @@ bool weight_grad_supported(const Tensor& a, const Tensor& g, const Tensor& exper
   if (grad_b.dim(1) != m || grad_b.dim(2) != n || !dim_ok(m) || !dim_ok(n)) return false;
   if (experts * m * n > int64_t(1) << 40) return false;
   if (!aligned16(grad_b.data) || (rows > 0 && (!aligned16(a.data) || !aligned16(g.data)))) return false;
+  return device_supported();
+}
+
+namespace {
+
+int64_t pre_width(ExpertActivation activation, int64_t width) {
+  return activation == ExpertActivation::swiglu ? 2 * width : width;
+}
+
+// Sizes shared by the fused ops: D (reduction of GEMM 1, output width of GEMM 2) and F multiples of 64.
+bool activation_dims_ok(ExpertActivation activation, int64_t rows, int64_t d_model, int64_t width) {
+  using namespace detail;
+  if (activation != ExpertActivation::gelu_tanh && activation != ExpertActivation::swiglu) return false;
+  return rows <= kMaxIndex && dim_ok(d_model) && dim_ok(width) && dim_ok(pre_width(activation, width));
+}
+
+// pre (or grad_pre): bf16 [R, F] or [R, 2F] on the device, 16-byte aligned.
+bool pre_ok(ExpertActivation activation, const Tensor& pre, int64_t rows, int64_t width) {
+  using namespace detail;
+  return is_cuda(pre, DType::bf16, 2) && pre.dim(0) == rows && pre.dim(1) == pre_width(activation, width) &&
+         (rows == 0 || aligned16(pre.data));
+}
+
+}  // namespace
+
+bool activation_supported(ExpertActivation activation, const Tensor& a, const Tensor& w1, const Tensor& expert_offsets,
+                          const Tensor* pre, const Tensor& post) {
+  using namespace detail;
+  if (!is_cuda(a, DType::bf16, 2) || !is_cuda(w1, DType::bf16, 3) || !is_cuda(post, DType::bf16, 2)) return false;
+  const int64_t rows = a.dim(0), d_model = a.dim(1), experts = w1.dim(0), width = post.dim(1);
+  if (!activation_dims_ok(activation, rows, d_model, width)) return false;
+  if (post.dim(0) != rows || w1.dim(1) != d_model || w1.dim(2) != pre_width(activation, width)) return false;
+  if (!offsets_ok(expert_offsets, experts)) return false;
+  if (pre && (!pre_ok(activation, *pre, rows, width) || (rows > 0 && pre->data == post.data))) return false;
+  if (rows > 0 && (!aligned16(a.data) || !aligned16(w1.data) || !aligned16(post.data))) return false;
+  return device_supported();
+}
+
+bool activation_backward_supported(ExpertActivation activation, const Tensor& grad_out, const Tensor& w2,
+                                   const Tensor& expert_offsets, const Tensor& pre, const Tensor& grad_pre) {
+  using namespace detail;
+  if (!is_cuda(grad_out, DType::bf16, 2) || !is_cuda(w2, DType::bf16, 3)) return false;
+  const int64_t rows = grad_out.dim(0), d_model = grad_out.dim(1), experts = w2.dim(0), width = w2.dim(1);
+  if (!activation_dims_ok(activation, rows, d_model, width)) return false;
+  if (w2.dim(2) != d_model || !offsets_ok(expert_offsets, experts)) return false;
+  if (!pre_ok(activation, pre, rows, width) || !pre_ok(activation, grad_pre, rows, width)) return false;
+  if (rows > 0 && (pre.data == grad_pre.data || !aligned16(grad_out.data) || !aligned16(w2.data))) return false;
   return device_supported();
 }
 

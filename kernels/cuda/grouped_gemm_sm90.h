@@ -5,26 +5,49 @@
 //                 C [R, N] bf16, fp32 accumulation.
 //   weight grad:  dB_e = A_e^T * G_e                 reduction over the rows of segment e
 //                 A [R, M] bf16, G [R, N] bf16, dB [E, M, N] fp32 (overwritten; empty experts -> 0).
+//   fused expert activation (the forward kernel with another epilogue; pipelined variant only):
+//     grouped_gemm_activation:          pre = X * W1_e, post = act(pre); X [R, D], W1 [E, D, F]
+//                                       (swiglu: [E, D, 2F], pre = [gate | up] [R, 2F]), post [R, F].
+//                                       pre may be left unwritten (inference).
+//     grouped_gemm_activation_backward: grad_pre = act'(pre) * (G * W2_e^T); G [R, D] = dL/d expert
+//                                       output rows, W2 [E, F, D], pre and grad_pre [R, F] ([R, 2F]).
+//     Results equal grouped_gemm followed by the activation kernels of kernels/cuda/activation.cu
+//     (the GEMM result is rounded to bf16 before the activation reads it, as the unfused path
+//     stores it). swiglu keeps W1's [gate | up] layout: a tile loads gate and up columns side by
+//     side (grouped_gemm_sm90_epilogue.cuh).
 //
 // Expert e owns rows [expert_offsets[e], expert_offsets[e+1]) (int32 [E+1] on the device, never read
 // by the host; expert_offsets[0] == 0). Every segment length must be a multiple of kRowAlignment, so a
 // 128-row tile never straddles two experts; a kernel that meets a misaligned segment (or one past R)
-// traps, which surfaces as a CUDA launch failure on the next check. R is a host-known upper bound on expert_offsets[E]: forward rows at or beyond
-// expert_offsets[E] are neither read nor written.
+// traps, which surfaces as a CUDA launch failure on the next check. R is a host-known upper bound on
+// expert_offsets[E]: forward rows at or beyond expert_offsets[E] are neither read nor written.
 //
 // Kernels (kernels/cuda/grouped_gemm_sm90*.cu): TMA loads with 128-byte swizzle into an mbarrier
 // pipeline, wgmma.mma_async m64nNk16 from shared memory (transposed operands through the
 // descriptors' MN-major layout), persistent grid over (m-tile, n-tile) work that looks the expert of
 // each m-tile up on the device. Two variants, for comparison and as a fallback:
 //   pipelined  warp-specialized: one producer warp issues TMA, two consumer warpgroups (setmaxnreg)
-//              run wgmma; 128x256 or 128x128 tiles, 4-6 stages, bf16 epilogue through shared memory
-//              with 16-byte stores.
+//              run wgmma; 128x256 or 128x128 tiles, 4-6 stages, epilogue through shared memory
+//              (stores below).
 //   basic      one CTA per output tile, all warps consume, thread 0 refills a 4-stage ring.
 // The environment variable SWITCHYARD_SM90_GEMM=basic|pipelined picks the default (pipelined).
+//
+// Epilogue stores (pipelined variant), Options::store:
+//   direct  fragments -> shared staging -> st.global by every consumer thread (forward: 16-byte
+//           stores of padded bf16 rows; weight grad: float2 straight from the fragments).
+//   tma     fragments -> 128-byte-swizzled shared boxes -> TMA bulk stores issued by one thread
+//           per warpgroup, drained while the consumers go on (forward: two 64 x 64 bf16 buffers
+//           per warpgroup, so a slice is staged while the previous one is stored; weight grad:
+//           the whole 128 x 128 fp32 tile, 64 KiB, 5 pipeline stages left, stored while the next
+//           tile's mainloop runs). Writing dB (E x M x N fp32: 302 MB for E32 D768 F3072) is what
+//           bounds the weight grad at short segments; with direct stores the tensor cores idle
+//           while each tile drains.
+// SWITCHYARD_SM90_STORE=tma|direct picks the default (tma).
 #pragma once
 
 #include <cstdint>
 
+#include "kernels/moe_ops.h"  // ExpertActivation
 #include "src/core/tensor.h"
 
 namespace switchyard {
@@ -38,13 +61,17 @@ constexpr int kDimAlignment = 64;
 
 enum class Variant : uint8_t { pipelined, basic };
 
+enum class Store : uint8_t { tma, direct };
+
 struct Options {
   Variant variant = Variant::pipelined;
   int block_n = 0;  // output tile width: 128 or 256 (pipelined only; basic uses 128); 0 = choose
+  // Pipelined epilogues. The tma weight grad has 128-wide tiles: a block_n of 256 selects direct there.
+  Store store = Store::tma;
 };
 
-// Options from the environment: SWITCHYARD_SM90_GEMM=basic|pipelined (unset: pipelined). Throws a
-// bad-input Error for any other value.
+// Options from the environment: SWITCHYARD_SM90_GEMM=basic|pipelined (unset: pipelined) and
+// SWITCHYARD_SM90_STORE=tma|direct (unset: tma). Throws a bad-input Error for other values.
 Options default_options();
 
 // True when the current CUDA device is compute capability 9.0 and this build carries sm_90a code.
@@ -54,6 +81,11 @@ bool device_supported();
 // Callers fall back to another implementation when false.
 bool supported(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& expert_offsets, const Tensor& c);
 bool weight_grad_supported(const Tensor& a, const Tensor& g, const Tensor& expert_offsets, const Tensor& grad_b);
+// pre == nullptr: pre is not kept. pre must not alias post (backward: grad_pre must not alias pre).
+bool activation_supported(ExpertActivation activation, const Tensor& a, const Tensor& w1, const Tensor& expert_offsets,
+                          const Tensor* pre, const Tensor& post);
+bool activation_backward_supported(ExpertActivation activation, const Tensor& grad_out, const Tensor& w2,
+                                   const Tensor& expert_offsets, const Tensor& pre, const Tensor& grad_pre);
 
 // Asynchronous on `stream` (a cudaStream_t; nullptr = legacy default stream). Throw when not supported.
 void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& expert_offsets, Tensor& c,
@@ -64,6 +96,14 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
                               void* stream);
 void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& expert_offsets, Tensor& grad_b,
                               const Options& options, void* stream);
+// Fused activation epilogues; throw for Variant::basic. Rows at or beyond expert_offsets[E] of
+// pre, post and grad_pre are not written.
+void grouped_gemm_activation(ExpertActivation activation, const Tensor& a, const Tensor& w1,
+                             const Tensor& expert_offsets, Tensor* pre, Tensor& post, const Options& options,
+                             void* stream);
+void grouped_gemm_activation_backward(ExpertActivation activation, const Tensor& grad_out, const Tensor& w2,
+                                      const Tensor& expert_offsets, const Tensor& pre, Tensor& grad_pre,
+                                      const Options& options, void* stream);
 
 }  // namespace sm90
 }  // namespace cuda

@@ -59,18 +59,29 @@ struct OperandLayout {
   static constexpr int kTranspose = kMNMajor ? 1 : 0;
 };
 
-// Shared memory of the warp-specialized kernels: kStages x (A tile, B tile), an optional bf16
-// epilogue staging area (two warpgroups x 64 rows x kStagingPitch bytes), then the mbarriers.
+// Shared memory of the warp-specialized kernels: kStages x (A tile, B tile), an epilogue staging
+// area of kStagingBytes (1024-aligned), then the mbarriers. The forward kernels stage bf16 slices
+// (two warpgroups x 64 rows x kStagingPitch bytes); the weight grad's TMA-store epilogue stages the
+// whole fp32 tile (kFloatTileStagingBytes).
 constexpr int kStagingPitch = kChunk * 2 + 16;  // one 64-column slice of a row, padded: no bank conflicts
 constexpr int kStagingBytesPerWarpgroup = 64 * kStagingPitch;
+constexpr int kBf16StagingBytes = 2 * kStagingBytesPerWarpgroup;
+// TMA-store forward epilogue: per warpgroup two swizzled 64 x 64 bf16 boxes (8 KiB each).
+constexpr int kBf16BoxBytes = 64 * kChunk * 2;
+constexpr int kBf16TmaStagingBytes = 2 * 2 * kBf16BoxBytes;
+// fp32 tiles go out through TMA boxes of 64 rows x 32 columns (128 bytes, one swizzle row each).
+constexpr int kFloatBoxColumns = 32;
+constexpr int kFloatBoxBytes = 64 * kFloatBoxColumns * 4;  // 8 KiB
+constexpr int kTmaStoreBlockN = 128;                         // tile width of the TMA-store weight grad
+constexpr int kFloatTileStagingBytes = kBlockM * kTmaStoreBlockN * 4;  // 64 KiB
 
 constexpr int min_int(int a, int b) { return a < b ? a : b; }
 
-template <int kBlockN, bool kStaging>
+template <int kBlockN, int kStagingBytesValue>
 struct PipelineLayout {
   static constexpr int kTileBytesB = kBlockN * kBlockK * 2;
   static constexpr int kStageBytes = kTileBytesA + kTileBytesB;
-  static constexpr int kStagingBytes = kStaging ? 2 * kStagingBytesPerWarpgroup : 0;
+  static constexpr int kStagingBytes = kStagingBytesValue;
   static constexpr int kStages =
       min_int(kMaxStages, (kMaxDynamicSmem - kSmemAlignSlack - kStagingBytes - 2 * 8 * kMaxStages) / kStageBytes);
   static constexpr int kOffsetA = 0;
@@ -82,6 +93,7 @@ struct PipelineLayout {
   static_assert(kStages >= 3, "pipeline too shallow");
   static_assert(kSmemBytes <= kMaxDynamicSmem, "shared memory budget");
   static_assert(kTileBytesB % kSwizzleAtomBytes == 0, "tiles stay 1024-byte aligned");
+  static_assert(kOffsetStaging % kSwizzleAtomBytes == 0, "swizzled staging needs 1024-byte alignment");
 };
 
 // Basic kernels: 128 x 128 tiles, a 4-stage ring, no warp specialization.
@@ -90,15 +102,36 @@ constexpr int kBasicStages = 4;
 constexpr int kBasicTileBytesB = kBasicBlockN * kBlockK * 2;
 constexpr int kBasicSmemBytes = kBasicStages * (kTileBytesA + kBasicTileBytesB) + 8 * kBasicStages + kSmemAlignSlack;
 
-// Kernel arguments besides the tensor maps.
+// What the forward kernel's epilogue does with the fp32 tile (grouped_gemm_sm90_epilogue.cuh).
+//   store            C = tile
+//   gelu, swiglu     pre = tile (unless not kept), post = act(pre)   (expert GEMM 1)
+//   gelu_backward,   grad_pre = tile * act'(pre), the tile being dL/d post   (expert data grad 2)
+//   swiglu_backward
+enum class Epilogue : uint8_t { store, gelu, swiglu, gelu_backward, swiglu_backward };
+
+constexpr bool is_backward_epilogue(Epilogue epilogue) {
+  return epilogue == Epilogue::gelu_backward || epilogue == Epilogue::swiglu_backward;
+}
+
+// Kernel arguments besides the tensor maps. `n` is the width the tiles cover: N of C for store,
+// F (the activation's width) for the others; swiglu rows of pre and grad_pre are 2F wide.
 struct ForwardProblem {
   const int* expert_offsets;
-  __nv_bfloat16* c;
+  __nv_bfloat16* c;          // store: C; gelu/swiglu: pre (nullptr: not kept); *_backward: grad_pre
+  __nv_bfloat16* post;       // gelu/swiglu: act(pre) [R, F]
+  const __nv_bfloat16* pre;  // *_backward: the forward's pre, read by the epilogue
   int num_experts;
   int rows;      // R: allocated rows of A and C
-  int n;         // columns of C (multiple of 64)
+  int n;         // see above (multiple of 64)
   int k_blocks;  // K / 64
-  int n_tiles;   // ceil(N / block_n)
+  int n_tiles;   // ceil(n / tile columns)
+};
+
+// Tensor maps of the forward kernel (one __grid_constant__ argument). pre: the backward
+// epilogues' L2 prefetch; c and post: the TMA-store epilogue's outputs (64 x 64 boxes). Maps a
+// kernel does not use hold a copy of `a`.
+struct ForwardMaps {
+  CUtensorMap a, b, pre, c, post;
 };
 
 struct WeightGradProblem {
@@ -113,10 +146,12 @@ struct WeightGradProblem {
 };
 
 // ---- Host helpers (grouped_gemm_sm90.cu) ------------------------------------------------------
-// A bf16 tensor map with 128-byte swizzle. dims and box are innermost first; strides (bytes) are
-// those of dims 1..rank-1.
+// A bf16 (or fp32) tensor map with 128-byte swizzle. dims and box are innermost first; strides
+// (bytes) are those of dims 1..rank-1.
 CUtensorMap make_bf16_tensor_map(const void* base, int rank, const uint64_t* dims, const uint64_t* stride_bytes,
                                  const uint32_t* box);
+CUtensorMap make_f32_tensor_map(const void* base, int rank, const uint64_t* dims, const uint64_t* stride_bytes,
+                                const uint32_t* box);
 int current_device_sm_count();
 // Picks the output tile width: options.block_n when set, else 256 when N fills 256-wide tiles and
 // there are enough tiles to occupy the GPU, else 128.
@@ -192,6 +227,48 @@ __device__ __forceinline__ void tma_load_3d(uint32_t destination, const CUtensor
       "[%2];" ::"r"(destination),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(barrier), "r"(coord0), "r"(coord1), "r"(coord2)
       : "memory");
+}
+
+// TMA tile store from shared memory (bulk-group completion); coordinates innermost first.
+__device__ __forceinline__ void tma_store_3d(const CUtensorMap* map, uint32_t source, int coord0, int coord1,
+                                             int coord2) {
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(source), "r"(coord0), "r"(coord1), "r"(coord2)
+               : "memory");
+}
+
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t source, int coord0, int coord1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(source), "r"(coord0), "r"(coord1)
+               : "memory");
+}
+
+__device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+
+// Waits until all but the newest kPending committed bulk-store groups have read their
+// shared-memory source (which may then be reused).
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_group_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kPending) : "memory");
+}
+__device__ __forceinline__ void bulk_wait_group_read_all() { bulk_wait_group_read<0>(); }
+
+// Waits until the committed bulk stores are complete.
+__device__ __forceinline__ void bulk_wait_group_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
+// Orders this thread's generic-proxy shared-memory writes before later async-proxy (TMA) reads.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// Pulls one box of a tensor into L2 (no shared memory, no completion to wait for).
+__device__ __forceinline__ void tma_prefetch_l2_2d(const CUtensorMap* map, int coord0, int coord1) {
+  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(coord0), "r"(coord1)
+               : "memory");
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }

@@ -1,4 +1,5 @@
-// sm_90a grouped GEMM, forward: C[r, :] = A[r, :] * op(B_e) for the rows r of each expert segment.
+// sm_90a grouped GEMM, forward: C[r, :] = A[r, :] * op(B_e) for the rows r of each expert segment,
+// optionally with the expert activation (or its backward) fused into the epilogue.
 //
 // A [R, K] bf16 row-major (K-major operand), B [E, K, N] bf16 (N-major operand: wgmma transposes it
 // from shared memory) or, with trans_b, B [E, N, K] (K-major), C [R, N] bf16; fp32 accumulation.
@@ -6,8 +7,17 @@
 // multiples of 128 rows), found by a binary search of expert_offsets on the device. Tiles at or
 // beyond expert_offsets[E] are not scheduled.
 //
+// Fused epilogues (pipelined variant; grouped_gemm_sm90_epilogue.cuh):
+//   grouped_gemm_activation           A = X [R, D], B = W1 [E, D, F or 2F]:  pre = X W1_e (kept or
+//                                     not), post = act(pre) [R, F]. swiglu tiles cover block_n/2
+//                                     post columns and load gate and up columns of W1 side by side.
+//   grouped_gemm_activation_backward  A = dL/dO [R, D], B = W2 [E, F, D] used transposed:
+//                                     grad_pre = act'(pre) * (dL/dO W2_e^T), [R, F] or [R, 2F];
+//                                     dL/d post never reaches memory.
+//
 // Shared-memory layouts, descriptors and PTX wrappers: grouped_gemm_sm90_common.cuh.
 #include "kernels/cuda/grouped_gemm_sm90_common.cuh"
+#include "kernels/cuda/grouped_gemm_sm90_epilogue.cuh"
 #include "src/core/cuda_check.h"
 
 namespace switchyard {
@@ -18,19 +28,27 @@ namespace {
 
 #ifdef SY_SM90A_DEVICE_CODE
 // Issues the TMA loads of one stage: A rows [row0, row0+128) x K block, and `chunks` 64-column
-// pieces of op(B_e)'s tile (pieces past N are skipped; their accumulator columns are never stored).
+// pieces of op(B_e) from column n0 into the tile's first chunks (pieces past N are skipped; their
+// accumulator columns are never stored). With second_n0 >= 0 (swiglu) another `chunks` pieces from
+// column second_n0 go to the chunks from `second_slot` on.
 template <bool kBMNMajor>
 __device__ __forceinline__ void load_forward_stage(const CUtensorMap* map_a, const CUtensorMap* map_b,
                                                    uint32_t barrier, uint32_t a_tile, uint32_t b_tile, int k_block,
-                                                   int row0, int n0, int expert, int chunks) {
-  mbarrier_arrive_expect_tx(barrier, kTileBytesA + chunks * kChunkBytes);
+                                                   int row0, int n0, int expert, int chunks, int second_n0 = -1,
+                                                   int second_slot = 0) {
+  const int groups = second_n0 >= 0 ? 2 : 1;
+  mbarrier_arrive_expect_tx(barrier, kTileBytesA + groups * chunks * kChunkBytes);
   tma_load_2d(a_tile, map_a, barrier, k_block * kBlockK, row0);
-  for (int chunk = 0; chunk < chunks; ++chunk) {
-    const int column = n0 + chunk * kChunk;
-    if constexpr (kBMNMajor) {
-      tma_load_3d(b_tile + chunk * kChunkBytes, map_b, barrier, column, k_block * kBlockK, expert);
-    } else {
-      tma_load_3d(b_tile + chunk * kChunkBytes, map_b, barrier, k_block * kBlockK, column, expert);
+  for (int group = 0; group < groups; ++group) {
+    const int first_column = group == 0 ? n0 : second_n0, first_slot = group == 0 ? 0 : second_slot;
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+      const int column = first_column + chunk * kChunk;
+      const uint32_t destination = b_tile + (first_slot + chunk) * kChunkBytes;
+      if constexpr (kBMNMajor) {
+        tma_load_3d(destination, map_b, barrier, column, k_block * kBlockK, expert);
+      } else {
+        tma_load_3d(destination, map_b, barrier, k_block * kBlockK, column, expert);
+      }
     }
   }
 }
@@ -39,17 +57,38 @@ __device__ __forceinline__ void load_forward_stage(const CUtensorMap* map_a, con
 __device__ __forceinline__ int forward_valid_rows(const ForwardProblem& problem) {
   return max(0, min(__ldg(problem.expert_offsets + problem.num_experts), problem.rows));
 }
+
+// Issues L2 prefetches of the pre boxes (64 columns x 128 rows) a backward epilogue will read for
+// the tile at rows [row0, +128), tile columns from n0; by the time the mainloop is done they are
+// L2 hits.
+template <Epilogue kEpilogue>
+__device__ __forceinline__ void prefetch_epilogue_input(const CUtensorMap* map_pre, const ForwardProblem& problem,
+                                                        int row0, int n0, int chunks) {
+  if constexpr (is_backward_epilogue(kEpilogue)) {
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+      tma_prefetch_l2_2d(map_pre, n0 + chunk * kChunk, row0);
+      if constexpr (kEpilogue == Epilogue::swiglu_backward)
+        tma_prefetch_l2_2d(map_pre, problem.n + n0 + chunk * kChunk, row0);
+    }
+  }
+}
 #endif
 
+template <int kBlockN, bool kTmaStore>
+using ForwardLayout = PipelineLayout<kBlockN, kTmaStore ? kBf16TmaStagingBytes : kBf16StagingBytes>;
+
 // Warp-specialized persistent kernel. Warpgroup 0: one thread streams TMA loads for this CTA's
-// tiles through the kStages ring. Warpgroups 1 and 2: rows [0, 64) and [64, 128) of each tile.
-template <int kBlockN, bool kBMNMajor>
+// tiles through the kStages ring. Warpgroups 1 and 2: rows [0, 64) and [64, 128) of each tile, then
+// the tile's epilogue, which stores through TMA (kTmaStore: maps.c, maps.post) or st.global.
+template <int kBlockN, bool kBMNMajor, Epilogue kEpilogue, bool kTmaStore>
 __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
-    forward_pipelined_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
-                             const ForwardProblem problem) {
+    forward_pipelined_kernel(const __grid_constant__ ForwardMaps maps, const ForwardProblem problem) {
 #ifdef SY_SM90A_DEVICE_CODE
-  using Layout = PipelineLayout<kBlockN, true>;
+  using Layout = ForwardLayout<kBlockN, kTmaStore>;
   constexpr int kStages = Layout::kStages;
+  // swiglu: a tile holds kBlockN/2 gate and as many up columns of W1 for kBlockN/2 post columns.
+  constexpr bool kPairedColumns = kEpilogue == Epilogue::swiglu;
+  constexpr int kTileColumns = kPairedColumns ? kBlockN / 2 : kBlockN;
   extern __shared__ uint8_t dynamic_smem[];
   const PipelineSmem smem = setup_pipeline<Layout>(dynamic_smem);
   const int warpgroup = threadIdx.x / kWarpgroupThreads;
@@ -60,21 +99,26 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
   if (warpgroup == 0) {
     setmaxnreg_decrease<kProducerRegisters>();
     if (thread_in_warpgroup != 0) return;
-    prefetch_tensor_map(&map_a);
-    prefetch_tensor_map(&map_b);
+    const CUtensorMap* map_a = &maps.a;
+    const CUtensorMap* map_b = &maps.b;
+    prefetch_tensor_map(map_a);
+    prefetch_tensor_map(map_b);
+    if constexpr (is_backward_epilogue(kEpilogue)) prefetch_tensor_map(&maps.pre);
     PipelineState state;
     for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
       const TileCoord coord = raster_tile(tile, m_tiles, problem.n_tiles);
-      const int row0 = coord.m * kBlockM, n0 = coord.n * kBlockN;
+      const int row0 = coord.m * kBlockM, n0 = coord.n * kTileColumns;
       const int expert = expert_of_row(problem.expert_offsets, problem.num_experts, row0);
       check_segment(problem.expert_offsets, expert, kBlockM, problem.rows);
-      const int chunks = min(kBlockN / kChunk, (problem.n - n0) / kChunk);
+      const int chunks = min(kTileColumns / kChunk, (problem.n - n0) / kChunk);
+      prefetch_epilogue_input<kEpilogue>(&maps.pre, problem, row0, n0, chunks);
       for (int k_block = 0; k_block < problem.k_blocks; ++k_block) {
         mbarrier_wait(smem.empty_barriers + 8 * state.stage, state.phase ^ 1u);
-        load_forward_stage<kBMNMajor>(&map_a, &map_b, smem.full_barriers + 8 * state.stage,
+        load_forward_stage<kBMNMajor>(map_a, map_b, smem.full_barriers + 8 * state.stage,
                                       smem.address + Layout::kOffsetA + state.stage * kTileBytesA,
                                       smem.address + Layout::kOffsetB + state.stage * Layout::kTileBytesB, k_block,
-                                      row0, n0, expert, chunks);
+                                      row0, n0, expert, chunks, kPairedColumns ? problem.n + n0 : -1,
+                                      kTileColumns / kChunk);
         state.advance<kStages>();
       }
     }
@@ -83,51 +127,37 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
 
   setmaxnreg_increase<kConsumerRegisters>();
   const int consumer = warpgroup - 1;
-  const int warp = thread_in_warpgroup / 32, lane = thread_in_warpgroup % 32;
-  const int fragment_row = warp * 16 + lane / 4;  // wgmma D layout: rows r and r + 8, column pairs
-  const int fragment_column = (lane % 4) * 2;
-  uint8_t* staging = smem.base + Layout::kOffsetStaging + consumer * kStagingBytesPerWarpgroup;
+  const int lane = thread_in_warpgroup % 32;
+  uint8_t* staging = smem.base + Layout::kOffsetStaging + consumer * (Layout::kStagingBytes / 2);
   const uint32_t a_tiles = smem.address + Layout::kOffsetA + consumer * (kTileBytesA / 2);
   const uint32_t b_tiles = smem.address + Layout::kOffsetB;
+  const FragmentPosition position = fragment_position(thread_in_warpgroup);
+  auto writer = [&] {
+    if constexpr (kTmaStore) {
+      if (thread_in_warpgroup == 0) {
+        prefetch_tensor_map(&maps.c);
+        if constexpr (kEpilogue == Epilogue::gelu || kEpilogue == Epilogue::swiglu) prefetch_tensor_map(&maps.post);
+      }
+      return TmaWriter{staging, &maps.c, &maps.post, position, 1 + consumer, thread_in_warpgroup};
+    } else {
+      return DirectWriter{staging, &problem, position, 1 + consumer, thread_in_warpgroup};
+    }
+  }();
   float acc[kBlockN / 2];
   PipelineState state;
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
     const TileCoord coord = raster_tile(tile, m_tiles, problem.n_tiles);
-    const int row0 = coord.m * kBlockM + consumer * (kBlockM / 2), n0 = coord.n * kBlockN;
+    const int row0 = coord.m * kBlockM + consumer * (kBlockM / 2), n0 = coord.n * kTileColumns;
+    EpilogueInput<kEpilogue> epilogue_input;
+    load_epilogue_input<kEpilogue>(problem, row0, n0, thread_in_warpgroup, epilogue_input);
 #pragma unroll
     for (int i = 0; i < kBlockN / 2; ++i) acc[i] = 0.0f;
     consume_k_blocks<kBlockN, false, kBMNMajor, kStages>(acc, problem.k_blocks, a_tiles, kTileBytesA, b_tiles,
                                                           Layout::kTileBytesB, smem.full_barriers,
                                                           smem.empty_barriers, state, lane == 0);
-    // Epilogue, one 64-column slice at a time: fragments -> bf16 in the padded staging rows ->
-    // 16-byte coalesced stores (8 threads per 128-byte row segment).
-#pragma unroll
-    for (int slice = 0; slice < kBlockN / kChunk; ++slice) {
-      const int slice_column = n0 + slice * kChunk;
-      if (slice_column >= problem.n) break;  // uniform over the warpgroup
-#pragma unroll
-      for (int j = 0; j < kChunk / 8; ++j) {
-        const float* pair = acc + 4 * (slice * (kChunk / 8) + j);
-        const int byte_column = (j * 8 + fragment_column) * 2;
-        *reinterpret_cast<uint32_t*>(staging + fragment_row * kStagingPitch + byte_column) =
-            pack_bf16x2(pair[0], pair[1]);
-        *reinterpret_cast<uint32_t*>(staging + (fragment_row + 8) * kStagingPitch + byte_column) =
-            pack_bf16x2(pair[2], pair[3]);
-      }
-      warpgroup_barrier(1 + consumer);
-#pragma unroll
-      for (int pass = 0; pass < 64 * 8 / kWarpgroupThreads; ++pass) {
-        const int piece = pass * kWarpgroupThreads + thread_in_warpgroup;
-        const int row = piece / 8, piece_column = (piece % 8) * 8;
-        const uint4 value = *reinterpret_cast<const uint4*>(staging + row * kStagingPitch + piece_column * 2);
-        const int64_t global_row = int64_t(row0) + row;
-        if (global_row < problem.rows) {
-          *reinterpret_cast<uint4*>(problem.c + global_row * problem.n + slice_column + piece_column) = value;
-        }
-      }
-      warpgroup_barrier(1 + consumer);
-    }
+    run_epilogue<kEpilogue, kBlockN>(acc, problem, row0, n0, epilogue_input, position, writer);
   }
+  writer.finish();
 #elif defined(__CUDA_ARCH__)
   __trap();  // built without sm_90a code: never run silently
 #endif
@@ -178,16 +208,76 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
 #endif
 }
 
-template <int kBlockN, bool kBMNMajor>
-void launch_pipelined(const CUtensorMap& map_a, const CUtensorMap& map_b, const ForwardProblem& problem,
-                      int64_t m_tiles_upper_bound, cudaStream_t stream) {
-  constexpr int kSmemBytes = PipelineLayout<kBlockN, true>::kSmemBytes;
-  auto kernel = forward_pipelined_kernel<kBlockN, kBMNMajor>;
+// Tensor maps of A [R, K] and of B: [E, N, K] with trans_b, else [E, K, N] (N = gemm_n).
+ForwardMaps make_forward_maps(const Tensor& a, const Tensor& b, bool trans_b, int64_t gemm_n) {
+  const int64_t rows = a.dim(0), k = a.dim(1), experts = b.dim(0);
+  ForwardMaps maps;
+  const uint64_t dims_a[2] = {uint64_t(k), uint64_t(rows)};
+  const uint64_t strides_a[1] = {uint64_t(k) * 2};
+  const uint32_t box_a[2] = {kBlockK, kBlockM};
+  maps.a = make_bf16_tensor_map(a.data, 2, dims_a, strides_a, box_a);
+  // B_e as [N, K] (trans_b, K-major) or [K, N] (N-major); the expert is the outermost coordinate.
+  const uint64_t inner = trans_b ? uint64_t(k) : uint64_t(gemm_n), outer = trans_b ? uint64_t(gemm_n) : uint64_t(k);
+  const uint64_t dims_b[3] = {inner, outer, uint64_t(experts)};
+  const uint64_t strides_b[2] = {inner * 2, inner * outer * 2};
+  const uint32_t box_b[3] = {kChunk, kChunk, 1};
+  maps.b = make_bf16_tensor_map(b.data, 3, dims_b, strides_b, box_b);
+  maps.pre = maps.c = maps.post = maps.a;
+  return maps;
+}
+
+// A row-major bf16 matrix in `box_rows` x 64 boxes: the TMA-store outputs (64 rows) and the
+// backward epilogues' pre (128 rows, L2 prefetch).
+CUtensorMap matrix_map(const Tensor& matrix, uint32_t box_rows) {
+  const uint64_t dims[2] = {uint64_t(matrix.dim(1)), uint64_t(matrix.dim(0))};
+  const uint64_t strides[1] = {uint64_t(matrix.dim(1)) * 2};
+  const uint32_t box[2] = {kChunk, box_rows};
+  return make_bf16_tensor_map(matrix.data, 2, dims, strides, box);
+}
+
+ForwardProblem make_problem(const Tensor& a, const Tensor& expert_offsets, int64_t experts, int64_t n) {
+  ForwardProblem problem{};
+  problem.expert_offsets = expert_offsets.as<const int>();
+  problem.num_experts = int(experts);
+  problem.rows = int(a.dim(0));
+  problem.n = int(n);
+  problem.k_blocks = int(a.dim(1) / kBlockK);
+  return problem;
+}
+
+template <int kBlockN, bool kBMNMajor, Epilogue kEpilogue, bool kTmaStore>
+void launch_pipelined(const ForwardMaps& maps, const ForwardProblem& problem, int64_t m_tiles_upper_bound,
+                      cudaStream_t stream) {
+  constexpr int kSmemBytes = ForwardLayout<kBlockN, kTmaStore>::kSmemBytes;
+  auto kernel = forward_pipelined_kernel<kBlockN, kBMNMajor, kEpilogue, kTmaStore>;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   const int64_t tiles = m_tiles_upper_bound * problem.n_tiles;
   const int grid = int(std::min<int64_t>(tiles, current_device_sm_count()));
-  kernel<<<grid, 3 * kWarpgroupThreads, kSmemBytes, stream>>>(map_a, map_b, problem);
+  kernel<<<grid, 3 * kWarpgroupThreads, kSmemBytes, stream>>>(maps, problem);
   CUDA_CHECK_LAUNCH();
+}
+
+// Sets the problem's tile count for the chosen width and launches the pipelined kernel with the
+// chosen store. `c` and `post` are the output matrices (post: activation epilogues only; c may be
+// null when pre is not kept), for the TMA store's maps.
+template <bool kBMNMajor, Epilogue kEpilogue>
+void launch_pipelined(int block_n, Store store, ForwardMaps maps, ForwardProblem problem, const Tensor* c,
+                      const Tensor* post, int64_t m_tiles_upper_bound, cudaStream_t stream) {
+  const int tile_columns = kEpilogue == Epilogue::swiglu ? block_n / 2 : block_n;
+  problem.n_tiles = (problem.n + tile_columns - 1) / tile_columns;
+  if (store == Store::tma) {
+    if (c) maps.c = matrix_map(*c, 64);
+    if (post) maps.post = matrix_map(*post, 64);
+    if (block_n == 256) {
+      launch_pipelined<256, kBMNMajor, kEpilogue, true>(maps, problem, m_tiles_upper_bound, stream);
+    } else {
+      launch_pipelined<128, kBMNMajor, kEpilogue, true>(maps, problem, m_tiles_upper_bound, stream);
+    }
+  } else if (block_n == 256) {
+    launch_pipelined<256, kBMNMajor, kEpilogue, false>(maps, problem, m_tiles_upper_bound, stream);
+  } else {
+    launch_pipelined<128, kBMNMajor, kEpilogue, false>(maps, problem, m_tiles_upper_bound, stream);
+  }
 }
 
 template <bool kBMNMajor>
@@ -201,6 +291,8 @@ void launch_basic(const CUtensorMap& map_a, const CUtensorMap& map_b, const Forw
   CUDA_CHECK_LAUNCH();
 }
 
+int64_t m_tile_bound(const Tensor& a) { return (a.dim(0) + kBlockM - 1) / kBlockM; }
+
 }  // namespace
 }  // namespace detail
 
@@ -210,57 +302,89 @@ void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& 
   SY_CHECK(supported(a, b, trans_b, expert_offsets, c), "sm90::grouped_gemm: unsupported problem: a ", a.describe(),
            ", b ", b.describe(), trans_b ? " (trans_b)" : "", ", expert_offsets ", expert_offsets.describe(), ", c ",
            c.describe());
-  const int64_t rows = a.dim(0), k = a.dim(1), n = c.dim(1), experts = b.dim(0);
+  const int64_t rows = a.dim(0), n = c.dim(1);
   if (rows == 0) return;
-  const uint64_t dims_a[2] = {uint64_t(k), uint64_t(rows)};
-  const uint64_t strides_a[1] = {uint64_t(k) * 2};
-  const uint32_t box_a[2] = {kBlockK, kBlockM};
-  const CUtensorMap map_a = make_bf16_tensor_map(a.data, 2, dims_a, strides_a, box_a);
-  // B_e as [N, K] (trans_b, K-major) or [K, N] (N-major); the expert is the outermost coordinate.
-  const uint64_t inner = trans_b ? uint64_t(k) : uint64_t(n), outer = trans_b ? uint64_t(n) : uint64_t(k);
-  const uint64_t dims_b[3] = {inner, outer, uint64_t(experts)};
-  const uint64_t strides_b[2] = {inner * 2, inner * outer * 2};
-  const uint32_t box_b[3] = {kChunk, kChunk, 1};
-  const CUtensorMap map_b = make_bf16_tensor_map(b.data, 3, dims_b, strides_b, box_b);
-
-  ForwardProblem problem{};
-  problem.expert_offsets = expert_offsets.as<const int>();
+  const ForwardMaps maps = make_forward_maps(a, b, trans_b, n);
+  ForwardProblem problem = make_problem(a, expert_offsets, b.dim(0), n);
   problem.c = c.as<__nv_bfloat16>();
-  problem.num_experts = int(experts);
-  problem.rows = int(rows);
-  problem.n = int(n);
-  problem.k_blocks = int(k / kBlockK);
-  const int64_t m_tiles = (rows + kBlockM - 1) / kBlockM;
+  const int64_t m_tiles = m_tile_bound(a);
   cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
   if (options.variant == Variant::basic) {
     problem.n_tiles = int((n + kBasicBlockN - 1) / kBasicBlockN);
     if (trans_b) {
-      launch_basic<false>(map_a, map_b, problem, m_tiles, cuda_stream);
+      launch_basic<false>(maps.a, maps.b, problem, m_tiles, cuda_stream);
     } else {
-      launch_basic<true>(map_a, map_b, problem, m_tiles, cuda_stream);
+      launch_basic<true>(maps.a, maps.b, problem, m_tiles, cuda_stream);
     }
     return;
   }
   const int block_n = choose_block_n(options, n, m_tiles);
-  problem.n_tiles = int((n + block_n - 1) / block_n);
-  if (block_n == 256) {
-    if (trans_b) {
-      launch_pipelined<256, false>(map_a, map_b, problem, m_tiles, cuda_stream);
-    } else {
-      launch_pipelined<256, true>(map_a, map_b, problem, m_tiles, cuda_stream);
-    }
+  if (trans_b) {
+    launch_pipelined<false, Epilogue::store>(block_n, options.store, maps, problem, &c, nullptr, m_tiles, cuda_stream);
   } else {
-    if (trans_b) {
-      launch_pipelined<128, false>(map_a, map_b, problem, m_tiles, cuda_stream);
-    } else {
-      launch_pipelined<128, true>(map_a, map_b, problem, m_tiles, cuda_stream);
-    }
+    launch_pipelined<true, Epilogue::store>(block_n, options.store, maps, problem, &c, nullptr, m_tiles, cuda_stream);
   }
 }
 
 void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& expert_offsets, Tensor& c,
                   void* stream) {
   grouped_gemm(a, b, trans_b, expert_offsets, c, default_options(), stream);
+}
+
+void grouped_gemm_activation(ExpertActivation activation, const Tensor& a, const Tensor& w1,
+                             const Tensor& expert_offsets, Tensor* pre, Tensor& post, const Options& options,
+                             void* stream) {
+  using namespace detail;
+  SY_CHECK(options.variant == Variant::pipelined, "sm90::grouped_gemm_activation: the fused epilogue needs the "
+           "pipelined kernel");
+  SY_CHECK(activation_supported(activation, a, w1, expert_offsets, pre, post),
+           "sm90::grouped_gemm_activation: unsupported problem: a ", a.describe(), ", w1 ", w1.describe(),
+           ", expert_offsets ", expert_offsets.describe(), ", pre ", pre ? pre->describe() : std::string("(not kept)"),
+           ", post ", post.describe());
+  if (a.dim(0) == 0) return;
+  const int64_t gemm_n = w1.dim(2), width = post.dim(1);
+  const ForwardMaps maps = make_forward_maps(a, w1, false, gemm_n);
+  ForwardProblem problem = make_problem(a, expert_offsets, w1.dim(0), width);
+  problem.c = pre ? pre->as<__nv_bfloat16>() : nullptr;
+  problem.post = post.as<__nv_bfloat16>();
+  const int64_t m_tiles = m_tile_bound(a);
+  const int block_n = choose_block_n(options, gemm_n, m_tiles);
+  cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
+  if (activation == ExpertActivation::swiglu) {
+    launch_pipelined<true, Epilogue::swiglu>(block_n, options.store, maps, problem, pre, &post, m_tiles, cuda_stream);
+  } else {
+    launch_pipelined<true, Epilogue::gelu>(block_n, options.store, maps, problem, pre, &post, m_tiles, cuda_stream);
+  }
+}
+
+void grouped_gemm_activation_backward(ExpertActivation activation, const Tensor& grad_out, const Tensor& w2,
+                                      const Tensor& expert_offsets, const Tensor& pre, Tensor& grad_pre,
+                                      const Options& options, void* stream) {
+  using namespace detail;
+  SY_CHECK(options.variant == Variant::pipelined, "sm90::grouped_gemm_activation_backward: the fused epilogue needs "
+           "the pipelined kernel");
+  SY_CHECK(activation_backward_supported(activation, grad_out, w2, expert_offsets, pre, grad_pre),
+           "sm90::grouped_gemm_activation_backward: unsupported problem: grad_out ", grad_out.describe(), ", w2 ",
+           w2.describe(), ", expert_offsets ", expert_offsets.describe(), ", pre ", pre.describe(), ", grad_pre ",
+           grad_pre.describe());
+  const int64_t rows = grad_out.dim(0), width = w2.dim(1);
+  if (rows == 0) return;
+  ForwardMaps maps = make_forward_maps(grad_out, w2, true, width);
+  maps.pre = matrix_map(pre, kBlockM);
+  ForwardProblem problem = make_problem(grad_out, expert_offsets, w2.dim(0), width);
+  problem.c = grad_pre.as<__nv_bfloat16>();
+  problem.pre = pre.as<const __nv_bfloat16>();
+  const int64_t m_tiles = m_tile_bound(grad_out);
+  const int block_n = choose_block_n(options, width, m_tiles);
+  cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
+  const Store store = options.store;
+  if (activation == ExpertActivation::swiglu) {
+    launch_pipelined<false, Epilogue::swiglu_backward>(block_n, store, maps, problem, &grad_pre, nullptr, m_tiles,
+                                                       cuda_stream);
+  } else {
+    launch_pipelined<false, Epilogue::gelu_backward>(block_n, store, maps, problem, &grad_pre, nullptr, m_tiles,
+                                                     cuda_stream);
+  }
 }
 
 }  // namespace sm90

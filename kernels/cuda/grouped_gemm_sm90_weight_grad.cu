@@ -5,6 +5,13 @@
 // over segment e in 64-row stages. Both operands are MN-major in shared memory (A^T: the M values of
 // one row of A are contiguous; G: the N values are), which wgmma reads with its transpose bits.
 //
+// Epilogue (pipelined): direct st.global of the fragments, or (tma, the default) the fp32 tile is
+// written to swizzled shared memory and stored by TMA bulk stores that drain while the consumers
+// already run the next tile's mainloop (grouped_gemm_sm90.h says why). Shared-memory layout of
+// one warpgroup's 64 x 128 staging: four 64 x 32 fp32 boxes of 8 KiB, row r of a box at 128 * r,
+// its 16-byte unit u at position u ^ (r % 8) (the TMA's 128-byte swizzle); a warp's float2
+// fragment writes then hit every bank exactly twice (the minimum for 256 bytes).
+//
 // Shared-memory layouts, descriptors and PTX wrappers: grouped_gemm_sm90_common.cuh.
 #include "kernels/cuda/grouped_gemm_sm90_common.cuh"
 #include "src/core/cuda_check.h"
@@ -48,6 +55,40 @@ __device__ __forceinline__ void store_weight_grad_tile(const float (&acc)[kBlock
   }
 }
 
+// The TMA-store epilogue of one warpgroup: its 64 x kBlockN fp32 tile (rows from row0 of dB_e,
+// columns from n0) goes to `staging` (see the top comment), then thread 0 issues the bulk stores
+// of the boxes inside N and commits them as one group. The staging is reused per tile: before
+// overwriting it, thread 0 waits until the previous tile's stores have read it.
+template <int kBlockN>
+__device__ __forceinline__ void store_weight_grad_tile_tma(const float (&acc)[kBlockN / 2], const CUtensorMap* map_grad,
+                                                           uint8_t* staging, int expert, int row0, int n0, int m,
+                                                           int n, int barrier_id, int thread_in_warpgroup) {
+  if (row0 >= m) return;  // M is a multiple of 64: uniform over the warpgroup
+  if (thread_in_warpgroup == 0) bulk_wait_group_read_all();
+  warpgroup_barrier(barrier_id);
+  const int warp = thread_in_warpgroup / 32, lane = thread_in_warpgroup % 32;
+  const int row = warp * 16 + lane / 4, column = (lane % 4) * 2;
+  const int swizzle = row % 8;  // the same for rows row and row + 8
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j) {
+    // Columns 8j + column, +1: box j / 4, byte 32 (j % 4) + 4 column of the box row.
+    const int unit = 2 * (j % 4) + column / 4;
+    uint8_t* base = staging + (j / 4) * kFloatBoxBytes + ((unit ^ swizzle) << 4) + (column % 4) * 4;
+    *reinterpret_cast<float2*>(base + row * 128) = make_float2(acc[4 * j], acc[4 * j + 1]);
+    *reinterpret_cast<float2*>(base + (row + 8) * 128) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+  }
+  fence_proxy_async_shared();  // every writer, before the barrier that precedes the TMA's reads
+  warpgroup_barrier(barrier_id);
+  if (thread_in_warpgroup == 0) {
+    const int boxes = min(kBlockN, n - n0) / kFloatBoxColumns;
+    for (int box = 0; box < boxes; ++box) {
+      tma_store_3d(map_grad, shared_address(staging + box * kFloatBoxBytes), n0 + box * kFloatBoxColumns, row0,
+                   expert);
+    }
+    bulk_commit_group();
+  }
+}
+
 struct WeightGradTile {
   int expert;
   int m0;
@@ -63,14 +104,19 @@ __device__ __forceinline__ WeightGradTile weight_grad_tile(const WeightGradProbl
 }
 #endif
 
+template <int kBlockN, bool kTmaStore>
+using WeightGradLayout = PipelineLayout<kBlockN, kTmaStore ? kFloatTileStagingBytes : 0>;
+
 // Warp-specialized persistent kernel: warpgroup 0 (one thread) loads, warpgroups 1 and 2 own rows
-// [0, 64) and [64, 128) of each dB tile.
-template <int kBlockN>
+// [0, 64) and [64, 128) of each dB tile. map_grad (dB as [E, M, N] fp32, 32 x 64 boxes) is used by
+// the TMA-store epilogue only.
+template <int kBlockN, bool kTmaStore>
 __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
     weight_grad_pipelined_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_g,
-                                 const WeightGradProblem problem) {
+                                 const __grid_constant__ CUtensorMap map_grad, const WeightGradProblem problem) {
 #ifdef SY_SM90A_DEVICE_CODE
-  using Layout = PipelineLayout<kBlockN, false>;
+  static_assert(!kTmaStore || kBlockN == kTmaStoreBlockN, "the fp32 staging holds one 128 x 128 tile");
+  using Layout = WeightGradLayout<kBlockN, kTmaStore>;
   constexpr int kStages = Layout::kStages;
   extern __shared__ uint8_t dynamic_smem[];
   const PipelineSmem smem = setup_pipeline<Layout>(dynamic_smem);
@@ -109,6 +155,8 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
   // A^T rows [64*consumer, +64) are chunk `consumer` of the stage's A tile.
   const uint32_t a_tiles = smem.address + Layout::kOffsetA + consumer * kChunkBytes;
   const uint32_t g_tiles = smem.address + Layout::kOffsetB;
+  uint8_t* staging = smem.base + Layout::kOffsetStaging + consumer * (Layout::kStagingBytes / 2);
+  if (kTmaStore && thread_in_warpgroup == 0) prefetch_tensor_map(&map_grad);
   float acc[kBlockN / 2];
   PipelineState state;
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
@@ -119,10 +167,17 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
     for (int i = 0; i < kBlockN / 2; ++i) acc[i] = 0.0f;
     consume_k_blocks<kBlockN, true, true, kStages>(acc, k_blocks, a_tiles, kTileBytesA, g_tiles, Layout::kTileBytesB,
                                                    smem.full_barriers, smem.empty_barriers, state, lane == 0);
-    store_weight_grad_tile<kBlockN>(acc, problem.grad_b + int64_t(where.expert) * problem.m * problem.n,
-                                    where.m0 + consumer * (kBlockM / 2), where.n0, problem.m, problem.n,
-                                    thread_in_warpgroup);
+    const int row0 = where.m0 + consumer * (kBlockM / 2);
+    if constexpr (kTmaStore) {
+      store_weight_grad_tile_tma<kBlockN>(acc, &map_grad, staging, where.expert, row0, where.n0, problem.m, problem.n,
+                                          1 + consumer, thread_in_warpgroup);
+    } else {
+      store_weight_grad_tile<kBlockN>(acc, problem.grad_b + int64_t(where.expert) * problem.m * problem.n, row0,
+                                      where.n0, problem.m, problem.n, thread_in_warpgroup);
+    }
   }
+  // The last stores must be done with the staging before the CTA's shared memory goes away.
+  if (kTmaStore && thread_in_warpgroup == 0) bulk_wait_group_all();
 #elif defined(__CUDA_ARCH__)
   __trap();  // built without sm_90a code: never run silently
 #endif
@@ -160,15 +215,15 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
 #endif
 }
 
-template <int kBlockN>
-void launch_pipelined(const CUtensorMap& map_a, const CUtensorMap& map_g, const WeightGradProblem& problem,
-                      cudaStream_t stream) {
-  constexpr int kSmemBytes = PipelineLayout<kBlockN, false>::kSmemBytes;
-  auto kernel = weight_grad_pipelined_kernel<kBlockN>;
+template <int kBlockN, bool kTmaStore>
+void launch_pipelined(const CUtensorMap& map_a, const CUtensorMap& map_g, const CUtensorMap& map_grad,
+                      const WeightGradProblem& problem, cudaStream_t stream) {
+  constexpr int kSmemBytes = WeightGradLayout<kBlockN, kTmaStore>::kSmemBytes;
+  auto kernel = weight_grad_pipelined_kernel<kBlockN, kTmaStore>;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   const int64_t tiles = int64_t(problem.num_experts) * problem.m_tiles * problem.n_tiles;
   const int grid = int(std::min<int64_t>(tiles, current_device_sm_count()));
-  kernel<<<grid, 3 * kWarpgroupThreads, kSmemBytes, stream>>>(map_a, map_g, problem);
+  kernel<<<grid, 3 * kWarpgroupThreads, kSmemBytes, stream>>>(map_a, map_g, map_grad, problem);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -218,12 +273,22 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
     launch_basic(map_a, map_g, problem, cuda_stream);
     return;
   }
+  if (options.store == Store::tma && options.block_n != 256) {
+    // dB as [E, M, N] fp32 for the TMA stores: boxes of 32 columns x 64 rows of one expert.
+    const uint64_t dims_grad[3] = {uint64_t(n), uint64_t(m), uint64_t(experts)};
+    const uint64_t strides_grad[2] = {uint64_t(n) * 4, uint64_t(m) * uint64_t(n) * 4};
+    const uint32_t box_grad[3] = {kFloatBoxColumns, kBlockM / 2, 1};
+    const CUtensorMap map_grad = make_f32_tensor_map(grad_b.data, 3, dims_grad, strides_grad, box_grad);
+    problem.n_tiles = int((n + kTmaStoreBlockN - 1) / kTmaStoreBlockN);
+    launch_pipelined<kTmaStoreBlockN, true>(map_a, map_g, map_grad, problem, cuda_stream);
+    return;
+  }
   const int block_n = choose_block_n(options, n, experts * problem.m_tiles);
   problem.n_tiles = int((n + block_n - 1) / block_n);
   if (block_n == 256) {
-    launch_pipelined<256>(map_a, map_g, problem, cuda_stream);
+    launch_pipelined<256, false>(map_a, map_g, map_a, problem, cuda_stream);
   } else {
-    launch_pipelined<128>(map_a, map_g, problem, cuda_stream);
+    launch_pipelined<128, false>(map_a, map_g, map_a, problem, cuda_stream);
   }
 }
 

@@ -209,9 +209,9 @@ void MoeEpLayer::experts_forward(const ExecContext& context, int chunk, const Mo
   Tensor hidden_post = rows(hidden_post_, activation_dtype_, row_begin, chunk_rows, config_.expert_d_ff);
   Tensor output = rows(expert_output_, activation_dtype_, row_begin, chunk_rows, d_model);
   const Tensor offsets = dispatcher_->chunk_offsets(chunk);
-  ops::grouped_gemm(context, input, expert_slice(weights.w1, first, count), false, offsets, hidden_pre,
-                    config_.segment_alignment);
-  ops::activation_forward(context, config_.activation, hidden_pre, hidden_post);
+  // H and A = act(H): one kernel where the activation fuses into the GEMM (ops::fuses_expert_activation).
+  ops::grouped_gemm_activation(context, config_.activation, input, expert_slice(weights.w1, first, count), offsets,
+                               hidden_pre, hidden_post, /*keep_pre=*/true, config_.segment_alignment);
   ops::grouped_gemm(context, hidden_post, expert_slice(weights.w2, first, count), false, offsets, output,
                     config_.segment_alignment);
   dispatcher_->from_expert_layout(context, chunk, output_all, received);
@@ -322,10 +322,12 @@ void MoeEpLayer::experts_backward(const ExecContext& context, int chunk, const M
   Tensor grad_hidden_pre = rows(grad_hidden_pre_, activation_dtype_, row_begin, chunk_rows, config_.w1_columns());
   const Tensor offsets = dispatcher_->chunk_offsets(chunk);
   ops::grouped_gemm_weight_grad(context, hidden_post, grad_expert_rows, offsets, grad_w2, config_.segment_alignment);
-  Tensor& grad_hidden_post = hidden_post;  // A is dead once dW2 has read it
-  ops::grouped_gemm(context, grad_expert_rows, expert_slice(weights.w2, first, count), true, offsets,
-                    grad_hidden_post, config_.segment_alignment);
-  ops::activation_backward(context, config_.activation, hidden_pre, grad_hidden_post, grad_hidden_pre);
+  // dL/dH = act'(H) * (dL/dO W2^T), fused where possible; the unfused path puts dL/dA in A's buffer
+  // (A is dead once dW2 has read it).
+  Tensor& grad_hidden_post = hidden_post;
+  ops::grouped_gemm_activation_backward(context, config_.activation, grad_expert_rows,
+                                        expert_slice(weights.w2, first, count), offsets, hidden_pre, grad_hidden_post,
+                                        grad_hidden_pre, config_.segment_alignment);
   ops::grouped_gemm_weight_grad(context, input, grad_hidden_pre, offsets, grad_w1, config_.segment_alignment);
   ops::grouped_gemm(context, grad_hidden_pre, expert_slice(weights.w1, first, count), true, offsets, grad_expert_rows,
                     config_.segment_alignment);

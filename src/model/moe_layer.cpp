@@ -123,12 +123,16 @@ void MoeLayer::allocate_backward_buffers() {
   const size_t tokens = size_t(max_tokens_), rows = size_t(max_rows_);
   const size_t d_model = size_t(config_.d_model), experts = size_t(config_.num_experts);
   grad_rows_ = Buffer(device_, rows * d_model * activation_size);
-  grad_hidden_post_ = Buffer(device_, rows * size_t(config_.expert_d_ff) * activation_size);
   grad_hidden_pre_ = Buffer(device_, rows * size_t(config_.w1_columns()) * activation_size);
   grad_gates_ = Buffer(device_, tokens * size_t(config_.k_max) * float_size);
   grad_logits_ = Buffer(device_, tokens * experts * activation_size);
   if (config_.jitter_eps > 0.0f) router_grad_input_ = Buffer(device_, tokens * d_model * activation_size);
   backward_ready_ = true;
+}
+
+bool MoeLayer::fuses_activation(const ExecContext& context) const {
+  return ops::fuses_expert_activation(context, config_.activation, activation_dtype_, config_.d_model,
+                                      config_.expert_d_ff, config_.segment_alignment);
 }
 
 Tensor MoeLayer::rows_view(const Buffer& buffer, DType dtype, int64_t rows, int64_t columns) const {
@@ -197,17 +201,25 @@ MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const M
   Tensor hidden_post = rows_view(hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
   Tensor expert_out = rows_view(expert_out_, activation_dtype_, rows_, d_model);
   const int alignment = params_.segment_alignment;
-  run_stage(context, "expert GEMM 1", [&] {
-    ops::grouped_gemm(context, permuted, weights.w1, false, expert_offsets_, hidden_pre, alignment);
-  });
-  run_stage(context, "activation",
-            [&] { ops::activation_forward(context, config_.activation, hidden_pre, hidden_post); });
+  if (fuses_activation(context)) {  // one kernel writes H and A = act(H)
+    run_stage(context, "expert GEMM 1", [&] {
+      ops::grouped_gemm_activation(context, config_.activation, permuted, weights.w1, expert_offsets_, hidden_pre,
+                                   hidden_post, args.for_backward, alignment);
+    });
+  } else {
+    run_stage(context, "expert GEMM 1", [&] {
+      ops::grouped_gemm(context, permuted, weights.w1, false, expert_offsets_, hidden_pre, alignment);
+    });
+    run_stage(context, "activation",
+              [&] { ops::activation_forward(context, config_.activation, hidden_pre, hidden_post); });
+  }
   run_stage(context, "expert GEMM 2", [&] {
     ops::grouped_gemm(context, hidden_post, weights.w2, false, expert_offsets_, expert_out, alignment);
   });
   run_stage(context, "combine", [&] { ops::unpermute_combine(context, expert_out, combine_routing_, map_, y); });
   x_ = x;
   has_forward_ = true;
+  forward_for_backward_ = args.for_backward;
   MoeLosses losses;
   if (args.read_losses) run_stage(context, "read losses", [&] { losses = read_losses(context); });
   return losses;
@@ -287,6 +299,8 @@ void MoeLayer::build_dense_layout(const ExecContext& context, const Tensor& x) {
 void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights,
                         float aux_grad_scale, float z_grad_scale, Tensor& grad_x, MoeGradients& gradients) {
   SY_CHECK(has_forward_, "MoeLayer::backward: no completed forward to differentiate");
+  SY_CHECK(forward_for_backward_, "MoeLayer::backward: the last forward ran with for_backward = false (inference), "
+           "so it did not keep what backward needs");
   SY_CHECK(context.device == device_, "MoeLayer::backward: context is on ", device_kind_name(context.device),
            ", the layer on ", device_kind_name(device_));
   const int64_t tokens = tokens_, d_model = config_.d_model;
@@ -303,7 +317,6 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
   const Tensor expert_out = rows_view(expert_out_, activation_dtype_, rows_, d_model);
   // grad_rows holds dL/d expert_out first, then dL/d permuted (the first is dead by then).
   Tensor grad_rows = rows_view(grad_rows_, activation_dtype_, rows_, d_model);
-  Tensor grad_hidden_post = rows_view(grad_hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
   Tensor grad_hidden_pre = rows_view(grad_hidden_pre_, activation_dtype_, rows_, config_.w1_columns());
   Tensor grad_gates = rows_view(grad_gates_, float_dtype_, tokens, config_.k_max);
   // dL/dlogits in the activation type: the router GEMMs take both operands in it (cuBLASLt has no
@@ -320,12 +333,27 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
   run_stage(context, "weight grad 2", [&] {
     ops::grouped_gemm_weight_grad(context, hidden_post, grad_rows, expert_offsets_, gradients.w2, alignment);
   });
-  run_stage(context, "data grad 2", [&] {
-    ops::grouped_gemm(context, grad_rows, weights.w2, true, expert_offsets_, grad_hidden_post, alignment);
-  });
-  run_stage(context, "activation backward", [&] {
-    ops::activation_backward(context, config_.activation, hidden_pre, grad_hidden_post, grad_hidden_pre);
-  });
+  if (fuses_activation(context)) {
+    // One kernel: dL/dH = act'(H) * (dL/dO W2^T). Its dL/dA scratch, written only were it to run
+    // unfused after all, is A itself: dead once weight grad 2 has read it (the EP layer does so too).
+    Tensor grad_hidden_post_scratch = rows_view(hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
+    run_stage(context, "data grad 2", [&] {
+      ops::grouped_gemm_activation_backward(context, config_.activation, grad_rows, weights.w2, expert_offsets_,
+                                            hidden_pre, grad_hidden_post_scratch, grad_hidden_pre, alignment);
+    });
+  } else {
+    if (!grad_hidden_post_.data()) {
+      const size_t bytes = size_t(max_rows_) * size_t(config_.expert_d_ff) * dtype_size(activation_dtype_);
+      grad_hidden_post_ = Buffer(device_, bytes);
+    }
+    Tensor grad_hidden_post = rows_view(grad_hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
+    run_stage(context, "data grad 2", [&] {
+      ops::grouped_gemm(context, grad_rows, weights.w2, true, expert_offsets_, grad_hidden_post, alignment);
+    });
+    run_stage(context, "activation backward", [&] {
+      ops::activation_backward(context, config_.activation, hidden_pre, grad_hidden_post, grad_hidden_pre);
+    });
+  }
   run_stage(context, "weight grad 1", [&] {
     ops::grouped_gemm_weight_grad(context, permuted, grad_hidden_pre, expert_offsets_, gradients.w1, alignment);
   });

@@ -38,6 +38,14 @@
 // the router GEMMs take --, router weight GEMM, router input GEMM accumulating into grad_x).
 // Jitter adds one kernel to the forward and two to the backward (jitter, add_into).
 //
+// Fused activation (ops::fuses_expert_activation: bf16 on an sm_90a GPU, D and F multiples of 64,
+// alignment a multiple of 128, SWITCHYARD_FUSED_ACTIVATION not 0): the activation runs in the
+// epilogue of expert GEMM 1 (which writes H and A) and its backward in the epilogue of data grad 2
+// (which reads H and writes dL/dH; dL/dA never reaches memory), so each pass has one kernel less,
+// the stages "activation" and "activation backward" are absent (their work is inside "expert GEMM
+// 1" and "data grad 2"), and the [R, F] dL/dA buffer is not allocated. Results equal the unfused
+// path's. A forward with for_backward = false (inference) lets the fused GEMM skip writing H.
+//
 // Stage timing: set_stage_observer() makes the layer report the start and end of each stage
 // (names in MoeStageObserver) on the context's stream, so a benchmark can time every stage with
 // device events while the layer runs its real sequence of ops.
@@ -93,6 +101,8 @@ struct MoeForwardArgs {
   uint64_t step = 0;               // jitter RNG offset: each step draws new noise
   const Tensor* complexity = nullptr;  // [T] in [0, 1], float type of the logits; complexity = given only
   bool read_losses = true;         // copy the two losses to the host (waits for the stream on CUDA)
+  bool for_backward = true;        // false: no backward follows (inference); H need not be stored and
+                                   // backward() refuses to run
 };
 
 struct MoeLosses {
@@ -113,6 +123,8 @@ struct MoeRoutingStats {
 // Backward stages: "combine backward", "weight grad 2", "data grad 2", "activation backward",
 // "weight grad 1", "data grad 1", "permute backward", "routing backward", "router weight grad",
 // "router input grad" (with jitter it includes the jitter of the gradient and the add into grad_x).
+// With the fused activation, "activation" and "activation backward" do not occur: that work is
+// part of "expert GEMM 1" and "data grad 2".
 class MoeStageObserver {
  public:
   virtual ~MoeStageObserver() = default;
@@ -165,6 +177,8 @@ class MoeLayer {
   void check_weights(const MoeWeights& weights, DType dtype, const char* what) const;
   void build_dense_layout(const ExecContext& context, const Tensor& x);
   void allocate_backward_buffers();
+  // Whether the expert activation runs fused into the grouped GEMMs (ops::fuses_expert_activation).
+  bool fuses_activation(const ExecContext& context) const;
   Tensor rows_view(const Buffer& buffer, DType dtype, int64_t rows, int64_t columns) const;
 
   MoeLayerConfig config_;
@@ -178,8 +192,9 @@ class MoeLayer {
   // Dense mode: the layout tensors the combine ops see (offsets e * T_pad, counts T_pad, unlimited
   // capacity), so a backend that derives padding rows from the layout finds none to clear.
   Buffer dense_offsets_, dense_counts_, dense_scalars_;
-  // Backward scratch (allocated by the first backward). grad_logits_ holds dL/dlogits in the
-  // activation dtype: the type the router GEMMs take (routing backward writes it directly on CUDA).
+  // Backward scratch (allocated by the first backward; grad_hidden_post_ only for the unfused
+  // activation). grad_logits_ holds dL/dlogits in the activation dtype: the type the router GEMMs
+  // take (routing backward writes it directly on CUDA).
   bool backward_ready_ = false;
   Buffer grad_rows_, grad_hidden_post_, grad_hidden_pre_, grad_gates_, grad_logits_, router_grad_input_;
   MoeStageObserver* observer_ = nullptr;
@@ -189,6 +204,7 @@ class MoeLayer {
 
   // What the last forward left for backward.
   bool has_forward_ = false;
+  bool forward_for_backward_ = false;  // the last forward's MoeForwardArgs::for_backward
   bool jittered_ = false;
   uint64_t step_ = 0;
   int64_t tokens_ = 0, rows_ = 0;
