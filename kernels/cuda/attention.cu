@@ -1,8 +1,14 @@
-// Causal multi-head self-attention core on CUDA: cuBLAS batched GEMMs + fused causal softmax
-// (contract: kernels/model_ops.h; reference: kernels/cpu/attention.cpp).
+// Causal multi-head self-attention core on CUDA (contract: kernels/model_ops.h; reference:
+// kernels/cpu/attention.cpp). Two paths behind one interface:
+//   * cuDNN's fused scaled-dot-product attention (kernels/cuda/attention_cudnn.cu), taken for
+//     bf16 / fp16, head_dim 64 or 128 on sm90 unless SWITCHYARD_ATTENTION=cublas (rules:
+//     kernels/cuda/attention_cudnn.h). It never materializes the [S, S] blocks.
+//   * this file's cuBLAS batched GEMMs + fused causal softmax: every other case, and the fallback
+//     (with a one-time warning) when a cuDNN plan does not build. Both save the same softmax_stats
+//     (row logsumexp), so a forward on one path and a backward on the other agree.
 //
-// Per (sequence b, head h) pair, with q, k, v the [S, Dh] slices of qkv [T, 3D] (row stride 3D)
-// and scale = 1 / sqrt(Dh):
+// The cuBLAS path, per (sequence b, head h) pair, with q, k, v the [S, Dh] slices of qkv [T, 3D]
+// (row stride 3D) and scale = 1 / sqrt(Dh):
 //   forward   Z = scale q k^T (fp32)  ->  P = causal softmax(Z) (activation dtype), lse_i (fp32)
 //             out = P v  (row stride D)
 //   backward  Z again -> P from the saved lse;  dv = P^T dout;  dP = dout v^T (fp32);
@@ -18,12 +24,11 @@
 // as C^T = B^T A^T. The slices of different pairs are not one stride apart (heads are Dh apart,
 // sequences S * 3D), so the GEMMs use cublasGemmBatchedEx with device pointer tables, filled once
 // per call by one small kernel. Only the causal half of Z is needed; the GEMMs compute all of it
-// (the softmax ignores the rest), which costs FLOPs but keeps this path simple and exact. A fused
-// (cuDNN / flash) kernel can replace this file behind the same interface: softmax_stats is the
-// row logsumexp that such kernels save.
+// (the softmax ignores the rest), which costs FLOPs but keeps this path simple and exact.
 #include <algorithm>
 #include <cmath>
 
+#include "kernels/cuda/attention_cudnn.h"
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/model_ops.h"
 
@@ -266,6 +271,7 @@ void attention_forward(const AttentionShape& shape, const Tensor& qkv, Tensor& o
   check_tensor(softmax_stats, "attention_forward: softmax_stats", DType::f32,
                {shape.batch, shape.heads, shape.seq_len});
   if (shape.pairs() == 0) return;
+  if (cuda_detail::cudnn_attention_forward(shape, qkv, out, softmax_stats, workspace, stream)) return;
   cudaStream_t cuda_stream = as_stream(stream);
   const Workspace space = carve_workspace(op, shape, qkv.dtype, workspace);
   PointerBases bases{
@@ -304,6 +310,8 @@ void attention_backward(const AttentionShape& shape, const Tensor& qkv, const Te
                {shape.batch, shape.heads, shape.seq_len});
   check_tensor(grad_qkv, "attention_backward: grad_qkv", qkv.dtype, {shape.tokens(), 3 * shape.model_dim()});
   if (shape.pairs() == 0) return;
+  if (cuda_detail::cudnn_attention_backward(shape, qkv, out, grad_out, softmax_stats, workspace, grad_qkv, stream))
+    return;
   cudaStream_t cuda_stream = as_stream(stream);
   const Workspace space = carve_workspace(op, shape, qkv.dtype, workspace);
   PointerBases bases{static_cast<const unsigned char*>(qkv.data),      static_cast<const unsigned char*>(out.data),
