@@ -5,6 +5,9 @@
 // --breakdown times every stage of the layer's forward and backward separately (the layer reports
 // its stage boundaries through MoeStageObserver, so the timed sequence is the layer's own) and
 // compares the sum of the stage medians with the uninstrumented whole.
+// --stream times streaming mode (src/model/moe_stream.h): a small-batch inference forward replayed
+// from a CUDA graph, per step (median and p99 of device time per replay and of host latency per
+// request, host buffers in and out) and in steps/s, against the same forward run eagerly.
 //
 // FLOP count of the expert GEMMs (forward): 2 * T * k * (D * F + F * D) (gelu) and
 // 2 * T * k * (D * 2F + F * D) (swiglu); backward is twice that.
@@ -26,6 +29,7 @@
 #include "src/core/device.h"
 #include "src/core/timing.h"
 #include "src/model/moe_layer.h"
+#include "src/model/moe_stream.h"
 
 namespace switchyard {
 namespace {
@@ -319,6 +323,85 @@ void run_breakdown(const BenchSettings& settings, const LayerShape& shape, std::
   records.push_back(summary);
 }
 
+// Streaming mode: the layer's inference forward for a few tokens, eagerly and replayed from a CUDA
+// graph (MoeStreamStep), timed by measure_stream_latency; the graph's output must match the eager one.
+void run_stream(const BenchSettings& settings, const LayerShape& shape, const std::vector<int64_t>& token_counts,
+                int steps, std::vector<Record>& records) {
+  const ExecContext& context = settings.context;
+  MoeLayerConfig config;
+  config.d_model = shape.d_model;
+  config.expert_d_ff = shape.d_ff;
+  config.num_experts = shape.experts;
+  config.k_max = config.k_min = shape.top_k;
+  config.renormalize = shape.top_k > 1;
+  config.dropless = true;  // serving: no token is dropped, as with the anchors
+  config.segment_alignment = context.device == DeviceKind::cuda ? 128 : 16;
+  // Random weights as MoeBench draws them (no gradient buffers: inference only).
+  const DType act = settings.activation_dtype;
+  const int64_t d = shape.d_model, f = shape.d_ff, e = shape.experts;
+  Buffer router = random_buffer(settings, act, d * e, 1.0f / std::sqrt(float(d)), settings.seed + 3);
+  Buffer w1 = random_buffer(settings, act, e * d * config.w1_columns(), 1.0f / std::sqrt(float(d)), settings.seed + 4);
+  Buffer w2 = random_buffer(settings, act, e * f * d, 1.0f / std::sqrt(float(f)), settings.seed + 5);
+  const MoeWeights weights{router.view(act, {d, e}), w1.view(act, {e, d, config.w1_columns()}), w2.view(act, {e, f, d})};
+  const int64_t max_tokens = shape.tokens;  // the largest of token_counts
+  MoeStreamOptions graph_options, eager_options;
+  graph_options.max_tokens = eager_options.max_tokens = max_tokens;
+  eager_options.use_graph = false;
+  MoeStreamStep graph(config, context.device, act, weights, graph_options);
+  MoeStreamStep eager(config, context.device, act, weights, eager_options);
+  const bool uses_graph = graph.uses_graph();
+  std::printf("\nStreaming mode, d%d ff%d E%d top-%d (%s, %s, %s), %d steps per size; us\n", shape.d_model,
+              shape.d_ff, shape.experts, shape.top_k, context.device == DeviceKind::cuda ? "cuda" : "cpu",
+              dtype_name(settings.activation_dtype), uses_graph ? "CUDA graph" : "eager: no graph on this backend",
+              steps);
+  std::printf("%6s | %9s %9s | %11s %11s | %10s %10s | %9s %9s | %s\n", "tokens", "step p50", "step p99",
+              "request p50", "request p99", "steps/s", "pipelined", "eager p50", "eager p99", "graph vs eager output");
+  const size_t element = dtype_size(settings.activation_dtype);
+  for (int64_t tokens : token_counts) {
+    const int64_t count = tokens * shape.d_model;
+    Buffer input =
+        random_buffer(settings, settings.activation_dtype, count, 1.0f, settings.seed + 40 + uint64_t(tokens));
+    Buffer host_in(DeviceKind::cpu, size_t(count) * element), host_out(DeviceKind::cpu, size_t(count) * element),
+        host_eager(DeviceKind::cpu, size_t(count) * element);
+    device_copy(host_in.data(), DeviceKind::cpu, input.data(), context.device, host_in.bytes());
+    Tensor x = host_in.view(settings.activation_dtype, {tokens, shape.d_model});
+    Tensor y = host_out.view(settings.activation_dtype, {tokens, shape.d_model});
+    Tensor y_eager = host_eager.view(settings.activation_dtype, {tokens, shape.d_model});
+    graph.step(x, y);  // warm-up and capture
+    eager.step(x, y_eager);
+    double max_difference = 0.0;  // the graph must compute what the eager forward computes
+    for (int64_t index = 0; index < count; ++index) {
+      auto value = [&](const Tensor& tensor) {
+        return settings.activation_dtype == DType::f32 ? double(tensor.as<float>()[index])
+                                                       : double(float(tensor.as<Bf16>()[index]));
+      };
+      max_difference = std::max(max_difference, std::fabs(value(y) - value(y_eager)));
+    }
+    const StreamLatency timed = measure_stream_latency(graph, x, y, settings.warmup, steps);
+    const StreamLatency eager_timed = measure_stream_latency(eager, x, y_eager, settings.warmup, steps);
+    const std::vector<double>& graph_us = timed.step_us;
+    const std::vector<double>& request_us = timed.request_us;
+    const std::vector<double>& eager_us = eager_timed.step_us;
+    const double steps_per_s = timed.steps_per_s, pipelined_per_s = timed.pipelined_steps_per_s;
+    std::printf("%6lld | %9.1f %9.1f | %11.1f %11.1f | %10.0f %10.0f | %9.1f %9.1f | max |diff| %.3g\n",
+                (long long)tokens, median(graph_us), percentile(graph_us, 0.99), median(request_us),
+                percentile(request_us, 0.99), steps_per_s, pipelined_per_s, median(eager_us),
+                percentile(eager_us, 0.99), max_difference);
+    Record record;
+    record.add("part", "stream");
+    record.add("tokens", double(tokens));
+    record.add("graph", uses_graph ? "cuda-graph" : "eager");
+    const std::pair<const char*, double> values[] = {
+        {"step_us_p50", median(graph_us)},       {"step_us_p99", percentile(graph_us, 0.99)},
+        {"request_us_p50", median(request_us)},  {"request_us_p99", percentile(request_us, 0.99)},
+        {"steps_per_s", steps_per_s},            {"pipelined_steps_per_s", pipelined_per_s},
+        {"eager_us_p50", median(eager_us)},      {"eager_us_p99", percentile(eager_us, 0.99)},
+        {"max_abs_diff_vs_eager", max_difference}};
+    for (const auto& [key, value] : values) record.add(key, value);
+    records.push_back(record);
+  }
+}
+
 }  // namespace
 
 int command_bench_moe(int argc, char** argv) {
@@ -334,6 +417,9 @@ int command_bench_moe(int argc, char** argv) {
   parser.add_flag("quick", "tiny shapes (a smoke test; runs on CPU too)");
   parser.add_flag("breakdown", "time each stage of the layer's forward and backward (alone, unless --only is given)");
   parser.add_option("breakdown-tokens", "N", "tokens of the --breakdown shape (d768 ff3072 E32 top-1)", "8192");
+  parser.add_flag("stream", "streaming mode: small-batch forward replayed from a CUDA graph (alone, unless --only)");
+  parser.add_option("stream-tokens", "LIST", "token counts of --stream (d768 ff3072 E32 top-1)", "1,8,32,64");
+  parser.add_option("stream-steps", "N", "timed steps per --stream token count", "1000");
   if (!parser.parse(argc, argv)) return kExitOk;
 
   BenchSettings settings;
@@ -357,8 +443,21 @@ int command_bench_moe(int argc, char** argv) {
   const bool breakdown = parser.flag("breakdown");
   const int64_t breakdown_tokens = parser.has("breakdown-tokens") ? parser.get_int("breakdown-tokens") : quick ? 64 : 8192;
   SY_CHECK_INPUT(breakdown_tokens >= 1, "--breakdown-tokens must be >= 1");
-  // --breakdown alone runs only the breakdown; with --only it joins the parts named there.
-  const std::string only = "," + std::string(breakdown && !parser.has("only") ? "" : parser.get("only")) + ",";
+  const bool stream = parser.flag("stream");
+  std::vector<int64_t> stream_tokens;
+  std::stringstream token_list(parser.get("stream-tokens"));
+  for (std::string item; std::getline(token_list, item, ',');) {
+    char* rest = nullptr;
+    const long long value = std::strtoll(item.c_str(), &rest, 10);
+    SY_CHECK_INPUT(!item.empty() && rest && *rest == '\0' && value >= 1 && value <= 4096,
+                   "--stream-tokens: '", item, "' is not a token count in [1, 4096]");
+    stream_tokens.push_back(value);
+  }
+  const int64_t stream_steps = parser.get_int("stream-steps");
+  SY_CHECK_INPUT(stream_steps >= 1, "--stream-steps must be >= 1");
+  // --breakdown or --stream alone runs only that; with --only it joins the parts named there.
+  const bool alone = (breakdown || stream) && !parser.has("only");
+  const std::string only = "," + std::string(alone ? "" : parser.get("only")) + ",";
   auto wanted = [&](const char* part) { return only.find("," + std::string(part) + ",") != std::string::npos; };
   if (settings.context.device == DeviceKind::cuda) cuda_set_device(0);
   settings.context.stream = create_stream(settings.context.device);
@@ -505,6 +604,14 @@ int command_bench_moe(int argc, char** argv) {
     const LayerShape shape = quick ? LayerShape{"breakdown", breakdown_tokens, 32, 64, 4, 1}
                                    : LayerShape{"breakdown", breakdown_tokens, 768, 3072, 32, 1};
     run_breakdown(settings, shape, records);
+  }
+
+  // 6. Streaming mode: small batches, one graph replay per step.
+  if (stream) {
+    const int64_t most = *std::max_element(stream_tokens.begin(), stream_tokens.end());
+    const LayerShape shape =
+        quick ? LayerShape{"stream", most, 32, 64, 4, 1} : LayerShape{"stream", most, 768, 3072, 32, 1};
+    run_stream(settings, shape, stream_tokens, int(stream_steps), records);
   }
 
   destroy_stream(settings.context.device, settings.context.stream);

@@ -29,8 +29,12 @@ struct Command {
 const Command kCommands[] = {
     {"train", "set up and train a model from a YAML config (configs/README.md)", switchyard::command_train},
     {"prepare-data", "turn text files into byte-level token files for training", switchyard::command_prepare_data},
-    {"generate", "sample text from a trained model's final weights", switchyard::command_generate},
+    {"generate", "sample text from a trained model (final weights or a checkpoint)", switchyard::command_generate},
+    {"ckpt", "inspect and verify checkpoints, export them as safetensors", switchyard::command_ckpt},
     {"bench", "run a benchmark ('switchyard bench --help' lists them)", switchyard::command_bench},
+    {"report", "write an HTML report of a training run (curves, expert load, specialization)",
+     switchyard::command_report},
+    {"specialize", "show which inputs each expert of a trained model receives", switchyard::command_specialize},
 };
 
 void print_usage(std::ostream& out) {

@@ -3,13 +3,16 @@
 // Set-up, in an order that makes bad input fail fast and identically on every rank:
 //   1. before MPI starts (so each rank exits 2 on its own, with no collective to hang in):
 //      load + validate the config, resolve the device, open and check the data files, check a
-//      --resume path, check that the run directory holds no different run;
+//      --resume path (its completion marker, manifest, shard files and model; the tensors'
+//      checksums are verified as they load), check that the run directory holds no different run;
 //   2. bootstrap the process (MPI, local rank, GPU), check ep_size against the world size,
 //      build the parallel groups, fault point "after_bootstrap";
 //   3. rank 0 prints the resolved config and writes <logging.run_dir>/config.yaml; every rank
 //      reports its device and rank 0 prints the process layout.
 // set_up_training() does all of that and returns what the training loop starts from; then the
-// Trainer (src/train/trainer.h) runs the steps, evaluations, metrics and the final weights file.
+// Trainer (src/train/trainer.h) resumes (--resume auto | PATH), runs the steps, evaluations,
+// metrics, checkpoints and the final weights file. A run ended by SIGTERM / SIGUSR1 saves a
+// checkpoint and exits 0 (src/train/checkpoint_signals.h).
 #include <mpi.h>
 #include <unistd.h>
 
@@ -28,6 +31,8 @@
 #include "src/core/device.h"
 #include "src/core/error.h"
 #include "src/core/mpi_check.h"
+#include "src/model/transformer.h"
+#include "src/train/checkpoint.h"
 #include "src/train/config.h"
 #include "src/train/token_file.h"
 #include "src/train/trainer.h"
@@ -102,6 +107,19 @@ bool check_run_directory(const Config& config) {
                difference, "). Use another logging.run_dir, or resume that run with --resume auto");
 }
 
+// --resume PATH: the checks that need no MPI and read no tensor data, so a wrong path fails fast
+// on every rank with the same message.
+void check_resume_path(const Config& config, const std::string& path) {
+  std::error_code status;
+  if (!fs::exists(path, status)) SY_BAD_INPUT("checkpoint to resume from '", path, "' does not exist");
+  if (fs::is_directory(path, status) && !is_checkpoint_directory(path) && !list_checkpoints(path).empty())
+    SY_BAD_INPUT("--resume '", path, "' holds checkpoints but is not one: give one of its step-* directories, or "
+                 "use --resume auto with checkpoint.dir = ", path);
+  const CheckpointManifest manifest = read_checkpoint_manifest(path);
+  const ParameterLayout layout = Transformer::build_layout(config.model, config.moe, config.parallel.ep_size, 0);
+  check_checkpoint_model(manifest, path, config, layout, DType::f32);
+}
+
 void write_text_atomically(const std::string& path, const std::string& text) {
   const std::string temp = path + ".tmp." + std::to_string(::getpid());
   {
@@ -174,11 +192,7 @@ TrainingSetup set_up_training(const TrainOptions& options) {
   Config& config = setup.config;
   if (!options.resume.empty()) config.checkpoint.resume = options.resume;
   const std::string& resume = config.checkpoint.resume;
-  if (resume != "none" && resume != "auto" && !fs::exists(resume))
-    SY_BAD_INPUT("checkpoint to resume from '", resume, "' does not exist");
-  if (resume != "none" && resume != "auto")
-    SY_BAD_INPUT("--resume / checkpoint.resume = '", resume, "': resuming from a checkpoint is not built yet "
-                 "(checkpoints are a separate issue); use none or auto");
+  if (resume != "none" && resume != "auto") check_resume_path(config, resume);
   const DeviceKind device = resolve_device(config);
   setup.train_data = open_data(config, config.data.path, "data.path");
   if (!config.data.val_path.empty()) setup.val_data = open_data(config, config.data.val_path, "data.val_path");
@@ -208,11 +222,14 @@ int command_train(int argc, char** argv) {
                    "Run one process per device: mpirun -np N switchyard train ... (or srun).");
   parser.add_positional("config", "YAML config file");
   parser.add_option("set", "KEY=VALUE", "override a config key, e.g. --set moe.top_k=2", "", /*repeatable=*/true);
-  parser.add_option("resume", "auto|PATH", "resume from the newest checkpoint in checkpoint.dir (auto) or from PATH");
+  parser.add_option("resume", "auto|PATH", "resume from the newest complete and valid checkpoint in checkpoint.dir "
+                    "(auto; none there: start fresh) or from the checkpoint directory PATH");
   parser.add_flag("dry-run", "validate the config and data, start the processes and groups, then exit");
   parser.add_epilog("Examples:\n"
                     "  switchyard train configs/tiny-cpu.yaml --set training.steps=50\n"
-                    "  mpirun -np 2 switchyard train configs/tiny-cpu.yaml --set parallel.ep_size=2 --dry-run");
+                    "  mpirun -np 2 switchyard train configs/tiny-cpu.yaml --set parallel.ep_size=2 --dry-run\n"
+                    "  switchyard train configs/tiny-cpu.yaml --resume auto    (continue after a crash or preemption)\n"
+                    "SIGTERM or SIGUSR1 finishes the current step, saves a checkpoint and exits 0.");
   if (!parser.parse(argc, argv)) return kExitOk;
 
   TrainOptions options;

@@ -39,6 +39,10 @@ class MoeBlock {
   virtual MoeBlockStats read_stats(const ExecContext& context) const = 0;
   virtual int local_experts() const = 0;
   virtual int first_local_expert() const = 0;
+  // The last forward's routing and router logits (device tensors), for analysis taps
+  // (src/analysis/routing_observer.h).
+  virtual const RoutingResult& routing() const = 0;
+  virtual const Tensor& router_logits() const = 0;
 };
 
 // The single-device layer: every expert lives here (ep_size 1).
@@ -52,6 +56,8 @@ class LocalMoeBlock : public MoeBlock {
   MoeBlockStats read_stats(const ExecContext& context) const override;
   int local_experts() const override { return layer_.config().num_experts; }
   int first_local_expert() const override { return 0; }
+  const RoutingResult& routing() const override { return layer_.routing(); }
+  const Tensor& router_logits() const override { return layer_.logits(); }
 
  private:
   MoeLayer layer_;
@@ -70,6 +76,8 @@ class ExpertParallelMoeBlock : public MoeBlock {
   MoeBlockStats read_stats(const ExecContext& context) const override;
   int local_experts() const override { return layer_.local_experts(); }
   int first_local_expert() const override { return layer_.first_expert(); }
+  const RoutingResult& routing() const override { return layer_.routing(); }
+  const Tensor& router_logits() const override { return layer_.logits(); }
 
  private:
   MoeEpLayer layer_;

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <string>
 
+#include "src/analysis/routing_observer.h"
 #include "src/model/model_dispatch.h"
 #include "src/model/transformer_block.h"
 
@@ -296,6 +297,9 @@ void Transformer::forward_block(const ExecContext& context, const ModelParameter
   args.step = step;
   Tensor moe_out = rows(block.moe_out, width);
   block.moe->forward(context, normed2, weights, args, moe_out);
+  // Analysis taps (router statistics, specialization maps): a no-op unless one is installed.
+  notify_routing(context, (block.index + 1) / model_.moe_every - 1, training, block.moe->routing(),
+                 block.moe->router_logits());
   ops::add_into(context, moe_out, x_out);
 }
 

@@ -1,6 +1,7 @@
 // Training metrics (src/train/metrics.h).
 #include "src/train/metrics.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -97,6 +98,29 @@ std::string metrics_json(const StepMetrics& m) {
       out << (expert ? "," : "") << m.tokens_per_expert[layer][expert];
     out << "]";
   }
+  out << "]";
+  if (!m.router.empty()) {
+    out << ",\"router\":[";
+    for (size_t layer = 0; layer < m.router.size(); ++layer)
+      out << (layer ? "," : "") << router_stats_json(m.router[layer]);
+    out << "]";
+  }
+  out << "}";
+  return out.str();
+}
+
+std::string router_stats_json(const RouterLayerStats& stats) {
+  std::ostringstream out;
+  out << "{\"layer\":" << stats.moe_layer << ",\"forwards\":" << stats.forwards << ",\"tokens\":" << stats.tokens
+      << ",\"load_imbalance\":" << json_number(stats.load_imbalance)
+      << ",\"experts_used\":" << json_number(stats.experts_used_fraction)
+      << ",\"dropped_fraction\":" << json_number(stats.dropped_fraction)
+      << ",\"mean_gate\":" << json_number(stats.mean_gate) << ",\"entropy\":" << json_number(stats.router_entropy)
+      << ",\"entropy_normalized\":" << json_number(stats.router_entropy_normalized)
+      << ",\"aux_loss\":" << json_number(stats.aux_loss) << ",\"z_loss\":" << json_number(stats.z_loss)
+      << ",\"tokens_per_expert\":[";
+  for (size_t expert = 0; expert < stats.tokens_per_expert.size(); ++expert)
+    out << (expert ? "," : "") << stats.tokens_per_expert[expert];
   out << "]}";
   return out.str();
 }
@@ -123,7 +147,17 @@ std::string format_progress_line(const StepMetrics& m, DeviceKind device) {
     out << fixed(m.flops_per_s / 1e9, 2) << " GFLOP/s";
   char lr[32];
   std::snprintf(lr, sizeof(lr), "%.3g", m.lr);
-  out << " | lr " << lr << " | ETA " << format_duration(m.eta_s);
+  out << " | lr " << lr;
+  if (!m.router.empty()) {
+    // The worst layer's balance and the mean confidence: the two numbers that flag a collapsing router.
+    double worst_imbalance = 0.0, entropy = 0.0;
+    for (const RouterLayerStats& layer : m.router) {
+      worst_imbalance = std::max(worst_imbalance, layer.load_imbalance);
+      entropy += layer.router_entropy_normalized;
+    }
+    out << " | load max/mean " << fixed(worst_imbalance, 2) << " H " << fixed(entropy / double(m.router.size()), 2);
+  }
+  out << " | ETA " << format_duration(m.eta_s);
   if (m.skipped) out << " | step skipped (inf/NaN gradients, loss scale now " << json_number(m.loss_scale) << ")";
   return out.str();
 }

@@ -10,6 +10,12 @@
 //     for forward + backward; the causal mask's zero half is not subtracted)
 // MFU = achieved FLOP/s / (ranks * peak). CUDA: peak = 989 TFLOP/s (H100 SXM dense bf16), and the
 // same against 790 TFLOP/s, a measured achievable peak; CPU: achieved GFLOP/s only.
+//
+// Router statistics (when a step carries them, every training.log_every steps) go into the JSON
+// line as "router": [{"layer", "forwards", "tokens", "load_imbalance", "experts_used",
+// "dropped_fraction", "mean_gate", "entropy", "entropy_normalized", "aux_loss", "z_loss",
+// "tokens_per_expert": [...]}, ...] and into the progress line as the worst layer's max/mean load
+// and the mean normalized router entropy. docs/ANALYTICS.md defines each one.
 #pragma once
 
 #include <cstdint>
@@ -19,6 +25,7 @@
 
 #include "src/core/tensor.h"
 #include "src/train/config.h"
+#include "src/train/router_stats.h"
 
 namespace switchyard {
 
@@ -51,6 +58,9 @@ struct StepMetrics {
   double mfu = 0, mfu_measured_peak = 0;
   double elapsed_s = 0, eta_s = 0;
   std::vector<std::vector<int64_t>> tokens_per_expert;  // [MoE layer][global expert]: routed choices
+  // Router statistics per MoE layer over the steps since the previous metrics line that had them
+  // (src/train/router_stats.h); empty on the steps in between. JSON key "router".
+  std::vector<RouterLayerStats> router;
 };
 
 // One JSON object per line, flushed after every line so a crash keeps what was written.
@@ -68,6 +78,7 @@ class MetricsWriter {
 };
 
 std::string metrics_json(const StepMetrics& metrics);
+std::string router_stats_json(const RouterLayerStats& stats);  // one element of the "router" array
 std::string format_progress_line(const StepMetrics& metrics, DeviceKind device);
 std::string format_duration(double seconds);  // "45s", "3m05s", "2h07m"
 

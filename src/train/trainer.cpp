@@ -3,13 +3,18 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <iomanip>
+#include <iterator>
 #include <ostream>
 #include <sstream>
 
 #include "src/core/error.h"
 #include "src/core/timing.h"
+#include "src/analysis/routing_observer.h"
+#include "src/train/checkpoint_signals.h"
 #include "src/train/weights_file.h"
 
 namespace switchyard {
@@ -33,6 +38,31 @@ std::string resolve_in_run_dir(const Config& config, const std::string& path) {
   const std::filesystem::path candidate(path);
   if (candidate.is_absolute()) return path;
   return (std::filesystem::path(config.logging.run_dir) / candidate).string();
+}
+
+// A resumed run's metrics file: the records of steps after `step` (written by the interrupted
+// run after its checkpoint) and a torn last line are dropped, the rest is kept, and the stream
+// appends after it. The file is rewritten through a temporary file, so a crash here loses nothing.
+std::ofstream open_metrics_for_resume(const std::string& path, int64_t step) {
+  std::string kept;
+  std::ifstream existing(path, std::ios::binary);
+  if (existing) {
+    const std::string text((std::istreambuf_iterator<char>(existing)), std::istreambuf_iterator<char>());
+    const std::string prefix = "{\"step\":";
+    for (size_t start = 0; start < text.size();) {
+      const size_t end = text.find('\n', start);
+      if (end == std::string::npos) break;  // torn: the process died mid-line
+      const std::string line = text.substr(start, end - start + 1);
+      start = end + 1;
+      if (line.compare(0, prefix.size(), prefix) != 0) continue;
+      const long long line_step = std::strtoll(line.c_str() + prefix.size(), nullptr, 10);
+      if (line_step >= 1 && line_step <= step) kept += line;
+    }
+  }
+  write_file_atomically(path, kept);
+  std::ofstream stream(path, std::ios::app);
+  if (!stream) SY_BAD_INPUT("cannot append to the metrics file '", path, "'");
+  return stream;
 }
 
 }  // namespace
@@ -59,10 +89,6 @@ Trainer::Trainer(const Config& config, const TokenFile& train, const TokenFile* 
   if (ep_size > 1)
     SY_CHECK(options_.groups.expert_parallel->size() == ep_size, "Trainer: the expert-parallel group has ",
              options_.groups.expert_parallel->size(), " ranks, parallel.ep_size is ", ep_size);
-  if (config.checkpoint.resume != "none" && config.checkpoint.resume != "auto")
-    SY_BAD_INPUT("checkpoint.resume = '", config.checkpoint.resume,
-                 "': resuming from a checkpoint is not built yet (checkpoints are a separate issue)");
-
   stream_ = create_stream(device);
   context_ = ExecContext{device, stream_};
   TransformerOptions model_options;
@@ -76,6 +102,7 @@ Trainer::Trainer(const Config& config, const TokenFile& train, const TokenFile* 
   model_options.a2a_chunks = config.parallel.a2a_chunks;
   model_options.jitter_seed = uint64_t(config.training.seed);
   model_ = std::make_unique<Transformer>(config.model, config.moe, model_options);
+  router_stats_ = std::make_unique<RouterStatsRecorder>(device, model_->moe_block_count(), config.moe.num_experts);
   parameters_ = std::make_unique<ModelParameters>(model_->layout(), device, DType::f32, compute_dtype_);
   parameters_->initialize(context_, uint64_t(config.training.seed));
   optimizer_ = std::make_unique<AdamWOptimizer>(*parameters_, config.optimizer);
@@ -93,6 +120,7 @@ Trainer::Trainer(const Config& config, const TokenFile& train, const TokenFile* 
   device_inputs_ = Buffer(device, tokens * sizeof(int32_t));
   device_targets_ = Buffer(device, tokens * sizeof(int32_t));
   reduce_buffer_ = Buffer(device, 64 * sizeof(double));
+  initial_scaler_state_ = scaler_.state();
 }
 
 Trainer::~Trainer() {
@@ -137,6 +165,7 @@ void Trainer::upload_batch() {
 
 StepMetrics Trainer::train_step() {
   const double start = now_seconds();
+  RoutingObserverScope routing_scope(router_stats_.get());  // the MoE layers report each training forward
   const Config& config = config_;
   const int64_t batch = config.training.micro_batch_size, seq_len = config.model.seq_len;
   const int accumulation = config.optimizer.grad_accum_steps;
@@ -149,14 +178,15 @@ StepMetrics Trainer::train_step() {
 
   // Host statistics, summed over micro-steps, then over ranks:
   // [loss sum, tokens, aux, z, dropped, routed, counts per (MoE layer, expert)...]
-  enum : size_t { kLossSum = 0, kTokens, kAux, kZ, kDropped, kRouted, kCounts };
+  // kStop: 1 on a rank that received a preemption signal, so the sum tells every rank the same.
+  enum : size_t { kLossSum = 0, kTokens, kAux, kZ, kDropped, kRouted, kStop, kCounts };
   std::vector<double> sums(kCounts + size_t(moe_layers) * size_t(experts), 0.0);
   const Tensor inputs = device_inputs_.view(DType::i32, {batch * seq_len});
   const Tensor targets = device_targets_.view(DType::i32, {batch * seq_len});
   for (int micro = 0; micro < accumulation; ++micro) {
     train_loader_.next_batch(host_inputs_, host_targets_);
     upload_batch();
-    const uint64_t jitter_step = uint64_t(step_) * uint64_t(accumulation) + uint64_t(micro);
+    const uint64_t jitter_step = uint64_t(jitter_micro_steps_++);
     model_->forward_loss(context_, *parameters_, inputs, targets, batch, seq_len, ForwardMode::training,
                          ce_grad_scale, jitter_step);
     model_->backward(context_, *parameters_, aux_grad_scale, micro > 0);
@@ -195,7 +225,10 @@ StepMetrics Trainer::train_step() {
   }
   ++step_;
 
+  sums[kStop] = preemption_signal() != 0 ? 1.0 : 0.0;
   all_reduce_host(options_.groups.world, sums);
+  stop_requested_ = sums[kStop] > 0;
+  tokens_seen_ += int64_t(std::llround(sums[kTokens]));
   ops::synchronize(context_);
   const double seconds = now_seconds() - start;
 
@@ -253,16 +286,158 @@ std::string Trainer::final_weights_path() const {
 
 std::string Trainer::metrics_path() const { return resolve_in_run_dir(config_, config_.logging.metrics_file); }
 
+void Trainer::log_line(const std::string& text) const {
+  if (!options_.log) return;
+  *options_.log << "switchyard train: " << text << "\n";
+  options_.log->flush();
+}
+
+CheckpointContext Trainer::checkpoint_context() const {
+  CheckpointContext context;
+  context.config = &config_;
+  context.exec = context_;
+  context.groups = &options_.groups;
+  context.world_rank = options_.world_rank;
+  context.world_size = options_.world_size;
+  return context;
+}
+
+TrainingProgress Trainer::progress() const {
+  TrainingProgress progress;
+  progress.step = step_;
+  progress.tokens_seen = tokens_seen_;
+  progress.rng.seed = uint64_t(config_.training.seed);
+  progress.rng.jitter_micro_steps = jitter_micro_steps_;
+  progress.train_data = train_loader_.state();
+  progress.optimizer_updates = optimizer_->updates();
+  progress.loss_scaling = scaler_.enabled();
+  progress.loss_scaler = scaler_.state();
+  return progress;
+}
+
+CheckpointSaveResult Trainer::save_checkpoint() {
+  const double start = now_seconds();
+  CheckpointSaveResult result = switchyard::save_checkpoint(checkpoint_context(), *parameters_, *optimizer_, progress());
+  last_saved_step_ = step_;
+  if (options_.log) {
+    std::ostringstream line;
+    line << "checkpoint " << result.path << " saved (" << std::setprecision(3) << double(result.bytes) / 1e6
+         << " MB in " << now_seconds() - start << " s)";
+    for (const std::string& removed : result.removed) line << "; removed " << removed;
+    log_line(line.str());
+  }
+  return result;
+}
+
+void Trainer::apply_progress(const TrainingProgress& progress, const std::string& path) {
+  if (progress.rng.seed != uint64_t(config_.training.seed))
+    SY_BAD_INPUT("checkpoint ", path, " was saved with training.seed = ", progress.rng.seed, ", this run has ",
+                 config_.training.seed, " (the data order and router noise would not continue)");
+  try {
+    train_loader_.restore(progress.train_data);
+  } catch (const Error& error) {
+    SY_BAD_INPUT("checkpoint ", path, ": ", error.message(), " (", config_.data.path, ")");
+  }
+  optimizer_->set_updates(progress.optimizer_updates);
+  // The scaler's state carries over only between runs that both scale (fp16, or both not).
+  if (progress.loss_scaling == scaler_.enabled()) scaler_.restore(progress.loss_scaler);
+  else scaler_.restore(initial_scaler_state_);
+  step_ = progress.step;
+  tokens_seen_ = progress.tokens_seen;
+  jitter_micro_steps_ = progress.rng.jitter_micro_steps;
+}
+
+void Trainer::reset_to_initial_state() {
+  parameters_->initialize(context_, uint64_t(config_.training.seed));
+  for (int group = 0; group < kNumParameterGroups; ++group) {
+    for (const Tensor& moment : {optimizer_->exp_avg(ParameterGroup(group)), optimizer_->exp_avg_sq(ParameterGroup(group))})
+      if (moment.bytes()) device_memset(moment.data, moment.device, 0, moment.bytes());
+  }
+  optimizer_->set_updates(0);
+  scaler_.restore(initial_scaler_state_);
+  train_loader_.rewind();
+  step_ = tokens_seen_ = jitter_micro_steps_ = 0;
+}
+
+bool Trainer::resume(const std::string& target) {
+  const bool automatic = target == "auto";
+  const bool peers = has_peers(options_.groups.world);
+  // World rank 0 decides what to try (one view of the file system), every rank learns the list.
+  std::string list;
+  if (options_.world_rank == 0) {
+    if (!automatic) {
+      list = target;
+    } else {
+      const std::vector<CheckpointListing> listing = list_checkpoints(config_.checkpoint.dir);
+      for (auto item = listing.rbegin(); item != listing.rend(); ++item) {
+        if (item->complete) list += (list.empty() ? "" : "\n") + item->path;
+        else log_line("resume: skipping " + item->path + ": incomplete (no COMPLETE marker: its save did not finish)");
+      }
+    }
+  }
+  if (peers) list = all_gather_strings(options_.groups.world, list)[0];
+  std::vector<std::string> candidates;
+  for (size_t start = 0; start < list.size();) {
+    const size_t end = std::min(list.find('\n', start), list.size());
+    candidates.push_back(list.substr(start, end - start));
+    start = end + 1;
+  }
+
+  bool touched = false;
+  for (const std::string& candidate : candidates) {
+    std::string message;
+    int exit_code = kExitOk;
+    try {
+      touched = true;
+      const TrainingProgress loaded = load_checkpoint(checkpoint_context(), candidate, *parameters_, optimizer_.get());
+      apply_progress(loaded, candidate);
+    } catch (const Error& error) {
+      message = error.message();
+      exit_code = error.exit_code();
+    }
+    int agreed_code = kExitOk;
+    const std::string agreed = agree_on_errors(peers ? options_.groups.world : nullptr, message, exit_code, &agreed_code);
+    if (agreed.empty()) {
+      resumed_from_ = candidate;
+      last_saved_step_ = step_;
+      log_line("resumed from " + candidate + " at step " + std::to_string(step_) + " (" +
+               std::to_string(tokens_seen_) + " tokens seen)");
+      return true;
+    }
+    // Only a bad checkpoint is skipped; any other failure (a bug, the system) ends the run rather
+    // than quietly starting over from step 0.
+    if (!automatic || agreed_code != kExitBadInput) throw_error(__FILE__, __LINE__, agreed_code, agreed);
+    log_line("resume: skipping " + candidate + ": " + agreed);
+  }
+  if (touched) reset_to_initial_state();
+  log_line("resume: no usable checkpoint in " + config_.checkpoint.dir + "; starting from step 0");
+  return false;
+}
+
 void Trainer::run() {
   const Config& config = config_;
   std::ostream* log = options_.log;
   const bool writer = options_.world_rank == 0;
+  PreemptionSignalGuard signal_guard;
+  clear_preemption_signal();
+  if (config.checkpoint.resume != "none") resume(config.checkpoint.resume);
+
   MetricsWriter metrics_writer;
+  std::ofstream resumed_metrics;
   if (writer && options_.write_metrics) {
     std::error_code status;
     std::filesystem::create_directories(std::filesystem::path(metrics_path()).parent_path(), status);
-    metrics_writer = MetricsWriter(metrics_path());
+    if (resumed_from_.empty()) metrics_writer = MetricsWriter(metrics_path());
+    else resumed_metrics = open_metrics_for_resume(metrics_path(), step_);
   }
+  auto write_metrics = [&](const StepMetrics& metrics) {
+    if (metrics_writer.is_open()) metrics_writer.write(metrics);
+    if (resumed_metrics.is_open()) {
+      resumed_metrics << metrics_json(metrics) << '\n';
+      resumed_metrics.flush();
+      if (!resumed_metrics) SY_THROW("writing the metrics file '", metrics_path(), "' failed");
+    }
+  };
   const int64_t tokens_per_step = int64_t(config.training.micro_batch_size) * config.model.seq_len *
                                   config.optimizer.grad_accum_steps * options_.world_size;
   if (log) {
@@ -274,19 +449,28 @@ void Trainer::run() {
     if (options_.device == DeviceKind::cpu && config.model.compute_dtype != DType::f32)
       *log << "switchyard train: model.compute_dtype = " << compute_dtype_name(config.model.compute_dtype)
            << " applies to CUDA; the CPU backend computes in fp32\n";
-    if (config.checkpoint.resume == "auto")
-      *log << "switchyard train: checkpoint.resume = auto: no checkpoints exist yet (checkpointing is a separate "
-              "issue); starting fresh\n";
+    *log << "switchyard train: checkpoints "
+         << (config.checkpoint.every > 0 ? "every " + std::to_string(config.checkpoint.every) + " steps and " : "")
+         << "at the end -> " << config.checkpoint.dir << " (keeping "
+         << (config.checkpoint.keep_last > 0 ? "the newest " + std::to_string(config.checkpoint.keep_last)
+                                             : std::string("all"))
+         << ")\n";
     if (writer && options_.write_metrics) *log << "switchyard train: metrics -> " << metrics_path() << "\n";
     log->flush();
   }
 
   const double run_start = now_seconds();
-  double timed_seconds = 0.0;  // steps after the first (which includes allocation and warm-up)
+  double timed_seconds = 0.0;  // steps after this process's first (which includes allocation and warm-up)
+  int64_t steps_here = 0;
   double last_val_loss = -1.0;
-  for (int64_t index = 0; index < config.training.steps; ++index) {
+  const int64_t every = config.checkpoint.every;
+  if (step_ >= config.training.steps && step_ > 0)
+    log_line("the checkpoint is at step " + std::to_string(step_) + ", training.steps is " +
+             std::to_string(config.training.steps) + ": nothing left to train");
+  while (step_ < config.training.steps) {
     StepMetrics metrics = train_step();
-    if (metrics.step > 1) timed_seconds += metrics.step_time_s;
+    ++steps_here;
+    if (steps_here > 1) timed_seconds += metrics.step_time_s;
     const bool evaluate_now = val_loader_ && ((config.training.eval_every > 0 &&
                                                metrics.step % config.training.eval_every == 0) ||
                                               metrics.step == config.training.steps);
@@ -297,14 +481,31 @@ void Trainer::run() {
     }
     metrics.last_val_loss = last_val_loss;
     metrics.elapsed_s = now_seconds() - run_start;
-    const double per_step = metrics.step > 1 ? timed_seconds / double(metrics.step - 1) : metrics.step_time_s;
+    const double per_step = steps_here > 1 ? timed_seconds / double(steps_here - 1) : metrics.step_time_s;
     metrics.eta_s = per_step * double(config.training.steps - metrics.step);
-    if (metrics_writer.is_open()) metrics_writer.write(metrics);
-    if (log && (metrics.step % config.training.log_every == 0 || metrics.step == 1 ||
+    if (router_stats_due(metrics.step, config.training.log_every, config.training.steps))
+      metrics.router = router_stats_->read_and_reset(context_, options_.groups.world.get());  // collective
+    write_metrics(metrics);
+    if (log && (metrics.step % config.training.log_every == 0 || steps_here == 1 ||
                 metrics.step == config.training.steps || metrics.skipped)) {
       *log << format_progress_line(metrics, options_.device) << "\n";
       log->flush();
     }
+    if (every > 0 && step_ % every == 0) save_checkpoint();
+    if (stop_requested_) {
+      const int signal_number = preemption_signal();
+      log_line(std::string(signal_number ? preemption_signal_name(signal_number) : "a preemption signal") +
+               " received (on this or another rank): stopping after step " + std::to_string(step_));
+      if (last_saved_step_ != step_) save_checkpoint();
+      preempted_ = true;
+      break;
+    }
+  }
+  if (!preempted_ && last_saved_step_ != step_) save_checkpoint();
+  if (preempted_) {
+    log_line("preempted at step " + std::to_string(step_) + " of " + std::to_string(config.training.steps) +
+             " after " + format_duration(now_seconds() - run_start) + "; continue with --resume auto");
+    return;
   }
   if (options_.write_final_weights) {
     save_final_weights(context_, final_weights_path(), config_to_yaml(config), *parameters_, &options_.groups,

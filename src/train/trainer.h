@@ -16,26 +16,41 @@
 // aux_grad_scale = loss_scale / (micro-steps * ranks), so plain sums across ranks give the exact
 // gradient: no division after the all-reduce.
 //
-// The run (run()): training.steps steps; evaluation on data.val_path every training.eval_every
-// steps and after the last; one JSON line per step (src/train/metrics.h) and a progress line every
-// training.log_every steps, both from world rank 0; then <run_dir>/final.weights.
+// The run (run()): resume when checkpoint.resume says so (auto: the newest complete checkpoint in
+// checkpoint.dir that loads and verifies on every rank, skipping and reporting others; a path:
+// that checkpoint or a bad-input error); then steps up to training.steps; evaluation on
+// data.val_path every training.eval_every steps and after the last; one JSON line per step
+// (src/train/metrics.h; a resumed run keeps the file's lines up to its step and appends) and a
+// progress line every training.log_every steps, both from world rank 0; a checkpoint
+// (src/train/checkpoint.h) every checkpoint.every steps and after the last (every = 0: only that);
+// then <run_dir>/final.weights. SIGTERM / SIGUSR1 (src/train/checkpoint_signals.h) end the run
+// early: the step in progress finishes, every rank agrees through the step's statistics
+// all-reduce, a checkpoint is saved and run() returns with preempted() true.
+//
+// Exact continuation: a checkpoint holds everything a step reads (master weights, both moments,
+// the update count, loss-scaler state, the data cursor, the router-jitter counter, the step
+// that drives the learning rate), so with parallel.deterministic a resumed run repeats the
+// uninterrupted one bit for bit.
 #pragma once
 
 #include <cstdint>
 #include <iosfwd>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "comm/bootstrap.h"
 #include "comm/communicator.h"
 #include "comm/gradient_sync.h"
 #include "src/model/transformer.h"
+#include "src/train/checkpoint.h"
 #include "src/train/config.h"
 #include "src/train/data_loader.h"
 #include "src/train/loss_scaler.h"
 #include "src/train/lr_schedule.h"
 #include "src/train/metrics.h"
 #include "src/train/optimizer.h"
+#include "src/train/router_stats.h"
 #include "src/train/token_file.h"
 
 namespace switchyard {
@@ -71,6 +86,19 @@ class Trainer {
   Trainer& operator=(const Trainer&) = delete;
 
   void run();
+  bool preempted() const { return preempted_; }      // run() stopped early for a signal (and saved)
+  const std::string& resumed_from() const { return resumed_from_; }  // empty: started fresh
+
+  // Collective: saves the current state as <checkpoint.dir>/step-<step()>.
+  CheckpointSaveResult save_checkpoint();
+  // Collective: loads `target` ("auto" or a checkpoint path, as checkpoint.resume) into this
+  // trainer. auto: tries the complete checkpoints of checkpoint.dir newest first, reporting and
+  // skipping any that fails on some rank; false (fresh state) when none loads. A path: SY_BAD_INPUT
+  // with the (first failing rank's) message when it does not load on every rank.
+  bool resume(const std::string& target);
+  // The scalar state a checkpoint records.
+  TrainingProgress progress() const;
+  int64_t tokens_seen() const { return tokens_seen_; }
   // One optimizer step; the returned metrics lack val_loss, elapsed and ETA (run() fills them).
   StepMetrics train_step();
   // Mean validation loss over training.eval_batches micro-batches on every rank (the same batches
@@ -93,6 +121,10 @@ class Trainer {
   void all_reduce_host(const std::shared_ptr<Communicator>& communicator, std::vector<double>& values);
   void upload_batch();
   bool has_peers(const std::shared_ptr<Communicator>& communicator) const;
+  CheckpointContext checkpoint_context() const;
+  void apply_progress(const TrainingProgress& progress, const std::string& path);
+  void reset_to_initial_state();
+  void log_line(const std::string& text) const;
 
   Config config_;
   TrainerOptions options_;
@@ -100,6 +132,7 @@ class Trainer {
   void* stream_ = nullptr;
   DType compute_dtype_;
   std::unique_ptr<Transformer> model_;
+  std::unique_ptr<RouterStatsRecorder> router_stats_;  // device-side router sums between metrics lines
   std::unique_ptr<ModelParameters> parameters_;
   std::unique_ptr<AdamWOptimizer> optimizer_;
   std::unique_ptr<GradientSynchronizer> synchronizer_;
@@ -109,6 +142,13 @@ class Trainer {
   std::unique_ptr<DataLoader> val_loader_;
   FlopsEstimate flops_;
   int64_t step_ = 0;
+  int64_t tokens_seen_ = 0;
+  int64_t jitter_micro_steps_ = 0;  // micro-steps run so far: the router-jitter counter
+  bool stop_requested_ = false;     // some rank got a preemption signal (agreed in train_step)
+  bool preempted_ = false;
+  int64_t last_saved_step_ = -1;    // the step of the checkpoint saved or resumed last
+  std::string resumed_from_;
+  LossScalerState initial_scaler_state_;
   std::vector<int32_t> host_inputs_, host_targets_;
   Buffer device_inputs_, device_targets_;
   Buffer reduce_buffer_;  // device staging for host-value all-reduces over NCCL

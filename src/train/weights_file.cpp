@@ -12,6 +12,7 @@
 #include <iterator>
 
 #include "src/core/error.h"
+#include "src/train/checkpoint_checksum.h"
 
 namespace switchyard {
 namespace {
@@ -25,16 +26,6 @@ bool little_endian() {
   uint8_t first;
   std::memcpy(&first, &probe, 1);
   return first == 1;
-}
-
-uint64_t fnv1a64(const void* data, size_t bytes) {
-  const uint8_t* input = static_cast<const uint8_t*>(data);
-  uint64_t hash = 14695981039346656037ull;
-  for (size_t index = 0; index < bytes; ++index) {
-    hash ^= input[index];
-    hash *= 1099511628211ull;
-  }
-  return hash;
 }
 
 std::string directory_of(const std::string& path) {

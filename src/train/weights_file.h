@@ -1,6 +1,7 @@
-// The final weights file, <logging.run_dir>/final.weights: what `switchyard generate` loads.
-// (A stop-gap until the checkpoint issue replaces it with full checkpoints: it holds the weights
-// only, not optimizer state, data position or RNG state.)
+// The final weights file, <logging.run_dir>/final.weights: the trained model's weights alone,
+// in one self-contained file (what `switchyard generate` loads from a finished run). It is not a
+// checkpoint: it holds no optimizer state, data position or RNG state, so runs resume from
+// checkpoints (src/train/checkpoint.h), which generate also reads.
 //
 // Layout (little-endian):
 //   char[8]  magic "SWYWGHTS"      uint32 version (1)      uint32 tensor_count

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Router statistics, the run report and the specialization map, end to end on the CPU backend:
+#   1. configs/tiny-cpu.yaml for 40 steps under mpirun -np 2 with parallel.ep_size 2: every 10th
+#      metrics line carries per-layer router statistics summed over both ranks (10 steps x 2 ranks
+#      x 512 tokens), the progress lines show the load balance;
+#   2. `switchyard report RUN_DIR` writes a self-contained HTML page with the curves, the expert
+#      load heatmap, router statistics and a specialization map of the run's validation data;
+#   3. `switchyard specialize` prints the map as a table and writes it as JSON;
+#   4. bad input exits 2; a run without weights still gets a report (without the map).
+# Usage: test_report.sh SWITCHYARD_BINARY SOURCE_DIR MPIEXEC
+set -u
+
+binary="$1"
+source_dir="$2"
+mpiexec="${3:-mpirun}"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+failures=0
+fail() {
+  echo "FAIL: $*" >&2
+  failures=$((failures + 1))
+}
+
+mpi=("$mpiexec" -np 2 --oversubscribe --bind-to none)
+if [ "$(id -u)" -eq 0 ]; then mpi+=(--allow-run-as-root); fi
+
+# A small generated corpus (~120 KB) with digits, capitals and punctuation, so byte classes differ.
+awk 'BEGIN {
+  srand(11);
+  split("The nation|Our people|Congress|Every citizen|This union|The world|In 1999 we|By 2024 they", s, "|");
+  split("will build|must defend|has seen|shall honor|can restore|will remember|must reform|has earned", v, "|");
+  split("a stronger economy|the common good|our freedom|42 new schools|peace abroad|7 fair wages|clean water", o, "|");
+  for (i = 0; i < 2600; i++) {
+    printf "%s %s %s", s[int(rand() * 8) + 1], v[int(rand() * 8) + 1], o[int(rand() * 7) + 1];
+    printf (rand() < 0.3 ? ".\n" : (rand() < 0.5 ? "! " : ", "));
+  }
+}' >"$work/corpus.txt"
+"$binary" prepare-data --output "$work/train.bin" --val-output "$work/val.bin" "$work/corpus.txt" \
+  >"$work/prepare.log" 2>&1 || { cat "$work/prepare.log" >&2; echo "FAIL: prepare-data" >&2; exit 1; }
+
+# ---- 1. training with router statistics ----------------------------------------------------------
+run="$work/run"
+timeout 300 "${mpi[@]}" "$binary" train "$source_dir/configs/tiny-cpu.yaml" \
+  --set "data.path=$work/train.bin" --set "data.val_path=$work/val.bin" --set training.steps=40 \
+  --set training.eval_every=20 --set optimizer.warmup_steps=5 --set parallel.ep_size=2 \
+  --set "logging.run_dir=$run" --set "checkpoint.dir=$run/checkpoints" >"$work/train.out" 2>"$work/train.err"
+status=$?
+if [ "$status" -ne 0 ]; then
+  fail "training exited $status"
+  tail -20 "$work/train.err" >&2
+fi
+metrics="$run/metrics.jsonl"
+if [ -s "$metrics" ]; then
+  with_router=$(grep -c '"router":\[' "$metrics")
+  [ "$with_router" -eq 4 ] || fail "expected router statistics on 4 metrics lines (every 10 steps), found $with_router"
+  line10=$(grep '"step":10,' "$metrics")
+  echo "$line10" | grep -q '"router":\[{"layer":0,"forwards":20,"tokens":10240,' ||
+    fail "step 10 should carry 20 forwards and 10240 tokens (10 steps x 2 ranks x 8 x 64): $(echo "$line10" | grep -o '"router":.*' | head -c 200)"
+  for key in load_imbalance experts_used dropped_fraction mean_gate entropy entropy_normalized aux_loss z_loss; do
+    echo "$line10" | grep -q "\"$key\":[0-9]" || fail "router statistics lack a numeric $key"
+  done
+  # The window's tokens per expert add up to its routed choices (top-1: one per token).
+  echo "$line10" | grep -o '"router":.*' | grep -o '"tokens_per_expert":\[[0-9,]*\]' | head -1 |
+    grep -o '[0-9][0-9,]*' | tr ',' '\n' | awk '{ s += $1 } END { exit !(s == 10240) }' ||
+    fail "the router's tokens per expert do not add up to 10240"
+  grep '"step":11,' "$metrics" | grep -q '"router"' && fail "step 11 must not carry router statistics"
+else
+  fail "no metrics at $metrics"
+fi
+grep -q "load max/mean [0-9.]* H [0-9.]*" "$work/train.out" || fail "progress lines lack the router balance"
+
+# ---- 2. the report -------------------------------------------------------------------------------
+timeout 120 "$binary" report "$run" >"$work/report.out" 2>"$work/report.err"
+status=$?
+report="$run/report.html"
+if [ "$status" -ne 0 ]; then
+  fail "report exited $status: $(cat "$work/report.err")"
+elif [ ! -s "$report" ]; then
+  fail "report wrote no $report"
+else
+  grep -q "specialization map of" "$work/report.out" || fail "the report did not compute the specialization map: $(cat "$work/report.out")"
+  for section in "Training curves" "Expert load" "Router statistics" "Expert specialization" "validation loss" \
+                 "MoE layer 0: expert load over training" "By byte class" "By preceding byte" "By position in the window"; do
+    grep -q "$section" "$report" || fail "the report lacks '$section'"
+  done
+  svgs=$(grep -o '<svg ' "$report" | wc -l)
+  [ "$svgs" -ge 12 ] || fail "the report has $svgs plots, expected at least 12"
+  grep -q '<script' "$report" && fail "the report must not contain scripts"
+  grep -Eq '(src|href)="(https?:)?//' "$report" && fail "the report must not fetch anything"
+  if command -v python3 >/dev/null 2>&1; then
+    python3 - "$report" <<'EOF' || fail "an SVG of the report is not well-formed XML"
+import re, sys, xml.etree.ElementTree as ET
+html = open(sys.argv[1], encoding="utf-8").read()
+svgs = re.findall(r"<svg .*?</svg>", html, re.S)
+assert svgs, "no svg"
+for svg in svgs:
+    ET.fromstring(svg)
+EOF
+  fi
+  echo "ok: report with $svgs plots ($(wc -c <"$report") bytes)"
+fi
+
+# ---- 3. specialize -------------------------------------------------------------------------------
+timeout 120 "$binary" specialize --checkpoint "$run" --text "$work/corpus.txt" --tokens 4096 \
+  --json "$work/map.json" >"$work/map.txt" 2>"$work/map.err"
+status=$?
+if [ "$status" -ne 0 ]; then
+  fail "specialize exited $status: $(cat "$work/map.err")"
+else
+  grep -q "MoE layer 0 (block 1): 4 experts, 4096 tokens, 4096 routed choices" "$work/map.txt" ||
+    fail "unexpected table header: $(head -2 "$work/map.txt")"
+  [ "$(grep -Ec '^[0-3] ' "$work/map.txt")" -eq 4 ] || fail "the table should have one row per expert"
+  grep -q '"layers":\[{"moe_layer":0,"block":1,"experts":\[' "$work/map.json" || fail "bad specialization JSON"
+  echo "ok: specialize"; sed -n 1,7p "$work/map.txt"
+fi
+
+# ---- 4. errors and a run without weights ---------------------------------------------------------
+"$binary" report "$work/absent" >/dev/null 2>&1
+[ $? -eq 2 ] || fail "report of a missing directory should exit 2"
+"$binary" specialize --checkpoint "$run" >/dev/null 2>&1
+[ $? -eq 2 ] || fail "specialize without --text should exit 2"
+"$binary" report "$run" --no-such-flag >/dev/null 2>&1
+[ $? -eq 2 ] || fail "report with an unknown flag should exit 2"
+mkdir -p "$work/metrics_only"
+cp "$metrics" "$work/metrics_only/metrics.jsonl" 2>/dev/null
+"$binary" report "$work/metrics_only" --output "$work/metrics_only.html" >"$work/metrics_only.out" 2>&1 ||
+  fail "report of a run without weights failed: $(cat "$work/metrics_only.out")"
+grep -q "Not computed" "$work/metrics_only.html" 2>/dev/null || fail "a run without weights should say why the map is missing"
+
+if [ "$failures" -ne 0 ]; then
+  echo "$failures failure(s)" >&2
+  exit 1
+fi
+echo "all report checks passed"
