@@ -21,6 +21,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -28,6 +29,7 @@
 #include "comm/bootstrap.h"
 #include "src/cli/cli_args.h"
 #include "src/cli/commands.h"
+#include "src/train/checkpoint_signals.h"
 #include "src/core/device.h"
 #include "src/core/error.h"
 #include "src/core/mpi_check.h"
@@ -239,6 +241,10 @@ int command_train(int argc, char** argv) {
   if (parser.has("resume") && options.resume.empty()) SY_BAD_INPUT("--resume needs auto or a checkpoint path");
   options.dry_run = parser.flag("dry-run");
 
+  // Catch SIGTERM / SIGUSR1 from here on, before the (possibly slow) set-up and CUDA start-up: a
+  // preemption signal that arrives early must not kill the process; the trainer saves and stops.
+  std::unique_ptr<PreemptionSignalGuard> signal_guard;
+  if (!options.dry_run) signal_guard = std::make_unique<PreemptionSignalGuard>();
   TrainingSetup setup = set_up_training(options);
   if (options.dry_run) {
     if (is_rank0(*setup.process)) std::cout << "switchyard train: dry run: set-up complete, not training\n";

@@ -12,7 +12,7 @@ namespace switchyard {
 namespace {
 
 volatile std::sig_atomic_t g_signal = 0;
-bool g_installed = false;
+int g_depth = 0;  // nested guards: the outermost installs and restores the handlers
 struct sigaction g_previous_term, g_previous_usr1;
 
 extern "C" void on_preemption_signal(int signal_number) {
@@ -22,7 +22,7 @@ extern "C" void on_preemption_signal(int signal_number) {
 }  // namespace
 
 PreemptionSignalGuard::PreemptionSignalGuard() {
-  SY_CHECK(!g_installed, "PreemptionSignalGuard: already installed");
+  if (g_depth++ > 0) return;  // already installed by an enclosing guard (e.g. `train` before set-up)
   struct sigaction action;
   std::memset(&action, 0, sizeof(action));
   action.sa_handler = on_preemption_signal;
@@ -30,13 +30,14 @@ PreemptionSignalGuard::PreemptionSignalGuard() {
   action.sa_flags = SA_RESTART;
   if (sigaction(SIGTERM, &action, &g_previous_term) != 0 || sigaction(SIGUSR1, &action, &g_previous_usr1) != 0)
     SY_THROW("cannot install the SIGTERM / SIGUSR1 handlers: ", std::strerror(errno));
-  g_installed = true;
 }
 
+bool preemption_signals_installed() { return g_depth > 0; }
+
 PreemptionSignalGuard::~PreemptionSignalGuard() {
+  if (--g_depth > 0) return;
   sigaction(SIGTERM, &g_previous_term, nullptr);
   sigaction(SIGUSR1, &g_previous_usr1, nullptr);
-  g_installed = false;
   g_signal = 0;  // handled by the run that installed the guard; the next run starts clean
 }
 

@@ -19,6 +19,9 @@ class PreemptionSignalGuard {
   PreemptionSignalGuard& operator=(const PreemptionSignalGuard&) = delete;
 };
 
+// True while a guard is alive. Guards nest: `switchyard train` installs one before its set-up (so a
+// signal during start-up, e.g. CUDA initialisation, is not fatal), the trainer's own is then a no-op.
+bool preemption_signals_installed();
 // The first signal received since the last clear (0: none).
 int preemption_signal();
 void clear_preemption_signal();

@@ -418,8 +418,11 @@ void Trainer::run() {
   const Config& config = config_;
   std::ostream* log = options_.log;
   const bool writer = options_.world_rank == 0;
+  const bool signals_were_installed = preemption_signals_installed();
   PreemptionSignalGuard signal_guard;
-  clear_preemption_signal();
+  // A signal that arrived during set-up (under an enclosing guard) is kept: the run saves after its
+  // first step and stops.
+  if (!signals_were_installed) clear_preemption_signal();
   if (config.checkpoint.resume != "none") resume(config.checkpoint.resume);
 
   MetricsWriter metrics_writer;
