@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -302,11 +303,18 @@ void inject_fault_point(const char* point) {
   }
   const bool rank_ok = fields.size() >= 2 && (fields[0] == "*" || (!fields[0].empty() &&
                        fields[0].find_first_not_of("0123456789") == std::string::npos));
-  if (!rank_ok || fields.size() > 3 || fields[1].empty() || (fields.size() == 3 && fields[2] != "hang"))
-    SY_BAD_INPUT("SWITCHYARD_INJECT_FAULT='", spec, "': expected <rank>:<point> or <rank>:<point>:hang");
+  const bool action_ok =
+      fields.size() < 3 || fields[2] == "hang" || fields[2] == "sigterm" || fields[2] == "sigusr1";
+  if (!rank_ok || fields.size() > 3 || fields[1].empty() || !action_ok)
+    SY_BAD_INPUT("SWITCHYARD_INJECT_FAULT='", spec,
+                 "': expected <rank>:<point> or <rank>:<point>:hang|sigterm|sigusr1");
   if (fields[1] != point) return;
   const int rank = current_rank();
   if (fields[0] != "*" && std::atoi(fields[0].c_str()) != rank) return;
+  if (fields.size() == 3 && fields[2] != "hang") {  // a preemption signal to itself, at a known point
+    std::raise(fields[2] == "sigterm" ? SIGTERM : SIGUSR1);
+    return;
+  }
   if (fields.size() == 3) {
     std::fprintf(stderr, "switchyard: rank %s stops participating at %s (SWITCHYARD_INJECT_FAULT=%s)\n",
                  rank_text(rank).c_str(), point, spec);

@@ -224,6 +224,9 @@ StepMetrics Trainer::train_step() {
     optimizer_->step(context_, lr, clip / loss_scale);
   }
   ++step_;
+  // Test hook (comm/bootstrap.h): SWITCHYARD_INJECT_FAULT=<rank>:after_step_N:sigusr1|sigterm delivers
+  // a preemption signal at a known step, for machines too fast for a signal sent from outside.
+  inject_fault_point(("after_step_" + std::to_string(step_)).c_str());
 
   sums[kStop] = preemption_signal() != 0 ? 1.0 : 0.0;
   all_reduce_host(options_.groups.world, sums);
