@@ -337,32 +337,12 @@ void MoeEpLayer::experts_backward(const ExecContext& context, int chunk, const M
 // ---- Host reads ------------------------------------------------------------------------------
 
 MoeLosses MoeEpLayer::read_losses(const ExecContext& context) const {
-  SY_CHECK(routing_.losses.data != nullptr, "MoeEpLayer::read_losses: no forward has run");
-  double values[kNumRoutingLosses] = {};
-  float float_values[kNumRoutingLosses] = {};
-  Tensor host(float_dtype_ == DType::f64 ? static_cast<void*>(values) : static_cast<void*>(float_values), float_dtype_,
-              DeviceKind::cpu, {kNumRoutingLosses});
-  ops::copy(context, routing_.losses, host);
-  if (float_dtype_ != DType::f64)
-    for (int index = 0; index < kNumRoutingLosses; ++index) values[index] = float_values[index];
-  MoeLosses losses;
-  losses.aux_loss = values[kAuxLoss];
-  losses.z_loss = values[kZLoss];
-  losses.read = true;
-  return losses;
+  return read_routing_losses(context, routing_, float_dtype_, "MoeEpLayer");
 }
 
+// padded_rows here is the packed send layout: the rows this rank sent.
 MoeRoutingStats MoeEpLayer::read_routing_stats(const ExecContext& context) const {
-  SY_CHECK(routing_.scalars.data != nullptr, "MoeEpLayer::read_routing_stats: no forward has run");
-  int32_t scalars[kNumRoutingScalars] = {};
-  Tensor host(scalars, DType::i32, DeviceKind::cpu, {kNumRoutingScalars});
-  ops::copy(context, routing_.scalars, host);
-  MoeRoutingStats stats;
-  stats.capacity = scalars[kCapacity];
-  stats.total_choices = scalars[kTotalChoices];
-  stats.dropped_choices = scalars[kDroppedChoices];
-  stats.padded_rows = scalars[kPaddedRows];  // the packed send layout: rows this rank sent
-  return stats;
+  return read_routing_scalars(context, routing_, "MoeEpLayer");
 }
 
 MoeExchangeStats MoeEpLayer::exchange_stats() const {

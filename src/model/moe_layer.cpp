@@ -385,14 +385,15 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
 
 // ---- Host reads ------------------------------------------------------------------------------
 
-MoeLosses MoeLayer::read_losses(const ExecContext& context) const {
-  SY_CHECK(routing_.losses.data != nullptr, "MoeLayer::read_losses: no forward has run");
+MoeLosses read_routing_losses(const ExecContext& context, const RoutingResult& routing, DType float_dtype,
+                              const char* who) {
+  SY_CHECK(routing.losses.data != nullptr, who, "::read_losses: no forward has run");
   double values[kNumRoutingLosses] = {};
   float float_values[kNumRoutingLosses] = {};
-  Tensor host(float_dtype_ == DType::f64 ? static_cast<void*>(values) : static_cast<void*>(float_values), float_dtype_,
+  Tensor host(float_dtype == DType::f64 ? static_cast<void*>(values) : static_cast<void*>(float_values), float_dtype,
               DeviceKind::cpu, {kNumRoutingLosses});
-  ops::copy(context, routing_.losses, host);
-  if (float_dtype_ != DType::f64)
+  ops::copy(context, routing.losses, host);
+  if (float_dtype != DType::f64)
     for (int index = 0; index < kNumRoutingLosses; ++index) values[index] = float_values[index];
   MoeLosses losses;
   losses.aux_loss = values[kAuxLoss];
@@ -401,17 +402,25 @@ MoeLosses MoeLayer::read_losses(const ExecContext& context) const {
   return losses;
 }
 
-MoeRoutingStats MoeLayer::read_routing_stats(const ExecContext& context) const {
-  SY_CHECK(routing_.scalars.data != nullptr, "MoeLayer::read_routing_stats: no forward has run");
+MoeRoutingStats read_routing_scalars(const ExecContext& context, const RoutingResult& routing, const char* who) {
+  SY_CHECK(routing.scalars.data != nullptr, who, "::read_routing_stats: no forward has run");
   int32_t scalars[kNumRoutingScalars] = {};
   Tensor host(scalars, DType::i32, DeviceKind::cpu, {kNumRoutingScalars});
-  ops::copy(context, routing_.scalars, host);
+  ops::copy(context, routing.scalars, host);
   MoeRoutingStats stats;
   stats.capacity = scalars[kCapacity];
   stats.total_choices = scalars[kTotalChoices];
   stats.dropped_choices = scalars[kDroppedChoices];
   stats.padded_rows = scalars[kPaddedRows];
   return stats;
+}
+
+MoeLosses MoeLayer::read_losses(const ExecContext& context) const {
+  return read_routing_losses(context, routing_, float_dtype_, "MoeLayer");
+}
+
+MoeRoutingStats MoeLayer::read_routing_stats(const ExecContext& context) const {
+  return read_routing_scalars(context, routing_, "MoeLayer");
 }
 
 }  // namespace switchyard

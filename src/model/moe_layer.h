@@ -132,6 +132,12 @@ class MoeStageObserver {
   virtual void stage_end(const ExecContext& context, const char* stage) = 0;
 };
 
+// Host reads of a RoutingResult's device-side losses and counters (one small copy each, waiting
+// for context.stream); shared by MoeLayer and MoeEpLayer. `who` names the caller in errors.
+MoeLosses read_routing_losses(const ExecContext& context, const RoutingResult& routing, DType float_dtype,
+                              const char* who);
+MoeRoutingStats read_routing_scalars(const ExecContext& context, const RoutingResult& routing, const char* who);
+
 class MoeLayer {
  public:
   MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype, int64_t max_tokens);
