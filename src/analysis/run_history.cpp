@@ -9,8 +9,8 @@
 #include <fstream>
 #include <limits>
 
-#include "src/analysis/json_value.h"
 #include "src/core/error.h"
+#include "src/core/json.h"
 
 namespace switchyard {
 namespace {
@@ -25,7 +25,7 @@ int64_t quick_integer(const std::string& line, const char* key) {
   return std::strtoll(line.c_str() + at + pattern.size(), nullptr, 10);
 }
 
-RouterLayerStats parse_router_layer(const JsonValue& value) {
+RouterLayerStats parse_router_layer(const json::Value& value) {
   RouterLayerStats stats;
   stats.moe_layer = int(value.number_or("layer", 0));
   stats.forwards = int64_t(value.number_or("forwards", 0));
@@ -38,8 +38,8 @@ RouterLayerStats parse_router_layer(const JsonValue& value) {
   stats.router_entropy_normalized = value.number_or("entropy_normalized", kNaN);
   stats.aux_loss = value.number_or("aux_loss", kNaN);
   stats.z_loss = value.number_or("z_loss", kNaN);
-  if (const JsonValue* counts = value.find("tokens_per_expert"))
-    for (const JsonValue& count : counts->items()) stats.tokens_per_expert.push_back(int64_t(count.number()));
+  if (const json::Value* counts = value.find("tokens_per_expert"))
+    for (const json::Value& count : counts->elements()) stats.tokens_per_expert.push_back(int64_t(count.number_or(0)));
   return stats;
 }
 
@@ -87,9 +87,9 @@ RunHistory read_run_history(const std::string& metrics_path, int load_bins) {
   while (std::getline(file, line)) {
     ++line_number;
     if (line.empty()) continue;
-    JsonValue record;
+    json::Value record;
     try {
-      record = JsonValue::parse(line, metrics_path + ":" + std::to_string(line_number));
+      record = json::parse(line, metrics_path, line_number);
     } catch (const Error&) {
       if (parsed + 1 == lines) {  // the last line: a run cut off mid-write
         history.notes.push_back("line " + std::to_string(line_number) + " of the metrics file is incomplete; skipped");
@@ -112,18 +112,17 @@ RunHistory read_run_history(const std::string& metrics_path, int load_bins) {
     history.tokens_per_s.push_back(record.number_or("tokens_per_s", kNaN));
     history.step_time_s.push_back(record.number_or("step_time_s", kNaN));
     history.mfu.push_back(record.number_or("mfu", kNaN));
-    const JsonValue* skipped = record.find("skipped");
-    history.skipped.push_back(skipped != nullptr && skipped->boolean());
+    history.skipped.push_back(record.bool_or("skipped", false));
     if (record.has_number("val_loss")) {
       history.val_step.push_back(step);
       history.val_loss.push_back(record.number_or("val_loss", kNaN));
     }
 
-    if (const JsonValue* counts = record.find("tokens_per_expert"); counts != nullptr && counts->is_array()) {
-      const auto& layers = counts->items();
+    if (const json::Value* counts = record.find("tokens_per_expert"); counts != nullptr && counts->is_array()) {
+      const auto& layers = counts->elements();
       if (history.load.empty() && !layers.empty()) {
         history.load_layers = int(layers.size());
-        history.load_experts = int(layers[0].items().size());
+        history.load_experts = int(layers[0].elements().size());
         history.load.assign(
             size_t(history.load_layers),
             std::vector<std::vector<double>>(size_t(bins), std::vector<double>(size_t(history.load_experts), 0.0)));
@@ -133,20 +132,20 @@ RunHistory read_run_history(const std::string& metrics_path, int load_bins) {
       const int64_t integer_step = int64_t(step);
       const int64_t bin = std::clamp<int64_t>((integer_step - 1) / steps_per_bin, 0, bins - 1);
       for (size_t layer = 0; layer < layers.size(); ++layer) {
-        const auto& experts = layers[layer].items();
+        const auto& experts = layers[layer].elements();
         SY_CHECK_INPUT(int(experts.size()) == history.load_experts, metrics_path, ":", line_number, ": layer ", layer,
                        " has ", experts.size(), " experts, earlier lines had ", history.load_experts);
         for (size_t expert = 0; expert < experts.size(); ++expert)
-          history.load[layer][size_t(bin)][expert] += experts[expert].number();
+          history.load[layer][size_t(bin)][expert] += experts[expert].number_or(0);
       }
       if (history.bin_first_step[size_t(bin)] == 0 || integer_step < history.bin_first_step[size_t(bin)])
         history.bin_first_step[size_t(bin)] = integer_step;
       history.bin_last_step[size_t(bin)] = std::max(history.bin_last_step[size_t(bin)], integer_step);
     }
-    if (const JsonValue* router = record.find("router"); router != nullptr && router->is_array()) {
+    if (const json::Value* router = record.find("router"); router != nullptr && router->is_array()) {
       RouterRecord entry;
       entry.step = int64_t(step);
-      for (const JsonValue& layer : router->items()) entry.layers.push_back(parse_router_layer(layer));
+      for (const json::Value& layer : router->elements()) entry.layers.push_back(parse_router_layer(layer));
       history.router.push_back(std::move(entry));
     }
   }

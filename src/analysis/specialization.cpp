@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "src/core/error.h"
+#include "src/core/json.h"
 
 namespace switchyard {
 namespace {
@@ -30,23 +31,6 @@ std::string json_doubles(const std::vector<double>& values) {
   std::string out = "[";
   for (size_t index = 0; index < values.size(); ++index) out += (index ? "," : "") + json_number(values[index]);
   return out + "]";
-}
-
-std::string json_string(const std::string& text) {
-  std::string out = "\"";
-  for (unsigned char c : text) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += char(c);
-    } else if (c < 0x20) {
-      char buffer[8];
-      std::snprintf(buffer, sizeof(buffer), "\\u%04x", c);
-      out += buffer;
-    } else {
-      out += char(c);
-    }
-  }
-  return out + "\"";
 }
 
 // share(a)[i] / share(b)[i] for count vectors with totals; NaN where b has none.
@@ -286,10 +270,10 @@ std::string SpecializationMap::json() const {
   out << "{\"num_experts\":" << num_experts_ << ",\"window\":" << window_
       << ",\"position_buckets\":" << position_buckets_ << ",\"classes\":[";
   for (int byte_class = 0; byte_class < kNumByteClasses; ++byte_class)
-    out << (byte_class ? "," : "") << json_string(byte_class_name(byte_class));
+    out << (byte_class ? "," : "") << json::quote(byte_class_name(byte_class));
   out << "],\"previous_classes\":[";
   for (int byte_class = 0; byte_class < kNumPreviousClasses; ++byte_class)
-    out << (byte_class ? "," : "") << json_string(byte_class_name(byte_class));
+    out << (byte_class ? "," : "") << json::quote(byte_class_name(byte_class));
   out << "],\"text\":" << profile_json(text_, false) << ",\"layers\":[";
   for (size_t layer = 0; layer < layers_.size(); ++layer) {
     out << (layer ? "," : "") << "{\"moe_layer\":" << layers_[layer].moe_layer << ",\"block\":" << layers_[layer].block

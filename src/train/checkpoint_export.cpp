@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "src/core/error.h"
+#include "src/core/json.h"
 
 namespace switchyard {
 namespace fs = std::filesystem;

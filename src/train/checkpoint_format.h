@@ -30,8 +30,8 @@
 #include <string>
 #include <vector>
 
+#include "src/core/json.h"
 #include "src/train/checkpoint_checksum.h"
-#include "src/train/checkpoint_json.h"
 #include "src/train/data_loader.h"
 #include "src/train/loss_scaler.h"
 

@@ -1,7 +1,7 @@
-// The checkpoint format without a trainer: the JSON parser and writer, XXH64 and FNV-1a 64, tensor and
-// directory names, the manifest's JSON round trip and its validation, the save plan (every tensor
-// exactly once, experts at their owners, aligned non-overlapping offsets, balanced dense bytes,
-// the same plan on every rank) and pruning.
+// The checkpoint format without a trainer: XXH64 and FNV-1a 64, tensor and directory names, the
+// manifest's JSON round trip and its validation, the save plan (every tensor exactly once, experts
+// at their owners, aligned non-overlapping offsets, balanced dense bytes, the same plan on every
+// rank) and pruning. The JSON module itself is tested in test_json.cpp.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -18,10 +18,10 @@
 #include <vector>
 
 #include "src/core/error.h"
+#include "src/core/json.h"
 #include "src/model/transformer.h"
 #include "src/train/checkpoint.h"
 #include "src/train/checkpoint_format.h"
-#include "src/train/checkpoint_json.h"
 
 using namespace switchyard;
 
@@ -39,57 +39,6 @@ void expect_bad_input(Body body, const std::string& needle) {
     EXPECT_EQ(error.exit_code(), kExitBadInput) << error.message();
     EXPECT_NE(error.message().find(needle), std::string::npos) << error.message();
   }
-}
-
-TEST(CheckpointJson, RoundTripsValuesExactly) {
-  std::mt19937_64 generator = fresh_generator();
-  json::Value root = json::Value::object();
-  root.set("max_u64", json::Value::unsigned_integer(std::numeric_limits<uint64_t>::max()));
-  root.set("min_i64", json::Value::integer(std::numeric_limits<int64_t>::min()));
-  root.set("text", json::Value::string("line\nquote\" back\\slash \x01 tab\t caf\xc3\xa9"));
-  json::Value reals = json::Value::array();
-  std::vector<double> drawn;
-  std::uniform_real_distribution<double> exponent(-300, 300);
-  for (int index = 0; index < 64; ++index) {
-    drawn.push_back(std::ldexp(std::uniform_real_distribution<double>(-1, 1)(generator), int(exponent(generator))));
-    reals.push(json::Value::real(drawn.back()));
-  }
-  root.set("reals", reals);
-  root.set("nested", json::Value::object()).set("flag", json::Value::boolean(true));
-  root.set("nothing", json::Value());
-  for (int indent : {0, 1, 2}) {
-    const json::Value parsed = json::parse(root.dump(indent), "test");
-    EXPECT_EQ(parsed.at("max_u64", "t").as_uint64("t"), std::numeric_limits<uint64_t>::max());
-    EXPECT_EQ(parsed.at("min_i64", "t").as_int64("t"), std::numeric_limits<int64_t>::min());
-    EXPECT_EQ(parsed.at("text", "t").as_string("t"), root.at("text", "t").as_string("t"));
-    const std::vector<json::Value>& values = parsed.at("reals", "t").as_array("t");
-    ASSERT_EQ(values.size(), drawn.size());
-    for (size_t index = 0; index < drawn.size(); ++index) EXPECT_EQ(values[index].as_double("t"), drawn[index]);
-    EXPECT_TRUE(parsed.at("nested", "t").at("flag", "t").as_bool("t"));
-    EXPECT_TRUE(parsed.at("nothing", "t").is_null());
-    EXPECT_EQ(parsed.dump(), root.dump()) << "member order is kept";
-  }
-  EXPECT_EQ(json::parse("\"\\u00e9\\ud83d\\ude00\"", "t").as_string("t"), "\xc3\xa9\xf0\x9f\x98\x80");
-}
-
-TEST(CheckpointJson, RejectsMalformedText) {
-  const std::vector<std::pair<std::string, std::string>> cases = {
-      {"{\"a\": 1,}", "expected a string key"},
-      {"[1, 2,]", "expected a value"},
-      {"{\"a\": 1, \"a\": 2}", "duplicate key"},
-      {"\"tab\there\"", "control character"},
-      {"\"\\ud800x\"", "lone high surrogate"},
-      {"01", "unexpected text"},
-      {"1.", "digit after"},
-      {"NaN", "expected a value"},
-      {"{\"a\": 1} x", "unexpected text"},
-      {std::string(100, '['), "nested deeper"},
-      {"\"open", "unterminated"},
-  };
-  for (const auto& [text, needle] : cases) expect_bad_input([&] { json::parse(text, "case.json"); }, needle);
-  expect_bad_input([] { json::parse("[1]", "x").at("key", "where"); }, "where: expected an object");
-  expect_bad_input([] { json::parse("{\"n\": -1}", "x").at("n", "x").as_uint64("the n"); }, "the n");
-  expect_bad_input([] { json::parse("{\"n\": 1.5}", "x").at("n", "x").as_int64("the n"); }, "64-bit integer");
 }
 
 TEST(CheckpointChecksum, Xxh64MatchesTheReferenceVectors) {

@@ -1,7 +1,7 @@
-// The report's pieces: the JSON reader, SVG plots (well-formed, the right number of marks, line
-// breaks at missing values, colour scales), the specialization map on a routing whose answer is
-// known, the run history read back from metrics lines, the HTML page, and the specialization run
-// of a small model (the model must report its routing through the observer tap).
+// The report's pieces: SVG plots (well-formed, the right number of marks, line breaks at missing
+// values, colour scales), the specialization map on a routing whose answer is known, the run
+// history read back from metrics lines, the HTML page, and the specialization run of a small model
+// (the model must report its routing through the observer tap). The JSON reader: test_json.cpp.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -12,12 +12,12 @@
 #include <string>
 #include <vector>
 
-#include "src/analysis/json_value.h"
 #include "src/analysis/report.h"
 #include "src/analysis/run_history.h"
 #include "src/analysis/specialization.h"
 #include "src/analysis/specialization_run.h"
 #include "src/analysis/svg_plot.h"
+#include "src/core/json.h"
 #include "src/model/transformer.h"
 #include "src/train/metrics.h"
 #include "src/train/weights_file.h"
@@ -54,30 +54,6 @@ std::string temp_path(const std::string& name) {
   return (std::filesystem::temp_directory_path() /
           ("switchyard_test_report_" + std::to_string(::getpid()) + "_" + name))
       .string();
-}
-
-TEST(JsonValue, ParsesWhatMetricsWrite) {
-  const JsonValue value = JsonValue::parse(
-      R"( {"a": 1.5e2, "b": [true, false, null, -3], "c": {"d": "x\"y\\n\u00e9\n"}, "e": []} )", "test");
-  ASSERT_TRUE(value.is_object());
-  EXPECT_DOUBLE_EQ(value.number_or("a", 0), 150.0);
-  const JsonValue* items = value.find("b");
-  ASSERT_NE(items, nullptr);
-  ASSERT_EQ(items->items().size(), 4u);
-  EXPECT_TRUE(items->items()[0].boolean());
-  EXPECT_TRUE(items->items()[2].is_null());
-  EXPECT_DOUBLE_EQ(items->items()[3].number(), -3.0);
-  EXPECT_EQ(value.find("c")->find("d")->string(), "x\"y\\n\xC3\xA9\n");
-  EXPECT_TRUE(value.find("e")->items().empty());
-  EXPECT_EQ(value.number_or("missing", 7.0), 7.0);
-  for (const char* bad : {"{", "[1,]", "{\"a\" 1}", "tru", "\"open", "{} extra", "[1 2]"}) {
-    try {
-      JsonValue::parse(bad, "bad");
-      ADD_FAILURE() << "parsed: " << bad;
-    } catch (const Error& error) {
-      EXPECT_EQ(error.exit_code(), kExitBadInput) << bad;
-    }
-  }
 }
 
 TEST(SvgPlot, NiceTicks) {
@@ -185,11 +161,11 @@ TEST(Specialization, CountsSharesAndLifts) {
   const std::string table = map.table();
   EXPECT_NE(table.find("MoE layer 1 (block 3)"), std::string::npos) << table;
   EXPECT_NE(table.find("'1' '2' '3' '4'"), std::string::npos) << table;
-  const JsonValue parsed = JsonValue::parse(map.json(), "specialization json");
-  const JsonValue& expert = parsed.find("layers")->items()[0].find("experts")->items()[1];
+  const json::Value parsed = json::parse(map.json(), "specialization json");
+  const json::Value& expert = parsed.find("layers")->elements()[0].find("experts")->elements()[1];
   EXPECT_EQ(expert.number_or("count", 0), 4.0);
-  EXPECT_DOUBLE_EQ(expert.find("lift_by_class")->items()[kClassDigit].number(), double(count) / 4.0);
-  EXPECT_TRUE(expert.find("lift_by_class")->items()[kClassOther].is_null());  // the text has no "other" byte
+  EXPECT_DOUBLE_EQ(expert.find("lift_by_class")->elements()[kClassDigit].number_or(-1), double(count) / 4.0);
+  EXPECT_TRUE(expert.find("lift_by_class")->elements()[kClassOther].is_null());  // the text has no "other" byte
   EXPECT_THROW(map.add_routing(2, tokens.data(), count, ids.data(), 1, nullptr), Error);
   std::vector<int32_t> bad(ids);
   bad[0] = 3;

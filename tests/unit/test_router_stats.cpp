@@ -7,9 +7,9 @@
 #include <random>
 #include <vector>
 
-#include "src/analysis/json_value.h"
 #include "src/analysis/router_sums.h"
 #include "src/analysis/routing_observer.h"
+#include "src/core/json.h"
 #include "src/model/moe_layer.h"
 #include "src/train/metrics.h"
 #include "src/train/router_stats.h"
@@ -258,15 +258,15 @@ TEST(RouterStats, MetricsJsonAndProgressLine) {
   sums[kNumRouterSums] = 5;
   sums[kNumRouterSums + 1] = 2;
   metrics.router.push_back(derive_router_stats(0, sums.data(), 2));
-  const JsonValue parsed = JsonValue::parse(metrics_json(metrics), "metrics line");
-  const JsonValue* router = parsed.find("router");
+  const json::Value parsed = json::parse(metrics_json(metrics), "metrics line");
+  const json::Value* router = parsed.find("router");
   ASSERT_NE(router, nullptr);
-  ASSERT_EQ(router->items().size(), 1u);
-  const JsonValue& layer = router->items()[0];
+  ASSERT_EQ(router->elements().size(), 1u);
+  const json::Value& layer = router->elements()[0];
   EXPECT_NEAR(layer.number_or("load_imbalance", 0), 5.0 / 3.5, 1e-8);  // 9 significant digits
   EXPECT_NEAR(layer.number_or("mean_gate", 0), 0.6, 1e-8);
   EXPECT_NEAR(layer.number_or("entropy_normalized", 0), 0.25, 1e-8);
-  EXPECT_EQ(layer.find("tokens_per_expert")->items().size(), 2u);
+  EXPECT_EQ(layer.find("tokens_per_expert")->elements().size(), 2u);
   const std::string line = format_progress_line(metrics, DeviceKind::cpu);
   EXPECT_NE(line.find("load max/mean 1.43"), std::string::npos) << line;
   EXPECT_NE(line.find("H 0.25"), std::string::npos) << line;

@@ -1,11 +1,11 @@
-// JSON values, parser and writer (src/train/checkpoint_json.h).
-#include "src/train/checkpoint_json.h"
+// JSON values, parser and writer (src/core/json.h).
+#include "src/core/json.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <limits>
 
 #include "src/core/error.h"
 
@@ -44,13 +44,16 @@ void append_utf8(std::string& out, uint32_t code_point) {
   }
 }
 
+bool is_digit(char character) { return character >= '0' && character <= '9'; }
+
 }  // namespace
 
 // ---- Parser --------------------------------------------------------------------------------------
 
 class Parser {
  public:
-  Parser(const std::string& text, const std::string& source) : text_(text), source_(source) {}
+  Parser(const std::string& text, const std::string& source, int64_t first_line)
+      : text_(text), source_(source), first_line_(first_line) {}
 
   Value parse_document() {
     skip_space();
@@ -61,8 +64,18 @@ class Parser {
   }
 
  private:
+  // Line and column are counted only here, on the way out, so parsing itself tracks one offset.
   [[noreturn]] void fail(const std::string& what) const {
-    SY_BAD_INPUT(source_, ": invalid JSON at byte ", position_, ": ", what);
+    const size_t end = std::min(position_, text_.size());
+    int64_t line = first_line_;
+    size_t line_start = 0;
+    for (size_t index = 0; index < end; ++index) {
+      if (text_[index] == '\n') {
+        ++line;
+        line_start = index + 1;
+      }
+    }
+    SY_BAD_INPUT(source_, ":", line, ":", end - line_start + 1, ": invalid JSON: ", what);
   }
   bool at_end() const { return position_ >= text_.size(); }
   char peek() const { return at_end() ? '\0' : text_[position_]; }
@@ -104,8 +117,12 @@ class Parser {
     for (;;) {
       skip_space();
       if (peek() != '"') fail("expected a string key");
+      const size_t key_start = position_;
       std::string key = parse_string();
-      if (value.has(key)) fail("duplicate key \"" + key + "\"");
+      if (value.has(key)) {
+        position_ = key_start;  // point at the repeated key, not past it
+        fail("duplicate key \"" + key + "\"");
+      }
       skip_space();
       expect(':');
       skip_space();
@@ -163,7 +180,10 @@ class Parser {
       if (at_end()) fail("unterminated string");
       const char character = text_[position_++];
       if (character == '"') return out;
-      if (static_cast<unsigned char>(character) < 0x20) fail("control character in a string");
+      if (static_cast<unsigned char>(character) < 0x20) {
+        --position_;  // point at the character itself
+        fail("control character in a string");
+      }
       if (character != '\\') {
         out += character;
         continue;
@@ -206,37 +226,44 @@ class Parser {
     if (peek() == '0') {
       ++position_;
     } else if (peek() >= '1' && peek() <= '9') {
-      while (peek() >= '0' && peek() <= '9') ++position_;
+      while (is_digit(peek())) ++position_;
     } else {
-      fail("expected a value");
+      fail(at_end() ? "expected a value, found the end of the text" : "expected a value");
     }
     if (peek() == '.') {
       ++position_;
-      if (!(peek() >= '0' && peek() <= '9')) fail("expected a digit after '.'");
-      while (peek() >= '0' && peek() <= '9') ++position_;
+      if (!is_digit(peek())) fail("expected a digit after '.'");
+      while (is_digit(peek())) ++position_;
     }
     if (peek() == 'e' || peek() == 'E') {
       ++position_;
       if (peek() == '+' || peek() == '-') ++position_;
-      if (!(peek() >= '0' && peek() <= '9')) fail("expected a digit in the exponent");
-      while (peek() >= '0' && peek() <= '9') ++position_;
+      if (!is_digit(peek())) fail("expected a digit in the exponent");
+      while (is_digit(peek())) ++position_;
     }
     Value value;
     value.kind_ = Value::Kind::number;
     value.text_ = text_.substr(start, position_ - start);
+    char* end = nullptr;
+    value.number_ = std::strtod(value.text_.c_str(), &end);
+    if (end == nullptr || *end != '\0') {  // only under a locale whose decimal point is not '.'
+      position_ = start;
+      fail("number '" + value.text_ + "' not understood by strtod");
+    }
     return value;
   }
 
   const std::string& text_;
   const std::string& source_;
+  const int64_t first_line_;
   size_t position_ = 0;
 };
 
-Value parse(const std::string& text, const std::string& source) {
-  return Parser(text, source).parse_document();
+Value parse(const std::string& text, const std::string& source, int64_t first_line) {
+  return Parser(text, source, first_line).parse_document();
 }
 
-// ---- Construction and access ---------------------------------------------------------------------
+// ---- Construction --------------------------------------------------------------------------------
 
 Value Value::boolean(bool value) {
   Value result;
@@ -249,6 +276,7 @@ Value Value::integer(int64_t value) {
   Value result;
   result.kind_ = Kind::number;
   result.text_ = std::to_string(value);
+  result.number_ = double(value);
   return result;
 }
 
@@ -256,6 +284,7 @@ Value Value::unsigned_integer(uint64_t value) {
   Value result;
   result.kind_ = Kind::number;
   result.text_ = std::to_string(value);
+  result.number_ = double(value);
   return result;
 }
 
@@ -266,6 +295,7 @@ Value Value::real(double value) {
   Value result;
   result.kind_ = Kind::number;
   result.text_ = buffer;
+  result.number_ = value;  // %.17g round-trips, so the text denotes exactly this
   return result;
 }
 
@@ -287,6 +317,8 @@ Value Value::object() {
   result.kind_ = Kind::object;
   return result;
 }
+
+// ---- Strict access -------------------------------------------------------------------------------
 
 bool Value::as_bool(const std::string& where) const {
   if (kind_ != Kind::boolean) SY_BAD_INPUT(where, ": expected a boolean, found ", kind_name(kind_));
@@ -316,10 +348,8 @@ uint64_t Value::as_uint64(const std::string& where) const {
 
 double Value::as_double(const std::string& where) const {
   if (kind_ != Kind::number) SY_BAD_INPUT(where, ": expected a number, found ", kind_name(kind_));
-  char* end = nullptr;
-  const double value = std::strtod(text_.c_str(), &end);
-  if (end == nullptr || *end != '\0' || !std::isfinite(value)) SY_BAD_INPUT(where, ": bad number ", text_);
-  return value;
+  if (!std::isfinite(number_)) SY_BAD_INPUT(where, ": bad number ", text_);  // e.g. 1e999
+  return number_;
 }
 
 const std::string& Value::as_string(const std::string& where) const {
@@ -332,18 +362,40 @@ const std::vector<Value>& Value::as_array(const std::string& where) const {
   return elements_;
 }
 
-bool Value::has(const std::string& key) const {
-  for (const auto& member : members_)
-    if (member.first == key) return true;
-  return false;
-}
-
 const Value& Value::at(const std::string& key, const std::string& where) const {
   if (kind_ != Kind::object) SY_BAD_INPUT(where, ": expected an object, found ", kind_name(kind_));
-  for (const auto& member : members_)
-    if (member.first == key) return member.second;
+  if (const Value* member = find(key)) return *member;
   SY_BAD_INPUT(where, ": missing key \"", key, "\"");
 }
+
+// ---- Lenient access ------------------------------------------------------------------------------
+
+double Value::number_or(double fallback) const { return kind_ == Kind::number ? number_ : fallback; }
+
+const Value* Value::find(const std::string& key) const {
+  for (const auto& member : members_)  // empty unless an object
+    if (member.first == key) return &member.second;
+  return nullptr;
+}
+
+double Value::number_or(const std::string& key, double fallback) const {
+  const Value* member = find(key);
+  return member != nullptr ? member->number_or(fallback) : fallback;
+}
+
+bool Value::bool_or(const std::string& key, bool fallback) const {
+  const Value* member = find(key);
+  return member != nullptr && member->kind_ == Kind::boolean ? member->bool_ : fallback;
+}
+
+bool Value::has_number(const std::string& key) const {
+  const Value* member = find(key);
+  return member != nullptr && member->kind_ == Kind::number;
+}
+
+// ---- Building ------------------------------------------------------------------------------------
+
+bool Value::has(const std::string& key) const { return find(key) != nullptr; }
 
 Value& Value::set(const std::string& key, Value value) {
   SY_CHECK(kind_ == Kind::object, "Value::set on ", kind_name(kind_));

@@ -1,0 +1,151 @@
+// The fixtures of `switchyard bench moe` (src/cli/bench_moe_fixtures.h).
+#include "src/cli/bench_moe_fixtures.h"
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <sstream>
+
+#include "src/core/json.h"
+#include "src/core/timing.h"
+
+namespace switchyard::bench_moe {
+
+// Drawn on the host from std::mt19937_64(seed), so a seed gives the same data on every run.
+Buffer random_buffer(const BenchSettings& settings, DType dtype, int64_t count, float stddev, uint64_t seed) {
+  std::mt19937_64 generator(seed);
+  std::normal_distribution<float> normal(0.0f, stddev);
+  std::vector<float> values(static_cast<size_t>(count));
+  for (float& value : values) value = normal(generator);
+  Buffer host(DeviceKind::cpu, size_t(count) * dtype_size(dtype));
+  Tensor host_float(values.data(), DType::f32, DeviceKind::cpu, {count});
+  Tensor host_target = host.view(dtype, {count});
+  if (dtype == DType::f32) std::copy(values.begin(), values.end(), host.as<float>());
+  else cpu::convert(host_float, host_target);
+  Buffer device(settings.context.device, host.bytes());
+  device_copy(device.data(), settings.context.device, host.data(), DeviceKind::cpu, host.bytes());
+  return device;
+}
+
+double time_median_ms(const BenchSettings& settings, const std::function<void()>& fn) {
+  for (int i = 0; i < settings.warmup; ++i) fn();
+  ops::synchronize(settings.context);
+  DeviceTimer timer(settings.context.device, settings.context.stream);
+  std::vector<double> samples;
+  for (int i = 0; i < settings.iterations; ++i) {
+    timer.start();
+    fn();
+    timer.stop();
+    samples.push_back(timer.elapsed_ms());
+  }
+  return median(samples);
+}
+
+double expert_forward_flops(const LayerShape& shape) {
+  return 2.0 * double(shape.tokens) * shape.top_k * (2.0 * shape.d_model * shape.d_ff);
+}
+
+MoeBench::MoeBench(const BenchSettings& settings, const LayerShape& shape, MoeComputeMode mode) {
+  config.d_model = shape.d_model;
+  config.expert_d_ff = shape.d_ff;
+  config.num_experts = shape.experts;
+  config.k_max = config.k_min = shape.top_k;
+  config.renormalize = shape.top_k > 1;
+  config.dropless = settings.dropless;
+  config.capacity_factor_train = config.capacity_factor_eval = settings.capacity_factor;
+  config.compute_mode = mode;
+  const DType act = settings.activation_dtype;
+  layer = std::make_unique<MoeLayer>(config, settings.context.device, act, shape.tokens);
+  const int64_t tokens = shape.tokens, d = shape.d_model, f = shape.d_ff, e = shape.experts;
+  x = random_buffer(settings, act, tokens * d, 1.0f, settings.seed + 1);
+  grad_y = random_buffer(settings, act, tokens * d, 1.0f, settings.seed + 2);
+  router = random_buffer(settings, act, d * e, 1.0f / std::sqrt(float(d)), settings.seed + 3);
+  w1 = random_buffer(settings, act, e * d * config.w1_columns(), 1.0f / std::sqrt(float(d)), settings.seed + 4);
+  w2 = random_buffer(settings, act, e * f * d, 1.0f / std::sqrt(float(f)), settings.seed + 5);
+  const DeviceKind device = settings.context.device;
+  y = Buffer(device, size_t(tokens * d) * dtype_size(act));
+  grad_x = Buffer(device, size_t(tokens * d) * dtype_size(act));
+  const DType grad_dtype = layer->gradient_dtype();
+  grad_router = Buffer(device, size_t(d * e) * dtype_size(grad_dtype));
+  grad_w1 = Buffer(device, size_t(e * d * config.w1_columns()) * dtype_size(grad_dtype));
+  grad_w2 = Buffer(device, size_t(e * f * d) * dtype_size(grad_dtype));
+  weights = {router.view(act, {d, e}), w1.view(act, {e, d, config.w1_columns()}), w2.view(act, {e, f, d})};
+  gradients = {grad_router.view(grad_dtype, {d, e}), grad_w1.view(grad_dtype, {e, d, config.w1_columns()}),
+               grad_w2.view(grad_dtype, {e, f, d})};
+  x_view = x.view(act, {tokens, d});
+  y_view = y.view(act, {tokens, d});
+  grad_y_view = grad_y.view(act, {tokens, d});
+  grad_x_view = grad_x.view(act, {tokens, d});
+}
+
+void MoeBench::forward(const ExecContext& context, bool training) {
+  MoeForwardArgs args;
+  args.training = training;
+  args.read_losses = false;
+  layer->forward(context, x_view, weights, args, y_view);
+}
+
+void MoeBench::forward_backward(const ExecContext& context) {
+  forward(context, true);
+  layer->backward(context, grad_y_view, weights, 1.0f, 1.0f, grad_x_view, gradients);
+}
+
+DenseFfnBench::DenseFfnBench(const BenchSettings& settings, const LayerShape& shape) {
+  const DType act = settings.activation_dtype;
+  const DType grad_dtype = settings.context.device == DeviceKind::cuda ? DType::f32 : act;
+  const int64_t rows = shape.tokens * shape.top_k, d = shape.d_model, f = shape.d_ff;
+  const DeviceKind device = settings.context.device;
+  auto buffer = [&](Buffer& storage, Tensor& view, DType dtype, int64_t r, int64_t c) {
+    storage = Buffer(device, size_t(r * c) * dtype_size(dtype));
+    view = storage.view(dtype, {r, c});
+  };
+  x = random_buffer(settings, act, rows * d, 1.0f, settings.seed + 11);
+  tx = x.view(act, {rows, d});
+  w1 = random_buffer(settings, act, d * f, 1.0f / std::sqrt(float(d)), settings.seed + 12);
+  tw1 = w1.view(act, {d, f});
+  w2 = random_buffer(settings, act, f * d, 1.0f / std::sqrt(float(f)), settings.seed + 13);
+  tw2 = w2.view(act, {f, d});
+  grad_y = random_buffer(settings, act, rows * d, 1.0f, settings.seed + 14);
+  tgy = grad_y.view(act, {rows, d});
+  buffer(hidden, th, act, rows, f);
+  buffer(activated, ta, act, rows, f);
+  buffer(y, ty, act, rows, d);
+  buffer(grad_activated, tga, act, rows, f);
+  buffer(grad_hidden, tgh, act, rows, f);
+  buffer(grad_x, tgx, act, rows, d);
+  buffer(grad_w1, tgw1, grad_dtype, d, f);
+  buffer(grad_w2, tgw2, grad_dtype, f, d);
+}
+
+void DenseFfnBench::forward(const ExecContext& context) {
+  ops::gemm(context, false, false, 1.0f, tx, tw1, 0.0f, th);
+  ops::activation_forward(context, ExpertActivation::gelu_tanh, th, ta);
+  ops::gemm(context, false, false, 1.0f, ta, tw2, 0.0f, ty);
+}
+
+void DenseFfnBench::forward_backward(const ExecContext& context) {
+  forward(context);
+  ops::gemm(context, false, true, 1.0f, tgy, tw2, 0.0f, tga);   // dA = dY W2^T
+  ops::gemm(context, true, false, 1.0f, ta, tgy, 0.0f, tgw2);   // dW2 = A^T dY
+  ops::activation_backward(context, ExpertActivation::gelu_tanh, th, tga, tgh);
+  ops::gemm(context, false, true, 1.0f, tgh, tw1, 0.0f, tgx);   // dX = dH W1^T
+  ops::gemm(context, true, false, 1.0f, tx, tgh, 0.0f, tgw1);   // dW1 = X^T dH
+}
+
+void Record::add(const std::string& key, double value) {
+  std::ostringstream stream;
+  stream.precision(6);
+  stream << value;
+  fields.emplace_back(key, stream.str());
+}
+
+void Record::add(const std::string& key, const std::string& value) { fields.emplace_back(key, json::quote(value)); }
+
+std::string Record::json() const {
+  std::string out = "{";
+  for (size_t index = 0; index < fields.size(); ++index)
+    out += (index ? ", " : "") + json::quote(fields[index].first) + ": " + fields[index].second;
+  return out + "}";
+}
+
+}  // namespace switchyard::bench_moe
