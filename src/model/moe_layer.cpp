@@ -2,9 +2,14 @@
 #include "src/model/moe_layer.h"
 
 #include <algorithm>
+#include <cctype>
+#include <cerrno>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <string>
+
+#include "kernels/small_batch_ops.h"
 
 namespace switchyard {
 
@@ -24,6 +29,19 @@ void expect_shape(const char* what, const Tensor& tensor, DType dtype, DeviceKin
   for (int64_t dim : dims) expected += (axis++ ? ", " : "") + std::to_string(dim);
   SY_THROW("MoeLayer: ", what, " must be ", dtype_name(dtype), expected, "] on ", device_kind_name(device), ", got ",
            tensor.describe());
+}
+
+// SWITCHYARD_SMALL_BATCH_TOKENS: unset or empty -> kDefaultSmallBatchTokens; else a non-negative
+// decimal integer (0 turns the small-batch path off).
+int64_t small_batch_threshold_from_environment() {
+  const char* value = std::getenv("SWITCHYARD_SMALL_BATCH_TOKENS");
+  if (value == nullptr || value[0] == '\0') return kDefaultSmallBatchTokens;
+  char* end = nullptr;
+  errno = 0;
+  const long long parsed = std::strtoll(value, &end, 10);
+  SY_CHECK_INPUT(std::isdigit(static_cast<unsigned char>(value[0])) && errno == 0 && *end == '\0' && parsed >= 0,
+                 "SWITCHYARD_SMALL_BATCH_TOKENS must be a non-negative integer (0 = off), got '", value, "'");
+  return int64_t(parsed);
 }
 
 }  // namespace
@@ -103,6 +121,17 @@ MoeLayer::MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activa
   hidden_pre_ = Buffer(device, rows * size_t(config_.w1_columns()) * activation_size);
   hidden_post_ = Buffer(device, rows * size_t(config_.expert_d_ff) * activation_size);
   expert_out_ = Buffer(device, rows * size_t(d_model) * activation_size);
+  if (device == DeviceKind::cuda && config_.compute_mode == MoeComputeMode::sparse) {
+    const int64_t threshold = std::min({small_batch_threshold_from_environment(), max_tokens,
+                                        kSmallBatchMaxChoices / int64_t(config_.k_max)});
+    if (threshold >= 1 && small_batch_supported(activation_dtype_, threshold, config_.k_max, config_.num_experts,
+                                                d_model, config_.expert_d_ff)) {
+      small_batch_tokens_ = threshold;
+      small_batch_workspace_ =
+          Buffer(device, small_batch_workspace_bytes(threshold, config_.k_max, config_.num_experts, d_model,
+                                                     config_.expert_d_ff, config_.activation, activation_size));
+    }
+  }
   if (config_.compute_mode == MoeComputeMode::dense) {
     dense_offsets_ = Buffer(device, size_t(experts + 1) * sizeof(int32_t));
     dense_counts_ = Buffer(device, size_t(experts) * sizeof(int32_t));
@@ -128,6 +157,11 @@ void MoeLayer::allocate_backward_buffers() {
   grad_logits_ = Buffer(device_, tokens * experts * activation_size);
   if (config_.jitter_eps > 0.0f) router_grad_input_ = Buffer(device_, tokens * d_model * activation_size);
   backward_ready_ = true;
+}
+
+bool MoeLayer::takes_small_batch(int64_t tokens, const MoeForwardArgs& args) const {
+  return device_ == DeviceKind::cuda && config_.compute_mode == MoeComputeMode::sparse && !args.for_backward &&
+         tokens <= small_batch_tokens_;
 }
 
 bool MoeLayer::fuses_activation(const ExecContext& context) const {
@@ -182,6 +216,20 @@ MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const M
   routing_ = routing_buffers_.result(tokens);
   run_stage(context, "routing", [&] { ops::route(context, logits_, args.complexity, params_, routing_); });
 
+  small_batch_forward_ = takes_small_batch(tokens, args);
+  if (small_batch_forward_) {
+    // Experts and combine straight from the routing: no expert-row layout (rows() 0, empty map).
+    rows_ = 0;
+    map_ = DispatchMap{};
+    expert_offsets_ = routing_.expert_offsets;
+    combine_routing_ = routing_;
+    Tensor workspace = small_batch_workspace_.view(DType::u8, {int64_t(small_batch_workspace_.bytes())});
+    run_stage(context, "small-batch experts", [&] {
+      ops::small_batch_experts(context, config_.activation, x, routing_, weights.w1, weights.w2, workspace, y);
+    });
+    return finish_forward(context, x, args);
+  }
+
   // Tokens into the expert-contiguous layout.
   if (config_.compute_mode == MoeComputeMode::sparse) {
     rows_ = padded_rows_upper_bound(params_);
@@ -217,6 +265,10 @@ MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const M
     ops::grouped_gemm(context, hidden_post, weights.w2, false, expert_offsets_, expert_out, alignment);
   });
   run_stage(context, "combine", [&] { ops::unpermute_combine(context, expert_out, combine_routing_, map_, y); });
+  return finish_forward(context, x, args);
+}
+
+MoeLosses MoeLayer::finish_forward(const ExecContext& context, const Tensor& x, const MoeForwardArgs& args) {
   x_ = x;
   has_forward_ = true;
   forward_for_backward_ = args.for_backward;

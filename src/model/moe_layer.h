@@ -32,7 +32,7 @@
 // kernels (router GEMM, routing, permute, two grouped GEMMs, activation, combine) and no host sync
 // unless losses are read (with bf16 activations and an alignment that is a multiple of 128;
 // otherwise the grouped GEMMs take the cuBLAS path, which reads the expert offsets on the host
-// once per GEMM); backward 10
+// once per GEMM; a small-batch inference forward has 4, see below); backward 10
 // (combine backward, two weight-gradient and two data-gradient grouped GEMMs, activation backward,
 // permute backward, routing backward -- which writes dL/dlogits straight in the activation type
 // the router GEMMs take --, router weight GEMM, router input GEMM accumulating into grad_x).
@@ -45,6 +45,19 @@
 // the stages "activation" and "activation backward" are absent (their work is inside "expert GEMM
 // 1" and "data grad 2"), and the [R, F] dL/dA buffer is not allocated. Results equal the unfused
 // path's. A forward with for_backward = false (inference) lets the fused GEMM skip writing H.
+//
+// Small-batch inference path (kernels/small_batch_ops.h): on CUDA in sparse mode, a forward with
+// for_backward = false and T <= small_batch_tokens() tokens runs router GEMM, routing and one
+// small-batch op (two kernels that stream each used expert's W1 and W2 once and write y) instead of
+// permute, the padded grouped GEMMs, the activation and the combine: no padding to 128-row tiles,
+// 4 kernels in all, no host sync. Results equal the padded path's to bf16 accuracy (the same
+// rounding points; only the summation order inside the expert products differs). After such a
+// forward rows() is 0 and dispatch_map() is empty (no expert-row layout exists); routing(),
+// logits() and the losses are as usual. The threshold is kDefaultSmallBatchTokens (64), or the
+// environment variable SWITCHYARD_SMALL_BATCH_TOKENS (a non-negative integer; 0 turns the path
+// off) read when the layer is constructed, capped by max_tokens and by 512 / k_max choices; it
+// is 0 where the CUDA op does not take the layer (small_batch_supported: bf16/f16, D and F
+// multiples of 8, E <= 1024). Its workspace is allocated at construction.
 //
 // Stage timing: set_stage_observer() makes the layer report the start and end of each stage
 // (names in MoeStageObserver) on the context's stream, so a benchmark can time every stage with
@@ -96,6 +109,9 @@ struct MoeGradients {
   Tensor router, w1, w2;
 };
 
+// Default token threshold of the small-batch inference path (see the top comment).
+constexpr int64_t kDefaultSmallBatchTokens = 64;
+
 struct MoeForwardArgs {
   bool training = false;           // train capacity factor and jitter; eval capacity factor otherwise
   uint64_t step = 0;               // jitter RNG offset: each step draws new noise
@@ -119,7 +135,8 @@ struct MoeRoutingStats {
 // Receives the boundaries of the layer's stages; stage_begin is called before a stage's work is
 // enqueued on context.stream and stage_end after it, with the same name (a string literal).
 // Forward stages: "jitter", "router GEMM", "routing", "permute" (dense mode: "dense layout"),
-// "expert GEMM 1", "activation", "expert GEMM 2", "combine", "read losses".
+// "expert GEMM 1", "activation", "expert GEMM 2", "combine", "read losses". A small-batch forward
+// has "small-batch experts" in place of "permute" through "combine".
 // Backward stages: "combine backward", "weight grad 2", "data grad 2", "activation backward",
 // "weight grad 1", "data grad 1", "permute backward", "routing backward", "router weight grad",
 // "router input grad" (with jitter it includes the jitter of the gradient and the add into grad_x).
@@ -166,6 +183,10 @@ class MoeLayer {
   const Tensor& logits() const { return logits_; }
   const Tensor& losses_on_device() const { return routing_.losses; }
   int64_t rows() const { return rows_; }
+  // Largest token count the small-batch inference path takes (0: never), and whether the last
+  // forward took it.
+  int64_t small_batch_tokens() const { return small_batch_tokens_; }
+  bool last_forward_small_batch() const { return small_batch_forward_; }
   MoeLosses read_losses(const ExecContext& context) const;
   MoeRoutingStats read_routing_stats(const ExecContext& context) const;
 
@@ -182,6 +203,10 @@ class MoeLayer {
   }
   void check_weights(const MoeWeights& weights, DType dtype, const char* what) const;
   void build_dense_layout(const ExecContext& context, const Tensor& x);
+  // Whether this forward takes the small-batch path (CUDA, sparse, inference, few tokens).
+  bool takes_small_batch(int64_t tokens, const MoeForwardArgs& args) const;
+  // The end of every forward: remember x, mark the pass complete, read the losses if asked.
+  MoeLosses finish_forward(const ExecContext& context, const Tensor& x, const MoeForwardArgs& args);
   void allocate_backward_buffers();
   // Whether the expert activation runs fused into the grouped GEMMs (ops::fuses_expert_activation).
   bool fuses_activation(const ExecContext& context) const;
@@ -195,6 +220,9 @@ class MoeLayer {
   // Forward activations.
   Buffer jittered_input_, logits_buffer_, permuted_, hidden_pre_, hidden_post_, expert_out_;
   RoutingBuffers routing_buffers_;
+  // Small-batch path: its token threshold and workspace (sized at construction).
+  int64_t small_batch_tokens_ = 0;
+  Buffer small_batch_workspace_;
   // Dense mode: the layout tensors the combine ops see (offsets e * T_pad, counts T_pad, unlimited
   // capacity), so a backend that derives padding rows from the layout finds none to clear.
   Buffer dense_offsets_, dense_counts_, dense_scalars_;
@@ -212,6 +240,7 @@ class MoeLayer {
   bool has_forward_ = false;
   bool forward_for_backward_ = false;  // the last forward's MoeForwardArgs::for_backward
   bool jittered_ = false;
+  bool small_batch_forward_ = false;
   uint64_t step_ = 0;
   int64_t tokens_ = 0, rows_ = 0;
   RoutingParams params_;

@@ -108,6 +108,7 @@ void MoeStreamStep::forward(int64_t tokens) {
   MoeForwardArgs args;
   args.training = false;     // inference: eval capacity factor, no jitter
   args.read_losses = false;  // reading them would synchronize
+  args.for_backward = false;  // inference: no activations kept, and the small-batch path may run
   Tensor x = input(tokens), y = output(tokens);
   layer_.forward(context_, x, weights_, args, y);
 }

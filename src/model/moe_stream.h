@@ -6,14 +6,19 @@
 // serves, it runs the layer's inference forward once eagerly (warm-up: the layer's scratch,
 // cuBLASLt plans and kernel attributes are created then), captures the same forward on its stream
 // into a CUDA graph (cudaStreamBeginCapture / EndCapture / GraphInstantiate) and from then on
-// replays that graph: router GEMM, routing, permute, expert GEMMs, activation and combine become
-// one launch, with no host work between kernels. The graph bakes in every address it touches:
+// replays that graph, one launch with no host work between kernels. The forward is an inference
+// one (for_backward = false), so for T <= layer().small_batch_tokens() (64 unless
+// SWITCHYARD_SMALL_BATCH_TOKENS says otherwise) the graph holds router GEMM, routing and the
+// small-batch expert op (kernels/small_batch_ops.h: each used expert's weights streamed once, no
+// padding to GEMM tiles, 4 kernels in all); larger T take router GEMM, routing, permute, the
+// grouped expert GEMMs, activation and combine. The graph bakes in every address it touches:
 // the weights passed at construction (which must stay where they are), the fixed input/output
 // buffers and the layer's own buffers. So callers write tokens into input(T) (or let step() copy
 // them there) and read output(T) after run(T).
 //
-// Nothing inside the captured forward may synchronize or allocate. The layer's sparse inference
-// forward qualifies on CUDA when activations are bf16, segment_alignment is a multiple of 128 and
+// Nothing inside the captured forward may synchronize or allocate. The small-batch path never
+// does (its workspace is the layer's, allocated at construction). The padded path qualifies on
+// CUDA when activations are bf16, segment_alignment is a multiple of 128 and
 // the GPU is sm_90 (the hand-written grouped GEMMs read the expert offsets on the device; the
 // cuBLAS fallback reads them on the host, which a capture cannot do), read_losses is off, and
 // compute_mode is sparse (dense mode builds its row map on the host). The constructor rejects the

@@ -1,6 +1,8 @@
 // Streaming mode on CUDA: the graph replay of MoeStreamStep must compute exactly what the same
-// layer computes eagerly (same kernels, same inputs: bitwise equal), for several token counts,
-// with fresh inputs on every replay and the output poisoned before it; replays must not allocate;
+// layer computes eagerly in inference (same kernels, same inputs: bitwise equal), for several
+// token counts -- up to the layer's small-batch threshold the graph holds the small-batch expert
+// op, above it the padded grouped-GEMM path -- with fresh inputs on every replay and the output
+// poisoned before it; replays must not allocate;
 // configurations that cannot be captured are rejected up front. Also the router running sums on
 // CUDA (src/analysis/router_sums.cu) against the CPU reference applied to the same routing, and
 // the router statistics recorder reading them back.
@@ -71,26 +73,33 @@ TEST_P(MoeStreamCuda, GraphReplayEqualsEagerForward) {
   const MoeLayerConfig config = stream_config(GetParam());
   StreamWeights weights(config);
   MoeStreamOptions options;
-  options.max_tokens = 64;
+  options.max_tokens = 96;
   MoeStreamStep stream(config, DeviceKind::cuda, DType::bf16, weights.weights, options);
   ASSERT_TRUE(stream.uses_graph());
-  MoeLayer eager(config, DeviceKind::cuda, DType::bf16, 64);
+  const int64_t small_batch_tokens = stream.layer().small_batch_tokens();
+  EXPECT_GT(small_batch_tokens, 0) << "SWITCHYARD_SMALL_BATCH_TOKENS=0 in the environment?";
+  MoeLayer eager(config, DeviceKind::cuda, DType::bf16, 96);
   const ExecContext eager_context{DeviceKind::cuda, nullptr};
-  Buffer eager_out(DeviceKind::cuda, size_t(64 * config.d_model) * 2);
+  Buffer eager_out(DeviceKind::cuda, size_t(96 * config.d_model) * 2);
   uint64_t seed = 100;
-  for (int64_t tokens : {32, 1, 64, 8, 32}) {     // 32 twice: the second replays the first graph
-    for (int replay = 0; replay < 2; ++replay) {  // fresh input each replay
+  for (int64_t tokens : {32, 1, 64, 8, 80, 32}) {  // 32 twice: the second replays the first graph
+    for (int replay = 0; replay < 2; ++replay) {   // fresh input each replay
       Buffer x = random_device(tokens * config.d_model, 1.0, seed++);
       Tensor input = stream.input(tokens);
       device_copy(input.data, DeviceKind::cuda, x.data(), DeviceKind::cuda, input.bytes());
       Tensor output = stream.output(tokens);
       device_memset(output.data, DeviceKind::cuda, 0xFF, output.bytes());  // NaN poison
+      const bool captures_now = !stream.has_graph(tokens);
       stream.run(tokens);
       stream.synchronize();
       ASSERT_TRUE(stream.has_graph(tokens));
+      if (captures_now)  // the layer's path flag is that of the forward just captured
+        EXPECT_EQ(stream.layer().last_forward_small_batch(), tokens <= small_batch_tokens)
+            << tokens << " tokens: streaming mode must run the inference forward (for_backward = false)";
 
       MoeForwardArgs args;
       args.read_losses = false;
+      args.for_backward = false;  // inference, as streaming mode runs it
       Tensor eager_x = x.view(DType::bf16, {tokens, config.d_model});
       Tensor eager_y = eager_out.view(DType::bf16, {tokens, config.d_model});
       eager.forward(eager_context, eager_x, weights.weights, args, eager_y);
@@ -101,7 +110,7 @@ TEST_P(MoeStreamCuda, GraphReplayEqualsEagerForward) {
       EXPECT_EQ(differing, 0u) << tokens << " tokens, replay " << replay;
     }
   }
-  EXPECT_EQ(stream.graph_count(), 4);
+  EXPECT_EQ(stream.graph_count(), 5);
 
   // Replays allocate nothing, and step() from host memory gives the same as run() on the buffer.
   const AllocatorStats before = cuda_allocator_stats();
