@@ -17,13 +17,6 @@
 
 namespace switchyard {
 
-// One piece of a segmented all-to-all: `count` elements starting `offset` elements into a buffer,
-// going to (send list) or coming from (receive list) group rank `peer`.
-struct CommSegment {
-  int peer = 0;
-  int64_t offset = 0, count = 0;
-};
-
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -36,12 +29,6 @@ class Communicator {
                             const std::vector<int64_t>& send_offsets, void* recv,
                             const std::vector<int64_t>& recv_counts, const std::vector<int64_t>& recv_offsets,
                             DType dtype) = 0;
-  // Segmented all-to-all: `sends` lists pieces of `send` by destination, `recvs` pieces of `recv`
-  // by source. Per pair of ranks the lists are ordered: the i-th non-empty segment rank a lists
-  // for b is delivered into the i-th non-empty segment b lists from a, which must have the same
-  // count. Zero-count segments are skipped (by both sides alike); peers may interleave in a list.
-  virtual void all_to_all_segments(const void* send, const std::vector<CommSegment>& sends, void* recv,
-                                   const std::vector<CommSegment>& recvs, DType dtype) = 0;
   virtual void all_reduce_sum(void* data, int64_t count, DType dtype) = 0;  // in place
   virtual void all_gather(const void* send, void* recv, int64_t count_per_rank, DType dtype) = 0;
   virtual void broadcast(void* data, int64_t count, DType dtype, int root) = 0;

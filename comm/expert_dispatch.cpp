@@ -76,20 +76,32 @@ void CommStreamEvents::compute_waits_for_comm(const ExecContext& context, int sl
 
 // ---- ExpertExchangePlan ----------------------------------------------------------------------
 
-void ExpertExchangePlan::chunk_segments(int chunk, bool dispatch, int64_t width, std::vector<CommSegment>& sends,
-                                        std::vector<CommSegment>& recvs) const {
+void ExpertExchangePlan::chunk_arguments(int chunk, bool dispatch, int64_t width, std::vector<int64_t>& send_counts_out,
+                                         std::vector<int64_t>& send_offsets_out, std::vector<int64_t>& recv_counts_out,
+                                         std::vector<int64_t>& recv_offsets_out) const {
   SY_CHECK(chunk >= 0 && chunk < chunks, "ExpertExchangePlan: chunk ", chunk, " of ", chunks);
-  SY_CHECK(chunk_packed_starts.size() == size_t(chunks) + 1 && chunk_expert_starts.size() == size_t(chunks) + 1,
-           "ExpertExchangePlan: the segment lists have not been built");
-  auto scaled = [&](const std::vector<CommSegment>& rows, const std::vector<size_t>& starts,
-                    std::vector<CommSegment>& out) {
-    out.clear();
-    for (size_t index = starts[size_t(chunk)]; index < starts[size_t(chunk) + 1]; ++index)
-      out.push_back({rows[index].peer, rows[index].offset * width, rows[index].count * width});
-  };
-  // Dispatch sends packed rows and receives into the padded layout; combine is the mirror.
-  scaled(dispatch ? packed_segments : expert_segments, dispatch ? chunk_packed_starts : chunk_expert_starts, sends);
-  scaled(dispatch ? expert_segments : packed_segments, dispatch ? chunk_expert_starts : chunk_packed_starts, recvs);
+  const int first = chunk_first_expert(chunk), end = chunk_end_expert(chunk);
+  // Rows this rank sends (dispatch: to each destination's experts; combine: back to each source).
+  const std::vector<int32_t>& out_counts = dispatch ? send_counts : recv_counts;
+  const std::vector<int64_t>& out_starts = dispatch ? send_starts : recv_starts;
+  const std::vector<int32_t>& in_counts = dispatch ? recv_counts : send_counts;
+  const std::vector<int64_t>& in_starts = dispatch ? recv_starts : send_starts;
+  send_counts_out.assign(size_t(ranks), 0);
+  send_offsets_out.assign(size_t(ranks), 0);
+  recv_counts_out.assign(size_t(ranks), 0);
+  recv_offsets_out.assign(size_t(ranks), 0);
+  for (int peer = 0; peer < ranks; ++peer) {
+    const size_t base = size_t(peer) * size_t(local_experts);
+    int64_t out_rows = 0, in_rows = 0;
+    for (int expert = first; expert < end; ++expert) {
+      out_rows += out_counts[base + size_t(expert)];
+      in_rows += in_counts[base + size_t(expert)];
+    }
+    send_counts_out[size_t(peer)] = out_rows * width;
+    send_offsets_out[size_t(peer)] = out_starts[base + size_t(first)] * width;
+    recv_counts_out[size_t(peer)] = in_rows * width;
+    recv_offsets_out[size_t(peer)] = in_starts[base + size_t(first)] * width;
+  }
 }
 
 // ---- ExpertDispatcher ------------------------------------------------------------------------
@@ -114,7 +126,7 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
 
   const int64_t segments = int64_t(ranks_) * local_experts_, experts = local_experts_;
   counts_ = Buffer(device, size_t(2 * segments) * sizeof(int32_t));
-  const int64_t layout_ints = experts + (experts + 1) + (experts + chunks_);
+  const int64_t layout_ints = (segments + 1) + experts + (experts + 1) + segments + (experts + chunks_);
   layout_memory_ = Buffer(device, size_t(layout_ints) * sizeof(int32_t));
   int32_t* cursor = layout_memory_.as<int32_t>();
   auto take = [&](std::initializer_list<int64_t> dims) {
@@ -127,8 +139,10 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
   layout_.chunks = chunks_;
   layout_.alignment = alignment_;
   layout_.recv_counts = Tensor(counts_.as<int32_t>() + segments, DType::i32, device, {int64_t(ranks_), experts});
+  layout_.packed_starts = take({segments + 1});
   layout_.expert_totals = take({experts});
   layout_.expert_offsets = take({experts + 1});
+  layout_.segment_rows = take({int64_t(ranks_), experts});
   layout_.chunk_offsets = take({experts + chunks_});
   validate_ep_receive_layout(layout_, device);
 
@@ -190,32 +204,25 @@ const ExpertExchangePlan& ExpertDispatcher::exchange_counts(const ExecContext& c
   plan_.send_counts.assign(host, host + segments);
   plan_.recv_counts.assign(host + segments, host + 2 * segments);
   plan_.send_starts.assign(size_t(segments) + 1, 0);
-  plan_.received_rows = 0;
+  plan_.recv_starts.assign(size_t(segments) + 1, 0);
   for (int64_t segment = 0; segment < segments; ++segment) {
     const int32_t sent = plan_.send_counts[size_t(segment)], received = plan_.recv_counts[size_t(segment)];
     SY_CHECK(sent >= 0 && received >= 0, "ExpertDispatcher: negative row count (sent ", sent, ", received ", received,
              ") for segment ", segment);
     plan_.send_starts[size_t(segment) + 1] = plan_.send_starts[size_t(segment)] + sent;
-    plan_.received_rows += received;
+    plan_.recv_starts[size_t(segment) + 1] = plan_.recv_starts[size_t(segment)] + received;
   }
-  // The padded layout by local expert; within an expert, rows ordered by source rank.
   plan_.expert_offsets.assign(size_t(local_experts_) + 1, 0);
-  plan_.segment_rows.assign(size_t(segments), 0);
   for (int expert = 0; expert < local_experts_; ++expert) {
-    int64_t row = plan_.expert_offsets[size_t(expert)];
-    for (int peer = 0; peer < ranks_; ++peer) {
-      const size_t segment = size_t(peer) * size_t(local_experts_) + size_t(expert);
-      plan_.segment_rows[segment] = row;
-      row += plan_.recv_counts[segment];
-    }
-    const int64_t total = row - plan_.expert_offsets[size_t(expert)];
+    int64_t total = 0;
+    for (int peer = 0; peer < ranks_; ++peer)
+      total += plan_.recv_counts[size_t(peer) * size_t(local_experts_) + size_t(expert)];
     plan_.expert_offsets[size_t(expert) + 1] = plan_.expert_offsets[size_t(expert)] + round_up(total, alignment_);
   }
   const int64_t int32_max = std::numeric_limits<int32_t>::max();
   SY_CHECK(plan_.recv_rows() <= int32_max && plan_.expert_rows() <= int32_max,
            "ExpertDispatcher: this rank would receive ", plan_.recv_rows(), " rows (", plan_.expert_rows(),
            " padded), beyond int32 row indices");
-  build_segments();
 
   // The device layout, from the received counts (written on the communicator's stream).
   events_->record_comm(chunks_, *communicator_);
@@ -223,30 +230,6 @@ const ExpertExchangePlan& ExpertDispatcher::exchange_counts(const ExecContext& c
   ops::ep_receive_layout(context, layout_);
   has_plan_ = true;
   return plan_;
-}
-
-// Per chunk, peer-major, local experts ascending, empty segments left out. A pair of ranks agrees
-// on the order: what this rank lists for (destination p, expert l) is what p lists for (source
-// this rank, expert l), with the same count (send_counts here = recv_counts there).
-void ExpertDispatcher::build_segments() {
-  plan_.packed_segments.clear();
-  plan_.expert_segments.clear();
-  plan_.chunk_packed_starts.assign(1, 0);
-  plan_.chunk_expert_starts.assign(1, 0);
-  for (int chunk = 0; chunk < chunks_; ++chunk) {
-    const int first = plan_.chunk_first_expert(chunk), end = plan_.chunk_end_expert(chunk);
-    for (int peer = 0; peer < ranks_; ++peer) {
-      for (int expert = first; expert < end; ++expert) {
-        const size_t segment = size_t(peer) * size_t(local_experts_) + size_t(expert);
-        if (plan_.send_counts[segment] > 0)
-          plan_.packed_segments.push_back({peer, plan_.send_starts[segment], plan_.send_counts[segment]});
-        if (plan_.recv_counts[segment] > 0)
-          plan_.expert_segments.push_back({peer, plan_.segment_rows[segment], plan_.recv_counts[segment]});
-      }
-    }
-    plan_.chunk_packed_starts.push_back(plan_.packed_segments.size());
-    plan_.chunk_expert_starts.push_back(plan_.expert_segments.size());
-  }
 }
 
 Tensor ExpertDispatcher::chunk_offsets(int chunk) const {
@@ -260,33 +243,28 @@ void ExpertDispatcher::exchange(const ExecContext& context, int chunk, bool disp
   const char* what = dispatch ? "ExpertDispatcher::dispatch" : "ExpertDispatcher::combine";
   check_context(context);
   SY_CHECK(has_plan_, what, ": exchange_counts has not run");
-  SY_CHECK(chunk >= 0 && chunk < chunks_, what, ": chunk ", chunk, " of ", chunks_);
   SY_CHECK(source.rank == 2 && destination.rank == 2 && source.dtype == destination.dtype &&
                source.dim(1) == destination.dim(1) && source.device == device_ && destination.device == device_,
            what, ": source and destination must be [rows, D] of one dtype on ", device_kind_name(device_), ", got ",
            source.describe(), " and ", destination.describe());
-  const int64_t source_rows = dispatch ? plan_.send_rows() : plan_.expert_rows();
-  const int64_t destination_rows = dispatch ? plan_.expert_rows() : plan_.send_rows();
+  const int64_t source_rows = dispatch ? plan_.send_rows() : plan_.recv_rows();
+  const int64_t destination_rows = dispatch ? plan_.recv_rows() : plan_.send_rows();
   SY_CHECK(source.dim(0) >= source_rows && destination.dim(0) >= destination_rows, what, ": the plan moves ",
            source_rows, " rows into ", destination_rows, ", the tensors have ", source.dim(0), " and ",
            destination.dim(0));
-  plan_.chunk_segments(chunk, dispatch, source.dim(1), send_segments_, recv_segments_);
-  // The all-to-all never writes padding rows: zero the chunk's now, on the compute stream, which
-  // the transfer below is ordered after (the grouped GEMMs then read zeros there).
-  if (dispatch && alignment_ > 1 && plan_.chunk_row_end(chunk) > plan_.chunk_row_begin(chunk))
-    ops::ep_zero_padding(context, layout_, plan_.chunk_first_expert(chunk), plan_.chunk_end_expert(chunk),
-                         destination);
+  plan_.chunk_arguments(chunk, dispatch, source.dim(1), send_counts_, send_offsets_, recv_counts_, recv_offsets_);
   events_->comm_waits_for_compute(context, *communicator_);
-  communicator_->all_to_all_segments(source.data, send_segments_, destination.data, recv_segments_, source.dtype);
+  communicator_->all_to_all_v(source.data, send_counts_, send_offsets_, destination.data, recv_counts_, recv_offsets_,
+                              source.dtype);
   events_->record_comm(dispatch ? chunk : chunks_, *communicator_);
 }
 
-void ExpertDispatcher::dispatch(const ExecContext& context, int chunk, const Tensor& send_packed, Tensor& expert_rows) {
-  exchange(context, chunk, true, send_packed, expert_rows);
+void ExpertDispatcher::dispatch(const ExecContext& context, int chunk, const Tensor& send_packed, Tensor& recv_packed) {
+  exchange(context, chunk, true, send_packed, recv_packed);
 }
 
-void ExpertDispatcher::combine(const ExecContext& context, int chunk, const Tensor& expert_rows, Tensor& send_packed) {
-  exchange(context, chunk, false, expert_rows, send_packed);
+void ExpertDispatcher::combine(const ExecContext& context, int chunk, const Tensor& recv_packed, Tensor& send_packed) {
+  exchange(context, chunk, false, recv_packed, send_packed);
 }
 
 void ExpertDispatcher::wait_dispatched(const ExecContext& context, int chunk) {
@@ -298,6 +276,33 @@ void ExpertDispatcher::wait_dispatched(const ExecContext& context, int chunk) {
 void ExpertDispatcher::wait_combined(const ExecContext& context) {
   check_context(context);
   events_->compute_waits_for_comm(context, chunks_);
+}
+
+void ExpertDispatcher::to_expert_layout(const ExecContext& context, int chunk, const Tensor& recv_packed,
+                                        Tensor& expert_rows) {
+  check_context(context);
+  SY_CHECK(has_plan_, "ExpertDispatcher::to_expert_layout: exchange_counts has not run");
+  SY_CHECK(chunk >= 0 && chunk < chunks_, "ExpertDispatcher::to_expert_layout: chunk ", chunk, " of ", chunks_);
+  SY_CHECK(recv_packed.rank == 2 && expert_rows.rank == 2 && recv_packed.dim(0) >= plan_.recv_rows() &&
+               expert_rows.dim(0) >= plan_.expert_rows(),
+           "ExpertDispatcher::to_expert_layout: need ", plan_.recv_rows(), " packed and ", plan_.expert_rows(),
+           " expert rows, got ", recv_packed.describe(), " and ", expert_rows.describe());
+  ops::ep_to_expert_layout(context, recv_packed, layout_, plan_.chunk_first_expert(chunk), plan_.chunk_end_expert(chunk),
+                           plan_.chunk_row_end(chunk) - plan_.chunk_row_begin(chunk), expert_rows);
+}
+
+void ExpertDispatcher::from_expert_layout(const ExecContext& context, int chunk, const Tensor& expert_rows,
+                                          Tensor& recv_packed) {
+  check_context(context);
+  SY_CHECK(has_plan_, "ExpertDispatcher::from_expert_layout: exchange_counts has not run");
+  SY_CHECK(chunk >= 0 && chunk < chunks_, "ExpertDispatcher::from_expert_layout: chunk ", chunk, " of ", chunks_);
+  SY_CHECK(recv_packed.rank == 2 && expert_rows.rank == 2 && recv_packed.dim(0) >= plan_.recv_rows() &&
+               expert_rows.dim(0) >= plan_.expert_rows(),
+           "ExpertDispatcher::from_expert_layout: need ", plan_.recv_rows(), " packed and ", plan_.expert_rows(),
+           " expert rows, got ", recv_packed.describe(), " and ", expert_rows.describe());
+  ops::ep_from_expert_layout(context, expert_rows, layout_, plan_.chunk_first_expert(chunk),
+                             plan_.chunk_end_expert(chunk), plan_.chunk_row_end(chunk) - plan_.chunk_row_begin(chunk),
+                             recv_packed);
 }
 
 }  // namespace switchyard

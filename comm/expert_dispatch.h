@@ -5,7 +5,7 @@
 // so its send buffer is packed by global expert: the rows for (destination p, local expert l) are
 // the segment of expert e = p*L + l, and the rows for destination p are one contiguous run.
 // (Packed rather than padded-then-packed: no padding ever crosses the network, and no extra
-// compaction pass is needed; each segment lands directly in the receiver's own padded layout.)
+// compaction pass is needed; the receiver pads once, for its own GEMM tile height.)
 //
 // One exchange, per layer and pass:
 //   1. exchange_counts: send_counts[e] = offsets[e+1] - offsets[e] computed on the device
@@ -13,19 +13,16 @@
 //      the host -- the only host sync, since the payload all-to-all needs message sizes on the
 //      host (NCCL). On CUDA it waits through the communicator's synchronize(), so a peer that died
 //      surfaces as a timeout Error rather than a hang. The receive layout (kernels/ep_ops.h:
-//      padded expert offsets by local expert, totals, per-chunk offsets) is computed on the device
-//      from the received counts; the host plan holds the same numbers, and from them, once, the
-//      segment lists of every chunk's payload all-to-all.
-//   2. dispatch(chunk): rows of that chunk's local experts go out in one segmented all-to-all
-//      (Communicator::all_to_all_segments), one segment per (peer, local expert) with rows: from
-//      the sender's packed buffer ([destination][local expert], contiguous) straight into the
-//      receiver's padded grouped-GEMM layout, where the rows from source p for local expert l land
-//      at expert_offsets[l] + (rows of l from sources < p). No reorder pass on either side; the
-//      chunk's padding rows are zeroed first (ep_zero_padding on the compute stream, which the
-//      transfer is ordered after), since the all-to-all never writes them.
-//   3. the caller runs the expert FFN on the chunk's rows, in place in the padded layout;
-//   4. combine(chunk) is the exact mirror: the same segments, sent from the padded layout and
-//      received into the sender's packed buffer.
+//      packed starts, padded expert offsets by local expert, per-chunk offsets) is computed on the
+//      device from the received counts; the host plan holds the same numbers for sizing views.
+//   2. dispatch(chunk): rows of that chunk's local experts go out: an all_to_all_v whose per-peer
+//      pieces are contiguous both in the send buffer ([destination][local expert]) and in the
+//      receive buffer ([source][local expert]).
+//   3. to_expert_layout(chunk): the receiver reorders [source][local expert] rows into its padded
+//      grouped-GEMM layout by local expert (rows of one expert ordered by source rank).
+//   4. the caller runs the expert FFN on the chunk's rows;
+//      from_expert_layout(chunk) puts its output rows back in [source][local expert] order, and
+//   5. combine(chunk) returns them: the mirror all_to_all_v, into the sender's packed layout.
 // Backward reuses the plan of its forward (no count exchange): dispatch the output-row gradients,
 // run the expert backward, combine the input-row gradients.
 //
@@ -38,9 +35,8 @@
 // CUDA: NcclCommunicator, device buffers, its own stream. Before a collective the communicator's
 // stream waits for an event recorded on the compute stream (the data it sends is ready); after it
 // the compute stream waits for an event recorded on the communicator's stream (dispatch: one per
-// chunk, wait_dispatched; combine: wait_combined). The rows a dispatch or combine of chunk c reads
-// or writes must stay untouched by the compute stream until the matching wait; rows of other
-// chunks are free (the expert GEMMs of chunk c run while chunk c+1 arrives in the same buffer).
+// chunk, wait_dispatched; combine: wait_combined). Buffers handed to dispatch / combine must stay
+// untouched by the compute stream until the matching wait.
 #pragma once
 
 #include <cstdint>
@@ -81,28 +77,22 @@ struct ExpertExchangePlan {
   std::vector<int32_t> send_counts;    // [P*L] rows sent to (destination p, local expert l)
   std::vector<int32_t> recv_counts;    // [P*L] rows received from (source p) for local expert l
   std::vector<int64_t> send_starts;    // [P*L + 1] packed send-buffer prefix
-  std::vector<int64_t> segment_rows;   // [P*L] first padded row of the rows from (source p, l)
+  std::vector<int64_t> recv_starts;    // [P*L + 1] packed receive-buffer prefix
   std::vector<int64_t> expert_offsets; // [L + 1] padded layout by local expert
   std::vector<int> chunk_experts;      // [C + 1] first local expert of each chunk
-  int64_t received_rows = 0;           // sum of recv_counts
-  // The payload all-to-all of every chunk, in rows (offset = first row, count = rows), non-empty
-  // segments only, peer-major then by local expert -- the order both sides of a pair agree on.
-  // packed_segments: the sender's packed buffer by destination; expert_segments: the padded
-  // layout by source. Chunk c owns entries [chunk_*_starts[c], chunk_*_starts[c+1]).
-  std::vector<CommSegment> packed_segments, expert_segments;
-  std::vector<size_t> chunk_packed_starts, chunk_expert_starts;  // [C + 1]
 
   int64_t send_rows() const { return send_starts.empty() ? 0 : send_starts.back(); }
-  int64_t recv_rows() const { return received_rows; }
+  int64_t recv_rows() const { return recv_starts.empty() ? 0 : recv_starts.back(); }
   int64_t expert_rows() const { return expert_offsets.empty() ? 0 : expert_offsets.back(); }
   int chunk_first_expert(int chunk) const { return chunk_experts[size_t(chunk)]; }
   int chunk_end_expert(int chunk) const { return chunk_experts[size_t(chunk) + 1]; }
   int64_t chunk_row_begin(int chunk) const { return expert_offsets[size_t(chunk_first_expert(chunk))]; }
   int64_t chunk_row_end(int chunk) const { return expert_offsets[size_t(chunk_end_expert(chunk))]; }
-  // all_to_all_segments arguments (elements: rows * width) for chunk `chunk`. dispatch: from the
-  // packed send buffer into the padded layout; otherwise (combine) the reverse.
-  void chunk_segments(int chunk, bool dispatch, int64_t width, std::vector<CommSegment>& sends,
-                      std::vector<CommSegment>& recvs) const;
+  // all_to_all_v arguments (elements, rows * width) for chunk `chunk`. dispatch: from the packed
+  // send buffer to the packed receive buffer; otherwise (combine) the reverse.
+  void chunk_arguments(int chunk, bool dispatch, int64_t width, std::vector<int64_t>& send_counts_out,
+                       std::vector<int64_t>& send_offsets_out, std::vector<int64_t>& recv_counts_out,
+                       std::vector<int64_t>& recv_offsets_out) const;
 };
 
 class ExpertDispatcher {
@@ -129,18 +119,19 @@ class ExpertDispatcher {
   // int32 [n_c + 1] offsets of chunk `chunk`'s experts relative to its first padded row.
   Tensor chunk_offsets(int chunk) const;
 
-  // Steps 2 and 4: `send_packed` [>= plan.send_rows(), D] (the sender's packed rows) and
-  // `expert_rows` [>= plan.expert_rows(), D] (the receiver's padded layout by local expert).
-  // dispatch writes the chunk's data rows of `expert_rows` and zeroes its padding rows; rows of
-  // other chunks are untouched. combine writes the chunk's rows of `send_packed` only.
-  void dispatch(const ExecContext& context, int chunk, const Tensor& send_packed, Tensor& expert_rows);
+  // Steps 2 and 5: `send_packed` [>= plan.send_rows(), D] (the sender's packed rows) and
+  // `recv_packed` [>= plan.recv_rows(), D] (the receiver's [source][local expert] rows).
+  void dispatch(const ExecContext& context, int chunk, const Tensor& send_packed, Tensor& recv_packed);
   void wait_dispatched(const ExecContext& context, int chunk);
-  void combine(const ExecContext& context, int chunk, const Tensor& expert_rows, Tensor& send_packed);
+  void combine(const ExecContext& context, int chunk, const Tensor& recv_packed, Tensor& send_packed);
   void wait_combined(const ExecContext& context);
+
+  // Steps 3 and 4 for chunk `chunk`: `expert_rows` [>= plan.expert_rows(), D].
+  void to_expert_layout(const ExecContext& context, int chunk, const Tensor& recv_packed, Tensor& expert_rows);
+  void from_expert_layout(const ExecContext& context, int chunk, const Tensor& expert_rows, Tensor& recv_packed);
 
  private:
   void exchange(const ExecContext& context, int chunk, bool dispatch, const Tensor& source, Tensor& destination);
-  void build_segments();
   void check_context(const ExecContext& context) const;
 
   std::shared_ptr<Communicator> communicator_;
@@ -154,7 +145,7 @@ class ExpertDispatcher {
   void* host_counts_ = nullptr;  // pinned on CUDA, plain on CPU: 2 * E int32
   std::vector<int32_t> host_counts_storage_;
   std::unique_ptr<CommStreamEvents> events_;  // slots: one per chunk (dispatched), then one (combined)
-  std::vector<CommSegment> send_segments_, recv_segments_;  // scratch: one chunk's, in elements
+  std::vector<int64_t> send_counts_, send_offsets_, recv_counts_, recv_offsets_;  // scratch
 };
 
 }  // namespace switchyard

@@ -5,17 +5,12 @@
 // alltoallw each peer's (count, byte displacement, datatype) triple is chosen locally: the plain
 // element type when both fit in an int, otherwise one derived datatype that carries the offset
 // and count in MPI_Aint; type signatures still match the peer's, which is all MPI requires.
-// all_to_all_segments is the same collective with a hindexed datatype per peer whose blocks are
-// that peer's segments: MPI sees one stream of elements per pair of ranks, so the segments of the
-// two sides only have to agree in total, and the whole exchange stays one collective.
 #include "comm/mpi_comm.h"
 
 #include <algorithm>
 #include <chrono>
 #include <climits>
-#include <limits>
 #include <thread>
-#include <utility>
 
 #include "src/core/mpi_check.h"
 
@@ -113,75 +108,7 @@ void check_counts(const char* what, const std::vector<int64_t>& counts, const st
              " elements for peer ", peer);
   }
 }
-
-// One side of all_to_all_segments as MPI_Ialltoallw arguments: per peer its non-empty segments in
-// order, as (byte displacement, elements) blocks. A segment that starts where the previous one of
-// the same peer ended extends that block (same element stream, fewer blocks).
-struct SegmentSide {
-  std::vector<int> counts, displacements;
-  std::vector<MPI_Datatype> types;
-
-  SegmentSide(const std::vector<CommSegment>& segments, int size, DType dtype, DerivedTypes& derived) {
-    const int64_t element_bytes = int64_t(dtype_size(dtype));
-    const MPI_Datatype base = mpi_datatype(dtype);
-    std::vector<std::vector<std::pair<int64_t, int64_t>>> blocks(static_cast<size_t>(size));
-    for (const CommSegment& segment : segments) {
-      if (segment.count == 0) continue;
-      auto& peer_blocks = blocks[size_t(segment.peer)];
-      const int64_t byte_offset = segment.offset * element_bytes;
-      if (!peer_blocks.empty() && peer_blocks.back().first + peer_blocks.back().second * element_bytes == byte_offset)
-        peer_blocks.back().second += segment.count;
-      else
-        peer_blocks.emplace_back(byte_offset, segment.count);
-    }
-    counts.assign(size_t(size), 0);
-    displacements.assign(size_t(size), 0);
-    types.assign(size_t(size), base);
-    for (int peer = 0; peer < size; ++peer) {
-      const auto& peer_blocks = blocks[size_t(peer)];
-      if (peer_blocks.empty()) continue;
-      if (peer_blocks.size() == 1 && fits_int(peer_blocks[0].first) && fits_int(peer_blocks[0].second)) {
-        displacements[size_t(peer)] = int(peer_blocks[0].first);
-        counts[size_t(peer)] = int(peer_blocks[0].second);
-        continue;
-      }
-      // Block lengths are ints: a longer run becomes consecutive blocks of at most the limit.
-      std::vector<int> lengths;
-      std::vector<MPI_Aint> byte_displacements;
-      for (const auto& [byte_offset, elements] : peer_blocks) {
-        for (int64_t done = 0; done < elements; done += g_int_limit) {
-          lengths.push_back(int(std::min<int64_t>(g_int_limit, elements - done)));
-          byte_displacements.push_back(MPI_Aint(byte_offset + done * element_bytes));
-        }
-      }
-      SY_CHECK(lengths.size() <= size_t(INT_MAX), "all_to_all_segments: ", lengths.size(),
-               " blocks for peer ", peer, " exceed MPI's int block count");
-      MPI_Datatype type = MPI_DATATYPE_NULL;
-      MPI_CHECK(MPI_Type_create_hindexed(int(lengths.size()), lengths.data(), byte_displacements.data(), base, &type));
-      derived.types.push_back(type);  // freed with the call's other types, even if commit fails
-      MPI_CHECK(MPI_Type_commit(&derived.types.back()));
-      types[size_t(peer)] = derived.types.back();
-      counts[size_t(peer)] = 1;
-    }
-  }
-};
 }  // namespace
-
-void check_comm_segments(const char* side, const std::vector<CommSegment>& segments, int group_size,
-                         const void* buffer, DType dtype) {
-  const int64_t max_elements = std::numeric_limits<int64_t>::max() / int64_t(dtype_size(dtype));
-  for (size_t index = 0; index < segments.size(); ++index) {
-    const CommSegment& segment = segments[index];
-    SY_CHECK(segment.peer >= 0 && segment.peer < group_size, "all_to_all_segments: ", side, " segment ", index,
-             " names peer ", segment.peer, ", outside a group of ", group_size);
-    SY_CHECK(segment.offset >= 0 && segment.count >= 0, "all_to_all_segments: ", side, " segment ", index,
-             " (peer ", segment.peer, ") has a negative offset ", segment.offset, " or count ", segment.count);
-    SY_CHECK(segment.count <= max_elements - segment.offset, "all_to_all_segments: ", side, " segment ", index,
-             " (offset ", segment.offset, ", count ", segment.count, ") ends beyond any addressable buffer");
-    SY_CHECK(segment.count == 0 || buffer != nullptr, "all_to_all_segments: null ", side, " buffer with ",
-             segment.count, " elements for peer ", segment.peer, " (segment ", index, ")");
-  }
-}
 
 MPI_Datatype mpi_datatype(DType dtype) {
   switch (dtype) {
@@ -298,19 +225,6 @@ void MpiCommunicator::all_to_all_v(const void* send, const std::vector<int64_t>&
   MPI_CHECK(MPI_Ialltoallw(send, counts[0].data(), displacements[0].data(), types[0].data(), recv,
                            counts[1].data(), displacements[1].data(), types[1].data(), comm_, &requests[0]));
   wait(requests, "all_to_all_v");
-}
-
-void MpiCommunicator::all_to_all_segments(const void* send, const std::vector<CommSegment>& sends, void* recv,
-                                          const std::vector<CommSegment>& recvs, DType dtype) {
-  check_usable("all_to_all_segments");
-  check_comm_segments("send", sends, size_, send, dtype);
-  check_comm_segments("recv", recvs, size_, recv, dtype);
-  DerivedTypes derived;
-  SegmentSide out(sends, size_, dtype, derived), in(recvs, size_, dtype, derived);
-  std::vector<MPI_Request> requests(1, MPI_REQUEST_NULL);
-  MPI_CHECK(MPI_Ialltoallw(send, out.counts.data(), out.displacements.data(), out.types.data(), recv,
-                           in.counts.data(), in.displacements.data(), in.types.data(), comm_, &requests[0]));
-  wait(requests, "all_to_all_segments");
 }
 
 void MpiCommunicator::all_reduce_sum(void* data, int64_t count, DType dtype) {

@@ -7,9 +7,6 @@
 // Counts and offsets are int64 elements. MPI's classic interfaces take int counts, so:
 //   all_to_all_v  counts/offsets beyond the int limit: MPI_Ialltoallw with one derived datatype
 //                 per peer that encodes the peer's byte offset and element count (MPI_Aint);
-//   all_to_all_segments  always MPI_Ialltoallw with, per peer holding several segments, one
-//                 hindexed datatype (byte displacements in MPI_Aint; a block longer than the int
-//                 limit is split into several blocks of the same run);
 //   all_gather    a per-rank block beyond the limit: one derived "large contiguous" datatype;
 //   all_reduce / broadcast beyond the limit: split into chunks that each fit.
 // Sums: fp32/fp64/int32/int64/uint8 use MPI_SUM; bf16 and fp16 use a user-defined MPI_Op that
@@ -43,8 +40,6 @@ class MpiCommunicator : public Communicator {
   void all_to_all_v(const void* send, const std::vector<int64_t>& send_counts,
                     const std::vector<int64_t>& send_offsets, void* recv, const std::vector<int64_t>& recv_counts,
                     const std::vector<int64_t>& recv_offsets, DType dtype) override;
-  void all_to_all_segments(const void* send, const std::vector<CommSegment>& sends, void* recv,
-                           const std::vector<CommSegment>& recvs, DType dtype) override;
   void all_reduce_sum(void* data, int64_t count, DType dtype) override;
   void all_gather(const void* send, void* recv, int64_t count_per_rank, DType dtype) override;
   void broadcast(void* data, int64_t count, DType dtype, int root) override;
@@ -72,12 +67,6 @@ class MpiCommunicator : public Communicator {
   // for collectives); the destructor tests them once so a late completion is cleaned up.
   std::vector<MPI_Request> abandoned_;
 };
-
-// Argument checks of all_to_all_segments shared by both backends (throws naming the segment):
-// every peer in [0, group_size), offsets and counts non-negative, offset + count representable in
-// bytes, and a non-null `buffer` wherever a count is non-zero. `side` is "send" or "recv".
-void check_comm_segments(const char* side, const std::vector<CommSegment>& segments, int group_size,
-                         const void* buffer, DType dtype);
 
 // The MPI datatype that moves elements of `dtype` (bf16/fp16 move as MPI_UINT16_T).
 MPI_Datatype mpi_datatype(DType dtype);

@@ -2,9 +2,6 @@
 //
 // all_to_all_v is one NCCL group of ncclSend/ncclRecv pairs (one per peer with a non-zero count),
 // counts in elements (size_t, so no int limit), offsets turned into byte addresses here.
-// all_to_all_segments is one group too, with one ncclSend / ncclRecv per non-empty segment, posted
-// in list order: NCCL runs the point-to-point calls of a group that target the same peer in the
-// order they were posted, which is what pairs the i-th segments of the two sides.
 // Polling: the first polls spin (small collectives finish in microseconds), later ones yield
 // the core, so waiting ranks do not starve other work on the host.
 #include "comm/nccl_comm.h"
@@ -221,28 +218,6 @@ void NcclCommunicator::all_to_all_v(const void* send, const std::vector<int64_t>
   }
   finish_call(ncclGroupEnd(), "all_to_all_v");
   note_enqueued("all_to_all_v");
-}
-
-void NcclCommunicator::all_to_all_segments(const void* send, const std::vector<CommSegment>& sends, void* recv,
-                                           const std::vector<CommSegment>& recvs, DType dtype) {
-  check_usable("all_to_all_segments");
-  check_comm_segments("send", sends, size_, send, dtype);
-  check_comm_segments("recv", recvs, size_, recv, dtype);
-  const ncclDataType_t type = nccl_datatype(dtype);
-  const size_t element_bytes = dtype_size(dtype);
-  const char* send_bytes = static_cast<const char*>(send);
-  char* recv_bytes = static_cast<char*>(recv);
-  NCCL_CHECK(ncclGroupStart());
-  for (const CommSegment& segment : sends)
-    if (segment.count > 0)
-      NCCL_CHECK(ncclSend(send_bytes + size_t(segment.offset) * element_bytes, size_t(segment.count), type,
-                          segment.peer, state_->comm, state_->stream));
-  for (const CommSegment& segment : recvs)
-    if (segment.count > 0)
-      NCCL_CHECK(ncclRecv(recv_bytes + size_t(segment.offset) * element_bytes, size_t(segment.count), type,
-                          segment.peer, state_->comm, state_->stream));
-  finish_call(ncclGroupEnd(), "all_to_all_segments");
-  note_enqueued("all_to_all_segments");
 }
 
 void NcclCommunicator::all_reduce_sum(void* data, int64_t count, DType dtype) {

@@ -43,8 +43,6 @@ class NcclCommunicator : public Communicator {
   void all_to_all_v(const void* send, const std::vector<int64_t>& send_counts,
                     const std::vector<int64_t>& send_offsets, void* recv, const std::vector<int64_t>& recv_counts,
                     const std::vector<int64_t>& recv_offsets, DType dtype) override;
-  void all_to_all_segments(const void* send, const std::vector<CommSegment>& sends, void* recv,
-                           const std::vector<CommSegment>& recvs, DType dtype) override;
   void all_reduce_sum(void* data, int64_t count, DType dtype) override;
   void all_gather(const void* send, void* recv, int64_t count_per_rank, DType dtype) override;
   void broadcast(void* data, int64_t count, DType dtype, int root) override;

@@ -1,8 +1,9 @@
-// CPU reference of the expert-parallel layout ops (semantics: kernels/ep_ops.h).
+// CPU reference of the expert-parallel row moves (semantics: kernels/ep_ops.h).
 //
-// The reference walks experts in order: the layout is a running sum of padded expert totals, and
-// the padding of expert l is [offsets[l] + totals[l], offsets[l+1]). The CUDA kernels must agree
-// bit for bit (integers; padding rows are all-zero bytes).
+// The reference walks the (source rank, local expert) segments directly: segment (p, l) holds
+// recv_counts[p, l] rows, packed at packed_starts[p*L + l] and padded at segment_rows[p, l].
+// The CUDA kernels instead map each padded row back to its segment by binary search; the two
+// must agree bit for bit (rows are copied as bytes, padding is all-zero bytes).
 #include <cstring>
 #include <limits>
 #include <string>
@@ -28,12 +29,55 @@ void validate_ep_receive_layout(const EpReceiveLayout& layout, DeviceKind device
              device_kind_name(device), ", got ", tensor.describe());
   };
   expect("recv_counts", layout.recv_counts, {ranks, experts});
+  expect("packed_starts", layout.packed_starts, {ranks * experts + 1});
   expect("expert_totals", layout.expert_totals, {experts});
   expect("expert_offsets", layout.expert_offsets, {experts + 1});
+  expect("segment_rows", layout.segment_rows, {ranks, experts});
   expect("chunk_offsets", layout.chunk_offsets, {experts + chunks});
 }
 
 namespace cpu {
+namespace {
+
+void check_expert_range(const char* op, const EpReceiveLayout& layout, int first_expert, int end_expert) {
+  SY_CHECK(first_expert >= 0 && first_expert <= end_expert && end_expert <= layout.local_experts, op,
+           ": expert range [", first_expert, ", ", end_expert, ") is not within [0, ", layout.local_experts, ")");
+}
+
+// packed [N, D] and padded [R, D] of one dtype, with room for the rows the layout addresses.
+void check_row_tensors(const char* op, const Tensor& packed, const Tensor& padded, const EpReceiveLayout& layout) {
+  SY_CHECK(packed.device == DeviceKind::cpu && padded.device == DeviceKind::cpu && packed.rank == 2 &&
+               padded.rank == 2 && packed.dtype == padded.dtype && packed.dim(1) == padded.dim(1) &&
+               (packed.data || packed.numel() == 0) && (padded.data || padded.numel() == 0),
+           op, ": packed and padded must be host [N, D] and [R, D] tensors of one dtype, got ", packed.describe(),
+           " and ", padded.describe());
+  const int64_t received = layout.packed_starts.as<int32_t>()[int64_t(layout.num_ranks) * layout.local_experts];
+  const int64_t rows = layout.expert_offsets.as<int32_t>()[layout.local_experts];
+  SY_CHECK(packed.dim(0) >= received, op, ": packed has ", packed.dim(0), " rows, the layout received ", received);
+  SY_CHECK(padded.dim(0) >= rows, op, ": padded has ", padded.dim(0), " rows, the layout needs ", rows);
+}
+
+// Calls visit(packed_row, padded_row) for every data row of experts [first, end), then
+// pad(padded_row) for every segment padding row of those experts.
+template <typename Visit, typename Pad>
+void for_each_row(const EpReceiveLayout& layout, int first_expert, int end_expert, Visit&& visit, Pad&& pad) {
+  const int64_t experts = layout.local_experts;
+  const int32_t* counts = layout.recv_counts.as<int32_t>();
+  const int32_t* packed_starts = layout.packed_starts.as<int32_t>();
+  const int32_t* segment_rows = layout.segment_rows.as<int32_t>();
+  const int32_t* totals = layout.expert_totals.as<int32_t>();
+  const int32_t* offsets = layout.expert_offsets.as<int32_t>();
+  for (int64_t expert = first_expert; expert < end_expert; ++expert) {
+    for (int64_t rank = 0; rank < layout.num_ranks; ++rank) {
+      const int64_t segment = rank * experts + expert;
+      for (int64_t index = 0; index < counts[segment]; ++index)
+        visit(int64_t(packed_starts[segment]) + index, int64_t(segment_rows[segment]) + index);
+    }
+    for (int64_t row = int64_t(offsets[expert]) + totals[expert]; row < offsets[expert + 1]; ++row) pad(row);
+  }
+}
+
+}  // namespace
 
 void ep_send_counts(const Tensor& expert_offsets, Tensor& send_counts) {
   SY_CHECK(send_counts.rank == 1, "ep_send_counts: send_counts must be i32[E], got ", send_counts.describe());
@@ -53,22 +97,32 @@ void ep_receive_layout(EpReceiveLayout& layout) {
   validate_ep_receive_layout(layout, DeviceKind::cpu);
   const int64_t ranks = layout.num_ranks, experts = layout.local_experts, alignment = layout.alignment;
   const int32_t* counts = layout.recv_counts.as<int32_t>();
+  int32_t* packed_starts = layout.packed_starts.as<int32_t>();
   int32_t* totals = layout.expert_totals.as<int32_t>();
   int32_t* offsets = layout.expert_offsets.as<int32_t>();
+  int32_t* segment_rows = layout.segment_rows.as<int32_t>();
   int32_t* chunk_offsets = layout.chunk_offsets.as<int32_t>();
   const int64_t int32_max = std::numeric_limits<int32_t>::max();
+
+  int64_t running = 0;
+  for (int64_t segment = 0; segment < ranks * experts; ++segment) {
+    SY_CHECK(counts[segment] >= 0, "ep_receive_layout: negative count ", counts[segment], " from rank ",
+             segment / experts, " for local expert ", segment % experts);
+    packed_starts[segment] = int32_t(running);
+    running += counts[segment];
+    SY_CHECK(running <= int32_max, "ep_receive_layout: received rows exceed int32");
+  }
+  packed_starts[ranks * experts] = int32_t(running);
 
   int64_t padded = 0;
   offsets[0] = 0;
   for (int64_t expert = 0; expert < experts; ++expert) {
-    int64_t total = 0;
+    int64_t row = padded, total = 0;
     for (int64_t rank = 0; rank < ranks; ++rank) {
-      const int32_t count = counts[rank * experts + expert];
-      SY_CHECK(count >= 0, "ep_receive_layout: negative count ", count, " from rank ", rank, " for local expert ",
-               expert);
-      total += count;
+      segment_rows[rank * experts + expert] = int32_t(row);
+      row += counts[rank * experts + expert];
+      total += counts[rank * experts + expert];
     }
-    SY_CHECK(total <= int32_max, "ep_receive_layout: rows of local expert ", expert, " exceed int32");
     totals[expert] = int32_t(total);
     padded += round_up(total, alignment);
     SY_CHECK(padded <= int32_max, "ep_receive_layout: padded expert rows exceed int32");
@@ -83,26 +137,38 @@ void ep_receive_layout(EpReceiveLayout& layout) {
   }
 }
 
-void ep_zero_padding(const EpReceiveLayout& layout, int first_expert, int end_expert, Tensor& padded) {
+void ep_to_expert_layout(const Tensor& packed, const EpReceiveLayout& layout, int first_expert, int end_expert,
+                         int64_t /*expected_rows*/, Tensor& padded) {
+  const char* op = "ep_to_expert_layout";
   validate_ep_receive_layout(layout, DeviceKind::cpu);
-  SY_CHECK(first_expert >= 0 && first_expert <= end_expert && end_expert <= layout.local_experts,
-           "ep_zero_padding: expert range [", first_expert, ", ", end_expert, ") is not within [0, ",
-           layout.local_experts, ")");
-  SY_CHECK(padded.device == DeviceKind::cpu && padded.rank == 2 && (padded.data || padded.numel() == 0),
-           "ep_zero_padding: padded must be a host [R, D] tensor, got ", padded.describe());
-  const int32_t* totals = layout.expert_totals.as<int32_t>();
-  const int32_t* offsets = layout.expert_offsets.as<int32_t>();
-  SY_CHECK(padded.dim(0) >= offsets[end_expert], "ep_zero_padding: padded has ", padded.dim(0),
-           " rows, experts [", first_expert, ", ", end_expert, ") end at row ", offsets[end_expert]);
-  const size_t row_bytes = size_t(padded.dim(1)) * dtype_size(padded.dtype);
-  char* base = static_cast<char*>(padded.data);
-  for (int expert = first_expert; expert < end_expert; ++expert) {
-    const int64_t first_pad = int64_t(offsets[expert]) + totals[expert], end_pad = offsets[expert + 1];
-    SY_CHECK(first_pad <= end_pad, "ep_zero_padding: local expert ", expert, " holds ", totals[expert],
-             " rows in a segment of ", end_pad - offsets[expert]);
-    if (end_pad > first_pad)
-      std::memset(base + size_t(first_pad) * row_bytes, 0, size_t(end_pad - first_pad) * row_bytes);
-  }
+  check_expert_range(op, layout, first_expert, end_expert);
+  check_row_tensors(op, packed, padded, layout);
+  const size_t row_bytes = size_t(packed.dim(1)) * dtype_size(packed.dtype);
+  const char* source = static_cast<const char*>(packed.data);
+  char* destination = static_cast<char*>(padded.data);
+  for_each_row(
+      layout, first_expert, end_expert,
+      [&](int64_t packed_row, int64_t padded_row) {
+        std::memcpy(destination + size_t(padded_row) * row_bytes, source + size_t(packed_row) * row_bytes, row_bytes);
+      },
+      [&](int64_t padded_row) { std::memset(destination + size_t(padded_row) * row_bytes, 0, row_bytes); });
+}
+
+void ep_from_expert_layout(const Tensor& padded, const EpReceiveLayout& layout, int first_expert, int end_expert,
+                           int64_t /*expected_rows*/, Tensor& packed) {
+  const char* op = "ep_from_expert_layout";
+  validate_ep_receive_layout(layout, DeviceKind::cpu);
+  check_expert_range(op, layout, first_expert, end_expert);
+  check_row_tensors(op, packed, padded, layout);
+  const size_t row_bytes = size_t(packed.dim(1)) * dtype_size(packed.dtype);
+  const char* source = static_cast<const char*>(padded.data);
+  char* destination = static_cast<char*>(packed.data);
+  for_each_row(
+      layout, first_expert, end_expert,
+      [&](int64_t packed_row, int64_t padded_row) {
+        std::memcpy(destination + size_t(packed_row) * row_bytes, source + size_t(padded_row) * row_bytes, row_bytes);
+      },
+      [](int64_t) {});
 }
 
 }  // namespace cpu

@@ -1,11 +1,10 @@
 // switchyard bench ep: expert parallelism under mpirun (one rank per GPU, or CPU ranks with --quick).
 //
 //   exchange   dispatch + combine of one layer's tokens: permute (packed by global expert), count
-//              exchange (the one host sync), the segmented all-to-all per chunk straight into the
-//              receiver's padded expert layout (padding rows zeroed), the mirror all-to-all back
-//              into the sender's packed rows and the gated combine -- everything of the EP layer
-//              except the expert FFN -- against a raw all_to_all_v per direction (one message per
-//              peer, unchunked) moving the same rows there and back in the same run.
+//              exchange (the one host sync), payload all_to_all_v per chunk, the receiver's
+//              reorder into its padded expert layout and back, the return all_to_all_v and the
+//              gated combine -- everything of the EP layer except the expert FFN -- against a raw
+//              all_to_all_v moving the same rows there and back in the same run.
 //              GB/s = (rows sent + rows received) * D * element size / time, the payload bytes this
 //              rank puts on and takes off the network (mean over ranks).
 //   layer      MoeEpLayer forward and forward+backward (router, routing, exchange, expert GEMMs).
@@ -94,8 +93,7 @@ struct ExchangeBench {
   const EpBenchSettings& settings;
   int64_t tokens;
   RoutingParams params;
-  Buffer x, logits, send, expert_rows, y;
-  Buffer raw_received;  // the raw baseline's packed receive buffer
+  Buffer x, logits, send, received, expert_rows, y;
   RoutingBuffers routing_buffers;
   RoutingResult routing;
   DispatchMap map;
@@ -133,13 +131,20 @@ struct ExchangeBench {
     Tensor send_all = send.view(dtype, {bound, d_model});
     ops::permute(context, x.view(dtype, {tokens, d_model}), routing, params, send_all, full_map);
     const ExpertExchangePlan& plan = dispatcher->exchange_counts(context, routing.expert_offsets);
+    ensure(received, plan.recv_rows());
     ensure(expert_rows, plan.expert_rows());
     Tensor send_rows = send.view(dtype, {plan.send_rows(), d_model});
+    Tensor received_rows = received.view(dtype, {plan.recv_rows(), d_model});
     Tensor padded = expert_rows.view(dtype, {plan.expert_rows(), d_model});
-    for (int chunk = 0; chunk < dispatcher->chunks(); ++chunk) dispatcher->dispatch(context, chunk, send_rows, padded);
+    for (int chunk = 0; chunk < dispatcher->chunks(); ++chunk)
+      dispatcher->dispatch(context, chunk, send_rows, received_rows);
     for (int chunk = 0; chunk < dispatcher->chunks(); ++chunk) {
-      dispatcher->wait_dispatched(context, chunk);  // the identity expert: its output is its input
-      dispatcher->combine(context, chunk, padded, send_rows);
+      dispatcher->wait_dispatched(context, chunk);
+      if (plan.chunk_row_end(chunk) > plan.chunk_row_begin(chunk)) {
+        dispatcher->to_expert_layout(context, chunk, received_rows, padded);
+        dispatcher->from_expert_layout(context, chunk, padded, received_rows);
+      }
+      dispatcher->combine(context, chunk, received_rows, send_rows);
     }
     dispatcher->wait_combined(context);
     map = routing_buffers.map(tokens, plan.send_rows());
@@ -148,38 +153,34 @@ struct ExchangeBench {
   }
 
   // The same rows there and back with plain all_to_all_v calls (the plan of the last run), one
-  // message per peer: the raw baseline is never chunked. The first (untimed) call sizes its
-  // receive buffer; the routing is fixed, so later calls never allocate.
+  // message per peer: the raw baseline is never chunked.
   void run_raw() {
     const ExpertExchangePlan& plan = dispatcher->plan();
     Communicator& communicator = dispatcher->communicator();
-    ensure(raw_received, plan.recv_rows());
-    std::vector<int64_t> packed_counts, packed_offsets, received_counts, received_offsets;
-    whole_exchange(plan, packed_counts, packed_offsets, received_counts, received_offsets);
-    communicator.all_to_all_v(send.data(), packed_counts, packed_offsets, raw_received.data(), received_counts,
-                              received_offsets, settings.activation_dtype);
-    communicator.all_to_all_v(raw_received.data(), received_counts, received_offsets, send.data(), packed_counts,
-                              packed_offsets, settings.activation_dtype);
+    std::vector<int64_t> send_counts, send_offsets, recv_counts, recv_offsets;
+    whole_exchange(plan, true, send_counts, send_offsets, recv_counts, recv_offsets);
+    communicator.all_to_all_v(send.data(), send_counts, send_offsets, received.data(), recv_counts, recv_offsets,
+                              settings.activation_dtype);
+    whole_exchange(plan, false, send_counts, send_offsets, recv_counts, recv_offsets);
+    communicator.all_to_all_v(received.data(), send_counts, send_offsets, send.data(), recv_counts, recv_offsets,
+                              settings.activation_dtype);
   }
 
-  // All experts' rows per peer in one message, in elements: `packed_*` on the sender's packed
-  // buffer by destination, `received_*` on a packed receive buffer by source.
-  void whole_exchange(const ExpertExchangePlan& plan, std::vector<int64_t>& packed_counts,
-                      std::vector<int64_t>& packed_offsets, std::vector<int64_t>& received_counts,
-                      std::vector<int64_t>& received_offsets) const {
+  // All experts' rows per peer in one message (the raw baseline is unchunked).
+  void whole_exchange(const ExpertExchangePlan& plan, bool dispatch, std::vector<int64_t>& send_counts,
+                      std::vector<int64_t>& send_offsets, std::vector<int64_t>& recv_counts,
+                      std::vector<int64_t>& recv_offsets) const {
     const int64_t width = settings.config.d_model;
-    for (std::vector<int64_t>* values : {&packed_counts, &packed_offsets, &received_counts, &received_offsets})
+    for (std::vector<int64_t>* values : {&send_counts, &send_offsets, &recv_counts, &recv_offsets})
       values->assign(size_t(plan.ranks), 0);
-    int64_t received_rows = 0;
+    const std::vector<int64_t>& out = dispatch ? plan.send_starts : plan.recv_starts;
+    const std::vector<int64_t>& in = dispatch ? plan.recv_starts : plan.send_starts;
     for (int peer = 0; peer < plan.ranks; ++peer) {
       const size_t first = size_t(peer) * size_t(plan.local_experts), end = first + size_t(plan.local_experts);
-      packed_offsets[size_t(peer)] = plan.send_starts[first] * width;
-      packed_counts[size_t(peer)] = (plan.send_starts[end] - plan.send_starts[first]) * width;
-      int64_t rows = 0;
-      for (size_t segment = first; segment < end; ++segment) rows += plan.recv_counts[segment];
-      received_offsets[size_t(peer)] = received_rows * width;
-      received_counts[size_t(peer)] = rows * width;
-      received_rows += rows;
+      send_offsets[size_t(peer)] = out[first] * width;
+      send_counts[size_t(peer)] = (out[end] - out[first]) * width;
+      recv_offsets[size_t(peer)] = in[first] * width;
+      recv_counts[size_t(peer)] = (in[end] - in[first]) * width;
     }
   }
 
@@ -393,10 +394,8 @@ int command_bench_ep(int argc, char** argv) {
       bench.route();
       bench.run();
       wait_device();
-      Communicator& communicator = bench.dispatcher->communicator();
-      bench.run_raw();  // sizes the raw baseline's receive buffer outside the timed runs
-      communicator.synchronize();
       const double exchange_ms = time_slowest_median_ms(settings, world, [&] { bench.run(); }, wait_device);
+      Communicator& communicator = bench.dispatcher->communicator();
       const double raw_ms = time_slowest_median_ms(settings, world, [&] { bench.run_raw(); },
                                                    [&] { communicator.synchronize(); });
       const ExpertExchangePlan& plan = bench.dispatcher->plan();

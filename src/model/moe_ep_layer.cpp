@@ -66,23 +66,31 @@ MoeEpLayer::MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicato
   send_rows_ = Buffer(device, size_t(max_send_rows_) * d_model * activation_size);
 
   // Receiver side: the balanced load (every rank sends as much as it receives), grown on demand.
+  receive_capacity_ = max_send_rows_;
   expert_capacity_ = max_send_rows_ + int64_t(local_experts()) * (config_.segment_alignment - 1);
+  receive_rows_ = Buffer(device, size_t(receive_capacity_) * d_model * activation_size);
   expert_input_ = Buffer(device, size_t(expert_capacity_) * d_model * activation_size);
   hidden_pre_ = Buffer(device, size_t(expert_capacity_) * size_t(config_.w1_columns()) * activation_size);
   hidden_post_ = Buffer(device, size_t(expert_capacity_) * size_t(config_.expert_d_ff) * activation_size);
   expert_output_ = Buffer(device, size_t(expert_capacity_) * d_model * activation_size);
 }
 
-void MoeEpLayer::ensure_expert_capacity(const ExecContext& context, bool with_backward) {
+void MoeEpLayer::ensure_receive_capacity(const ExecContext& context, bool with_backward) {
   const ExpertExchangePlan& plan = dispatcher_->plan();
+  const bool grow_receive = plan.recv_rows() > receive_capacity_;
   const bool grow_experts = plan.expert_rows() > expert_capacity_;
   const bool grow_backward = with_backward && plan.expert_rows() > backward_expert_capacity_;
-  if (!grow_experts && !grow_backward) return;
+  if (!grow_receive && !grow_experts && !grow_backward) return;
   // The caching allocator does not track streams: nothing may still use a buffer we free. The
   // count exchange has just waited for both streams; this makes the invariant explicit.
   ops::synchronize(context);
   dispatcher_->communicator().synchronize();
   const size_t activation_size = dtype_size(activation_dtype_), d_model = size_t(config_.d_model);
+  if (grow_receive) {
+    receive_capacity_ = with_headroom(plan.recv_rows());
+    receive_rows_.reset();
+    receive_rows_ = Buffer(device_, size_t(receive_capacity_) * d_model * activation_size);
+  }
   if (grow_experts) {
     expert_capacity_ = with_headroom(plan.expert_rows());
     const size_t rows = size_t(expert_capacity_);
@@ -164,20 +172,19 @@ MoeLosses MoeEpLayer::forward(const ExecContext& context, const Tensor& x, const
   const ExpertExchangePlan& plan = dispatcher_->exchange_counts(context, routing_.expert_offsets);
   SY_CHECK(plan.send_rows() <= send_bound, "MoeEpLayer: the routing sends ", plan.send_rows(), " rows, more than its ",
            send_bound, " bound");
-  ensure_expert_capacity(context, args.training);
+  ensure_receive_capacity(context, args.training);
 
   map_ = routing_buffers_.map(tokens, plan.send_rows());
   Tensor send = rows(send_rows_, activation_dtype_, 0, plan.send_rows(), d_model);
-  Tensor expert_input = rows(expert_input_, activation_dtype_, 0, plan.expert_rows(), d_model);
-  Tensor expert_output = rows(expert_output_, activation_dtype_, 0, plan.expert_rows(), d_model);
+  Tensor received = rows(receive_rows_, activation_dtype_, 0, plan.recv_rows(), d_model);
   const int chunks = dispatcher_->chunks();
-  for (int chunk = 0; chunk < chunks; ++chunk) dispatcher_->dispatch(context, chunk, send, expert_input);
+  for (int chunk = 0; chunk < chunks; ++chunk) dispatcher_->dispatch(context, chunk, send, received);
   for (int chunk = 0; chunk < chunks; ++chunk) {
     dispatcher_->wait_dispatched(context, chunk);
     experts_forward(context, chunk, weights);
     // The results return into the send buffer: every dispatch ahead of this on the
     // communicator's stream has finished reading it. They stay there for backward.
-    dispatcher_->combine(context, chunk, expert_output, send);
+    dispatcher_->combine(context, chunk, received, send);
   }
   dispatcher_->wait_combined(context);
   ops::unpermute_combine(context, send, routing_, map_, y);
@@ -192,7 +199,11 @@ void MoeEpLayer::experts_forward(const ExecContext& context, int chunk, const Mo
   const int64_t row_begin = plan.chunk_row_begin(chunk), chunk_rows = plan.chunk_row_end(chunk) - row_begin;
   if (chunk_rows == 0) return;  // no rank routed anything to these experts
   const int64_t d_model = config_.d_model;
-  // The dispatch left the chunk's rows in the padded layout, padding rows zero.
+  Tensor received = rows(receive_rows_, activation_dtype_, 0, plan.recv_rows(), d_model);
+  Tensor input_all = rows(expert_input_, activation_dtype_, 0, plan.expert_rows(), d_model);
+  Tensor output_all = rows(expert_output_, activation_dtype_, 0, plan.expert_rows(), d_model);
+  dispatcher_->to_expert_layout(context, chunk, received, input_all);
+
   Tensor input = rows(expert_input_, activation_dtype_, row_begin, chunk_rows, d_model);
   Tensor hidden_pre = rows(hidden_pre_, activation_dtype_, row_begin, chunk_rows, config_.w1_columns());
   Tensor hidden_post = rows(hidden_post_, activation_dtype_, row_begin, chunk_rows, config_.expert_d_ff);
@@ -203,6 +214,7 @@ void MoeEpLayer::experts_forward(const ExecContext& context, int chunk, const Mo
                                hidden_pre, hidden_post, /*keep_pre=*/true, config_.segment_alignment);
   ops::grouped_gemm(context, hidden_post, expert_slice(weights.w2, first, count), false, offsets, output,
                     config_.segment_alignment);
+  dispatcher_->from_expert_layout(context, chunk, output_all, received);
 }
 
 // ---- Backward --------------------------------------------------------------------------------
@@ -252,10 +264,9 @@ void MoeEpLayer::backward(const ExecContext& context, const Tensor& grad_y, cons
   Tensor grad_logits = rows(grad_logits_, float_dtype_, 0, tokens, experts);
   ops::unpermute_combine_backward(context, grad_y, returned, routing_, map_, grad_rows, grad_gates);
 
-  // dL/dO rows arrive in the expert-output buffer (O is dead: its rows went home in forward).
-  Tensor grad_expert_rows = rows(expert_output_, activation_dtype_, 0, plan.expert_rows(), d_model);
+  Tensor received = rows(receive_rows_, activation_dtype_, 0, plan.recv_rows(), d_model);
   const int chunks = dispatcher_->chunks();
-  for (int chunk = 0; chunk < chunks; ++chunk) dispatcher_->dispatch(context, chunk, grad_rows, grad_expert_rows);
+  for (int chunk = 0; chunk < chunks; ++chunk) dispatcher_->dispatch(context, chunk, grad_rows, received);
 
   // The router's backward needs only local data: it runs while the gradient rows travel.
   ops::route_backward(context, logits_, grad_gates, routing_, params_, aux_grad_scale, z_grad_scale, grad_logits);
@@ -269,7 +280,7 @@ void MoeEpLayer::backward(const ExecContext& context, const Tensor& grad_y, cons
   for (int chunk = 0; chunk < chunks; ++chunk) {
     dispatcher_->wait_dispatched(context, chunk);
     experts_backward(context, chunk, weights, gradients);
-    dispatcher_->combine(context, chunk, grad_expert_rows, grad_rows);  // dL/dX rows, back into grad_rows
+    dispatcher_->combine(context, chunk, received, grad_rows);  // dL/dX rows, back into grad_rows
   }
   dispatcher_->wait_combined(context);
   ops::permute_backward(context, grad_rows, map_, tokens, grad_x);
@@ -300,8 +311,10 @@ void MoeEpLayer::experts_backward(const ExecContext& context, int chunk, const M
     return;
   }
   const int64_t d_model = config_.d_model;
-  // The dispatch left dL/dO in the chunk's rows of the expert-output buffer, padding rows zero
-  // (the weight-gradient GEMMs sum over them); dL/dX_p overwrites it below and is combined from there.
+  Tensor received = rows(receive_rows_, activation_dtype_, 0, plan.recv_rows(), d_model);
+  Tensor grad_rows_all = rows(expert_output_, activation_dtype_, 0, plan.expert_rows(), d_model);
+  dispatcher_->to_expert_layout(context, chunk, received, grad_rows_all);  // dL/dO, padding rows zero
+
   const Tensor input = rows(expert_input_, activation_dtype_, row_begin, chunk_rows, d_model);
   const Tensor hidden_pre = rows(hidden_pre_, activation_dtype_, row_begin, chunk_rows, config_.w1_columns());
   Tensor hidden_post = rows(hidden_post_, activation_dtype_, row_begin, chunk_rows, config_.expert_d_ff);
@@ -318,6 +331,7 @@ void MoeEpLayer::experts_backward(const ExecContext& context, int chunk, const M
   ops::grouped_gemm_weight_grad(context, input, grad_hidden_pre, offsets, grad_w1, config_.segment_alignment);
   ops::grouped_gemm(context, grad_hidden_pre, expert_slice(weights.w1, first, count), true, offsets, grad_expert_rows,
                     config_.segment_alignment);
+  dispatcher_->from_expert_layout(context, chunk, grad_rows_all, received);
 }
 
 // ---- Host reads ------------------------------------------------------------------------------

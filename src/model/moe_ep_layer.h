@@ -16,10 +16,10 @@
 //                                            expert, so rows for rank p are contiguous, no padding
 //   count exchange                           device counts -> all-to-all -> one host copy
 //   for each chunk c (parallel.a2a_chunks, C <= L; all dispatches enqueued first):
-//     X_p    = dispatch(c)                   segmented all-to-all of the chunk's rows (activation
-//                                            dtype) straight into the padded layout by expert
+//     dispatch(c)                            all_to_all_v of the chunk's rows (activation dtype)
+//     X_p    = to_expert_layout(c)           [source][local expert] -> padded layout by expert
 //     H = X_p W1_l, A = act(H), O = A W2_l   grouped GEMMs over the chunk's experts
-//     combine(c)                             O rows back to their source ranks' packed buffers
+//     from_expert_layout(c), combine(c)      rows back to their source ranks
 //   y[t]   = sum_j gate[t, j] * O[row(t, j)]   unpermute_combine on the source rank
 // Backward mirrors it with the forward's exchange plan (no second count exchange): the combine's
 // backward gives dL/dO rows and dL/dgates locally; the dL/dO rows are dispatched, the expert
@@ -31,15 +31,14 @@
 // activations, fp32 logits / gates / losses / weight gradients (NcclCommunicator, device buffers).
 // compute_mode dense is not supported here (SY_BAD_INPUT): it is a single-device baseline.
 //
-// Memory. Sender-side buffers are sized once for max_tokens. The receiver's buffers (the padded
-// expert layout: X_p, H, A, O and in backward dL/dH) depend on what the other ranks route here,
-// which only the count exchange reveals: they start at the balanced size and grow (by 25%
-// headroom, after the streams are idle -- the exchange has just synchronized them) when a step
-// needs more, so steady state does no allocation. No packed receive buffer exists: rows arrive in
-// and leave from the padded layout. Row buffers are reused across phases: the send buffer holds
-// permuted x, then the returned expert outputs (needed by backward for the gate gradients); in
-// backward the expert-output buffer O receives dL/dO, then holds dL/dX_p, which is combined from
-// there, and the activation buffer A holds dL/dA once dW2 has read A.
+// Memory. Sender-side buffers are sized once for max_tokens. The receiver's buffers depend on
+// what the other ranks route here, which only the count exchange reveals: they start at the
+// balanced size and grow (by 25% headroom, after the streams are idle -- the exchange has just
+// synchronized them) when a step needs more, so steady state does no allocation. Row buffers are
+// reused across phases: the send buffer holds permuted x, then the returned expert outputs
+// (needed by backward for the gate gradients); the receive buffer holds arriving rows, then the
+// outgoing results, chunk by chunk; in backward the expert-output buffer holds the row gradients
+// and the activation buffer A holds dL/dA once dW2 has read A.
 #pragma once
 
 #include <cstdint>
@@ -98,7 +97,7 @@ class MoeEpLayer {
  private:
   void check_weights(const MoeWeights& weights, DType dtype, const char* what) const;
   // Grows the receiver-side buffers for the current plan (streams idle: right after the exchange).
-  void ensure_expert_capacity(const ExecContext& context, bool with_backward);
+  void ensure_receive_capacity(const ExecContext& context, bool with_backward);
   void experts_forward(const ExecContext& context, int chunk, const MoeWeights& weights);
   void experts_backward(const ExecContext& context, int chunk, const MoeWeights& weights, MoeGradients& gradients);
   Tensor rows(const Buffer& buffer, DType dtype, int64_t first_row, int64_t count, int64_t columns) const;
@@ -114,9 +113,9 @@ class MoeEpLayer {
   Buffer jittered_input_, logits_buffer_, send_rows_, grad_send_rows_, grad_gates_, grad_logits_,
       grad_logits_compute_, router_grad_input_, jitter_grad_input_;
   RoutingBuffers routing_buffers_;
-  // Receiver side (grown on demand): the padded expert layout, where the all-to-all delivers rows.
-  int64_t expert_capacity_ = 0, backward_expert_capacity_ = 0;
-  Buffer expert_input_, hidden_pre_, hidden_post_, expert_output_, grad_hidden_pre_;
+  // Receiver side (grown on demand): packed rows, then the padded expert layout.
+  int64_t receive_capacity_ = 0, expert_capacity_ = 0, backward_expert_capacity_ = 0;
+  Buffer receive_rows_, expert_input_, hidden_pre_, hidden_post_, expert_output_, grad_hidden_pre_;
 
   // What the last forward left for backward.
   bool has_forward_ = false, jittered_ = false;

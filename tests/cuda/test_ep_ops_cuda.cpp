@@ -1,8 +1,8 @@
-// The CUDA expert-parallel layout ops (kernels/cuda/ep_permute.cu) against the CPU reference
-// (kernels/cpu/ep_permute.cpp) on identical inputs. Everything is integer arithmetic or zeroing,
-// so results must match bit for bit: the layout integers, the zeroed padding rows and every row
-// the ops must leave alone (random bytes on both sides before each call). Widths cover the 16-,
-// 4-, 2- and 1-byte store paths; shapes cover many ranks, many experts and empty segments.
+// The CUDA expert-parallel row moves (kernels/cuda/ep_permute.cu) against the CPU reference
+// (kernels/cpu/ep_permute.cpp) on identical inputs. Everything is a copy or integer arithmetic,
+// so results must match bit for bit: the layout integers, every moved row, the zeroed padding
+// and the rows the ops must leave alone (poisoned on both sides before each call). Widths cover
+// the 16-, 4-, 2- and 1-byte copy paths; shapes cover many ranks, many experts and empty segments.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -40,7 +40,7 @@ struct LayoutPair {
   LayoutPair(int ranks_, int experts_, int chunks_, int alignment_, const std::vector<int32_t>& counts)
       : ranks(ranks_), experts(experts_), chunks(chunks_), alignment(alignment_) {
     const int64_t segments = int64_t(ranks) * experts;
-    const int64_t ints = segments + experts + (experts + 1) + (experts + chunks);
+    const int64_t ints = segments + (segments + 1) + experts + (experts + 1) + segments + (experts + chunks);
     host_memory = Buffer(DeviceKind::cpu, size_t(ints) * 4);
     device_memory = Buffer(DeviceKind::cuda, size_t(ints) * 4);
     std::memset(host_memory.data(), 0xA5, host_memory.bytes());  // poison: no output may keep it
@@ -63,8 +63,10 @@ struct LayoutPair {
     layout.chunks = chunks;
     layout.alignment = alignment;
     layout.recv_counts = take({ranks, experts});
+    layout.packed_starts = take({int64_t(ranks) * experts + 1});
     layout.expert_totals = take({experts});
     layout.expert_offsets = take({experts + 1});
+    layout.segment_rows = take({ranks, experts});
     layout.chunk_offsets = take({experts + chunks});
     return layout;
   }
@@ -73,6 +75,7 @@ struct LayoutPair {
     cuda::ep_receive_layout(device, nullptr);
     device_synchronize(DeviceKind::cuda);
   }
+  int64_t received() const { return host.packed_starts.as<int32_t>()[int64_t(ranks) * experts]; }
   int64_t rows() const { return host.expert_offsets.as<int32_t>()[experts]; }
   int64_t offset(int expert) const { return host.expert_offsets.as<int32_t>()[expert]; }
 };
@@ -101,11 +104,13 @@ TEST_P(EpLayoutCuda, MatchesReference) {
   LayoutPair layout(test.ranks, test.experts, test.chunks, test.alignment,
                     random_counts(generator, test.ranks, test.experts, 40));
   layout.compute();
-  const char* names[] = {"expert_totals", "expert_offsets", "chunk_offsets"};
-  const Tensor* host_tensors[] = {&layout.host.expert_totals, &layout.host.expert_offsets, &layout.host.chunk_offsets};
-  const Tensor* device_tensors[] = {&layout.device.expert_totals, &layout.device.expert_offsets,
+  const char* names[] = {"packed_starts", "expert_totals", "expert_offsets", "segment_rows", "chunk_offsets"};
+  const Tensor* host_tensors[] = {&layout.host.packed_starts, &layout.host.expert_totals, &layout.host.expert_offsets,
+                                  &layout.host.segment_rows, &layout.host.chunk_offsets};
+  const Tensor* device_tensors[] = {&layout.device.packed_starts, &layout.device.expert_totals,
+                                    &layout.device.expert_offsets, &layout.device.segment_rows,
                                     &layout.device.chunk_offsets};
-  for (int index = 0; index < 3; ++index)
+  for (int index = 0; index < 5; ++index)
     EXPECT_EQ(bytes_of(*device_tensors[index]), bytes_of(*host_tensors[index])) << names[index];
 }
 
@@ -134,92 +139,89 @@ TEST(EpOpsCuda, SendCountsMatchReference) {
   }
 }
 
-struct ZeroCase {
+struct MoveCase {
   DType dtype;
   int64_t width;
   int ranks, experts, chunks, alignment;
-  bool misaligned;  // the tensor starts one element into its buffer: narrower stores
+  bool wrong_hint;  // expected_rows = 1: the launch is undersized, the result must not change
 };
 
-std::string zero_case_name(const ::testing::TestParamInfo<ZeroCase>& info) {
-  const ZeroCase& test = info.param;
+std::string move_case_name(const ::testing::TestParamInfo<MoveCase>& info) {
+  const MoveCase& test = info.param;
   return std::string(dtype_name(test.dtype)) + "_D" + std::to_string(test.width) + "_P" + std::to_string(test.ranks) +
          "_L" + std::to_string(test.experts) + "_C" + std::to_string(test.chunks) + "_A" +
-         std::to_string(test.alignment) + (test.misaligned ? "_misaligned" : "");
+         std::to_string(test.alignment) + (test.wrong_hint ? "_wrong_hint" : "");
 }
 
-class EpZeroPaddingCuda : public ::testing::TestWithParam<ZeroCase> {};
+class EpMovesCuda : public ::testing::TestWithParam<MoveCase> {};
 
-TEST_P(EpZeroPaddingCuda, ChunkedZeroingMatchesReferenceBitForBit) {
+TEST_P(EpMovesCuda, ChunkedMovesMatchReferenceBitForBit) {
   SKIP_WITHOUT_CUDA();
-  const ZeroCase& test = GetParam();
+  const MoveCase& test = GetParam();
   std::mt19937_64 generator(uint64_t(test.width) * 31 + uint64_t(test.ranks));
   LayoutPair layout(test.ranks, test.experts, test.chunks, test.alignment,
                     random_counts(generator, test.ranks, test.experts, 12));
   layout.compute();
-  const int64_t rows = layout.rows() + 1, width = test.width;  // one spare row: must keep its bytes
-  const int64_t lead = test.misaligned ? 1 : 0;
-  const size_t element = dtype_size(test.dtype), bytes = size_t((rows * width + lead)) * element;
+  const int64_t received = layout.received(), rows = layout.rows(), width = test.width;
 
-  // Random bytes everywhere (no all-zero rows), the same on both sides.
-  std::vector<unsigned char> host(bytes);
-  for (unsigned char& byte : host) byte = static_cast<unsigned char>(1 + generator() % 255);
-  Buffer device_memory(DeviceKind::cuda, bytes);
-  device_copy(device_memory.data(), DeviceKind::cuda, host.data(), DeviceKind::cpu, bytes);
-  Tensor on_host(host.data() + lead * element, test.dtype, DeviceKind::cpu, {rows, width});
-  Tensor on_device(static_cast<char*>(device_memory.data()) + lead * element, test.dtype, DeviceKind::cuda,
-                   {rows, width});
+  // Packed rows of random bytes (+1 spare row each side: the ops must not touch it).
+  HostTensor packed(test.dtype, {received + 1, width});
+  for (size_t byte = 0; byte < packed.tensor().bytes(); ++byte)
+    static_cast<unsigned char*>(packed.tensor().data)[byte] = static_cast<unsigned char>(generator());
+  Buffer packed_device(DeviceKind::cuda, packed.tensor().bytes());
+  device_copy(packed_device.data(), DeviceKind::cuda, packed.tensor().data, DeviceKind::cpu, packed.tensor().bytes());
+  Tensor packed_on_device(packed_device.data(), test.dtype, DeviceKind::cuda, {received + 1, width});
+
+  HostTensor padded(test.dtype, {rows + 1, width}), back(test.dtype, {received + 1, width});
+  std::memset(padded.tensor().data, 0x5A, padded.tensor().bytes());
+  std::memset(back.tensor().data, 0x5A, back.tensor().bytes());
+  Buffer padded_device(DeviceKind::cuda, padded.tensor().bytes()), back_device(DeviceKind::cuda, back.tensor().bytes());
+  device_memset(padded_device.data(), DeviceKind::cuda, 0x5A, padded_device.bytes());
+  device_memset(back_device.data(), DeviceKind::cuda, 0x5A, back_device.bytes());
+  Tensor padded_on_device(padded_device.data(), test.dtype, DeviceKind::cuda, {rows + 1, width});
+  Tensor back_on_device(back_device.data(), test.dtype, DeviceKind::cuda, {received + 1, width});
 
   for (int chunk = 0; chunk < test.chunks; ++chunk) {
     const int first = ep_chunk_first_expert(chunk, test.chunks, test.experts);
     const int end = ep_chunk_first_expert(chunk + 1, test.chunks, test.experts);
-    cpu::ep_zero_padding(layout.host, first, end, on_host);
-    cuda::ep_zero_padding(layout.device, first, end, on_device, nullptr);
+    const int64_t hint = test.wrong_hint ? 1 : layout.offset(end) - layout.offset(first);
+    cpu::ep_to_expert_layout(packed, layout.host, first, end, hint, padded);
+    cuda::ep_to_expert_layout(packed_on_device, layout.device, first, end, hint, padded_on_device, nullptr);
+    cpu::ep_from_expert_layout(padded, layout.host, first, end, hint, back);
+    cuda::ep_from_expert_layout(padded_on_device, layout.device, first, end, hint, back_on_device, nullptr);
     device_synchronize(DeviceKind::cuda);
-    std::vector<unsigned char> result(bytes);
-    device_copy(result.data(), DeviceKind::cpu, device_memory.data(), DeviceKind::cuda, bytes);
-    EXPECT_EQ(result, host) << "rows after chunk " << chunk;
+    EXPECT_EQ(bytes_of(padded_on_device), bytes_of(padded)) << "padded rows after chunk " << chunk;
+    EXPECT_EQ(bytes_of(back_on_device), bytes_of(back)) << "packed rows after chunk " << chunk;
   }
-  // The reference did zero something where the layout has padding (the test can fail).
-  bool any_zero_row = false;
-  for (int64_t row = 0; row < rows && !any_zero_row; ++row) {
-    bool zero = true;
-    for (size_t byte = 0; byte < size_t(width) * element; ++byte)
-      zero = zero && host[size_t(lead) * element + size_t(row * width) * element + byte] == 0;
-    any_zero_row = zero;
-  }
-  int64_t padding_rows = 0;
-  for (int expert = 0; expert < test.experts; ++expert)
-    padding_rows += layout.offset(expert + 1) - layout.offset(expert) - layout.host.expert_totals.as<int32_t>()[expert];
-  EXPECT_EQ(any_zero_row, padding_rows > 0);
+  // And the round trip restored every received row (the spare row keeps its poison).
+  const size_t data_bytes = size_t(received * width) * dtype_size(test.dtype);
+  EXPECT_EQ(std::memcmp(back.tensor().data, packed.tensor().data, data_bytes), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(
-    Shapes, EpZeroPaddingCuda,
-    ::testing::Values(ZeroCase{DType::bf16, 768, 4, 8, 2, 128, false},   // 16-byte stores
-                      ZeroCase{DType::bf16, 64, 8, 2, 1, 8, false},
-                      ZeroCase{DType::f32, 13, 3, 5, 5, 4, false},      // 4-byte stores
-                      ZeroCase{DType::bf16, 7, 2, 3, 3, 16, false},     // 2-byte stores
-                      ZeroCase{DType::u8, 5, 5, 4, 2, 16, false},       // 1-byte stores
-                      ZeroCase{DType::bf16, 768, 4, 8, 4, 128, true},   // misaligned base: 2-byte stores
-                      ZeroCase{DType::f64, 3, 16, 16, 4, 128, false},
-                      ZeroCase{DType::f32, 16, 3, 4, 2, 1, false}),     // no padding at all
-    zero_case_name);
+    Shapes, EpMovesCuda,
+    ::testing::Values(MoveCase{DType::bf16, 768, 4, 8, 2, 128, false},   // 16-byte packs
+                      MoveCase{DType::bf16, 64, 8, 2, 1, 8, false},
+                      MoveCase{DType::f32, 13, 3, 5, 5, 4, false},      // 4-byte units
+                      MoveCase{DType::bf16, 7, 2, 3, 3, 1, false},      // 2-byte units
+                      MoveCase{DType::u8, 5, 5, 4, 2, 16, false},       // 1-byte units
+                      MoveCase{DType::f64, 3, 16, 16, 4, 128, false},
+                      MoveCase{DType::bf16, 768, 4, 8, 4, 128, true}),  // undersized launch
+    move_case_name);
 
 TEST(EpOpsCuda, RejectsBadArguments) {
   SKIP_WITHOUT_CUDA();
   LayoutPair layout(2, 2, 2, 4, {1, 2, 3, 0});
   layout.compute();
   Buffer memory(DeviceKind::cuda, 64 * 8);
+  Tensor packed(memory.data(), DType::bf16, DeviceKind::cuda, {6, 8});
   Tensor padded(memory.data(), DType::bf16, DeviceKind::cuda, {12, 8});
-  Tensor flat(memory.data(), DType::bf16, DeviceKind::cuda, {96});
+  Tensor wrong_dtype(memory.data(), DType::f32, DeviceKind::cuda, {12, 8});
   Tensor on_host(memory.data(), DType::bf16, DeviceKind::cpu, {12, 8});
-  EXPECT_THROW(cuda::ep_zero_padding(layout.device, 1, 3, padded, nullptr), Error);  // past L
-  EXPECT_THROW(cuda::ep_zero_padding(layout.device, 1, 0, padded, nullptr), Error);  // reversed
-  EXPECT_THROW(cuda::ep_zero_padding(layout.device, 0, 2, flat, nullptr), Error);    // not [R, D]
-  EXPECT_THROW(cuda::ep_zero_padding(layout.device, 0, 2, on_host, nullptr), Error);
-  EXPECT_THROW(cuda::ep_zero_padding(layout.host, 0, 2, padded, nullptr), Error);    // host layout
-  EXPECT_THROW(cuda::ep_receive_layout(layout.host, nullptr), Error);                // host tensors
+  EXPECT_THROW(cuda::ep_to_expert_layout(packed, layout.device, 1, 3, 1, padded, nullptr), Error);
+  EXPECT_THROW(cuda::ep_to_expert_layout(packed, layout.device, 0, 2, 1, wrong_dtype, nullptr), Error);
+  EXPECT_THROW(cuda::ep_from_expert_layout(on_host, layout.device, 0, 2, 1, packed, nullptr), Error);
+  EXPECT_THROW(cuda::ep_receive_layout(layout.host, nullptr), Error);  // host tensors
 }
 
 }  // namespace

@@ -10,7 +10,6 @@
 // expert-DP group of 2). Scenarios: top-2 renormalized swiglu with jitter, a rank whose tokens
 // all pick one expert (heavy capacity drops), an expert shard nobody routes to (a rank receiving
 // no tokens), entropy-complexity routing in eval mode, and chunked exchanges (a2a_chunks > 1).
-// (The ExpertDispatcher alone is tested in test_comm.cpp.)
 #include <gtest/gtest.h>
 
 #include <cmath>
