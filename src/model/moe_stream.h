@@ -7,7 +7,7 @@
 // cuBLASLt plans and kernel attributes are created then), captures the same forward on its stream
 // into a CUDA graph (cudaStreamBeginCapture / EndCapture / GraphInstantiate) and from then on
 // replays that graph, one launch with no host work between kernels. The forward is an inference
-// one (for_backward = false), so for T <= layer().small_batch_tokens() (64 unless
+// one (for_backward = false), so for T <= layer().small_batch_tokens() (8 unless
 // SWITCHYARD_SMALL_BATCH_TOKENS says otherwise) the graph holds router GEMM, routing and the
 // small-batch expert op (kernels/small_batch_ops.h: each used expert's weights streamed once, no
 // padding to GEMM tiles, 4 kernels in all); larger T take router GEMM, routing, permute, the

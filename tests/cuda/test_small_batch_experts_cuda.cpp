@@ -442,7 +442,7 @@ TEST(MoeLayerSmallBatchCudaGraph, CapturedForwardReplaysTheEagerForward) {
     MoeLayerConfig config = layer_config(ExpertActivation::swiglu, 2, false);
     config.segment_alignment = alignment;
     LayerWeights weights(config, 77);
-    ScopedEnvironment unset("SWITCHYARD_SMALL_BATCH_TOKENS", nullptr);
+    ScopedEnvironment set("SWITCHYARD_SMALL_BATCH_TOKENS", "64");  // 24 tokens take the path
     MoeLayer layer(config, DeviceKind::cuda, DType::bf16, 64);
     const int64_t tokens = 24, d = config.d_model;
     void* stream = create_stream(DeviceKind::cuda);
