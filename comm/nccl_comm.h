@@ -3,13 +3,18 @@
 // Built only with CUDA (nccl_comm.cpp), but this header needs no CUDA headers: CUDA and NCCL
 // handles live behind a private State, the stream is exposed as void* (a cudaStream_t).
 //
-// The NCCL communicator is created non-blocking (ncclConfig_t::blocking = 0) so that it can be
-// aborted from the host at any time. Collectives are enqueued on the communicator's own
-// non-blocking stream and return once enqueued (an NCCL call answering ncclInProgress is polled
-// with ncclCommGetAsyncError until it is enqueued). synchronize() and barrier() wait by polling
-// cudaStreamQuery + ncclCommGetAsyncError; if the work does not finish within the timeout the
-// communicator is aborted (ncclCommAbort) and an Error names the collective, the communicator
-// and the rank. Live communicators are registered with register_for_abort (comm/bootstrap.h).
+// The NCCL communicator is blocking by default (SWITCHYARD_NCCL_BLOCKING=0: non-blocking, where
+// every call answering ncclInProgress is polled with ncclCommGetAsyncError until enqueued; that
+// hand-off to an NCCL thread costs ~75 us per collective on H100s, hence the default). A blocking
+// host call can only wait on peers while NCCL sets up connections, so the constructor makes them
+// all (NCCL_RUNTIME_CONNECT=0 unless set by the user, and a warm-up all-to-all and all-reduce);
+// creation, the warm-up and finalize run under a watchdog thread that ends the job with an error
+// line naming the call, the communicator and the rank if they outlast the timeout.
+// Collectives are enqueued on the communicator's own non-blocking stream and return once
+// enqueued. synchronize() and barrier() wait by polling cudaStreamQuery + ncclCommGetAsyncError;
+// if the work does not finish within the timeout the communicator is aborted (ncclCommAbort) and
+// an Error names the collective, the communicator and the rank. Live communicators are registered
+// with register_for_abort (comm/bootstrap.h).
 #pragma once
 
 #include <mpi.h>
@@ -60,6 +65,7 @@ class NcclCommunicator : public Communicator {
   // Handles an NCCL call's result: throws on failure; on ncclInProgress polls until enqueued.
   void finish_call(int nccl_result, const char* collective);
   void note_enqueued(const char* collective);
+  void connect_peers();  // blocking mode: make every connection while all ranks are here
   [[noreturn]] void fail_after_abort(const std::string& message);
 
   std::unique_ptr<State> state_;
