@@ -27,6 +27,7 @@
 
 #include "comm/bootstrap.h"
 #include "comm/expert_dispatch.h"
+#include "src/cli/bench_record.h"
 #include "kernels/ops.h"
 #include "src/cli/cli_args.h"
 #include "src/cli/commands.h"
@@ -240,21 +241,7 @@ struct LayerBench {
   }
 };
 
-struct Record {
-  std::vector<std::pair<std::string, std::string>> fields;
-  void add(const std::string& key, double value) {
-    std::ostringstream stream;
-    stream.precision(6);
-    stream << value;
-    fields.emplace_back(key, stream.str());
-  }
-  void add(const std::string& key, const std::string& value) { fields.emplace_back(key, "\"" + value + "\""); }
-  std::string json() const {
-    std::string out = "{";
-    for (size_t i = 0; i < fields.size(); ++i) out += (i ? ", \"" : "\"") + fields[i].first + "\": " + fields[i].second;
-    return out + "}";
-  }
-};
+using Record = BenchRecord;
 
 std::vector<int64_t> parse_token_list(const std::string& list) {
   std::vector<int64_t> values;

@@ -132,20 +132,4 @@ void DenseFfnBench::forward_backward(const ExecContext& context) {
   ops::gemm(context, true, false, 1.0f, tx, tgh, 0.0f, tgw1);   // dW1 = X^T dH
 }
 
-void Record::add(const std::string& key, double value) {
-  std::ostringstream stream;
-  stream.precision(6);
-  stream << value;
-  fields.emplace_back(key, stream.str());
-}
-
-void Record::add(const std::string& key, const std::string& value) { fields.emplace_back(key, json::quote(value)); }
-
-std::string Record::json() const {
-  std::string out = "{";
-  for (size_t index = 0; index < fields.size(); ++index)
-    out += (index ? ", " : "") + json::quote(fields[index].first) + ": " + fields[index].second;
-  return out + "}";
-}
-
 }  // namespace switchyard::bench_moe

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kernels/ops.h"
+#include "src/cli/bench_record.h"
 #include "src/core/device.h"
 #include "src/model/moe_layer.h"
 
@@ -68,13 +69,7 @@ struct DenseFfnBench {
   void forward_backward(const ExecContext& context);
 };
 
-// One measurement as a flat JSON object, members in the order added: numbers with 6 significant
-// digits (as an ostream prints them), strings quoted by json::quote.
-struct Record {
-  std::vector<std::pair<std::string, std::string>> fields;
-  void add(const std::string& key, double value);
-  void add(const std::string& key, const std::string& value);
-  std::string json() const;
-};
+// One measurement as a flat JSON object (src/cli/bench_record.h).
+using Record = BenchRecord;
 
 }  // namespace switchyard::bench_moe

@@ -1,0 +1,38 @@
+// One benchmark measurement as a flat JSON object (the records `bench moe|ep --json` write):
+// members in the order added; numbers with 6 significant digits, and null where a value is not
+// finite (a ratio over a zero time), since JSON has no inf or nan; strings quoted by json::quote.
+#pragma once
+
+#include <cmath>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "src/core/json.h"
+
+namespace switchyard {
+
+struct BenchRecord {
+  std::vector<std::pair<std::string, std::string>> fields;
+  void add(const std::string& key, double value) {
+    if (!std::isfinite(value)) {
+      fields.emplace_back(key, "null");
+      return;
+    }
+    std::ostringstream stream;
+    stream.precision(6);
+    stream << value;
+    fields.emplace_back(key, stream.str());
+  }
+  void add(const std::string& key, const std::string& value) { fields.emplace_back(key, json::quote(value)); }
+  void add(const std::string& key, const char* value) { add(key, std::string(value)); }
+  std::string json() const {
+    std::string out = "{";
+    for (size_t index = 0; index < fields.size(); ++index)
+      out += (index ? ", " : "") + json::quote(fields[index].first) + ": " + fields[index].second;
+    return out + "}";
+  }
+};
+
+}  // namespace switchyard
