@@ -27,7 +27,7 @@
 
 #include "comm/bootstrap.h"
 #include "comm/expert_dispatch.h"
-#include "src/cli/bench_record.h"
+#include "src/cli/bench_common.h"
 #include "kernels/ops.h"
 #include "src/cli/cli_args.h"
 #include "src/cli/commands.h"
@@ -48,20 +48,9 @@ struct EpBenchSettings {
   int chunks = 1;
 };
 
-// A tensor of normal(0, stddev) values on the context's device, stored in `dtype`.
+// Random inputs on the bench's device (src/cli/bench_common.h).
 Buffer random_buffer(const EpBenchSettings& settings, DType dtype, int64_t count, float stddev, uint64_t seed) {
-  std::mt19937_64 generator(seed);
-  std::normal_distribution<float> normal(0.0f, stddev);
-  std::vector<float> values(static_cast<size_t>(count));
-  for (float& value : values) value = normal(generator);
-  Buffer host(DeviceKind::cpu, size_t(count) * dtype_size(dtype));
-  Tensor host_float(values.data(), DType::f32, DeviceKind::cpu, {count});
-  Tensor host_target = host.view(dtype, {count});
-  if (dtype == DType::f32) std::copy(values.begin(), values.end(), host.as<float>());
-  else cpu::convert(host_float, host_target);
-  Buffer placed(settings.context.device, host.bytes());
-  device_copy(placed.data(), settings.context.device, host.data(), DeviceKind::cpu, host.bytes());
-  return placed;
+  return random_device_buffer(settings.context.device, dtype, count, stddev, seed);
 }
 
 // Per iteration: barrier, run, wait for the device; the slowest rank's time; the median (ms).

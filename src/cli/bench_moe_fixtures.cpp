@@ -11,20 +11,9 @@
 
 namespace switchyard::bench_moe {
 
-// Drawn on the host from std::mt19937_64(seed), so a seed gives the same data on every run.
+// Random inputs on the bench's device (src/cli/bench_common.h).
 Buffer random_buffer(const BenchSettings& settings, DType dtype, int64_t count, float stddev, uint64_t seed) {
-  std::mt19937_64 generator(seed);
-  std::normal_distribution<float> normal(0.0f, stddev);
-  std::vector<float> values(static_cast<size_t>(count));
-  for (float& value : values) value = normal(generator);
-  Buffer host(DeviceKind::cpu, size_t(count) * dtype_size(dtype));
-  Tensor host_float(values.data(), DType::f32, DeviceKind::cpu, {count});
-  Tensor host_target = host.view(dtype, {count});
-  if (dtype == DType::f32) std::copy(values.begin(), values.end(), host.as<float>());
-  else cpu::convert(host_float, host_target);
-  Buffer device(settings.context.device, host.bytes());
-  device_copy(device.data(), settings.context.device, host.data(), DeviceKind::cpu, host.bytes());
-  return device;
+  return random_device_buffer(settings.context.device, dtype, count, stddev, seed);
 }
 
 double time_median_ms(const BenchSettings& settings, const std::function<void()>& fn) {

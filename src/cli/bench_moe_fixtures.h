@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "kernels/ops.h"
-#include "src/cli/bench_record.h"
+#include "src/cli/bench_common.h"
 #include "src/core/device.h"
 #include "src/model/moe_layer.h"
 
@@ -69,7 +69,7 @@ struct DenseFfnBench {
   void forward_backward(const ExecContext& context);
 };
 
-// One measurement as a flat JSON object (src/cli/bench_record.h).
+// One measurement as a flat JSON object (src/cli/bench_common.h).
 using Record = BenchRecord;
 
 }  // namespace switchyard::bench_moe

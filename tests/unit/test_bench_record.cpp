@@ -1,10 +1,10 @@
-// BenchRecord (src/cli/bench_record.h): the JSON objects `bench moe|ep --json` write must parse.
+// BenchRecord (src/cli/bench_common.h): the JSON objects `bench moe|ep --json` write must parse.
 #include <gtest/gtest.h>
 
 #include <limits>
 #include <random>
 
-#include "src/cli/bench_record.h"
+#include "src/cli/bench_common.h"
 #include "src/core/json.h"
 
 namespace switchyard {

@@ -1,6 +1,5 @@
-// One benchmark measurement as a flat JSON object (the records `bench moe|ep --json` write):
-// members in the order added; numbers with 6 significant digits, and null where a value is not
-// finite (a ratio over a zero time), since JSON has no inf or nan; strings quoted by json::quote.
+// What the benchmarks (bench moe, bench ep) share: the JSON record they write and their random
+// input data.
 #pragma once
 
 #include <cmath>
@@ -9,10 +8,18 @@
 #include <utility>
 #include <vector>
 
+#include "src/core/device.h"
 #include "src/core/json.h"
 
 namespace switchyard {
 
+// `count` normal(0, stddev) values stored in `dtype` on `device`, drawn on the host from
+// std::mt19937_64(seed), so a seed gives the same data on every run and either backend.
+Buffer random_device_buffer(DeviceKind device, DType dtype, int64_t count, float stddev, uint64_t seed);
+
+// One benchmark measurement as a flat JSON object (the records `bench moe|ep --json` write):
+// members in the order added; numbers with 6 significant digits, and null where a value is not
+// finite (a ratio over a zero time), since JSON has no inf or nan; strings quoted by json::quote.
 struct BenchRecord {
   std::vector<std::pair<std::string, std::string>> fields;
   void add(const std::string& key, double value) {
