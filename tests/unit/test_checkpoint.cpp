@@ -30,6 +30,9 @@
 #include "src/train/checkpoint_signals.h"
 #include "src/train/trainer.h"
 #include "src/train/weights_file.h"
+#include "tests/unit/expect_error.h"
+
+using switchyard::testing::expect_bad_input;
 
 using namespace switchyard;
 namespace fs = std::filesystem;
@@ -155,17 +158,6 @@ class CheckpointTest : public ::testing::Test {
   fs::path directory_;
 };
 
-// Runs `body`, expecting a bad-input Error (exit code 2) whose message contains every needle.
-void expect_bad_input(const std::function<void()>& body, const std::vector<std::string>& needles) {
-  try {
-    body();
-    ADD_FAILURE() << "no error";
-  } catch (const Error& error) {
-    EXPECT_EQ(error.exit_code(), kExitBadInput) << error.message();
-    for (const std::string& needle : needles)
-      EXPECT_NE(error.message().find(needle), std::string::npos) << "'" << needle << "' not in: " << error.message();
-  }
-}
 
 TEST_F(CheckpointTest, SaveAndLoadRestoreEveryBitOfTheState) {
   const Config run_config = config();

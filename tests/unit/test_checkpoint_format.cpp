@@ -22,6 +22,9 @@
 #include "src/model/transformer.h"
 #include "src/train/checkpoint.h"
 #include "src/train/checkpoint_format.h"
+#include "tests/unit/expect_error.h"
+
+using switchyard::testing::expect_bad_input;
 
 using namespace switchyard;
 
@@ -29,17 +32,6 @@ namespace {
 
 std::mt19937_64 fresh_generator() { return std::mt19937_64(std::random_device{}()); }
 
-// Runs `body`, expecting a bad-input Error (exit code 2) whose message contains `needle`.
-template <typename Body>
-void expect_bad_input(Body body, const std::string& needle) {
-  try {
-    body();
-    ADD_FAILURE() << "no error; expected one mentioning '" << needle << "'";
-  } catch (const Error& error) {
-    EXPECT_EQ(error.exit_code(), kExitBadInput) << error.message();
-    EXPECT_NE(error.message().find(needle), std::string::npos) << error.message();
-  }
-}
 
 TEST(CheckpointChecksum, Xxh64MatchesTheReferenceVectors) {
   EXPECT_EQ(xxh64("", 0), 0xEF46DB3751D8E999ull);

@@ -10,6 +10,9 @@
 
 #include "src/cli/cli_args.h"
 #include "src/core/error.h"
+#include "tests/unit/expect_error.h"
+
+using switchyard::testing::expect_bad_input;
 
 using namespace switchyard;
 
@@ -44,17 +47,6 @@ bool parse(ArgParser& parser, std::vector<std::string> words) {
   return parser.parse(arguments.argc(), arguments.argv());
 }
 
-void expect_bad_input(const std::function<void()>& body, const std::vector<std::string>& fragments) {
-  try {
-    body();
-  } catch (const Error& error) {
-    EXPECT_EQ(error.exit_code(), kExitBadInput) << error.what();
-    for (const std::string& fragment : fragments)
-      EXPECT_NE(error.message().find(fragment), std::string::npos) << "'" << fragment << "' not in: " << error.message();
-    return;
-  }
-  ADD_FAILURE() << "expected SY_BAD_INPUT containing '" << (fragments.empty() ? "" : fragments[0]) << "'";
-}
 
 }  // namespace
 
@@ -119,9 +111,9 @@ TEST(ArgParser, VariadicPositionalTakesTheRest) {
 TEST(ArgParser, HelpPrintsUsageAndReturnsFalse) {
   for (const char* help : {"--help", "-h"}) {
     ArgParser parser = make_parser();
-    testing::internal::CaptureStdout();
+    ::testing::internal::CaptureStdout();
     const bool proceed = parse(parser, {"x.yaml", help, "--no-such-option"});  // help wins over later errors
-    const std::string output = testing::internal::GetCapturedStdout();
+    const std::string output = ::testing::internal::GetCapturedStdout();
     EXPECT_FALSE(proceed);
     EXPECT_NE(output.find("Usage: switchyard demo [options] CONFIG"), std::string::npos) << output;
     EXPECT_NE(output.find("A demo command for the tests."), std::string::npos);

@@ -13,6 +13,9 @@
 
 #include "src/core/error.h"
 #include "src/train/config.h"
+#include "tests/unit/expect_error.h"
+
+using switchyard::testing::expect_bad_input;
 
 using namespace switchyard;
 
@@ -52,19 +55,6 @@ std::string base_with(const std::string& prefix, const std::string& replacement)
   return result;
 }
 
-// Runs `body`, expects SY_BAD_INPUT whose message contains every fragment.
-void expect_bad_input(const std::function<void()>& body, const std::vector<std::string>& fragments) {
-  try {
-    body();
-  } catch (const Error& error) {
-    EXPECT_EQ(error.exit_code(), kExitBadInput) << error.what();
-    for (const std::string& fragment : fragments)
-      EXPECT_NE(error.message().find(fragment), std::string::npos)
-          << "message lacks '" << fragment << "':\n  " << error.message();
-    return;
-  }
-  ADD_FAILURE() << "no error thrown; expected one containing '" << (fragments.empty() ? "" : fragments[0]) << "'";
-}
 
 std::filesystem::path source_root() {
   // tests/unit/test_config.cpp -> the repository root (CMake compiles with absolute paths).

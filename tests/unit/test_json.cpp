@@ -14,6 +14,9 @@
 
 #include "src/core/error.h"
 #include "src/core/json.h"
+#include "tests/unit/expect_error.h"
+
+using switchyard::testing::expect_bad_input;
 
 using namespace switchyard;
 
@@ -21,17 +24,6 @@ namespace {
 
 std::mt19937_64 fresh_generator() { return std::mt19937_64(std::random_device{}()); }
 
-// Runs `body`, expecting a bad-input Error (exit code 2) whose message contains `needle`.
-template <typename Body>
-void expect_bad_input(Body body, const std::string& needle) {
-  try {
-    body();
-    ADD_FAILURE() << "no error; expected one mentioning '" << needle << "'";
-  } catch (const Error& error) {
-    EXPECT_EQ(error.exit_code(), kExitBadInput) << error.message();
-    EXPECT_NE(error.message().find(needle), std::string::npos) << error.message();
-  }
-}
 
 TEST(Json, RoundTripsValuesExactly) {
   std::mt19937_64 generator = fresh_generator();

@@ -12,6 +12,9 @@
 
 #include "kernels/model_ops.h"
 #include "tests/unit/test_helpers.h"
+#include "tests/unit/expect_error.h"
+
+using switchyard::testing::expect_bad_input;
 
 using namespace switchyard;
 using namespace switchyard::testing;
@@ -44,15 +47,6 @@ HostTensor random_tokens(int64_t count, int vocab, std::mt19937_64& rng) {
   return tokens;
 }
 
-template <typename Call>
-void expect_bad_input(Call&& call) {
-  try {
-    call();
-    ADD_FAILURE() << "expected a bad-input error";
-  } catch (const Error& error) {
-    EXPECT_EQ(error.exit_code(), kExitBadInput) << error.what();
-  }
-}
 
 // ---- Embedding ----------------------------------------------------------------------------------
 

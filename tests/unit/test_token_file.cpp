@@ -12,6 +12,9 @@
 
 #include "src/core/error.h"
 #include "src/train/token_file.h"
+#include "tests/unit/expect_error.h"
+
+using switchyard::testing::expect_bad_input;
 
 using namespace switchyard;
 
@@ -56,17 +59,6 @@ std::vector<uint32_t> random_tokens(std::mt19937& generator, size_t count, uint3
   return tokens;
 }
 
-void expect_bad_input(const std::function<void()>& body, const std::vector<std::string>& fragments) {
-  try {
-    body();
-  } catch (const Error& error) {
-    EXPECT_EQ(error.exit_code(), kExitBadInput) << error.what();
-    for (const std::string& fragment : fragments)
-      EXPECT_NE(error.message().find(fragment), std::string::npos) << "'" << fragment << "' not in: " << error.message();
-    return;
-  }
-  ADD_FAILURE() << "expected SY_BAD_INPUT";
-}
 
 }  // namespace
 
