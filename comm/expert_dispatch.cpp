@@ -177,6 +177,11 @@ void ExpertDispatcher::check_context(const ExecContext& context) const {
 }
 
 const ExpertExchangePlan& ExpertDispatcher::exchange_counts(const ExecContext& context, const Tensor& packed_offsets) {
+  start_count_exchange(context, packed_offsets);
+  return finish_count_exchange(context);
+}
+
+void ExpertDispatcher::start_count_exchange(const ExecContext& context, const Tensor& packed_offsets) {
   check_context(context);
   has_plan_ = false;
   const int64_t segments = int64_t(ranks_) * local_experts_;
@@ -197,6 +202,14 @@ const ExpertExchangePlan& ExpertDispatcher::exchange_counts(const ExecContext& c
                                static_cast<cudaStream_t>(communicator_->stream())));
 #endif
   }
+  counts_in_flight_ = true;
+}
+
+const ExpertExchangePlan& ExpertDispatcher::finish_count_exchange(const ExecContext& context) {
+  check_context(context);
+  SY_CHECK(counts_in_flight_, "ExpertDispatcher::finish_count_exchange: start_count_exchange has not run");
+  counts_in_flight_ = false;
+  const int64_t segments = int64_t(ranks_) * local_experts_;
   communicator_->synchronize();
 
   // The host plan.

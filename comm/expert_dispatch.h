@@ -15,6 +15,8 @@
 //      surfaces as a timeout Error rather than a hang. The receive layout (kernels/ep_ops.h:
 //      packed starts, padded expert offsets by local expert, per-chunk offsets) is computed on the
 //      device from the received counts; the host plan holds the same numbers for sizing views.
+//      start_count_exchange / finish_count_exchange split it so that the sender's permute runs
+//      between them, while the counts travel.
 //   2. dispatch(chunk): rows of that chunk's local experts go out: an all_to_all_v whose per-peer
 //      pieces are contiguous both in the send buffer ([destination][local expert]) and in the
 //      receive buffer ([source][local expert]).
@@ -114,6 +116,11 @@ class ExpertDispatcher {
 
   // Step 1. `packed_offsets`: int32 [E+1] of a routing with segment_alignment 1, on `device`.
   const ExpertExchangePlan& exchange_counts(const ExecContext& context, const Tensor& packed_offsets);
+  // Step 1 in two halves, so that compute enqueued in between (the sender's permute) overlaps the
+  // count all-to-all and its host copy: start enqueues them after the work already on
+  // context.stream; finish waits for them (the host sync) and builds the plan and the layout.
+  void start_count_exchange(const ExecContext& context, const Tensor& packed_offsets);
+  const ExpertExchangePlan& finish_count_exchange(const ExecContext& context);
   const ExpertExchangePlan& plan() const { return plan_; }
   const EpReceiveLayout& layout() const { return layout_; }
   // int32 [n_c + 1] offsets of chunk `chunk`'s experts relative to its first padded row.
@@ -138,6 +145,7 @@ class ExpertDispatcher {
   DeviceKind device_;
   int ranks_ = 1, rank_ = 0, num_experts_ = 0, local_experts_ = 0, chunks_ = 1, alignment_ = 1;
   bool has_plan_ = false;
+  bool counts_in_flight_ = false;  // start_count_exchange ran, finish_count_exchange not yet
   ExpertExchangePlan plan_;
   // Device memory: count block [2, E] (send counts, then received counts) and the layout tensors.
   Buffer counts_, layout_memory_;

@@ -119,8 +119,9 @@ struct ExchangeBench {
     const int64_t d_model = settings.config.d_model, bound = padded_rows_upper_bound(params);
     DispatchMap full_map = routing_buffers.map(tokens, bound);
     Tensor send_all = send.view(dtype, {bound, d_model});
+    dispatcher->start_count_exchange(context, routing.expert_offsets);  // as the EP layer orders it
     ops::permute(context, x.view(dtype, {tokens, d_model}), routing, params, send_all, full_map);
-    const ExpertExchangePlan& plan = dispatcher->exchange_counts(context, routing.expert_offsets);
+    const ExpertExchangePlan& plan = dispatcher->finish_count_exchange(context);
     ensure(received, plan.recv_rows());
     ensure(expert_rows, plan.expert_rows());
     Tensor send_rows = send.view(dtype, {plan.send_rows(), d_model});

@@ -162,14 +162,16 @@ MoeLosses MoeEpLayer::forward(const ExecContext& context, const Tensor& x, const
   routing_ = routing_buffers_.result(tokens);
   ops::route(context, logits_, args.complexity, params_, routing_);
 
-  // Packed send rows by global expert, then the count exchange (the one host sync).
+  // The count exchange (the one host sync) starts first, so that the permute into packed send
+  // rows by global expert runs while the counts travel.
   const int64_t send_bound = padded_rows_upper_bound(params_);
   SY_CHECK(send_bound <= max_send_rows_, "MoeEpLayer: ", send_bound, " send rows exceed the ", max_send_rows_,
            " allocated");
+  dispatcher_->start_count_exchange(context, routing_.expert_offsets);
   DispatchMap full_map = routing_buffers_.map(tokens, send_bound);
   Tensor send_all = rows(send_rows_, activation_dtype_, 0, send_bound, d_model);
   ops::permute(context, x, routing_, params_, send_all, full_map);
-  const ExpertExchangePlan& plan = dispatcher_->exchange_counts(context, routing_.expert_offsets);
+  const ExpertExchangePlan& plan = dispatcher_->finish_count_exchange(context);
   SY_CHECK(plan.send_rows() <= send_bound, "MoeEpLayer: the routing sends ", plan.send_rows(), " rows, more than its ",
            send_bound, " bound");
   ensure_receive_capacity(context, args.training);
