@@ -1,5 +1,6 @@
 // The expert-parallel MoE layer's forward and backward (math, memory: src/model/moe_ep_layer.h).
 #include "src/model/moe_ep_layer.h"
+#include "src/model/moe_shape_checks.h"
 
 #include <algorithm>
 #include <string>
@@ -7,20 +8,6 @@
 namespace switchyard {
 
 namespace {
-
-void expect_shape(const char* what, const Tensor& tensor, DType dtype, DeviceKind device,
-                  std::initializer_list<int64_t> dims) {
-  bool matches = tensor.dtype == dtype && tensor.device == device && tensor.rank == int(dims.size()) &&
-                 (tensor.data != nullptr || tensor.numel() == 0);
-  int axis = 0;
-  for (int64_t dim : dims) matches = matches && tensor.shape[axis++] == dim;
-  if (matches) return;
-  std::string expected = "[";
-  axis = 0;
-  for (int64_t dim : dims) expected += (axis++ ? ", " : "") + std::to_string(dim);
-  SY_THROW("MoeEpLayer: ", what, " must be ", dtype_name(dtype), expected, "] on ", device_kind_name(device),
-           ", got ", tensor.describe());
-}
 
 // The packed (segment_alignment 1) routing of the sender side.
 RoutingParams packed_params(const MoeLayerConfig& config, int64_t tokens, bool training) {
@@ -123,11 +110,7 @@ Tensor MoeEpLayer::expert_slice(const Tensor& tensor, int first, int count) cons
 }
 
 void MoeEpLayer::check_weights(const MoeWeights& weights, DType dtype, const char* what) const {
-  const int64_t d_model = config_.d_model, local = local_experts();
-  const std::string prefix(what);
-  expect_shape((prefix + ".router").c_str(), weights.router, dtype, device_, {d_model, int64_t(config_.num_experts)});
-  expect_shape((prefix + ".w1").c_str(), weights.w1, dtype, device_, {local, d_model, config_.w1_columns()});
-  expect_shape((prefix + ".w2").c_str(), weights.w2, dtype, device_, {local, config_.expert_d_ff, d_model});
+  expect_moe_weights("MoeEpLayer", config_, local_experts(), weights, dtype, device_, what);
 }
 
 // ---- Forward ---------------------------------------------------------------------------------
@@ -140,8 +123,8 @@ MoeLosses MoeEpLayer::forward(const ExecContext& context, const Tensor& x, const
   const int64_t tokens = x.dim(0), d_model = config_.d_model;
   SY_CHECK(tokens >= 1 && tokens <= max_tokens_, "MoeEpLayer::forward: ", tokens, " tokens, the layer holds 1 to ",
            max_tokens_);
-  expect_shape("x", x, activation_dtype_, device_, {tokens, d_model});
-  expect_shape("y", y, activation_dtype_, device_, {tokens, d_model});
+  expect_moe_tensor("MoeEpLayer", "x", x, activation_dtype_, device_, {tokens, d_model});
+  expect_moe_tensor("MoeEpLayer", "y", y, activation_dtype_, device_, {tokens, d_model});
   check_weights(weights, activation_dtype_, "weights");
   has_forward_ = false;
 
@@ -228,8 +211,8 @@ void MoeEpLayer::backward(const ExecContext& context, const Tensor& grad_y, cons
   SY_CHECK(context.device == device_, "MoeEpLayer::backward: context is on ", device_kind_name(context.device),
            ", the layer on ", device_kind_name(device_));
   const int64_t tokens = tokens_, d_model = config_.d_model, experts = config_.num_experts;
-  expect_shape("grad_y", grad_y, activation_dtype_, device_, {tokens, d_model});
-  expect_shape("grad_x", grad_x, activation_dtype_, device_, {tokens, d_model});
+  expect_moe_tensor("MoeEpLayer", "grad_y", grad_y, activation_dtype_, device_, {tokens, d_model});
+  expect_moe_tensor("MoeEpLayer", "grad_x", grad_x, activation_dtype_, device_, {tokens, d_model});
   check_weights(weights, activation_dtype_, "weights");
   MoeWeights gradient_view{gradients.router, gradients.w1, gradients.w2};
   check_weights(gradient_view, gradient_dtype_, "gradients");

@@ -1,5 +1,6 @@
 // The MoE layer's forward and backward (math and memory: src/model/moe_layer.h).
 #include "src/model/moe_layer.h"
+#include "src/model/moe_shape_checks.h"
 
 #include <algorithm>
 #include <cctype>
@@ -16,20 +17,6 @@ namespace switchyard {
 namespace {
 
 bool is_host_reference_dtype(DType dtype) { return dtype == DType::f32 || dtype == DType::f64; }
-
-void expect_shape(const char* what, const Tensor& tensor, DType dtype, DeviceKind device,
-                  std::initializer_list<int64_t> dims) {
-  bool matches = tensor.dtype == dtype && tensor.device == device && tensor.rank == int(dims.size()) &&
-                 (tensor.data != nullptr || tensor.numel() == 0);
-  int axis = 0;
-  for (int64_t dim : dims) matches = matches && tensor.shape[axis++] == dim;
-  if (matches) return;
-  std::string expected = "[";
-  axis = 0;
-  for (int64_t dim : dims) expected += (axis++ ? ", " : "") + std::to_string(dim);
-  SY_THROW("MoeLayer: ", what, " must be ", dtype_name(dtype), expected, "] on ", device_kind_name(device), ", got ",
-           tensor.describe());
-}
 
 // SWITCHYARD_SMALL_BATCH_TOKENS: unset or empty -> kDefaultSmallBatchTokens; else a non-negative
 // decimal integer (0 turns the small-batch path off).
@@ -174,11 +161,7 @@ Tensor MoeLayer::rows_view(const Buffer& buffer, DType dtype, int64_t rows, int6
 }
 
 void MoeLayer::check_weights(const MoeWeights& weights, DType dtype, const char* what) const {
-  const int64_t d_model = config_.d_model, experts = config_.num_experts;
-  const std::string prefix(what);
-  expect_shape((prefix + ".router").c_str(), weights.router, dtype, device_, {d_model, experts});
-  expect_shape((prefix + ".w1").c_str(), weights.w1, dtype, device_, {experts, d_model, config_.w1_columns()});
-  expect_shape((prefix + ".w2").c_str(), weights.w2, dtype, device_, {experts, config_.expert_d_ff, d_model});
+  expect_moe_weights("MoeLayer", config_, config_.num_experts, weights, dtype, device_, what);
 }
 
 // ---- Forward ---------------------------------------------------------------------------------
@@ -191,8 +174,8 @@ MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const M
   const int64_t tokens = x.dim(0), d_model = config_.d_model;
   SY_CHECK(tokens >= 1 && tokens <= max_tokens_, "MoeLayer::forward: ", tokens, " tokens, the layer holds 1 to ",
            max_tokens_);
-  expect_shape("x", x, activation_dtype_, device_, {tokens, d_model});
-  expect_shape("y", y, activation_dtype_, device_, {tokens, d_model});
+  expect_moe_tensor("MoeLayer", "x", x, activation_dtype_, device_, {tokens, d_model});
+  expect_moe_tensor("MoeLayer", "y", y, activation_dtype_, device_, {tokens, d_model});
   check_weights(weights, activation_dtype_, "weights");
   has_forward_ = false;  // until this pass completes
 
@@ -356,8 +339,8 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
   SY_CHECK(context.device == device_, "MoeLayer::backward: context is on ", device_kind_name(context.device),
            ", the layer on ", device_kind_name(device_));
   const int64_t tokens = tokens_, d_model = config_.d_model;
-  expect_shape("grad_y", grad_y, activation_dtype_, device_, {tokens, d_model});
-  expect_shape("grad_x", grad_x, activation_dtype_, device_, {tokens, d_model});
+  expect_moe_tensor("MoeLayer", "grad_y", grad_y, activation_dtype_, device_, {tokens, d_model});
+  expect_moe_tensor("MoeLayer", "grad_x", grad_x, activation_dtype_, device_, {tokens, d_model});
   check_weights(weights, activation_dtype_, "weights");
   MoeWeights gradient_view{gradients.router, gradients.w1, gradients.w2};
   check_weights(gradient_view, gradient_dtype_, "gradients");
