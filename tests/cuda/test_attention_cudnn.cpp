@@ -20,6 +20,7 @@
 #include "kernels/model_ops.h"
 #include "src/core/device.h"
 #include "src/core/error.h"
+#include "tests/cuda/device_tensor.h"
 #include "tests/unit/test_helpers.h"
 
 using namespace switchyard;
@@ -34,38 +35,6 @@ namespace {
   } while (0)
 
 double tolerance_for(DType dtype) { return dtype == DType::f16 ? 5e-3 : 1e-2; }
-
-class DeviceTensor {
- public:
-  DeviceTensor(DType dtype, std::initializer_list<int64_t> dims) : tensor_(nullptr, dtype, DeviceKind::cuda, dims) {
-    buffer_ = Buffer(DeviceKind::cuda, std::max<size_t>(tensor_.bytes(), 16));
-    tensor_.data = buffer_.data();
-    poison();
-  }
-  void poison() { device_memset(buffer_.data(), DeviceKind::cuda, 0xFF, buffer_.bytes()); }
-  Tensor& tensor() { return tensor_; }
-  operator Tensor&() { return tensor_; }
-  std::vector<uint8_t> bytes() const {
-    std::vector<uint8_t> host(tensor_.bytes());
-    device_copy(host.data(), DeviceKind::cpu, tensor_.data, DeviceKind::cuda, host.size());
-    return host;
-  }
-  // Values as doubles, whatever the dtype.
-  std::vector<double> values() const {
-    HostTensor host(tensor_.dtype, {tensor_.numel()});
-    device_copy(host.tensor().data, DeviceKind::cpu, tensor_.data, DeviceKind::cuda, tensor_.bytes());
-    return to_vector(host);
-  }
-  void upload(const HostTensor& values) {
-    HostTensor converted(tensor_.dtype, {tensor_.numel()});
-    for (int64_t i = 0; i < tensor_.numel(); ++i) set_element(converted.tensor(), i, get_element(values, i));
-    device_copy(tensor_.data, DeviceKind::cuda, converted.tensor().data, DeviceKind::cpu, tensor_.bytes());
-  }
-
- private:
-  Buffer buffer_;
-  Tensor tensor_;
-};
 
 // Sets the process-wide attention path for one scope.
 class PathGuard {

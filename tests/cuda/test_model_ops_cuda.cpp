@@ -16,6 +16,7 @@
 
 #include "kernels/model_ops.h"
 #include "src/core/device.h"
+#include "tests/cuda/device_tensor.h"
 #include "tests/unit/test_helpers.h"
 
 using namespace switchyard;
@@ -30,59 +31,19 @@ namespace {
 
 double tolerance_for(DType dtype) { return dtype == DType::f32 ? 1e-5 : 1e-2; }
 
-// A device tensor that owns its memory.
-class DeviceTensor {
- public:
-  DeviceTensor(DType dtype, const Tensor& shape_of) : tensor_(shape_of) {
-    tensor_.dtype = dtype;
-    tensor_.device = DeviceKind::cuda;
-    buffer_ = Buffer(DeviceKind::cuda, std::max<size_t>(tensor_.bytes(), 16));
-    tensor_.data = buffer_.data();
-    poison();
-  }
-  void poison() { device_memset(buffer_.data(), DeviceKind::cuda, 0xFF, buffer_.bytes()); }
-  operator Tensor&() { return tensor_; }
-  Tensor& tensor() { return tensor_; }
-
- private:
-  Buffer buffer_;
-  Tensor tensor_;
-};
-
-// An uninitialized host tensor of `dtype` with the shape of `shape_of`.
-HostTensor host_like(DType dtype, const Tensor& shape_of) {
+// An uninitialized f64 host tensor with the shape of `shape_of`.
+HostTensor f64_like(const Tensor& shape_of) {
   const auto& dims = shape_of.shape;
   switch (shape_of.rank) {
     case 1:
-      return HostTensor(dtype, {dims[0]});
+      return HostTensor(DType::f64, {dims[0]});
     case 2:
-      return HostTensor(dtype, {dims[0], dims[1]});
+      return HostTensor(DType::f64, {dims[0], dims[1]});
     case 3:
-      return HostTensor(dtype, {dims[0], dims[1], dims[2]});
+      return HostTensor(DType::f64, {dims[0], dims[1], dims[2]});
     default:
-      return HostTensor(dtype, {dims[0], dims[1], dims[2], dims[3]});
+      return HostTensor(DType::f64, {dims[0], dims[1], dims[2], dims[3]});
   }
-}
-
-DeviceTensor upload(const HostTensor& host, DType dtype) {
-  HostTensor converted = host_like(dtype, host.tensor());
-  copy_values(host.tensor(), converted.tensor());
-  DeviceTensor device(dtype, host.tensor());
-  device_copy(device.tensor().data, DeviceKind::cuda, converted.tensor().data, DeviceKind::cpu,
-              converted.tensor().bytes());
-  return device;
-}
-
-HostTensor download(DeviceTensor& device) {
-  HostTensor host = host_like(device.tensor().dtype, device.tensor());
-  device_copy(host.tensor().data, DeviceKind::cpu, device.tensor().data, DeviceKind::cuda, host.tensor().bytes());
-  return host;
-}
-
-std::vector<uint8_t> download_bytes(DeviceTensor& device) {
-  std::vector<uint8_t> bytes(device.tensor().bytes());
-  device_copy(bytes.data(), DeviceKind::cpu, device.tensor().data, DeviceKind::cuda, bytes.size());
-  return bytes;
 }
 
 // f64 host tensor of random values already rounded to `dtype` (so CPU and GPU see the same inputs).
@@ -93,8 +54,6 @@ HostTensor random_input(DType dtype, std::initializer_list<int64_t> dims, std::m
     values.data<double>()[i] = round_to(dtype, float(values.data<double>()[i]));
   return values;
 }
-
-HostTensor f64_like(const Tensor& shape_of) { return host_like(DType::f64, shape_of); }
 
 double error_vs(const HostTensor& gpu, const HostTensor& cpu_reference) {
   return relative_error(to_vector(gpu), to_vector(cpu_reference));
@@ -126,29 +85,29 @@ TEST_P(EmbeddingCuda, MatchesCpuAndIsDeterministic) {
   HostTensor grad_table_ref = f64_like(table.tensor()), grad_positions_ref = f64_like(positions.tensor());
   cpu::embedding_backward(tokens, grad_out, c.seq, false, grad_table_ref, &grad_positions_ref.tensor());
 
-  DeviceTensor d_tokens = upload(tokens, DType::i32), d_table = upload(table, c.dtype);
-  DeviceTensor d_positions = upload(positions, c.dtype), d_grad_out = upload(grad_out, c.dtype);
+  DeviceTensor d_tokens = to_device(tokens, DType::i32), d_table = to_device(table, c.dtype);
+  DeviceTensor d_positions = to_device(positions, c.dtype), d_grad_out = to_device(grad_out, c.dtype);
   DeviceTensor d_out(c.dtype, grad_out.tensor());
   cuda::embedding_forward(d_tokens, d_table, c.positions ? &d_positions.tensor() : nullptr, c.seq, d_out, nullptr);
-  EXPECT_LE(error_vs(download(d_out), out_ref), c.positions ? tolerance_for(c.dtype) : 0.0);
+  EXPECT_LE(error_vs(d_out.download(), out_ref), c.positions ? tolerance_for(c.dtype) : 0.0);
 
   DeviceTensor d_grad_table(DType::f32, table.tensor()), d_grad_positions(DType::f32, positions.tensor());
   cuda::embedding_backward(d_tokens, d_grad_out, c.seq, false, d_grad_table, &d_grad_positions.tensor(), nullptr);
-  EXPECT_LE(error_vs(download(d_grad_table), grad_table_ref), 1e-5);
-  EXPECT_LE(error_vs(download(d_grad_positions), grad_positions_ref), 1e-5);
-  const std::vector<uint8_t> first_bits = download_bytes(d_grad_table);
+  EXPECT_LE(error_vs(d_grad_table.download(), grad_table_ref), 1e-5);
+  EXPECT_LE(error_vs(d_grad_positions.download(), grad_positions_ref), 1e-5);
+  const std::vector<uint8_t> first_bits = d_grad_table.bytes();
   d_grad_table.poison();
   cuda::embedding_backward(d_tokens, d_grad_out, c.seq, false, d_grad_table, nullptr, nullptr);
-  EXPECT_TRUE(first_bits == download_bytes(d_grad_table)) << "embedding backward is not bit-reproducible";
+  EXPECT_TRUE(first_bits == d_grad_table.bytes()) << "embedding backward is not bit-reproducible";
 
   // accumulate adds the same gradient onto what is there
   HostTensor base = random_input(DType::f32, {c.vocab, c.width}, rng);
-  DeviceTensor d_accumulated = upload(base, DType::f32);
+  DeviceTensor d_accumulated = to_device(base, DType::f32);
   cuda::embedding_backward(d_tokens, d_grad_out, c.seq, true, d_accumulated, nullptr, nullptr);
   HostTensor expected = f64_like(table.tensor());
   for (int64_t i = 0; i < expected.numel(); ++i)
     expected.data<double>()[i] = base.data<double>()[i] + grad_table_ref.data<double>()[i];
-  EXPECT_LE(error_vs(download(d_accumulated), expected), 1e-5);
+  EXPECT_LE(error_vs(d_accumulated.download(), expected), 1e-5);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -169,10 +128,10 @@ TEST(EmbeddingCudaIds, OutOfRangeIdsGiveZeroRowsAndNoGradient) {
   tokens.data<int32_t>()[5] = -4;
   HostTensor table = random_input(DType::f32, {vocab, width}, rng);
   HostTensor grad_out = random_input(DType::f32, {tokens_count, width}, rng);
-  DeviceTensor d_tokens = upload(tokens, DType::i32), d_table = upload(table, DType::f32);
-  DeviceTensor d_out(DType::f32, grad_out.tensor()), d_grad_out = upload(grad_out, DType::f32);
+  DeviceTensor d_tokens = to_device(tokens, DType::i32), d_table = to_device(table, DType::f32);
+  DeviceTensor d_out(DType::f32, grad_out.tensor()), d_grad_out = to_device(grad_out, DType::f32);
   cuda::embedding_forward(d_tokens, d_table, nullptr, tokens_count, d_out, nullptr);
-  HostTensor out = download(d_out);
+  HostTensor out = d_out.download();
   for (int64_t t = 0; t < tokens_count; ++t) {  // in-range rows are table rows, out-of-range ones zero
     const int id = tokens.data<int32_t>()[t];
     const bool valid = id >= 0 && id < vocab;
@@ -182,7 +141,7 @@ TEST(EmbeddingCudaIds, OutOfRangeIdsGiveZeroRowsAndNoGradient) {
   }
   DeviceTensor d_grad(DType::f32, table.tensor());
   cuda::embedding_backward(d_tokens, d_grad_out, tokens_count, false, d_grad, nullptr, nullptr);
-  HostTensor grad = download(d_grad);
+  HostTensor grad = d_grad.download();
   // The reference is summed here (cpu::embedding_backward rejects out-of-range ids), so it must start
   // from zero: host tensors are uninitialized memory, and rows no token hits must stay exactly zero.
   HostTensor expected = f64_like(table.tensor());
@@ -217,8 +176,8 @@ TEST_P(NormCuda, ForwardAndBackwardMatchCpu) {
   HostTensor grad_out = random_input(c.dtype, {c.rows, c.width}, rng);
   HostTensor out_ref = f64_like(x.tensor()), mean_ref(DType::f64, {c.rows}), rstd_ref(DType::f64, {c.rows});
   HostTensor grad_x_ref = f64_like(x.tensor()), grad_w_ref(DType::f64, {c.width}), grad_b_ref(DType::f64, {c.width});
-  DeviceTensor d_x = upload(x, c.dtype), d_w = upload(weight, c.dtype), d_b = upload(bias, c.dtype);
-  DeviceTensor d_dy = upload(grad_out, c.dtype), d_out(c.dtype, x.tensor());
+  DeviceTensor d_x = to_device(x, c.dtype), d_w = to_device(weight, c.dtype), d_b = to_device(bias, c.dtype);
+  DeviceTensor d_dy = to_device(grad_out, c.dtype), d_out(c.dtype, x.tensor());
   DeviceTensor d_mean(DType::f32, mean_ref.tensor()), d_rstd(DType::f32, rstd_ref.tensor());
   DeviceTensor d_dx(c.dtype, x.tensor()), d_dw(DType::f32, weight.tensor()), d_db(DType::f32, bias.tensor());
   if (c.layernorm) {
@@ -226,27 +185,27 @@ TEST_P(NormCuda, ForwardAndBackwardMatchCpu) {
     cpu::layernorm_backward(x, weight, mean_ref, rstd_ref, grad_out, grad_x_ref, grad_w_ref, grad_b_ref);
     cuda::layernorm_forward(d_x, d_w, d_b, eps, d_out, d_mean, d_rstd, nullptr);
     cuda::layernorm_backward(d_x, d_w, d_mean, d_rstd, d_dy, d_dx, d_dw, d_db, nullptr);
-    EXPECT_LE(error_vs(download(d_mean), mean_ref), 1e-5);
-    EXPECT_LE(error_vs(download(d_db), grad_b_ref), tolerance_for(c.dtype));
+    EXPECT_LE(error_vs(d_mean.download(), mean_ref), 1e-5);
+    EXPECT_LE(error_vs(d_db.download(), grad_b_ref), tolerance_for(c.dtype));
   } else {
     cpu::rmsnorm_forward(x, weight, eps, out_ref, rstd_ref);
     cpu::rmsnorm_backward(x, weight, rstd_ref, grad_out, grad_x_ref, grad_w_ref);
     cuda::rmsnorm_forward(d_x, d_w, eps, d_out, d_rstd, nullptr);
     cuda::rmsnorm_backward(d_x, d_w, d_rstd, d_dy, d_dx, d_dw, nullptr);
   }
-  EXPECT_LE(error_vs(download(d_rstd), rstd_ref), 1e-5);
-  EXPECT_LE(error_vs(download(d_out), out_ref), tolerance_for(c.dtype));
-  EXPECT_LE(error_vs(download(d_dx), grad_x_ref), tolerance_for(c.dtype));
-  EXPECT_LE(error_vs(download(d_dw), grad_w_ref), tolerance_for(c.dtype));
+  EXPECT_LE(error_vs(d_rstd.download(), rstd_ref), 1e-5);
+  EXPECT_LE(error_vs(d_out.download(), out_ref), tolerance_for(c.dtype));
+  EXPECT_LE(error_vs(d_dx.download(), grad_x_ref), tolerance_for(c.dtype));
+  EXPECT_LE(error_vs(d_dw.download(), grad_w_ref), tolerance_for(c.dtype));
 
-  const std::vector<uint8_t> dw_bits = download_bytes(d_dw), dx_bits = download_bytes(d_dx);
+  const std::vector<uint8_t> dw_bits = d_dw.bytes(), dx_bits = d_dx.bytes();
   d_dw.poison();
   d_dx.poison();
   if (c.layernorm)
     cuda::layernorm_backward(d_x, d_w, d_mean, d_rstd, d_dy, d_dx, d_dw, d_db, nullptr);
   else
     cuda::rmsnorm_backward(d_x, d_w, d_rstd, d_dy, d_dx, d_dw, nullptr);
-  EXPECT_TRUE(dw_bits == download_bytes(d_dw) && dx_bits == download_bytes(d_dx)) << "norm backward not reproducible";
+  EXPECT_TRUE(dw_bits == d_dw.bytes() && dx_bits == d_dx.bytes()) << "norm backward not reproducible";
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, NormCuda,
@@ -269,13 +228,13 @@ TEST_P(RotaryCuda, ForwardAndBackwardMatchCpuInAndOutOfPlace) {
   HostTensor out_ref = f64_like(qkv.tensor()), back_ref = f64_like(qkv.tensor());
   cpu::rotary_forward(shape, qkv, 10000.0, offset, out_ref);
   cpu::rotary_backward(shape, qkv, 10000.0, offset, back_ref);
-  DeviceTensor d_qkv = upload(qkv, dtype), d_out(dtype, qkv.tensor());
+  DeviceTensor d_qkv = to_device(qkv, dtype), d_out(dtype, qkv.tensor());
   cuda::rotary_forward(shape, d_qkv, 10000.0, offset, d_out, nullptr);
-  EXPECT_LE(error_vs(download(d_out), out_ref), tolerance_for(dtype) / 4);
+  EXPECT_LE(error_vs(d_out.download(), out_ref), tolerance_for(dtype) / 4);
   cuda::rotary_backward(shape, d_qkv, 10000.0, offset, d_out, nullptr);
-  EXPECT_LE(error_vs(download(d_out), back_ref), tolerance_for(dtype) / 4);
+  EXPECT_LE(error_vs(d_out.download(), back_ref), tolerance_for(dtype) / 4);
   cuda::rotary_forward(shape, d_qkv, 10000.0, offset, d_qkv, nullptr);  // in place
-  EXPECT_LE(error_vs(download(d_qkv), out_ref), tolerance_for(dtype) / 4);
+  EXPECT_LE(error_vs(d_qkv.download(), out_ref), tolerance_for(dtype) / 4);
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, RotaryCuda, ::testing::Values(DType::f32, DType::bf16));
@@ -304,15 +263,14 @@ TEST_P(AttentionCuda, ForwardAndBackwardMatchCpu) {
   cpu::attention_forward(shape, qkv, out_ref, stats_ref, no_workspace);
   cpu::attention_backward(shape, qkv, out_ref, grad_out, stats_ref, no_workspace, grad_ref);
 
-  HostTensor workspace_shape(DType::u8, {attention_workspace_bytes(shape, c.dtype, c.pairs_per_pass)});
-  DeviceTensor d_workspace(DType::u8, workspace_shape.tensor());
-  DeviceTensor d_qkv = upload(qkv, c.dtype), d_dout = upload(grad_out, c.dtype), d_out(c.dtype, out_ref.tensor());
+  DeviceTensor d_workspace(DType::u8, {attention_workspace_bytes(shape, c.dtype, c.pairs_per_pass)});
+  DeviceTensor d_qkv = to_device(qkv, c.dtype), d_dout = to_device(grad_out, c.dtype), d_out(c.dtype, out_ref.tensor());
   DeviceTensor d_stats(DType::f32, stats_ref.tensor()), d_grad(c.dtype, qkv.tensor());
   cuda::attention_forward(shape, d_qkv, d_out, d_stats, d_workspace, nullptr);
-  EXPECT_LE(error_vs(download(d_out), out_ref), tolerance_for(c.dtype));
-  EXPECT_LE(error_vs(download(d_stats), stats_ref), 1e-5);
+  EXPECT_LE(error_vs(d_out.download(), out_ref), tolerance_for(c.dtype));
+  EXPECT_LE(error_vs(d_stats.download(), stats_ref), 1e-5);
   cuda::attention_backward(shape, d_qkv, d_out, d_dout, d_stats, d_workspace, d_grad, nullptr);
-  HostTensor grad = download(d_grad);
+  HostTensor grad = d_grad.download();
   EXPECT_LE(error_vs(grad, grad_ref), tolerance_for(c.dtype));
   // each third separately, so a wrong dk or dv cannot hide behind a large dq
   for (int part = 0; part < 3; ++part) {
@@ -324,10 +282,10 @@ TEST_P(AttentionCuda, ForwardAndBackwardMatchCpu) {
       }
     EXPECT_LE(relative_error(got, want), tolerance_for(c.dtype)) << "part " << part;
   }
-  const std::vector<uint8_t> bits = download_bytes(d_grad);
+  const std::vector<uint8_t> bits = d_grad.bytes();
   d_grad.poison();
   cuda::attention_backward(shape, d_qkv, d_out, d_dout, d_stats, d_workspace, d_grad, nullptr);
-  EXPECT_TRUE(bits == download_bytes(d_grad)) << "attention backward is not bit-reproducible";
+  EXPECT_TRUE(bits == d_grad.bytes()) << "attention backward is not bit-reproducible";
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, AttentionCuda,
@@ -340,11 +298,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, AttentionCuda,
 TEST(AttentionCudaWorkspace, RejectsATooSmallWorkspace) {
   SKIP_WITHOUT_CUDA();
   const AttentionShape shape{1, 16, 2, 8};
-  HostTensor small_shape(DType::u8, {attention_workspace_bytes(shape, DType::f32, 1) - 256});
-  DeviceTensor workspace(DType::u8, small_shape.tensor());
-  HostTensor qkv_shape(DType::f32, {16, 48}), out_shape(DType::f32, {16, 16}), stats_shape(DType::f32, {1, 2, 16});
-  DeviceTensor qkv(DType::f32, qkv_shape.tensor()), out(DType::f32, out_shape.tensor());
-  DeviceTensor stats(DType::f32, stats_shape.tensor());
+  DeviceTensor workspace(DType::u8, {attention_workspace_bytes(shape, DType::f32, 1) - 256});
+  DeviceTensor qkv(DType::f32, {16, 48}), out(DType::f32, {16, 16}), stats(DType::f32, {1, 2, 16});
   EXPECT_THROW(cuda::attention_forward(shape, qkv, out, stats, workspace, nullptr), Error);
 }
 
@@ -371,18 +326,18 @@ TEST_P(CrossEntropyCuda, MatchesCpu) {
   HostTensor grad_ref = f64_like(logits.tensor());
   cpu::cross_entropy(logits, targets, grad_scale, losses_ref, summary_ref, &grad_ref.tensor());
 
-  DeviceTensor d_logits = upload(logits, c.dtype), d_targets = upload(targets, DType::i32);
+  DeviceTensor d_logits = to_device(logits, c.dtype), d_targets = to_device(targets, DType::i32);
   DeviceTensor d_losses(DType::f32, losses_ref.tensor()), d_summary(DType::f32, summary_ref.tensor());
   DeviceTensor d_grad(c.dtype, logits.tensor());
   Tensor& grad_target = c.in_place ? d_logits.tensor() : d_grad.tensor();
   cuda::cross_entropy(d_logits, d_targets, grad_scale, d_losses, d_summary, &grad_target, nullptr);
-  EXPECT_LE(error_vs(download(d_losses), losses_ref), 1e-5);
-  HostTensor summary = download(d_summary);
+  EXPECT_LE(error_vs(d_losses.download(), losses_ref), 1e-5);
+  HostTensor summary = d_summary.download();
   EXPECT_NEAR(summary.data<float>()[kCrossEntropyMeanLoss], summary_ref.data<double>()[kCrossEntropyMeanLoss],
               1e-5 * summary_ref.data<double>()[kCrossEntropyMeanLoss]);
   EXPECT_EQ(summary.data<float>()[kCrossEntropyValidTokens],
             float(summary_ref.data<double>()[kCrossEntropyValidTokens]));
-  EXPECT_LE(error_vs(download(c.in_place ? d_logits : d_grad), grad_ref), tolerance_for(c.dtype));
+  EXPECT_LE(error_vs((c.in_place ? d_logits : d_grad).download(), grad_ref), tolerance_for(c.dtype));
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CrossEntropyCuda,
@@ -399,12 +354,11 @@ TEST(CrossEntropyCudaTargets, BadTargetGivesNanLossAndZeroGradient) {
   targets.data<int32_t>()[0] = 2;
   targets.data<int32_t>()[1] = 8;  // == V: invalid
   targets.data<int32_t>()[2] = -1;
-  DeviceTensor d_logits = upload(logits, DType::f32), d_targets = upload(targets, DType::i32);
-  HostTensor losses_shape(DType::f32, {3}), summary_shape(DType::f32, {kNumCrossEntropySummary});
-  DeviceTensor d_losses(DType::f32, losses_shape.tensor()), d_summary(DType::f32, summary_shape.tensor());
+  DeviceTensor d_logits = to_device(logits, DType::f32), d_targets = to_device(targets, DType::i32);
+  DeviceTensor d_losses(DType::f32, {3}), d_summary(DType::f32, {kNumCrossEntropySummary});
   DeviceTensor d_grad(DType::f32, logits.tensor());
   cuda::cross_entropy(d_logits, d_targets, 1.0f, d_losses, d_summary, &d_grad.tensor(), nullptr);
-  HostTensor losses = download(d_losses), grad = download(d_grad), summary = download(d_summary);
+  HostTensor losses = d_losses.download(), grad = d_grad.download(), summary = d_summary.download();
   EXPECT_TRUE(std::isfinite(losses.data<float>()[0]));
   EXPECT_TRUE(std::isnan(losses.data<float>()[1]));
   EXPECT_EQ(losses.data<float>()[2], 0.0f);
@@ -440,9 +394,8 @@ TEST(AdamWCuda, MatchesCpuBitForBitOverSteps) {
     }
     slot.copy = HostTensor(copies[i] == DType::u8 ? DType::bf16 : copies[i], {count});
     poison(slot.copy);
-    HostTensor padded_shape(DType::f32, {count + pad});
     for (int part = 0; part < 4; ++part) {
-      slot.device.emplace_back(DType::f32, padded_shape.tensor());
+      slot.device.push_back(DeviceTensor(DType::f32, {count + pad}));
       Tensor view = slot.device.back().tensor();
       view.data = static_cast<float*>(view.data) + pad;
       view.shape[0] = count;
@@ -515,24 +468,23 @@ TEST(GradCheckCuda, MatchesCpuCountsNonFiniteAndIsDeterministic) {
   std::vector<Tensor> host_views, device_views;
   for (const auto& spec : specs) {
     HostTensor values = random_input(spec.first, {spec.second}, rng, 3.0);
-    devices.push_back(upload(values, spec.first));
+    devices.push_back(to_device(values, spec.first));
     hosts.push_back(std::move(values));
   }
   for (auto& host : hosts) host_views.push_back(host.tensor());
   for (auto& device : devices) device_views.push_back(device.tensor());
   HostTensor result_ref(DType::f64, {kNumGradCheckResults});
   cpu::grad_norm_and_check(host_views, result_ref);
-  HostTensor result_shape(DType::f32, {kNumGradCheckResults});
-  DeviceTensor d_result(DType::f32, result_shape.tensor());
+  DeviceTensor d_result(DType::f32, {kNumGradCheckResults});
   cuda::grad_norm_and_check(device_views, d_result, nullptr);
-  HostTensor result = download(d_result);
+  HostTensor result = d_result.download();
   EXPECT_NEAR(result.data<float>()[kGradSquaredNorm], result_ref.data<double>()[kGradSquaredNorm],
               1e-5 * result_ref.data<double>()[kGradSquaredNorm]);
   EXPECT_EQ(result.data<float>()[kGradNonFiniteCount], 0.0f);
-  const std::vector<uint8_t> bits = download_bytes(d_result);
+  const std::vector<uint8_t> bits = d_result.bytes();
   d_result.poison();
   cuda::grad_norm_and_check(device_views, d_result, nullptr);
-  EXPECT_TRUE(bits == download_bytes(d_result));
+  EXPECT_TRUE(bits == d_result.bytes());
 
   const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
   device_copy(static_cast<float*>(device_views[0].data) + 999, DeviceKind::cuda, &inf, DeviceKind::cpu, 4);
@@ -541,11 +493,11 @@ TEST(GradCheckCuda, MatchesCpuCountsNonFiniteAndIsDeterministic) {
   device_copy(static_cast<uint16_t*>(device_views[1].data) + 16384 * 2 + 1, DeviceKind::cuda, &bf16_nan,
               DeviceKind::cpu, 2);
   cuda::grad_norm_and_check(device_views, d_result, nullptr);
-  result = download(d_result);
+  result = d_result.download();
   EXPECT_EQ(result.data<float>()[kGradNonFiniteCount], 3.0f);
   EXPECT_FALSE(std::isfinite(result.data<float>()[kGradSquaredNorm]));
   cuda::grad_norm_and_check({}, d_result, nullptr);  // an empty list: zero and zero
-  result = download(d_result);
+  result = d_result.download();
   EXPECT_EQ(result.data<float>()[kGradSquaredNorm], 0.0f);
   EXPECT_EQ(result.data<float>()[kGradNonFiniteCount], 0.0f);
 }

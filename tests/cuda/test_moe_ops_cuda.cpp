@@ -21,6 +21,7 @@
 #include "kernels/ops.h"
 #include "src/core/device.h"
 #include "src/core/rng.h"
+#include "tests/cuda/device_tensor.h"
 #include "tests/unit/test_helpers.h"
 
 using namespace switchyard;
@@ -34,17 +35,6 @@ namespace {
   } while (0)
 
 double tolerance_for(DType output) { return output == DType::f32 ? 1e-5 : 1e-2; }
-
-// A device tensor that owns its memory.
-struct DeviceTensor {
-  Buffer memory;
-  Tensor tensor;
-  DeviceTensor(DType dtype, std::initializer_list<int64_t> dims) {
-    tensor = Tensor(nullptr, dtype, DeviceKind::cuda, dims);
-    memory = Buffer(DeviceKind::cuda, tensor.bytes());
-    tensor.data = memory.data();
-  }
-};
 
 void upload(const Tensor& host, Tensor& device) {
   ASSERT_EQ(host.bytes(), device.bytes());
@@ -74,14 +64,6 @@ HostPair random_pair(DType dtype, std::initializer_list<int64_t> dims, std::mt19
   fill_uniform(pair.data, generator, low, high);
   copy_values(pair.data, pair.reference);
   return pair;
-}
-
-DeviceTensor to_device(const HostTensor& host) {
-  DeviceTensor device(host.tensor().dtype, {host.numel()});
-  device.tensor.rank = host.tensor().rank;
-  device.tensor.shape = host.tensor().shape;
-  upload(host, device.tensor);
-  return device;
 }
 
 void expect_close(const char* name, const Tensor& device, const Tensor& host_reference, double tolerance) {
@@ -169,12 +151,12 @@ TEST_P(RowOpsCudaTest, PermuteMatchesCpu) {
   DeviceTensor tokens_device = to_device(input.data);
   DeviceTensor permuted(test.dtype, {rows, test.width});
   DispatchMap map = batch.device_buffers.map(tokens, rows);
-  poison_device(permuted.tensor);
+  poison_device(permuted.tensor());
   poison_device(map.choice_rows);
   poison_device(map.row_tokens);
-  cuda::permute(tokens_device.tensor, batch.device, batch.params, permuted.tensor, map, nullptr);
+  cuda::permute(tokens_device.tensor(), batch.device, batch.params, permuted.tensor(), map, nullptr);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  expect_equal("permuted", permuted.tensor, expected);
+  expect_equal("permuted", permuted.tensor(), expected);
   expect_equal("choice_rows", map.choice_rows, host_map.choice_rows);
   expect_equal("row_tokens", map.row_tokens, host_map.row_tokens);
 }
@@ -211,10 +193,10 @@ TEST_P(RowOpsCudaTest, GathersMatchCpu) {
     HostTensor expected(DType::f32, {tokens, test.width});
     cpu::unpermute_combine(expert_outputs.reference, batch.host, host_map, expected);
     DeviceTensor combined(test.dtype, {tokens, test.width});
-    poison_device(combined.tensor);
-    cuda::unpermute_combine(outputs_device.tensor, batch.device, map, combined.tensor, nullptr);
+    poison_device(combined.tensor());
+    cuda::unpermute_combine(outputs_device.tensor(), batch.device, map, combined.tensor(), nullptr);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    expect_close("combined", combined.tensor, expected, tolerance);
+    expect_close("combined", combined.tensor(), expected, tolerance);
   }
   {  // unpermute_combine_backward
     HostTensor expected_grad_outputs(DType::f32, {rows, test.width}), expected_grad_gates(DType::f32, {tokens, test.k_max});
@@ -222,23 +204,23 @@ TEST_P(RowOpsCudaTest, GathersMatchCpu) {
                                     expected_grad_outputs, expected_grad_gates);
     DeviceTensor grad_outputs(test.dtype, {rows, test.width});
     DeviceTensor grad_gates(DType::f32, {tokens, test.k_max});
-    poison_device(grad_outputs.tensor);
-    poison_device(grad_gates.tensor);
-    cuda::unpermute_combine_backward(grad_combined_device.tensor, outputs_device.tensor, batch.device, map,
-                                     grad_outputs.tensor, grad_gates.tensor, nullptr);
+    poison_device(grad_outputs.tensor());
+    poison_device(grad_gates.tensor());
+    cuda::unpermute_combine_backward(grad_combined_device.tensor(), outputs_device.tensor(), batch.device, map,
+                                     grad_outputs.tensor(), grad_gates.tensor(), nullptr);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    expect_close("grad_expert_outputs", grad_outputs.tensor, expected_grad_outputs, tolerance);
+    expect_close("grad_expert_outputs", grad_outputs.tensor(), expected_grad_outputs, tolerance);
     // The dot products see identical inputs and accumulate in fp32: fp32 tolerance either way.
-    expect_close("grad_gates", grad_gates.tensor, expected_grad_gates, 1e-5);
+    expect_close("grad_gates", grad_gates.tensor(), expected_grad_gates, 1e-5);
   }
   {  // permute_backward
     HostTensor expected(DType::f32, {tokens, test.width});
     cpu::permute_backward(grad_permuted.reference, host_map, tokens, expected);
     DeviceTensor grad_tokens(test.dtype, {tokens, test.width});
-    poison_device(grad_tokens.tensor);
-    cuda::permute_backward(grad_permuted_device.tensor, map, tokens, grad_tokens.tensor, nullptr);
+    poison_device(grad_tokens.tensor());
+    cuda::permute_backward(grad_permuted_device.tensor(), map, tokens, grad_tokens.tensor(), nullptr);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    expect_close("grad_tokens", grad_tokens.tensor, expected, tolerance);
+    expect_close("grad_tokens", grad_tokens.tensor(), expected, tolerance);
   }
 }
 
@@ -297,10 +279,10 @@ TEST_P(GroupedGemmCudaTest, ForwardMatchesCpu) {
 
   DeviceTensor a_device = to_device(a.data), b_device = to_device(b.data), offsets_device = to_device(offsets);
   DeviceTensor c(test.output, {rows, test.columns});
-  poison_device(c.tensor);
-  cuda::grouped_gemm(a_device.tensor, b_device.tensor, test.trans_b, offsets_device.tensor, c.tensor, nullptr);
+  poison_device(c.tensor());
+  cuda::grouped_gemm(a_device.tensor(), b_device.tensor(), test.trans_b, offsets_device.tensor(), c.tensor(), nullptr);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  expect_close("c", c.tensor, expected, tolerance_for(test.output));
+  expect_close("c", c.tensor(), expected, tolerance_for(test.output));
 }
 
 TEST_P(GroupedGemmCudaTest, WeightGradMatchesCpu) {
@@ -316,10 +298,11 @@ TEST_P(GroupedGemmCudaTest, WeightGradMatchesCpu) {
 
   DeviceTensor a_device = to_device(a.data), g_device = to_device(g.data), offsets_device = to_device(offsets);
   DeviceTensor grad_b(test.output, {test.experts, test.inner, test.columns});
-  poison_device(grad_b.tensor);  // empty experts must come back as zeros, not NaN
-  cuda::grouped_gemm_weight_grad(a_device.tensor, g_device.tensor, offsets_device.tensor, grad_b.tensor, nullptr);
+  poison_device(grad_b.tensor());  // empty experts must come back as zeros, not NaN
+  cuda::grouped_gemm_weight_grad(a_device.tensor(), g_device.tensor(), offsets_device.tensor(), grad_b.tensor(),
+                                 nullptr);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  expect_close("grad_b", grad_b.tensor, expected, tolerance_for(test.output));
+  expect_close("grad_b", grad_b.tensor(), expected, tolerance_for(test.output));
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, GroupedGemmCudaTest,
@@ -363,16 +346,16 @@ TEST_P(GemmCudaTest, MatchesCpu) {
 
   DeviceTensor a_device = to_device(a.data), b_device = to_device(b.data);
   DeviceTensor c_device = to_device(c.data);
-  if (test.beta == 0.0f) poison_device(c_device.tensor);  // beta = 0: C must not be read
+  if (test.beta == 0.0f) poison_device(c_device.tensor());  // beta = 0: C must not be read
   for (int repeat = 0; repeat < 2; ++repeat) {  // the second call runs from the plan cache
     if (repeat == 1) {
-      if (test.beta == 0.0f) poison_device(c_device.tensor);
-      else upload(c.data, c_device.tensor);
+      if (test.beta == 0.0f) poison_device(c_device.tensor());
+      else upload(c.data, c_device.tensor());
     }
-    cuda::gemm(test.trans_a, test.trans_b, test.alpha, a_device.tensor, b_device.tensor, test.beta, c_device.tensor,
-               nullptr);
+    cuda::gemm(test.trans_a, test.trans_b, test.alpha, a_device.tensor(), b_device.tensor(), test.beta,
+               c_device.tensor(), nullptr);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    expect_close("c", c_device.tensor, expected, tolerance_for(test.output));
+    expect_close("c", c_device.tensor(), expected, tolerance_for(test.output));
   }
 }
 
@@ -418,13 +401,14 @@ TEST_P(ActivationCudaTest, ForwardAndBackwardMatchCpu) {
 
   DeviceTensor pre_device = to_device(pre.data), grad_post_device = to_device(grad_post.data);
   DeviceTensor post(test.dtype, {test.rows, test.width}), grad_pre(test.dtype, {test.rows, pre_width});
-  poison_device(post.tensor);
-  poison_device(grad_pre.tensor);
-  cuda::activation_forward(test.activation, pre_device.tensor, post.tensor, nullptr);
-  cuda::activation_backward(test.activation, pre_device.tensor, grad_post_device.tensor, grad_pre.tensor, nullptr);
+  poison_device(post.tensor());
+  poison_device(grad_pre.tensor());
+  cuda::activation_forward(test.activation, pre_device.tensor(), post.tensor(), nullptr);
+  cuda::activation_backward(test.activation, pre_device.tensor(), grad_post_device.tensor(), grad_pre.tensor(),
+                            nullptr);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  expect_close("post", post.tensor, expected_post, tolerance_for(test.dtype));
-  expect_close("grad_pre", grad_pre.tensor, expected_grad_pre, tolerance_for(test.dtype));
+  expect_close("post", post.tensor(), expected_post, tolerance_for(test.dtype));
+  expect_close("grad_pre", grad_pre.tensor(), expected_grad_pre, tolerance_for(test.dtype));
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, ActivationCudaTest,
@@ -468,9 +452,9 @@ TEST_P(JitterCudaTest, MatchesCpu) {
 
   DeviceTensor x_device = to_device(x.data);
   DeviceTensor out(test.output, {test.rows, test.columns});
-  Tensor* target = test.in_place ? &x_device.tensor : &out.tensor;
-  if (!test.in_place) poison_device(out.tensor);
-  cuda::apply_jitter(x_device.tensor, test.eps, seed, stream_id, offset, *target, nullptr);
+  Tensor* target = test.in_place ? &x_device.tensor() : &out.tensor();
+  if (!test.in_place) poison_device(out.tensor());
+  cuda::apply_jitter(x_device.tensor(), test.eps, seed, stream_id, offset, *target, nullptr);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   if (test.input == DType::f32 && test.output == DType::f32) {
     // Same factor bits and one rounding of an exact product on both sides.
@@ -512,10 +496,10 @@ TEST(MoeOpsCuda, TimingOfRowMoves) {
   RoutingBuffers buffers(DeviceKind::cuda, DType::f32, tokens, params.num_experts, params.k_max, rows);
   RoutingResult routing = buffers.result(tokens);
   DispatchMap map = buffers.map(tokens, rows);
-  cuda::route(logits_device.tensor, nullptr, params, routing, nullptr);
+  cuda::route(logits_device.tensor(), nullptr, params, routing, nullptr);
   DeviceTensor token_rows(DType::bf16, {tokens, width}), expert_rows(DType::bf16, {rows, width});
   DeviceTensor combined(DType::bf16, {tokens, width});
-  device_memset(token_rows.tensor.data, DeviceKind::cuda, 0, token_rows.tensor.bytes());
+  device_memset(token_rows.tensor().data, DeviceKind::cuda, 0, token_rows.tensor().bytes());
 
   cudaEvent_t start, stop;
   ASSERT_EQ(cudaEventCreate(&start), cudaSuccess);
@@ -532,9 +516,9 @@ TEST(MoeOpsCuda, TimingOfRowMoves) {
     return 1000.0 * milliseconds / kIterations;
   };
   const double permute_us =
-      time_us([&] { cuda::permute(token_rows.tensor, routing, params, expert_rows.tensor, map, nullptr); });
+      time_us([&] { cuda::permute(token_rows.tensor(), routing, params, expert_rows.tensor(), map, nullptr); });
   const double combine_us =
-      time_us([&] { cuda::unpermute_combine(expert_rows.tensor, routing, map, combined.tensor, nullptr); });
+      time_us([&] { cuda::unpermute_combine(expert_rows.tensor(), routing, map, combined.tensor(), nullptr); });
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::printf("[ timing ] 65536 tokens x 768 bf16, E64 top-2: permute %.1f us, unpermute_combine %.1f us\n",
               permute_us, combine_us);

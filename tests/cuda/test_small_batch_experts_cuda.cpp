@@ -25,33 +25,13 @@
 #include "src/core/timing.h"
 #include "src/model/moe_layer.h"
 #include "src/model/moe_stream.h"
+#include "tests/cuda/device_tensor.h"
 #include "tests/unit/test_helpers.h"
 
 using namespace switchyard;
 using namespace switchyard::testing;
 
 namespace {
-
-// A device copy of a host tensor, converted to `dtype` (poisoned when the host tensor is empty).
-struct DeviceTensor {
-  Buffer memory;
-  Tensor tensor;
-  DeviceTensor(DType dtype, std::initializer_list<int64_t> dims) {
-    tensor = Tensor(nullptr, dtype, DeviceKind::cuda, dims);
-    memory = Buffer(DeviceKind::cuda, tensor.bytes());
-    tensor.data = memory.data();
-  }
-  DeviceTensor(const Tensor& host, DType dtype, std::initializer_list<int64_t> dims) : DeviceTensor(dtype, dims) {
-    HostTensor staged(dtype, {host.numel()});
-    copy_values(host, staged);
-    device_copy(tensor.data, DeviceKind::cuda, staged.tensor().data, DeviceKind::cpu, tensor.bytes());
-  }
-  HostTensor download() const {
-    HostTensor host(tensor.dtype, {tensor.numel()});
-    device_copy(host.tensor().data, DeviceKind::cpu, tensor.data, DeviceKind::cuda, tensor.bytes());
-    return host;
-  }
-};
 
 double round_value(DType dtype, double value) { return double(round_to(dtype, float(value))); }
 
@@ -159,26 +139,25 @@ TEST_P(SmallBatchExpertsCuda, MatchesTheCpuReference) {
   HostTensor want(DType::f64, {tokens, d});
   cpu::small_batch_experts(test.activation, x, routing.host(), w1, w2, want);
 
-  DeviceTensor device_x(x, test.dtype, {tokens, d}), device_w1(w1, test.dtype, {test.experts, d, columns}),
-      device_w2(w2, test.dtype, {test.experts, f, d}), device_y(test.dtype, {tokens, d});
-  DeviceTensor ids(routing.expert_ids, DType::i32, {tokens, test.k}),
-      slots(routing.slots, DType::i32, {tokens, test.k}), gates(routing.gates, DType::f32, {tokens, test.k}),
-      scalars(routing.scalars, DType::i32, {kNumRoutingScalars});
+  DeviceTensor device_x = to_device(x, test.dtype), device_w1 = to_device(w1, test.dtype),
+               device_w2 = to_device(w2, test.dtype), device_y(test.dtype, {tokens, d});
+  DeviceTensor ids = to_device(routing.expert_ids, DType::i32), slots = to_device(routing.slots, DType::i32),
+               gates = to_device(routing.gates, DType::f32), scalars = to_device(routing.scalars, DType::i32);
   RoutingResult device_routing;
-  device_routing.expert_ids = ids.tensor;
-  device_routing.slots = slots.tensor;
-  device_routing.gates = gates.tensor;
-  device_routing.scalars = scalars.tensor;
+  device_routing.expert_ids = ids.tensor();
+  device_routing.slots = slots.tensor();
+  device_routing.gates = gates.tensor();
+  device_routing.scalars = scalars.tensor();
   const size_t bytes = small_batch_geometry(tokens, test.k, test.experts, d, f, test.activation, 2).workspace_bytes;
   DeviceTensor workspace(DType::u8, {int64_t(bytes)});
 
   const ExecContext context{DeviceKind::cuda, create_stream(DeviceKind::cuda)};
   std::vector<HostTensor> results;
   for (int call = 0; call < 2; ++call) {  // the second call reuses the workspace the first left behind
-    if (call == 0) device_memset(workspace.tensor.data, DeviceKind::cuda, 0xFF, bytes);  // counters -1, NaN rows
-    device_memset(device_y.tensor.data, DeviceKind::cuda, 0xFF, device_y.tensor.bytes());  // NaN
-    ops::small_batch_experts(context, test.activation, device_x.tensor, device_routing, device_w1.tensor,
-                             device_w2.tensor, workspace.tensor, device_y.tensor);
+    if (call == 0) device_memset(workspace.tensor().data, DeviceKind::cuda, 0xFF, bytes);  // counters -1, NaN rows
+    device_memset(device_y.tensor().data, DeviceKind::cuda, 0xFF, device_y.tensor().bytes());  // NaN
+    ops::small_batch_experts(context, test.activation, device_x.tensor(), device_routing, device_w1.tensor(),
+                             device_w2.tensor(), workspace.tensor(), device_y.tensor());
     ops::synchronize(context);
     results.push_back(device_y.download());
   }
@@ -226,19 +205,19 @@ TEST(SmallBatchExpertsCudaChecks, RejectsWhatItCannotRun) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
   std::mt19937_64 generator(3);
   HostRouting routing(2, 1, 4, Spread::random, generator);
-  DeviceTensor ids(routing.expert_ids, DType::i32, {2, 1}), slots(routing.slots, DType::i32, {2, 1}),
-      gates(routing.gates, DType::f32, {2, 1}), scalars(routing.scalars, DType::i32, {kNumRoutingScalars});
+  DeviceTensor ids = to_device(routing.expert_ids, DType::i32), slots = to_device(routing.slots, DType::i32),
+               gates = to_device(routing.gates, DType::f32), scalars = to_device(routing.scalars, DType::i32);
   RoutingResult device_routing;
-  device_routing.expert_ids = ids.tensor;
-  device_routing.slots = slots.tensor;
-  device_routing.gates = gates.tensor;
-  device_routing.scalars = scalars.tensor;
+  device_routing.expert_ids = ids.tensor();
+  device_routing.slots = slots.tensor();
+  device_routing.gates = gates.tensor();
+  device_routing.scalars = scalars.tensor();
   const ExecContext context{DeviceKind::cuda, nullptr};
   auto run = [&](int64_t d, int64_t f, size_t workspace_bytes) {
     DeviceTensor x(DType::bf16, {2, d}), y(DType::bf16, {2, d}), w1(DType::bf16, {4, d, f}), w2(DType::bf16, {4, f, d});
     DeviceTensor workspace(DType::u8, {int64_t(workspace_bytes)});
-    ops::small_batch_experts(context, ExpertActivation::gelu_tanh, x.tensor, device_routing, w1.tensor, w2.tensor,
-                             workspace.tensor, y.tensor);
+    ops::small_batch_experts(context, ExpertActivation::gelu_tanh, x.tensor(), device_routing, w1.tensor(), w2.tensor(),
+                             workspace.tensor(), y.tensor());
     ops::synchronize(context);
   };
   const size_t enough = small_batch_geometry(2, 1, 4, 64, 64, ExpertActivation::gelu_tanh, 2).workspace_bytes;
@@ -294,14 +273,12 @@ struct LayerWeights {
         w2(DType::bf16, {config.num_experts, config.expert_d_ff, config.d_model}) {
     std::mt19937_64 generator(seed);
     for (DeviceTensor* target : {&router, &w1, &w2}) {
-      HostTensor host(DType::f64, {target->tensor.numel()});
+      HostTensor host(DType::f64, {target->tensor().numel()});
       const double fan_in = target == &w2 ? double(config.expert_d_ff) : double(config.d_model);
       fill_representable(host, generator, 1.0 / std::sqrt(fan_in), DType::bf16);
-      *target = DeviceTensor(host, DType::bf16, {target->tensor.numel()});
+      target->upload(host);
     }
-    weights = {router.memory.view(DType::bf16, {config.d_model, config.num_experts}),
-               w1.memory.view(DType::bf16, {config.num_experts, config.d_model, config.w1_columns()}),
-               w2.memory.view(DType::bf16, {config.num_experts, config.expert_d_ff, config.d_model})};
+    weights = {router.tensor(), w1.tensor(), w2.tensor()};
   }
 };
 
@@ -352,16 +329,16 @@ TEST_P(MoeLayerSmallBatchCuda, InferenceForwardEqualsThePaddedForward) {
       HostTensor host_x(DType::f64, {tokens, d});
       std::mt19937_64 generator(seed++);
       fill_representable(host_x, generator, 1.0, DType::bf16);
-      DeviceTensor x(host_x, DType::bf16, {tokens, d}), y_small(DType::bf16, {tokens, d}),
-          y_padded(DType::bf16, {tokens, d});
-      device_memset(y_small.tensor.data, DeviceKind::cuda, 0xFF, y_small.tensor.bytes());
-      device_memset(y_padded.tensor.data, DeviceKind::cuda, 0xFF, y_padded.tensor.bytes());
+      DeviceTensor x = to_device(host_x, DType::bf16), y_small(DType::bf16, {tokens, d}),
+                   y_padded(DType::bf16, {tokens, d});
+      device_memset(y_small.tensor().data, DeviceKind::cuda, 0xFF, y_small.tensor().bytes());
+      device_memset(y_padded.tensor().data, DeviceKind::cuda, 0xFF, y_padded.tensor().bytes());
       MoeForwardArgs args;
       args.for_backward = for_backward;
       args.read_losses = true;
       small_stages.stages.clear();
-      const MoeLosses small_losses = small->forward(context, x.tensor, weights.weights, args, y_small.tensor);
-      const MoeLosses padded_losses = padded->forward(context, x.tensor, weights.weights, args, y_padded.tensor);
+      const MoeLosses small_losses = small->forward(context, x.tensor(), weights.weights, args, y_small.tensor());
+      const MoeLosses padded_losses = padded->forward(context, x.tensor(), weights.weights, args, y_padded.tensor());
       ops::synchronize(context);
       const bool expect_small = !for_backward && tokens <= kDefaultSmallBatchTokens;
       const std::string where = std::to_string(tokens) + " tokens, for_backward " + std::to_string(for_backward);
@@ -451,11 +428,11 @@ TEST(MoeLayerSmallBatchCudaGraph, CapturedForwardReplaysTheEagerForward) {
     MoeForwardArgs args;
     args.for_backward = false;
     args.read_losses = false;
-    layer.forward(context, x.tensor, weights.weights, args, y.tensor);  // warm-up outside the capture
+    layer.forward(context, x.tensor(), weights.weights, args, y.tensor());  // warm-up outside the capture
     ops::synchronize(context);
     const AllocatorStats before = cuda_allocator_stats();
     stream_graph::begin_capture(stream);
-    layer.forward(context, x.tensor, weights.weights, args, y.tensor);
+    layer.forward(context, x.tensor(), weights.weights, args, y.tensor());
     void* graph = stream_graph::end_capture_and_instantiate(stream);
     EXPECT_TRUE(layer.last_forward_small_batch());
     EXPECT_EQ(cuda_allocator_stats().driver_allocations, before.driver_allocations);
@@ -463,12 +440,12 @@ TEST(MoeLayerSmallBatchCudaGraph, CapturedForwardReplaysTheEagerForward) {
       HostTensor host_x(DType::f64, {tokens, d});
       std::mt19937_64 generator(900 + uint64_t(replay) + uint64_t(alignment));
       fill_representable(host_x, generator, 1.0, DType::bf16);
-      DeviceTensor fresh(host_x, DType::bf16, {tokens, d});
-      device_copy(x.tensor.data, DeviceKind::cuda, fresh.tensor.data, DeviceKind::cuda, x.tensor.bytes());
-      device_memset(y.tensor.data, DeviceKind::cuda, 0xFF, y.tensor.bytes());
+      DeviceTensor fresh = to_device(host_x, DType::bf16);
+      device_copy(x.tensor().data, DeviceKind::cuda, fresh.tensor().data, DeviceKind::cuda, x.tensor().bytes());
+      device_memset(y.tensor().data, DeviceKind::cuda, 0xFF, y.tensor().bytes());
       stream_graph::launch(graph, stream);
       ops::synchronize(context);
-      layer.forward(context, x.tensor, weights.weights, args, eager_y.tensor);
+      layer.forward(context, x.tensor(), weights.weights, args, eager_y.tensor());
       ops::synchronize(context);
       const HostTensor got = y.download(), want = eager_y.download();
       EXPECT_TRUE(all_finite(got));
@@ -497,14 +474,14 @@ TEST(MoeLayerSmallBatchCudaTiming, PrintsGraphLatencyOfBothPaths) {
   fill_normal(block, generator, 0.0, 0.03);
   auto filled = [&](std::initializer_list<int64_t> dims) {
     DeviceTensor tensor(DType::bf16, dims);
-    const size_t bytes = tensor.tensor.bytes(), block_bytes = block.tensor().bytes();
+    const size_t bytes = tensor.tensor().bytes(), block_bytes = block.tensor().bytes();
     for (size_t offset = 0; offset < bytes; offset += block_bytes)
-      device_copy(static_cast<char*>(tensor.tensor.data) + offset, DeviceKind::cuda, block.tensor().data,
+      device_copy(static_cast<char*>(tensor.tensor().data) + offset, DeviceKind::cuda, block.tensor().data,
                   DeviceKind::cpu, std::min(block_bytes, bytes - offset));
     return tensor;
   };
   DeviceTensor router = filled({768, 32}), w1 = filled({32, 768, 3072}), w2 = filled({32, 3072, 768});
-  const MoeWeights weights{router.tensor, w1.tensor, w2.tensor};
+  const MoeWeights weights{router.tensor(), w1.tensor(), w2.tensor()};
   const DeviceTensor x = filled({64, 768});
   DeviceTensor y(DType::bf16, {64, 768});
   void* stream = create_stream(DeviceKind::cuda);
@@ -513,7 +490,7 @@ TEST(MoeLayerSmallBatchCudaTiming, PrintsGraphLatencyOfBothPaths) {
     ScopedEnvironment set("SWITCHYARD_SMALL_BATCH_TOKENS", setting);
     MoeLayer layer(config, DeviceKind::cuda, DType::bf16, 64);
     for (int64_t tokens : {int64_t(1), int64_t(8), int64_t(32), int64_t(64)}) {
-      Tensor x_view = x.memory.view(DType::bf16, {tokens, 768}), y_view = y.memory.view(DType::bf16, {tokens, 768});
+      Tensor x_view = x.view(DType::bf16, {tokens, 768}), y_view = y.view(DType::bf16, {tokens, 768});
       MoeForwardArgs args;
       args.for_backward = false;
       args.read_losses = false;
