@@ -131,6 +131,17 @@ int choose_block_n(const Options& options, int64_t n, int64_t tiles_m_upper_boun
   return fills_wide_tiles && enough_wide_tiles ? 256 : 128;
 }
 
+bool uses_pingpong(const Options& options, Epilogue epilogue, int k_blocks) {
+  if (options.schedule != Schedule::automatic) return options.schedule == Schedule::pingpong;
+  // The 128 x 128 pingpong tiles run their MMAs ~20% slower than 128 x 256 cooperative ones (H100,
+  // 2026-11-26: plain 8192 x 768 x 3072 GEMM 123 vs 100 us), so pingpong pays only where the hidden
+  // epilogue is heavy (an activation) and long next to a short reduction: d_model 768 (12 k-blocks)
+  // gained, d_model 2048 (32 k-blocks) lost. swiglu_backward would spill its second pre input.
+  const bool heavy_epilogue =
+      epilogue == Epilogue::gelu || epilogue == Epilogue::swiglu || epilogue == Epilogue::gelu_backward;
+  return heavy_epilogue && k_blocks <= kPingpongMaxKBlocks;
+}
+
 }  // namespace detail
 
 Options default_options() {
@@ -151,6 +162,16 @@ Options default_options() {
       parsed.store = Store::direct;
     } else {
       SY_BAD_INPUT("SWITCHYARD_SM90_STORE must be 'tma' or 'direct', got '", store, "'");
+    }
+    const char* schedule = std::getenv("SWITCHYARD_SM90_SCHEDULE");
+    if (schedule == nullptr || schedule[0] == '\0' || std::strcmp(schedule, "auto") == 0) {
+      parsed.schedule = Schedule::automatic;
+    } else if (std::strcmp(schedule, "cooperative") == 0) {
+      parsed.schedule = Schedule::cooperative;
+    } else if (std::strcmp(schedule, "pingpong") == 0) {
+      parsed.schedule = Schedule::pingpong;
+    } else {
+      SY_BAD_INPUT("SWITCHYARD_SM90_SCHEDULE must be 'auto', 'cooperative' or 'pingpong', got '", schedule, "'");
     }
     return parsed;
   }();

@@ -63,15 +63,27 @@ enum class Variant : uint8_t { pipelined, basic };
 
 enum class Store : uint8_t { tma, direct };
 
+// Work split of the pipelined forward kernels between the two consumer warpgroups:
+//   cooperative  both compute halves (64 rows each) of one 128 x block_n tile, then both run its
+//                epilogue: the tensor cores idle during the epilogue.
+//   pingpong     each computes whole 128 x 128 tiles, alternating, so one warpgroup's epilogue
+//                runs under the other's MMAs. Pays where the epilogue is heavy (the fused
+//                activations) and the reduction short.
+//   automatic    pingpong for the fused activation epilogues (except swiglu_backward, which would
+//                spill) over short reductions (K <= 1024), cooperative otherwise.
+enum class Schedule : uint8_t { automatic, cooperative, pingpong };
+
 struct Options {
   Variant variant = Variant::pipelined;
   int block_n = 0;  // output tile width: 128 or 256 (pipelined only; basic uses 128); 0 = choose
   // Pipelined epilogues. The tma weight grad has 128-wide tiles: a block_n of 256 selects direct there.
   Store store = Store::tma;
+  Schedule schedule = Schedule::automatic;  // forward kernels only (the weight grad is cooperative)
 };
 
-// Options from the environment: SWITCHYARD_SM90_GEMM=basic|pipelined (unset: pipelined) and
-// SWITCHYARD_SM90_STORE=tma|direct (unset: tma). Throws a bad-input Error for other values.
+// Options from the environment: SWITCHYARD_SM90_GEMM=basic|pipelined (unset: pipelined),
+// SWITCHYARD_SM90_STORE=tma|direct (unset: tma) and SWITCHYARD_SM90_SCHEDULE=auto|cooperative|pingpong
+// (unset: auto). Throws a bad-input Error for other values.
 Options default_options();
 
 // True when the current CUDA device is compute capability 9.0 and this build carries sm_90a code.

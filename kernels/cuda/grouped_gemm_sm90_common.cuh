@@ -156,6 +156,10 @@ int current_device_sm_count();
 // Picks the output tile width: options.block_n when set, else 256 when N fills 256-wide tiles and
 // there are enough tiles to occupy the GPU, else 128.
 int choose_block_n(const Options& options, int64_t n, int64_t tiles_m_upper_bound);
+// Whether a forward-kernel launch with this epilogue and reduction depth takes the pingpong
+// schedule (Options::schedule; automatic: up to kPingpongMaxKBlocks k-blocks).
+constexpr int kPingpongMaxKBlocks = 16;
+bool uses_pingpong(const Options& options, Epilogue epilogue, int k_blocks);
 
 // ---- Device helpers ---------------------------------------------------------------------------
 #ifdef SY_SM90A_DEVICE_CODE
@@ -299,6 +303,15 @@ __device__ __forceinline__ void warpgroup_barrier(int id) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(kWarpgroupThreads) : "memory");
 }
 
+// A named barrier between the two consumer warpgroups, one side signalling (bar.arrive, no wait)
+// and the other waiting (bar.sync): the pingpong schedule's mainloop order.
+__device__ __forceinline__ void consumer_pair_signal(int id) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "n"(2 * kWarpgroupThreads) : "memory");
+}
+__device__ __forceinline__ void consumer_pair_wait(int id) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(2 * kWarpgroupThreads) : "memory");
+}
+
 // Shared-memory matrix descriptor with 128-byte swizzle (PTX ISA "Matrix Descriptor Format").
 __device__ __forceinline__ uint64_t smem_descriptor(uint32_t address, uint32_t leading_bytes, uint32_t stride_bytes) {
   return uint64_t((address & 0x3FFFF) >> 4) | (uint64_t((leading_bytes & 0x3FFFF) >> 4) << 16) |
@@ -422,9 +435,10 @@ struct PipelineSmem {
 };
 
 // Aligns the dynamic shared memory and initializes the full (1 arrival + TMA bytes) and empty (one
-// arrival per consumer warp) barriers of every stage. Called by the whole CTA.
+// arrival per consumer warp that reads the stage: all of them, or one warpgroup's in the pingpong
+// schedule) barriers of every stage. Called by the whole CTA.
 template <class Layout>
-__device__ __forceinline__ PipelineSmem setup_pipeline(uint8_t* dynamic_smem) {
+__device__ __forceinline__ PipelineSmem setup_pipeline(uint8_t* dynamic_smem, int stage_readers = kConsumerWarps) {
   PipelineSmem smem;
   smem.base = aligned_dynamic_smem(dynamic_smem);
   smem.address = shared_address(smem.base);
@@ -433,7 +447,7 @@ __device__ __forceinline__ PipelineSmem setup_pipeline(uint8_t* dynamic_smem) {
   if (threadIdx.x == 0) {
     for (int stage = 0; stage < Layout::kStages; ++stage) {
       mbarrier_init(smem.full_barriers + 8 * stage, 1);
-      mbarrier_init(smem.empty_barriers + 8 * stage, kConsumerWarps);
+      mbarrier_init(smem.empty_barriers + 8 * stage, stage_readers);
     }
     fence_barrier_init();
   }
@@ -497,6 +511,38 @@ __device__ __forceinline__ void consume_k_blocks(float (&acc)[kBlockN / 2], int 
   }
   wgmma_wait<0>();
   fence_accumulators(acc);
+  if (in_flight_stage >= 0 && signalling_lane) mbarrier_arrive(empty_barriers + 8 * in_flight_stage);
+}
+
+// consume_k_blocks for a warpgroup that computes a whole 128-row tile (pingpong schedule): per
+// stage one wgmma group with rows [0, 64) of the A tile into acc_top and rows [64, 128) into
+// acc_bottom, both against the same B.
+template <int kBlockN, bool kAMNMajor, bool kBMNMajor, int kStages>
+__device__ __forceinline__ void consume_k_blocks_whole_tile(float (&acc_top)[kBlockN / 2],
+                                                            float (&acc_bottom)[kBlockN / 2], int k_blocks,
+                                                            uint32_t a_tiles, uint32_t a_stage_bytes, uint32_t b_tiles,
+                                                            uint32_t b_stage_bytes, uint32_t full_barriers,
+                                                            uint32_t empty_barriers, PipelineState& state,
+                                                            bool signalling_lane) {
+  static_assert(!kAMNMajor, "the row halves of a K-major A tile are 64 rows x 128 bytes apart");
+  int in_flight_stage = -1;
+  for (int k_block = 0; k_block < k_blocks; ++k_block) {
+    mbarrier_wait(full_barriers + 8 * state.stage, state.phase);
+    fence_accumulators(acc_top);
+    fence_accumulators(acc_bottom);
+    wgmma_fence();
+    const uint32_t a_stage = a_tiles + state.stage * a_stage_bytes, b_stage = b_tiles + state.stage * b_stage_bytes;
+    mma_stage<kBlockN, kAMNMajor, kBMNMajor>(acc_top, a_stage, b_stage);
+    mma_stage<kBlockN, kAMNMajor, kBMNMajor>(acc_bottom, a_stage + kTileBytesA / 2, b_stage);
+    wgmma_commit();
+    wgmma_wait<1>();  // the previous stage's group is done
+    if (in_flight_stage >= 0 && signalling_lane) mbarrier_arrive(empty_barriers + 8 * in_flight_stage);
+    in_flight_stage = state.stage;
+    state.advance<kStages>();
+  }
+  wgmma_wait<0>();
+  fence_accumulators(acc_top);
+  fence_accumulators(acc_bottom);
   if (in_flight_stage >= 0 && signalling_lane) mbarrier_arrive(empty_barriers + 8 * in_flight_stage);
 }
 

@@ -15,6 +15,10 @@
 //                                     grad_pre = act'(pre) * (dL/dO W2_e^T), [R, F] or [R, 2F];
 //                                     dL/d post never reaches memory.
 //
+// Schedules (grouped_gemm_sm90.h, Options::schedule): cooperative (both consumer warpgroups on one
+// 128 x block_n tile, 64 rows each) or pingpong (each consumer on whole 128 x 128 tiles, in turn,
+// so one's epilogue overlaps the other's MMAs).
+//
 // Shared-memory layouts, descriptors and PTX wrappers: grouped_gemm_sm90_common.cuh.
 #include "kernels/cuda/grouped_gemm_sm90_common.cuh"
 #include "kernels/cuda/grouped_gemm_sm90_epilogue.cuh"
@@ -77,6 +81,58 @@ __device__ __forceinline__ void prefetch_epilogue_input(const CUtensorMap* map_p
 template <int kBlockN, bool kTmaStore>
 using ForwardLayout = PipelineLayout<kBlockN, kTmaStore ? kBf16TmaStagingBytes : kBf16StagingBytes>;
 
+#ifdef SY_SM90A_DEVICE_CODE
+// The producer thread of both schedules: streams the TMA loads of this CTA's tiles (blockIdx.x,
+// + gridDim.x, ...), every k-block in order, through the kStages ring.
+template <int kBlockN, bool kBMNMajor, Epilogue kEpilogue, class Layout>
+__device__ __forceinline__ void run_forward_producer(const ForwardMaps& maps, const ForwardProblem& problem,
+                                                     const PipelineSmem& smem, int m_tiles, int total_tiles) {
+  constexpr int kStages = Layout::kStages;
+  // swiglu: a tile holds kBlockN/2 gate and as many up columns of W1 for kBlockN/2 post columns.
+  constexpr bool kPairedColumns = kEpilogue == Epilogue::swiglu;
+  constexpr int kTileColumns = kPairedColumns ? kBlockN / 2 : kBlockN;
+  const CUtensorMap* map_a = &maps.a;
+  const CUtensorMap* map_b = &maps.b;
+  prefetch_tensor_map(map_a);
+  prefetch_tensor_map(map_b);
+  if constexpr (is_backward_epilogue(kEpilogue)) prefetch_tensor_map(&maps.pre);
+  PipelineState state;
+  for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+    const TileCoord coord = raster_tile(tile, m_tiles, problem.n_tiles);
+    const int row0 = coord.m * kBlockM, n0 = coord.n * kTileColumns;
+    const int expert = expert_of_row(problem.expert_offsets, problem.num_experts, row0);
+    check_segment(problem.expert_offsets, expert, kBlockM, problem.rows);
+    const int chunks = min(kTileColumns / kChunk, (problem.n - n0) / kChunk);
+    prefetch_epilogue_input<kEpilogue>(&maps.pre, problem, row0, n0, chunks);
+    for (int k_block = 0; k_block < problem.k_blocks; ++k_block) {
+      mbarrier_wait(smem.empty_barriers + 8 * state.stage, state.phase ^ 1u);
+      load_forward_stage<kBMNMajor>(map_a, map_b, smem.full_barriers + 8 * state.stage,
+                                    smem.address + Layout::kOffsetA + state.stage * kTileBytesA,
+                                    smem.address + Layout::kOffsetB + state.stage * Layout::kTileBytesB, k_block,
+                                    row0, n0, expert, chunks, kPairedColumns ? problem.n + n0 : -1,
+                                    kTileColumns / kChunk);
+      state.advance<kStages>();
+    }
+  }
+}
+
+// The epilogue writer of one consumer warpgroup (its staging area and named barrier 1 + consumer).
+template <bool kTmaStore, Epilogue kEpilogue>
+__device__ __forceinline__ auto make_writer(const ForwardMaps& maps, const ForwardProblem& problem, uint8_t* staging,
+                                            int consumer, int thread_in_warpgroup) {
+  const FragmentPosition position = fragment_position(thread_in_warpgroup);
+  if constexpr (kTmaStore) {
+    if (thread_in_warpgroup == 0) {
+      prefetch_tensor_map(&maps.c);
+      if constexpr (kEpilogue == Epilogue::gelu || kEpilogue == Epilogue::swiglu) prefetch_tensor_map(&maps.post);
+    }
+    return TmaWriter{staging, &maps.c, &maps.post, position, 1 + consumer, thread_in_warpgroup};
+  } else {
+    return DirectWriter{staging, &problem, position, 1 + consumer, thread_in_warpgroup};
+  }
+}
+#endif
+
 // Warp-specialized persistent kernel. Warpgroup 0: one thread streams TMA loads for this CTA's
 // tiles through the kStages ring. Warpgroups 1 and 2: rows [0, 64) and [64, 128) of each tile, then
 // the tile's epilogue, which stores through TMA (kTmaStore: maps.c, maps.post) or st.global.
@@ -86,11 +142,9 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
 #ifdef SY_SM90A_DEVICE_CODE
   using Layout = ForwardLayout<kBlockN, kTmaStore>;
   constexpr int kStages = Layout::kStages;
-  // swiglu: a tile holds kBlockN/2 gate and as many up columns of W1 for kBlockN/2 post columns.
-  constexpr bool kPairedColumns = kEpilogue == Epilogue::swiglu;
-  constexpr int kTileColumns = kPairedColumns ? kBlockN / 2 : kBlockN;
+  constexpr int kTileColumns = kEpilogue == Epilogue::swiglu ? kBlockN / 2 : kBlockN;
   extern __shared__ uint8_t dynamic_smem[];
-  const PipelineSmem smem = setup_pipeline<Layout>(dynamic_smem);
+  const PipelineSmem smem = setup_pipeline<Layout>(dynamic_smem, kConsumerWarps);
   const int warpgroup = threadIdx.x / kWarpgroupThreads;
   const int thread_in_warpgroup = threadIdx.x % kWarpgroupThreads;
   const int m_tiles = (forward_valid_rows(problem) + kBlockM - 1) / kBlockM;
@@ -98,30 +152,8 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
 
   if (warpgroup == 0) {
     setmaxnreg_decrease<kProducerRegisters>();
-    if (thread_in_warpgroup != 0) return;
-    const CUtensorMap* map_a = &maps.a;
-    const CUtensorMap* map_b = &maps.b;
-    prefetch_tensor_map(map_a);
-    prefetch_tensor_map(map_b);
-    if constexpr (is_backward_epilogue(kEpilogue)) prefetch_tensor_map(&maps.pre);
-    PipelineState state;
-    for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-      const TileCoord coord = raster_tile(tile, m_tiles, problem.n_tiles);
-      const int row0 = coord.m * kBlockM, n0 = coord.n * kTileColumns;
-      const int expert = expert_of_row(problem.expert_offsets, problem.num_experts, row0);
-      check_segment(problem.expert_offsets, expert, kBlockM, problem.rows);
-      const int chunks = min(kTileColumns / kChunk, (problem.n - n0) / kChunk);
-      prefetch_epilogue_input<kEpilogue>(&maps.pre, problem, row0, n0, chunks);
-      for (int k_block = 0; k_block < problem.k_blocks; ++k_block) {
-        mbarrier_wait(smem.empty_barriers + 8 * state.stage, state.phase ^ 1u);
-        load_forward_stage<kBMNMajor>(map_a, map_b, smem.full_barriers + 8 * state.stage,
-                                      smem.address + Layout::kOffsetA + state.stage * kTileBytesA,
-                                      smem.address + Layout::kOffsetB + state.stage * Layout::kTileBytesB, k_block,
-                                      row0, n0, expert, chunks, kPairedColumns ? problem.n + n0 : -1,
-                                      kTileColumns / kChunk);
-        state.advance<kStages>();
-      }
-    }
+    if (thread_in_warpgroup == 0)
+      run_forward_producer<kBlockN, kBMNMajor, kEpilogue, Layout>(maps, problem, smem, m_tiles, total_tiles);
     return;
   }
 
@@ -132,17 +164,7 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
   const uint32_t a_tiles = smem.address + Layout::kOffsetA + consumer * (kTileBytesA / 2);
   const uint32_t b_tiles = smem.address + Layout::kOffsetB;
   const FragmentPosition position = fragment_position(thread_in_warpgroup);
-  auto writer = [&] {
-    if constexpr (kTmaStore) {
-      if (thread_in_warpgroup == 0) {
-        prefetch_tensor_map(&maps.c);
-        if constexpr (kEpilogue == Epilogue::gelu || kEpilogue == Epilogue::swiglu) prefetch_tensor_map(&maps.post);
-      }
-      return TmaWriter{staging, &maps.c, &maps.post, position, 1 + consumer, thread_in_warpgroup};
-    } else {
-      return DirectWriter{staging, &problem, position, 1 + consumer, thread_in_warpgroup};
-    }
-  }();
+  auto writer = make_writer<kTmaStore, kEpilogue>(maps, problem, staging, consumer, thread_in_warpgroup);
   float acc[kBlockN / 2];
   PipelineState state;
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
@@ -156,6 +178,80 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
                                                           Layout::kTileBytesB, smem.full_barriers,
                                                           smem.empty_barriers, state, lane == 0);
     run_epilogue<kEpilogue, kBlockN>(acc, problem, row0, n0, epilogue_input, position, writer);
+  }
+  writer.finish();
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built without sm_90a code: never run silently
+#endif
+}
+
+// Pingpong schedule of the same work: each consumer warpgroup computes whole 128 x kBlockN tiles
+// (two m64 wgmmas per k16 slice), consumer 0 the CTA's tiles 0, 2, 4, ..., consumer 1 tiles 1, 3,
+// .... The ring holds the k-blocks in CTA tile order, so while one warpgroup runs its epilogue the
+// other's mainloop keeps the tensor cores busy: the epilogue (activation math, stores) no longer
+// idles them. Each stage is released by the 4 warps of one warpgroup; a consumer skips the other's
+// stages by advancing its ring position over them. The mainloops take turns (named barriers
+// kOrderBarrier + c: "consumer c may start"): a consumer must not wait on a stage's full barrier
+// before the other has waited on that stage's previous phase, or the parity wait would take the
+// other's data (a phase two ahead) for its own.
+template <int kBlockN, bool kBMNMajor, Epilogue kEpilogue, bool kTmaStore>
+__global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
+    forward_pingpong_kernel(const __grid_constant__ ForwardMaps maps, const ForwardProblem problem) {
+#ifdef SY_SM90A_DEVICE_CODE
+  static_assert(kBlockN == 128, "two 64 x kBlockN accumulators per thread must fit the registers");
+  using Layout = ForwardLayout<kBlockN, kTmaStore>;
+  constexpr int kStages = Layout::kStages;
+  constexpr int kTileColumns = kEpilogue == Epilogue::swiglu ? kBlockN / 2 : kBlockN;
+  extern __shared__ uint8_t dynamic_smem[];
+  const PipelineSmem smem = setup_pipeline<Layout>(dynamic_smem, kConsumerWarps / 2);
+  const int warpgroup = threadIdx.x / kWarpgroupThreads;
+  const int thread_in_warpgroup = threadIdx.x % kWarpgroupThreads;
+  const int m_tiles = (forward_valid_rows(problem) + kBlockM - 1) / kBlockM;
+  const int total_tiles = m_tiles * problem.n_tiles;
+
+  if (warpgroup == 0) {
+    setmaxnreg_decrease<kProducerRegisters>();
+    if (thread_in_warpgroup == 0)
+      run_forward_producer<kBlockN, kBMNMajor, kEpilogue, Layout>(maps, problem, smem, m_tiles, total_tiles);
+    return;
+  }
+
+  setmaxnreg_increase<kConsumerRegisters>();
+  const int consumer = warpgroup - 1;
+  const int lane = thread_in_warpgroup % 32;
+  uint8_t* staging = smem.base + Layout::kOffsetStaging + consumer * (Layout::kStagingBytes / 2);
+  const uint32_t a_tiles = smem.address + Layout::kOffsetA;
+  const uint32_t b_tiles = smem.address + Layout::kOffsetB;
+  const FragmentPosition position = fragment_position(thread_in_warpgroup);
+  auto writer = make_writer<kTmaStore, kEpilogue>(maps, problem, staging, consumer, thread_in_warpgroup);
+  auto skip_other_tile = [&](PipelineState& ring) {
+    for (int k_block = 0; k_block < problem.k_blocks; ++k_block) ring.advance<kStages>();
+  };
+  float acc_top[kBlockN / 2], acc_bottom[kBlockN / 2];  // rows [0, 64) and [64, 128) of the tile
+  constexpr int kOrderBarrier = 3;  // ids 1 and 2 are the writers' warpgroup barriers
+  PipelineState state;
+  if (consumer == 1) skip_other_tile(state);
+  for (int tile = blockIdx.x + consumer * gridDim.x; tile < total_tiles; tile += 2 * gridDim.x) {
+    const TileCoord coord = raster_tile(tile, m_tiles, problem.n_tiles);
+    const int row0 = coord.m * kBlockM, n0 = coord.n * kTileColumns;
+#pragma unroll
+    for (int i = 0; i < kBlockN / 2; ++i) acc_top[i] = acc_bottom[i] = 0.0f;
+    // Every tile but the CTA's first follows the other consumer's mainloop of the tile before it.
+    if (tile != int(blockIdx.x)) consumer_pair_wait(kOrderBarrier + consumer);
+    consume_k_blocks_whole_tile<kBlockN, false, kBMNMajor, kStages>(
+        acc_top, acc_bottom, problem.k_blocks, a_tiles, kTileBytesA, b_tiles, Layout::kTileBytesB, smem.full_barriers,
+        smem.empty_barriers, state, lane == 0);
+    if (tile + int(gridDim.x) < total_tiles) consumer_pair_signal(kOrderBarrier + (1 - consumer));
+    // The epilogue inputs load only now: the two accumulators leave no registers for them during
+    // the mainloop, and their latency hides under the other warpgroup's MMAs.
+    auto epilogue_of_half = [&](const float (&acc)[kBlockN / 2], int half_row0) {
+      EpilogueInput<kEpilogue> input;
+      load_epilogue_input<kEpilogue>(problem, half_row0, n0, thread_in_warpgroup, input);
+      run_epilogue<kEpilogue, kBlockN>(acc, problem, half_row0, n0, input, position, writer);
+    };
+    epilogue_of_half(acc_top, row0);  // (a runtime choice between the arrays would put them on the stack)
+    epilogue_of_half(acc_bottom, row0 + kBlockM / 2);
+    skip_other_tile(state);
   }
   writer.finish();
 #elif defined(__CUDA_ARCH__)
@@ -247,36 +343,41 @@ ForwardProblem make_problem(const Tensor& a, const Tensor& expert_offsets, int64
 
 template <int kBlockN, bool kBMNMajor, Epilogue kEpilogue, bool kTmaStore>
 void launch_pipelined(const ForwardMaps& maps, const ForwardProblem& problem, int64_t m_tiles_upper_bound,
-                      cudaStream_t stream) {
+                      bool pingpong, cudaStream_t stream) {
   constexpr int kSmemBytes = ForwardLayout<kBlockN, kTmaStore>::kSmemBytes;
   auto kernel = forward_pipelined_kernel<kBlockN, kBMNMajor, kEpilogue, kTmaStore>;
+  if constexpr (kBlockN == 128) {
+    if (pingpong) kernel = forward_pingpong_kernel<kBlockN, kBMNMajor, kEpilogue, kTmaStore>;
+  }
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   const int64_t tiles = m_tiles_upper_bound * problem.n_tiles;
-  const int grid = int(std::min<int64_t>(tiles, current_device_sm_count()));
+  const int grid = int(std::min<int64_t>(pingpong ? (tiles + 1) / 2 : tiles, current_device_sm_count()));
   kernel<<<grid, 3 * kWarpgroupThreads, kSmemBytes, stream>>>(maps, problem);
   CUDA_CHECK_LAUNCH();
 }
 
 // Sets the problem's tile count for the chosen width and launches the pipelined kernel with the
-// chosen store. `c` and `post` are the output matrices (post: activation epilogues only; c may be
-// null when pre is not kept), for the TMA store's maps.
+// chosen store and schedule (pingpong: 128-wide tiles). `c` and `post` are the output matrices
+// (post: activation epilogues only; c may be null when pre is not kept), for the TMA store's maps.
 template <bool kBMNMajor, Epilogue kEpilogue>
-void launch_pipelined(int block_n, Store store, ForwardMaps maps, ForwardProblem problem, const Tensor* c,
+void launch_pipelined(int block_n, const Options& options, ForwardMaps maps, ForwardProblem problem, const Tensor* c,
                       const Tensor* post, int64_t m_tiles_upper_bound, cudaStream_t stream) {
+  const bool pingpong = uses_pingpong(options, kEpilogue, problem.k_blocks);
+  if (pingpong) block_n = 128;
   const int tile_columns = kEpilogue == Epilogue::swiglu ? block_n / 2 : block_n;
   problem.n_tiles = (problem.n + tile_columns - 1) / tile_columns;
-  if (store == Store::tma) {
+  if (options.store == Store::tma) {
     if (c) maps.c = matrix_map(*c, 64);
     if (post) maps.post = matrix_map(*post, 64);
     if (block_n == 256) {
-      launch_pipelined<256, kBMNMajor, kEpilogue, true>(maps, problem, m_tiles_upper_bound, stream);
+      launch_pipelined<256, kBMNMajor, kEpilogue, true>(maps, problem, m_tiles_upper_bound, false, stream);
     } else {
-      launch_pipelined<128, kBMNMajor, kEpilogue, true>(maps, problem, m_tiles_upper_bound, stream);
+      launch_pipelined<128, kBMNMajor, kEpilogue, true>(maps, problem, m_tiles_upper_bound, pingpong, stream);
     }
   } else if (block_n == 256) {
-    launch_pipelined<256, kBMNMajor, kEpilogue, false>(maps, problem, m_tiles_upper_bound, stream);
+    launch_pipelined<256, kBMNMajor, kEpilogue, false>(maps, problem, m_tiles_upper_bound, false, stream);
   } else {
-    launch_pipelined<128, kBMNMajor, kEpilogue, false>(maps, problem, m_tiles_upper_bound, stream);
+    launch_pipelined<128, kBMNMajor, kEpilogue, false>(maps, problem, m_tiles_upper_bound, pingpong, stream);
   }
 }
 
@@ -320,9 +421,9 @@ void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& 
   }
   const int block_n = choose_block_n(options, n, m_tiles);
   if (trans_b) {
-    launch_pipelined<false, Epilogue::store>(block_n, options.store, maps, problem, &c, nullptr, m_tiles, cuda_stream);
+    launch_pipelined<false, Epilogue::store>(block_n, options, maps, problem, &c, nullptr, m_tiles, cuda_stream);
   } else {
-    launch_pipelined<true, Epilogue::store>(block_n, options.store, maps, problem, &c, nullptr, m_tiles, cuda_stream);
+    launch_pipelined<true, Epilogue::store>(block_n, options, maps, problem, &c, nullptr, m_tiles, cuda_stream);
   }
 }
 
@@ -351,9 +452,9 @@ void grouped_gemm_activation(ExpertActivation activation, const Tensor& a, const
   const int block_n = choose_block_n(options, gemm_n, m_tiles);
   cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
   if (activation == ExpertActivation::swiglu) {
-    launch_pipelined<true, Epilogue::swiglu>(block_n, options.store, maps, problem, pre, &post, m_tiles, cuda_stream);
+    launch_pipelined<true, Epilogue::swiglu>(block_n, options, maps, problem, pre, &post, m_tiles, cuda_stream);
   } else {
-    launch_pipelined<true, Epilogue::gelu>(block_n, options.store, maps, problem, pre, &post, m_tiles, cuda_stream);
+    launch_pipelined<true, Epilogue::gelu>(block_n, options, maps, problem, pre, &post, m_tiles, cuda_stream);
   }
 }
 
@@ -377,12 +478,11 @@ void grouped_gemm_activation_backward(ExpertActivation activation, const Tensor&
   const int64_t m_tiles = m_tile_bound(grad_out);
   const int block_n = choose_block_n(options, width, m_tiles);
   cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
-  const Store store = options.store;
   if (activation == ExpertActivation::swiglu) {
-    launch_pipelined<false, Epilogue::swiglu_backward>(block_n, store, maps, problem, &grad_pre, nullptr, m_tiles,
+    launch_pipelined<false, Epilogue::swiglu_backward>(block_n, options, maps, problem, &grad_pre, nullptr, m_tiles,
                                                        cuda_stream);
   } else {
-    launch_pipelined<false, Epilogue::gelu_backward>(block_n, store, maps, problem, &grad_pre, nullptr, m_tiles,
+    launch_pipelined<false, Epilogue::gelu_backward>(block_n, options, maps, problem, &grad_pre, nullptr, m_tiles,
                                                      cuda_stream);
   }
 }

@@ -102,24 +102,28 @@ struct KernelChoice {
   std::string name;
 };
 
-// Both epilogue stores of the pipelined kernel (the tma weight grad always has 128-wide tiles: its
-// 256-wide choice runs the direct store).
+// Both epilogue stores and both schedules of the pipelined kernel (the tma weight grad always has
+// 128-wide tiles: its 256-wide choice runs the direct store; the weight grad ignores the schedule).
 inline std::vector<KernelChoice> kernel_choices() {
   sm90::Options basic;
   basic.variant = sm90::Variant::basic;
   std::vector<KernelChoice> choices{{basic, "basic"}};
   for (sm90::Store store : {sm90::Store::tma, sm90::Store::direct}) {
+    const std::string store_name = store == sm90::Store::tma ? " tma-store" : " direct-store";
     for (int block_n : {128, 256}) {
       sm90::Options options;
       options.block_n = block_n;
       options.store = store;
-      choices.push_back({options, "pipelined/" + std::to_string(block_n) +
-                                      (store == sm90::Store::tma ? " tma-store" : " direct-store")});
+      options.schedule = sm90::Schedule::cooperative;
+      choices.push_back({options, "pipelined/" + std::to_string(block_n) + store_name});
     }
+    sm90::Options pingpong;
+    pingpong.store = store;
+    pingpong.schedule = sm90::Schedule::pingpong;
+    choices.push_back({pingpong, "pipelined/pingpong" + store_name});
   }
   return choices;
 }
-
 
 // max |got - want| / max |want| over the checked entries; NaNs count as failures.
 struct ErrorMeter {
