@@ -317,6 +317,76 @@ __device__ __forceinline__ void run_epilogue(const float (&acc)[kBlockN / 2], co
   }
 }
 
+// gelu_backward's pre input through shared memory (the pingpong kernel): TMA loads of 64 x 64
+// boxes (128-byte swizzle, as TmaWriter's staging) into two buffers, one per 64-column slice of a
+// tile, each with its own mbarrier; the threads then read their fragment pairs conflict-free.
+// Coalesced 128-byte lines instead of the fragment layout's half-used 32-byte sectors, and no
+// global-load stalls in the epilogue. Thread 0 issues; a box is re-armed only after a warpgroup
+// barrier, so every thread has waited on (and read) its previous load. `phases` (bit b: the parity
+// box b completes next) advances identically in every thread.
+struct SmemPreSource {
+  uint8_t* boxes;     // two kBf16BoxBytes boxes, 1024-byte aligned
+  uint32_t barriers;  // two mbarriers, 8 bytes apart
+  const CUtensorMap* map_pre;
+  int thread_in_warpgroup;
+  uint32_t phases = 0;
+
+  __device__ __forceinline__ void init() const {
+    if (thread_in_warpgroup == 0) {
+      mbarrier_init(barriers, 1);
+      mbarrier_init(barriers + 8, 1);
+      fence_barrier_init();
+    }
+  }
+  // Rows [row0, row0 + 64), columns [column, column + 64) of pre into box `box`.
+  __device__ __forceinline__ void issue(int box, int row0, int column) const {
+    if (thread_in_warpgroup != 0) return;
+    const uint32_t barrier = barriers + 8 * box;
+    mbarrier_arrive_expect_tx(barrier, kBf16BoxBytes);
+    tma_load_2d(shared_address(boxes + box * kBf16BoxBytes), map_pre, barrier, column, row0);
+  }
+  __device__ __forceinline__ void read(int box, FragmentPosition position, uint32_t (&pairs)[kSlicePairs]) {
+    mbarrier_wait(barriers + 8 * box, (phases >> box) & 1u);
+    phases ^= 1u << box;
+    const uint8_t* base = boxes + box * kBf16BoxBytes;
+    const int swizzle = position.row % 8;  // rows r and r + 8 share it
+#pragma unroll
+    for (int j = 0; j < kChunk / 8; ++j) {
+      const uint8_t* pair = base + ((j ^ swizzle) << 4) + position.column * 2;
+      pairs[2 * j] = *reinterpret_cast<const uint32_t*>(pair + position.row * 128);
+      pairs[2 * j + 1] = *reinterpret_cast<const uint32_t*>(pair + (position.row + 8) * 128);
+    }
+  }
+};
+
+// gelu_backward of one 64-row half (rows from row0, tile columns from n0: two 64-column slices) of
+// a pingpong tile, pre from `source` (slice s in box s, issued earlier). With refill_row0 >= 0 each
+// box is re-armed, once read, with the same columns of rows [refill_row0, +64) (the next half).
+template <class Writer>
+__device__ __forceinline__ void gelu_backward_half_from_smem(const float (&acc)[64], const ForwardProblem& problem,
+                                                             int row0, int n0, SmemPreSource& source,
+                                                             int refill_row0, FragmentPosition position,
+                                                             Writer& writer, int barrier_id) {
+  uint32_t pairs[kSlicePairs], pre[kSlicePairs];
+#pragma unroll
+  for (int slice = 0; slice < 2; ++slice) {
+    const int column = n0 + slice * kChunk;
+    if (column >= problem.n) break;  // uniform over the warpgroup; never issued either
+    source.read(slice, position, pre);
+    slice_pairs(acc, slice, pairs);  // dL/d post, rounded as the unfused GEMM would store it
+#pragma unroll
+    for (int i = 0; i < kSlicePairs; ++i) {
+      const float2 grad = unpack_bf16x2(pairs[i]), x = unpack_bf16x2(pre[i]);
+      pairs[i] = pack_bf16x2(grad.x * epilogue_gelu_derivative(x.x), grad.y * epilogue_gelu_derivative(x.y));
+    }
+    if (refill_row0 >= 0) {
+      warpgroup_barrier(barrier_id);  // every thread has read the box
+      source.issue(slice, refill_row0, column);
+    }
+    writer.write(pairs, false, problem.n, row0, column);
+  }
+}
+
 #endif  // SY_SM90A_DEVICE_CODE
 
 }  // namespace detail

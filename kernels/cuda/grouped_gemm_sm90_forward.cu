@@ -62,7 +62,7 @@ __device__ __forceinline__ int forward_valid_rows(const ForwardProblem& problem)
   return max(0, min(__ldg(problem.expert_offsets + problem.num_experts), problem.rows));
 }
 
-// Issues L2 prefetches of the pre boxes (64 columns x 128 rows) a backward epilogue will read for
+// Issues L2 prefetches of the pre boxes (64 columns x 64 rows) a backward epilogue will read for
 // the tile at rows [row0, +128), tile columns from n0; by the time the mainloop is done they are
 // L2 hits.
 template <Epilogue kEpilogue>
@@ -70,9 +70,11 @@ __device__ __forceinline__ void prefetch_epilogue_input(const CUtensorMap* map_p
                                                         int row0, int n0, int chunks) {
   if constexpr (is_backward_epilogue(kEpilogue)) {
     for (int chunk = 0; chunk < chunks; ++chunk) {
-      tma_prefetch_l2_2d(map_pre, n0 + chunk * kChunk, row0);
-      if constexpr (kEpilogue == Epilogue::swiglu_backward)
-        tma_prefetch_l2_2d(map_pre, problem.n + n0 + chunk * kChunk, row0);
+      for (int half = 0; half < kBlockM; half += 64) {  // the map's boxes are 64 rows high
+        tma_prefetch_l2_2d(map_pre, n0 + chunk * kChunk, row0 + half);
+        if constexpr (kEpilogue == Epilogue::swiglu_backward)
+          tma_prefetch_l2_2d(map_pre, problem.n + n0 + chunk * kChunk, row0 + half);
+      }
     }
   }
 }
@@ -80,6 +82,19 @@ __device__ __forceinline__ void prefetch_epilogue_input(const CUtensorMap* map_p
 
 template <int kBlockN, bool kTmaStore>
 using ForwardLayout = PipelineLayout<kBlockN, kTmaStore ? kBf16TmaStagingBytes : kBf16StagingBytes>;
+
+// The pingpong kernel's staging adds, for gelu_backward, two 64 x 64 pre boxes per consumer and
+// their four mbarriers (SmemPreSource) after the writers' staging.
+constexpr int kWriterStagingBytes(bool tma_store) { return tma_store ? kBf16TmaStagingBytes : kBf16StagingBytes; }
+constexpr int kPreBoxesBytesPerConsumer = 2 * kBf16BoxBytes;
+constexpr int kPreBarrierBytesPerConsumer = 2 * 8;
+template <int kBlockN, bool kTmaStore, Epilogue kEpilogue>
+using PingpongLayout = PipelineLayout<kBlockN, kWriterStagingBytes(kTmaStore) +
+                                                   (kEpilogue == Epilogue::gelu_backward
+                                                        ? 2 * (kPreBoxesBytesPerConsumer + kPreBarrierBytesPerConsumer)
+                                                        : 0)>;
+static_assert(kBf16StagingBytes % kSwizzleAtomBytes == 0 && kBf16TmaStagingBytes % kSwizzleAtomBytes == 0,
+              "the pre boxes after the writers' staging stay 1024-byte aligned");
 
 #ifdef SY_SM90A_DEVICE_CODE
 // The producer thread of both schedules: streams the TMA loads of this CTA's tiles (blockIdx.x,
@@ -199,7 +214,9 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
     forward_pingpong_kernel(const __grid_constant__ ForwardMaps maps, const ForwardProblem problem) {
 #ifdef SY_SM90A_DEVICE_CODE
   static_assert(kBlockN == 128, "two 64 x kBlockN accumulators per thread must fit the registers");
-  using Layout = ForwardLayout<kBlockN, kTmaStore>;
+  using Layout = PingpongLayout<kBlockN, kTmaStore, kEpilogue>;
+  constexpr bool kSmemPre = kEpilogue == Epilogue::gelu_backward;
+  constexpr int kWriterBytes = kWriterStagingBytes(kTmaStore);
   constexpr int kStages = Layout::kStages;
   constexpr int kTileColumns = kEpilogue == Epilogue::swiglu ? kBlockN / 2 : kBlockN;
   extern __shared__ uint8_t dynamic_smem[];
@@ -219,11 +236,20 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
   setmaxnreg_increase<kConsumerRegisters>();
   const int consumer = warpgroup - 1;
   const int lane = thread_in_warpgroup % 32;
-  uint8_t* staging = smem.base + Layout::kOffsetStaging + consumer * (Layout::kStagingBytes / 2);
+  uint8_t* staging = smem.base + Layout::kOffsetStaging + consumer * (kWriterBytes / 2);
   const uint32_t a_tiles = smem.address + Layout::kOffsetA;
   const uint32_t b_tiles = smem.address + Layout::kOffsetB;
   const FragmentPosition position = fragment_position(thread_in_warpgroup);
   auto writer = make_writer<kTmaStore, kEpilogue>(maps, problem, staging, consumer, thread_in_warpgroup);
+  const int pre_offset = Layout::kOffsetStaging + kWriterBytes;
+  SmemPreSource pre_source{smem.base + pre_offset + consumer * kPreBoxesBytesPerConsumer,
+                           smem.address + pre_offset + 2 * kPreBoxesBytesPerConsumer +
+                               consumer * kPreBarrierBytesPerConsumer,
+                           &maps.pre, thread_in_warpgroup};
+  if constexpr (kSmemPre) {
+    pre_source.init();
+    warpgroup_barrier(1 + consumer);  // the initialized barriers are visible to the warpgroup
+  }
   auto skip_other_tile = [&](PipelineState& ring) {
     for (int k_block = 0; k_block < problem.k_blocks; ++k_block) ring.advance<kStages>();
   };
@@ -236,6 +262,11 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
     const int row0 = coord.m * kBlockM, n0 = coord.n * kTileColumns;
 #pragma unroll
     for (int i = 0; i < kBlockN / 2; ++i) acc_top[i] = acc_bottom[i] = 0.0f;
+    if constexpr (kSmemPre) {  // the top half's pre slices travel during the mainloop
+      warpgroup_barrier(1 + consumer);  // every thread is done with the boxes' previous loads
+      for (int slice = 0; slice < 2 && n0 + slice * kChunk < problem.n; ++slice)
+        pre_source.issue(slice, row0, n0 + slice * kChunk);
+    }
     // Every tile but the CTA's first follows the other consumer's mainloop of the tile before it.
     if (tile != int(blockIdx.x)) consumer_pair_wait(kOrderBarrier + consumer);
     consume_k_blocks_whole_tile<kBlockN, false, kBMNMajor, kStages>(
@@ -249,8 +280,15 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
       load_epilogue_input<kEpilogue>(problem, half_row0, n0, thread_in_warpgroup, input);
       run_epilogue<kEpilogue, kBlockN>(acc, problem, half_row0, n0, input, position, writer);
     };
-    epilogue_of_half(acc_top, row0);  // (a runtime choice between the arrays would put them on the stack)
-    epilogue_of_half(acc_bottom, row0 + kBlockM / 2);
+    if constexpr (kSmemPre) {
+      gelu_backward_half_from_smem(acc_top, problem, row0, n0, pre_source, row0 + kBlockM / 2, position, writer,
+                                   1 + consumer);
+      gelu_backward_half_from_smem(acc_bottom, problem, row0 + kBlockM / 2, n0, pre_source, -1, position, writer,
+                                   1 + consumer);
+    } else {
+      epilogue_of_half(acc_top, row0);  // (a runtime choice between the arrays would put them on the stack)
+      epilogue_of_half(acc_bottom, row0 + kBlockM / 2);
+    }
     skip_other_tile(state);
   }
   writer.finish();
@@ -322,8 +360,8 @@ ForwardMaps make_forward_maps(const Tensor& a, const Tensor& b, bool trans_b, in
   return maps;
 }
 
-// A row-major bf16 matrix in `box_rows` x 64 boxes: the TMA-store outputs (64 rows) and the
-// backward epilogues' pre (128 rows, L2 prefetch).
+// A row-major bf16 matrix in `box_rows` x 64 boxes: the TMA-store outputs and the backward
+// epilogues' pre (L2 prefetch; the pingpong gelu_backward's shared-memory loads).
 CUtensorMap matrix_map(const Tensor& matrix, uint32_t box_rows) {
   const uint64_t dims[2] = {uint64_t(matrix.dim(1)), uint64_t(matrix.dim(0))};
   const uint64_t strides[1] = {uint64_t(matrix.dim(1)) * 2};
@@ -344,15 +382,18 @@ ForwardProblem make_problem(const Tensor& a, const Tensor& expert_offsets, int64
 template <int kBlockN, bool kBMNMajor, Epilogue kEpilogue, bool kTmaStore>
 void launch_pipelined(const ForwardMaps& maps, const ForwardProblem& problem, int64_t m_tiles_upper_bound,
                       bool pingpong, cudaStream_t stream) {
-  constexpr int kSmemBytes = ForwardLayout<kBlockN, kTmaStore>::kSmemBytes;
+  int smem_bytes = ForwardLayout<kBlockN, kTmaStore>::kSmemBytes;
   auto kernel = forward_pipelined_kernel<kBlockN, kBMNMajor, kEpilogue, kTmaStore>;
   if constexpr (kBlockN == 128) {
-    if (pingpong) kernel = forward_pingpong_kernel<kBlockN, kBMNMajor, kEpilogue, kTmaStore>;
+    if (pingpong) {
+      kernel = forward_pingpong_kernel<kBlockN, kBMNMajor, kEpilogue, kTmaStore>;
+      smem_bytes = PingpongLayout<kBlockN, kTmaStore, kEpilogue>::kSmemBytes;
+    }
   }
-  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   const int64_t tiles = m_tiles_upper_bound * problem.n_tiles;
   const int grid = int(std::min<int64_t>(pingpong ? (tiles + 1) / 2 : tiles, current_device_sm_count()));
-  kernel<<<grid, 3 * kWarpgroupThreads, kSmemBytes, stream>>>(maps, problem);
+  kernel<<<grid, 3 * kWarpgroupThreads, smem_bytes, stream>>>(maps, problem);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -471,7 +512,7 @@ void grouped_gemm_activation_backward(ExpertActivation activation, const Tensor&
   const int64_t rows = grad_out.dim(0), width = w2.dim(1);
   if (rows == 0) return;
   ForwardMaps maps = make_forward_maps(grad_out, w2, true, width);
-  maps.pre = matrix_map(pre, kBlockM);
+  maps.pre = matrix_map(pre, 64);
   ForwardProblem problem = make_problem(grad_out, expert_offsets, w2.dim(0), width);
   problem.c = grad_pre.as<__nv_bfloat16>();
   problem.pre = pre.as<const __nv_bfloat16>();
