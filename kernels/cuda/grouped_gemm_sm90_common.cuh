@@ -488,21 +488,21 @@ __device__ __forceinline__ void basic_mainloop(float (&acc)[kBlockN / 2], int k_
 }
 
 // Consumer side of the warp-specialized pipeline for one tile: waits for each stage, issues its
-// wgmmas, and hands a stage back to the producer (one arrival per consumer warp) as soon as the MMAs
-// reading it are complete. One wgmma group stays in flight across stages. On return all MMAs of
-// the tile are complete and `acc` holds the tile.
-template <int kBlockN, bool kAMNMajor, bool kBMNMajor, int kStages>
-__device__ __forceinline__ void consume_k_blocks(float (&acc)[kBlockN / 2], int k_blocks, uint32_t a_tiles,
-                                                 uint32_t a_stage_bytes, uint32_t b_tiles, uint32_t b_stage_bytes,
-                                                 uint32_t full_barriers, uint32_t empty_barriers,
-                                                 PipelineState& state, bool signalling_lane) {
+// wgmmas (issue_stage(a_stage, b_stage): the stage's A and B tile addresses), and hands a stage back
+// to the producer (one arrival per consumer warp) as soon as the MMAs reading it are complete. One
+// wgmma group stays in flight across stages. fence() pins the accumulators around the async MMAs.
+// On return all MMAs of the tile are complete.
+template <int kStages, class IssueStage, class Fence>
+__device__ __forceinline__ void consume_stages(int k_blocks, uint32_t a_tiles, uint32_t a_stage_bytes,
+                                               uint32_t b_tiles, uint32_t b_stage_bytes, uint32_t full_barriers,
+                                               uint32_t empty_barriers, PipelineState& state, bool signalling_lane,
+                                               const IssueStage& issue_stage, const Fence& fence) {
   int in_flight_stage = -1;
   for (int k_block = 0; k_block < k_blocks; ++k_block) {
     mbarrier_wait(full_barriers + 8 * state.stage, state.phase);
-    fence_accumulators(acc);
+    fence();
     wgmma_fence();
-    mma_stage<kBlockN, kAMNMajor, kBMNMajor>(acc, a_tiles + state.stage * a_stage_bytes,
-                                             b_tiles + state.stage * b_stage_bytes);
+    issue_stage(a_tiles + state.stage * a_stage_bytes, b_tiles + state.stage * b_stage_bytes);
     wgmma_commit();
     wgmma_wait<1>();  // the previous stage's group is done
     if (in_flight_stage >= 0 && signalling_lane) mbarrier_arrive(empty_barriers + 8 * in_flight_stage);
@@ -510,13 +510,24 @@ __device__ __forceinline__ void consume_k_blocks(float (&acc)[kBlockN / 2], int 
     state.advance<kStages>();
   }
   wgmma_wait<0>();
-  fence_accumulators(acc);
+  fence();
   if (in_flight_stage >= 0 && signalling_lane) mbarrier_arrive(empty_barriers + 8 * in_flight_stage);
 }
 
-// consume_k_blocks for a warpgroup that computes a whole 128-row tile (pingpong schedule): per
-// stage one wgmma group with rows [0, 64) of the A tile into acc_top and rows [64, 128) into
-// acc_bottom, both against the same B.
+// One warpgroup's 64 x kBlockN accumulator tile (cooperative schedule, weight grad).
+template <int kBlockN, bool kAMNMajor, bool kBMNMajor, int kStages>
+__device__ __forceinline__ void consume_k_blocks(float (&acc)[kBlockN / 2], int k_blocks, uint32_t a_tiles,
+                                                 uint32_t a_stage_bytes, uint32_t b_tiles, uint32_t b_stage_bytes,
+                                                 uint32_t full_barriers, uint32_t empty_barriers,
+                                                 PipelineState& state, bool signalling_lane) {
+  consume_stages<kStages>(
+      k_blocks, a_tiles, a_stage_bytes, b_tiles, b_stage_bytes, full_barriers, empty_barriers, state, signalling_lane,
+      [&](uint32_t a_stage, uint32_t b_stage) { mma_stage<kBlockN, kAMNMajor, kBMNMajor>(acc, a_stage, b_stage); },
+      [&] { fence_accumulators(acc); });
+}
+
+// A warpgroup that computes a whole 128-row tile (pingpong schedule): per stage one wgmma group
+// with rows [0, 64) of the A tile into acc_top and rows [64, 128) into acc_bottom, same B.
 template <int kBlockN, bool kAMNMajor, bool kBMNMajor, int kStages>
 __device__ __forceinline__ void consume_k_blocks_whole_tile(float (&acc_top)[kBlockN / 2],
                                                             float (&acc_bottom)[kBlockN / 2], int k_blocks,
@@ -525,25 +536,16 @@ __device__ __forceinline__ void consume_k_blocks_whole_tile(float (&acc_top)[kBl
                                                             uint32_t empty_barriers, PipelineState& state,
                                                             bool signalling_lane) {
   static_assert(!kAMNMajor, "the row halves of a K-major A tile are 64 rows x 128 bytes apart");
-  int in_flight_stage = -1;
-  for (int k_block = 0; k_block < k_blocks; ++k_block) {
-    mbarrier_wait(full_barriers + 8 * state.stage, state.phase);
-    fence_accumulators(acc_top);
-    fence_accumulators(acc_bottom);
-    wgmma_fence();
-    const uint32_t a_stage = a_tiles + state.stage * a_stage_bytes, b_stage = b_tiles + state.stage * b_stage_bytes;
-    mma_stage<kBlockN, kAMNMajor, kBMNMajor>(acc_top, a_stage, b_stage);
-    mma_stage<kBlockN, kAMNMajor, kBMNMajor>(acc_bottom, a_stage + kTileBytesA / 2, b_stage);
-    wgmma_commit();
-    wgmma_wait<1>();  // the previous stage's group is done
-    if (in_flight_stage >= 0 && signalling_lane) mbarrier_arrive(empty_barriers + 8 * in_flight_stage);
-    in_flight_stage = state.stage;
-    state.advance<kStages>();
-  }
-  wgmma_wait<0>();
-  fence_accumulators(acc_top);
-  fence_accumulators(acc_bottom);
-  if (in_flight_stage >= 0 && signalling_lane) mbarrier_arrive(empty_barriers + 8 * in_flight_stage);
+  consume_stages<kStages>(
+      k_blocks, a_tiles, a_stage_bytes, b_tiles, b_stage_bytes, full_barriers, empty_barriers, state, signalling_lane,
+      [&](uint32_t a_stage, uint32_t b_stage) {
+        mma_stage<kBlockN, kAMNMajor, kBMNMajor>(acc_top, a_stage, b_stage);
+        mma_stage<kBlockN, kAMNMajor, kBMNMajor>(acc_bottom, a_stage + kTileBytesA / 2, b_stage);
+      },
+      [&] {
+        fence_accumulators(acc_top);
+        fence_accumulators(acc_bottom);
+      });
 }
 
 // The expert owning `row`: the largest e < E with offsets[e] <= row (empty experts share offsets).

@@ -148,32 +148,16 @@ __device__ __forceinline__ auto make_writer(const ForwardMaps& maps, const Forwa
 }
 #endif
 
-// Warp-specialized persistent kernel. Warpgroup 0: one thread streams TMA loads for this CTA's
-// tiles through the kStages ring. Warpgroups 1 and 2: rows [0, 64) and [64, 128) of each tile, then
-// the tile's epilogue, which stores through TMA (kTmaStore: maps.c, maps.post) or st.global.
-template <int kBlockN, bool kBMNMajor, Epilogue kEpilogue, bool kTmaStore>
-__global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
-    forward_pipelined_kernel(const __grid_constant__ ForwardMaps maps, const ForwardProblem problem) {
 #ifdef SY_SM90A_DEVICE_CODE
-  using Layout = ForwardLayout<kBlockN, kTmaStore>;
+// Cooperative consumers: warpgroup `consumer` takes rows [64 consumer, +64) of each of the CTA's
+// 128 x kBlockN tiles, then that part of the tile's epilogue, which stores through TMA
+// (kTmaStore: maps.c, maps.post) or st.global.
+template <int kBlockN, bool kBMNMajor, Epilogue kEpilogue, bool kTmaStore, class Layout>
+__device__ __forceinline__ void run_cooperative_consumer(const ForwardMaps& maps, const ForwardProblem& problem,
+                                                         const PipelineSmem& smem, int m_tiles, int total_tiles,
+                                                         int consumer, int thread_in_warpgroup) {
   constexpr int kStages = Layout::kStages;
   constexpr int kTileColumns = kEpilogue == Epilogue::swiglu ? kBlockN / 2 : kBlockN;
-  extern __shared__ uint8_t dynamic_smem[];
-  const PipelineSmem smem = setup_pipeline<Layout>(dynamic_smem, kConsumerWarps);
-  const int warpgroup = threadIdx.x / kWarpgroupThreads;
-  const int thread_in_warpgroup = threadIdx.x % kWarpgroupThreads;
-  const int m_tiles = (forward_valid_rows(problem) + kBlockM - 1) / kBlockM;
-  const int total_tiles = m_tiles * problem.n_tiles;
-
-  if (warpgroup == 0) {
-    setmaxnreg_decrease<kProducerRegisters>();
-    if (thread_in_warpgroup == 0)
-      run_forward_producer<kBlockN, kBMNMajor, kEpilogue, Layout>(maps, problem, smem, m_tiles, total_tiles);
-    return;
-  }
-
-  setmaxnreg_increase<kConsumerRegisters>();
-  const int consumer = warpgroup - 1;
   const int lane = thread_in_warpgroup % 32;
   uint8_t* staging = smem.base + Layout::kOffsetStaging + consumer * (Layout::kStagingBytes / 2);
   const uint32_t a_tiles = smem.address + Layout::kOffsetA + consumer * (kTileBytesA / 2);
@@ -195,9 +179,6 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
     run_epilogue<kEpilogue, kBlockN>(acc, problem, row0, n0, epilogue_input, position, writer);
   }
   writer.finish();
-#elif defined(__CUDA_ARCH__)
-  __trap();  // built without sm_90a code: never run silently
-#endif
 }
 
 // Pingpong schedule of the same work: each consumer warpgroup computes whole 128 x kBlockN tiles
@@ -209,32 +190,15 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
 // kOrderBarrier + c: "consumer c may start"): a consumer must not wait on a stage's full barrier
 // before the other has waited on that stage's previous phase, or the parity wait would take the
 // other's data (a phase two ahead) for its own.
-template <int kBlockN, bool kBMNMajor, Epilogue kEpilogue, bool kTmaStore>
-__global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
-    forward_pingpong_kernel(const __grid_constant__ ForwardMaps maps, const ForwardProblem problem) {
-#ifdef SY_SM90A_DEVICE_CODE
+template <int kBlockN, bool kBMNMajor, Epilogue kEpilogue, bool kTmaStore, class Layout>
+__device__ __forceinline__ void run_pingpong_consumer(const ForwardMaps& maps, const ForwardProblem& problem,
+                                                      const PipelineSmem& smem, int m_tiles, int total_tiles,
+                                                      int consumer, int thread_in_warpgroup) {
   static_assert(kBlockN == 128, "two 64 x kBlockN accumulators per thread must fit the registers");
-  using Layout = PingpongLayout<kBlockN, kTmaStore, kEpilogue>;
   constexpr bool kSmemPre = kEpilogue == Epilogue::gelu_backward;
   constexpr int kWriterBytes = kWriterStagingBytes(kTmaStore);
   constexpr int kStages = Layout::kStages;
   constexpr int kTileColumns = kEpilogue == Epilogue::swiglu ? kBlockN / 2 : kBlockN;
-  extern __shared__ uint8_t dynamic_smem[];
-  const PipelineSmem smem = setup_pipeline<Layout>(dynamic_smem, kConsumerWarps / 2);
-  const int warpgroup = threadIdx.x / kWarpgroupThreads;
-  const int thread_in_warpgroup = threadIdx.x % kWarpgroupThreads;
-  const int m_tiles = (forward_valid_rows(problem) + kBlockM - 1) / kBlockM;
-  const int total_tiles = m_tiles * problem.n_tiles;
-
-  if (warpgroup == 0) {
-    setmaxnreg_decrease<kProducerRegisters>();
-    if (thread_in_warpgroup == 0)
-      run_forward_producer<kBlockN, kBMNMajor, kEpilogue, Layout>(maps, problem, smem, m_tiles, total_tiles);
-    return;
-  }
-
-  setmaxnreg_increase<kConsumerRegisters>();
-  const int consumer = warpgroup - 1;
   const int lane = thread_in_warpgroup % 32;
   uint8_t* staging = smem.base + Layout::kOffsetStaging + consumer * (kWriterBytes / 2);
   const uint32_t a_tiles = smem.address + Layout::kOffsetA;
@@ -292,6 +256,42 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
     skip_other_tile(state);
   }
   writer.finish();
+}
+#endif
+
+template <int kBlockN, bool kTmaStore, Epilogue kEpilogue, bool kPingpong>
+using ForwardKernelLayout = std::conditional_t<kPingpong, PingpongLayout<kBlockN, kTmaStore, kEpilogue>,
+                                               ForwardLayout<kBlockN, kTmaStore>>;
+
+// Warp-specialized persistent kernel. Warpgroup 0: one thread streams TMA loads for this CTA's
+// tiles through the kStages ring. Warpgroups 1 and 2 consume them, cooperatively or in pingpong.
+template <int kBlockN, bool kBMNMajor, Epilogue kEpilogue, bool kTmaStore, bool kPingpong>
+__global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
+    forward_pipelined_kernel(const __grid_constant__ ForwardMaps maps, const ForwardProblem problem) {
+#ifdef SY_SM90A_DEVICE_CODE
+  using Layout = ForwardKernelLayout<kBlockN, kTmaStore, kEpilogue, kPingpong>;
+  extern __shared__ uint8_t dynamic_smem[];
+  // A stage is read by both consumer warpgroups (cooperative) or by one (pingpong).
+  const PipelineSmem smem = setup_pipeline<Layout>(dynamic_smem, kPingpong ? kConsumerWarps / 2 : kConsumerWarps);
+  const int warpgroup = threadIdx.x / kWarpgroupThreads;
+  const int thread_in_warpgroup = threadIdx.x % kWarpgroupThreads;
+  const int m_tiles = (forward_valid_rows(problem) + kBlockM - 1) / kBlockM;
+  const int total_tiles = m_tiles * problem.n_tiles;
+
+  if (warpgroup == 0) {
+    setmaxnreg_decrease<kProducerRegisters>();
+    if (thread_in_warpgroup == 0)
+      run_forward_producer<kBlockN, kBMNMajor, kEpilogue, Layout>(maps, problem, smem, m_tiles, total_tiles);
+    return;
+  }
+  setmaxnreg_increase<kConsumerRegisters>();
+  if constexpr (kPingpong) {
+    run_pingpong_consumer<kBlockN, kBMNMajor, kEpilogue, kTmaStore, Layout>(maps, problem, smem, m_tiles, total_tiles,
+                                                                            warpgroup - 1, thread_in_warpgroup);
+  } else {
+    run_cooperative_consumer<kBlockN, kBMNMajor, kEpilogue, kTmaStore, Layout>(
+        maps, problem, smem, m_tiles, total_tiles, warpgroup - 1, thread_in_warpgroup);
+  }
 #elif defined(__CUDA_ARCH__)
   __trap();  // built without sm_90a code: never run silently
 #endif
@@ -383,10 +383,10 @@ template <int kBlockN, bool kBMNMajor, Epilogue kEpilogue, bool kTmaStore>
 void launch_pipelined(const ForwardMaps& maps, const ForwardProblem& problem, int64_t m_tiles_upper_bound,
                       bool pingpong, cudaStream_t stream) {
   int smem_bytes = ForwardLayout<kBlockN, kTmaStore>::kSmemBytes;
-  auto kernel = forward_pipelined_kernel<kBlockN, kBMNMajor, kEpilogue, kTmaStore>;
+  auto kernel = forward_pipelined_kernel<kBlockN, kBMNMajor, kEpilogue, kTmaStore, false>;
   if constexpr (kBlockN == 128) {
     if (pingpong) {
-      kernel = forward_pingpong_kernel<kBlockN, kBMNMajor, kEpilogue, kTmaStore>;
+      kernel = forward_pipelined_kernel<kBlockN, kBMNMajor, kEpilogue, kTmaStore, true>;
       smem_bytes = PingpongLayout<kBlockN, kTmaStore, kEpilogue>::kSmemBytes;
     }
   }
