@@ -75,7 +75,7 @@ enum class Schedule : uint8_t { automatic, cooperative, pingpong };
 
 struct Options {
   Variant variant = Variant::pipelined;
-  int block_n = 0;  // output tile width: 128 or 256 (pipelined only; basic uses 128); 0 = choose
+  int block_n = 0;  // output tile width: 128 or 256 (cooperative only; basic and pingpong use 128); 0 = choose
   // Pipelined epilogues. The tma weight grad has 128-wide tiles: a block_n of 256 selects direct there.
   Store store = Store::tma;
   Schedule schedule = Schedule::automatic;  // forward kernels only (the weight grad is cooperative)
