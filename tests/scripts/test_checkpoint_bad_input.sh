@@ -11,18 +11,7 @@
 # A --resume path that does not exist, or that holds checkpoints but is not one, is exit 2 too.
 # Usage: test_checkpoint_bad_input.sh SWITCHYARD_BINARY SOURCE_DIR MPIEXEC
 set -u
-binary="$1"
-source_dir="$2"
-mpiexec="${3:-mpirun}"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-failures=0
-fail() {
-  echo "FAIL: $*" >&2
-  failures=$((failures + 1))
-}
-mpi=("$mpiexec" -np 2 --oversubscribe --bind-to none)
-if [ "$(id -u)" -eq 0 ]; then mpi+=(--allow-run-as-root); fi
+source "$(dirname "$0")/lib.sh"
 
 awk 'BEGIN { srand(5); for (i = 0; i < 4000; i++) printf "%c%s", 97 + int(rand() * 12), (rand() < 0.2 ? " " : "") }' \
   >"$work/corpus.txt"
@@ -159,8 +148,4 @@ grep -q "switchyard: error: .*$two/$file is corrupt: tensor $victim" "$work/two_
 [ "$(snapshot "$work/two/ckpt")" = "$before" ] || fail "2 ranks: the checkpoints changed"
 echo "ok: 2 ranks: a corrupt expert read by rank 1 only ends the job with status 2"
 
-if [ "$failures" -ne 0 ]; then
-  echo "$failures failure(s)" >&2
-  exit 1
-fi
-echo "all bad-input checkpoint checks passed"
+summarize_and_exit "bad-input checkpoint checks"

@@ -16,18 +16,8 @@
 #   SWITCHYARD_TEST_DEVICE=cuda bash tests/scripts/test_checkpoint_resume.sh build/switchyard . mpirun
 # runs the same checks with training.device = cuda and bf16 compute (parallel.deterministic on).
 set -u
-binary="$1"
-source_dir="$2"
-mpiexec="${3:-mpirun}"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-failures=0
-fail() {
-  echo "FAIL: $*" >&2
-  failures=$((failures + 1))
-}
-mpi_flags=(--oversubscribe --bind-to none -x NCCL_NVLS_ENABLE=0)
-if [ "$(id -u)" -eq 0 ]; then mpi_flags+=(--allow-run-as-root); fi
+source "$(dirname "$0")/lib.sh"
+mpi_flags+=(-x NCCL_NVLS_ENABLE=0)
 device="${SWITCHYARD_TEST_DEVICE:-cpu}"
 device_args=()
 max_ranks=4
@@ -223,8 +213,4 @@ PY
 done
 [ "$failures" -eq 0 ] && echo "ok: ckpt export writes valid safetensors (fp32, bf16)"
 
-if [ "$failures" -ne 0 ]; then
-  echo "$failures failure(s)" >&2
-  exit 1
-fi
-echo "all checkpoint resume checks passed"
+summarize_and_exit "checkpoint resume checks"

@@ -18,24 +18,14 @@
 # all steps, across every restart) and final checkpoint tensors must equal a run never killed.
 # Usage: test_checkpoint_sigkill.sh SWITCHYARD_BINARY SOURCE_DIR MPIEXEC [RANDOM_KILLS]
 set -u
-binary="$1"
-source_dir="$2"
-mpiexec="${3:-mpirun}"
+source "$(dirname "$0")/lib.sh"
 random_kills="${4:-12}"
-work="$(mktemp -d)"
 sessions=()
-cleanup() {
+cleanup() {  # replaces lib.sh's EXIT trap: stop what is still running, then remove $work
   for session in "${sessions[@]+"${sessions[@]}"}"; do kill_session "$session"; done
   rm -rf "$work"
 }
 trap cleanup EXIT
-failures=0
-fail() {
-  echo "FAIL: $*" >&2
-  failures=$((failures + 1))
-}
-mpi_flags=(--oversubscribe --bind-to none)
-if [ "$(id -u)" -eq 0 ]; then mpi_flags+=(--allow-run-as-root); fi
 RANDOM=$(( $(date +%s) % 32768 ))
 echo "random seed for the kill times: $RANDOM"
 
@@ -213,8 +203,4 @@ finish double 2 reference2
 echo "$kills kills: $resumes_checked restarts checked for where they resumed, $saves_interrupted saves cut short"
 [ "$resumes_checked" -ge $((kills / 2)) ] || fail "too few restarts got as far as resuming before their kill"
 [ "$saves_interrupted" -ge 5 ] || fail "too few kills landed inside a save"
-if [ "$failures" -ne 0 ]; then
-  echo "$failures failure(s)" >&2
-  exit 1
-fi
-echo "all SIGKILL checks passed"
+summarize_and_exit "SIGKILL checks"

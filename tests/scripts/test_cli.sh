@@ -4,17 +4,7 @@
 # Usage: test_cli.sh SWITCHYARD_BINARY SOURCE_DIR MPIEXEC
 set -u
 
-binary="$1"
-source_dir="$2"
-mpiexec="${3:-mpirun}"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-failures=0
-
-fail() {
-  echo "FAIL: $*" >&2
-  failures=$((failures + 1))
-}
+source "$(dirname "$0")/lib.sh"
 
 # expect_exit CODE DESCRIPTION -- COMMAND...: runs COMMAND, stdout/stderr to $work/out, $work/err.
 expect_exit() {
@@ -144,8 +134,4 @@ expect_exit 2 "broken config under $mpiexec -np 2" -- "${mpi_run2[@]}" "$binary"
 expect_exit 2 "ep_size not dividing the world under $mpiexec -np 2" -- "${mpi_run2[@]}" "$binary" train \
   "$source_dir/configs/tiny-cpu.yaml" "${data[@]}" --set "logging.run_dir=$work/run_mpi4" --set parallel.ep_size=4 --dry-run
 
-if [ "$failures" -ne 0 ]; then
-  echo "test_cli: $failures failure(s)" >&2
-  exit 1
-fi
-echo "test_cli: all passed"
+summarize_and_exit "CLI checks"

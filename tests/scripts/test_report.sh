@@ -10,19 +10,8 @@
 # Usage: test_report.sh SWITCHYARD_BINARY SOURCE_DIR MPIEXEC
 set -u
 
-binary="$1"
-source_dir="$2"
-mpiexec="${3:-mpirun}"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-failures=0
-fail() {
-  echo "FAIL: $*" >&2
-  failures=$((failures + 1))
-}
+source "$(dirname "$0")/lib.sh"
 
-mpi=("$mpiexec" -np 2 --oversubscribe --bind-to none)
-if [ "$(id -u)" -eq 0 ]; then mpi+=(--allow-run-as-root); fi
 
 # A small generated corpus (~120 KB) with digits, capitals and punctuation, so byte classes differ.
 awk 'BEGIN {
@@ -127,8 +116,4 @@ cp "$metrics" "$work/metrics_only/metrics.jsonl" 2>/dev/null
   fail "report of a run without weights failed: $(cat "$work/metrics_only.out")"
 grep -q "Not computed" "$work/metrics_only.html" 2>/dev/null || fail "a run without weights should say why the map is missing"
 
-if [ "$failures" -ne 0 ]; then
-  echo "$failures failure(s)" >&2
-  exit 1
-fi
-echo "all report checks passed"
+summarize_and_exit "report checks"

@@ -10,19 +10,8 @@
 # Usage: test_train_tiny.sh SWITCHYARD_BINARY SOURCE_DIR MPIEXEC
 set -u
 
-binary="$1"
-source_dir="$2"
-mpiexec="${3:-mpirun}"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-failures=0
-fail() {
-  echo "FAIL: $*" >&2
-  failures=$((failures + 1))
-}
+source "$(dirname "$0")/lib.sh"
 
-mpi=("$mpiexec" -np 2 --oversubscribe --bind-to none)
-if [ "$(id -u)" -eq 0 ]; then mpi+=(--allow-run-as-root); fi
 
 # Generated text: sentences from a small grammar, fixed seed (~400 KB), and a validation split.
 awk 'BEGIN {
@@ -134,8 +123,4 @@ if [ -s "$work/replicated/metrics.jsonl" ]; then
     fail "ep_size 2 and ep_size 1 disagree"
 fi
 
-if [ "$failures" -ne 0 ]; then
-  echo "$failures failure(s)" >&2
-  exit 1
-fi
-echo "all training checks passed"
+summarize_and_exit "training checks"
