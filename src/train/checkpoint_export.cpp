@@ -1,12 +1,6 @@
 // Checkpoint verification and safetensors export (src/train/checkpoint_export.h).
 #include "src/train/checkpoint_export.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
-#include <atomic>
-#include <cerrno>
-#include <cstring>
 #include <filesystem>
 #include <map>
 #include <vector>
@@ -130,15 +124,7 @@ SafetensorsExportResult export_safetensors(const std::string& directory, const s
   header_text.append((8 - header_text.size() % 8) % 8, ' ');
   const uint64_t header_bytes = header_text.size();
 
-  static std::atomic<uint64_t> counter{0};
-  const fs::path target(output);
-  const fs::path parent = target.parent_path().empty() ? fs::path(".") : target.parent_path();
-  const std::string temp = (parent / ("." + target.filename().string() + ".tmp." + std::to_string(::getpid()) + "." +
-                                      std::to_string(counter++)))
-                               .string();
-  const int descriptor = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (descriptor < 0) SY_BAD_INPUT("cannot write '", output, "': ", std::strerror(errno));
-  try {
+  write_file_atomically(output, true, [&](int descriptor, const std::string& temp) {
     write_all(descriptor, &header_bytes, sizeof(header_bytes), temp);
     write_all(descriptor, header_text.data(), header_text.size(), temp);
     CheckpointReader reader(directory, manifest);
@@ -157,19 +143,7 @@ SafetensorsExportResult export_safetensors(const std::string& directory, const s
         }
       }
     }
-    if (::fsync(descriptor) != 0) SY_THROW("fsync of '", temp, "' failed: ", std::strerror(errno));
-  } catch (...) {
-    ::close(descriptor);
-    ::unlink(temp.c_str());
-    throw;
-  }
-  ::close(descriptor);
-  if (std::rename(temp.c_str(), output.c_str()) != 0) {
-    const int saved = errno;
-    ::unlink(temp.c_str());
-    SY_THROW("renaming '", temp, "' to '", output, "' failed: ", std::strerror(saved));
-  }
-  fsync_path(parent.string(), true);
+  });
   SafetensorsExportResult result;
   result.tensors = int64_t(selected.size());
   result.bytes = sizeof(header_bytes) + header_bytes + offset;

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -318,16 +319,20 @@ void fsync_path(const std::string& path, bool directory) {
     SY_THROW("fsync of '", path, "' failed: ", std::strerror(saved));
 }
 
-void write_file_atomically(const std::string& path, const std::string& text) {
+void write_file_atomically(const std::string& path, bool user_path,
+                           const std::function<void(int descriptor, const std::string& temp)>& write) {
   static std::atomic<uint64_t> counter{0};
   const fs::path target(path);
   const std::string directory = target.parent_path().empty() ? "." : target.parent_path().string();
   const std::string temp = join_path(directory, "." + target.filename().string() + ".tmp." +
                                                     std::to_string(::getpid()) + "." + std::to_string(counter++));
   const int descriptor = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (descriptor < 0) SY_THROW("cannot create '", temp, "': ", std::strerror(errno));
+  if (descriptor < 0) {
+    if (user_path) SY_BAD_INPUT("cannot write '", path, "': ", std::strerror(errno));
+    SY_THROW("cannot create '", temp, "': ", std::strerror(errno));
+  }
   try {
-    write_all(descriptor, text.data(), text.size(), temp);
+    write(descriptor, temp);
     if (::fsync(descriptor) != 0) SY_THROW("fsync of '", temp, "' failed: ", std::strerror(errno));
   } catch (...) {
     ::close(descriptor);
@@ -341,6 +346,12 @@ void write_file_atomically(const std::string& path, const std::string& text) {
     SY_THROW("renaming '", temp, "' to '", path, "' failed: ", std::strerror(saved));
   }
   fsync_path(directory, true);
+}
+
+void write_file_atomically(const std::string& path, const std::string& text) {
+  write_file_atomically(path, false, [&](int descriptor, const std::string& temp) {
+    write_all(descriptor, text.data(), text.size(), temp);
+  });
 }
 
 std::string read_text_file(const std::string& path, const char* what) {

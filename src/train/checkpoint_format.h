@@ -27,6 +27,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -156,6 +157,11 @@ void write_all(int descriptor, const void* data, size_t bytes, const std::string
 void fsync_path(const std::string& path, bool directory);
 // Writes `text` to `path` through a temporary file in the same directory, fsynced and renamed.
 void write_file_atomically(const std::string& path, const std::string& text);
+// The same with the content from write(descriptor, temp_path); on any failure the temporary file
+// is removed and `path` left as it was. A temporary file that cannot be created is bad input when
+// `user_path` (an output the user named), an internal error otherwise.
+void write_file_atomically(const std::string& path, bool user_path,
+                           const std::function<void(int descriptor, const std::string& temp)>& write);
 std::string read_text_file(const std::string& path, const char* what);  // SY_BAD_INPUT when unreadable
 
 }  // namespace switchyard
