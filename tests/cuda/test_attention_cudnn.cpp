@@ -20,7 +20,7 @@
 #include "kernels/model_ops.h"
 #include "src/core/device.h"
 #include "src/core/error.h"
-#include "tests/cuda/device_tensor.h"
+#include "tests/cuda/cuda_test_support.h"
 #include "tests/unit/test_helpers.h"
 
 using namespace switchyard;
@@ -28,11 +28,6 @@ using namespace switchyard::testing;
 using cuda::AttentionPath;
 
 namespace {
-
-#define SKIP_WITHOUT_CUDA()                                  \
-  do {                                                       \
-    if (!cuda_available()) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 double tolerance_for(DType dtype) { return dtype == DType::f16 ? 5e-3 : 1e-2; }
 

@@ -12,17 +12,13 @@
 
 #include "kernels/ep_ops.h"
 #include "src/core/device.h"
+#include "tests/cuda/cuda_test_support.h"
 #include "tests/unit/test_helpers.h"
 
 using namespace switchyard;
 using namespace switchyard::testing;
 
 namespace {
-
-#define SKIP_WITHOUT_CUDA()                                  \
-  do {                                                       \
-    if (!cuda_available()) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 // Raw bytes of a tensor on either side.
 std::vector<unsigned char> bytes_of(const Tensor& tensor) {

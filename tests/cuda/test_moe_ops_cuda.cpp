@@ -21,18 +21,13 @@
 #include "kernels/ops.h"
 #include "src/core/device.h"
 #include "src/core/rng.h"
-#include "tests/cuda/device_tensor.h"
+#include "tests/cuda/cuda_test_support.h"
 #include "tests/unit/test_helpers.h"
 
 using namespace switchyard;
 using namespace switchyard::testing;
 
 namespace {
-
-#define SKIP_WITHOUT_CUDA()                                 \
-  do {                                                      \
-    if (!cuda_available()) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 double tolerance_for(DType output) { return output == DType::f32 ? 1e-5 : 1e-2; }
 

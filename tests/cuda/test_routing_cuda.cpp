@@ -26,17 +26,13 @@
 #include "kernels/moe_ops.h"
 #include "kernels/ops.h"
 #include "src/core/device.h"
+#include "tests/cuda/cuda_test_support.h"
 #include "tests/unit/test_helpers.h"
 
 using namespace switchyard;
 using namespace switchyard::testing;
 
 namespace {
-
-#define SKIP_WITHOUT_CUDA()                                 \
-  do {                                                      \
-    if (!cuda_available()) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 constexpr double kFloatTolerance = 1e-5;
 

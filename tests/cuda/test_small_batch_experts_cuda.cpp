@@ -25,7 +25,7 @@
 #include "src/core/timing.h"
 #include "src/model/moe_layer.h"
 #include "src/model/moe_stream.h"
-#include "tests/cuda/device_tensor.h"
+#include "tests/cuda/cuda_test_support.h"
 #include "tests/unit/test_helpers.h"
 
 using namespace switchyard;

@@ -1,7 +1,9 @@
-// DeviceTensor: a CUDA tensor that owns its memory, for tests that compare CUDA ops with the CPU
-// reference, with upload (converting host values to its dtype) and download. Shared by the CUDA
-// test files so each does not carry its own copy.
+// What the CUDA test files share: SKIP_WITHOUT_CUDA() and DeviceTensor, a CUDA tensor that owns
+// its memory, for tests that compare CUDA ops with the CPU reference, with upload (converting host
+// values to its dtype) and download.
 #pragma once
+
+#include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -12,6 +14,12 @@
 #include "src/core/error.h"
 #include "src/core/tensor.h"
 #include "tests/unit/test_helpers.h"
+
+// Skips the test, with the reason, on a machine without a CUDA device (CI).
+#define SKIP_WITHOUT_CUDA()                                  \
+  do {                                                       \
+    if (!cuda_available()) GTEST_SKIP() << "no CUDA device"; \
+  } while (0)
 
 namespace switchyard {
 namespace testing {
