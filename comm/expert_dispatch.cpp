@@ -1,5 +1,6 @@
 // Expert dispatch and combine (comm/expert_dispatch.h).
 #include "comm/expert_dispatch.h"
+#include "kernels/ep_nvlink_ops.h"
 
 #include <algorithm>
 #include <limits>
@@ -107,8 +108,8 @@ void ExpertExchangePlan::chunk_arguments(int chunk, bool dispatch, int64_t width
 // ---- ExpertDispatcher ------------------------------------------------------------------------
 
 ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel, DeviceKind device, int num_experts,
-                                   int segment_alignment, int chunks)
-    : communicator_(std::move(expert_parallel)), device_(device) {
+                                   int segment_alignment, int chunks, bool gather_all_counts)
+    : communicator_(std::move(expert_parallel)), device_(device), gather_all_counts_(gather_all_counts) {
   SY_CHECK(communicator_ != nullptr, "ExpertDispatcher: no expert_parallel communicator");
   SY_CHECK(communicator_->device() == device, "ExpertDispatcher: the ", communicator_->name(), " communicator is on ",
            device_kind_name(communicator_->device()), ", the layer on ", device_kind_name(device));
@@ -125,7 +126,8 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
   events_ = std::make_unique<CommStreamEvents>(device, chunks_ + 1);
 
   const int64_t segments = int64_t(ranks_) * local_experts_, experts = local_experts_;
-  counts_ = Buffer(device, size_t(2 * segments) * sizeof(int32_t));
+  // [send counts E | received counts P*L], or with gather_all_counts [send counts E | all ranks' P*E].
+  counts_ = Buffer(device, size_t(gather_all_counts_ ? segments + ranks_ * segments : 2 * segments) * sizeof(int32_t));
   const int64_t layout_ints = (segments + 1) + experts + (experts + 1) + segments + (experts + chunks_);
   layout_memory_ = Buffer(device, size_t(layout_ints) * sizeof(int32_t));
   int32_t* cursor = layout_memory_.as<int32_t>();
@@ -138,7 +140,12 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
   layout_.local_experts = local_experts_;
   layout_.chunks = chunks_;
   layout_.alignment = alignment_;
-  layout_.recv_counts = Tensor(counts_.as<int32_t>() + segments, DType::i32, device, {int64_t(ranks_), experts});
+  if (gather_all_counts_) {
+    direct_tables_ = Buffer(device, size_t(2 * segments) * sizeof(int32_t));
+    layout_.recv_counts = Tensor(direct_tables_.as<int32_t>(), DType::i32, device, {int64_t(ranks_), experts});
+  } else {
+    layout_.recv_counts = Tensor(counts_.as<int32_t>() + segments, DType::i32, device, {int64_t(ranks_), experts});
+  }
   layout_.packed_starts = take({segments + 1});
   layout_.expert_totals = take({experts});
   layout_.expert_offsets = take({experts + 1});
@@ -149,11 +156,13 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
   if (device == DeviceKind::cuda) {
 #if defined(SWITCHYARD_WITH_CUDA)
     CUDA_CHECK(cudaMallocHost(&host_counts_, counts_.bytes()));
+    if (gather_all_counts_) CUDA_CHECK(cudaMallocHost(&host_tables_, direct_tables_.bytes()));
 #else
     SY_THROW("ExpertDispatcher: this build of switchyard has no CUDA backend");
 #endif
   } else {
     host_counts_ = counts_.data();  // the host buffer itself: nothing to copy
+    host_tables_ = direct_tables_.data();
   }
 
   plan_.ranks = ranks_;
@@ -168,6 +177,7 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
 ExpertDispatcher::~ExpertDispatcher() {
 #if defined(SWITCHYARD_WITH_CUDA)
   if (device_ == DeviceKind::cuda && host_counts_) cudaFreeHost(host_counts_);
+  if (device_ == DeviceKind::cuda && host_tables_) cudaFreeHost(host_tables_);
 #endif
 }
 
@@ -188,13 +198,18 @@ void ExpertDispatcher::start_count_exchange(const ExecContext& context, const Te
   Tensor send_counts(counts_.as<int32_t>(), DType::i32, device_, {segments});
   ops::ep_send_counts(context, packed_offsets, send_counts);
 
-  // L ints to and from every peer.
-  std::vector<int64_t> counts(static_cast<size_t>(ranks_), local_experts_);
-  std::vector<int64_t> offsets(static_cast<size_t>(ranks_), 0);
-  for (int peer = 0; peer < ranks_; ++peer) offsets[size_t(peer)] = int64_t(peer) * local_experts_;
   events_->comm_waits_for_compute(context, *communicator_);
-  communicator_->all_to_all_v(counts_.as<int32_t>(), counts, offsets, counts_.as<int32_t>() + segments, counts,
-                              offsets, DType::i32);
+  if (gather_all_counts_) {
+    // Every rank's E counts to every rank.
+    communicator_->all_gather(counts_.as<int32_t>(), counts_.as<int32_t>() + segments, segments, DType::i32);
+  } else {
+    // L ints to and from every peer.
+    std::vector<int64_t> counts(static_cast<size_t>(ranks_), local_experts_);
+    std::vector<int64_t> offsets(static_cast<size_t>(ranks_), 0);
+    for (int peer = 0; peer < ranks_; ++peer) offsets[size_t(peer)] = int64_t(peer) * local_experts_;
+    communicator_->all_to_all_v(counts_.as<int32_t>(), counts, offsets, counts_.as<int32_t>() + segments, counts,
+                                offsets, DType::i32);
+  }
   if (device_ == DeviceKind::cuda) {
 #if defined(SWITCHYARD_WITH_CUDA)
     // The one host copy: on the communicator's stream, waited for under its timeout.
@@ -215,7 +230,18 @@ const ExpertExchangePlan& ExpertDispatcher::finish_count_exchange(const ExecCont
   // The host plan.
   const int32_t* host = static_cast<const int32_t*>(host_counts_);
   plan_.send_counts.assign(host, host + segments);
-  plan_.recv_counts.assign(host + segments, host + 2 * segments);
+  if (gather_all_counts_) {
+    // host + segments holds [P][E]: row s is rank s's send counts by global expert.
+    const int32_t* all = host + segments;
+    plan_.recv_counts.resize(size_t(segments));
+    for (int source = 0; source < ranks_; ++source)
+      for (int expert = 0; expert < local_experts_; ++expert)
+        plan_.recv_counts[size_t(source) * local_experts_ + expert] =
+            all[size_t(source) * segments + size_t(rank_) * local_experts_ + expert];
+    build_peer_rows(all);
+  } else {
+    plan_.recv_counts.assign(host + segments, host + 2 * segments);
+  }
   plan_.send_starts.assign(size_t(segments) + 1, 0);
   plan_.recv_starts.assign(size_t(segments) + 1, 0);
   for (int64_t segment = 0; segment < segments; ++segment) {
@@ -240,9 +266,37 @@ const ExpertExchangePlan& ExpertDispatcher::finish_count_exchange(const ExecCont
   // The device layout, from the received counts (written on the communicator's stream).
   events_->record_comm(chunks_, *communicator_);
   events_->compute_waits_for_comm(context, chunks_);
+  if (gather_all_counts_) upload_direct_tables(context);
   ops::ep_receive_layout(context, layout_);
   has_plan_ = true;
   return plan_;
+}
+
+// peer_rows and the largest layout of any rank (kernels/ep_nvlink_ops.h, ep_peer_rows), staged
+// with this rank's received counts for one copy to the device.
+void ExpertDispatcher::build_peer_rows(const int32_t* all_counts) {
+  const int64_t segments = int64_t(ranks_) * local_experts_;
+  int32_t* tables = static_cast<int32_t*>(host_tables_);
+  std::copy(plan_.recv_counts.begin(), plan_.recv_counts.end(), tables);
+  max_expert_rows_ = ep_peer_rows(all_counts, ranks_, local_experts_, rank_, alignment_, tables + segments);
+}
+
+void ExpertDispatcher::upload_direct_tables(const ExecContext& context) {
+  if (device_ == DeviceKind::cuda) {
+#if defined(SWITCHYARD_WITH_CUDA)
+    // The pinned staging is rewritten only after the next count exchange's host sync, which comes
+    // after this copy in stream order (the exchange waits for the compute stream first).
+    CUDA_CHECK(cudaMemcpyAsync(direct_tables_.data(), host_tables_, direct_tables_.bytes(), cudaMemcpyHostToDevice,
+                               static_cast<cudaStream_t>(context.stream)));
+#endif
+  }
+  // On the CPU host_tables_ is direct_tables_ itself.
+  (void)context;
+}
+
+const int32_t* ExpertDispatcher::peer_rows() const {
+  SY_CHECK(gather_all_counts_ && has_plan_, "ExpertDispatcher::peer_rows: needs gather_all_counts and a plan");
+  return direct_tables_.as<int32_t>() + int64_t(ranks_) * local_experts_;
 }
 
 Tensor ExpertDispatcher::chunk_offsets(int chunk) const {

@@ -101,8 +101,11 @@ class ExpertDispatcher {
  public:
   // `expert_parallel` lives on `device` (MPI for cpu, NCCL for cuda). num_experts % size == 0.
   // `segment_alignment`: the receiver's grouped GEMM tile height. `chunks` >= 1 (clamped to L).
+  // `gather_all_counts` (the nvlink transport, comm/nvlink_exchange.h): the count exchange is an
+  // all-gather of every rank's [E] counts instead of an all-to-all, so that each rank also knows
+  // where its rows go in every peer's layout (peer_rows) and the largest padded layout of any rank.
   ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel, DeviceKind device, int num_experts,
-                   int segment_alignment, int chunks);
+                   int segment_alignment, int chunks, bool gather_all_counts = false);
   ~ExpertDispatcher();
   ExpertDispatcher(const ExpertDispatcher&) = delete;
   ExpertDispatcher& operator=(const ExpertDispatcher&) = delete;
@@ -122,6 +125,12 @@ class ExpertDispatcher {
   void start_count_exchange(const ExecContext& context, const Tensor& packed_offsets);
   const ExpertExchangePlan& finish_count_exchange(const ExecContext& context);
   const ExpertExchangePlan& plan() const { return plan_; }
+  // gather_all_counts only, after finish_count_exchange: int32 [P*L] on the device, the first row
+  // in rank p's padded layout of this rank's rows for p's local expert l (rank p's segment_rows[r, l]),
+  // and the largest plan.expert_rows() over the group's ranks.
+  bool gathers_all_counts() const { return gather_all_counts_; }
+  const int32_t* peer_rows() const;
+  int64_t max_expert_rows() const { return max_expert_rows_; }
   const EpReceiveLayout& layout() const { return layout_; }
   // int32 [n_c + 1] offsets of chunk `chunk`'s experts relative to its first padded row.
   Tensor chunk_offsets(int chunk) const;
@@ -139,11 +148,17 @@ class ExpertDispatcher {
 
  private:
   void exchange(const ExecContext& context, int chunk, bool dispatch, const Tensor& source, Tensor& destination);
+  void build_peer_rows(const int32_t* all_counts);
+  void upload_direct_tables(const ExecContext& context);
   void check_context(const ExecContext& context) const;
 
   std::shared_ptr<Communicator> communicator_;
   DeviceKind device_;
   int ranks_ = 1, rank_ = 0, num_experts_ = 0, local_experts_ = 0, chunks_ = 1, alignment_ = 1;
+  bool gather_all_counts_ = false;
+  int64_t max_expert_rows_ = 0;
+  Buffer direct_tables_;  // gather_all_counts: device [recv_counts P*L | peer_rows P*L]
+  void* host_tables_ = nullptr;  // pinned staging of the same
   bool has_plan_ = false;
   bool counts_in_flight_ = false;  // start_count_exchange ran, finish_count_exchange not yet
   ExpertExchangePlan plan_;

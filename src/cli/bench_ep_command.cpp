@@ -27,6 +27,7 @@
 
 #include "comm/bootstrap.h"
 #include "comm/expert_dispatch.h"
+#include "comm/nvlink_exchange.h"
 #include "src/cli/bench_common.h"
 #include "kernels/ops.h"
 #include "src/cli/cli_args.h"
@@ -46,6 +47,7 @@ struct EpBenchSettings {
   uint64_t seed = 1;
   MoeLayerConfig config;
   int chunks = 1;
+  EpTransport transport = EpTransport::automatic;
 };
 
 // Random inputs on the bench's device (src/cli/bench_common.h).
@@ -88,6 +90,7 @@ struct ExchangeBench {
   RoutingResult routing;
   DispatchMap map;
   std::unique_ptr<ExpertDispatcher> dispatcher;
+  std::unique_ptr<NvlinkPeerMemory> peers;  // the nvlink transport: one region, the padded expert rows
 
   ExchangeBench(const EpBenchSettings& settings_, std::shared_ptr<Communicator> expert_parallel, int64_t tokens_)
       : settings(settings_), tokens(tokens_) {
@@ -103,8 +106,14 @@ struct ExchangeBench {
     y = Buffer(device, size_t(tokens) * row_bytes);
     routing_buffers = RoutingBuffers(device, settings.float_dtype, tokens, config.num_experts, config.k_max, bound);
     routing = routing_buffers.result(tokens);
+    if (device == DeviceKind::cuda && settings.transport != EpTransport::nccl) {
+      std::string why;
+      peers = NvlinkPeerMemory::create(expert_parallel, 1, &why);
+      SY_CHECK_INPUT(peers || settings.transport == EpTransport::automatic, "bench ep: --ep-transport nvlink: ", why);
+    }
     dispatcher = std::make_unique<ExpertDispatcher>(std::move(expert_parallel), device, config.num_experts,
-                                                    config.segment_alignment, settings.chunks);
+                                                    config.segment_alignment, peers ? 1 : settings.chunks,
+                                                    peers != nullptr);
   }
 
   // The routing is fixed (computed once); each run moves the rows.
@@ -125,6 +134,10 @@ struct ExchangeBench {
     ensure(received, plan.recv_rows());
     ensure(expert_rows, plan.expert_rows());
     Tensor send_rows = send.view(dtype, {plan.send_rows(), d_model});
+    if (peers) {
+      run_nvlink(plan, send_rows);
+      return;
+    }
     Tensor received_rows = received.view(dtype, {plan.recv_rows(), d_model});
     Tensor padded = expert_rows.view(dtype, {plan.expert_rows(), d_model});
     for (int chunk = 0; chunk < dispatcher->chunks(); ++chunk)
@@ -140,6 +153,29 @@ struct ExchangeBench {
     dispatcher->wait_combined(context);
     map = routing_buffers.map(tokens, plan.send_rows());
     Tensor combined = y.view(dtype, {tokens, d_model});
+    ops::unpermute_combine(context, send_rows, routing, map, combined);
+  }
+
+  // The nvlink transport as MoeEpLayer runs it, with the identity expert: rows into the peers'
+  // padded layouts, a signal that the (absent) expert outputs are ready, rows read back, combine.
+  void run_nvlink(const ExpertExchangePlan& plan, Tensor& send_rows) {
+    const ExecContext& context = settings.context;
+    const int64_t row_bytes = settings.config.d_model * int64_t(dtype_size(settings.activation_dtype));
+    peers->reserve(0, size_t(std::max<int64_t>(dispatcher->max_expert_rows(), 1) * 5 / 4 + 1) * size_t(row_bytes));
+    const EpReceiveLayout& layout = dispatcher->layout();
+    const int32_t* offsets = routing.expert_offsets.as<int32_t>();
+    const int local = dispatcher->local_experts();
+    peers->push(0, send_rows.data, plan.send_rows(), row_bytes, local, offsets, dispatcher->peer_rows(),
+                kEpRowsDispatched, context.stream);
+    peers->zero_padding(0, row_bytes, layout.expert_offsets.as<int32_t>(), layout.expert_totals.as<int32_t>(), local,
+                        plan.expert_rows() - plan.recv_rows(), context.stream);
+    peers->wait(kEpRowsDispatched, context.stream);
+    peers->signal(kEpOutputsReady, context.stream);
+    peers->wait(kEpOutputsReady, context.stream);
+    peers->pull(0, send_rows.data, plan.send_rows(), row_bytes, local, offsets, dispatcher->peer_rows(),
+                context.stream);
+    map = routing_buffers.map(tokens, plan.send_rows());
+    Tensor combined = y.view(settings.activation_dtype, {tokens, settings.config.d_model});
     ops::unpermute_combine(context, send_rows, routing, map, combined);
   }
 
@@ -197,7 +233,8 @@ struct LayerBench {
     const MoeLayerConfig& config = settings.config;
     const DType act = settings.activation_dtype;
     const DeviceKind device = settings.context.device;
-    layer = std::make_unique<MoeEpLayer>(config, std::move(expert_parallel), device, act, tokens, settings.chunks);
+    layer = std::make_unique<MoeEpLayer>(config, std::move(expert_parallel), device, act, tokens, settings.chunks,
+                                         settings.transport);
     const int64_t d = config.d_model, f = config.expert_d_ff, e = config.num_experts, local = layer->local_experts();
     const uint64_t seed = settings.seed + 100 * uint64_t(layer->first_expert() + 1);
     x = random_buffer(settings, act, tokens * d, 1.0f, settings.seed + 21 + uint64_t(process_rank()));
@@ -269,6 +306,8 @@ int command_bench_ep(int argc, char** argv) {
   parser.add_option("ep-size", "N", "expert-parallel group size (0 = the world size)", "0");
   parser.add_option("a2a-chunks", "N", "split the exchange into N chunks (<= experts per rank) to overlap the expert GEMMs",
                     "1");
+  parser.add_option("ep-transport", "auto|nccl|nvlink",
+                    "how rows move: nvlink (peer-mapped GPU memory, one node), nccl (all-to-all-v), auto", "auto");
   parser.add_option("only", "LIST", "comma list of parts: exchange,layer", "exchange,layer");
   parser.add_option("iters", "N", "timed iterations per measurement (median of the slowest rank)", "20");
   parser.add_option("warmup", "N", "untimed iterations first", "5");
@@ -323,6 +362,9 @@ int command_bench_ep(int argc, char** argv) {
   settings.activation_dtype = use_cuda ? DType::bf16 : DType::f32;
   settings.float_dtype = use_cuda ? DType::f32 : settings.activation_dtype;
   settings.chunks = int(std::min(chunks, experts_per_rank));  // a chunk holds at least one expert
+  settings.transport = parse_ep_transport(parser.get("ep-transport"), "bench ep: --ep-transport");
+  SY_CHECK_INPUT(use_cuda || settings.transport != EpTransport::nvlink,
+                 "bench ep: --ep-transport nvlink needs GPUs (CPU ranks use MPI)");
   MoeLayerConfig& config = settings.config;
   config.d_model = d_model;
   config.expert_d_ff = d_ff;
@@ -335,7 +377,13 @@ int command_bench_ep(int argc, char** argv) {
   config.validate();
 
   const bool leader = context.world_rank == 0;
-  const char* backend = use_cuda ? "nccl" : "mpi";
+  // The transport the layers will pick (create() is collective and cheap: ask once here).
+  const char* backend = "mpi";
+  if (use_cuda) {
+    backend = "nccl";
+    if (settings.transport != EpTransport::nccl && NvlinkPeerMemory::create(groups.expert_parallel, 0, nullptr))
+      backend = "nvlink";
+  }
   const size_t element = dtype_size(settings.activation_dtype);
   if (leader) {
     std::ostringstream capacity;

@@ -8,10 +8,19 @@
 #include <cudnn.h>
 #include <nccl.h>
 
+#include <functional>
+#include <string>
+
 #include "src/core/error.h"
 
 namespace switchyard {
 const char* cublas_status_name(cublasStatus_t status);
+// Notes appended to every CUDA error message: a component whose device-side failure makes CUDA
+// calls fail (a trap in a wait kernel, say) registers a function returning "" or a sentence that
+// explains it. add returns an id for remove; both thread-safe.
+int add_cuda_error_note(std::function<std::string()> note);
+void remove_cuda_error_note(int id);
+std::string cuda_error_notes() noexcept;  // "; note; note" or ""
 }
 
 #define CUDA_CHECK(call)                                                                   \
@@ -19,7 +28,7 @@ const char* cublas_status_name(cublasStatus_t status);
     cudaError_t sy_status_ = (call);                                                       \
     if (sy_status_ != cudaSuccess)                                                         \
       SY_THROW("CUDA error ", cudaGetErrorName(sy_status_), " (", cudaGetErrorString(sy_status_), \
-               ") in ", #call);                                                            \
+               ") in ", #call, ::switchyard::cuda_error_notes());                          \
   } while (0)
 // After a kernel launch: launch-configuration errors surface here, execution errors later.
 #define CUDA_CHECK_LAUNCH() CUDA_CHECK(cudaGetLastError())

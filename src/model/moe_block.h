@@ -68,7 +68,8 @@ class LocalMoeBlock : public MoeBlock {
 class ExpertParallelMoeBlock : public MoeBlock {
  public:
   ExpertParallelMoeBlock(const MoeLayerConfig& config, std::shared_ptr<Communicator> expert_parallel,
-                         DeviceKind device, DType activation_dtype, int64_t max_tokens, int a2a_chunks);
+                         DeviceKind device, DType activation_dtype, int64_t max_tokens, int a2a_chunks,
+                         EpTransport transport);
   void forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights, const MoeForwardArgs& args,
                Tensor& y) override;
   void backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights, float aux_grad_scale,
@@ -87,6 +88,6 @@ class ExpertParallelMoeBlock : public MoeBlock {
 // otherwise ExpertParallelMoeBlock over groups->expert_parallel.
 std::unique_ptr<MoeBlock> make_moe_block(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype,
                                          int64_t max_tokens, int ep_size, const ParallelGroups* groups,
-                                         int a2a_chunks);
+                                         int a2a_chunks, EpTransport transport = EpTransport::automatic);
 
 }  // namespace switchyard

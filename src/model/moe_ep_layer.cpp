@@ -18,12 +18,17 @@ RoutingParams packed_params(const MoeLayerConfig& config, int64_t tokens, bool t
 
 int64_t with_headroom(int64_t rows) { return rows + rows / 4 + 1; }
 
+// The nvlink transport's peer-mapped regions: the padded expert layout's input rows (the
+// dispatch writes them) and output rows (the combine reads them; backward writes the output-row
+// gradients there and reads back the input-row gradients).
+constexpr int kInputRegion = 0, kOutputRegion = 1, kPeerRegions = 2;
+
 }  // namespace
 
 // ---- Construction ----------------------------------------------------------------------------
 
 MoeEpLayer::MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicator> expert_parallel, DeviceKind device,
-                       DType activation_dtype, int64_t max_tokens, int a2a_chunks)
+                       DType activation_dtype, int64_t max_tokens, int a2a_chunks, EpTransport transport)
     : config_(config), device_(device), activation_dtype_(activation_dtype) {
   config_.validate();
   SY_CHECK_INPUT(config_.compute_mode == MoeComputeMode::sparse,
@@ -39,8 +44,20 @@ MoeEpLayer::MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicato
     float_dtype_ = gradient_dtype_ = DType::f32;
   }
   max_tokens_ = max_tokens;
+  SY_CHECK_INPUT(transport != EpTransport::nvlink || device == DeviceKind::cuda,
+                 "parallel.ep_transport nvlink moves rows between GPUs; this run is on ", device_kind_name(device));
+  SY_CHECK(expert_parallel != nullptr, "MoeEpLayer: no expert_parallel communicator");
+  if (device == DeviceKind::cuda && transport != EpTransport::nccl) {
+    std::string why;
+    peers_ = NvlinkPeerMemory::create(expert_parallel, kPeerRegions, &why);
+    SY_CHECK_INPUT(peers_ || transport == EpTransport::automatic,
+                   "parallel.ep_transport nvlink is not possible for this expert-parallel group: ", why,
+                   " (use nccl or auto)");
+  }
+  // The nvlink transport runs unchunked: with no staging copy there is nothing to overlap.
   dispatcher_ = std::make_unique<ExpertDispatcher>(std::move(expert_parallel), device, config_.num_experts,
-                                                   config_.segment_alignment, a2a_chunks);
+                                                   config_.segment_alignment, peers_ ? 1 : a2a_chunks,
+                                                   /*gather_all_counts=*/peers_ != nullptr);
   max_send_rows_ = std::max(padded_rows_upper_bound(packed_params(config_, max_tokens, true)),
                             padded_rows_upper_bound(packed_params(config_, max_tokens, false)));
 
@@ -55,16 +72,38 @@ MoeEpLayer::MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicato
   // Receiver side: the balanced load (every rank sends as much as it receives), grown on demand.
   receive_capacity_ = max_send_rows_;
   expert_capacity_ = max_send_rows_ + int64_t(local_experts()) * (config_.segment_alignment - 1);
-  receive_rows_ = Buffer(device, size_t(receive_capacity_) * d_model * activation_size);
-  expert_input_ = Buffer(device, size_t(expert_capacity_) * d_model * activation_size);
+  if (!peers_) {  // nvlink: the peer-mapped regions take these roles (sized at the first forward)
+    receive_rows_ = Buffer(device, size_t(receive_capacity_) * d_model * activation_size);
+    expert_input_ = Buffer(device, size_t(expert_capacity_) * d_model * activation_size);
+    expert_output_ = Buffer(device, size_t(expert_capacity_) * d_model * activation_size);
+  }
   hidden_pre_ = Buffer(device, size_t(expert_capacity_) * size_t(config_.w1_columns()) * activation_size);
   hidden_post_ = Buffer(device, size_t(expert_capacity_) * size_t(config_.expert_d_ff) * activation_size);
-  expert_output_ = Buffer(device, size_t(expert_capacity_) * d_model * activation_size);
+}
+
+void MoeEpLayer::ensure_peer_capacity() {
+  // max_expert_rows is the same number on every rank (it comes from the gathered counts), so every
+  // rank takes the same branch and the collective growth matches up.
+  const int64_t needed = std::max<int64_t>(dispatcher_->max_expert_rows(), 1);
+  if (needed <= peer_capacity_rows_) return;
+  peer_capacity_rows_ = with_headroom(needed);
+  const size_t bytes = size_t(peer_capacity_rows_) * size_t(config_.d_model) * dtype_size(activation_dtype_);
+  peers_->reserve(kInputRegion, bytes);
+  peers_->reserve(kOutputRegion, bytes);
+}
+
+Tensor MoeEpLayer::expert_rows(bool output, int64_t first_row, int64_t count) const {
+  const int64_t d_model = config_.d_model;
+  if (peers_) {
+    const int region = output ? kOutputRegion : kInputRegion;
+    return rows(peers_->local(region), peers_->bytes(region), activation_dtype_, first_row, count, d_model);
+  }
+  return rows(output ? expert_output_ : expert_input_, activation_dtype_, first_row, count, d_model);
 }
 
 void MoeEpLayer::ensure_receive_capacity(const ExecContext& context, bool with_backward) {
   const ExpertExchangePlan& plan = dispatcher_->plan();
-  const bool grow_receive = plan.recv_rows() > receive_capacity_;
+  const bool grow_receive = !peers_ && plan.recv_rows() > receive_capacity_;
   const bool grow_experts = plan.expert_rows() > expert_capacity_;
   const bool grow_backward = with_backward && plan.expert_rows() > backward_expert_capacity_;
   if (!grow_receive && !grow_experts && !grow_backward) return;
@@ -82,10 +121,12 @@ void MoeEpLayer::ensure_receive_capacity(const ExecContext& context, bool with_b
     expert_capacity_ = with_headroom(plan.expert_rows());
     const size_t rows = size_t(expert_capacity_);
     for (Buffer* buffer : {&expert_input_, &hidden_pre_, &hidden_post_, &expert_output_}) buffer->reset();
-    expert_input_ = Buffer(device_, rows * d_model * activation_size);
+    if (!peers_) {
+      expert_input_ = Buffer(device_, rows * d_model * activation_size);
+      expert_output_ = Buffer(device_, rows * d_model * activation_size);
+    }
     hidden_pre_ = Buffer(device_, rows * size_t(config_.w1_columns()) * activation_size);
     hidden_post_ = Buffer(device_, rows * size_t(config_.expert_d_ff) * activation_size);
-    expert_output_ = Buffer(device_, rows * d_model * activation_size);
   }
   if (with_backward && plan.expert_rows() > backward_expert_capacity_) {
     backward_expert_capacity_ = expert_capacity_;
@@ -96,10 +137,14 @@ void MoeEpLayer::ensure_receive_capacity(const ExecContext& context, bool with_b
 }
 
 Tensor MoeEpLayer::rows(const Buffer& buffer, DType dtype, int64_t first_row, int64_t count, int64_t columns) const {
+  return rows(buffer.data(), buffer.bytes(), dtype, first_row, count, columns);
+}
+
+Tensor MoeEpLayer::rows(void* base, size_t bytes, DType dtype, int64_t first_row, int64_t count, int64_t columns) const {
   const size_t offset = size_t(first_row) * size_t(columns) * dtype_size(dtype);
-  SY_CHECK(offset + size_t(count) * size_t(columns) * dtype_size(dtype) <= buffer.bytes(), "MoeEpLayer: rows [",
-           first_row, ", ", first_row + count, ") x ", columns, " exceed a buffer of ", buffer.bytes(), " bytes");
-  return Tensor(static_cast<char*>(buffer.data()) + offset, dtype, device_, {count, columns});
+  SY_CHECK(offset + size_t(count) * size_t(columns) * dtype_size(dtype) <= bytes, "MoeEpLayer: rows [", first_row,
+           ", ", first_row + count, ") x ", columns, " exceed a buffer of ", bytes, " bytes");
+  return Tensor(static_cast<char*>(base) + offset, dtype, device_, {count, columns});
 }
 
 // Experts [first, first + count) of a [L, a, b] weight or gradient.
@@ -158,20 +203,38 @@ MoeLosses MoeEpLayer::forward(const ExecContext& context, const Tensor& x, const
   SY_CHECK(plan.send_rows() <= send_bound, "MoeEpLayer: the routing sends ", plan.send_rows(), " rows, more than its ",
            send_bound, " bound");
   ensure_receive_capacity(context, args.training);
+  if (peers_) ensure_peer_capacity();
 
   map_ = routing_buffers_.map(tokens, plan.send_rows());
   Tensor send = rows(send_rows_, activation_dtype_, 0, plan.send_rows(), d_model);
-  Tensor received = rows(receive_rows_, activation_dtype_, 0, plan.recv_rows(), d_model);
-  const int chunks = dispatcher_->chunks();
-  for (int chunk = 0; chunk < chunks; ++chunk) dispatcher_->dispatch(context, chunk, send, received);
-  for (int chunk = 0; chunk < chunks; ++chunk) {
-    dispatcher_->wait_dispatched(context, chunk);
-    experts_forward(context, chunk, weights);
-    // The results return into the send buffer: every dispatch ahead of this on the
-    // communicator's stream has finished reading it. They stay there for backward.
-    dispatcher_->combine(context, chunk, received, send);
+  if (peers_) {
+    // Rows straight into the peers' expert layouts; results read straight back into `send`.
+    const int64_t row_bytes = d_model * int64_t(dtype_size(activation_dtype_));
+    const EpReceiveLayout& layout = dispatcher_->layout();
+    peers_->push(kInputRegion, send.data, plan.send_rows(), row_bytes, local_experts(),
+                 routing_.expert_offsets.as<int32_t>(), dispatcher_->peer_rows(), kEpRowsDispatched, context.stream);
+    peers_->zero_padding(kInputRegion, row_bytes, layout.expert_offsets.as<int32_t>(),
+                         layout.expert_totals.as<int32_t>(), local_experts(), plan.expert_rows() - plan.recv_rows(),
+                         context.stream);
+    peers_->wait(kEpRowsDispatched, context.stream);
+    experts_forward(context, 0, weights);
+    peers_->signal(kEpOutputsReady, context.stream);
+    peers_->wait(kEpOutputsReady, context.stream);
+    peers_->pull(kOutputRegion, send.data, plan.send_rows(), row_bytes, local_experts(),
+                 routing_.expert_offsets.as<int32_t>(), dispatcher_->peer_rows(), context.stream);
+  } else {
+    Tensor received = rows(receive_rows_, activation_dtype_, 0, plan.recv_rows(), d_model);
+    const int chunks = dispatcher_->chunks();
+    for (int chunk = 0; chunk < chunks; ++chunk) dispatcher_->dispatch(context, chunk, send, received);
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+      dispatcher_->wait_dispatched(context, chunk);
+      experts_forward(context, chunk, weights);
+      // The results return into the send buffer: every dispatch ahead of this on the
+      // communicator's stream has finished reading it. They stay there for backward.
+      dispatcher_->combine(context, chunk, received, send);
+    }
+    dispatcher_->wait_combined(context);
   }
-  dispatcher_->wait_combined(context);
   ops::unpermute_combine(context, send, routing_, map_, y);
   x_ = x;
   has_forward_ = true;
@@ -183,23 +246,25 @@ void MoeEpLayer::experts_forward(const ExecContext& context, int chunk, const Mo
   const int first = plan.chunk_first_expert(chunk), count = plan.chunk_end_expert(chunk) - first;
   const int64_t row_begin = plan.chunk_row_begin(chunk), chunk_rows = plan.chunk_row_end(chunk) - row_begin;
   if (chunk_rows == 0) return;  // no rank routed anything to these experts
-  const int64_t d_model = config_.d_model;
-  Tensor received = rows(receive_rows_, activation_dtype_, 0, plan.recv_rows(), d_model);
-  Tensor input_all = rows(expert_input_, activation_dtype_, 0, plan.expert_rows(), d_model);
-  Tensor output_all = rows(expert_output_, activation_dtype_, 0, plan.expert_rows(), d_model);
-  dispatcher_->to_expert_layout(context, chunk, received, input_all);
+  Tensor input_all = expert_rows(false, 0, plan.expert_rows());
+  Tensor output_all = expert_rows(true, 0, plan.expert_rows());
+  Tensor received;
+  if (!peers_) {  // nvlink: the rows are already in the padded layout
+    received = rows(receive_rows_, activation_dtype_, 0, plan.recv_rows(), config_.d_model);
+    dispatcher_->to_expert_layout(context, chunk, received, input_all);
+  }
 
-  Tensor input = rows(expert_input_, activation_dtype_, row_begin, chunk_rows, d_model);
+  Tensor input = expert_rows(false, row_begin, chunk_rows);
   Tensor hidden_pre = rows(hidden_pre_, activation_dtype_, row_begin, chunk_rows, config_.w1_columns());
   Tensor hidden_post = rows(hidden_post_, activation_dtype_, row_begin, chunk_rows, config_.expert_d_ff);
-  Tensor output = rows(expert_output_, activation_dtype_, row_begin, chunk_rows, d_model);
+  Tensor output = expert_rows(true, row_begin, chunk_rows);
   const Tensor offsets = dispatcher_->chunk_offsets(chunk);
   // H and A = act(H): one kernel where the activation fuses into the GEMM (ops::fuses_expert_activation).
   ops::grouped_gemm_activation(context, config_.activation, input, expert_slice(weights.w1, first, count), offsets,
                                hidden_pre, hidden_post, /*keep_pre=*/true, config_.segment_alignment);
   ops::grouped_gemm(context, hidden_post, expert_slice(weights.w2, first, count), false, offsets, output,
                     config_.segment_alignment);
-  dispatcher_->from_expert_layout(context, chunk, output_all, received);
+  if (!peers_) dispatcher_->from_expert_layout(context, chunk, output_all, received);
 }
 
 // ---- Backward --------------------------------------------------------------------------------
@@ -249,9 +314,23 @@ void MoeEpLayer::backward(const ExecContext& context, const Tensor& grad_y, cons
   Tensor grad_logits = rows(grad_logits_, float_dtype_, 0, tokens, experts);
   ops::unpermute_combine_backward(context, grad_y, returned, routing_, map_, grad_rows, grad_gates);
 
-  Tensor received = rows(receive_rows_, activation_dtype_, 0, plan.recv_rows(), d_model);
   const int chunks = dispatcher_->chunks();
-  for (int chunk = 0; chunk < chunks; ++chunk) dispatcher_->dispatch(context, chunk, grad_rows, received);
+  const int64_t row_bytes = d_model * int64_t(dtype_size(activation_dtype_));
+  Tensor received;
+  if (peers_) {
+    // dL/dO rows straight into the peers' output regions (their forward results there are dead:
+    // every rank pulled its rows in forward); padding rows there must read as zero.
+    const EpReceiveLayout& layout = dispatcher_->layout();
+    peers_->zero_padding(kOutputRegion, row_bytes, layout.expert_offsets.as<int32_t>(),
+                         layout.expert_totals.as<int32_t>(), local_experts(), plan.expert_rows() - plan.recv_rows(),
+                         context.stream);
+    peers_->push(kOutputRegion, grad_rows.data, plan.send_rows(), row_bytes, local_experts(),
+                 routing_.expert_offsets.as<int32_t>(), dispatcher_->peer_rows(), kEpGradientsDispatched,
+                 context.stream);
+  } else {
+    received = rows(receive_rows_, activation_dtype_, 0, plan.recv_rows(), d_model);
+    for (int chunk = 0; chunk < chunks; ++chunk) dispatcher_->dispatch(context, chunk, grad_rows, received);
+  }
 
   // The router's backward needs only local data: it runs while the gradient rows travel.
   ops::route_backward(context, logits_, grad_gates, routing_, params_, aux_grad_scale, z_grad_scale, grad_logits);
@@ -262,12 +341,21 @@ void MoeEpLayer::backward(const ExecContext& context, const Tensor& grad_y, cons
   }
   ops::gemm(context, true, false, 1.0f, router_input_, grad_logits_compute, 0.0f, gradients.router);
 
-  for (int chunk = 0; chunk < chunks; ++chunk) {
-    dispatcher_->wait_dispatched(context, chunk);
-    experts_backward(context, chunk, weights, gradients);
-    dispatcher_->combine(context, chunk, received, grad_rows);  // dL/dX rows, back into grad_rows
+  if (peers_) {
+    peers_->wait(kEpGradientsDispatched, context.stream);
+    experts_backward(context, 0, weights, gradients);
+    peers_->signal(kEpInputGradientsReady, context.stream);
+    peers_->wait(kEpInputGradientsReady, context.stream);
+    peers_->pull(kOutputRegion, grad_rows.data, plan.send_rows(), row_bytes, local_experts(),
+                 routing_.expert_offsets.as<int32_t>(), dispatcher_->peer_rows(), context.stream);
+  } else {
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+      dispatcher_->wait_dispatched(context, chunk);
+      experts_backward(context, chunk, weights, gradients);
+      dispatcher_->combine(context, chunk, received, grad_rows);  // dL/dX rows, back into grad_rows
+    }
+    dispatcher_->wait_combined(context);
   }
-  dispatcher_->wait_combined(context);
   ops::permute_backward(context, grad_rows, map_, tokens, grad_x);
   has_forward_ = false;  // hidden_post now holds dL/dA
 
@@ -295,15 +383,17 @@ void MoeEpLayer::experts_backward(const ExecContext& context, int chunk, const M
     ops::fill_zero(context, grad_w2);
     return;
   }
-  const int64_t d_model = config_.d_model;
-  Tensor received = rows(receive_rows_, activation_dtype_, 0, plan.recv_rows(), d_model);
-  Tensor grad_rows_all = rows(expert_output_, activation_dtype_, 0, plan.expert_rows(), d_model);
-  dispatcher_->to_expert_layout(context, chunk, received, grad_rows_all);  // dL/dO, padding rows zero
+  Tensor grad_rows_all = expert_rows(true, 0, plan.expert_rows());
+  Tensor received;
+  if (!peers_) {  // nvlink: the peers wrote dL/dO into the layout already (padding zeroed)
+    received = rows(receive_rows_, activation_dtype_, 0, plan.recv_rows(), config_.d_model);
+    dispatcher_->to_expert_layout(context, chunk, received, grad_rows_all);  // dL/dO, padding rows zero
+  }
 
-  const Tensor input = rows(expert_input_, activation_dtype_, row_begin, chunk_rows, d_model);
+  const Tensor input = expert_rows(false, row_begin, chunk_rows);
   const Tensor hidden_pre = rows(hidden_pre_, activation_dtype_, row_begin, chunk_rows, config_.w1_columns());
   Tensor hidden_post = rows(hidden_post_, activation_dtype_, row_begin, chunk_rows, config_.expert_d_ff);
-  Tensor grad_expert_rows = rows(expert_output_, activation_dtype_, row_begin, chunk_rows, d_model);
+  Tensor grad_expert_rows = expert_rows(true, row_begin, chunk_rows);
   Tensor grad_hidden_pre = rows(grad_hidden_pre_, activation_dtype_, row_begin, chunk_rows, config_.w1_columns());
   const Tensor offsets = dispatcher_->chunk_offsets(chunk);
   ops::grouped_gemm_weight_grad(context, hidden_post, grad_expert_rows, offsets, grad_w2, config_.segment_alignment);
@@ -316,7 +406,7 @@ void MoeEpLayer::experts_backward(const ExecContext& context, int chunk, const M
   ops::grouped_gemm_weight_grad(context, input, grad_hidden_pre, offsets, grad_w1, config_.segment_alignment);
   ops::grouped_gemm(context, grad_hidden_pre, expert_slice(weights.w1, first, count), true, offsets, grad_expert_rows,
                     config_.segment_alignment);
-  dispatcher_->from_expert_layout(context, chunk, grad_rows_all, received);
+  if (!peers_) dispatcher_->from_expert_layout(context, chunk, grad_rows_all, received);
 }
 
 // ---- Host reads ------------------------------------------------------------------------------

@@ -45,6 +45,7 @@
 #include <memory>
 
 #include "comm/expert_dispatch.h"
+#include "comm/nvlink_exchange.h"
 #include "kernels/ops.h"
 #include "src/core/device.h"
 #include "src/model/moe_layer.h"
@@ -63,8 +64,12 @@ class MoeEpLayer {
   // `expert_parallel`: the group sharing the experts (ParallelGroups::expert_parallel), on `device`.
   // config.num_experts must be a multiple of its size. a2a_chunks >= 1 (clamped to the local
   // expert count).
+  // `transport` (parallel.ep_transport): nccl, nvlink (CUDA ranks of one node: rows written into
+  // the peers' expert layouts directly, comm/nvlink_exchange.h; SY_BAD_INPUT where that is not
+  // possible), or automatic (nvlink where possible, else nccl; MPI on the CPU). Collective.
   MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicator> expert_parallel, DeviceKind device,
-             DType activation_dtype, int64_t max_tokens, int a2a_chunks = 1);
+             DType activation_dtype, int64_t max_tokens, int a2a_chunks = 1,
+             EpTransport transport = EpTransport::automatic);
   MoeEpLayer(const MoeEpLayer&) = delete;
   MoeEpLayer& operator=(const MoeEpLayer&) = delete;
 
@@ -86,6 +91,8 @@ class MoeEpLayer {
   int local_experts() const { return dispatcher_->local_experts(); }
   int first_expert() const { return dispatcher_->first_expert(); }
   int chunks() const { return dispatcher_->chunks(); }
+  // The transport in use: nccl (MPI on the CPU) or nvlink.
+  EpTransport transport() const { return peers_ ? EpTransport::nvlink : EpTransport::nccl; }
 
   const RoutingResult& routing() const { return routing_; }
   const Tensor& logits() const { return logits_; }
@@ -101,6 +108,11 @@ class MoeEpLayer {
   void experts_forward(const ExecContext& context, int chunk, const MoeWeights& weights);
   void experts_backward(const ExecContext& context, int chunk, const MoeWeights& weights, MoeGradients& gradients);
   Tensor rows(const Buffer& buffer, DType dtype, int64_t first_row, int64_t count, int64_t columns) const;
+  Tensor rows(void* base, size_t bytes, DType dtype, int64_t first_row, int64_t count, int64_t columns) const;
+  // The padded expert layout's input and output rows: local buffers, or (nvlink) peer-mapped regions.
+  Tensor expert_rows(bool output, int64_t first_row, int64_t count) const;
+  // nvlink: the collective growth of the peer-mapped regions to the largest layout of any rank.
+  void ensure_peer_capacity();
   Tensor expert_slice(const Tensor& tensor, int first, int count) const;
 
   MoeLayerConfig config_;
@@ -108,6 +120,8 @@ class MoeEpLayer {
   DType activation_dtype_, float_dtype_, gradient_dtype_;
   int64_t max_tokens_ = 0, max_send_rows_ = 0;
   std::unique_ptr<ExpertDispatcher> dispatcher_;
+  std::unique_ptr<NvlinkPeerMemory> peers_;  // the nvlink transport, or null
+  int64_t peer_capacity_rows_ = 0;
 
   // Sender side (sized for max_tokens).
   Buffer jittered_input_, logits_buffer_, send_rows_, grad_send_rows_, grad_gates_, grad_logits_,

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "comm/ep_transport.h"
 #include "kernels/moe_ops.h"
 #include "src/core/dtype.h"
 
@@ -73,6 +74,7 @@ struct MoeConfig {
 struct ParallelConfig {
   int ep_size = 1;
   int a2a_chunks = 1;
+  EpTransport ep_transport = EpTransport::automatic;
   double collective_timeout_s = 600.0;
   bool deterministic = false;
 };

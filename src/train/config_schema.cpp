@@ -244,6 +244,10 @@ std::vector<ConfigField> build_fields() {
                     "ranks that split the experts; divides num_experts and the world size"));
   add(integer_field("parallel", "a2a_chunks", &C::parallel, &ParallelConfig::a2a_chunks, 1, 64,
                     "pieces each all-to-all is split into to overlap it with expert compute"));
+  add(choice_field("parallel", "ep_transport", &ParallelConfig::ep_transport, &C::parallel,
+                   {{"auto", EpTransport::automatic}, {"nccl", EpTransport::nccl}, {"nvlink", EpTransport::nvlink}},
+                   "how token rows move between expert-parallel ranks: nvlink (GPUs of one node, rows written "
+                   "into the peers' memory), nccl (all-to-all), or auto (nvlink where possible)"));
   add(real_field("parallel", "collective_timeout_s", &ParallelConfig::collective_timeout_s, &C::parallel, 0.0, true,
                  86400.0, false, "a collective that takes longer aborts the run with an error"));
   add(boolean_field("parallel", "deterministic", &ParallelConfig::deterministic, &C::parallel,

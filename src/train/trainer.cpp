@@ -100,6 +100,7 @@ Trainer::Trainer(const Config& config, const TokenFile& train, const TokenFile* 
   model_options.ep_rank = ep_size > 1 ? options_.groups.expert_parallel->rank() : 0;
   model_options.groups = &options_.groups;
   model_options.a2a_chunks = config.parallel.a2a_chunks;
+  model_options.ep_transport = config.parallel.ep_transport;
   model_options.jitter_seed = uint64_t(config.training.seed);
   model_ = std::make_unique<Transformer>(config.model, config.moe, model_options);
   router_stats_ = std::make_unique<RouterStatsRecorder>(device, model_->moe_block_count(), config.moe.num_experts);

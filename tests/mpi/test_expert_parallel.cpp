@@ -303,18 +303,28 @@ Reference gpu_reference(const ExecContext& gpu, const MoeLayerConfig& config, co
                    grad_w2.download(), losses.aux_loss,   losses.z_loss,          layer.read_routing_stats(gpu)};
 }
 
+// Two forward+backward passes (the second reuses the buffers and, for nvlink, the signal counts),
+// the second's results returned. *used: the transport the layer picked.
 RunResult gpu_expert_parallel(const ExecContext& gpu, const MoeLayerConfig& config, const Scenario& scenario,
-                              GpuModel& model, ParallelGroups& groups) {
+                              GpuModel& model, ParallelGroups& groups, EpTransport transport, EpTransport* used) {
   const Tensor& x = model.x.tensor;
-  MoeEpLayer layer(config, groups.expert_parallel, DeviceKind::cuda, DType::bf16, x.dim(0) + 3, scenario.chunks);
+  MoeEpLayer layer(config, groups.expert_parallel, DeviceKind::cuda, DType::bf16, x.dim(0) + 3, scenario.chunks,
+                   transport);
+  *used = layer.transport();
   const int first = layer.first_expert(), local = layer.local_experts();
   const MoeWeights weights{model.router.tensor, expert_view(model.w1.tensor, first, local),
                            expert_view(model.w2.tensor, first, local)};
   DeviceArray y(DType::bf16, x), grad_x(DType::bf16, x), grad_router(DType::f32, model.router.tensor),
       grad_w1(DType::f32, weights.w1), grad_w2(DType::f32, weights.w2);
-  const MoeLosses losses = layer.forward(gpu, x, weights, forward_args(scenario), y.tensor);
+  MoeLosses losses;
   MoeGradients gradients{grad_router.tensor, grad_w1.tensor, grad_w2.tensor};
-  layer.backward(gpu, model.grad_y.tensor, weights, 1.0f, 1.0f, grad_x.tensor, gradients);
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 1)  // poison the outputs between the passes: the second must write them all again
+      for (DeviceArray* output : {&y, &grad_x, &grad_router, &grad_w1, &grad_w2})
+        device_memset(output->tensor.data, DeviceKind::cuda, 0xFF, output->tensor.bytes());
+    losses = layer.forward(gpu, x, weights, forward_args(scenario), y.tensor);
+    layer.backward(gpu, model.grad_y.tensor, weights, 1.0f, 1.0f, grad_x.tensor, gradients);
+  }
   ops::synchronize(gpu);
   return RunResult{y.download(),       grad_x.download(), grad_router.download(),          grad_w1.download(),
                    grad_w2.download(), losses.aux_loss,   losses.z_loss, layer.read_routing_stats(gpu),
@@ -339,10 +349,17 @@ TEST_P(ExpertParallel, NcclMatchesSingleGpuLayer) {
     GpuModel model(host);
     const ExecContext gpu{DeviceKind::cuda, create_stream(DeviceKind::cuda)};
     const Reference reference = gpu_reference(gpu, config, scenario, model);
-    const RunResult result = gpu_expert_parallel(gpu, config, scenario, model, gpu_groups);
+    // Both transports: NCCL, and rows written straight into peer memory where the group allows it.
+    for (EpTransport transport : {EpTransport::nccl, EpTransport::automatic}) {
+      EpTransport used = EpTransport::nccl;
+      const RunResult result = gpu_expert_parallel(gpu, config, scenario, model, gpu_groups, transport, &used);
+      SCOPED_TRACE(::testing::Message() << "transport " << ep_transport_name(used));
+      if (transport == EpTransport::automatic && used != EpTransport::nvlink && world_rank == 0)
+        std::printf("[ note     ] the nvlink transport is not available here; auto chose %s\n", ep_transport_name(used));
+      // bf16 activations; GEMMs over different row counts may round differently.
+      check_scenario(scenario, result, reference, cpu_groups, kExperts / ep_size, 1e-2);
+    }
     destroy_stream(DeviceKind::cuda, gpu.stream);
-    // bf16 activations; GEMMs over different row counts may round differently.
-    check_scenario(scenario, result, reference, cpu_groups, kExperts / ep_size, 1e-2);
   }
 #endif
 }

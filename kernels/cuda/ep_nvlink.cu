@@ -1,0 +1,231 @@
+// Direct peer row moves on CUDA (semantics: kernels/ep_nvlink_ops.h; reference:
+// kernels/cpu/ep_nvlink.cpp).
+//
+// ep_push_rows / ep_pull_rows: one warp per packed row, grid-stride. The warp finds the row's
+//   global expert e (binary search over packed_offsets, E + 1 ints, L1-resident), the peer
+//   p = e / L and the destination row, and copies the row in 16-byte units where the row width and
+//   pointers allow (4- or 2-byte otherwise). Peer memory is mapped (cudaIpcOpenMemHandle), so the
+//   stores (push) or loads (pull) of peer rows go over NVLink; a warp moves 512 bytes per
+//   instruction and enough warps are resident to keep the links busy.
+//   Push then signals: every thread fences at system scope, then one thread per block takes a
+//   ticket; the last block resets the counter and adds 1 to board_p[kind][r] of every peer p
+//   (the textbook "last block" pattern: a peer that sees the count sees all rows).
+// ep_signal_peers: one thread per peer, a system fence then the same add; it follows work that
+//   finished earlier on the stream (kernel boundaries order it after that work's writes).
+// ep_wait_signals: one warp, a lane per source, spinning on acquire loads with a %globaltimer
+//   timeout; on timeout the first lane to fail records itself in host-mapped memory and traps.
+// ep_zero_padding_rows: one block per local expert over its padding rows.
+#include <algorithm>
+
+#include "kernels/cuda/cuda_common.cuh"
+#include "kernels/ep_nvlink_ops.h"
+
+namespace switchyard {
+namespace {
+
+using namespace cuda_detail;
+
+constexpr int kWarpsPerBlock = 8;
+constexpr int kThreads = kWarpsPerBlock * 32;
+constexpr int kUnroll = 4;  // units per lane in flight (16-byte units: 2 KB per warp)
+
+__device__ __forceinline__ void add_signal(unsigned long long* counter) {
+  asm volatile("red.release.sys.global.add.u64 [%0], 1;" ::"l"(counter) : "memory");
+}
+
+__device__ __forceinline__ unsigned long long load_acquire(const unsigned long long* counter) {
+  unsigned long long value;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(counter) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ unsigned long long global_nanoseconds() {
+  unsigned long long value;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(value));
+  return value;
+}
+
+// The last e with packed_offsets[e] <= row (empty segments share their start with the next).
+__device__ __forceinline__ int expert_of_row(const int32_t* offsets, int experts, int64_t row) {
+  int low = 0, high = experts - 1;
+  while (low < high) {
+    const int middle = (low + high + 1) / 2;
+    if (offsets[middle] <= row) low = middle;
+    else high = middle - 1;
+  }
+  return low;
+}
+
+struct MoveArgs {
+  char* packed;
+  int64_t rows, row_units;
+  EpPeerRows peers;
+  EpSignalBoards signal;
+  int signal_kind;
+  unsigned* block_counter;  // push: last-block detection (zero between calls)
+};
+
+template <typename Unit, bool kPush>
+__global__ void __launch_bounds__(kThreads) move_rows_kernel(MoveArgs args) {
+  const int lane = threadIdx.x & 31;
+  const int experts = args.peers.num_ranks * args.peers.local_experts;
+  const int64_t warps = int64_t(gridDim.x) * kWarpsPerBlock;
+  for (int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; row < args.rows; row += warps) {
+    const int expert = expert_of_row(args.peers.packed_offsets, experts, row);
+    const int peer = expert / args.peers.local_experts;
+    const int64_t remote_row = int64_t(args.peers.peer_rows[expert]) + row - args.peers.packed_offsets[expert];
+    Unit* local = reinterpret_cast<Unit*>(args.packed) + row * args.row_units;
+    Unit* remote = static_cast<Unit*>(args.peers.peer_bases[peer]) + remote_row * args.row_units;
+    const Unit* from = kPush ? local : remote;
+    Unit* to = kPush ? remote : local;
+    // kUnroll loads in flight per lane before the stores: peer memory is far (NVLink latency).
+    for (int64_t base = 0; base < args.row_units; base += 32 * kUnroll) {
+      Unit values[kUnroll];
+#pragma unroll
+      for (int step = 0; step < kUnroll; ++step) {
+        const int64_t unit = base + step * 32 + lane;
+        if (unit < args.row_units) values[step] = from[unit];
+      }
+#pragma unroll
+      for (int step = 0; step < kUnroll; ++step) {
+        const int64_t unit = base + step * 32 + lane;
+        if (unit < args.row_units) to[unit] = values[step];
+      }
+    }
+  }
+  if (!kPush) return;
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned ticket = atomicAdd(args.block_counter, 1u);
+    if (ticket == gridDim.x - 1) {
+      *args.block_counter = 0;  // the next call starts from zero (kernels on one stream run in order)
+      __threadfence_system();
+      const int ranks = args.signal.num_ranks;
+      for (int peer = 0; peer < ranks; ++peer)
+        add_signal(args.signal.boards[peer] + size_t(args.signal_kind) * ranks + args.signal.rank);
+    }
+  }
+}
+
+__global__ void signal_peers_kernel(EpSignalBoards signal, int kind) {
+  const int peer = threadIdx.x;
+  if (peer >= signal.num_ranks) return;
+  __threadfence_system();
+  add_signal(signal.boards[peer] + size_t(kind) * signal.num_ranks + signal.rank);
+}
+
+__global__ void wait_signals_kernel(EpSignalBoards signal, int kind, unsigned long long expected, long long timeout_ns,
+                                    EpWaitFailure* failure) {
+  const int ranks = signal.num_ranks;
+  const unsigned long long* board = signal.boards[signal.rank] + size_t(kind) * ranks;
+  const unsigned long long start = global_nanoseconds();
+  for (int source = threadIdx.x; source < ranks; source += blockDim.x) {
+    unsigned long long seen = load_acquire(board + source);
+    while (seen < expected) {
+      if (timeout_ns > 0 && (long long)(global_nanoseconds() - start) > timeout_ns) {
+        if (atomicCAS(&failure->failed, 0, 1) == 0) {
+          failure->kind = kind;
+          failure->source = source;
+          failure->rank = signal.rank;
+          failure->expected = expected;
+          failure->seen = seen;
+          __threadfence_system();
+        }
+        __trap();
+      }
+      __nanosleep(200);
+      seen = load_acquire(board + source);
+    }
+  }
+}
+
+template <typename Unit>
+__global__ void __launch_bounds__(kThreads) zero_padding_kernel(Unit* padded, int64_t row_units,
+                                                                 const int32_t* expert_offsets,
+                                                                 const int32_t* expert_totals) {
+  const int expert = blockIdx.x;
+  const int64_t first = (int64_t(expert_offsets[expert]) + expert_totals[expert]) * row_units;
+  const int64_t end = int64_t(expert_offsets[expert + 1]) * row_units;
+  for (int64_t unit = first + threadIdx.x; unit < end; unit += blockDim.x) padded[unit] = Unit{};
+}
+
+template <bool kPush>
+void launch_move(void* packed, int64_t rows, const EpPeerRows& peers, const EpSignalBoards& signal, int signal_kind,
+                 unsigned* block_counter, void* stream) {
+  SY_CHECK(peers.num_ranks >= 1 && peers.local_experts >= 1 && peers.row_bytes > 0 && rows >= 0,
+           "ep peer rows: bad geometry (P ", peers.num_ranks, ", L ", peers.local_experts, ", row bytes ",
+           peers.row_bytes, ", rows ", rows, ")");
+  MoveArgs args{};
+  args.packed = static_cast<char*>(packed);
+  args.rows = rows;
+  args.peers = peers;
+  args.signal = signal;
+  args.signal_kind = signal_kind;
+  args.block_counter = block_counter;
+  // Peer bases come from cudaMalloc (256-byte aligned) and row strides are whole rows, so the row
+  // width and the local pointer decide the unit.
+  const int64_t row_bytes = peers.row_bytes;
+  const int blocks_cap = 4 * multiprocessor_count();
+  const int blocks = int(std::max<int64_t>(1, std::min<int64_t>(blocks_cap, (rows + kWarpsPerBlock - 1) / kWarpsPerBlock)));
+  auto launch = [&](auto unit) {
+    using Unit = decltype(unit);
+    args.row_units = row_bytes / int64_t(sizeof(Unit));
+    move_rows_kernel<Unit, kPush><<<blocks, kThreads, 0, as_stream(stream)>>>(args);
+  };
+  if (row_bytes % 16 == 0 && is_aligned(packed, 16)) launch(uint4{});
+  else if (row_bytes % 4 == 0 && is_aligned(packed, 4)) launch(unsigned{});
+  else {
+    SY_CHECK(row_bytes % 2 == 0 && is_aligned(packed, 2), "ep peer rows: rows of ", row_bytes,
+             " bytes are not 2-byte units");
+    launch(uint16_t{});
+  }
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+namespace cuda {
+
+void ep_push_rows(const void* packed, int64_t rows, const EpPeerRows& peers, const EpSignalBoards& signal,
+                  int signal_kind, unsigned* block_counter, void* stream) {
+  SY_CHECK(signal_kind >= 0 && signal_kind < kEpSignalKinds && block_counter != nullptr &&
+               signal.num_ranks == peers.num_ranks && signal.rank == peers.rank,
+           "ep_push_rows: bad signal arguments");
+  launch_move<true>(const_cast<void*>(packed), rows, peers, signal, signal_kind, block_counter, stream);
+}
+
+void ep_pull_rows(void* packed, int64_t rows, const EpPeerRows& peers, void* stream) {
+  launch_move<false>(packed, rows, peers, EpSignalBoards{}, 0, nullptr, stream);
+}
+
+void ep_zero_padding_rows(void* padded, int64_t row_bytes, const int32_t* expert_offsets, const int32_t* expert_totals,
+                          int local_experts, int64_t max_padding_rows, void* stream) {
+  if (local_experts < 1 || max_padding_rows <= 0) return;
+  if (row_bytes % 16 == 0 && is_aligned(padded, 16)) {
+    zero_padding_kernel<uint4><<<local_experts, kThreads, 0, as_stream(stream)>>>(
+        static_cast<uint4*>(padded), row_bytes / 16, expert_offsets, expert_totals);
+  } else {
+    SY_CHECK(row_bytes % 4 == 0 && is_aligned(padded, 4), "ep_zero_padding_rows: rows of ", row_bytes,
+             " bytes are not whole 4-byte units");
+    zero_padding_kernel<unsigned><<<local_experts, kThreads, 0, as_stream(stream)>>>(
+        static_cast<unsigned*>(padded), row_bytes / 4, expert_offsets, expert_totals);
+  }
+  CUDA_CHECK_LAUNCH();
+}
+
+void ep_signal_peers(const EpSignalBoards& signal, int signal_kind, void* stream) {
+  SY_CHECK(signal.num_ranks >= 1 && signal.num_ranks <= 1024, "ep_signal_peers: ", signal.num_ranks, " ranks");
+  signal_peers_kernel<<<1, signal.num_ranks, 0, as_stream(stream)>>>(signal, signal_kind);
+  CUDA_CHECK_LAUNCH();
+}
+
+void ep_wait_signals(const EpSignalBoards& signal, int signal_kind, unsigned long long expected, int64_t timeout_ns,
+                     EpWaitFailure* failure, void* stream) {
+  SY_CHECK(failure != nullptr, "ep_wait_signals: no failure record");
+  wait_signals_kernel<<<1, 32, 0, as_stream(stream)>>>(signal, signal_kind, expected, (long long)timeout_ns, failure);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace cuda
+}  // namespace switchyard

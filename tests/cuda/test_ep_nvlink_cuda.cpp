@@ -1,0 +1,141 @@
+// The CUDA direct peer row moves (kernels/cuda/ep_nvlink.cu) on a virtual group in one process
+// (tests/unit/ep_nvlink_group.h): every "rank" is a set of device buffers, peer_bases point at
+// them, so the kernels' index math, unit choice and signals are checked without a second GPU. The
+// bytes must equal the NCCL path's reference (all-to-all + ep_to_expert_layout, and back);
+// receive buffers start as garbage. The multi-GPU run over mapped peer memory is in
+// tests/mpi/test_expert_parallel.cpp.
+#include <cuda_runtime.h>
+
+#include <tuple>
+
+#include "src/core/cuda_check.h"
+#include "tests/cuda/cuda_test_support.h"
+#include "tests/unit/ep_nvlink_group.h"
+
+using namespace switchyard;
+using namespace switchyard::testing;
+
+namespace {
+
+template <typename T>
+Buffer upload_vector(const std::vector<T>& values) {
+  Buffer buffer(DeviceKind::cuda, std::max<size_t>(values.size() * sizeof(T), 16));
+  if (!values.empty()) device_copy(buffer.data(), DeviceKind::cuda, values.data(), DeviceKind::cpu, values.size() * sizeof(T));
+  return buffer;
+}
+
+Bytes download_bytes(const void* device, size_t bytes) {
+  Bytes host(bytes);
+  if (bytes) device_copy(host.data(), DeviceKind::cpu, device, DeviceKind::cuda, bytes);
+  return host;
+}
+
+void run_cuda_group(const VirtualEpGroup& group) {
+  const int ranks = group.ranks;
+  const size_t padded_bytes = size_t(std::max<int64_t>(group.max_rows, 1) * group.row_bytes);
+  std::vector<Buffer> padded, packed, offsets, peer_rows, layout_offsets, layout_totals, boards;
+  std::vector<void*> bases;
+  std::vector<unsigned long long*> board_pointers;
+  for (int rank = 0; rank < ranks; ++rank) {
+    padded.emplace_back(DeviceKind::cuda, padded_bytes);
+    device_memset(padded.back().data(), DeviceKind::cuda, 0xAB, padded_bytes);
+    bases.push_back(padded.back().data());
+    packed.push_back(upload_vector(group.packed[size_t(rank)]));
+    offsets.push_back(upload_vector(group.offsets[size_t(rank)]));
+    peer_rows.push_back(upload_vector(group.peer_rows[size_t(rank)]));
+    layout_offsets.push_back(upload_vector(group.expert_offsets[size_t(rank)]));
+    layout_totals.push_back(upload_vector(group.expert_totals[size_t(rank)]));
+    boards.emplace_back(DeviceKind::cuda, size_t(kEpSignalKinds * ranks) * sizeof(unsigned long long));
+    device_memset(boards.back().data(), DeviceKind::cuda, 0, boards.back().bytes());
+    board_pointers.push_back(boards.back().as<unsigned long long>());
+  }
+  Buffer bases_device = upload_vector(bases), boards_device = upload_vector(board_pointers);
+  Buffer counter(DeviceKind::cuda, 16);
+  device_memset(counter.data(), DeviceKind::cuda, 0, 16);
+  EpWaitFailure* failure = nullptr;
+  CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&failure), sizeof(EpWaitFailure), cudaHostAllocMapped));
+  std::memset(failure, 0, sizeof(EpWaitFailure));
+  EpWaitFailure* failure_device = nullptr;
+  CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&failure_device), failure, 0));
+
+  auto peers_of = [&](int rank) {
+    EpPeerRows peers;
+    peers.num_ranks = ranks;
+    peers.local_experts = group.local;
+    peers.rank = rank;
+    peers.row_bytes = group.row_bytes;
+    peers.packed_offsets = offsets[size_t(rank)].as<int32_t>();
+    peers.peer_rows = peer_rows[size_t(rank)].as<int32_t>();
+    peers.peer_bases = static_cast<void* const*>(bases_device.data());
+    return peers;
+  };
+  auto signal_of = [&](int rank) {
+    EpSignalBoards signal;
+    signal.boards = static_cast<unsigned long long* const*>(boards_device.data());
+    signal.num_ranks = ranks;
+    signal.rank = rank;
+    return signal;
+  };
+  for (int rank = 0; rank < ranks; ++rank)
+    cuda::ep_push_rows(packed[size_t(rank)].data(), group.rows_of(rank), peers_of(rank), signal_of(rank),
+                       kEpRowsDispatched, counter.as<unsigned>(), nullptr);
+  // Every rank heard once from every rank, so each wait for 1 returns (a wrong count would trap).
+  for (int rank = 0; rank < ranks; ++rank) {
+    cuda::ep_wait_signals(signal_of(rank), kEpRowsDispatched, 1, int64_t(20e9), failure_device, nullptr);
+    cuda::ep_zero_padding_rows(padded[size_t(rank)].data(), group.row_bytes, layout_offsets[size_t(rank)].as<int32_t>(),
+                               layout_totals[size_t(rank)].as<int32_t>(), group.local, group.max_rows, nullptr);
+  }
+  for (int rank = 0; rank < ranks; ++rank) cuda::ep_signal_peers(signal_of(rank), kEpOutputsReady, nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  EXPECT_EQ(failure->failed, 0);
+  for (int rank = 0; rank < ranks; ++rank) {
+    const std::vector<unsigned long long> counts =
+        [&] {
+          const Bytes raw = download_bytes(boards[size_t(rank)].data(), boards[size_t(rank)].bytes());
+          std::vector<unsigned long long> values(raw.size() / sizeof(unsigned long long));
+          std::memcpy(values.data(), raw.data(), raw.size());
+          return values;
+        }();
+    for (int source = 0; source < ranks; ++source) {
+      EXPECT_EQ(counts[size_t(kEpRowsDispatched * ranks + source)], 1u) << "rank " << rank << " from " << source;
+      EXPECT_EQ(counts[size_t(kEpOutputsReady * ranks + source)], 1u) << "rank " << rank << " from " << source;
+      EXPECT_EQ(counts[size_t(kEpGradientsDispatched * ranks + source)], 0u);
+    }
+    const Bytes& expected = group.expected_padded[size_t(rank)];
+    EXPECT_EQ(download_bytes(padded[size_t(rank)].data(), expected.size()), expected) << "receiver " << rank;
+  }
+  // The way back.
+  for (int rank = 0; rank < ranks; ++rank) {
+    const Bytes& outputs = group.outputs[size_t(rank)];
+    if (!outputs.empty())
+      device_copy(padded[size_t(rank)].data(), DeviceKind::cuda, outputs.data(), DeviceKind::cpu, outputs.size());
+  }
+  for (int rank = 0; rank < ranks; ++rank) {
+    Buffer pulled(DeviceKind::cuda, std::max<size_t>(group.packed[size_t(rank)].size(), 16));
+    device_memset(pulled.data(), DeviceKind::cuda, 0xEE, pulled.bytes());
+    cuda::ep_pull_rows(pulled.data(), group.rows_of(rank), peers_of(rank), nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_EQ(download_bytes(pulled.data(), group.packed[size_t(rank)].size()), group.expected_pulled[size_t(rank)])
+        << "sender " << rank;
+  }
+  CUDA_CHECK(cudaFreeHost(failure));
+}
+
+class EpNvlinkCuda : public ::testing::TestWithParam<std::tuple<int, int, int, int>> {};
+
+TEST_P(EpNvlinkCuda, PushPullAndSignalsMatchTheAllToAllPath) {
+  SKIP_WITHOUT_CUDA();
+  const auto [ranks, local, alignment, row_bytes] = GetParam();
+  for (uint64_t seed = 1; seed <= 3; ++seed) {
+    SCOPED_TRACE(::testing::Message() << "seed " << seed);
+    run_cuda_group(make_virtual_ep_group(ranks, local, alignment, row_bytes, 300, seed * 104729 + uint64_t(ranks)));
+  }
+}
+
+// Row widths: 16-byte units (bf16 D = 768, 24), 4-byte units (D = 10).
+INSTANTIATE_TEST_SUITE_P(Groups, EpNvlinkCuda,
+                         ::testing::Values(std::make_tuple(1, 4, 128, 1536), std::make_tuple(2, 3, 128, 1536),
+                                           std::make_tuple(3, 2, 8, 48), std::make_tuple(4, 5, 16, 20),
+                                           std::make_tuple(8, 2, 128, 1536)));
+
+}  // namespace

@@ -1,0 +1,140 @@
+// A virtual expert-parallel group in one process, for the direct peer row moves
+// (kernels/ep_nvlink_ops.h): every rank's packed send rows, its peer_rows, and what each receiver's
+// padded layout must hold, derived from the NCCL path's reference ops (an all-to-all into
+// source-major packed rows, then ep_to_expert_layout; back: ep_from_expert_layout). Shared by the
+// CPU test (tests/unit) and the CUDA test (tests/cuda).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "kernels/ep_nvlink_ops.h"
+#include "kernels/ep_ops.h"
+#include "tests/unit/test_helpers.h"
+
+namespace switchyard {
+namespace testing {
+
+using Bytes = std::vector<uint8_t>;
+
+struct VirtualEpGroup {
+  int ranks = 1, local = 1, alignment = 1;
+  int64_t row_bytes = 16;
+  int64_t max_rows = 0;                        // the largest padded layout (what ep_peer_rows returns)
+  std::vector<int32_t> all_counts;             // [P][P*L]
+  std::vector<std::vector<int32_t>> offsets;   // per rank [P*L + 1], packed send layout
+  std::vector<Bytes> packed;                   // per rank, its send rows
+  std::vector<std::vector<int32_t>> peer_rows; // per rank [P*L]
+  // Per receiver: its layout (expert_offsets [L+1], expert_totals [L], packed_starts [P*L+1]),
+  // its padded rows after the exchange, and the "expert outputs" the pulls read.
+  std::vector<std::vector<int32_t>> expert_offsets, expert_totals, packed_starts;
+  std::vector<Bytes> expected_padded, outputs;
+  std::vector<Bytes> expected_pulled;          // per sender: its rows read back from the outputs
+
+  int64_t experts() const { return int64_t(ranks) * local; }
+  int64_t rows_of(int rank) const { return offsets[size_t(rank)].back(); }
+};
+
+inline Bytes random_bytes(std::mt19937_64& rng, int64_t count) {
+  Bytes bytes(static_cast<size_t>(count));
+  for (uint8_t& byte : bytes) byte = uint8_t(rng() & 0xFF);
+  return bytes;
+}
+
+// Counts in [0, max_count], with whole empty ranks/experts now and then.
+inline VirtualEpGroup make_virtual_ep_group(int ranks, int local, int alignment, int64_t row_bytes, int max_count,
+                                            uint64_t seed) {
+  VirtualEpGroup group;
+  group.ranks = ranks;
+  group.local = local;
+  group.alignment = alignment;
+  group.row_bytes = row_bytes;
+  std::mt19937_64 rng(seed);
+  const int64_t experts = group.experts();
+  group.all_counts.assign(size_t(ranks * experts), 0);
+  for (int source = 0; source < ranks; ++source)
+    for (int64_t expert = 0; expert < experts; ++expert) {
+      const bool empty = rng() % 5 == 0 || (source == ranks - 1 && ranks > 1 && expert % 2 == 0);
+      group.all_counts[size_t(source * experts + expert)] = empty ? 0 : int32_t(rng() % uint64_t(max_count + 1));
+    }
+  for (int rank = 0; rank < ranks; ++rank) {
+    std::vector<int32_t> offsets(size_t(experts) + 1, 0);
+    for (int64_t expert = 0; expert < experts; ++expert)
+      offsets[size_t(expert) + 1] = offsets[size_t(expert)] + group.all_counts[size_t(rank * experts + expert)];
+    group.offsets.push_back(offsets);
+    group.packed.push_back(random_bytes(rng, int64_t(offsets.back()) * row_bytes));
+    std::vector<int32_t> peer_rows(size_t(experts), -1);
+    const int64_t largest = ep_peer_rows(group.all_counts.data(), ranks, local, rank, alignment, peer_rows.data());
+    if (rank == 0) group.max_rows = largest;
+    group.peer_rows.push_back(peer_rows);
+  }
+
+  // Receiver p through the NCCL path's reference ops.
+  group.expected_pulled.assign(size_t(ranks), Bytes());
+  for (int rank = 0; rank < ranks; ++rank)
+    group.expected_pulled[size_t(rank)].assign(group.packed[size_t(rank)].size(), 0);
+  for (int receiver = 0; receiver < ranks; ++receiver) {
+    HostTensor recv_counts(DType::i32, {ranks, local}), packed_starts(DType::i32, {experts + 1}),
+        expert_totals(DType::i32, {local}), expert_offsets(DType::i32, {local + 1}),
+        segment_rows(DType::i32, {ranks, local}), chunk_offsets(DType::i32, {local + 1});
+    for (int source = 0; source < ranks; ++source)
+      for (int expert = 0; expert < local; ++expert)
+        recv_counts.data<int32_t>()[source * local + expert] =
+            group.all_counts[size_t(source * experts + receiver * local + expert)];
+    EpReceiveLayout layout;
+    layout.num_ranks = ranks;
+    layout.local_experts = local;
+    layout.chunks = 1;
+    layout.alignment = alignment;
+    layout.recv_counts = recv_counts;
+    layout.packed_starts = packed_starts;
+    layout.expert_totals = expert_totals;
+    layout.expert_offsets = expert_offsets;
+    layout.segment_rows = segment_rows;
+    layout.chunk_offsets = chunk_offsets;
+    cpu::ep_receive_layout(layout);
+    const int64_t received = packed_starts.data<int32_t>()[experts];
+    const int64_t padded_rows = expert_offsets.data<int32_t>()[local];
+    // The all-to-all's result: source-major, each source's rows for this receiver's experts.
+    Bytes received_rows;
+    for (int source = 0; source < ranks; ++source) {
+      const std::vector<int32_t>& offsets = group.offsets[size_t(source)];
+      const size_t begin = size_t(offsets[size_t(receiver * local)]) * size_t(row_bytes);
+      const size_t end = size_t(offsets[size_t(receiver * local + local)]) * size_t(row_bytes);
+      received_rows.insert(received_rows.end(), group.packed[size_t(source)].begin() + long(begin),
+                           group.packed[size_t(source)].begin() + long(end));
+    }
+    Bytes padded(size_t(std::max<int64_t>(padded_rows, 1) * row_bytes), 0xCD);
+    Tensor packed_view(received_rows.data(), DType::u8, DeviceKind::cpu, {received, row_bytes});
+    Tensor padded_view(padded.data(), DType::u8, DeviceKind::cpu, {padded_rows, row_bytes});
+    cpu::ep_to_expert_layout(packed_view, layout, 0, local, padded_rows, padded_view);
+    padded.resize(size_t(padded_rows * row_bytes));
+    group.expected_padded.push_back(padded);
+
+    // The way back: outputs in the padded layout -> source-major packed -> each sender's rows.
+    Bytes outputs = random_bytes(rng, padded_rows * row_bytes);
+    Bytes returned(size_t(std::max<int64_t>(received, 1) * row_bytes), 0);
+    Tensor outputs_view(outputs.data(), DType::u8, DeviceKind::cpu, {padded_rows, row_bytes});
+    Tensor returned_view(returned.data(), DType::u8, DeviceKind::cpu, {received, row_bytes});
+    cpu::ep_from_expert_layout(outputs_view, layout, 0, local, padded_rows, returned_view);
+    for (int source = 0; source < ranks; ++source)
+      for (int expert = 0; expert < local; ++expert) {
+        const int64_t global = int64_t(receiver) * local + expert;
+        const int64_t count = group.all_counts[size_t(source * experts + global)];
+        const int64_t from = packed_starts.data<int32_t>()[source * local + expert];
+        const int64_t to = group.offsets[size_t(source)][size_t(global)];
+        std::memcpy(group.expected_pulled[size_t(source)].data() + to * row_bytes, returned.data() + from * row_bytes,
+                    size_t(count * row_bytes));
+      }
+    group.outputs.push_back(outputs);
+    group.expert_offsets.emplace_back(expert_offsets.data<int32_t>(), expert_offsets.data<int32_t>() + local + 1);
+    group.expert_totals.emplace_back(expert_totals.data<int32_t>(), expert_totals.data<int32_t>() + local);
+    group.packed_starts.emplace_back(packed_starts.data<int32_t>(), packed_starts.data<int32_t>() + experts + 1);
+  }
+  return group;
+}
+
+}  // namespace testing
+}  // namespace switchyard

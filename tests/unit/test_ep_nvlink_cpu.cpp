@@ -1,0 +1,79 @@
+// The CPU reference of the direct peer row moves (kernels/ep_nvlink_ops.h) against the NCCL path's
+// reference ops on a virtual group (tests/unit/ep_nvlink_group.h): pushing every rank's packed rows
+// into its peers' padded layouts (padding then zeroed) gives exactly what the all-to-all plus
+// ep_to_expert_layout gives, and pulling gives what ep_from_expert_layout plus the return
+// all-to-all gives. Receive buffers start as garbage.
+#include <gtest/gtest.h>
+
+#include <tuple>
+
+#include "tests/unit/ep_nvlink_group.h"
+
+using namespace switchyard;
+using namespace switchyard::testing;
+
+namespace {
+
+void run_cpu_group(const VirtualEpGroup& group) {
+  const int ranks = group.ranks;
+  std::vector<Bytes> padded(static_cast<size_t>(ranks));
+  std::vector<void*> bases(static_cast<size_t>(ranks));
+  for (int rank = 0; rank < ranks; ++rank) {
+    padded[size_t(rank)].assign(size_t(std::max<int64_t>(group.max_rows, 1) * group.row_bytes), 0xAB);
+    bases[size_t(rank)] = padded[size_t(rank)].data();
+  }
+  auto peers_of = [&](int rank) {
+    EpPeerRows peers;
+    peers.num_ranks = ranks;
+    peers.local_experts = group.local;
+    peers.rank = rank;
+    peers.row_bytes = group.row_bytes;
+    peers.packed_offsets = group.offsets[size_t(rank)].data();
+    peers.peer_rows = group.peer_rows[size_t(rank)].data();
+    peers.peer_bases = bases.data();
+    return peers;
+  };
+  for (int rank = 0; rank < ranks; ++rank)
+    cpu::ep_push_rows(group.packed[size_t(rank)].data(), group.rows_of(rank), peers_of(rank));
+  for (int receiver = 0; receiver < ranks; ++receiver) {
+    cpu::ep_zero_padding_rows(padded[size_t(receiver)].data(), group.row_bytes,
+                              group.expert_offsets[size_t(receiver)].data(),
+                              group.expert_totals[size_t(receiver)].data(), group.local);
+    const Bytes& expected = group.expected_padded[size_t(receiver)];
+    ASSERT_LE(expected.size(), padded[size_t(receiver)].size());
+    EXPECT_EQ(0, std::memcmp(expected.data(), padded[size_t(receiver)].data(), expected.size()))
+        << "receiver " << receiver;
+  }
+  // The way back, from the receivers' outputs.
+  for (int receiver = 0; receiver < ranks; ++receiver)
+    std::copy(group.outputs[size_t(receiver)].begin(), group.outputs[size_t(receiver)].end(),
+              padded[size_t(receiver)].begin());
+  for (int rank = 0; rank < ranks; ++rank) {
+    Bytes pulled(group.packed[size_t(rank)].size(), 0xEE);
+    cpu::ep_pull_rows(pulled.data(), group.rows_of(rank), peers_of(rank));
+    EXPECT_EQ(pulled, group.expected_pulled[size_t(rank)]) << "sender " << rank;
+  }
+}
+
+class EpNvlinkCpu : public ::testing::TestWithParam<std::tuple<int, int, int>> {};
+
+TEST_P(EpNvlinkCpu, PushAndPullMatchTheAllToAllPath) {
+  const auto [ranks, local, alignment] = GetParam();
+  for (uint64_t seed = 1; seed <= 4; ++seed) {
+    SCOPED_TRACE(::testing::Message() << "seed " << seed);
+    run_cpu_group(make_virtual_ep_group(ranks, local, alignment, 24, 9, seed * 7919 + uint64_t(ranks)));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Groups, EpNvlinkCpu,
+                         ::testing::Values(std::make_tuple(1, 1, 1), std::make_tuple(1, 4, 8), std::make_tuple(2, 3, 4),
+                                           std::make_tuple(3, 2, 1), std::make_tuple(4, 5, 16),
+                                           std::make_tuple(8, 2, 128)));
+
+TEST(EpNvlinkCpu, PeerRowsRejectNegativeCounts) {
+  const std::vector<int32_t> counts = {1, -1, 2, 3};  // 2 ranks x 2 experts
+  std::vector<int32_t> peer_rows(2);
+  EXPECT_THROW(ep_peer_rows(counts.data(), 2, 1, 0, 1, peer_rows.data()), Error);
+}
+
+}  // namespace
