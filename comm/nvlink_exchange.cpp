@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <sstream>
 #include <utility>
 
 #if defined(SWITCHYARD_WITH_CUDA)
@@ -210,6 +211,14 @@ void NvlinkPeerMemory::pull(int region, void* packed, int64_t rows, int64_t row_
   cuda::ep_pull_rows(packed, rows, peers, stream);
 }
 
+void NvlinkPeerMemory::pull_combine(int region, int64_t rows, int64_t row_bytes, int local_experts,
+                                    const int32_t* packed_offsets, const int32_t* peer_rows,
+                                    const int32_t* choice_rows, const float* gates, int64_t num_tokens, int k_max,
+                                    DType dtype, void* tokens_out, void* keep, void* stream) {
+  EpPeerRows peers{ranks_, local_experts, rank_, row_bytes, packed_offsets, peer_rows, peer_bases(region)};
+  cuda::ep_pull_combine(peers, rows, choice_rows, gates, num_tokens, k_max, dtype, tokens_out, keep, stream);
+}
+
 void NvlinkPeerMemory::zero_padding(int region, int64_t row_bytes, const int32_t* expert_offsets,
                                     const int32_t* expert_totals, int local_experts, int64_t padding_rows,
                                     void* stream) {
@@ -220,10 +229,11 @@ void NvlinkPeerMemory::zero_padding(int region, int64_t row_bytes, const int32_t
 std::string NvlinkPeerMemory::failure_note() const {
   const volatile EpWaitFailure* record = failure_host_;
   if (!record || record->failed == 0) return "";
-  return std::string("expert-parallel nvlink exchange: rank ") + std::to_string(record->rank) + " waited more than " +
-         std::to_string(timeout_seconds_) + " s for rank " + std::to_string(record->source) + "'s '" +
-         ep_signal_kind_name(record->kind) + "' signal (" + std::to_string(record->seen) + " of " +
-         std::to_string(record->expected) + " seen); that rank stopped participating";
+  std::ostringstream note;
+  note << "expert-parallel nvlink exchange: rank " << record->rank << " waited more than " << timeout_seconds_
+       << " s for rank " << record->source << "'s '" << ep_signal_kind_name(record->kind) << "' signal ("
+       << record->seen << " of " << record->expected << " seen); that rank stopped participating";
+  return note.str();
 }
 
 #else  // no CUDA backend
@@ -240,6 +250,10 @@ void NvlinkPeerMemory::push(int, const void*, int64_t, int64_t, int, const int32
   SY_THROW("NvlinkPeerMemory: no CUDA backend");
 }
 void NvlinkPeerMemory::pull(int, void*, int64_t, int64_t, int, const int32_t*, const int32_t*, void*) {
+  SY_THROW("NvlinkPeerMemory: no CUDA backend");
+}
+void NvlinkPeerMemory::pull_combine(int, int64_t, int64_t, int, const int32_t*, const int32_t*, const int32_t*,
+                                    const float*, int64_t, int, DType, void*, void*, void*) {
   SY_THROW("NvlinkPeerMemory: no CUDA backend");
 }
 void NvlinkPeerMemory::zero_padding(int, int64_t, const int32_t*, const int32_t*, int, int64_t, void*) {

@@ -65,6 +65,10 @@ class NvlinkPeerMemory {
   // Pulls the same rows back from the peers' region `region`.
   void pull(int region, void* packed, int64_t rows, int64_t row_bytes, int local_experts, const int32_t* packed_offsets,
             const int32_t* peer_rows, void* stream);
+  // The pull fused with the token-side gather (kernels/ep_nvlink_ops.h, ep_pull_combine).
+  void pull_combine(int region, int64_t rows, int64_t row_bytes, int local_experts, const int32_t* packed_offsets,
+                    const int32_t* peer_rows, const int32_t* choice_rows, const float* gates, int64_t num_tokens,
+                    int k_max, DType dtype, void* tokens_out, void* keep, void* stream);
   // Zeroes the segment padding rows of this rank's region `region` (kernels/ep_nvlink_ops.h).
   void zero_padding(int region, int64_t row_bytes, const int32_t* expert_offsets, const int32_t* expert_totals,
                     int local_experts, int64_t padding_rows, void* stream);

@@ -30,6 +30,8 @@
 
 #include <cstdint>
 
+#include "src/core/dtype.h"
+
 namespace switchyard {
 
 constexpr int kEpSignalKinds = 4;
@@ -79,6 +81,9 @@ namespace cpu {
 // `packed` holds `rows` rows of row_bytes (rows = packed_offsets[P*L]).
 void ep_push_rows(const void* packed, int64_t rows, const EpPeerRows& peers);
 void ep_pull_rows(void* packed, int64_t rows, const EpPeerRows& peers);
+// dtype f32 or f64 here (accumulated in that type, in choice order).
+void ep_pull_combine(const EpPeerRows& peers, int64_t rows, const int32_t* choice_rows, const float* gates,
+                     int64_t num_tokens, int k_max, DType dtype, void* tokens_out, void* keep);
 void ep_zero_padding_rows(void* padded, int64_t row_bytes, const int32_t* expert_offsets, const int32_t* expert_totals,
                           int local_experts);
 }  // namespace cpu
@@ -87,6 +92,15 @@ namespace cuda {
 void ep_push_rows(const void* packed, int64_t rows, const EpPeerRows& peers, const EpSignalBoards& signal,
                   int signal_kind, unsigned* block_counter, void* stream);
 void ep_pull_rows(void* packed, int64_t rows, const EpPeerRows& peers, void* stream);
+// The pull fused with the token-side gather of kernels/moe_ops.h (one warp per token): with R(r)
+// packed row r's copy in peer memory (as ep_pull_rows reads it), for every token t
+//   tokens_out[t] = sum_j weight(t, j) * R(choice_rows[t, j])   over j with choice_rows[t, j] >= 0,
+//   weight = gates[t, j] (unpermute_combine) or 1 when gates is null (permute_backward),
+// accumulated in fp32 in choice order, so it equals ep_pull_rows followed by that op bit for bit;
+// `keep` (optional, [rows, D]) also receives every R(r) a choice refers to (the forward keeps the
+// expert outputs for the backward's gate gradients). dtype: bf16, f16 or f32; row_bytes = D * size.
+void ep_pull_combine(const EpPeerRows& peers, int64_t rows, const int32_t* choice_rows, const float* gates,
+                     int64_t num_tokens, int k_max, DType dtype, void* tokens_out, void* keep, void* stream);
 void ep_zero_padding_rows(void* padded, int64_t row_bytes, const int32_t* expert_offsets, const int32_t* expert_totals,
                           int local_experts, int64_t max_padding_rows, void* stream);
 void ep_signal_peers(const EpSignalBoards& signal, int signal_kind, void* stream);

@@ -2,6 +2,8 @@
 // packed segments expert by expert; the CUDA kernels map each packed row to its expert by binary
 // search instead, and must write the same bytes.
 #include <algorithm>
+#include <cmath>
+#include <vector>
 #include <cstdint>
 #include <cstring>
 
@@ -75,6 +77,43 @@ void ep_push_rows(const void* packed, int64_t rows, const EpPeerRows& peers) {
 }
 
 void ep_pull_rows(void* packed, int64_t rows, const EpPeerRows& peers) { move_rows<false>(packed, rows, peers); }
+
+namespace {
+template <typename T>
+void pull_combine(const EpPeerRows& peers, int64_t rows, const int32_t* choice_rows, const float* gates,
+                  int64_t num_tokens, int k_max, T* tokens_out, T* keep) {
+  const int64_t width = peers.row_bytes / int64_t(sizeof(T));
+  const int experts = peers.num_ranks * peers.local_experts;
+  std::vector<T> sum(static_cast<size_t>(width));
+  for (int64_t token = 0; token < num_tokens; ++token) {
+    std::fill(sum.begin(), sum.end(), T(0));
+    for (int choice = 0; choice < k_max; ++choice) {
+      const int32_t row = choice_rows[token * k_max + choice];
+      if (row < 0 || row >= rows) continue;
+      const int32_t* upper = std::upper_bound(peers.packed_offsets, peers.packed_offsets + experts + 1, row);
+      const int expert = int(upper - peers.packed_offsets) - 1;
+      const int peer = expert / peers.local_experts;
+      const int64_t remote_row = int64_t(peers.peer_rows[expert]) + row - peers.packed_offsets[expert];
+      const T* remote = static_cast<const T*>(peers.peer_bases[peer]) + remote_row * width;
+      const T weight = gates ? T(gates[token * k_max + choice]) : T(1);
+      if (keep) std::copy(remote, remote + width, keep + int64_t(row) * width);
+      for (int64_t column = 0; column < width; ++column) sum[size_t(column)] = std::fma(weight, remote[column], sum[size_t(column)]);
+    }
+    std::copy(sum.begin(), sum.end(), tokens_out + token * width);
+  }
+}
+}  // namespace
+
+void ep_pull_combine(const EpPeerRows& peers, int64_t rows, const int32_t* choice_rows, const float* gates,
+                     int64_t num_tokens, int k_max, DType dtype, void* tokens_out, void* keep) {
+  SY_CHECK(k_max >= 1, "ep_pull_combine: K must be >= 1, got ", k_max);
+  if (dtype == DType::f32)
+    return pull_combine(peers, rows, choice_rows, gates, num_tokens, k_max, static_cast<float*>(tokens_out),
+                        static_cast<float*>(keep));
+  SY_CHECK(dtype == DType::f64, "ep_pull_combine (cpu): dtype ", dtype_name(dtype), " is not f32 or f64");
+  pull_combine(peers, rows, choice_rows, gates, num_tokens, k_max, static_cast<double*>(tokens_out),
+               static_cast<double*>(keep));
+}
 
 void ep_zero_padding_rows(void* padded, int64_t row_bytes, const int32_t* expert_offsets, const int32_t* expert_totals,
                           int local_experts) {

@@ -150,6 +150,61 @@ __global__ void __launch_bounds__(kThreads) zero_padding_kernel(Unit* padded, in
   for (int64_t unit = first + threadIdx.x; unit < end; unit += blockDim.x) padded[unit] = Unit{};
 }
 
+// One warp per token; lane j < k finds its choice's peer row, the warp shares the addresses.
+constexpr int kMaxChoices = 8;
+
+template <typename T, int kElems>
+__global__ void __launch_bounds__(kThreads)
+    pull_combine_kernel(EpPeerRows peers, int64_t rows, const int32_t* choice_rows, const float* gates,
+                        int64_t num_tokens, int k_max, int64_t width, T* tokens_out, T* keep) {
+  const int lane = threadIdx.x & 31;
+  const int64_t token = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (token >= num_tokens) return;
+  const int experts = peers.num_ranks * peers.local_experts;
+  int row = -1;
+  const T* remote = nullptr;
+  float weight = 1.0f;
+  if (lane < k_max) {
+    row = choice_rows[token * k_max + lane];
+    if (row >= rows) row = -1;  // never read out of bounds
+    if (row >= 0) {
+      const int expert = expert_of_row(peers.packed_offsets, experts, row);
+      const int peer = expert / peers.local_experts;
+      const int64_t remote_row = int64_t(peers.peer_rows[expert]) + row - peers.packed_offsets[expert];
+      remote = static_cast<const T*>(peers.peer_bases[peer]) + remote_row * width;
+      if (gates) weight = gates[token * k_max + lane];
+    }
+  }
+  int rows_of[kMaxChoices];
+  const T* remote_of[kMaxChoices];
+  float weight_of[kMaxChoices];
+#pragma unroll
+  for (int choice = 0; choice < kMaxChoices; ++choice) {
+    rows_of[choice] = __shfl_sync(kFullWarpMask, row, choice);
+    remote_of[choice] = reinterpret_cast<const T*>(
+        __shfl_sync(kFullWarpMask, reinterpret_cast<unsigned long long>(remote), choice));
+    weight_of[choice] = __shfl_sync(kFullWarpMask, weight, choice);
+  }
+  T* out = tokens_out + token * width;
+  for (int64_t column = int64_t(lane) * kElems; column < width; column += 32 * kElems) {
+    float values[kMaxChoices][kElems];
+#pragma unroll
+    for (int choice = 0; choice < kMaxChoices; ++choice)  // all loads first: peer memory is far
+      if (rows_of[choice] >= 0) load_elems<T, kElems>(remote_of[choice] + column, values[choice]);
+    float sum[kElems];
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) sum[i] = 0.0f;
+#pragma unroll
+    for (int choice = 0; choice < kMaxChoices; ++choice) {
+      if (rows_of[choice] < 0) continue;
+      if (keep) store_elems<T, kElems>(keep + int64_t(rows_of[choice]) * width + column, values[choice]);
+#pragma unroll
+      for (int i = 0; i < kElems; ++i) sum[i] = fmaf(weight_of[choice], values[choice][i], sum[i]);
+    }
+    store_elems<T, kElems>(out + column, sum);
+  }
+}
+
 template <bool kPush>
 void launch_move(void* packed, int64_t rows, const EpPeerRows& peers, const EpSignalBoards& signal, int signal_kind,
                  unsigned* block_counter, void* stream) {
@@ -197,6 +252,30 @@ void ep_push_rows(const void* packed, int64_t rows, const EpPeerRows& peers, con
 
 void ep_pull_rows(void* packed, int64_t rows, const EpPeerRows& peers, void* stream) {
   launch_move<false>(packed, rows, peers, EpSignalBoards{}, 0, nullptr, stream);
+}
+
+void ep_pull_combine(const EpPeerRows& peers, int64_t rows, const int32_t* choice_rows, const float* gates,
+                     int64_t num_tokens, int k_max, DType dtype, void* tokens_out, void* keep, void* stream) {
+  SY_CHECK(k_max >= 1 && k_max <= kMaxChoices, "ep_pull_combine: K must be in 1..8, got ", k_max);
+  SY_CHECK(dtype == DType::bf16 || dtype == DType::f16 || dtype == DType::f32, "ep_pull_combine: dtype ",
+           dtype_name(dtype), " is not an activation type");
+  SY_CHECK(peers.row_bytes % int64_t(dtype_size(dtype)) == 0, "ep_pull_combine: rows of ", peers.row_bytes,
+           " bytes are not whole ", dtype_name(dtype), " elements");
+  if (num_tokens == 0) return;
+  const int64_t width = peers.row_bytes / int64_t(dtype_size(dtype));
+  const int64_t blocks = (num_tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  SY_CHECK(blocks < (int64_t(1) << 31), "ep_pull_combine: too many tokens for one launch");
+  dispatch_activation_dtype(dtype, "ep_pull_combine", [&](auto tag) {
+    using T = decltype(tag);
+    // Packs need whole 16-byte packs per row and aligned local bases (peer bases are cudaMalloc'd).
+    bool packs = width % Pack<T>::kElems == 0 && is_aligned(tokens_out, 16) && (!keep || is_aligned(keep, 16));
+    dispatch_elems<T>(packs, [&](auto elems) {
+      pull_combine_kernel<T, decltype(elems)::value><<<unsigned(blocks), kThreads, 0, as_stream(stream)>>>(
+          peers, rows, choice_rows, gates, num_tokens, k_max, width, static_cast<T*>(tokens_out),
+          static_cast<T*>(keep));
+      CUDA_CHECK_LAUNCH();
+    });
+  });
 }
 
 void ep_zero_padding_rows(void* padded, int64_t row_bytes, const int32_t* expert_offsets, const int32_t* expert_totals,

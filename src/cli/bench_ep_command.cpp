@@ -157,7 +157,8 @@ struct ExchangeBench {
   }
 
   // The nvlink transport as MoeEpLayer runs it, with the identity expert: rows into the peers'
-  // padded layouts, a signal that the (absent) expert outputs are ready, rows read back, combine.
+  // padded layouts, a signal that the (absent) expert outputs are ready, rows read back and
+  // combined in one pass (kept in the send buffer, as the layer keeps them for backward).
   void run_nvlink(const ExpertExchangePlan& plan, Tensor& send_rows) {
     const ExecContext& context = settings.context;
     const int64_t row_bytes = settings.config.d_model * int64_t(dtype_size(settings.activation_dtype));
@@ -172,11 +173,10 @@ struct ExchangeBench {
     peers->wait(kEpRowsDispatched, context.stream);
     peers->signal(kEpOutputsReady, context.stream);
     peers->wait(kEpOutputsReady, context.stream);
-    peers->pull(0, send_rows.data, plan.send_rows(), row_bytes, local, offsets, dispatcher->peer_rows(),
-                context.stream);
     map = routing_buffers.map(tokens, plan.send_rows());
-    Tensor combined = y.view(settings.activation_dtype, {tokens, settings.config.d_model});
-    ops::unpermute_combine(context, send_rows, routing, map, combined);
+    peers->pull_combine(0, plan.send_rows(), row_bytes, local, offsets, dispatcher->peer_rows(),
+                        map.choice_rows.as<int32_t>(), routing.gates.as<float>(), tokens, settings.config.k_max,
+                        settings.activation_dtype, y.data(), send_rows.data, context.stream);
   }
 
   // The same rows there and back with plain all_to_all_v calls (the plan of the last run), one

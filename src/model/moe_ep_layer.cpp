@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <string>
 
+#include "comm/bootstrap.h"
+
 namespace switchyard {
 
 namespace {
@@ -204,6 +206,7 @@ MoeLosses MoeEpLayer::forward(const ExecContext& context, const Tensor& x, const
            send_bound, " bound");
   ensure_receive_capacity(context, args.training);
   if (peers_) ensure_peer_capacity();
+  inject_fault_point("ep_layer_dispatch");  // tests: a rank that stops between the counts and the rows
 
   map_ = routing_buffers_.map(tokens, plan.send_rows());
   Tensor send = rows(send_rows_, activation_dtype_, 0, plan.send_rows(), d_model);
@@ -220,8 +223,11 @@ MoeLosses MoeEpLayer::forward(const ExecContext& context, const Tensor& x, const
     experts_forward(context, 0, weights);
     peers_->signal(kEpOutputsReady, context.stream);
     peers_->wait(kEpOutputsReady, context.stream);
-    peers_->pull(kOutputRegion, send.data, plan.send_rows(), row_bytes, local_experts(),
-                 routing_.expert_offsets.as<int32_t>(), dispatcher_->peer_rows(), context.stream);
+    // The results straight from the peers into y, kept in `send` for the gate gradients.
+    peers_->pull_combine(kOutputRegion, plan.send_rows(), row_bytes, local_experts(),
+                         routing_.expert_offsets.as<int32_t>(), dispatcher_->peer_rows(),
+                         map_.choice_rows.as<int32_t>(), routing_.gates.as<float>(), tokens, config_.k_max,
+                         activation_dtype_, y.data, send.data, context.stream);
   } else {
     Tensor received = rows(receive_rows_, activation_dtype_, 0, plan.recv_rows(), d_model);
     const int chunks = dispatcher_->chunks();
@@ -234,8 +240,8 @@ MoeLosses MoeEpLayer::forward(const ExecContext& context, const Tensor& x, const
       dispatcher_->combine(context, chunk, received, send);
     }
     dispatcher_->wait_combined(context);
+    ops::unpermute_combine(context, send, routing_, map_, y);
   }
-  ops::unpermute_combine(context, send, routing_, map_, y);
   x_ = x;
   has_forward_ = true;
   return args.read_losses ? read_losses(context) : MoeLosses{};
@@ -346,8 +352,11 @@ void MoeEpLayer::backward(const ExecContext& context, const Tensor& grad_y, cons
     experts_backward(context, 0, weights, gradients);
     peers_->signal(kEpInputGradientsReady, context.stream);
     peers_->wait(kEpInputGradientsReady, context.stream);
-    peers_->pull(kOutputRegion, grad_rows.data, plan.send_rows(), row_bytes, local_experts(),
-                 routing_.expert_offsets.as<int32_t>(), dispatcher_->peer_rows(), context.stream);
+    // dL/dx[t] = sum over t's kept choices of the dL/dX rows, read straight from the peers.
+    peers_->pull_combine(kOutputRegion, plan.send_rows(), row_bytes, local_experts(),
+                         routing_.expert_offsets.as<int32_t>(), dispatcher_->peer_rows(),
+                         map_.choice_rows.as<int32_t>(), nullptr, tokens, config_.k_max, activation_dtype_, grad_x.data,
+                         nullptr, context.stream);
   } else {
     for (int chunk = 0; chunk < chunks; ++chunk) {
       dispatcher_->wait_dispatched(context, chunk);
@@ -355,8 +364,8 @@ void MoeEpLayer::backward(const ExecContext& context, const Tensor& grad_y, cons
       dispatcher_->combine(context, chunk, received, grad_rows);  // dL/dX rows, back into grad_rows
     }
     dispatcher_->wait_combined(context);
+    ops::permute_backward(context, grad_rows, map_, tokens, grad_x);
   }
-  ops::permute_backward(context, grad_rows, map_, tokens, grad_x);
   has_forward_ = false;  // hidden_post now holds dL/dA
 
   if (!jittered_) {

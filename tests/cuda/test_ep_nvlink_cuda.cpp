@@ -8,6 +8,7 @@
 
 #include <tuple>
 
+#include "kernels/moe_ops.h"
 #include "src/core/cuda_check.h"
 #include "tests/cuda/cuda_test_support.h"
 #include "tests/unit/ep_nvlink_group.h"
@@ -30,7 +31,40 @@ Bytes download_bytes(const void* device, size_t bytes) {
   return host;
 }
 
-void run_cuda_group(const VirtualEpGroup& group) {
+// The fused pull + gather against ep_pull_rows (checked above) followed by unpermute_combine
+// (gates) or permute_backward (no gates): bit for bit, rows kept too.
+void check_pull_combine(const VirtualEpGroup& group, int rank, const EpPeerRows& peers, DType dtype, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const int64_t rows = group.rows_of(rank), width = group.row_bytes / int64_t(dtype_size(dtype));
+  const TokenMap map = make_token_map(rows, 3, rng);
+  Buffer choice_rows = upload_vector(map.choice_rows), gates = upload_vector(map.gates);
+  Buffer pulled = upload_vector(group.expected_pulled[size_t(rank)]);
+  const size_t token_bytes = size_t(map.tokens * group.row_bytes);
+  Buffer fused(DeviceKind::cuda, token_bytes), reference(DeviceKind::cuda, token_bytes),
+      kept(DeviceKind::cuda, std::max<size_t>(size_t(rows * group.row_bytes), 16));
+  RoutingResult routing;
+  routing.gates = Tensor(gates.data(), DType::f32, DeviceKind::cuda, {map.tokens, map.k});
+  DispatchMap dispatch;
+  dispatch.choice_rows = Tensor(choice_rows.data(), DType::i32, DeviceKind::cuda, {map.tokens, map.k});
+  const Tensor pulled_rows(pulled.data(), dtype, DeviceKind::cuda, {rows, width});
+  for (bool weighted : {true, false}) {
+    SCOPED_TRACE(weighted ? "unpermute_combine" : "permute_backward");
+    device_memset(fused.data(), DeviceKind::cuda, 0xFF, fused.bytes());
+    device_memset(reference.data(), DeviceKind::cuda, 0x7F, reference.bytes());
+    device_memset(kept.data(), DeviceKind::cuda, 0xFF, kept.bytes());
+    cuda::ep_pull_combine(peers, rows, choice_rows.as<int32_t>(), weighted ? gates.as<float>() : nullptr, map.tokens,
+                          map.k, dtype, fused.data(), weighted ? kept.data() : nullptr, nullptr);
+    Tensor out(reference.data(), dtype, DeviceKind::cuda, {map.tokens, width});
+    if (weighted) cuda::unpermute_combine(pulled_rows, routing, dispatch, out, nullptr);
+    else cuda::permute_backward(pulled_rows, dispatch, map.tokens, out, nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_EQ(download_bytes(fused.data(), token_bytes), download_bytes(reference.data(), token_bytes));
+    if (weighted)
+      EXPECT_EQ(download_bytes(kept.data(), size_t(rows * group.row_bytes)), group.expected_pulled[size_t(rank)]);
+  }
+}
+
+void run_cuda_group(const VirtualEpGroup& group, DType dtype) {
   const int ranks = group.ranks;
   const size_t padded_bytes = size_t(std::max<int64_t>(group.max_rows, 1) * group.row_bytes);
   std::vector<Buffer> padded, packed, offsets, peer_rows, layout_offsets, layout_totals, boards;
@@ -117,6 +151,7 @@ void run_cuda_group(const VirtualEpGroup& group) {
     CUDA_CHECK(cudaDeviceSynchronize());
     EXPECT_EQ(download_bytes(pulled.data(), group.packed[size_t(rank)].size()), group.expected_pulled[size_t(rank)])
         << "sender " << rank;
+    check_pull_combine(group, rank, peers_of(rank), dtype, 977 * uint64_t(rank + 1));
   }
   CUDA_CHECK(cudaFreeHost(failure));
 }
@@ -128,7 +163,9 @@ TEST_P(EpNvlinkCuda, PushPullAndSignalsMatchTheAllToAllPath) {
   const auto [ranks, local, alignment, row_bytes] = GetParam();
   for (uint64_t seed = 1; seed <= 3; ++seed) {
     SCOPED_TRACE(::testing::Message() << "seed " << seed);
-    run_cuda_group(make_virtual_ep_group(ranks, local, alignment, row_bytes, 300, seed * 104729 + uint64_t(ranks)));
+    const DType dtype = row_bytes % 16 == 0 && row_bytes > 64 ? DType::bf16 : DType::f32;
+    run_cuda_group(make_virtual_ep_group(ranks, local, alignment, row_bytes, 300, seed * 104729 + uint64_t(ranks), dtype),
+                   dtype);
   }
 }
 

@@ -5,6 +5,7 @@
 // CPU test (tests/unit) and the CUDA test (tests/cuda).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -37,15 +38,58 @@ struct VirtualEpGroup {
   int64_t rows_of(int rank) const { return offsets[size_t(rank)].back(); }
 };
 
-inline Bytes random_bytes(std::mt19937_64& rng, int64_t count) {
+// A token map over `rows` packed rows: each row is the choice (t, j) of exactly one token, in a
+// random order; the other choices are -1 (dropped or unused). choice_rows [T][k], gates [T][k].
+struct TokenMap {
+  int64_t tokens = 0;
+  int k = 1;
+  std::vector<int32_t> choice_rows;
+  std::vector<float> gates;
+};
+
+inline TokenMap make_token_map(int64_t rows, int k, std::mt19937_64& rng) {
+  TokenMap map;
+  map.k = k;
+  map.tokens = rows / k + 3;
+  map.choice_rows.assign(size_t(map.tokens * k), -1);
+  std::vector<int64_t> slots(size_t(map.tokens * k));
+  for (size_t slot = 0; slot < slots.size(); ++slot) slots[slot] = int64_t(slot);
+  std::shuffle(slots.begin(), slots.end(), rng);
+  for (int64_t row = 0; row < rows; ++row) map.choice_rows[size_t(slots[size_t(row)])] = int32_t(row);
+  std::uniform_real_distribution<float> gate(0.05f, 1.0f);
+  map.gates.resize(map.choice_rows.size());
+  for (float& value : map.gates) value = gate(rng);
+  return map;
+}
+
+// Rows of finite numbers in [-1, 1): f32, or bf16 (a float's top half), so the combine tests can
+// sum them; any other dtype gets random bytes.
+inline Bytes random_bytes(std::mt19937_64& rng, int64_t count, DType dtype = DType::u8) {
   Bytes bytes(static_cast<size_t>(count));
-  for (uint8_t& byte : bytes) byte = uint8_t(rng() & 0xFF);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  if (dtype == DType::f32 && count % 4 == 0) {
+    for (int64_t at = 0; at < count; at += 4) {
+      const float value = uniform(rng);
+      std::memcpy(bytes.data() + at, &value, 4);
+    }
+  } else if (dtype == DType::bf16 && count % 2 == 0) {
+    for (int64_t at = 0; at < count; at += 2) {
+      const float value = uniform(rng);
+      uint32_t bits = 0;
+      std::memcpy(&bits, &value, 4);
+      const uint16_t top = uint16_t(bits >> 16);
+      std::memcpy(bytes.data() + at, &top, 2);
+    }
+  } else {
+    for (uint8_t& byte : bytes) byte = uint8_t(rng() & 0xFF);
+  }
   return bytes;
 }
 
 // Counts in [0, max_count], with whole empty ranks/experts now and then.
+// Row data: numbers of `dtype` (f32 or bf16; see random_bytes) or random bytes (u8).
 inline VirtualEpGroup make_virtual_ep_group(int ranks, int local, int alignment, int64_t row_bytes, int max_count,
-                                            uint64_t seed) {
+                                            uint64_t seed, DType dtype = DType::u8) {
   VirtualEpGroup group;
   group.ranks = ranks;
   group.local = local;
@@ -64,7 +108,7 @@ inline VirtualEpGroup make_virtual_ep_group(int ranks, int local, int alignment,
     for (int64_t expert = 0; expert < experts; ++expert)
       offsets[size_t(expert) + 1] = offsets[size_t(expert)] + group.all_counts[size_t(rank * experts + expert)];
     group.offsets.push_back(offsets);
-    group.packed.push_back(random_bytes(rng, int64_t(offsets.back()) * row_bytes));
+    group.packed.push_back(random_bytes(rng, int64_t(offsets.back()) * row_bytes, dtype));
     std::vector<int32_t> peer_rows(size_t(experts), -1);
     const int64_t largest = ep_peer_rows(group.all_counts.data(), ranks, local, rank, alignment, peer_rows.data());
     if (rank == 0) group.max_rows = largest;
@@ -114,7 +158,7 @@ inline VirtualEpGroup make_virtual_ep_group(int ranks, int local, int alignment,
     group.expected_padded.push_back(padded);
 
     // The way back: outputs in the padded layout -> source-major packed -> each sender's rows.
-    Bytes outputs = random_bytes(rng, padded_rows * row_bytes);
+    Bytes outputs = random_bytes(rng, padded_rows * row_bytes, dtype);
     Bytes returned(size_t(std::max<int64_t>(received, 1) * row_bytes), 0);
     Tensor outputs_view(outputs.data(), DType::u8, DeviceKind::cpu, {padded_rows, row_bytes});
     Tensor returned_view(returned.data(), DType::u8, DeviceKind::cpu, {received, row_bytes});

@@ -5,6 +5,7 @@
 // all-to-all gives. Receive buffers start as garbage.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "tests/unit/ep_nvlink_group.h"
@@ -48,10 +49,29 @@ void run_cpu_group(const VirtualEpGroup& group) {
   for (int receiver = 0; receiver < ranks; ++receiver)
     std::copy(group.outputs[size_t(receiver)].begin(), group.outputs[size_t(receiver)].end(),
               padded[size_t(receiver)].begin());
+  std::mt19937_64 rng(uint64_t(ranks) * 31 + uint64_t(group.local));
   for (int rank = 0; rank < ranks; ++rank) {
     Bytes pulled(group.packed[size_t(rank)].size(), 0xEE);
     cpu::ep_pull_rows(pulled.data(), group.rows_of(rank), peers_of(rank));
     EXPECT_EQ(pulled, group.expected_pulled[size_t(rank)]) << "sender " << rank;
+    if (group.row_bytes % 4 != 0) continue;
+    // The fused pull + gather (f32 rows): y[t] = sum_j gate * row, rows also kept.
+    const TokenMap map = make_token_map(group.rows_of(rank), 2, rng);
+    const int64_t width = group.row_bytes / 4;
+    std::vector<float> combined(size_t(map.tokens * width), -7.0f), kept(size_t(group.rows_of(rank) * width), -7.0f);
+    cpu::ep_pull_combine(peers_of(rank), group.rows_of(rank), map.choice_rows.data(), map.gates.data(), map.tokens,
+                         map.k, DType::f32, combined.data(), kept.data());
+    const float* expected_rows = reinterpret_cast<const float*>(group.expected_pulled[size_t(rank)].data());
+    EXPECT_EQ(0, std::memcmp(kept.data(), expected_rows, kept.size() * 4)) << "kept rows of sender " << rank;
+    for (int64_t token = 0; token < map.tokens; ++token)
+      for (int64_t column = 0; column < width; ++column) {
+        float sum = 0.0f;
+        for (int choice = 0; choice < map.k; ++choice) {
+          const int32_t row = map.choice_rows[size_t(token * map.k + choice)];
+          if (row >= 0) sum = std::fma(map.gates[size_t(token * map.k + choice)], expected_rows[row * width + column], sum);
+        }
+        ASSERT_EQ(combined[size_t(token * width + column)], sum) << "token " << token << " column " << column;
+      }
   }
 }
 
@@ -61,7 +81,7 @@ TEST_P(EpNvlinkCpu, PushAndPullMatchTheAllToAllPath) {
   const auto [ranks, local, alignment] = GetParam();
   for (uint64_t seed = 1; seed <= 4; ++seed) {
     SCOPED_TRACE(::testing::Message() << "seed " << seed);
-    run_cpu_group(make_virtual_ep_group(ranks, local, alignment, 24, 9, seed * 7919 + uint64_t(ranks)));
+    run_cpu_group(make_virtual_ep_group(ranks, local, alignment, 24, 9, seed * 7919 + uint64_t(ranks), DType::f32));
   }
 }
 
