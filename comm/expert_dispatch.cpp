@@ -198,6 +198,21 @@ void ExpertDispatcher::start_count_exchange(const ExecContext& context, const Te
   Tensor send_counts(counts_.as<int32_t>(), DType::i32, device_, {segments});
   ops::ep_send_counts(context, packed_offsets, send_counts);
 
+  if (count_peers_) {
+    // Every rank's E counts into every rank's count region (compute stream, right after the
+    // counts), then on the communicator's stream: wait for all of them, copy them to the host.
+    count_peers_->all_gather_small(count_region_, counts_.data(), size_t(segments) * sizeof(int32_t),
+                                   kEpCountsGathered, context.stream);
+    events_->comm_waits_for_compute(context, *communicator_);
+    count_peers_->wait(kEpCountsGathered, communicator_->stream());
+#if defined(SWITCHYARD_WITH_CUDA)
+    CUDA_CHECK(cudaMemcpyAsync(static_cast<int32_t*>(host_counts_) + segments, count_peers_->local(count_region_),
+                               size_t(ranks_ * segments) * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                               static_cast<cudaStream_t>(communicator_->stream())));
+#endif
+    counts_in_flight_ = true;
+    return;
+  }
   events_->comm_waits_for_compute(context, *communicator_);
   if (gather_all_counts_) {
     // Every rank's E counts to every rank.
@@ -230,6 +245,10 @@ const ExpertExchangePlan& ExpertDispatcher::finish_count_exchange(const ExecCont
   // The host plan.
   const int32_t* host = static_cast<const int32_t*>(host_counts_);
   plan_.send_counts.assign(host, host + segments);
+  if (count_peers_) {  // only the gathered matrix came back: this rank's row is its send counts
+    const int32_t* mine = host + segments + size_t(rank_) * segments;
+    plan_.send_counts.assign(mine, mine + segments);
+  }
   if (gather_all_counts_) {
     // host + segments holds [P][E]: row s is rank s's send counts by global expert.
     const int32_t* all = host + segments;
@@ -292,6 +311,14 @@ void ExpertDispatcher::upload_direct_tables(const ExecContext& context) {
   }
   // On the CPU host_tables_ is direct_tables_ itself.
   (void)context;
+}
+
+void ExpertDispatcher::gather_counts_through(NvlinkPeerMemory* peers, int count_region) {
+  SY_CHECK(gather_all_counts_ && device_ == DeviceKind::cuda && peers && peers->ranks() == ranks_ &&
+               peers->bytes(count_region) >= size_t(ranks_) * size_t(num_experts_) * sizeof(int32_t),
+           "ExpertDispatcher::gather_counts_through: needs gather_all_counts on CUDA and a count region of P*E int32");
+  count_peers_ = peers;
+  count_region_ = count_region;
 }
 
 const int32_t* ExpertDispatcher::peer_rows() const {

@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "comm/nvlink_exchange.h"
 #include "kernels/ep_ops.h"
 #include "src/core/device.h"
 
@@ -129,6 +130,11 @@ class ExpertDispatcher {
   // in rank p's padded layout of this rank's rows for p's local expert l (rank p's segment_rows[r, l]),
   // and the largest plan.expert_rows() over the group's ranks.
   bool gathers_all_counts() const { return gather_all_counts_; }
+  // gather_all_counts on CUDA: gather the counts through peer-mapped memory (region `count_region`
+  // of `peers`, at least P*E int32, every rank its own) instead of an NCCL all-gather: a one-block
+  // kernel writes them on the compute stream and a device-side wait on the communicator's stream
+  // precedes the one host copy. `peers` must outlive the dispatcher.
+  void gather_counts_through(NvlinkPeerMemory* peers, int count_region);
   const int32_t* peer_rows() const;
   int64_t max_expert_rows() const { return max_expert_rows_; }
   const EpReceiveLayout& layout() const { return layout_; }
@@ -156,6 +162,8 @@ class ExpertDispatcher {
   DeviceKind device_;
   int ranks_ = 1, rank_ = 0, num_experts_ = 0, local_experts_ = 0, chunks_ = 1, alignment_ = 1;
   bool gather_all_counts_ = false;
+  NvlinkPeerMemory* count_peers_ = nullptr;
+  int count_region_ = -1;
   int64_t max_expert_rows_ = 0;
   Buffer direct_tables_;  // gather_all_counts: device [recv_counts P*L | peer_rows P*L]
   void* host_tables_ = nullptr;  // pinned staging of the same

@@ -211,6 +211,12 @@ void NvlinkPeerMemory::pull(int region, void* packed, int64_t rows, int64_t row_
   cuda::ep_pull_rows(packed, rows, peers, stream);
 }
 
+void NvlinkPeerMemory::all_gather_small(int region, const void* local_bytes, size_t bytes, int kind, void* stream) {
+  SY_CHECK(bytes * size_t(ranks_) <= this->bytes(region), "NvlinkPeerMemory: all-gather of ", bytes, " bytes x ",
+           ranks_, " ranks into a region of ", this->bytes(region));
+  cuda::ep_all_gather_small(local_bytes, int64_t(bytes), peer_bases(region), boards_, kind, stream);
+}
+
 void NvlinkPeerMemory::pull_combine(int region, int64_t rows, int64_t row_bytes, int local_experts,
                                     const int32_t* packed_offsets, const int32_t* peer_rows,
                                     const int32_t* choice_rows, const float* gates, int64_t num_tokens, int k_max,
@@ -250,6 +256,9 @@ void NvlinkPeerMemory::push(int, const void*, int64_t, int64_t, int, const int32
   SY_THROW("NvlinkPeerMemory: no CUDA backend");
 }
 void NvlinkPeerMemory::pull(int, void*, int64_t, int64_t, int, const int32_t*, const int32_t*, void*) {
+  SY_THROW("NvlinkPeerMemory: no CUDA backend");
+}
+void NvlinkPeerMemory::all_gather_small(int, const void*, size_t, int, void*) {
   SY_THROW("NvlinkPeerMemory: no CUDA backend");
 }
 void NvlinkPeerMemory::pull_combine(int, int64_t, int64_t, int, const int32_t*, const int32_t*, const int32_t*,

@@ -65,6 +65,8 @@ class NvlinkPeerMemory {
   // Pulls the same rows back from the peers' region `region`.
   void pull(int region, void* packed, int64_t rows, int64_t row_bytes, int local_experts, const int32_t* packed_offsets,
             const int32_t* peer_rows, void* stream);
+  // `bytes` from `local` to offset rank() * bytes of every rank's region `region`, then a signal of `kind`.
+  void all_gather_small(int region, const void* local, size_t bytes, int kind, void* stream);
   // The pull fused with the token-side gather (kernels/ep_nvlink_ops.h, ep_pull_combine).
   void pull_combine(int region, int64_t rows, int64_t row_bytes, int local_experts, const int32_t* packed_offsets,
                     const int32_t* peer_rows, const int32_t* choice_rows, const float* gates, int64_t num_tokens,

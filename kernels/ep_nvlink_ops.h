@@ -34,12 +34,13 @@
 
 namespace switchyard {
 
-constexpr int kEpSignalKinds = 4;
+constexpr int kEpSignalKinds = 5;
 enum EpSignalKind : int {
   kEpRowsDispatched = 0,   // forward: my rows are in your expert layout
   kEpOutputsReady = 1,     // forward: your rows' expert outputs are ready to pull
   kEpGradientsDispatched = 2,  // backward: my output-row gradients are in your layout
   kEpInputGradientsReady = 3,  // backward: your rows' input gradients are ready to pull
+  kEpCountsGathered = 4,   // the count exchange: my row counts are in your count region
 };
 const char* ep_signal_kind_name(int kind);
 
@@ -104,6 +105,11 @@ void ep_pull_combine(const EpPeerRows& peers, int64_t rows, const int32_t* choic
 void ep_zero_padding_rows(void* padded, int64_t row_bytes, const int32_t* expert_offsets, const int32_t* expert_totals,
                           int local_experts, int64_t max_padding_rows, void* stream);
 void ep_signal_peers(const EpSignalBoards& signal, int signal_kind, void* stream);
+// All-gather of a few bytes: `bytes` from `local` land at offset rank * bytes of every rank's
+// region (peer_bases [P], this rank's own included), then a signal of `signal_kind` to every peer.
+// One block; for small tables such as the per-expert row counts.
+void ep_all_gather_small(const void* local, int64_t bytes, void* const* peer_bases, const EpSignalBoards& signal,
+                         int signal_kind, void* stream);
 void ep_wait_signals(const EpSignalBoards& signal, int signal_kind, unsigned long long expected, int64_t timeout_ns,
                      EpWaitFailure* failure, void* stream);
 }  // namespace cuda

@@ -18,6 +18,7 @@ const char* ep_signal_kind_name(int kind) {
     case kEpOutputsReady: return "expert outputs";
     case kEpGradientsDispatched: return "gradient dispatch";
     case kEpInputGradientsReady: return "input gradients";
+    case kEpCountsGathered: return "row counts";
     default: return "unknown";
   }
 }

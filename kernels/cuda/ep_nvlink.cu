@@ -115,6 +115,19 @@ __global__ void signal_peers_kernel(EpSignalBoards signal, int kind) {
   add_signal(signal.boards[peer] + size_t(kind) * signal.num_ranks + signal.rank);
 }
 
+__global__ void all_gather_small_kernel(const unsigned* local, int64_t words, void* const* peer_bases,
+                                        EpSignalBoards signal, int kind) {
+  const int ranks = signal.num_ranks;
+  for (int64_t index = threadIdx.x; index < int64_t(ranks) * words; index += blockDim.x) {
+    const int peer = int(index / words);
+    const int64_t word = index % words;
+    static_cast<unsigned*>(peer_bases[peer])[int64_t(signal.rank) * words + word] = local[word];
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x < ranks) add_signal(signal.boards[threadIdx.x] + size_t(kind) * ranks + signal.rank);
+}
+
 __global__ void wait_signals_kernel(EpSignalBoards signal, int kind, unsigned long long expected, long long timeout_ns,
                                     EpWaitFailure* failure) {
   const int ranks = signal.num_ranks;
@@ -150,13 +163,16 @@ __global__ void __launch_bounds__(kThreads) zero_padding_kernel(Unit* padded, in
   for (int64_t unit = first + threadIdx.x; unit < end; unit += blockDim.x) padded[unit] = Unit{};
 }
 
-// One warp per token; lane j < k finds its choice's peer row, the warp shares the addresses.
+// One warp per token; lane j < k finds its choice's peer row, the warp shares the addresses. Peer
+// reads are slow to return, so each lane issues the loads of kChoices x kBatch packs before it
+// uses any (kChoices = K rounded up to 1, 2, 4 or 8: the register arrays are sized by it).
 constexpr int kMaxChoices = 8;
 
-template <typename T, int kElems>
+template <typename T, int kElems, int kChoices>
 __global__ void __launch_bounds__(kThreads)
     pull_combine_kernel(EpPeerRows peers, int64_t rows, const int32_t* choice_rows, const float* gates,
                         int64_t num_tokens, int k_max, int64_t width, T* tokens_out, T* keep) {
+  constexpr int kBatch = kChoices >= 4 ? 1 : 4 / kChoices;
   const int lane = threadIdx.x & 31;
   const int64_t token = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (token >= num_tokens) return;
@@ -175,33 +191,44 @@ __global__ void __launch_bounds__(kThreads)
       if (gates) weight = gates[token * k_max + lane];
     }
   }
-  int rows_of[kMaxChoices];
-  const T* remote_of[kMaxChoices];
-  float weight_of[kMaxChoices];
+  int rows_of[kChoices];
+  const T* remote_of[kChoices];
+  float weight_of[kChoices];
 #pragma unroll
-  for (int choice = 0; choice < kMaxChoices; ++choice) {
+  for (int choice = 0; choice < kChoices; ++choice) {
     rows_of[choice] = __shfl_sync(kFullWarpMask, row, choice);
     remote_of[choice] = reinterpret_cast<const T*>(
         __shfl_sync(kFullWarpMask, reinterpret_cast<unsigned long long>(remote), choice));
     weight_of[choice] = __shfl_sync(kFullWarpMask, weight, choice);
   }
   T* out = tokens_out + token * width;
-  for (int64_t column = int64_t(lane) * kElems; column < width; column += 32 * kElems) {
-    float values[kMaxChoices][kElems];
+  for (int64_t base = int64_t(lane) * kElems; base < width; base += 32 * kElems * kBatch) {
+    float values[kChoices][kBatch][kElems];
 #pragma unroll
-    for (int choice = 0; choice < kMaxChoices; ++choice)  // all loads first: peer memory is far
-      if (rows_of[choice] >= 0) load_elems<T, kElems>(remote_of[choice] + column, values[choice]);
-    float sum[kElems];
-#pragma unroll
-    for (int i = 0; i < kElems; ++i) sum[i] = 0.0f;
-#pragma unroll
-    for (int choice = 0; choice < kMaxChoices; ++choice) {
+    for (int choice = 0; choice < kChoices; ++choice) {
       if (rows_of[choice] < 0) continue;
-      if (keep) store_elems<T, kElems>(keep + int64_t(rows_of[choice]) * width + column, values[choice]);
 #pragma unroll
-      for (int i = 0; i < kElems; ++i) sum[i] = fmaf(weight_of[choice], values[choice][i], sum[i]);
+      for (int step = 0; step < kBatch; ++step) {
+        const int64_t column = base + int64_t(step) * 32 * kElems;
+        if (column < width) load_elems<T, kElems>(remote_of[choice] + column, values[choice][step]);
+      }
     }
-    store_elems<T, kElems>(out + column, sum);
+#pragma unroll
+    for (int step = 0; step < kBatch; ++step) {
+      const int64_t column = base + int64_t(step) * 32 * kElems;
+      if (column >= width) continue;
+      float sum[kElems];
+#pragma unroll
+      for (int i = 0; i < kElems; ++i) sum[i] = 0.0f;
+#pragma unroll
+      for (int choice = 0; choice < kChoices; ++choice) {  // choice order: as unpermute_combine sums
+        if (rows_of[choice] < 0) continue;
+        if (keep) store_elems<T, kElems>(keep + int64_t(rows_of[choice]) * width + column, values[choice][step]);
+#pragma unroll
+        for (int i = 0; i < kElems; ++i) sum[i] = fmaf(weight_of[choice], values[choice][step][i], sum[i]);
+      }
+      store_elems<T, kElems>(out + column, sum);
+    }
   }
 }
 
@@ -270,9 +297,16 @@ void ep_pull_combine(const EpPeerRows& peers, int64_t rows, const int32_t* choic
     // Packs need whole 16-byte packs per row and aligned local bases (peer bases are cudaMalloc'd).
     bool packs = width % Pack<T>::kElems == 0 && is_aligned(tokens_out, 16) && (!keep || is_aligned(keep, 16));
     dispatch_elems<T>(packs, [&](auto elems) {
-      pull_combine_kernel<T, decltype(elems)::value><<<unsigned(blocks), kThreads, 0, as_stream(stream)>>>(
-          peers, rows, choice_rows, gates, num_tokens, k_max, width, static_cast<T*>(tokens_out),
-          static_cast<T*>(keep));
+      auto launch = [&](auto choices) {
+        pull_combine_kernel<T, decltype(elems)::value, decltype(choices)::value>
+            <<<unsigned(blocks), kThreads, 0, as_stream(stream)>>>(peers, rows, choice_rows, gates, num_tokens, k_max,
+                                                                   width, static_cast<T*>(tokens_out),
+                                                                   static_cast<T*>(keep));
+      };
+      if (k_max == 1) launch(std::integral_constant<int, 1>{});
+      else if (k_max == 2) launch(std::integral_constant<int, 2>{});
+      else if (k_max <= 4) launch(std::integral_constant<int, 4>{});
+      else launch(std::integral_constant<int, 8>{});
       CUDA_CHECK_LAUNCH();
     });
   });
@@ -296,6 +330,15 @@ void ep_zero_padding_rows(void* padded, int64_t row_bytes, const int32_t* expert
 void ep_signal_peers(const EpSignalBoards& signal, int signal_kind, void* stream) {
   SY_CHECK(signal.num_ranks >= 1 && signal.num_ranks <= 1024, "ep_signal_peers: ", signal.num_ranks, " ranks");
   signal_peers_kernel<<<1, signal.num_ranks, 0, as_stream(stream)>>>(signal, signal_kind);
+  CUDA_CHECK_LAUNCH();
+}
+
+void ep_all_gather_small(const void* local, int64_t bytes, void* const* peer_bases, const EpSignalBoards& signal,
+                         int signal_kind, void* stream) {
+  SY_CHECK(bytes % 4 == 0 && is_aligned(local, 4) && signal.num_ranks >= 1 && signal.num_ranks <= 1024,
+           "ep_all_gather_small: ", bytes, " bytes over ", signal.num_ranks, " ranks (whole 4-byte words, <= 1024 ranks)");
+  all_gather_small_kernel<<<1, 1024, 0, as_stream(stream)>>>(static_cast<const unsigned*>(local), bytes / 4, peer_bases,
+                                                             signal, signal_kind);
   CUDA_CHECK_LAUNCH();
 }
 

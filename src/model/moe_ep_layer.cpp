@@ -23,7 +23,8 @@ int64_t with_headroom(int64_t rows) { return rows + rows / 4 + 1; }
 // The nvlink transport's peer-mapped regions: the padded expert layout's input rows (the
 // dispatch writes them) and output rows (the combine reads them; backward writes the output-row
 // gradients there and reads back the input-row gradients).
-constexpr int kInputRegion = 0, kOutputRegion = 1, kPeerRegions = 2;
+// The third holds every rank's per-expert row counts (the count exchange).
+constexpr int kInputRegion = 0, kOutputRegion = 1, kCountRegion = 2, kPeerRegions = 3;
 
 }  // namespace
 
@@ -60,6 +61,10 @@ MoeEpLayer::MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicato
   dispatcher_ = std::make_unique<ExpertDispatcher>(std::move(expert_parallel), device, config_.num_experts,
                                                    config_.segment_alignment, peers_ ? 1 : a2a_chunks,
                                                    /*gather_all_counts=*/peers_ != nullptr);
+  if (peers_) {
+    peers_->reserve(kCountRegion, size_t(peers_->ranks()) * size_t(config_.num_experts) * sizeof(int32_t));
+    dispatcher_->gather_counts_through(peers_.get(), kCountRegion);
+  }
   max_send_rows_ = std::max(padded_rows_upper_bound(packed_params(config_, max_tokens, true)),
                             padded_rows_upper_bound(packed_params(config_, max_tokens, false)));
 

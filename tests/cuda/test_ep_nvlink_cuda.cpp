@@ -120,6 +120,24 @@ void run_cuda_group(const VirtualEpGroup& group, DType dtype) {
                                layout_totals[size_t(rank)].as<int32_t>(), group.local, group.max_rows, nullptr);
   }
   for (int rank = 0; rank < ranks; ++rank) cuda::ep_signal_peers(signal_of(rank), kEpOutputsReady, nullptr);
+  // The count all-gather: every rank's send counts into every rank's count region, row `rank`.
+  const int64_t experts = group.experts();
+  std::vector<Buffer> count_regions, own_counts;
+  std::vector<void*> count_bases;
+  for (int rank = 0; rank < ranks; ++rank) {
+    count_regions.emplace_back(DeviceKind::cuda, size_t(ranks * experts) * sizeof(int32_t));
+    device_memset(count_regions.back().data(), DeviceKind::cuda, 0xFF, count_regions.back().bytes());
+    count_bases.push_back(count_regions.back().data());
+    own_counts.push_back(upload_vector(std::vector<int32_t>(group.all_counts.begin() + rank * experts,
+                                                            group.all_counts.begin() + (rank + 1) * experts)));
+  }
+  Buffer count_bases_device = upload_vector(count_bases);
+  for (int rank = 0; rank < ranks; ++rank)
+    cuda::ep_all_gather_small(own_counts[size_t(rank)].data(), experts * int64_t(sizeof(int32_t)),
+                              static_cast<void* const*>(count_bases_device.data()), signal_of(rank), kEpCountsGathered,
+                              nullptr);
+  for (int rank = 0; rank < ranks; ++rank)
+    cuda::ep_wait_signals(signal_of(rank), kEpCountsGathered, 1, int64_t(20e9), failure_device, nullptr);
   CUDA_CHECK(cudaDeviceSynchronize());
   EXPECT_EQ(failure->failed, 0);
   for (int rank = 0; rank < ranks; ++rank) {
@@ -133,8 +151,11 @@ void run_cuda_group(const VirtualEpGroup& group, DType dtype) {
     for (int source = 0; source < ranks; ++source) {
       EXPECT_EQ(counts[size_t(kEpRowsDispatched * ranks + source)], 1u) << "rank " << rank << " from " << source;
       EXPECT_EQ(counts[size_t(kEpOutputsReady * ranks + source)], 1u) << "rank " << rank << " from " << source;
+      EXPECT_EQ(counts[size_t(kEpCountsGathered * ranks + source)], 1u) << "rank " << rank << " from " << source;
       EXPECT_EQ(counts[size_t(kEpGradientsDispatched * ranks + source)], 0u);
     }
+    const Bytes gathered = download_bytes(count_regions[size_t(rank)].data(), count_regions[size_t(rank)].bytes());
+    EXPECT_EQ(0, std::memcmp(gathered.data(), group.all_counts.data(), gathered.size())) << "counts at " << rank;
     const Bytes& expected = group.expected_padded[size_t(rank)];
     EXPECT_EQ(download_bytes(padded[size_t(rank)].data(), expected.size()), expected) << "receiver " << rank;
   }
