@@ -129,8 +129,16 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
   // [send counts E | received counts P*L], or with gather_all_counts [send counts E | all ranks' P*E].
   counts_ = Buffer(device, size_t(gather_all_counts_ ? segments + ranks_ * segments : 2 * segments) * sizeof(int32_t));
   const int64_t layout_ints = (segments + 1) + experts + (experts + 1) + segments + (experts + chunks_);
-  layout_memory_ = Buffer(device, size_t(layout_ints) * sizeof(int32_t));
-  int32_t* cursor = layout_memory_.as<int32_t>();
+  int32_t* cursor = nullptr;
+  if (gather_all_counts_) {
+    // The host computes the whole layout (it has every count) and copies it up in one piece:
+    // [recv_counts P*L | packed_starts .. chunk_offsets | peer_rows P*L].
+    direct_tables_ = Buffer(device, size_t(segments + layout_ints + segments) * sizeof(int32_t));
+    cursor = direct_tables_.as<int32_t>();
+  } else {
+    layout_memory_ = Buffer(device, size_t(layout_ints) * sizeof(int32_t));
+    cursor = layout_memory_.as<int32_t>();
+  }
   auto take = [&](std::initializer_list<int64_t> dims) {
     Tensor tensor(cursor, DType::i32, device, dims);
     cursor += tensor.numel();
@@ -141,8 +149,7 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
   layout_.chunks = chunks_;
   layout_.alignment = alignment_;
   if (gather_all_counts_) {
-    direct_tables_ = Buffer(device, size_t(2 * segments) * sizeof(int32_t));
-    layout_.recv_counts = Tensor(direct_tables_.as<int32_t>(), DType::i32, device, {int64_t(ranks_), experts});
+    layout_.recv_counts = take({int64_t(ranks_), experts});
   } else {
     layout_.recv_counts = Tensor(counts_.as<int32_t>() + segments, DType::i32, device, {int64_t(ranks_), experts});
   }
@@ -163,6 +170,19 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
   } else {
     host_counts_ = counts_.data();  // the host buffer itself: nothing to copy
     host_tables_ = direct_tables_.data();
+  }
+  if (gather_all_counts_) {
+    // The same layout over the host staging, for cpu::ep_receive_layout.
+    host_layout_ = layout_;
+    auto on_host = [&](Tensor& tensor) {
+      const ptrdiff_t at = static_cast<int32_t*>(tensor.data) - direct_tables_.as<int32_t>();
+      tensor.data = static_cast<int32_t*>(host_tables_) + at;
+      tensor.device = DeviceKind::cpu;
+    };
+    for (Tensor* tensor : {&host_layout_.recv_counts, &host_layout_.packed_starts, &host_layout_.expert_totals,
+                           &host_layout_.expert_offsets, &host_layout_.segment_rows, &host_layout_.chunk_offsets})
+      on_host(*tensor);
+    peer_rows_at_ = segments + layout_ints;
   }
 
   plan_.ranks = ranks_;
@@ -285,8 +305,12 @@ const ExpertExchangePlan& ExpertDispatcher::finish_count_exchange(const ExecCont
   // The device layout, from the received counts (written on the communicator's stream).
   events_->record_comm(chunks_, *communicator_);
   events_->compute_waits_for_comm(context, chunks_);
-  if (gather_all_counts_) upload_direct_tables(context);
-  ops::ep_receive_layout(context, layout_);
+  if (gather_all_counts_) {
+    cpu::ep_receive_layout(host_layout_);  // P*L integers: cheaper here than a kernel launch
+    upload_direct_tables(context);
+  } else {
+    ops::ep_receive_layout(context, layout_);
+  }
   has_plan_ = true;
   return plan_;
 }
@@ -294,10 +318,9 @@ const ExpertExchangePlan& ExpertDispatcher::finish_count_exchange(const ExecCont
 // peer_rows and the largest layout of any rank (kernels/ep_nvlink_ops.h, ep_peer_rows), staged
 // with this rank's received counts for one copy to the device.
 void ExpertDispatcher::build_peer_rows(const int32_t* all_counts) {
-  const int64_t segments = int64_t(ranks_) * local_experts_;
   int32_t* tables = static_cast<int32_t*>(host_tables_);
-  std::copy(plan_.recv_counts.begin(), plan_.recv_counts.end(), tables);
-  max_expert_rows_ = ep_peer_rows(all_counts, ranks_, local_experts_, rank_, alignment_, tables + segments);
+  std::copy(plan_.recv_counts.begin(), plan_.recv_counts.end(), tables);  // host_layout_.recv_counts
+  max_expert_rows_ = ep_peer_rows(all_counts, ranks_, local_experts_, rank_, alignment_, tables + peer_rows_at_);
 }
 
 void ExpertDispatcher::upload_direct_tables(const ExecContext& context) {
@@ -323,7 +346,7 @@ void ExpertDispatcher::gather_counts_through(NvlinkPeerMemory* peers, int count_
 
 const int32_t* ExpertDispatcher::peer_rows() const {
   SY_CHECK(gather_all_counts_ && has_plan_, "ExpertDispatcher::peer_rows: needs gather_all_counts and a plan");
-  return direct_tables_.as<int32_t>() + int64_t(ranks_) * local_experts_;
+  return direct_tables_.as<int32_t>() + peer_rows_at_;
 }
 
 Tensor ExpertDispatcher::chunk_offsets(int chunk) const {

@@ -165,8 +165,10 @@ class ExpertDispatcher {
   NvlinkPeerMemory* count_peers_ = nullptr;
   int count_region_ = -1;
   int64_t max_expert_rows_ = 0;
-  Buffer direct_tables_;  // gather_all_counts: device [recv_counts P*L | peer_rows P*L]
+  Buffer direct_tables_;  // gather_all_counts: device [recv_counts | the layout | peer_rows]
   void* host_tables_ = nullptr;  // pinned staging of the same
+  EpReceiveLayout host_layout_;  // layout_ over host_tables_
+  int64_t peer_rows_at_ = 0;     // int32 offset of peer_rows in the tables
   bool has_plan_ = false;
   bool counts_in_flight_ = false;  // start_count_exchange ran, finish_count_exchange not yet
   ExpertExchangePlan plan_;

@@ -199,6 +199,12 @@ void NvlinkPeerMemory::wait(int kind, void* stream) {
   cuda::ep_wait_signals(boards_, kind, ++waits_[kind], timeout_ns, failure_device_, stream);
 }
 
+void NvlinkPeerMemory::signal_and_wait(int kind, void* stream) {
+  SY_CHECK(kind >= 0 && kind < kEpSignalKinds, "NvlinkPeerMemory: signal kind ", kind);
+  const int64_t timeout_ns = timeout_seconds_ > 0 ? int64_t(timeout_seconds_ * 1e9) : 0;
+  cuda::ep_signal_and_wait(boards_, kind, ++waits_[kind], timeout_ns, failure_device_, stream);
+}
+
 void NvlinkPeerMemory::push(int region, const void* packed, int64_t rows, int64_t row_bytes, int local_experts,
                             const int32_t* packed_offsets, const int32_t* peer_rows, int kind, void* stream) {
   EpPeerRows peers{ranks_, local_experts, rank_, row_bytes, packed_offsets, peer_rows, peer_bases(region)};
@@ -252,6 +258,7 @@ NvlinkPeerMemory::~NvlinkPeerMemory() = default;
 void NvlinkPeerMemory::reserve(int, size_t) { SY_THROW("NvlinkPeerMemory: no CUDA backend"); }
 void NvlinkPeerMemory::signal(int, void*) { SY_THROW("NvlinkPeerMemory: no CUDA backend"); }
 void NvlinkPeerMemory::wait(int, void*) { SY_THROW("NvlinkPeerMemory: no CUDA backend"); }
+void NvlinkPeerMemory::signal_and_wait(int, void*) { SY_THROW("NvlinkPeerMemory: no CUDA backend"); }
 void NvlinkPeerMemory::push(int, const void*, int64_t, int64_t, int, const int32_t*, const int32_t*, int, void*) {
   SY_THROW("NvlinkPeerMemory: no CUDA backend");
 }

@@ -59,6 +59,7 @@ class NvlinkPeerMemory {
   // Enqueues on `stream`: a signal of `kind` to every peer, or the wait for one from every rank.
   void signal(int kind, void* stream);
   void wait(int kind, void* stream);
+  void signal_and_wait(int kind, void* stream);  // both, in one launch
   // Pushes `rows` packed rows to the peers' region `region` (peer_rows: device [P*L]), then signals `kind`.
   void push(int region, const void* packed, int64_t rows, int64_t row_bytes, int local_experts,
             const int32_t* packed_offsets, const int32_t* peer_rows, int kind, void* stream);

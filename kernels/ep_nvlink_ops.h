@@ -112,6 +112,10 @@ void ep_all_gather_small(const void* local, int64_t bytes, void* const* peer_bas
                          int signal_kind, void* stream);
 void ep_wait_signals(const EpSignalBoards& signal, int signal_kind, unsigned long long expected, int64_t timeout_ns,
                      EpWaitFailure* failure, void* stream);
+// ep_signal_peers then ep_wait_signals for the same kind, in one launch (a barrier of the group
+// after the work before it on the stream).
+void ep_signal_and_wait(const EpSignalBoards& signal, int signal_kind, unsigned long long expected, int64_t timeout_ns,
+                        EpWaitFailure* failure, void* stream);
 }  // namespace cuda
 
 }  // namespace switchyard

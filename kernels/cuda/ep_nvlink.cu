@@ -128,9 +128,15 @@ __global__ void all_gather_small_kernel(const unsigned* local, int64_t words, vo
   if (threadIdx.x < ranks) add_signal(signal.boards[threadIdx.x] + size_t(kind) * ranks + signal.rank);
 }
 
+template <bool kSignalFirst>
 __global__ void wait_signals_kernel(EpSignalBoards signal, int kind, unsigned long long expected, long long timeout_ns,
                                     EpWaitFailure* failure) {
   const int ranks = signal.num_ranks;
+  if (kSignalFirst) {
+    __threadfence_system();
+    for (int peer = threadIdx.x; peer < ranks; peer += blockDim.x)
+      add_signal(signal.boards[peer] + size_t(kind) * ranks + signal.rank);
+  }
   const unsigned long long* board = signal.boards[signal.rank] + size_t(kind) * ranks;
   const unsigned long long start = global_nanoseconds();
   for (int source = threadIdx.x; source < ranks; source += blockDim.x) {
@@ -345,7 +351,16 @@ void ep_all_gather_small(const void* local, int64_t bytes, void* const* peer_bas
 void ep_wait_signals(const EpSignalBoards& signal, int signal_kind, unsigned long long expected, int64_t timeout_ns,
                      EpWaitFailure* failure, void* stream) {
   SY_CHECK(failure != nullptr, "ep_wait_signals: no failure record");
-  wait_signals_kernel<<<1, 32, 0, as_stream(stream)>>>(signal, signal_kind, expected, (long long)timeout_ns, failure);
+  wait_signals_kernel<false><<<1, 32, 0, as_stream(stream)>>>(signal, signal_kind, expected, (long long)timeout_ns,
+                                                              failure);
+  CUDA_CHECK_LAUNCH();
+}
+
+void ep_signal_and_wait(const EpSignalBoards& signal, int signal_kind, unsigned long long expected, int64_t timeout_ns,
+                        EpWaitFailure* failure, void* stream) {
+  SY_CHECK(failure != nullptr, "ep_signal_and_wait: no failure record");
+  wait_signals_kernel<true><<<1, 32, 0, as_stream(stream)>>>(signal, signal_kind, expected, (long long)timeout_ns,
+                                                             failure);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -175,8 +175,7 @@ struct ExchangeBench {
     peers->zero_padding(0, row_bytes, layout.expert_offsets.as<int32_t>(), layout.expert_totals.as<int32_t>(), local,
                         plan.expert_rows() - plan.recv_rows(), context.stream);
     peers->wait(kEpRowsDispatched, context.stream);
-    peers->signal(kEpOutputsReady, context.stream);
-    peers->wait(kEpOutputsReady, context.stream);
+    peers->signal_and_wait(kEpOutputsReady, context.stream);
     map = routing_buffers.map(tokens, plan.send_rows());
     peers->pull_combine(0, plan.send_rows(), row_bytes, local, offsets, dispatcher->peer_rows(),
                         map.choice_rows.as<int32_t>(), routing.gates.as<float>(), tokens, settings.config.k_max,

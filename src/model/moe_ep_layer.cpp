@@ -226,8 +226,7 @@ MoeLosses MoeEpLayer::forward(const ExecContext& context, const Tensor& x, const
                          context.stream);
     peers_->wait(kEpRowsDispatched, context.stream);
     experts_forward(context, 0, weights);
-    peers_->signal(kEpOutputsReady, context.stream);
-    peers_->wait(kEpOutputsReady, context.stream);
+    peers_->signal_and_wait(kEpOutputsReady, context.stream);
     // The results straight from the peers into y, kept in `send` for the gate gradients.
     peers_->pull_combine(kOutputRegion, plan.send_rows(), row_bytes, local_experts(),
                          routing_.expert_offsets.as<int32_t>(), dispatcher_->peer_rows(),
@@ -355,8 +354,7 @@ void MoeEpLayer::backward(const ExecContext& context, const Tensor& grad_y, cons
   if (peers_) {
     peers_->wait(kEpGradientsDispatched, context.stream);
     experts_backward(context, 0, weights, gradients);
-    peers_->signal(kEpInputGradientsReady, context.stream);
-    peers_->wait(kEpInputGradientsReady, context.stream);
+    peers_->signal_and_wait(kEpInputGradientsReady, context.stream);
     // dL/dx[t] = sum over t's kept choices of the dL/dX rows, read straight from the peers.
     peers_->pull_combine(kOutputRegion, plan.send_rows(), row_bytes, local_experts(),
                          routing_.expert_offsets.as<int32_t>(), dispatcher_->peer_rows(),

@@ -120,6 +120,18 @@ void run_cuda_group(const VirtualEpGroup& group, DType dtype) {
                                layout_totals[size_t(rank)].as<int32_t>(), group.local, group.max_rows, nullptr);
   }
   for (int rank = 0; rank < ranks; ++rank) cuda::ep_signal_peers(signal_of(rank), kEpOutputsReady, nullptr);
+  {
+    // The barrier form, one stream per rank (each waits for the others' signals, which come from
+    // kernels on the other streams): afterwards every board holds one signal of it from everyone.
+    CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<cudaStream_t> streams(static_cast<size_t>(ranks));
+    for (cudaStream_t& stream : streams) CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    for (int rank = 0; rank < ranks; ++rank)
+      cuda::ep_signal_and_wait(signal_of(rank), kEpGradientsDispatched, 1, int64_t(20e9), failure_device,
+                               streams[size_t(rank)]);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    for (cudaStream_t stream : streams) CUDA_CHECK(cudaStreamDestroy(stream));
+  }
   // The count all-gather: every rank's send counts into every rank's count region, row `rank`.
   const int64_t experts = group.experts();
   std::vector<Buffer> count_regions, own_counts;
@@ -152,7 +164,8 @@ void run_cuda_group(const VirtualEpGroup& group, DType dtype) {
       EXPECT_EQ(counts[size_t(kEpRowsDispatched * ranks + source)], 1u) << "rank " << rank << " from " << source;
       EXPECT_EQ(counts[size_t(kEpOutputsReady * ranks + source)], 1u) << "rank " << rank << " from " << source;
       EXPECT_EQ(counts[size_t(kEpCountsGathered * ranks + source)], 1u) << "rank " << rank << " from " << source;
-      EXPECT_EQ(counts[size_t(kEpGradientsDispatched * ranks + source)], 0u);
+      EXPECT_EQ(counts[size_t(kEpGradientsDispatched * ranks + source)], 1u);
+      EXPECT_EQ(counts[size_t(kEpInputGradientsReady * ranks + source)], 0u);
     }
     const Bytes gathered = download_bytes(count_regions[size_t(rank)].data(), count_regions[size_t(rank)].bytes());
     EXPECT_EQ(0, std::memcmp(gathered.data(), group.all_counts.data(), gathered.size())) << "counts at " << rank;
