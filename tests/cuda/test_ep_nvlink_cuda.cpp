@@ -93,15 +93,8 @@ void run_cuda_group(const VirtualEpGroup& group, DType dtype) {
   CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&failure_device), failure, 0));
 
   auto peers_of = [&](int rank) {
-    EpPeerRows peers;
-    peers.num_ranks = ranks;
-    peers.local_experts = group.local;
-    peers.rank = rank;
-    peers.row_bytes = group.row_bytes;
-    peers.packed_offsets = offsets[size_t(rank)].as<int32_t>();
-    peers.peer_rows = peer_rows[size_t(rank)].as<int32_t>();
-    peers.peer_bases = static_cast<void* const*>(bases_device.data());
-    return peers;
+    return virtual_peer_rows(group, rank, offsets[size_t(rank)].as<int32_t>(), peer_rows[size_t(rank)].as<int32_t>(),
+                             static_cast<void* const*>(bases_device.data()));
   };
   auto signal_of = [&](int rank) {
     EpSignalBoards signal;

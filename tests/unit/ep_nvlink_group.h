@@ -13,6 +13,7 @@
 
 #include "kernels/ep_nvlink_ops.h"
 #include "kernels/ep_ops.h"
+#include "tests/unit/ep_host_layout.h"
 #include "tests/unit/test_helpers.h"
 
 namespace switchyard {
@@ -37,6 +38,20 @@ struct VirtualEpGroup {
   int64_t experts() const { return int64_t(ranks) * local; }
   int64_t rows_of(int rank) const { return offsets[size_t(rank)].back(); }
 };
+
+// Rank `rank`'s EpPeerRows over tables the caller placed (host or device pointers).
+inline EpPeerRows virtual_peer_rows(const VirtualEpGroup& group, int rank, const int32_t* packed_offsets,
+                                    const int32_t* peer_rows, void* const* peer_bases) {
+  EpPeerRows peers;
+  peers.num_ranks = group.ranks;
+  peers.local_experts = group.local;
+  peers.rank = rank;
+  peers.row_bytes = group.row_bytes;
+  peers.packed_offsets = packed_offsets;
+  peers.peer_rows = peer_rows;
+  peers.peer_bases = peer_bases;
+  return peers;
+}
 
 // A token map over `rows` packed rows: each row is the choice (t, j) of exactly one token, in a
 // random order; the other choices are -1 (dropped or unused). choice_rows [T][k], gates [T][k].
@@ -120,24 +135,15 @@ inline VirtualEpGroup make_virtual_ep_group(int ranks, int local, int alignment,
   for (int rank = 0; rank < ranks; ++rank)
     group.expected_pulled[size_t(rank)].assign(group.packed[size_t(rank)].size(), 0);
   for (int receiver = 0; receiver < ranks; ++receiver) {
-    HostTensor recv_counts(DType::i32, {ranks, local}), packed_starts(DType::i32, {experts + 1}),
-        expert_totals(DType::i32, {local}), expert_offsets(DType::i32, {local + 1}),
-        segment_rows(DType::i32, {ranks, local}), chunk_offsets(DType::i32, {local + 1});
+    std::vector<int32_t> receiver_counts(size_t(ranks * local));
     for (int source = 0; source < ranks; ++source)
       for (int expert = 0; expert < local; ++expert)
-        recv_counts.data<int32_t>()[source * local + expert] =
+        receiver_counts[size_t(source * local + expert)] =
             group.all_counts[size_t(source * experts + receiver * local + expert)];
-    EpReceiveLayout layout;
-    layout.num_ranks = ranks;
-    layout.local_experts = local;
-    layout.chunks = 1;
-    layout.alignment = alignment;
-    layout.recv_counts = recv_counts;
-    layout.packed_starts = packed_starts;
-    layout.expert_totals = expert_totals;
-    layout.expert_offsets = expert_offsets;
-    layout.segment_rows = segment_rows;
-    layout.chunk_offsets = chunk_offsets;
+    HostLayout host_layout(ranks, local, 1, alignment, receiver_counts);
+    EpReceiveLayout& layout = host_layout.layout;
+    const HostTensor &packed_starts = host_layout.packed_starts, &expert_totals = host_layout.expert_totals,
+                     &expert_offsets = host_layout.expert_offsets;
     cpu::ep_receive_layout(layout);
     const int64_t received = packed_starts.data<int32_t>()[experts];
     const int64_t padded_rows = expert_offsets.data<int32_t>()[local];

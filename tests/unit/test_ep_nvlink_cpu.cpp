@@ -24,15 +24,8 @@ void run_cpu_group(const VirtualEpGroup& group) {
     bases[size_t(rank)] = padded[size_t(rank)].data();
   }
   auto peers_of = [&](int rank) {
-    EpPeerRows peers;
-    peers.num_ranks = ranks;
-    peers.local_experts = group.local;
-    peers.rank = rank;
-    peers.row_bytes = group.row_bytes;
-    peers.packed_offsets = group.offsets[size_t(rank)].data();
-    peers.peer_rows = group.peer_rows[size_t(rank)].data();
-    peers.peer_bases = bases.data();
-    return peers;
+    return virtual_peer_rows(group, rank, group.offsets[size_t(rank)].data(), group.peer_rows[size_t(rank)].data(),
+                             bases.data());
   };
   for (int rank = 0; rank < ranks; ++rank)
     cpu::ep_push_rows(group.packed[size_t(rank)].data(), group.rows_of(rank), peers_of(rank));

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels/ep_ops.h"
+#include "tests/unit/ep_host_layout.h"
 #include "tests/unit/test_helpers.h"
 
 using namespace switchyard;
@@ -17,33 +18,6 @@ using namespace switchyard::testing;
 
 namespace {
 
-// A layout whose tensors live in host memory owned here.
-struct HostLayout {
-  HostTensor recv_counts, packed_starts, expert_totals, expert_offsets, segment_rows, chunk_offsets;
-  EpReceiveLayout layout;
-
-  HostLayout(int ranks, int experts, int chunks, int alignment, const std::vector<int32_t>& counts)
-      : recv_counts(DType::i32, {ranks, experts}),
-        packed_starts(DType::i32, {int64_t(ranks) * experts + 1}),
-        expert_totals(DType::i32, {experts}),
-        expert_offsets(DType::i32, {experts + 1}),
-        segment_rows(DType::i32, {ranks, experts}),
-        chunk_offsets(DType::i32, {experts + chunks}) {
-    layout.num_ranks = ranks;
-    layout.local_experts = experts;
-    layout.chunks = chunks;
-    layout.alignment = alignment;
-    layout.recv_counts = recv_counts;
-    layout.packed_starts = packed_starts;
-    layout.expert_totals = expert_totals;
-    layout.expert_offsets = expert_offsets;
-    layout.segment_rows = segment_rows;
-    layout.chunk_offsets = chunk_offsets;
-    std::copy(counts.begin(), counts.end(), recv_counts.data<int32_t>());
-    for (HostTensor* output : {&packed_starts, &expert_totals, &expert_offsets, &segment_rows, &chunk_offsets})
-      poison(output->tensor());
-  }
-};
 
 // The layout written out by enumeration: padded row of every packed row, padding rows, totals.
 struct Expected {
