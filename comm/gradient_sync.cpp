@@ -1,7 +1,6 @@
 // Gradient all-reduce for data + expert parallelism (comm/gradient_sync.h).
 #include "comm/gradient_sync.h"
 
-#include <map>
 #include <string>
 
 #if defined(SWITCHYARD_WITH_CUDA)
@@ -53,31 +52,6 @@ std::vector<ReduceUnit> plan_units(const std::vector<Tensor>& grads, int64_t buc
   return units;
 }
 
-#if defined(SWITCHYARD_WITH_CUDA)
-// One cuBLAS handle per (thread, device); never destroyed (teardown at exit races the driver).
-cublasHandle_t scale_handle() {
-  thread_local std::map<int, cublasHandle_t> handles;
-  int device = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  auto found = handles.find(device);
-  if (found != handles.end()) return found->second;
-  cublasHandle_t handle = nullptr;
-  CUBLAS_CHECK(cublasCreate(&handle));
-  handles[device] = handle;
-  return handle;
-}
-
-cudaDataType cuda_type(DType dtype) {
-  switch (dtype) {
-    case DType::f32: return CUDA_R_32F;
-    case DType::f64: return CUDA_R_64F;
-    case DType::bf16: return CUDA_R_16BF;
-    case DType::f16: return CUDA_R_16F;
-    default: SY_THROW("gradient sync: no CUDA scaling for ", dtype_name(dtype));
-  }
-}
-#endif
-
 }  // namespace
 
 GradientSynchronizer::GradientSynchronizer(const ParallelGroups& groups, DeviceKind device,
@@ -107,7 +81,7 @@ void GradientSynchronizer::scale(const ExecContext& context, Tensor& tensor) con
     return;
   }
 #if defined(SWITCHYARD_WITH_CUDA)
-  cublasHandle_t handle = scale_handle();
+  cublasHandle_t handle = thread_cublas_handle();
   CUBLAS_CHECK(cublasSetStream(handle, static_cast<cudaStream_t>(context.stream)));
   CUBLAS_CHECK(cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_HOST));
   const bool is_double = tensor.dtype == DType::f64;
@@ -115,7 +89,7 @@ void GradientSynchronizer::scale(const ExecContext& context, Tensor& tensor) con
   const float factor_float = float(1.0 / divisor_);
   CUBLAS_CHECK(cublasScalEx_64(handle, tensor.numel(),
                                is_double ? static_cast<const void*>(&factor_double) : &factor_float,
-                               is_double ? CUDA_R_64F : CUDA_R_32F, tensor.data, cuda_type(tensor.dtype), 1,
+                               is_double ? CUDA_R_64F : CUDA_R_32F, tensor.data, cuda_data_type_of(tensor.dtype, "gradient sync"), 1,
                                is_double ? CUDA_R_64F : CUDA_R_32F));
 #else
   (void)context;

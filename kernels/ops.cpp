@@ -5,7 +5,6 @@
 
 #include <initializer_list>
 #include <limits>
-#include <map>
 
 #if defined(SWITCHYARD_WITH_CUDA)
 #include "src/core/cuda_check.h"
@@ -37,30 +36,6 @@ bool is_cpu(const ExecContext& context) { return context.device == DeviceKind::c
 
 #if defined(SWITCHYARD_WITH_CUDA)
 cudaStream_t cuda_stream(const ExecContext& context) { return static_cast<cudaStream_t>(context.stream); }
-
-cudaDataType cuda_data_type(DType dtype) {
-  switch (dtype) {
-    case DType::f32: return CUDA_R_32F;
-    case DType::bf16: return CUDA_R_16BF;
-    case DType::f16: return CUDA_R_16F;
-    case DType::f64: return CUDA_R_64F;
-    default: SY_THROW("no CUDA data type for ", dtype_name(dtype));
-  }
-}
-
-// One cuBLAS handle per (thread, device), created on first use. Handles are deliberately never
-// destroyed: destruction at thread exit may run after the CUDA context is gone.
-cublasHandle_t cublas_handle_for_current_device() {
-  thread_local std::map<int, cublasHandle_t> handles;
-  int device = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  auto found = handles.find(device);
-  if (found != handles.end()) return found->second;
-  cublasHandle_t handle = nullptr;
-  CUBLAS_CHECK(cublasCreate(&handle));
-  handles[device] = handle;
-  return handle;
-}
 #endif
 
 }  // namespace
@@ -256,15 +231,15 @@ void add_into(const ExecContext& context, const Tensor& addend, Tensor& accumula
   SY_CHECK(addend.dtype == accumulator.dtype && addend.numel() == accumulator.numel(), "ops::add_into: ",
            addend.describe(), " and ", accumulator.describe(), " differ in dtype or size");
   if (addend.numel() == 0) return;
-  cublasHandle_t handle = cublas_handle_for_current_device();
+  cublasHandle_t handle = thread_cublas_handle();
   CUBLAS_CHECK(cublasSetStream(handle, cuda_stream(context)));
   CUBLAS_CHECK(cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_HOST));
   const bool is_double = addend.dtype == DType::f64;
   const double one_double = 1.0;
   const float one_float = 1.0f;
   CUBLAS_CHECK(cublasAxpyEx_64(handle, addend.numel(), is_double ? static_cast<const void*>(&one_double) : &one_float,
-                               is_double ? CUDA_R_64F : CUDA_R_32F, addend.data, cuda_data_type(addend.dtype), 1,
-                               accumulator.data, cuda_data_type(accumulator.dtype), 1,
+                               is_double ? CUDA_R_64F : CUDA_R_32F, addend.data, cuda_data_type_of(addend.dtype, "ops::add_into"), 1,
+                               accumulator.data, cuda_data_type_of(accumulator.dtype, "ops::add_into"), 1,
                                is_double ? CUDA_R_64F : CUDA_R_32F));
 #else
   no_cuda_backend("add_into");

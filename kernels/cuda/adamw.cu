@@ -16,9 +16,6 @@
 // chunk b. The table depends only on the tensor list, so it is uploaded when the list changes and
 // reused otherwise (a training run passes the same list every step: one upload per run). The
 // upload is an async copy from pageable memory, which the driver stages before returning.
-#include <cstring>
-#include <map>
-#include <mutex>
 #include <vector>
 
 #include "kernels/cuda/cuda_common.cuh"
@@ -148,28 +145,10 @@ std::vector<Chunk> build_chunks(const std::vector<AdamWTensor>& tensors) {
   return chunks;
 }
 
-struct UploadedTable {
-  std::vector<Chunk> chunks;
-  const void* address = nullptr;
-};
-
-// The device copy of `chunks` for `stream`, uploaded only when it differs from the last upload.
+// The device copy of `chunks` for `stream` (uploaded only when it changed).
 const Chunk* device_table(const std::vector<Chunk>& chunks, cudaStream_t stream) {
-  static std::mutex mutex;
-  static auto* uploads = new std::map<std::pair<int, cudaStream_t>, UploadedTable>();  // never destroyed
   const size_t bytes = chunks.size() * sizeof(Chunk);
-  Chunk* table = static_cast<Chunk*>(persistent_scratch(stream, kScratchAdamWTable, bytes));
-  std::lock_guard<std::mutex> lock(mutex);
-  UploadedTable& last = (*uploads)[{current_device(), stream}];
-  // A longer list makes persistent_scratch reallocate, and the old upload goes with the old memory.
-  const bool current = last.address == table && last.chunks.size() == chunks.size() &&
-                       std::memcmp(last.chunks.data(), chunks.data(), bytes) == 0;
-  if (!current) {
-    CUDA_CHECK(cudaMemcpyAsync(table, chunks.data(), bytes, cudaMemcpyHostToDevice, stream));
-    last.chunks = chunks;
-    last.address = table;
-  }
-  return table;
+  return static_cast<const Chunk*>(cached_device_table(chunks.data(), bytes, stream, kScratchAdamWTable));
 }
 
 }  // namespace

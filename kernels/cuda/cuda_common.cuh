@@ -21,12 +21,14 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "src/core/cuda_check.h"
 #include "src/core/device.h"
@@ -189,6 +191,32 @@ inline void* persistent_scratch(cudaStream_t stream, int tag, size_t bytes) {
     CUDA_CHECK(cudaMemsetAsync(buffer.data(), 0, grown, stream));
   }
   return buffer.data();
+}
+
+// The device copy of `bytes` of host data (a table of kernel arguments, say) in the persistent
+// scratch `tag` of `stream`, uploaded only when it differs from the last upload there: steady-state
+// callers (the optimizer step, the gradient check) pass the same table every step. The copy is an
+// async copy from pageable memory, which the driver stages before it returns. A longer table makes
+// persistent_scratch reallocate, and the old upload goes with the old memory.
+inline const void* cached_device_table(const void* host, size_t bytes, cudaStream_t stream, int tag) {
+  struct Upload {
+    std::vector<unsigned char> bytes;
+    const void* address = nullptr;
+  };
+  static std::mutex mutex;
+  static auto* uploads = new std::map<std::tuple<int, cudaStream_t, int>, Upload>();  // never destroyed
+  void* table = persistent_scratch(stream, tag, bytes);
+  std::lock_guard<std::mutex> lock(mutex);
+  Upload& last = (*uploads)[{current_device(), stream, tag}];
+  const unsigned char* data = static_cast<const unsigned char*>(host);
+  const bool current = last.address == table && last.bytes.size() == bytes &&
+                       std::memcmp(last.bytes.data(), data, bytes) == 0;
+  if (!current) {
+    CUDA_CHECK(cudaMemcpyAsync(table, host, bytes, cudaMemcpyHostToDevice, stream));
+    last.bytes.assign(data, data + bytes);
+    last.address = table;
+  }
+  return table;
 }
 
 // Blocks of `kernel` (this block size and dynamic shared memory) that the current device holds at

@@ -8,9 +8,6 @@
 // each thread squares and sums a fixed subset in fp32, the block combines the threads in a fixed
 // tree, and writes one partial (sum, count). A one-block kernel then adds the partials in chunk
 // order in double. No atomics, so the result is bit-reproducible.
-#include <cstring>
-#include <map>
-#include <mutex>
 #include <vector>
 
 #include "kernels/cuda/cuda_common.cuh"
@@ -156,28 +153,10 @@ std::vector<Chunk> build_chunks(const std::vector<Tensor>& tensors) {
   return chunks;
 }
 
-struct UploadedTable {
-  std::vector<Chunk> chunks;
-  const void* address = nullptr;
-};
-
-// The device copy of `chunks` for `stream`, uploaded only when it differs from the last upload
-// (an async copy from pageable memory, staged by the driver before it returns).
+// The device copy of `chunks` for `stream` (uploaded only when it changed).
 const Chunk* device_table(const std::vector<Chunk>& chunks, cudaStream_t stream) {
-  static std::mutex mutex;
-  static auto* uploads = new std::map<std::pair<int, cudaStream_t>, UploadedTable>();  // never destroyed
   const size_t bytes = chunks.size() * sizeof(Chunk);
-  Chunk* table = static_cast<Chunk*>(persistent_scratch(stream, kScratchGradCheckTable, bytes));
-  std::lock_guard<std::mutex> lock(mutex);
-  UploadedTable& last = (*uploads)[{current_device(), stream}];
-  const bool current = last.address == table && last.chunks.size() == chunks.size() &&
-                       std::memcmp(last.chunks.data(), chunks.data(), bytes) == 0;
-  if (!current) {
-    CUDA_CHECK(cudaMemcpyAsync(table, chunks.data(), bytes, cudaMemcpyHostToDevice, stream));
-    last.chunks = chunks;
-    last.address = table;
-  }
-  return table;
+  return static_cast<const Chunk*>(cached_device_table(chunks.data(), bytes, stream, kScratchGradCheckTable));
 }
 
 }  // namespace

@@ -7,6 +7,28 @@ namespace switchyard {
 
 const char* cublas_status_name(cublasStatus_t status) { return cublasGetStatusName(status); }
 
+cudaDataType_t cuda_data_type_of(DType dtype, const char* who) {
+  switch (dtype) {
+    case DType::f32: return CUDA_R_32F;
+    case DType::f64: return CUDA_R_64F;
+    case DType::bf16: return CUDA_R_16BF;
+    case DType::f16: return CUDA_R_16F;
+    default: SY_THROW(who, ": no CUDA data type for ", dtype_name(dtype));
+  }
+}
+
+cublasHandle_t thread_cublas_handle() {
+  thread_local std::map<int, cublasHandle_t> handles;
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  auto found = handles.find(device);
+  if (found != handles.end()) return found->second;
+  cublasHandle_t handle = nullptr;
+  CUBLAS_CHECK(cublasCreate(&handle));
+  handles[device] = handle;
+  return handle;
+}
+
 namespace {
 std::mutex& notes_mutex() {
   static std::mutex mutex;

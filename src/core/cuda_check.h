@@ -11,10 +11,18 @@
 #include <functional>
 #include <string>
 
+#include "src/core/dtype.h"
 #include "src/core/error.h"
 
 namespace switchyard {
 const char* cublas_status_name(cublasStatus_t status);
+// One cuBLAS handle per (thread, current device), created on first use, for the small level-1
+// calls made from host code (add_into, gradient scaling); the kernels' GEMMs use per-stream handles
+// (kernels/cuda/cuda_common.cuh). Never destroyed: destruction at thread exit may run after the
+// CUDA context is gone.
+cublasHandle_t thread_cublas_handle();
+// The CUDA data type of f32, f64, bf16 or f16 (others: SY_THROW naming `who`).
+cudaDataType_t cuda_data_type_of(DType dtype, const char* who);
 // Notes appended to every CUDA error message: a component whose device-side failure makes CUDA
 // calls fail (a trap in a wait kernel, say) registers a function returning "" or a sentence that
 // explains it. add returns an id for remove; both thread-safe.
