@@ -141,9 +141,6 @@ void permute_backward(const Tensor& grad_permuted, const DispatchMap& map, int64
 // Rows at or beyond expert_offsets[E] of c are unspecified.
 void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& expert_offsets, Tensor& c,
                   void* stream, int segment_alignment = 1);
-// The expert GEMMs launched on `stream` use at most `sms` SMs (0: all); the device's SM count.
-void set_expert_gemm_sm_budget(void* stream, int sms);
-int device_sm_count();
 void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& expert_offsets, Tensor& grad_b,
                               void* stream, int segment_alignment = 1);
 void activation_forward(ExpertActivation activation, const Tensor& pre, Tensor& post, void* stream);

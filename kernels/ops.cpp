@@ -116,21 +116,6 @@ void grouped_gemm(const ExecContext& context, const Tensor& a, const Tensor& b, 
                   cuda::grouped_gemm(a, b, trans_b, expert_offsets, c, context.stream, segment_alignment));
 }
 
-void set_expert_gemm_sm_budget(const ExecContext& context, int sms) {
-  (void)sms;  // the CPU build has no use for it
-  if (is_cpu(context)) return;
-  SY_CUDA_BACKEND("set_expert_gemm_sm_budget", cuda::set_expert_gemm_sm_budget(context.stream, sms));
-}
-
-int device_sm_count(const ExecContext& context) {
-  if (is_cpu(context)) return 0;
-#if defined(SWITCHYARD_WITH_CUDA)
-  return cuda::device_sm_count();
-#else
-  no_cuda_backend("device_sm_count");
-#endif
-}
-
 void grouped_gemm_weight_grad(const ExecContext& context, const Tensor& a, const Tensor& g,
                               const Tensor& expert_offsets, Tensor& grad_b, [[maybe_unused]] int segment_alignment) {
   expect_on_device(context, "grouped_gemm_weight_grad", {&a, &g, &expert_offsets, &grad_b});

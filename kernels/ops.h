@@ -66,10 +66,6 @@ void unpermute_combine_backward(const ExecContext& context, const Tensor& grad_c
                                 Tensor& grad_expert_outputs, Tensor& grad_gates);
 void grouped_gemm(const ExecContext& context, const Tensor& a, const Tensor& b, bool trans_b,
                   const Tensor& expert_offsets, Tensor& c, int segment_alignment = 1);
-// Expert GEMMs launched on context.stream use at most `sms` SMs from now on (0: all again), so
-// that two streams' GEMMs can run side by side; no-op on CPU. device_sm_count: 0 on CPU.
-void set_expert_gemm_sm_budget(const ExecContext& context, int sms);
-int device_sm_count(const ExecContext& context);
 void grouped_gemm_weight_grad(const ExecContext& context, const Tensor& a, const Tensor& g,
                               const Tensor& expert_offsets, Tensor& grad_b, int segment_alignment = 1);
 void activation_forward(const ExecContext& context, ExpertActivation activation, const Tensor& pre, Tensor& post);

@@ -120,27 +120,6 @@ int current_device_sm_count() {
   return info->sm_count;
 }
 
-namespace {
-std::mutex budget_mutex;
-std::unordered_map<cudaStream_t, int>& stream_budgets() {
-  static auto* budgets = new std::unordered_map<cudaStream_t, int>();  // never destroyed
-  return *budgets;
-}
-}  // namespace
-
-int stream_cta_budget(cudaStream_t stream) {
-  const int sms = current_device_sm_count();
-  std::lock_guard<std::mutex> lock(budget_mutex);
-  auto found = stream_budgets().find(stream);
-  return found != stream_budgets().end() && found->second > 0 ? std::min(found->second, sms) : sms;
-}
-
-void set_stream_sm_budget(cudaStream_t stream, int sms) {
-  std::lock_guard<std::mutex> lock(budget_mutex);
-  if (sms > 0) stream_budgets()[stream] = sms;
-  else stream_budgets().erase(stream);
-}
-
 int choose_block_n(const Options& options, int64_t n, int64_t tiles_m_upper_bound) {
   if (options.block_n != 0) {
     SY_CHECK_INPUT(options.block_n == 128 || options.block_n == 256,
@@ -273,20 +252,6 @@ bool activation_backward_supported(ExpertActivation activation, const Tensor& gr
   return device_supported();
 }
 
-void set_stream_sm_budget(void* stream, int sms) {
-  detail::set_stream_sm_budget(static_cast<cudaStream_t>(stream), sms);
-}
-
 }  // namespace sm90
-
-void set_expert_gemm_sm_budget(void* stream, int sms) { sm90::set_stream_sm_budget(stream, sms); }
-
-int device_sm_count() {
-  int device = 0, sms = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
-
 }  // namespace cuda
 }  // namespace switchyard

@@ -99,10 +99,6 @@ bool activation_supported(ExpertActivation activation, const Tensor& a, const Te
 bool activation_backward_supported(ExpertActivation activation, const Tensor& grad_out, const Tensor& w2,
                                    const Tensor& expert_offsets, const Tensor& pre, const Tensor& grad_pre);
 
-// The persistent kernels launched on `stream` from now on use at most `sms` SMs (0: all), so that
-// GEMMs on two streams can share the GPU side by side (the MoE backward's weight gradients).
-void set_stream_sm_budget(void* stream, int sms);
-
 // Asynchronous on `stream` (a cudaStream_t; nullptr = legacy default stream). Throw when not supported.
 void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& expert_offsets, Tensor& c,
                   void* stream);

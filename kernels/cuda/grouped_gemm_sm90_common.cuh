@@ -153,9 +153,6 @@ CUtensorMap make_bf16_tensor_map(const void* base, int rank, const uint64_t* dim
 CUtensorMap make_f32_tensor_map(const void* base, int rank, const uint64_t* dims, const uint64_t* stride_bytes,
                                 const uint32_t* box);
 int current_device_sm_count();
-// CTAs a persistent kernel on `stream` may launch: the device's SM count, or the stream's budget
-// (set_stream_sm_budget) when one is set, so that two streams' GEMMs can run side by side.
-int stream_cta_budget(cudaStream_t stream);
 // Picks the output tile width: options.block_n when set, else 256 when N fills 256-wide tiles and
 // there are enough tiles to occupy the GPU, else 128.
 int choose_block_n(const Options& options, int64_t n, int64_t tiles_m_upper_bound);

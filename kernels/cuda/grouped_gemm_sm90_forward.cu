@@ -392,7 +392,7 @@ void launch_pipelined(const ForwardMaps& maps, const ForwardProblem& problem, in
   }
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   const int64_t tiles = m_tiles_upper_bound * problem.n_tiles;
-  const int grid = int(std::min<int64_t>(pingpong ? (tiles + 1) / 2 : tiles, stream_cta_budget(stream)));
+  const int grid = int(std::min<int64_t>(pingpong ? (tiles + 1) / 2 : tiles, current_device_sm_count()));
   kernel<<<grid, 3 * kWarpgroupThreads, smem_bytes, stream>>>(maps, problem);
   CUDA_CHECK_LAUNCH();
 }

@@ -222,7 +222,7 @@ void launch_pipelined(const CUtensorMap& map_a, const CUtensorMap& map_g, const 
   auto kernel = weight_grad_pipelined_kernel<kBlockN, kTmaStore>;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   const int64_t tiles = int64_t(problem.num_experts) * problem.m_tiles * problem.n_tiles;
-  const int grid = int(std::min<int64_t>(tiles, stream_cta_budget(stream)));
+  const int grid = int(std::min<int64_t>(tiles, current_device_sm_count()));
   kernel<<<grid, 3 * kWarpgroupThreads, kSmemBytes, stream>>>(map_a, map_g, map_grad, problem);
   CUDA_CHECK_LAUNCH();
 }

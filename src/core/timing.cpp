@@ -14,8 +14,6 @@ void cuda_destroy_stream(void* stream);
 void* cuda_create_event();
 void cuda_destroy_event(void* event);
 void cuda_record_event(void* event, void* stream);
-void* cuda_create_sync_event();
-void cuda_stream_wait_event(void* stream, void* event);
 double cuda_event_elapsed_ms(void* start, void* stop);
 #endif
 
@@ -39,45 +37,6 @@ void destroy_stream(DeviceKind device, void* stream) {
 #endif
   (void)device;
   (void)stream;
-}
-
-void* create_sync_event(DeviceKind device) {
-#if defined(SWITCHYARD_WITH_CUDA)
-  if (device == DeviceKind::cuda) return cuda_create_sync_event();
-#endif
-  (void)device;
-  return nullptr;
-}
-
-void destroy_sync_event(DeviceKind device, void* event) {
-#if defined(SWITCHYARD_WITH_CUDA)
-  if (device == DeviceKind::cuda && event) cuda_destroy_event(event);
-#endif
-  (void)device;
-  (void)event;
-}
-
-void record_sync_event(DeviceKind device, void* event, void* stream) {
-#if defined(SWITCHYARD_WITH_CUDA)
-  if (device == DeviceKind::cuda) return cuda_record_event(event, stream);
-#endif
-  (void)device;
-  (void)event;
-  (void)stream;
-}
-
-void stream_waits_event(DeviceKind device, void* stream, void* event) {
-#if defined(SWITCHYARD_WITH_CUDA)
-  if (device == DeviceKind::cuda) return cuda_stream_wait_event(stream, event);
-#endif
-  (void)device;
-  (void)stream;
-  (void)event;
-}
-
-void stream_waits_for(DeviceKind device, void* waiting, void* signaling, void* event) {
-  record_sync_event(device, event, signaling);
-  stream_waits_event(device, waiting, event);
 }
 
 DeviceTimer::DeviceTimer(DeviceKind device, void* stream) : device_(device), stream_(stream) {

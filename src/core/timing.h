@@ -11,16 +11,6 @@ namespace switchyard {
 void* create_stream(DeviceKind device);
 void destroy_stream(DeviceKind device, void* stream);
 
-// Ordering between two streams (CUDA; inert on CPU, where ops run in order): after
-// stream_waits_for(device, waiting, signaling, event), work enqueued on `waiting` runs only once
-// `signaling` has finished what it had enqueued so far. `event` (create_sync_event) is reused.
-void* create_sync_event(DeviceKind device);
-void destroy_sync_event(DeviceKind device, void* event);
-void stream_waits_for(DeviceKind device, void* waiting, void* signaling, void* event);
-// The same in two halves, for a wait enqueued later than the point it waits for.
-void record_sync_event(DeviceKind device, void* event, void* stream);
-void stream_waits_event(DeviceKind device, void* stream, void* event);
-
 // Times a region of work enqueued on `stream`: start(), enqueue, stop(), then elapsed_ms() waits
 // for the stop event. On CPU it reads a steady clock (ops are synchronous there).
 class DeviceTimer {

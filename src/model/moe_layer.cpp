@@ -11,7 +11,6 @@
 #include <string>
 
 #include "kernels/small_batch_ops.h"
-#include "src/core/timing.h"
 
 namespace switchyard {
 
@@ -21,26 +20,18 @@ bool is_host_reference_dtype(DType dtype) { return dtype == DType::f32 || dtype 
 
 // SWITCHYARD_SMALL_BATCH_TOKENS: unset or empty -> kDefaultSmallBatchTokens; else a non-negative
 // decimal integer (0 turns the small-batch path off).
-// A non-negative decimal integer from environment variable `name`; `fallback` when unset or empty.
-int64_t count_from_environment(const char* name, int64_t fallback) {
-  const char* value = std::getenv(name);
-  if (value == nullptr || value[0] == '\0') return fallback;
+int64_t small_batch_threshold_from_environment() {
+  const char* value = std::getenv("SWITCHYARD_SMALL_BATCH_TOKENS");
+  if (value == nullptr || value[0] == '\0') return kDefaultSmallBatchTokens;
   char* end = nullptr;
   errno = 0;
   const long long parsed = std::strtoll(value, &end, 10);
   SY_CHECK_INPUT(std::isdigit(static_cast<unsigned char>(value[0])) && errno == 0 && *end == '\0' && parsed >= 0,
-                 name, " must be a non-negative integer (0 = off), got '", value, "'");
+                 "SWITCHYARD_SMALL_BATCH_TOKENS must be a non-negative integer (0 = off), got '", value, "'");
   return int64_t(parsed);
 }
 
-int64_t small_batch_threshold_from_environment() {
-  return count_from_environment("SWITCHYARD_SMALL_BATCH_TOKENS", kDefaultSmallBatchTokens);
-}
-
 }  // namespace
-
-// SMs the weight gradients get on their own stream in backward (the data gradients get the rest).
-constexpr int64_t kDefaultWeightGradSms = 0;
 
 // ---- MoeLayerConfig --------------------------------------------------------------------------
 
@@ -128,8 +119,6 @@ MoeLayer::MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activa
                                                      config_.expert_d_ff, config_.activation, activation_size));
     }
   }
-  if (device == DeviceKind::cuda)
-    weight_grad_sms_ = int(count_from_environment("SWITCHYARD_WGRAD_SMS", kDefaultWeightGradSms));
   if (config_.compute_mode == MoeComputeMode::dense) {
     dense_offsets_ = Buffer(device, size_t(experts + 1) * sizeof(int32_t));
     dense_counts_ = Buffer(device, size_t(experts) * sizeof(int32_t));
@@ -376,41 +365,36 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
   run_stage(context, "combine backward", [&] {
     ops::unpermute_combine_backward(context, grad_y, expert_out, combine_routing_, map_, grad_rows, grad_gates);
   });
-  if (overlaps_weight_grads(context)) {
-    expert_backward_overlapped(context, weights, gradients, permuted, hidden_pre, hidden_post, grad_rows,
-                               grad_hidden_pre);
+  run_stage(context, "weight grad 2", [&] {
+    ops::grouped_gemm_weight_grad(context, hidden_post, grad_rows, expert_offsets_, gradients.w2, alignment);
+  });
+  if (fuses_activation(context)) {
+    // One kernel: dL/dH = act'(H) * (dL/dO W2^T). Its dL/dA scratch, written only were it to run
+    // unfused after all, is A itself: dead once weight grad 2 has read it (the EP layer does so too).
+    Tensor grad_hidden_post_scratch = rows_view(hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
+    run_stage(context, "data grad 2", [&] {
+      ops::grouped_gemm_activation_backward(context, config_.activation, grad_rows, weights.w2, expert_offsets_,
+                                            hidden_pre, grad_hidden_post_scratch, grad_hidden_pre, alignment);
+    });
   } else {
-    run_stage(context, "weight grad 2", [&] {
-      ops::grouped_gemm_weight_grad(context, hidden_post, grad_rows, expert_offsets_, gradients.w2, alignment);
-    });
-    if (fuses_activation(context)) {
-      // One kernel: dL/dH = act'(H) * (dL/dO W2^T). Its dL/dA scratch, written only were it to run
-      // unfused after all, is A itself: dead once weight grad 2 has read it (the EP layer does so too).
-      Tensor grad_hidden_post_scratch = rows_view(hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
-      run_stage(context, "data grad 2", [&] {
-        ops::grouped_gemm_activation_backward(context, config_.activation, grad_rows, weights.w2, expert_offsets_,
-                                              hidden_pre, grad_hidden_post_scratch, grad_hidden_pre, alignment);
-      });
-    } else {
-      if (!grad_hidden_post_.data()) {
-        const size_t bytes = size_t(max_rows_) * size_t(config_.expert_d_ff) * dtype_size(activation_dtype_);
-        grad_hidden_post_ = Buffer(device_, bytes);
-      }
-      Tensor grad_hidden_post = rows_view(grad_hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
-      run_stage(context, "data grad 2", [&] {
-        ops::grouped_gemm(context, grad_rows, weights.w2, true, expert_offsets_, grad_hidden_post, alignment);
-      });
-      run_stage(context, "activation backward", [&] {
-        ops::activation_backward(context, config_.activation, hidden_pre, grad_hidden_post, grad_hidden_pre);
-      });
+    if (!grad_hidden_post_.data()) {
+      const size_t bytes = size_t(max_rows_) * size_t(config_.expert_d_ff) * dtype_size(activation_dtype_);
+      grad_hidden_post_ = Buffer(device_, bytes);
     }
-    run_stage(context, "weight grad 1", [&] {
-      ops::grouped_gemm_weight_grad(context, permuted, grad_hidden_pre, expert_offsets_, gradients.w1, alignment);
+    Tensor grad_hidden_post = rows_view(grad_hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
+    run_stage(context, "data grad 2", [&] {
+      ops::grouped_gemm(context, grad_rows, weights.w2, true, expert_offsets_, grad_hidden_post, alignment);
     });
-    run_stage(context, "data grad 1", [&] {
-      ops::grouped_gemm(context, grad_hidden_pre, weights.w1, true, expert_offsets_, grad_rows, alignment);
+    run_stage(context, "activation backward", [&] {
+      ops::activation_backward(context, config_.activation, hidden_pre, grad_hidden_post, grad_hidden_pre);
     });
   }
+  run_stage(context, "weight grad 1", [&] {
+    ops::grouped_gemm_weight_grad(context, permuted, grad_hidden_pre, expert_offsets_, gradients.w1, alignment);
+  });
+  run_stage(context, "data grad 1", [&] {
+    ops::grouped_gemm(context, grad_hidden_pre, weights.w1, true, expert_offsets_, grad_rows, alignment);
+  });
   run_stage(context, "permute backward", [&] { ops::permute_backward(context, grad_rows, map_, tokens, grad_x); });
 
   // Gates and losses -> logits -> router weight and router input.
@@ -432,59 +416,6 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
                       step_, router_grad_input);
     ops::add_into(context, router_grad_input, grad_x);
   });
-}
-
-// ---- Backward: the weight gradients beside the data gradients -----------------------------------
-
-MoeLayer::~MoeLayer() {
-  for (void*& event : overlap_events_) destroy_sync_event(device_, event);
-  if (weight_grad_stream_) {
-    try {
-      destroy_stream(device_, weight_grad_stream_);
-    } catch (...) {  // a destructor must not throw; the stream goes with the context
-    }
-  }
-}
-
-bool MoeLayer::overlaps_weight_grads(const ExecContext& context) const {
-  // Stage timings (the observer) need one stream; the unfused activation path keeps its order.
-  return device_ == DeviceKind::cuda && weight_grad_sms_ > 0 && observer_ == nullptr && fuses_activation(context) &&
-         weight_grad_sms_ < ops::device_sm_count(context);
-}
-
-// dW2 = A^T dO and dW1 = X^T dH run on a second stream with weight_grad_sms_ SMs while dH (fused
-// activation backward) and dX = dH W1^T run on context.stream with the rest. The weight gradients
-// are write-bound (fp32 [E, D, F]) and the data gradients are not, so side by side they share the
-// GPU better than in turn. Order: dW2 after dO (the combine backward); dW1 after dH; dX, which
-// overwrites dO in grad_rows, after dW2 has read it; context.stream ends waiting for dW1.
-void MoeLayer::expert_backward_overlapped(const ExecContext& context, const MoeWeights& weights,
-                                          MoeGradients& gradients, const Tensor& permuted, const Tensor& hidden_pre,
-                                          const Tensor& hidden_post, Tensor& grad_rows, Tensor& grad_hidden_pre) {
-  if (!weight_grad_stream_) {
-    weight_grad_stream_ = create_stream(device_);
-    for (void*& event : overlap_events_) event = create_sync_event(device_);
-  }
-  const ExecContext side{device_, weight_grad_stream_};
-  const int alignment = params_.segment_alignment;
-  const int side_sms = weight_grad_sms_, main_sms = ops::device_sm_count(context) - weight_grad_sms_;
-  ops::set_expert_gemm_sm_budget(side, side_sms);
-  ops::set_expert_gemm_sm_budget(context, main_sms);
-
-  stream_waits_for(device_, side.stream, context.stream, overlap_events_[0]);  // dO is ready
-  ops::grouped_gemm_weight_grad(side, hidden_post, grad_rows, expert_offsets_, gradients.w2, alignment);
-  record_sync_event(device_, overlap_events_[1], side.stream);  // dW2 has read dO
-  // The fused kernel's dL/dA scratch (unused when fused) is A itself, as in backward().
-  Tensor grad_hidden_post_scratch = rows_view(hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
-  ops::grouped_gemm_activation_backward(context, config_.activation, grad_rows, weights.w2, expert_offsets_,
-                                        hidden_pre, grad_hidden_post_scratch, grad_hidden_pre, alignment);
-  stream_waits_for(device_, side.stream, context.stream, overlap_events_[2]);  // dH is ready
-  ops::grouped_gemm_weight_grad(side, permuted, grad_hidden_pre, expert_offsets_, gradients.w1, alignment);
-  stream_waits_event(device_, context.stream, overlap_events_[1]);
-  ops::grouped_gemm(context, grad_hidden_pre, weights.w1, true, expert_offsets_, grad_rows, alignment);
-  stream_waits_for(device_, context.stream, side.stream, overlap_events_[3]);  // dW1 is done
-
-  ops::set_expert_gemm_sm_budget(side, 0);
-  ops::set_expert_gemm_sm_budget(context, 0);
 }
 
 // ---- Host reads ------------------------------------------------------------------------------

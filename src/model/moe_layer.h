@@ -160,7 +160,6 @@ MoeRoutingStats read_routing_scalars(const ExecContext& context, const RoutingRe
 class MoeLayer {
  public:
   MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype, int64_t max_tokens);
-  ~MoeLayer();
   MoeLayer(const MoeLayer&) = delete;
   MoeLayer& operator=(const MoeLayer&) = delete;
 
@@ -235,15 +234,6 @@ class MoeLayer {
   bool backward_ready_ = false;
   Buffer grad_rows_, grad_hidden_post_, grad_hidden_pre_, grad_gates_, grad_logits_, router_grad_input_;
   MoeStageObserver* observer_ = nullptr;
-  // Backward: the weight gradients on a second stream with `weight_grad_sms_` SMs, beside the data
-  // gradients on the rest (CUDA, fused activation, no stage observer; SWITCHYARD_WGRAD_SMS, 0 = off).
-  int weight_grad_sms_ = 0;
-  void* weight_grad_stream_ = nullptr;
-  void* overlap_events_[4] = {};
-  bool overlaps_weight_grads(const ExecContext& context) const;
-  void expert_backward_overlapped(const ExecContext& context, const MoeWeights& weights, MoeGradients& gradients,
-                                  const Tensor& permuted, const Tensor& hidden_pre, const Tensor& hidden_post,
-                                  Tensor& grad_rows, Tensor& grad_hidden_pre);
   // Host staging for the dense row map.
   std::vector<int32_t> host_expert_ids_, host_slots_, host_choice_rows_, host_row_tokens_, host_offsets_,
       host_counts_, host_scalars_;
