@@ -168,7 +168,8 @@ void NvlinkPeerMemory::unmap(std::vector<void*>& mapped) {
 void NvlinkPeerMemory::upload_bases(Region& region) {
   std::vector<void*> bases = region.mapped;
   bases[size_t(rank_)] = region.local;
-  if (!region.device_bases) CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&region.device_bases), bases.size() * sizeof(void*)));
+  if (!region.device_bases)
+    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&region.device_bases), bases.size() * sizeof(void*)));
   CUDA_CHECK(cudaMemcpy(region.device_bases, bases.data(), bases.size() * sizeof(void*), cudaMemcpyHostToDevice));
 }
 

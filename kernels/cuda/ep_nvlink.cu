@@ -255,7 +255,8 @@ void launch_move(void* packed, int64_t rows, const EpPeerRows& peers, const EpSi
   // width and the local pointer decide the unit.
   const int64_t row_bytes = peers.row_bytes;
   const int blocks_cap = 4 * multiprocessor_count();
-  const int blocks = int(std::max<int64_t>(1, std::min<int64_t>(blocks_cap, (rows + kWarpsPerBlock - 1) / kWarpsPerBlock)));
+  const int64_t wanted = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  const int blocks = int(std::max<int64_t>(1, std::min<int64_t>(blocks_cap, wanted)));
   auto launch = [&](auto unit) {
     using Unit = decltype(unit);
     args.row_units = row_bytes / int64_t(sizeof(Unit));
@@ -342,7 +343,8 @@ void ep_signal_peers(const EpSignalBoards& signal, int signal_kind, void* stream
 void ep_all_gather_small(const void* local, int64_t bytes, void* const* peer_bases, const EpSignalBoards& signal,
                          int signal_kind, void* stream) {
   SY_CHECK(bytes % 4 == 0 && is_aligned(local, 4) && signal.num_ranks >= 1 && signal.num_ranks <= 1024,
-           "ep_all_gather_small: ", bytes, " bytes over ", signal.num_ranks, " ranks (whole 4-byte words, <= 1024 ranks)");
+           "ep_all_gather_small: ", bytes, " bytes over ", signal.num_ranks,
+           " ranks (whole 4-byte words, <= 1024 ranks)");
   all_gather_small_kernel<<<1, 1024, 0, as_stream(stream)>>>(static_cast<const unsigned*>(local), bytes / 4, peer_bases,
                                                              signal, signal_kind);
   CUDA_CHECK_LAUNCH();

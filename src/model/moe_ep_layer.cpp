@@ -147,7 +147,8 @@ Tensor MoeEpLayer::rows(const Buffer& buffer, DType dtype, int64_t first_row, in
   return rows(buffer.data(), buffer.bytes(), dtype, first_row, count, columns);
 }
 
-Tensor MoeEpLayer::rows(void* base, size_t bytes, DType dtype, int64_t first_row, int64_t count, int64_t columns) const {
+Tensor MoeEpLayer::rows(void* base, size_t bytes, DType dtype, int64_t first_row, int64_t count,
+                        int64_t columns) const {
   const size_t offset = size_t(first_row) * size_t(columns) * dtype_size(dtype);
   SY_CHECK(offset + size_t(count) * size_t(columns) * dtype_size(dtype) <= bytes, "MoeEpLayer: rows [", first_row,
            ", ", first_row + count, ") x ", columns, " exceed a buffer of ", bytes, " bytes");
