@@ -21,6 +21,12 @@
 //     H = X_p W1_l, A = act(H), O = A W2_l   grouped GEMMs over the chunk's experts
 //     from_expert_layout(c), combine(c)      rows back to their source ranks
 //   y[t]   = sum_j gate[t, j] * O[row(t, j)]   unpermute_combine on the source rank
+// With the nvlink transport (parallel.ep_transport; comm/nvlink_exchange.h) the padded expert
+// layout's input and output rows live in peer-mapped memory: the count exchange gathers every
+// rank's counts through it, the sender's packed rows are written straight into the owners'
+// layouts (no receive buffer, no reorder, one chunk), and y is summed from the owners' output
+// rows directly (ep_pull_combine), which are kept in the send buffer for backward; backward
+// writes the dL/dO rows into the owners' output layouts and sums dL/dx from their dL/dX rows.
 // Backward mirrors it with the forward's exchange plan (no second count exchange): the combine's
 // backward gives dL/dO rows and dL/dgates locally; the dL/dO rows are dispatched, the expert
 // backward runs per chunk (dW2_l, dA, act', dW1_l, dX_p), the dL/dX rows are combined back and
