@@ -47,7 +47,14 @@ kill_session() {
   [ -n "$pids" ] && kill -9 $pids 2>/dev/null
   return 0
 }
-session_alive() { [ -n "$(ps -e -o sid= | awk -v sid="$1" '$1 == sid')" ]; }
+# The launcher itself runs (also before its setsid() call, when its session id is still ours: on a
+# loaded machine the first check can come that early) or something in its session still runs.
+session_alive() {
+  local state
+  state=$(ps -o stat= -p "$1" 2>/dev/null)
+  if [ -n "$state" ] && [ "${state:0:1}" != "Z" ]; then return 0; fi
+  [ -n "$(ps -e -o sid= | awk -v sid="$1" '$1 == sid')" ]
+}
 
 # start NAME RANKS [env assignments...]: starts a --resume auto run in its own session; sets `session`.
 start() {
