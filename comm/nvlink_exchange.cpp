@@ -212,12 +212,6 @@ void NvlinkPeerMemory::push(int region, const void* packed, int64_t rows, int64_
   cuda::ep_push_rows(packed, rows, peers, boards_, kind, block_counter_, stream);
 }
 
-void NvlinkPeerMemory::pull(int region, void* packed, int64_t rows, int64_t row_bytes, int local_experts,
-                            const int32_t* packed_offsets, const int32_t* peer_rows, void* stream) {
-  EpPeerRows peers{ranks_, local_experts, rank_, row_bytes, packed_offsets, peer_rows, peer_bases(region)};
-  cuda::ep_pull_rows(packed, rows, peers, stream);
-}
-
 void NvlinkPeerMemory::all_gather_small(int region, const void* local_bytes, size_t bytes, int kind, void* stream) {
   SY_CHECK(bytes * size_t(ranks_) <= this->bytes(region), "NvlinkPeerMemory: all-gather of ", bytes, " bytes x ",
            ranks_, " ranks into a region of ", this->bytes(region));
@@ -261,9 +255,6 @@ void NvlinkPeerMemory::signal(int, void*) { SY_THROW("NvlinkPeerMemory: no CUDA 
 void NvlinkPeerMemory::wait(int, void*) { SY_THROW("NvlinkPeerMemory: no CUDA backend"); }
 void NvlinkPeerMemory::signal_and_wait(int, void*) { SY_THROW("NvlinkPeerMemory: no CUDA backend"); }
 void NvlinkPeerMemory::push(int, const void*, int64_t, int64_t, int, const int32_t*, const int32_t*, int, void*) {
-  SY_THROW("NvlinkPeerMemory: no CUDA backend");
-}
-void NvlinkPeerMemory::pull(int, void*, int64_t, int64_t, int, const int32_t*, const int32_t*, void*) {
   SY_THROW("NvlinkPeerMemory: no CUDA backend");
 }
 void NvlinkPeerMemory::all_gather_small(int, const void*, size_t, int, void*) {
