@@ -173,6 +173,16 @@ Options default_options() {
     } else {
       SY_BAD_INPUT("SWITCHYARD_SM90_SCHEDULE must be 'auto', 'cooperative' or 'pingpong', got '", schedule, "'");
     }
+    const char* multicast = std::getenv("SWITCHYARD_SM90_MULTICAST");
+    if (multicast == nullptr || multicast[0] == '\0' || std::strcmp(multicast, "auto") == 0) {
+      parsed.multicast = Multicast::automatic;
+    } else if (std::strcmp(multicast, "off") == 0) {
+      parsed.multicast = Multicast::off;
+    } else if (std::strcmp(multicast, "pair") == 0) {
+      parsed.multicast = Multicast::pair;
+    } else {
+      SY_BAD_INPUT("SWITCHYARD_SM90_MULTICAST must be 'auto', 'off' or 'pair', got '", multicast, "'");
+    }
     return parsed;
   }();
   return options;

@@ -73,17 +73,26 @@ enum class Store : uint8_t { tma, direct };
 //                spill) over short reductions (K <= 1024), cooperative otherwise.
 enum class Schedule : uint8_t { automatic, cooperative, pingpong };
 
+// Weight grad (TMA-store variant): CTAs in clusters of two that compute neighbouring n-tiles of the
+// same (expert, m-tile) and share the A^T tile, each loading half of it by TMA multicast into both
+// (a quarter less L2 -> SM traffic, which bounds the fp32 weight grad at short segments).
+//   automatic  pairs where the n-tiles pair up evenly; off: one CTA per tile; pair: always (an odd
+//              last n-tile's partner CTA computes nothing it stores).
+enum class Multicast : uint8_t { automatic, off, pair };
+
 struct Options {
   Variant variant = Variant::pipelined;
   int block_n = 0;  // output tile width: 128 or 256 (cooperative only; basic and pingpong use 128); 0 = choose
   // Pipelined epilogues. The tma weight grad has 128-wide tiles: a block_n of 256 selects direct there.
   Store store = Store::tma;
   Schedule schedule = Schedule::automatic;  // forward kernels only (the weight grad is cooperative)
+  Multicast multicast = Multicast::automatic;  // weight grad with tma stores only
 };
 
 // Options from the environment: SWITCHYARD_SM90_GEMM=basic|pipelined (unset: pipelined),
 // SWITCHYARD_SM90_STORE=tma|direct (unset: tma) and SWITCHYARD_SM90_SCHEDULE=auto|cooperative|pingpong
-// (unset: auto). Throws a bad-input Error for other values.
+// (unset: auto), SWITCHYARD_SM90_MULTICAST=auto|off|pair (unset: auto). Throws a bad-input Error for
+// other values.
 Options default_options();
 
 // True when the current CUDA device is compute capability 9.0 and this build carries sm_90a code.

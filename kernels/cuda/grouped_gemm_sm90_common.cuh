@@ -209,6 +209,41 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t barrier, uint32_t parity)
   } while (!done);
 }
 
+// ---- Clusters of two CTAs (the weight grad's multicast pairs) ----
+__device__ __forceinline__ uint32_t cluster_cta_rank() {
+  uint32_t rank;
+  asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  return rank;
+}
+__device__ __forceinline__ uint32_t cluster_index() {
+  uint32_t index;
+  asm("mov.u32 %0, %%clusterid.x;" : "=r"(index));
+  return index;
+}
+__device__ __forceinline__ uint32_t cluster_count() {
+  uint32_t count;
+  asm("mov.u32 %0, %%nclusterid.x;" : "=r"(count));
+  return count;
+}
+// Every thread of every CTA of the cluster; orders earlier writes (barrier inits) before later
+// remote accesses.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// One arrival on the mbarrier at the same shared-memory offset in CTA `cta_rank` of the cluster.
+// Release at CTA scope, as CUTLASS's ClusterBarrier::arrive: the reads it orders were wgmma's,
+// already complete. (.release.cluster made the weight grad 1.75x slower on an H100.)
+__device__ __forceinline__ void mbarrier_arrive_cluster(uint32_t barrier, uint32_t cta_rank) {
+  asm volatile(
+      "{\n"
+      ".reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n"
+      "}\n" ::"r"(barrier),
+      "r"(cta_rank)
+      : "memory");
+}
+
 __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
@@ -221,6 +256,17 @@ __device__ __forceinline__ void tma_load_2d(uint32_t destination, const CUtensor
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
           destination),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(barrier), "r"(coord0), "r"(coord1)
+      : "memory");
+}
+
+// The same box into `destination` of every CTA in cta_mask (cluster ranks), each CTA's barrier at
+// the offset `barrier` counting the bytes: one L2 read feeds several SMs.
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t destination, const CUtensorMap* map, uint32_t barrier,
+                                                      int coord0, int coord1, uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%4, %5}], [%2], %3;" ::"r"(destination),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(barrier), "h"(cta_mask), "r"(coord0), "r"(coord1)
       : "memory");
 }
 
@@ -491,12 +537,17 @@ __device__ __forceinline__ void basic_mainloop(float (&acc)[kBlockN / 2], int k_
 // wgmmas (issue_stage(a_stage, b_stage): the stage's A and B tile addresses), and hands a stage back
 // to the producer (one arrival per consumer warp) as soon as the MMAs reading it are complete. One
 // wgmma group stays in flight across stages. fence() pins the accumulators around the async MMAs.
-// On return all MMAs of the tile are complete.
+// On return all MMAs of the tile are complete. peer_cta >= 0: the stages also hold data multicast by
+// that CTA of the cluster, whose producer must see them released too.
 template <int kStages, class IssueStage, class Fence>
 __device__ __forceinline__ void consume_stages(int k_blocks, uint32_t a_tiles, uint32_t a_stage_bytes,
                                                uint32_t b_tiles, uint32_t b_stage_bytes, uint32_t full_barriers,
                                                uint32_t empty_barriers, PipelineState& state, bool signalling_lane,
-                                               const IssueStage& issue_stage, const Fence& fence) {
+                                               const IssueStage& issue_stage, const Fence& fence, int peer_cta = -1) {
+  auto release = [&](int stage) {
+    mbarrier_arrive(empty_barriers + 8 * stage);
+    if (peer_cta >= 0) mbarrier_arrive_cluster(empty_barriers + 8 * stage, uint32_t(peer_cta));
+  };
   int in_flight_stage = -1;
   for (int k_block = 0; k_block < k_blocks; ++k_block) {
     mbarrier_wait(full_barriers + 8 * state.stage, state.phase);
@@ -505,13 +556,13 @@ __device__ __forceinline__ void consume_stages(int k_blocks, uint32_t a_tiles, u
     issue_stage(a_tiles + state.stage * a_stage_bytes, b_tiles + state.stage * b_stage_bytes);
     wgmma_commit();
     wgmma_wait<1>();  // the previous stage's group is done
-    if (in_flight_stage >= 0 && signalling_lane) mbarrier_arrive(empty_barriers + 8 * in_flight_stage);
+    if (in_flight_stage >= 0 && signalling_lane) release(in_flight_stage);
     in_flight_stage = state.stage;
     state.advance<kStages>();
   }
   wgmma_wait<0>();
   fence();
-  if (in_flight_stage >= 0 && signalling_lane) mbarrier_arrive(empty_barriers + 8 * in_flight_stage);
+  if (in_flight_stage >= 0 && signalling_lane) release(in_flight_stage);
 }
 
 // One warpgroup's 64 x kBlockN accumulator tile (cooperative schedule, weight grad).
@@ -519,11 +570,11 @@ template <int kBlockN, bool kAMNMajor, bool kBMNMajor, int kStages>
 __device__ __forceinline__ void consume_k_blocks(float (&acc)[kBlockN / 2], int k_blocks, uint32_t a_tiles,
                                                  uint32_t a_stage_bytes, uint32_t b_tiles, uint32_t b_stage_bytes,
                                                  uint32_t full_barriers, uint32_t empty_barriers,
-                                                 PipelineState& state, bool signalling_lane) {
+                                                 PipelineState& state, bool signalling_lane, int peer_cta = -1) {
   consume_stages<kStages>(
       k_blocks, a_tiles, a_stage_bytes, b_tiles, b_stage_bytes, full_barriers, empty_barriers, state, signalling_lane,
       [&](uint32_t a_stage, uint32_t b_stage) { mma_stage<kBlockN, kAMNMajor, kBMNMajor>(acc, a_stage, b_stage); },
-      [&] { fence_accumulators(acc); });
+      [&] { fence_accumulators(acc); }, peer_cta);
 }
 
 // A warpgroup that computes a whole 128-row tile (pingpong schedule): per stage one wgmma group

@@ -89,18 +89,35 @@ __device__ __forceinline__ void store_weight_grad_tile_tma(const float (&acc)[kB
   }
 }
 
+// Multicast pairs: the cluster's rank-r CTA loads A^T chunks c with c % 2 == r into both CTAs.
+__device__ __forceinline__ void load_weight_grad_stage_pair(const CUtensorMap* map_a, const CUtensorMap* map_g,
+                                                            uint32_t barrier, uint32_t a_tile, uint32_t g_tile,
+                                                            int row, int m0, int n0, int chunks_a, int chunks_b,
+                                                            int rank) {
+  mbarrier_arrive_expect_tx(barrier, (chunks_a + chunks_b) * kChunkBytes);
+  for (int chunk = rank; chunk < chunks_a; chunk += 2) {
+    tma_load_2d_multicast(a_tile + chunk * kChunkBytes, map_a, barrier, m0 + chunk * kChunk, row, uint16_t(0x3));
+  }
+  for (int chunk = 0; chunk < chunks_b; ++chunk) {
+    tma_load_2d(g_tile + chunk * kChunkBytes, map_g, barrier, n0 + chunk * kChunk, row);
+  }
+}
+
 struct WeightGradTile {
   int expert;
   int m0;
-  int n0;
+  int n0;  // >= N: the idle half of a multicast pair (an odd last n-tile); nothing is stored
 };
 
-template <int kBlockN>
-__device__ __forceinline__ WeightGradTile weight_grad_tile(const WeightGradProblem& problem, int tile) {
-  const int tiles_per_expert = problem.m_tiles * problem.n_tiles;
+// Work item `tile` (kPair: the pair of n-tiles 2p, 2p + 1 of one (expert, m-tile); `rank` picks one).
+template <int kBlockN, bool kPair>
+__device__ __forceinline__ WeightGradTile weight_grad_tile(const WeightGradProblem& problem, int tile, int rank) {
+  const int n_items = kPair ? (problem.n_tiles + 1) / 2 : problem.n_tiles;
+  const int tiles_per_expert = problem.m_tiles * n_items;
   const int expert = tile / tiles_per_expert;
-  const TileCoord coord = raster_tile(tile - expert * tiles_per_expert, problem.m_tiles, problem.n_tiles);
-  return WeightGradTile{expert, coord.m * kBlockM, coord.n * kBlockN};
+  const TileCoord coord = raster_tile(tile - expert * tiles_per_expert, problem.m_tiles, n_items);
+  const int n_tile = kPair ? 2 * coord.n + rank : coord.n;
+  return WeightGradTile{expert, coord.m * kBlockM, n_tile * kBlockN};
 }
 #endif
 
@@ -110,7 +127,12 @@ using WeightGradLayout = PipelineLayout<kBlockN, kTmaStore ? kFloatTileStagingBy
 // Warp-specialized persistent kernel: warpgroup 0 (one thread) loads, warpgroups 1 and 2 own rows
 // [0, 64) and [64, 128) of each dB tile. map_grad (dB as [E, M, N] fp32, 32 x 64 boxes) is used by
 // the TMA-store epilogue only.
-template <int kBlockN, bool kTmaStore>
+// kPair (launched in clusters of 2): both CTAs walk the same work items in lockstep, rank r taking
+// n-tile 2p + r; every stage holds A^T chunks multicast by both CTAs, so a stage is free again only
+// when the consumers of both CTAs released it (each consumer warp arrives on both CTAs' empty
+// barriers), and a producer leaves only after its empty barriers saw every arrival (no remote
+// arrival may reach an exited CTA).
+template <int kBlockN, bool kTmaStore, bool kPair>
 __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
     weight_grad_pipelined_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_g,
                                  const __grid_constant__ CUtensorMap map_grad, const WeightGradProblem problem) {
@@ -119,37 +141,56 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
   using Layout = WeightGradLayout<kBlockN, kTmaStore>;
   constexpr int kStages = Layout::kStages;
   extern __shared__ uint8_t dynamic_smem[];
-  const PipelineSmem smem = setup_pipeline<Layout>(dynamic_smem);
+  const PipelineSmem smem = setup_pipeline<Layout>(dynamic_smem, kPair ? 2 * kConsumerWarps : kConsumerWarps);
+  if constexpr (kPair) cluster_sync();  // the peer's barriers are initialized before any multicast
+  const int rank = kPair ? int(cluster_cta_rank()) : 0;
+  const int first_item = kPair ? int(cluster_index()) : int(blockIdx.x);
+  const int item_stride = kPair ? int(cluster_count()) : int(gridDim.x);
   const int warpgroup = threadIdx.x / kWarpgroupThreads;
   const int thread_in_warpgroup = threadIdx.x % kWarpgroupThreads;
 
-  const int total_tiles = problem.num_experts * problem.m_tiles * problem.n_tiles;
+  const int n_items = kPair ? (problem.n_tiles + 1) / 2 : problem.n_tiles;
+  const int total_items = problem.num_experts * problem.m_tiles * n_items;
+  // The pair producer's bookkeeping spills at 40 registers; its consumers need far fewer than 232.
+  constexpr int kPairProducerRegisters = 56, kPairConsumerRegisters = 224;
+  static_assert(kWarpgroupThreads * (kPairProducerRegisters + 2 * kPairConsumerRegisters) <= 65536, "register file");
   if (warpgroup == 0) {
-    setmaxnreg_decrease<kProducerRegisters>();
+    setmaxnreg_decrease<kPair ? kPairProducerRegisters : kProducerRegisters>();
     if (thread_in_warpgroup != 0) return;
     prefetch_tensor_map(&map_a);
     prefetch_tensor_map(&map_g);
     PipelineState state;
-    for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-      const WeightGradTile where = weight_grad_tile<kBlockN>(problem, tile);
+    for (int item = first_item; item < total_items; item += item_stride) {
+      const WeightGradTile where = weight_grad_tile<kBlockN, kPair>(problem, item, rank);
       check_segment(problem.expert_offsets, where.expert, kBlockK, problem.rows);
       const int begin = __ldg(problem.expert_offsets + where.expert);
       const int k_blocks = (__ldg(problem.expert_offsets + where.expert + 1) - begin) / kBlockK;
       const int chunks_a = min(kBlockM / kChunk, (problem.m - where.m0) / kChunk);
-      const int chunks_b = min(kBlockN / kChunk, (problem.n - where.n0) / kChunk);
+      const int chunks_b = max(0, min(kBlockN / kChunk, (problem.n - where.n0) / kChunk));
       for (int k_block = 0; k_block < k_blocks; ++k_block) {
         mbarrier_wait(smem.empty_barriers + 8 * state.stage, state.phase ^ 1u);
-        load_weight_grad_stage(&map_a, &map_g, smem.full_barriers + 8 * state.stage,
-                               smem.address + Layout::kOffsetA + state.stage * kTileBytesA,
-                               smem.address + Layout::kOffsetB + state.stage * Layout::kTileBytesB,
-                               begin + k_block * kBlockK, where.m0, where.n0, chunks_a, chunks_b);
+        const uint32_t a_tile = smem.address + Layout::kOffsetA + state.stage * kTileBytesA;
+        const uint32_t g_tile = smem.address + Layout::kOffsetB + state.stage * Layout::kTileBytesB;
+        if constexpr (kPair) {
+          load_weight_grad_stage_pair(&map_a, &map_g, smem.full_barriers + 8 * state.stage, a_tile, g_tile,
+                                      begin + k_block * kBlockK, where.m0, where.n0, chunks_a, chunks_b, rank);
+        } else {
+          load_weight_grad_stage(&map_a, &map_g, smem.full_barriers + 8 * state.stage, a_tile, g_tile,
+                                 begin + k_block * kBlockK, where.m0, where.n0, chunks_a, chunks_b);
+        }
+        state.advance<kStages>();
+      }
+    }
+    if constexpr (kPair) {
+      for (int stage = 0; stage < kStages; ++stage) {  // every arrival (local and the peer's) is in
+        mbarrier_wait(smem.empty_barriers + 8 * state.stage, state.phase ^ 1u);
         state.advance<kStages>();
       }
     }
     return;
   }
 
-  setmaxnreg_increase<kConsumerRegisters>();
+  setmaxnreg_increase<kPair ? kPairConsumerRegisters : kConsumerRegisters>();
   const int consumer = warpgroup - 1;
   const int lane = thread_in_warpgroup % 32;
   // A^T rows [64*consumer, +64) are chunk `consumer` of the stage's A tile.
@@ -159,14 +200,16 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
   if (kTmaStore && thread_in_warpgroup == 0) prefetch_tensor_map(&map_grad);
   float acc[kBlockN / 2];
   PipelineState state;
-  for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-    const WeightGradTile where = weight_grad_tile<kBlockN>(problem, tile);
+  for (int item = first_item; item < total_items; item += item_stride) {
+    const WeightGradTile where = weight_grad_tile<kBlockN, kPair>(problem, item, rank);
     const int k_blocks = (__ldg(problem.expert_offsets + where.expert + 1) -
                           __ldg(problem.expert_offsets + where.expert)) / kBlockK;
 #pragma unroll
     for (int i = 0; i < kBlockN / 2; ++i) acc[i] = 0.0f;
     consume_k_blocks<kBlockN, true, true, kStages>(acc, k_blocks, a_tiles, kTileBytesA, g_tiles, Layout::kTileBytesB,
-                                                   smem.full_barriers, smem.empty_barriers, state, lane == 0);
+                                                   smem.full_barriers, smem.empty_barriers, state, lane == 0,
+                                                   kPair ? 1 - rank : -1);
+    if (kPair && where.n0 >= problem.n) continue;  // the idle half of a pair: its G was never loaded
     const int row0 = where.m0 + consumer * (kBlockM / 2);
     if constexpr (kTmaStore) {
       store_weight_grad_tile_tma<kBlockN>(acc, &map_grad, staging, where.expert, row0, where.n0, problem.m, problem.n,
@@ -219,12 +262,41 @@ template <int kBlockN, bool kTmaStore>
 void launch_pipelined(const CUtensorMap& map_a, const CUtensorMap& map_g, const CUtensorMap& map_grad,
                       const WeightGradProblem& problem, cudaStream_t stream) {
   constexpr int kSmemBytes = WeightGradLayout<kBlockN, kTmaStore>::kSmemBytes;
-  auto kernel = weight_grad_pipelined_kernel<kBlockN, kTmaStore>;
+  auto kernel = weight_grad_pipelined_kernel<kBlockN, kTmaStore, false>;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   const int64_t tiles = int64_t(problem.num_experts) * problem.m_tiles * problem.n_tiles;
   const int grid = int(std::min<int64_t>(tiles, current_device_sm_count()));
   kernel<<<grid, 3 * kWarpgroupThreads, kSmemBytes, stream>>>(map_a, map_g, map_grad, problem);
   CUDA_CHECK_LAUNCH();
+}
+
+// The TMA-store kernel in clusters of two (multicast pairs). False when no cluster of two fits
+// (then nothing was launched).
+bool launch_pipelined_pairs(const CUtensorMap& map_a, const CUtensorMap& map_g, const CUtensorMap& map_grad,
+                            const WeightGradProblem& problem, cudaStream_t stream) {
+  constexpr int kSmemBytes = WeightGradLayout<kTmaStoreBlockN, true>::kSmemBytes;
+  auto kernel = weight_grad_pipelined_kernel<kTmaStoreBlockN, true, true>;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = 2;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(2 * current_device_sm_count()));
+  config.blockDim = dim3(3 * kWarpgroupThreads);
+  config.dynamicSmemBytes = kSmemBytes;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  int clusters = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+  if (clusters < 1) return false;
+  const int64_t pairs = int64_t(problem.num_experts) * problem.m_tiles * ((problem.n_tiles + 1) / 2);
+  config.gridDim = dim3(unsigned(2 * std::min<int64_t>(pairs, clusters)));
+  CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, map_a, map_g, map_grad, problem));
+  CUDA_CHECK_LAUNCH();
+  return true;
 }
 
 void launch_basic(const CUtensorMap& map_a, const CUtensorMap& map_g, const WeightGradProblem& problem,
@@ -280,6 +352,9 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
     const uint32_t box_grad[3] = {kFloatBoxColumns, kBlockM / 2, 1};
     const CUtensorMap map_grad = make_f32_tensor_map(grad_b.data, 3, dims_grad, strides_grad, box_grad);
     problem.n_tiles = int((n + kTmaStoreBlockN - 1) / kTmaStoreBlockN);
+    const bool pair = options.multicast == Multicast::pair ||
+                      (options.multicast == Multicast::automatic && problem.n_tiles % 2 == 0);
+    if (pair && launch_pipelined_pairs(map_a, map_g, map_grad, problem, cuda_stream)) return;
     launch_pipelined<kTmaStoreBlockN, true>(map_a, map_g, map_grad, problem, cuda_stream);
     return;
   }

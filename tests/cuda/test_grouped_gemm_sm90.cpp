@@ -2,7 +2,8 @@
 // reference computed here from the same bf16 inputs. Layouts have uneven segments, empty experts
 // (first, middle, last), padding rows inside segments and spare rows past expert_offsets[E] that
 // hold random data the kernels must ignore. Every case runs the basic kernel and the pipelined one
-// with 128- and 256-wide tiles and both epilogue stores (st.global, TMA); the larger cases have
+// with 128- and 256-wide tiles and both epilogue stores (st.global, TMA), the weight grad also with
+// its multicast pairs forced on (odd n-tile counts: an idle partner) and off; the larger cases have
 // more tiles than SMs, so the persistent CTAs carry their pipeline (and the TMA stores' staging)
 // across tiles. Outputs are poisoned (NaN) before each call.
 // The fused activation epilogues are tested in test_grouped_gemm_sm90_fused.cpp.
@@ -143,7 +144,7 @@ void run_weight_grad_case(const WeightGradCase& config, uint32_t seed) {
     }
   }
 
-  for (const KernelChoice& choice : kernel_choices()) {
+  for (const KernelChoice& choice : weight_grad_kernel_choices()) {
     std::ostringstream label;
     label << "E=" << experts << " R=" << rows << " M=" << m << " N=" << n << " kernel=" << choice.name;
     SCOPED_TRACE(label.str());
@@ -229,7 +230,7 @@ TEST(GroupedGemmSm90, AllSegmentsEmpty) {
     const Tensor a_tensor(a_device.data(), DType::bf16, DeviceKind::cuda, {used_rows, k});
     const Tensor g_tensor(g_device.data(), DType::bf16, DeviceKind::cuda, {used_rows, n});
     Tensor c_tensor(c_device.data(), DType::bf16, DeviceKind::cuda, {used_rows, n});
-    for (const KernelChoice& choice : kernel_choices()) {
+    for (const KernelChoice& choice : weight_grad_kernel_choices()) {
       SCOPED_TRACE(choice.name + " rows=" + std::to_string(used_rows));
       device_memset(c_device.data(), DeviceKind::cuda, 0xFF, c_device.bytes());
       device_memset(grad_device.data(), DeviceKind::cuda, 0xFF, grad_device.bytes());

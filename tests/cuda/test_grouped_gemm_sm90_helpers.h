@@ -125,6 +125,21 @@ inline std::vector<KernelChoice> kernel_choices() {
   return choices;
 }
 
+// The weight grad adds the TMA-store kernel with multicast pairs forced on and off (the tma-store
+// choices above run the automatic pick).
+inline std::vector<KernelChoice> weight_grad_kernel_choices() {
+  std::vector<KernelChoice> choices = kernel_choices();
+  for (sm90::Multicast multicast : {sm90::Multicast::off, sm90::Multicast::pair}) {
+    sm90::Options options;
+    options.block_n = 128;
+    options.store = sm90::Store::tma;
+    options.multicast = multicast;
+    choices.push_back({options, multicast == sm90::Multicast::pair ? "pipelined/128 tma-store multicast pairs"
+                                                                   : "pipelined/128 tma-store no multicast"});
+  }
+  return choices;
+}
+
 // max |got - want| / max |want| over the checked entries; NaNs count as failures.
 struct ErrorMeter {
   double max_error = 0.0, max_reference = 0.0;
