@@ -156,12 +156,14 @@ Options default_options() {
       SY_BAD_INPUT("SWITCHYARD_SM90_GEMM must be 'basic' or 'pipelined', got '", value, "'");
     }
     const char* store = std::getenv("SWITCHYARD_SM90_STORE");
-    if (store == nullptr || store[0] == '\0' || std::strcmp(store, "tma") == 0) {
+    if (store == nullptr || store[0] == '\0' || std::strcmp(store, "warps") == 0) {
+      parsed.store = Store::warps;
+    } else if (std::strcmp(store, "tma") == 0) {
       parsed.store = Store::tma;
     } else if (std::strcmp(store, "direct") == 0) {
       parsed.store = Store::direct;
     } else {
-      SY_BAD_INPUT("SWITCHYARD_SM90_STORE must be 'tma' or 'direct', got '", store, "'");
+      SY_BAD_INPUT("SWITCHYARD_SM90_STORE must be 'warps', 'tma' or 'direct', got '", store, "'");
     }
     const char* schedule = std::getenv("SWITCHYARD_SM90_SCHEDULE");
     if (schedule == nullptr || schedule[0] == '\0' || std::strcmp(schedule, "auto") == 0) {

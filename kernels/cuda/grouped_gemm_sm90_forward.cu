@@ -407,7 +407,7 @@ void launch_pipelined(int block_n, const Options& options, ForwardMaps maps, For
   if (pingpong) block_n = 128;
   const int tile_columns = kEpilogue == Epilogue::swiglu ? block_n / 2 : block_n;
   problem.n_tiles = (problem.n + tile_columns - 1) / tile_columns;
-  if (options.store == Store::tma) {
+  if (options.store != Store::direct) {  // warps is a weight-grad choice: tma here
     if (c) maps.c = matrix_map(*c, 64);
     if (post) maps.post = matrix_map(*post, 64);
     if (block_n == 256) {

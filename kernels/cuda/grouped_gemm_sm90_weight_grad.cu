@@ -89,6 +89,50 @@ __device__ __forceinline__ void store_weight_grad_tile_tma(const float (&acc)[kB
   }
 }
 
+// Storer-warp epilogue: consumer warpgroup c stages its 64 x 128 fp32 tile in the TMA layout
+// above, then hands it to warp 1 + c of the producer warpgroup, which copies it out with 16-byte
+// st.global (the TMA unit then only loads). Named barriers per consumer c (128 + 32 threads):
+// kStagedBarrier + c (the staging holds a tile) and kFreedBarrier + c (the storer has read it).
+constexpr int kStagedBarrier = 3, kFreedBarrier = 5, kStorerHandoffThreads = kWarpgroupThreads + 32;
+
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+template <int kBlockN>
+__device__ __forceinline__ void stage_weight_grad_tile(const float (&acc)[kBlockN / 2], uint8_t* staging, int consumer,
+                                                       int thread_in_warpgroup) {
+  named_barrier_sync(kFreedBarrier + consumer, kStorerHandoffThreads);  // the storer read the previous tile
+  const int warp = thread_in_warpgroup / 32, lane = thread_in_warpgroup % 32;
+  const int row = warp * 16 + lane / 4, column = (lane % 4) * 2;
+  const int swizzle = row % 8;
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j) {
+    const int unit = 2 * (j % 4) + column / 4;
+    uint8_t* base = staging + (j / 4) * kFloatBoxBytes + ((unit ^ swizzle) << 4) + (column % 4) * 4;
+    *reinterpret_cast<float2*>(base + row * 128) = make_float2(acc[4 * j], acc[4 * j + 1]);
+    *reinterpret_cast<float2*>(base + (row + 8) * 128) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+  }
+  named_barrier_arrive(kStagedBarrier + consumer, kStorerHandoffThreads);
+}
+
+// One storer warp: lane l copies 16 bytes of every row (box l / 8, unit l % 8), 512 bytes per row.
+__device__ __forceinline__ void store_staged_tile(const uint8_t* staging, float* grad_rows, int n, int columns,
+                                                  int lane) {
+  const int box = lane / 8, unit = lane % 8;
+  if (box * kFloatBoxColumns >= columns) return;
+  float* out = grad_rows + box * kFloatBoxColumns + unit * 4;
+  const uint8_t* in = staging + box * kFloatBoxBytes;
+#pragma unroll 8
+  for (int row = 0; row < 64; ++row) {
+    const float4 value = *reinterpret_cast<const float4*>(in + row * 128 + ((unit ^ (row % 8)) << 4));
+    *reinterpret_cast<float4*>(out + int64_t(row) * n) = value;
+  }
+}
+
 // Multicast pairs: the cluster's rank-r CTA loads A^T chunks c with c % 2 == r into both CTAs.
 __device__ __forceinline__ void load_weight_grad_stage_pair(const CUtensorMap* map_a, const CUtensorMap* map_g,
                                                             uint32_t barrier, uint32_t a_tile, uint32_t g_tile,
@@ -132,7 +176,7 @@ using WeightGradLayout = PipelineLayout<kBlockN, kTmaStore ? kFloatTileStagingBy
 // when the consumers of both CTAs released it (each consumer warp arrives on both CTAs' empty
 // barriers), and a producer leaves only after its empty barriers saw every arrival (no remote
 // arrival may reach an exited CTA).
-template <int kBlockN, bool kTmaStore, bool kPair>
+template <int kBlockN, bool kTmaStore, bool kPair, bool kStorerWarps = false>
 __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
     weight_grad_pipelined_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_g,
                                  const __grid_constant__ CUtensorMap map_grad, const WeightGradProblem problem) {
@@ -156,6 +200,23 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
   static_assert(kWarpgroupThreads * (kPairProducerRegisters + 2 * kPairConsumerRegisters) <= 65536, "register file");
   if (warpgroup == 0) {
     setmaxnreg_decrease<kPair ? kPairProducerRegisters : kProducerRegisters>();
+    if constexpr (kStorerWarps) {
+      const int storer = thread_in_warpgroup / 32 - 1;
+      if (storer == 0 || storer == 1) {
+        const uint8_t* staging = smem.base + Layout::kOffsetStaging + storer * (Layout::kStagingBytes / 2);
+        for (int item = first_item; item < total_items; item += item_stride) {
+          const WeightGradTile where = weight_grad_tile<kBlockN, kPair>(problem, item, rank);
+          const int row0 = where.m0 + storer * (kBlockM / 2);
+          if ((kPair && where.n0 >= problem.n) || row0 >= problem.m) continue;  // as the consumer skips
+          // Freed: the previous tile's rows are read (their loads fed the stores issued above).
+          named_barrier_arrive(kFreedBarrier + storer, kStorerHandoffThreads);
+          named_barrier_sync(kStagedBarrier + storer, kStorerHandoffThreads);
+          store_staged_tile(staging, problem.grad_b + (int64_t(where.expert) * problem.m + row0) * problem.n + where.n0,
+                            problem.n, min(kBlockN, problem.n - where.n0), thread_in_warpgroup % 32);
+        }
+        return;
+      }
+    }
     if (thread_in_warpgroup != 0) return;
     prefetch_tensor_map(&map_a);
     prefetch_tensor_map(&map_g);
@@ -211,7 +272,9 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
                                                    kPair ? 1 - rank : -1);
     if (kPair && where.n0 >= problem.n) continue;  // the idle half of a pair: its G was never loaded
     const int row0 = where.m0 + consumer * (kBlockM / 2);
-    if constexpr (kTmaStore) {
+    if constexpr (kStorerWarps) {
+      if (row0 < problem.m) stage_weight_grad_tile<kBlockN>(acc, staging, consumer, thread_in_warpgroup);
+    } else if constexpr (kTmaStore) {
       store_weight_grad_tile_tma<kBlockN>(acc, &map_grad, staging, where.expert, row0, where.n0, problem.m, problem.n,
                                           1 + consumer, thread_in_warpgroup);
     } else {
@@ -258,11 +321,11 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
 #endif
 }
 
-template <int kBlockN, bool kTmaStore>
+template <int kBlockN, bool kTmaStore, bool kStorerWarps = false>
 void launch_pipelined(const CUtensorMap& map_a, const CUtensorMap& map_g, const CUtensorMap& map_grad,
                       const WeightGradProblem& problem, cudaStream_t stream) {
   constexpr int kSmemBytes = WeightGradLayout<kBlockN, kTmaStore>::kSmemBytes;
-  auto kernel = weight_grad_pipelined_kernel<kBlockN, kTmaStore, false>;
+  auto kernel = weight_grad_pipelined_kernel<kBlockN, kTmaStore, false, kStorerWarps>;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   const int64_t tiles = int64_t(problem.num_experts) * problem.m_tiles * problem.n_tiles;
   const int grid = int(std::min<int64_t>(tiles, current_device_sm_count()));
@@ -272,10 +335,11 @@ void launch_pipelined(const CUtensorMap& map_a, const CUtensorMap& map_g, const 
 
 // The TMA-store kernel in clusters of two (multicast pairs). False when no cluster of two fits
 // (then nothing was launched).
+template <bool kStorerWarps = false>
 bool launch_pipelined_pairs(const CUtensorMap& map_a, const CUtensorMap& map_g, const CUtensorMap& map_grad,
                             const WeightGradProblem& problem, cudaStream_t stream) {
   constexpr int kSmemBytes = WeightGradLayout<kTmaStoreBlockN, true>::kSmemBytes;
-  auto kernel = weight_grad_pipelined_kernel<kTmaStoreBlockN, true, true>;
+  auto kernel = weight_grad_pipelined_kernel<kTmaStoreBlockN, true, true, kStorerWarps>;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeClusterDimension;
@@ -345,7 +409,7 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
     launch_basic(map_a, map_g, problem, cuda_stream);
     return;
   }
-  if (options.store == Store::tma && options.block_n != 256) {
+  if (options.store != Store::direct && options.block_n != 256) {
     // dB as [E, M, N] fp32 for the TMA stores: boxes of 32 columns x 64 rows of one expert.
     const uint64_t dims_grad[3] = {uint64_t(n), uint64_t(m), uint64_t(experts)};
     const uint64_t strides_grad[2] = {uint64_t(n) * 4, uint64_t(m) * uint64_t(n) * 4};
@@ -354,6 +418,11 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
     problem.n_tiles = int((n + kTmaStoreBlockN - 1) / kTmaStoreBlockN);
     const bool pair = options.multicast == Multicast::pair ||
                       (options.multicast == Multicast::automatic && problem.n_tiles % 2 == 0);
+    if (options.store == Store::warps) {
+      if (pair && launch_pipelined_pairs<true>(map_a, map_g, map_grad, problem, cuda_stream)) return;
+      launch_pipelined<kTmaStoreBlockN, true, true>(map_a, map_g, map_grad, problem, cuda_stream);
+      return;
+    }
     if (pair && launch_pipelined_pairs(map_a, map_g, map_grad, problem, cuda_stream)) return;
     launch_pipelined<kTmaStoreBlockN, true>(map_a, map_g, map_grad, problem, cuda_stream);
     return;

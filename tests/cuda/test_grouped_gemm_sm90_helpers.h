@@ -125,17 +125,19 @@ inline std::vector<KernelChoice> kernel_choices() {
   return choices;
 }
 
-// The weight grad adds the TMA-store kernel with multicast pairs forced on and off (the tma-store
-// choices above run the automatic pick).
+// The weight grad adds its staged stores (tma, warps) with multicast pairs forced on and off (the
+// tma-store choices above run the automatic pick).
 inline std::vector<KernelChoice> weight_grad_kernel_choices() {
   std::vector<KernelChoice> choices = kernel_choices();
-  for (sm90::Multicast multicast : {sm90::Multicast::off, sm90::Multicast::pair}) {
-    sm90::Options options;
-    options.block_n = 128;
-    options.store = sm90::Store::tma;
-    options.multicast = multicast;
-    choices.push_back({options, multicast == sm90::Multicast::pair ? "pipelined/128 tma-store multicast pairs"
-                                                                   : "pipelined/128 tma-store no multicast"});
+  for (sm90::Store store : {sm90::Store::tma, sm90::Store::warps}) {
+    for (sm90::Multicast multicast : {sm90::Multicast::off, sm90::Multicast::pair}) {
+      sm90::Options options;
+      options.block_n = 128;
+      options.store = store;
+      options.multicast = multicast;
+      choices.push_back({options, std::string("pipelined/128 ") + (store == sm90::Store::tma ? "tma" : "warps") +
+                                      "-store" + (multicast == sm90::Multicast::pair ? " multicast pairs" : "")});
+    }
   }
   return choices;
 }
