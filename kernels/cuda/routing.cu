@@ -2,10 +2,13 @@
 // backward is kernels/cuda/routing_backward.cu.
 //
 // One cooperative kernel after the logits GEMM; logits fp32 [T, E] row-major. Tiles of 32 W tokens,
-// one warp per 32 tokens (W = 8, or 4, 2, 1 for small batches so that >= 128 tiles spread over the
-// SMs; W depends on T only, so the float sums have one order on any GPU). A token's row lies over
-// kGroup lanes, kPerLane = 8 logits each (two 16-byte streaming loads, the next pass prefetched),
-// which keeps 256-thread blocks within 64 registers: 4 blocks per SM. The grid holds at most 3/4 of
+// one warp per 32 tokens (W = 16, or 8, 4, 2, 1 for smaller batches so that >= 128 tiles spread
+// over the SMs; at most 8 above 128 experts; W depends on T and E only, so the float sums have one
+// order on any GPU). Fewer, taller tiles shorten the cross-tile phase: at 65,536 tokens x 64
+// experts, W = 16 (128 tiles) took 25.8-25.9 us against 29.8-30.0 for W = 8 (256 tiles) on an H100.
+// A token's row lies over kGroup lanes, kPerLane = 8 logits each (two 16-byte streaming loads, the
+// next pass prefetched), which keeps blocks within 64 registers: 1024 threads per SM (16 logits
+// per lane above 128 experts: 128 registers, 512 threads per SM). The grid holds at most 3/4 of
 // the co-resident blocks (a grid barrier must never wait for a block that cannot be scheduled while
 // kernels on other streams, e.g. NCCL, hold SMs); block b walks tiles b, b + grid, ...
 // Phase 1, per tile: softmax statistics (e_i = exp(l_i - max), p_i = e_i / sum, lse), k_t, top-k on
@@ -43,9 +46,12 @@ namespace {
 
 using namespace cuda_detail;
 
-// A block of W warps (1, 2, 4 or 8, chosen per call) handles 32 W tokens, one per lane of each warp.
-constexpr int kMaxRouteWarps = 8;
-constexpr int kMaxRouteThreads = kMaxRouteWarps * 32;
+// A block of W warps (1, 2, 4, 8 or 16, chosen per call) handles 32 W tokens, one per lane of each
+// warp; at most 8 warps with the 16-logit lane layout (its 128 registers per thread).
+constexpr int kMaxRouteWarps = 16;
+constexpr int kMaxWideRouteWarps = 8;
+template <int kPerLane>
+constexpr int max_route_threads() { return (kPerLane <= 8 ? kMaxRouteWarps : kMaxWideRouteWarps) * 32; }
 // The smallest batch that gets W warps per tile is W * 32 * kTargetTiles tokens (H100: 132 SMs).
 constexpr int64_t kTargetTiles = 128;
 // Arrivals at the two grid barriers plus one at the exit: the last block out sees this many.
@@ -53,9 +59,9 @@ constexpr unsigned kArrivalsPerBlock = 3;
 // Phase 2a: tiles each lane of an item's group loads at once (independent L2 loads in flight).
 constexpr int kTilesPerLoad = 8;
 
-// Lane layouts of the forward: 8 logits per lane up to 128 experts (<= 64 registers, 4 blocks of
-// 256 threads per SM); 16 per lane above, where 32 lanes per token would make every top-k round a
-// 5-level shuffle tree (<= 128 registers, 2 blocks per SM).
+// Lane layouts of the forward: 8 logits per lane up to 128 experts (<= 64 registers, 1024 threads
+// per SM); 16 per lane above, where 32 lanes per token would make every top-k round a 5-level
+// shuffle tree (<= 128 registers, 512 threads per SM).
 template <typename Functor>
 void dispatch_route_layout(int num_experts, Functor&& functor) {
   if (num_experts <= 8) functor(LaneLayout<1, 8>{});
@@ -469,7 +475,7 @@ __device__ __forceinline__ void write_layout(const RouteArgs& args, const int* e
 // ---- The kernel ---------------------------------------------------------------------------------
 
 template <int kGroup, int kPerLane>
-__global__ void __launch_bounds__(kMaxRouteThreads, kPerLane <= 8 ? 4 : 2)
+__global__ void __launch_bounds__(max_route_threads<kPerLane>(), (kPerLane <= 8 ? 1024 : 512) / max_route_threads<kPerLane>())
     route_forward_kernel(RouteArgs args) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const int num_experts = args.params.num_experts, k_max = args.params.k_max, columns = num_experts * k_max;
@@ -582,7 +588,7 @@ void route(const Tensor& logits, const Tensor* complexity, const RoutingParams& 
   cudaStream_t stream = as_stream(stream_handle);
   // Tile height 32 W: W = 8 warps while that leaves >= kTargetTiles tiles, fewer for smaller batches
   // so that they still spread over the SMs (a function of T alone: see the top comment).
-  int num_warps = kMaxRouteWarps;
+  int num_warps = experts <= 128 ? kMaxRouteWarps : kMaxWideRouteWarps;  // as dispatch_route_layout
   while (num_warps > 1 && tokens < int64_t(num_warps) * 32 * kTargetTiles) num_warps /= 2;
   const int tile_tokens = num_warps * 32;
   const int64_t tile_count = std::max<int64_t>(1, (tokens + tile_tokens - 1) / tile_tokens);

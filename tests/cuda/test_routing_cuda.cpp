@@ -237,12 +237,12 @@ INSTANTIATE_TEST_SUITE_P(
         RouteCase{"E8_no_tokens", 0, 8, 2, 1, kNone, false, false, 1.25f, 16, false},
         RouteCase{"E32_top1_64_token_tiles", 8192, 32, 1, 1, kNone, false, false, 1.25f, 128, false},
         RouteCase{"E48_top3_128_token_tiles", 20000, 48, 3, 1, kNone, false, false, 1.25f, 32, false},
-        RouteCase{"E64_top2_256_tiles", 65536, 64, 2, 1, kNone, false, false, 1.25f, 128, false},
+        RouteCase{"E64_top2_128_tiles_of_512", 65536, 64, 2, 1, kNone, false, false, 1.25f, 128, false},
         RouteCase{"E256_top8_large_shared_memory", 40000, 256, 8, 1, kNone, true, false, 1.0f, 128, false},
         RouteCase{"E256_top8_274_tiles_persistent", 70000, 256, 8, 1, kNone, true, false, 1.0f, 128, false},
-        RouteCase{"E128_top4_391_tiles", 100000, 128, 4, 1, kNone, true, false, 1.1f, 128, false},
-        RouteCase{"E64_top2_782_tiles_persistent", 200000, 64, 2, 1, kNone, true, false, 1.25f, 128, false},
-        RouteCase{"E8_top2_1172_tiles_persistent", 300000, 8, 2, 1, kNone, true, false, 1.0f, 128, false}),
+        RouteCase{"E128_top4_196_tiles", 100000, 128, 4, 1, kNone, true, false, 1.1f, 128, false},
+        RouteCase{"E64_top2_391_tiles_persistent", 200000, 64, 2, 1, kNone, true, false, 1.25f, 128, false},
+        RouteCase{"E8_top2_586_tiles_persistent", 300000, 8, 2, 1, kNone, true, false, 1.0f, 128, false}),
     [](const ::testing::TestParamInfo<RouteCase>& info) { return info.param.name; });
 
 // Back-to-back calls of different shapes on one stream: each call must find the workspace clean
