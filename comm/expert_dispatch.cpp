@@ -108,8 +108,13 @@ void ExpertExchangePlan::chunk_arguments(int chunk, bool dispatch, int64_t width
 // ---- ExpertDispatcher ------------------------------------------------------------------------
 
 ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel, DeviceKind device, int num_experts,
-                                   int segment_alignment, int chunks, bool gather_all_counts)
-    : communicator_(std::move(expert_parallel)), device_(device), gather_all_counts_(gather_all_counts) {
+                                   int segment_alignment, int chunks, NvlinkPeerMemory* count_peers,
+                                   int count_region)
+    : communicator_(std::move(expert_parallel)),
+      device_(device),
+      gather_all_counts_(count_peers != nullptr),
+      count_peers_(count_peers),
+      count_region_(count_region) {
   SY_CHECK(communicator_ != nullptr, "ExpertDispatcher: no expert_parallel communicator");
   SY_CHECK(communicator_->device() == device, "ExpertDispatcher: the ", communicator_->name(), " communicator is on ",
            device_kind_name(communicator_->device()), ", the layer on ", device_kind_name(device));
@@ -126,8 +131,14 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
   events_ = std::make_unique<CommStreamEvents>(device, chunks_ + 1);
 
   const int64_t segments = int64_t(ranks_) * local_experts_, experts = local_experts_;
-  // [send counts E | received counts P*L], or with gather_all_counts [send counts E | all ranks' P*E].
-  counts_ = Buffer(device, size_t(gather_all_counts_ ? segments + ranks_ * segments : 2 * segments) * sizeof(int32_t));
+  if (gather_all_counts_)
+    SY_CHECK(device == DeviceKind::cuda && count_peers_->ranks() == ranks_ &&
+                 count_peers_->bytes(count_region_) >= size_t(ranks_) * size_t(segments) * sizeof(int32_t),
+             "ExpertDispatcher: gathering counts through peer memory needs CUDA and a count region of P*E int32");
+  // Device: [send counts E | received counts P*L]; the host copy is the same. With count_peers
+  // the device holds the send counts only (the gathered P x E matrix lands in the count region)
+  // and the host copy is that matrix.
+  counts_ = Buffer(device, size_t(gather_all_counts_ ? segments : 2 * segments) * sizeof(int32_t));
   const int64_t layout_ints = (segments + 1) + experts + (experts + 1) + segments + (experts + chunks_);
   int32_t* cursor = nullptr;
   if (gather_all_counts_) {
@@ -162,7 +173,8 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
 
   if (device == DeviceKind::cuda) {
 #if defined(SWITCHYARD_WITH_CUDA)
-    CUDA_CHECK(cudaMallocHost(&host_counts_, counts_.bytes()));
+    const size_t host_count_bytes = size_t(gather_all_counts_ ? ranks_ * segments : 2 * segments) * sizeof(int32_t);
+    CUDA_CHECK(cudaMallocHost(&host_counts_, host_count_bytes));
     if (gather_all_counts_) CUDA_CHECK(cudaMallocHost(&host_tables_, direct_tables_.bytes()));
 #else
     SY_THROW("ExpertDispatcher: this build of switchyard has no CUDA backend");
@@ -218,7 +230,7 @@ void ExpertDispatcher::start_count_exchange(const ExecContext& context, const Te
   Tensor send_counts(counts_.as<int32_t>(), DType::i32, device_, {segments});
   ops::ep_send_counts(context, packed_offsets, send_counts);
 
-  if (count_peers_) {
+  if (gather_all_counts_) {
     // Every rank's E counts into every rank's count region (compute stream, right after the
     // counts), then on the communicator's stream: wait for all of them, copy them to the host.
     count_peers_->all_gather_small(count_region_, counts_.data(), size_t(segments) * sizeof(int32_t),
@@ -226,25 +238,20 @@ void ExpertDispatcher::start_count_exchange(const ExecContext& context, const Te
     events_->comm_waits_for_compute(context, *communicator_);
     count_peers_->wait(kEpCountsGathered, communicator_->stream());
 #if defined(SWITCHYARD_WITH_CUDA)
-    CUDA_CHECK(cudaMemcpyAsync(static_cast<int32_t*>(host_counts_) + segments, count_peers_->local(count_region_),
+    CUDA_CHECK(cudaMemcpyAsync(host_counts_, count_peers_->local(count_region_),
                                size_t(ranks_ * segments) * sizeof(int32_t), cudaMemcpyDeviceToHost,
                                static_cast<cudaStream_t>(communicator_->stream())));
 #endif
     counts_in_flight_ = true;
     return;
   }
+  // L ints to and from every peer.
   events_->comm_waits_for_compute(context, *communicator_);
-  if (gather_all_counts_) {
-    // Every rank's E counts to every rank.
-    communicator_->all_gather(counts_.as<int32_t>(), counts_.as<int32_t>() + segments, segments, DType::i32);
-  } else {
-    // L ints to and from every peer.
-    std::vector<int64_t> counts(static_cast<size_t>(ranks_), local_experts_);
-    std::vector<int64_t> offsets(static_cast<size_t>(ranks_), 0);
-    for (int peer = 0; peer < ranks_; ++peer) offsets[size_t(peer)] = int64_t(peer) * local_experts_;
-    communicator_->all_to_all_v(counts_.as<int32_t>(), counts, offsets, counts_.as<int32_t>() + segments, counts,
-                                offsets, DType::i32);
-  }
+  std::vector<int64_t> counts(static_cast<size_t>(ranks_), local_experts_);
+  std::vector<int64_t> offsets(static_cast<size_t>(ranks_), 0);
+  for (int peer = 0; peer < ranks_; ++peer) offsets[size_t(peer)] = int64_t(peer) * local_experts_;
+  communicator_->all_to_all_v(counts_.as<int32_t>(), counts, offsets, counts_.as<int32_t>() + segments, counts,
+                              offsets, DType::i32);
   if (device_ == DeviceKind::cuda) {
 #if defined(SWITCHYARD_WITH_CUDA)
     // The one host copy: on the communicator's stream, waited for under its timeout.
@@ -264,14 +271,10 @@ const ExpertExchangePlan& ExpertDispatcher::finish_count_exchange(const ExecCont
 
   // The host plan.
   const int32_t* host = static_cast<const int32_t*>(host_counts_);
-  plan_.send_counts.assign(host, host + segments);
-  if (count_peers_) {  // only the gathered matrix came back: this rank's row is its send counts
-    const int32_t* mine = host + segments + size_t(rank_) * segments;
-    plan_.send_counts.assign(mine, mine + segments);
-  }
   if (gather_all_counts_) {
-    // host + segments holds [P][E]: row s is rank s's send counts by global expert.
-    const int32_t* all = host + segments;
+    // host holds [P][E]: row s is rank s's send counts by global expert; this rank's row is its own.
+    const int32_t* all = host;
+    plan_.send_counts.assign(all + size_t(rank_) * segments, all + size_t(rank_ + 1) * segments);
     plan_.recv_counts.resize(size_t(segments));
     for (int source = 0; source < ranks_; ++source)
       for (int expert = 0; expert < local_experts_; ++expert)
@@ -279,6 +282,7 @@ const ExpertExchangePlan& ExpertDispatcher::finish_count_exchange(const ExecCont
             all[size_t(source) * segments + size_t(rank_) * local_experts_ + expert];
     build_peer_rows(all);
   } else {
+    plan_.send_counts.assign(host, host + segments);
     plan_.recv_counts.assign(host + segments, host + 2 * segments);
   }
   plan_.send_starts.assign(size_t(segments) + 1, 0);
@@ -334,14 +338,6 @@ void ExpertDispatcher::upload_direct_tables(const ExecContext& context) {
   }
   // On the CPU host_tables_ is direct_tables_ itself.
   (void)context;
-}
-
-void ExpertDispatcher::gather_counts_through(NvlinkPeerMemory* peers, int count_region) {
-  SY_CHECK(gather_all_counts_ && device_ == DeviceKind::cuda && peers && peers->ranks() == ranks_ &&
-               peers->bytes(count_region) >= size_t(ranks_) * size_t(num_experts_) * sizeof(int32_t),
-           "ExpertDispatcher::gather_counts_through: needs gather_all_counts on CUDA and a count region of P*E int32");
-  count_peers_ = peers;
-  count_region_ = count_region;
 }
 
 const int32_t* ExpertDispatcher::peer_rows() const {

@@ -102,11 +102,15 @@ class ExpertDispatcher {
  public:
   // `expert_parallel` lives on `device` (MPI for cpu, NCCL for cuda). num_experts % size == 0.
   // `segment_alignment`: the receiver's grouped GEMM tile height. `chunks` >= 1 (clamped to L).
-  // `gather_all_counts` (the nvlink transport, comm/nvlink_exchange.h): the count exchange is an
-  // all-gather of every rank's [E] counts instead of an all-to-all, so that each rank also knows
-  // where its rows go in every peer's layout (peer_rows) and the largest padded layout of any rank.
+  // `count_peers` (the nvlink transport, comm/nvlink_exchange.h; CUDA): the count exchange gathers
+  // every rank's [E] counts into every rank's region `count_region` of count_peers (at least P*E
+  // int32) instead of an NCCL all-to-all, so that each rank also knows where its rows go in every
+  // peer's layout (peer_rows) and the largest padded layout of any rank. A one-block kernel writes
+  // them on the compute stream; a device-side wait on the communicator's stream precedes the one
+  // host copy. count_peers must outlive the dispatcher.
   ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel, DeviceKind device, int num_experts,
-                   int segment_alignment, int chunks, bool gather_all_counts = false);
+                   int segment_alignment, int chunks, NvlinkPeerMemory* count_peers = nullptr,
+                   int count_region = -1);
   ~ExpertDispatcher();
   ExpertDispatcher(const ExpertDispatcher&) = delete;
   ExpertDispatcher& operator=(const ExpertDispatcher&) = delete;
@@ -126,15 +130,9 @@ class ExpertDispatcher {
   void start_count_exchange(const ExecContext& context, const Tensor& packed_offsets);
   const ExpertExchangePlan& finish_count_exchange(const ExecContext& context);
   const ExpertExchangePlan& plan() const { return plan_; }
-  // gather_all_counts only, after finish_count_exchange: int32 [P*L] on the device, the first row
+  // With count_peers, after finish_count_exchange: int32 [P*L] on the device, the first row
   // in rank p's padded layout of this rank's rows for p's local expert l (rank p's segment_rows[r, l]),
   // and the largest plan.expert_rows() over the group's ranks.
-  bool gathers_all_counts() const { return gather_all_counts_; }
-  // gather_all_counts on CUDA: gather the counts through peer-mapped memory (region `count_region`
-  // of `peers`, at least P*E int32, every rank its own) instead of an NCCL all-gather: a one-block
-  // kernel writes them on the compute stream and a device-side wait on the communicator's stream
-  // precedes the one host copy. `peers` must outlive the dispatcher.
-  void gather_counts_through(NvlinkPeerMemory* peers, int count_region);
   const int32_t* peer_rows() const;
   int64_t max_expert_rows() const { return max_expert_rows_; }
   const EpReceiveLayout& layout() const { return layout_; }
@@ -161,11 +159,11 @@ class ExpertDispatcher {
   std::shared_ptr<Communicator> communicator_;
   DeviceKind device_;
   int ranks_ = 1, rank_ = 0, num_experts_ = 0, local_experts_ = 0, chunks_ = 1, alignment_ = 1;
-  bool gather_all_counts_ = false;
+  bool gather_all_counts_ = false;  // count_peers_ != nullptr
   NvlinkPeerMemory* count_peers_ = nullptr;
   int count_region_ = -1;
   int64_t max_expert_rows_ = 0;
-  Buffer direct_tables_;  // gather_all_counts: device [recv_counts | the layout | peer_rows]
+  Buffer direct_tables_;  // with count_peers: device [recv_counts | the layout | peer_rows]
   void* host_tables_ = nullptr;  // pinned staging of the same
   EpReceiveLayout host_layout_;  // layout_ over host_tables_
   int64_t peer_rows_at_ = 0;     // int32 offset of peer_rows in the tables

@@ -111,13 +111,10 @@ struct ExchangeBench {
       peers = NvlinkPeerMemory::create(expert_parallel, 2, &why);  // expert rows, counts
       SY_CHECK_INPUT(peers || settings.transport == EpTransport::automatic, "bench ep: --ep-transport nvlink: ", why);
     }
+    if (peers) peers->reserve(1, size_t(peers->ranks()) * size_t(config.num_experts) * sizeof(int32_t));
     dispatcher = std::make_unique<ExpertDispatcher>(std::move(expert_parallel), device, config.num_experts,
                                                     config.segment_alignment, peers ? 1 : settings.chunks,
-                                                    peers != nullptr);
-    if (peers) {
-      peers->reserve(1, size_t(peers->ranks()) * size_t(config.num_experts) * sizeof(int32_t));
-      dispatcher->gather_counts_through(peers.get(), 1);
-    }
+                                                    peers.get(), 1);
   }
 
   // The routing is fixed (computed once); each run moves the rows.

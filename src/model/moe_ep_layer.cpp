@@ -58,13 +58,10 @@ MoeEpLayer::MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicato
                    " (use nccl or auto)");
   }
   // The nvlink transport runs unchunked: with no staging copy there is nothing to overlap.
+  if (peers_) peers_->reserve(kCountRegion, size_t(peers_->ranks()) * size_t(config_.num_experts) * sizeof(int32_t));
   dispatcher_ = std::make_unique<ExpertDispatcher>(std::move(expert_parallel), device, config_.num_experts,
-                                                   config_.segment_alignment, peers_ ? 1 : a2a_chunks,
-                                                   /*gather_all_counts=*/peers_ != nullptr);
-  if (peers_) {
-    peers_->reserve(kCountRegion, size_t(peers_->ranks()) * size_t(config_.num_experts) * sizeof(int32_t));
-    dispatcher_->gather_counts_through(peers_.get(), kCountRegion);
-  }
+                                                   config_.segment_alignment, peers_ ? 1 : a2a_chunks, peers_.get(),
+                                                   kCountRegion);
   max_send_rows_ = std::max(padded_rows_upper_bound(packed_params(config_, max_tokens, true)),
                             padded_rows_upper_bound(packed_params(config_, max_tokens, false)));
 
