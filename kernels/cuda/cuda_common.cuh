@@ -350,6 +350,57 @@ void dispatch_elems(bool vectorizable, Functor&& functor) {
   else functor(std::integral_constant<int, 1>{});
 }
 
+// K rounded up to a register-array size: calls launch(std::integral_constant<int, 1, 2, 4 or 8>).
+template <typename Launch>
+void dispatch_choices(int64_t k_max, Launch&& launch) {
+  if (k_max == 1) launch(std::integral_constant<int, 1>{});
+  else if (k_max == 2) launch(std::integral_constant<int, 2>{});
+  else if (k_max <= 4) launch(std::integral_constant<int, 4>{});
+  else launch(std::integral_constant<int, 8>{});
+}
+
+// One warp's weighted sum of up to kChoices rows into a token row of `width` elements:
+//   out[:] = sum over c with sources[c] != nullptr, in choice order, of weights[c] * sources[c][:]
+// (fp32 accumulation, one rounding). With `keep`, each source row is also copied to
+// keep[keep_rows[c]]. Each lane issues the loads of every choice and kChoices x kSteps packs
+// before it uses any (rows are few packs per lane, and remote rows slow to return), kSteps filling
+// four packs per choice in flight up to K = 4.
+template <typename T, int kElems, int kChoices>
+__device__ __forceinline__ void weighted_row_gather(const T* const (&sources)[kChoices],
+                                                    const float (&weights)[kChoices], int64_t width, T* out,
+                                                    T* keep = nullptr, const int* keep_rows = nullptr) {
+  constexpr int kSteps = kChoices >= 4 ? 1 : 4 / kChoices;
+  const int lane = threadIdx.x % 32;
+  for (int64_t base = int64_t(lane) * kElems; base < width; base += 32 * kElems * kSteps) {
+    float values[kChoices][kSteps][kElems];
+#pragma unroll
+    for (int choice = 0; choice < kChoices; ++choice) {
+      if (sources[choice] == nullptr) continue;
+#pragma unroll
+      for (int step = 0; step < kSteps; ++step) {
+        const int64_t column = base + int64_t(step) * 32 * kElems;
+        if (column < width) load_elems<T, kElems>(sources[choice] + column, values[choice][step]);
+      }
+    }
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+      const int64_t column = base + int64_t(step) * 32 * kElems;
+      if (column >= width) break;
+      float sum[kElems];
+#pragma unroll
+      for (int i = 0; i < kElems; ++i) sum[i] = 0.0f;
+#pragma unroll
+      for (int choice = 0; choice < kChoices; ++choice) {  // choice order: the reference's
+        if (sources[choice] == nullptr) continue;
+        if (keep) store_elems<T, kElems>(keep + int64_t(keep_rows[choice]) * width + column, values[choice][step]);
+#pragma unroll
+        for (int i = 0; i < kElems; ++i) sum[i] = fmaf(weights[choice], values[choice][step][i], sum[i]);
+      }
+      store_elems<T, kElems>(out + column, sum);
+    }
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float value) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(kFullWarpMask, value, offset);

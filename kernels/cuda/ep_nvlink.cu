@@ -169,16 +169,15 @@ __global__ void __launch_bounds__(kThreads) zero_padding_kernel(Unit* padded, in
   for (int64_t unit = first + threadIdx.x; unit < end; unit += blockDim.x) padded[unit] = Unit{};
 }
 
-// One warp per token; lane j < k finds its choice's peer row, the warp shares the addresses. Peer
-// reads are slow to return, so each lane issues the loads of kChoices x kBatch packs before it
-// uses any (kChoices = K rounded up to 1, 2, 4 or 8: the register arrays are sized by it).
+// One warp per token; lane j < k finds its choice's peer row, the warp shares the addresses, and
+// weighted_row_gather (cuda_common.cuh) issues all of a lane's peer loads before it uses any
+// (kChoices = K rounded up to 1, 2, 4 or 8: the register arrays are sized by it).
 constexpr int kMaxChoices = 8;
 
 template <typename T, int kElems, int kChoices>
 __global__ void __launch_bounds__(kThreads)
     pull_combine_kernel(EpPeerRows peers, int64_t rows, const int32_t* choice_rows, const float* gates,
                         int64_t num_tokens, int k_max, int64_t width, T* tokens_out, T* keep) {
-  constexpr int kBatch = kChoices >= 4 ? 1 : 4 / kChoices;
   const int lane = threadIdx.x & 31;
   const int64_t token = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (token >= num_tokens) return;
@@ -207,35 +206,8 @@ __global__ void __launch_bounds__(kThreads)
         __shfl_sync(kFullWarpMask, reinterpret_cast<unsigned long long>(remote), choice));
     weight_of[choice] = __shfl_sync(kFullWarpMask, weight, choice);
   }
-  T* out = tokens_out + token * width;
-  for (int64_t base = int64_t(lane) * kElems; base < width; base += 32 * kElems * kBatch) {
-    float values[kChoices][kBatch][kElems];
-#pragma unroll
-    for (int choice = 0; choice < kChoices; ++choice) {
-      if (rows_of[choice] < 0) continue;
-#pragma unroll
-      for (int step = 0; step < kBatch; ++step) {
-        const int64_t column = base + int64_t(step) * 32 * kElems;
-        if (column < width) load_elems<T, kElems>(remote_of[choice] + column, values[choice][step]);
-      }
-    }
-#pragma unroll
-    for (int step = 0; step < kBatch; ++step) {
-      const int64_t column = base + int64_t(step) * 32 * kElems;
-      if (column >= width) continue;
-      float sum[kElems];
-#pragma unroll
-      for (int i = 0; i < kElems; ++i) sum[i] = 0.0f;
-#pragma unroll
-      for (int choice = 0; choice < kChoices; ++choice) {  // choice order: as unpermute_combine sums
-        if (rows_of[choice] < 0) continue;
-        if (keep) store_elems<T, kElems>(keep + int64_t(rows_of[choice]) * width + column, values[choice][step]);
-#pragma unroll
-        for (int i = 0; i < kElems; ++i) sum[i] = fmaf(weight_of[choice], values[choice][step][i], sum[i]);
-      }
-      store_elems<T, kElems>(out + column, sum);
-    }
-  }
+  // As unpermute_combine sums (kernels/cuda/permute.cu), the rows read from the peers.
+  weighted_row_gather<T, kElems, kChoices>(remote_of, weight_of, width, tokens_out + token * width, keep, rows_of);
 }
 
 template <bool kPush>
@@ -310,10 +282,7 @@ void ep_pull_combine(const EpPeerRows& peers, int64_t rows, const int32_t* choic
                                                                    width, static_cast<T*>(tokens_out),
                                                                    static_cast<T*>(keep));
       };
-      if (k_max == 1) launch(std::integral_constant<int, 1>{});
-      else if (k_max == 2) launch(std::integral_constant<int, 2>{});
-      else if (k_max <= 4) launch(std::integral_constant<int, 4>{});
-      else launch(std::integral_constant<int, 8>{});
+      dispatch_choices(k_max, launch);
       CUDA_CHECK_LAUNCH();
     });
   });

@@ -154,55 +154,18 @@ template <typename T, int kElems, int kChoices>
 __global__ void __launch_bounds__(kThreads)
     gather_rows_kernel(const T* rows_in, const int* choice_rows, const float* gates, int64_t num_tokens, int k_max,
                        int64_t width, int64_t rows, T* tokens_out) {
-  // kChoices = K rounded up to 1, 2, 4 or 8 sizes the register arrays: kChoices x kSteps packs in flight.
-  constexpr int kSteps = kChoices >= 4 ? 1 : kBatch / kChoices;
-  const int lane = threadIdx.x % 32;
   const int64_t token = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (token >= num_tokens) return;
   int rows_of[kMaxChoices];
   token_rows(choice_rows, token, k_max, rows, rows_of);
-  float weight[kChoices];
+  const T* sources[kChoices];
+  float weights[kChoices];
 #pragma unroll
-  for (int choice = 0; choice < kChoices; ++choice)
-    weight[choice] = (gates && rows_of[choice] >= 0) ? gates[token * k_max + choice] : 1.0f;
-
-  T* out = tokens_out + token * width;
-  for (int64_t base = int64_t(lane) * kElems; base < width; base += 32 * kElems * kSteps) {
-    float values[kChoices][kSteps][kElems];
-#pragma unroll
-    for (int choice = 0; choice < kChoices; ++choice) {
-      if (rows_of[choice] < 0) continue;
-#pragma unroll
-      for (int step = 0; step < kSteps; ++step) {
-        const int64_t column = base + int64_t(step) * 32 * kElems;
-        if (column < width) load_elems<T, kElems>(rows_in + rows_of[choice] * width + column, values[choice][step]);
-      }
-    }
-#pragma unroll
-    for (int step = 0; step < kSteps; ++step) {
-      const int64_t column = base + int64_t(step) * 32 * kElems;
-      if (column >= width) break;
-      float sum[kElems];
-#pragma unroll
-      for (int i = 0; i < kElems; ++i) sum[i] = 0.0f;
-#pragma unroll
-      for (int choice = 0; choice < kChoices; ++choice) {  // choice order: the reference's
-        if (rows_of[choice] < 0) continue;
-#pragma unroll
-        for (int i = 0; i < kElems; ++i) sum[i] = fmaf(weight[choice], values[choice][step][i], sum[i]);
-      }
-      store_elems<T, kElems>(out + column, sum);
-    }
+  for (int choice = 0; choice < kChoices; ++choice) {
+    sources[choice] = rows_of[choice] >= 0 ? rows_in + rows_of[choice] * width : nullptr;
+    weights[choice] = (gates && rows_of[choice] >= 0) ? gates[token * k_max + choice] : 1.0f;
   }
-}
-
-// K rounded up to a register-array size: calls launch(std::integral_constant<int, 1, 2, 4 or 8>).
-template <typename Launch>
-void dispatch_choices(int64_t k_max, Launch&& launch) {
-  if (k_max == 1) launch(std::integral_constant<int, 1>{});
-  else if (k_max == 2) launch(std::integral_constant<int, 2>{});
-  else if (k_max <= 4) launch(std::integral_constant<int, 4>{});
-  else launch(std::integral_constant<int, 8>{});
+  weighted_row_gather<T, kElems, kChoices>(sources, weights, width, tokens_out + token * width);
 }
 
 // ---- unpermute_combine_backward ----
