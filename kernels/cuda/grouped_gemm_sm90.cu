@@ -5,9 +5,12 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <mutex>
+#include <string>
 #include <unordered_map>
+#include <utility>
 
 #include "kernels/cuda/grouped_gemm_sm90_common.cuh"
 #include "src/core/cuda_check.h"
@@ -144,47 +147,37 @@ bool uses_pingpong(const Options& options, Epilogue epilogue, int k_blocks) {
 
 }  // namespace detail
 
+namespace {
+
+// The value of environment variable `name` among `choices` (name, value; the first is the default,
+// taken when unset or empty); anything else is bad input naming the variable and the choices.
+template <typename Value>
+Value choice_from_environment(const char* name, std::initializer_list<std::pair<const char*, Value>> choices) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || value[0] == '\0') return choices.begin()->second;
+  std::string names;
+  for (const auto& [choice_name, choice] : choices) {
+    if (std::strcmp(value, choice_name) == 0) return choice;
+    names += names.empty() ? "'" : ", '";
+    names += std::string(choice_name) + "'";
+  }
+  SY_BAD_INPUT(name, " must be one of ", names, ", got '", value, "'");
+}
+
+}  // namespace
+
 Options default_options() {
   static const Options options = [] {
     Options parsed;
-    const char* value = std::getenv("SWITCHYARD_SM90_GEMM");
-    if (value == nullptr || value[0] == '\0' || std::strcmp(value, "pipelined") == 0) {
-      parsed.variant = Variant::pipelined;
-    } else if (std::strcmp(value, "basic") == 0) {
-      parsed.variant = Variant::basic;
-    } else {
-      SY_BAD_INPUT("SWITCHYARD_SM90_GEMM must be 'basic' or 'pipelined', got '", value, "'");
-    }
-    const char* store = std::getenv("SWITCHYARD_SM90_STORE");
-    if (store == nullptr || store[0] == '\0' || std::strcmp(store, "warps") == 0) {
-      parsed.store = Store::warps;
-    } else if (std::strcmp(store, "tma") == 0) {
-      parsed.store = Store::tma;
-    } else if (std::strcmp(store, "direct") == 0) {
-      parsed.store = Store::direct;
-    } else {
-      SY_BAD_INPUT("SWITCHYARD_SM90_STORE must be 'warps', 'tma' or 'direct', got '", store, "'");
-    }
-    const char* schedule = std::getenv("SWITCHYARD_SM90_SCHEDULE");
-    if (schedule == nullptr || schedule[0] == '\0' || std::strcmp(schedule, "auto") == 0) {
-      parsed.schedule = Schedule::automatic;
-    } else if (std::strcmp(schedule, "cooperative") == 0) {
-      parsed.schedule = Schedule::cooperative;
-    } else if (std::strcmp(schedule, "pingpong") == 0) {
-      parsed.schedule = Schedule::pingpong;
-    } else {
-      SY_BAD_INPUT("SWITCHYARD_SM90_SCHEDULE must be 'auto', 'cooperative' or 'pingpong', got '", schedule, "'");
-    }
-    const char* multicast = std::getenv("SWITCHYARD_SM90_MULTICAST");
-    if (multicast == nullptr || multicast[0] == '\0' || std::strcmp(multicast, "auto") == 0) {
-      parsed.multicast = Multicast::automatic;
-    } else if (std::strcmp(multicast, "off") == 0) {
-      parsed.multicast = Multicast::off;
-    } else if (std::strcmp(multicast, "pair") == 0) {
-      parsed.multicast = Multicast::pair;
-    } else {
-      SY_BAD_INPUT("SWITCHYARD_SM90_MULTICAST must be 'auto', 'off' or 'pair', got '", multicast, "'");
-    }
+    parsed.variant = choice_from_environment<Variant>("SWITCHYARD_SM90_GEMM",
+                                                      {{"pipelined", Variant::pipelined}, {"basic", Variant::basic}});
+    parsed.store = choice_from_environment<Store>(
+        "SWITCHYARD_SM90_STORE", {{"warps", Store::warps}, {"tma", Store::tma}, {"direct", Store::direct}});
+    parsed.schedule = choice_from_environment<Schedule>(
+        "SWITCHYARD_SM90_SCHEDULE",
+        {{"auto", Schedule::automatic}, {"cooperative", Schedule::cooperative}, {"pingpong", Schedule::pingpong}});
+    parsed.multicast = choice_from_environment<Multicast>(
+        "SWITCHYARD_SM90_MULTICAST", {{"auto", Multicast::automatic}, {"off", Multicast::off}, {"pair", Multicast::pair}});
     return parsed;
   }();
   return options;
