@@ -1,8 +1,9 @@
 // Direct peer row moves on CUDA (semantics: kernels/ep_nvlink_ops.h; reference:
 // kernels/cpu/ep_nvlink.cpp).
 //
-// ep_push_rows / ep_pull_rows: one warp per packed row, grid-stride. The warp finds the row's
-//   global expert e (binary search over packed_offsets, E + 1 ints, L1-resident), the peer
+// ep_push_rows / ep_pull_rows: one warp per packed row, grid-stride from the rows of peer rank+1,
+//   wrapping (no incast). The warp finds the row's global expert e (binary search over
+//   packed_offsets, E + 1 ints, L1-resident), the peer
 //   p = e / L and the destination row, and copies the row in 16-byte units where the row width and
 //   pointers allow (4- or 2-byte otherwise). Peer memory is mapped (cudaIpcOpenMemHandle), so the
 //   stores (push) or loads (pull) of peer rows go over NVLink; a warp moves 512 bytes per
@@ -70,7 +71,14 @@ __global__ void __launch_bounds__(kThreads) move_rows_kernel(MoveArgs args) {
   const int lane = threadIdx.x & 31;
   const int experts = args.peers.num_ranks * args.peers.local_experts;
   const int64_t warps = int64_t(gridDim.x) * kWarpsPerBlock;
-  for (int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; row < args.rows; row += warps) {
+  // Packed rows are grouped by peer (0, 1, ..., P-1). Walking them from row 0 on every rank would
+  // send all ranks' first rows to peer 0 at once (incast: one GPU's NVLink ingress shared by P-1
+  // senders, the others idle). Start at peer rank+1 instead and wrap, as NCCL orders its peers, so
+  // at any moment each GPU sends to one peer and receives from one; the local rows go last.
+  const int first_peer = (args.peers.rank + 1) % args.peers.num_ranks;
+  const int64_t rotation = args.rows > 0 ? args.peers.packed_offsets[first_peer * args.peers.local_experts] : 0;
+  for (int64_t step = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; step < args.rows; step += warps) {
+    const int64_t row = step + rotation < args.rows ? step + rotation : step + rotation - args.rows;
     const int expert = expert_of_row(args.peers.packed_offsets, experts, row);
     const int peer = expert / args.peers.local_experts;
     const int64_t remote_row = int64_t(args.peers.peer_rows[expert]) + row - args.peers.packed_offsets[expert];
