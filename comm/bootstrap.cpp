@@ -21,6 +21,7 @@
 #include "comm/comm_factory.h"
 #include "comm/mpi_comm.h"
 #include "src/core/device.h"
+#include "src/core/environment.h"
 #include "src/core/mpi_check.h"
 
 namespace switchyard {
@@ -41,29 +42,25 @@ std::vector<Communicator*>& registry() {
 // Seconds the error path may take (abort NCCL, MPI_Abort) before the watchdog ends the process.
 constexpr int kErrorPathWatchdogSeconds = 20;
 
-const char* environment(const char* name) {
-  const char* value = std::getenv(name);
-  return value && *value ? value : nullptr;
-}
-
 std::string detect_launcher() {
-  if (environment("OMPI_COMM_WORLD_SIZE")) return "mpirun";
-  if (environment("SLURM_JOB_ID") && (environment("SLURM_PROCID") || environment("PMIX_RANK"))) return "srun";
+  if (environment_value("OMPI_COMM_WORLD_SIZE")) return "mpirun";
+  if (environment_value("SLURM_JOB_ID") && (environment_value("SLURM_PROCID") || environment_value("PMIX_RANK")))
+    return "srun";
   return "single";
 }
 
 // The number of processes the launcher says it started, or -1 when it does not say.
 int launcher_world_size(const std::string& launcher) {
   const char* value = nullptr;
-  if (launcher == "mpirun") value = environment("OMPI_COMM_WORLD_SIZE");
-  if (launcher == "srun") value = environment("SLURM_STEP_NUM_TASKS");
+  if (launcher == "mpirun") value = environment_value("OMPI_COMM_WORLD_SIZE");
+  if (launcher == "srun") value = environment_value("SLURM_STEP_NUM_TASKS");
   return value ? std::atoi(value) : -1;
 }
 
 // The world rank before (or without) MPI: from the launcher's environment, -1 if unknown.
 int rank_from_environment() {
   for (const char* name : {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"})
-    if (const char* value = environment(name)) return std::atoi(value);
+    if (const char* value = environment_value(name)) return std::atoi(value);
   return -1;
 }
 
@@ -164,7 +161,7 @@ const ProcessContext& bootstrap_process(DeviceKind requested) {
     const int device_count = cuda_device_count();
     if (device_count == 0) {
 #if defined(SWITCHYARD_WITH_CUDA)
-      const char* visible = environment("CUDA_VISIBLE_DEVICES");
+      const char* visible = environment_value("CUDA_VISIBLE_DEVICES");
       SY_BAD_INPUT("device cuda was requested but no CUDA device is visible on ", process_host(),
                    " (CUDA_VISIBLE_DEVICES=", visible ? visible : "<unset>", "); use device: cpu");
 #else
@@ -288,7 +285,7 @@ int run_guarded(const std::function<int()>& body) {
 }
 
 void inject_fault_point(const char* point) {
-  const char* spec = environment("SWITCHYARD_INJECT_FAULT");
+  const char* spec = environment_value("SWITCHYARD_INJECT_FAULT");
   if (!spec) return;
   std::vector<std::string> fields;
   std::string field;

@@ -112,7 +112,6 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
                                    int count_region)
     : communicator_(std::move(expert_parallel)),
       device_(device),
-      gather_all_counts_(count_peers != nullptr),
       count_peers_(count_peers),
       count_region_(count_region) {
   SY_CHECK(communicator_ != nullptr, "ExpertDispatcher: no expert_parallel communicator");
@@ -131,17 +130,17 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
   events_ = std::make_unique<CommStreamEvents>(device, chunks_ + 1);
 
   const int64_t segments = int64_t(ranks_) * local_experts_, experts = local_experts_;
-  if (gather_all_counts_)
+  if (gather_all_counts())
     SY_CHECK(device == DeviceKind::cuda && count_peers_->ranks() == ranks_ &&
                  count_peers_->bytes(count_region_) >= size_t(ranks_) * size_t(segments) * sizeof(int32_t),
              "ExpertDispatcher: gathering counts through peer memory needs CUDA and a count region of P*E int32");
   // Device: [send counts E | received counts P*L]; the host copy is the same. With count_peers
   // the device holds the send counts only (the gathered P x E matrix lands in the count region)
   // and the host copy is that matrix.
-  counts_ = Buffer(device, size_t(gather_all_counts_ ? segments : 2 * segments) * sizeof(int32_t));
+  counts_ = Buffer(device, size_t(gather_all_counts() ? segments : 2 * segments) * sizeof(int32_t));
   const int64_t layout_ints = (segments + 1) + experts + (experts + 1) + segments + (experts + chunks_);
   int32_t* cursor = nullptr;
-  if (gather_all_counts_) {
+  if (gather_all_counts()) {
     // The host computes the whole layout (it has every count) and copies it up in one piece:
     // [recv_counts P*L | packed_starts .. chunk_offsets | peer_rows P*L].
     direct_tables_ = Buffer(device, size_t(segments + layout_ints + segments) * sizeof(int32_t));
@@ -159,7 +158,7 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
   layout_.local_experts = local_experts_;
   layout_.chunks = chunks_;
   layout_.alignment = alignment_;
-  if (gather_all_counts_) {
+  if (gather_all_counts()) {
     layout_.recv_counts = take({int64_t(ranks_), experts});
   } else {
     layout_.recv_counts = Tensor(counts_.as<int32_t>() + segments, DType::i32, device, {int64_t(ranks_), experts});
@@ -173,9 +172,9 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
 
   if (device == DeviceKind::cuda) {
 #if defined(SWITCHYARD_WITH_CUDA)
-    const size_t host_count_bytes = size_t(gather_all_counts_ ? ranks_ * segments : 2 * segments) * sizeof(int32_t);
+    const size_t host_count_bytes = size_t(gather_all_counts() ? ranks_ * segments : 2 * segments) * sizeof(int32_t);
     CUDA_CHECK(cudaMallocHost(&host_counts_, host_count_bytes));
-    if (gather_all_counts_) CUDA_CHECK(cudaMallocHost(&host_tables_, direct_tables_.bytes()));
+    if (gather_all_counts()) CUDA_CHECK(cudaMallocHost(&host_tables_, direct_tables_.bytes()));
 #else
     SY_THROW("ExpertDispatcher: this build of switchyard has no CUDA backend");
 #endif
@@ -183,7 +182,7 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
     host_counts_ = counts_.data();  // the host buffer itself: nothing to copy
     host_tables_ = direct_tables_.data();
   }
-  if (gather_all_counts_) {
+  if (gather_all_counts()) {
     // The same layout over the host staging, for cpu::ep_receive_layout.
     host_layout_ = layout_;
     auto on_host = [&](Tensor& tensor) {
@@ -230,7 +229,7 @@ void ExpertDispatcher::start_count_exchange(const ExecContext& context, const Te
   Tensor send_counts(counts_.as<int32_t>(), DType::i32, device_, {segments});
   ops::ep_send_counts(context, packed_offsets, send_counts);
 
-  if (gather_all_counts_) {
+  if (gather_all_counts()) {
     // Every rank's E counts into every rank's count region (compute stream, right after the
     // counts), then on the communicator's stream: wait for all of them, copy them to the host.
     count_peers_->all_gather_small(count_region_, counts_.data(), size_t(segments) * sizeof(int32_t),
@@ -271,7 +270,7 @@ const ExpertExchangePlan& ExpertDispatcher::finish_count_exchange(const ExecCont
 
   // The host plan.
   const int32_t* host = static_cast<const int32_t*>(host_counts_);
-  if (gather_all_counts_) {
+  if (gather_all_counts()) {
     // host holds [P][E]: row s is rank s's send counts by global expert; this rank's row is its own.
     const int32_t* all = host;
     plan_.send_counts.assign(all + size_t(rank_) * segments, all + size_t(rank_ + 1) * segments);
@@ -309,7 +308,7 @@ const ExpertExchangePlan& ExpertDispatcher::finish_count_exchange(const ExecCont
   // The device layout, from the received counts (written on the communicator's stream).
   events_->record_comm(chunks_, *communicator_);
   events_->compute_waits_for_comm(context, chunks_);
-  if (gather_all_counts_) {
+  if (gather_all_counts()) {
     cpu::ep_receive_layout(host_layout_);  // P*L integers: cheaper here than a kernel launch
     upload_direct_tables(context);
   } else {
@@ -341,7 +340,7 @@ void ExpertDispatcher::upload_direct_tables(const ExecContext& context) {
 }
 
 const int32_t* ExpertDispatcher::peer_rows() const {
-  SY_CHECK(gather_all_counts_ && has_plan_, "ExpertDispatcher::peer_rows: needs gather_all_counts and a plan");
+  SY_CHECK(gather_all_counts() && has_plan_, "ExpertDispatcher::peer_rows: needs gather_all_counts and a plan");
   return direct_tables_.as<int32_t>() + peer_rows_at_;
 }
 

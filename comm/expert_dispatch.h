@@ -155,11 +155,12 @@ class ExpertDispatcher {
   void build_peer_rows(const int32_t* all_counts);
   void upload_direct_tables(const ExecContext& context);
   void check_context(const ExecContext& context) const;
+  // With peer memory, counts are all-gathered through it and the direct tables are built here.
+  bool gather_all_counts() const { return count_peers_ != nullptr; }
 
   std::shared_ptr<Communicator> communicator_;
   DeviceKind device_;
   int ranks_ = 1, rank_ = 0, num_experts_ = 0, local_experts_ = 0, chunks_ = 1, alignment_ = 1;
-  bool gather_all_counts_ = false;  // count_peers_ != nullptr
   NvlinkPeerMemory* count_peers_ = nullptr;
   int count_region_ = -1;
   int64_t max_expert_rows_ = 0;

@@ -19,6 +19,7 @@
 #include "comm/bootstrap.h"
 #include "comm/mpi_comm.h"
 #include "src/core/cuda_check.h"
+#include "src/core/environment.h"
 #include "src/core/mpi_check.h"
 
 namespace switchyard {
@@ -46,11 +47,7 @@ double seconds_since(Clock::time_point start) {
 
 // SWITCHYARD_NCCL_BLOCKING: unset or "1" -> blocking communicators (the default), "0" -> non-blocking.
 bool blocking_from_environment() {
-  const char* value = std::getenv("SWITCHYARD_NCCL_BLOCKING");
-  if (value == nullptr || value[0] == '\0') return true;
-  const std::string text(value);
-  SY_CHECK_INPUT(text == "0" || text == "1", "SWITCHYARD_NCCL_BLOCKING must be 0 or 1, got '", text, "'");
-  return text == "1";
+  return choice_from_environment<bool>("SWITCHYARD_NCCL_BLOCKING", {{"1", true}, {"0", false}});
 }
 
 // Host calls into a blocking communicator that may wait on peers (creation, connection set-up,

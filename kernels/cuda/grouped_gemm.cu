@@ -22,12 +22,10 @@
 #include <algorithm>
 #include <vector>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/grouped_gemm_sm90.h"
 #include "kernels/moe_ops.h"
+#include "src/core/environment.h"
 
 namespace switchyard {
 namespace {
@@ -35,22 +33,15 @@ namespace {
 // The sm_90a kernels need 128-row segments; SWITCHYARD_GROUPED_GEMM=cublas forces the cuBLAS loop
 // (for comparison in benchmarks).
 bool use_sm90(int segment_alignment) {
-  static const bool forced_cublas = [] {
-    const char* choice = std::getenv("SWITCHYARD_GROUPED_GEMM");
-    return choice && std::strcmp(choice, "cublas") == 0;
-  }();
+  static const bool forced_cublas =
+      choice_from_environment<bool>("SWITCHYARD_GROUPED_GEMM", {{"auto", false}, {"cublas", true}});
   return !forced_cublas && segment_alignment > 0 && segment_alignment % cuda::sm90::kRowAlignment == 0;
 }
 
 // SWITCHYARD_FUSED_ACTIVATION: unset or 1 fuses the activation into the grouped GEMMs where the
 // sm_90a kernels run; 0 keeps the separate activation kernels.
 bool fused_activation_allowed() {
-  static const bool allowed = [] {
-    const char* value = std::getenv("SWITCHYARD_FUSED_ACTIVATION");
-    if (value == nullptr || value[0] == '\0' || std::strcmp(value, "1") == 0) return true;
-    if (std::strcmp(value, "0") == 0) return false;
-    SY_BAD_INPUT("SWITCHYARD_FUSED_ACTIVATION must be 0 or 1, got '", value, "'");
-  }();
+  static const bool allowed = choice_from_environment<bool>("SWITCHYARD_FUSED_ACTIVATION", {{"1", true}, {"0", false}});
   return allowed;
 }
 

@@ -3,9 +3,7 @@
 // The kernels: grouped_gemm_sm90_forward.cu, grouped_gemm_sm90_weight_grad.cu.
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
-#include <cstdlib>
 #include <cstring>
-#include <initializer_list>
 #include <limits>
 #include <mutex>
 #include <string>
@@ -14,6 +12,7 @@
 
 #include "kernels/cuda/grouped_gemm_sm90_common.cuh"
 #include "src/core/cuda_check.h"
+#include "src/core/environment.h"
 
 namespace switchyard {
 namespace cuda {
@@ -146,25 +145,6 @@ bool uses_pingpong(const Options& options, Epilogue epilogue, int k_blocks) {
 }
 
 }  // namespace detail
-
-namespace {
-
-// The value of environment variable `name` among `choices` (name, value; the first is the default,
-// taken when unset or empty); anything else is bad input naming the variable and the choices.
-template <typename Value>
-Value choice_from_environment(const char* name, std::initializer_list<std::pair<const char*, Value>> choices) {
-  const char* value = std::getenv(name);
-  if (value == nullptr || value[0] == '\0') return choices.begin()->second;
-  std::string names;
-  for (const auto& [choice_name, choice] : choices) {
-    if (std::strcmp(value, choice_name) == 0) return choice;
-    names += names.empty() ? "'" : ", '";
-    names += std::string(choice_name) + "'";
-  }
-  SY_BAD_INPUT(name, " must be one of ", names, ", got '", value, "'");
-}
-
-}  // namespace
 
 Options default_options() {
   static const Options options = [] {

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "kernels/small_batch_ops.h"
+#include "src/core/environment.h"
 
 namespace switchyard {
 
@@ -21,8 +22,8 @@ bool is_host_reference_dtype(DType dtype) { return dtype == DType::f32 || dtype 
 // SWITCHYARD_SMALL_BATCH_TOKENS: unset or empty -> kDefaultSmallBatchTokens; else a non-negative
 // decimal integer (0 turns the small-batch path off).
 int64_t small_batch_threshold_from_environment() {
-  const char* value = std::getenv("SWITCHYARD_SMALL_BATCH_TOKENS");
-  if (value == nullptr || value[0] == '\0') return kDefaultSmallBatchTokens;
+  const char* value = environment_value("SWITCHYARD_SMALL_BATCH_TOKENS");
+  if (value == nullptr) return kDefaultSmallBatchTokens;
   char* end = nullptr;
   errno = 0;
   const long long parsed = std::strtoll(value, &end, 10);
