@@ -117,6 +117,7 @@ constexpr bool is_backward_epilogue(Epilogue epilogue) {
 // F (the activation's width) for the others; swiglu rows of pre and grad_pre are 2F wide.
 struct ForwardProblem {
   const int* expert_offsets;
+  const int* row_tokens;     // Options::row_tokens (nullptr: every row computed)
   __nv_bfloat16* c;          // store: C; gelu/swiglu: pre (nullptr: not kept); *_backward: grad_pre
   __nv_bfloat16* post;       // gelu/swiglu: act(pre) [R, F]
   const __nv_bfloat16* pre;  // *_backward: the forward's pre, read by the epilogue
@@ -136,6 +137,7 @@ struct ForwardMaps {
 
 struct WeightGradProblem {
   const int* expert_offsets;
+  const int* row_tokens;  // Options::row_tokens (nullptr: every row reduced)
   float* grad_b;
   int num_experts;
   int rows;     // R
@@ -538,12 +540,14 @@ __device__ __forceinline__ void basic_mainloop(float (&acc)[kBlockN / 2], int k_
 // to the producer (one arrival per consumer warp) as soon as the MMAs reading it are complete. One
 // wgmma group stays in flight across stages. fence() pins the accumulators around the async MMAs.
 // On return all MMAs of the tile are complete. peer_cta >= 0: the stages also hold data multicast by
-// that CTA of the cluster, whose producer must see them released too.
+// that CTA of the cluster, whose producer must see them released too. !compute: the stages are
+// waited for and released, but no MMA is issued (rows known to be zero: the result stays 0).
 template <int kStages, class IssueStage, class Fence>
 __device__ __forceinline__ void consume_stages(int k_blocks, uint32_t a_tiles, uint32_t a_stage_bytes,
                                                uint32_t b_tiles, uint32_t b_stage_bytes, uint32_t full_barriers,
                                                uint32_t empty_barriers, PipelineState& state, bool signalling_lane,
-                                               const IssueStage& issue_stage, const Fence& fence, int peer_cta = -1) {
+                                               const IssueStage& issue_stage, const Fence& fence, int peer_cta = -1,
+                                               bool compute = true) {
   auto release = [&](int stage) {
     mbarrier_arrive(empty_barriers + 8 * stage);
     if (peer_cta >= 0) mbarrier_arrive_cluster(empty_barriers + 8 * stage, uint32_t(peer_cta));
@@ -553,7 +557,7 @@ __device__ __forceinline__ void consume_stages(int k_blocks, uint32_t a_tiles, u
     mbarrier_wait(full_barriers + 8 * state.stage, state.phase);
     fence();
     wgmma_fence();
-    issue_stage(a_tiles + state.stage * a_stage_bytes, b_tiles + state.stage * b_stage_bytes);
+    if (compute) issue_stage(a_tiles + state.stage * a_stage_bytes, b_tiles + state.stage * b_stage_bytes);
     wgmma_commit();
     wgmma_wait<1>();  // the previous stage's group is done
     if (in_flight_stage >= 0 && signalling_lane) release(in_flight_stage);
@@ -570,11 +574,12 @@ template <int kBlockN, bool kAMNMajor, bool kBMNMajor, int kStages>
 __device__ __forceinline__ void consume_k_blocks(float (&acc)[kBlockN / 2], int k_blocks, uint32_t a_tiles,
                                                  uint32_t a_stage_bytes, uint32_t b_tiles, uint32_t b_stage_bytes,
                                                  uint32_t full_barriers, uint32_t empty_barriers,
-                                                 PipelineState& state, bool signalling_lane, int peer_cta = -1) {
+                                                 PipelineState& state, bool signalling_lane, int peer_cta = -1,
+                                                 bool compute = true) {
   consume_stages<kStages>(
       k_blocks, a_tiles, a_stage_bytes, b_tiles, b_stage_bytes, full_barriers, empty_barriers, state, signalling_lane,
       [&](uint32_t a_stage, uint32_t b_stage) { mma_stage<kBlockN, kAMNMajor, kBMNMajor>(acc, a_stage, b_stage); },
-      [&] { fence_accumulators(acc); }, peer_cta);
+      [&] { fence_accumulators(acc); }, peer_cta, compute);
 }
 
 // A warpgroup that computes a whole 128-row tile (pingpong schedule): per stage one wgmma group
@@ -585,13 +590,13 @@ __device__ __forceinline__ void consume_k_blocks_whole_tile(float (&acc_top)[kBl
                                                             uint32_t a_tiles, uint32_t a_stage_bytes, uint32_t b_tiles,
                                                             uint32_t b_stage_bytes, uint32_t full_barriers,
                                                             uint32_t empty_barriers, PipelineState& state,
-                                                            bool signalling_lane) {
+                                                            bool signalling_lane, bool bottom = true) {
   static_assert(!kAMNMajor, "the row halves of a K-major A tile are 64 rows x 128 bytes apart");
   consume_stages<kStages>(
       k_blocks, a_tiles, a_stage_bytes, b_tiles, b_stage_bytes, full_barriers, empty_barriers, state, signalling_lane,
       [&](uint32_t a_stage, uint32_t b_stage) {
         mma_stage<kBlockN, kAMNMajor, kBMNMajor>(acc_top, a_stage, b_stage);
-        mma_stage<kBlockN, kAMNMajor, kBMNMajor>(acc_bottom, a_stage + kTileBytesA / 2, b_stage);
+        if (bottom) mma_stage<kBlockN, kAMNMajor, kBMNMajor>(acc_bottom, a_stage + kTileBytesA / 2, b_stage);
       },
       [&] {
         fence_accumulators(acc_top);
@@ -619,6 +624,28 @@ __device__ __forceinline__ int expert_of_row(const int* offsets, int num_experts
 __device__ __forceinline__ void check_segment(const int* offsets, int expert, int alignment, int rows) {
   const int begin = __ldg(offsets + expert), end = __ldg(offsets + expert + 1);
   if (begin % alignment != 0 || end % alignment != 0 || begin < 0 || end < begin || end > rows) __trap();
+}
+
+// Options::row_tokens: whether the 64 rows from `row` (within one segment) are all padding, which
+// sits at the end of a segment, so the first row tells.
+__device__ __forceinline__ bool rows_are_padding(const int* row_tokens, int row) {
+  return row_tokens != nullptr && __ldg(row_tokens + row) < 0;
+}
+
+// The k-blocks (64 rows each) of a weight-grad segment from `begin` that hold any real row: the
+// first k_blocks minus the trailing all-padding ones (a binary search for the first padding block).
+__device__ __forceinline__ int leading_real_k_blocks(const int* row_tokens, int begin, int k_blocks) {
+  if (row_tokens == nullptr) return k_blocks;
+  int low = 0, high = k_blocks;
+  while (low < high) {
+    const int middle = (low + high) >> 1;
+    if (__ldg(row_tokens + begin + middle * kBlockK) < 0) {
+      high = middle;
+    } else {
+      low = middle + 1;
+    }
+  }
+  return low;
 }
 
 struct TileCoord {

@@ -175,7 +175,8 @@ __device__ __forceinline__ void run_cooperative_consumer(const ForwardMaps& maps
     for (int i = 0; i < kBlockN / 2; ++i) acc[i] = 0.0f;
     consume_k_blocks<kBlockN, false, kBMNMajor, kStages>(acc, problem.k_blocks, a_tiles, kTileBytesA, b_tiles,
                                                           Layout::kTileBytesB, smem.full_barriers,
-                                                          smem.empty_barriers, state, lane == 0);
+                                                          smem.empty_barriers, state, lane == 0, -1,
+                                                          !rows_are_padding(problem.row_tokens, row0));
     run_epilogue<kEpilogue, kBlockN>(acc, problem, row0, n0, epilogue_input, position, writer);
   }
   writer.finish();
@@ -235,7 +236,7 @@ __device__ __forceinline__ void run_pingpong_consumer(const ForwardMaps& maps, c
     if (tile != int(blockIdx.x)) consumer_pair_wait(kOrderBarrier + consumer);
     consume_k_blocks_whole_tile<kBlockN, false, kBMNMajor, kStages>(
         acc_top, acc_bottom, problem.k_blocks, a_tiles, kTileBytesA, b_tiles, Layout::kTileBytesB, smem.full_barriers,
-        smem.empty_barriers, state, lane == 0);
+        smem.empty_barriers, state, lane == 0, !rows_are_padding(problem.row_tokens, row0 + kBlockM / 2));
     if (tile + int(gridDim.x) < total_tiles) consumer_pair_signal(kOrderBarrier + (1 - consumer));
     // The epilogue inputs load only now: the two accumulators leave no registers for them during
     // the mainloop, and their latency hides under the other warpgroup's MMAs.
@@ -403,6 +404,7 @@ void launch_pipelined(const ForwardMaps& maps, const ForwardProblem& problem, in
 template <bool kBMNMajor, Epilogue kEpilogue>
 void launch_pipelined(int block_n, const Options& options, ForwardMaps maps, ForwardProblem problem, const Tensor* c,
                       const Tensor* post, int64_t m_tiles_upper_bound, cudaStream_t stream) {
+  problem.row_tokens = options.row_tokens;
   const bool pingpong = uses_pingpong(options, kEpilogue, problem.k_blocks);
   if (pingpong) block_n = 128;
   const int tile_columns = kEpilogue == Epilogue::swiglu ? block_n / 2 : block_n;

@@ -225,7 +225,8 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
       const WeightGradTile where = weight_grad_tile<kBlockN, kPair>(problem, item, rank);
       check_segment(problem.expert_offsets, where.expert, kBlockK, problem.rows);
       const int begin = __ldg(problem.expert_offsets + where.expert);
-      const int k_blocks = (__ldg(problem.expert_offsets + where.expert + 1) - begin) / kBlockK;
+      const int k_blocks = leading_real_k_blocks(
+          problem.row_tokens, begin, (__ldg(problem.expert_offsets + where.expert + 1) - begin) / kBlockK);
       const int chunks_a = min(kBlockM / kChunk, (problem.m - where.m0) / kChunk);
       const int chunks_b = max(0, min(kBlockN / kChunk, (problem.n - where.n0) / kChunk));
       for (int k_block = 0; k_block < k_blocks; ++k_block) {
@@ -263,8 +264,9 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
   PipelineState state;
   for (int item = first_item; item < total_items; item += item_stride) {
     const WeightGradTile where = weight_grad_tile<kBlockN, kPair>(problem, item, rank);
-    const int k_blocks = (__ldg(problem.expert_offsets + where.expert + 1) -
-                          __ldg(problem.expert_offsets + where.expert)) / kBlockK;
+    const int begin = __ldg(problem.expert_offsets + where.expert);
+    const int k_blocks = leading_real_k_blocks(
+        problem.row_tokens, begin, (__ldg(problem.expert_offsets + where.expert + 1) - begin) / kBlockK);
 #pragma unroll
     for (int i = 0; i < kBlockN / 2; ++i) acc[i] = 0.0f;
     consume_k_blocks<kBlockN, true, true, kStages>(acc, k_blocks, a_tiles, kTileBytesA, g_tiles, Layout::kTileBytesB,
@@ -398,6 +400,7 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
 
   WeightGradProblem problem{};
   problem.expert_offsets = expert_offsets.as<const int>();
+  problem.row_tokens = options.variant == Variant::basic ? nullptr : options.row_tokens;
   problem.grad_b = grad_b.as<float>();
   problem.num_experts = int(experts);
   problem.rows = int(rows);
