@@ -540,14 +540,12 @@ __device__ __forceinline__ void basic_mainloop(float (&acc)[kBlockN / 2], int k_
 // to the producer (one arrival per consumer warp) as soon as the MMAs reading it are complete. One
 // wgmma group stays in flight across stages. fence() pins the accumulators around the async MMAs.
 // On return all MMAs of the tile are complete. peer_cta >= 0: the stages also hold data multicast by
-// that CTA of the cluster, whose producer must see them released too. !compute: the stages are
-// waited for and released, but no MMA is issued (rows known to be zero: the result stays 0).
+// that CTA of the cluster, whose producer must see them released too.
 template <int kStages, class IssueStage, class Fence>
 __device__ __forceinline__ void consume_stages(int k_blocks, uint32_t a_tiles, uint32_t a_stage_bytes,
                                                uint32_t b_tiles, uint32_t b_stage_bytes, uint32_t full_barriers,
                                                uint32_t empty_barriers, PipelineState& state, bool signalling_lane,
-                                               const IssueStage& issue_stage, const Fence& fence, int peer_cta = -1,
-                                               bool compute = true) {
+                                               const IssueStage& issue_stage, const Fence& fence, int peer_cta = -1) {
   auto release = [&](int stage) {
     mbarrier_arrive(empty_barriers + 8 * stage);
     if (peer_cta >= 0) mbarrier_arrive_cluster(empty_barriers + 8 * stage, uint32_t(peer_cta));
@@ -557,7 +555,7 @@ __device__ __forceinline__ void consume_stages(int k_blocks, uint32_t a_tiles, u
     mbarrier_wait(full_barriers + 8 * state.stage, state.phase);
     fence();
     wgmma_fence();
-    if (compute) issue_stage(a_tiles + state.stage * a_stage_bytes, b_tiles + state.stage * b_stage_bytes);
+    issue_stage(a_tiles + state.stage * a_stage_bytes, b_tiles + state.stage * b_stage_bytes);
     wgmma_commit();
     wgmma_wait<1>();  // the previous stage's group is done
     if (in_flight_stage >= 0 && signalling_lane) release(in_flight_stage);
@@ -574,12 +572,24 @@ template <int kBlockN, bool kAMNMajor, bool kBMNMajor, int kStages>
 __device__ __forceinline__ void consume_k_blocks(float (&acc)[kBlockN / 2], int k_blocks, uint32_t a_tiles,
                                                  uint32_t a_stage_bytes, uint32_t b_tiles, uint32_t b_stage_bytes,
                                                  uint32_t full_barriers, uint32_t empty_barriers,
-                                                 PipelineState& state, bool signalling_lane, int peer_cta = -1,
-                                                 bool compute = true) {
+                                                 PipelineState& state, bool signalling_lane, int peer_cta = -1) {
   consume_stages<kStages>(
       k_blocks, a_tiles, a_stage_bytes, b_tiles, b_stage_bytes, full_barriers, empty_barriers, state, signalling_lane,
       [&](uint32_t a_stage, uint32_t b_stage) { mma_stage<kBlockN, kAMNMajor, kBMNMajor>(acc, a_stage, b_stage); },
-      [&] { fence_accumulators(acc); }, peer_cta, compute);
+      [&] { fence_accumulators(acc); }, peer_cta);
+}
+
+// The stages of k_blocks k-blocks, waited for and released without any MMA: the consumer's rows
+// are all padding (zero), so its accumulators stay 0. A separate path, not a condition around the
+// MMA issue: a wgmma under a runtime branch makes ptxas serialize every wgmma of the kernel.
+template <int kStages>
+__device__ __forceinline__ void drain_k_blocks(int k_blocks, uint32_t full_barriers, uint32_t empty_barriers,
+                                               PipelineState& state, bool signalling_lane) {
+  for (int k_block = 0; k_block < k_blocks; ++k_block) {
+    mbarrier_wait(full_barriers + 8 * state.stage, state.phase);
+    if (signalling_lane) mbarrier_arrive(empty_barriers + 8 * state.stage);
+    state.advance<kStages>();
+  }
 }
 
 // A warpgroup that computes a whole 128-row tile (pingpong schedule): per stage one wgmma group
@@ -590,13 +600,13 @@ __device__ __forceinline__ void consume_k_blocks_whole_tile(float (&acc_top)[kBl
                                                             uint32_t a_tiles, uint32_t a_stage_bytes, uint32_t b_tiles,
                                                             uint32_t b_stage_bytes, uint32_t full_barriers,
                                                             uint32_t empty_barriers, PipelineState& state,
-                                                            bool signalling_lane, bool bottom = true) {
+                                                            bool signalling_lane) {
   static_assert(!kAMNMajor, "the row halves of a K-major A tile are 64 rows x 128 bytes apart");
   consume_stages<kStages>(
       k_blocks, a_tiles, a_stage_bytes, b_tiles, b_stage_bytes, full_barriers, empty_barriers, state, signalling_lane,
       [&](uint32_t a_stage, uint32_t b_stage) {
         mma_stage<kBlockN, kAMNMajor, kBMNMajor>(acc_top, a_stage, b_stage);
-        if (bottom) mma_stage<kBlockN, kAMNMajor, kBMNMajor>(acc_bottom, a_stage + kTileBytesA / 2, b_stage);
+        mma_stage<kBlockN, kAMNMajor, kBMNMajor>(acc_bottom, a_stage + kTileBytesA / 2, b_stage);
       },
       [&] {
         fence_accumulators(acc_top);
@@ -626,26 +636,12 @@ __device__ __forceinline__ void check_segment(const int* offsets, int expert, in
   if (begin % alignment != 0 || end % alignment != 0 || begin < 0 || end < begin || end > rows) __trap();
 }
 
-// Options::row_tokens: whether the 64 rows from `row` (within one segment) are all padding, which
-// sits at the end of a segment, so the first row tells.
-__device__ __forceinline__ bool rows_are_padding(const int* row_tokens, int row) {
-  return row_tokens != nullptr && __ldg(row_tokens + row) < 0;
-}
-
 // The k-blocks (64 rows each) of a weight-grad segment from `begin` that hold any real row: the
-// first k_blocks minus the trailing all-padding ones (a binary search for the first padding block).
-__device__ __forceinline__ int leading_real_k_blocks(const int* row_tokens, int begin, int k_blocks) {
+// trailing all-padding ones dropped (padding is under one segment alignment: 0 or 1 of them at 128).
+__device__ __forceinline__ int real_k_blocks(const int* row_tokens, int begin, int k_blocks) {
   if (row_tokens == nullptr) return k_blocks;
-  int low = 0, high = k_blocks;
-  while (low < high) {
-    const int middle = (low + high) >> 1;
-    if (__ldg(row_tokens + begin + middle * kBlockK) < 0) {
-      high = middle;
-    } else {
-      low = middle + 1;
-    }
-  }
-  return low;
+  while (k_blocks > 0 && __ldg(row_tokens + begin + (k_blocks - 1) * kBlockK) < 0) --k_blocks;
+  return k_blocks;
 }
 
 struct TileCoord {
