@@ -55,17 +55,11 @@ __device__ __forceinline__ void store_weight_grad_tile(const float (&acc)[kBlock
   }
 }
 
-// The TMA-store epilogue of one warpgroup: its 64 x kBlockN fp32 tile (rows from row0 of dB_e,
-// columns from n0) goes to `staging` (see the top comment), then thread 0 issues the bulk stores
-// of the boxes inside N and commits them as one group. The staging is reused per tile: before
-// overwriting it, thread 0 waits until the previous tile's stores have read it.
+// One warpgroup's 64 x kBlockN fp32 fragments into its staging, in the boxes' swizzled layout
+// (see the top comment): both the TMA stores and the storer warps read it.
 template <int kBlockN>
-__device__ __forceinline__ void store_weight_grad_tile_tma(const float (&acc)[kBlockN / 2], const CUtensorMap* map_grad,
-                                                           uint8_t* staging, int expert, int row0, int n0, int m,
-                                                           int n, int barrier_id, int thread_in_warpgroup) {
-  if (row0 >= m) return;  // M is a multiple of 64: uniform over the warpgroup
-  if (thread_in_warpgroup == 0) bulk_wait_group_read_all();
-  warpgroup_barrier(barrier_id);
+__device__ __forceinline__ void write_staged_fragments(const float (&acc)[kBlockN / 2], uint8_t* staging,
+                                                       int thread_in_warpgroup) {
   const int warp = thread_in_warpgroup / 32, lane = thread_in_warpgroup % 32;
   const int row = warp * 16 + lane / 4, column = (lane % 4) * 2;
   const int swizzle = row % 8;  // the same for rows row and row + 8
@@ -77,6 +71,20 @@ __device__ __forceinline__ void store_weight_grad_tile_tma(const float (&acc)[kB
     *reinterpret_cast<float2*>(base + row * 128) = make_float2(acc[4 * j], acc[4 * j + 1]);
     *reinterpret_cast<float2*>(base + (row + 8) * 128) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
   }
+}
+
+// The TMA-store epilogue of one warpgroup: its 64 x kBlockN fp32 tile (rows from row0 of dB_e,
+// columns from n0) goes to `staging` (see the top comment), then thread 0 issues the bulk stores
+// of the boxes inside N and commits them as one group. The staging is reused per tile: before
+// overwriting it, thread 0 waits until the previous tile's stores have read it.
+template <int kBlockN>
+__device__ __forceinline__ void store_weight_grad_tile_tma(const float (&acc)[kBlockN / 2], const CUtensorMap* map_grad,
+                                                           uint8_t* staging, int expert, int row0, int n0, int m,
+                                                           int n, int barrier_id, int thread_in_warpgroup) {
+  if (row0 >= m) return;  // M is a multiple of 64: uniform over the warpgroup
+  if (thread_in_warpgroup == 0) bulk_wait_group_read_all();
+  warpgroup_barrier(barrier_id);
+  write_staged_fragments<kBlockN>(acc, staging, thread_in_warpgroup);
   fence_proxy_async_shared();  // every writer, before the barrier that precedes the TMA's reads
   warpgroup_barrier(barrier_id);
   if (thread_in_warpgroup == 0) {
@@ -106,16 +114,7 @@ template <int kBlockN>
 __device__ __forceinline__ void stage_weight_grad_tile(const float (&acc)[kBlockN / 2], uint8_t* staging, int consumer,
                                                        int thread_in_warpgroup) {
   named_barrier_sync(kFreedBarrier + consumer, kStorerHandoffThreads);  // the storer read the previous tile
-  const int warp = thread_in_warpgroup / 32, lane = thread_in_warpgroup % 32;
-  const int row = warp * 16 + lane / 4, column = (lane % 4) * 2;
-  const int swizzle = row % 8;
-#pragma unroll
-  for (int j = 0; j < kBlockN / 8; ++j) {
-    const int unit = 2 * (j % 4) + column / 4;
-    uint8_t* base = staging + (j / 4) * kFloatBoxBytes + ((unit ^ swizzle) << 4) + (column % 4) * 4;
-    *reinterpret_cast<float2*>(base + row * 128) = make_float2(acc[4 * j], acc[4 * j + 1]);
-    *reinterpret_cast<float2*>(base + (row + 8) * 128) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
-  }
+  write_staged_fragments<kBlockN>(acc, staging, thread_in_warpgroup);
   named_barrier_arrive(kStagedBarrier + consumer, kStorerHandoffThreads);
 }
 
