@@ -138,11 +138,14 @@ void permute_backward(const Tensor& grad_permuted, const DispatchMap& map, int64
 // params.segment_alignment). With a multiple of 128 on an sm_90 GPU the hand-written wgmma kernels
 // run without any host sync (kernels/cuda/grouped_gemm_sm90.h); otherwise one cuBLAS GEMM per
 // expert after a copy of the offsets to the host. SWITCHYARD_GROUPED_GEMM=cublas forces the latter.
-// Rows at or beyond expert_offsets[E] of c are unspecified.
+// Rows at or beyond expert_offsets[E] of c are unspecified. row_tokens (optional, int32 [R] on the
+// GPU, DispatchMap::row_tokens): -1 marks padding rows (a segment's last rows), which the caller
+// promises are zero in A; the sm_90a kernels then skip the products only they feed
+// (sm90::Options::row_tokens); results are the same.
 void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& expert_offsets, Tensor& c,
-                  void* stream, int segment_alignment = 1);
+                  void* stream, int segment_alignment = 1, const Tensor* row_tokens = nullptr);
 void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& expert_offsets, Tensor& grad_b,
-                              void* stream, int segment_alignment = 1);
+                              void* stream, int segment_alignment = 1, const Tensor* row_tokens = nullptr);
 void activation_forward(ExpertActivation activation, const Tensor& pre, Tensor& post, void* stream);
 void activation_backward(ExpertActivation activation, const Tensor& pre, const Tensor& grad_post, Tensor& grad_pre,
                          void* stream);
@@ -156,10 +159,11 @@ void activation_backward(ExpertActivation activation, const Tensor& pre, const T
 // post, grad_post and grad_pre are unspecified.
 void grouped_gemm_activation(ExpertActivation activation, const Tensor& a, const Tensor& w1,
                              const Tensor& expert_offsets, Tensor& pre, Tensor& post, bool keep_pre, void* stream,
-                             int segment_alignment = 1);
+                             int segment_alignment = 1, const Tensor* row_tokens = nullptr);
 void grouped_gemm_activation_backward(ExpertActivation activation, const Tensor& grad_out, const Tensor& w2,
                                       const Tensor& expert_offsets, const Tensor& pre, Tensor& grad_post,
-                                      Tensor& grad_pre, void* stream, int segment_alignment = 1);
+                                      Tensor& grad_pre, void* stream, int segment_alignment = 1,
+                                      const Tensor* row_tokens = nullptr);
 // Whether the two ops above fuse for a layer of these sizes (with 16-byte aligned operands, as
 // buffer allocations are): bf16, d_model and d_ff multiples of 64, segment_alignment a multiple of
 // 128, an sm_90a build on a compute capability 9.0 GPU with the pipelined kernel variant, and

@@ -109,19 +109,23 @@ void unpermute_combine_backward(const ExecContext& context, const Tensor& grad_c
 }
 
 void grouped_gemm(const ExecContext& context, const Tensor& a, const Tensor& b, bool trans_b,
-                  const Tensor& expert_offsets, Tensor& c, [[maybe_unused]] int segment_alignment) {
+                  const Tensor& expert_offsets, Tensor& c, [[maybe_unused]] int segment_alignment,
+                  [[maybe_unused]] const Tensor* row_tokens) {
   expect_on_device(context, "grouped_gemm", {&a, &b, &expert_offsets, &c});
   if (is_cpu(context)) return cpu::grouped_gemm(a, b, trans_b, expert_offsets, c);
   SY_CUDA_BACKEND("grouped_gemm",
-                  cuda::grouped_gemm(a, b, trans_b, expert_offsets, c, context.stream, segment_alignment));
+                  cuda::grouped_gemm(a, b, trans_b, expert_offsets, c, context.stream, segment_alignment,
+                                     row_tokens));
 }
 
 void grouped_gemm_weight_grad(const ExecContext& context, const Tensor& a, const Tensor& g,
-                              const Tensor& expert_offsets, Tensor& grad_b, [[maybe_unused]] int segment_alignment) {
+                              const Tensor& expert_offsets, Tensor& grad_b, [[maybe_unused]] int segment_alignment,
+                              [[maybe_unused]] const Tensor* row_tokens) {
   expect_on_device(context, "grouped_gemm_weight_grad", {&a, &g, &expert_offsets, &grad_b});
   if (is_cpu(context)) return cpu::grouped_gemm_weight_grad(a, g, expert_offsets, grad_b);
-  SY_CUDA_BACKEND("grouped_gemm_weight_grad", cuda::grouped_gemm_weight_grad(a, g, expert_offsets, grad_b,
-                                                                             context.stream, segment_alignment));
+  SY_CUDA_BACKEND("grouped_gemm_weight_grad",
+                  cuda::grouped_gemm_weight_grad(a, g, expert_offsets, grad_b, context.stream, segment_alignment,
+                                                 row_tokens));
 }
 
 void activation_forward(const ExecContext& context, ExpertActivation activation, const Tensor& pre, Tensor& post) {
@@ -141,25 +145,27 @@ void activation_backward(const ExecContext& context, ExpertActivation activation
 // [[maybe_unused]]: builds without CUDA read these parameters on the CUDA path only.
 void grouped_gemm_activation(const ExecContext& context, ExpertActivation activation, const Tensor& a,
                              const Tensor& w1, const Tensor& expert_offsets, Tensor& pre, Tensor& post,
-                             [[maybe_unused]] bool keep_pre, [[maybe_unused]] int segment_alignment) {
+                             [[maybe_unused]] bool keep_pre, [[maybe_unused]] int segment_alignment,
+                             [[maybe_unused]] const Tensor* row_tokens) {
   expect_on_device(context, "grouped_gemm_activation", {&a, &w1, &expert_offsets, &pre, &post});
   if (is_cpu(context)) return cpu::grouped_gemm_activation(activation, a, w1, expert_offsets, pre, post);
   SY_CUDA_BACKEND("grouped_gemm_activation",
                   cuda::grouped_gemm_activation(activation, a, w1, expert_offsets, pre, post, keep_pre,
-                                                context.stream, segment_alignment));
+                                                context.stream, segment_alignment, row_tokens));
 }
 
 void grouped_gemm_activation_backward(const ExecContext& context, ExpertActivation activation,
                                       const Tensor& grad_out, const Tensor& w2, const Tensor& expert_offsets,
                                       const Tensor& pre, Tensor& grad_post, Tensor& grad_pre,
-                                      [[maybe_unused]] int segment_alignment) {
+                                      [[maybe_unused]] int segment_alignment,
+                                      [[maybe_unused]] const Tensor* row_tokens) {
   expect_on_device(context, "grouped_gemm_activation_backward",
                    {&grad_out, &w2, &expert_offsets, &pre, &grad_post, &grad_pre});
   if (is_cpu(context))
     return cpu::grouped_gemm_activation_backward(activation, grad_out, w2, expert_offsets, pre, grad_post, grad_pre);
   SY_CUDA_BACKEND("grouped_gemm_activation_backward",
                   cuda::grouped_gemm_activation_backward(activation, grad_out, w2, expert_offsets, pre, grad_post,
-                                                         grad_pre, context.stream, segment_alignment));
+                                                         grad_pre, context.stream, segment_alignment, row_tokens));
 }
 
 bool fuses_expert_activation(const ExecContext& context, [[maybe_unused]] ExpertActivation activation,

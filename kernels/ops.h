@@ -64,10 +64,14 @@ void unpermute_combine(const ExecContext& context, const Tensor& expert_outputs,
 void unpermute_combine_backward(const ExecContext& context, const Tensor& grad_combined,
                                 const Tensor& expert_outputs, const RoutingResult& routing, const DispatchMap& map,
                                 Tensor& grad_expert_outputs, Tensor& grad_gates);
+// row_tokens: the layout's padding marks, a promise that padding rows of A are zero (kernels/moe_ops.h,
+// cuda::grouped_gemm); the CPU ignores them.
 void grouped_gemm(const ExecContext& context, const Tensor& a, const Tensor& b, bool trans_b,
-                  const Tensor& expert_offsets, Tensor& c, int segment_alignment = 1);
+                  const Tensor& expert_offsets, Tensor& c, int segment_alignment = 1,
+                  const Tensor* row_tokens = nullptr);
 void grouped_gemm_weight_grad(const ExecContext& context, const Tensor& a, const Tensor& g,
-                              const Tensor& expert_offsets, Tensor& grad_b, int segment_alignment = 1);
+                              const Tensor& expert_offsets, Tensor& grad_b, int segment_alignment = 1,
+                              const Tensor* row_tokens = nullptr);
 void activation_forward(const ExecContext& context, ExpertActivation activation, const Tensor& pre, Tensor& post);
 void activation_backward(const ExecContext& context, ExpertActivation activation, const Tensor& pre,
                          const Tensor& grad_post, Tensor& grad_pre);
@@ -76,11 +80,11 @@ void activation_backward(const ExecContext& context, ExpertActivation activation
 // where keep_pre is ignored and pre always written).
 void grouped_gemm_activation(const ExecContext& context, ExpertActivation activation, const Tensor& a,
                              const Tensor& w1, const Tensor& expert_offsets, Tensor& pre, Tensor& post,
-                             bool keep_pre = true, int segment_alignment = 1);
+                             bool keep_pre = true, int segment_alignment = 1, const Tensor* row_tokens = nullptr);
 void grouped_gemm_activation_backward(const ExecContext& context, ExpertActivation activation,
                                       const Tensor& grad_out, const Tensor& w2, const Tensor& expert_offsets,
                                       const Tensor& pre, Tensor& grad_post, Tensor& grad_pre,
-                                      int segment_alignment = 1);
+                                      int segment_alignment = 1, const Tensor* row_tokens = nullptr);
 // Whether those two ops run fused on this context for a layer of these sizes (false on CPU).
 bool fuses_expert_activation(const ExecContext& context, ExpertActivation activation, DType dtype, int64_t d_model,
                              int64_t d_ff, int segment_alignment);

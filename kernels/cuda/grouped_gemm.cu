@@ -88,6 +88,17 @@ std::vector<int32_t> host_offsets(const char* op, const Tensor& expert_offsets, 
   return offsets;
 }
 
+// The sm_90a kernels' options from the environment, with the layout's padding marks (if any).
+cuda::sm90::Options sm90_options(const Tensor* row_tokens, int64_t rows) {
+  cuda::sm90::Options options = cuda::sm90::default_options();
+  if (row_tokens != nullptr && options.skip_padding) {
+    check_tensor(*row_tokens, "grouped_gemm: row_tokens", DType::i32, {rows});
+    SY_CHECK(row_tokens->device == DeviceKind::cuda, "grouped_gemm: row_tokens must be on the GPU");
+    options.row_tokens = row_tokens->as<const int>();
+  }
+  return options;
+}
+
 int checked_int(int64_t value, const char* what) {
   SY_CHECK(value <= int64_t(INT32_MAX), "grouped_gemm: ", what, " = ", value, " exceeds the cuBLAS int range");
   return int(value);
@@ -98,7 +109,7 @@ int checked_int(int64_t value, const char* what) {
 namespace cuda {
 
 void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& expert_offsets, Tensor& c,
-                  void* stream, int segment_alignment) {
+                  void* stream, int segment_alignment, const Tensor* row_tokens) {
   const char* op = "grouped_gemm";
   SY_CHECK(a.rank == 2 && b.rank == 3 && c.rank == 2, op, ": expected a [R, Kdim], b [E, ., .], c [R, N], got ",
                  a.describe(), ", ", b.describe(), ", ", c.describe());
@@ -112,7 +123,7 @@ void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& 
     check_tensor(b, "grouped_gemm: b ([E, Kdim, N])", a.dtype, {num_experts, inner, columns});
   check_tensor(c, "grouped_gemm: c", c.dtype, {rows, columns});
   if (use_sm90(segment_alignment) && sm90::supported(a, b, trans_b, expert_offsets, c))
-    return sm90::grouped_gemm(a, b, trans_b, expert_offsets, c, stream);
+    return sm90::grouped_gemm(a, b, trans_b, expert_offsets, c, sm90_options(row_tokens, rows), stream);
   cudaStream_t cuda_stream = as_stream(stream);
   const std::vector<int32_t> offsets =
       host_offsets("grouped_gemm: expert_offsets", expert_offsets, num_experts, rows, cuda_stream);
@@ -143,7 +154,7 @@ void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& 
 }
 
 void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& expert_offsets, Tensor& grad_b,
-                              void* stream, int segment_alignment) {
+                              void* stream, int segment_alignment, const Tensor* row_tokens) {
   const char* op = "grouped_gemm_weight_grad";
   SY_CHECK(a.rank == 2 && g.rank == 2 && grad_b.rank == 3, op,
                  ": expected a [R, M], g [R, N], grad_b [E, M, N], got ", a.describe(), ", ", g.describe(), ", ",
@@ -154,7 +165,7 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
   check_tensor(g, "grouped_gemm_weight_grad: g", a.dtype, {rows, right});
   check_tensor(grad_b, "grouped_gemm_weight_grad: grad_b", grad_b.dtype, {num_experts, left, right});
   if (use_sm90(segment_alignment) && sm90::weight_grad_supported(a, g, expert_offsets, grad_b))
-    return sm90::grouped_gemm_weight_grad(a, g, expert_offsets, grad_b, stream);
+    return sm90::grouped_gemm_weight_grad(a, g, expert_offsets, grad_b, sm90_options(row_tokens, rows), stream);
   cudaStream_t cuda_stream = as_stream(stream);
   const std::vector<int32_t> offsets =
       host_offsets("grouped_gemm_weight_grad: expert_offsets", expert_offsets, num_experts, rows, cuda_stream);
@@ -184,25 +195,26 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
 
 void grouped_gemm_activation(ExpertActivation activation, const Tensor& a, const Tensor& w1,
                              const Tensor& expert_offsets, Tensor& pre, Tensor& post, bool keep_pre, void* stream,
-                             int segment_alignment) {
+                             int segment_alignment, const Tensor* row_tokens) {
   // pre is checked even when not kept: the unfused path needs it.
   if (fusion_enabled(segment_alignment) && sm90::activation_supported(activation, a, w1, expert_offsets, &pre, post))
     return sm90::grouped_gemm_activation(activation, a, w1, expert_offsets, keep_pre ? &pre : nullptr, post,
-                                         sm90::default_options(), stream);
-  grouped_gemm(a, w1, false, expert_offsets, pre, stream, segment_alignment);
+                                         sm90_options(row_tokens, a.dim(0)), stream);
+  grouped_gemm(a, w1, false, expert_offsets, pre, stream, segment_alignment, row_tokens);
   activation_forward(activation, pre, post, stream);
 }
 
 void grouped_gemm_activation_backward(ExpertActivation activation, const Tensor& grad_out, const Tensor& w2,
                                       const Tensor& expert_offsets, const Tensor& pre, Tensor& grad_post,
-                                      Tensor& grad_pre, void* stream, int segment_alignment) {
+                                      Tensor& grad_pre, void* stream, int segment_alignment,
+                                      const Tensor* row_tokens) {
   // grad_post is checked even though the fused kernel does not touch it: the unfused path needs it.
   if (fusion_enabled(segment_alignment) && grad_post.rank == 2 && grad_out.rank == 2 && w2.rank == 3 &&
       grad_post.dim(0) == grad_out.dim(0) && grad_post.dim(1) == w2.dim(1) &&
       sm90::activation_backward_supported(activation, grad_out, w2, expert_offsets, pre, grad_pre))
     return sm90::grouped_gemm_activation_backward(activation, grad_out, w2, expert_offsets, pre, grad_pre,
-                                                  sm90::default_options(), stream);
-  grouped_gemm(grad_out, w2, true, expert_offsets, grad_post, stream, segment_alignment);
+                                                  sm90_options(row_tokens, grad_out.dim(0)), stream);
+  grouped_gemm(grad_out, w2, true, expert_offsets, grad_post, stream, segment_alignment, row_tokens);
   activation_backward(activation, pre, grad_post, grad_pre, stream);
 }
 

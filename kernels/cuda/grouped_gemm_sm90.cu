@@ -158,6 +158,7 @@ Options default_options() {
         {{"auto", Schedule::automatic}, {"cooperative", Schedule::cooperative}, {"pingpong", Schedule::pingpong}});
     parsed.multicast = choice_from_environment<Multicast>(
         "SWITCHYARD_SM90_MULTICAST", {{"auto", Multicast::automatic}, {"off", Multicast::off}, {"pair", Multicast::pair}});
+    parsed.skip_padding = choice_from_environment<bool>("SWITCHYARD_SM90_SKIP_PADDING", {{"1", true}, {"0", false}});
     return parsed;
   }();
   return options;

@@ -92,10 +92,20 @@ struct Options {
   Store store = Store::warps;
   Schedule schedule = Schedule::automatic;  // forward kernels only (the weight grad is cooperative)
   Multicast multicast = Multicast::automatic;  // weight grad with staged stores (tma, warps) only
+  // Optional int32 [R] on the device, the MoE layout's row -> token map (DispatchMap::row_tokens):
+  // -1 marks a padding row, and padding rows are a segment's last rows. The pipelined kernels then
+  // take padding rows of A as zero and skip what only they feed: a 64-row half tile whose first row
+  // is padding issues no MMA (its outputs are those of zero rows: 0, act(0)), and the weight grad
+  // stops each segment's reduction after its last 64-row block holding a real row. (With 128-row
+  // segments, up to a quarter of the rows are padding.) nullptr: every row is computed.
+  const int* row_tokens = nullptr;
+  // Whether callers that have padding marks pass them (SWITCHYARD_SM90_SKIP_PADDING=1|0).
+  bool skip_padding = true;
 };
 
 // Options from the environment: SWITCHYARD_SM90_GEMM=basic|pipelined (unset: pipelined),
-// SWITCHYARD_SM90_STORE=warps|tma|direct (unset: warps) and SWITCHYARD_SM90_SCHEDULE=auto|cooperative|pingpong
+// SWITCHYARD_SM90_STORE=warps|tma|direct (unset: warps), SWITCHYARD_SM90_SKIP_PADDING=1|0 (unset: 1)
+// and SWITCHYARD_SM90_SCHEDULE=auto|cooperative|pingpong
 // (unset: auto), SWITCHYARD_SM90_MULTICAST=auto|off|pair (unset: auto). Throws a bad-input Error for
 // other values.
 Options default_options();

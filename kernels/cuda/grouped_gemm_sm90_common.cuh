@@ -117,6 +117,7 @@ constexpr bool is_backward_epilogue(Epilogue epilogue) {
 // F (the activation's width) for the others; swiglu rows of pre and grad_pre are 2F wide.
 struct ForwardProblem {
   const int* expert_offsets;
+  const int* row_tokens;     // Options::row_tokens (nullptr: every row computed)
   __nv_bfloat16* c;          // store: C; gelu/swiglu: pre (nullptr: not kept); *_backward: grad_pre
   __nv_bfloat16* post;       // gelu/swiglu: act(pre) [R, F]
   const __nv_bfloat16* pre;  // *_backward: the forward's pre, read by the epilogue
@@ -136,6 +137,7 @@ struct ForwardMaps {
 
 struct WeightGradProblem {
   const int* expert_offsets;
+  const int* row_tokens;  // Options::row_tokens (nullptr: every row reduced)
   float* grad_b;
   int num_experts;
   int rows;     // R
@@ -577,6 +579,19 @@ __device__ __forceinline__ void consume_k_blocks(float (&acc)[kBlockN / 2], int 
       [&] { fence_accumulators(acc); }, peer_cta);
 }
 
+// The stages of k_blocks k-blocks, waited for and released without any MMA: the consumer's rows
+// are all padding (zero), so its accumulators stay 0. A separate path, not a condition around the
+// MMA issue: a wgmma under a runtime branch makes ptxas serialize every wgmma of the kernel.
+template <int kStages>
+__device__ __forceinline__ void drain_k_blocks(int k_blocks, uint32_t full_barriers, uint32_t empty_barriers,
+                                               PipelineState& state, bool signalling_lane) {
+  for (int k_block = 0; k_block < k_blocks; ++k_block) {
+    mbarrier_wait(full_barriers + 8 * state.stage, state.phase);
+    if (signalling_lane) mbarrier_arrive(empty_barriers + 8 * state.stage);
+    state.advance<kStages>();
+  }
+}
+
 // A warpgroup that computes a whole 128-row tile (pingpong schedule): per stage one wgmma group
 // with rows [0, 64) of the A tile into acc_top and rows [64, 128) into acc_bottom, same B.
 template <int kBlockN, bool kAMNMajor, bool kBMNMajor, int kStages>
@@ -619,6 +634,14 @@ __device__ __forceinline__ int expert_of_row(const int* offsets, int num_experts
 __device__ __forceinline__ void check_segment(const int* offsets, int expert, int alignment, int rows) {
   const int begin = __ldg(offsets + expert), end = __ldg(offsets + expert + 1);
   if (begin % alignment != 0 || end % alignment != 0 || begin < 0 || end < begin || end > rows) __trap();
+}
+
+// The k-blocks (64 rows each) of a weight-grad segment from `begin` that hold any real row: the
+// trailing all-padding ones dropped (padding is under one segment alignment: 0 or 1 of them at 128).
+__device__ __forceinline__ int real_k_blocks(const int* row_tokens, int begin, int k_blocks) {
+  if (row_tokens == nullptr) return k_blocks;
+  while (k_blocks > 0 && __ldg(row_tokens + begin + (k_blocks - 1) * kBlockK) < 0) --k_blocks;
+  return k_blocks;
 }
 
 struct TileCoord {

@@ -131,6 +131,16 @@ __device__ __forceinline__ void run_forward_producer(const ForwardMaps& maps, co
   }
 }
 
+// Options::row_tokens: the padding mark of row `half_row` of tile `tile` (its first row, or the first
+// of its bottom half), loaded one tile ahead so that no L2 round trip sits before a mainloop;
+// 0 (a real row) without marks or past the last tile.
+__device__ __forceinline__ int tile_row_mark(const ForwardProblem& problem, int tile, int total_tiles, int m_tiles,
+                                             int half) {
+  if (problem.row_tokens == nullptr || tile >= total_tiles) return 0;
+  const TileCoord coord = raster_tile(tile, m_tiles, problem.n_tiles);
+  return __ldg(problem.row_tokens + coord.m * kBlockM + half * (kBlockM / 2));
+}
+
 // The epilogue writer of one consumer warpgroup (its staging area and named barrier 1 + consumer).
 template <bool kTmaStore, Epilogue kEpilogue>
 __device__ __forceinline__ auto make_writer(const ForwardMaps& maps, const ForwardProblem& problem, uint8_t* staging,
@@ -166,16 +176,23 @@ __device__ __forceinline__ void run_cooperative_consumer(const ForwardMaps& maps
   auto writer = make_writer<kTmaStore, kEpilogue>(maps, problem, staging, consumer, thread_in_warpgroup);
   float acc[kBlockN / 2];
   PipelineState state;
+  int next_mark = tile_row_mark(problem, blockIdx.x, total_tiles, m_tiles, consumer);
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
     const TileCoord coord = raster_tile(tile, m_tiles, problem.n_tiles);
     const int row0 = coord.m * kBlockM + consumer * (kBlockM / 2), n0 = coord.n * kTileColumns;
+    const bool padding_rows = next_mark < 0;  // this warpgroup's 64 rows are all padding (zero)
+    next_mark = tile_row_mark(problem, tile + gridDim.x, total_tiles, m_tiles, consumer);
     EpilogueInput<kEpilogue> epilogue_input;
     load_epilogue_input<kEpilogue>(problem, row0, n0, thread_in_warpgroup, epilogue_input);
 #pragma unroll
     for (int i = 0; i < kBlockN / 2; ++i) acc[i] = 0.0f;
-    consume_k_blocks<kBlockN, false, kBMNMajor, kStages>(acc, problem.k_blocks, a_tiles, kTileBytesA, b_tiles,
-                                                          Layout::kTileBytesB, smem.full_barriers,
-                                                          smem.empty_barriers, state, lane == 0);
+    if (padding_rows) {  // zero rows: acc stays 0, no MMA
+      drain_k_blocks<kStages>(problem.k_blocks, smem.full_barriers, smem.empty_barriers, state, lane == 0);
+    } else {
+      consume_k_blocks<kBlockN, false, kBMNMajor, kStages>(acc, problem.k_blocks, a_tiles, kTileBytesA, b_tiles,
+                                                            Layout::kTileBytesB, smem.full_barriers,
+                                                            smem.empty_barriers, state, lane == 0);
+    }
     run_epilogue<kEpilogue, kBlockN>(acc, problem, row0, n0, epilogue_input, position, writer);
   }
   writer.finish();
@@ -221,9 +238,12 @@ __device__ __forceinline__ void run_pingpong_consumer(const ForwardMaps& maps, c
   constexpr int kOrderBarrier = 3;  // ids 1 and 2 are the writers' warpgroup barriers
   PipelineState state;
   if (consumer == 1) skip_other_tile(state);
+  int next_mark = tile_row_mark(problem, blockIdx.x + consumer * gridDim.x, total_tiles, m_tiles, 1);
   for (int tile = blockIdx.x + consumer * gridDim.x; tile < total_tiles; tile += 2 * gridDim.x) {
     const TileCoord coord = raster_tile(tile, m_tiles, problem.n_tiles);
     const int row0 = coord.m * kBlockM, n0 = coord.n * kTileColumns;
+    const bool bottom_padding = next_mark < 0;  // rows [64, 128) of the tile are all padding (zero)
+    next_mark = tile_row_mark(problem, tile + 2 * gridDim.x, total_tiles, m_tiles, 1);
 #pragma unroll
     for (int i = 0; i < kBlockN / 2; ++i) acc_top[i] = acc_bottom[i] = 0.0f;
     if constexpr (kSmemPre) {  // the top half's pre slices travel during the mainloop
@@ -233,9 +253,15 @@ __device__ __forceinline__ void run_pingpong_consumer(const ForwardMaps& maps, c
     }
     // Every tile but the CTA's first follows the other consumer's mainloop of the tile before it.
     if (tile != int(blockIdx.x)) consumer_pair_wait(kOrderBarrier + consumer);
-    consume_k_blocks_whole_tile<kBlockN, false, kBMNMajor, kStages>(
-        acc_top, acc_bottom, problem.k_blocks, a_tiles, kTileBytesA, b_tiles, Layout::kTileBytesB, smem.full_barriers,
-        smem.empty_barriers, state, lane == 0);
+    if (bottom_padding) {  // the top half only: the rest is zero
+      consume_k_blocks<kBlockN, false, kBMNMajor, kStages>(acc_top, problem.k_blocks, a_tiles, kTileBytesA, b_tiles,
+                                                            Layout::kTileBytesB, smem.full_barriers,
+                                                            smem.empty_barriers, state, lane == 0);
+    } else {
+      consume_k_blocks_whole_tile<kBlockN, false, kBMNMajor, kStages>(
+          acc_top, acc_bottom, problem.k_blocks, a_tiles, kTileBytesA, b_tiles, Layout::kTileBytesB,
+          smem.full_barriers, smem.empty_barriers, state, lane == 0);
+    }
     if (tile + int(gridDim.x) < total_tiles) consumer_pair_signal(kOrderBarrier + (1 - consumer));
     // The epilogue inputs load only now: the two accumulators leave no registers for them during
     // the mainloop, and their latency hides under the other warpgroup's MMAs.
@@ -403,6 +429,7 @@ void launch_pipelined(const ForwardMaps& maps, const ForwardProblem& problem, in
 template <bool kBMNMajor, Epilogue kEpilogue>
 void launch_pipelined(int block_n, const Options& options, ForwardMaps maps, ForwardProblem problem, const Tensor* c,
                       const Tensor* post, int64_t m_tiles_upper_bound, cudaStream_t stream) {
+  problem.row_tokens = options.row_tokens;
   const bool pingpong = uses_pingpong(options, kEpilogue, problem.k_blocks);
   if (pingpong) block_n = 128;
   const int tile_columns = kEpilogue == Epilogue::swiglu ? block_n / 2 : block_n;

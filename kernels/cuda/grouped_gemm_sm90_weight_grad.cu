@@ -55,17 +55,11 @@ __device__ __forceinline__ void store_weight_grad_tile(const float (&acc)[kBlock
   }
 }
 
-// The TMA-store epilogue of one warpgroup: its 64 x kBlockN fp32 tile (rows from row0 of dB_e,
-// columns from n0) goes to `staging` (see the top comment), then thread 0 issues the bulk stores
-// of the boxes inside N and commits them as one group. The staging is reused per tile: before
-// overwriting it, thread 0 waits until the previous tile's stores have read it.
+// One warpgroup's 64 x kBlockN fp32 fragments into its staging, in the boxes' swizzled layout
+// (see the top comment): both the TMA stores and the storer warps read it.
 template <int kBlockN>
-__device__ __forceinline__ void store_weight_grad_tile_tma(const float (&acc)[kBlockN / 2], const CUtensorMap* map_grad,
-                                                           uint8_t* staging, int expert, int row0, int n0, int m,
-                                                           int n, int barrier_id, int thread_in_warpgroup) {
-  if (row0 >= m) return;  // M is a multiple of 64: uniform over the warpgroup
-  if (thread_in_warpgroup == 0) bulk_wait_group_read_all();
-  warpgroup_barrier(barrier_id);
+__device__ __forceinline__ void write_staged_fragments(const float (&acc)[kBlockN / 2], uint8_t* staging,
+                                                       int thread_in_warpgroup) {
   const int warp = thread_in_warpgroup / 32, lane = thread_in_warpgroup % 32;
   const int row = warp * 16 + lane / 4, column = (lane % 4) * 2;
   const int swizzle = row % 8;  // the same for rows row and row + 8
@@ -77,6 +71,20 @@ __device__ __forceinline__ void store_weight_grad_tile_tma(const float (&acc)[kB
     *reinterpret_cast<float2*>(base + row * 128) = make_float2(acc[4 * j], acc[4 * j + 1]);
     *reinterpret_cast<float2*>(base + (row + 8) * 128) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
   }
+}
+
+// The TMA-store epilogue of one warpgroup: its 64 x kBlockN fp32 tile (rows from row0 of dB_e,
+// columns from n0) goes to `staging` (see the top comment), then thread 0 issues the bulk stores
+// of the boxes inside N and commits them as one group. The staging is reused per tile: before
+// overwriting it, thread 0 waits until the previous tile's stores have read it.
+template <int kBlockN>
+__device__ __forceinline__ void store_weight_grad_tile_tma(const float (&acc)[kBlockN / 2], const CUtensorMap* map_grad,
+                                                           uint8_t* staging, int expert, int row0, int n0, int m,
+                                                           int n, int barrier_id, int thread_in_warpgroup) {
+  if (row0 >= m) return;  // M is a multiple of 64: uniform over the warpgroup
+  if (thread_in_warpgroup == 0) bulk_wait_group_read_all();
+  warpgroup_barrier(barrier_id);
+  write_staged_fragments<kBlockN>(acc, staging, thread_in_warpgroup);
   fence_proxy_async_shared();  // every writer, before the barrier that precedes the TMA's reads
   warpgroup_barrier(barrier_id);
   if (thread_in_warpgroup == 0) {
@@ -106,16 +114,7 @@ template <int kBlockN>
 __device__ __forceinline__ void stage_weight_grad_tile(const float (&acc)[kBlockN / 2], uint8_t* staging, int consumer,
                                                        int thread_in_warpgroup) {
   named_barrier_sync(kFreedBarrier + consumer, kStorerHandoffThreads);  // the storer read the previous tile
-  const int warp = thread_in_warpgroup / 32, lane = thread_in_warpgroup % 32;
-  const int row = warp * 16 + lane / 4, column = (lane % 4) * 2;
-  const int swizzle = row % 8;
-#pragma unroll
-  for (int j = 0; j < kBlockN / 8; ++j) {
-    const int unit = 2 * (j % 4) + column / 4;
-    uint8_t* base = staging + (j / 4) * kFloatBoxBytes + ((unit ^ swizzle) << 4) + (column % 4) * 4;
-    *reinterpret_cast<float2*>(base + row * 128) = make_float2(acc[4 * j], acc[4 * j + 1]);
-    *reinterpret_cast<float2*>(base + (row + 8) * 128) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
-  }
+  write_staged_fragments<kBlockN>(acc, staging, thread_in_warpgroup);
   named_barrier_arrive(kStagedBarrier + consumer, kStorerHandoffThreads);
 }
 
@@ -163,6 +162,37 @@ __device__ __forceinline__ WeightGradTile weight_grad_tile(const WeightGradProbl
   const int n_tile = kPair ? 2 * coord.n + rank : coord.n;
   return WeightGradTile{expert, coord.m * kBlockM, n_tile * kBlockN};
 }
+
+// A work item's segment and the padding marks of its last two k-blocks' first rows, loaded one item
+// ahead (independent loads, so the per-item decision costs no exposed L2 round trip).
+struct SegmentTail {
+  int begin = 0, k_blocks = 0, last_mark = 0, previous_mark = 0;
+};
+
+__device__ __forceinline__ SegmentTail load_segment_tail(const WeightGradProblem& problem, int expert) {
+  SegmentTail tail;
+  tail.begin = __ldg(problem.expert_offsets + expert);
+  tail.k_blocks = (__ldg(problem.expert_offsets + expert + 1) - tail.begin) / kBlockK;
+  if (problem.row_tokens != nullptr && tail.k_blocks > 0) {
+    tail.last_mark = __ldg(problem.row_tokens + tail.begin + (tail.k_blocks - 1) * kBlockK);
+    if (tail.k_blocks > 1) tail.previous_mark = __ldg(problem.row_tokens + tail.begin + (tail.k_blocks - 2) * kBlockK);
+  }
+  return tail;
+}
+
+// The k-blocks that hold a real row (Options::row_tokens: padding is a segment's last rows).
+__device__ __forceinline__ int item_k_blocks(const WeightGradProblem& problem, const SegmentTail& tail) {
+  if (tail.last_mark >= 0) return tail.k_blocks;
+  if (tail.previous_mark >= 0) return tail.k_blocks - 1;
+  return real_k_blocks(problem.row_tokens, tail.begin, tail.k_blocks - 2);  // padding past 128 rows
+}
+
+template <int kBlockN, bool kPair>
+__device__ __forceinline__ SegmentTail item_tail(const WeightGradProblem& problem, int item, int total_items,
+                                                 int rank) {
+  return item < total_items ? load_segment_tail(problem, weight_grad_tile<kBlockN, kPair>(problem, item, rank).expert)
+                            : SegmentTail{};
+}
 #endif
 
 template <int kBlockN, bool kTmaStore>
@@ -195,11 +225,13 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
 
   const int n_items = kPair ? (problem.n_tiles + 1) / 2 : problem.n_tiles;
   const int total_items = problem.num_experts * problem.m_tiles * n_items;
-  // The pair producer's bookkeeping spills at 40 registers; its consumers need far fewer than 232.
-  constexpr int kPairProducerRegisters = 56, kPairConsumerRegisters = 224;
-  static_assert(kWarpgroupThreads * (kPairProducerRegisters + 2 * kPairConsumerRegisters) <= 65536, "register file");
+  // The producer's bookkeeping (pairs, the prefetched segment tail) spills at 40 registers; the
+  // consumers need far fewer than 232.
+  constexpr int kWeightGradProducerRegisters = 56, kWeightGradConsumerRegisters = 224;
+  static_assert(kWarpgroupThreads * (kWeightGradProducerRegisters + 2 * kWeightGradConsumerRegisters) <= 65536,
+                "register file");
   if (warpgroup == 0) {
-    setmaxnreg_decrease<kPair ? kPairProducerRegisters : kProducerRegisters>();
+    setmaxnreg_decrease<kWeightGradProducerRegisters>();
     if constexpr (kStorerWarps) {
       const int storer = thread_in_warpgroup / 32 - 1;
       if (storer == 0 || storer == 1) {
@@ -221,11 +253,13 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
     prefetch_tensor_map(&map_a);
     prefetch_tensor_map(&map_g);
     PipelineState state;
+    SegmentTail next_tail = item_tail<kBlockN, kPair>(problem, first_item, total_items, rank);
     for (int item = first_item; item < total_items; item += item_stride) {
       const WeightGradTile where = weight_grad_tile<kBlockN, kPair>(problem, item, rank);
       check_segment(problem.expert_offsets, where.expert, kBlockK, problem.rows);
-      const int begin = __ldg(problem.expert_offsets + where.expert);
-      const int k_blocks = (__ldg(problem.expert_offsets + where.expert + 1) - begin) / kBlockK;
+      const SegmentTail tail = next_tail;
+      next_tail = item_tail<kBlockN, kPair>(problem, item + item_stride, total_items, rank);
+      const int begin = tail.begin, k_blocks = item_k_blocks(problem, tail);
       const int chunks_a = min(kBlockM / kChunk, (problem.m - where.m0) / kChunk);
       const int chunks_b = max(0, min(kBlockN / kChunk, (problem.n - where.n0) / kChunk));
       for (int k_block = 0; k_block < k_blocks; ++k_block) {
@@ -251,7 +285,7 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
     return;
   }
 
-  setmaxnreg_increase<kPair ? kPairConsumerRegisters : kConsumerRegisters>();
+  setmaxnreg_increase<kWeightGradConsumerRegisters>();
   const int consumer = warpgroup - 1;
   const int lane = thread_in_warpgroup % 32;
   // A^T rows [64*consumer, +64) are chunk `consumer` of the stage's A tile.
@@ -261,10 +295,12 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
   if (kTmaStore && thread_in_warpgroup == 0) prefetch_tensor_map(&map_grad);
   float acc[kBlockN / 2];
   PipelineState state;
+  SegmentTail next_tail = item_tail<kBlockN, kPair>(problem, first_item, total_items, rank);
   for (int item = first_item; item < total_items; item += item_stride) {
     const WeightGradTile where = weight_grad_tile<kBlockN, kPair>(problem, item, rank);
-    const int k_blocks = (__ldg(problem.expert_offsets + where.expert + 1) -
-                          __ldg(problem.expert_offsets + where.expert)) / kBlockK;
+    const SegmentTail tail = next_tail;
+    next_tail = item_tail<kBlockN, kPair>(problem, item + item_stride, total_items, rank);
+    const int k_blocks = item_k_blocks(problem, tail);
 #pragma unroll
     for (int i = 0; i < kBlockN / 2; ++i) acc[i] = 0.0f;
     consume_k_blocks<kBlockN, true, true, kStages>(acc, k_blocks, a_tiles, kTileBytesA, g_tiles, Layout::kTileBytesB,
@@ -398,6 +434,7 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
 
   WeightGradProblem problem{};
   problem.expert_offsets = expert_offsets.as<const int>();
+  problem.row_tokens = options.variant == Variant::basic ? nullptr : options.row_tokens;
   problem.grad_b = grad_b.as<float>();
   problem.num_experts = int(experts);
   problem.rows = int(rows);

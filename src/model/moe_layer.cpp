@@ -157,6 +157,10 @@ bool MoeLayer::fuses_activation(const ExecContext& context) const {
                                       config_.expert_d_ff, config_.segment_alignment);
 }
 
+const Tensor* MoeLayer::padding_marks() const {
+  return config_.compute_mode == MoeComputeMode::sparse ? &map_.row_tokens : nullptr;
+}
+
 Tensor MoeLayer::rows_view(const Buffer& buffer, DType dtype, int64_t rows, int64_t columns) const {
   return buffer.view(dtype, {rows, columns});
 }
@@ -233,20 +237,21 @@ MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const M
   Tensor hidden_post = rows_view(hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
   Tensor expert_out = rows_view(expert_out_, activation_dtype_, rows_, d_model);
   const int alignment = params_.segment_alignment;
+  const Tensor* padding = padding_marks();
   if (fuses_activation(context)) {  // one kernel writes H and A = act(H)
     run_stage(context, "expert GEMM 1", [&] {
       ops::grouped_gemm_activation(context, config_.activation, permuted, weights.w1, expert_offsets_, hidden_pre,
-                                   hidden_post, args.for_backward, alignment);
+                                   hidden_post, args.for_backward, alignment, padding);
     });
   } else {
     run_stage(context, "expert GEMM 1", [&] {
-      ops::grouped_gemm(context, permuted, weights.w1, false, expert_offsets_, hidden_pre, alignment);
+      ops::grouped_gemm(context, permuted, weights.w1, false, expert_offsets_, hidden_pre, alignment, padding);
     });
     run_stage(context, "activation",
               [&] { ops::activation_forward(context, config_.activation, hidden_pre, hidden_post); });
   }
   run_stage(context, "expert GEMM 2", [&] {
-    ops::grouped_gemm(context, hidden_post, weights.w2, false, expert_offsets_, expert_out, alignment);
+    ops::grouped_gemm(context, hidden_post, weights.w2, false, expert_offsets_, expert_out, alignment, padding);
   });
   run_stage(context, "combine", [&] { ops::unpermute_combine(context, expert_out, combine_routing_, map_, y); });
   return finish_forward(context, x, args);
@@ -359,6 +364,7 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
   // fp32 x bf16), and the CUDA routing backward writes that type directly (no conversion pass).
   Tensor grad_logits = rows_view(grad_logits_, activation_dtype_, tokens, config_.num_experts);
   const int alignment = params_.segment_alignment;
+  const Tensor* padding = padding_marks();
 
   // Combine -> expert rows and gates; experts; permutation back to tokens. The combine backward
   // writes every row of grad_rows: the gradient where a kept choice refers to the row, zero where
@@ -367,7 +373,7 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
     ops::unpermute_combine_backward(context, grad_y, expert_out, combine_routing_, map_, grad_rows, grad_gates);
   });
   run_stage(context, "weight grad 2", [&] {
-    ops::grouped_gemm_weight_grad(context, hidden_post, grad_rows, expert_offsets_, gradients.w2, alignment);
+    ops::grouped_gemm_weight_grad(context, hidden_post, grad_rows, expert_offsets_, gradients.w2, alignment, padding);
   });
   if (fuses_activation(context)) {
     // One kernel: dL/dH = act'(H) * (dL/dO W2^T). Its dL/dA scratch, written only were it to run
@@ -375,7 +381,8 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
     Tensor grad_hidden_post_scratch = rows_view(hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
     run_stage(context, "data grad 2", [&] {
       ops::grouped_gemm_activation_backward(context, config_.activation, grad_rows, weights.w2, expert_offsets_,
-                                            hidden_pre, grad_hidden_post_scratch, grad_hidden_pre, alignment);
+                                            hidden_pre, grad_hidden_post_scratch, grad_hidden_pre, alignment,
+                                            padding);
     });
   } else {
     if (!grad_hidden_post_.data()) {
@@ -384,17 +391,18 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
     }
     Tensor grad_hidden_post = rows_view(grad_hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
     run_stage(context, "data grad 2", [&] {
-      ops::grouped_gemm(context, grad_rows, weights.w2, true, expert_offsets_, grad_hidden_post, alignment);
+      ops::grouped_gemm(context, grad_rows, weights.w2, true, expert_offsets_, grad_hidden_post, alignment, padding);
     });
     run_stage(context, "activation backward", [&] {
       ops::activation_backward(context, config_.activation, hidden_pre, grad_hidden_post, grad_hidden_pre);
     });
   }
   run_stage(context, "weight grad 1", [&] {
-    ops::grouped_gemm_weight_grad(context, permuted, grad_hidden_pre, expert_offsets_, gradients.w1, alignment);
+    ops::grouped_gemm_weight_grad(context, permuted, grad_hidden_pre, expert_offsets_, gradients.w1, alignment,
+                                  padding);
   });
   run_stage(context, "data grad 1", [&] {
-    ops::grouped_gemm(context, grad_hidden_pre, weights.w1, true, expert_offsets_, grad_rows, alignment);
+    ops::grouped_gemm(context, grad_hidden_pre, weights.w1, true, expert_offsets_, grad_rows, alignment, padding);
   });
   run_stage(context, "permute backward", [&] { ops::permute_backward(context, grad_rows, map_, tokens, grad_x); });
 

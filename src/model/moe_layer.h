@@ -212,6 +212,10 @@ class MoeLayer {
   void allocate_backward_buffers();
   // Whether the expert activation runs fused into the grouped GEMMs (ops::fuses_expert_activation).
   bool fuses_activation(const ExecContext& context) const;
+  // The expert GEMMs' padding marks (sparse mode: map_.row_tokens, whose -1 rows end each segment
+  // and are zero in every A operand: permute and the combine backward zero them, and the GEMMs map
+  // zero rows to zero rows); nullptr in dense mode, where unrouted rows hold tokens.
+  const Tensor* padding_marks() const;
   Tensor rows_view(const Buffer& buffer, DType dtype, int64_t rows, int64_t columns) const;
 
   MoeLayerConfig config_;

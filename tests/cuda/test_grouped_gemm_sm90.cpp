@@ -57,6 +57,10 @@ void run_forward_case(const ForwardCase& config, uint32_t seed) {
   const Tensor offsets_tensor(offsets_device.data(), DType::i32, DeviceKind::cuda, {experts + 1});
   Tensor c_tensor(c_device.data(), DType::bf16, DeviceKind::cuda, {rows, n});
   const std::vector<int64_t> checked_rows = pick_indices(valid_rows, config.row_stride, rng);
+  const std::vector<int> marks = padding_marks(layout);
+  Buffer marks_device = upload(marks.data(), marks.size() * sizeof(int));
+  const std::vector<KernelChoice> choices =
+      with_padding_marks(kernel_choices(), static_cast<const int*>(marks_device.data()));
 
   for (bool trans_b : {false, true}) {
     HostMatrix b = random_matrix(size_t(experts * k * n), rng);  // [E, K, N], or [E, N, K] with trans_b
@@ -79,7 +83,7 @@ void run_forward_case(const ForwardCase& config, uint32_t seed) {
       }
     }
 
-    for (const KernelChoice& choice : kernel_choices()) {
+    for (const KernelChoice& choice : choices) {
       std::ostringstream label;
       label << "E=" << experts << " R=" << rows << " valid=" << valid_rows << " K=" << k << " N=" << n
             << " trans_b=" << trans_b << " kernel=" << choice.name;
@@ -144,7 +148,10 @@ void run_weight_grad_case(const WeightGradCase& config, uint32_t seed) {
     }
   }
 
-  for (const KernelChoice& choice : weight_grad_kernel_choices()) {
+  const std::vector<int> marks = padding_marks(layout);
+  Buffer marks_device = upload(marks.data(), marks.size() * sizeof(int));
+  for (const KernelChoice& choice :
+       with_padding_marks(weight_grad_kernel_choices(), static_cast<const int*>(marks_device.data()))) {
     std::ostringstream label;
     label << "E=" << experts << " R=" << rows << " M=" << m << " N=" << n << " kernel=" << choice.name;
     SCOPED_TRACE(label.str());

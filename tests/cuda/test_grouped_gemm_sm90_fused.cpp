@@ -117,7 +117,10 @@ void run_fused_forward_case(const FusedCase& config, uint32_t seed) {
   const Tensor offsets_tensor(offsets_device.data(), DType::i32, DeviceKind::cuda, {experts + 1});
   ASSERT_TRUE(sm90::activation_supported(config.activation, x_device.tensor, w1_device.tensor, offsets_tensor,
                                          &pre.tensor, post.tensor));
-  for (const KernelChoice& choice : pipelined_choices()) {
+  const std::vector<int> marks = padding_marks(layout);
+  Buffer marks_device = upload(marks.data(), marks.size() * sizeof(int));
+  for (const KernelChoice& choice :
+       with_padding_marks(pipelined_choices(), static_cast<const int*>(marks_device.data()))) {
     sm90::grouped_gemm(x_device.tensor, w1_device.tensor, false, offsets_tensor, pre_plain.tensor, choice.options,
                        nullptr);
     cuda::activation_forward(config.activation, pre_plain.tensor, post_plain.tensor, nullptr);
@@ -176,7 +179,10 @@ void run_fused_backward_case(const FusedCase& config, uint32_t seed) {
   const Tensor &grad_out_tensor = grad_out_device.tensor, &w2_tensor = w2_device.tensor;
   ASSERT_TRUE(sm90::activation_backward_supported(config.activation, grad_out_tensor, w2_tensor, offsets_tensor,
                                                   pre_device.tensor, grad_pre.tensor));
-  for (const KernelChoice& choice : pipelined_choices()) {
+  const std::vector<int> marks = padding_marks(layout);
+  Buffer marks_device = upload(marks.data(), marks.size() * sizeof(int));
+  for (const KernelChoice& choice :
+       with_padding_marks(pipelined_choices(), static_cast<const int*>(marks_device.data()))) {
     SCOPED_TRACE(config.name() + " R=" + std::to_string(rows) + " valid=" + std::to_string(valid) +
                  " kernel=" + choice.name);
     grad_pre.poison();

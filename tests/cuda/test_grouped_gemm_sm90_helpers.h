@@ -142,6 +142,31 @@ inline std::vector<KernelChoice> weight_grad_kernel_choices() {
   return choices;
 }
 
+// The layout's padding marks (sm90::Options::row_tokens): -1 on each segment's rows past its kept
+// ones and on the spare rows, the row index elsewhere.
+inline std::vector<int> padding_marks(const SegmentLayout& layout) {
+  std::vector<int> marks(size_t(layout.rows), -1);
+  for (int expert = 0; expert < layout.experts(); ++expert)
+    for (int row = layout.offsets[size_t(expert)]; row < layout.offsets[size_t(expert)] + layout.kept[size_t(expert)];
+         ++row)
+      marks[size_t(row)] = row;
+  return marks;
+}
+
+// `choices` and, after them, each pipelined one again with the padding marks `marks` (device) set:
+// the kernels then skip the half tiles and k-blocks that only padding feeds, with equal results.
+inline std::vector<KernelChoice> with_padding_marks(const std::vector<KernelChoice>& choices, const int* marks) {
+  std::vector<KernelChoice> all = choices;
+  for (const KernelChoice& choice : choices) {
+    if (choice.options.variant != sm90::Variant::pipelined) continue;
+    KernelChoice marked = choice;
+    marked.options.row_tokens = marks;
+    marked.name += " padding-marks";
+    all.push_back(marked);
+  }
+  return all;
+}
+
 // max |got - want| / max |want| over the checked entries; NaNs count as failures.
 struct ErrorMeter {
   double max_error = 0.0, max_reference = 0.0;
