@@ -134,10 +134,10 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
     SY_CHECK(device == DeviceKind::cuda && count_peers_->ranks() == ranks_ &&
                  count_peers_->bytes(count_region_) >= size_t(ranks_) * size_t(segments) * sizeof(int32_t),
              "ExpertDispatcher: gathering counts through peer memory needs CUDA and a count region of P*E int32");
-  // Device: [send counts E | received counts P*L]; the host copy is the same. With count_peers
-  // the device holds the send counts only (the gathered P x E matrix lands in the count region)
-  // and the host copy is that matrix.
-  counts_ = Buffer(device, size_t(gather_all_counts() ? segments : 2 * segments) * sizeof(int32_t));
+  // Without count_peers, device: [send counts E | received counts P*L], the host copy the same.
+  // With them the gathered P x E matrix lands in the count region (each rank computes its row
+  // from its packed offsets) and the host copy is that matrix.
+  if (!gather_all_counts()) counts_ = Buffer(device, size_t(2 * segments) * sizeof(int32_t));
   const int64_t layout_ints = (segments + 1) + experts + (experts + 1) + segments + (experts + chunks_);
   int32_t* cursor = nullptr;
   if (gather_all_counts()) {
@@ -226,14 +226,13 @@ void ExpertDispatcher::start_count_exchange(const ExecContext& context, const Te
   check_context(context);
   has_plan_ = false;
   const int64_t segments = int64_t(ranks_) * local_experts_;
-  Tensor send_counts(counts_.as<int32_t>(), DType::i32, device_, {segments});
-  ops::ep_send_counts(context, packed_offsets, send_counts);
-
   if (gather_all_counts()) {
-    // Every rank's E counts into every rank's count region (compute stream, right after the
-    // counts), then on the communicator's stream: wait for all of them, copy them to the host.
-    count_peers_->all_gather_small(count_region_, counts_.data(), size_t(segments) * sizeof(int32_t),
-                                   kEpCountsGathered, context.stream);
+    // Every rank's E counts (from its packed offsets) into every rank's count region (compute
+    // stream), then on the communicator's stream: wait for all of them, copy them to the host.
+    SY_CHECK(packed_offsets.dtype == DType::i32 && packed_offsets.numel() == segments + 1,
+             "ExpertDispatcher: packed offsets must be i32[", segments + 1, "], got ", packed_offsets.describe());
+    count_peers_->all_gather_counts(count_region_, packed_offsets.as<int32_t>(), segments, kEpCountsGathered,
+                                    context.stream);
     events_->comm_waits_for_compute(context, *communicator_);
     count_peers_->wait(kEpCountsGathered, communicator_->stream());
 #if defined(SWITCHYARD_WITH_CUDA)
@@ -245,6 +244,8 @@ void ExpertDispatcher::start_count_exchange(const ExecContext& context, const Te
     return;
   }
   // L ints to and from every peer.
+  Tensor send_counts(counts_.as<int32_t>(), DType::i32, device_, {segments});
+  ops::ep_send_counts(context, packed_offsets, send_counts);
   events_->comm_waits_for_compute(context, *communicator_);
   std::vector<int64_t> counts(static_cast<size_t>(ranks_), local_experts_);
   std::vector<int64_t> offsets(static_cast<size_t>(ranks_), 0);

@@ -212,10 +212,11 @@ void NvlinkPeerMemory::push(int region, const void* packed, int64_t rows, int64_
   cuda::ep_push_rows(packed, rows, peers, boards_, kind, block_counter_, stream);
 }
 
-void NvlinkPeerMemory::all_gather_small(int region, const void* local_bytes, size_t bytes, int kind, void* stream) {
-  SY_CHECK(bytes * size_t(ranks_) <= this->bytes(region), "NvlinkPeerMemory: all-gather of ", bytes, " bytes x ",
-           ranks_, " ranks into a region of ", this->bytes(region));
-  cuda::ep_all_gather_small(local_bytes, int64_t(bytes), peer_bases(region), boards_, kind, stream);
+void NvlinkPeerMemory::all_gather_counts(int region, const int32_t* packed_offsets, int64_t segments, int kind,
+                                         void* stream) {
+  SY_CHECK(size_t(segments) * size_t(ranks_) * sizeof(int32_t) <= bytes(region), "NvlinkPeerMemory: all-gather of ",
+           segments, " counts x ", ranks_, " ranks into a region of ", bytes(region), " bytes");
+  cuda::ep_all_gather_counts(packed_offsets, segments, peer_bases(region), boards_, kind, stream);
 }
 
 void NvlinkPeerMemory::pull_combine(int region, int64_t rows, int64_t row_bytes, int local_experts,
@@ -257,7 +258,7 @@ void NvlinkPeerMemory::signal_and_wait(int, void*) { SY_THROW("NvlinkPeerMemory:
 void NvlinkPeerMemory::push(int, const void*, int64_t, int64_t, int, const int32_t*, const int32_t*, int, void*) {
   SY_THROW("NvlinkPeerMemory: no CUDA backend");
 }
-void NvlinkPeerMemory::all_gather_small(int, const void*, size_t, int, void*) {
+void NvlinkPeerMemory::all_gather_counts(int, const int32_t*, int64_t, int, void*) {
   SY_THROW("NvlinkPeerMemory: no CUDA backend");
 }
 void NvlinkPeerMemory::pull_combine(int, int64_t, int64_t, int, const int32_t*, const int32_t*, const int32_t*,

@@ -63,8 +63,9 @@ class NvlinkPeerMemory {
   // Pushes `rows` packed rows to the peers' region `region` (peer_rows: device [P*L]), then signals `kind`.
   void push(int region, const void* packed, int64_t rows, int64_t row_bytes, int local_experts,
             const int32_t* packed_offsets, const int32_t* peer_rows, int kind, void* stream);
-  // `bytes` from `local` to offset rank() * bytes of every rank's region `region`, then a signal of `kind`.
-  void all_gather_small(int region, const void* local, size_t bytes, int kind, void* stream);
+  // This rank's send counts (from its packed offsets, `segments` + 1 ints) into row rank() of every
+  // rank's int32 [ranks()][segments] table in region `region`, then a signal of `kind`.
+  void all_gather_counts(int region, const int32_t* packed_offsets, int64_t segments, int kind, void* stream);
   // The pull fused with the token-side gather (kernels/ep_nvlink_ops.h, ep_pull_combine).
   void pull_combine(int region, int64_t rows, int64_t row_bytes, int local_experts, const int32_t* packed_offsets,
                     const int32_t* peer_rows, const int32_t* choice_rows, const float* gates, int64_t num_tokens,

@@ -105,11 +105,11 @@ void ep_pull_combine(const EpPeerRows& peers, int64_t rows, const int32_t* choic
 void ep_zero_padding_rows(void* padded, int64_t row_bytes, const int32_t* expert_offsets, const int32_t* expert_totals,
                           int local_experts, int64_t max_padding_rows, void* stream);
 void ep_signal_peers(const EpSignalBoards& signal, int signal_kind, void* stream);
-// All-gather of a few bytes: `bytes` from `local` land at offset rank * bytes of every rank's
-// region (peer_bases [P], this rank's own included), then a signal of `signal_kind` to every peer.
-// One block; for small tables such as the per-expert row counts.
-void ep_all_gather_small(const void* local, int64_t bytes, void* const* peer_bases, const EpSignalBoards& signal,
-                         int signal_kind, void* stream);
+// All-gather of the send counts: rank r writes counts[e] = packed_offsets[e+1] - packed_offsets[e]
+// (e < segments = P*L) to row r of every rank's int32 [P][segments] table (peer_bases [P], its own
+// included), then signals `signal_kind` to every peer. One block.
+void ep_all_gather_counts(const int32_t* packed_offsets, int64_t segments, void* const* peer_bases,
+                          const EpSignalBoards& signal, int signal_kind, void* stream);
 void ep_wait_signals(const EpSignalBoards& signal, int signal_kind, unsigned long long expected, int64_t timeout_ns,
                      EpWaitFailure* failure, void* stream);
 // ep_signal_peers then ep_wait_signals for the same kind, in one launch (a barrier of the group

@@ -15,7 +15,8 @@
 //   finished earlier on the stream (kernel boundaries order it after that work's writes).
 // ep_wait_signals: one warp, a lane per source, spinning on acquire loads with a %globaltimer
 //   timeout; on timeout the first lane to fail records itself in host-mapped memory and traps.
-// ep_zero_padding_rows: one block per local expert over its padding rows.
+// ep_zero_padding_rows: a few blocks per local expert over its padding rows.
+// ep_all_gather_counts: one block; every rank's counts into every rank's [P][E] table.
 #include <algorithm>
 
 #include "kernels/cuda/cuda_common.cuh"
@@ -123,13 +124,16 @@ __global__ void signal_peers_kernel(EpSignalBoards signal, int kind) {
   add_signal(signal.boards[peer] + size_t(kind) * signal.num_ranks + signal.rank);
 }
 
-__global__ void all_gather_small_kernel(const unsigned* local, int64_t words, void* const* peer_bases,
-                                        EpSignalBoards signal, int kind) {
+// Rank r's send counts (differences of its packed offsets) into row r of every rank's [P][E]
+// table, then a signal: computing the counts here saves a kernel before the host's one sync.
+__global__ void all_gather_counts_kernel(const int32_t* packed_offsets, int64_t segments, void* const* peer_bases,
+                                         EpSignalBoards signal, int kind) {
   const int ranks = signal.num_ranks;
-  for (int64_t index = threadIdx.x; index < int64_t(ranks) * words; index += blockDim.x) {
-    const int peer = int(index / words);
-    const int64_t word = index % words;
-    static_cast<unsigned*>(peer_bases[peer])[int64_t(signal.rank) * words + word] = local[word];
+  for (int64_t index = threadIdx.x; index < int64_t(ranks) * segments; index += blockDim.x) {
+    const int peer = int(index / segments);
+    const int64_t segment = index % segments;
+    static_cast<int32_t*>(peer_bases[peer])[int64_t(signal.rank) * segments + segment] =
+        packed_offsets[segment + 1] - packed_offsets[segment];
   }
   __threadfence_system();
   __syncthreads();
@@ -167,6 +171,9 @@ __global__ void wait_signals_kernel(EpSignalBoards signal, int kind, unsigned lo
   }
 }
 
+// Grid (L, kZeroBlocksPerExpert): the blocks of one expert stride its padding rows together.
+constexpr int kZeroBlocksPerExpert = 8;
+
 template <typename Unit>
 __global__ void __launch_bounds__(kThreads) zero_padding_kernel(Unit* padded, int64_t row_units,
                                                                  const int32_t* expert_offsets,
@@ -174,7 +181,9 @@ __global__ void __launch_bounds__(kThreads) zero_padding_kernel(Unit* padded, in
   const int expert = blockIdx.x;
   const int64_t first = (int64_t(expert_offsets[expert]) + expert_totals[expert]) * row_units;
   const int64_t end = int64_t(expert_offsets[expert + 1]) * row_units;
-  for (int64_t unit = first + threadIdx.x; unit < end; unit += blockDim.x) padded[unit] = Unit{};
+  for (int64_t unit = first + blockIdx.y * int64_t(kThreads) + threadIdx.x; unit < end;
+       unit += int64_t(gridDim.y) * kThreads)
+    padded[unit] = Unit{};
 }
 
 // One warp per token; lane j < k finds its choice's peer row, the warp shares the addresses, and
@@ -300,12 +309,12 @@ void ep_zero_padding_rows(void* padded, int64_t row_bytes, const int32_t* expert
                           int local_experts, int64_t max_padding_rows, void* stream) {
   if (local_experts < 1 || max_padding_rows <= 0) return;
   if (row_bytes % 16 == 0 && is_aligned(padded, 16)) {
-    zero_padding_kernel<uint4><<<local_experts, kThreads, 0, as_stream(stream)>>>(
+    zero_padding_kernel<uint4><<<dim3(local_experts, kZeroBlocksPerExpert), kThreads, 0, as_stream(stream)>>>(
         static_cast<uint4*>(padded), row_bytes / 16, expert_offsets, expert_totals);
   } else {
     SY_CHECK(row_bytes % 4 == 0 && is_aligned(padded, 4), "ep_zero_padding_rows: rows of ", row_bytes,
              " bytes are not whole 4-byte units");
-    zero_padding_kernel<unsigned><<<local_experts, kThreads, 0, as_stream(stream)>>>(
+    zero_padding_kernel<unsigned><<<dim3(local_experts, kZeroBlocksPerExpert), kThreads, 0, as_stream(stream)>>>(
         static_cast<unsigned*>(padded), row_bytes / 4, expert_offsets, expert_totals);
   }
   CUDA_CHECK_LAUNCH();
@@ -317,13 +326,12 @@ void ep_signal_peers(const EpSignalBoards& signal, int signal_kind, void* stream
   CUDA_CHECK_LAUNCH();
 }
 
-void ep_all_gather_small(const void* local, int64_t bytes, void* const* peer_bases, const EpSignalBoards& signal,
-                         int signal_kind, void* stream) {
-  SY_CHECK(bytes % 4 == 0 && is_aligned(local, 4) && signal.num_ranks >= 1 && signal.num_ranks <= 1024,
-           "ep_all_gather_small: ", bytes, " bytes over ", signal.num_ranks,
-           " ranks (whole 4-byte words, <= 1024 ranks)");
-  all_gather_small_kernel<<<1, 1024, 0, as_stream(stream)>>>(static_cast<const unsigned*>(local), bytes / 4, peer_bases,
-                                                             signal, signal_kind);
+void ep_all_gather_counts(const int32_t* packed_offsets, int64_t segments, void* const* peer_bases,
+                          const EpSignalBoards& signal, int signal_kind, void* stream) {
+  SY_CHECK(segments >= 1 && signal.num_ranks >= 1 && signal.num_ranks <= 1024, "ep_all_gather_counts: ", segments,
+           " segments over ", signal.num_ranks, " ranks (>= 1 segment, <= 1024 ranks)");
+  all_gather_counts_kernel<<<1, 1024, 0, as_stream(stream)>>>(packed_offsets, segments, peer_bases, signal,
+                                                              signal_kind);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -125,22 +125,25 @@ void run_cuda_group(const VirtualEpGroup& group, DType dtype) {
     CUDA_CHECK(cudaDeviceSynchronize());
     for (cudaStream_t stream : streams) CUDA_CHECK(cudaStreamDestroy(stream));
   }
-  // The count all-gather: every rank's send counts into every rank's count region, row `rank`.
+  // The count all-gather: every rank's send counts (from its packed offsets) into every rank's
+  // count region, row `rank`.
   const int64_t experts = group.experts();
-  std::vector<Buffer> count_regions, own_counts;
+  std::vector<Buffer> count_regions, own_offsets;
   std::vector<void*> count_bases;
   for (int rank = 0; rank < ranks; ++rank) {
     count_regions.emplace_back(DeviceKind::cuda, size_t(ranks * experts) * sizeof(int32_t));
     device_memset(count_regions.back().data(), DeviceKind::cuda, 0xFF, count_regions.back().bytes());
     count_bases.push_back(count_regions.back().data());
-    own_counts.push_back(upload_vector(std::vector<int32_t>(group.all_counts.begin() + rank * experts,
-                                                            group.all_counts.begin() + (rank + 1) * experts)));
+    std::vector<int32_t> offsets(size_t(experts) + 1, 0);
+    for (int64_t expert = 0; expert < experts; ++expert)
+      offsets[size_t(expert) + 1] = offsets[size_t(expert)] + group.all_counts[size_t(rank * experts + expert)];
+    own_offsets.push_back(upload_vector(offsets));
   }
   Buffer count_bases_device = upload_vector(count_bases);
   for (int rank = 0; rank < ranks; ++rank)
-    cuda::ep_all_gather_small(own_counts[size_t(rank)].data(), experts * int64_t(sizeof(int32_t)),
-                              static_cast<void* const*>(count_bases_device.data()), signal_of(rank), kEpCountsGathered,
-                              nullptr);
+    cuda::ep_all_gather_counts(own_offsets[size_t(rank)].as<int32_t>(), experts,
+                               static_cast<void* const*>(count_bases_device.data()), signal_of(rank),
+                               kEpCountsGathered, nullptr);
   for (int rank = 0; rank < ranks; ++rank)
     cuda::ep_wait_signals(signal_of(rank), kEpCountsGathered, 1, int64_t(20e9), failure_device, nullptr);
   CUDA_CHECK(cudaDeviceSynchronize());
