@@ -3,11 +3,11 @@
 //
 // ep_push_rows / ep_pull_rows: one warp per packed row, grid-stride from the rows of peer rank+1,
 //   wrapping (no incast). The warp finds the row's global expert e (binary search over
-//   packed_offsets, E + 1 ints, L1-resident), the peer
-//   p = e / L and the destination row, and copies the row in 16-byte units where the row width and
-//   pointers allow (4- or 2-byte otherwise). Peer memory is mapped (cudaIpcOpenMemHandle), so the
-//   stores (push) or loads (pull) of peer rows go over NVLink; a warp moves 512 bytes per
-//   instruction and enough warps are resident to keep the links busy.
+//   packed_offsets, E + 1 ints, L1-resident), the peer p = e / L and the destination row, and
+//   copies the row in 16-byte units where the row width and pointers allow (4- or 2-byte
+//   otherwise). Peer memory is mapped (cudaIpcOpenMemHandle), so the stores (push) or loads (pull)
+//   of peer rows go over NVLink; a warp moves 512 bytes per instruction and enough warps are
+//   resident to keep the links busy.
 //   Push then signals: every thread fences at system scope, then one thread per block takes a
 //   ticket; the last block resets the counter and adds 1 to board_p[kind][r] of every peer p
 //   (the textbook "last block" pattern: a peer that sees the count sees all rows).
