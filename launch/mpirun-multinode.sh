@@ -5,7 +5,7 @@
 #   bash launch/mpirun-multinode.sh launch/hostfile.example configs/sotu-ep4.yaml --set parallel.ep_size=16
 #
 # One rank per slot (GPU), ranks filled node by node, so the node-local rank picks the GPU
-# (comm/bootstrap.h). Resumes from the newest complete checkpoint (--resume auto).
+# (src/comm/bootstrap.h). Resumes from the newest complete checkpoint (--resume auto).
 # Stopping cleanly: SIGTERM or Ctrl-C to this script becomes SIGUSR1 to mpirun, which forwards it
 # to every rank: they finish the step, save a checkpoint and exit 0, and so does this script.
 # (SIGTERM sent to mpirun itself also reaches the ranks, which save, but mpirun then reports

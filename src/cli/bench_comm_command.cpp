@@ -22,14 +22,14 @@
 #include <string>
 #include <vector>
 
-#include "comm/bootstrap.h"
+#include "src/comm/bootstrap.h"
 #include "src/cli/cli_args.h"
 #include "src/cli/commands.h"
 #include "src/core/device.h"
 #include "src/core/dtype.h"
 #include "src/core/mpi_check.h"
 #if defined(SWITCHYARD_WITH_CUDA)
-#include "comm/nccl_comm.h"
+#include "src/comm/nccl_comm.h"
 #endif
 
 namespace switchyard {

@@ -4,7 +4,7 @@
 #include <algorithm>
 #include <random>
 
-#include "kernels/ops.h"
+#include "src/ops/ops.h"
 
 namespace switchyard {
 

@@ -25,11 +25,11 @@
 #include <string>
 #include <vector>
 
-#include "comm/bootstrap.h"
-#include "comm/expert_dispatch.h"
-#include "comm/nvlink_exchange.h"
+#include "src/comm/bootstrap.h"
+#include "src/comm/expert_dispatch.h"
+#include "src/comm/nvlink_exchange.h"
 #include "src/cli/bench_common.h"
-#include "kernels/ops.h"
+#include "src/ops/ops.h"
 #include "src/cli/cli_args.h"
 #include "src/cli/commands.h"
 #include "src/core/device.h"

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "kernels/ops.h"
+#include "src/ops/ops.h"
 #include "src/cli/bench_moe_fixtures.h"
 #include "src/cli/bench_moe_modes.h"
 #include "src/cli/cli_args.h"

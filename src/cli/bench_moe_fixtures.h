@@ -14,7 +14,7 @@
 #include <utility>
 #include <vector>
 
-#include "kernels/ops.h"
+#include "src/ops/ops.h"
 #include "src/cli/bench_common.h"
 #include "src/core/device.h"
 #include "src/model/moe_layer.h"

@@ -1,6 +1,6 @@
 // Subcommand entry points. Each takes argv starting at its own name (argv[0] == "train"),
 // parses its options with ArgParser, and returns the process exit code. Errors are thrown as
-// switchyard::Error; main catches them once (see comm/bootstrap.h run_guarded).
+// switchyard::Error; main catches them once (see src/comm/bootstrap.h run_guarded).
 #pragma once
 
 namespace switchyard {

@@ -4,13 +4,13 @@
 //
 // Exit codes (design-notes decision 8): 0 ok, 2 bad input (unknown command or flag, bad config,
 // data or checkpoint), 1 any other failure. Everything runs inside run_guarded
-// (comm/bootstrap.h), which prints an error once, aborts communicators and ends the MPI job.
+// (src/comm/bootstrap.h), which prints an error once, aborts communicators and ends the MPI job.
 #include <algorithm>
 #include <cstring>
 #include <iostream>
 #include <string>
 
-#include "comm/bootstrap.h"
+#include "src/comm/bootstrap.h"
 #include "src/cli/commands.h"
 #include "src/core/error.h"
 

@@ -6,7 +6,7 @@
 // logging.metrics_file, final.weights) and writes one self-contained HTML page (default
 // RUN_DIR/report.html) with the training curves, the expert load per layer over training, the
 // router statistics and -- when final weights and a text are available -- the expert
-// specialization map (src/analysis/report.h). The text defaults to the run's validation data
+// specialization map (src/report/report.h). The text defaults to the run's validation data
 // (data.val_path), else its training data.
 // specialize: the specialization map alone, printed as a table (and written as JSON with --json).
 #include <filesystem>
@@ -15,9 +15,9 @@
 #include <memory>
 #include <string>
 
-#include "src/analysis/report.h"
-#include "src/analysis/run_history.h"
-#include "src/analysis/specialization_run.h"
+#include "src/report/report.h"
+#include "src/report/run_history.h"
+#include "src/report/specialization_run.h"
 #include "src/cli/cli_args.h"
 #include "src/cli/commands.h"
 #include "src/core/device.h"

@@ -26,7 +26,7 @@
 #include <string>
 #include <vector>
 
-#include "comm/bootstrap.h"
+#include "src/comm/bootstrap.h"
 #include "src/cli/cli_args.h"
 #include "src/cli/commands.h"
 #include "src/train/checkpoint_signals.h"
@@ -179,7 +179,7 @@ void report_layout(const Config& config, const ProcessContext& process) {
       << experts_per_rank << " per rank\n";
   for (int rank = 0; rank < process.world_size; ++rank) {
     const RankInfo& info = all[size_t(rank)];
-    const int shard = rank % ep_size;  // comm/communicator.h: same r % ep_size = same shard
+    const int shard = rank % ep_size;  // src/comm/communicator.h: same r % ep_size = same shard
     out << "  rank " << rank << ": " << info.host << " (local rank " << info.local_rank << "), "
         << (DeviceKind(info.device) == DeviceKind::cuda ? "cuda:" + std::to_string(info.gpu) : std::string("cpu"))
         << ", experts " << shard * experts_per_rank << "-" << (shard + 1) * experts_per_rank - 1 << "\n";

@@ -18,7 +18,7 @@ namespace switchyard {
 const char* cublas_status_name(cublasStatus_t status);
 // One cuBLAS handle per (thread, current device), created on first use, for the small level-1
 // calls made from host code (add_into, gradient scaling); the kernels' GEMMs use per-stream handles
-// (kernels/cuda/cuda_common.cuh). Never destroyed: destruction at thread exit may run after the
+// (src/ops/cuda/cuda_common.cuh). Never destroyed: destruction at thread exit may run after the
 // CUDA context is gone.
 cublasHandle_t thread_cublas_handle();
 // The CUDA data type of f32, f64, bf16 or f16 (others: SY_THROW naming `who`).

@@ -2,7 +2,7 @@
 //
 // Library code never exits: it throws an Error that carries the rank, host and file:line of the
 // failure plus an exit code (2 = bad input: config, flags, data, checkpoint; 1 = anything else).
-// `main` catches once, prints, aborts NCCL, then MPI_Abort (see comm/bootstrap.h).
+// `main` catches once, prints, aborts NCCL, then MPI_Abort (see src/comm/bootstrap.h).
 #pragma once
 
 #include <sstream>

@@ -1,6 +1,6 @@
 // switchyard's one JSON module: a value type, a strict parser and a writer. Checkpoint manifests
 // (src/train/checkpoint_format.h), the safetensors header (src/train/checkpoint_export.h) and the
-// metrics lines the report reads back (src/analysis/run_history.h) all go through it.
+// metrics lines the report reads back (src/report/run_history.h) all go through it.
 //
 // Values: null, bool, number, string, array, object. Numbers keep their text, so integers of up to
 // 64 bits round-trip exactly (as_int64 / as_uint64 parse the text), and the double the text denotes

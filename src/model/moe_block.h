@@ -12,7 +12,7 @@
 #include <memory>
 #include <vector>
 
-#include "comm/communicator.h"
+#include "src/comm/communicator.h"
 #include "src/model/moe_ep_layer.h"
 #include "src/model/moe_layer.h"
 
@@ -40,7 +40,7 @@ class MoeBlock {
   virtual int local_experts() const = 0;
   virtual int first_local_expert() const = 0;
   // The last forward's routing and router logits (device tensors), for analysis taps
-  // (src/analysis/routing_observer.h).
+  // (src/model/routing_observer.h).
   virtual const RoutingResult& routing() const = 0;
   virtual const Tensor& router_logits() const = 0;
 };

@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <string>
 
-#include "comm/bootstrap.h"
+#include "src/comm/bootstrap.h"
 
 namespace switchyard {
 

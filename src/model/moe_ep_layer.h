@@ -1,5 +1,5 @@
 // The expert-parallel MoE layer: MoeLayer's math (src/model/moe_layer.h) with the experts sharded
-// over the expert_parallel communicator (design notes §3, §4; comm/expert_dispatch.h).
+// over the expert_parallel communicator (design notes §3, §4; src/comm/expert_dispatch.h).
 //
 // Sharding. parallel.ep_size = P ranks hold disjoint shards: rank p holds the global experts
 // [p*E/P, (p+1)*E/P), L = E/P local experts, with w1 [L, D, F or 2F] and w2 [L, F, D]. The router
@@ -8,7 +8,7 @@
 // layer computes exactly what one rank holding all E experts computes on those tokens: the same y,
 // grad_x, grad_router and losses, up to floating-point summation order. The local experts'
 // weight gradients sum the contributions of all P ranks' tokens routed to them (what the P
-// single-rank layers would produce, summed); see comm/gradient_sync.h for the data-parallel step.
+// single-rank layers would produce, summed); see src/comm/gradient_sync.h for the data-parallel step.
 //
 // Forward, x [T, D]:
 //   x_r, logits = x_r Wr, route(logits)     as MoeLayer (jitter, complexity, capacity, losses)
@@ -21,7 +21,7 @@
 //     H = X_p W1_l, A = act(H), O = A W2_l   grouped GEMMs over the chunk's experts
 //     from_expert_layout(c), combine(c)      rows back to their source ranks
 //   y[t]   = sum_j gate[t, j] * O[row(t, j)]   unpermute_combine on the source rank
-// With the nvlink transport (parallel.ep_transport; comm/nvlink_exchange.h) the padded expert
+// With the nvlink transport (parallel.ep_transport; src/comm/nvlink_exchange.h) the padded expert
 // layout's input and output rows live in peer-mapped memory: the count exchange gathers every
 // rank's counts through it, the sender's packed rows are written straight into the owners'
 // layouts (no receive buffer, no reorder, one chunk), and y is summed from the owners' output
@@ -50,9 +50,9 @@
 #include <cstdint>
 #include <memory>
 
-#include "comm/expert_dispatch.h"
-#include "comm/nvlink_exchange.h"
-#include "kernels/ops.h"
+#include "src/comm/expert_dispatch.h"
+#include "src/comm/nvlink_exchange.h"
+#include "src/ops/ops.h"
 #include "src/core/device.h"
 #include "src/model/moe_layer.h"
 
@@ -71,7 +71,7 @@ class MoeEpLayer {
   // config.num_experts must be a multiple of its size. a2a_chunks >= 1 (clamped to the local
   // expert count).
   // `transport` (parallel.ep_transport): nccl, nvlink (CUDA ranks of one node: rows written into
-  // the peers' expert layouts directly, comm/nvlink_exchange.h; SY_BAD_INPUT where that is not
+  // the peers' expert layouts directly, src/comm/nvlink_exchange.h; SY_BAD_INPUT where that is not
   // possible), or automatic (nvlink where possible, else nccl; MPI on the CPU). Collective.
   MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicator> expert_parallel, DeviceKind device,
              DType activation_dtype, int64_t max_tokens, int a2a_chunks = 1,

@@ -10,7 +10,7 @@
 #include <limits>
 #include <string>
 
-#include "kernels/small_batch_ops.h"
+#include "src/ops/small_batch_ops.h"
 #include "src/core/environment.h"
 
 namespace switchyard {

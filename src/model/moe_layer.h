@@ -1,4 +1,4 @@
-// The Mixture-of-Experts layer: explicit forward and backward over kernels/ops.h (no autograd).
+// The Mixture-of-Experts layer: explicit forward and backward over src/ops/ops.h (no autograd).
 //
 // Forward, x [T, D]:
 //   x_r    = training && jitter_eps > 0 ? x * u : x     u ~ U[1-eps, 1+eps], Philox (seed, stream, step)
@@ -46,7 +46,7 @@
 // 1" and "data grad 2"), and the [R, F] dL/dA buffer is not allocated. Results equal the unfused
 // path's. A forward with for_backward = false (inference) lets the fused GEMM skip writing H.
 //
-// Small-batch inference path (kernels/small_batch_ops.h): on CUDA in sparse mode, a forward with
+// Small-batch inference path (src/ops/small_batch_ops.h): on CUDA in sparse mode, a forward with
 // for_backward = false and T <= small_batch_tokens() tokens runs router GEMM, routing and one
 // small-batch op (two kernels that stream each used expert's W1 and W2 once and write y) instead of
 // permute, the padded grouped GEMMs, the activation and the combine: no padding to 128-row tiles,
@@ -67,7 +67,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "kernels/ops.h"
+#include "src/ops/ops.h"
 #include "src/core/device.h"
 
 namespace switchyard {

@@ -9,7 +9,7 @@
 // replays that graph, one launch with no host work between kernels. The forward is an inference
 // one (for_backward = false), so for T <= layer().small_batch_tokens() (8 unless
 // SWITCHYARD_SMALL_BATCH_TOKENS says otherwise) the graph holds router GEMM, routing and the
-// small-batch expert op (kernels/small_batch_ops.h: each used expert's weights streamed once, no
+// small-batch expert op (src/ops/small_batch_ops.h: each used expert's weights streamed once, no
 // padding to GEMM tiles, 4 kernels in all); larger T take router GEMM, routing, permute, the
 // grouped expert GEMMs, activation and combine. The graph bakes in every address it touches:
 // the weights passed at construction (which must stay where they are), the fixed input/output

@@ -22,7 +22,7 @@
 #include <string>
 #include <vector>
 
-#include "kernels/ops.h"
+#include "src/ops/ops.h"
 #include "src/core/device.h"
 
 namespace switchyard {

@@ -6,8 +6,8 @@
 #include <cmath>
 #include <string>
 
-#include "src/analysis/routing_observer.h"
-#include "src/model/model_dispatch.h"
+#include "src/model/routing_observer.h"
+#include "src/ops/model_dispatch.h"
 #include "src/model/transformer_block.h"
 
 namespace switchyard {

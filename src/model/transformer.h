@@ -1,5 +1,5 @@
 // The decoder-only transformer LM: explicit forward and backward over the backend ops
-// (kernels/ops.h, src/model/model_dispatch.h) and the MoE block (src/model/moe_block.h).
+// (src/ops/ops.h, src/ops/model_dispatch.h) and the MoE block (src/model/moe_block.h).
 //
 // Model, for tokens of B sequences of S positions (T = B * S rows, D = d_model):
 //   x_0   = E[token] (+ P[position] with learned positions)         E [V, D], P [S_max, D]
@@ -43,10 +43,10 @@
 #include <memory>
 #include <vector>
 
-#include "comm/communicator.h"
+#include "src/comm/communicator.h"
 #include "src/model/moe_block.h"
 #include "src/model/parameters.h"
-#include "src/train/config.h"
+#include "src/model/config.h"
 
 namespace switchyard {
 

@@ -7,7 +7,7 @@
 // buffer that is then added when accumulating.
 #include <algorithm>
 
-#include "src/model/model_dispatch.h"
+#include "src/ops/model_dispatch.h"
 #include "src/model/transformer_block.h"
 
 namespace switchyard {

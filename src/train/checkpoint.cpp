@@ -9,7 +9,7 @@
 #include <cstring>
 #include <filesystem>
 
-#include "comm/bootstrap.h"
+#include "src/comm/bootstrap.h"
 #include "src/core/error.h"
 
 namespace switchyard {

@@ -15,7 +15,7 @@
 //      saves or removals are removed (each first renamed to .trash-*, so a crash mid-removal never
 //      leaves something that looks like a checkpoint); later steps (an abandoned timeline) are
 //      left alone. Then a final barrier, so a save has returned on every rank only when complete.
-// Fault points for the crash tests (comm/bootstrap.h inject_fault_point): checkpoint_shard_written
+// Fault points for the crash tests (src/comm/bootstrap.h inject_fault_point): checkpoint_shard_written
 // (every writing rank), checkpoint_manifest_written, checkpoint_renamed, checkpoint_complete
 // (rank 0).
 //
@@ -31,7 +31,7 @@
 #include <string>
 #include <vector>
 
-#include "comm/communicator.h"
+#include "src/comm/communicator.h"
 #include "src/model/parameters.h"
 #include "src/train/checkpoint_format.h"
 #include "src/train/config.h"

@@ -19,57 +19,13 @@
 #include <string>
 #include <vector>
 
-#include "comm/ep_transport.h"
-#include "kernels/moe_ops.h"
+#include "src/comm/ep_transport.h"
 #include "src/core/dtype.h"
+#include "src/model/config.h"
 
 namespace switchyard {
 
-enum class NormKind : uint8_t { layernorm, rmsnorm };
-enum class PositionKind : uint8_t { learned, rotary };
-// ExpertActivation (gelu_tanh | swiglu) and ComplexityMode (how many experts, between k_min and
-// top_k, each token uses: none = always top_k; given = a per-token complexity supplied with the
-// data; entropy = from the router's own entropy) come from kernels/moe_ops.h.
-// sparse: each expert sees only its routed tokens; dense: every expert runs on every token and
-// the gates mask the result (a reference for the sparse path, slow).
-enum class ExpertComputeMode : uint8_t { sparse, dense };
 enum class DeviceChoice : uint8_t { automatic, cpu, cuda };  // "auto" in YAML
-
-struct ModelConfig {
-  int vocab_size = 256;
-  int d_model = 0;   // required
-  int n_layers = 0;  // required
-  int n_heads = 0;   // required
-  int seq_len = 0;   // required
-  int d_ff = 0;      // default 4 * d_model
-  NormKind norm = NormKind::rmsnorm;
-  PositionKind positions = PositionKind::rotary;
-  int moe_every = 1;  // block b (0-based) has an MoE FFN when (b + 1) % moe_every == 0
-  DType compute_dtype = DType::bf16;
-  double init_std = 0.02;
-
-  int head_dim() const { return d_model / n_heads; }
-  bool block_is_moe(int block) const { return (block + 1) % moe_every == 0; }
-  int moe_block_count() const { return n_layers / moe_every; }
-};
-
-struct MoeConfig {
-  int num_experts = 0;  // required
-  int top_k = 2;
-  int k_min = 2;        // default top_k
-  int expert_d_ff = 0;  // default model.d_ff
-  ExpertActivation activation = ExpertActivation::gelu_tanh;
-  double capacity_factor = 1.25;
-  double eval_capacity_factor = 2.0;
-  bool dropless = false;
-  bool renormalize_gates = true;  // default: top_k > 1
-  double jitter_eps = 0.0;
-  double aux_loss_weight = 1e-2;
-  double z_loss_weight = 1e-3;
-  ComplexityMode complexity = ComplexityMode::none;
-  ExpertComputeMode compute_mode = ExpertComputeMode::sparse;
-  int segment_alignment = 128;
-};
 
 struct ParallelConfig {
   int ep_size = 1;
@@ -149,14 +105,8 @@ std::string config_to_yaml(const Config& config);
 // Checks that need the world size (known only after MPI start-up): world % ep_size == 0.
 void validate_against_world(const Config& config, int world_size);
 
-// Names used in YAML for the enums (and their inverse for messages).
-const char* norm_kind_name(NormKind kind);
-const char* position_kind_name(PositionKind kind);
-const char* expert_activation_name(ExpertActivation activation);
-const char* complexity_mode_name(ComplexityMode mode);
-const char* expert_compute_mode_name(ExpertComputeMode mode);
+// Names used in YAML for the enums of this layer (the model's: src/model/config.h).
 const char* device_choice_name(DeviceChoice choice);
-const char* compute_dtype_name(DType dtype);  // "bf16" | "fp16" | "fp32"
 
 // ---- The key table ---------------------------------------------------------------------------
 enum class ConfigValueType : uint8_t { integer, real, boolean, text, choice };

@@ -369,33 +369,12 @@ bool operator==(const Config& left, const Config& right) {
   return true;
 }
 
-const char* norm_kind_name(NormKind kind) { return kind == NormKind::layernorm ? "layernorm" : "rmsnorm"; }
-const char* position_kind_name(PositionKind kind) { return kind == PositionKind::learned ? "learned" : "rotary"; }
-const char* expert_activation_name(ExpertActivation activation) {
-  return activation == ExpertActivation::gelu_tanh ? "gelu" : "swiglu";
-}
-const char* complexity_mode_name(ComplexityMode mode) {
-  switch (mode) {
-    case ComplexityMode::none: return "none";
-    case ComplexityMode::given: return "given";
-    case ComplexityMode::entropy: return "entropy";
-  }
-  return "?";
-}
-const char* expert_compute_mode_name(ExpertComputeMode mode) {
-  return mode == ExpertComputeMode::sparse ? "sparse" : "dense";
-}
 const char* device_choice_name(DeviceChoice choice) {
   switch (choice) {
     case DeviceChoice::automatic: return "auto";
     case DeviceChoice::cpu: return "cpu";
     case DeviceChoice::cuda: return "cuda";
   }
-  return "?";
-}
-const char* compute_dtype_name(DType dtype) {
-  for (const auto& entry : kComputeDtypes)
-    if (entry.second == dtype) return entry.first.c_str();
   return "?";
 }
 

@@ -1,7 +1,7 @@
 // AdamW and gradient norms over parameter groups (src/train/optimizer.h).
 #include "src/train/optimizer.h"
 
-#include "src/model/model_dispatch.h"
+#include "src/ops/model_dispatch.h"
 
 namespace switchyard {
 

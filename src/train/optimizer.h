@@ -3,7 +3,7 @@
 //
 // Per group the optimizer owns two moment buffers (exp_avg, exp_avg_sq) shaped like the group's
 // flat master buffer, in the master dtype (fp32; f64 on the CPU reference). One step is one call
-// of the fused multi-tensor AdamW op (kernels/model_ops.h) over four tensors: each group's
+// of the fused multi-tensor AdamW op (src/ops/model_ops.h) over four tensors: each group's
 // weight-decay range and its no-decay range (norms, biases). The op also refreshes the bf16 /
 // fp16 compute copies, so no separate conversion pass runs.
 //
@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "kernels/model_ops.h"
+#include "src/ops/model_ops.h"
 #include "src/model/parameters.h"
 #include "src/train/config.h"
 

@@ -1,8 +1,8 @@
 // Router statistics per MoE layer for the training log, kept on the device between log lines.
 //
 // RouterStatsRecorder observes every training forward of the MoE layers (it is a RoutingObserver,
-// src/analysis/routing_observer.h) and adds each one's routing to a float64 accumulator on the
-// device (src/analysis/router_sums.h): two small kernels per layer and forward, no host copy and no
+// src/model/routing_observer.h) and adds each one's routing to a float64 accumulator on the
+// device (src/ops/router_sums.h): two small kernels per layer and forward, no host copy and no
 // synchronization. read_and_reset() -- called when a metrics line is written, every
 // training.log_every steps -- sums the accumulators over the ranks, copies them to the host once,
 // zeroes them, and derives per layer, over the forwards since the previous read:
@@ -19,9 +19,9 @@
 #include <cstdint>
 #include <vector>
 
-#include "comm/communicator.h"
-#include "src/analysis/router_sums.h"
-#include "src/analysis/routing_observer.h"
+#include "src/comm/communicator.h"
+#include "src/ops/router_sums.h"
+#include "src/model/routing_observer.h"
 #include "src/core/device.h"
 
 namespace switchyard {

@@ -13,7 +13,7 @@
 
 #include "src/core/error.h"
 #include "src/core/timing.h"
-#include "src/analysis/routing_observer.h"
+#include "src/model/routing_observer.h"
 #include "src/train/checkpoint_signals.h"
 #include "src/train/weights_file.h"
 
@@ -225,7 +225,7 @@ StepMetrics Trainer::train_step() {
     optimizer_->step(context_, lr, clip / loss_scale);
   }
   ++step_;
-  // Test hook (comm/bootstrap.h): SWITCHYARD_INJECT_FAULT=<rank>:after_step_N:sigusr1|sigterm delivers
+  // Test hook (src/comm/bootstrap.h): SWITCHYARD_INJECT_FAULT=<rank>:after_step_N:sigusr1|sigterm delivers
   // a preemption signal at a known step, for machines too fast for a signal sent from outside.
   inject_fault_point(("after_step_" + std::to_string(step_)).c_str());
 

@@ -6,7 +6,7 @@
 //     this rank's micro-batch (src/train/data_loader.h) -> forward, fused cross-entropy -> backward
 //     (the first micro-step overwrites the gradient buffers, the others add to them)
 //   all-reduce: dense gradients over the world, expert gradients over expert_data_parallel (sums;
-//     comm/gradient_sync.h)
+//     src/comm/gradient_sync.h)
 //   global gradient norm: dense part (replicated) + expert parts summed over the expert-parallel
 //     ranks, so expert shards count once each; inf / NaN anywhere -> the loss scaler skips the step
 //   AdamW with lr from the schedule and grad_scale = clip / loss_scale, clip = min(1, max_norm / norm)
@@ -39,9 +39,9 @@
 #include <string>
 #include <vector>
 
-#include "comm/bootstrap.h"
-#include "comm/communicator.h"
-#include "comm/gradient_sync.h"
+#include "src/comm/bootstrap.h"
+#include "src/comm/communicator.h"
+#include "src/comm/gradient_sync.h"
 #include "src/model/transformer.h"
 #include "src/train/checkpoint.h"
 #include "src/train/config.h"

@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "comm/communicator.h"
+#include "src/comm/communicator.h"
 #include "src/model/parameters.h"
 
 namespace switchyard {

@@ -2,7 +2,7 @@
 # Whole-program test: one failing rank ends the whole job promptly.
 #
 # Four ranks start `switchyard train --dry-run configs/tiny-cpu.yaml`; rank 1 throws right after
-# bootstrap (SWITCHYARD_INJECT_FAULT=1:after_bootstrap, a testing aid of comm/bootstrap.h). Its
+# bootstrap (SWITCHYARD_INJECT_FAULT=1:after_bootstrap, a testing aid of src/comm/bootstrap.h). Its
 # error path must MPI_Abort the job: mpirun returns (so every rank has exited) non-zero within
 # 30 s, far below the 60 s collective timeout the other ranks run with, and the error line names
 # rank 1 and the fault.
@@ -17,7 +17,7 @@ work_dir=$(mktemp -d)
 trap 'rm -rf "$work_dir"' EXIT
 cd "$work_dir"  # the run's data, run directory and logs stay out of the source tree
 # tiny-cpu.yaml reads data/tiny/{train,val}.bin relative to the working directory.
-if ! "$binary" prepare-data --output data/tiny/train.bin --val-output data/tiny/val.bin "$source_dir/comm" \
+if ! "$binary" prepare-data --output data/tiny/train.bin --val-output data/tiny/val.bin "$source_dir/src/comm" \
     >prepare.log 2>&1; then
   echo "$(basename "$0"): FAILED: could not prepare token files"; cat prepare.log; exit 1
 fi

@@ -3,7 +3,7 @@
 #
 # Four ranks start `switchyard train --dry-run configs/tiny-cpu.yaml` with a 5 s collective
 # timeout; rank 1 stops participating right after bootstrap
-# (SWITCHYARD_INJECT_FAULT=1:after_bootstrap:hang, a testing aid of comm/bootstrap.h). The others
+# (SWITCHYARD_INJECT_FAULT=1:after_bootstrap:hang, a testing aid of src/comm/bootstrap.h). The others
 # must time out in their next collective, print an error naming the collective, the
 # communicator and the 5 s limit, and abort the job: mpirun returns non-zero within about 30 s.
 # Usage: test_hang_timeout.sh SWITCHYARD_BINARY SOURCE_DIR [MPIEXEC]
@@ -13,7 +13,7 @@ timeout_seconds=5
 
 # tiny-cpu.yaml reads data/tiny/{train,val}.bin relative to the working directory ($work).
 if ! (cd "$work" && "$binary" prepare-data --output data/tiny/train.bin --val-output data/tiny/val.bin \
-      "$source_dir/comm") >"$work/prepare.log" 2>&1; then
+      "$source_dir/src/comm") >"$work/prepare.log" 2>&1; then
   echo "test_hang_timeout: FAILED: could not prepare token files"; cat "$work/prepare.log"; exit 1
 fi
 

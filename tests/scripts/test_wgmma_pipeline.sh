@@ -21,7 +21,7 @@ fi
 exec python3 - "$commands" <<'PY'
 import json, os, shlex, subprocess, sys, tempfile
 
-KERNEL_FILES = ("kernels/cuda/grouped_gemm_sm90_forward.cu", "kernels/cuda/grouped_gemm_sm90_weight_grad.cu")
+KERNEL_FILES = ("src/ops/cuda/sm90/grouped_gemm_sm90_forward.cu", "src/ops/cuda/sm90/grouped_gemm_sm90_weight_grad.cu")
 DEPFILE_FLAGS = {"-MD", "-MMD"}
 DEPFILE_FLAGS_WITH_VALUE = {"-MT", "-MF", "-MQ"}
 

@@ -1,0 +1,39 @@
+// create_communicator: picks the backend (see comm_factory.h).
+#include "src/comm/comm_factory.h"
+
+#include "src/comm/mpi_comm.h"
+#include "src/core/mpi_check.h"
+#if defined(SWITCHYARD_WITH_CUDA)
+#include "src/comm/nccl_comm.h"
+#endif
+
+namespace switchyard {
+
+std::shared_ptr<Communicator> create_communicator(DeviceKind device, MPI_Comm group, const std::string& name,
+                                                  double timeout_seconds) {
+  if (device == DeviceKind::cpu) {
+    try {
+      return std::make_shared<MpiCommunicator>(group, name, timeout_seconds);
+    } catch (...) {
+      MPI_Comm_free(&group);
+      throw;
+    }
+  }
+#if defined(SWITCHYARD_WITH_CUDA)
+  // The MPI communicator is only needed to share the NCCL unique id; free it either way.
+  struct FreeGroup {
+    MPI_Comm* comm;
+    ~FreeGroup() {
+      int finalized = 0;
+      MPI_Finalized(&finalized);
+      if (!finalized) MPI_Comm_free(comm);
+    }
+  } free_group{&group};
+  return std::make_shared<NcclCommunicator>(group, name, timeout_seconds);
+#else
+  MPI_Comm_free(&group);
+  SY_BAD_INPUT("communicator '", name, "' needs CUDA, but this build of switchyard has no CUDA backend");
+#endif
+}
+
+}  // namespace switchyard

@@ -1,0 +1,160 @@
+// Expert-parallel row moves: the device-side bookkeeping of the token exchange in
+// src/comm/expert_dispatch.h. One declaration, two backends, the conventions of src/ops/moe_ops.h:
+//
+//   switchyard::cpu::NAME   src/ops/cpu/ep_permute.cpp   reference (any dtype: rows move as bytes)
+//   switchyard::cuda::NAME  src/ops/cuda/ep_permute.cu   same results bit for bit, on a stream
+//   switchyard::ops::NAME   below                        picks the backend from the context
+//
+// P ranks form the expert-parallel group, each holding L = E / P consecutive global experts
+// (rank p: experts [p*L, (p+1)*L)). Global expert e = p*L + l is local expert l of rank p.
+//
+// Sender. Routing with segment_alignment 1 makes the expert-contiguous layout packed: expert e owns
+// rows [offsets[e], offsets[e+1]) with no padding, so the rows for rank p are one contiguous run.
+//   ep_send_counts:  send_counts[e] = offsets[e+1] - offsets[e], int32 [E], read as [P, L]:
+//                    the rows this rank sends to (destination p, its local expert l).
+//
+// Receiver. recv_counts [P, L] (what the count all-to-all delivered): rows from source p for local
+// expert l. The payload all-to-all delivers them packed in source-major order, (p, l) ascending.
+// ep_receive_layout derives, from recv_counts alone:
+//   packed_starts [P*L + 1]   packed_starts[p*L + l] = sum of recv_counts over (p', l') before (p, l)
+//                             in source-major order; packed_starts[P*L] = N, all received rows
+//   expert_totals [L]         T_l = sum_p recv_counts[p, l]
+//   expert_offsets [L + 1]    the padded grouped-GEMM layout by local expert:
+//                             expert_offsets[l] = sum_{l' < l} roundup(T_l', A), A = the alignment
+//   segment_rows [P, L]       first padded row of the rows from (p, l):
+//                             expert_offsets[l] + sum_{p' < p} recv_counts[p', l]
+//                             (within an expert, rows are ordered by source rank, then as sent)
+//   chunk_offsets [L + C]     chunk c = local experts [f_c, f_{c+1}), f_c = c*L/C (C <= L); its
+//                             offsets relative to its first row sit at [f_c + c, f_{c+1} + c]:
+//                             chunk_offsets[f_c + c + j] = expert_offsets[f_c + j] - expert_offsets[f_c]
+//                             (so chunk c's grouped GEMMs run on a view starting at row 0).
+// Rows of local expert l in the padded layout: [expert_offsets[l], expert_offsets[l] + T_l) hold
+// data, [expert_offsets[l] + T_l, expert_offsets[l+1]) are segment padding.
+//
+//   ep_to_expert_layout(packed [N, D], experts [a, b)) -> padded [R, D]:
+//       for every padded row r in [expert_offsets[a], expert_offsets[b]): the i-th row of (p, l)
+//       gets packed[packed_starts[p*L + l] + i]; segment padding rows get zero. Rows outside the
+//       range are untouched (other chunks).
+//   ep_from_expert_layout(padded [R, D], experts [a, b)) -> packed [N, D]:
+//       packed[packed_starts[p*L + l] + i] = padded[segment_rows[p, l] + i] for l in [a, b), every
+//       p and i < recv_counts[p, l]. Other packed rows are untouched.
+// The two are inverse on data rows. `expected_rows` (the host's count of padded rows in the range,
+// known from the one host copy of the counts) only sizes the CUDA launch; the kernels read the true
+// range from expert_offsets on the device, so a wrong hint costs speed, never correctness.
+// Counts and offsets are int32 (the layouts of src/ops/moe_ops.h are int32 too).
+#pragma once
+
+#include <cstdint>
+
+#include "src/ops/ops.h"
+#include "src/core/tensor.h"
+
+namespace switchyard {
+
+// The receive-side layout of one exchange: int32 tensors on the backend's device.
+struct EpReceiveLayout {
+  int num_ranks = 1;      // P
+  int local_experts = 1;  // L
+  int chunks = 1;         // C, 1 <= C <= L
+  int alignment = 1;      // A, rows; the grouped GEMM tile height
+  Tensor recv_counts;     // [P, L]  input
+  Tensor packed_starts;   // [P*L + 1]
+  Tensor expert_totals;   // [L]
+  Tensor expert_offsets;  // [L + 1]
+  Tensor segment_rows;    // [P, L]
+  Tensor chunk_offsets;   // [L + C]
+};
+
+// Checks what both backends need of a layout (SY_CHECK naming the field): 1 <= P, 1 <= C <= L,
+// A >= 1, every tensor int32 of the documented shape on `device`.
+void validate_ep_receive_layout(const EpReceiveLayout& layout, DeviceKind device);
+
+// First local expert of chunk `chunk` of `chunks` over `local_experts` (chunk == chunks: the end).
+inline int ep_chunk_first_expert(int chunk, int chunks, int local_experts) {
+  return int(int64_t(chunk) * local_experts / chunks);
+}
+
+namespace cpu {
+void ep_send_counts(const Tensor& expert_offsets, Tensor& send_counts);
+void ep_receive_layout(EpReceiveLayout& layout);
+void ep_to_expert_layout(const Tensor& packed, const EpReceiveLayout& layout, int first_expert, int end_expert,
+                         int64_t expected_rows, Tensor& padded);
+void ep_from_expert_layout(const Tensor& padded, const EpReceiveLayout& layout, int first_expert, int end_expert,
+                           int64_t expected_rows, Tensor& packed);
+}  // namespace cpu
+
+namespace cuda {
+void ep_send_counts(const Tensor& expert_offsets, Tensor& send_counts, void* stream);
+void ep_receive_layout(EpReceiveLayout& layout, void* stream);
+void ep_to_expert_layout(const Tensor& packed, const EpReceiveLayout& layout, int first_expert, int end_expert,
+                         int64_t expected_rows, Tensor& padded, void* stream);
+void ep_from_expert_layout(const Tensor& padded, const EpReceiveLayout& layout, int first_expert, int end_expert,
+                           int64_t expected_rows, Tensor& packed, void* stream);
+}  // namespace cuda
+
+namespace ops {
+
+namespace ep_detail {
+inline void expect_device(const ExecContext& context, const char* op, std::initializer_list<const Tensor*> tensors) {
+  for (const Tensor* tensor : tensors)
+    SY_CHECK(tensor->device == context.device, "ops::", op, ": tensor ", tensor->describe(),
+             " is not on the context's device (", device_kind_name(context.device), ")");
+}
+inline void expect_layout(const ExecContext& context, const char* op, const EpReceiveLayout& layout) {
+  expect_device(context, op,
+                {&layout.recv_counts, &layout.packed_starts, &layout.expert_totals, &layout.expert_offsets,
+                 &layout.segment_rows, &layout.chunk_offsets});
+}
+[[noreturn]] inline void no_cuda(const char* op) {
+  SY_THROW("ops::", op, ": the context asks for CUDA but this build of switchyard has no CUDA backend");
+}
+}  // namespace ep_detail
+
+inline void ep_send_counts(const ExecContext& context, const Tensor& expert_offsets, Tensor& send_counts) {
+  ep_detail::expect_device(context, "ep_send_counts", {&expert_offsets, &send_counts});
+  if (context.device == DeviceKind::cpu) return cpu::ep_send_counts(expert_offsets, send_counts);
+#if defined(SWITCHYARD_WITH_CUDA)
+  cuda::ep_send_counts(expert_offsets, send_counts, context.stream);
+#else
+  ep_detail::no_cuda("ep_send_counts");
+#endif
+}
+
+inline void ep_receive_layout(const ExecContext& context, EpReceiveLayout& layout) {
+  ep_detail::expect_layout(context, "ep_receive_layout", layout);
+  if (context.device == DeviceKind::cpu) return cpu::ep_receive_layout(layout);
+#if defined(SWITCHYARD_WITH_CUDA)
+  cuda::ep_receive_layout(layout, context.stream);
+#else
+  ep_detail::no_cuda("ep_receive_layout");
+#endif
+}
+
+inline void ep_to_expert_layout(const ExecContext& context, const Tensor& packed, const EpReceiveLayout& layout,
+                                int first_expert, int end_expert, int64_t expected_rows, Tensor& padded) {
+  ep_detail::expect_device(context, "ep_to_expert_layout", {&packed, &padded});
+  ep_detail::expect_layout(context, "ep_to_expert_layout", layout);
+  if (context.device == DeviceKind::cpu)
+    return cpu::ep_to_expert_layout(packed, layout, first_expert, end_expert, expected_rows, padded);
+#if defined(SWITCHYARD_WITH_CUDA)
+  cuda::ep_to_expert_layout(packed, layout, first_expert, end_expert, expected_rows, padded, context.stream);
+#else
+  ep_detail::no_cuda("ep_to_expert_layout");
+#endif
+}
+
+inline void ep_from_expert_layout(const ExecContext& context, const Tensor& padded, const EpReceiveLayout& layout,
+                                  int first_expert, int end_expert, int64_t expected_rows, Tensor& packed) {
+  ep_detail::expect_device(context, "ep_from_expert_layout", {&padded, &packed});
+  ep_detail::expect_layout(context, "ep_from_expert_layout", layout);
+  if (context.device == DeviceKind::cpu)
+    return cpu::ep_from_expert_layout(padded, layout, first_expert, end_expert, expected_rows, packed);
+#if defined(SWITCHYARD_WITH_CUDA)
+  cuda::ep_from_expert_layout(padded, layout, first_expert, end_expert, expected_rows, packed, context.stream);
+#else
+  ep_detail::no_cuda("ep_from_expert_layout");
+#endif
+}
+
+}  // namespace ops
+}  // namespace switchyard

@@ -1,0 +1,411 @@
+// The HTML run report (src/report/report.h).
+#include "src/report/report.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <sstream>
+
+#include "src/report/svg_plot.h"
+#include "src/core/error.h"
+#include "src/train/metrics.h"
+
+namespace switchyard {
+namespace {
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+const char* kStyle = R"(<style>
+body { font-family: "DejaVu Sans", Helvetica, Arial, sans-serif; color: #222; max-width: 1180px; margin: 24px auto;
+       padding: 0 16px; line-height: 1.45; }
+h1 { font-size: 24px; margin-bottom: 2px; } h2 { font-size: 19px; margin-top: 34px; border-bottom: 1px solid #ddd; }
+h3 { font-size: 15px; margin: 18px 0 6px; }
+.subtitle { color: #666; margin-top: 0; } .note { color: #555; font-size: 13px; max-width: 900px; }
+.figures { display: flex; flex-wrap: wrap; gap: 10px; } figure { margin: 0; }
+table { border-collapse: collapse; font-size: 13px; margin: 6px 0 14px; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; } th { background: #f4f4f4; }
+td.left, th.left { text-align: left; } code, pre { font-family: "DejaVu Sans Mono", Menlo, monospace; font-size: 12px; }
+pre { background: #f8f8f8; padding: 8px; overflow-x: auto; } details { margin: 8px 0; }
+.cards { display: flex; flex-wrap: wrap; gap: 10px; margin: 10px 0; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: 8px 14px; min-width: 130px; }
+.card .value { font-size: 20px; font-weight: bold; } .card .label { font-size: 12px; color: #666; }
+</style>)";
+
+std::string escape(const std::string& text) { return xml_escape(text); }
+
+std::string number(double value, const char* format = "%.4g") {
+  return std::isfinite(value) ? format_number(value, format) : "-";
+}
+
+// Finite values only, for medians and the like.
+std::vector<double> finite(const std::vector<double>& values) {
+  std::vector<double> out;
+  for (double value : values)
+    if (std::isfinite(value)) out.push_back(value);
+  return out;
+}
+
+double median_of(std::vector<double> values) {
+  values = finite(values);
+  if (values.empty()) return kNaN;
+  std::sort(values.begin(), values.end());
+  const size_t middle = values.size() / 2;
+  return values.size() % 2 ? values[middle] : 0.5 * (values[middle - 1] + values[middle]);
+}
+
+bool any_finite(const std::vector<double>& values) {
+  return std::any_of(values.begin(), values.end(), [](double value) { return std::isfinite(value); });
+}
+
+std::string card(const std::string& value, const std::string& label) {
+  return "<div class=\"card\"><div class=\"value\">" + escape(value) + "</div><div class=\"label\">" + escape(label) +
+         "</div></div>";
+}
+
+std::string figure(const std::string& svg) { return "<figure>" + svg + "</figure>\n"; }
+
+PlotSeries series(const std::string& name, const std::vector<double>& x, const std::vector<double>& y,
+                  const std::string& color = "") {
+  PlotSeries out;
+  out.name = name;
+  out.x = x;
+  out.y = y;
+  out.color = color;
+  return out;
+}
+
+std::string line_chart(const std::string& title, const std::string& y_label, std::vector<PlotSeries> lines,
+                       int width = 560, int height = 280, bool from_zero = false, double ceiling = kNaN) {
+  LineChartOptions options;
+  options.y_ceiling = ceiling;
+  options.title = title;
+  options.x_label = "step";
+  options.y_label = y_label;
+  options.width = width;
+  options.height = height;
+  options.y_from_zero = from_zero;
+  return figure(svg_line_chart(lines, options));
+}
+
+// ---- Sections --------------------------------------------------------------------------------
+
+std::string summary_section(const ReportInputs& inputs) {
+  const RunHistory& history = *inputs.history;
+  std::ostringstream out;
+  out << "<div class=\"cards\">\n";
+  const double last_step = history.step.empty() ? 0.0 : history.step.back();
+  out << card(number(last_step, "%.0f") + " / " + std::to_string(history.total_steps), "steps logged / planned");
+  const std::vector<double> smooth = exponential_moving_average(history.loss, 0.9);
+  if (!smooth.empty()) out << card(number(smooth.back()), "final loss (moving average)");
+  if (!history.val_loss.empty()) {
+    const size_t best =
+        size_t(std::min_element(history.val_loss.begin(), history.val_loss.end()) - history.val_loss.begin());
+    out << card(number(history.val_loss[best]),
+                "best validation loss (step " + number(history.val_step[best], "%.0f") + ")");
+    out << card(number(history.val_loss.back()), "last validation loss");
+  }
+  out << card(number(median_of(history.tokens_per_s), "%.4g"), "median tokens/s");
+  out << card(number(1e3 * median_of(history.step_time_s), "%.4g") + " ms", "median step time");
+  if (any_finite(history.mfu))
+    out << card(number(100.0 * median_of(history.mfu), "%.1f") + "%", "median MFU (989 TFLOP/s)");
+  const int64_t skipped = std::count(history.skipped.begin(), history.skipped.end(), true);
+  if (skipped > 0) out << card(std::to_string(skipped), "skipped steps (inf/NaN gradients)");
+  out << "</div>\n";
+  for (const std::string& note : history.notes) out << "<p class=\"note\">Note: " << escape(note) << "</p>\n";
+  return out.str();
+}
+
+std::string config_section(const Config& config) {
+  const FlopsEstimate flops = estimate_flops(config.model, config.moe);
+  const ModelConfig& model = config.model;
+  const MoeConfig& moe = config.moe;
+  std::vector<std::pair<std::string, std::string>> rows = {
+      {"parameters (total / active per token)",
+       number(flops.total_params / 1e6, "%.4g") + "M / " + number(flops.active_params / 1e6, "%.4g") + "M"},
+      {"model", "d_model " + std::to_string(model.d_model) + ", " + std::to_string(model.n_layers) + " blocks, " +
+                    std::to_string(model.n_heads) + " heads, seq_len " + std::to_string(model.seq_len) +
+                    ", vocabulary " + std::to_string(model.vocab_size)},
+      {"MoE", std::to_string(model.moe_block_count()) + " MoE layers (every " + std::to_string(model.moe_every) +
+                  " blocks), " + std::to_string(moe.num_experts) + " experts, top-" + std::to_string(moe.top_k) +
+                  ", expert d_ff " + std::to_string(moe.expert_d_ff) + ", " + expert_activation_name(moe.activation)},
+      {"routing", (moe.dropless ? std::string("dropless") : "capacity factor " + number(moe.capacity_factor, "%.3g")) +
+                      ", aux weight " + number(moe.aux_loss_weight, "%.3g") + ", z weight " +
+                      number(moe.z_loss_weight, "%.3g") + ", jitter " + number(moe.jitter_eps, "%.3g")},
+      {"training", std::to_string(config.training.steps) + " steps, micro-batch " +
+                       std::to_string(config.training.micro_batch_size) + " x " +
+                       std::to_string(config.optimizer.grad_accum_steps) + " accumulation, lr " +
+                       number(config.optimizer.lr, "%.3g") + ", compute " + compute_dtype_name(model.compute_dtype)},
+      {"parallel", "ep_size " + std::to_string(config.parallel.ep_size)},
+      {"data", config.data.path + (config.data.val_path.empty() ? "" : " (validation: " + config.data.val_path + ")")}};
+  std::ostringstream out;
+  out << "<table>\n";
+  for (const auto& row : rows)
+    out << "<tr><th class=\"left\">" << escape(row.first) << "</th><td class=\"left\">" << escape(row.second)
+        << "</td></tr>\n";
+  out << "</table>\n";
+  return out.str();
+}
+
+std::string curves_section(const RunHistory& history) {
+  std::ostringstream out;
+  out << "<div class=\"figures\">\n";
+  PlotSeries raw = series("loss", history.step, history.loss, "#9ecae1");
+  raw.width = 1.0;
+  std::vector<PlotSeries> loss_lines = {
+      raw, series("loss (moving average)", history.step, exponential_moving_average(history.loss, 0.9), "#1f77b4")};
+  if (!history.val_loss.empty()) {
+    PlotSeries validation = series("validation loss", history.val_step, history.val_loss, "#d62728");
+    validation.markers = true;
+    loss_lines.push_back(validation);
+  }
+  out << line_chart("Loss", "cross-entropy (nats)", loss_lines, 1120, 330);
+  out << line_chart("Learning rate", "lr", {series("lr", history.step, history.lr)}, 560, 250, true);
+  out << line_chart("Gradient norm (before clipping)", "norm", {series("grad norm", history.step, history.grad_norm)},
+                    560, 250, true);
+  out << line_chart("Router losses (weighted, summed over MoE layers)", "loss",
+                    {series("aux (load balance)", history.step, history.aux_loss, "#ff7f0e"),
+                     series("z (logit size)", history.step, history.z_loss, "#9467bd")},
+                    560, 250, true);
+  std::vector<double> dropped_percent;
+  for (double value : history.dropped_fraction) dropped_percent.push_back(100.0 * value);
+  out << line_chart("Dropped choices (capacity overflow)", "% of routed choices",
+                    {series("dropped", history.step, dropped_percent, "#8c564b")}, 560, 250, true, 100.0);
+  out << line_chart("Throughput", "tokens / s", {series("tokens/s", history.step, history.tokens_per_s, "#2ca02c")},
+                    560, 250, true);
+  out << "</div>\n";
+  return out.str();
+}
+
+std::string load_section(const RunHistory& history) {
+  std::ostringstream out;
+  if (history.load.empty()) {
+    out << "<p class=\"note\">The metrics carry no per-expert token counts.</p>\n";
+    return out.str();
+  }
+  out << "<p class=\"note\">Each column covers a range of steps; each cell is the expert's share of that range's "
+         "routed choices relative to an even split (1x: balanced; red: overloaded; blue: underused; grey: no steps). "
+         "Hover a cell for its numbers.</p>\n";
+  const size_t bins = history.bin_first_step.size();
+  std::vector<std::string> column_labels;
+  for (size_t bin = 0; bin < bins; ++bin)
+    column_labels.push_back(history.bin_first_step[bin] ? std::to_string(history.bin_first_step[bin]) : "");
+  std::vector<PlotSeries> imbalance_lines;
+  for (int layer = 0; layer < history.load_layers; ++layer) {
+    const int experts = history.load_experts;
+    std::vector<std::vector<double>> values(static_cast<size_t>(experts), std::vector<double>(bins, kNaN));
+    std::vector<std::vector<std::string>> titles(static_cast<size_t>(experts), std::vector<std::string>(bins));
+    std::vector<double> imbalance_x, imbalance_y;
+    for (size_t bin = 0; bin < bins; ++bin) {
+      const std::vector<double>& counts = history.load[size_t(layer)][bin];
+      double total = 0.0, largest = 0.0;
+      for (double count : counts) {
+        total += count;
+        largest = std::max(largest, count);
+      }
+      if (history.bin_first_step[bin] == 0 || total <= 0.0) continue;
+      const double even = total / double(experts);
+      imbalance_x.push_back(0.5 * double(history.bin_first_step[bin] + history.bin_last_step[bin]));
+      imbalance_y.push_back(largest / even);
+      for (int expert = 0; expert < experts; ++expert) {
+        const double ratio = counts[size_t(expert)] / even;
+        values[size_t(expert)][bin] = ratio;
+        titles[size_t(expert)][bin] =
+            "expert " + std::to_string(expert) + ", steps " + std::to_string(history.bin_first_step[bin]) + "-" +
+            std::to_string(history.bin_last_step[bin]) + ": " + number(ratio, "%.2f") + "x even (" +
+            number(100.0 * counts[size_t(expert)] / total, "%.1f") + "% of " + number(total, "%.0f") + " choices)";
+      }
+    }
+    std::vector<std::string> row_labels;
+    for (int expert = 0; expert < experts; ++expert) row_labels.push_back("expert " + std::to_string(expert));
+    HeatmapOptions options;
+    options.title = "MoE layer " + std::to_string(layer) + ": expert load over training";
+    options.x_label = "first step of each column";
+    options.row_labels = row_labels;
+    options.column_labels = column_labels;
+    options.scale = HeatmapScale::diverging_ratio;
+    options.ratio_limit = 4.0;
+    options.colorbar_label = "load / even share";
+    options.cell_titles = titles;
+    options.max_width = 960;
+    out << figure(svg_heatmap(values, options));
+    imbalance_lines.push_back(series("layer " + std::to_string(layer), imbalance_x, imbalance_y));
+  }
+  out << "<div class=\"figures\">\n"
+      << line_chart("Load max/mean per step range (from the per-step counts)", "max / mean", imbalance_lines, 560, 260,
+                    true);
+  out << "</div>\n";
+  return out.str();
+}
+
+std::string router_section(const RunHistory& history) {
+  std::ostringstream out;
+  if (history.router.empty()) {
+    out << "<p class=\"note\">The metrics carry no router statistics (they are written every training.log_every "
+           "steps by runs that record them; see docs/ANALYTICS.md).</p>\n";
+    return out.str();
+  }
+  size_t layers = 0;
+  for (const RouterRecord& record : history.router) layers = std::max(layers, record.layers.size());
+  struct Metric {
+    const char* title;
+    const char* axis;
+    double RouterLayerStats::*field;
+    double scale, ceiling;  // ceiling: the largest possible value (NaN: unbounded)
+  };
+  const Metric metrics[] = {
+      {"Router entropy (normalized by ln E)", "entropy / ln E", &RouterLayerStats::router_entropy_normalized, 1.0, 1.0},
+      {"Mean gate of kept choices", "gate", &RouterLayerStats::mean_gate, 1.0, 1.0},
+      {"Load max/mean per logged window", "max / mean", &RouterLayerStats::load_imbalance, 1.0, kNaN},
+      {"Experts used", "% of experts", &RouterLayerStats::experts_used_fraction, 100.0, 100.0}};
+  out << "<div class=\"figures\">\n";
+  for (const Metric& metric : metrics) {
+    std::vector<PlotSeries> lines;
+    for (size_t layer = 0; layer < layers; ++layer) {
+      std::vector<double> x, y;
+      for (const RouterRecord& record : history.router) {
+        if (layer >= record.layers.size() || record.layers[layer].forwards == 0) continue;
+        x.push_back(double(record.step));
+        y.push_back(metric.scale * (record.layers[layer].*metric.field));
+      }
+      PlotSeries line = series("layer " + std::to_string(layer), x, y);
+      line.markers = x.size() <= 60;
+      lines.push_back(line);
+    }
+    out << line_chart(metric.title, metric.axis, lines, 560, 250, true, metric.ceiling);
+  }
+  out << "</div>\n";
+  const RouterRecord& last = history.router.back();
+  out << "<h3>Latest window (ending at step " << last.step << ")</h3>\n<table>\n<tr><th>layer</th><th>forwards</th>"
+      << "<th>tokens</th><th>load max/mean</th><th>experts used</th><th>dropped</th><th>mean gate</th>"
+      << "<th>entropy (nats)</th><th>entropy / ln E</th><th>aux loss</th><th>z loss</th></tr>\n";
+  for (const RouterLayerStats& layer : last.layers)
+    out << "<tr><td>" << layer.moe_layer << "</td><td>" << layer.forwards << "</td><td>" << layer.tokens << "</td><td>"
+        << number(layer.load_imbalance, "%.3f") << "</td><td>" << number(100.0 * layer.experts_used_fraction, "%.1f")
+        << "%</td><td>" << number(100.0 * layer.dropped_fraction, "%.2f") << "%</td><td>"
+        << number(layer.mean_gate, "%.3f") << "</td><td>" << number(layer.router_entropy, "%.3f") << "</td><td>"
+        << number(layer.router_entropy_normalized, "%.3f") << "</td><td>" << number(layer.aux_loss, "%.4g")
+        << "</td><td>" << number(layer.z_loss, "%.4g") << "</td></tr>\n";
+  out << "</table>\n";
+  return out.str();
+}
+
+// One lift heatmap: experts x the categories of one view.
+std::string lift_heatmap(const SpecializationMap& map, const LayerSpecialization& layer, const std::string& title,
+                         const std::vector<std::string>& categories, const std::vector<int64_t> InputProfile::*view,
+                         const std::string& x_label) {
+  const InputProfile& text = map.text();
+  const std::vector<int64_t>& baseline = text.*view;
+  int64_t routed = 0;
+  for (const InputProfile& expert : layer.experts) routed += expert.count;
+  std::vector<std::vector<double>> values;
+  std::vector<std::vector<std::string>> titles;
+  std::vector<std::string> row_labels;
+  for (size_t expert = 0; expert < layer.experts.size(); ++expert) {
+    const InputProfile& profile = layer.experts[expert];
+    const std::vector<int64_t>& counts = profile.*view;
+    std::vector<double> row(categories.size(), kNaN);
+    std::vector<std::string> row_titles(categories.size());
+    for (size_t category = 0; category < categories.size(); ++category) {
+      if (profile.count <= 0 || baseline[category] <= 0 || text.count <= 0) continue;
+      const double share = double(counts[category]) / double(profile.count);
+      const double text_share = double(baseline[category]) / double(text.count);
+      row[category] = share / text_share;
+      row_titles[category] = "expert " + std::to_string(expert) + ", " + categories[category] + ": " +
+                             number(row[category], "%.2f") + "x (" + number(100.0 * share, "%.1f") +
+                             "% of its tokens, " + number(100.0 * text_share, "%.1f") + "% of the text)";
+    }
+    values.push_back(row);
+    titles.push_back(row_titles);
+    row_labels.push_back("expert " + std::to_string(expert) + " (" +
+                         number(routed > 0 ? 100.0 * double(profile.count) / double(routed) : 0.0, "%.0f") + "%)");
+  }
+  HeatmapOptions options;
+  options.title = title;
+  options.x_label = x_label;
+  options.row_labels = row_labels;
+  options.column_labels = categories;
+  options.scale = HeatmapScale::diverging_ratio;
+  options.ratio_limit = 4.0;
+  options.colorbar_label = "lift vs the text";
+  options.value_format = "%.2f";
+  options.annotate = true;
+  options.cell_titles = titles;
+  options.max_width = 360;  // two of these side by side on a page
+  return figure(svg_heatmap(values, options));
+}
+
+std::string specialization_section(const ReportInputs& inputs) {
+  std::ostringstream out;
+  if (inputs.specialization == nullptr) {
+    out << "<p class=\"note\">Not computed: " << escape(inputs.specialization_missing_reason) << "</p>\n";
+    return out.str();
+  }
+  const SpecializationMap& map = *inputs.specialization;
+  out << "<p class=\"note\">Which inputs each expert receives, from " << escape(inputs.specialization_source)
+      << " run through the final weights (dropless routing, every choice of a token counted). A cell is the lift: the "
+         "share of the expert's tokens in that category divided by the category's share of the text (1x: no "
+         "preference; red: the expert gets more of it; blue: less). Row labels give each expert's share of the "
+         "routed choices.</p>\n";
+  std::vector<std::string> classes, previous, positions;
+  for (int byte_class = 0; byte_class < kNumByteClasses; ++byte_class) classes.push_back(byte_class_name(byte_class));
+  for (int byte_class = 0; byte_class < kNumPreviousClasses; ++byte_class)
+    previous.push_back(byte_class_name(byte_class));
+  for (int bucket = 0; bucket < map.position_buckets(); ++bucket) {
+    const int64_t first = bucket * map.window() / map.position_buckets();
+    const int64_t last = (bucket + 1) * map.window() / map.position_buckets() - 1;
+    positions.push_back(std::to_string(first) + "-" + std::to_string(last));
+  }
+  for (const LayerSpecialization& layer : map.layers()) {
+    out << "<h3>MoE layer " << layer.moe_layer
+        << (layer.block >= 0 ? " (block " + std::to_string(layer.block) + ")" : "")
+        << "</h3>\n<div class=\"figures\">\n";
+    out << lift_heatmap(map, layer, "By byte class", classes, &InputProfile::by_class, "class of the token");
+    out << lift_heatmap(map, layer, "By preceding byte", previous, &InputProfile::by_previous,
+                        "class of the byte before it");
+    out << lift_heatmap(map, layer, "By position in the window", positions, &InputProfile::by_position,
+                        "position (token index in the sequence)");
+    out << "</div>\n<table>\n<tr><th>expert</th><th>share</th><th class=\"left\">most frequent bytes</th>"
+           "<th>mean position</th></tr>\n";
+    int64_t routed = 0;
+    for (const InputProfile& expert : layer.experts) routed += expert.count;
+    for (size_t expert = 0; expert < layer.experts.size(); ++expert) {
+      const InputProfile& profile = layer.experts[expert];
+      std::string bytes;
+      for (int byte : profile.top_bytes(8)) {
+        const double share = profile.count ? 100.0 * double(profile.by_byte[size_t(byte)]) / double(profile.count) : 0;
+        bytes += byte_label(byte) + " " + number(share, "%.0f") + "%  ";
+      }
+      out << "<tr><td>" << expert << "</td><td>"
+          << number(routed > 0 ? 100.0 * double(profile.count) / double(routed) : 0.0, "%.1f")
+          << "%</td><td class=\"left\"><code>" << escape(bytes) << "</code></td><td>"
+          << number(profile.mean_position(), "%.1f") << "</td></tr>\n";
+    }
+    out << "</table>\n";
+  }
+  out << "<details><summary>The same as a text table</summary>\n<pre>" << escape(map.table()) << "</pre></details>\n";
+  return out.str();
+}
+
+}  // namespace
+
+std::string build_report_html(const ReportInputs& inputs) {
+  SY_CHECK(inputs.history != nullptr, "build_report_html: no run history");
+  std::ostringstream out;
+  out << "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>" << escape(inputs.title)
+      << " - switchyard report</title>\n"
+      << kStyle << "\n</head>\n<body>\n";
+  out << "<h1>" << escape(inputs.title) << "</h1>\n<p class=\"subtitle\">switchyard training report for <code>"
+      << escape(inputs.run_dir) << "</code> (metrics: <code>" << escape(inputs.history->path) << "</code>)</p>\n";
+  out << summary_section(inputs);
+  if (inputs.config != nullptr) out << "<h2>Run</h2>\n" << config_section(*inputs.config);
+  out << "<h2>Training curves</h2>\n" << curves_section(*inputs.history);
+  out << "<h2>Expert load</h2>\n" << load_section(*inputs.history);
+  out << "<h2>Router statistics</h2>\n" << router_section(*inputs.history);
+  out << "<h2>Expert specialization</h2>\n" << specialization_section(inputs);
+  out << "<p class=\"note\">Written by <code>switchyard report</code>; docs/ANALYTICS.md explains every number.</p>\n"
+      << "</body>\n</html>\n";
+  return out.str();
+}
+
+}  // namespace switchyard
