@@ -21,12 +21,9 @@
 //     H = X_p W1_l, A = act(H), O = A W2_l   grouped GEMMs over the chunk's experts
 //     from_expert_layout(c), combine(c)      rows back to their source ranks
 //   y[t]   = sum_j gate[t, j] * O[row(t, j)]   unpermute_combine on the source rank
-// With the nvlink transport (parallel.ep_transport; src/comm/nvlink_exchange.h) the padded expert
-// layout's input and output rows live in peer-mapped memory: the count exchange gathers every
-// rank's counts through it, the sender's packed rows are written straight into the owners'
-// layouts (no receive buffer, no reorder, one chunk), and y is summed from the owners' output
-// rows directly (ep_pull_combine), which are kept in the send buffer for backward; backward
-// writes the dL/dO rows into the owners' output layouts and sums dL/dx from their dL/dX rows.
+// The router is a MoeRouter (src/model/moe_router.h), the same code as MoeLayer's; the rows move
+// through an EpExchange (src/comm/ep_exchange.h), which picks the transport (parallel.ep_transport:
+// NCCL all-to-all-v, or NVLink peer memory within a node) inside: this layer never branches on it.
 // Backward mirrors it with the forward's exchange plan (no second count exchange): the combine's
 // backward gives dL/dO rows and dL/dgates locally; the dL/dO rows are dispatched, the expert
 // backward runs per chunk (dW2_l, dA, act', dW1_l, dX_p), the dL/dX rows are combined back and
@@ -50,11 +47,10 @@
 #include <cstdint>
 #include <memory>
 
-#include "src/comm/expert_dispatch.h"
-#include "src/comm/nvlink_exchange.h"
-#include "src/ops/ops.h"
+#include "src/comm/ep_exchange.h"
 #include "src/core/device.h"
-#include "src/model/moe_layer.h"
+#include "src/model/moe_router.h"
+#include "src/ops/ops.h"
 
 namespace switchyard {
 
@@ -69,10 +65,7 @@ class MoeEpLayer {
  public:
   // `expert_parallel`: the group sharing the experts (ParallelGroups::expert_parallel), on `device`.
   // config.num_experts must be a multiple of its size. a2a_chunks >= 1 (clamped to the local
-  // expert count).
-  // `transport` (parallel.ep_transport): nccl, nvlink (CUDA ranks of one node: rows written into
-  // the peers' expert layouts directly, src/comm/nvlink_exchange.h; SY_BAD_INPUT where that is not
-  // possible), or automatic (nvlink where possible, else nccl; MPI on the CPU). Collective.
+  // expert count). `transport`: parallel.ep_transport (src/comm/ep_exchange.h). Collective.
   MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicator> expert_parallel, DeviceKind device,
              DType activation_dtype, int64_t max_tokens, int a2a_chunks = 1,
              EpTransport transport = EpTransport::automatic);
@@ -90,61 +83,51 @@ class MoeEpLayer {
   const MoeLayerConfig& config() const { return config_; }
   DeviceKind device() const { return device_; }
   DType activation_dtype() const { return activation_dtype_; }
-  DType float_dtype() const { return float_dtype_; }
+  DType float_dtype() const { return router_.float_dtype(); }
   DType gradient_dtype() const { return gradient_dtype_; }
   int64_t max_tokens() const { return max_tokens_; }
-  int ep_size() const { return dispatcher_->ranks(); }
-  int local_experts() const { return dispatcher_->local_experts(); }
-  int first_expert() const { return dispatcher_->first_expert(); }
-  int chunks() const { return dispatcher_->chunks(); }
+  int ep_size() const { return exchange_->ranks(); }
+  int local_experts() const { return exchange_->local_experts(); }
+  int first_expert() const { return exchange_->first_expert(); }
+  int chunks() const { return exchange_->chunks(); }
   // The transport in use: nccl (MPI on the CPU) or nvlink.
-  EpTransport transport() const { return peers_ ? EpTransport::nvlink : EpTransport::nccl; }
+  EpTransport transport() const { return exchange_->transport(); }
 
-  const RoutingResult& routing() const { return routing_; }
-  const Tensor& logits() const { return logits_; }
-  MoeLosses read_losses(const ExecContext& context) const;
-  MoeRoutingStats read_routing_stats(const ExecContext& context) const;
+  const RoutingResult& routing() const { return router_.routing(); }
+  const Tensor& logits() const { return router_.logits(); }
+  MoeLosses read_losses(const ExecContext& context) const { return router_.read_losses(context); }
+  // padded_rows here is the packed send layout: the rows this rank sent.
+  MoeRoutingStats read_routing_stats(const ExecContext& context) const { return router_.read_routing_stats(context); }
   MoeExchangeStats exchange_stats() const;
-  ExpertDispatcher& dispatcher() { return *dispatcher_; }
+  ExpertDispatcher& dispatcher() { return exchange_->dispatcher(); }
 
  private:
   void check_weights(const MoeWeights& weights, DType dtype, const char* what) const;
-  // Grows the receiver-side buffers for the current plan (streams idle: right after the exchange).
-  void ensure_receive_capacity(const ExecContext& context, bool with_backward);
+  // Grows the expert activations for the current plan (streams idle: right after the exchange).
+  void ensure_hidden_capacity(const ExecContext& context, bool with_backward);
   void experts_forward(const ExecContext& context, int chunk, const MoeWeights& weights);
   void experts_backward(const ExecContext& context, int chunk, const MoeWeights& weights, MoeGradients& gradients);
-  Tensor rows(const Buffer& buffer, DType dtype, int64_t first_row, int64_t count, int64_t columns) const;
-  Tensor rows(void* base, size_t bytes, DType dtype, int64_t first_row, int64_t count, int64_t columns) const;
-  // The padded expert layout's input and output rows: local buffers, or (nvlink) peer-mapped regions.
-  Tensor expert_rows(bool output, int64_t first_row, int64_t count) const;
-  // nvlink: the collective growth of the peer-mapped regions to the largest layout of any rank.
-  void ensure_peer_capacity();
+  Tensor rows(const Buffer& buffer, int64_t first_row, int64_t count, int64_t columns) const;
   Tensor expert_slice(const Tensor& tensor, int first, int count) const;
 
   MoeLayerConfig config_;
   DeviceKind device_;
-  DType activation_dtype_, float_dtype_, gradient_dtype_;
+  DType activation_dtype_, gradient_dtype_;
   int64_t max_tokens_ = 0, max_send_rows_ = 0;
-  std::unique_ptr<ExpertDispatcher> dispatcher_;
-  std::unique_ptr<NvlinkPeerMemory> peers_;  // the nvlink transport, or null
-  int64_t peer_capacity_rows_ = 0;
+  MoeRouter router_;  // routing with segment alignment 1: the packed send layout
+  std::unique_ptr<EpExchange> exchange_;
 
-  // Sender side (sized for max_tokens).
-  Buffer jittered_input_, logits_buffer_, send_rows_, grad_send_rows_, grad_gates_, grad_logits_,
-      grad_logits_compute_, router_grad_input_, jitter_grad_input_;
-  RoutingBuffers routing_buffers_;
-  // Receiver side (grown on demand): packed rows, then the padded expert layout.
-  int64_t receive_capacity_ = 0, expert_capacity_ = 0, backward_expert_capacity_ = 0;
-  Buffer receive_rows_, expert_input_, hidden_pre_, hidden_post_, expert_output_, grad_hidden_pre_;
+  // Sender side (sized for max_tokens): packed x rows, then the returned expert outputs (kept for
+  // the gate gradients); in backward the dL/dO rows, then the returned dL/dX rows.
+  Buffer send_rows_, grad_send_rows_;
+  // The experts' activations over the padded layout (grown on demand).
+  int64_t hidden_capacity_ = 0, backward_hidden_capacity_ = 0;
+  Buffer hidden_pre_, hidden_post_, grad_hidden_pre_;
 
   // What the last forward left for backward.
-  bool has_forward_ = false, jittered_ = false;
-  uint64_t step_ = 0;
+  bool has_forward_ = false;
   int64_t tokens_ = 0;
-  RoutingParams params_;  // segment_alignment 1 (the packed send layout)
-  RoutingResult routing_;
-  DispatchMap map_;       // row_tokens over the sent rows only
-  Tensor x_, router_input_, logits_;
+  DispatchMap map_;  // row_tokens over the sent rows only
 };
 
 }  // namespace switchyard

@@ -34,48 +34,6 @@ int64_t small_batch_threshold_from_environment() {
 
 }  // namespace
 
-// ---- MoeLayerConfig --------------------------------------------------------------------------
-
-void MoeLayerConfig::validate() const {
-  SY_CHECK_INPUT(d_model >= 1, "moe: d_model must be >= 1, got ", d_model);
-  SY_CHECK_INPUT(expert_d_ff >= 1, "moe: expert_d_ff must be >= 1, got ", expert_d_ff);
-  SY_CHECK_INPUT(!dropless || (capacity_factor_train >= 0 && capacity_factor_eval >= 0),
-                 "moe: capacity factors must not be negative");
-  if (!dropless) {
-    SY_CHECK_INPUT(capacity_factor_train > 0 && std::isfinite(capacity_factor_train),
-                   "moe: capacity_factor_train must be a positive number, got ", capacity_factor_train);
-    SY_CHECK_INPUT(capacity_factor_eval > 0 && std::isfinite(capacity_factor_eval),
-                   "moe: capacity_factor_eval must be a positive number, got ", capacity_factor_eval);
-  }
-  SY_CHECK_INPUT(jitter_eps >= 0.0f && jitter_eps < 1.0f, "moe: jitter_eps must be in [0, 1), got ", jitter_eps);
-  SY_CHECK_INPUT(aux_loss_weight >= 0.0f && std::isfinite(aux_loss_weight),
-                 "moe: aux_loss_weight must be a non-negative number, got ", aux_loss_weight);
-  SY_CHECK_INPUT(z_loss_weight >= 0.0f && std::isfinite(z_loss_weight),
-                 "moe: z_loss_weight must be a non-negative number, got ", z_loss_weight);
-  SY_CHECK_INPUT(activation == ExpertActivation::gelu_tanh || activation == ExpertActivation::swiglu,
-                 "moe: unknown activation");
-  SY_CHECK_INPUT(compute_mode == MoeComputeMode::sparse || compute_mode == MoeComputeMode::dense,
-                 "moe: unknown compute mode");
-  validate_routing_params(routing_params(1, true));  // experts, k, k_min, alignment
-  validate_routing_params(routing_params(1, false));
-}
-
-RoutingParams MoeLayerConfig::routing_params(int64_t num_tokens, bool training) const {
-  RoutingParams params;
-  params.num_tokens = num_tokens;
-  params.num_experts = num_experts;
-  params.k_max = k_max;
-  params.k_min = k_min;
-  params.complexity = complexity;
-  params.renormalize = renormalize;
-  params.dropless = dropless;
-  params.capacity_factor = training ? capacity_factor_train : capacity_factor_eval;
-  params.segment_alignment = segment_alignment;
-  params.aux_loss_weight = aux_loss_weight;
-  params.z_loss_weight = z_loss_weight;
-  return params;
-}
-
 // ---- Construction ----------------------------------------------------------------------------
 
 MoeLayer::MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype, int64_t max_tokens)
@@ -85,11 +43,11 @@ MoeLayer::MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activa
   if (device == DeviceKind::cpu) {
     SY_CHECK_INPUT(is_host_reference_dtype(activation_dtype), "MoeLayer on cpu computes in f32 or f64, not ",
                    dtype_name(activation_dtype));
-    float_dtype_ = gradient_dtype_ = activation_dtype;
+    gradient_dtype_ = activation_dtype;
   } else {
     SY_CHECK_INPUT(activation_dtype == DType::bf16 || activation_dtype == DType::f16,
                    "MoeLayer on cuda takes bf16 or f16 activations, not ", dtype_name(activation_dtype));
-    float_dtype_ = gradient_dtype_ = DType::f32;
+    gradient_dtype_ = DType::f32;
   }
   max_tokens_ = max_tokens;
   const int64_t experts = config_.num_experts, d_model = config_.d_model;
@@ -99,12 +57,10 @@ MoeLayer::MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activa
     max_rows_ = std::max(padded_rows_upper_bound(config_.routing_params(max_tokens, true)),
                          padded_rows_upper_bound(config_.routing_params(max_tokens, false)));
   }
+  router_ = MoeRouter(config_, device, activation_dtype, max_tokens, config_.segment_alignment, max_rows_);
 
-  const size_t activation_size = dtype_size(activation_dtype_), float_size = dtype_size(float_dtype_);
+  const size_t activation_size = dtype_size(activation_dtype_);
   const size_t tokens = size_t(max_tokens), rows = size_t(max_rows_);
-  if (config_.jitter_eps > 0.0f) jittered_input_ = Buffer(device, tokens * size_t(d_model) * activation_size);
-  logits_buffer_ = Buffer(device, tokens * size_t(experts) * float_size);
-  routing_buffers_ = RoutingBuffers(device, float_dtype_, max_tokens, config_.num_experts, config_.k_max, max_rows_);
   permuted_ = Buffer(device, rows * size_t(d_model) * activation_size);
   hidden_pre_ = Buffer(device, rows * size_t(config_.w1_columns()) * activation_size);
   hidden_post_ = Buffer(device, rows * size_t(config_.expert_d_ff) * activation_size);
@@ -136,14 +92,9 @@ MoeLayer::MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activa
 
 void MoeLayer::allocate_backward_buffers() {
   if (backward_ready_) return;
-  const size_t activation_size = dtype_size(activation_dtype_), float_size = dtype_size(float_dtype_);
-  const size_t tokens = size_t(max_tokens_), rows = size_t(max_rows_);
-  const size_t d_model = size_t(config_.d_model), experts = size_t(config_.num_experts);
-  grad_rows_ = Buffer(device_, rows * d_model * activation_size);
+  const size_t activation_size = dtype_size(activation_dtype_), rows = size_t(max_rows_);
+  grad_rows_ = Buffer(device_, rows * size_t(config_.d_model) * activation_size);
   grad_hidden_pre_ = Buffer(device_, rows * size_t(config_.w1_columns()) * activation_size);
-  grad_gates_ = Buffer(device_, tokens * size_t(config_.k_max) * float_size);
-  grad_logits_ = Buffer(device_, tokens * experts * activation_size);
-  if (config_.jitter_eps > 0.0f) router_grad_input_ = Buffer(device_, tokens * d_model * activation_size);
   backward_ready_ = true;
 }
 
@@ -184,49 +135,33 @@ MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const M
   check_weights(weights, activation_dtype_, "weights");
   has_forward_ = false;  // until this pass completes
 
-  params_ = config_.routing_params(tokens, args.training);
-  jittered_ = args.training && config_.jitter_eps > 0.0f;
-  step_ = args.step;
   tokens_ = tokens;
-
-  // Router: jitter only perturbs what the router sees; the experts get x itself.
-  router_input_ = x;
-  if (jittered_) {
-    router_input_ = rows_view(jittered_input_, activation_dtype_, tokens, d_model);
-    run_stage(context, "jitter", [&] {
-      ops::apply_jitter(context, x, config_.jitter_eps, config_.jitter_seed, config_.jitter_stream, step_,
-                        router_input_);
-    });
-  }
-  logits_ = rows_view(logits_buffer_, float_dtype_, tokens, config_.num_experts);
-  run_stage(context, "router GEMM",
-            [&] { ops::gemm(context, false, false, 1.0f, router_input_, weights.router, 0.0f, logits_); });
-  routing_ = routing_buffers_.result(tokens);
-  run_stage(context, "routing", [&] { ops::route(context, logits_, args.complexity, params_, routing_); });
+  const RoutingResult& routing = router_.forward(context, x, weights.router, args, observer_);
+  const RoutingParams& params = router_.params();
 
   small_batch_forward_ = takes_small_batch(tokens, args);
   if (small_batch_forward_) {
     // Experts and combine straight from the routing: no expert-row layout (rows() 0, empty map).
     rows_ = 0;
     map_ = DispatchMap{};
-    expert_offsets_ = routing_.expert_offsets;
-    combine_routing_ = routing_;
+    expert_offsets_ = routing.expert_offsets;
+    combine_routing_ = routing;
     Tensor workspace = small_batch_workspace_.view(DType::u8, {int64_t(small_batch_workspace_.bytes())});
     run_stage(context, "small-batch experts", [&] {
-      ops::small_batch_experts(context, config_.activation, x, routing_, weights.w1, weights.w2, workspace, y);
+      ops::small_batch_experts(context, config_.activation, x, routing, weights.w1, weights.w2, workspace, y);
     });
     return finish_forward(context, x, args);
   }
 
   // Tokens into the expert-contiguous layout.
   if (config_.compute_mode == MoeComputeMode::sparse) {
-    rows_ = padded_rows_upper_bound(params_);
+    rows_ = padded_rows_upper_bound(params);
     SY_CHECK(rows_ <= max_rows_, "MoeLayer: ", rows_, " rows exceed the ", max_rows_, " allocated");
-    map_ = routing_buffers_.map(tokens, rows_);
+    map_ = router_.dispatch_map(rows_);
     Tensor permuted = rows_view(permuted_, activation_dtype_, rows_, d_model);
-    run_stage(context, "permute", [&] { ops::permute(context, x, routing_, params_, permuted, map_); });
-    expert_offsets_ = routing_.expert_offsets;
-    combine_routing_ = routing_;
+    run_stage(context, "permute", [&] { ops::permute(context, x, routing, params, permuted, map_); });
+    expert_offsets_ = routing.expert_offsets;
+    combine_routing_ = routing;
   } else {
     run_stage(context, "dense layout", [&] { build_dense_layout(context, x); });
   }
@@ -236,7 +171,7 @@ MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const M
   Tensor hidden_pre = rows_view(hidden_pre_, activation_dtype_, rows_, config_.w1_columns());
   Tensor hidden_post = rows_view(hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
   Tensor expert_out = rows_view(expert_out_, activation_dtype_, rows_, d_model);
-  const int alignment = params_.segment_alignment;
+  const int alignment = params.segment_alignment;
   const Tensor* padding = padding_marks();
   if (fuses_activation(context)) {  // one kernel writes H and A = act(H)
     run_stage(context, "expert GEMM 1", [&] {
@@ -274,6 +209,7 @@ MoeLosses MoeLayer::finish_forward(const ExecContext& context, const Tensor& x, 
 // backward clears the unreferenced gradient rows itself.
 void MoeLayer::build_dense_layout(const ExecContext& context, const Tensor& x) {
   const int64_t tokens = x.dim(0), d_model = config_.d_model, experts = config_.num_experts, k = config_.k_max;
+  const RoutingResult& routing = router_.routing();
   const int64_t padded_tokens = round_up(tokens, config_.segment_alignment);
   rows_ = experts * padded_tokens;
   SY_CHECK(rows_ <= max_rows_, "MoeLayer: ", rows_, " dense rows exceed the ", max_rows_, " allocated");
@@ -296,7 +232,7 @@ void MoeLayer::build_dense_layout(const ExecContext& context, const Tensor& x) {
   ops::copy(context, host_offsets, expert_offsets_);
   std::fill(host_counts_.begin(), host_counts_.end(), int32_t(padded_tokens));
   Tensor host_counts(host_counts_.data(), DType::i32, DeviceKind::cpu, {experts});
-  combine_routing_ = routing_;
+  combine_routing_ = routing;
   combine_routing_.expert_offsets = expert_offsets_;
   combine_routing_.expert_counts = dense_counts_.view(DType::i32, {experts});
   combine_routing_.scalars = dense_scalars_.view(DType::i32, {kNumRoutingScalars});
@@ -307,9 +243,9 @@ void MoeLayer::build_dense_layout(const ExecContext& context, const Tensor& x) {
   Tensor host_slots(host_slots_.data(), DType::i32, DeviceKind::cpu, {tokens, k});
   int32_t scalars[kNumRoutingScalars] = {};
   Tensor host_scalars(scalars, DType::i32, DeviceKind::cpu, {kNumRoutingScalars});
-  ops::copy(context, routing_.expert_ids, host_ids);
-  ops::copy(context, routing_.slots, host_slots);
-  ops::copy(context, routing_.scalars, host_scalars);
+  ops::copy(context, routing.expert_ids, host_ids);
+  ops::copy(context, routing.slots, host_slots);
+  ops::copy(context, routing.scalars, host_scalars);
   const int64_t capacity = scalars[kCapacity];
   host_scalars_[kCapacity] = std::numeric_limits<int32_t>::max();
   host_scalars_[kTotalChoices] = scalars[kTotalChoices];
@@ -328,7 +264,7 @@ void MoeLayer::build_dense_layout(const ExecContext& context, const Tensor& x) {
       if (kept) host_row_tokens_[size_t(row)] = int32_t(token);
     }
   }
-  map_ = routing_buffers_.map(tokens, rows_);
+  map_ = router_.dispatch_map(rows_);
   Tensor host_choice_rows(host_choice_rows_.data(), DType::i32, DeviceKind::cpu, {tokens, k});
   Tensor host_row_tokens(host_row_tokens_.data(), DType::i32, DeviceKind::cpu, {rows_});
   ops::copy(context, host_choice_rows, map_.choice_rows);
@@ -359,11 +295,8 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
   // grad_rows holds dL/d expert_out first, then dL/d permuted (the first is dead by then).
   Tensor grad_rows = rows_view(grad_rows_, activation_dtype_, rows_, d_model);
   Tensor grad_hidden_pre = rows_view(grad_hidden_pre_, activation_dtype_, rows_, config_.w1_columns());
-  Tensor grad_gates = rows_view(grad_gates_, float_dtype_, tokens, config_.k_max);
-  // dL/dlogits in the activation type: the router GEMMs take both operands in it (cuBLASLt has no
-  // fp32 x bf16), and the CUDA routing backward writes that type directly (no conversion pass).
-  Tensor grad_logits = rows_view(grad_logits_, activation_dtype_, tokens, config_.num_experts);
-  const int alignment = params_.segment_alignment;
+  Tensor grad_gates = router_.grad_gates();
+  const int alignment = router_.params().segment_alignment;
   const Tensor* padding = padding_marks();
 
   // Combine -> expert rows and gates; experts; permutation back to tokens. The combine backward
@@ -407,64 +340,8 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
   run_stage(context, "permute backward", [&] { ops::permute_backward(context, grad_rows, map_, tokens, grad_x); });
 
   // Gates and losses -> logits -> router weight and router input.
-  run_stage(context, "routing backward", [&] {
-    ops::route_backward(context, logits_, grad_gates, routing_, params_, aux_grad_scale, z_grad_scale, grad_logits);
-  });
-  run_stage(context, "router weight grad",
-            [&] { ops::gemm(context, true, false, 1.0f, router_input_, grad_logits, 0.0f, gradients.router); });
-  run_stage(context, "router input grad", [&] {
-    if (!jittered_) {
-      ops::gemm(context, false, true, 1.0f, grad_logits, weights.router, 1.0f, grad_x);  // grad_x += G Wr^T
-      return;
-    }
-    // x_r = x * u elementwise, so dL/dx gains u * (G Wr^T): the same jitter op applied to the
-    // gradient (in place: both backends allow it), then added to grad_x.
-    Tensor router_grad_input = rows_view(router_grad_input_, activation_dtype_, tokens, d_model);
-    ops::gemm(context, false, true, 1.0f, grad_logits, weights.router, 0.0f, router_grad_input);
-    ops::apply_jitter(context, router_grad_input, config_.jitter_eps, config_.jitter_seed, config_.jitter_stream,
-                      step_, router_grad_input);
-    ops::add_into(context, router_grad_input, grad_x);
-  });
-}
-
-// ---- Host reads ------------------------------------------------------------------------------
-
-MoeLosses read_routing_losses(const ExecContext& context, const RoutingResult& routing, DType float_dtype,
-                              const char* who) {
-  SY_CHECK(routing.losses.data != nullptr, who, "::read_losses: no forward has run");
-  double values[kNumRoutingLosses] = {};
-  float float_values[kNumRoutingLosses] = {};
-  Tensor host(float_dtype == DType::f64 ? static_cast<void*>(values) : static_cast<void*>(float_values), float_dtype,
-              DeviceKind::cpu, {kNumRoutingLosses});
-  ops::copy(context, routing.losses, host);
-  if (float_dtype != DType::f64)
-    for (int index = 0; index < kNumRoutingLosses; ++index) values[index] = float_values[index];
-  MoeLosses losses;
-  losses.aux_loss = values[kAuxLoss];
-  losses.z_loss = values[kZLoss];
-  losses.read = true;
-  return losses;
-}
-
-MoeRoutingStats read_routing_scalars(const ExecContext& context, const RoutingResult& routing, const char* who) {
-  SY_CHECK(routing.scalars.data != nullptr, who, "::read_routing_stats: no forward has run");
-  int32_t scalars[kNumRoutingScalars] = {};
-  Tensor host(scalars, DType::i32, DeviceKind::cpu, {kNumRoutingScalars});
-  ops::copy(context, routing.scalars, host);
-  MoeRoutingStats stats;
-  stats.capacity = scalars[kCapacity];
-  stats.total_choices = scalars[kTotalChoices];
-  stats.dropped_choices = scalars[kDroppedChoices];
-  stats.padded_rows = scalars[kPaddedRows];
-  return stats;
-}
-
-MoeLosses MoeLayer::read_losses(const ExecContext& context) const {
-  return read_routing_losses(context, routing_, float_dtype_, "MoeLayer");
-}
-
-MoeRoutingStats MoeLayer::read_routing_stats(const ExecContext& context) const {
-  return read_routing_scalars(context, routing_, "MoeLayer");
+  router_.backward(context, aux_grad_scale, z_grad_scale, gradients.router, observer_);
+  router_.add_input_gradient(context, weights.router, grad_x, observer_);
 }
 
 }  // namespace switchyard

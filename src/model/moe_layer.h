@@ -59,103 +59,34 @@
 // is 0 where the CUDA op does not take the layer (small_batch_supported: bf16/f16, D and F
 // multiples of 8, E <= 1024). Its workspace is allocated at construction.
 //
-// Stage timing: set_stage_observer() makes the layer report the start and end of each stage
-// (names in MoeStageObserver) on the context's stream, so a benchmark can time every stage with
-// device events while the layer runs its real sequence of ops.
+// The router (jitter, router GEMM, routing and their backward) is a MoeRouter
+// (src/model/moe_router.h), the same code as the expert-parallel layer's.
+//
+// Stage timing: set_stage_observer() makes the layer report the start and end of each stage on
+// the context's stream, so a benchmark can time every stage with device events while the layer
+// runs its real sequence of ops. Forward stages: the router's ("jitter", "router GEMM",
+// "routing"), then "permute" (dense mode: "dense layout"), "expert GEMM 1", "activation",
+// "expert GEMM 2", "combine", "read losses"; a small-batch forward has "small-batch experts" in
+// place of "permute" through "combine". Backward stages: "combine backward", "weight grad 2",
+// "data grad 2", "activation backward", "weight grad 1", "data grad 1", "permute backward", then
+// the router's ("routing backward", "router weight grad", "router input grad"). With the fused
+// activation, "activation" and "activation backward" do not occur: that work is part of
+// "expert GEMM 1" and "data grad 2".
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
-#include "src/ops/ops.h"
 #include "src/core/device.h"
+#include "src/model/moe_router.h"
+#include "src/ops/ops.h"
 
 namespace switchyard {
-
-enum class MoeComputeMode : uint8_t { sparse, dense };
-
-struct MoeLayerConfig {
-  int64_t d_model = 0;
-  int64_t expert_d_ff = 0;  // F: the activation's output width (swiglu's W1 has 2F columns)
-  int num_experts = 0;
-  int k_max = 1;
-  int k_min = 1;  // complexity routing only
-  ComplexityMode complexity = ComplexityMode::none;
-  bool renormalize = false;
-  bool dropless = false;
-  float capacity_factor_train = 1.25f;
-  float capacity_factor_eval = 2.0f;
-  int segment_alignment = 128;
-  float aux_loss_weight = 1e-2f;
-  float z_loss_weight = 1e-3f;
-  ExpertActivation activation = ExpertActivation::gelu_tanh;
-  float jitter_eps = 0.0f;       // 0 turns jitter off
-  uint64_t jitter_seed = 0;
-  uint32_t jitter_stream = 0;    // e.g. the layer index, so layers draw independent noise
-  MoeComputeMode compute_mode = MoeComputeMode::sparse;
-
-  void validate() const;  // SY_BAD_INPUT naming the field
-  RoutingParams routing_params(int64_t num_tokens, bool training) const;
-  int64_t w1_columns() const { return activation == ExpertActivation::swiglu ? 2 * expert_d_ff : expert_d_ff; }
-};
-
-// Parameters as the layer reads them (compute copies on CUDA). router [D, E], w1 [E, D, F or 2F],
-// w2 [E, F, D].
-struct MoeWeights {
-  Tensor router, w1, w2;
-};
-// Weight gradients, same shapes; overwritten by backward.
-struct MoeGradients {
-  Tensor router, w1, w2;
-};
 
 // Default token threshold of the small-batch inference path (see the top comment).
 // Measured on an H100 (d768, F3072, E32 top-1, graph replay): the small-batch path wins up to 8
 // tokens (1: 36 vs 51 us, 8: 65 vs 69 us) and loses from 12 on (32: 178 vs 125 us).
 constexpr int64_t kDefaultSmallBatchTokens = 8;
-
-struct MoeForwardArgs {
-  bool training = false;           // train capacity factor and jitter; eval capacity factor otherwise
-  uint64_t step = 0;               // jitter RNG offset: each step draws new noise
-  const Tensor* complexity = nullptr;  // [T] in [0, 1], float type of the logits; complexity = given only
-  bool read_losses = true;         // copy the two losses to the host (waits for the stream on CUDA)
-  bool for_backward = true;        // false: no backward follows (inference); H need not be stored and
-                                   // backward() refuses to run
-};
-
-struct MoeLosses {
-  double aux_loss = 0.0;  // aux_loss_weight * E * sum_e f_e P_e
-  double z_loss = 0.0;    // z_loss_weight * mean_t logsumexp_t^2
-  bool read = false;      // false when forward was asked not to read them
-};
-
-// Routing counters of the last forward, read from the device on request.
-struct MoeRoutingStats {
-  int64_t capacity = 0, total_choices = 0, dropped_choices = 0, padded_rows = 0;
-};
-
-// Receives the boundaries of the layer's stages; stage_begin is called before a stage's work is
-// enqueued on context.stream and stage_end after it, with the same name (a string literal).
-// Forward stages: "jitter", "router GEMM", "routing", "permute" (dense mode: "dense layout"),
-// "expert GEMM 1", "activation", "expert GEMM 2", "combine", "read losses". A small-batch forward
-// has "small-batch experts" in place of "permute" through "combine".
-// Backward stages: "combine backward", "weight grad 2", "data grad 2", "activation backward",
-// "weight grad 1", "data grad 1", "permute backward", "routing backward", "router weight grad",
-// "router input grad" (with jitter it includes the jitter of the gradient and the add into grad_x).
-// With the fused activation, "activation" and "activation backward" do not occur: that work is
-// part of "expert GEMM 1" and "data grad 2".
-class MoeStageObserver {
- public:
-  virtual ~MoeStageObserver() = default;
-  virtual void stage_begin(const ExecContext& context, const char* stage) = 0;
-  virtual void stage_end(const ExecContext& context, const char* stage) = 0;
-};
-
-// Host reads of a RoutingResult's device-side losses and counters (one small copy each, waiting
-// for context.stream); shared by MoeLayer and MoeEpLayer. `who` names the caller in errors.
-MoeLosses read_routing_losses(const ExecContext& context, const RoutingResult& routing, DType float_dtype,
-                              const char* who);
-MoeRoutingStats read_routing_scalars(const ExecContext& context, const RoutingResult& routing, const char* who);
 
 class MoeLayer {
  public:
@@ -174,34 +105,31 @@ class MoeLayer {
   const MoeLayerConfig& config() const { return config_; }
   DeviceKind device() const { return device_; }
   DType activation_dtype() const { return activation_dtype_; }
-  DType float_dtype() const { return float_dtype_; }       // logits, gates, losses
-  DType gradient_dtype() const { return gradient_dtype_; }  // weight gradients
+  DType float_dtype() const { return router_.float_dtype(); }  // logits, gates, losses
+  DType gradient_dtype() const { return gradient_dtype_; }      // weight gradients
   int64_t max_tokens() const { return max_tokens_; }
   int64_t max_rows() const { return max_rows_; }
 
   // State of the last forward, on the device.
-  const RoutingResult& routing() const { return routing_; }
+  const RoutingResult& routing() const { return router_.routing(); }
   const DispatchMap& dispatch_map() const { return map_; }
-  const Tensor& logits() const { return logits_; }
-  const Tensor& losses_on_device() const { return routing_.losses; }
+  const Tensor& logits() const { return router_.logits(); }
+  const Tensor& losses_on_device() const { return router_.routing().losses; }
   int64_t rows() const { return rows_; }
   // Largest token count the small-batch inference path takes (0: never), and whether the last
   // forward took it.
   int64_t small_batch_tokens() const { return small_batch_tokens_; }
   bool last_forward_small_batch() const { return small_batch_forward_; }
-  MoeLosses read_losses(const ExecContext& context) const;
-  MoeRoutingStats read_routing_stats(const ExecContext& context) const;
+  MoeLosses read_losses(const ExecContext& context) const { return router_.read_losses(context); }
+  MoeRoutingStats read_routing_stats(const ExecContext& context) const { return router_.read_routing_stats(context); }
 
   // Reports stage boundaries to `observer` from now on (nullptr: stop). Not owned.
   void set_stage_observer(MoeStageObserver* observer) { observer_ = observer; }
 
  private:
-  // Runs work() between the observer's stage_begin and stage_end for `stage` (just work() without one).
   template <typename Work>
   void run_stage(const ExecContext& context, const char* stage, Work&& work) {
-    if (observer_) observer_->stage_begin(context, stage);
-    work();
-    if (observer_) observer_->stage_end(context, stage);
+    run_moe_stage(observer_, context, stage, work);
   }
   void check_weights(const MoeWeights& weights, DType dtype, const char* what) const;
   void build_dense_layout(const ExecContext& context, const Tensor& x);
@@ -220,12 +148,12 @@ class MoeLayer {
 
   MoeLayerConfig config_;
   DeviceKind device_;
-  DType activation_dtype_, float_dtype_, gradient_dtype_;
+  DType activation_dtype_, gradient_dtype_;
   int64_t max_tokens_ = 0, max_rows_ = 0;
+  MoeRouter router_;
 
   // Forward activations.
-  Buffer jittered_input_, logits_buffer_, permuted_, hidden_pre_, hidden_post_, expert_out_;
-  RoutingBuffers routing_buffers_;
+  Buffer permuted_, hidden_pre_, hidden_post_, expert_out_;
   // Small-batch path: its token threshold and workspace (sized at construction).
   int64_t small_batch_tokens_ = 0;
   Buffer small_batch_workspace_;
@@ -233,10 +161,9 @@ class MoeLayer {
   // capacity), so a backend that derives padding rows from the layout finds none to clear.
   Buffer dense_offsets_, dense_counts_, dense_scalars_;
   // Backward scratch (allocated by the first backward; grad_hidden_post_ only for the unfused
-  // activation). grad_logits_ holds dL/dlogits in the activation dtype: the type the router GEMMs
-  // take (routing backward writes it directly on CUDA).
+  // activation).
   bool backward_ready_ = false;
-  Buffer grad_rows_, grad_hidden_post_, grad_hidden_pre_, grad_gates_, grad_logits_, router_grad_input_;
+  Buffer grad_rows_, grad_hidden_post_, grad_hidden_pre_;
   MoeStageObserver* observer_ = nullptr;
   // Host staging for the dense row map.
   std::vector<int32_t> host_expert_ids_, host_slots_, host_choice_rows_, host_row_tokens_, host_offsets_,
@@ -245,15 +172,11 @@ class MoeLayer {
   // What the last forward left for backward.
   bool has_forward_ = false;
   bool forward_for_backward_ = false;  // the last forward's MoeForwardArgs::for_backward
-  bool jittered_ = false;
   bool small_batch_forward_ = false;
-  uint64_t step_ = 0;
   int64_t tokens_ = 0, rows_ = 0;
-  RoutingParams params_;
-  RoutingResult routing_;
-  RoutingResult combine_routing_;  // routing_ (sparse) or routing_ with the dense layout tensors
+  RoutingResult combine_routing_;  // the routing (sparse) or the routing with the dense layout tensors
   DispatchMap map_;
-  Tensor x_, router_input_, logits_, expert_offsets_;
+  Tensor x_, expert_offsets_;
 };
 
 }  // namespace switchyard

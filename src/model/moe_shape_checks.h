@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <initializer_list>
 
-#include "src/model/moe_layer.h"
+#include "src/model/moe_router.h"
 
 namespace switchyard {
 

@@ -1,0 +1,182 @@
+// The MoE router's forward and backward, the layer configuration's rules, and the host reads of
+// the routing's losses and counters (src/model/moe_router.h).
+#include "src/model/moe_router.h"
+
+#include <cmath>
+
+#include "src/core/error.h"
+
+namespace switchyard {
+
+// ---- MoeLayerConfig --------------------------------------------------------------------------
+
+void MoeLayerConfig::validate() const {
+  SY_CHECK_INPUT(d_model >= 1, "moe: d_model must be >= 1, got ", d_model);
+  SY_CHECK_INPUT(expert_d_ff >= 1, "moe: expert_d_ff must be >= 1, got ", expert_d_ff);
+  SY_CHECK_INPUT(!dropless || (capacity_factor_train >= 0 && capacity_factor_eval >= 0),
+                 "moe: capacity factors must not be negative");
+  if (!dropless) {
+    SY_CHECK_INPUT(capacity_factor_train > 0 && std::isfinite(capacity_factor_train),
+                   "moe: capacity_factor_train must be a positive number, got ", capacity_factor_train);
+    SY_CHECK_INPUT(capacity_factor_eval > 0 && std::isfinite(capacity_factor_eval),
+                   "moe: capacity_factor_eval must be a positive number, got ", capacity_factor_eval);
+  }
+  SY_CHECK_INPUT(jitter_eps >= 0.0f && jitter_eps < 1.0f, "moe: jitter_eps must be in [0, 1), got ", jitter_eps);
+  SY_CHECK_INPUT(aux_loss_weight >= 0.0f && std::isfinite(aux_loss_weight),
+                 "moe: aux_loss_weight must be a non-negative number, got ", aux_loss_weight);
+  SY_CHECK_INPUT(z_loss_weight >= 0.0f && std::isfinite(z_loss_weight),
+                 "moe: z_loss_weight must be a non-negative number, got ", z_loss_weight);
+  SY_CHECK_INPUT(activation == ExpertActivation::gelu_tanh || activation == ExpertActivation::swiglu,
+                 "moe: unknown activation");
+  SY_CHECK_INPUT(compute_mode == MoeComputeMode::sparse || compute_mode == MoeComputeMode::dense,
+                 "moe: unknown compute mode");
+  validate_routing_params(routing_params(1, true));  // experts, k, k_min, alignment
+  validate_routing_params(routing_params(1, false));
+}
+
+RoutingParams MoeLayerConfig::routing_params(int64_t num_tokens, bool training) const {
+  RoutingParams params;
+  params.num_tokens = num_tokens;
+  params.num_experts = num_experts;
+  params.k_max = k_max;
+  params.k_min = k_min;
+  params.complexity = complexity;
+  params.renormalize = renormalize;
+  params.dropless = dropless;
+  params.capacity_factor = training ? capacity_factor_train : capacity_factor_eval;
+  params.segment_alignment = segment_alignment;
+  params.aux_loss_weight = aux_loss_weight;
+  params.z_loss_weight = z_loss_weight;
+  return params;
+}
+
+// ---- MoeRouter -------------------------------------------------------------------------------
+
+MoeRouter::MoeRouter(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype, int64_t max_tokens,
+                     int segment_alignment, int64_t max_rows)
+    : config_(config), device_(device), activation_dtype_(activation_dtype), max_tokens_(max_tokens),
+      segment_alignment_(segment_alignment) {
+  SY_CHECK(max_tokens >= 1 && segment_alignment >= 1, "MoeRouter: bad sizes (max_tokens ", max_tokens,
+           ", segment_alignment ", segment_alignment, ")");
+  // Router logits, gates and losses: fp32 on CUDA, the reference's float type on the CPU.
+  float_dtype_ = device == DeviceKind::cpu ? activation_dtype : DType::f32;
+  const size_t tokens = size_t(max_tokens);
+  if (config_.jitter_eps > 0.0f)
+    jittered_input_ = Buffer(device, tokens * size_t(config_.d_model) * dtype_size(activation_dtype));
+  logits_buffer_ = Buffer(device, tokens * size_t(config_.num_experts) * dtype_size(float_dtype_));
+  buffers_ = RoutingBuffers(device, float_dtype_, max_tokens, config_.num_experts, config_.k_max, max_rows);
+}
+
+Tensor MoeRouter::rows(const Buffer& buffer, DType dtype, int64_t columns) const {
+  return buffer.view(dtype, {tokens_, columns});
+}
+
+const RoutingResult& MoeRouter::forward(const ExecContext& context, const Tensor& x, const Tensor& router_weight,
+                                        const MoeForwardArgs& args, MoeStageObserver* observer) {
+  const int64_t tokens = x.dim(0);
+  SY_CHECK(tokens >= 1 && tokens <= max_tokens_, "MoeRouter: ", tokens, " tokens, the router holds 1 to ",
+           max_tokens_);
+  tokens_ = tokens;
+  step_ = args.step;
+  jittered_ = args.training && config_.jitter_eps > 0.0f;
+  params_ = config_.routing_params(tokens, args.training);
+  params_.segment_alignment = segment_alignment_;
+
+  // Jitter only perturbs what the router sees; the experts get x itself.
+  router_input_ = x;
+  if (jittered_) {
+    router_input_ = rows(jittered_input_, activation_dtype_, config_.d_model);
+    run_moe_stage(observer, context, "jitter", [&] {
+      ops::apply_jitter(context, x, config_.jitter_eps, config_.jitter_seed, config_.jitter_stream, step_,
+                        router_input_);
+    });
+  }
+  logits_ = rows(logits_buffer_, float_dtype_, config_.num_experts);
+  run_moe_stage(observer, context, "router GEMM",
+                [&] { ops::gemm(context, false, false, 1.0f, router_input_, router_weight, 0.0f, logits_); });
+  routing_ = buffers_.result(tokens);
+  run_moe_stage(observer, context, "routing",
+                [&] { ops::route(context, logits_, args.complexity, params_, routing_); });
+  return routing_;
+}
+
+void MoeRouter::allocate_backward_buffers() {
+  if (backward_ready_) return;
+  const size_t tokens = size_t(max_tokens_);
+  grad_gates_ = Buffer(device_, tokens * size_t(config_.k_max) * dtype_size(float_dtype_));
+  grad_logits_ = Buffer(device_, tokens * size_t(config_.num_experts) * dtype_size(activation_dtype_));
+  if (config_.jitter_eps > 0.0f)
+    jitter_grad_input_ = Buffer(device_, tokens * size_t(config_.d_model) * dtype_size(activation_dtype_));
+  backward_ready_ = true;
+}
+
+Tensor MoeRouter::grad_gates() {
+  allocate_backward_buffers();
+  return rows(grad_gates_, float_dtype_, config_.k_max);
+}
+
+void MoeRouter::backward(const ExecContext& context, float aux_grad_scale, float z_grad_scale,
+                         Tensor& grad_router_weight, MoeStageObserver* observer) {
+  SY_CHECK(routing_.expert_ids.data != nullptr, "MoeRouter::backward: no forward has run");
+  allocate_backward_buffers();
+  const Tensor grad_gates = rows(grad_gates_, float_dtype_, config_.k_max);
+  grad_logits_view_ = rows(grad_logits_, activation_dtype_, config_.num_experts);
+  run_moe_stage(observer, context, "routing backward", [&] {
+    ops::route_backward(context, logits_, grad_gates, routing_, params_, aux_grad_scale, z_grad_scale,
+                        grad_logits_view_);
+  });
+  run_moe_stage(observer, context, "router weight grad", [&] {
+    ops::gemm(context, true, false, 1.0f, router_input_, grad_logits_view_, 0.0f, grad_router_weight);
+  });
+}
+
+void MoeRouter::add_input_gradient(const ExecContext& context, const Tensor& router_weight, Tensor& grad_x,
+                                   MoeStageObserver* observer) {
+  SY_CHECK(grad_logits_view_.data != nullptr, "MoeRouter::add_input_gradient: backward() has not run");
+  run_moe_stage(observer, context, "router input grad", [&] {
+    if (!jittered_) {
+      ops::gemm(context, false, true, 1.0f, grad_logits_view_, router_weight, 1.0f, grad_x);  // grad_x += G Wr^T
+      return;
+    }
+    // x_r = x * u elementwise, so dL/dx gains u * (G Wr^T): the same jitter op applied to the
+    // gradient (in place: both backends allow it), then added to grad_x.
+    Tensor router_grad_input = rows(jitter_grad_input_, activation_dtype_, config_.d_model);
+    ops::gemm(context, false, true, 1.0f, grad_logits_view_, router_weight, 0.0f, router_grad_input);
+    ops::apply_jitter(context, router_grad_input, config_.jitter_eps, config_.jitter_seed, config_.jitter_stream,
+                      step_, router_grad_input);
+    ops::add_into(context, router_grad_input, grad_x);
+  });
+}
+
+// ---- Host reads ------------------------------------------------------------------------------
+
+MoeLosses MoeRouter::read_losses(const ExecContext& context) const {
+  SY_CHECK(routing_.losses.data != nullptr, "MoeRouter::read_losses: no forward has run");
+  double values[kNumRoutingLosses] = {};
+  float float_values[kNumRoutingLosses] = {};
+  Tensor host(float_dtype_ == DType::f64 ? static_cast<void*>(values) : static_cast<void*>(float_values),
+              float_dtype_, DeviceKind::cpu, {kNumRoutingLosses});
+  ops::copy(context, routing_.losses, host);
+  if (float_dtype_ != DType::f64)
+    for (int index = 0; index < kNumRoutingLosses; ++index) values[index] = float_values[index];
+  MoeLosses losses;
+  losses.aux_loss = values[kAuxLoss];
+  losses.z_loss = values[kZLoss];
+  losses.read = true;
+  return losses;
+}
+
+MoeRoutingStats MoeRouter::read_routing_stats(const ExecContext& context) const {
+  SY_CHECK(routing_.scalars.data != nullptr, "MoeRouter::read_routing_stats: no forward has run");
+  int32_t scalars[kNumRoutingScalars] = {};
+  Tensor host(scalars, DType::i32, DeviceKind::cpu, {kNumRoutingScalars});
+  ops::copy(context, routing_.scalars, host);
+  MoeRoutingStats stats;
+  stats.capacity = scalars[kCapacity];
+  stats.total_choices = scalars[kTotalChoices];
+  stats.dropped_choices = scalars[kDroppedChoices];
+  stats.padded_rows = scalars[kPaddedRows];
+  return stats;
+}
+
+}  // namespace switchyard

@@ -1,0 +1,168 @@
+// MoeRouter: the router of every MoE layer (the single-device MoeLayer and the expert-parallel
+// MoeEpLayer hold one each), forward and backward, written once.
+//
+// Forward, x [T, D], router weight Wr [D, E]:
+//   x_r    = training && jitter_eps > 0 ? x * u : x     u ~ U[1-eps, 1+eps], Philox (seed, stream, step)
+//   logits = x_r Wr                                      fp32 on CUDA, the reference's type on the CPU
+//   route(logits) -> expert ids, gates, slots, capacity, drops, layout offsets, aux / z losses
+//                                                        (src/ops/moe_ops.h; segment alignment as the
+//                                                        layer's layout needs: the GEMM tile height for
+//                                                        MoeLayer, 1 for the EP layer's packed rows)
+// Backward, in two parts so that the EP layer can run the first while expert rows travel:
+//   backward():           dL/dgates (+ aux and z losses) -> dL/dlogits -> dL/dWr = x_r^T dL/dlogits
+//   add_input_gradient(): grad_x += dL/dx_r, i.e. (dL/dlogits Wr^T), times u under jitter.
+// dL/dlogits is kept in the activation type: the router GEMMs take both operands in it (cuBLASLt
+// has no fp32 x bf16), and the CUDA routing backward writes that type directly (no conversion pass).
+//
+// Memory: every buffer is sized once for max_tokens; backward buffers on the first backward.
+// The caller keeps x alive between forward and backward (the weight gradient reads x_r = x when
+// there is no jitter).
+//
+// This header also holds what every MoE layer shares: its configuration, the forward arguments,
+// the losses and counters read back, and the stage observer a benchmark uses to time each stage.
+#pragma once
+
+#include <cstdint>
+
+#include "src/core/device.h"
+#include "src/ops/ops.h"
+
+namespace switchyard {
+
+enum class MoeComputeMode : uint8_t { sparse, dense };
+
+struct MoeLayerConfig {
+  int64_t d_model = 0;
+  int64_t expert_d_ff = 0;  // F: the activation's output width (swiglu's W1 has 2F columns)
+  int num_experts = 0;
+  int k_max = 1;
+  int k_min = 1;  // complexity routing only
+  ComplexityMode complexity = ComplexityMode::none;
+  bool renormalize = false;
+  bool dropless = false;
+  float capacity_factor_train = 1.25f;
+  float capacity_factor_eval = 2.0f;
+  int segment_alignment = 128;
+  float aux_loss_weight = 1e-2f;
+  float z_loss_weight = 1e-3f;
+  ExpertActivation activation = ExpertActivation::gelu_tanh;
+  float jitter_eps = 0.0f;       // 0 turns jitter off
+  uint64_t jitter_seed = 0;
+  uint32_t jitter_stream = 0;    // e.g. the layer index, so layers draw independent noise
+  MoeComputeMode compute_mode = MoeComputeMode::sparse;
+
+  void validate() const;  // SY_BAD_INPUT naming the field
+  RoutingParams routing_params(int64_t num_tokens, bool training) const;
+  int64_t w1_columns() const { return activation == ExpertActivation::swiglu ? 2 * expert_d_ff : expert_d_ff; }
+};
+
+// Parameters as the layer reads them (compute copies on CUDA). router [D, E], w1 [E, D, F or 2F],
+// w2 [E, F, D].
+struct MoeWeights {
+  Tensor router, w1, w2;
+};
+// Weight gradients, same shapes; overwritten by backward.
+struct MoeGradients {
+  Tensor router, w1, w2;
+};
+
+struct MoeForwardArgs {
+  bool training = false;           // train capacity factor and jitter; eval capacity factor otherwise
+  uint64_t step = 0;               // jitter RNG offset: each step draws new noise
+  const Tensor* complexity = nullptr;  // [T] in [0, 1], float type of the logits; complexity = given only
+  bool read_losses = true;         // copy the two losses to the host (waits for the stream on CUDA)
+  bool for_backward = true;        // false: no backward follows (inference); H need not be stored and
+                                   // backward() refuses to run
+};
+
+struct MoeLosses {
+  double aux_loss = 0.0;  // aux_loss_weight * E * sum_e f_e P_e
+  double z_loss = 0.0;    // z_loss_weight * mean_t logsumexp_t^2
+  bool read = false;      // false when forward was asked not to read them
+};
+
+// Routing counters of the last forward, read from the device on request.
+struct MoeRoutingStats {
+  int64_t capacity = 0, total_choices = 0, dropped_choices = 0, padded_rows = 0;
+};
+
+// Receives the boundaries of a layer's stages; stage_begin is called before a stage's work is
+// enqueued on context.stream and stage_end after it, with the same name (a string literal).
+// Router stages: "jitter", "router GEMM", "routing" (forward); "routing backward", "router weight
+// grad", "router input grad" (backward; with jitter the last includes the jitter of the gradient
+// and the add into grad_x). The layers' own stages: src/model/moe_layer.h.
+class MoeStageObserver {
+ public:
+  virtual ~MoeStageObserver() = default;
+  virtual void stage_begin(const ExecContext& context, const char* stage) = 0;
+  virtual void stage_end(const ExecContext& context, const char* stage) = 0;
+};
+
+// Runs work() between the observer's stage_begin and stage_end for `stage` (just work() without one).
+template <typename Work>
+void run_moe_stage(MoeStageObserver* observer, const ExecContext& context, const char* stage, Work&& work) {
+  if (observer) observer->stage_begin(context, stage);
+  work();
+  if (observer) observer->stage_end(context, stage);
+}
+
+class MoeRouter {
+ public:
+  MoeRouter() = default;
+  // `segment_alignment`: the layout the routing's offsets describe (config.segment_alignment, or 1
+  // for a packed layout); `max_rows`: the rows of the largest dispatch map the layer asks for.
+  MoeRouter(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype, int64_t max_tokens,
+            int segment_alignment, int64_t max_rows);
+  MoeRouter(const MoeRouter&) = delete;
+  MoeRouter& operator=(const MoeRouter&) = delete;
+  MoeRouter(MoeRouter&&) = default;
+  MoeRouter& operator=(MoeRouter&&) = default;
+
+  // Routes x [T, D] (1 <= T <= max_tokens) with router weight [D, E]; the result stays valid until
+  // the next forward.
+  const RoutingResult& forward(const ExecContext& context, const Tensor& x, const Tensor& router_weight,
+                               const MoeForwardArgs& args, MoeStageObserver* observer = nullptr);
+  // grad_gates() [T, k_max] (written by the layer's combine backward) and the two loss scales ->
+  // dL/dlogits -> gradient of the router weight (overwritten).
+  void backward(const ExecContext& context, float aux_grad_scale, float z_grad_scale, Tensor& grad_router_weight,
+                MoeStageObserver* observer = nullptr);
+  // grad_x [T, D] += the router's share of dL/dx; after backward().
+  void add_input_gradient(const ExecContext& context, const Tensor& router_weight, Tensor& grad_x,
+                          MoeStageObserver* observer = nullptr);
+
+  // The routing parameters of the last forward (its token count, capacity factor, alignment).
+  const RoutingParams& params() const { return params_; }
+  const RoutingResult& routing() const { return routing_; }
+  const Tensor& logits() const { return logits_; }
+  // Row map views over the routing's memory (RoutingBuffers::map) for the last forward's tokens.
+  DispatchMap dispatch_map(int64_t rows) const { return buffers_.map(tokens_, rows); }
+  // dL/dgates of the last forward's tokens, float type; the layer's combine backward writes it.
+  Tensor grad_gates();
+  DType float_dtype() const { return float_dtype_; }
+  MoeLosses read_losses(const ExecContext& context) const;
+  MoeRoutingStats read_routing_stats(const ExecContext& context) const;
+
+ private:
+  Tensor rows(const Buffer& buffer, DType dtype, int64_t columns) const;  // [tokens_, columns]
+  void allocate_backward_buffers();
+
+  MoeLayerConfig config_;
+  DeviceKind device_ = DeviceKind::cpu;
+  DType activation_dtype_ = DType::f32, float_dtype_ = DType::f32;
+  int64_t max_tokens_ = 0;
+  int segment_alignment_ = 1;
+  Buffer jittered_input_, logits_buffer_;
+  RoutingBuffers buffers_;
+  bool backward_ready_ = false;
+  Buffer grad_gates_, grad_logits_, jitter_grad_input_;
+
+  // What the last forward left for backward.
+  int64_t tokens_ = 0;
+  uint64_t step_ = 0;
+  bool jittered_ = false;
+  RoutingParams params_;
+  RoutingResult routing_;
+  Tensor router_input_, logits_, grad_logits_view_;
+};
+
+}  // namespace switchyard
