@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "src/comm/bootstrap.h"
+#include "src/comm/parallel_layout.h"
 #include "src/cli/cli_args.h"
 #include "src/cli/commands.h"
 #include "src/train/checkpoint_signals.h"
@@ -159,7 +160,7 @@ void record_config(const Config& config) {
 }
 
 // Every rank reports its host and device; rank 0 prints the layout of the job.
-void report_layout(const Config& config, const ProcessContext& process) {
+void report_layout(const Config& config, const ProcessContext& process, const ParallelLayout& layout) {
   struct RankInfo {
     int local_rank, device, gpu;
     char host[64];
@@ -170,19 +171,18 @@ void report_layout(const Config& config, const ProcessContext& process) {
   MPI_CHECK(MPI_Gather(&mine, int(sizeof(RankInfo)), MPI_BYTE, all.data(), int(sizeof(RankInfo)), MPI_BYTE, 0,
                        MPI_COMM_WORLD));
   if (!is_rank0(process)) return;
-  const int ep_size = config.parallel.ep_size;
-  const int experts_per_rank = config.moe.num_experts / ep_size;
+  const int experts_per_rank = layout.experts_per_rank();
   std::ostringstream out;
-  out << "switchyard train: world " << process.world_size << " (" << process.launcher << "), ep_size " << ep_size
-      << " x expert-data-parallel " << process.world_size / ep_size << "; " << config.model.moe_block_count()
-      << " MoE block(s) of " << config.model.n_layers << ", " << config.moe.num_experts << " experts each, "
-      << experts_per_rank << " per rank\n";
+  out << "switchyard train: world " << process.world_size << " (" << process.launcher << "), ep_size "
+      << layout.ep_size() << " x expert-data-parallel " << layout.expert_dp_size() << "; "
+      << config.model.moe_block_count() << " MoE block(s) of " << config.model.n_layers << ", "
+      << layout.num_experts() << " experts each, " << experts_per_rank << " per rank\n";
   for (int rank = 0; rank < process.world_size; ++rank) {
     const RankInfo& info = all[size_t(rank)];
-    const int shard = rank % ep_size;  // src/comm/communicator.h: same r % ep_size = same shard
+    const int first_expert = layout.placement(rank).first_expert;
     out << "  rank " << rank << ": " << info.host << " (local rank " << info.local_rank << "), "
         << (DeviceKind(info.device) == DeviceKind::cuda ? "cuda:" + std::to_string(info.gpu) : std::string("cpu"))
-        << ", experts " << shard * experts_per_rank << "-" << (shard + 1) * experts_per_rank - 1 << "\n";
+        << ", experts " << first_expert << "-" << first_expert + experts_per_rank - 1 << "\n";
   }
   std::cout << out.str() << std::flush;
 }
@@ -203,8 +203,8 @@ TrainingSetup set_up_training(const TrainOptions& options) {
   // 2. Processes and groups.
   const ProcessContext& process = bootstrap_process(device);
   setup.process = &process;
-  validate_against_world(config, process.world_size);
-  setup.groups = create_parallel_groups(process, config.parallel.ep_size, config.parallel.collective_timeout_s);
+  const ParallelLayout layout = validate_against_world(config, process.world_size);
+  setup.groups = create_parallel_groups(process, layout, config.parallel.collective_timeout_s);
   inject_fault_point("after_bootstrap");
   // Every rank reaches this barrier before any work starts: a rank that died or hangs during set-up
   // is detected here (within parallel.collective_timeout_s), not at the end of the run.
@@ -212,7 +212,7 @@ TrainingSetup set_up_training(const TrainOptions& options) {
 
   // 3. Record and report.
   if (is_rank0(process)) record_config(config);
-  report_layout(config, process);
+  report_layout(config, process, layout);
   return setup;
 }
 

@@ -1,8 +1,8 @@
 // Process bootstrap, parallel groups, the guarded error path and fault injection (bootstrap.h).
 //
-// Group layout for world size W and ep_size P (P divides W), world rank r:
-//   expert_parallel       color r / P, key r: ranks {P*(r/P), ..., P*(r/P) + P-1}, group rank r % P
-//   expert_data_parallel  color r % P, key r: ranks {r%P, r%P + P, ...},        group rank r / P
+// Group membership comes from ParallelLayout (src/comm/parallel_layout.h): each group is an
+// MPI_Comm_split of the world with the group's index as color and the world rank as key, so that
+// ranks keep their world order inside a group.
 // MPI is initialised with MPI_THREAD_SERIALIZED: switchyard calls MPI from one thread at a time.
 #include "src/comm/bootstrap.h"
 
@@ -178,12 +178,12 @@ const ProcessContext& bootstrap_process(DeviceKind requested) {
 
 bool process_bootstrapped() { return g_bootstrapped; }
 
-ParallelGroups create_parallel_groups(const ProcessContext& context, int ep_size, double collective_timeout_s) {
+ParallelGroups create_parallel_groups(const ProcessContext& context, const ParallelLayout& layout,
+                                      double collective_timeout_s) {
   SY_CHECK(g_bootstrapped, "create_parallel_groups before bootstrap_process");
-  const int world_size = context.world_size, rank = context.world_rank;
-  if (ep_size < 1 || world_size % ep_size != 0)
-    SY_BAD_INPUT("parallel.ep_size = ", ep_size, " must be at least 1 and divide the world size ", world_size,
-                 " (the number of ranks)");
+  SY_CHECK(layout.world_size() == context.world_size, "create_parallel_groups: a layout of ", layout.world_size(),
+           " ranks for a world of ", context.world_size);
+  const RankPlacement placement = layout.placement(context.world_rank);
   if (context.device == DeviceKind::cuda) {
     SY_CHECK(context.gpu >= 0, "create_parallel_groups on cuda without a selected GPU (call bootstrap_process(cuda))");
     if (context.local_size > cuda_device_count())
@@ -200,11 +200,11 @@ ParallelGroups create_parallel_groups(const ProcessContext& context, int ep_size
   MPI_Comm world = MPI_COMM_NULL, expert_parallel = MPI_COMM_NULL, expert_data_parallel = MPI_COMM_NULL;
   PendingComms pending{{&world, &expert_parallel, &expert_data_parallel}};
   MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &world));
-  MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, rank / ep_size, rank, &expert_parallel));
-  MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, rank % ep_size, rank, &expert_data_parallel));
+  MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, placement.ep_group, context.world_rank, &expert_parallel));
+  MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, placement.expert_dp_group, context.world_rank, &expert_data_parallel));
 
   ParallelGroups groups;
-  groups.ep_size = ep_size;
+  groups.ep_size = layout.ep_size();
   // create_communicator owns the MPI communicator from the call on, whatever happens.
   auto take = [](MPI_Comm& comm) {
     MPI_Comm taken = comm;
@@ -216,11 +216,16 @@ ParallelGroups create_parallel_groups(const ProcessContext& context, int ep_size
       create_communicator(context.device, take(expert_parallel), "expert_parallel", collective_timeout_s);
   groups.expert_data_parallel =
       create_communicator(context.device, take(expert_data_parallel), "expert_data_parallel", collective_timeout_s);
-  SY_CHECK(groups.expert_parallel->size() == ep_size && groups.expert_parallel->rank() == rank % ep_size &&
-               groups.expert_data_parallel->size() == world_size / ep_size &&
-               groups.expert_data_parallel->rank() == rank / ep_size,
+  SY_CHECK(groups.expert_parallel->size() == layout.ep_size() && groups.expert_parallel->rank() == placement.ep_rank &&
+               groups.expert_data_parallel->size() == layout.expert_dp_size() &&
+               groups.expert_data_parallel->rank() == placement.expert_dp_rank,
            "parallel groups do not have the expected layout");
   return groups;
+}
+
+ParallelGroups create_parallel_groups(const ProcessContext& context, int ep_size, double collective_timeout_s) {
+  return create_parallel_groups(context, ParallelLayout(context.world_size, ep_size, /*num_experts=*/0),
+                                collective_timeout_s);
 }
 
 void register_for_abort(Communicator* communicator) {

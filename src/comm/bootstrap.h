@@ -4,7 +4,8 @@
 //     return run_guarded([&] {
 //       const ProcessContext& context = bootstrap_process(DeviceKind::cuda);  // MPI up, GPU picked
 //       inject_fault_point("after_bootstrap");
-//       ParallelGroups groups = create_parallel_groups(context, ep_size, timeout_seconds);
+//       const ParallelLayout layout(context.world_size, ep_size, num_experts);  // checks the split
+//       ParallelGroups groups = create_parallel_groups(context, layout, timeout_seconds);
 //       ...
 //       return 0;
 //     });
@@ -18,6 +19,7 @@
 #include <string>
 
 #include "src/comm/communicator.h"
+#include "src/comm/parallel_layout.h"
 #include "src/core/tensor.h"
 
 namespace switchyard {
@@ -39,14 +41,19 @@ const ProcessContext& bootstrap_process(DeviceKind requested);
 // True once bootstrap_process has run in this process.
 bool process_bootstrapped();
 
-// Builds the world / expert_parallel / expert_data_parallel communicators (src/comm/communicator.h):
-// MPI communicators when context.device == cpu, NCCL communicators (each with its own stream)
-// when it is cuda. Every rank of the world must call it. ep_size must divide the world size
-// (SY_BAD_INPUT otherwise, before any communication). It starts with a barrier on the world
-// under `collective_timeout_s` (<= 0: no limit), so a rank that never arrives (crashed or hung
-// before this point) ends the job with a timeout Error naming "barrier" and "world" instead of
-// hanging in communicator creation. Every collective of the returned communicators uses the
+// Builds the world / expert_parallel / expert_data_parallel communicators (src/comm/communicator.h)
+// with the membership of `layout` (src/comm/parallel_layout.h), whose world size must be the
+// context's: MPI communicators when context.device == cpu, NCCL communicators (each with its own
+// stream) when it is cuda. Every rank of the world must call it. It starts with a barrier on the
+// world under `collective_timeout_s` (<= 0: no limit), so a rank that never arrives (crashed or
+// hung before this point) ends the job with a timeout Error naming "barrier" and "world" instead
+// of hanging in communicator creation. Every collective of the returned communicators uses the
 // same timeout.
+ParallelGroups create_parallel_groups(const ProcessContext& context, const ParallelLayout& layout,
+                                      double collective_timeout_s);
+// The same for callers that place no experts (collective benchmarks, tests): the layout of
+// (context.world_size, ep_size, no experts); SY_BAD_INPUT before any communication when ep_size
+// does not divide the world size.
 ParallelGroups create_parallel_groups(const ProcessContext& context, int ep_size, double collective_timeout_s);
 
 // Runs `body` and returns its exit code. On a switchyard::Error (its exit code), std::exception

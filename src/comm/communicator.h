@@ -40,7 +40,8 @@ class Communicator {
 
 // The process's communicators (design-notes decision 3): world; expert_parallel, the ep_size
 // ranks holding disjoint expert shards (ranks r with the same r / ep_size); expert_data_parallel,
-// the world/ep_size ranks holding the same shard (same r % ep_size).
+// the world/ep_size ranks holding the same shard (same r % ep_size). The mapping and its rules:
+// ParallelLayout (src/comm/parallel_layout.h).
 struct ParallelGroups {
   int ep_size = 1;
   std::shared_ptr<Communicator> world;

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <string>
 
+#include "src/comm/parallel_layout.h"
 #include "src/model/routing_observer.h"
 #include "src/ops/model_dispatch.h"
 #include "src/model/transformer_block.h"
@@ -45,9 +46,11 @@ int64_t activation_columns(ExpertActivation activation, int64_t width) {
 }  // namespace
 
 ParameterLayout Transformer::build_layout(const ModelConfig& model, const MoeConfig& moe, int ep_size, int ep_rank) {
-  SY_CHECK_INPUT(ep_size >= 1 && moe.num_experts % ep_size == 0, "parallel.ep_size = ", ep_size,
-                 " does not divide moe.num_experts = ", moe.num_experts);
+  // The experts are placed as on the ranks of one expert-parallel group (its rank ep_rank).
+  const ParallelLayout parallel(/*world_size=*/ep_size, ep_size, moe.num_experts);
   SY_CHECK(ep_rank >= 0 && ep_rank < ep_size, "build_layout: ep_rank ", ep_rank, " of ", ep_size);
+  const int64_t local_experts = parallel.experts_per_rank();
+  const int64_t first_expert = parallel.placement(ep_rank).first_expert;
   const int64_t d_model = model.d_model, vocab = model.vocab_size;
   const double std = model.init_std, residual_std = model.init_std / std::sqrt(2.0 * model.n_layers);
   const bool layernorm = model.norm == NormKind::layernorm;
@@ -74,7 +77,6 @@ ParameterLayout Transformer::build_layout(const ModelConfig& model, const MoeCon
   };
   matrix("embedding.token", {vocab, d_model}, std);
   if (model.positions == PositionKind::learned) matrix("embedding.position", {model.seq_len, d_model}, std);
-  const int64_t local_experts = moe.num_experts / ep_size;
   for (int block = 0; block < model.n_layers; ++block) {
     const std::string prefix = "blocks." + std::to_string(block);
     norm(prefix + ".attn_norm");
@@ -95,7 +97,7 @@ ParameterLayout Transformer::build_layout(const ModelConfig& model, const MoeCon
                                 : std::vector<int64_t>{local_experts, moe.expert_d_ff, d_model};
       expert.group = ParameterGroup::expert;
       expert.init_std = which == 1 ? std : residual_std;
-      expert.expert_first = int64_t(ep_rank) * local_experts;
+      expert.expert_first = first_expert;
       expert.expert_total = moe.num_experts;
       layout.add(expert);
     }

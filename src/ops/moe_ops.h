@@ -38,10 +38,20 @@ namespace switchyard {
 enum class ComplexityMode : uint8_t { none, given, entropy };
 enum class ExpertActivation : uint8_t { gelu_tanh, swiglu };
 
+// Routing limits, checked when a run config is read (src/train/config.h) so that a config that
+// validates does not fail at its first forward:
+//  * kMaxTopK: choices per token, both backends (validate_routing_params; the CUDA kernels keep a
+//    token's choices in registers sized for it).
+//  * kCudaMaxExperts: experts per layer the CUDA router takes, one token's logits over at most 16
+//    lanes of 16 registers. The kernels' own constant (kMaxRouteExperts, src/ops/cuda/
+//    cuda_common.cuh) must equal it. The CPU backend has no limit of its own.
+inline constexpr int kMaxTopK = 8;
+inline constexpr int kCudaMaxExperts = 256;
+
 struct RoutingParams {
   int64_t num_tokens = 0;
   int num_experts = 0;
-  int k_max = 1;  // 1..8
+  int k_max = 1;  // 1..kMaxTopK
   int k_min = 1;  // <= k_max; only used with complexity routing
   ComplexityMode complexity = ComplexityMode::none;
   bool renormalize = false;

@@ -10,6 +10,7 @@
 #include <filesystem>
 
 #include "src/comm/bootstrap.h"
+#include "src/comm/parallel_layout.h"
 #include "src/core/error.h"
 
 namespace switchyard {
@@ -94,14 +95,22 @@ void move_aside_and_remove(const fs::path& path, std::vector<std::string>* remov
   if (removed) removed->push_back(path.string());
 }
 
+// The expert placement a plan follows. Its numbers come from a config already checked against the
+// world, so a problem here is a bug, not an input error.
+ParallelLayout planned_layout(int world_size, int ep_size, int64_t num_experts) {
+  const std::string problem = ParallelLayout::problem(world_size, ep_size, int(num_experts));
+  SY_CHECK(world_size >= 1 && num_experts >= 0 && problem.empty(), "plan_checkpoint: world ", world_size,
+           ", ep_size ", ep_size, ": ", problem);
+  return ParallelLayout(world_size, ep_size, int(num_experts));
+}
+
 }  // namespace
 
 // ---- Plan ----------------------------------------------------------------------------------------
 
 std::vector<CheckpointTensor> plan_checkpoint(const ParameterLayout& layout, DType master_dtype, int world_size,
                                               int ep_size, std::vector<CheckpointShardFile>* files) {
-  SY_CHECK(world_size >= 1 && ep_size >= 1 && world_size % ep_size == 0, "plan_checkpoint: world ", world_size,
-           ", ep_size ", ep_size);
+  planned_layout(world_size, ep_size, /*num_experts=*/0);  // the ranks, before any expert
   const std::string dtype = checkpoint_dtype_name(master_dtype);
   const size_t element = dtype_size(master_dtype);
   std::vector<CheckpointTensor> tensors;
@@ -112,6 +121,8 @@ std::vector<CheckpointTensor> plan_checkpoint(const ParameterLayout& layout, DTy
       for (const ParameterSpec& spec : layout.specs()) {
         if (spec.is_sharded() != (pass == 0)) continue;
         const int64_t experts = spec.is_sharded() ? spec.expert_total : 1;
+        const ParallelLayout expert_layout =
+            planned_layout(world_size, ep_size, spec.is_sharded() ? spec.expert_total : 0);
         for (int64_t expert = 0; expert < experts; ++expert) {
           CheckpointTensor tensor;
           tensor.parameter = spec.name;
@@ -122,10 +133,11 @@ std::vector<CheckpointTensor> plan_checkpoint(const ParameterLayout& layout, DTy
           tensor.shape = spec.shape;
           if (spec.is_sharded()) {
             const int64_t per_rank = spec.shape[0];
-            SY_CHECK(per_rank > 0 && per_rank * ep_size == spec.expert_total, "plan_checkpoint: ", spec.name, " has ",
-                     per_rank, " experts per rank, ", spec.expert_total, " in all, ep_size ", ep_size);
+            SY_CHECK(per_rank > 0 && per_rank == expert_layout.experts_per_rank(), "plan_checkpoint: ", spec.name,
+                     " has ", per_rank, " experts per rank, ", spec.expert_total, " in all, ep_size ", ep_size);
             tensor.shape.erase(tensor.shape.begin());
-            tensor.owner = int(expert / per_rank);  // world rank = ep rank in replica 0
+            // Written by the holder of its shard in the first expert-parallel group.
+            tensor.owner = expert_layout.world_rank_of(/*ep_group=*/0, expert_layout.shard_of_expert(int(expert)));
           }
           int64_t count = 1;
           for (int64_t dim : tensor.shape) count *= dim;

@@ -290,7 +290,7 @@ void apply_override(const std::string& argument, std::map<std::string, Entry>& e
 }  // namespace
 
 Config parse_config_string(const std::string& yaml_text, const std::string& source_name,
-                           const std::vector<std::string>& overrides) {
+                           const std::vector<std::string>& overrides, bool cuda_backend_built) {
   YAML::Node root = load_yaml(yaml_text, source_name, /*source_is_file=*/true);
   std::map<std::string, Entry> entries;
   std::map<std::string, std::string> section_origins;
@@ -314,10 +314,12 @@ Config parse_config_string(const std::string& yaml_text, const std::string& sour
   for (const ConfigField& field : config_fields())
     if (!entries.count(field.path()) && field.derive_default) field.derive_default(config);
 
-  check_config_consistency(config, [&](const std::string& path) {
+  const auto where = [&](const std::string& path) {
     auto entry = entries.find(path);
     return entry != entries.end() ? entry->second.origin : source_name;
-  });
+  };
+  check_config_consistency(config, where);
+  check_backend_limits(config, where, device_can_be_cuda(config, cuda_backend_built));
   return config;
 }
 

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "src/comm/ep_transport.h"
+#include "src/comm/parallel_layout.h"
 #include "src/core/dtype.h"
 #include "src/model/config.h"
 
@@ -94,16 +95,26 @@ struct Config {
 bool operator==(const Config& left, const Config& right);
 inline bool operator!=(const Config& left, const Config& right) { return !(left == right); }
 
+#if defined(SWITCHYARD_WITH_CUDA)
+inline constexpr bool kCudaBackendBuilt = true;
+#else
+inline constexpr bool kCudaBackendBuilt = false;
+#endif
+
 // Loads `path`, applies `overrides` ("section.key=value", value parsed as a YAML scalar, later
 // ones win), fills defaults and validates. Throws SY_BAD_INPUT naming file:line or the --set.
 Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
 // The same from text; `source_name` stands for the file name in messages and defaults.
+// `cuda_backend_built` says which backend limits apply (check_backend_limits); tests pass true to
+// check a CUDA build's limits in any build.
 Config parse_config_string(const std::string& yaml_text, const std::string& source_name,
-                           const std::vector<std::string>& overrides = {});
+                           const std::vector<std::string>& overrides = {},
+                           bool cuda_backend_built = kCudaBackendBuilt);
 // The fully resolved config: every key, each with a short comment. Parses back to an equal Config.
 std::string config_to_yaml(const Config& config);
-// Checks that need the world size (known only after MPI start-up): world % ep_size == 0.
-void validate_against_world(const Config& config, int world_size);
+// The checks that need the world size (known only after MPI start-up): the world part of
+// ParallelLayout's rules (src/comm/parallel_layout.h). Returns the run's layout.
+ParallelLayout validate_against_world(const Config& config, int world_size);
 
 // Names used in YAML for the enums of this layer (the model's: src/model/config.h).
 const char* device_choice_name(DeviceChoice choice);
@@ -145,5 +156,12 @@ const std::vector<ConfigField>& config_fields();
 // Cross-field checks that need the whole config; `where(path)` gives the location to report for
 // a key (its file:line or --set; the file alone when it was not given). Throws SY_BAD_INPUT.
 void check_config_consistency(const Config& config, const std::function<std::string(const std::string&)>& where);
+// Whether training.device may resolve to CUDA: auto or cuda, with the CUDA backend built.
+bool device_can_be_cuda(const Config& config, bool cuda_backend_built = kCudaBackendBuilt);
+// The limits of the backends the run may use (src/ops/moe_ops.h), so that a config that
+// validates does not fail at its first forward: with `device_can_be_cuda`, the CUDA backend's
+// (kCudaMaxExperts); the CPU backend's are the key ranges. Throws SY_BAD_INPUT like the above.
+void check_backend_limits(const Config& config, const std::function<std::string(const std::string&)>& where,
+                          bool device_can_be_cuda);
 
 }  // namespace switchyard

@@ -13,7 +13,9 @@
 #include <type_traits>
 #include <utility>
 
+#include "src/comm/parallel_layout.h"
 #include "src/core/error.h"
+#include "src/ops/moe_ops.h"
 #include "src/train/config.h"
 
 namespace switchyard {
@@ -205,8 +207,10 @@ std::vector<ConfigField> build_fields() {
   // moe
   add(required(integer_field("moe", "num_experts", &C::moe, &MoeConfig::num_experts, 1, 1024,
                              "experts per MoE layer (over all ranks)")));
-  add(integer_field("moe", "top_k", &C::moe, &MoeConfig::top_k, 1, 8, "experts each token is sent to"));
-  add(derived(integer_field("moe", "k_min", &C::moe, &MoeConfig::k_min, 1, 8,
+  // top_k's range is the routing limit of both backends; the CUDA backend's expert limit is
+  // checked in check_backend_limits (it depends on training.device).
+  add(integer_field("moe", "top_k", &C::moe, &MoeConfig::top_k, 1, kMaxTopK, "experts each token is sent to"));
+  add(derived(integer_field("moe", "k_min", &C::moe, &MoeConfig::k_min, 1, kMaxTopK,
                             "fewest experts a token uses under complexity routing (<= top_k)"),
               "moe.top_k", [](Config& config) { config.moe.k_min = config.moe.top_k; }));
   add(derived(integer_field("moe", "expert_d_ff", &C::moe, &MoeConfig::expert_d_ff, 1, 1 << 20,
@@ -403,9 +407,8 @@ void check_config_consistency(const Config& config, const std::function<std::str
   if ((moe.segment_alignment & (moe.segment_alignment - 1)) != 0)
     SY_BAD_INPUT(where("moe.segment_alignment"), ": moe.segment_alignment = ", moe.segment_alignment,
                  " is not a power of two");
-  if (moe.num_experts % config.parallel.ep_size != 0)
-    SY_BAD_INPUT(where("parallel.ep_size"), ": parallel.ep_size = ", config.parallel.ep_size,
-                 " does not divide moe.num_experts = ", moe.num_experts, " (each rank must hold the same number of experts)");
+  // The world size is not known yet (0): the expert part of the layout's rules.
+  ParallelLayout::check(/*world_size=*/0, config.parallel.ep_size, moe.num_experts, where("parallel.ep_size"));
   if (config.optimizer.min_lr > config.optimizer.lr)
     SY_BAD_INPUT(where("optimizer.min_lr"), ": optimizer.min_lr = ", format_real(config.optimizer.min_lr),
                  " exceeds optimizer.lr = ", format_real(config.optimizer.lr));
@@ -424,11 +427,22 @@ void check_config_consistency(const Config& config, const std::function<std::str
     SY_BAD_INPUT(where("logging.metrics_file"), ": logging.metrics_file is empty");
 }
 
-void validate_against_world(const Config& config, int world_size) {
+bool device_can_be_cuda(const Config& config, bool cuda_backend_built) {
+  return cuda_backend_built && config.training.device != DeviceChoice::cpu;
+}
+
+void check_backend_limits(const Config& config, const std::function<std::string(const std::string&)>& where,
+                          bool device_can_be_cuda) {
+  if (device_can_be_cuda && config.moe.num_experts > kCudaMaxExperts)
+    SY_BAD_INPUT(where("moe.num_experts"), ": moe.num_experts = ", config.moe.num_experts,
+                 " exceeds the CUDA backend's limit of ", kCudaMaxExperts,
+                 " experts per layer; set training.device: cpu or use fewer experts");
+}
+
+ParallelLayout validate_against_world(const Config& config, int world_size) {
   SY_CHECK(world_size >= 1, "world size ", world_size);
-  if (world_size % config.parallel.ep_size != 0)
-    SY_BAD_INPUT(config.source, ": parallel.ep_size = ", config.parallel.ep_size, " does not divide the world size ",
-                 world_size, " (the ranks must split into world / ep_size expert-data-parallel groups)");
+  ParallelLayout::check(world_size, config.parallel.ep_size, config.moe.num_experts, config.source);
+  return ParallelLayout(world_size, config.parallel.ep_size, config.moe.num_experts);
 }
 
 }  // namespace switchyard

@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "src/core/error.h"
+#include "src/comm/parallel_layout.h"
 #include "src/core/timing.h"
 #include "src/model/routing_observer.h"
 #include "src/train/checkpoint_signals.h"
@@ -81,14 +82,17 @@ Trainer::Trainer(const Config& config, const TokenFile& train, const TokenFile* 
   const int ep_size = config.parallel.ep_size;
   SY_CHECK(options_.world_size >= 1 && options_.world_rank >= 0 && options_.world_rank < options_.world_size,
            "Trainer: rank ", options_.world_rank, " of ", options_.world_size);
-  SY_CHECK_INPUT(options_.world_size % ep_size == 0, "parallel.ep_size = ", ep_size, " does not divide the ",
-                 options_.world_size, " ranks");
+  const RankPlacement placement =
+      ParallelLayout(options_.world_size, ep_size, config.moe.num_experts).placement(options_.world_rank);
   if (options_.world_size > 1 || ep_size > 1)
     SY_CHECK(options_.groups.world && options_.groups.expert_parallel && options_.groups.expert_data_parallel,
              "Trainer: ", options_.world_size, " ranks need the parallel groups");
   if (ep_size > 1)
-    SY_CHECK(options_.groups.expert_parallel->size() == ep_size, "Trainer: the expert-parallel group has ",
-             options_.groups.expert_parallel->size(), " ranks, parallel.ep_size is ", ep_size);
+    SY_CHECK(options_.groups.expert_parallel->size() == ep_size &&
+                 options_.groups.expert_parallel->rank() == placement.ep_rank,
+             "Trainer: rank ", placement.ep_rank, " of ", ep_size, " in the expert-parallel layout, but rank ",
+             options_.groups.expert_parallel->rank(), " of ", options_.groups.expert_parallel->size(),
+             " in the expert-parallel group");
   stream_ = create_stream(device);
   context_ = ExecContext{device, stream_};
   TransformerOptions model_options;
@@ -97,7 +101,7 @@ Trainer::Trainer(const Config& config, const TokenFile& train, const TokenFile* 
   model_options.max_batch = config.training.micro_batch_size;
   model_options.max_seq_len = config.model.seq_len;
   model_options.ep_size = ep_size;
-  model_options.ep_rank = ep_size > 1 ? options_.groups.expert_parallel->rank() : 0;
+  model_options.ep_rank = placement.ep_rank;
   model_options.groups = &options_.groups;
   model_options.a2a_chunks = config.parallel.a2a_chunks;
   model_options.ep_transport = config.parallel.ep_transport;

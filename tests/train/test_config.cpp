@@ -259,6 +259,69 @@ TEST(Config, ValidateAgainstWorld) {
   expect_bad_input([&] { validate_against_world(config, 1); }, {"parallel.ep_size = 2", "world size 1"});
 }
 
+TEST(Config, ValidateAgainstWorldReturnsTheLayout) {
+  const ParallelLayout layout = validate_against_world(parse_config_string(kBaseYaml, "w.yaml"), 4);  // 8 experts
+  EXPECT_EQ(layout.world_size(), 4);
+  EXPECT_EQ(layout.ep_size(), 2);
+  EXPECT_EQ(layout.expert_dp_size(), 2);
+  EXPECT_EQ(layout.experts_per_rank(), 4);
+  EXPECT_EQ(layout.placement(3).first_expert, 4);
+  Config config = parse_config_string(kBaseYaml, "w.yaml", {"parallel.ep_size=4"});
+  expect_bad_input([&] { validate_against_world(config, 6); },
+                   {"w.yaml: parallel.ep_size = 4", "world size 6", "moe.num_experts = 8"});
+}
+
+// CUDA routing takes at most kCudaMaxExperts experts per layer: a config that may run on CUDA
+// (training.device auto or cuda in a CUDA build) is refused when read, not at its first forward.
+// cuda_backend_built = true checks a CUDA build's limits in any build.
+TEST(Config, CudaExpertLimitWhenTheDeviceCanBeCuda) {
+  const std::string limit = std::to_string(kCudaMaxExperts), over = std::to_string(2 * kCudaMaxExperts);
+  const std::string text = base_with("num_experts:", "  num_experts: " + over);  // line 7
+  expect_bad_input([&] { parse_config_string(text, "c.yaml", {}, /*cuda_backend_built=*/true); },
+                   {"c.yaml:7: moe.num_experts = " + over + " exceeds the CUDA backend's limit of " + limit +
+                    " experts per layer; set training.device: cpu or use fewer experts"});
+  expect_bad_input([&] { parse_config_string(text, "c.yaml", {"training.device=cuda"}, true); },
+                   {"c.yaml:7", "moe.num_experts = " + over, "limit of " + limit});
+  expect_bad_input([&] { parse_config_string(kBaseYaml, "c.yaml", {"moe.num_experts=" + over}, true); },
+                   {"--set moe.num_experts=" + over + ": moe.num_experts = " + over, "limit of " + limit});
+  EXPECT_NO_THROW(parse_config_string(base_with("num_experts:", "  num_experts: " + limit), "c.yaml", {}, true));
+  // On the CPU, or in a build without CUDA, the CPU limits (the key's range) apply.
+  EXPECT_EQ(parse_config_string(text, "c.yaml", {"training.device=cpu"}, true).moe.num_experts, 2 * kCudaMaxExperts);
+  EXPECT_EQ(parse_config_string(text, "c.yaml", {}, /*cuda_backend_built=*/false).moe.num_experts,
+            2 * kCudaMaxExperts);
+  expect_bad_input([] { parse_config_string(kBaseYaml, "c.yaml", {"moe.num_experts=2048"}, false); },
+                   {"moe.num_experts = 2048 is out of range [1, 1024]"});
+}
+
+TEST(Config, BackendLimitsEntryPoint) {
+  Config config = parse_config_string(kBaseYaml, "b.yaml", {"moe.num_experts=512", "training.device=cpu"});
+  const auto where = [](const std::string& path) { return "b.yaml (" + path + ")"; };
+  EXPECT_NO_THROW(check_backend_limits(config, where, /*device_can_be_cuda=*/false));
+  expect_bad_input([&] { check_backend_limits(config, where, /*device_can_be_cuda=*/true); },
+                   {"b.yaml (moe.num_experts): moe.num_experts = 512", "limit of " + std::to_string(kCudaMaxExperts)});
+
+  EXPECT_FALSE(device_can_be_cuda(config, /*cuda_backend_built=*/true));  // training.device: cpu
+  config.training.device = DeviceChoice::automatic;
+  EXPECT_TRUE(device_can_be_cuda(config, true));
+  EXPECT_FALSE(device_can_be_cuda(config, false));
+  EXPECT_EQ(device_can_be_cuda(config), kCudaBackendBuilt);
+  config.training.device = DeviceChoice::cuda;
+  EXPECT_TRUE(device_can_be_cuda(config, true));
+}
+
+// top_k is limited alike on both backends: the key's range is the routing limit.
+TEST(Config, TopKLimitIsTheRoutingLimit) {
+  const std::string over = std::to_string(kMaxTopK + 1), range = "[1, " + std::to_string(kMaxTopK) + "]";
+  for (bool cuda_backend_built : {false, true}) {
+    expect_bad_input([&] { parse_config_string(kBaseYaml, "t.yaml", {"moe.top_k=" + over}, cuda_backend_built); },
+                     {"moe.top_k = " + over + " is out of range " + range});
+    expect_bad_input([&] { parse_config_string(kBaseYaml, "t.yaml", {"moe.k_min=" + over}, cuda_backend_built); },
+                     {"moe.k_min = " + over + " is out of range " + range});
+  }
+  EXPECT_EQ(parse_config_string(kBaseYaml, "t.yaml", {"moe.top_k=" + std::to_string(kMaxTopK)}, true).moe.top_k,
+            kMaxTopK);
+}
+
 TEST(Config, EmitContainsEveryKeyOnce) {
   Config config = parse_config_string(kBaseYaml, "e.yaml");
   std::string text = config_to_yaml(config);
