@@ -12,6 +12,8 @@
 // warm-up; routing from random data, so the load is about balanced (capacity drops included).
 // Expert FLOPs per rank (forward): 2 * T * k * (D * F' + F * D), F' = F (gelu) or 2F (swiglu);
 // forward+backward counts three times that.
+// The flags: bench_ep_options.h. This file holds the benches, the set-up, the timing of each part
+// (a results struct; every rank) and the lines and records made from it (rank 0 prints).
 #include <mpi.h>
 
 #include <algorithm>
@@ -20,6 +22,7 @@
 #include <fstream>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -29,8 +32,8 @@
 #include "src/comm/expert_dispatch.h"
 #include "src/comm/nvlink_exchange.h"
 #include "src/cli/bench_common.h"
+#include "src/cli/bench_ep_options.h"
 #include "src/ops/ops.h"
-#include "src/cli/cli_args.h"
 #include "src/cli/commands.h"
 #include "src/core/device.h"
 #include "src/core/mpi_check.h"
@@ -39,6 +42,8 @@
 
 namespace switchyard {
 namespace {
+
+using namespace bench_ep;
 
 struct EpBenchSettings {
   ExecContext context;
@@ -270,208 +275,214 @@ struct LayerBench {
 
 using Record = BenchRecord;
 
-std::vector<int64_t> parse_token_list(const std::string& list) {
-  std::vector<int64_t> values;
-  std::stringstream stream(list);
-  std::string item;
-  while (std::getline(stream, item, ',')) {
-    size_t consumed = 0;
-    long long value = 0;
-    try {
-      value = std::stoll(item, &consumed);
-    } catch (...) {
-      consumed = 0;
-    }
-    if (consumed != item.size() || value < 1) SY_BAD_INPUT("bench ep: --tokens entry '", item, "' is not a positive integer");
-    values.push_back(value);
+// ---- Set-up -----------------------------------------------------------------------------------
+
+// The process, its groups and the settings every measurement shares (after the set-up every rank
+// runs the same measurements; rank 0 prints and writes the records).
+struct BenchEpSetup {
+  ProcessContext context;
+  int ep_size = 1;
+  ParallelGroups groups;
+  EpBenchSettings settings;
+  const char* backend = "mpi";  // the transport the layers will pick: mpi, nccl or nvlink
+  bool leader = false;
+};
+
+// Starts MPI (and the GPUs under --device cuda, or auto when every rank has one), forms the
+// groups and fills in the layer's configuration. The benches keep a reference to setup.settings,
+// so the setup stays where it is until they are gone.
+void set_up_bench_ep(const BenchEpOptions& options, BenchEpSetup& setup) {
+  ProcessContext& context = setup.context;
+  context = bootstrap_process(DeviceKind::cpu);
+  bool use_cuda = options.device == "cuda";
+  if (options.device == "auto") {  // GPUs only when every node has one per rank (NCCL's rule)
+    int enough = cuda_device_count() >= context.local_size ? 1 : 0;
+    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &enough, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+    use_cuda = enough != 0;
   }
-  SY_CHECK_INPUT(!values.empty(), "bench ep: --tokens is empty");
-  return values;
+  SY_CHECK_INPUT(use_cuda || options.quick, "bench ep on the CPU backend runs only with --quick (the full shapes need GPUs)");
+  if (use_cuda) context = bootstrap_process(DeviceKind::cuda);
+  context.device = use_cuda ? DeviceKind::cuda : DeviceKind::cpu;
+  const int ep_size = options.ep_size == 0 ? context.world_size : int(options.ep_size);
+  SY_CHECK_INPUT(ep_size >= 1 && context.world_size % ep_size == 0, "bench ep: --ep-size ", ep_size,
+                 " must divide the world size ", context.world_size);
+  setup.ep_size = ep_size;
+  setup.groups = create_parallel_groups(context, ep_size, options.timeout_s);
+
+  EpBenchSettings& settings = setup.settings;
+  settings.iterations = options.iterations;
+  settings.warmup = options.warmup;
+  settings.context = {context.device, create_stream(context.device)};
+  settings.activation_dtype = use_cuda ? DType::bf16 : DType::f32;
+  settings.float_dtype = use_cuda ? DType::f32 : settings.activation_dtype;
+  settings.chunks = int(std::min(options.chunks, options.experts_per_rank));  // a chunk holds at least one expert
+  settings.transport = options.transport;
+  SY_CHECK_INPUT(use_cuda || settings.transport != EpTransport::nvlink,
+                 "bench ep: --ep-transport nvlink needs GPUs (CPU ranks use MPI)");
+  MoeLayerConfig& config = settings.config;
+  config.d_model = options.d_model;
+  config.expert_d_ff = options.d_ff;
+  config.num_experts = int(options.experts_per_rank * ep_size);
+  config.k_max = config.k_min = int(options.top_k);
+  config.renormalize = options.top_k > 1;
+  config.dropless = options.capacity_factor == 0;
+  config.capacity_factor_train = config.capacity_factor_eval = config.dropless ? 1.0f : float(options.capacity_factor);
+  config.activation = options.activation == "swiglu" ? ExpertActivation::swiglu : ExpertActivation::gelu_tanh;
+  config.validate();
+
+  setup.leader = context.world_rank == 0;
+  // The transport the layers will pick (create() is collective and cheap: ask once here).
+  if (use_cuda) {
+    setup.backend = "nccl";
+    if (settings.transport != EpTransport::nccl && NvlinkPeerMemory::create(setup.groups.expert_parallel, 0, nullptr))
+      setup.backend = "nvlink";
+  }
+}
+
+// ---- Timing (every rank) ----------------------------------------------------------------------
+
+struct ExchangeTiming {
+  int64_t tokens;
+  double exchange_ms, raw_ms;  // dispatch + combine; the raw all_to_all_v there and back
+  double bytes;                // payload bytes a rank sends and receives (mean over ranks)
+};
+
+ExchangeTiming time_exchange(BenchEpSetup& setup, int64_t tokens) {
+  const EpBenchSettings& settings = setup.settings;
+  Communicator& world = *setup.groups.world;
+  auto wait_device = [&] { ops::synchronize(settings.context); };
+  ExchangeBench bench(settings, setup.groups.expert_parallel, tokens);
+  bench.route();
+  bench.run();
+  wait_device();
+  const double exchange_ms = time_slowest_median_ms(settings, world, [&] { bench.run(); }, wait_device);
+  Communicator& communicator = bench.dispatcher->communicator();
+  const double raw_ms = time_slowest_median_ms(settings, world, [&] { bench.run_raw(); },
+                                               [&] { communicator.synchronize(); });
+  const ExpertExchangePlan& plan = bench.dispatcher->plan();
+  const size_t element = dtype_size(settings.activation_dtype);
+  const double bytes = global_mean(double(plan.send_rows() + plan.recv_rows()) * double(settings.config.d_model) *
+                                       double(element),
+                                   setup.context.world_size);
+  return {tokens, exchange_ms, raw_ms, bytes};
+}
+
+struct LayerTiming {
+  int64_t tokens;
+  double forward_ms, both_ms;  // forward; forward+backward
+  double received_rows;        // rows a rank's experts received (mean over ranks)
+};
+
+LayerTiming time_layer(BenchEpSetup& setup, int64_t tokens) {
+  const EpBenchSettings& settings = setup.settings;
+  Communicator& world = *setup.groups.world;
+  auto wait_device = [&] { ops::synchronize(settings.context); };
+  LayerBench bench(settings, setup.groups.expert_parallel, tokens);
+  const double forward_ms =
+      time_slowest_median_ms(settings, world, [&] { bench.forward(settings.context, false); }, wait_device);
+  const double both_ms =
+      time_slowest_median_ms(settings, world, [&] { bench.forward_backward(settings.context); }, wait_device);
+  const MoeExchangeStats stats = bench.layer->exchange_stats();
+  const double received = global_mean(double(stats.received_rows), setup.context.world_size);
+  return {tokens, forward_ms, both_ms, received};
+}
+
+// ---- Report (rank 0 prints; the records are kept on every rank, rank 0 writes them) -----------
+
+void report_header(const BenchEpSetup& setup, const BenchEpOptions& options) {
+  if (!setup.leader) return;
+  const EpBenchSettings& settings = setup.settings;
+  std::ostringstream capacity;
+  if (settings.config.dropless) capacity << "dropless";
+  else capacity << "capacity factor " << options.capacity_factor;
+  std::printf("# switchyard bench ep: %d ranks, ep_size %d, backend %s, %s, D=%lld F=%lld E=%d (%lld per rank) "
+              "top-%lld %s, %s, a2a_chunks %d; median of the slowest rank over %d iterations\n",
+              setup.context.world_size, setup.ep_size, setup.backend, dtype_name(settings.activation_dtype),
+              (long long)options.d_model, (long long)options.d_ff, settings.config.num_experts,
+              (long long)options.experts_per_rank, (long long)options.top_k, options.activation.c_str(),
+              capacity.str().c_str(), settings.chunks, settings.iterations);
+}
+
+// The fields every record starts with: the run's shape.
+Record base_record(const BenchEpSetup& setup, const BenchEpOptions& options, const char* part, int64_t tokens) {
+  Record record;
+  record.add("part", part);
+  record.add("backend", setup.backend);
+  record.add("world_size", setup.context.world_size);
+  record.add("ep_size", setup.ep_size);
+  record.add("tokens_per_rank", double(tokens));
+  record.add("d_model", double(options.d_model));
+  record.add("d_ff", double(options.d_ff));
+  record.add("experts", setup.settings.config.num_experts);
+  record.add("top_k", double(options.top_k));
+  record.add("a2a_chunks", setup.settings.chunks);
+  return record;
+}
+
+void report_exchange(const BenchEpSetup& setup, const BenchEpOptions& options, const ExchangeTiming& timing,
+                     std::vector<Record>& records) {
+  const double exchange_ms = timing.exchange_ms, raw_ms = timing.raw_ms, bytes = timing.bytes;
+  if (setup.leader)
+    std::printf("exchange T=%-7lld dispatch+combine %9.3f ms %8.2f GB/s | raw all_to_all_v x2 %9.3f ms %8.2f GB/s "
+                "| overhead %.2fx\n",
+                (long long)timing.tokens, exchange_ms, bytes / (exchange_ms * 1e-3) / 1e9, raw_ms,
+                bytes / (raw_ms * 1e-3) / 1e9, exchange_ms / raw_ms);
+  Record record = base_record(setup, options, "exchange", timing.tokens);
+  record.add("payload_bytes_per_rank", bytes);
+  record.add("dispatch_combine_ms", exchange_ms);
+  record.add("dispatch_combine_gbps", bytes / (exchange_ms * 1e-3) / 1e9);
+  record.add("raw_a2a_ms", raw_ms);
+  record.add("raw_a2a_gbps", bytes / (raw_ms * 1e-3) / 1e9);
+  records.push_back(record);
+}
+
+void report_layer(const BenchEpSetup& setup, const BenchEpOptions& options, const LayerTiming& timing,
+                  std::vector<Record>& records) {
+  const double forward_ms = timing.forward_ms, both_ms = timing.both_ms;
+  const int64_t tokens = timing.tokens;
+  const double flops = 2.0 * double(tokens) * double(options.top_k) *
+                       (double(options.d_model) * double(setup.settings.config.w1_columns()) +
+                        double(options.d_ff) * double(options.d_model));
+  if (setup.leader)
+    std::printf("layer    T=%-7lld forward %9.3f ms (%7.1f TFLOP/s) | forward+backward %9.3f ms (%7.1f TFLOP/s) | "
+                "%.0f tokens/s per rank\n",
+                (long long)tokens, forward_ms, flops / (forward_ms * 1e-3) / 1e12, both_ms,
+                3 * flops / (both_ms * 1e-3) / 1e12, double(tokens) / (both_ms * 1e-3));
+  Record record = base_record(setup, options, "layer", tokens);
+  record.add("fwd_ms", forward_ms);
+  record.add("fwdbwd_ms", both_ms);
+  record.add("fwd_expert_tflops", flops / (forward_ms * 1e-3) / 1e12);
+  record.add("fwdbwd_expert_tflops", 3 * flops / (both_ms * 1e-3) / 1e12);
+  record.add("received_rows_mean", timing.received_rows);
+  records.push_back(record);
+}
+
+// --json on rank 0: one record per line.
+void write_json_records(const BenchEpSetup& setup, const std::optional<std::string>& file,
+                        const std::vector<Record>& records) {
+  if (!setup.leader || !file) return;
+  std::ofstream out(*file);
+  if (!out) SY_BAD_INPUT("bench ep: cannot write --json file '", *file, "'");
+  for (const Record& record : records) out << record.json() << "\n";
 }
 
 }  // namespace
 
 int command_bench_ep(int argc, char** argv) {
-  ArgParser parser("switchyard bench ep",
-                   "Expert parallelism: dispatch+combine against a raw all-to-all-v of the same bytes, and the EP\n"
-                   "MoE layer forward and forward+backward. Start it under mpirun with one rank per GPU.");
-  parser.add_option("device", "auto|cpu|cuda", "auto: GPUs when every rank has one (cpu: only with --quick)", "auto");
-  parser.add_option("tokens", "LIST", "tokens per rank, comma-separated", "8192,65536");
-  parser.add_option("d-model", "N", "model width D", "768");
-  parser.add_option("d-ff", "N", "expert hidden width F", "3072");
-  parser.add_option("experts-per-rank", "N", "local experts L (E = L * ep-size)", "8");
-  parser.add_option("top-k", "N", "choices per token", "2");
-  parser.add_option("activation", "NAME", "gelu or swiglu", "gelu");
-  parser.add_option("capacity-factor", "X", "capacity factor; 0 = dropless", "1.25");
-  parser.add_option("ep-size", "N", "expert-parallel group size (0 = the world size)", "0");
-  parser.add_option("a2a-chunks", "N", "split the exchange into N chunks (<= experts per rank) to overlap the expert GEMMs",
-                    "1");
-  parser.add_option("ep-transport", "auto|nccl|nvlink",
-                    "how rows move: nvlink (peer-mapped GPU memory, one node), nccl (all-to-all-v), auto", "auto");
-  parser.add_option("only", "LIST", "comma list of parts: exchange,layer", "exchange,layer");
-  parser.add_option("iters", "N", "timed iterations per measurement (median of the slowest rank)", "20");
-  parser.add_option("warmup", "N", "untimed iterations first", "5");
-  parser.add_option("timeout", "SECONDS", "collective timeout (a hung rank fails the run)", "300");
-  parser.add_option("json", "FILE", "also write every record as JSON lines to FILE (rank 0)");
-  parser.add_flag("quick", "tiny shapes (a smoke test; runs on CPU ranks too)");
-  parser.add_epilog("Example:\n  mpirun -np 8 switchyard bench ep --tokens 8192,65536 --json ep.jsonl");
-  if (!parser.parse(argc, argv)) return kExitOk;
-
-  const bool quick = parser.flag("quick");
-  const std::string device_name = parser.get("device"), activation = parser.get("activation");
-  SY_CHECK_INPUT(device_name == "auto" || device_name == "cpu" || device_name == "cuda",
-                 "bench ep: --device must be auto, cpu or cuda, got '", device_name, "'");
-  SY_CHECK_INPUT(activation == "gelu" || activation == "swiglu", "bench ep: --activation must be gelu or swiglu");
-  EpBenchSettings settings;
-  settings.iterations = int(parser.get_int("iters"));
-  settings.warmup = int(parser.get_int("warmup"));
-  SY_CHECK_INPUT(settings.iterations >= 1 && settings.warmup >= 0, "bench ep: --iters must be >= 1 and --warmup >= 0");
-  std::vector<int64_t> token_counts = parse_token_list(parser.get("tokens"));
-  int64_t d_model = parser.get_int("d-model"), d_ff = parser.get_int("d-ff");
-  int64_t experts_per_rank = parser.get_int("experts-per-rank");
-  if (quick) {
-    if (!parser.has("tokens")) token_counts = {64, 256};
-    if (!parser.has("d-model")) d_model = 32;
-    if (!parser.has("d-ff")) d_ff = 64;
-    if (!parser.has("experts-per-rank")) experts_per_rank = 2;
-  }
-  const int64_t top_k = parser.get_int("top-k"), chunks = parser.get_int("a2a-chunks");
-  const double capacity_factor = parser.get_double("capacity-factor");
-  SY_CHECK_INPUT(d_model >= 1 && d_ff >= 1 && experts_per_rank >= 1 && top_k >= 1 && chunks >= 1,
-                 "bench ep: --d-model, --d-ff, --experts-per-rank, --top-k and --a2a-chunks must be positive");
-  SY_CHECK_INPUT(capacity_factor >= 0, "bench ep: --capacity-factor must be >= 0");
-  const std::string only = "," + parser.get("only") + ",";
-  auto wanted = [&](const char* part) { return only.find("," + std::string(part) + ",") != std::string::npos; };
-
-  ProcessContext context = bootstrap_process(DeviceKind::cpu);
-  bool use_cuda = device_name == "cuda";
-  if (device_name == "auto") {  // GPUs only when every node has one per rank (NCCL's rule)
-    int enough = cuda_device_count() >= context.local_size ? 1 : 0;
-    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &enough, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
-    use_cuda = enough != 0;
-  }
-  SY_CHECK_INPUT(use_cuda || quick, "bench ep on the CPU backend runs only with --quick (the full shapes need GPUs)");
-  if (use_cuda) context = bootstrap_process(DeviceKind::cuda);
-  context.device = use_cuda ? DeviceKind::cuda : DeviceKind::cpu;
-  const int ep_size = parser.get_int("ep-size") == 0 ? context.world_size : int(parser.get_int("ep-size"));
-  SY_CHECK_INPUT(ep_size >= 1 && context.world_size % ep_size == 0, "bench ep: --ep-size ", ep_size,
-                 " must divide the world size ", context.world_size);
-  ParallelGroups groups = create_parallel_groups(context, ep_size, parser.get_double("timeout"));
-
-  settings.context = {context.device, create_stream(context.device)};
-  settings.activation_dtype = use_cuda ? DType::bf16 : DType::f32;
-  settings.float_dtype = use_cuda ? DType::f32 : settings.activation_dtype;
-  settings.chunks = int(std::min(chunks, experts_per_rank));  // a chunk holds at least one expert
-  settings.transport = parse_ep_transport(parser.get("ep-transport"), "bench ep: --ep-transport");
-  SY_CHECK_INPUT(use_cuda || settings.transport != EpTransport::nvlink,
-                 "bench ep: --ep-transport nvlink needs GPUs (CPU ranks use MPI)");
-  MoeLayerConfig& config = settings.config;
-  config.d_model = d_model;
-  config.expert_d_ff = d_ff;
-  config.num_experts = int(experts_per_rank * ep_size);
-  config.k_max = config.k_min = int(top_k);
-  config.renormalize = top_k > 1;
-  config.dropless = capacity_factor == 0;
-  config.capacity_factor_train = config.capacity_factor_eval = config.dropless ? 1.0f : float(capacity_factor);
-  config.activation = activation == "swiglu" ? ExpertActivation::swiglu : ExpertActivation::gelu_tanh;
-  config.validate();
-
-  const bool leader = context.world_rank == 0;
-  // The transport the layers will pick (create() is collective and cheap: ask once here).
-  const char* backend = "mpi";
-  if (use_cuda) {
-    backend = "nccl";
-    if (settings.transport != EpTransport::nccl && NvlinkPeerMemory::create(groups.expert_parallel, 0, nullptr))
-      backend = "nvlink";
-  }
-  const size_t element = dtype_size(settings.activation_dtype);
-  if (leader) {
-    std::ostringstream capacity;
-    if (config.dropless) capacity << "dropless";
-    else capacity << "capacity factor " << capacity_factor;
-    std::printf("# switchyard bench ep: %d ranks, ep_size %d, backend %s, %s, D=%lld F=%lld E=%d (%lld per rank) "
-                "top-%lld %s, %s, a2a_chunks %d; median of the slowest rank over %d iterations\n",
-                context.world_size, ep_size, backend, dtype_name(settings.activation_dtype), (long long)d_model,
-                (long long)d_ff, config.num_experts, (long long)experts_per_rank, (long long)top_k, activation.c_str(),
-                capacity.str().c_str(), settings.chunks, settings.iterations);
-  }
+  const std::optional<BenchEpOptions> options = parse_bench_ep_options(argc, argv);
+  if (!options) return kExitOk;  // --help
+  BenchEpSetup setup;
+  set_up_bench_ep(*options, setup);
+  report_header(setup, *options);
   std::vector<Record> records;
-  auto base_record = [&](const char* part, int64_t tokens) {
-    Record record;
-    record.add("part", part);
-    record.add("backend", backend);
-    record.add("world_size", context.world_size);
-    record.add("ep_size", ep_size);
-    record.add("tokens_per_rank", double(tokens));
-    record.add("d_model", double(d_model));
-    record.add("d_ff", double(d_ff));
-    record.add("experts", config.num_experts);
-    record.add("top_k", double(top_k));
-    record.add("a2a_chunks", settings.chunks);
-    return record;
-  };
-  Communicator& world = *groups.world;
-  auto wait_device = [&] { ops::synchronize(settings.context); };
-
-  for (int64_t tokens : token_counts) {
-    if (wanted("exchange")) {
-      ExchangeBench bench(settings, groups.expert_parallel, tokens);
-      bench.route();
-      bench.run();
-      wait_device();
-      const double exchange_ms = time_slowest_median_ms(settings, world, [&] { bench.run(); }, wait_device);
-      Communicator& communicator = bench.dispatcher->communicator();
-      const double raw_ms = time_slowest_median_ms(settings, world, [&] { bench.run_raw(); },
-                                                   [&] { communicator.synchronize(); });
-      const ExpertExchangePlan& plan = bench.dispatcher->plan();
-      const double bytes = global_mean(double(plan.send_rows() + plan.recv_rows()) * double(d_model) * double(element),
-                                       context.world_size);
-      if (leader)
-        std::printf("exchange T=%-7lld dispatch+combine %9.3f ms %8.2f GB/s | raw all_to_all_v x2 %9.3f ms %8.2f GB/s "
-                    "| overhead %.2fx\n",
-                    (long long)tokens, exchange_ms, bytes / (exchange_ms * 1e-3) / 1e9, raw_ms,
-                    bytes / (raw_ms * 1e-3) / 1e9, exchange_ms / raw_ms);
-      Record record = base_record("exchange", tokens);
-      record.add("payload_bytes_per_rank", bytes);
-      record.add("dispatch_combine_ms", exchange_ms);
-      record.add("dispatch_combine_gbps", bytes / (exchange_ms * 1e-3) / 1e9);
-      record.add("raw_a2a_ms", raw_ms);
-      record.add("raw_a2a_gbps", bytes / (raw_ms * 1e-3) / 1e9);
-      records.push_back(record);
-    }
-    if (wanted("layer")) {
-      LayerBench bench(settings, groups.expert_parallel, tokens);
-      const double forward_ms =
-          time_slowest_median_ms(settings, world, [&] { bench.forward(settings.context, false); }, wait_device);
-      const double both_ms =
-          time_slowest_median_ms(settings, world, [&] { bench.forward_backward(settings.context); }, wait_device);
-      const double flops = 2.0 * double(tokens) * double(top_k) *
-                           (double(d_model) * double(config.w1_columns()) + double(d_ff) * double(d_model));
-      const MoeExchangeStats stats = bench.layer->exchange_stats();
-      const double received = global_mean(double(stats.received_rows), context.world_size);
-      if (leader)
-        std::printf("layer    T=%-7lld forward %9.3f ms (%7.1f TFLOP/s) | forward+backward %9.3f ms (%7.1f TFLOP/s) | "
-                    "%.0f tokens/s per rank\n",
-                    (long long)tokens, forward_ms, flops / (forward_ms * 1e-3) / 1e12, both_ms,
-                    3 * flops / (both_ms * 1e-3) / 1e12, double(tokens) / (both_ms * 1e-3));
-      Record record = base_record("layer", tokens);
-      record.add("fwd_ms", forward_ms);
-      record.add("fwdbwd_ms", both_ms);
-      record.add("fwd_expert_tflops", flops / (forward_ms * 1e-3) / 1e12);
-      record.add("fwdbwd_expert_tflops", 3 * flops / (both_ms * 1e-3) / 1e12);
-      record.add("received_rows_mean", received);
-      records.push_back(record);
-    }
-    if (leader) std::fflush(stdout);
+  for (int64_t tokens : options->token_counts) {
+    if (options->wants("exchange")) report_exchange(setup, *options, time_exchange(setup, tokens), records);
+    if (options->wants("layer")) report_layer(setup, *options, time_layer(setup, tokens), records);
+    if (setup.leader) std::fflush(stdout);
   }
-
-  ops::synchronize(settings.context);
-  destroy_stream(settings.context.device, settings.context.stream);
-  if (leader && parser.has("json")) {
-    std::ofstream out(parser.get("json"));
-    if (!out) SY_BAD_INPUT("bench ep: cannot write --json file '", parser.get("json"), "'");
-    for (const Record& record : records) out << record.json() << "\n";
-  }
+  ops::synchronize(setup.settings.context);
+  destroy_stream(setup.settings.context.device, setup.settings.context.stream);
+  write_json_records(setup, options->json_file, records);
   return kExitOk;
 }
 

@@ -31,6 +31,7 @@
 #include <type_traits>
 
 #include "src/ops/cuda/sm90/grouped_gemm_sm90_common.cuh"
+#include "src/ops/cuda/sm90/grouped_gemm_sm90_ptx.cuh"
 
 namespace switchyard {
 namespace cuda {

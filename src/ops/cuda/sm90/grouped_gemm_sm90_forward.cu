@@ -19,8 +19,13 @@
 // 128 x block_n tile, 64 rows each) or pingpong (each consumer on whole 128 x 128 tiles, in turn,
 // so one's epilogue overlaps the other's MMAs).
 //
-// Shared-memory layouts, descriptors and PTX wrappers: grouped_gemm_sm90_common.cuh.
+// Tile geometry and shared-memory layouts: grouped_gemm_sm90_common.cuh; PTX wrappers and
+// descriptors: grouped_gemm_sm90_ptx.cuh; mainloops: grouped_gemm_sm90_pipeline.cuh; tile
+// scheduler: grouped_gemm_sm90_schedule.cuh.
 #include "src/ops/cuda/sm90/grouped_gemm_sm90_common.cuh"
+#include "src/ops/cuda/sm90/grouped_gemm_sm90_ptx.cuh"
+#include "src/ops/cuda/sm90/grouped_gemm_sm90_pipeline.cuh"
+#include "src/ops/cuda/sm90/grouped_gemm_sm90_schedule.cuh"
 #include "src/ops/cuda/sm90/grouped_gemm_sm90_epilogue.cuh"
 #include "src/core/cuda_check.h"
 

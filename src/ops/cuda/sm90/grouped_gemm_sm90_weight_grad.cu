@@ -12,8 +12,13 @@
 // its 16-byte unit u at position u ^ (r % 8) (the TMA's 128-byte swizzle); a warp's float2
 // fragment writes then hit every bank exactly twice (the minimum for 256 bytes).
 //
-// Shared-memory layouts, descriptors and PTX wrappers: grouped_gemm_sm90_common.cuh.
+// Tile geometry and shared-memory layouts: grouped_gemm_sm90_common.cuh; PTX wrappers and
+// descriptors: grouped_gemm_sm90_ptx.cuh; mainloops: grouped_gemm_sm90_pipeline.cuh; tile
+// scheduler: grouped_gemm_sm90_schedule.cuh.
 #include "src/ops/cuda/sm90/grouped_gemm_sm90_common.cuh"
+#include "src/ops/cuda/sm90/grouped_gemm_sm90_ptx.cuh"
+#include "src/ops/cuda/sm90/grouped_gemm_sm90_pipeline.cuh"
+#include "src/ops/cuda/sm90/grouped_gemm_sm90_schedule.cuh"
 #include "src/core/cuda_check.h"
 
 namespace switchyard {

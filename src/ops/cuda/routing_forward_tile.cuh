@@ -1,0 +1,236 @@
+// Phase 1 of the router forward kernel (src/ops/cuda/routing.cu; its top comment describes the
+// phases): for one tile of 32 W tokens the softmax statistics, k_t, the top-k choices and gates,
+// the ranks and counts of the choices, the tile's partials, and the outputs of the tile. Included
+// by routing.cu only.
+#pragma once
+
+#include <cstdint>
+
+#include "src/ops/cuda/cuda_common.cuh"
+#include "src/ops/cuda/routing_forward_args.cuh"
+#include "src/ops/moe_ops.h"
+
+namespace switchyard {
+namespace {
+
+using namespace cuda_detail;
+
+// ---- Phase 1: one tile ------------------------------------------------------------------------
+
+// exp(logit - row_max) as 2^x on the MUFU unit, results below 2^-126 flushed to zero (probabilities
+// that small change no output), which spares exp2f's denormal fix-up: one instruction per logit.
+__device__ __forceinline__ float route_exp(float logit, float row_max) {
+  float result;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(result) : "f"((logit - row_max) * 1.4426950408889634f));
+  return result;
+}
+
+// Pairwise trees over a lane's slice (depth log2 kPerLane instead of a chain of kPerLane dependent
+// ops), laid out as a heap: node n combines nodes 2n (lower indices) and 2n + 1; one flat loop, so it
+// unrolls into registers. The order is fixed, so the sum is deterministic.
+template <int kPerLane, typename Combine>
+__device__ __forceinline__ float slice_reduce(const float (&values)[kPerLane], Combine combine) {
+  float node[2 * kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) node[kPerLane + i] = values[i];
+#pragma unroll
+  for (int n = kPerLane - 1; n >= 1; --n) node[n] = combine(node[2 * n], node[2 * n + 1]);
+  return node[1];
+}
+
+// The largest key of the slice and its index; the lower child wins ties, so the lowest index among
+// equal keys wins.
+template <int kPerLane>
+__device__ __forceinline__ void slice_argmax(const unsigned (&keys)[kPerLane], unsigned& best_key, int& best_index) {
+  unsigned node_key[2 * kPerLane];
+  int node_index[2 * kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    node_key[kPerLane + i] = keys[i];
+    node_index[kPerLane + i] = i;
+  }
+#pragma unroll
+  for (int n = kPerLane - 1; n >= 1; --n) {
+    const bool upper = node_key[2 * n + 1] > node_key[2 * n];
+    node_key[n] = upper ? node_key[2 * n + 1] : node_key[2 * n];
+    node_index[n] = upper ? node_index[2 * n + 1] : node_index[2 * n];
+  }
+  best_key = node_key[1];
+  best_index = node_index[1];
+}
+
+// Softmax statistics, k_t and the top-k of the tile's tokens (warp w: tokens 32w..32w+31, kGroup
+// lanes per token, 32 / kGroup tokens per pass), then ranks, counts, partials and outputs.
+// defer_slots: the block's last tile, whose slots phase 2b writes from shared memory.
+template <int kGroup, int kPerLane>
+__device__ __forceinline__ void route_tile(const RouteArgs& args, const RouteShared& shared, int tile,
+                                           bool defer_slots) {
+  const int num_experts = args.params.num_experts, k_max = args.params.k_max, columns = num_experts * k_max;
+  const int float_items = num_experts + 1;  // prob sums, then the sum of lse^2
+  const int threads = blockDim.x, num_warps = threads / 32, tile_tokens = threads;
+  const int thread = threadIdx.x, warp = thread / 32, lane = thread % 32;
+  const RouteWorkspace& workspace = args.workspace;
+  const int64_t tile_first_token = int64_t(tile) * tile_tokens;
+  for (int column = lane; column < columns; column += 32) shared.warp_counts[warp * columns + column] = 0;
+
+  // ---- Per token: softmax statistics, k_t, top-k (kGroup lanes per token) ----
+  constexpr int kTokensPerPass = 32 / kGroup;
+  constexpr int kPasses = 32 / kTokensPerPass;
+  const int group = lane / kGroup, member = lane % kGroup, first_expert = member * kPerLane;
+  const int lane_experts = num_experts - first_expert;  // < kPerLane: the slice runs past the row
+  const bool given = args.params.complexity == ComplexityMode::given,
+             entropy = args.params.complexity == ComplexityMode::entropy;
+  float prob_accumulator[kPerLane] = {}, z_accumulator = 0.0f;
+  float logits_now[kPerLane], logits_next[kPerLane];
+  const int64_t warp_first_token = tile_first_token + warp * 32 + group;
+  load_logit_slice<kPerLane>(args.logits, args.params.num_tokens, num_experts, args.vector_loads, warp_first_token,
+                             first_expert, logits_now);
+  float complexity_now = given && warp_first_token < args.params.num_tokens ? args.complexity[warp_first_token] : 0.0f;
+#pragma unroll 1
+  for (int pass = 0; pass < kPasses; ++pass) {
+    const int tile_token = warp * 32 + pass * kTokensPerPass + group;
+    const int64_t token = tile_first_token + tile_token;
+    float complexity_next = 0.0f;
+    if (pass + 1 < kPasses) {  // prefetch the next pass while this one computes
+      const int64_t next_token = token + kTokensPerPass;
+      load_logit_slice<kPerLane>(args.logits, args.params.num_tokens, num_experts, args.vector_loads, next_token,
+                                 first_expert, logits_next);
+      if (given && next_token < args.params.num_tokens) complexity_next = args.complexity[next_token];
+    }
+    const bool token_exists = token < args.params.num_tokens;
+
+    // Softmax: e_i = exp(l_i - max), p_i = e_i / sum (as the reference forms it), lse = max + ln sum.
+    // The logits die into keys as the exps are formed (fewer live registers).
+    const float group_maximum =  // every lane shuffles, existing token or not
+        group_max<kGroup>(slice_reduce(logits_now, [](float a, float b) { return fmaxf(a, b); }));
+    const float row_max = token_exists ? group_maximum : 0.0f;
+    float exps[kPerLane], weighted_distance = 0.0f;
+    unsigned keys[kPerLane];
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      exps[i] = route_exp(logits_now[i], row_max);  // 0 for -inf
+      if (entropy && exps[i] > 0.0f) weighted_distance += exps[i] * (row_max - logits_now[i]);
+      keys[i] = ordered_bits(logits_now[i]);
+    }
+    const float sum = group_sum<kGroup>(slice_reduce(exps, [](float a, float b) { return a + b; }));
+    const float inverse_sum = token_exists ? 1.0f / sum : 0.0f, log_sum = logf(sum), lse = row_max + log_sum;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) prob_accumulator[i] = fmaf(exps[i], inverse_sum, prob_accumulator[i]);
+
+    // Entropy -sum_e p_e ln p_e = ln sum + sum_e p_e (max - l_e): two sums of terms >= 0.
+    float complexity = complexity_now;
+    if (entropy) complexity = (log_sum + inverse_sum * group_sum<kGroup>(weighted_distance)) * args.entropy_scale;
+    const int k_token = token_exists ? choices_of_token(args.params.complexity != ComplexityMode::none,
+                                                        complexity, args.params.k_min, k_max)
+                                     : 0;
+
+    // Top-k: per round the slice's best key (tree), then the group's best by (key, lower expert);
+    // the owner zeroes the winner's key. Missing experts (past the row) have key 0, below every
+    // logit. Only as many rounds as some token of the warp needs.
+    if (lane_experts < kPerLane) {
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i)
+        if (i >= lane_experts) keys[i] = 0u;
+    }
+    const int rounds = int(__reduce_max_sync(kFullWarpMask, unsigned(k_token)));
+    float normalizer = 0.0f;
+#pragma unroll 1
+    for (int choice = 0; choice < rounds; ++choice) {
+      unsigned best_key;
+      int best_index;
+      slice_argmax(keys, best_key, best_index);
+      const unsigned long long best = group_max<kGroup>(
+          (static_cast<unsigned long long>(best_key) << 32) | (0xffffffffu - unsigned(first_expert + best_index)));
+      const int winner = int(0xffffffffu - unsigned(best & 0xffffffffu));
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i)
+        if (first_expert + i == winner) keys[i] = 0u;
+      const float prob = route_exp(from_ordered_bits(unsigned(best >> 32)), row_max) * inverse_sum;
+      if (choice < k_token) normalizer += prob;  // in choice order, as the reference sums
+      if (member == 0) {
+        shared.choice_experts[tile_token * k_max + choice] = int16_t(winner);
+        shared.choice_gates[tile_token * k_max + choice] = prob;
+      }
+    }
+    if (member == 0) {
+      shared.token_lse[tile_token] = lse;
+      shared.token_norm[tile_token] = args.params.renormalize ? normalizer : 1.0f;
+      shared.token_choices[tile_token] = uint8_t(k_token);
+      if (token_exists) z_accumulator += lse * lse;
+    }
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) logits_now[i] = logits_next[i];
+    complexity_now = complexity_next;
+  }
+
+  // ---- Per warp: probability sums over its tokens, sum of lse^2, ranks among its 32 tokens ----
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+#pragma unroll
+    for (int offset = kGroup; offset < 32; offset <<= 1)
+      prob_accumulator[i] += __shfl_xor_sync(kFullWarpMask, prob_accumulator[i], offset);
+    if (lane < kGroup && i < lane_experts)
+      shared.warp_floats[warp * float_items + first_expert + i] = prob_accumulator[i];
+  }
+  z_accumulator = warp_sum(z_accumulator);
+  if (lane == 0) shared.warp_floats[warp * float_items + num_experts] = z_accumulator;
+  __syncwarp();
+  {
+    const int tile_token = warp * 32 + lane;  // one token per lane, in token order
+    const int token_choices = shared.token_choices[tile_token];
+    const int rounds = int(__reduce_max_sync(kFullWarpMask, unsigned(token_choices)));
+    for (int choice = 0; choice < rounds; ++choice) {
+      const int expert = choice < token_choices ? int(shared.choice_experts[tile_token * k_max + choice]) : -1;
+      const unsigned peers = __match_any_sync(kFullWarpMask, expert >= 0 ? expert : -1 - lane);
+      if (expert >= 0) {
+        const unsigned earlier = peers & lanemask_lt();
+        shared.choice_ranks[tile_token * k_max + choice] = uint8_t(__popc(earlier));
+        if (earlier == 0) shared.warp_counts[warp * columns + choice * num_experts + expert] = uint16_t(__popc(peers));
+      }
+    }
+  }
+  __syncthreads();
+
+  // ---- Per tile: warp counts -> offsets of each warp in the tile; publish counts and partials ----
+  for (int column = thread; column < columns; column += threads) {
+    int running = 0;
+    for (int w = 0; w < num_warps; ++w) {
+      const int count = shared.warp_counts[w * columns + column];
+      shared.warp_counts[w * columns + column] = uint16_t(running);
+      running += count;
+    }
+    workspace.tile_columns[int64_t(tile) * columns + column] = running;
+  }
+  for (int item = thread; item < float_items; item += threads) {
+    float sum = 0.0f;
+    for (int w = 0; w < num_warps; ++w) sum += shared.warp_floats[w * float_items + item];
+    workspace.float_partials[int64_t(tile) * float_items + item] = sum;
+  }
+  __syncthreads();
+
+  // ---- Outputs of the tile (coalesced); slots still lack the tile and choice offsets ----
+  for (int index = thread; index < tile_tokens * k_max; index += threads) {
+    const int tile_token = index / k_max, choice = index - tile_token * k_max;
+    const int64_t token = tile_first_token + tile_token;
+    if (token >= args.params.num_tokens) break;
+    const bool active = choice < shared.token_choices[tile_token];
+    const int expert = active ? int(shared.choice_experts[index]) : -1;
+    const int64_t out = tile_first_token * k_max + index;
+    args.expert_ids[out] = expert;
+    args.gates[out] = active ? shared.choice_gates[index] / shared.token_norm[tile_token] : 0.0f;
+    if (!defer_slots)
+      args.slots[out] = active ? shared.warp_counts[(tile_token / 32) * columns + choice * num_experts + expert] +
+                                     shared.choice_ranks[index]
+                               : -1;
+  }
+  for (int tile_token = thread; tile_token < tile_tokens; tile_token += threads) {
+    const int64_t token = tile_first_token + tile_token;
+    if (token >= args.params.num_tokens) break;
+    args.token_k[token] = shared.token_choices[tile_token];
+    args.logsumexp[token] = shared.token_lse[tile_token];
+  }
+  __syncthreads();  // the next tile of this block reuses the shared arrays
+}
+
+}  // namespace
+}  // namespace switchyard
