@@ -106,25 +106,25 @@ struct ExchangeBench {
     const int64_t bound = padded_rows_upper_bound(params), d_model = config.d_model;
     const size_t row_bytes = size_t(d_model) * dtype_size(settings.activation_dtype);
     x = random_buffer(settings, settings.activation_dtype, tokens * d_model, 1.0f, settings.seed + 11);
-    logits = random_buffer(settings, settings.float_dtype, tokens * config.num_experts, 1.0f, settings.seed + 12);
+    logits = random_buffer(settings, settings.float_dtype, tokens * config.moe.num_experts, 1.0f, settings.seed + 12);
     send = Buffer(device, size_t(bound) * row_bytes);
     y = Buffer(device, size_t(tokens) * row_bytes);
-    routing_buffers = RoutingBuffers(device, settings.float_dtype, tokens, config.num_experts, config.k_max, bound);
+    routing_buffers = RoutingBuffers(device, settings.float_dtype, tokens, config.moe.num_experts, config.moe.top_k, bound);
     routing = routing_buffers.result(tokens);
     if (device == DeviceKind::cuda && settings.transport != EpTransport::nccl) {
       std::string why;
       peers = NvlinkPeerMemory::create(expert_parallel, 2, &why);  // expert rows, counts
       SY_CHECK_INPUT(peers || settings.transport == EpTransport::automatic, "bench ep: --ep-transport nvlink: ", why);
     }
-    if (peers) peers->reserve(1, size_t(peers->ranks()) * size_t(config.num_experts) * sizeof(int32_t));
-    dispatcher = std::make_unique<ExpertDispatcher>(std::move(expert_parallel), device, config.num_experts,
-                                                    config.segment_alignment, peers ? 1 : settings.chunks,
+    if (peers) peers->reserve(1, size_t(peers->ranks()) * size_t(config.moe.num_experts) * sizeof(int32_t));
+    dispatcher = std::make_unique<ExpertDispatcher>(std::move(expert_parallel), device, config.moe.num_experts,
+                                                    config.moe.segment_alignment, peers ? 1 : settings.chunks,
                                                     peers.get(), 1);
   }
 
   // The routing is fixed (computed once); each run moves the rows.
   void route() {
-    ops::route(settings.context, logits.view(settings.float_dtype, {tokens, settings.config.num_experts}), nullptr,
+    ops::route(settings.context, logits.view(settings.float_dtype, {tokens, settings.config.moe.num_experts}), nullptr,
                params, routing);
   }
 
@@ -180,7 +180,7 @@ struct ExchangeBench {
     peers->signal_and_wait(kEpOutputsReady, context.stream);
     map = routing_buffers.map(tokens, plan.send_rows());
     peers->pull_combine(0, plan.send_rows(), row_bytes, local, offsets, dispatcher->peer_rows(),
-                        map.choice_rows.as<int32_t>(), routing.gates.as<float>(), tokens, settings.config.k_max,
+                        map.choice_rows.as<int32_t>(), routing.gates.as<float>(), tokens, settings.config.moe.top_k,
                         settings.activation_dtype, y.data(), send_rows.data, context.stream);
   }
 
@@ -240,7 +240,7 @@ struct LayerBench {
     const DeviceKind device = settings.context.device;
     layer = std::make_unique<MoeEpLayer>(config, std::move(expert_parallel), device, act, tokens, settings.chunks,
                                          settings.transport);
-    const int64_t d = config.d_model, f = config.expert_d_ff, e = config.num_experts, local = layer->local_experts();
+    const int64_t d = config.d_model, f = config.moe.expert_d_ff, e = config.moe.num_experts, local = layer->local_experts();
     const uint64_t seed = settings.seed + 100 * uint64_t(layer->first_expert() + 1);
     x = random_buffer(settings, act, tokens * d, 1.0f, settings.seed + 21 + uint64_t(process_rank()));
     grad_y = random_buffer(settings, act, tokens * d, 1.0f, settings.seed + 22 + uint64_t(process_rank()));
@@ -321,13 +321,13 @@ void set_up_bench_ep(const BenchEpOptions& options, BenchEpSetup& setup) {
                  "bench ep: --ep-transport nvlink needs GPUs (CPU ranks use MPI)");
   MoeLayerConfig& config = settings.config;
   config.d_model = options.d_model;
-  config.expert_d_ff = options.d_ff;
-  config.num_experts = int(options.experts_per_rank * ep_size);
-  config.k_max = config.k_min = int(options.top_k);
-  config.renormalize = options.top_k > 1;
-  config.dropless = options.capacity_factor == 0;
-  config.capacity_factor_train = config.capacity_factor_eval = config.dropless ? 1.0f : float(options.capacity_factor);
-  config.activation = options.activation == "swiglu" ? ExpertActivation::swiglu : ExpertActivation::gelu_tanh;
+  config.moe.expert_d_ff = options.d_ff;
+  config.moe.num_experts = int(options.experts_per_rank * ep_size);
+  config.moe.top_k = config.moe.k_min = int(options.top_k);
+  config.moe.renormalize_gates = options.top_k > 1;
+  config.moe.dropless = options.capacity_factor == 0;
+  config.moe.capacity_factor = config.moe.eval_capacity_factor = config.moe.dropless ? 1.0f : float(options.capacity_factor);
+  config.moe.activation = options.activation == "swiglu" ? ExpertActivation::swiglu : ExpertActivation::gelu_tanh;
   config.validate();
 
   setup.leader = context.world_rank == 0;
@@ -393,12 +393,12 @@ void report_header(const BenchEpSetup& setup, const BenchEpOptions& options) {
   if (!setup.leader) return;
   const EpBenchSettings& settings = setup.settings;
   std::ostringstream capacity;
-  if (settings.config.dropless) capacity << "dropless";
+  if (settings.config.moe.dropless) capacity << "dropless";
   else capacity << "capacity factor " << options.capacity_factor;
   std::printf("# switchyard bench ep: %d ranks, ep_size %d, backend %s, %s, D=%lld F=%lld E=%d (%lld per rank) "
               "top-%lld %s, %s, a2a_chunks %d; median of the slowest rank over %d iterations\n",
               setup.context.world_size, setup.ep_size, setup.backend, dtype_name(settings.activation_dtype),
-              (long long)options.d_model, (long long)options.d_ff, settings.config.num_experts,
+              (long long)options.d_model, (long long)options.d_ff, settings.config.moe.num_experts,
               (long long)options.experts_per_rank, (long long)options.top_k, options.activation.c_str(),
               capacity.str().c_str(), settings.chunks, settings.iterations);
 }
@@ -413,7 +413,7 @@ Record base_record(const BenchEpSetup& setup, const BenchEpOptions& options, con
   record.add("tokens_per_rank", double(tokens));
   record.add("d_model", double(options.d_model));
   record.add("d_ff", double(options.d_ff));
-  record.add("experts", setup.settings.config.num_experts);
+  record.add("experts", setup.settings.config.moe.num_experts);
   record.add("top_k", double(options.top_k));
   record.add("a2a_chunks", setup.settings.chunks);
   return record;

@@ -60,7 +60,7 @@ std::vector<SeedTiming> time_seed(const BenchSettings& settings, bool quick) {
   if (quick) seed_shapes = {{"quick_T64", 64, 32, 64, 4, 1}, {"quick_T200", 200, 32, 64, 8, 2}};
   std::vector<SeedTiming> rows;
   for (const LayerShape& shape : seed_shapes) {
-    MoeBench moe(settings, shape, MoeComputeMode::sparse);
+    MoeBench moe(settings, shape, ExpertComputeMode::sparse);
     DenseFfnBench dense(settings, shape);
     const ExecContext& context = settings.context;
     double moe_forward = time_median_ms(settings, [&] { moe.forward(context, false); });
@@ -112,8 +112,8 @@ struct DenseModeTiming {
 
 DenseModeTiming time_dense_mode(const BenchSettings& settings, bool quick) {
   LayerShape shape = quick ? LayerShape{"quick_T64", 64, 32, 64, 4, 1} : LayerShape{"B16_S512", 8192, 768, 3072, 32, 1};
-  MoeBench sparse(settings, shape, MoeComputeMode::sparse);
-  MoeBench dense_mode(settings, shape, MoeComputeMode::dense);
+  MoeBench sparse(settings, shape, ExpertComputeMode::sparse);
+  MoeBench dense_mode(settings, shape, ExpertComputeMode::dense);
   double sparse_ms = time_median_ms(settings, [&] { sparse.forward(settings.context, false); });
   double dense_ms = time_median_ms(settings, [&] { dense_mode.forward(settings.context, false); });
   return {shape, sparse_ms, dense_ms};
@@ -146,7 +146,7 @@ struct LargeLayerTiming {
 LargeLayerTiming time_large_layer(const BenchSettings& settings, bool quick) {
   LayerShape shape = quick ? LayerShape{"quick_large", 512, 64, 128, 4, 2}
                            : LayerShape{"d2048_ff8192_E8_top2", 65536, 2048, 8192, 8, 2};
-  MoeBench moe(settings, shape, MoeComputeMode::sparse);
+  MoeBench moe(settings, shape, ExpertComputeMode::sparse);
   const ExecContext& context = settings.context;
   double layer_forward = time_median_ms(settings, [&] { moe.forward(context, false); });
   double layer_both = time_median_ms(settings, [&] { moe.forward_backward(context); });

@@ -34,15 +34,15 @@ double expert_forward_flops(const LayerShape& shape) {
   return 2.0 * double(shape.tokens) * shape.top_k * (2.0 * shape.d_model * shape.d_ff);
 }
 
-MoeBench::MoeBench(const BenchSettings& settings, const LayerShape& shape, MoeComputeMode mode) {
+MoeBench::MoeBench(const BenchSettings& settings, const LayerShape& shape, ExpertComputeMode mode) {
   config.d_model = shape.d_model;
-  config.expert_d_ff = shape.d_ff;
-  config.num_experts = shape.experts;
-  config.k_max = config.k_min = shape.top_k;
-  config.renormalize = shape.top_k > 1;
-  config.dropless = settings.dropless;
-  config.capacity_factor_train = config.capacity_factor_eval = settings.capacity_factor;
-  config.compute_mode = mode;
+  config.moe.expert_d_ff = shape.d_ff;
+  config.moe.num_experts = shape.experts;
+  config.moe.top_k = config.moe.k_min = shape.top_k;
+  config.moe.renormalize_gates = shape.top_k > 1;
+  config.moe.dropless = settings.dropless;
+  config.moe.capacity_factor = config.moe.eval_capacity_factor = settings.capacity_factor;
+  config.moe.compute_mode = mode;
   const DType act = settings.activation_dtype;
   layer = std::make_unique<MoeLayer>(config, settings.context.device, act, shape.tokens);
   const int64_t tokens = shape.tokens, d = shape.d_model, f = shape.d_ff, e = shape.experts;

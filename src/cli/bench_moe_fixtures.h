@@ -54,7 +54,7 @@ struct MoeBench {
   MoeGradients gradients;
   Tensor x_view, y_view, grad_y_view, grad_x_view;
 
-  MoeBench(const BenchSettings& settings, const LayerShape& shape, MoeComputeMode mode);
+  MoeBench(const BenchSettings& settings, const LayerShape& shape, ExpertComputeMode mode);
   void forward(const ExecContext& context, bool training);
   void forward_backward(const ExecContext& context);
 };

@@ -60,7 +60,7 @@ class StageTimer : public MoeStageObserver {
 // uninstrumented layer and the dense FFN of the same active size for comparison.
 void run_breakdown(const BenchSettings& settings, const LayerShape& shape, std::vector<Record>& records) {
   const ExecContext& context = settings.context;
-  MoeBench moe(settings, shape, MoeComputeMode::sparse);
+  MoeBench moe(settings, shape, ExpertComputeMode::sparse);
   DenseFfnBench dense(settings, shape);
   const double whole_forward = time_median_ms(settings, [&] { moe.forward(context, true); });
   const double whole_both = time_median_ms(settings, [&] { moe.forward_backward(context); });
@@ -144,12 +144,12 @@ void run_stream(const BenchSettings& settings, const LayerShape& shape, const st
   const ExecContext& context = settings.context;
   MoeLayerConfig config;
   config.d_model = shape.d_model;
-  config.expert_d_ff = shape.d_ff;
-  config.num_experts = shape.experts;
-  config.k_max = config.k_min = shape.top_k;
-  config.renormalize = shape.top_k > 1;
-  config.dropless = true;  // serving: no token is dropped, as with the anchors
-  config.segment_alignment = context.device == DeviceKind::cuda ? 128 : 16;
+  config.moe.expert_d_ff = shape.d_ff;
+  config.moe.num_experts = shape.experts;
+  config.moe.top_k = config.moe.k_min = shape.top_k;
+  config.moe.renormalize_gates = shape.top_k > 1;
+  config.moe.dropless = true;  // serving: no token is dropped, as with the anchors
+  config.moe.segment_alignment = context.device == DeviceKind::cuda ? 128 : 16;
   // Random weights as MoeBench draws them (no gradient buffers: inference only).
   const DType act = settings.activation_dtype;
   const int64_t d = shape.d_model, f = shape.d_ff, e = shape.experts;

@@ -33,7 +33,7 @@ MoeBlockStats read_layer_stats(const ExecContext& context, const Layer& layer) {
   const MoeRoutingStats routing = layer.read_routing_stats(context);
   stats.total_choices = routing.total_choices;
   stats.dropped_choices = routing.dropped_choices;
-  const int experts = layer.config().num_experts;
+  const int experts = layer.config().moe.num_experts;
   std::vector<int32_t> counts(size_t(experts), 0);
   Tensor host(counts.data(), DType::i32, DeviceKind::cpu, {experts});
   ops::copy(context, layer.routing().expert_counts, host);
@@ -74,7 +74,7 @@ std::unique_ptr<MoeBlock> make_moe_block(const MoeLayerConfig& config, DeviceKin
   if (ep_size == 1) return std::make_unique<LocalMoeBlock>(config, device, activation_dtype, max_tokens);
   SY_CHECK(groups != nullptr && groups->expert_parallel != nullptr && groups->expert_parallel->size() == ep_size,
            "make_moe_block: ep_size ", ep_size, " needs an expert-parallel communicator of that size");
-  SY_CHECK_INPUT(config.compute_mode == MoeComputeMode::sparse,
+  SY_CHECK_INPUT(config.moe.compute_mode == ExpertComputeMode::sparse,
                  "moe.compute_mode = dense is a single-device baseline; it needs parallel.ep_size = 1");
   return std::make_unique<ExpertParallelMoeBlock>(config, groups->expert_parallel, device, activation_dtype,
                                                   max_tokens, a2a_chunks, transport);

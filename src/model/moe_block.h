@@ -54,7 +54,7 @@ class LocalMoeBlock : public MoeBlock {
   void backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights, float aux_grad_scale,
                 float z_grad_scale, Tensor& grad_x, MoeGradients& gradients) override;
   MoeBlockStats read_stats(const ExecContext& context) const override;
-  int local_experts() const override { return layer_.config().num_experts; }
+  int local_experts() const override { return layer_.config().moe.num_experts; }
   int first_local_expert() const override { return 0; }
   const RoutingResult& routing() const override { return layer_.routing(); }
   const Tensor& router_logits() const override { return layer_.logits(); }

@@ -27,7 +27,7 @@ MoeEpLayer::MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicato
                        DType activation_dtype, int64_t max_tokens, int a2a_chunks, EpTransport transport)
     : config_(config), device_(device), activation_dtype_(activation_dtype) {
   config_.validate();
-  SY_CHECK_INPUT(config_.compute_mode == MoeComputeMode::sparse,
+  SY_CHECK_INPUT(config_.moe.compute_mode == ExpertComputeMode::sparse,
                  "moe: compute_mode dense is a single-device baseline; expert parallelism needs sparse");
   SY_CHECK_INPUT(max_tokens >= 1, "MoeEpLayer: max_tokens must be >= 1, got ", max_tokens);
   if (device == DeviceKind::cpu) {
@@ -46,8 +46,8 @@ MoeEpLayer::MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicato
 
   EpExchangeOptions options;
   options.device = device;
-  options.num_experts = config_.num_experts;
-  options.segment_alignment = config_.segment_alignment;
+  options.num_experts = config_.moe.num_experts;
+  options.segment_alignment = config_.moe.segment_alignment;
   options.chunks = a2a_chunks;
   options.transport = transport;
   options.row_dtype = activation_dtype;
@@ -57,9 +57,9 @@ MoeEpLayer::MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicato
 
   const size_t activation_size = dtype_size(activation_dtype_);
   send_rows_ = Buffer(device, size_t(max_send_rows_) * size_t(config_.d_model) * activation_size);
-  hidden_capacity_ = max_send_rows_ + int64_t(local_experts()) * (config_.segment_alignment - 1);
+  hidden_capacity_ = max_send_rows_ + int64_t(local_experts()) * (config_.moe.segment_alignment - 1);
   hidden_pre_ = Buffer(device, size_t(hidden_capacity_) * size_t(config_.w1_columns()) * activation_size);
-  hidden_post_ = Buffer(device, size_t(hidden_capacity_) * size_t(config_.expert_d_ff) * activation_size);
+  hidden_post_ = Buffer(device, size_t(hidden_capacity_) * size_t(config_.moe.expert_d_ff) * activation_size);
 }
 
 void MoeEpLayer::ensure_hidden_capacity(const ExecContext& context, bool with_backward) {
@@ -75,7 +75,7 @@ void MoeEpLayer::ensure_hidden_capacity(const ExecContext& context, bool with_ba
     hidden_capacity_ = with_headroom(expert_rows);
     for (Buffer* buffer : {&hidden_pre_, &hidden_post_}) buffer->reset();
     hidden_pre_ = Buffer(device_, size_t(hidden_capacity_) * size_t(config_.w1_columns()) * activation_size);
-    hidden_post_ = Buffer(device_, size_t(hidden_capacity_) * size_t(config_.expert_d_ff) * activation_size);
+    hidden_post_ = Buffer(device_, size_t(hidden_capacity_) * size_t(config_.moe.expert_d_ff) * activation_size);
   }
   if (grow_backward) {
     backward_hidden_capacity_ = std::max(hidden_capacity_, expert_rows);
@@ -157,14 +157,14 @@ void MoeEpLayer::experts_forward(const ExecContext& context, int chunk, const Mo
   if (chunk_rows == 0) return;  // no rank routed anything to these experts
   Tensor input = exchange_->expert_input(row_begin, chunk_rows);
   Tensor hidden_pre = rows(hidden_pre_, row_begin, chunk_rows, config_.w1_columns());
-  Tensor hidden_post = rows(hidden_post_, row_begin, chunk_rows, config_.expert_d_ff);
+  Tensor hidden_post = rows(hidden_post_, row_begin, chunk_rows, config_.moe.expert_d_ff);
   Tensor output = exchange_->expert_output(row_begin, chunk_rows);
   const Tensor offsets = exchange_->chunk_offsets(chunk);
   // H and A = act(H): one kernel where the activation fuses into the GEMM (ops::fuses_expert_activation).
-  ops::grouped_gemm_activation(context, config_.activation, input, expert_slice(weights.w1, first, count), offsets,
-                               hidden_pre, hidden_post, /*keep_pre=*/true, config_.segment_alignment);
+  ops::grouped_gemm_activation(context, config_.moe.activation, input, expert_slice(weights.w1, first, count), offsets,
+                               hidden_pre, hidden_post, /*keep_pre=*/true, config_.moe.segment_alignment);
   ops::grouped_gemm(context, hidden_post, expert_slice(weights.w2, first, count), false, offsets, output,
-                    config_.segment_alignment);
+                    config_.moe.segment_alignment);
 }
 
 // ---- Backward --------------------------------------------------------------------------------
@@ -222,20 +222,20 @@ void MoeEpLayer::experts_backward(const ExecContext& context, int chunk, const M
   // The exchange put dL/dO into the output rows (padding rows zero); dL/dX goes back there.
   const Tensor input = exchange_->expert_input(row_begin, chunk_rows);
   const Tensor hidden_pre = rows(hidden_pre_, row_begin, chunk_rows, config_.w1_columns());
-  Tensor hidden_post = rows(hidden_post_, row_begin, chunk_rows, config_.expert_d_ff);
+  Tensor hidden_post = rows(hidden_post_, row_begin, chunk_rows, config_.moe.expert_d_ff);
   Tensor grad_expert_rows = exchange_->expert_output(row_begin, chunk_rows);
   Tensor grad_hidden_pre = rows(grad_hidden_pre_, row_begin, chunk_rows, config_.w1_columns());
   const Tensor offsets = exchange_->chunk_offsets(chunk);
-  ops::grouped_gemm_weight_grad(context, hidden_post, grad_expert_rows, offsets, grad_w2, config_.segment_alignment);
+  ops::grouped_gemm_weight_grad(context, hidden_post, grad_expert_rows, offsets, grad_w2, config_.moe.segment_alignment);
   // dL/dH = act'(H) * (dL/dO W2^T), fused where possible; the unfused path puts dL/dA in A's buffer
   // (A is dead once dW2 has read it).
   Tensor& grad_hidden_post = hidden_post;
-  ops::grouped_gemm_activation_backward(context, config_.activation, grad_expert_rows,
+  ops::grouped_gemm_activation_backward(context, config_.moe.activation, grad_expert_rows,
                                         expert_slice(weights.w2, first, count), offsets, hidden_pre, grad_hidden_post,
-                                        grad_hidden_pre, config_.segment_alignment);
-  ops::grouped_gemm_weight_grad(context, input, grad_hidden_pre, offsets, grad_w1, config_.segment_alignment);
+                                        grad_hidden_pre, config_.moe.segment_alignment);
+  ops::grouped_gemm_weight_grad(context, input, grad_hidden_pre, offsets, grad_w1, config_.moe.segment_alignment);
   ops::grouped_gemm(context, grad_hidden_pre, expert_slice(weights.w1, first, count), true, offsets, grad_expert_rows,
-                    config_.segment_alignment);
+                    config_.moe.segment_alignment);
 }
 
 // ---- Host reads ------------------------------------------------------------------------------

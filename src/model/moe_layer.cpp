@@ -50,41 +50,41 @@ MoeLayer::MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activa
     gradient_dtype_ = DType::f32;
   }
   max_tokens_ = max_tokens;
-  const int64_t experts = config_.num_experts, d_model = config_.d_model;
-  if (config_.compute_mode == MoeComputeMode::dense) {
-    max_rows_ = experts * round_up(max_tokens, config_.segment_alignment);
+  const int64_t experts = config_.moe.num_experts, d_model = config_.d_model;
+  if (config_.moe.compute_mode == ExpertComputeMode::dense) {
+    max_rows_ = experts * round_up(max_tokens, config_.moe.segment_alignment);
   } else {
     max_rows_ = std::max(padded_rows_upper_bound(config_.routing_params(max_tokens, true)),
                          padded_rows_upper_bound(config_.routing_params(max_tokens, false)));
   }
-  router_ = MoeRouter(config_, device, activation_dtype, max_tokens, config_.segment_alignment, max_rows_);
+  router_ = MoeRouter(config_, device, activation_dtype, max_tokens, config_.moe.segment_alignment, max_rows_);
 
   const size_t activation_size = dtype_size(activation_dtype_);
   const size_t tokens = size_t(max_tokens), rows = size_t(max_rows_);
   permuted_ = Buffer(device, rows * size_t(d_model) * activation_size);
   hidden_pre_ = Buffer(device, rows * size_t(config_.w1_columns()) * activation_size);
-  hidden_post_ = Buffer(device, rows * size_t(config_.expert_d_ff) * activation_size);
+  hidden_post_ = Buffer(device, rows * size_t(config_.moe.expert_d_ff) * activation_size);
   expert_out_ = Buffer(device, rows * size_t(d_model) * activation_size);
-  if (device == DeviceKind::cuda && config_.compute_mode == MoeComputeMode::sparse) {
+  if (device == DeviceKind::cuda && config_.moe.compute_mode == ExpertComputeMode::sparse) {
     const int64_t threshold = std::min({small_batch_threshold_from_environment(), max_tokens,
-                                        kSmallBatchMaxChoices / int64_t(config_.k_max)});
-    if (threshold >= 1 && small_batch_supported(activation_dtype_, threshold, config_.k_max, config_.num_experts,
-                                                d_model, config_.expert_d_ff)) {
+                                        kSmallBatchMaxChoices / int64_t(config_.moe.top_k)});
+    if (threshold >= 1 && small_batch_supported(activation_dtype_, threshold, config_.moe.top_k, config_.moe.num_experts,
+                                                d_model, config_.moe.expert_d_ff)) {
       small_batch_tokens_ = threshold;
       small_batch_workspace_ =
-          Buffer(device, small_batch_workspace_bytes(threshold, config_.k_max, config_.num_experts, d_model,
-                                                     config_.expert_d_ff, config_.activation, activation_size));
+          Buffer(device, small_batch_workspace_bytes(threshold, config_.moe.top_k, config_.moe.num_experts, d_model,
+                                                     config_.moe.expert_d_ff, config_.moe.activation, activation_size));
     }
   }
-  if (config_.compute_mode == MoeComputeMode::dense) {
+  if (config_.moe.compute_mode == ExpertComputeMode::dense) {
     dense_offsets_ = Buffer(device, size_t(experts + 1) * sizeof(int32_t));
     dense_counts_ = Buffer(device, size_t(experts) * sizeof(int32_t));
     dense_scalars_ = Buffer(device, size_t(kNumRoutingScalars) * sizeof(int32_t));
     host_counts_.resize(size_t(experts));
     host_scalars_.resize(size_t(kNumRoutingScalars));
-    host_expert_ids_.resize(tokens * size_t(config_.k_max));
-    host_slots_.resize(tokens * size_t(config_.k_max));
-    host_choice_rows_.resize(tokens * size_t(config_.k_max));
+    host_expert_ids_.resize(tokens * size_t(config_.moe.top_k));
+    host_slots_.resize(tokens * size_t(config_.moe.top_k));
+    host_choice_rows_.resize(tokens * size_t(config_.moe.top_k));
     host_row_tokens_.resize(rows);
     host_offsets_.resize(size_t(experts + 1));
   }
@@ -99,17 +99,17 @@ void MoeLayer::allocate_backward_buffers() {
 }
 
 bool MoeLayer::takes_small_batch(int64_t tokens, const MoeForwardArgs& args) const {
-  return device_ == DeviceKind::cuda && config_.compute_mode == MoeComputeMode::sparse && !args.for_backward &&
+  return device_ == DeviceKind::cuda && config_.moe.compute_mode == ExpertComputeMode::sparse && !args.for_backward &&
          tokens <= small_batch_tokens_;
 }
 
 bool MoeLayer::fuses_activation(const ExecContext& context) const {
-  return ops::fuses_expert_activation(context, config_.activation, activation_dtype_, config_.d_model,
-                                      config_.expert_d_ff, config_.segment_alignment);
+  return ops::fuses_expert_activation(context, config_.moe.activation, activation_dtype_, config_.d_model,
+                                      config_.moe.expert_d_ff, config_.moe.segment_alignment);
 }
 
 const Tensor* MoeLayer::padding_marks() const {
-  return config_.compute_mode == MoeComputeMode::sparse ? &map_.row_tokens : nullptr;
+  return config_.moe.compute_mode == ExpertComputeMode::sparse ? &map_.row_tokens : nullptr;
 }
 
 Tensor MoeLayer::rows_view(const Buffer& buffer, DType dtype, int64_t rows, int64_t columns) const {
@@ -117,7 +117,7 @@ Tensor MoeLayer::rows_view(const Buffer& buffer, DType dtype, int64_t rows, int6
 }
 
 void MoeLayer::check_weights(const MoeWeights& weights, DType dtype, const char* what) const {
-  expect_moe_weights("MoeLayer", config_, config_.num_experts, weights, dtype, device_, what);
+  expect_moe_weights("MoeLayer", config_, config_.moe.num_experts, weights, dtype, device_, what);
 }
 
 // ---- Forward ---------------------------------------------------------------------------------
@@ -148,13 +148,13 @@ MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const M
     combine_routing_ = routing;
     Tensor workspace = small_batch_workspace_.view(DType::u8, {int64_t(small_batch_workspace_.bytes())});
     run_stage(context, "small-batch experts", [&] {
-      ops::small_batch_experts(context, config_.activation, x, routing, weights.w1, weights.w2, workspace, y);
+      ops::small_batch_experts(context, config_.moe.activation, x, routing, weights.w1, weights.w2, workspace, y);
     });
     return finish_forward(context, x, args);
   }
 
   // Tokens into the expert-contiguous layout.
-  if (config_.compute_mode == MoeComputeMode::sparse) {
+  if (config_.moe.compute_mode == ExpertComputeMode::sparse) {
     rows_ = padded_rows_upper_bound(params);
     SY_CHECK(rows_ <= max_rows_, "MoeLayer: ", rows_, " rows exceed the ", max_rows_, " allocated");
     map_ = router_.dispatch_map(rows_);
@@ -169,13 +169,13 @@ MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const M
   // Experts.
   Tensor permuted = rows_view(permuted_, activation_dtype_, rows_, d_model);
   Tensor hidden_pre = rows_view(hidden_pre_, activation_dtype_, rows_, config_.w1_columns());
-  Tensor hidden_post = rows_view(hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
+  Tensor hidden_post = rows_view(hidden_post_, activation_dtype_, rows_, config_.moe.expert_d_ff);
   Tensor expert_out = rows_view(expert_out_, activation_dtype_, rows_, d_model);
   const int alignment = params.segment_alignment;
   const Tensor* padding = padding_marks();
   if (fuses_activation(context)) {  // one kernel writes H and A = act(H)
     run_stage(context, "expert GEMM 1", [&] {
-      ops::grouped_gemm_activation(context, config_.activation, permuted, weights.w1, expert_offsets_, hidden_pre,
+      ops::grouped_gemm_activation(context, config_.moe.activation, permuted, weights.w1, expert_offsets_, hidden_pre,
                                    hidden_post, args.for_backward, alignment, padding);
     });
   } else {
@@ -183,7 +183,7 @@ MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const M
       ops::grouped_gemm(context, permuted, weights.w1, false, expert_offsets_, hidden_pre, alignment, padding);
     });
     run_stage(context, "activation",
-              [&] { ops::activation_forward(context, config_.activation, hidden_pre, hidden_post); });
+              [&] { ops::activation_forward(context, config_.moe.activation, hidden_pre, hidden_post); });
   }
   run_stage(context, "expert GEMM 2", [&] {
     ops::grouped_gemm(context, hidden_post, weights.w2, false, expert_offsets_, expert_out, alignment, padding);
@@ -208,9 +208,9 @@ MoeLosses MoeLayer::finish_forward(const ExecContext& context, const Tensor& x, 
 // with layout tensors describing this layout as padding-free (counts T_pad, capacity unlimited);
 // backward clears the unreferenced gradient rows itself.
 void MoeLayer::build_dense_layout(const ExecContext& context, const Tensor& x) {
-  const int64_t tokens = x.dim(0), d_model = config_.d_model, experts = config_.num_experts, k = config_.k_max;
+  const int64_t tokens = x.dim(0), d_model = config_.d_model, experts = config_.moe.num_experts, k = config_.moe.top_k;
   const RoutingResult& routing = router_.routing();
-  const int64_t padded_tokens = round_up(tokens, config_.segment_alignment);
+  const int64_t padded_tokens = round_up(tokens, config_.moe.segment_alignment);
   rows_ = experts * padded_tokens;
   SY_CHECK(rows_ <= max_rows_, "MoeLayer: ", rows_, " dense rows exceed the ", max_rows_, " allocated");
 
@@ -290,7 +290,7 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
 
   const Tensor permuted = rows_view(permuted_, activation_dtype_, rows_, d_model);
   const Tensor hidden_pre = rows_view(hidden_pre_, activation_dtype_, rows_, config_.w1_columns());
-  const Tensor hidden_post = rows_view(hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
+  const Tensor hidden_post = rows_view(hidden_post_, activation_dtype_, rows_, config_.moe.expert_d_ff);
   const Tensor expert_out = rows_view(expert_out_, activation_dtype_, rows_, d_model);
   // grad_rows holds dL/d expert_out first, then dL/d permuted (the first is dead by then).
   Tensor grad_rows = rows_view(grad_rows_, activation_dtype_, rows_, d_model);
@@ -311,23 +311,23 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
   if (fuses_activation(context)) {
     // One kernel: dL/dH = act'(H) * (dL/dO W2^T). Its dL/dA scratch, written only were it to run
     // unfused after all, is A itself: dead once weight grad 2 has read it (the EP layer does so too).
-    Tensor grad_hidden_post_scratch = rows_view(hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
+    Tensor grad_hidden_post_scratch = rows_view(hidden_post_, activation_dtype_, rows_, config_.moe.expert_d_ff);
     run_stage(context, "data grad 2", [&] {
-      ops::grouped_gemm_activation_backward(context, config_.activation, grad_rows, weights.w2, expert_offsets_,
+      ops::grouped_gemm_activation_backward(context, config_.moe.activation, grad_rows, weights.w2, expert_offsets_,
                                             hidden_pre, grad_hidden_post_scratch, grad_hidden_pre, alignment,
                                             padding);
     });
   } else {
     if (!grad_hidden_post_.data()) {
-      const size_t bytes = size_t(max_rows_) * size_t(config_.expert_d_ff) * dtype_size(activation_dtype_);
+      const size_t bytes = size_t(max_rows_) * size_t(config_.moe.expert_d_ff) * dtype_size(activation_dtype_);
       grad_hidden_post_ = Buffer(device_, bytes);
     }
-    Tensor grad_hidden_post = rows_view(grad_hidden_post_, activation_dtype_, rows_, config_.expert_d_ff);
+    Tensor grad_hidden_post = rows_view(grad_hidden_post_, activation_dtype_, rows_, config_.moe.expert_d_ff);
     run_stage(context, "data grad 2", [&] {
       ops::grouped_gemm(context, grad_rows, weights.w2, true, expert_offsets_, grad_hidden_post, alignment, padding);
     });
     run_stage(context, "activation backward", [&] {
-      ops::activation_backward(context, config_.activation, hidden_pre, grad_hidden_post, grad_hidden_pre);
+      ops::activation_backward(context, config_.moe.activation, hidden_pre, grad_hidden_post, grad_hidden_pre);
     });
   }
   run_stage(context, "weight grad 1", [&] {

@@ -12,23 +12,24 @@ namespace switchyard {
 
 void MoeLayerConfig::validate() const {
   SY_CHECK_INPUT(d_model >= 1, "moe: d_model must be >= 1, got ", d_model);
-  SY_CHECK_INPUT(expert_d_ff >= 1, "moe: expert_d_ff must be >= 1, got ", expert_d_ff);
-  SY_CHECK_INPUT(!dropless || (capacity_factor_train >= 0 && capacity_factor_eval >= 0),
+  SY_CHECK_INPUT(moe.expert_d_ff >= 1, "moe.expert_d_ff must be >= 1, got ", moe.expert_d_ff);
+  SY_CHECK_INPUT(!moe.dropless || (moe.capacity_factor >= 0 && moe.eval_capacity_factor >= 0),
                  "moe: capacity factors must not be negative");
-  if (!dropless) {
-    SY_CHECK_INPUT(capacity_factor_train > 0 && std::isfinite(capacity_factor_train),
-                   "moe: capacity_factor_train must be a positive number, got ", capacity_factor_train);
-    SY_CHECK_INPUT(capacity_factor_eval > 0 && std::isfinite(capacity_factor_eval),
-                   "moe: capacity_factor_eval must be a positive number, got ", capacity_factor_eval);
+  if (!moe.dropless) {
+    SY_CHECK_INPUT(moe.capacity_factor > 0 && std::isfinite(moe.capacity_factor),
+                   "moe.capacity_factor must be a positive number, got ", moe.capacity_factor);
+    SY_CHECK_INPUT(moe.eval_capacity_factor > 0 && std::isfinite(moe.eval_capacity_factor),
+                   "moe.eval_capacity_factor must be a positive number, got ", moe.eval_capacity_factor);
   }
-  SY_CHECK_INPUT(jitter_eps >= 0.0f && jitter_eps < 1.0f, "moe: jitter_eps must be in [0, 1), got ", jitter_eps);
-  SY_CHECK_INPUT(aux_loss_weight >= 0.0f && std::isfinite(aux_loss_weight),
-                 "moe: aux_loss_weight must be a non-negative number, got ", aux_loss_weight);
-  SY_CHECK_INPUT(z_loss_weight >= 0.0f && std::isfinite(z_loss_weight),
-                 "moe: z_loss_weight must be a non-negative number, got ", z_loss_weight);
-  SY_CHECK_INPUT(activation == ExpertActivation::gelu_tanh || activation == ExpertActivation::swiglu,
+  SY_CHECK_INPUT(moe.jitter_eps >= 0.0 && moe.jitter_eps < 1.0, "moe.jitter_eps must be in [0, 1), got ",
+                 moe.jitter_eps);
+  SY_CHECK_INPUT(moe.aux_loss_weight >= 0.0 && std::isfinite(moe.aux_loss_weight),
+                 "moe.aux_loss_weight must be a non-negative number, got ", moe.aux_loss_weight);
+  SY_CHECK_INPUT(moe.z_loss_weight >= 0.0 && std::isfinite(moe.z_loss_weight),
+                 "moe.z_loss_weight must be a non-negative number, got ", moe.z_loss_weight);
+  SY_CHECK_INPUT(moe.activation == ExpertActivation::gelu_tanh || moe.activation == ExpertActivation::swiglu,
                  "moe: unknown activation");
-  SY_CHECK_INPUT(compute_mode == MoeComputeMode::sparse || compute_mode == MoeComputeMode::dense,
+  SY_CHECK_INPUT(moe.compute_mode == ExpertComputeMode::sparse || moe.compute_mode == ExpertComputeMode::dense,
                  "moe: unknown compute mode");
   validate_routing_params(routing_params(1, true));  // experts, k, k_min, alignment
   validate_routing_params(routing_params(1, false));
@@ -37,16 +38,16 @@ void MoeLayerConfig::validate() const {
 RoutingParams MoeLayerConfig::routing_params(int64_t num_tokens, bool training) const {
   RoutingParams params;
   params.num_tokens = num_tokens;
-  params.num_experts = num_experts;
-  params.k_max = k_max;
-  params.k_min = k_min;
-  params.complexity = complexity;
-  params.renormalize = renormalize;
-  params.dropless = dropless;
-  params.capacity_factor = training ? capacity_factor_train : capacity_factor_eval;
-  params.segment_alignment = segment_alignment;
-  params.aux_loss_weight = aux_loss_weight;
-  params.z_loss_weight = z_loss_weight;
+  params.num_experts = moe.num_experts;
+  params.k_max = moe.top_k;
+  params.k_min = moe.k_min;
+  params.complexity = moe.complexity;
+  params.renormalize = moe.renormalize_gates;
+  params.dropless = moe.dropless;
+  params.capacity_factor = float(training ? moe.capacity_factor : moe.eval_capacity_factor);
+  params.segment_alignment = moe.segment_alignment;
+  params.aux_loss_weight = float(moe.aux_loss_weight);
+  params.z_loss_weight = float(moe.z_loss_weight);
   return params;
 }
 
@@ -61,10 +62,10 @@ MoeRouter::MoeRouter(const MoeLayerConfig& config, DeviceKind device, DType acti
   // Router logits, gates and losses: fp32 on CUDA, the reference's float type on the CPU.
   float_dtype_ = device == DeviceKind::cpu ? activation_dtype : DType::f32;
   const size_t tokens = size_t(max_tokens);
-  if (config_.jitter_eps > 0.0f)
+  if (config_.moe.jitter_eps > 0.0f)
     jittered_input_ = Buffer(device, tokens * size_t(config_.d_model) * dtype_size(activation_dtype));
-  logits_buffer_ = Buffer(device, tokens * size_t(config_.num_experts) * dtype_size(float_dtype_));
-  buffers_ = RoutingBuffers(device, float_dtype_, max_tokens, config_.num_experts, config_.k_max, max_rows);
+  logits_buffer_ = Buffer(device, tokens * size_t(config_.moe.num_experts) * dtype_size(float_dtype_));
+  buffers_ = RoutingBuffers(device, float_dtype_, max_tokens, config_.moe.num_experts, config_.moe.top_k, max_rows);
 }
 
 Tensor MoeRouter::rows(const Buffer& buffer, DType dtype, int64_t columns) const {
@@ -78,7 +79,7 @@ const RoutingResult& MoeRouter::forward(const ExecContext& context, const Tensor
            max_tokens_);
   tokens_ = tokens;
   step_ = args.step;
-  jittered_ = args.training && config_.jitter_eps > 0.0f;
+  jittered_ = args.training && config_.moe.jitter_eps > 0.0f;
   params_ = config_.routing_params(tokens, args.training);
   params_.segment_alignment = segment_alignment_;
 
@@ -87,11 +88,11 @@ const RoutingResult& MoeRouter::forward(const ExecContext& context, const Tensor
   if (jittered_) {
     router_input_ = rows(jittered_input_, activation_dtype_, config_.d_model);
     run_moe_stage(observer, context, "jitter", [&] {
-      ops::apply_jitter(context, x, config_.jitter_eps, config_.jitter_seed, config_.jitter_stream, step_,
+      ops::apply_jitter(context, x, config_.moe.jitter_eps, config_.jitter_seed, config_.jitter_stream, step_,
                         router_input_);
     });
   }
-  logits_ = rows(logits_buffer_, float_dtype_, config_.num_experts);
+  logits_ = rows(logits_buffer_, float_dtype_, config_.moe.num_experts);
   run_moe_stage(observer, context, "router GEMM",
                 [&] { ops::gemm(context, false, false, 1.0f, router_input_, router_weight, 0.0f, logits_); });
   routing_ = buffers_.result(tokens);
@@ -103,24 +104,24 @@ const RoutingResult& MoeRouter::forward(const ExecContext& context, const Tensor
 void MoeRouter::allocate_backward_buffers() {
   if (backward_ready_) return;
   const size_t tokens = size_t(max_tokens_);
-  grad_gates_ = Buffer(device_, tokens * size_t(config_.k_max) * dtype_size(float_dtype_));
-  grad_logits_ = Buffer(device_, tokens * size_t(config_.num_experts) * dtype_size(activation_dtype_));
-  if (config_.jitter_eps > 0.0f)
+  grad_gates_ = Buffer(device_, tokens * size_t(config_.moe.top_k) * dtype_size(float_dtype_));
+  grad_logits_ = Buffer(device_, tokens * size_t(config_.moe.num_experts) * dtype_size(activation_dtype_));
+  if (config_.moe.jitter_eps > 0.0f)
     jitter_grad_input_ = Buffer(device_, tokens * size_t(config_.d_model) * dtype_size(activation_dtype_));
   backward_ready_ = true;
 }
 
 Tensor MoeRouter::grad_gates() {
   allocate_backward_buffers();
-  return rows(grad_gates_, float_dtype_, config_.k_max);
+  return rows(grad_gates_, float_dtype_, config_.moe.top_k);
 }
 
 void MoeRouter::backward(const ExecContext& context, float aux_grad_scale, float z_grad_scale,
                          Tensor& grad_router_weight, MoeStageObserver* observer) {
   SY_CHECK(routing_.expert_ids.data != nullptr, "MoeRouter::backward: no forward has run");
   allocate_backward_buffers();
-  const Tensor grad_gates = rows(grad_gates_, float_dtype_, config_.k_max);
-  grad_logits_view_ = rows(grad_logits_, activation_dtype_, config_.num_experts);
+  const Tensor grad_gates = rows(grad_gates_, float_dtype_, config_.moe.top_k);
+  grad_logits_view_ = rows(grad_logits_, activation_dtype_, config_.moe.num_experts);
   run_moe_stage(observer, context, "routing backward", [&] {
     ops::route_backward(context, logits_, grad_gates, routing_, params_, aux_grad_scale, z_grad_scale,
                         grad_logits_view_);
@@ -142,7 +143,7 @@ void MoeRouter::add_input_gradient(const ExecContext& context, const Tensor& rou
     // gradient (in place: both backends allow it), then added to grad_x.
     Tensor router_grad_input = rows(jitter_grad_input_, activation_dtype_, config_.d_model);
     ops::gemm(context, false, true, 1.0f, grad_logits_view_, router_weight, 0.0f, router_grad_input);
-    ops::apply_jitter(context, router_grad_input, config_.jitter_eps, config_.jitter_seed, config_.jitter_stream,
+    ops::apply_jitter(context, router_grad_input, config_.moe.jitter_eps, config_.jitter_seed, config_.jitter_stream,
                       step_, router_grad_input);
     ops::add_into(context, router_grad_input, grad_x);
   });

@@ -25,35 +25,25 @@
 #include <cstdint>
 
 #include "src/core/device.h"
+#include "src/model/config.h"
 #include "src/ops/ops.h"
 
 namespace switchyard {
 
-enum class MoeComputeMode : uint8_t { sparse, dense };
-
+// One MoE layer's configuration: the `moe:` section as configured (src/model/config.h: experts,
+// top_k, capacity, losses, activation, ...) and what the model adds per layer. The routing
+// parameters of the ops layer (RoutingParams) are derived from it in one place, routing_params().
 struct MoeLayerConfig {
+  MoeConfig moe;
   int64_t d_model = 0;
-  int64_t expert_d_ff = 0;  // F: the activation's output width (swiglu's W1 has 2F columns)
-  int num_experts = 0;
-  int k_max = 1;
-  int k_min = 1;  // complexity routing only
-  ComplexityMode complexity = ComplexityMode::none;
-  bool renormalize = false;
-  bool dropless = false;
-  float capacity_factor_train = 1.25f;
-  float capacity_factor_eval = 2.0f;
-  int segment_alignment = 128;
-  float aux_loss_weight = 1e-2f;
-  float z_loss_weight = 1e-3f;
-  ExpertActivation activation = ExpertActivation::gelu_tanh;
-  float jitter_eps = 0.0f;       // 0 turns jitter off
-  uint64_t jitter_seed = 0;
-  uint32_t jitter_stream = 0;    // e.g. the layer index, so layers draw independent noise
-  MoeComputeMode compute_mode = MoeComputeMode::sparse;
+  uint64_t jitter_seed = 0;    // training.seed
+  uint32_t jitter_stream = 0;  // the layer's index, so layers draw independent noise
 
   void validate() const;  // SY_BAD_INPUT naming the field
   RoutingParams routing_params(int64_t num_tokens, bool training) const;
-  int64_t w1_columns() const { return activation == ExpertActivation::swiglu ? 2 * expert_d_ff : expert_d_ff; }
+  int64_t w1_columns() const {
+    return moe.activation == ExpertActivation::swiglu ? 2 * int64_t(moe.expert_d_ff) : int64_t(moe.expert_d_ff);
+  }
 };
 
 // Parameters as the layer reads them (compute copies on CUDA). router [D, E], w1 [E, D, F or 2F],

@@ -26,11 +26,11 @@ void expect_moe_weights(const char* owner, const MoeLayerConfig& config, int64_t
   const int64_t d_model = config.d_model;
   const std::string prefix(what);
   expect_moe_tensor(owner, (prefix + ".router").c_str(), weights.router, dtype, device,
-                    {d_model, int64_t(config.num_experts)});
+                    {d_model, int64_t(config.moe.num_experts)});
   expect_moe_tensor(owner, (prefix + ".w1").c_str(), weights.w1, dtype, device,
                     {experts_held, d_model, config.w1_columns()});
   expect_moe_tensor(owner, (prefix + ".w2").c_str(), weights.w2, dtype, device,
-                    {experts_held, config.expert_d_ff, d_model});
+                    {experts_held, config.moe.expert_d_ff, d_model});
 }
 
 }  // namespace switchyard

@@ -55,15 +55,15 @@ MoeStreamStep::MoeStreamStep(const MoeLayerConfig& config, DeviceKind device, DT
       activation_dtype_(activation_dtype),
       max_tokens_(options.max_tokens),
       use_graph_(options.use_graph && device == DeviceKind::cuda) {
-  SY_CHECK_INPUT(config.complexity != ComplexityMode::given,
+  SY_CHECK_INPUT(config.moe.complexity != ComplexityMode::given,
                  "streaming mode: complexity = given needs a per-token input the stream does not take");
   if (use_graph_) {
     SY_CHECK_INPUT(activation_dtype == DType::bf16, "streaming mode's CUDA graph needs bf16 activations (the sm_90 ",
                    "grouped GEMM path); got ", dtype_name(activation_dtype), ". Use use_graph = false to run eagerly");
-    SY_CHECK_INPUT(config.segment_alignment % 128 == 0, "streaming mode's CUDA graph needs segment_alignment to be a ",
-                   "multiple of 128 (got ", config.segment_alignment,
+    SY_CHECK_INPUT(config.moe.segment_alignment % 128 == 0, "streaming mode's CUDA graph needs segment_alignment to be a ",
+                   "multiple of 128 (got ", config.moe.segment_alignment,
                    "): other alignments take the cuBLAS grouped GEMM, which reads the expert offsets on the host");
-    SY_CHECK_INPUT(config.compute_mode == MoeComputeMode::sparse,
+    SY_CHECK_INPUT(config.moe.compute_mode == ExpertComputeMode::sparse,
                    "streaming mode's CUDA graph needs compute_mode sparse (dense mode builds its rows on the host)");
   }
   const int64_t d_model = config.d_model;

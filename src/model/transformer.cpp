@@ -17,25 +17,11 @@ namespace {
 MoeLayerConfig moe_layer_config(const ModelConfig& model, const MoeConfig& moe, const TransformerOptions& options,
                                 int block_index) {
   MoeLayerConfig config;
+  config.moe = moe;
+  config.moe.dropless = moe.dropless || options.dropless;
   config.d_model = model.d_model;
-  config.expert_d_ff = moe.expert_d_ff;
-  config.num_experts = moe.num_experts;
-  config.k_max = moe.top_k;
-  config.k_min = moe.k_min;
-  config.complexity = moe.complexity;
-  config.renormalize = moe.renormalize_gates;
-  config.dropless = moe.dropless || options.dropless;
-  config.capacity_factor_train = float(moe.capacity_factor);
-  config.capacity_factor_eval = float(moe.eval_capacity_factor);
-  config.segment_alignment = moe.segment_alignment;
-  config.aux_loss_weight = float(moe.aux_loss_weight);
-  config.z_loss_weight = float(moe.z_loss_weight);
-  config.activation = moe.activation;
-  config.jitter_eps = float(moe.jitter_eps);
   config.jitter_seed = options.jitter_seed;
   config.jitter_stream = uint32_t(block_index);  // independent noise per layer
-  config.compute_mode =
-      moe.compute_mode == ExpertComputeMode::dense ? MoeComputeMode::dense : MoeComputeMode::sparse;
   return config;
 }
 

@@ -29,7 +29,7 @@ struct LayerCase {
   float capacity_factor_train;  // < 1: drops
   float jitter_eps;
   ComplexityMode complexity;
-  MoeComputeMode mode;
+  ExpertComputeMode mode;
 };
 
 void PrintTo(const LayerCase& c, std::ostream* os) { *os << c.name; }
@@ -37,22 +37,22 @@ void PrintTo(const LayerCase& c, std::ostream* os) { *os << c.name; }
 MoeLayerConfig make_config(const LayerCase& c) {
   MoeLayerConfig config;
   config.d_model = 6;
-  config.expert_d_ff = 5;
-  config.num_experts = 4;
-  config.k_max = c.k;
-  config.k_min = 1;
-  config.complexity = c.complexity;
-  config.renormalize = c.renormalize;
-  config.capacity_factor_train = c.capacity_factor_train;
-  config.capacity_factor_eval = 4.0f;
-  config.segment_alignment = 4;
-  config.aux_loss_weight = 0.05f;  // large enough that the loss terms show in every gradient
-  config.z_loss_weight = 0.01f;
-  config.activation = c.activation;
-  config.jitter_eps = c.jitter_eps;
+  config.moe.expert_d_ff = 5;
+  config.moe.num_experts = 4;
+  config.moe.top_k = c.k;
+  config.moe.k_min = 1;
+  config.moe.complexity = c.complexity;
+  config.moe.renormalize_gates = c.renormalize;
+  config.moe.capacity_factor = c.capacity_factor_train;
+  config.moe.eval_capacity_factor = 4.0f;
+  config.moe.segment_alignment = 4;
+  config.moe.aux_loss_weight = 0.05f;  // large enough that the loss terms show in every gradient
+  config.moe.z_loss_weight = 0.01f;
+  config.moe.activation = c.activation;
+  config.moe.jitter_eps = c.jitter_eps;
   config.jitter_seed = 1234;
   config.jitter_stream = 7;
-  config.compute_mode = c.mode;
+  config.moe.compute_mode = c.mode;
   return config;
 }
 
@@ -66,15 +66,15 @@ struct LayerData {
       : config(config_),
         tokens(tokens_),
         x(real, {tokens_, config_.d_model}),
-        router(real, {config_.d_model, config_.num_experts}),
-        w1(real, {config_.num_experts, config_.d_model, config_.w1_columns()}),
-        w2(real, {config_.num_experts, config_.expert_d_ff, config_.d_model}),
+        router(real, {config_.d_model, config_.moe.num_experts}),
+        w1(real, {config_.moe.num_experts, config_.d_model, config_.w1_columns()}),
+        w2(real, {config_.moe.num_experts, config_.moe.expert_d_ff, config_.d_model}),
         y(real, {tokens_, config_.d_model}),
         probe(real, {tokens_, config_.d_model}),
         grad_x(real, {tokens_, config_.d_model}),
-        grad_router(real, {config_.d_model, config_.num_experts}),
-        grad_w1(real, {config_.num_experts, config_.d_model, config_.w1_columns()}),
-        grad_w2(real, {config_.num_experts, config_.expert_d_ff, config_.d_model}) {
+        grad_router(real, {config_.d_model, config_.moe.num_experts}),
+        grad_w1(real, {config_.moe.num_experts, config_.d_model, config_.w1_columns()}),
+        grad_w2(real, {config_.moe.num_experts, config_.moe.expert_d_ff, config_.d_model}) {
     std::mt19937_64 generator(seed);
     fill_uniform(x, generator, -1, 1);
     fill_normal(router, generator, 0, 1);
@@ -111,16 +111,16 @@ double decision_margin(const MoeLayer& layer, const MoeLayerConfig& config) {
     for (int64_t e = 0; e < experts; ++e) row[size_t(e)] = get_element(logits, t * experts + e);
     std::vector<double> sorted = row;
     std::sort(sorted.rbegin(), sorted.rend());
-    for (int i = 0; i < std::min<int>(config.k_max, int(experts) - 1); ++i)
+    for (int i = 0; i < std::min<int>(config.moe.top_k, int(experts) - 1); ++i)
       margin = std::min(margin, sorted[size_t(i)] - sorted[size_t(i + 1)]);
-    if (config.complexity == ComplexityMode::entropy) {
+    if (config.moe.complexity == ComplexityMode::entropy) {
       double max_logit = sorted[0], sum = 0, entropy = 0;
       for (double value : row) sum += std::exp(value - max_logit);
       for (double value : row) {
         const double p = std::exp(value - max_logit) / sum;
         entropy -= p > 0 ? p * std::log(p) : 0;
       }
-      const double level = entropy / std::log(double(experts)) * (config.k_max - config.k_min) + 0.5;
+      const double level = entropy / std::log(double(experts)) * (config.moe.top_k - config.moe.k_min) + 0.5;
       margin = std::min(margin, std::fabs(level - std::round(level)));
     }
   }
@@ -174,29 +174,29 @@ TEST_P(LayerGradients, MatchFiniteDifferences) {
 INSTANTIATE_TEST_SUITE_P(
     Cases, LayerGradients,
     ::testing::Values(
-        LayerCase{"gelu_k1", ExpertActivation::gelu_tanh, 1, false, 4.0f, 0.0f, ComplexityMode::none, MoeComputeMode::sparse},
+        LayerCase{"gelu_k1", ExpertActivation::gelu_tanh, 1, false, 4.0f, 0.0f, ComplexityMode::none, ExpertComputeMode::sparse},
         LayerCase{"gelu_k2_renorm", ExpertActivation::gelu_tanh, 2, true, 4.0f, 0.0f, ComplexityMode::none,
-                  MoeComputeMode::sparse},
+                  ExpertComputeMode::sparse},
         LayerCase{"gelu_k2_renorm_drops", ExpertActivation::gelu_tanh, 2, true, 0.5f, 0.0f, ComplexityMode::none,
-                  MoeComputeMode::sparse},
+                  ExpertComputeMode::sparse},
         LayerCase{"gelu_k1_drops", ExpertActivation::gelu_tanh, 1, false, 0.5f, 0.0f, ComplexityMode::none,
-                  MoeComputeMode::sparse},
+                  ExpertComputeMode::sparse},
         LayerCase{"swiglu_k1", ExpertActivation::swiglu, 1, false, 4.0f, 0.0f, ComplexityMode::none,
-                  MoeComputeMode::sparse},
+                  ExpertComputeMode::sparse},
         LayerCase{"swiglu_k2_renorm", ExpertActivation::swiglu, 2, true, 4.0f, 0.0f, ComplexityMode::none,
-                  MoeComputeMode::sparse},
+                  ExpertComputeMode::sparse},
         LayerCase{"swiglu_k2_renorm_drops", ExpertActivation::swiglu, 2, true, 0.5f, 0.0f, ComplexityMode::none,
-                  MoeComputeMode::sparse},
+                  ExpertComputeMode::sparse},
         LayerCase{"swiglu_k1_drops", ExpertActivation::swiglu, 1, false, 0.5f, 0.0f, ComplexityMode::none,
-                  MoeComputeMode::sparse},
+                  ExpertComputeMode::sparse},
         LayerCase{"gelu_k2_jitter_drops", ExpertActivation::gelu_tanh, 2, true, 0.75f, 0.2f, ComplexityMode::none,
-                  MoeComputeMode::sparse},
+                  ExpertComputeMode::sparse},
         LayerCase{"swiglu_k3_entropy", ExpertActivation::swiglu, 3, true, 1.0f, 0.0f, ComplexityMode::entropy,
-                  MoeComputeMode::sparse},
+                  ExpertComputeMode::sparse},
         LayerCase{"gelu_k2_dense_drops", ExpertActivation::gelu_tanh, 2, true, 0.5f, 0.0f, ComplexityMode::none,
-                  MoeComputeMode::dense},
+                  ExpertComputeMode::dense},
         LayerCase{"swiglu_k2_dense_jitter", ExpertActivation::swiglu, 2, false, 0.75f, 0.1f, ComplexityMode::none,
-                  MoeComputeMode::dense}),
+                  ExpertComputeMode::dense}),
     [](const ::testing::TestParamInfo<LayerCase>& info) { return std::string(info.param.name); });
 
 // ---- Forward against an independent token-by-token computation ------------------------------
@@ -212,9 +212,9 @@ double activation_value(ExpertActivation activation, const std::vector<double>& 
 
 TEST(MoeLayer, ForwardMatchesTokenByTokenExperts) {
   for (ExpertActivation activation : {ExpertActivation::gelu_tanh, ExpertActivation::swiglu}) {
-    LayerCase c{"forward", activation, 2, true, 0.6f, 0.0f, ComplexityMode::none, MoeComputeMode::sparse};
+    LayerCase c{"forward", activation, 2, true, 0.6f, 0.0f, ComplexityMode::none, ExpertComputeMode::sparse};
     MoeLayerConfig config = make_config(c);
-    config.segment_alignment = 8;
+    config.moe.segment_alignment = 8;
     LayerData data(config, 37, DType::f64, 5);
     MoeLayer layer(config, DeviceKind::cpu, DType::f64, 40);
     poison(data.y);
@@ -225,7 +225,7 @@ TEST(MoeLayer, ForwardMatchesTokenByTokenExperts) {
 
     const RoutingResult& routing = layer.routing();
     const int capacity = int(get_element(routing.scalars, kCapacity));
-    const int64_t d_model = config.d_model, width = config.expert_d_ff, columns = config.w1_columns();
+    const int64_t d_model = config.d_model, width = config.moe.expert_d_ff, columns = config.w1_columns();
     for (int64_t t = 0; t < 37; ++t) {
       // Router logits are x Wr (no jitter configured).
       for (int e = 0; e < 4; ++e) {
@@ -258,10 +258,10 @@ TEST(MoeLayer, ForwardMatchesTokenByTokenExperts) {
 TEST(MoeLayer, DenseModeGivesTheSameOutputsAndGradientsAsSparse) {
   for (DType real : {DType::f32, DType::f64}) {
     for (ExpertActivation activation : {ExpertActivation::gelu_tanh, ExpertActivation::swiglu}) {
-      LayerCase c{"dense", activation, 2, true, 0.6f, 0.1f, ComplexityMode::none, MoeComputeMode::sparse};
+      LayerCase c{"dense", activation, 2, true, 0.6f, 0.1f, ComplexityMode::none, ExpertComputeMode::sparse};
       MoeLayerConfig sparse_config = make_config(c), dense_config = make_config(c);
-      sparse_config.num_experts = dense_config.num_experts = 8;
-      dense_config.compute_mode = MoeComputeMode::dense;
+      sparse_config.moe.num_experts = dense_config.moe.num_experts = 8;
+      dense_config.moe.compute_mode = ExpertComputeMode::dense;
       LayerData sparse(sparse_config, 37, real, 9), dense(dense_config, 37, real, 9);
       MoeLayer sparse_layer(sparse_config, DeviceKind::cpu, real, 37), dense_layer(dense_config, DeviceKind::cpu, real, 37);
       const MoeForwardArgs args{true, 11, nullptr, true};
@@ -283,7 +283,7 @@ TEST(MoeLayer, DenseModeGivesTheSameOutputsAndGradientsAsSparse) {
 // ---- Steps, buffers, jitter, capacity ---------------------------------------------------------
 
 TEST(MoeLayer, ReusesItsBuffersAcrossStepsOfDifferentSizes) {
-  LayerCase c{"reuse", ExpertActivation::swiglu, 2, true, 1.0f, 0.1f, ComplexityMode::none, MoeComputeMode::sparse};
+  LayerCase c{"reuse", ExpertActivation::swiglu, 2, true, 1.0f, 0.1f, ComplexityMode::none, ExpertComputeMode::sparse};
   const MoeLayerConfig config = make_config(c);
   MoeLayer layer(config, DeviceKind::cpu, DType::f32, 64);
   LayerData small(config, 5, DType::f32, 1), large(config, 64, DType::f32, 2);
@@ -307,7 +307,7 @@ TEST(MoeLayer, ReusesItsBuffersAcrossStepsOfDifferentSizes) {
 }
 
 TEST(MoeLayer, JitterDependsOnStepAndOnlyInTraining) {
-  LayerCase c{"jitter", ExpertActivation::gelu_tanh, 1, false, 4.0f, 0.2f, ComplexityMode::none, MoeComputeMode::sparse};
+  LayerCase c{"jitter", ExpertActivation::gelu_tanh, 1, false, 4.0f, 0.2f, ComplexityMode::none, ExpertComputeMode::sparse};
   const MoeLayerConfig config = make_config(c);
   MoeLayer layer(config, DeviceKind::cpu, DType::f64, 20);
   LayerData data(config, 20, DType::f64, 4);
@@ -325,7 +325,7 @@ TEST(MoeLayer, JitterDependsOnStepAndOnlyInTraining) {
 }
 
 TEST(MoeLayer, TrainAndEvalUseTheirCapacityFactors) {
-  LayerCase c{"capacity", ExpertActivation::gelu_tanh, 2, true, 0.5f, 0.0f, ComplexityMode::none, MoeComputeMode::sparse};
+  LayerCase c{"capacity", ExpertActivation::gelu_tanh, 2, true, 0.5f, 0.0f, ComplexityMode::none, ExpertComputeMode::sparse};
   const MoeLayerConfig config = make_config(c);  // eval factor 4.0
   MoeLayer layer(config, DeviceKind::cpu, DType::f32, 50);
   LayerData data(config, 50, DType::f32, 6);
@@ -345,7 +345,7 @@ TEST(MoeLayer, TrainAndEvalUseTheirCapacityFactors) {
 }
 
 TEST(MoeLayer, GivenComplexityControlsChoicesPerToken) {
-  LayerCase c{"given", ExpertActivation::gelu_tanh, 4, true, 1.0f, 0.0f, ComplexityMode::given, MoeComputeMode::sparse};
+  LayerCase c{"given", ExpertActivation::gelu_tanh, 4, true, 1.0f, 0.0f, ComplexityMode::given, ExpertComputeMode::sparse};
   const MoeLayerConfig config = make_config(c);
   MoeLayer layer(config, DeviceKind::cpu, DType::f32, 30);
   LayerData data(config, 30, DType::f32, 8);
@@ -357,7 +357,7 @@ TEST(MoeLayer, GivenComplexityControlsChoicesPerToken) {
 }
 
 TEST(MoeLayer, RejectsBadConfigsAndArguments) {
-  LayerCase c{"errors", ExpertActivation::gelu_tanh, 2, true, 1.0f, 0.0f, ComplexityMode::none, MoeComputeMode::sparse};
+  LayerCase c{"errors", ExpertActivation::gelu_tanh, 2, true, 1.0f, 0.0f, ComplexityMode::none, ExpertComputeMode::sparse};
   MoeLayerConfig config = make_config(c);
   auto expect_bad_input = [](const MoeLayerConfig& bad, DType dtype) {
     try {
@@ -368,10 +368,10 @@ TEST(MoeLayer, RejectsBadConfigsAndArguments) {
     }
   };
   MoeLayerConfig too_many_choices = config;
-  too_many_choices.k_max = 5;
+  too_many_choices.moe.top_k = 5;
   expect_bad_input(too_many_choices, DType::f32);
   MoeLayerConfig bad_jitter = config;
-  bad_jitter.jitter_eps = 1.5f;
+  bad_jitter.moe.jitter_eps = 1.5f;
   expect_bad_input(bad_jitter, DType::f32);
   expect_bad_input(config, DType::bf16);  // the CPU layer computes in f32 or f64
 

@@ -25,15 +25,15 @@ const ExecContext kCpu{DeviceKind::cpu, nullptr};
 MoeLayerConfig small_config(int experts, int k, float capacity_factor) {
   MoeLayerConfig config;
   config.d_model = 8;
-  config.expert_d_ff = 6;
-  config.num_experts = experts;
-  config.k_max = config.k_min = k;
-  config.renormalize = k > 1;
-  config.capacity_factor_train = capacity_factor;
-  config.capacity_factor_eval = capacity_factor;
-  config.segment_alignment = 4;
-  config.aux_loss_weight = 0.05f;
-  config.z_loss_weight = 0.01f;
+  config.moe.expert_d_ff = 6;
+  config.moe.num_experts = experts;
+  config.moe.top_k = config.moe.k_min = k;
+  config.moe.renormalize_gates = k > 1;
+  config.moe.capacity_factor = capacity_factor;
+  config.moe.eval_capacity_factor = capacity_factor;
+  config.moe.segment_alignment = 4;
+  config.moe.aux_loss_weight = 0.05f;
+  config.moe.z_loss_weight = 0.01f;
   return config;
 }
 
@@ -48,9 +48,9 @@ struct RoutedLayer {
       : config(config_),
         layer(config_, DeviceKind::cpu, dtype, tokens),
         x(dtype, {tokens, config_.d_model}),
-        router(dtype, {config_.d_model, config_.num_experts}),
-        w1(dtype, {config_.num_experts, config_.d_model, config_.w1_columns()}),
-        w2(dtype, {config_.num_experts, config_.expert_d_ff, config_.d_model}),
+        router(dtype, {config_.d_model, config_.moe.num_experts}),
+        w1(dtype, {config_.moe.num_experts, config_.d_model, config_.w1_columns()}),
+        w2(dtype, {config_.moe.num_experts, config_.moe.expert_d_ff, config_.d_model}),
         y(dtype, {tokens, config_.d_model}) {
     std::mt19937_64 generator(seed);
     fill_uniform(x, generator, -1, 1);

@@ -33,7 +33,7 @@ struct LayerCudaCase {
   float capacity_factor;
   float jitter_eps;
   int alignment;
-  MoeComputeMode mode;
+  ExpertComputeMode mode;
   int64_t tokens;
 };
 
@@ -42,20 +42,20 @@ void PrintTo(const LayerCudaCase& test, std::ostream* os) { *os << test.name; }
 MoeLayerConfig make_config(const LayerCudaCase& test) {
   MoeLayerConfig config;
   config.d_model = 64;  // multiples of 64: the sm_90a grouped GEMM takes these shapes
-  config.expert_d_ff = 128;
-  config.num_experts = 8;
-  config.k_max = config.k_min = test.k;
-  config.renormalize = test.renormalize;
-  config.dropless = test.dropless;
-  config.capacity_factor_train = config.capacity_factor_eval = test.capacity_factor;
-  config.segment_alignment = test.alignment;
-  config.aux_loss_weight = 0.05f;
-  config.z_loss_weight = 0.01f;
-  config.activation = test.activation;
-  config.jitter_eps = test.jitter_eps;
+  config.moe.expert_d_ff = 128;
+  config.moe.num_experts = 8;
+  config.moe.top_k = config.moe.k_min = test.k;
+  config.moe.renormalize_gates = test.renormalize;
+  config.moe.dropless = test.dropless;
+  config.moe.capacity_factor = config.moe.eval_capacity_factor = test.capacity_factor;
+  config.moe.segment_alignment = test.alignment;
+  config.moe.aux_loss_weight = 0.05f;
+  config.moe.z_loss_weight = 0.01f;
+  config.moe.activation = test.activation;
+  config.moe.jitter_eps = test.jitter_eps;
   config.jitter_seed = 99;
   config.jitter_stream = 3;
-  config.compute_mode = test.mode;
+  config.moe.compute_mode = test.mode;
   return config;
 }
 
@@ -66,15 +66,15 @@ struct HostData {
   HostTensor x, router, w1, w2, grad_y;
   HostData(const MoeLayerConfig& config, int64_t tokens, uint64_t seed)
       : x(DType::f64, {tokens, config.d_model}),
-        router(DType::f64, {config.d_model, config.num_experts}),
-        w1(DType::f64, {config.num_experts, config.d_model, config.w1_columns()}),
-        w2(DType::f64, {config.num_experts, config.expert_d_ff, config.d_model}),
+        router(DType::f64, {config.d_model, config.moe.num_experts}),
+        w1(DType::f64, {config.moe.num_experts, config.d_model, config.w1_columns()}),
+        w2(DType::f64, {config.moe.num_experts, config.moe.expert_d_ff, config.d_model}),
         grad_y(DType::f64, {tokens, config.d_model}) {
     std::mt19937_64 generator(seed);
     fill_uniform(x, generator, -1, 1);
     fill_normal(router, generator, 0, 0.3);
     fill_normal(w1, generator, 0, 1.0 / std::sqrt(double(config.d_model)));
-    fill_normal(w2, generator, 0, 1.0 / std::sqrt(double(config.expert_d_ff)));
+    fill_normal(w2, generator, 0, 1.0 / std::sqrt(double(config.moe.expert_d_ff)));
     fill_uniform(grad_y, generator, -1, 1);
     for (Tensor* tensor : {&x.tensor(), &router.tensor(), &w1.tensor(), &w2.tensor(), &grad_y.tensor()})
       for (int64_t index = 0; index < tensor->numel(); ++index)
@@ -99,11 +99,11 @@ std::vector<int> leading_experts(const std::vector<double>& row, int count, doub
 // input is x * u in float64, the GPU's is fp32(x * u) rounded to bf16; the k+1 leading experts of
 // every token must agree, with gaps far above fp32 accumulation noise.
 bool decisions_are_robust(const MoeLayerConfig& config, const HostData& data, int64_t tokens, uint64_t step) {
-  const int64_t d_model = config.d_model, experts = config.num_experts;
+  const int64_t d_model = config.d_model, experts = config.moe.num_experts;
   std::vector<double> cpu_input(size_t(tokens * d_model)), gpu_input(cpu_input.size());
   HostTensor ones(DType::f32, {tokens, d_model}), factors(DType::f32, {tokens, d_model});
   std::fill(ones.data<float>(), ones.data<float>() + ones.numel(), 1.0f);
-  const float eps = config.jitter_eps;
+  const float eps = config.moe.jitter_eps;
   cpu::apply_jitter(ones, eps, config.jitter_seed, config.jitter_stream, step, factors);  // factors exactly
   for (size_t index = 0; index < cpu_input.size(); ++index) {
     const double x = get_element(data.x, int64_t(index));
@@ -111,7 +111,7 @@ bool decisions_are_robust(const MoeLayerConfig& config, const HostData& data, in
     cpu_input[index] = eps > 0.0f ? x * double(factor) : x;
     gpu_input[index] = eps > 0.0f ? bf16_value(float(x) * factor) : x;
   }
-  const int leading = std::min<int>(config.k_max + 1, int(experts));
+  const int leading = std::min<int>(config.moe.top_k + 1, int(experts));
   for (int64_t token = 0; token < tokens; ++token) {
     std::vector<double> cpu_row(size_t(experts), 0.0), gpu_row(size_t(experts), 0.0);
     for (int64_t e = 0; e < experts; ++e)
@@ -181,7 +181,7 @@ TEST_P(MoeLayerCudaTest, MatchesCpuLayer) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
   const LayerCudaCase& test = GetParam();
   const MoeLayerConfig config = make_config(test);
-  const int64_t tokens = test.tokens, d_model = config.d_model, experts = config.num_experts;
+  const int64_t tokens = test.tokens, d_model = config.d_model, experts = config.moe.num_experts;
   const uint64_t first_step = 5;
   constexpr int kSteps = 2;
 
@@ -201,7 +201,7 @@ TEST_P(MoeLayerCudaTest, MatchesCpuLayer) {
   MoeLayer gpu_layer(config, DeviceKind::cuda, DType::bf16, tokens);
   const ExecContext cpu_context{DeviceKind::cpu, nullptr};
   const ExecContext gpu_context{DeviceKind::cuda, nullptr};
-  const int64_t w1_columns = config.w1_columns(), d_ff = config.expert_d_ff;
+  const int64_t w1_columns = config.w1_columns(), d_ff = config.moe.expert_d_ff;
   DeviceCopy x(data.x, DType::bf16, {tokens, d_model}), grad_y(data.grad_y, DType::bf16, {tokens, d_model});
   DeviceCopy router(data.router, DType::bf16, {d_model, experts});
   DeviceCopy w1(data.w1, DType::bf16, {experts, d_model, w1_columns}), w2(data.w2, DType::bf16, {experts, d_ff, d_model});
@@ -251,7 +251,7 @@ TEST_P(MoeLayerCudaTest, MatchesCpuLayer) {
 }
 
 const ExpertActivation kGelu = ExpertActivation::gelu_tanh, kSwiglu = ExpertActivation::swiglu;
-const MoeComputeMode kSparse = MoeComputeMode::sparse, kDense = MoeComputeMode::dense;
+const ExpertComputeMode kSparse = ExpertComputeMode::sparse, kDense = ExpertComputeMode::dense;
 
 INSTANTIATE_TEST_SUITE_P(
     Cases, MoeLayerCudaTest,

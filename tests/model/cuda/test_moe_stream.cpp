@@ -28,12 +28,12 @@ namespace {
 MoeLayerConfig stream_config(int k) {
   MoeLayerConfig config;
   config.d_model = 256;
-  config.expert_d_ff = 512;
-  config.num_experts = 8;
-  config.k_max = config.k_min = k;
-  config.renormalize = k > 1;
-  config.dropless = true;
-  config.segment_alignment = 128;
+  config.moe.expert_d_ff = 512;
+  config.moe.num_experts = 8;
+  config.moe.top_k = config.moe.k_min = k;
+  config.moe.renormalize_gates = k > 1;
+  config.moe.dropless = true;
+  config.moe.segment_alignment = 128;
   return config;
 }
 
@@ -57,7 +57,7 @@ struct StreamWeights {
   Buffer router, w1, w2;
   MoeWeights weights;
   explicit StreamWeights(const MoeLayerConfig& config) {
-    const int64_t d = config.d_model, f = config.expert_d_ff, e = config.num_experts;
+    const int64_t d = config.d_model, f = config.moe.expert_d_ff, e = config.moe.num_experts;
     router = random_device(d * e, 1.0 / std::sqrt(double(d)), 1);
     w1 = random_device(e * d * config.w1_columns(), 1.0 / std::sqrt(double(d)), 2);
     w2 = random_device(e * f * d, 1.0 / std::sqrt(double(f)), 3);
@@ -157,10 +157,10 @@ TEST(MoeStreamCuda, RejectsConfigurationsThatCannotBeCaptured) {
     }
   };
   MoeLayerConfig unaligned = config;
-  unaligned.segment_alignment = 16;
+  unaligned.moe.segment_alignment = 16;
   expect_bad_input(unaligned, DType::bf16);
   MoeLayerConfig dense = config;
-  dense.compute_mode = MoeComputeMode::dense;
+  dense.moe.compute_mode = ExpertComputeMode::dense;
   expect_bad_input(dense, DType::bf16);
   expect_bad_input(config, DType::f16);
   MoeStreamOptions eager;
@@ -173,8 +173,8 @@ TEST(MoeStreamCuda, RejectsConfigurationsThatCannotBeCaptured) {
 TEST(MoeStreamCpu, StepEqualsTheLayerForward) {
   MoeLayerConfig config = stream_config(2);
   config.d_model = 16;
-  config.expert_d_ff = 24;
-  config.segment_alignment = 4;
+  config.moe.expert_d_ff = 24;
+  config.moe.segment_alignment = 4;
   HostTensor router(DType::f32, {16, 8}), w1(DType::f32, {8, 16, 24}), w2(DType::f32, {8, 24, 16});
   std::mt19937_64 generator(21);
   fill_normal(router, generator, 0.0, 0.5);
@@ -217,9 +217,9 @@ TEST(RouterSumsCuda, MatchTheCpuReferenceOnTheSameRouting) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
   for (int k : {1, 2}) {
     MoeLayerConfig config = stream_config(k);
-    config.dropless = false;
-    config.capacity_factor_train = 0.9f;  // drops
-    config.num_experts = 24;
+    config.moe.dropless = false;
+    config.moe.capacity_factor = 0.9f;  // drops
+    config.moe.num_experts = 24;
     StreamWeights weights(config);
     const int64_t tokens = 777;
     MoeLayer layer(config, DeviceKind::cuda, DType::bf16, tokens);
@@ -232,7 +232,7 @@ TEST(RouterSumsCuda, MatchTheCpuReferenceOnTheSameRouting) {
            y_view = y.view(DType::bf16, {tokens, config.d_model});
     layer.forward(context, x_view, weights.weights, args, y_view);
 
-    const int64_t width = kNumRouterSums + config.num_experts;
+    const int64_t width = kNumRouterSums + config.moe.num_experts;
     HostTensor start(DType::f64, {width});
     std::mt19937_64 generator(3);
     fill_uniform(start, generator, -2, 2);
@@ -286,19 +286,19 @@ TEST(RouterStatsRecorderCuda, ReadsBackWhatWasRecorded) {
   MoeForwardArgs args;
   args.training = true;
   Tensor x_view = x.view(DType::bf16, {tokens, config.d_model}), y_view = y.view(DType::bf16, {tokens, config.d_model});
-  RouterStatsRecorder recorder(DeviceKind::cuda, 1, config.num_experts);
+  RouterStatsRecorder recorder(DeviceKind::cuda, 1, config.moe.num_experts);
   for (int step = 0; step < 3; ++step) {
     layer.forward(context, x_view, weights.weights, args, y_view);
     recorder.record(context, 0, layer.routing(), layer.logits());
   }
-  std::vector<int32_t> counts(size_t(config.num_experts));
+  std::vector<int32_t> counts(size_t(config.moe.num_experts));
   device_copy(counts.data(), DeviceKind::cpu, layer.routing().expert_counts.data, DeviceKind::cuda, counts.size() * 4);
   const std::vector<RouterLayerStats> stats = recorder.read_and_reset(context, nullptr);
   ASSERT_EQ(stats.size(), 1u);
   EXPECT_EQ(stats[0].forwards, 3);
   EXPECT_EQ(stats[0].tokens, 3 * tokens);
   EXPECT_EQ(stats[0].choices, 3 * tokens * 2);
-  for (int expert = 0; expert < config.num_experts; ++expert)
+  for (int expert = 0; expert < config.moe.num_experts; ++expert)
     EXPECT_EQ(stats[0].tokens_per_expert[size_t(expert)], 3 * counts[size_t(expert)]);
   EXPECT_GT(stats[0].router_entropy_normalized, 0.0);
   EXPECT_LE(stats[0].router_entropy_normalized, 1.0 + 1e-6);

@@ -64,20 +64,20 @@ const Scenario kScenarios[] = {
 MoeLayerConfig make_config(const Scenario& scenario) {
   MoeLayerConfig config;
   config.d_model = kModel;
-  config.expert_d_ff = kHidden;
-  config.num_experts = kExperts;
-  config.k_max = scenario.k_max;
-  config.k_min = scenario.k_min;
-  config.complexity = scenario.complexity;
-  config.renormalize = scenario.renormalize;
-  config.dropless = scenario.capacity_factor == 0.0f;
-  config.capacity_factor_train = config.capacity_factor_eval =
+  config.moe.expert_d_ff = kHidden;
+  config.moe.num_experts = kExperts;
+  config.moe.top_k = scenario.k_max;
+  config.moe.k_min = scenario.k_min;
+  config.moe.complexity = scenario.complexity;
+  config.moe.renormalize_gates = scenario.renormalize;
+  config.moe.dropless = scenario.capacity_factor == 0.0f;
+  config.moe.capacity_factor = config.moe.eval_capacity_factor =
       scenario.capacity_factor > 0.0f ? scenario.capacity_factor : 1.0f;
-  config.segment_alignment = scenario.alignment;
-  config.aux_loss_weight = 0.05f;
-  config.z_loss_weight = 0.01f;
-  config.activation = scenario.activation;
-  config.jitter_eps = scenario.jitter_eps;
+  config.moe.segment_alignment = scenario.alignment;
+  config.moe.aux_loss_weight = 0.05f;
+  config.moe.z_loss_weight = 0.01f;
+  config.moe.activation = scenario.activation;
+  config.moe.jitter_eps = scenario.jitter_eps;
   config.jitter_seed = 99;
   config.jitter_stream = 3;
   return config;

@@ -253,14 +253,14 @@ class ScopedEnvironment {
 MoeLayerConfig layer_config(ExpertActivation activation, int k, bool dropless) {
   MoeLayerConfig config;
   config.d_model = 256;
-  config.expert_d_ff = 512;
-  config.num_experts = 16;
-  config.k_max = config.k_min = k;
-  config.renormalize = k > 1;
-  config.dropless = dropless;
-  config.capacity_factor_eval = 0.75f;  // drops when not dropless
-  config.segment_alignment = 128;
-  config.activation = activation;
+  config.moe.expert_d_ff = 512;
+  config.moe.num_experts = 16;
+  config.moe.top_k = config.moe.k_min = k;
+  config.moe.renormalize_gates = k > 1;
+  config.moe.dropless = dropless;
+  config.moe.eval_capacity_factor = 0.75f;  // drops when not dropless
+  config.moe.segment_alignment = 128;
+  config.moe.activation = activation;
   return config;
 }
 
@@ -268,13 +268,13 @@ struct LayerWeights {
   DeviceTensor router, w1, w2;
   MoeWeights weights;
   LayerWeights(const MoeLayerConfig& config, uint64_t seed)
-      : router(DType::bf16, {config.d_model, config.num_experts}),
-        w1(DType::bf16, {config.num_experts, config.d_model, config.w1_columns()}),
-        w2(DType::bf16, {config.num_experts, config.expert_d_ff, config.d_model}) {
+      : router(DType::bf16, {config.d_model, config.moe.num_experts}),
+        w1(DType::bf16, {config.moe.num_experts, config.d_model, config.w1_columns()}),
+        w2(DType::bf16, {config.moe.num_experts, config.moe.expert_d_ff, config.d_model}) {
     std::mt19937_64 generator(seed);
     for (DeviceTensor* target : {&router, &w1, &w2}) {
       HostTensor host(DType::f64, {target->tensor().numel()});
-      const double fan_in = target == &w2 ? double(config.expert_d_ff) : double(config.d_model);
+      const double fan_in = target == &w2 ? double(config.moe.expert_d_ff) : double(config.d_model);
       fill_representable(host, generator, 1.0 / std::sqrt(fan_in), DType::bf16);
       target->upload(host);
     }
@@ -351,8 +351,8 @@ TEST_P(MoeLayerSmallBatchCuda, InferenceForwardEqualsThePaddedForward) {
       // Same routing on both (same kernels on the same logits), losses included.
       EXPECT_EQ(small_losses.aux_loss, padded_losses.aux_loss) << where;
       EXPECT_EQ(small_losses.z_loss, padded_losses.z_loss) << where;
-      HostTensor ids_small_host(DType::i32, {tokens * config.k_max}),
-          ids_padded_host(DType::i32, {tokens * config.k_max});
+      HostTensor ids_small_host(DType::i32, {tokens * config.moe.top_k}),
+          ids_padded_host(DType::i32, {tokens * config.moe.top_k});
       device_copy(ids_small_host.tensor().data, DeviceKind::cpu, small->routing().expert_ids.data, DeviceKind::cuda,
                   ids_small_host.tensor().bytes());
       device_copy(ids_padded_host.tensor().data, DeviceKind::cpu, padded->routing().expert_ids.data, DeviceKind::cuda,
@@ -390,7 +390,7 @@ TEST(MoeLayerSmallBatchCudaEnvironment, ThresholdComesFromTheEnvironment) {
   {
     ScopedEnvironment set("SWITCHYARD_SMALL_BATCH_TOKENS", "100000");
     EXPECT_EQ(MoeLayer(config, DeviceKind::cuda, DType::bf16, 1000).small_batch_tokens(),
-              kSmallBatchMaxChoices / config.k_max);  // capped by the op's 512 choices
+              kSmallBatchMaxChoices / config.moe.top_k);  // capped by the op's 512 choices
   }
   for (const char* bad : {"-1", "abc", "12x", " 3"}) {
     ScopedEnvironment set("SWITCHYARD_SMALL_BATCH_TOKENS", bad);
@@ -406,7 +406,7 @@ TEST(MoeLayerSmallBatchCudaEnvironment, ThresholdComesFromTheEnvironment) {
   odd.d_model = 60;  // not a multiple of 8: the op does not take it, the layer keeps the padded path
   EXPECT_EQ(MoeLayer(odd, DeviceKind::cuda, DType::bf16, 96).small_batch_tokens(), 0);
   MoeLayerConfig dense = config;
-  dense.compute_mode = MoeComputeMode::dense;
+  dense.moe.compute_mode = ExpertComputeMode::dense;
   EXPECT_EQ(MoeLayer(dense, DeviceKind::cuda, DType::bf16, 96).small_batch_tokens(), 0);
   EXPECT_EQ(MoeLayer(config, DeviceKind::cpu, DType::f32, 96).small_batch_tokens(), 0);
 }
@@ -417,7 +417,7 @@ TEST(MoeLayerSmallBatchCudaGraph, CapturedForwardReplaysTheEagerForward) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
   for (int alignment : {128, 16}) {
     MoeLayerConfig config = layer_config(ExpertActivation::swiglu, 2, false);
-    config.segment_alignment = alignment;
+    config.moe.segment_alignment = alignment;
     LayerWeights weights(config, 77);
     ScopedEnvironment set("SWITCHYARD_SMALL_BATCH_TOKENS", "64");  // 24 tokens take the path
     MoeLayer layer(config, DeviceKind::cuda, DType::bf16, 64);
@@ -464,11 +464,12 @@ TEST(MoeLayerSmallBatchCudaTiming, PrintsGraphLatencyOfBothPaths) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
   MoeLayerConfig config;
   config.d_model = 768;
-  config.expert_d_ff = 3072;
-  config.num_experts = 32;
-  config.k_max = config.k_min = 1;
-  config.dropless = true;
-  config.segment_alignment = 128;
+  config.moe.expert_d_ff = 3072;
+  config.moe.num_experts = 32;
+  config.moe.top_k = config.moe.k_min = 1;
+  config.moe.renormalize_gates = false;
+  config.moe.dropless = true;
+  config.moe.segment_alignment = 128;
   HostTensor block(DType::bf16, {int64_t(1) << 20});
   std::mt19937_64 generator(1234);
   fill_normal(block, generator, 0.0, 0.03);
