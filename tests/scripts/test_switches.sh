@@ -9,6 +9,10 @@
 # Usage: test_switches.sh SWITCHYARD_BINARY SOURCE_DIR [MPIEXEC]
 set -u
 source "$(dirname "$0")/lib.sh"
+# The checks below set what they need; switches left in the caller's environment would blur them.
+unset SWITCHYARD_ATTENTION SWITCHYARD_GROUPED_GEMM SWITCHYARD_FUSED_ACTIVATION SWITCHYARD_SM90_GEMM \
+  SWITCHYARD_SM90_STORE SWITCHYARD_SM90_SCHEDULE SWITCHYARD_SM90_MULTICAST SWITCHYARD_SM90_SKIP_PADDING \
+  SWITCHYARD_NCCL_BLOCKING SWITCHYARD_SMALL_BATCH_TOKENS
 
 awk 'BEGIN { srand(3); for (i = 0; i < 4000; i++) printf "%c%s", 97 + int(rand() * 12), (rand() < 0.2 ? " " : "") }' \
   >"$work/corpus.txt"
@@ -57,8 +61,8 @@ else
 fi
 
 # Under mpirun every rank stops the same way, and so does the job.
-timeout 120 env SWITCHYARD_SM90_GEMM=bogus "${mpi[@]}" -x SWITCHYARD_SM90_GEMM "$binary" train "$config" "${common[@]}" \
-  --set "logging.run_dir=$work/mpi" --dry-run >"$work/mpi.log" 2>&1
+timeout 120 env SWITCHYARD_SM90_GEMM=bogus "${mpi[@]}" -x SWITCHYARD_SM90_GEMM "$binary" train "$config" \
+  "${common[@]}" --set "logging.run_dir=$work/mpi" --dry-run >"$work/mpi.log" 2>&1
 status=$?
 if [ "$status" -eq 2 ] && grep -q "switchyard: error: .*SWITCHYARD_SM90_GEMM" "$work/mpi.log"; then
   echo "ok: under ${mpi[*]:0:3}: exit 2"
