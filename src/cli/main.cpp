@@ -13,6 +13,7 @@
 #include "src/comm/bootstrap.h"
 #include "src/cli/commands.h"
 #include "src/core/error.h"
+#include "src/core/switches.h"
 
 #ifndef SWITCHYARD_VERSION
 #define SWITCHYARD_VERSION "0.1.0"
@@ -98,6 +99,9 @@ int dispatch(int argc, char** argv) {
   if (!first.empty() && first[0] == '-') return unknown("option", first);
   const Command* command = find_command(first);
   if (!command) return unknown("command", first);
+  // The SWITCHYARD_* switches, parsed once now: a bad value ends the run here (exit 2, naming the
+  // variable), not at the first kernel that reads it.
+  switchyard::switches();
   return command->run(argc - 1, argv + 1);  // argv[0] becomes the command name
 }
 

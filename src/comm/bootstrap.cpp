@@ -290,6 +290,8 @@ int run_guarded(const std::function<int()>& body) {
 }
 
 void inject_fault_point(const char* point) {
+  // Read here at each point, not parsed into switches() at start-up: a per-call test hook that
+  // tests change between calls (src/core/switches.h says why).
   const char* spec = environment_value("SWITCHYARD_INJECT_FAULT");
   if (!spec) return;
   std::vector<std::string> fields;

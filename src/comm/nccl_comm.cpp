@@ -19,8 +19,8 @@
 #include "src/comm/bootstrap.h"
 #include "src/comm/mpi_comm.h"
 #include "src/core/cuda_check.h"
-#include "src/core/environment.h"
 #include "src/core/mpi_check.h"
+#include "src/core/switches.h"
 
 namespace switchyard {
 
@@ -43,11 +43,6 @@ ncclDataType_t nccl_datatype(DType dtype) {
 
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
-// SWITCHYARD_NCCL_BLOCKING: unset or "1" -> blocking communicators (the default), "0" -> non-blocking.
-bool blocking_from_environment() {
-  return choice_from_environment<bool>("SWITCHYARD_NCCL_BLOCKING", {{"1", true}, {"0", false}});
 }
 
 // Host calls into a blocking communicator that may wait on peers (creation, connection set-up,
@@ -167,8 +162,8 @@ NcclCommunicator::NcclCommunicator(MPI_Comm group, std::string name, double time
     // a 1 MiB all-to-all 26 us instead of 100 us). Connections are made now, not at first use
     // (NCCL_RUNTIME_CONNECT=0 unless the user set it, plus the warm-up below), so later host
     // calls never wait on a peer; the calls that can (this creation, finalize) run under the
-    // host-call watchdog.
-    state_->blocking = blocking_from_environment();
+    // host-call watchdog. SWITCHYARD_NCCL_BLOCKING=0 (switches().nccl_blocking) makes them non-blocking.
+    state_->blocking = switches().nccl_blocking;
     config.blocking = state_->blocking ? 1 : 0;
     if (state_->blocking) setenv("NCCL_RUNTIME_CONNECT", "0", /*overwrite=*/0);
     config.commName = name_.c_str();

@@ -13,6 +13,7 @@
 
 #include "src/core/error.h"
 #include "src/comm/parallel_layout.h"
+#include "src/core/switches.h"
 #include "src/core/timing.h"
 #include "src/model/routing_observer.h"
 #include "src/train/checkpoint_signals.h"
@@ -460,6 +461,8 @@ void Trainer::run() {
     if (options_.device == DeviceKind::cpu && config.model.compute_dtype != DType::f32)
       *log << "switchyard train: model.compute_dtype = " << compute_dtype_name(config.model.compute_dtype)
            << " applies to CUDA; the CPU backend computes in fp32\n";
+    *log << "switchyard train: " << describe_switches()
+         << (options_.device == DeviceKind::cpu ? " (CUDA only: the CPU backend uses none)" : "") << "\n";
     *log << "switchyard train: checkpoints "
          << (config.checkpoint.every > 0 ? "every " + std::to_string(config.checkpoint.every) + " steps and " : "")
          << "at the end -> " << config.checkpoint.dir << " (keeping "

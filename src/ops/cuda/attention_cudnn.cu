@@ -15,7 +15,6 @@
 #include "src/ops/cuda/attention_cudnn.h"
 
 #include <cstdio>
-#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -29,7 +28,6 @@ namespace switchyard {
 namespace {
 
 using namespace cuda_detail;
-using cuda::AttentionPath;
 using sdpa::BuiltPlan;
 using sdpa::Direction;
 using sdpa::GraphSpec;
@@ -39,17 +37,6 @@ constexpr int kScratchCudnnAttention = 0x53445041;  // persistent_scratch tag ("
 int64_t align256(int64_t bytes) { return (bytes + 255) / 256 * 256; }
 
 // ---- Path -----------------------------------------------------------------------------------
-
-struct PathState {
-  std::mutex mutex;
-  bool initialized = false;
-  AttentionPath path = AttentionPath::automatic;
-};
-
-PathState& path_state() {
-  static PathState* state = new PathState();
-  return *state;
-}
 
 bool path_requires_cudnn(AttentionPath path) {
   return path == AttentionPath::cudnn || path == AttentionPath::cudnn_nondeterministic;
@@ -271,41 +258,11 @@ std::vector<void*> thirds(const Tensor& packed, const AttentionShape& shape) {
 
 namespace cuda {
 
-AttentionPath parse_attention_path(const std::string& text) {
-  if (text.empty() || text == "auto") return AttentionPath::automatic;
-  if (text == "cudnn") return AttentionPath::cudnn;
-  if (text == "cudnn-nondeterministic") return AttentionPath::cudnn_nondeterministic;
-  if (text == "cublas") return AttentionPath::cublas;
-  SY_BAD_INPUT("SWITCHYARD_ATTENTION='", text, "' is not one of auto, cudnn, cudnn-nondeterministic, cublas");
-}
+AttentionPath parse_attention_path(const std::string& text) { return attention_path_from_text(text); }
 
-const char* attention_path_name(AttentionPath path) {
-  switch (path) {
-    case AttentionPath::automatic: return "auto";
-    case AttentionPath::cudnn: return "cudnn";
-    case AttentionPath::cudnn_nondeterministic: return "cudnn-nondeterministic";
-    case AttentionPath::cublas: return "cublas";
-  }
-  return "?";
-}
+const char* attention_path_name(AttentionPath path) { return switch_text(path); }
 
-AttentionPath attention_path() {
-  PathState& state = path_state();
-  std::lock_guard<std::mutex> lock(state.mutex);
-  if (!state.initialized) {
-    const char* value = std::getenv("SWITCHYARD_ATTENTION");
-    state.path = parse_attention_path(value ? value : "");
-    state.initialized = true;
-  }
-  return state.path;
-}
-
-void set_attention_path(AttentionPath path) {
-  PathState& state = path_state();
-  std::lock_guard<std::mutex> lock(state.mutex);
-  state.path = path;
-  state.initialized = true;
-}
+AttentionPath attention_path() { return switches().attention; }
 
 CudnnAttentionProbe probe_cudnn_attention(const AttentionShape& shape, DType dtype, bool deterministic,
                                           void* stream) {

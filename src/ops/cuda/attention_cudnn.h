@@ -9,7 +9,8 @@
 // out, softmax_stats (row logsumexp of the scaled scores, fp32 [B, H, S]) and grad_qkv, with fp32
 // accumulation and the probabilities / dS rounded to the activation type before the second GEMMs.
 //
-// Path (environment variable SWITCHYARD_ATTENTION, read once; set_attention_path overrides it):
+// Path (SWITCHYARD_ATTENTION, parsed at start-up into switches().attention, src/core/switches.h;
+// tests pick one with ScopedSwitches):
 //   auto (default, or unset)  cuDNN where supported, else the fallback; a plan that fails to build
 //                             falls back with a one-time warning per shape
 //   cudnn                     cuDNN or an error (bad input if the call is outside what cuDNN
@@ -25,19 +26,19 @@
 #include <string>
 
 #include "src/ops/model_ops.h"
+#include "src/core/switches.h"
 
 namespace switchyard {
 namespace cuda {
 
-enum class AttentionPath { automatic, cudnn, cudnn_nondeterministic, cublas };
+using switchyard::AttentionPath;  // automatic | cudnn | cudnn_nondeterministic | cublas
 
 // "auto", "cudnn", "cudnn-nondeterministic", "cublas" (an empty string is auto); anything else is
 // bad input naming the accepted values.
 AttentionPath parse_attention_path(const std::string& text);
 const char* attention_path_name(AttentionPath path);
-// The process-wide path: SWITCHYARD_ATTENTION on first use unless set_attention_path ran first.
+// The process-wide path: switches().attention.
 AttentionPath attention_path();
-void set_attention_path(AttentionPath path);
 
 // What the fused path can do for one shape and dtype, with the backward graph of `deterministic`.
 struct CudnnAttentionProbe {

@@ -25,30 +25,23 @@
 #include "src/ops/cuda/cuda_common.cuh"
 #include "src/ops/cuda/sm90/grouped_gemm_sm90.h"
 #include "src/ops/moe_ops.h"
-#include "src/core/environment.h"
+#include "src/core/switches.h"
 
 namespace switchyard {
 namespace {
 
-// The sm_90a kernels need 128-row segments; SWITCHYARD_GROUPED_GEMM=cublas forces the cuBLAS loop
-// (for comparison in benchmarks).
+// The sm_90a kernels need 128-row segments; SWITCHYARD_GROUPED_GEMM=cublas (switches().grouped_gemm)
+// forces the cuBLAS loop (for comparison in benchmarks).
 bool use_sm90(int segment_alignment) {
-  static const bool forced_cublas =
-      choice_from_environment<bool>("SWITCHYARD_GROUPED_GEMM", {{"auto", false}, {"cublas", true}});
-  return !forced_cublas && segment_alignment > 0 && segment_alignment % cuda::sm90::kRowAlignment == 0;
-}
-
-// SWITCHYARD_FUSED_ACTIVATION: unset or 1 fuses the activation into the grouped GEMMs where the
-// sm_90a kernels run; 0 keeps the separate activation kernels.
-bool fused_activation_allowed() {
-  static const bool allowed = choice_from_environment<bool>("SWITCHYARD_FUSED_ACTIVATION", {{"1", true}, {"0", false}});
-  return allowed;
+  return switches().grouped_gemm == GroupedGemmPath::automatic && segment_alignment > 0 &&
+         segment_alignment % cuda::sm90::kRowAlignment == 0;
 }
 
 // Whether the fused epilogues may run for this alignment (the problem itself is checked by the
-// sm90 *_supported functions).
+// sm90 *_supported functions). SWITCHYARD_FUSED_ACTIVATION=0 (switches().fused_activation) keeps
+// the separate activation kernels.
 bool fusion_enabled(int segment_alignment) {
-  return fused_activation_allowed() && use_sm90(segment_alignment) &&
+  return switches().fused_activation && use_sm90(segment_alignment) &&
          cuda::sm90::default_options().variant == cuda::sm90::Variant::pipelined;
 }
 
@@ -88,7 +81,7 @@ std::vector<int32_t> host_offsets(const char* op, const Tensor& expert_offsets, 
   return offsets;
 }
 
-// The sm_90a kernels' options from the environment, with the layout's padding marks (if any).
+// The sm_90a kernels' options from the switches, with the layout's padding marks (if any).
 cuda::sm90::Options sm90_options(const Tensor* row_tokens, int64_t rows) {
   cuda::sm90::Options options = cuda::sm90::default_options();
   if (row_tokens != nullptr && options.skip_padding) {

@@ -31,14 +31,18 @@ namespace {
 
 double tolerance_for(DType dtype) { return dtype == DType::f16 ? 5e-3 : 1e-2; }
 
-// Sets the process-wide attention path for one scope.
+// Sets the process-wide attention path (switches().attention) for one scope.
 class PathGuard {
  public:
-  explicit PathGuard(AttentionPath path) : saved_(cuda::attention_path()) { cuda::set_attention_path(path); }
-  ~PathGuard() { cuda::set_attention_path(saved_); }
+  explicit PathGuard(AttentionPath path) : scope_(with_path(path)) {}
 
  private:
-  AttentionPath saved_;
+  static Switches with_path(AttentionPath path) {
+    Switches chosen = switches();
+    chosen.attention = path;
+    return chosen;
+  }
+  ScopedSwitches scope_;
 };
 
 HostTensor random_input(DType dtype, std::initializer_list<int64_t> dims, std::mt19937_64& rng, double scale) {

@@ -12,7 +12,7 @@
 
 #include "src/ops/cuda/sm90/grouped_gemm_sm90_common.cuh"
 #include "src/core/cuda_check.h"
-#include "src/core/environment.h"
+#include "src/core/switches.h"
 
 namespace switchyard {
 namespace cuda {
@@ -147,20 +147,13 @@ bool uses_pingpong(const Options& options, Epilogue epilogue, int k_blocks) {
 }  // namespace detail
 
 Options default_options() {
-  static const Options options = [] {
-    Options parsed;
-    parsed.variant = choice_from_environment<Variant>("SWITCHYARD_SM90_GEMM",
-                                                      {{"pipelined", Variant::pipelined}, {"basic", Variant::basic}});
-    parsed.store = choice_from_environment<Store>(
-        "SWITCHYARD_SM90_STORE", {{"warps", Store::warps}, {"tma", Store::tma}, {"direct", Store::direct}});
-    parsed.schedule = choice_from_environment<Schedule>(
-        "SWITCHYARD_SM90_SCHEDULE",
-        {{"auto", Schedule::automatic}, {"cooperative", Schedule::cooperative}, {"pingpong", Schedule::pingpong}});
-    parsed.multicast = choice_from_environment<Multicast>(
-        "SWITCHYARD_SM90_MULTICAST", {{"auto", Multicast::automatic}, {"off", Multicast::off}, {"pair", Multicast::pair}});
-    parsed.skip_padding = choice_from_environment<bool>("SWITCHYARD_SM90_SKIP_PADDING", {{"1", true}, {"0", false}});
-    return parsed;
-  }();
+  const Switches& active = switches();
+  Options options;
+  options.variant = active.sm90_gemm;
+  options.store = active.sm90_store;
+  options.schedule = active.sm90_schedule;
+  options.multicast = active.sm90_multicast;
+  options.skip_padding = active.sm90_skip_padding;
   return options;
 }
 

@@ -30,7 +30,7 @@
 //              run wgmma; 128x256 or 128x128 tiles, 4-6 stages, epilogue through shared memory
 //              (stores below).
 //   basic      one CTA per output tile, all warps consume, thread 0 refills a 4-stage ring.
-// The environment variable SWITCHYARD_SM90_GEMM=basic|pipelined picks the default (pipelined).
+// SWITCHYARD_SM90_GEMM=pipelined|basic picks the default (pipelined; src/core/switches.h).
 //
 // Epilogue stores (pipelined variant), Options::store:
 //   direct  fragments -> shared staging -> st.global by every consumer thread (forward: 16-byte
@@ -46,12 +46,13 @@
 //           of the producer warpgroup copy it out with 16-byte st.global, so the TMA unit only
 //           loads (H100, E32 D768 F3072: 144/146 vs 149/151 us at 8192 tokens, 638-640 vs
 //           652-660 us at 65,536). The forward kernels store as with tma.
-// SWITCHYARD_SM90_STORE=warps|tma|direct picks the default (warps).
+// SWITCHYARD_SM90_STORE=warps|tma|direct picks the default (warps; src/core/switches.h).
 #pragma once
 
 #include <cstdint>
 
 #include "src/ops/moe_ops.h"  // ExpertActivation
+#include "src/core/switches.h"
 #include "src/core/tensor.h"
 
 namespace switchyard {
@@ -63,9 +64,10 @@ constexpr int kRowAlignment = 128;
 // K, N (forward) and M, N (weight grad) must be multiples of this.
 constexpr int kDimAlignment = 64;
 
-enum class Variant : uint8_t { pipelined, basic };
-
-enum class Store : uint8_t { tma, direct, warps };
+// The enums of Options are those of the SWITCHYARD_SM90_* switches (src/core/switches.h), which
+// pick default_options(); what their values do is told above and below.
+using Variant = Sm90Variant;  // pipelined | basic
+using Store = Sm90Store;      // tma | direct | warps
 
 // Work split of the pipelined forward kernels between the two consumer warpgroups:
 //   cooperative  both compute halves (64 rows each) of one 128 x block_n tile, then both run its
@@ -75,14 +77,14 @@ enum class Store : uint8_t { tma, direct, warps };
 //                activations) and the reduction short.
 //   automatic    pingpong for the fused activation epilogues (except swiglu_backward, which would
 //                spill) over short reductions (K <= 1024), cooperative otherwise.
-enum class Schedule : uint8_t { automatic, cooperative, pingpong };
+using Schedule = Sm90Schedule;
 
 // Weight grad (staged stores: tma or warps): CTAs in clusters of two that compute neighbouring n-tiles of the
 // same (expert, m-tile) and share the A^T tile, each loading half of it by TMA multicast into both
 // (a quarter less L2 -> SM traffic, which bounds the fp32 weight grad at short segments).
 //   automatic  pairs where the n-tiles pair up evenly; off: one CTA per tile; pair: always (an odd
 //              last n-tile's partner CTA computes nothing it stores).
-enum class Multicast : uint8_t { automatic, off, pair };
+using Multicast = Sm90Multicast;
 
 struct Options {
   Variant variant = Variant::pipelined;
@@ -103,11 +105,9 @@ struct Options {
   bool skip_padding = true;
 };
 
-// Options from the environment: SWITCHYARD_SM90_GEMM=basic|pipelined (unset: pipelined),
-// SWITCHYARD_SM90_STORE=warps|tma|direct (unset: warps), SWITCHYARD_SM90_SKIP_PADDING=1|0 (unset: 1)
-// and SWITCHYARD_SM90_SCHEDULE=auto|cooperative|pingpong
-// (unset: auto), SWITCHYARD_SM90_MULTICAST=auto|off|pair (unset: auto). Throws a bad-input Error for
-// other values.
+// Options from the switches (src/core/switches.h, parsed at start-up): variant, store, schedule,
+// multicast and skip_padding from SWITCHYARD_SM90_GEMM, _STORE, _SCHEDULE, _MULTICAST and
+// _SKIP_PADDING; the rest as Options{}. Cheap: a few field reads per call.
 Options default_options();
 
 // True when the current CUDA device is compute capability 9.0 and this build carries sm_90a code.
