@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "src/comm/parallel_layout.h"
 #include "src/comm/bootstrap.h"
 #include "src/comm/expert_dispatch.h"
 #include "src/comm/nvlink_exchange.h"
@@ -35,6 +36,7 @@
 #include "src/cli/bench_ep_options.h"
 #include "src/ops/ops.h"
 #include "src/cli/commands.h"
+#include "src/core/switches.h"
 #include "src/core/device.h"
 #include "src/core/mpi_check.h"
 #include "src/core/timing.h"
@@ -304,10 +306,10 @@ void set_up_bench_ep(const BenchEpOptions& options, BenchEpSetup& setup) {
   if (use_cuda) context = bootstrap_process(DeviceKind::cuda);
   context.device = use_cuda ? DeviceKind::cuda : DeviceKind::cpu;
   const int ep_size = options.ep_size == 0 ? context.world_size : int(options.ep_size);
-  SY_CHECK_INPUT(ep_size >= 1 && context.world_size % ep_size == 0, "bench ep: --ep-size ", ep_size,
-                 " must divide the world size ", context.world_size);
+  // The same rules as a training run's parallel.ep_size (--ep-size plays its part here).
+  const ParallelLayout layout(context.world_size, ep_size, int(options.experts_per_rank) * ep_size);
   setup.ep_size = ep_size;
-  setup.groups = create_parallel_groups(context, ep_size, options.timeout_s);
+  setup.groups = create_parallel_groups(context, layout, options.timeout_s);
 
   EpBenchSettings& settings = setup.settings;
   settings.iterations = options.iterations;
@@ -401,6 +403,7 @@ void report_header(const BenchEpSetup& setup, const BenchEpOptions& options) {
               (long long)options.d_model, (long long)options.d_ff, settings.config.moe.num_experts,
               (long long)options.experts_per_rank, (long long)options.top_k, options.activation.c_str(),
               capacity.str().c_str(), settings.chunks, settings.iterations);
+  std::printf("# %s\n", describe_switches().c_str());
 }
 
 // The fields every record starts with: the run's shape.

@@ -19,6 +19,7 @@
 #include "src/cli/bench_moe_modes.h"
 #include "src/cli/bench_moe_options.h"
 #include "src/cli/commands.h"
+#include "src/core/switches.h"
 #include "src/core/device.h"
 #include "src/core/timing.h"
 #include "src/model/moe_layer.h"
@@ -278,6 +279,7 @@ int command_bench_moe(int argc, char** argv) {
   const std::optional<BenchMoeOptions> options = parse_bench_moe_options(argc, argv);
   if (!options) return kExitOk;  // --help
   const BenchSettings settings = set_up_bench_moe(*options);
+  std::printf("%s\n", describe_switches().c_str());
   std::vector<Record> records;
   if (options->wants("seed")) report_seed(settings, time_seed(settings, options->quick), records);
   if (options->wants("dense-mode")) report_dense_mode(time_dense_mode(settings, options->quick), records);

@@ -1,5 +1,6 @@
 // Expert dispatch and combine (src/comm/expert_dispatch.h).
 #include "src/comm/expert_dispatch.h"
+#include "src/comm/parallel_layout.h"
 #include "src/ops/ep_nvlink_ops.h"
 
 #include <algorithm>
@@ -119,8 +120,8 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
            device_kind_name(communicator_->device()), ", the layer on ", device_kind_name(device));
   ranks_ = communicator_->size();
   rank_ = communicator_->rank();
-  SY_CHECK_INPUT(num_experts >= 1 && num_experts % ranks_ == 0, "moe.num_experts (", num_experts,
-                 ") must be a positive multiple of parallel.ep_size (", ranks_, ")");
+  SY_CHECK_INPUT(num_experts >= 1, "moe.num_experts must be >= 1, got ", num_experts);
+  ParallelLayout::check(ranks_, ranks_, num_experts);  // the group is one expert-parallel group
   SY_CHECK_INPUT(segment_alignment >= 1, "ExpertDispatcher: segment_alignment must be >= 1, got ", segment_alignment);
   SY_CHECK_INPUT(chunks >= 1, "parallel.a2a_chunks must be >= 1, got ", chunks);
   num_experts_ = num_experts;

@@ -3,34 +3,18 @@
 #include "src/model/moe_shape_checks.h"
 
 #include <algorithm>
-#include <cctype>
-#include <cerrno>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <string>
 
 #include "src/ops/small_batch_ops.h"
-#include "src/core/environment.h"
+#include "src/core/switches.h"
 
 namespace switchyard {
 
 namespace {
 
 bool is_host_reference_dtype(DType dtype) { return dtype == DType::f32 || dtype == DType::f64; }
-
-// SWITCHYARD_SMALL_BATCH_TOKENS: unset or empty -> kDefaultSmallBatchTokens; else a non-negative
-// decimal integer (0 turns the small-batch path off).
-int64_t small_batch_threshold_from_environment() {
-  const char* value = environment_value("SWITCHYARD_SMALL_BATCH_TOKENS");
-  if (value == nullptr) return kDefaultSmallBatchTokens;
-  char* end = nullptr;
-  errno = 0;
-  const long long parsed = std::strtoll(value, &end, 10);
-  SY_CHECK_INPUT(std::isdigit(static_cast<unsigned char>(value[0])) && errno == 0 && *end == '\0' && parsed >= 0,
-                 "SWITCHYARD_SMALL_BATCH_TOKENS must be a non-negative integer (0 = off), got '", value, "'");
-  return int64_t(parsed);
-}
 
 }  // namespace
 
@@ -66,7 +50,7 @@ MoeLayer::MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activa
   hidden_post_ = Buffer(device, rows * size_t(config_.moe.expert_d_ff) * activation_size);
   expert_out_ = Buffer(device, rows * size_t(d_model) * activation_size);
   if (device == DeviceKind::cuda && config_.moe.compute_mode == ExpertComputeMode::sparse) {
-    const int64_t threshold = std::min({small_batch_threshold_from_environment(), max_tokens,
+    const int64_t threshold = std::min({switches().small_batch_tokens, max_tokens,
                                         kSmallBatchMaxChoices / int64_t(config_.moe.top_k)});
     if (threshold >= 1 && small_batch_supported(activation_dtype_, threshold, config_.moe.top_k, config_.moe.num_experts,
                                                 d_model, config_.moe.expert_d_ff)) {

@@ -53,9 +53,9 @@
 // 4 kernels in all, no host sync. Results equal the padded path's to bf16 accuracy (the same
 // rounding points; only the summation order inside the expert products differs). After such a
 // forward rows() is 0 and dispatch_map() is empty (no expert-row layout exists); routing(),
-// logits() and the losses are as usual. The threshold is kDefaultSmallBatchTokens (8), or the
-// environment variable SWITCHYARD_SMALL_BATCH_TOKENS (a non-negative integer; 0 turns the path
-// off) read when the layer is constructed, capped by max_tokens and by 512 / k_max choices; it
+// logits() and the losses are as usual. The threshold is switches().small_batch_tokens
+// (SWITCHYARD_SMALL_BATCH_TOKENS, default kDefaultSmallBatchTokens = 8; 0 turns the path off)
+// read when the layer is constructed, capped by max_tokens and by 512 / k_max choices; it
 // is 0 where the CUDA op does not take the layer (small_batch_supported: bf16/f16, D and F
 // multiples of 8, E <= 1024). Its workspace is allocated at construction.
 //
@@ -78,15 +78,17 @@
 #include <vector>
 
 #include "src/core/device.h"
+#include "src/core/switches.h"
 #include "src/model/moe_router.h"
 #include "src/ops/ops.h"
 
 namespace switchyard {
 
-// Default token threshold of the small-batch inference path (see the top comment).
+// Default token threshold of the small-batch inference path (see the top comment; the switch
+// SWITCHYARD_SMALL_BATCH_TOKENS, src/core/switches.h, overrides it).
 // Measured on an H100 (d768, F3072, E32 top-1, graph replay): the small-batch path wins up to 8
 // tokens (1: 36 vs 51 us, 8: 65 vs 69 us) and loses from 12 on (32: 178 vs 125 us).
-constexpr int64_t kDefaultSmallBatchTokens = 8;
+constexpr int64_t kDefaultSmallBatchTokens = Switches{}.small_batch_tokens;
 
 class MoeLayer {
  public:

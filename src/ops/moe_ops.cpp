@@ -33,7 +33,8 @@ int64_t unchecked_padded_rows_upper_bound(const RoutingParams& params) {
 void validate_routing_params(const RoutingParams& params) {
   SY_CHECK_INPUT(params.num_tokens >= 0, "routing: num_tokens must be >= 0, got ", params.num_tokens);
   SY_CHECK_INPUT(params.num_experts >= 1, "routing: num_experts must be >= 1, got ", params.num_experts);
-  SY_CHECK_INPUT(params.k_max >= 1 && params.k_max <= 8, "routing: k_max must be in [1, 8], got ", params.k_max);
+  SY_CHECK_INPUT(params.k_max >= 1 && params.k_max <= kMaxTopK, "routing: k_max must be in [1, ", kMaxTopK, "], got ",
+                 params.k_max);
   SY_CHECK_INPUT(params.k_max <= params.num_experts, "routing: k_max (", params.k_max,
                  ") must not exceed num_experts (", params.num_experts, ")");
   if (params.complexity != ComplexityMode::none)

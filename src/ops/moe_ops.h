@@ -43,8 +43,9 @@ enum class ExpertActivation : uint8_t { gelu_tanh, swiglu };
 //  * kMaxTopK: choices per token, both backends (validate_routing_params; the CUDA kernels keep a
 //    token's choices in registers sized for it).
 //  * kCudaMaxExperts: experts per layer the CUDA router takes, one token's logits over at most 16
-//    lanes of 16 registers. The kernels' own constant (kMaxRouteExperts, src/ops/cuda/
-//    cuda_common.cuh) must equal it. The CPU backend has no limit of its own.
+//    lanes of 16 registers. The CPU backend has no limit of its own.
+// The kernels' own constants (kMaxRouteExperts in src/ops/cuda/cuda_common.cuh, kMaxChoices in the
+// row-move kernels) are defined from these.
 inline constexpr int kMaxTopK = 8;
 inline constexpr int kCudaMaxExperts = 256;
 

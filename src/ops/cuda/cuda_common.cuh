@@ -33,6 +33,7 @@
 #include "src/core/cuda_check.h"
 #include "src/core/device.h"
 #include "src/core/tensor.h"
+#include "src/ops/moe_ops.h"
 
 namespace switchyard {
 namespace cuda_detail {
@@ -481,7 +482,7 @@ __device__ __forceinline__ void grid_barrier(unsigned* arrivals, unsigned target
 // (lane m of the group holds experts [m * kPerLane, (m + 1) * kPerLane)); 32 / kGroup tokens per
 // warp pass. 16 logits per lane where E allows: fewer lanes per token means fewer shuffle rounds.
 
-constexpr int kMaxRouteExperts = 256;
+constexpr int kMaxRouteExperts = kCudaMaxExperts;  // src/ops/moe_ops.h: the config checks it too
 
 template <int kGroup, int kPerLane>
 struct LaneLayout {

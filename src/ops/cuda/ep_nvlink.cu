@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) zero_padding_kernel(Unit* padded, in
 // One warp per token; lane j < k finds its choice's peer row, the warp shares the addresses, and
 // weighted_row_gather (cuda_common.cuh) issues all of a lane's peer loads before it uses any
 // (kChoices = K rounded up to 1, 2, 4 or 8: the register arrays are sized by it).
-constexpr int kMaxChoices = 8;
+constexpr int kMaxChoices = kMaxTopK;  // src/ops/moe_ops.h
 
 template <typename T, int kElems, int kChoices>
 __global__ void __launch_bounds__(kThreads)

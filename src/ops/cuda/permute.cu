@@ -34,7 +34,7 @@ using namespace cuda_detail;
 
 constexpr int kWarpsPerBlock = 8;
 constexpr int kThreads = kWarpsPerBlock * 32;
-constexpr int kMaxChoices = 8;
+constexpr int kMaxChoices = kMaxTopK;  // src/ops/moe_ops.h
 // Row pieces (16-byte packs) a lane loads before it uses any: a row of D = 768 bf16 is 3 per lane,
 // so one batch issues all of a row's loads at once instead of one dependent round trip each.
 constexpr int kBatch = 4;

@@ -22,7 +22,7 @@ namespace {
 
 using namespace cuda_detail;
 
-constexpr int kMaxChoices = 8;
+constexpr int kMaxChoices = kMaxTopK;  // src/ops/moe_ops.h
 constexpr int kThreads = 256;
 
 struct RouteBackwardArgs {

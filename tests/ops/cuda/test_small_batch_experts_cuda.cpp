@@ -17,11 +17,13 @@
 #include <iostream>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "src/ops/small_batch_ops.h"
+#include "src/core/switches.h"
 #include "src/core/timing.h"
 #include "src/model/moe_layer.h"
 #include "src/model/moe_stream.h"
@@ -229,25 +231,19 @@ TEST(SmallBatchExpertsCudaChecks, RejectsWhatItCannotRun) {
 
 // ---- the MoE layer ----------------------------------------------------------------------------
 
-// Sets an environment variable for one scope and restores the previous state.
-class ScopedEnvironment {
+// Sets the small-batch threshold (SWITCHYARD_SMALL_BATCH_TOKENS, src/core/switches.h) for one
+// scope; nullopt: its default.
+class ScopedSmallBatchTokens {
  public:
-  ScopedEnvironment(const char* name, const char* value) : name_(name) {
-    const char* old = std::getenv(name);
-    had_ = old != nullptr;
-    if (had_) old_ = old;
-    if (value) ::setenv(name, value, 1);
-    else ::unsetenv(name);
-  }
-  ~ScopedEnvironment() {
-    if (had_) ::setenv(name_, old_.c_str(), 1);
-    else ::unsetenv(name_);
-  }
+  explicit ScopedSmallBatchTokens(std::optional<int64_t> tokens) : scope_(with_tokens(tokens)) {}
 
  private:
-  const char* name_;
-  bool had_ = false;
-  std::string old_;
+  static Switches with_tokens(std::optional<int64_t> tokens) {
+    Switches values = switches();
+    values.small_batch_tokens = tokens.value_or(Switches{}.small_batch_tokens);
+    return values;
+  }
+  ScopedSwitches scope_;
 };
 
 MoeLayerConfig layer_config(ExpertActivation activation, int k, bool dropless) {
@@ -309,11 +305,11 @@ TEST_P(MoeLayerSmallBatchCuda, InferenceForwardEqualsThePaddedForward) {
   const int64_t max_tokens = 96, d = config.d_model;
   std::unique_ptr<MoeLayer> small, padded;
   {
-    ScopedEnvironment unset("SWITCHYARD_SMALL_BATCH_TOKENS", nullptr);
+    ScopedSmallBatchTokens unset(std::nullopt);
     small = std::make_unique<MoeLayer>(config, DeviceKind::cuda, DType::bf16, max_tokens);
   }
   {
-    ScopedEnvironment off("SWITCHYARD_SMALL_BATCH_TOKENS", "0");
+    ScopedSmallBatchTokens off(0);
     padded = std::make_unique<MoeLayer>(config, DeviceKind::cuda, DType::bf16, max_tokens);
   }
   EXPECT_EQ(small->small_batch_tokens(), kDefaultSmallBatchTokens);
@@ -379,29 +375,22 @@ INSTANTIATE_TEST_SUITE_P(Configs, MoeLayerSmallBatchCuda,
                                            LayerCase{"gelu_top8_drops", ExpertActivation::gelu_tanh, 8, false}),
                          [](const ::testing::TestParamInfo<LayerCase>& info) { return std::string(info.param.name); });
 
-TEST(MoeLayerSmallBatchCudaEnvironment, ThresholdComesFromTheEnvironment) {
+TEST(MoeLayerSmallBatchCudaEnvironment, ThresholdComesFromTheSwitches) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
   MoeLayerConfig config = layer_config(ExpertActivation::gelu_tanh, 2, true);
   {
-    ScopedEnvironment set("SWITCHYARD_SMALL_BATCH_TOKENS", "16");
+    ScopedSmallBatchTokens set(16);
     EXPECT_EQ(MoeLayer(config, DeviceKind::cuda, DType::bf16, 96).small_batch_tokens(), 16);
     EXPECT_EQ(MoeLayer(config, DeviceKind::cuda, DType::bf16, 8).small_batch_tokens(), 8);  // capped by max_tokens
   }
   {
-    ScopedEnvironment set("SWITCHYARD_SMALL_BATCH_TOKENS", "100000");
+    ScopedSmallBatchTokens set(100000);
     EXPECT_EQ(MoeLayer(config, DeviceKind::cuda, DType::bf16, 1000).small_batch_tokens(),
               kSmallBatchMaxChoices / config.moe.top_k);  // capped by the op's 512 choices
   }
-  for (const char* bad : {"-1", "abc", "12x", " 3"}) {
-    ScopedEnvironment set("SWITCHYARD_SMALL_BATCH_TOKENS", bad);
-    try {
-      MoeLayer layer(config, DeviceKind::cuda, DType::bf16, 96);
-      ADD_FAILURE() << "accepted SWITCHYARD_SMALL_BATCH_TOKENS=" << bad;
-    } catch (const Error& error) {
-      EXPECT_EQ(error.exit_code(), kExitBadInput) << error.what();
-    }
-  }
-  ScopedEnvironment unset("SWITCHYARD_SMALL_BATCH_TOKENS", nullptr);
+  // Bad values of the variable are rejected where the switches are parsed
+  // (SwitchesTest.SmallBatchTokensIsANonNegativeInteger).
+  ScopedSmallBatchTokens unset(std::nullopt);
   MoeLayerConfig odd = config;
   odd.d_model = 60;  // not a multiple of 8: the op does not take it, the layer keeps the padded path
   EXPECT_EQ(MoeLayer(odd, DeviceKind::cuda, DType::bf16, 96).small_batch_tokens(), 0);
@@ -419,7 +408,7 @@ TEST(MoeLayerSmallBatchCudaGraph, CapturedForwardReplaysTheEagerForward) {
     MoeLayerConfig config = layer_config(ExpertActivation::swiglu, 2, false);
     config.moe.segment_alignment = alignment;
     LayerWeights weights(config, 77);
-    ScopedEnvironment set("SWITCHYARD_SMALL_BATCH_TOKENS", "64");  // 24 tokens take the path
+    ScopedSmallBatchTokens set(64);  // 24 tokens take the path
     MoeLayer layer(config, DeviceKind::cuda, DType::bf16, 64);
     const int64_t tokens = 24, d = config.d_model;
     void* stream = create_stream(DeviceKind::cuda);
@@ -487,8 +476,8 @@ TEST(MoeLayerSmallBatchCudaTiming, PrintsGraphLatencyOfBothPaths) {
   DeviceTensor y(DType::bf16, {64, 768});
   void* stream = create_stream(DeviceKind::cuda);
   const ExecContext context{DeviceKind::cuda, stream};
-  for (const char* setting : {"64", "0"}) {
-    ScopedEnvironment set("SWITCHYARD_SMALL_BATCH_TOKENS", setting);
+  for (int64_t setting : {int64_t(64), int64_t(0)}) {
+    ScopedSmallBatchTokens set(setting);
     MoeLayer layer(config, DeviceKind::cuda, DType::bf16, 64);
     for (int64_t tokens : {int64_t(1), int64_t(8), int64_t(32), int64_t(64)}) {
       Tensor x_view = x.view(DType::bf16, {tokens, 768}), y_view = y.view(DType::bf16, {tokens, 768});
@@ -513,7 +502,7 @@ TEST(MoeLayerSmallBatchCudaTiming, PrintsGraphLatencyOfBothPaths) {
       const double typical = median(microseconds);
       EXPECT_GT(typical, 0.0);
       std::cout << "[ timing ] d768 F3072 E32 top-1, " << tokens << " tokens, "
-                << (std::strcmp(setting, "0") == 0 ? "padded path     " : "small-batch path") << ": median "
+                << (setting == 0 ? "padded path     " : "small-batch path") << ": median "
                 << typical << " us over 50 graph replays" << std::endl;
     }
   }
