@@ -1,0 +1,73 @@
+// Console warnings about a run going wrong, from numbers the trainer already has each step
+// (src/train/metrics.h). docs/TRAINING.md ("Warnings") states the rules for users.
+//
+//   loss spike       the step's loss is more than `loss_jump` times the median of the previous
+//                    `window` steps' losses (1.5: 50% above it), once `warmup` steps are in the window
+//   grad norm spike  the same for the gradient norm with `grad_norm_jump` (3x); skipped steps
+//                    (inf / NaN gradients) are left out, the loss scaler already reports them
+//   idle experts     an expert of a MoE layer received no routed choice for `idle_steps`
+//                    consecutive steps (router collapse); one line per layer names its experts
+//
+// Rate limiting: after a warning of one kind (per MoE layer for idle experts) the next waits
+// `quiet_steps` steps. Spikes in between are counted, and the first step after the quiet period
+// reports them in one line (with the next spike, if that step has one). An idle expert is named
+// once while it stays idle; one that receives tokens again is named again if it goes idle again.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <string>
+#include <vector>
+
+#include "src/train/metrics.h"
+
+namespace switchyard {
+
+struct MonitorRules {
+  int window = 20;              // steps whose median is the reference
+  int warmup = 10;              // values needed in the window before spikes are judged
+  double loss_jump = 1.5;       // loss spike: loss > loss_jump x median
+  double grad_norm_jump = 3.0;  // grad norm spike: norm > grad_norm_jump x median
+  int idle_steps = 10;          // an expert without tokens this many steps in a row is idle
+  int quiet_steps = 20;         // steps between two warnings of the same kind (and layer)
+};
+
+class TrainingMonitor {
+ public:
+  explicit TrainingMonitor(const MonitorRules& rules = MonitorRules());
+
+  // Feeds one step (its step, loss, grad_norm, skipped and tokens_per_expert) and returns the
+  // warnings it raises, usually none. Steps must come in increasing order.
+  std::vector<TrainingWarning> observe(const StepMetrics& metrics);
+
+  const MonitorRules& rules() const { return rules_; }
+
+ private:
+  // The recent values of one quantity and its rate limiter.
+  struct SpikeTracker {
+    const char* kind;   // "loss_spike", "grad_norm_spike"
+    const char* label;  // "loss", "grad norm"
+    double jump;
+    std::deque<double> recent;
+    int64_t quiet_until = 0;  // no warning before this step
+    int64_t last_warned_step = 0;
+    int64_t suppressed = 0;   // spikes since last_warned_step that were not shown
+    double largest_ratio = 0, largest_value = 0;
+    int64_t largest_step = 0;
+  };
+  struct LayerTracker {
+    std::vector<int64_t> idle_run;     // consecutive steps without a choice, per expert
+    std::vector<bool> reported;        // named in a warning and idle since
+    int64_t quiet_until = 0;
+  };
+
+  void check_spike(SpikeTracker& tracker, int64_t step, double value, std::vector<TrainingWarning>& out);
+  void check_idle_experts(int layer, int64_t step, const std::vector<int64_t>& counts,
+                          std::vector<TrainingWarning>& out);
+
+  MonitorRules rules_;
+  SpikeTracker loss_, grad_norm_;
+  std::vector<LayerTracker> layers_;
+};
+
+}  // namespace switchyard
