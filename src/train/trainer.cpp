@@ -476,7 +476,9 @@ void Trainer::run() {
   int64_t steps_here = 0;
   double last_val_loss = -1.0;
   int64_t last_val_step = 0, router_window_start = step_ + 1;
-  TrainingMonitor monitor;  // loss / grad-norm spikes and idle experts -> warnings
+  MonitorRules monitor_rules;
+  monitor_rules.top_k = config.moe.top_k;
+  TrainingMonitor monitor(monitor_rules);  // loss / grad-norm spikes, router collapse -> warnings
   const int64_t every = config.checkpoint.every;
   if (step_ >= config.training.steps && step_ > 0)
     log_line("the checkpoint is at step " + std::to_string(step_) + ", training.steps is " +
