@@ -14,8 +14,8 @@
 //                    consecutive steps (a dead expert); one line per layer names its experts
 //
 // Rate limiting: after a warning of one kind (per MoE layer for the router kinds) the next waits
-// `quiet_steps` steps. A spike at least twice as far above its median as the one last warned
-// about is told at once; the others in between are counted and told with the next warning of
+// `quiet_steps` steps. A spike whose ratio to its median is at least twice that of the one last
+// told is told at once; the others in between are counted and told with the next warning of
 // their kind, or alone at the first step after the quiet period. A collapse is told once while it
 // lasts (it ends when at most half the window's steps are collapsed); an idle expert is named once
 // while it stays idle, and again if it goes idle again after receiving tokens.
