@@ -22,7 +22,10 @@ body { font-family: "DejaVu Sans", Helvetica, Arial, sans-serif; color: #222; ma
 h1 { font-size: 24px; margin-bottom: 2px; } h2 { font-size: 19px; margin-top: 34px; border-bottom: 1px solid #ddd; }
 h3 { font-size: 15px; margin: 18px 0 6px; }
 .subtitle { color: #666; margin-top: 0; } .note { color: #555; font-size: 13px; max-width: 900px; }
-.figures { display: flex; flex-wrap: wrap; gap: 10px; } figure { margin: 0; }
+.figures { display: flex; flex-wrap: wrap; gap: 10px; } figure { margin: 0; min-width: 0; max-width: 100%; }
+figure svg { display: block; max-width: 100%; height: auto; }
+.warnings { border-left: 4px solid #d62728; background: #fdf3f3; padding: 6px 12px; font-size: 13px; }
+.warnings ul { margin: 4px 0; padding-left: 20px; } .table-scroll { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; font-size: 13px; margin: 6px 0 14px; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; } th { background: #f4f4f4; }
 td.left, th.left { text-align: left; } code, pre { font-family: "DejaVu Sans Mono", Menlo, monospace; font-size: 12px; }
@@ -113,6 +116,18 @@ std::string summary_section(const ReportInputs& inputs) {
   if (skipped > 0) out << card(std::to_string(skipped), "skipped steps (inf/NaN gradients)");
   out << "</div>\n";
   for (const std::string& note : history.notes) out << "<p class=\"note\">Note: " << escape(note) << "</p>\n";
+  if (!history.warnings.empty()) {
+    // The trainer's console warnings (docs/TRAINING.md, "Warnings"), as they were printed.
+    constexpr size_t kShown = 20;
+    out << "<div class=\"warnings\"><strong>" << escape(count_noun(int64_t(history.warnings.size()), "warning"))
+        << " during training</strong>\n<ul>\n";
+    for (size_t index = 0; index < history.warnings.size() && index < kShown; ++index)
+      out << "<li>step " << history.warnings[index].step << ": " << escape(history.warnings[index].message)
+          << "</li>\n";
+    if (history.warnings.size() > kShown)
+      out << "<li>... and " << history.warnings.size() - kShown << " more in the metrics file</li>\n";
+    out << "</ul></div>\n";
+  }
   return out.str();
 }
 
@@ -123,18 +138,19 @@ std::string config_section(const Config& config) {
   std::vector<std::pair<std::string, std::string>> rows = {
       {"parameters (total / active per token)",
        number(flops.total_params / 1e6, "%.4g") + "M / " + number(flops.active_params / 1e6, "%.4g") + "M"},
-      {"model", "d_model " + std::to_string(model.d_model) + ", " + std::to_string(model.n_layers) + " blocks, " +
-                    std::to_string(model.n_heads) + " heads, seq_len " + std::to_string(model.seq_len) +
+      {"model", "d_model " + std::to_string(model.d_model) + ", " + count_noun(model.n_layers, "block") + ", " +
+                    count_noun(model.n_heads, "head") + ", seq_len " + std::to_string(model.seq_len) +
                     ", vocabulary " + std::to_string(model.vocab_size)},
-      {"MoE", std::to_string(model.moe_block_count()) + " MoE layers (every " + std::to_string(model.moe_every) +
-                  " blocks), " + std::to_string(moe.num_experts) + " experts, top-" + std::to_string(moe.top_k) +
+      {"MoE", count_noun(model.moe_block_count(), "MoE layer") + " (" +
+                  (model.moe_every == 1 ? std::string("every block") : "every " + count_noun(model.moe_every, "block")) +
+                  "), " + count_noun(moe.num_experts, "expert") + ", top-" + std::to_string(moe.top_k) +
                   ", expert d_ff " + std::to_string(moe.expert_d_ff) + ", " + expert_activation_name(moe.activation)},
       {"routing", (moe.dropless ? std::string("dropless") : "capacity factor " + number(moe.capacity_factor, "%.3g")) +
                       ", aux weight " + number(moe.aux_loss_weight, "%.3g") + ", z weight " +
                       number(moe.z_loss_weight, "%.3g") + ", jitter " + number(moe.jitter_eps, "%.3g")},
-      {"training", std::to_string(config.training.steps) + " steps, micro-batch " +
+      {"training", count_noun(config.training.steps, "step") + ", micro-batch " +
                        std::to_string(config.training.micro_batch_size) + " x " +
-                       std::to_string(config.optimizer.grad_accum_steps) + " accumulation, lr " +
+                       count_noun(config.optimizer.grad_accum_steps, "accumulation step") + ", lr " +
                        number(config.optimizer.lr, "%.3g") + ", compute " + compute_dtype_name(model.compute_dtype)},
       {"parallel", "ep_size " + std::to_string(config.parallel.ep_size)},
       {"data", config.data.path + (config.data.val_path.empty() ? "" : " (validation: " + config.data.val_path + ")")}};
@@ -159,7 +175,7 @@ std::string curves_section(const RunHistory& history) {
     validation.markers = true;
     loss_lines.push_back(validation);
   }
-  out << line_chart("Loss", "cross-entropy (nats)", loss_lines, 1120, 330);
+  out << line_chart("Loss", "cross-entropy (nats)", loss_lines, 960, 320);
   out << line_chart("Learning rate", "lr", {series("lr", history.step, history.lr)}, 560, 250, true);
   out << line_chart("Gradient norm (before clipping)", "norm", {series("grad norm", history.step, history.grad_norm)},
                     560, 250, true);
@@ -227,7 +243,7 @@ std::string load_section(const RunHistory& history) {
     options.ratio_limit = 4.0;
     options.colorbar_label = "load / even share";
     options.cell_titles = titles;
-    options.max_width = 960;
+    options.max_width = 760;  // with labels and colour bar about 900 px: unscaled in most windows
     out << figure(svg_heatmap(values, options));
     imbalance_lines.push_back(series("layer " + std::to_string(layer), imbalance_x, imbalance_y));
   }
@@ -307,7 +323,12 @@ std::string lift_heatmap(const SpecializationMap& map, const LayerSpecialization
     std::vector<double> row(categories.size(), kNaN);
     std::vector<std::string> row_titles(categories.size());
     for (size_t category = 0; category < categories.size(); ++category) {
-      if (profile.count <= 0 || baseline[category] <= 0 || text.count <= 0) continue;
+      if (profile.count <= 0 || baseline[category] <= 0 || text.count <= 0) {
+        row_titles[category] = "expert " + std::to_string(expert) + ", " + categories[category] + ": no lift (" +
+                               (profile.count <= 0 ? "the expert received no tokens)"
+                                                   : "the text has no " + categories[category] + " tokens)");
+        continue;
+      }
       const double share = double(counts[category]) / double(profile.count);
       const double text_share = double(baseline[category]) / double(text.count);
       row[category] = share / text_share;
@@ -347,6 +368,16 @@ std::string specialization_section(const ReportInputs& inputs) {
          "share of the expert's tokens in that category divided by the category's share of the text (1x: no "
          "preference; red: the expert gets more of it; blue: less). Row labels give each expert's share of the "
          "routed choices.</p>\n";
+  out << "<p class=\"note\">Byte classes: lower and upper (ASCII letters), digit, space (space and tab), newline, "
+         "punct (ASCII punctuation), other (control bytes and bytes 128-255: the pieces of non-ASCII UTF-8 "
+         "characters such as accented letters or curly quotes); start: the token opens the window. A grey cell has "
+         "no lift: the text has no token of that kind to compare with, or the expert received no tokens.";
+  std::string absent;
+  for (int byte_class = 0; byte_class < kNumByteClasses; ++byte_class)
+    if (map.text().by_class[size_t(byte_class)] == 0)
+      absent += std::string(absent.empty() ? "" : ", ") + byte_class_name(byte_class);
+  if (!absent.empty()) out << " This text has no " << escape(absent) << " bytes, hence the grey columns.";
+  out << "</p>\n";
   std::vector<std::string> classes, previous, positions;
   for (int byte_class = 0; byte_class < kNumByteClasses; ++byte_class) classes.push_back(byte_class_name(byte_class));
   for (int byte_class = 0; byte_class < kNumPreviousClasses; ++byte_class)
@@ -388,6 +419,10 @@ std::string specialization_section(const ReportInputs& inputs) {
 }
 
 }  // namespace
+
+std::string count_noun(int64_t count, const std::string& singular, const std::string& plural) {
+  return std::to_string(count) + " " + (count == 1 ? singular : plural.empty() ? singular + "s" : plural);
+}
 
 std::string build_report_html(const ReportInputs& inputs) {
   SY_CHECK(inputs.history != nullptr, "build_report_html: no run history");

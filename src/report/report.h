@@ -12,6 +12,7 @@
 //     class, and the text table.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 #include "src/report/run_history.h"
@@ -31,5 +32,9 @@ struct ReportInputs {
 };
 
 std::string build_report_html(const ReportInputs& inputs);
+
+// "1 MoE layer", "2 MoE layers", "0 steps": the count and the noun in the right number (plural:
+// singular + "s" unless given).
+std::string count_noun(int64_t count, const std::string& singular, const std::string& plural = "");
 
 }  // namespace switchyard

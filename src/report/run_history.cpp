@@ -148,6 +148,14 @@ RunHistory read_run_history(const std::string& metrics_path, int load_bins) {
       for (const json::Value& layer : router->elements()) entry.layers.push_back(parse_router_layer(layer));
       history.router.push_back(std::move(entry));
     }
+    if (const json::Value* warnings = record.find("warnings"); warnings != nullptr && warnings->is_array())
+      for (const json::Value& warning : warnings->elements()) {
+        const json::Value* kind = warning.find("kind");
+        const json::Value* message = warning.find("message");
+        if (message == nullptr || !message->is_string()) continue;
+        history.warnings.push_back({int64_t(step), kind && kind->is_string() ? kind->as_string("kind") : "",
+                                    message->as_string("message")});
+      }
   }
   return history;
 }

@@ -1,6 +1,6 @@
 // A training run's history, read back from its metrics file (JSON lines, src/train/metrics.h) for
 // the report: per-step curves, the expert load per MoE layer binned over the steps, and the router
-// statistics of the metrics lines that carry them.
+// statistics and the training warnings of the metrics lines that carry them.
 //
 // Expert load bins: the steps 1..total_steps are cut into at most `load_bins` equal ranges; bin b
 // sums tokens_per_expert over the steps in it. Memory is layers * bins * E, whatever the run length.
@@ -21,6 +21,12 @@ struct RouterRecord {
   std::vector<RouterLayerStats> layers;
 };
 
+// A warning the trainer raised (src/train/training_monitor.h), from a metrics line's "warnings".
+struct RunWarning {
+  int64_t step = 0;
+  std::string kind, message;
+};
+
 struct RunHistory {
   std::string path;
   int64_t total_steps = 0;  // from the last record
@@ -33,6 +39,7 @@ struct RunHistory {
   std::vector<int64_t> bin_first_step, bin_last_step;  // steps covered by each bin (0 when empty)
   std::vector<std::vector<std::vector<double>>> load;
   std::vector<RouterRecord> router;
+  std::vector<RunWarning> warnings;  // in file order
   std::vector<std::string> notes;  // skipped lines and the like, for the report
 };
 

@@ -113,6 +113,50 @@ void reduce_series(const std::vector<double>& xs, const std::vector<double>& ys,
   }
 }
 
+struct OffScale {
+  int points = 0;
+  double farthest = 0, distance = -1;  // the value farthest outside the range, and how far
+};
+
+// Edge markers for the points of one series outside [y_low, y_high]: neighbours closer than 9 px
+// on the same edge share one marker, whose hover title lists them. Adds them to `tally`.
+template <typename MapX>
+void off_scale_markers(std::ostream& out, const std::string& name, const std::string& color,
+                       const std::vector<double>& xs, const std::vector<double>& ys, double y_low, double y_high,
+                       const MapX& map_x, double top, double bottom, OffScale& tally) {
+  size_t point = 0;
+  const size_t count = std::min(xs.size(), ys.size());
+  auto outside = [&](size_t at) {
+    return std::isfinite(xs[at]) && std::isfinite(ys[at]) && (ys[at] > y_high || ys[at] < y_low);
+  };
+  while (point < count) {
+    if (!outside(point)) {
+      ++point;
+      continue;
+    }
+    const bool above = ys[point] > y_high;
+    const double x = map_x(xs[point]);
+    std::string title = name;
+    int in_group = 0;
+    for (; point < count && outside(point) && (ys[point] > y_high) == above && map_x(xs[point]) - x < 9.0; ++point) {
+      title += (in_group++ ? "; " : " at ") + tick_text(xs[point], 1.0) + ": " + format_number(ys[point], "%.4g");
+      const double distance = above ? ys[point] - y_high : y_low - ys[point];
+      if (distance > tally.distance) {
+        tally.distance = distance;
+        tally.farthest = ys[point];
+      }
+      ++tally.points;
+    }
+    title += above ? " (above the axis)" : " (below the axis)";
+    const double edge = above ? top : bottom, tip = above ? -1.0 : 1.0;
+    out << "<path class=\"off-scale\" d=\"M" << format_number(x - 4.5, "%.1f") << ","
+        << format_number(edge - 7.0 * tip, "%.1f") << " L" << format_number(x, "%.1f") << ","
+        << format_number(edge + tip, "%.1f") << " L" << format_number(x + 4.5, "%.1f") << ","
+        << format_number(edge - 7.0 * tip, "%.1f") << " Z\" fill=\"" << color
+        << "\" stroke=\"#222\" stroke-width=\"0.8\"><title>" << xml_escape(title) << "</title></path>\n";
+  }
+}
+
 }  // namespace
 
 std::string xml_escape(const std::string& text) {
@@ -184,6 +228,31 @@ std::vector<double> nice_ticks(double low, double high, int target) {
   return ticks;
 }
 
+AxisRange robust_axis_range(const std::vector<double>& values) {
+  std::vector<double> sorted;
+  for (double value : values)
+    if (std::isfinite(value)) sorted.push_back(value);
+  AxisRange range;
+  if (sorted.empty()) return range;
+  std::sort(sorted.begin(), sorted.end());
+  range.low = sorted.front();
+  range.high = sorted.back();
+  if (sorted.size() < 20) return range;  // too few to call any of them an outlier
+  const double last = double(sorted.size() - 1);
+  const double bulk_low = sorted[size_t(std::ceil(0.02 * last))];
+  const double bulk_high = sorted[size_t(std::floor(0.98 * last))];
+  const double slack = 0.5 * (bulk_high - bulk_low);
+  if (range.high > bulk_high + slack) {
+    range.high = bulk_high + slack;
+    range.clipped_high = true;
+  }
+  if (range.low < bulk_low - slack) {
+    range.low = bulk_low - slack;
+    range.clipped_low = true;
+  }
+  return range;
+}
+
 // ---- Line chart ------------------------------------------------------------------------------
 
 std::string svg_line_chart(const std::vector<PlotSeries>& series, const LineChartOptions& options) {
@@ -210,6 +279,15 @@ std::string svg_line_chart(const std::vector<PlotSeries>& series, const LineChar
   if (!has_data) {
     out << text_element(width / 2, height / 2, "no data", "middle", 13, "fill=\"#888\"") << "\n</svg>\n";
     return out.str();
+  }
+  if (options.clip_outliers) {
+    std::vector<double> all_y;
+    for (const PlotSeries& one : series)
+      for (size_t index = 0; index < one.x.size() && index < one.y.size(); ++index)
+        if (std::isfinite(one.x[index])) all_y.push_back(one.y[index]);
+    const AxisRange range = robust_axis_range(all_y);
+    y_low = range.low;
+    y_high = range.high;
   }
   if (options.y_from_zero) {
     y_low = std::min(y_low, 0.0);
@@ -272,18 +350,22 @@ std::string svg_line_chart(const std::vector<PlotSeries>& series, const LineChar
   // Ids are unique per process: several charts inline in one HTML page share one id namespace.
   static std::atomic<int> next_clip_id{0};
   const std::string clip_id = "sy-plot-area-" + std::to_string(next_clip_id.fetch_add(1));
-  out << "<defs><clipPath id=\"" << clip_id << "\"><rect x=\"" << left << "\" y=\"" << top << "\" width=\""
-      << plot_width << "\" height=\"" << plot_height << "\"/></clipPath></defs>\n<g clip-path=\"url(#" << clip_id
+  // 4 px of margin: a line or marker on the frame (a fraction at 1, say) stays whole.
+  out << "<defs><clipPath id=\"" << clip_id << "\"><rect x=\"" << left - 4 << "\" y=\"" << top - 4 << "\" width=\""
+      << plot_width + 8 << "\" height=\"" << plot_height + 8 << "\"/></clipPath></defs>\n<g clip-path=\"url(#" << clip_id
       << ")\" fill=\"none\">\n";
   const int buckets = std::max(1, int(plot_width));
+  std::vector<std::vector<double>> drawn_x(series.size()), drawn_y(series.size());
   for (size_t index = 0; index < series.size(); ++index) {
     const PlotSeries& one = series[index];
     const std::string color = one.color.empty() ? palette_color(index) : one.color;
-    std::vector<double> xs = one.x, ys = one.y;
-    if (xs.size() > size_t(3 * buckets)) {
-      xs.clear();
-      ys.clear();
+    std::vector<double>& xs = drawn_x[index];
+    std::vector<double>& ys = drawn_y[index];
+    if (one.x.size() > size_t(3 * buckets)) {
       reduce_series(one.x, one.y, x_low, x_high, buckets, xs, ys);
+    } else {
+      xs = one.x;
+      ys = one.y;
     }
     std::string style = "stroke=\"" + color + "\" stroke-width=\"" + format_number(one.width, "%.2g") +
                         "\" stroke-linejoin=\"round\" stroke-opacity=\"" + format_number(one.opacity, "%.2g") + "\"";
@@ -315,6 +397,23 @@ std::string svg_line_chart(const std::vector<PlotSeries>& series, const LineChar
       }
   }
   out << "</g>\n";
+
+  // Points beyond the y range: a triangle on the edge they left by, with the true value on hover.
+  OffScale off_scale;
+  for (size_t index = 0; index < series.size(); ++index) {
+    const std::string color = series[index].color.empty() ? palette_color(index) : series[index].color;
+    off_scale_markers(out, series[index].name, color, drawn_x[index], drawn_y[index], y_low, y_high, map_x, top,
+                      top + plot_height, off_scale);
+  }
+  if (off_scale.points > 0) {
+    const bool above = off_scale.farthest > y_high;
+    out << text_element(6, height - 8,
+                        std::string(above ? "\xE2\x96\xB2 " : "\xE2\x96\xBC ") + std::to_string(off_scale.points) +
+                            (off_scale.points == 1 ? " point" : " points") + " off the scale (" +
+                            (above ? "max " : "min ") + format_number(off_scale.farthest, "%.4g") + ")",
+                        "start", 11, "fill=\"#a33\"")
+        << "\n";
+  }
 
   // Legend, one row above the plot, right-aligned.
   double legend_width = 0;

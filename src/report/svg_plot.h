@@ -6,7 +6,10 @@
 // Line chart: linear axes with "nice" ticks (1, 2, 5 x 10^n) over the data range (y padded by 5%),
 // light grid, one polyline per series broken at non-finite values, optional point markers, legend
 // above the plot. A series longer than 3 points per horizontal pixel is reduced to the mean of each
-// pixel's points, which keeps the file small and the curve readable.
+// pixel's points, which keeps the file small and the curve readable. A few far-out values (a loss
+// spike) do not set the y range (robust_axis_range): the lines run off the edge there, a triangle
+// on the edge marks each such point (hover: its true value) and a note under the plot counts them.
+// Every <svg> has a viewBox, so a page may scale it down (CSS max-width: 100%; height: auto).
 // Heatmap: one rectangle per cell with a hover title; colour from a sequential scale (viridis,
 // low..high) or a diverging one for ratios (blue < 1 < red on a log scale, white at 1); a colour
 // bar with ticks on the right; row and column labels thinned to fit; optional value text in cells
@@ -37,7 +40,18 @@ struct LineChartOptions {
   // rounding never go past them. NaN: none.
   double y_floor = std::numeric_limits<double>::quiet_NaN();
   double y_ceiling = std::numeric_limits<double>::quiet_NaN();
+  bool clip_outliers = true;  // the y range from robust_axis_range rather than the extremes
 };
+
+// The y range a chart of `values` shows. With at least 20 finite values, the bulk is the range
+// from the second-smallest to the second-largest (the 2nd and 98th percentiles on longer series);
+// a side is clipped when a value lies more than half the bulk's width beyond it, and then ends
+// there (bulk edge + half its width). Otherwise the range is the finite min and max.
+struct AxisRange {
+  double low = std::numeric_limits<double>::quiet_NaN(), high = std::numeric_limits<double>::quiet_NaN();
+  bool clipped_low = false, clipped_high = false;
+};
+AxisRange robust_axis_range(const std::vector<double>& values);
 
 std::string svg_line_chart(const std::vector<PlotSeries>& series, const LineChartOptions& options);
 

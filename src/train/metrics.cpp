@@ -20,6 +20,23 @@ std::string json_number(double value) {
   return buffer;
 }
 
+std::string json_string(const std::string& text) {
+  std::string out = "\"";
+  for (char c : text) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if ((unsigned char)c < 0x20) {
+      char buffer[8];
+      std::snprintf(buffer, sizeof(buffer), "\\u%04x", unsigned((unsigned char)c));
+      out += buffer;
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+
 std::string fixed(double value, int digits) {
   char buffer[64];
   std::snprintf(buffer, sizeof(buffer), "%.*f", digits, value);
@@ -104,6 +121,14 @@ std::string metrics_json(const StepMetrics& m) {
     for (size_t layer = 0; layer < m.router.size(); ++layer)
       out << (layer ? "," : "") << router_stats_json(m.router[layer]);
     out << "]";
+    if (m.router_first_step > 0) out << ",\"router_first_step\":" << m.router_first_step;
+  }
+  if (!m.warnings.empty()) {
+    out << ",\"warnings\":[";
+    for (size_t index = 0; index < m.warnings.size(); ++index)
+      out << (index ? "," : "") << "{\"kind\":" << json_string(m.warnings[index].kind)
+          << ",\"message\":" << json_string(m.warnings[index].message) << "}";
+    out << "]";
   }
   out << "}";
   return out.str();
@@ -137,10 +162,14 @@ std::string format_duration(double seconds) {
 
 std::string format_progress_line(const StepMetrics& m, DeviceKind device) {
   std::ostringstream out;
-  out << "step " << m.step << "/" << m.total_steps << " | loss " << fixed(m.loss, 4) << " | val "
-      << (m.last_val_loss >= 0 ? fixed(m.last_val_loss, 4) : std::string("-")) << " | aux " << fixed(m.aux_loss, 4)
-      << " z " << fixed(m.z_loss, 5) << " | dropped " << fixed(100 * m.dropped_fraction, 2) << "% | "
-      << si(m.tokens_per_s) << " tok/s | ";
+  // Figures without a label are this step's; the others name their step or window, since the
+  // router statistics cover several steps and the validation loss is from the last evaluation.
+  out << "step " << m.step << "/" << m.total_steps << " | loss " << fixed(m.loss, 4) << " | val ";
+  if (m.last_val_loss < 0) out << "-";
+  else out << fixed(m.last_val_loss, 4);
+  if (m.last_val_loss >= 0 && m.last_val_step > 0 && m.last_val_step != m.step) out << " (step " << m.last_val_step << ")";
+  out << " | aux " << fixed(m.aux_loss, 4) << " z " << fixed(m.z_loss, 5) << " | dropped "
+      << fixed(100 * m.dropped_fraction, 2) << "% (step) | " << si(m.tokens_per_s) << " tok/s | ";
   if (device == DeviceKind::cuda && m.has_mfu)
     out << "MFU " << fixed(100 * m.mfu, 1) << "% (" << fixed(100 * m.mfu_measured_peak, 1) << "% of 790 TFLOP/s)";
   else
@@ -156,6 +185,9 @@ std::string format_progress_line(const StepMetrics& m, DeviceKind device) {
       entropy += layer.router_entropy_normalized;
     }
     out << " | load max/mean " << fixed(worst_imbalance, 2) << " H " << fixed(entropy / double(m.router.size()), 2);
+    if (m.router_first_step <= 0) out << " (logged window)";
+    else if (m.router_first_step == m.step) out << " (step)";
+    else out << " (steps " << m.router_first_step << "-" << m.step << ")";
   }
   out << " | ETA " << format_duration(m.eta_s);
   if (m.skipped) out << " | step skipped (inf/NaN gradients, loss scale now " << json_number(m.loss_scale) << ")";

@@ -14,8 +14,10 @@
 // Router statistics (when a step carries them, every training.log_every steps) go into the JSON
 // line as "router": [{"layer", "forwards", "tokens", "load_imbalance", "experts_used",
 // "dropped_fraction", "mean_gate", "entropy", "entropy_normalized", "aux_loss", "z_loss",
-// "tokens_per_expert": [...]}, ...] and into the progress line as the worst layer's max/mean load
-// and the mean normalized router entropy. docs/ANALYTICS.md defines each one.
+// "tokens_per_expert": [...]}, ...] with "router_first_step" (the window's first step) and into
+// the progress line as the worst layer's max/mean load and the mean normalized router entropy,
+// labelled with their window. docs/ANALYTICS.md defines each one. Warnings raised at a step
+// (src/train/training_monitor.h) go into its line as "warnings": [{"kind", "message"}, ...].
 #pragma once
 
 #include <cstdint>
@@ -42,12 +44,19 @@ struct FlopsEstimate {
 };
 FlopsEstimate estimate_flops(const ModelConfig& model, const MoeConfig& moe);
 
+// One console warning (src/train/training_monitor.h), also kept in the step's metrics line.
+struct TrainingWarning {
+  std::string kind;     // "loss_spike", "grad_norm_spike", "idle_experts"
+  std::string message;  // one line, without the "switchyard train: warning: " prefix
+};
+
 struct StepMetrics {
   int64_t step = 0, total_steps = 0;
   double loss = 0;                 // mean cross-entropy of the step's tokens (all ranks)
   bool has_val_loss = false;
   double val_loss = 0;             // from the evaluation run at this step
   double last_val_loss = -1;       // most recent evaluation (< 0: none yet), for the progress line
+  int64_t last_val_step = 0;       // the step of that evaluation (0: not known)
   double lr = 0, grad_norm = 0, loss_scale = 1;
   bool skipped = false;            // inf / NaN gradients: no update
   double aux_loss = 0, z_loss = 0; // summed over MoE layers, mean over micro-steps and ranks
@@ -61,6 +70,8 @@ struct StepMetrics {
   // Router statistics per MoE layer over the steps since the previous metrics line that had them
   // (src/train/router_stats.h); empty on the steps in between. JSON key "router".
   std::vector<RouterLayerStats> router;
+  int64_t router_first_step = 0;   // the first step of the window `router` covers (0: not known)
+  std::vector<TrainingWarning> warnings;  // JSON key "warnings" when not empty
 };
 
 // One JSON object per line, flushed after every line so a crash keeps what was written.

@@ -17,6 +17,7 @@
 #include "src/core/timing.h"
 #include "src/model/routing_observer.h"
 #include "src/train/checkpoint_signals.h"
+#include "src/train/training_monitor.h"
 #include "src/train/weights_file.h"
 
 namespace switchyard {
@@ -477,6 +478,10 @@ void Trainer::run() {
   double timed_seconds = 0.0;  // steps after this process's first (which includes allocation and warm-up)
   int64_t steps_here = 0;
   double last_val_loss = -1.0;
+  int64_t last_val_step = 0, router_window_start = step_ + 1;
+  MonitorRules monitor_rules;
+  monitor_rules.top_k = config.moe.top_k;
+  TrainingMonitor monitor(monitor_rules);  // loss / grad-norm spikes, router collapse -> warnings
   const int64_t every = config.checkpoint.every;
   if (step_ >= config.training.steps && step_ > 0)
     log_line("the checkpoint is at step " + std::to_string(step_) + ", training.steps is " +
@@ -492,19 +497,26 @@ void Trainer::run() {
       metrics.has_val_loss = true;
       metrics.val_loss = evaluate();
       last_val_loss = metrics.val_loss;
+      last_val_step = metrics.step;
     }
     metrics.last_val_loss = last_val_loss;
+    metrics.last_val_step = last_val_step;
     metrics.elapsed_s = now_seconds() - run_start;
     const double per_step = steps_here > 1 ? timed_seconds / double(steps_here - 1) : metrics.step_time_s;
     metrics.eta_s = per_step * double(config.training.steps - metrics.step);
-    if (router_stats_due(metrics.step, config.training.log_every, config.training.steps))
+    if (router_stats_due(metrics.step, config.training.log_every, config.training.steps)) {
       metrics.router = router_stats_->read_and_reset(context_, options_.groups.world.get());  // collective
+      metrics.router_first_step = router_window_start;
+      router_window_start = metrics.step + 1;
+    }
+    metrics.warnings = monitor.observe(metrics);
     write_metrics(metrics);
     if (log && (metrics.step % config.training.log_every == 0 || steps_here == 1 ||
                 metrics.step == config.training.steps || metrics.skipped)) {
       *log << format_progress_line(metrics, options_.device) << "\n";
       log->flush();
     }
+    for (const TrainingWarning& warning : metrics.warnings) log_line("warning: " + warning.message);
     if (every > 0 && step_ % every == 0) save_checkpoint();
     if (stop_requested_) {
       const int signal_number = preemption_signal();

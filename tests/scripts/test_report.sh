@@ -6,7 +6,11 @@
 #   2. `switchyard report RUN_DIR` writes a self-contained HTML page with the curves, the expert
 #      load heatmap, router statistics and a specialization map of the run's validation data;
 #   3. `switchyard specialize` prints the map as a table and writes it as JSON;
-#   4. bad input exits 2; a run without weights still gets a report (without the map).
+#   4. bad input exits 2; a run without weights still gets a report (without the map);
+#   5. warnings: a run with a far too large learning rate collapses its router, which the console
+#      (rank 0, "switchyard train: warning:") and the metrics lines report alike and the report
+#      lists; a loss and grad-norm spike written into a metrics file does not set the charts' y
+#      range but gets edge markers with the true value.
 # Usage: test_report.sh SWITCHYARD_BINARY SOURCE_DIR MPIEXEC
 set -u
 
@@ -57,6 +61,12 @@ else
   fail "no metrics at $metrics"
 fi
 grep -q "load max/mean [0-9.]* H [0-9.]*" "$work/train.out" || fail "progress lines lack the router balance"
+# Each progress figure names its window: the router's covers the steps since the previous one.
+grep -q "^step 10/40 | .* | dropped [0-9.]*% (step) | .* | load max/mean [0-9.]* H [0-9.]* (steps 1-10) |" \
+  "$work/train.out" || fail "step 10's progress line lacks the window labels: $(grep '^step 10/' "$work/train.out")"
+grep -q "^step 30/40 | .* (steps 21-30) |" "$work/train.out" || fail "step 30's router window should be steps 21-30"
+grep '"step":20,' "$metrics" 2>/dev/null | grep -q '"router_first_step":11' ||
+  fail "step 20's metrics line should say its router window starts at step 11"
 
 # ---- 2. the report -------------------------------------------------------------------------------
 timeout 120 "$binary" report "$run" >"$work/report.out" 2>"$work/report.err"
@@ -85,7 +95,17 @@ assert svgs, "no svg"
 for svg in svgs:
     ET.fromstring(svg)
 EOF
+    # Every plot scales with the window: a viewBox, and the page shrinks wide SVGs to fit.
+    python3 - "$report" <<'EOF' || fail "an SVG of the report cannot scale to a narrow window"
+import re, sys
+html = open(sys.argv[1], encoding="utf-8").read()
+tags = re.findall(r"<svg [^>]*>", html)
+bad = [tag for tag in tags if not re.search(r'viewBox="0 0 [0-9.]+ [0-9.]+"', tag)]
+assert not bad, "no viewBox: %s" % bad[:2]
+assert "figure svg { display: block; max-width: 100%; height: auto; }" in html, "no scaling CSS"
+EOF
   fi
+  grep -q "1 MoE layer (every 2 blocks)" "$report" || fail "the report should say '1 MoE layer', in the singular"
   echo "ok: report with $svgs plots ($(wc -c <"$report") bytes)"
 fi
 
@@ -115,5 +135,36 @@ cp "$metrics" "$work/metrics_only/metrics.jsonl" 2>/dev/null
 "$binary" report "$work/metrics_only" --output "$work/metrics_only.html" >"$work/metrics_only.out" 2>&1 ||
   fail "report of a run without weights failed: $(cat "$work/metrics_only.out")"
 grep -q "Not computed" "$work/metrics_only.html" 2>/dev/null || fail "a run without weights should say why the map is missing"
+
+# ---- 5. warnings and spikes ---------------------------------------------------------------------
+hot="$work/hot"
+timeout 300 "$binary" train "$source_dir/configs/tiny-cpu.yaml" \
+  --set "data.path=$work/train.bin" --set "data.val_path=$work/val.bin" --set training.steps=30 \
+  --set training.eval_every=0 --set optimizer.lr=0.5 --set optimizer.warmup_steps=1 --set checkpoint.every=0 \
+  --set "logging.run_dir=$hot" --set "checkpoint.dir=$hot/checkpoints" >"$work/hot.out" 2>"$work/hot.err" ||
+  fail "the run with lr 0.5 exited $?: $(tail -3 "$work/hot.err")"
+console=$(grep -c "^switchyard train: warning: " "$work/hot.out")
+logged=$(grep -o '"kind":"[a-z_]*","message"' "$hot/metrics.jsonl" 2>/dev/null | wc -l)
+grep -q "^switchyard train: warning: MoE layer 0: .* router collapse$" "$work/hot.out" ||
+  fail "lr 0.5 collapses the router, yet no collapse warning: $(grep -c '^step' "$work/hot.out") progress lines, $console warnings"
+[ "$console" -eq "$logged" ] || fail "$console warnings on the console, $logged in metrics.jsonl"
+[ "$console" -le 6 ] || fail "$console warnings in 30 steps: the rate limit does not work"
+if timeout 120 "$binary" report "$hot" --no-specialization >"$work/hot_report.out" 2>&1; then
+  grep -q "during training</strong>" "$hot/report.html" || fail "the report does not list the run's warnings"
+  grep -q "router collapse</li>" "$hot/report.html" || fail "the report's warnings lack the collapse"
+else
+  fail "report of the lr 0.5 run failed: $(cat "$work/hot_report.out")"
+fi
+# One wild step (loss 60, grad norm 500) among 40: the charts keep their range and mark it.
+mkdir -p "$work/spiked"
+sed -E '/^\{"step":15,/ { s/"loss":[^,]*/"loss":60/; s/"grad_norm":[^,]*/"grad_norm":500/ }' "$metrics" \
+  >"$work/spiked/metrics.jsonl" 2>/dev/null
+"$binary" report "$work/spiked" --output "$work/spiked.html" >"$work/spiked.out" 2>&1 ||
+  fail "report of the spiked metrics failed: $(cat "$work/spiked.out")"
+markers=$(grep -c 'class="off-scale"' "$work/spiked.html" 2>/dev/null)
+[ "$markers" -ge 2 ] || fail "the loss and grad-norm charts should mark the spike at their top edge ($markers markers)"
+grep -q "<title>loss at 15: 60 (above the axis)</title>" "$work/spiked.html" ||
+  fail "the loss spike's marker should carry its true value"
+grep -q "1 point off the scale (max 500)" "$work/spiked.html" || fail "the grad-norm chart should count its clipped point"
 
 summarize_and_exit "report checks"
