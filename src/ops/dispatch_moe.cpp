@@ -10,7 +10,6 @@ using dispatch::expect_on_device;
 using dispatch::expect_routing_on_device;
 using dispatch::is_cpu;
 
-
 void route(const ExecContext& context, const Tensor& logits, const Tensor* complexity, const RoutingParams& params,
            RoutingResult& result) {
   expect_on_device(context, "route", {&logits});
