@@ -17,7 +17,7 @@ Buffer random_device_buffer(DeviceKind device, DType dtype, int64_t count, float
   Tensor host_float(values.data(), DType::f32, DeviceKind::cpu, {count});
   Tensor host_target = host.view(dtype, {count});
   if (dtype == DType::f32) std::copy(values.begin(), values.end(), host.as<float>());
-  else cpu::convert(host_float, host_target);
+  else ops::convert(ExecContext{DeviceKind::cpu, nullptr}, host_float, host_target);
   Buffer placed(device, host.bytes());
   device_copy(placed.data(), device, host.data(), DeviceKind::cpu, host.bytes());
   return placed;

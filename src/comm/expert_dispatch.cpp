@@ -184,7 +184,7 @@ ExpertDispatcher::ExpertDispatcher(std::shared_ptr<Communicator> expert_parallel
     host_tables_ = direct_tables_.data();
   }
   if (gather_all_counts()) {
-    // The same layout over the host staging, for cpu::ep_receive_layout.
+    // The same layout over the host staging, for ops::ep_receive_layout on a CPU context.
     host_layout_ = layout_;
     auto on_host = [&](Tensor& tensor) {
       const ptrdiff_t at = static_cast<int32_t*>(tensor.data) - direct_tables_.as<int32_t>();
@@ -311,7 +311,8 @@ const ExpertExchangePlan& ExpertDispatcher::finish_count_exchange(const ExecCont
   events_->record_comm(chunks_, *communicator_);
   events_->compute_waits_for_comm(context, chunks_);
   if (gather_all_counts()) {
-    cpu::ep_receive_layout(host_layout_);  // P*L integers: cheaper here than a kernel launch
+    // P*L integers: cheaper on the host than a kernel launch.
+    ops::ep_receive_layout(ExecContext{DeviceKind::cpu, nullptr}, host_layout_);
     upload_direct_tables(context);
   } else {
     ops::ep_receive_layout(context, layout_);

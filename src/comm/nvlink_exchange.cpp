@@ -9,6 +9,8 @@
 #include <sstream>
 #include <utility>
 
+#include "src/ops/ops.h"
+
 #if defined(SWITCHYARD_WITH_CUDA)
 #include <cuda_runtime.h>
 
@@ -49,6 +51,9 @@ uint64_t host_fingerprint() {
   for (const char* c = name; *c; ++c) hash = (hash ^ uint64_t(static_cast<unsigned char>(*c))) * 1099511628211ull;
   return hash;
 }
+
+// The ops of src/ops/ops.h take an execution context: the CUDA one of the caller's stream.
+ExecContext cuda_context(void* stream) { return ExecContext{DeviceKind::cuda, stream}; }
 
 }  // namespace
 
@@ -192,31 +197,31 @@ void NvlinkPeerMemory::reserve(int region_index, size_t bytes) {
   upload_bases(region);
 }
 
-void NvlinkPeerMemory::signal(int kind, void* stream) { cuda::ep_signal_peers(boards_, kind, stream); }
+void NvlinkPeerMemory::signal(int kind, void* stream) { ops::ep_signal_peers(cuda_context(stream), boards_, kind); }
 
 void NvlinkPeerMemory::wait(int kind, void* stream) {
   SY_CHECK(kind >= 0 && kind < kEpSignalKinds, "NvlinkPeerMemory: signal kind ", kind);
   const int64_t timeout_ns = timeout_seconds_ > 0 ? int64_t(timeout_seconds_ * 1e9) : 0;
-  cuda::ep_wait_signals(boards_, kind, ++waits_[kind], timeout_ns, failure_device_, stream);
+  ops::ep_wait_signals(cuda_context(stream), boards_, kind, ++waits_[kind], timeout_ns, failure_device_);
 }
 
 void NvlinkPeerMemory::signal_and_wait(int kind, void* stream) {
   SY_CHECK(kind >= 0 && kind < kEpSignalKinds, "NvlinkPeerMemory: signal kind ", kind);
   const int64_t timeout_ns = timeout_seconds_ > 0 ? int64_t(timeout_seconds_ * 1e9) : 0;
-  cuda::ep_signal_and_wait(boards_, kind, ++waits_[kind], timeout_ns, failure_device_, stream);
+  ops::ep_signal_and_wait(cuda_context(stream), boards_, kind, ++waits_[kind], timeout_ns, failure_device_);
 }
 
 void NvlinkPeerMemory::push(int region, const void* packed, int64_t rows, int64_t row_bytes, int local_experts,
                             const int32_t* packed_offsets, const int32_t* peer_rows, int kind, void* stream) {
   EpPeerRows peers{ranks_, local_experts, rank_, row_bytes, packed_offsets, peer_rows, peer_bases(region)};
-  cuda::ep_push_rows(packed, rows, peers, boards_, kind, block_counter_, stream);
+  ops::ep_push_rows(cuda_context(stream), packed, rows, peers, boards_, kind, block_counter_);
 }
 
 void NvlinkPeerMemory::all_gather_counts(int region, const int32_t* packed_offsets, int64_t segments, int kind,
                                          void* stream) {
   SY_CHECK(size_t(segments) * size_t(ranks_) * sizeof(int32_t) <= bytes(region), "NvlinkPeerMemory: all-gather of ",
            segments, " counts x ", ranks_, " ranks into a region of ", bytes(region), " bytes");
-  cuda::ep_all_gather_counts(packed_offsets, segments, peer_bases(region), boards_, kind, stream);
+  ops::ep_all_gather_counts(cuda_context(stream), packed_offsets, segments, peer_bases(region), boards_, kind);
 }
 
 void NvlinkPeerMemory::pull_combine(int region, int64_t rows, int64_t row_bytes, int local_experts,
@@ -224,14 +229,15 @@ void NvlinkPeerMemory::pull_combine(int region, int64_t rows, int64_t row_bytes,
                                     const int32_t* choice_rows, const float* gates, int64_t num_tokens, int k_max,
                                     DType dtype, void* tokens_out, void* keep, void* stream) {
   EpPeerRows peers{ranks_, local_experts, rank_, row_bytes, packed_offsets, peer_rows, peer_bases(region)};
-  cuda::ep_pull_combine(peers, rows, choice_rows, gates, num_tokens, k_max, dtype, tokens_out, keep, stream);
+  ops::ep_pull_combine(cuda_context(stream), peers, rows, choice_rows, gates, num_tokens, k_max, dtype, tokens_out,
+                       keep);
 }
 
 void NvlinkPeerMemory::zero_padding(int region, int64_t row_bytes, const int32_t* expert_offsets,
                                     const int32_t* expert_totals, int local_experts, int64_t padding_rows,
                                     void* stream) {
-  cuda::ep_zero_padding_rows(local(region), row_bytes, expert_offsets, expert_totals, local_experts, padding_rows,
-                             stream);
+  ops::ep_zero_padding_rows(cuda_context(stream), local(region), row_bytes, expert_offsets, expert_totals,
+                            local_experts, padding_rows);
 }
 
 std::string NvlinkPeerMemory::failure_note() const {

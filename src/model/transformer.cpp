@@ -8,7 +8,7 @@
 
 #include "src/comm/parallel_layout.h"
 #include "src/model/routing_observer.h"
-#include "src/ops/model_dispatch.h"
+#include "src/ops/ops.h"
 #include "src/model/transformer_block.h"
 
 namespace switchyard {
@@ -204,10 +204,10 @@ Tensor Transformer::stat_rows(const Buffer& buffer) const {
 void Transformer::norm_forward(const ExecContext& context, const ModelParameters& parameters, int weight, int bias,
                                const Tensor& x, Tensor& out, Tensor& mean, Tensor& rstd) {
   if (model_.norm == NormKind::layernorm) {
-    model_dispatch::layernorm_forward(context, x, parameters.compute(weight), parameters.compute(bias), kNormEps, out,
-                                      mean, rstd);
+    ops::layernorm_forward(context, x, parameters.compute(weight), parameters.compute(bias), kNormEps, out, mean,
+                           rstd);
   } else {
-    model_dispatch::rmsnorm_forward(context, x, parameters.compute(weight), kNormEps, out, rstd);
+    ops::rmsnorm_forward(context, x, parameters.compute(weight), kNormEps, out, rstd);
   }
 }
 
@@ -232,8 +232,8 @@ void Transformer::forward_body(const ExecContext& context, const ModelParameters
 
   Tensor x0 = rows(residual_[0], model_.d_model);
   Tensor position_table = position_embedding_ >= 0 ? parameters.compute(position_embedding_) : Tensor();
-  model_dispatch::embedding_forward(context, tokens, parameters.compute(token_embedding_),
-                                    position_embedding_ >= 0 ? &position_table : nullptr, seq_len, x0);
+  ops::embedding_forward(context, tokens, parameters.compute(token_embedding_),
+                         position_embedding_ >= 0 ? &position_table : nullptr, seq_len, x0);
   for (size_t index = 0; index < blocks_.size(); ++index) {
     Tensor x = rows(residual_[index], model_.d_model);
     Tensor x_out = rows(residual_[index + 1], model_.d_model);
@@ -257,11 +257,11 @@ void Transformer::forward_block(const ExecContext& context, const ModelParameter
   Tensor qkv = rows(block.qkv_rows, 3 * width);
   ops::gemm(context, false, false, 1.0f, normed, parameters.compute(block.qkv), 0.0f, qkv);
   const AttentionShape shape{batch_, seq_len_, model_.n_heads, model_.head_dim()};
-  if (model_.positions == PositionKind::rotary) model_dispatch::rotary_forward(context, shape, qkv, kRotaryBase, 0, qkv);
+  if (model_.positions == PositionKind::rotary) ops::rotary_forward(context, shape, qkv, kRotaryBase, 0, qkv);
   Tensor attention = rows(block.attention_out, width);
   Tensor stats = block.attention_stats.view(stats_dtype_, {batch_, model_.n_heads, seq_len_});
   Tensor workspace(attention_workspace_.data(), DType::u8, options_.device, {attention_workspace_bytes_});
-  model_dispatch::attention_forward(context, shape, qkv, attention, stats, workspace);
+  ops::attention_forward(context, shape, qkv, attention, stats, workspace);
   Tensor mid = rows(block.mid, width);
   ops::copy(context, x, mid);
   ops::gemm(context, false, false, 1.0f, attention, parameters.compute(block.out), 1.0f, mid);
@@ -302,8 +302,8 @@ void Transformer::forward_loss(const ExecContext& context, const ModelParameters
   Tensor token_losses = stat_rows(token_losses_);
   Tensor summary = loss_summary_.view(stats_dtype_, {kNumCrossEntropySummary});
   Tensor target_view = make_tensor(targets.data, DType::i32, targets.device, {tokens_});
-  model_dispatch::cross_entropy(context, logits_view_, target_view, ce_grad_scale, token_losses, summary,
-                                training ? &logits_view_ : nullptr);
+  ops::cross_entropy(context, logits_view_, target_view, ce_grad_scale, token_losses, summary,
+                     training ? &logits_view_ : nullptr);
   has_training_forward_ = training;
 }
 

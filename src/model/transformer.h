@@ -1,5 +1,5 @@
 // The decoder-only transformer LM: explicit forward and backward over the backend ops
-// (src/ops/ops.h, src/ops/model_dispatch.h) and the MoE block (src/model/moe_block.h).
+// (src/ops/ops.h) and the MoE block (src/model/moe_block.h).
 //
 // Model, for tokens of B sequences of S positions (T = B * S rows, D = d_model):
 //   x_0   = E[token] (+ P[position] with learned positions)         E [V, D], P [S_max, D]

@@ -7,7 +7,7 @@
 // buffer that is then added when accumulating.
 #include <algorithm>
 
-#include "src/ops/model_dispatch.h"
+#include "src/ops/ops.h"
 #include "src/model/transformer_block.h"
 
 namespace switchyard {
@@ -71,11 +71,10 @@ void Transformer::norm_backward(const ExecContext& context, ModelParameters& par
       grad_bias.data = static_cast<char*>(gradient_scratch_.data()) + grad_weight.bytes();
       SY_CHECK(grad_weight.bytes() + grad_bias.bytes() <= gradient_scratch_.bytes(), "norm scratch too small");
     }
-    model_dispatch::layernorm_backward(context, x, weight_values, mean, rstd, grad_out, grad_x, grad_weight,
-                                       grad_bias);
+    ops::layernorm_backward(context, x, weight_values, mean, rstd, grad_out, grad_x, grad_weight, grad_bias);
     if (accumulate) add_gradient(context, grad_bias, bias_target);
   } else {
-    model_dispatch::rmsnorm_backward(context, x, weight_values, rstd, grad_out, grad_x, grad_weight);
+    ops::rmsnorm_backward(context, x, weight_values, rstd, grad_out, grad_x, grad_weight);
   }
   if (accumulate) add_gradient(context, grad_weight, weight_target);
 }
@@ -111,8 +110,8 @@ void Transformer::backward(const ExecContext& context, ModelParameters& paramete
     grad_position = parameters.grad(position_embedding_);
     if (!accumulate) ops::fill_zero(context, grad_position);
   }
-  model_dispatch::embedding_backward(context, tokens_view_, grad_residual, seq_len_, true, grad_embedding,
-                                     position_embedding_ >= 0 ? &grad_position : nullptr);
+  ops::embedding_backward(context, tokens_view_, grad_residual, seq_len_, true, grad_embedding,
+                          position_embedding_ >= 0 ? &grad_position : nullptr);
 }
 
 void Transformer::backward_block(const ExecContext& context, ModelParameters& parameters, Block& block,
@@ -174,9 +173,9 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
   const Tensor stats = block.attention_stats.view(stats_dtype_, {batch_, model_.n_heads, seq_len_});
   Tensor workspace(attention_workspace_.data(), DType::u8, options_.device, {attention_workspace_bytes_});
   Tensor grad_qkv = rows(grad_qkv_, 3 * width);
-  model_dispatch::attention_backward(context, shape, qkv, attention, grad_attention, stats, workspace, grad_qkv);
+  ops::attention_backward(context, shape, qkv, attention, grad_attention, stats, workspace, grad_qkv);
   if (model_.positions == PositionKind::rotary)
-    model_dispatch::rotary_backward(context, shape, grad_qkv, kRotaryBase, 0, grad_qkv);
+    ops::rotary_backward(context, shape, grad_qkv, kRotaryBase, 0, grad_qkv);
   const Tensor normed1 = rows(block.norm1_out, width);
   Tensor grad_qkv_weight = parameters.grad(block.qkv);
   ops::gemm(context, true, false, 1.0f, normed1, grad_qkv, beta, grad_qkv_weight);

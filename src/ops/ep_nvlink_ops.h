@@ -5,6 +5,9 @@
 //
 //   switchyard::cpu::NAME   src/ops/cpu/ep_nvlink.cpp   reference (host pointers stand for peers)
 //   switchyard::cuda::NAME  src/ops/cuda/ep_nvlink.cu   same bytes, on a stream
+//   switchyard::ops::NAME   src/ops/ops.h               picks the backend from the context
+//                                                       (src/ops/dispatch_ep.cpp); the signals
+//                                                       and ep_all_gather_counts are CUDA only
 //
 // Layouts (src/ops/ep_ops.h names). This rank r routed its tokens with segment_alignment 1, so its
 // send rows are packed by global expert: expert e = p*L + l owns packed rows

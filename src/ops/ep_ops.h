@@ -3,7 +3,8 @@
 //
 //   switchyard::cpu::NAME   src/ops/cpu/ep_permute.cpp   reference (any dtype: rows move as bytes)
 //   switchyard::cuda::NAME  src/ops/cuda/ep_permute.cu   same results bit for bit, on a stream
-//   switchyard::ops::NAME   below                        picks the backend from the context
+//   switchyard::ops::NAME   src/ops/ops.h                picks the backend from the context
+//                                                        (src/ops/dispatch_ep.cpp)
 //
 // P ranks form the expert-parallel group, each holding L = E / P consecutive global experts
 // (rank p: experts [p*L, (p+1)*L)). Global expert e = p*L + l is local expert l of rank p.
@@ -46,7 +47,6 @@
 
 #include <cstdint>
 
-#include "src/ops/ops.h"
 #include "src/core/tensor.h"
 
 namespace switchyard {
@@ -92,69 +92,8 @@ void ep_from_expert_layout(const Tensor& padded, const EpReceiveLayout& layout, 
                            int64_t expected_rows, Tensor& packed, void* stream);
 }  // namespace cuda
 
-namespace ops {
-
-namespace ep_detail {
-inline void expect_device(const ExecContext& context, const char* op, std::initializer_list<const Tensor*> tensors) {
-  for (const Tensor* tensor : tensors)
-    SY_CHECK(tensor->device == context.device, "ops::", op, ": tensor ", tensor->describe(),
-             " is not on the context's device (", device_kind_name(context.device), ")");
-}
-inline void expect_layout(const ExecContext& context, const char* op, const EpReceiveLayout& layout) {
-  expect_device(context, op,
-                {&layout.recv_counts, &layout.packed_starts, &layout.expert_totals, &layout.expert_offsets,
-                 &layout.segment_rows, &layout.chunk_offsets});
-}
-[[noreturn]] inline void no_cuda(const char* op) {
-  SY_THROW("ops::", op, ": the context asks for CUDA but this build of switchyard has no CUDA backend");
-}
-}  // namespace ep_detail
-
-inline void ep_send_counts(const ExecContext& context, const Tensor& expert_offsets, Tensor& send_counts) {
-  ep_detail::expect_device(context, "ep_send_counts", {&expert_offsets, &send_counts});
-  if (context.device == DeviceKind::cpu) return cpu::ep_send_counts(expert_offsets, send_counts);
-#if defined(SWITCHYARD_WITH_CUDA)
-  cuda::ep_send_counts(expert_offsets, send_counts, context.stream);
-#else
-  ep_detail::no_cuda("ep_send_counts");
-#endif
-}
-
-inline void ep_receive_layout(const ExecContext& context, EpReceiveLayout& layout) {
-  ep_detail::expect_layout(context, "ep_receive_layout", layout);
-  if (context.device == DeviceKind::cpu) return cpu::ep_receive_layout(layout);
-#if defined(SWITCHYARD_WITH_CUDA)
-  cuda::ep_receive_layout(layout, context.stream);
-#else
-  ep_detail::no_cuda("ep_receive_layout");
-#endif
-}
-
-inline void ep_to_expert_layout(const ExecContext& context, const Tensor& packed, const EpReceiveLayout& layout,
-                                int first_expert, int end_expert, int64_t expected_rows, Tensor& padded) {
-  ep_detail::expect_device(context, "ep_to_expert_layout", {&packed, &padded});
-  ep_detail::expect_layout(context, "ep_to_expert_layout", layout);
-  if (context.device == DeviceKind::cpu)
-    return cpu::ep_to_expert_layout(packed, layout, first_expert, end_expert, expected_rows, padded);
-#if defined(SWITCHYARD_WITH_CUDA)
-  cuda::ep_to_expert_layout(packed, layout, first_expert, end_expert, expected_rows, padded, context.stream);
-#else
-  ep_detail::no_cuda("ep_to_expert_layout");
-#endif
-}
-
-inline void ep_from_expert_layout(const ExecContext& context, const Tensor& padded, const EpReceiveLayout& layout,
-                                  int first_expert, int end_expert, int64_t expected_rows, Tensor& packed) {
-  ep_detail::expect_device(context, "ep_from_expert_layout", {&padded, &packed});
-  ep_detail::expect_layout(context, "ep_from_expert_layout", layout);
-  if (context.device == DeviceKind::cpu)
-    return cpu::ep_from_expert_layout(padded, layout, first_expert, end_expert, expected_rows, packed);
-#if defined(SWITCHYARD_WITH_CUDA)
-  cuda::ep_from_expert_layout(padded, layout, first_expert, end_expert, expected_rows, packed, context.stream);
-#else
-  ep_detail::no_cuda("ep_from_expert_layout");
-#endif
-}
-
-}  // namespace ops
 }  // namespace switchyard
+
+// Last, because ops.h includes this header for its types: callers that include only this header
+// (src/comm/expert_dispatch.h) still get ExecContext and the ops:: entry points.
+#include "src/ops/ops.h"

@@ -5,6 +5,8 @@
 //                                                  call, statistics and losses included), math in double
 //   switchyard::cuda::NAME  src/ops/cuda/NAME.cu   activations bf16, fp16 or fp32; statistics, losses,
 //                                                  weight gradients and optimizer state fp32; int32 ids
+//   switchyard::ops::NAME   src/ops/ops.h          picks the backend from the context's device
+//                                                  (src/ops/dispatch_model.cpp); what model code calls
 //
 // Shapes: T = B * S tokens (rows), B sequences of S positions, D = d_model = H * Dh, H heads of
 // width Dh, V vocabulary entries. All tensors are row-major and contiguous.

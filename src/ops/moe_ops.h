@@ -4,7 +4,8 @@
 //                                                  (every tensor of one call in the same float type)
 //   switchyard::cuda::NAME  src/ops/cuda/NAME.cu   the fast version; activations bf16, router
 //                                                  logits / gates / losses fp32, integer outputs int32
-//   switchyard::ops::NAME   src/ops/ops.cpp        picks the backend from the tensors' device
+//   switchyard::ops::NAME   src/ops/ops.h          picks the backend from the context's device
+//                                                  (src/ops/dispatch_moe.cpp)
 //
 // Shapes: T tokens, D = d_model, F = d_ff, E experts, K = k_max choices per token,
 // R = padded_rows_upper_bound(params): rows of the expert-contiguous layout.

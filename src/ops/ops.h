@@ -1,21 +1,46 @@
-// Backend dispatch: model code calls ops::NAME(context, ...) and never names a backend.
+// The ops layer's public API, and the only way up: code above src/ops (src/comm, src/model,
+// src/train, src/report, src/cli) calls ops::NAME(const ExecContext&, ...) declared here and never
+// names a backend: no cpu:: or cuda::, no include of src/ops/cpu/, src/ops/cuda/ or
+// src/ops/dispatch.h (tests/scripts/test_ops_boundary.sh checks).
 //
-// Every ops:: function takes the parameters of cpu::NAME / cuda::NAME (src/ops/moe_ops.h,
-// src/ops/gemm.h) behind an ExecContext, checks that the tensors live on context.device, and calls
-// the CPU reference or (builds with SWITCHYARD_WITH_CUDA) the CUDA version on context.stream.
+// Every ops:: function takes the parameters of cpu::NAME / cuda::NAME (without the stream) behind
+// an ExecContext, checks that its tensors live on context.device, and calls the CPU reference or
+// (builds with SWITCHYARD_WITH_CUDA) the CUDA version on context.stream. That choice is made in
+// src/ops/dispatch_*.cpp and nowhere else.
 //
-// Besides the MoE ops this header holds what both backends must agree on (routing parameter
-// rules, the capacity formula), the few memory helpers the model needs (fill_zero, copy, convert,
-// add_into, synchronize), and RoutingBuffers, which owns the memory of a RoutingResult and a
-// DispatchMap sized once for the largest token count.
+// What it offers, by family; each family header is the contract (math, layouts, shared types)
+// and declares the backends, cpu:: and cuda::, which only src/ops and the tests use:
+//   MoE layer          route, permute, grouped GEMMs, activations, jitter     src/ops/moe_ops.h
+//   small batch        small_batch_experts (the experts of a few tokens)      src/ops/small_batch_ops.h
+//   router statistics  accumulate_router_sums                                 src/ops/router_sums.h
+//   dense GEMM         gemm                                                   src/ops/gemm.h
+//   dense model        embedding, norms, rotary, attention, cross-entropy,    src/ops/model_ops.h
+//                      adamw_step, grad_norm_and_check
+//   expert parallel    ep_send_counts, ep_receive_layout, ep_*_expert_layout  src/ops/ep_ops.h
+//   nvlink exchange    ep_push_rows, ep_pull_*, ep_zero_padding_rows, the     src/ops/ep_nvlink_ops.h
+//                      signals (CUDA only)
+//   memory helpers     fill_zero, copy, convert, add_into, synchronize        src/ops/elementwise_ops.h
+// Besides the ops: what both backends must agree on (routing parameter rules, the capacity
+// formula) and RoutingBuffers, which owns the memory of a RoutingResult and a DispatchMap sized
+// once for the largest token count.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
+// The family headers, for their types. ep_ops.h and small_batch_ops.h include this header at
+// their end (after their own declarations, so the cycle is harmless): code that includes only
+// one of them still reaches ops::.
+#include "src/ops/elementwise_ops.h"
+#include "src/ops/ep_nvlink_ops.h"
+#include "src/ops/ep_ops.h"
 #include "src/ops/gemm.h"
+#include "src/ops/model_ops.h"
 #include "src/ops/moe_ops.h"
+#include "src/ops/router_sums.h"
+#include "src/ops/small_batch_ops.h"
 #include "src/core/device.h"
 
 namespace switchyard {
@@ -41,13 +66,6 @@ inline int64_t expert_capacity(const RoutingParams& params, int64_t total_choice
 }
 
 inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
-
-namespace cpu {
-// dtype conversion between any two of f32, f64, bf16, f16 (same element count).
-void convert(const Tensor& source, Tensor& destination);
-// accumulator += addend, same float dtype and element count (f32, f64, bf16, f16; math in double).
-void add_into(const Tensor& addend, Tensor& accumulator);
-}  // namespace cpu
 
 namespace ops {
 void route(const ExecContext& context, const Tensor& logits, const Tensor* complexity, const RoutingParams& params,
@@ -92,6 +110,74 @@ void apply_jitter(const ExecContext& context, const Tensor& x, float eps, uint64
                   uint64_t offset, Tensor& out);
 void gemm(const ExecContext& context, bool trans_a, bool trans_b, float alpha, const Tensor& a, const Tensor& b,
           float beta, Tensor& c);
+
+// The small-batch expert path (src/ops/small_batch_ops.h); the CPU reference ignores `workspace`
+// (it may be empty), CUDA needs it on the device.
+void small_batch_experts(const ExecContext& context, ExpertActivation activation, const Tensor& x,
+                         const RoutingResult& routing, const Tensor& w1, const Tensor& w2, Tensor& workspace,
+                         Tensor& y);
+
+// accumulator += this routing's sums (src/ops/router_sums.h). `scratch`: float64
+// [kRouterSumsScratchDoubles] on the device (unused on CPU).
+void accumulate_router_sums(const ExecContext& context, const RoutingResult& routing, const Tensor& logits,
+                            Tensor& accumulator, Tensor& scratch);
+
+// The dense transformer ops (src/ops/model_ops.h).
+void embedding_forward(const ExecContext& context, const Tensor& tokens, const Tensor& token_table,
+                       const Tensor* position_table, int64_t seq_len, Tensor& out);
+void embedding_backward(const ExecContext& context, const Tensor& tokens, const Tensor& grad_out, int64_t seq_len,
+                        bool accumulate, Tensor& grad_token_table, Tensor* grad_position_table);
+void layernorm_forward(const ExecContext& context, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                       float eps, Tensor& out, Tensor& mean, Tensor& rstd);
+void layernorm_backward(const ExecContext& context, const Tensor& x, const Tensor& weight, const Tensor& mean,
+                        const Tensor& rstd, const Tensor& grad_out, Tensor& grad_x, Tensor& grad_weight,
+                        Tensor& grad_bias);
+void rmsnorm_forward(const ExecContext& context, const Tensor& x, const Tensor& weight, float eps, Tensor& out,
+                     Tensor& rstd);
+void rmsnorm_backward(const ExecContext& context, const Tensor& x, const Tensor& weight, const Tensor& rstd,
+                      const Tensor& grad_out, Tensor& grad_x, Tensor& grad_weight);
+void rotary_forward(const ExecContext& context, const AttentionShape& shape, const Tensor& qkv, double base,
+                    int64_t position_offset, Tensor& qkv_out);
+void rotary_backward(const ExecContext& context, const AttentionShape& shape, const Tensor& grad_qkv_out,
+                     double base, int64_t position_offset, Tensor& grad_qkv);
+void attention_forward(const ExecContext& context, const AttentionShape& shape, const Tensor& qkv, Tensor& out,
+                       Tensor& softmax_stats, Tensor& workspace);
+void attention_backward(const ExecContext& context, const AttentionShape& shape, const Tensor& qkv,
+                        const Tensor& out, const Tensor& grad_out, const Tensor& softmax_stats, Tensor& workspace,
+                        Tensor& grad_qkv);
+void cross_entropy(const ExecContext& context, const Tensor& logits, const Tensor& targets, float grad_scale,
+                   Tensor& token_losses, Tensor& summary, Tensor* grad_logits);
+void adamw_step(const ExecContext& context, const std::vector<AdamWTensor>& tensors, const AdamWParams& params);
+void grad_norm_and_check(const ExecContext& context, const std::vector<Tensor>& tensors, Tensor& result);
+
+// Expert-parallel row moves (src/ops/ep_ops.h).
+void ep_send_counts(const ExecContext& context, const Tensor& expert_offsets, Tensor& send_counts);
+void ep_receive_layout(const ExecContext& context, EpReceiveLayout& layout);
+void ep_to_expert_layout(const ExecContext& context, const Tensor& packed, const EpReceiveLayout& layout,
+                         int first_expert, int end_expert, int64_t expected_rows, Tensor& padded);
+void ep_from_expert_layout(const ExecContext& context, const Tensor& padded, const EpReceiveLayout& layout,
+                           int first_expert, int end_expert, int64_t expected_rows, Tensor& packed);
+
+// Direct peer row moves of the nvlink transport (src/ops/ep_nvlink_ops.h): raw pointers,
+// device-visible on CUDA, host memory standing for the peers' on CPU. The CPU reference moves the
+// rows on the spot and has no signal boards: it ignores `signal`, `signal_kind`, `block_counter`
+// and the launch-size hint `max_padding_rows`.
+void ep_push_rows(const ExecContext& context, const void* packed, int64_t rows, const EpPeerRows& peers,
+                  const EpSignalBoards& signal, int signal_kind, unsigned* block_counter);
+void ep_pull_rows(const ExecContext& context, void* packed, int64_t rows, const EpPeerRows& peers);
+void ep_pull_combine(const ExecContext& context, const EpPeerRows& peers, int64_t rows, const int32_t* choice_rows,
+                     const float* gates, int64_t num_tokens, int k_max, DType dtype, void* tokens_out, void* keep);
+void ep_zero_padding_rows(const ExecContext& context, void* padded, int64_t row_bytes, const int32_t* expert_offsets,
+                          const int32_t* expert_totals, int local_experts, int64_t max_padding_rows);
+// The signals and the count all-gather live in peer-mapped device memory: CUDA only (a CPU
+// context is an error naming the op).
+void ep_signal_peers(const ExecContext& context, const EpSignalBoards& signal, int signal_kind);
+void ep_all_gather_counts(const ExecContext& context, const int32_t* packed_offsets, int64_t segments,
+                          void* const* peer_bases, const EpSignalBoards& signal, int signal_kind);
+void ep_wait_signals(const ExecContext& context, const EpSignalBoards& signal, int signal_kind,
+                     unsigned long long expected, int64_t timeout_ns, EpWaitFailure* failure);
+void ep_signal_and_wait(const ExecContext& context, const EpSignalBoards& signal, int signal_kind,
+                        unsigned long long expected, int64_t timeout_ns, EpWaitFailure* failure);
 
 // Memory helpers, ordered on context.stream like the ops.
 void fill_zero(const ExecContext& context, Tensor& tensor);

@@ -16,15 +16,23 @@
 //   [kRouterAuxSum]       losses[kAuxLoss]                   (weighted, as routing computed it)
 //   [kRouterZSum]         losses[kZLoss]
 //   [kNumRouterSums + e]  expert_counts[e]                   choices routed to e before capacity
-// CPU: f32 or f64 logits / gates / logsumexp / losses (the reference's float type), summed in
-// double. CUDA: fp32 inputs; per-token terms are reduced in double by a grid of blocks into a
-// fixed partial per block, then one block adds the partials in block order: deterministic, no
-// atomics, two small kernels, no host synchronization.
+//
+//   switchyard::cpu::accumulate_router_sums   src/ops/cpu/router_sums.cpp   f32 or f64 logits / gates /
+//                                             logsumexp / losses (the reference's float type),
+//                                             summed in double
+//   switchyard::cuda::accumulate_router_sums  src/ops/cuda/router_sums.cu   fp32 inputs; per-token terms
+//                                             are reduced in double by a grid of blocks into a fixed
+//                                             partial per block, then one block adds the partials in
+//                                             block order: deterministic, no atomics, two small
+//                                             kernels, no host synchronization
+//   switchyard::ops::accumulate_router_sums   src/ops/ops.h                 picks the backend
+//                                                                           (src/ops/dispatch_moe.cpp)
 #pragma once
 
 #include <cstdint>
 
-#include "src/ops/ops.h"
+#include "src/ops/moe_ops.h"
+#include "src/core/tensor.h"
 
 namespace switchyard {
 
@@ -45,15 +53,23 @@ enum RouterSum : int {
 // on the same stream.
 constexpr int64_t kRouterSumsScratchDoubles = 4 * 128;
 
+// The sizes of one call: T tokens, E experts, K choice columns.
+struct RouterSumsShape {
+  int64_t tokens = 0, experts = 0, choices = 0;
+};
+// Checks what every backend relies on (SY_CHECK naming the tensor): logits [T, E]; expert_ids and
+// slots int32 [T, K]; gates [T, K], logsumexp [T] and losses of the logits' float type;
+// expert_counts int32 [E]; scalars int32; accumulator float64 [kNumRouterSums + E]; all on `device`.
+RouterSumsShape validate_router_sums_arguments(const RoutingResult& routing, const Tensor& logits,
+                                               const Tensor& accumulator, DeviceKind device);
+
 namespace cpu {
 void accumulate_router_sums(const RoutingResult& routing, const Tensor& logits, Tensor& accumulator);
 }
 namespace cuda {
+// `scratch`: float64 [kRouterSumsScratchDoubles] on the device.
 void accumulate_router_sums(const RoutingResult& routing, const Tensor& logits, Tensor& accumulator, Tensor& scratch,
                             void* stream);
 }
-// Backend by context.device. `scratch`: float64 [kRouterSumsScratchDoubles] on the device (unused on CPU).
-void accumulate_router_sums(const ExecContext& context, const RoutingResult& routing, const Tensor& logits,
-                            Tensor& accumulator, Tensor& scratch);
 
 }  // namespace switchyard

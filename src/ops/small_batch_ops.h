@@ -3,7 +3,8 @@
 //
 //   switchyard::cpu::small_batch_experts   src/ops/cpu/small_batch_experts.cpp   f32 or f64 reference
 //   switchyard::cuda::small_batch_experts  src/ops/cuda/small_batch_experts.cu   bf16 / f16, two kernels
-//   switchyard::ops::small_batch_experts   below                                 picks the backend
+//   switchyard::ops::small_batch_experts   src/ops/ops.h                         picks the backend
+//                                                                                (src/ops/dispatch_moe.cpp)
 //
 // Math (T tokens, K choices per token, D = d_model, F = d_ff, E experts; conventions of
 // src/ops/moe_ops.h):
@@ -43,10 +44,8 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <initializer_list>
 
 #include "src/ops/moe_ops.h"
-#include "src/ops/ops.h"
 #include "src/core/tensor.h"
 
 namespace switchyard {
@@ -145,26 +144,8 @@ void small_batch_experts(ExpertActivation activation, const Tensor& x, const Rou
                          const Tensor& w2, Tensor& workspace, Tensor& y, void* stream);
 }  // namespace cuda
 
-namespace ops {
-// The backend of context.device; the CPU reference ignores `workspace` (it may be empty).
-inline void small_batch_experts(const ExecContext& context, ExpertActivation activation, const Tensor& x,
-                                const RoutingResult& routing, const Tensor& w1, const Tensor& w2, Tensor& workspace,
-                                Tensor& y) {
-  const std::initializer_list<const Tensor*> tensors = {&x, &w1, &w2, &y, &routing.expert_ids, &routing.gates,
-                                                        &routing.slots, &routing.scalars};
-  for (const Tensor* tensor : tensors)
-    SY_CHECK(tensor->device == context.device, "ops::small_batch_experts: tensor ", tensor->describe(),
-             " is not on the context's device (", device_kind_name(context.device), ")");
-  if (context.device == DeviceKind::cpu) return cpu::small_batch_experts(activation, x, routing, w1, w2, y);
-#if defined(SWITCHYARD_WITH_CUDA)
-  SY_CHECK(workspace.device == DeviceKind::cuda, "ops::small_batch_experts: workspace ", workspace.describe(),
-           " is not on cuda");
-  cuda::small_batch_experts(activation, x, routing, w1, w2, workspace, y, context.stream);
-#else
-  (void)workspace;
-  SY_THROW("ops::small_batch_experts: the context asks for CUDA but this build of switchyard has no CUDA backend");
-#endif
-}
-}  // namespace ops
-
 }  // namespace switchyard
+
+// Last, because ops.h includes this header for its types: callers that include only this header
+// still get ExecContext and ops::small_batch_experts.
+#include "src/ops/ops.h"

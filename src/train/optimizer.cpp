@@ -1,7 +1,7 @@
 // AdamW and gradient norms over parameter groups (src/train/optimizer.h).
 #include "src/train/optimizer.h"
 
-#include "src/ops/model_dispatch.h"
+#include "src/ops/ops.h"
 
 namespace switchyard {
 
@@ -54,7 +54,7 @@ void AdamWOptimizer::step(const ExecContext& context, double lr, double grad_sca
   params.weight_decay = config_.weight_decay;
   params.step = updates_ + 1;
   params.grad_scale = grad_scale;
-  if (!entries_.empty()) model_dispatch::adamw_step(context, entries_, params);
+  if (!entries_.empty()) ops::adamw_step(context, entries_, params);
   ++updates_;
 }
 
@@ -66,7 +66,7 @@ GradientNorms AdamWOptimizer::gradient_norms(const ExecContext& context) {
   for (int group = 0; group < kNumParameterGroups; ++group) {
     const ParameterGroup which = ParameterGroup(group);
     if (parameters_.layout().group_elements(which) == 0) continue;
-    model_dispatch::grad_norm_and_check(context, {parameters_.grad_group(which)}, result);
+    ops::grad_norm_and_check(context, {parameters_.grad_group(which)}, result);
     double values[kNumGradCheckResults] = {};
     float float_values[kNumGradCheckResults] = {};
     Tensor host(result_dtype == DType::f64 ? static_cast<void*>(values) : static_cast<void*>(float_values),

@@ -65,7 +65,7 @@ void RouterStatsRecorder::record(const ExecContext& context, int moe_layer, cons
   Tensor layer_sums(sums_.as<double>() + size_t(moe_layer) * size_t(layer_stride()), DType::f64, device_,
                     {layer_stride()});
   Tensor scratch = device_ == DeviceKind::cuda ? scratch_.view(DType::f64, {kRouterSumsScratchDoubles}) : Tensor();
-  accumulate_router_sums(context, routing, logits, layer_sums, scratch);
+  ops::accumulate_router_sums(context, routing, logits, layer_sums, scratch);
   ++pending_forwards_;
 }
 

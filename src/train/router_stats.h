@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "src/comm/communicator.h"
+#include "src/ops/ops.h"
 #include "src/ops/router_sums.h"
 #include "src/model/routing_observer.h"
 #include "src/core/device.h"

@@ -1,10 +1,5 @@
-// CPU elementwise helpers the model needs next to the MoE ops (declared in src/ops/ops.h):
-//   convert:  destination[i] = source[i] in destination's float type (f32, f64, bf16, f16;
-//             rounding to nearest even, as the hardware does)
-//   add_into: accumulator[i] += addend[i] (same float type; the sum is formed in double and
-//             rounded once)
-// Tensors are contiguous; only element counts must match (shapes are views of the same data).
-#include "src/ops/ops.h"
+// CPU reference of the elementwise helpers (contract: src/ops/elementwise_ops.h).
+#include "src/ops/elementwise_ops.h"
 
 namespace switchyard {
 namespace cpu {

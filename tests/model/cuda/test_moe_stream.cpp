@@ -14,6 +14,7 @@
 #include <random>
 #include <vector>
 
+#include "src/ops/ops.h"
 #include "src/ops/router_sums.h"
 #include "src/core/timing.h"
 #include "src/model/moe_stream.h"
@@ -242,8 +243,9 @@ TEST(RouterSumsCuda, MatchTheCpuReferenceOnTheSameRouting) {
     Tensor accumulator_view = accumulator.view(DType::f64, {width});
     Tensor scratch_view = scratch.view(DType::f64, {kRouterSumsScratchDoubles});
     device_memset(scratch.data(), DeviceKind::cuda, 0xFF, scratch.bytes());  // poison the partials
-    accumulate_router_sums(context, layer.routing(), layer.logits(), accumulator_view, scratch_view);
-    accumulate_router_sums(context, layer.routing(), layer.logits(), accumulator_view, scratch_view);  // adds twice
+    // Twice: the second call adds to the first.
+    ops::accumulate_router_sums(context, layer.routing(), layer.logits(), accumulator_view, scratch_view);
+    ops::accumulate_router_sums(context, layer.routing(), layer.logits(), accumulator_view, scratch_view);
     HostTensor got(DType::f64, {width});
     device_copy(got.tensor().data, DeviceKind::cpu, accumulator.data(), DeviceKind::cuda, size_t(width) * 8);
 

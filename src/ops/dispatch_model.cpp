@@ -1,34 +1,19 @@
-// Backend dispatch of the dense transformer ops (src/ops/model_dispatch.h): the tensors must
-// live on the context's device; CPU calls the reference, CUDA builds call cuda:: on the stream.
-#include "src/ops/model_dispatch.h"
-
-#include <initializer_list>
+// Backend dispatch of the dense GEMM (src/ops/gemm.h) and the dense transformer ops
+// (src/ops/model_ops.h); declared in src/ops/ops.h, rules in src/ops/dispatch.h.
+#include "src/ops/dispatch.h"
 
 namespace switchyard {
-namespace model_dispatch {
-namespace {
+namespace ops {
 
-void expect_on_device(const ExecContext& context, const char* op, std::initializer_list<const Tensor*> tensors) {
-  for (const Tensor* tensor : tensors) {
-    if (tensor == nullptr) continue;
-    SY_CHECK(tensor->device == context.device, "model_dispatch::", op, ": tensor ", tensor->describe(),
-             " is not on ", device_kind_name(context.device), ", the device of the execution context");
-  }
+using dispatch::expect_on_device;
+using dispatch::is_cpu;
+
+void gemm(const ExecContext& context, bool trans_a, bool trans_b, float alpha, const Tensor& a, const Tensor& b,
+          float beta, Tensor& c) {
+  expect_on_device(context, "gemm", {&a, &b, &c});
+  if (is_cpu(context)) return cpu::gemm(trans_a, trans_b, alpha, a, b, beta, c);
+  SY_CUDA_BACKEND("gemm", cuda::gemm(trans_a, trans_b, alpha, a, b, beta, c, context.stream));
 }
-
-bool is_cpu(const ExecContext& context) { return context.device == DeviceKind::cpu; }
-
-[[maybe_unused]] [[noreturn]] void no_cuda_backend(const char* op) {
-  SY_THROW("model_dispatch::", op, ": the context asks for CUDA but this build of switchyard has no CUDA backend");
-}
-
-}  // namespace
-
-#if defined(SWITCHYARD_WITH_CUDA)
-#define SY_CUDA_BACKEND(op, call) call
-#else
-#define SY_CUDA_BACKEND(op, call) no_cuda_backend(op)
-#endif
 
 void embedding_forward(const ExecContext& context, const Tensor& tokens, const Tensor& token_table,
                        const Tensor* position_table, int64_t seq_len, Tensor& out) {
@@ -140,7 +125,5 @@ void grad_norm_and_check(const ExecContext& context, const std::vector<Tensor>& 
   SY_CUDA_BACKEND("grad_norm_and_check", cuda::grad_norm_and_check(tensors, result, context.stream));
 }
 
-#undef SY_CUDA_BACKEND
-
-}  // namespace model_dispatch
+}  // namespace ops
 }  // namespace switchyard

@@ -1,4 +1,5 @@
-// Router running sums: the CPU reference and the backend dispatch (src/ops/router_sums.h).
+// Router running sums: the argument checks both backends share and the CPU reference
+// (contract: src/ops/router_sums.h).
 #include "src/ops/router_sums.h"
 
 #include <cmath>
@@ -6,17 +7,17 @@
 #include "src/core/error.h"
 
 namespace switchyard {
-namespace {
 
-// Checks the shapes every backend relies on; returns (T, E, K) through the references.
-void check_router_sums_arguments(const RoutingResult& routing, const Tensor& logits, const Tensor& accumulator,
-                                 DeviceKind device, int64_t& tokens, int64_t& experts, int64_t& choices) {
+RouterSumsShape validate_router_sums_arguments(const RoutingResult& routing, const Tensor& logits,
+                                               const Tensor& accumulator, DeviceKind device) {
   SY_CHECK(logits.rank == 2, "accumulate_router_sums: logits must be [T, E], got ", logits.describe());
-  tokens = logits.dim(0);
-  experts = logits.dim(1);
-  SY_CHECK(routing.expert_ids.rank == 2 && routing.expert_ids.dim(0) == tokens, "accumulate_router_sums: expert_ids ",
-           routing.expert_ids.describe(), " do not match logits ", logits.describe());
-  choices = routing.expert_ids.dim(1);
+  RouterSumsShape shape;
+  shape.tokens = logits.dim(0);
+  shape.experts = logits.dim(1);
+  SY_CHECK(routing.expert_ids.rank == 2 && routing.expert_ids.dim(0) == shape.tokens,
+           "accumulate_router_sums: expert_ids ", routing.expert_ids.describe(), " do not match logits ",
+           logits.describe());
+  shape.choices = routing.expert_ids.dim(1);
   auto expect = [&](const Tensor& tensor, DType dtype, int64_t count, const char* what) {
     SY_CHECK(tensor.dtype == dtype && tensor.numel() == count && tensor.device == device && tensor.data != nullptr,
              "accumulate_router_sums: ", what, " must be ", dtype_name(dtype), "[", count, "] on ",
@@ -24,15 +25,18 @@ void check_router_sums_arguments(const RoutingResult& routing, const Tensor& log
   };
   const DType float_dtype = logits.dtype;
   SY_CHECK(logits.device == device, "accumulate_router_sums: logits on ", device_kind_name(logits.device));
-  expect(routing.expert_ids, DType::i32, tokens * choices, "expert_ids");
-  expect(routing.slots, DType::i32, tokens * choices, "slots");
-  expect(routing.gates, float_dtype, tokens * choices, "gates");
-  expect(routing.logsumexp, float_dtype, tokens, "logsumexp");
-  expect(routing.expert_counts, DType::i32, experts, "expert_counts");
+  expect(routing.expert_ids, DType::i32, shape.tokens * shape.choices, "expert_ids");
+  expect(routing.slots, DType::i32, shape.tokens * shape.choices, "slots");
+  expect(routing.gates, float_dtype, shape.tokens * shape.choices, "gates");
+  expect(routing.logsumexp, float_dtype, shape.tokens, "logsumexp");
+  expect(routing.expert_counts, DType::i32, shape.experts, "expert_counts");
   expect(routing.scalars, DType::i32, kNumRoutingScalars, "scalars");
   expect(routing.losses, float_dtype, kNumRoutingLosses, "losses");
-  expect(accumulator, DType::f64, kNumRouterSums + experts, "accumulator");
+  expect(accumulator, DType::f64, kNumRouterSums + shape.experts, "accumulator");
+  return shape;
 }
+
+namespace {
 
 template <typename Float>
 void accumulate_host(const RoutingResult& routing, const Tensor& logits, int64_t tokens, int64_t experts,
@@ -78,34 +82,14 @@ void accumulate_host(const RoutingResult& routing, const Tensor& logits, int64_t
 
 namespace cpu {
 void accumulate_router_sums(const RoutingResult& routing, const Tensor& logits, Tensor& accumulator) {
-  int64_t tokens = 0, experts = 0, choices = 0;
-  check_router_sums_arguments(routing, logits, accumulator, DeviceKind::cpu, tokens, experts, choices);
+  const RouterSumsShape shape = validate_router_sums_arguments(routing, logits, accumulator, DeviceKind::cpu);
   if (logits.dtype == DType::f64)
-    accumulate_host<double>(routing, logits, tokens, experts, choices, accumulator);
+    accumulate_host<double>(routing, logits, shape.tokens, shape.experts, shape.choices, accumulator);
   else if (logits.dtype == DType::f32)
-    accumulate_host<float>(routing, logits, tokens, experts, choices, accumulator);
+    accumulate_host<float>(routing, logits, shape.tokens, shape.experts, shape.choices, accumulator);
   else
     SY_THROW("cpu::accumulate_router_sums: logits must be f32 or f64, got ", dtype_name(logits.dtype));
 }
 }  // namespace cpu
-
-void accumulate_router_sums(const ExecContext& context, const RoutingResult& routing, const Tensor& logits,
-                            Tensor& accumulator, Tensor& scratch) {
-  if (context.device == DeviceKind::cpu) {
-    cpu::accumulate_router_sums(routing, logits, accumulator);
-    return;
-  }
-#if defined(SWITCHYARD_WITH_CUDA)
-  int64_t tokens = 0, experts = 0, choices = 0;
-  check_router_sums_arguments(routing, logits, accumulator, DeviceKind::cuda, tokens, experts, choices);
-  SY_CHECK(
-      scratch.dtype == DType::f64 && scratch.device == DeviceKind::cuda && scratch.numel() >= kRouterSumsScratchDoubles,
-      "accumulate_router_sums: scratch must be f64[", kRouterSumsScratchDoubles, "] on cuda, got ", scratch.describe());
-  cuda::accumulate_router_sums(routing, logits, accumulator, scratch, context.stream);
-#else
-  (void)scratch;
-  SY_THROW("accumulate_router_sums: this build has no CUDA backend");
-#endif
-}
 
 }  // namespace switchyard
