@@ -268,6 +268,10 @@ std::vector<ConfigField> build_fields() {
               }));
   add(integer_field("optimizer", "warmup_steps", &C::optimizer, &OptimizerConfig::warmup_steps, 0, kInt64Max,
                     "linear warm-up from 0 to lr (<= training.steps)"));
+  add(choice_field("optimizer", "extend_schedule", &OptimizerConfig::extend_schedule, &C::optimizer,
+                   {{"stretch", ScheduleExtension::stretch}, {"keep_end", ScheduleExtension::keep_end}},
+                   "resuming with more training.steps than the checkpoint's run planned: stretch = the cosine "
+                   "is recomputed over the new total; keep_end = the old schedule's end stands (min_lr after it)"));
   add(real_field("optimizer", "weight_decay", &OptimizerConfig::weight_decay, &C::optimizer, 0.0, false, 10.0, false,
                  "decoupled weight decay (not applied to norms and biases)"));
   add(real_field("optimizer", "beta1", &OptimizerConfig::beta1, &C::optimizer, 0.0, false, 1.0, true,
