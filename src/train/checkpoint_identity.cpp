@@ -37,6 +37,23 @@ Config parse_stored_config(const std::string& config_yaml, const std::string& ma
   }
 }
 
+// manifest_to_json writes run_id and model_fingerprint among the first members, long before the
+// tensor list: the first few kilobytes hold them.
+constexpr size_t kManifestHeadBytes = 4096;
+
+// The string value of the first `"key": "..."` in `head`; "" when there is none.
+std::string head_string_member(const std::string& head, const std::string& key) {
+  const std::string quoted = "\"" + key + "\"";
+  size_t at = head.find(quoted);
+  if (at == std::string::npos) return "";
+  at = head.find_first_not_of(" \t\r\n", at + quoted.size());
+  if (at == std::string::npos || head[at] != ':') return "";
+  at = head.find_first_not_of(" \t\r\n", at + 1);
+  if (at == std::string::npos || head[at] != '"') return "";
+  const size_t end = head.find('"', at + 1);
+  return end == std::string::npos ? "" : head.substr(at + 1, end - at - 1);
+}
+
 std::string read_small_file(const std::string& path) {
   std::ifstream stream(path, std::ios::binary);
   if (!stream) return "";
@@ -129,21 +146,28 @@ CheckpointOrigin read_checkpoint_origin(const CheckpointListing& item) {
   origin.path = item.path;
   origin.step = item.step;
   origin.complete = item.complete;
-  const std::string manifest_path = (fs::path(item.path) / kCheckpointManifestFile).string();
-  try {
-    const json::Value manifest = json::parse(read_text_file(manifest_path, "checkpoint manifest"), manifest_path);
-    if (!manifest.is_object()) return origin;
-    if (const json::Value* run_id = manifest.find("run_id"); run_id && run_id->is_string())
-      origin.run_id = run_id->as_string(manifest_path);
-    if (const json::Value* fingerprint = manifest.find("model_fingerprint"); fingerprint && fingerprint->is_string())
-      origin.model_fingerprint = fingerprint->as_string(manifest_path);
-    if (const json::Value* config = manifest.find("config"); config && config->is_string())
-      origin.config_yaml = config->as_string(manifest_path);
-    origin.manifest_read = true;
-  } catch (const Error&) {
-    // Unreadable: its origin is unknown (never ours to remove); loading it says what is wrong.
-  }
+  std::ifstream stream(fs::path(item.path) / kCheckpointManifestFile, std::ios::binary);
+  if (!stream) return origin;
+  std::string head(kManifestHeadBytes, '\0');
+  stream.read(head.data(), std::streamsize(head.size()));
+  head.resize(size_t(stream.gcount()));
+  origin.has_manifest = true;
+  origin.run_id = head_string_member(head, "run_id");
+  origin.model_fingerprint = head_string_member(head, "model_fingerprint");
+  // Only run ids and fingerprints of the right form count; anything else is an unknown origin.
+  if (!is_run_id(origin.run_id)) origin.run_id.clear();
+  if (!is_run_id(origin.model_fingerprint)) origin.model_fingerprint.clear();
   return origin;
+}
+
+std::vector<std::string> origin_model_differences(const CheckpointOrigin& origin, const Config& config) {
+  const std::string manifest_path = (fs::path(origin.path) / kCheckpointManifestFile).string();
+  if (!origin.model_fingerprint.empty() && origin.model_fingerprint == model_fingerprint(config)) return {};
+  const json::Value manifest = json::parse(read_text_file(manifest_path, "checkpoint manifest"), manifest_path);
+  const json::Value* stored = manifest.find("config");
+  if (stored == nullptr || !stored->is_string()) SY_BAD_INPUT("checkpoint ", manifest_path, " holds no config");
+  return checkpoint_model_differences(origin.model_fingerprint, stored->as_string(manifest_path), manifest_path,
+                                      config);
 }
 
 std::vector<CheckpointOrigin> list_checkpoint_origins(const std::string& root) {
@@ -163,19 +187,16 @@ ResumeCandidates auto_resume_candidates(const std::string& root, const Config& c
                                ": incomplete (no COMPLETE marker: its save did not finish)");
       continue;
     }
-    if (origin->manifest_read) {
-      std::vector<std::string> differences;
-      try {
-        differences = checkpoint_model_differences(origin->model_fingerprint, origin->config_yaml,
-                                                   (fs::path(origin->path) / kCheckpointManifestFile).string(), config);
-      } catch (const Error&) {
-        // The stored config does not load: left in, so that loading reports it.
-      }
-      if (!differences.empty()) {
-        result.skipped.push_back("skipping " + origin->path + ": another model (" + join_differences(differences) +
-                                 "); not loaded");
-        continue;
-      }
+    std::vector<std::string> differences;
+    try {
+      differences = origin_model_differences(*origin, config);
+    } catch (const Error&) {
+      // The manifest or its stored config does not read: left in, so that loading reports why.
+    }
+    if (!differences.empty()) {
+      result.skipped.push_back("skipping " + origin->path + ": another model (" + join_differences(differences) +
+                               "); not loaded");
+      continue;
     }
     const bool ours = !preferred_run_id.empty() && origin->run_id == preferred_run_id;
     (ours ? preferred : others).push_back(origin->path);

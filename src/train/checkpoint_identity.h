@@ -56,25 +56,29 @@ int64_t stored_training_steps(const std::string& config_yaml, const std::string&
 
 // ---- Checkpoint folders -------------------------------------------------------------------------
 
-// A step directory with what its manifest.json says about its origin, read without checking the
-// marker or the shards (so that a damaged checkpoint is still placed, and reported when loaded).
+// A step directory with what its manifest.json says about its origin, read from the start of the
+// file only (manifest_to_json writes run_id and model_fingerprint before the tensor list, so a
+// folder of large manifests is cheap to survey), without checking the marker or the shards.
 struct CheckpointOrigin {
   std::string path;
   int64_t step = 0;
-  bool complete = false;         // holds a COMPLETE marker
-  bool manifest_read = false;    // manifest.json parsed; the fields below are valid
-  std::string run_id;            // "" for a manifest of an earlier version
-  std::string model_fingerprint; // "" for a manifest of an earlier version
-  std::string config_yaml;
+  bool complete = false;          // holds a COMPLETE marker
+  bool has_manifest = false;      // manifest.json exists and could be read
+  std::string run_id;             // "" for a manifest of an earlier version (or unreadable)
+  std::string model_fingerprint;  // "" likewise
 };
 CheckpointOrigin read_checkpoint_origin(const CheckpointListing& item);
 // Every step directory of `root`, oldest first (list_checkpoints), with its origin.
 std::vector<CheckpointOrigin> list_checkpoint_origins(const std::string& root);
+// How the model of the checkpoint at `origin` differs from `config` (checkpoint_model_differences;
+// the stored config is read only when the fingerprints differ). SY_BAD_INPUT when the manifest or
+// its stored config does not read.
+std::vector<std::string> origin_model_differences(const CheckpointOrigin& origin, const Config& config);
 
 // What --resume auto tries, in order, and what it leaves out (one line each, "skipping PATH: why"):
 // complete checkpoints of this model, those of `preferred_run_id` (the run directory's run) first,
 // each group newest step first. Incomplete ones and those of another model are left out; one whose
-// manifest cannot be read stays in (loading it reports why it fails).
+// manifest or stored config cannot be read stays in (loading it reports why it fails).
 struct ResumeCandidates {
   std::vector<std::string> paths;
   std::vector<std::string> skipped;
