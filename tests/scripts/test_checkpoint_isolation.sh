@@ -128,8 +128,10 @@ unchanged "B: the 3-expert run resumed"
 
 # --start-over in the first run's directory: a new run beside the others, deleting nothing.
 failures_before=$failures
+"$binary" train --help | grep -q -- "--start-over" || fail "B: train --help does not document --start-over"
 cp runs/b-ep2/config.yaml "$work/b-ep2.config.yaml"
 cp runs/b-ep2/metrics.jsonl "$work/b-ep2.metrics.jsonl"
+cp runs/b-ep2/final.weights "$work/b-ep2.final.weights"
 before_start_over="$(snapshot shared)"
 train b_start_over --set logging.run_dir=runs/b-ep2 --set checkpoint.dir=shared --set parallel.ep_size=1 --start-over
 expect_ok b_start_over "B: --start-over"
@@ -141,6 +143,8 @@ cmp -s runs/b-ep2/config.before-start-over-1.yaml "$work/b-ep2.config.yaml" ||
   fail "B: --start-over did not keep the previous config.yaml"
 cmp -s runs/b-ep2/metrics.before-start-over-1.jsonl "$work/b-ep2.metrics.jsonl" ||
   fail "B: --start-over did not keep the previous metrics"
+cmp -s runs/b-ep2/final.before-start-over-1.weights "$work/b-ep2.final.weights" ||
+  fail "B: --start-over did not keep the previous final.weights"
 [ "$(cat runs/b-ep2/run_id)" = "$new_id" ] || fail "B: runs/b-ep2/run_id is not the new run's"
 train b_start_over_more --set logging.run_dir=runs/b-ep2 --set checkpoint.dir=shared --set parallel.ep_size=1 \
   --set training.steps=5 --resume auto
