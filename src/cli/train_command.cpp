@@ -282,9 +282,14 @@ int command_train(int argc, char** argv) {
   TrainingSetup setup = set_up_training(options);
   const bool rank0 = is_rank0(*setup.process);
   if (options.dry_run) {
-    // Nothing is loaded, so only a plain fresh start, which replaces nothing, records its config.
-    if (rank0 && setup.config.checkpoint.resume == "none" && !options.start_over)
+    // No checkpoint is loaded, so only a plain fresh start, which replaces nothing, records its config.
+    if (rank0 && setup.config.checkpoint.resume == "none" && !options.start_over) {
       record_config(setup.config, false, {});
+    } else if (rank0) {
+      std::cout << config_to_yaml(setup.config)
+                << "switchyard train: dry run: config.yaml not written (a dry run loads no checkpoint and moves "
+                   "nothing aside)\n";
+    }
     if (rank0) std::cout << "switchyard train: dry run: set-up complete, not training\n";
     return kExitOk;
   }
