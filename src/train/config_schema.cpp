@@ -325,9 +325,9 @@ std::vector<ConfigField> build_fields() {
   add(integer_field("checkpoint", "every", &C::checkpoint, &CheckpointConfig::every, 0, kInt64Max,
                     "save every N steps (and at the end); 0 = only at the end"));
   add(integer_field("checkpoint", "keep_last", &C::checkpoint, &CheckpointConfig::keep_last, 0, 1000000,
-                    "keep the newest N checkpoints; 0 = keep all"));
+                    "keep this run's newest N checkpoints (another run's are never removed); 0 = keep all"));
   add(text_field("checkpoint", "resume", &CheckpointConfig::resume, &C::checkpoint,
-                 "none, auto (newest complete checkpoint in dir, if any) or a checkpoint path"));
+                 "none, auto (newest complete checkpoint of this model in dir, if any) or a checkpoint path"));
 
   // logging
   add(derived(text_field("logging", "run_dir", &LoggingConfig::run_dir, &C::logging,
