@@ -1,18 +1,22 @@
-// switchyard train CONFIG.yaml [--set k=v]... [--resume auto|PATH] [--dry-run]
+// switchyard train CONFIG.yaml [--set k=v]... [--resume auto|PATH | --start-over] [--dry-run]
 //
-// Set-up, in an order that makes bad input fail fast and identically on every rank:
+// Set-up, in an order that makes bad input fail fast and identically on every rank, and changes
+// nothing of the run (config.yaml, metrics, checkpoints) before every input is verified:
 //   1. before MPI starts (so each rank exits 2 on its own, with no collective to hang in):
 //      load + validate the config, resolve the device, open and check the data files, check a
 //      --resume path (its completion marker, manifest, shard files and model; the tensors'
-//      checksums are verified as they load), check that the run directory holds no different run;
+//      checksums are verified as they load), check that the run directory holds no different run
+//      and that a run from step 0 does not save among another run's checkpoints (--start-over);
 //   2. bootstrap the process (MPI, local rank, GPU), check ep_size against the world size,
-//      build the parallel groups, fault point "after_bootstrap";
-//   3. rank 0 prints the resolved config and writes <logging.run_dir>/config.yaml; every rank
-//      reports its device and rank 0 prints the process layout.
-// set_up_training() does all of that and returns what the training loop starts from; then the
-// Trainer (src/train/trainer.h) resumes (--resume auto | PATH), runs the steps, evaluations,
-// metrics, checkpoints and the final weights file. A run ended by SIGTERM / SIGUSR1 saves a
-// checkpoint and exits 0 (src/train/checkpoint_signals.h).
+//      build the parallel groups, fault point "after_bootstrap"; every rank reports its device
+//      and rank 0 prints the process layout (set_up_training() does 1 and 2);
+//   3. the Trainer (src/train/trainer.h) is built and prepared: it resumes (--resume auto | PATH,
+//      every tensor verified as it loads) and settles the run id, writing nothing;
+//   4. only then rank 0 prints the resolved config and writes <logging.run_dir>/config.yaml
+//      (keeping a replaced one, and with --start-over the previous run's metrics and final
+//      weights, beside it), and the trainer runs the steps, evaluations, metrics, checkpoints
+//      and the final weights file.
+// A run ended by SIGTERM / SIGUSR1 saves a checkpoint and exits 0 (src/train/checkpoint_signals.h).
 #include <mpi.h>
 #include <unistd.h>
 
@@ -36,6 +40,7 @@
 #include "src/core/mpi_check.h"
 #include "src/model/transformer.h"
 #include "src/train/checkpoint.h"
+#include "src/train/checkpoint_identity.h"
 #include "src/train/config.h"
 #include "src/train/token_file.h"
 #include "src/train/trainer.h"
@@ -47,6 +52,7 @@ struct TrainOptions {
   std::string config_path;
   std::vector<std::string> overrides;  // --set section.key=value, in order
   std::string resume;                  // --resume: empty = as the config says
+  bool start_over = false;             // --start-over: a new run beside another run's checkpoints
   bool dry_run = false;
 };
 
@@ -92,9 +98,9 @@ std::string first_difference(const Config& existing, const Config& current) {
   return "";
 }
 
-// Throws when the run directory already holds a different config and the run does not resume.
-// Returns true when an existing, different config.yaml will be replaced (resuming).
-bool check_run_directory(const Config& config) {
+// Throws when the run directory already holds a different config and the run neither resumes nor
+// starts over. Returns true when an existing, different config.yaml will be replaced.
+bool check_run_directory(const Config& config, bool start_over) {
   const std::string path = run_config_path(config);
   std::error_code status;
   if (!fs::exists(path, status)) return false;
@@ -105,9 +111,10 @@ bool check_run_directory(const Config& config) {
     difference = "it does not load: " + error.message();
   }
   if (difference.empty()) return false;
-  if (config.checkpoint.resume != "none") return true;
+  if (config.checkpoint.resume != "none" || start_over) return true;
   SY_BAD_INPUT("the run directory '", config.logging.run_dir, "' holds a different run (", path, " differs: ",
-               difference, "). Use another logging.run_dir, or resume that run with --resume auto");
+               difference, "). Use another logging.run_dir, resume that run with --resume auto, or start a new run "
+               "here with --start-over (the previous config.yaml, metrics and final weights are kept beside it)");
 }
 
 // --resume PATH: the checks that need no MPI and read no tensor data, so a wrong path fails fast
@@ -139,21 +146,41 @@ void write_text_atomically(const std::string& path, const std::string& text) {
   }
 }
 
-// Rank 0: prints the resolved config and records it in the run directory.
-void record_config(const Config& config) {
+// `path` renamed to the first free <stem>.<tag>-N<extension> beside it; returns the new name.
+std::string keep_beside(const std::string& path, const std::string& tag) {
+  const fs::path original(path);
+  std::error_code status;
+  std::string kept;
+  for (int index = 1; kept.empty() || fs::exists(kept, status); ++index)
+    kept = (original.parent_path() / (original.stem().string() + "." + tag + "-" + std::to_string(index) +
+                                      original.extension().string()))
+               .string();
+  fs::rename(path, kept, status);
+  if (status) SY_THROW("cannot keep the previous '", path, "' as '", kept, "': ", status.message());
+  return kept;
+}
+
+// Rank 0, once every input is verified: prints the resolved config and records it in the run
+// directory. A replaced config.yaml is kept beside it; starting over, so are the previous run's
+// metrics file and final weights (`previous_run_files`), which the new run would overwrite.
+void record_config(const Config& config, bool start_over, const std::vector<std::string>& previous_run_files) {
   const std::string text = config_to_yaml(config);
   std::cout << text << std::flush;
   std::error_code status;
   fs::create_directories(config.logging.run_dir, status);
   if (status) SY_BAD_INPUT("cannot create logging.run_dir '", config.logging.run_dir, "': ", status.message());
   const std::string path = run_config_path(config);
-  if (check_run_directory(config)) {  // resuming with a changed config: keep the old one beside it
-    std::string kept;
-    for (int index = 1; kept.empty() || fs::exists(kept, status); ++index)
-      kept = (fs::path(config.logging.run_dir) / ("config.before-resume-" + std::to_string(index) + ".yaml")).string();
-    fs::rename(path, kept, status);
-    if (status) SY_THROW("cannot keep the previous '", path, "' as '", kept, "': ", status.message());
-    std::cout << "switchyard train: the config differs from the run's previous one; that one is kept as " << kept << "\n";
+  const char* tag = start_over ? "before-start-over" : "before-resume";
+  if (start_over) {
+    std::vector<std::string> files = previous_run_files;
+    files.push_back(path);
+    for (const std::string& file : files)
+      if (fs::exists(file, status))
+        std::cout << "switchyard train: starting over: the previous run's " << file << " is kept as "
+                  << keep_beside(file, tag) << "\n";
+  } else if (check_run_directory(config, start_over)) {  // resuming with a changed config
+    std::cout << "switchyard train: the config differs from the run's previous one; that one is kept as "
+              << keep_beside(path, tag) << "\n";
   }
   write_text_atomically(path, text);
   std::cout << "switchyard train: resolved config written to " << path << "\n";
@@ -193,12 +220,14 @@ TrainingSetup set_up_training(const TrainOptions& options) {
   setup.config = load_config(options.config_path, options.overrides);
   Config& config = setup.config;
   if (!options.resume.empty()) config.checkpoint.resume = options.resume;
+  if (options.start_over) config.checkpoint.resume = "none";  // the flag wins over the config's resume
   const std::string& resume = config.checkpoint.resume;
   if (resume != "none" && resume != "auto") check_resume_path(config, resume);
   const DeviceKind device = resolve_device(config);
   setup.train_data = open_data(config, config.data.path, "data.path");
   if (!config.data.val_path.empty()) setup.val_data = open_data(config, config.data.val_path, "data.val_path");
-  check_run_directory(config);
+  check_run_directory(config, options.start_over);
+  check_fresh_start(config, options.start_over);
 
   // 2. Processes and groups.
   const ProcessContext& process = bootstrap_process(device);
@@ -210,8 +239,6 @@ TrainingSetup set_up_training(const TrainOptions& options) {
   // is detected here (within parallel.collective_timeout_s), not at the end of the run.
   setup.groups.world->barrier();
 
-  // 3. Record and report.
-  if (is_rank0(process)) record_config(config);
   report_layout(config, process, layout);
   return setup;
 }
@@ -224,13 +251,17 @@ int command_train(int argc, char** argv) {
                    "Run one process per device: mpirun -np N switchyard train ... (or srun).");
   parser.add_positional("config", "YAML config file");
   parser.add_option("set", "KEY=VALUE", "override a config key, e.g. --set moe.top_k=2", "", /*repeatable=*/true);
-  parser.add_option("resume", "auto|PATH", "resume from the newest complete and valid checkpoint in checkpoint.dir "
-                    "(auto; none there: start fresh) or from the checkpoint directory PATH");
+  parser.add_option("resume", "auto|PATH", "resume from the newest complete and valid checkpoint of this model in "
+                    "checkpoint.dir (auto; none there: start fresh) or from the checkpoint directory PATH");
+  parser.add_flag("start-over", "start a new run from step 0 although checkpoint.dir holds another run's checkpoints "
+                  "(otherwise refused): it gets its own run id and saves beside them, deleting none; the run "
+                  "directory's previous config.yaml, metrics and final.weights are kept as *.before-start-over-N.*");
   parser.add_flag("dry-run", "validate the config and data, start the processes and groups, then exit");
   parser.add_epilog("Examples:\n"
                     "  switchyard train configs/tiny-cpu.yaml --set training.steps=50\n"
                     "  mpirun -np 2 switchyard train configs/tiny-cpu.yaml --set parallel.ep_size=2 --dry-run\n"
                     "  switchyard train configs/tiny-cpu.yaml --resume auto    (continue after a crash or preemption)\n"
+                    "  switchyard train configs/tiny-cpu.yaml --set logging.run_dir=runs/b   (a second run, own folder)\n"
                     "SIGTERM or SIGUSR1 finishes the current step, saves a checkpoint and exits 0.");
   if (!parser.parse(argc, argv)) return kExitOk;
 
@@ -239,6 +270,9 @@ int command_train(int argc, char** argv) {
   options.overrides = parser.get_all("set");
   options.resume = parser.get("resume");
   if (parser.has("resume") && options.resume.empty()) SY_BAD_INPUT("--resume needs auto or a checkpoint path");
+  options.start_over = parser.flag("start-over");
+  if (options.start_over && parser.has("resume"))
+    SY_BAD_INPUT("--start-over starts a new run from step 0 and --resume continues one: give only one of them");
   options.dry_run = parser.flag("dry-run");
 
   // Catch SIGTERM / SIGUSR1 from here on, before the (possibly slow) set-up and CUDA start-up: a
@@ -246,8 +280,17 @@ int command_train(int argc, char** argv) {
   std::unique_ptr<PreemptionSignalGuard> signal_guard;
   if (!options.dry_run) signal_guard = std::make_unique<PreemptionSignalGuard>();
   TrainingSetup setup = set_up_training(options);
+  const bool rank0 = is_rank0(*setup.process);
   if (options.dry_run) {
-    if (is_rank0(*setup.process)) std::cout << "switchyard train: dry run: set-up complete, not training\n";
+    // No checkpoint is loaded, so only a plain fresh start, which replaces nothing, records its config.
+    if (rank0 && setup.config.checkpoint.resume == "none" && !options.start_over) {
+      record_config(setup.config, false, {});
+    } else if (rank0) {
+      std::cout << config_to_yaml(setup.config)
+                << "switchyard train: dry run: config.yaml not written (a dry run loads no checkpoint and moves "
+                   "nothing aside)\n";
+    }
+    if (rank0) std::cout << "switchyard train: dry run: set-up complete, not training\n";
     return kExitOk;
   }
   TrainerOptions trainer_options;
@@ -258,6 +301,22 @@ int command_train(int argc, char** argv) {
   trainer_options.log = is_rank0(*setup.process) ? &std::cout : nullptr;
   Trainer trainer(setup.config, setup.train_data, setup.val_data.is_open() ? &setup.val_data : nullptr,
                   trainer_options);
+  trainer.prepare();  // 3. resume: every input verified, nothing written yet
+  // 4. Record the config; a failure on rank 0 reaches every rank, which would otherwise wait in the
+  // first step's collectives.
+  std::string message;
+  int exit_code = kExitOk;
+  if (rank0) {
+    try {
+      record_config(setup.config, options.start_over, {trainer.metrics_path(), trainer.final_weights_path()});
+    } catch (const Error& error) {
+      message = error.message();
+      exit_code = error.exit_code();
+    }
+  }
+  int agreed_code = kExitOk;
+  const std::string agreed = agree_on_errors(setup.groups.world, message, exit_code, &agreed_code);
+  if (!agreed.empty()) throw_error(__FILE__, __LINE__, agreed_code, agreed);
   trainer.run();
   return kExitOk;
 }

@@ -12,17 +12,11 @@
 #include "src/comm/bootstrap.h"
 #include "src/comm/parallel_layout.h"
 #include "src/core/error.h"
+#include "src/train/checkpoint_identity.h"
 
 namespace switchyard {
 namespace fs = std::filesystem;
 namespace {
-
-// The keys that decide which tensors a model has and what they mean. A checkpoint whose stored
-// config differs in one of them is of another model. (Shapes catch most of these too; n_heads
-// is not visible in any shape.)
-const char* const kStructuralKeys[] = {"model.vocab_size", "model.d_model",   "model.n_layers",    "model.n_heads",
-                                       "model.d_ff",       "model.norm",      "model.positions",   "model.moe_every",
-                                       "moe.num_experts",  "moe.expert_d_ff", "moe.activation"};
 
 std::string checkpoint_dtype_name(DType dtype) {
   switch (dtype) {
@@ -81,18 +75,42 @@ bool has_peers(const ParallelGroups* groups) {
   return groups != nullptr && groups->world != nullptr && groups->world->size() > 1;
 }
 
-void move_aside_and_remove(const fs::path& path, std::vector<std::string>* removed) {
+// Renames `path` to .trash-<run id>-<name>-<pid> (unless it is such a leftover already), then
+// removes it: a crash in between leaves a name nothing mistakes for a checkpoint, and the run id
+// says whose leftover it is.
+void move_aside_and_remove(const fs::path& path, const std::string& run_id, std::vector<std::string>* removed) {
   std::error_code status;
   fs::path doomed = path;
   const std::string name = path.filename().string();
   if (name.rfind(".trash-", 0) != 0) {
-    doomed = path.parent_path() / (".trash-" + name + "-" + std::to_string(::getpid()));
+    doomed = path.parent_path() / (".trash-" + run_id + "-" + name + "-" + std::to_string(::getpid()));
     fs::rename(path, doomed, status);
     if (status) SY_THROW("cannot move '", path.string(), "' aside to remove it: ", status.message());
   }
   fs::remove_all(doomed, status);
   if (status) SY_THROW("cannot remove '", doomed.string(), "': ", status.message());
   if (removed) removed->push_back(path.string());
+}
+
+// The run a leftover of an interrupted save or removal belongs to: the run id in its name, "" for
+// the names of earlier versions; false when `name` is no such leftover.
+bool parse_leftover_name(const std::string& name, std::string* run_id) {
+  int64_t step = 0;
+  if (parse_checkpoint_temp_name(name, &step, run_id)) return true;
+  if (name.rfind(".trash-", 0) != 0) return false;
+  const std::string tagged = name.substr(7);
+  const bool has_id = tagged.size() > kRunIdLength && tagged[kRunIdLength] == '-' &&
+                      is_run_id(tagged.substr(0, kRunIdLength));
+  *run_id = has_id ? tagged.substr(0, kRunIdLength) : "";
+  return true;
+}
+
+// The run that wrote step directory `path` (its manifest's run id; "" when unknown or older).
+std::string step_directory_run_id(const fs::path& path, int64_t step) {
+  CheckpointListing item;
+  item.path = path.string();
+  item.step = step;
+  return read_checkpoint_origin(item).run_id;
 }
 
 // The expert placement a plan follows. Its numbers come from a config already checked against the
@@ -211,20 +229,28 @@ CheckpointSaveResult save_checkpoint(const CheckpointContext& context, const Mod
   const Config& config = *context.config;
   const bool writer = context.world_rank == 0, peers = has_peers(context.groups);
   const int ep_size = config.parallel.ep_size;
+  const std::string& run_id = progress.run_id;
+  SY_CHECK(is_run_id(run_id), "save_checkpoint: '", run_id, "' is not a run id");
   const fs::path root(config.checkpoint.dir);
-  const fs::path final_path = root / checkpoint_step_name(progress.step);
-  const fs::path temp_path = root / checkpoint_temp_name(progress.step);
+  const fs::path temp_path = root / checkpoint_temp_name(progress.step, run_id);
   ops::synchronize(context.exec);  // the step's updates are in memory
 
+  std::string final_name;
   if (writer) {
     std::error_code status;
     fs::create_directories(root, status);
     if (status) SY_BAD_INPUT("cannot create checkpoint.dir '", root.string(), "': ", status.message());
-    if (fs::exists(temp_path, status)) move_aside_and_remove(temp_path, nullptr);  // an interrupted save
+    if (fs::exists(temp_path, status)) move_aside_and_remove(temp_path, run_id, nullptr);  // an interrupted save
     fs::create_directory(temp_path, status);
     if (status) SY_THROW("cannot create '", temp_path.string(), "': ", status.message());
+    // step-N, unless another run's step N holds that name.
+    final_name = checkpoint_step_name(progress.step);
+    if (fs::exists(root / final_name, status) && step_directory_run_id(root / final_name, progress.step) != run_id)
+      final_name = checkpoint_step_name(progress.step, run_id);
   }
-  if (peers) context.groups->world->barrier();
+  // Every rank learns the name; it is also the barrier after which the temporary directory exists.
+  if (peers) final_name = all_gather_strings(context.groups->world, final_name)[0];
+  const fs::path final_path = root / final_name;
 
   std::vector<CheckpointShardFile> files;
   std::vector<CheckpointTensor> tensors =
@@ -288,6 +314,10 @@ CheckpointSaveResult save_checkpoint(const CheckpointContext& context, const Mod
       at += 8;
     }
     CheckpointManifest manifest;
+    manifest.run_id = run_id;
+    manifest.model_fingerprint = model_fingerprint(config);
+    manifest.planned_steps = progress.planned_steps;
+    manifest.lr_schedule_steps = progress.lr_schedule_steps;
     manifest.step = progress.step;
     manifest.tokens_seen = progress.tokens_seen;
     manifest.world_size = context.world_size;
@@ -316,7 +346,15 @@ CheckpointSaveResult save_checkpoint(const CheckpointContext& context, const Mod
     inject_fault_point("checkpoint_manifest_written");
 
     std::error_code status;
-    if (fs::exists(final_path, status)) move_aside_and_remove(final_path, nullptr);  // an abandoned run's step N
+    if (fs::exists(final_path, status)) {
+      // This run's own abandoned step N (it resumed from an older checkpoint) or its incomplete save;
+      // another run's directory may have appeared since the name was chosen: never replaced.
+      if (step_directory_run_id(final_path, progress.step) != run_id &&
+          final_path.filename().string() == checkpoint_step_name(progress.step))
+        SY_THROW("'", final_path.string(), "' appeared during the save and is another run's: not replacing it "
+                 "(are two runs saving into checkpoint.dir '", root.string(), "' at once?)");
+      move_aside_and_remove(final_path, run_id, nullptr);
+    }
     fs::rename(temp_path, final_path, status);
     if (status) SY_THROW("renaming '", temp_path.string(), "' to '", final_path.string(), "' failed: ", status.message());
     fsync_path(root.string(), true);
@@ -326,36 +364,38 @@ CheckpointSaveResult save_checkpoint(const CheckpointContext& context, const Mod
 
     result.bytes = text.size();
     for (const CheckpointShardFile& file : files) result.bytes += file.bytes;
-    result.removed = prune_checkpoints(root.string(), config.checkpoint.keep_last, progress.step);
+    result.removed = prune_checkpoints(root.string(), config.checkpoint.keep_last, progress.step, run_id);
   }
   if (peers) context.groups->world->barrier();
   return result;
 }
 
-std::vector<std::string> prune_checkpoints(const std::string& root, int keep_last, int64_t newest_step) {
+std::vector<std::string> prune_checkpoints(const std::string& root, int keep_last, int64_t newest_step,
+                                           const std::string& run_id) {
+  SY_CHECK(is_run_id(run_id), "prune_checkpoints: '", run_id, "' is not a run id");
   std::vector<std::string> removed;
   std::error_code status;
   if (!fs::is_directory(root, status)) return removed;
-  // Leftovers of interrupted saves and removals (none of them can be a usable checkpoint).
+  // Leftovers of this run's interrupted saves and removals, and of earlier versions' (their names
+  // carry no run id); none of them can be a usable checkpoint.
   std::vector<fs::path> leftovers;
   for (const fs::directory_entry& entry : fs::directory_iterator(root, status)) {
-    const std::string name = entry.path().filename().string();
-    int64_t step = 0;
-    const bool temp = name.size() > 5 && name[0] == '.' && name.compare(name.size() - 4, 4, ".tmp") == 0 &&
-                      parse_checkpoint_step_name(name.substr(1, name.size() - 5), &step);
-    if (name.rfind(".trash-", 0) == 0 || temp) leftovers.push_back(entry.path());
+    std::string owner;
+    if (parse_leftover_name(entry.path().filename().string(), &owner) && (owner.empty() || owner == run_id))
+      leftovers.push_back(entry.path());
   }
-  for (const fs::path& path : leftovers) move_aside_and_remove(path, &removed);
+  for (const fs::path& path : leftovers) move_aside_and_remove(path, run_id, &removed);
 
-  std::vector<CheckpointListing> complete;
-  for (const CheckpointListing& item : list_checkpoints(root)) {
-    if (item.step > newest_step) continue;  // a later step of an abandoned run: not ours to judge
-    if (item.complete) complete.push_back(item);
-    else if (item.step < newest_step) move_aside_and_remove(item.path, &removed);  // a crash between rename and marker
+  std::vector<CheckpointOrigin> complete;
+  for (const CheckpointOrigin& origin : list_checkpoint_origins(root)) {
+    if (origin.run_id != run_id) continue;       // another run's, or an earlier version's: never removed
+    if (origin.step > newest_step) continue;     // a later step of an abandoned timeline: not ours to judge
+    if (origin.complete) complete.push_back(origin);
+    else if (origin.step < newest_step) move_aside_and_remove(origin.path, run_id, &removed);  // crash before marker
   }
   if (keep_last > 0 && complete.size() > size_t(keep_last))
     for (size_t index = 0; index + size_t(keep_last) < complete.size(); ++index)
-      move_aside_and_remove(complete[index].path, &removed);
+      move_aside_and_remove(complete[index].path, run_id, &removed);
   return removed;
 }
 
@@ -364,19 +404,10 @@ std::vector<std::string> prune_checkpoints(const std::string& root, int keep_las
 void check_checkpoint_model(const CheckpointManifest& manifest, const std::string& path, const Config& config,
                             const ParameterLayout& layout, DType master_dtype) {
   const std::string manifest_path = (fs::path(path) / kCheckpointManifestFile).string();
-  Config stored;
-  try {
-    stored = parse_config_string(manifest.config_yaml, manifest_path + " (its config)");
-  } catch (const Error& error) {
-    SY_BAD_INPUT("checkpoint ", manifest_path, ": its stored config does not load: ", error.message());
-  }
-  for (const ConfigField& field : config_fields()) {
-    const std::string key = field.path();
-    if (std::find(std::begin(kStructuralKeys), std::end(kStructuralKeys), key) == std::end(kStructuralKeys)) continue;
-    if (field.get(stored) != field.get(config))
-      SY_BAD_INPUT("checkpoint ", manifest_path, " is of another model: ", key, " is ", field.get(stored),
-                   " there, ", field.get(config), " in this run");
-  }
+  const std::vector<std::string> differences =
+      checkpoint_model_differences(manifest.model_fingerprint, manifest.config_yaml, manifest_path, config);
+  if (!differences.empty())
+    SY_BAD_INPUT("checkpoint ", manifest_path, " is of another model: ", join_differences(differences));
   const std::string dtype = checkpoint_dtype_name(master_dtype);
   size_t expected = 0;
   for (const ParameterSpec& spec : layout.specs()) {
@@ -446,6 +477,13 @@ TrainingProgress load_checkpoint(const CheckpointContext& context, const std::st
   check_checkpoint_model(manifest, path, *context.config, parameters.layout(), parameters.master_dtype());
   load_checkpoint_tensors(context.exec, path, manifest, parameters, optimizer);
   TrainingProgress progress;
+  progress.run_id = manifest.run_id;
+  const std::string manifest_path = (fs::path(path) / kCheckpointManifestFile).string();
+  // Manifests of earlier versions: the run planned its config's training.steps, and the cosine
+  // always ended there.
+  progress.planned_steps = manifest.planned_steps > 0 ? manifest.planned_steps
+                                                      : stored_training_steps(manifest.config_yaml, manifest_path);
+  progress.lr_schedule_steps = manifest.lr_schedule_steps > 0 ? manifest.lr_schedule_steps : progress.planned_steps;
   progress.step = manifest.step;
   progress.tokens_seen = manifest.tokens_seen;
   progress.rng = manifest.rng;

@@ -49,6 +49,10 @@ json::Value shape_json(const std::vector<int64_t>& shape) {
   return array;
 }
 
+bool is_hex16(const std::string& text) {
+  return text.size() == 16 && text.find_first_not_of("0123456789abcdef") == std::string::npos;
+}
+
 TensorState parse_state(const std::string& text, const std::string& where) {
   for (int state = 0; state < kNumTensorStates; ++state)
     if (text == tensor_state_name(TensorState(state))) return TensorState(state);
@@ -102,7 +106,12 @@ json::Value manifest_to_json(const CheckpointManifest& manifest) {
   root.set("format", json::Value::string(kCheckpointFormatName));
   root.set("format_version", json::Value::integer(manifest.format_version));
   root.set("checksum", json::Value::string("xxh64"));
+  if (!manifest.run_id.empty()) root.set("run_id", json::Value::string(manifest.run_id));
+  if (!manifest.model_fingerprint.empty())
+    root.set("model_fingerprint", json::Value::string(manifest.model_fingerprint));
   root.set("step", json::Value::integer(manifest.step));
+  if (manifest.planned_steps > 0) root.set("planned_steps", json::Value::integer(manifest.planned_steps));
+  if (manifest.lr_schedule_steps > 0) root.set("lr_schedule_steps", json::Value::integer(manifest.lr_schedule_steps));
   root.set("tokens_seen", json::Value::integer(manifest.tokens_seen));
   root.set("world_size", json::Value::integer(manifest.world_size));
   root.set("ep_size", json::Value::integer(manifest.ep_size));
@@ -177,6 +186,23 @@ CheckpointManifest manifest_from_json(const json::Value& json, const std::string
       manifest.world_size % manifest.ep_size != 0)
     SY_BAD_INPUT(source, ": impossible step ", manifest.step, " / world_size ", manifest.world_size, " / ep_size ",
                  manifest.ep_size);
+  // Identity and plan: absent in manifests of earlier versions.
+  if (json.has("run_id")) {
+    manifest.run_id = json.at("run_id", source).as_string(source + ": run_id");
+    if (!is_hex16(manifest.run_id)) SY_BAD_INPUT(source, ": run_id '", manifest.run_id, "' is not 16 lower-case hex digits");
+  }
+  if (json.has("model_fingerprint")) {
+    manifest.model_fingerprint = json.at("model_fingerprint", source).as_string(source + ": model_fingerprint");
+    if (!is_hex16(manifest.model_fingerprint))
+      SY_BAD_INPUT(source, ": model_fingerprint '", manifest.model_fingerprint, "' is not 16 lower-case hex digits");
+  }
+  if (json.has("planned_steps")) manifest.planned_steps = json.at("planned_steps", source).as_int64(source + ": planned_steps");
+  if (json.has("lr_schedule_steps"))
+    manifest.lr_schedule_steps = json.at("lr_schedule_steps", source).as_int64(source + ": lr_schedule_steps");
+  if (json.has("planned_steps") && manifest.planned_steps < 1)
+    SY_BAD_INPUT(source, ": planned_steps ", manifest.planned_steps, " is not positive");
+  if (json.has("lr_schedule_steps") && manifest.lr_schedule_steps < 1)
+    SY_BAD_INPUT(source, ": lr_schedule_steps ", manifest.lr_schedule_steps, " is not positive");
   const std::string data_where = source + ": data_loader.train";
   const json::Value& train = json.at("data_loader", source).at("train", data_where);
   manifest.train_data.samples_consumed = train.at("samples_consumed", data_where).as_int64(data_where);
@@ -256,15 +282,44 @@ std::string checkpoint_step_name(int64_t step) {
   return buffer;
 }
 
-bool parse_checkpoint_step_name(const std::string& name, int64_t* step) {
-  if (name.size() < 6 || name.compare(0, 5, "step-") != 0 || name.size() > 5 + 18) return false;
-  const std::string digits = name.substr(5);
-  if (digits.find_first_not_of("0123456789") != std::string::npos) return false;
+std::string checkpoint_step_name(int64_t step, const std::string& run_id) {
+  return checkpoint_step_name(step) + "-" + run_id;
+}
+
+bool parse_checkpoint_step_name(const std::string& name, int64_t* step, std::string* run_id) {
+  if (name.size() < 6 || name.compare(0, 5, "step-") != 0) return false;
+  const size_t digits_end = std::min(name.find('-', 5), name.size());
+  const std::string digits = name.substr(5, digits_end - 5);
+  if (digits.empty() || digits.size() > 18 || digits.find_first_not_of("0123456789") != std::string::npos) return false;
+  std::string suffix;
+  if (digits_end < name.size()) {
+    suffix = name.substr(digits_end + 1);
+    if (!is_hex16(suffix)) return false;
+  }
   *step = std::stoll(digits);
+  if (run_id) *run_id = suffix;
   return true;
 }
 
-std::string checkpoint_temp_name(int64_t step) { return "." + checkpoint_step_name(step) + ".tmp"; }
+std::string checkpoint_temp_name(int64_t step, const std::string& run_id) {
+  return "." + checkpoint_step_name(step) + "." + run_id + ".tmp";
+}
+
+bool parse_checkpoint_temp_name(const std::string& name, int64_t* step, std::string* run_id) {
+  if (name.size() < 6 || name[0] != '.' || name.compare(name.size() - 4, 4, ".tmp") != 0) return false;
+  std::string middle = name.substr(1, name.size() - 5);  // step-N or step-N.<run id>
+  std::string suffix;
+  const size_t dot = middle.find('.');
+  if (dot != std::string::npos) {
+    suffix = middle.substr(dot + 1);
+    middle.resize(dot);
+    if (!is_hex16(suffix)) return false;
+  }
+  std::string step_suffix;
+  if (!parse_checkpoint_step_name(middle, step, &step_suffix) || !step_suffix.empty()) return false;
+  *run_id = suffix;
+  return true;
+}
 
 std::string shard_file_name(int rank) {
   char buffer[32];
@@ -287,8 +342,10 @@ std::vector<CheckpointListing> list_checkpoints(const std::string& root) {
     item.complete = fs::is_regular_file(entry.path() / kCheckpointCompleteFile, entry_status);
     listing.push_back(item);
   }
-  std::sort(listing.begin(), listing.end(),
-            [](const CheckpointListing& left, const CheckpointListing& right) { return left.step < right.step; });
+  // By step; step-N before step-N-<run id> (a shorter name sorts first).
+  std::sort(listing.begin(), listing.end(), [](const CheckpointListing& left, const CheckpointListing& right) {
+    return left.step != right.step ? left.step < right.step : left.path < right.path;
+  });
   return listing;
 }
 

@@ -9,7 +9,9 @@
 //     shard-00001.bin
 //     COMPLETE               written last: "switchyard checkpoint complete" and the XXH64 of
 //                            manifest.json; a directory without a valid one is incomplete
-//   .step-000000200.tmp/     a save in progress (renamed to step-000000200 once every file is in)
+//   step-000000100-<run id>/ the same step saved by another run, when step-000000100 is not this
+//                            run's (runs sharing a folder: src/train/checkpoint_identity.h)
+//   .step-000000200.<run id>.tmp/  a save in progress (renamed to step-000000200 once every file is in)
 //
 // Shard file: a 64-byte header (magic "SWYSHARD", uint32 format version, uint32 world rank,
 // int64 step, zeros) then the tensors' raw little-endian bytes, each at a 64-byte aligned offset
@@ -84,7 +86,15 @@ struct CheckpointRngState {
 
 struct CheckpointManifest {
   int format_version = kCheckpointFormatVersion;
+  // Which run saved it and what model it is (src/train/checkpoint_identity.h); "" in manifests of
+  // earlier versions, which the readers accept.
+  std::string run_id;
+  std::string model_fingerprint;
   int64_t step = 0;            // optimizer steps taken (skipped ones included)
+  // training.steps of the saving run and the step its cosine ends at (they differ after a run was
+  // extended with optimizer.extend_schedule = keep_end); 0 in manifests of earlier versions.
+  int64_t planned_steps = 0;
+  int64_t lr_schedule_steps = 0;
   int64_t tokens_seen = 0;     // training tokens consumed, all ranks
   int world_size = 1, ep_size = 1;
   std::string config_yaml;     // the resolved config of the run that saved it
@@ -107,13 +117,19 @@ CheckpointManifest manifest_from_json(const json::Value& json, const std::string
 // ---- Directories ---------------------------------------------------------------------------------
 
 std::string checkpoint_step_name(int64_t step);  // "step-000000100"
-bool parse_checkpoint_step_name(const std::string& name, int64_t* step);
-std::string checkpoint_temp_name(int64_t step);  // ".step-000000100.tmp"
+// "step-000000100-<run id>": the name a run saves step 100 under when step-000000100 is another run's.
+std::string checkpoint_step_name(int64_t step, const std::string& run_id);
+// Accepts both forms; *run_id (when given) gets the suffix, "" without one.
+bool parse_checkpoint_step_name(const std::string& name, int64_t* step, std::string* run_id = nullptr);
+// ".step-000000100.<run id>.tmp": a save in progress. Earlier versions wrote ".step-000000100.tmp"
+// (parse_checkpoint_temp_name accepts both; *run_id is "" for that form).
+std::string checkpoint_temp_name(int64_t step, const std::string& run_id);
+bool parse_checkpoint_temp_name(const std::string& name, int64_t* step, std::string* run_id);
 std::string shard_file_name(int rank);           // "shard-00003.bin"
 
 struct CheckpointListing {
   std::string path;
-  int64_t step = 0;
+  int64_t step = 0;  // step-N and step-N-<run id> both have step N (listed in that order)
   bool complete = false;  // holds a COMPLETE marker (not yet verified against the manifest)
 };
 // The step-* directories of a checkpoint directory, oldest first; empty when it does not exist.

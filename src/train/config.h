@@ -36,10 +36,16 @@ struct ParallelConfig {
   bool deterministic = false;
 };
 
+// What a resumed run does with the learning-rate schedule when training.steps grows past the
+// checkpoint run's plan (src/train/lr_schedule.h): stretch the cosine over the new total, or keep
+// the old schedule's end (min_lr from there on).
+enum class ScheduleExtension : uint8_t { stretch, keep_end };
+
 struct OptimizerConfig {
   double lr = 3e-4;
   double min_lr = 3e-5;  // default lr / 10
   int64_t warmup_steps = 0;
+  ScheduleExtension extend_schedule = ScheduleExtension::stretch;
   double weight_decay = 0.1;
   double beta1 = 0.9;
   double beta2 = 0.95;

@@ -268,6 +268,10 @@ std::vector<ConfigField> build_fields() {
               }));
   add(integer_field("optimizer", "warmup_steps", &C::optimizer, &OptimizerConfig::warmup_steps, 0, kInt64Max,
                     "linear warm-up from 0 to lr (<= training.steps)"));
+  add(choice_field("optimizer", "extend_schedule", &OptimizerConfig::extend_schedule, &C::optimizer,
+                   {{"stretch", ScheduleExtension::stretch}, {"keep_end", ScheduleExtension::keep_end}},
+                   "resuming with more training.steps than the checkpoint's run planned: stretch = the cosine "
+                   "is recomputed over the new total; keep_end = the old schedule's end stands (min_lr after it)"));
   add(real_field("optimizer", "weight_decay", &OptimizerConfig::weight_decay, &C::optimizer, 0.0, false, 10.0, false,
                  "decoupled weight decay (not applied to norms and biases)"));
   add(real_field("optimizer", "beta1", &OptimizerConfig::beta1, &C::optimizer, 0.0, false, 1.0, true,
@@ -321,9 +325,9 @@ std::vector<ConfigField> build_fields() {
   add(integer_field("checkpoint", "every", &C::checkpoint, &CheckpointConfig::every, 0, kInt64Max,
                     "save every N steps (and at the end); 0 = only at the end"));
   add(integer_field("checkpoint", "keep_last", &C::checkpoint, &CheckpointConfig::keep_last, 0, 1000000,
-                    "keep the newest N checkpoints; 0 = keep all"));
+                    "keep this run's newest N checkpoints (another run's are never removed); 0 = keep all"));
   add(text_field("checkpoint", "resume", &CheckpointConfig::resume, &C::checkpoint,
-                 "none, auto (newest complete checkpoint in dir, if any) or a checkpoint path"));
+                 "none, auto (newest complete checkpoint of this model in dir, if any) or a checkpoint path"));
 
   // logging
   add(derived(text_field("logging", "run_dir", &LoggingConfig::run_dir, &C::logging,

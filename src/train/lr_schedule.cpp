@@ -16,6 +16,15 @@ LrSchedule::LrSchedule(const OptimizerConfig& optimizer, int64_t total_steps)
   SY_CHECK_INPUT(floor_ >= 0 && floor_ <= peak_, "optimizer.min_lr = ", floor_, " must lie in [0, lr = ", peak_, "]");
 }
 
+int64_t resumed_schedule_end(const OptimizerConfig& optimizer, int64_t training_steps, int64_t checkpoint_end) {
+  if (optimizer.extend_schedule != ScheduleExtension::keep_end || checkpoint_end >= training_steps)
+    return training_steps;
+  SY_CHECK_INPUT(optimizer.warmup_steps <= checkpoint_end, "optimizer.extend_schedule = keep_end keeps the "
+                 "checkpoint's learning-rate schedule, which ends at step ", checkpoint_end, ", but optimizer.warmup_steps = ",
+                 optimizer.warmup_steps, " ends later: lower warmup_steps or use extend_schedule = stretch");
+  return checkpoint_end;
+}
+
 double LrSchedule::at(int64_t step) const {
   SY_CHECK(step >= 1, "LrSchedule: steps count from 1, got ", step);
   if (step <= warmup_steps_) return peak_ * double(step) / double(warmup_steps_);

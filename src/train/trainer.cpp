@@ -16,6 +16,7 @@
 #include "src/core/switches.h"
 #include "src/core/timing.h"
 #include "src/model/routing_observer.h"
+#include "src/train/checkpoint_identity.h"
 #include "src/train/checkpoint_signals.h"
 #include "src/train/training_monitor.h"
 #include "src/train/weights_file.h"
@@ -302,128 +303,6 @@ void Trainer::log_line(const std::string& text) const {
   options_.log->flush();
 }
 
-CheckpointContext Trainer::checkpoint_context() const {
-  CheckpointContext context;
-  context.config = &config_;
-  context.exec = context_;
-  context.groups = &options_.groups;
-  context.world_rank = options_.world_rank;
-  context.world_size = options_.world_size;
-  return context;
-}
-
-TrainingProgress Trainer::progress() const {
-  TrainingProgress progress;
-  progress.step = step_;
-  progress.tokens_seen = tokens_seen_;
-  progress.rng.seed = uint64_t(config_.training.seed);
-  progress.rng.jitter_micro_steps = jitter_micro_steps_;
-  progress.train_data = train_loader_.state();
-  progress.optimizer_updates = optimizer_->updates();
-  progress.loss_scaling = scaler_.enabled();
-  progress.loss_scaler = scaler_.state();
-  return progress;
-}
-
-CheckpointSaveResult Trainer::save_checkpoint() {
-  const double start = now_seconds();
-  CheckpointSaveResult result = switchyard::save_checkpoint(checkpoint_context(), *parameters_, *optimizer_, progress());
-  last_saved_step_ = step_;
-  if (options_.log) {
-    std::ostringstream line;
-    line << "checkpoint " << result.path << " saved (" << std::setprecision(3) << double(result.bytes) / 1e6
-         << " MB in " << now_seconds() - start << " s)";
-    for (const std::string& removed : result.removed) line << "; removed " << removed;
-    log_line(line.str());
-  }
-  return result;
-}
-
-void Trainer::apply_progress(const TrainingProgress& progress, const std::string& path) {
-  if (progress.rng.seed != uint64_t(config_.training.seed))
-    SY_BAD_INPUT("checkpoint ", path, " was saved with training.seed = ", progress.rng.seed, ", this run has ",
-                 config_.training.seed, " (the data order and router noise would not continue)");
-  try {
-    train_loader_.restore(progress.train_data);
-  } catch (const Error& error) {
-    SY_BAD_INPUT("checkpoint ", path, ": ", error.message(), " (", config_.data.path, ")");
-  }
-  optimizer_->set_updates(progress.optimizer_updates);
-  // The scaler's state carries over only between runs that both scale (fp16, or both not).
-  if (progress.loss_scaling == scaler_.enabled()) scaler_.restore(progress.loss_scaler);
-  else scaler_.restore(initial_scaler_state_);
-  step_ = progress.step;
-  tokens_seen_ = progress.tokens_seen;
-  jitter_micro_steps_ = progress.rng.jitter_micro_steps;
-}
-
-void Trainer::reset_to_initial_state() {
-  parameters_->initialize(context_, uint64_t(config_.training.seed));
-  for (int group = 0; group < kNumParameterGroups; ++group) {
-    for (const Tensor& moment : {optimizer_->exp_avg(ParameterGroup(group)), optimizer_->exp_avg_sq(ParameterGroup(group))})
-      if (moment.bytes()) device_memset(moment.data, moment.device, 0, moment.bytes());
-  }
-  optimizer_->set_updates(0);
-  scaler_.restore(initial_scaler_state_);
-  train_loader_.rewind();
-  step_ = tokens_seen_ = jitter_micro_steps_ = 0;
-}
-
-bool Trainer::resume(const std::string& target) {
-  const bool automatic = target == "auto";
-  const bool peers = has_peers(options_.groups.world);
-  // World rank 0 decides what to try (one view of the file system), every rank learns the list.
-  std::string list;
-  if (options_.world_rank == 0) {
-    if (!automatic) {
-      list = target;
-    } else {
-      const std::vector<CheckpointListing> listing = list_checkpoints(config_.checkpoint.dir);
-      for (auto item = listing.rbegin(); item != listing.rend(); ++item) {
-        if (item->complete) list += (list.empty() ? "" : "\n") + item->path;
-        else log_line("resume: skipping " + item->path + ": incomplete (no COMPLETE marker: its save did not finish)");
-      }
-    }
-  }
-  if (peers) list = all_gather_strings(options_.groups.world, list)[0];
-  std::vector<std::string> candidates;
-  for (size_t start = 0; start < list.size();) {
-    const size_t end = std::min(list.find('\n', start), list.size());
-    candidates.push_back(list.substr(start, end - start));
-    start = end + 1;
-  }
-
-  bool touched = false;
-  for (const std::string& candidate : candidates) {
-    std::string message;
-    int exit_code = kExitOk;
-    try {
-      touched = true;
-      const TrainingProgress loaded = load_checkpoint(checkpoint_context(), candidate, *parameters_, optimizer_.get());
-      apply_progress(loaded, candidate);
-    } catch (const Error& error) {
-      message = error.message();
-      exit_code = error.exit_code();
-    }
-    int agreed_code = kExitOk;
-    const std::string agreed = agree_on_errors(peers ? options_.groups.world : nullptr, message, exit_code, &agreed_code);
-    if (agreed.empty()) {
-      resumed_from_ = candidate;
-      last_saved_step_ = step_;
-      log_line("resumed from " + candidate + " at step " + std::to_string(step_) + " (" +
-               std::to_string(tokens_seen_) + " tokens seen)");
-      return true;
-    }
-    // Only a bad checkpoint is skipped; any other failure (a bug, the system) ends the run rather
-    // than quietly starting over from step 0.
-    if (!automatic || agreed_code != kExitBadInput) throw_error(__FILE__, __LINE__, agreed_code, agreed);
-    log_line("resume: skipping " + candidate + ": " + agreed);
-  }
-  if (touched) reset_to_initial_state();
-  log_line("resume: no usable checkpoint in " + config_.checkpoint.dir + "; starting from step 0");
-  return false;
-}
-
 void Trainer::run() {
   const Config& config = config_;
   std::ostream* log = options_.log;
@@ -433,7 +312,8 @@ void Trainer::run() {
   // A signal that arrived during set-up (under an enclosing guard) is kept: the run saves after its
   // first step and stops.
   if (!signals_were_installed) clear_preemption_signal();
-  if (config.checkpoint.resume != "none") resume(config.checkpoint.resume);
+  prepare();  // resumes and settles the run id; writes nothing
+  if (writer) write_run_directory_run_id(config.logging.run_dir, run_id_);
 
   MetricsWriter metrics_writer;
   std::ofstream resumed_metrics;
@@ -529,8 +409,9 @@ void Trainer::run() {
   }
   if (!preempted_ && last_saved_step_ != step_) save_checkpoint();
   if (preempted_) {
-    log_line("preempted at step " + std::to_string(step_) + " of " + std::to_string(config.training.steps) +
-             " after " + format_duration(now_seconds() - run_start) + "; continue with --resume auto");
+    log_line("preempted at step " + std::to_string(step_) + " of " + std::to_string(config.training.steps) + " (" +
+             std::to_string(steps_here) + " steps in this process, " + format_duration(now_seconds() - run_start) +
+             "); continue with --resume auto");
     return;
   }
   if (options_.write_final_weights) {
@@ -538,8 +419,9 @@ void Trainer::run() {
                        writer);
   }
   if (log) {
-    *log << "switchyard train: done: " << config.training.steps << " steps in "
-         << format_duration(now_seconds() - run_start);
+    // The run's step and this process's share of it differ after a resume.
+    *log << "switchyard train: done: step " << step_ << " (" << steps_here << " steps in this process, "
+         << format_duration(now_seconds() - run_start) << ")";
     if (scaler_.state().total_skips > 0) *log << ", " << scaler_.state().total_skips << " step(s) skipped";
     if (options_.write_final_weights) *log << "; weights -> " << final_weights_path();
     *log << "\n";

@@ -16,9 +16,12 @@
 // aux_grad_scale = loss_scale / (micro-steps * ranks), so plain sums across ranks give the exact
 // gradient: no division after the all-reduce.
 //
-// The run (run()): resume when checkpoint.resume says so (auto: the newest complete checkpoint in
-// checkpoint.dir that loads and verifies on every rank, skipping and reporting others; a path:
-// that checkpoint or a bad-input error); then steps up to training.steps; evaluation on
+// The run (run()): first prepare(), unless the caller did: resume when checkpoint.resume says so
+// (auto: the newest complete checkpoint of this model in checkpoint.dir that loads and verifies on
+// every rank, the run directory's own run first, skipping and reporting others; a path: that
+// checkpoint or a bad-input error) and settle the run id and the learning-rate schedule, writing
+// nothing, so that bad input leaves every file of the run as it was; then <run_dir>/run_id and
+// steps up to training.steps; evaluation on
 // data.val_path every training.eval_every steps and after the last; one JSON line per step
 // (src/train/metrics.h; a resumed run keeps the file's lines up to its step and appends) and a
 // progress line every training.log_every steps, both from world rank 0; a checkpoint
@@ -85,16 +88,24 @@ class Trainer {
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
 
+  // Collective: resumes as checkpoint.resume says and settles the run's id (the checkpoint's, or a
+  // new one for a run from step 0, src/train/checkpoint_identity.h) and its learning-rate schedule
+  // (optimizer.extend_schedule), reporting a changed schedule. Writes no file. Once; run() calls it
+  // when the caller has not.
+  void prepare();
   void run();
   bool preempted() const { return preempted_; }      // run() stopped early for a signal (and saved)
   const std::string& resumed_from() const { return resumed_from_; }  // empty: started fresh
+  const std::string& run_id() const { return run_id_; }  // empty until prepare(), resume() or a save
+  const LrSchedule& lr_schedule() const { return schedule_; }
 
   // Collective: saves the current state as <checkpoint.dir>/step-<step()>.
   CheckpointSaveResult save_checkpoint();
   // Collective: loads `target` ("auto" or a checkpoint path, as checkpoint.resume) into this
-  // trainer. auto: tries the complete checkpoints of checkpoint.dir newest first, reporting and
-  // skipping any that fails on some rank; false (fresh state) when none loads. A path: SY_BAD_INPUT
-  // with the (first failing rank's) message when it does not load on every rank.
+  // trainer, with the checkpoint's run id and schedule. auto: tries the complete checkpoints of this
+  // model in checkpoint.dir (src/train/checkpoint_identity.h auto_resume_candidates), reporting
+  // and skipping others and any that fails on some rank; false (fresh state) when none loads. A
+  // path: SY_BAD_INPUT with the (first failing rank's) message when it does not load on every rank.
   bool resume(const std::string& target);
   // The scalar state a checkpoint records.
   TrainingProgress progress() const;
@@ -124,6 +135,9 @@ class Trainer {
   CheckpointContext checkpoint_context() const;
   void apply_progress(const TrainingProgress& progress, const std::string& path);
   void reset_to_initial_state();
+  void report_schedule_change(const TrainingProgress& loaded);
+  void settle_fresh_run_id(bool automatic);
+  void share_run_id();  // every rank takes world rank 0's run_id_ (collective)
   void log_line(const std::string& text) const;
 
   Config config_;
@@ -148,6 +162,8 @@ class Trainer {
   bool preempted_ = false;
   int64_t last_saved_step_ = -1;    // the step of the checkpoint saved or resumed last
   std::string resumed_from_;
+  std::string run_id_;
+  bool prepared_ = false;
   LossScalerState initial_scaler_state_;
   std::vector<int32_t> host_inputs_, host_targets_;
   Buffer device_inputs_, device_targets_;

@@ -5,7 +5,9 @@
 #   completion marker (an interrupted save), an edited manifest, and a run of another model.
 # For each: `train --resume PATH`, `ckpt inspect` and `ckpt export` exit 2 naming the damaged
 # file (inspect and export accept the other-model case: the checkpoint itself is fine), and
-# every file is still there, unchanged. `train --resume auto` reports the damaged newest
+# every file is still there, unchanged; the run directory resumed into (seeded with the run's
+# config.yaml and metrics, as a run resuming in place finds them) is byte-identical afterwards: a
+# run changes nothing of itself before its inputs are verified. `train --resume auto` reports the damaged newest
 # checkpoint, skips it and continues from the older one (exit 0). Under mpirun -np 2 a byte
 # flipped in the shard that only rank 1 reads still ends the job with status 2 and the message.
 # A --resume path that does not exist, or that holds checkpoints but is not one, is exit 2 too.
@@ -42,8 +44,16 @@ snapshot() { (cd "$1" && find . -type f -exec cksum {} + | sort); }
 check_damage() {
   local name="$1" needle="$2" check_tools="$3" case_dir="$work/$1"
   local checkpoint="$case_dir/ckpt/step-000000004" failures_before=$failures
-  local before
+  local before run_before
+  # The run directory as the interrupted run left it: its config.yaml (this case's paths, resume none)
+  # and metrics.
+  mkdir -p "$case_dir/run"
+  sed -e "s#\"$work/good/ckpt\"#\"$case_dir/ckpt\"#" -e "s#\"$work/good\"#\"$case_dir/run\"#" \
+    "$work/good/config.yaml" >"$case_dir/run/config.yaml"
+  cp "$work/good/metrics.jsonl" "$case_dir/run/metrics.jsonl"
+  grep -q "run_dir: \"$case_dir/run\"" "$case_dir/run/config.yaml" || fail "$name: could not seed config.yaml"
   before="$(snapshot "$case_dir")"
+  run_before="$(snapshot "$case_dir/run")"
   timeout 120 "$binary" train "${common[@]}" --set "logging.run_dir=$case_dir/run" --set "checkpoint.dir=$case_dir/ckpt" \
     ${extra_args[@]+"${extra_args[@]}"} --resume "$checkpoint" >"$case_dir.train.log" 2>&1
   local status=$?
@@ -62,6 +72,9 @@ check_damage() {
   fi
   [ "$(snapshot "$case_dir" | grep -v '/run/')" = "$(echo "$before" | grep -v '/run/')" ] ||
     fail "$name: files under the checkpoint directory changed or disappeared"
+  [ "$(snapshot "$case_dir/run")" = "$run_before" ] ||
+    { fail "$name: the failed resume changed the run directory (config.yaml, metrics or new files)";
+      diff <(echo "$run_before") <(snapshot "$case_dir/run") >&2; }
   [ "$failures" -eq "$failures_before" ] && echo "ok: $name: exit 2 naming '$needle', nothing deleted"
 }
 
@@ -146,6 +159,8 @@ status=$?
 grep -q "switchyard: error: .*$two/$file is corrupt: tensor $victim" "$work/two_resume.log" ||
   fail "2 ranks: the error does not name the damaged file and tensor"
 [ "$(snapshot "$work/two/ckpt")" = "$before" ] || fail "2 ranks: the checkpoints changed"
+[ -z "$(ls -A "$work/two_resume" 2>/dev/null)" ] ||
+  fail "2 ranks: the failed resume wrote into its run directory: $(ls -A "$work/two_resume" | tr '\n' ' ')"
 echo "ok: 2 ranks: a corrupt expert read by rank 1 only ends the job with status 2"
 
 summarize_and_exit "bad-input checkpoint checks"

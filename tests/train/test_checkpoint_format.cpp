@@ -99,6 +99,29 @@ TEST(CheckpointNames, AreGlobalAndParseBack) {
   for (const char* bad : {"step-", "step-12a", "steps-12", ".step-000000001.tmp", "step--1"})
     EXPECT_FALSE(parse_checkpoint_step_name(bad, &step)) << bad;
   EXPECT_EQ(shard_file_name(7), "shard-00007.bin");
+
+  // Another run's step: the run id as a suffix; temporary directories carry it too.
+  const std::string run_id = "0123456789abcdef";
+  std::string parsed_id = "unset";
+  EXPECT_EQ(checkpoint_step_name(42, run_id), "step-000000042-0123456789abcdef");
+  EXPECT_TRUE(parse_checkpoint_step_name(checkpoint_step_name(42, run_id), &step, &parsed_id));
+  EXPECT_EQ(step, 42);
+  EXPECT_EQ(parsed_id, run_id);
+  EXPECT_TRUE(parse_checkpoint_step_name(checkpoint_step_name(43), &step, &parsed_id));
+  EXPECT_EQ(step, 43);
+  EXPECT_EQ(parsed_id, "");
+  for (const char* bad : {"step-000000042-0123456789ABCDEF", "step-000000042-0123", "step-000000042-",
+                          "step-000000042-0123456789abcdef-1"})
+    EXPECT_FALSE(parse_checkpoint_step_name(bad, &step)) << bad;
+  EXPECT_EQ(checkpoint_temp_name(7, run_id), ".step-000000007.0123456789abcdef.tmp");
+  EXPECT_TRUE(parse_checkpoint_temp_name(checkpoint_temp_name(7, run_id), &step, &parsed_id));
+  EXPECT_EQ(step, 7);
+  EXPECT_EQ(parsed_id, run_id);
+  EXPECT_TRUE(parse_checkpoint_temp_name(".step-000000008.tmp", &step, &parsed_id)) << "an earlier version's";
+  EXPECT_EQ(step, 8);
+  EXPECT_EQ(parsed_id, "");
+  for (const char* bad : {"step-000000008.tmp", ".step-000000008.x.tmp", ".step-000000008-0123456789abcdef.tmp"})
+    EXPECT_FALSE(parse_checkpoint_temp_name(bad, &step, &parsed_id)) << bad;
 }
 
 ParameterLayout tiny_layout(int ep_size, int ep_rank, int experts = 8) {
@@ -246,11 +269,14 @@ class PruneTest : public ::testing::Test {
     std::filesystem::create_directories(root_);
   }
   void TearDown() override { std::filesystem::remove_all(root_); }
-  void make(const std::string& name, bool complete) {
+  // A step directory whose manifest names `run_id` ("": a manifest of an earlier version, none).
+  void make(const std::string& name, bool complete, const std::string& run_id = kRun) {
     std::filesystem::create_directories(root_ / name);
-    std::ofstream(root_ / name / "manifest.json") << "{}";
+    std::ofstream(root_ / name / "manifest.json") << (run_id.empty() ? "{}" : "{\"run_id\": \"" + run_id + "\"}");
     if (complete) std::ofstream(root_ / name / kCheckpointCompleteFile) << "x";
   }
+  static constexpr const char* kRun = "0123456789abcdef";    // the pruning run
+  static constexpr const char* kOther = "fedcba9876543210";  // another run sharing the folder
   bool exists(const std::string& name) const { return std::filesystem::exists(root_ / name); }
   std::filesystem::path root_;
 };
@@ -262,17 +288,17 @@ TEST_F(PruneTest, KeepsTheNewestCompleteAndLeavesLaterStepsAlone) {
   make(checkpoint_step_name(4), true);
   make(checkpoint_step_name(9), false);  // an abandoned run's later step: not ours to judge
   make(checkpoint_step_name(10), true);
-  make(checkpoint_temp_name(5), false);  // an interrupted save
+  make(checkpoint_temp_name(5, kRun), false);  // an interrupted save
   make(".trash-step-000000007-123", false);
   make("notes", false);                  // not a checkpoint: untouched
-  const std::vector<std::string> removed = prune_checkpoints(root_.string(), 2, 4);
+  const std::vector<std::string> removed = prune_checkpoints(root_.string(), 2, 4, kRun);
   EXPECT_FALSE(exists(checkpoint_step_name(1)));
   EXPECT_FALSE(exists(checkpoint_step_name(2)));
   EXPECT_TRUE(exists(checkpoint_step_name(3)));
   EXPECT_TRUE(exists(checkpoint_step_name(4)));
   EXPECT_TRUE(exists(checkpoint_step_name(9)));
   EXPECT_TRUE(exists(checkpoint_step_name(10)));
-  EXPECT_FALSE(exists(checkpoint_temp_name(5)));
+  EXPECT_FALSE(exists(checkpoint_temp_name(5, kRun)));
   EXPECT_FALSE(exists(".trash-step-000000007-123"));
   EXPECT_TRUE(exists("notes"));
   EXPECT_EQ(removed.size(), 4u);
@@ -280,9 +306,39 @@ TEST_F(PruneTest, KeepsTheNewestCompleteAndLeavesLaterStepsAlone) {
     EXPECT_NE(entry.path().filename().string().rfind(".trash-", 0), 0u) << "nothing left half-removed";
   // keep_last 0 keeps every complete checkpoint.
   make(checkpoint_step_name(1), true);
-  prune_checkpoints(root_.string(), 0, 4);
+  prune_checkpoints(root_.string(), 0, 4, kRun);
   EXPECT_TRUE(exists(checkpoint_step_name(1)));
-  EXPECT_TRUE(prune_checkpoints((root_ / "absent").string(), 1, 4).empty());
+  EXPECT_TRUE(prune_checkpoints((root_ / "absent").string(), 1, 4, kRun).empty());
+}
+
+TEST_F(PruneTest, RemovesOnlyWhatThisRunWrote) {
+  make(checkpoint_step_name(1), true, kOther);
+  make(checkpoint_step_name(2), true, "");     // an earlier version's: no run id
+  make(checkpoint_step_name(3), false, kOther);  // another run's interrupted save
+  make(checkpoint_step_name(3, kRun), true);     // ours, named apart from the other run's step 3
+  make(checkpoint_step_name(4), true);
+  make(checkpoint_step_name(5), false);          // ours, interrupted
+  make(checkpoint_step_name(6), true);
+  make(checkpoint_step_name(6, kOther), true, kOther);
+  make(checkpoint_temp_name(7, kOther), false);  // another run's save in progress
+  make(checkpoint_temp_name(7, kRun), false);
+  make(".step-000000008.tmp", false);            // an earlier version's leftover
+  make(std::string(".trash-") + kOther + "-step-000000009-12", false);
+  make(std::string(".trash-") + kRun + "-step-000000009-12", false);
+  const std::vector<std::string> removed = prune_checkpoints(root_.string(), 1, 6, kRun);
+  for (const std::string& gone : {checkpoint_step_name(3, kRun), checkpoint_step_name(4), checkpoint_step_name(5),
+                                  checkpoint_temp_name(7, kRun), std::string(".step-000000008.tmp"),
+                                  std::string(".trash-") + kRun + "-step-000000009-12"})
+    EXPECT_FALSE(exists(gone)) << gone;
+  for (const std::string& kept : {checkpoint_step_name(1), checkpoint_step_name(2), checkpoint_step_name(3),
+                                  checkpoint_step_name(6), checkpoint_step_name(6, kOther),
+                                  checkpoint_temp_name(7, kOther), std::string(".trash-") + kOther + "-step-000000009-12"})
+    EXPECT_TRUE(exists(kept)) << kept;
+  EXPECT_EQ(removed.size(), 6u);
+  // With keep_last 1 another run's newest would be its step 6: still untouched by this run's saves.
+  prune_checkpoints(root_.string(), 1, 7, kRun);
+  EXPECT_TRUE(exists(checkpoint_step_name(6, kOther)));
+  EXPECT_TRUE(exists(checkpoint_step_name(1)));
 }
 
 }  // namespace

@@ -110,19 +110,20 @@ TEST(Config, TinyCpuConfigLoads) {
   EXPECT_EQ(config.model.compute_dtype, DType::f32);
   EXPECT_GE(config.model.n_layers, config.model.moe_every);
   EXPECT_EQ(config.moe.num_experts % config.parallel.ep_size, 0);
-  // Each of its keys is written out (the file comments them all), so nothing is derived -- except
-  // checkpoint.dir, which the shipped configs leave to follow logging.run_dir (a run moved with
-  // --set logging.run_dir must not save into another run's folder).
+  // Each of its keys is written out (the file comments them all), so nothing is derived; except
+  // checkpoint.dir, which shipped configs leave to follow logging.run_dir: set, every run moved with
+  // --set logging.run_dir would save into one checkpoint folder.
   std::ifstream file(path);
   std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
   for (const ConfigField& field : config_fields()) {
-    if (field.path() == "checkpoint.dir") {
-      EXPECT_EQ(text.find("  dir:"), std::string::npos) << "tiny-cpu.yaml sets checkpoint.dir";
-      EXPECT_EQ(config.checkpoint.dir, config.logging.run_dir + "/checkpoints");
-      continue;
-    }
+    if (field.path() == "checkpoint.dir") continue;
     EXPECT_NE(text.find("  " + field.key + ":"), std::string::npos) << field.path() << " missing in tiny-cpu.yaml";
   }
+  EXPECT_EQ(text.find("\n  dir:"), std::string::npos) << "tiny-cpu.yaml sets checkpoint.dir";
+  EXPECT_EQ(config.checkpoint.dir, (std::filesystem::path(config.logging.run_dir) / "checkpoints").string());
+  const Config moved = load_config(path.string(), {"logging.run_dir=runs/elsewhere"});
+  EXPECT_EQ(moved.checkpoint.dir, (std::filesystem::path("runs/elsewhere") / "checkpoints").string())
+      << "checkpoint.dir follows logging.run_dir";
 }
 
 TEST(Config, ReadmeDocumentsEveryKey) {
