@@ -37,8 +37,6 @@ bool is_folder(const fs::path& path) {
   return fs::is_directory(path, status);
 }
 
-std::string text(const fs::path& path) { return path.string(); }
-
 // "runs/x/" names the folder x, not an empty last component.
 fs::path without_trailing_slash(const std::string& path) {
   fs::path result(path);
@@ -108,12 +106,13 @@ struct CheckpointSearch {
 // checkpoint.dir its resolved config.yaml names, when that is another existing folder. The run's
 // own folder comes first so that a run copied elsewhere does not reach back into the original.
 std::vector<std::string> run_checkpoint_folders(const fs::path& run) {
-  std::vector<std::string> folders{text(run / "checkpoints")};
+  std::vector<std::string> folders{(run / "checkpoints").string()};
   const fs::path config_path = run / "config.yaml";
   if (!is_file(config_path)) return folders;
   std::string configured;
   try {
-    configured = parse_config_string(read_text_file(text(config_path), "run config"), text(config_path)).checkpoint.dir;
+    const std::string yaml = read_text_file(config_path.string(), "run config");
+    configured = parse_config_string(yaml, config_path.string()).checkpoint.dir;
   } catch (const Error&) {
     return folders;  // a config this build cannot read names no other folder; RUN/checkpoints still counts
   }
@@ -139,18 +138,20 @@ std::string what_path_is(const std::string& path, PathKind kind, const Checkpoin
       return named + " is a token file (training data written by prepare-data), not weights";
     case PathKind::other_file:
       return named + " is a file but not a switchyard weights file (it does not start with SWYWGHTS)";
-    case PathKind::checkpoint:
-      if (!is_file(fs::path(path) / kCheckpointCompleteFile))
-        return named + " is a checkpoint folder without COMPLETE: " + text(fs::path(path) / kCheckpointCompleteFile) +
-               " is missing (the save did not finish)";
+    case PathKind::checkpoint: {
+      const std::string marker = (fs::path(path) / kCheckpointCompleteFile).string();
+      if (!is_file(marker))
+        return named + " is a checkpoint folder without COMPLETE: " + marker + " is missing (the save did not finish)";
       return named + " is a checkpoint folder";
+    }
     case PathKind::checkpoint_root:
       return named + " is a folder of checkpoints (checkpoint.dir) with " + count_text(search.listed, "checkpoint") +
              ", " + std::to_string(search.complete) + " complete";
     case PathKind::run_folder: {
       std::string where;
       for (const std::string& folder : folders) where += (where.empty() ? "" : " or ") + folder;
-      return named + " is a run folder with " + (is_file(fs::path(path) / "final.weights") ? "" : "no final.weights, ") +
+      const bool has_final_weights = is_file(fs::path(path) / "final.weights");
+      return named + " is a run folder with " + (has_final_weights ? "" : "no final.weights, ") +
              count_text(search.complete, "complete checkpoint") + " in " + where +
              (search.listed > search.complete
                   ? " (and " + count_text(search.listed - search.complete, "incomplete one") + ")"
@@ -183,7 +184,7 @@ Survey survey(const std::string& path) {
       if (result.search.newest.empty()) result.search.look_in(folder);
   } else if (result.kind == PathKind::checkpoint) {
     // Beside an incomplete checkpoint: what to use instead.
-    result.search.look_in(text(without_trailing_slash(path).parent_path()));
+    result.search.look_in(without_trailing_slash(path).parent_path().string());
   }
   return result;
 }
@@ -229,7 +230,7 @@ bool find_weights_source(const std::string& path, WeightsSource* source, std::st
         source->picked_because = "the newest complete checkpoint of run folder " + path;
         return true;
       }
-      const std::string weights = text(fs::path(path) / "final.weights");
+      const std::string weights = (fs::path(path) / "final.weights").string();
       if (is_file(weights)) {
         source->format = WeightsFormat::weights_file;
         source->path = weights;
@@ -264,7 +265,7 @@ namespace {
 // A checkpoint's master weights in weights-file form (experts stacked back into [E, ...]).
 WeightsFile read_checkpoint_weights(const std::string& directory) {
   const CheckpointManifest manifest = read_checkpoint_manifest(directory);
-  const std::string manifest_path = text(fs::path(directory) / kCheckpointManifestFile);
+  const std::string manifest_path = (fs::path(directory) / kCheckpointManifestFile).string();
   // Each parameter's master tensors, in the manifest's order (experts: any order; sorted below).
   std::vector<std::string> order;
   std::map<std::string, std::vector<const CheckpointTensor*>> parts;

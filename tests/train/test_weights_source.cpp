@@ -280,7 +280,8 @@ TEST_F(WeightsSourceTest, ACheckpointReadsBackAsTheSameWeightsAsFinalWeights) {
   // The older checkpoint holds other weights: the comparison above can fail.
   const WeightsFile older = read_weights_source(resolve_weights_source(step(finished() / "checkpoints", 1)));
   bool differs = false;
-  for (const WeightsTensor& tensor : from_file.tensors) differs = differs || older.find(tensor.name)->values != tensor.values;
+  for (const WeightsTensor& tensor : from_file.tensors)
+    differs = differs || older.find(tensor.name)->values != tensor.values;
   EXPECT_TRUE(differs);
 }
 
@@ -329,7 +330,8 @@ TEST_F(WeightsSourceTest, AWeightsFileHasNoOptimizerStateToExport) {
   SafetensorsExportOptions options;
   options.include_optimizer = true;
   const std::string path = (finished() / "final.weights").string();
-  expect_bad_input([&] { export_safetensors(resolve_weights_source(path), (root() / "x.safetensors").string(), options); },
+  const std::string output = (root() / "x.safetensors").string();
+  expect_bad_input([&] { export_safetensors(resolve_weights_source(path), output, options); },
                    {"'" + path + "' is a weights file: it holds no optimizer state", "give a checkpoint"});
   EXPECT_FALSE(fs::exists(root() / "x.safetensors"));
 }
