@@ -51,7 +51,8 @@ echo "sbatch-train: job ${SLURM_JOB_ID:-?} (restart count ${SLURM_RESTART_COUNT:
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
 
 # --kill-on-bad-exit: one rank failing ends the step at once (the others would only wait for it).
-# The ranks pick their GPU from their node-local rank (src/comm/bootstrap.h).
+# Each rank uses the only GPU it sees when SLURM binds one per task (--gpus-per-task=1), else GPU =
+# its node-local rank (src/comm/gpu_pick.h).
 srun --mpi="${SRUN_MPI:-pmix}" --kill-on-bad-exit=1 --cpu-bind=none \
   "$binary" train "$config" --resume "${SWITCHYARD_RESUME:-auto}" "$@"
 status=$?

@@ -1,15 +1,20 @@
 // switchyard ckpt inspect DIR [--no-verify] [--tensors]
-// switchyard ckpt export DIR --format safetensors OUT [--dtype fp32|bf16] [--optimizer] [--merge-experts]
+// switchyard ckpt export PATH --format safetensors OUT [--dtype fp32|bf16] [--optimizer] [--merge-experts]
 //
 // Tools for checkpoints (format: src/train/checkpoint_format.h, docs/CHECKPOINTS.md).
 //   inspect  DIR is one checkpoint (a step-* directory): prints a summary of its manifest, then
 //            reads every tensor and verifies its checksum. DIR is a checkpoint.dir: lists its
 //            checkpoints, each complete / incomplete and verified or not. Exit 2 (the error naming
 //            the file) when anything is missing, truncated, corrupt or incomplete.
-//   export   writes the master weights (with --optimizer also the AdamW moments) of checkpoint DIR
-//            to OUT in the safetensors format, verifying each tensor it reads.
+//   export   writes the master weights (with --optimizer also the AdamW moments) of PATH to OUT in
+//            the safetensors format, verifying each tensor it reads. PATH is found by the rule every
+//            weights-reading command shares (src/train/weights_source.h): a run folder (its newest
+//            complete checkpoint, else final.weights), a checkpoint, a folder of them, a weights file.
+//   A path that is none of these is bad input saying what it is (src/train/weights_source.h
+//   describe_path) and what was expected.
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <iomanip>
 #include <iostream>
 #include <map>
@@ -23,6 +28,7 @@
 #include "src/train/checkpoint_export.h"
 #include "src/train/checkpoint_format.h"
 #include "src/train/config.h"
+#include "src/train/weights_source.h"
 
 namespace switchyard {
 namespace {
@@ -149,25 +155,36 @@ int command_ckpt_inspect(int argc, char** argv) {
   if (!parser.parse(argc, argv)) return kExitOk;
   const std::string directory = parser.get("dir");
   const bool verify = !parser.flag("no-verify");
-  if (is_checkpoint_directory(directory)) return inspect_one(directory, verify, parser.flag("tensors"));
-  if (!list_checkpoints(directory).empty()) return inspect_root(directory, verify);
-  // Neither: let the manifest reader say precisely what is missing (exit 2, naming the path).
-  return inspect_one(directory, verify, parser.flag("tensors"));
+  switch (kind_of_path(directory)) {
+    // A checkpoint, complete or not: the manifest reader says precisely what is missing.
+    case PathKind::checkpoint: return inspect_one(directory, verify, parser.flag("tensors"));
+    case PathKind::checkpoint_root: return inspect_root(directory, verify);
+    case PathKind::run_folder: {
+      const std::string checkpoints = (std::filesystem::path(directory) / "checkpoints").string();
+      SY_BAD_INPUT(describe_path(directory), "; ckpt inspect expects a checkpoint (step-* folder) or a folder of "
+                   "checkpoints: try `switchyard ckpt inspect ", checkpoints, "` (or the checkpoint.dir of its "
+                   "config.yaml)");
+    }
+    default:
+      SY_BAD_INPUT(describe_path(directory), "; ckpt inspect expects a checkpoint (step-* folder) or a folder of "
+                   "checkpoints (checkpoint.dir)");
+  }
 }
 
 int command_ckpt_export(int argc, char** argv) {
   ArgParser parser("switchyard ckpt export",
-                   "Write a checkpoint's weights to another format (safetensors: loads with Python's safetensors "
-                   "package, e.g. safetensors.numpy.load_file or safe_open).");
-  parser.add_positional("dir", "the checkpoint (a step-* directory)");
+                   "Write a model's weights (a checkpoint's, or a weights file's) to another format (safetensors: "
+                   "loads with Python's safetensors package, e.g. safetensors.numpy.load_file or safe_open).");
+  parser.add_positional("path", kWeightsPathHelp);
   parser.add_positional("output", "the file to write");
   parser.add_option("format", "FORMAT", "output format: safetensors", "safetensors");
   parser.add_option("dtype", "fp32|bf16", "element type of the exported tensors", "fp32");
   parser.add_flag("optimizer", "also export the AdamW moments (optimizer.exp_avg.*, optimizer.exp_avg_sq.*)");
   parser.add_flag("merge-experts", "one [E, ...] tensor per expert parameter (blocks.1.moe.w1) instead of one "
                   "tensor per expert (blocks.1.moe.experts.3.w1)");
-  parser.add_epilog("Example:\n  switchyard ckpt export runs/tiny-cpu/checkpoints/step-000000200 --format safetensors "
-                    "model.safetensors");
+  parser.add_epilog("Examples:\n  switchyard ckpt export runs/tiny-cpu/checkpoints/step-000000200 --format safetensors "
+                    "model.safetensors\n  switchyard ckpt export runs/tiny-cpu model.safetensors   "
+                    "# the run's newest complete checkpoint");
   if (!parser.parse(argc, argv)) return kExitOk;
   SY_CHECK_INPUT(parser.get("format") == "safetensors", "--format '", parser.get("format"),
                  "' is not supported; the export writes safetensors");
@@ -177,7 +194,9 @@ int command_ckpt_export(int argc, char** argv) {
   options.dtype = dtype == "fp32" ? DType::f32 : DType::bf16;
   options.include_optimizer = parser.flag("optimizer");
   options.merge_experts = parser.flag("merge-experts");
-  const SafetensorsExportResult result = export_safetensors(parser.get("dir"), parser.get("output"), options);
+  const WeightsSource source = resolve_weights_source(parser.get("path"));
+  std::cerr << "switchyard ckpt export: " << describe_weights_source(source) << "\n";
+  const SafetensorsExportResult result = export_safetensors(source, parser.get("output"), options);
   std::cout << "switchyard ckpt export: " << result.tensors << " tensors (" << dtype << ") -> " << parser.get("output")
             << " (" << megabytes(result.bytes) << ")\n";
   return kExitOk;
@@ -191,7 +210,7 @@ struct Subcommand {
 
 const Subcommand kSubcommands[] = {
     {"inspect", "summarise a checkpoint and verify its checksums (or list a checkpoint.dir)", command_ckpt_inspect},
-    {"export", "write a checkpoint's weights as a safetensors file", command_ckpt_export},
+    {"export", "write a checkpoint's (or weights file's) weights as a safetensors file", command_ckpt_export},
 };
 
 void print_subcommands(std::ostream& out) {

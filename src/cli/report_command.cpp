@@ -3,12 +3,14 @@
 // switchyard specialize --checkpoint PATH --text FILE [--tokens N] [--json FILE] [--device ...]
 //
 // report: reads the run directory of `switchyard train` (config.yaml, the metrics file named by
-// logging.metrics_file, final.weights) and writes one self-contained HTML page (default
+// logging.metrics_file, its weights) and writes one self-contained HTML page (default
 // RUN_DIR/report.html) with the training curves, the expert load per layer over training, the
-// router statistics and -- when final weights and a text are available -- the expert
-// specialization map (src/report/report.h). The text defaults to the run's validation data
-// (data.val_path), else its training data.
+// router statistics and -- when weights and a text are available -- the expert specialization
+// map (src/report/report.h). The text defaults to the run's validation data (data.val_path),
+// else its training data.
 // specialize: the specialization map alone, printed as a table (and written as JSON with --json).
+// Both find the weights by the rule every weights-reading command shares (src/train/weights_source.h):
+// a run folder's newest complete checkpoint, else its final.weights, so a preempted run has a map too.
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -24,6 +26,7 @@
 #include "src/core/error.h"
 #include "src/train/config.h"
 #include "src/train/weights_file.h"
+#include "src/train/weights_source.h"
 
 namespace switchyard {
 namespace {
@@ -54,19 +57,6 @@ void write_text_file(const std::string& path, const std::string& text, const cha
   if (!file) SY_THROW("writing the ", what, " '", path, "' failed");
 }
 
-// A weights file, or a run directory holding final.weights; empty when a directory has none.
-std::string find_weights(const std::string& checkpoint, bool required) {
-  std::error_code status;
-  if (fs::is_directory(checkpoint, status)) {
-    const std::string inside = (fs::path(checkpoint) / "final.weights").string();
-    if (fs::exists(inside, status)) return inside;
-    if (required) SY_BAD_INPUT("'", checkpoint, "' is a directory without final.weights");
-    return "";
-  }
-  if (!fs::exists(checkpoint, status)) SY_BAD_INPUT("'", checkpoint, "' does not exist");
-  return checkpoint;
-}
-
 SpecializationOptions specialization_options(const ArgParser& parser) {
   SpecializationOptions options;
   options.device = resolve_analysis_device(parser.get("device"));
@@ -82,7 +72,8 @@ int command_report(int argc, char** argv) {
   ArgParser parser("switchyard report",
                    "Write an HTML report of a training run: loss and validation curves, expert load per layer over\n"
                    "training, router statistics and the expert specialization map (docs/ANALYTICS.md).");
-  parser.add_positional("run_dir", "the run directory (logging.run_dir) of `switchyard train`");
+  parser.add_positional("run_dir", "the run directory (logging.run_dir) of `switchyard train`; the specialization "
+                        "map runs its newest complete checkpoint, else its final.weights");
   parser.add_option("output", "FILE", "where to write the report (default RUN_DIR/report.html)");
   parser.add_option("text", "FILE",
                     "text for the specialization map: a token file or any file of bytes (default: "
@@ -101,16 +92,18 @@ int command_report(int argc, char** argv) {
   const int heatmap_columns = int(parser.get_int("heatmap-columns"));
   SY_CHECK_INPUT(heatmap_columns >= 1 && heatmap_columns <= 2000, "--heatmap-columns must be in [1, 2000]");
 
-  // The run's config: config.yaml, else the one inside final.weights.
+  // The run's config: config.yaml, else the one stored with its weights.
   std::unique_ptr<Config> config;
   const std::string config_path = (fs::path(run_dir) / "config.yaml").string();
-  const std::string weights_path = find_weights(run_dir, false);
+  WeightsSource source;
+  std::string no_weights_reason;
+  const bool has_weights = find_weights_source(run_dir, &source, &no_weights_reason);
   std::unique_ptr<WeightsFile> weights;
   if (fs::exists(config_path, status)) {
     config = std::make_unique<Config>(parse_config_string(read_text_file(config_path), config_path));
-  } else if (!weights_path.empty()) {
-    weights = std::make_unique<WeightsFile>(read_weights_file(weights_path));
-    config = std::make_unique<Config>(parse_config_string(weights->config_yaml, weights_path));
+  } else if (has_weights) {
+    weights = std::make_unique<WeightsFile>(read_weights_source(source));
+    config = std::make_unique<Config>(parse_config_string(weights->config_yaml, source.path));
   }
   std::string metrics_path = (fs::path(run_dir) / "metrics.jsonl").string();
   if (config) {
@@ -132,10 +125,8 @@ int command_report(int argc, char** argv) {
   std::unique_ptr<SpecializationMap> map;
   if (parser.flag("no-specialization")) {
     inputs.specialization_missing_reason = "skipped (--no-specialization).";
-  } else if (weights_path.empty()) {
-    inputs.specialization_missing_reason =
-        "the run directory holds no final.weights yet (the map needs trained "
-        "weights; run `switchyard specialize` on a weights file).";
+  } else if (!has_weights) {
+    inputs.specialization_missing_reason = no_weights_reason + ". The map needs trained weights.";
   } else {
     std::string text = parser.get("text");
     if (text.empty() && config) {
@@ -148,12 +139,12 @@ int command_report(int argc, char** argv) {
     if (text.empty()) {
       inputs.specialization_missing_reason = "no text: the run's data files are not reachable from here; give --text.";
     } else {
-      if (!weights) weights = std::make_unique<WeightsFile>(read_weights_file(weights_path));
+      if (!weights) weights = std::make_unique<WeightsFile>(read_weights_source(source));
       const SpecializationOptions options = specialization_options(parser);
-      const Config weights_config = parse_config_string(weights->config_yaml, weights_path);
+      const Config weights_config = parse_config_string(weights->config_yaml, source.path);
       const std::vector<int32_t> tokens =
           load_analysis_tokens(text, weights_config.model.vocab_size, options.max_tokens);
-      map = std::make_unique<SpecializationMap>(run_specialization(*weights, weights_path, tokens, options));
+      map = std::make_unique<SpecializationMap>(run_specialization(*weights, source.path, tokens, options));
       inputs.specialization = map.get();
       inputs.specialization_source = "the first " + std::to_string(tokens.size()) + " tokens of " + text;
       if (parser.has("specialization-json"))
@@ -165,7 +156,8 @@ int command_report(int argc, char** argv) {
   write_text_file(output, build_report_html(inputs), "report");
   std::cout << "switchyard report: " << history.step.size() << " metrics lines";
   if (map)
-    std::cout << ", specialization map of " << map->text().count << " tokens";
+    std::cout << ", specialization map of " << map->text().count << " tokens (" << describe_weights_source(source)
+              << ")";
   else
     std::cout << ", no specialization map (" << inputs.specialization_missing_reason << ")";
   std::cout << " -> " << output << "\n";
@@ -176,7 +168,7 @@ int command_specialize(int argc, char** argv) {
   ArgParser parser("switchyard specialize",
                    "Show which inputs each expert receives: run a trained model over a text and count, per MoE\n"
                    "layer and expert, the routed bytes by class, by position and by the preceding byte.");
-  parser.add_option("checkpoint", "PATH", "a weights file, or a run directory holding final.weights");
+  parser.add_option("checkpoint", "PATH", kWeightsPathHelp);
   parser.add_option("text", "FILE", "a token file, or any file whose bytes are the text");
   parser.add_option("tokens", "N", "tokens of the text to analyse", "16384");
   parser.add_option("device", "auto|cpu|cuda", "where to run the model", "auto");
@@ -184,18 +176,19 @@ int command_specialize(int argc, char** argv) {
   parser.add_option("position-buckets", "N", "equal ranges of the position axis", "8");
   parser.add_epilog("Example:\n  switchyard specialize --checkpoint runs/tiny-cpu --text README.md --json map.json");
   if (!parser.parse(argc, argv)) return kExitOk;
-  SY_CHECK_INPUT(parser.has("checkpoint"), "specialize needs --checkpoint (a weights file or a run directory)");
+  SY_CHECK_INPUT(parser.has("checkpoint"), "specialize needs --checkpoint: ", kWeightsPathHelp);
   SY_CHECK_INPUT(parser.has("text"), "specialize needs --text (a token file or a text file)");
-  const std::string weights_path = find_weights(parser.get("checkpoint"), true);
+  const WeightsSource source = resolve_weights_source(parser.get("checkpoint"));
   SpecializationOptions options = specialization_options(parser);
   options.position_buckets = int(parser.get_int("position-buckets"));
   SY_CHECK_INPUT(options.position_buckets >= 1 && options.position_buckets <= 4096,
                  "--position-buckets must be in [1, 4096]");
-  const WeightsFile weights = read_weights_file(weights_path);
-  const Config config = parse_config_string(weights.config_yaml, weights_path);
+  std::cerr << "switchyard specialize: " << describe_weights_source(source) << "\n";
+  const WeightsFile weights = read_weights_source(source);
+  const Config config = parse_config_string(weights.config_yaml, source.path);
   const std::vector<int32_t> tokens =
       load_analysis_tokens(parser.get("text"), config.model.vocab_size, options.max_tokens);
-  const SpecializationMap map = run_specialization(weights, weights_path, tokens, options);
+  const SpecializationMap map = run_specialization(weights, source.path, tokens, options);
   std::cout << map.table();
   if (parser.has("json")) write_text_file(parser.get("json"), map.json() + "\n", "specialization JSON");
   return kExitOk;

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "src/comm/comm_factory.h"
+#include "src/comm/gpu_pick.h"
 #include "src/comm/mpi_comm.h"
 #include "src/core/device.h"
 #include "src/core/environment.h"
@@ -168,9 +169,10 @@ const ProcessContext& bootstrap_process(DeviceKind requested) {
       SY_BAD_INPUT("device cuda was requested but this build of switchyard has no CUDA backend; use device: cpu");
 #endif
     }
-    const int gpu = g_context.local_rank % device_count;
-    cuda_set_device(gpu);
-    g_context.gpu = gpu;
+    const GpuPick pick = pick_gpu(g_context.local_rank, g_context.local_size, device_count);
+    if (pick.device < 0) SY_BAD_INPUT("on ", process_host(), ": ", pick.problem);
+    cuda_set_device(pick.device);
+    g_context.gpu = pick.device;
     g_context.device = DeviceKind::cuda;
   }
   return g_context;
@@ -185,11 +187,8 @@ ParallelGroups create_parallel_groups(const ProcessContext& context, const Paral
            " ranks for a world of ", context.world_size);
   const RankPlacement placement = layout.placement(context.world_rank);
   if (context.device == DeviceKind::cuda) {
+    // One GPU per rank was checked when bootstrap_process picked it (src/comm/gpu_pick.h).
     SY_CHECK(context.gpu >= 0, "create_parallel_groups on cuda without a selected GPU (call bootstrap_process(cuda))");
-    if (context.local_size > cuda_device_count())
-      SY_BAD_INPUT(context.local_size, " ranks run on ", process_host(), " but it has ", cuda_device_count(),
-                   " visible GPU(s); NCCL needs one GPU per rank: start at most ", cuda_device_count(),
-                   " ranks per node, or use device: cpu");
   }
 
   // Everyone must arrive before the (untimed) communicator constructors: a rank that crashed or

@@ -34,7 +34,8 @@ struct ProcessContext {
 // Initialises MPI (MPI_Init_thread; an MPI already initialised by someone else is kept and not
 // finalised by us), sets MPI_ERRORS_RETURN on MPI_COMM_WORLD, stamps Errors with the world rank,
 // finds the node-local rank (MPI_Comm_split_type SHARED) and, for `requested == cuda`, selects
-// GPU local_rank % cuda_device_count() (SY_BAD_INPUT when there is none).
+// its GPU by pick_gpu (src/comm/gpu_pick.h: the only visible GPU, else GPU local_rank;
+// SY_BAD_INPUT when there is none or more local ranks than visible GPUs).
 // Idempotent: later calls return the same context. A later call asking for cuda after a cpu one
 // selects the GPU then (the context's device becomes cuda); asking for cpu never drops a GPU.
 const ProcessContext& bootstrap_process(DeviceKind requested);

@@ -7,16 +7,25 @@
 
 #include "src/core/error.h"
 #include "src/core/json.h"
+#include "src/model/transformer.h"
+#include "src/train/config.h"
 
 namespace switchyard {
 namespace fs = std::filesystem;
 namespace {
 
-// One tensor of the output: the checkpoint tensors it is made of (several when experts merge).
+// One tensor of the output: the pieces it is made of (several when experts merge), each a checkpoint
+// tensor read through the CheckpointReader or values already in memory (a weights file).
+struct ExportPart {
+  const CheckpointTensor* checkpoint = nullptr;
+  const float* values = nullptr;
+  uint64_t count = 0;  // values
+};
+
 struct ExportTensor {
   std::string name;
   std::vector<int64_t> shape;
-  std::vector<const CheckpointTensor*> parts;
+  std::vector<ExportPart> parts;
   uint64_t bytes = 0;  // in the output dtype
 };
 
@@ -47,7 +56,7 @@ std::vector<ExportTensor> select_tensors(const CheckpointManifest& manifest, con
         selected.push_back(output);
       }
       ExportTensor& output = selected[found->second];
-      output.parts.push_back(&tensor);
+      output.parts.push_back({&tensor, nullptr, uint64_t(count)});
       output.shape[0] += 1;
       output.bytes += uint64_t(count) * element;
       continue;
@@ -55,7 +64,7 @@ std::vector<ExportTensor> select_tensors(const CheckpointManifest& manifest, con
     ExportTensor output;
     output.name = tensor.name;
     output.shape = tensor.shape;
-    output.parts.push_back(&tensor);
+    output.parts.push_back({&tensor, nullptr, uint64_t(count)});
     output.bytes = uint64_t(count) * element;
     selected.push_back(output);
   }
@@ -63,10 +72,10 @@ std::vector<ExportTensor> select_tensors(const CheckpointManifest& manifest, con
   // hand-edited manifest could not).
   if (!options.merge_experts) return selected;
   for (const ExportTensor& output : selected) {
-    if (output.parts.front()->expert < 0) continue;
+    if (output.parts.front().checkpoint->expert < 0) continue;
     for (size_t index = 0; index < output.parts.size(); ++index)
-      if (output.parts[index]->expert != int64_t(index))
-        SY_BAD_INPUT("checkpoint tensor ", output.parts[index]->name, ": experts of ", output.name,
+      if (output.parts[index].checkpoint->expert != int64_t(index))
+        SY_BAD_INPUT("checkpoint tensor ", output.parts[index].checkpoint->name, ": experts of ", output.name,
                      " are not 0 .. E-1 in order");
   }
   return selected;
@@ -86,24 +95,40 @@ uint64_t verify_checkpoint_tensors(const std::string& directory, const Checkpoin
   return total;
 }
 
-SafetensorsExportResult export_safetensors(const std::string& directory, const std::string& output,
-                                           const SafetensorsExportOptions& options) {
-  SY_CHECK(little_endian(), "safetensors is little-endian; this host is not");
-  SY_CHECK_INPUT(options.dtype == DType::f32 || options.dtype == DType::bf16,
-                 "safetensors export writes fp32 or bf16, not ", dtype_name(options.dtype));
-  const CheckpointManifest manifest = read_checkpoint_manifest(directory);
-  for (const CheckpointTensor& tensor : manifest.tensors)
-    SY_CHECK_INPUT(tensor.dtype == "F32", "checkpoint tensor ", tensor.name, " is ", tensor.dtype,
-                   "; the export reads F32 tensors");
-  const std::vector<ExportTensor> selected = select_tensors(manifest, options);
+namespace {
 
+// The weights-file tensors to export: as stored (experts stacked, [E, ...]) with merge_experts,
+// else each expert parameter split into one tensor per expert, named as a checkpoint names them.
+std::vector<ExportTensor> select_weights_tensors(const WeightsFile& weights, const ParameterLayout& layout,
+                                                 const SafetensorsExportOptions& options) {
+  const size_t element = dtype_size(options.dtype);
+  std::vector<ExportTensor> selected;
+  for (const WeightsTensor& tensor : weights.tensors) {
+    bool expert_parameter = false;
+    for (const ParameterSpec& spec : layout.specs())
+      if (spec.name == tensor.name) expert_parameter = spec.is_sharded();
+    const bool split = expert_parameter && !options.merge_experts;
+    const int64_t pieces = split ? tensor.shape.at(0) : 1;
+    const uint64_t per_part = pieces > 0 ? uint64_t(tensor.values.size()) / uint64_t(pieces) : 0;
+    for (int64_t expert = 0; expert < pieces; ++expert) {
+      ExportTensor output;
+      output.name = split ? expert_tensor_name(tensor.name, expert) : tensor.name;
+      output.shape = tensor.shape;
+      if (split) output.shape.erase(output.shape.begin());
+      output.parts.push_back({nullptr, tensor.values.data() + uint64_t(expert) * per_part, per_part});
+      output.bytes = per_part * element;
+      selected.push_back(std::move(output));
+    }
+  }
+  return selected;
+}
+
+// Writes the header and `selected` to `output`; `reader` reads the checkpoint parts (null: none).
+SafetensorsExportResult write_safetensors(const std::string& output, json::Value metadata,
+                                          const std::vector<ExportTensor>& selected, CheckpointReader* reader,
+                                          const SafetensorsExportOptions& options) {
+  SY_CHECK(little_endian(), "safetensors is little-endian; this host is not");
   json::Value header = json::Value::object();
-  json::Value metadata = json::Value::object();
-  metadata.set("format", json::Value::string("pt"));
-  metadata.set("switchyard_step", json::Value::string(std::to_string(manifest.step)));
-  metadata.set("switchyard_tokens_seen", json::Value::string(std::to_string(manifest.tokens_seen)));
-  metadata.set("switchyard_source", json::Value::string(fs::absolute(directory).lexically_normal().string()));
-  metadata.set("switchyard_config", json::Value::string(manifest.config_yaml));
   header.set("__metadata__", std::move(metadata));
   const char* dtype_text = options.dtype == DType::f32 ? "F32" : "BF16";
   uint64_t offset = 0;
@@ -127,18 +152,22 @@ SafetensorsExportResult export_safetensors(const std::string& directory, const s
   write_file_atomically(output, true, [&](int descriptor, const std::string& temp) {
     write_all(descriptor, &header_bytes, sizeof(header_bytes), temp);
     write_all(descriptor, header_text.data(), header_text.size(), temp);
-    CheckpointReader reader(directory, manifest);
-    std::vector<float> values;
+    std::vector<float> buffer;
     std::vector<uint16_t> halves;
     for (const ExportTensor& tensor : selected) {
-      for (const CheckpointTensor* part : tensor.parts) {
-        values.resize(size_t(part->bytes / sizeof(float)));
-        reader.read(*part, values.data());
+      for (const ExportPart& part : tensor.parts) {
+        const float* values = part.values;
+        if (part.checkpoint != nullptr) {
+          SY_CHECK(reader != nullptr, "safetensors export: a checkpoint tensor without a reader");
+          buffer.resize(size_t(part.count));
+          reader->read(*part.checkpoint, buffer.data());
+          values = buffer.data();
+        }
         if (options.dtype == DType::f32) {
-          write_all(descriptor, values.data(), size_t(part->bytes), temp);
+          write_all(descriptor, values, size_t(part.count) * sizeof(float), temp);
         } else {
-          halves.resize(values.size());
-          for (size_t index = 0; index < values.size(); ++index) halves[index] = Bf16::from_float(values[index]);
+          halves.resize(size_t(part.count));
+          for (size_t index = 0; index < halves.size(); ++index) halves[index] = Bf16::from_float(values[index]);
           write_all(descriptor, halves.data(), halves.size() * sizeof(uint16_t), temp);
         }
       }
@@ -148,6 +177,48 @@ SafetensorsExportResult export_safetensors(const std::string& directory, const s
   result.tensors = int64_t(selected.size());
   result.bytes = sizeof(header_bytes) + header_bytes + offset;
   return result;
+}
+
+void check_export_dtype(const SafetensorsExportOptions& options) {
+  SY_CHECK_INPUT(options.dtype == DType::f32 || options.dtype == DType::bf16,
+                 "safetensors export writes fp32 or bf16, not ", dtype_name(options.dtype));
+}
+
+}  // namespace
+
+SafetensorsExportResult export_safetensors(const std::string& directory, const std::string& output,
+                                           const SafetensorsExportOptions& options) {
+  check_export_dtype(options);
+  const CheckpointManifest manifest = read_checkpoint_manifest(directory);
+  for (const CheckpointTensor& tensor : manifest.tensors)
+    SY_CHECK_INPUT(tensor.dtype == "F32", "checkpoint tensor ", tensor.name, " is ", tensor.dtype,
+                   "; the export reads F32 tensors");
+  const std::vector<ExportTensor> selected = select_tensors(manifest, options);
+  json::Value metadata = json::Value::object();
+  metadata.set("format", json::Value::string("pt"));
+  metadata.set("switchyard_step", json::Value::string(std::to_string(manifest.step)));
+  metadata.set("switchyard_tokens_seen", json::Value::string(std::to_string(manifest.tokens_seen)));
+  metadata.set("switchyard_source", json::Value::string(fs::absolute(directory).lexically_normal().string()));
+  metadata.set("switchyard_config", json::Value::string(manifest.config_yaml));
+  CheckpointReader reader(directory, manifest);
+  return write_safetensors(output, std::move(metadata), selected, &reader, options);
+}
+
+SafetensorsExportResult export_safetensors(const WeightsSource& source, const std::string& output,
+                                           const SafetensorsExportOptions& options) {
+  if (source.format == WeightsFormat::checkpoint) return export_safetensors(source.path, output, options);
+  check_export_dtype(options);
+  SY_CHECK_INPUT(!options.include_optimizer, "'", source.path, "' is a weights file: it holds no optimizer state, so "
+                 "--optimizer has nothing to export; give a checkpoint (a step-* folder) instead");
+  const WeightsFile weights = read_weights_file(source.path);
+  const Config config = parse_config_string(weights.config_yaml, source.path);
+  const ParameterLayout layout = Transformer::build_layout(config.model, config.moe, 1, 0);
+  json::Value metadata = json::Value::object();
+  metadata.set("format", json::Value::string("pt"));
+  metadata.set("switchyard_source", json::Value::string(fs::absolute(source.path).lexically_normal().string()));
+  metadata.set("switchyard_config", json::Value::string(weights.config_yaml));
+  return write_safetensors(output, std::move(metadata), select_weights_tensors(weights, layout, options), nullptr,
+                           options);
 }
 
 }  // namespace switchyard

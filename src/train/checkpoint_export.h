@@ -1,5 +1,6 @@
 // Reading whole checkpoints outside training: full verification (`switchyard ckpt inspect`) and
-// export of the weights to a safetensors file (`switchyard ckpt export --format safetensors`).
+// export of the weights (of a checkpoint or a weights file) to a safetensors file
+// (`switchyard ckpt export --format safetensors`).
 //
 // safetensors layout (https://github.com/huggingface/safetensors, "Format"):
 //   uint64 little-endian N | N bytes of JSON header | the tensor bytes
@@ -15,6 +16,7 @@
 
 #include "src/core/dtype.h"
 #include "src/train/checkpoint_format.h"
+#include "src/train/weights_source.h"
 
 namespace switchyard {
 
@@ -38,6 +40,12 @@ struct SafetensorsExportResult {
 // `directory`, verifying every tensor it reads. Metadata: format = "pt", switchyard_step,
 // switchyard_tokens_seen, switchyard_source and switchyard_config (the run's resolved YAML).
 SafetensorsExportResult export_safetensors(const std::string& directory, const std::string& output,
+                                           const SafetensorsExportOptions& options);
+
+// The same for any weights source (src/train/weights_source.h): a checkpoint as above; a weights
+// file (final.weights) holds no optimizer state (include_optimizer is bad input) and no step, so
+// its metadata has format, switchyard_source and switchyard_config only.
+SafetensorsExportResult export_safetensors(const WeightsSource& source, const std::string& output,
                                            const SafetensorsExportOptions& options);
 
 }  // namespace switchyard

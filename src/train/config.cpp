@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <set>
@@ -324,6 +325,16 @@ Config parse_config_string(const std::string& yaml_text, const std::string& sour
 }
 
 Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  std::error_code status;
+  if (std::filesystem::is_directory(path, status)) {
+    // Reading a directory "succeeds" with no bytes, which would pass for an empty config.
+    const std::filesystem::path inside = std::filesystem::path(path) / "config.yaml";
+    SY_BAD_INPUT("config file '", path, "' is a directory; expected a YAML config file such as "
+                 "configs/tiny-cpu.yaml",
+                 std::filesystem::is_regular_file(inside, status)
+                     ? " (a run folder? the config its run resolved is " + inside.string() + ")"
+                     : "");
+  }
   std::ifstream file(path, std::ios::binary);
   if (!file) SY_BAD_INPUT("cannot read config file '", path, "': ", std::strerror(errno));
   std::ostringstream text;

@@ -25,7 +25,7 @@ DataLoader::DataLoader(const TokenFile& file, int64_t seq_len, int64_t micro_bat
            ")");
   const int64_t size = file.size();
   SY_CHECK_INPUT(size >= seq_len + 1, "token file '", file.path(), "' holds ", size, " tokens; a sequence needs ",
-                 seq_len + 1);
+                 seq_len + 1, " (model.seq_len + 1): prepare it from more text, or lower model.seq_len");
   if (order == DataOrder::sequential) {
     windows_ = (size - 1) / seq_len;
     max_shift_ = 0;

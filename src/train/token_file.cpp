@@ -29,6 +29,27 @@ uint64_t load_le(const uint8_t* source, int bytes) {
   return value;
 }
 
+// For a token file that is not there: the command that makes it. train.bin / val.bin are the
+// names the shipped configs use for the two splits, which one prepare-data call writes together.
+std::string how_to_make_token_file(const std::string& path) {
+  const std::filesystem::path file(path);
+  const std::string name = file.filename().string();
+  const std::string folder = file.has_parent_path() ? file.parent_path().string() + "/" : "";
+  std::string hint = "; make it with `switchyard prepare-data --output ";
+  if (name == "train.bin" || name == "val.bin")
+    hint += folder + "train.bin --val-output " + folder + "val.bin";
+  else
+    hint += path;
+  hint += " INPUT...` (INPUT: text files or folders of them, e.g. docs/ src/)";
+  for (const std::filesystem::path& part : file.parent_path())
+    if (part == "sotu") {
+      hint += ", or, for data/sotu/, `bash launch/get-data.sh`, which downloads the State of the Union corpus "
+              "and prepares it";
+      break;
+    }
+  return hint;
+}
+
 void write_all(int descriptor, const uint8_t* data, size_t bytes, const std::string& path) {
   while (bytes > 0) {
     ssize_t written = ::write(descriptor, data, bytes);
@@ -162,7 +183,11 @@ void write_token_file(const std::string& path, const std::vector<uint32_t>& toke
 
 TokenFile::TokenFile(const std::string& path, uint32_t model_vocab_size) : path_(path) {
   int descriptor = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (descriptor < 0) SY_BAD_INPUT("cannot open token file '", path, "': ", std::strerror(errno));
+  if (descriptor < 0) {
+    const int saved = errno;
+    SY_BAD_INPUT("cannot open token file '", path, "': ", std::strerror(saved),
+                 saved == ENOENT ? how_to_make_token_file(path) : std::string());
+  }
   struct stat info;
   if (::fstat(descriptor, &info) != 0) {
     int saved = errno;
@@ -171,7 +196,8 @@ TokenFile::TokenFile(const std::string& path, uint32_t model_vocab_size) : path_
   }
   if (!S_ISREG(info.st_mode)) {
     ::close(descriptor);
-    SY_BAD_INPUT("token file '", path, "' is not a regular file");
+    SY_BAD_INPUT("token file '", path, "' is ", S_ISDIR(info.st_mode) ? "a directory" : "not a regular file",
+                 "; expected a token file written by `switchyard prepare-data --output FILE INPUT...`");
   }
   const size_t file_bytes = size_t(info.st_size);
   if (file_bytes < kTokenFileHeaderBytes) {

@@ -134,6 +134,12 @@ void WeightsFileWriter::commit() {
 
 // ---- Reader ------------------------------------------------------------------------------------
 
+bool has_weights_file_magic(const std::string& path) {
+  std::ifstream stream(path, std::ios::binary);
+  char magic[sizeof(kWeightsMagic)] = {};
+  return stream.read(magic, sizeof(magic)) && std::memcmp(magic, kWeightsMagic, sizeof(magic)) == 0;
+}
+
 WeightsFile read_weights_file(const std::string& path) {
   std::ifstream stream(path, std::ios::binary);
   if (!stream) SY_BAD_INPUT("cannot read weights file '", path, "': ", std::strerror(errno));

@@ -51,6 +51,9 @@ class WeightsFileWriter {
   bool committed_ = false;
 };
 
+// True when `path` is a regular file that starts with the weights file magic (nothing else checked).
+bool has_weights_file_magic(const std::string& path);
+
 // Reads and verifies a weights file (magic, version, sizes, checksums); SY_BAD_INPUT naming the
 // file on any problem.
 WeightsFile read_weights_file(const std::string& path);

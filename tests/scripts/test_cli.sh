@@ -74,6 +74,33 @@ expect_exit 2 "YAML syntax error" -- "$binary" train "$work/syntax.yaml" && expe
 expect_exit 2 "bad --set" -- "$binary" train "$source_dir/configs/tiny-cpu.yaml" --set moe.top_k=0 &&
   expect_in "$work/err" "--set moe.top_k=0: moe.top_k = 0 is out of range" "--set error names the argument"
 expect_exit 2 "missing config file" -- "$binary" train "$work/absent.yaml" && expect_in "$work/err" "absent.yaml" "missing file named"
+mkdir -p "$work/adir"
+expect_exit 2 "a directory as the config" -- "$binary" train "$work/adir" &&
+  expect_in "$work/err" "config file '$work/adir' is a directory; expected a YAML config file" "a directory config says so"
+grep -q "empty" "$work/err" && fail "a directory config must not be called empty"
+# The shipped tiny config from a place without data/tiny: the message names the command that makes it.
+in_work=(bash -c 'cd "$0" && exec "$@"' "$work")  # relative data paths resolve in $work, where there are none
+expect_exit 2 "train without its data files" -- "${in_work[@]}" "$binary" train "$source_dir/configs/tiny-cpu.yaml" \
+  --set "logging.run_dir=$work/run_nodata" --dry-run &&
+  expect_in "$work/err" "cannot open token file 'data/tiny/train.bin': No such file or directory; make it with \`switchyard prepare-data --output data/tiny/train.bin --val-output data/tiny/val.bin INPUT...\`" \
+    "a missing data file names prepare-data"
+expect_exit 2 "a sotu config without its data files" -- "${in_work[@]}" "$binary" train "$source_dir/configs/sotu-1gpu.yaml" \
+  --set "logging.run_dir=$work/run_nosotu" --set training.device=cpu --dry-run &&
+  expect_in "$work/err" "\`bash launch/get-data.sh\`" "a missing data/sotu file names get-data.sh"
+
+# ---- Weights-reading commands document the path rule in --help ------------------------------
+# (help text is wrapped: compare it as one line)
+for command in generate specialize "ckpt export"; do
+  # shellcheck disable=SC2086
+  expect_exit 0 "switchyard $command --help" -- "$binary" $command --help &&
+    tr -s ' \n' '  ' <"$work/out" >"$work/help_line" &&
+    expect_in "$work/help_line" "a run folder (its newest complete checkpoint, else its final.weights), a checkpoint (step-*), a folder of checkpoints (its newest complete one) or a weights file" \
+      "$command --help states the rule"
+done
+expect_exit 0 "switchyard report --help" -- "$binary" report --help &&
+  tr -s ' \n' '  ' <"$work/out" >"$work/help_line" &&
+  expect_in "$work/help_line" "the specialization map runs its newest complete checkpoint, else its final.weights" \
+    "report --help states the rule"
 
 # ---- prepare-data: exact bytes of both splits --------------------------------------------------
 mkdir -p "$work/text/sub" "$work/text/.git"
