@@ -125,6 +125,33 @@ struct PendingComms {
 };
 }  // namespace
 
+namespace {
+// Ranks that each see one GPU may still see the same one (mpirun -np 2 on a one-GPU machine);
+// only the GPUs' PCI bus ids tell: every rank of the node compares its own with the others'.
+void check_one_rank_per_gpu(int device) {
+  constexpr int kBusIdBytes = 32;
+  char own[kBusIdBytes] = {};
+  const std::string bus_id = cuda_device_pci_bus_id(device);
+  std::strncpy(own, bus_id.c_str(), kBusIdBytes - 1);
+  MPI_Comm node_comm = MPI_COMM_NULL;
+  MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, g_context.world_rank, MPI_INFO_NULL,
+                                &node_comm));
+  std::vector<char> all(size_t(g_context.local_size) * kBusIdBytes);
+  const int gathered = MPI_Allgather(own, kBusIdBytes, MPI_CHAR, all.data(), kBusIdBytes, MPI_CHAR, node_comm);
+  MPI_Comm_free(&node_comm);
+  MPI_CHECK(gathered);
+  for (int other = 0; other < g_context.local_size; ++other) {
+    if (other == g_context.local_rank || std::strncmp(all.data() + size_t(other) * kBusIdBytes, own, kBusIdBytes) != 0)
+      continue;
+    SY_BAD_INPUT("on ", process_host(), ": local ranks ", std::min(other, g_context.local_rank), " and ",
+                 std::max(other, g_context.local_rank), " would share GPU ", bus_id, " (", g_context.local_size,
+                 " ranks on this host, each seeing one GPU, but not each its own); NCCL needs one GPU per rank: start "
+                 "at most as many ranks per host as it has GPUs, or give each its own (srun --gpus-per-task=1, "
+                 "CUDA_VISIBLE_DEVICES)");
+  }
+}
+}  // namespace
+
 const ProcessContext& bootstrap_process(DeviceKind requested) {
   if (!g_bootstrapped) {
     ProcessContext context;
@@ -172,6 +199,7 @@ const ProcessContext& bootstrap_process(DeviceKind requested) {
     const GpuPick pick = pick_gpu(g_context.local_rank, g_context.local_size, device_count);
     if (pick.device < 0) SY_BAD_INPUT("on ", process_host(), ": ", pick.problem);
     cuda_set_device(pick.device);
+    check_one_rank_per_gpu(pick.device);
     g_context.gpu = pick.device;
     g_context.device = DeviceKind::cuda;
   }

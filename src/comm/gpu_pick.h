@@ -7,7 +7,8 @@
 //     the node than visible GPUs is an error.
 //   - No visible GPU is an error.
 // Ranks that each see one GPU but share the same one (mpirun -np 2 on a one-GPU machine) cannot be
-// told apart from numbers; NCCL refuses them when the communicators are built.
+// told apart from these numbers: bootstrap_process then compares the picked GPUs' PCI bus ids
+// across the node's ranks and refuses a shared one.
 #pragma once
 
 #include <string>

@@ -5,6 +5,7 @@
 // after the first training step every allocation is served from the cache.
 #include <map>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "src/core/cuda_check.h"
@@ -23,6 +24,12 @@ int cuda_device_count_impl() {
 }
 
 void cuda_set_device_impl(int ordinal) { CUDA_CHECK(cudaSetDevice(ordinal)); }
+
+std::string cuda_device_pci_bus_id_impl(int ordinal) {
+  char bus_id[64] = {};
+  CUDA_CHECK(cudaDeviceGetPCIBusId(bus_id, int(sizeof(bus_id)), ordinal));
+  return bus_id;
+}
 
 namespace {
 size_t size_class(size_t bytes) {

@@ -11,6 +11,7 @@ namespace switchyard {
 // Implemented in src/core/cuda_device.cpp.
 int cuda_device_count_impl();
 void cuda_set_device_impl(int ordinal);
+std::string cuda_device_pci_bus_id_impl(int ordinal);
 void* cuda_allocate(size_t bytes);
 void cuda_free(void* pointer, size_t bytes);
 void cuda_copy(void* destination, const void* source, size_t bytes);
@@ -37,6 +38,15 @@ bool cuda_available() { return cuda_device_count() > 0; }
 void cuda_set_device(int ordinal) {
 #if defined(SWITCHYARD_WITH_CUDA)
   cuda_set_device_impl(ordinal);
+#else
+  (void)ordinal;
+  no_cuda();
+#endif
+}
+
+std::string cuda_device_pci_bus_id(int ordinal) {
+#if defined(SWITCHYARD_WITH_CUDA)
+  return cuda_device_pci_bus_id_impl(ordinal);
 #else
   (void)ordinal;
   no_cuda();

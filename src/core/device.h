@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <utility>
 
 #include "src/core/tensor.h"
@@ -17,6 +18,9 @@ namespace switchyard {
 int cuda_device_count();
 bool cuda_available();
 void cuda_set_device(int ordinal);
+// The PCI bus id of CUDA device `ordinal` ("0000:1B:00.0"): what tells two processes' GPUs apart
+// when each sees its own device 0.
+std::string cuda_device_pci_bus_id(int ordinal);
 
 void* device_allocate(DeviceKind device, size_t bytes);
 void device_free(DeviceKind device, void* pointer, size_t bytes);
