@@ -47,7 +47,7 @@ std::string shape_text(const std::vector<int64_t>& shape) {
 
 void print_model(const CheckpointManifest& manifest, const std::string& directory, std::ostream& out) {
   try {
-    const Config config = parse_config_string(manifest.config_yaml, directory + "/manifest.json (config)");
+    const Config config = parse_stored_config(manifest.config_yaml, directory + "/manifest.json (config)");
     const ModelConfig& model = config.model;
     out << "  model           d_model " << model.d_model << ", " << model.n_layers << " layers, " << model.n_heads
         << " heads, vocab " << model.vocab_size << ", seq_len " << model.seq_len << "; " << config.moe.num_experts

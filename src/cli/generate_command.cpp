@@ -126,7 +126,7 @@ int command_generate(int argc, char** argv) {
 
   const WeightsSource source = resolve_weights_source(parser.get("checkpoint"));
   const WeightsFile weights = read_weights_source(source);
-  const Config config = parse_config_string(weights.config_yaml, source.path);
+  const Config config = parse_stored_config(weights.config_yaml, source.path);
   std::cerr << "switchyard generate: " << describe_weights_source(source) << "\n";
   const ModelConfig& model_config = config.model;
   const bool token_ids = parser.has("prompt-tokens");

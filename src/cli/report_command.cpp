@@ -100,10 +100,10 @@ int command_report(int argc, char** argv) {
   const bool has_weights = find_weights_source(run_dir, &source, &no_weights_reason);
   std::unique_ptr<WeightsFile> weights;
   if (fs::exists(config_path, status)) {
-    config = std::make_unique<Config>(parse_config_string(read_text_file(config_path), config_path));
+    config = std::make_unique<Config>(parse_stored_config(read_text_file(config_path), config_path));
   } else if (has_weights) {
     weights = std::make_unique<WeightsFile>(read_weights_source(source));
-    config = std::make_unique<Config>(parse_config_string(weights->config_yaml, source.path));
+    config = std::make_unique<Config>(parse_stored_config(weights->config_yaml, source.path));
   }
   std::string metrics_path = (fs::path(run_dir) / "metrics.jsonl").string();
   if (config) {
@@ -141,7 +141,7 @@ int command_report(int argc, char** argv) {
     } else {
       if (!weights) weights = std::make_unique<WeightsFile>(read_weights_source(source));
       const SpecializationOptions options = specialization_options(parser);
-      const Config weights_config = parse_config_string(weights->config_yaml, source.path);
+      const Config weights_config = parse_stored_config(weights->config_yaml, source.path);
       const std::vector<int32_t> tokens =
           load_analysis_tokens(text, weights_config.model.vocab_size, options.max_tokens);
       map = std::make_unique<SpecializationMap>(run_specialization(*weights, source.path, tokens, options));
@@ -185,7 +185,7 @@ int command_specialize(int argc, char** argv) {
                  "--position-buckets must be in [1, 4096]");
   std::cerr << "switchyard specialize: " << describe_weights_source(source) << "\n";
   const WeightsFile weights = read_weights_source(source);
-  const Config config = parse_config_string(weights.config_yaml, source.path);
+  const Config config = parse_stored_config(weights.config_yaml, source.path);
   const std::vector<int32_t> tokens =
       load_analysis_tokens(parser.get("text"), config.model.vocab_size, options.max_tokens);
   const SpecializationMap map = run_specialization(weights, source.path, tokens, options);

@@ -34,6 +34,7 @@
 #include "src/comm/parallel_layout.h"
 #include "src/cli/cli_args.h"
 #include "src/cli/commands.h"
+#include "src/train/checkpoint_format.h"
 #include "src/train/checkpoint_signals.h"
 #include "src/core/device.h"
 #include "src/core/error.h"
@@ -106,7 +107,7 @@ bool check_run_directory(const Config& config, bool start_over) {
   if (!fs::exists(path, status)) return false;
   std::string difference;
   try {
-    difference = first_difference(load_config(path), config);
+    difference = first_difference(parse_stored_config(read_text_file(path, "the run's config"), path), config);
   } catch (const Error& error) {
     difference = "it does not load: " + error.message();
   }

@@ -86,7 +86,7 @@ SpecializationMap run_specialization(const WeightsFile& weights, const std::stri
   SY_CHECK_INPUT(options.batch >= 1, "the analysis batch must be >= 1, got ", options.batch);
   SY_CHECK_INPUT(options.position_buckets >= 1, "position buckets must be >= 1, got ", options.position_buckets);
   SY_CHECK_INPUT(!tokens.empty(), "the analysis text is empty");
-  const Config config = parse_config_string(weights.config_yaml, source);
+  const Config config = parse_stored_config(weights.config_yaml, source);
   const ModelConfig& model_config = config.model;
   for (int32_t token : tokens)
     SY_CHECK_INPUT(token >= 0 && token < model_config.vocab_size, "token ", token, " of the text is outside the ",

@@ -211,7 +211,7 @@ SafetensorsExportResult export_safetensors(const WeightsSource& source, const st
   SY_CHECK_INPUT(!options.include_optimizer, "'", source.path, "' is a weights file: it holds no optimizer state, so "
                  "--optimizer has nothing to export; give a checkpoint (a step-* folder) instead");
   const WeightsFile weights = read_weights_file(source.path);
-  const Config config = parse_config_string(weights.config_yaml, source.path);
+  const Config config = parse_stored_config(weights.config_yaml, source.path);
   const ParameterLayout layout = Transformer::build_layout(config.model, config.moe, 1, 0);
   json::Value metadata = json::Value::object();
   metadata.set("format", json::Value::string("pt"));

@@ -29,9 +29,9 @@ const ConfigField& field_of(const std::string& path) {
   SY_THROW("no config key ", path);
 }
 
-Config parse_stored_config(const std::string& config_yaml, const std::string& manifest_path) {
+Config parse_manifest_config(const std::string& config_yaml, const std::string& manifest_path) {
   try {
-    return parse_config_string(config_yaml, manifest_path + " (its config)");
+    return parse_stored_config(config_yaml, manifest_path + " (its config)");
   } catch (const Error& error) {
     SY_BAD_INPUT("checkpoint ", manifest_path, ": its stored config does not load: ", error.message());
   }
@@ -126,7 +126,7 @@ std::vector<std::string> checkpoint_model_differences(const std::string& fingerp
   if (!fingerprint.empty() && fingerprint == model_fingerprint(config)) return {};
   // An older manifest (no fingerprint), or one whose fingerprint covers other keys: the stored
   // config decides.
-  return architecture_differences(parse_stored_config(config_yaml, manifest_path), config);
+  return architecture_differences(parse_manifest_config(config_yaml, manifest_path), config);
 }
 
 std::string join_differences(const std::vector<std::string>& differences) {
@@ -136,7 +136,7 @@ std::string join_differences(const std::vector<std::string>& differences) {
 }
 
 int64_t stored_training_steps(const std::string& config_yaml, const std::string& manifest_path) {
-  return parse_stored_config(config_yaml, manifest_path).training.steps;
+  return parse_manifest_config(config_yaml, manifest_path).training.steps;
 }
 
 // ---- Checkpoint folders -------------------------------------------------------------------------

@@ -290,6 +290,10 @@ void apply_override(const std::string& argument, std::map<std::string, Entry>& e
 
 }  // namespace
 
+Config parse_stored_config(const std::string& yaml_text, const std::string& source_name) {
+  return parse_config_string(yaml_text, source_name, {}, /*cuda_backend_built=*/false);
+}
+
 Config parse_config_string(const std::string& yaml_text, const std::string& source_name,
                            const std::vector<std::string>& overrides, bool cuda_backend_built) {
   YAML::Node root = load_yaml(yaml_text, source_name, /*source_is_file=*/true);

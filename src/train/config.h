@@ -116,6 +116,11 @@ Config load_config(const std::string& path, const std::vector<std::string>& over
 Config parse_config_string(const std::string& yaml_text, const std::string& source_name,
                            const std::vector<std::string>& overrides = {},
                            bool cuda_backend_built = kCudaBackendBuilt);
+// A config stored with a run or in a checkpoint (what was trained): parsed and checked like any
+// other, except the backend limits (check_backend_limits), which belong to starting a run on this
+// build: a run trained on a CPU build may hold more experts than the CUDA router takes, and its
+// checkpoints must still be readable here.
+Config parse_stored_config(const std::string& yaml_text, const std::string& source_name);
 // The fully resolved config: every key, each with a short comment. Parses back to an equal Config.
 std::string config_to_yaml(const Config& config);
 // The checks that need the world size (known only after MPI start-up): the world part of

@@ -112,7 +112,7 @@ std::vector<std::string> run_checkpoint_folders(const fs::path& run) {
   std::string configured;
   try {
     const std::string yaml = read_text_file(config_path.string(), "run config");
-    configured = parse_config_string(yaml, config_path.string()).checkpoint.dir;
+    configured = parse_stored_config(yaml, config_path.string()).checkpoint.dir;
   } catch (const Error&) {
     return folders;  // a config this build cannot read names no other folder; RUN/checkpoints still counts
   }

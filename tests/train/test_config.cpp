@@ -302,6 +302,16 @@ TEST(Config, CudaExpertLimitWhenTheDeviceCanBeCuda) {
                    {"moe.num_experts = 2048 is out of range [1, 1024]"});
 }
 
+// A config read back from a run or a checkpoint was trained already (perhaps on a CPU build with
+// more experts than the CUDA router takes): reading it checks every rule but the backend limits.
+TEST(Config, StoredConfigSkipsOnlyTheBackendLimits) {
+  const std::string over = std::to_string(2 * kCudaMaxExperts);
+  const std::string text = base_with("num_experts:", "  num_experts: " + over);
+  EXPECT_EQ(parse_stored_config(text, "run/config.yaml").moe.num_experts, 2 * kCudaMaxExperts);
+  expect_bad_input([] { parse_stored_config(base_with("num_experts:", "  num_experts: 2048"), "run/config.yaml"); },
+                   {"run/config.yaml:7", "moe.num_experts = 2048 is out of range [1, 1024]"});
+}
+
 TEST(Config, BackendLimitsEntryPoint) {
   Config config = parse_config_string(kBaseYaml, "b.yaml", {"moe.num_experts=512", "training.device=cpu"});
   const auto where = [](const std::string& path) { return "b.yaml (" + path + ")"; };
