@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A run never touches another run's checkpoints (issue 18). configs/tiny-cpu.yaml, shortened (4
+# A run never touches another run's checkpoints. configs/tiny-cpu.yaml, shortened (4
 # steps, a checkpoint after each, keep_last 2), on CPU ranks:
 #   A. the issue's three commands with the default checkpoint.dir (<logging.run_dir>/checkpoints):
 #      `mpirun -np 2 ... --set logging.run_dir=runs/ep2`, then `--set logging.run_dir=runs/other

@@ -1,4 +1,4 @@
-// Runs and their checkpoints through the trainer, one process on the CPU backend (issue 18): the
+// Runs and their checkpoints through the trainer, one process on the CPU backend: the
 // manifest records the run id (kept across resumes, also in <run_dir>/run_id), the model
 // fingerprint and the plan; --resume auto skips a checkpoint of another model and starts fresh
 // beside it, saving under step-N-<run id> where the names collide, and keep_last never removes

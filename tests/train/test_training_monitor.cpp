@@ -139,7 +139,7 @@ TEST(TrainingMonitor, CollapseAndIdleExpertsNamedPerLayerOnce) {
             "MoE layer 1: experts 0, 1 and 3 (3 of 4) received no tokens in the last 20 steps (5-24)");
 }
 
-// The SOTU CPU run of issue 18 (configs/tiny-cpu.yaml, steps 1-41): a loss spike at step 21 and a
+// A SOTU CPU run (configs/tiny-cpu.yaml, steps 1-41): a loss spike at step 21 and a
 // grad norm of 113 at step 22, and from step 23 on each step's tokens go to one expert, a
 // different one from step to step, which the 10-step router statistics average away.
 TEST(TrainingMonitor, TheSotuRunsSpikeAndRotatingCollapse) {
