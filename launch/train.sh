@@ -4,6 +4,9 @@
 #                 the GPU count, micro-batches shrunk so the global batch stays 32 sequences)
 #   no GPU:       configs/tiny-cpu.yaml on the same corpus, on this machine's CPU
 # and finally prints a sample from the trained model (switchyard generate).
+# Runs again continue the run where it stopped (--resume auto: a finished run just prints its sample;
+# more steps, e.g. --set training.steps=500, extend it), unless the arguments say --resume PATH or
+# --start-over.
 # Usage: bash launch/train.sh [extra `switchyard train` arguments, e.g. --set training.steps=500]
 # Environment: BUILD_DIR (default build), JOBS (build jobs, default: cores), GPUS (override the count).
 set -euo pipefail
@@ -31,6 +34,10 @@ fi
 
 mpi=()
 if [ "$(id -u)" -eq 0 ]; then mpi+=(--allow-run-as-root); fi
+resume=(--resume auto)
+for argument in "$@"; do
+  case "$argument" in --resume|--resume=*|--start-over) resume=() ;; esac
+done
 
 if [ "$gpus" -ge 1 ]; then
   config=configs/sotu-1gpu.yaml
@@ -44,20 +51,20 @@ if [ "$gpus" -ge 1 ]; then
   per_gpu=$(( micro / gpus > 0 ? micro / gpus : 1 ))
   if [ "$gpus" -eq 1 ]; then
     run_dir=runs/sotu-1gpu
-    "$binary" train "$config" "$@"
+    "$binary" train "$config" "${resume[@]}" "$@"
   else
     run_dir="runs/sotu-${gpus}gpu"
     [ "$ep" -eq "$gpus" ] || echo "train: $gpus GPUs but $experts experts: using ep_size $ep"
     mpirun -np "$gpus" "${mpi[@]}" --bind-to none -x NCCL_NVLS_ENABLE=0 \
       "$binary" train "$config" --set "parallel.ep_size=$ep" --set "training.micro_batch_size=$per_gpu" \
-      --set "logging.run_dir=$run_dir" --set "checkpoint.dir=$run_dir/checkpoints" "$@"
+      --set "logging.run_dir=$run_dir" --set "checkpoint.dir=$run_dir/checkpoints" "${resume[@]}" "$@"
   fi
 else
   echo "train: no GPU found: training configs/tiny-cpu.yaml on the CPU"
   run_dir=runs/tiny-cpu-sotu
   "$binary" train configs/tiny-cpu.yaml --set data.path=data/sotu/train.bin --set data.val_path=data/sotu/val.bin \
-    --set "logging.run_dir=$run_dir" --set "checkpoint.dir=$run_dir/checkpoints" "$@"
+    --set "logging.run_dir=$run_dir" --set "checkpoint.dir=$run_dir/checkpoints" "${resume[@]}" "$@"
 fi
 
-echo "train: a sample from $run_dir/final.weights:"
+echo "train: a sample from the model in $run_dir:"
 "$binary" generate --checkpoint "$run_dir" --prompt "Mr. Speaker, " --max-new-tokens 400 --seed 1
