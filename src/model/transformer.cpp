@@ -114,6 +114,11 @@ Transformer::Transformer(const ModelConfig& model, const MoeConfig& moe, const T
                  "moe.complexity = given needs a per-token complexity signal, which token files do not carry "
                  "(use none or entropy)");
   SY_CHECK(model.d_model % model.n_heads == 0, "n_heads must divide d_model");
+  SY_CHECK_INPUT(moe.num_shared_experts >= 0 && (moe.num_shared_experts == 0 || moe.shared_expert_d_ff >= 1),
+                 "Transformer: moe.num_shared_experts = ", moe.num_shared_experts, " needs >= 0 and, when not 0, ",
+                 "moe.shared_expert_d_ff >= 1 (got ", moe.shared_expert_d_ff, ")");
+  SY_CHECK_INPUT(model.dense_first_blocks >= 0, "Transformer: model.dense_first_blocks = ", model.dense_first_blocks,
+                 " must be >= 0");
   stats_dtype_ = device == DeviceKind::cpu ? dtype : DType::f32;
   max_tokens_ = options_.max_batch * options_.max_seq_len;
   layout_ = build_layout(model, moe, options_.ep_size, options_.ep_rank);

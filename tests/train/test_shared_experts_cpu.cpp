@@ -14,6 +14,7 @@
 #include "src/model/routing_observer.h"
 #include "src/model/transformer.h"
 #include "src/train/metrics.h"
+#include "tests/support/expect_error.h"
 #include "tests/support/test_helpers.h"
 
 using namespace switchyard;
@@ -209,6 +210,15 @@ TEST(SharedExperts, AreDenseParametersWholeOnEveryExpertParallelRank) {
     EXPECT_DOUBLE_EQ(w2.init_std, model_config.init_std / std::sqrt(2.0 * model_config.n_layers));
     EXPECT_EQ(layout.spec(layout.find("blocks.1.moe.w1")).shape[0], 2);  // the routed experts stay sharded
   }
+}
+
+TEST(SharedExperts, TransformerRefusesAZeroWidth) {
+  ModelConfig model_config;
+  MoeConfig moe_config;
+  make_configs({"zero_width", NormKind::rmsnorm, PositionKind::rotary, ExpertActivation::gelu_tanh, 2, 1, 0, 2, 1, 1, 0},
+               model_config, moe_config);
+  expect_bad_input([&] { Transformer model(model_config, moe_config, f64_options()); },
+                   {"moe.num_shared_experts = 1", "moe.shared_expert_d_ff >= 1", "got 0"});
 }
 
 struct LayerRecorder : RoutingObserver {
