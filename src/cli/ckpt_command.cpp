@@ -52,7 +52,14 @@ void print_model(const CheckpointManifest& manifest, const std::string& director
     out << "  model           d_model " << model.d_model << ", " << model.n_layers << " layers, " << model.n_heads
         << " heads, vocab " << model.vocab_size << ", seq_len " << model.seq_len << "; " << config.moe.num_experts
         << " experts (expert_d_ff " << config.moe.expert_d_ff << ", " << expert_activation_name(config.moe.activation)
-        << ", top_k " << config.moe.top_k << ") in " << model.moe_block_count() << " MoE block(s)\n"
+        << ", top_k " << config.moe.top_k << ") in " << model.moe_block_count() << " MoE block(s)"
+        << (model.dense_first_blocks > 0 ? ", first " + std::to_string(model.dense_first_blocks) + " block(s) dense"
+                                         : std::string())
+        << (config.moe.num_shared_experts > 0
+                ? ", " + std::to_string(config.moe.num_shared_experts) + " shared expert(s) of d_ff " +
+                      std::to_string(config.moe.shared_expert_d_ff)
+                : std::string())
+        << "\n"
         << "  run             training.steps " << config.training.steps << ", seed " << config.training.seed
         << ", data " << config.data.path << ", checkpoint.dir " << config.checkpoint.dir << "\n";
   } catch (const Error& error) {

@@ -29,13 +29,21 @@ struct ModelConfig {
   int d_ff = 0;      // default 4 * d_model
   NormKind norm = NormKind::rmsnorm;
   PositionKind positions = PositionKind::rotary;
-  int moe_every = 1;  // block b (0-based) has an MoE FFN when (b + 1) % moe_every == 0
+  int moe_every = 1;  // block b (0-based) has an MoE FFN when (b + 1) % moe_every == 0 ...
+  int dense_first_blocks = 0;  // ... and b >= dense_first_blocks (DeepSeek-V3 keeps its first 3 dense)
   DType compute_dtype = DType::bf16;
   double init_std = 0.02;
 
   int head_dim() const { return d_model / n_heads; }
-  bool block_is_moe(int block) const { return (block + 1) % moe_every == 0; }
-  int moe_block_count() const { return n_layers / moe_every; }
+  bool block_is_moe(int block) const { return block >= dense_first_blocks && (block + 1) % moe_every == 0; }
+  int moe_block_count() const { return moe_ordinal(n_layers); }
+  // The MoE blocks before `block` (for an MoE block: its index among the MoE blocks, from 0; the
+  // layer index of router statistics and routing taps).
+  int moe_ordinal(int block) const {
+    int count = 0;
+    for (int earlier = 0; earlier < block; ++earlier) count += block_is_moe(earlier) ? 1 : 0;
+    return count;
+  }
 };
 
 struct MoeConfig {
@@ -43,6 +51,13 @@ struct MoeConfig {
   int top_k = 2;
   int k_min = 2;        // default top_k
   int expert_d_ff = 0;  // default model.d_ff
+  // Always-active shared experts of every MoE block (DeepSeek-V3): y = routed(u) + sum_s FFN_s(u),
+  // each a dense FFN of width shared_expert_d_ff with the experts' activation. They run as one FFN
+  // of width num_shared_experts * shared_expert_d_ff, which is the same function (see
+  // src/model/transformer.h).
+  int num_shared_experts = 0;
+  int shared_expert_d_ff = 0;  // default expert_d_ff
+  int shared_ffn_width() const { return num_shared_experts * shared_expert_d_ff; }
   ExpertActivation activation = ExpertActivation::gelu_tanh;
   double capacity_factor = 1.25;
   double eval_capacity_factor = 2.0;

@@ -75,6 +75,10 @@ ParameterLayout Transformer::build_layout(const ModelConfig& model, const MoeCon
       continue;
     }
     matrix(prefix + ".moe.router", {d_model, moe.num_experts}, std);
+    if (moe.num_shared_experts > 0) {  // dense (replicated, all-reduced over the world), not sharded
+      matrix(prefix + ".moe.shared.w1", {d_model, activation_columns(moe.activation, moe.shared_ffn_width())}, std);
+      matrix(prefix + ".moe.shared.w2", {moe.shared_ffn_width(), d_model}, residual_std);
+    }
     for (int which = 1; which <= 2; ++which) {
       ParameterSpec expert;
       expert.name = prefix + ".moe.w" + std::to_string(which);
@@ -110,9 +114,13 @@ Transformer::Transformer(const ModelConfig& model, const MoeConfig& moe, const T
                  "moe.complexity = given needs a per-token complexity signal, which token files do not carry "
                  "(use none or entropy)");
   SY_CHECK(model.d_model % model.n_heads == 0, "n_heads must divide d_model");
+  SY_CHECK_INPUT(moe.num_shared_experts >= 0 && (moe.num_shared_experts == 0 || moe.shared_expert_d_ff >= 1),
+                 "Transformer: moe.num_shared_experts = ", moe.num_shared_experts, " needs >= 0 and, when not 0, ",
+                 "moe.shared_expert_d_ff >= 1 (got ", moe.shared_expert_d_ff, ")");
+  SY_CHECK_INPUT(model.dense_first_blocks >= 0, "Transformer: model.dense_first_blocks = ", model.dense_first_blocks,
+                 " must be >= 0");
   stats_dtype_ = device == DeviceKind::cpu ? dtype : DType::f32;
   max_tokens_ = options_.max_batch * options_.max_seq_len;
-  w1_columns_ = activation_columns(moe.activation, model.d_ff);
   layout_ = build_layout(model, moe, options_.ep_size, options_.ep_rank);
 
   token_embedding_ = layout_.find("embedding.token");
@@ -127,6 +135,7 @@ Transformer::Transformer(const ModelConfig& model, const MoeConfig& moe, const T
     auto block = std::make_unique<Block>();
     const std::string prefix = "blocks." + std::to_string(index);
     block->index = index;
+    block->moe_ordinal = model.moe_ordinal(index);
     block->is_moe = model.block_is_moe(index);
     block->attn_norm_weight = layout_.find(prefix + ".attn_norm.weight");
     block->attn_norm_bias = layout_.find(prefix + ".attn_norm.bias");
@@ -157,11 +166,11 @@ Transformer::Transformer(const ModelConfig& model, const MoeConfig& moe, const T
                "Transformer: the MoE layer holds experts from ", block->moe->first_local_expert(), " (",
                block->moe->local_experts(), "), the parameters from ", shard.expert_first, " (", shard.shape[0], ")");
       block->moe_out = Buffer(device, tokens * width * element);
+      if (moe.num_shared_experts > 0)
+        block->ffn = make_dense_ffn(layout_.find(prefix + ".moe.shared.w1"), layout_.find(prefix + ".moe.shared.w2"),
+                                    moe.shared_ffn_width());
     } else {
-      block->ffn_w1 = layout_.find(prefix + ".ffn.w1");
-      block->ffn_w2 = layout_.find(prefix + ".ffn.w2");
-      block->ffn_pre = Buffer(device, tokens * size_t(w1_columns_) * element);
-      block->ffn_post = Buffer(device, tokens * size_t(model.d_ff) * element);
+      block->ffn = make_dense_ffn(layout_.find(prefix + ".ffn.w1"), layout_.find(prefix + ".ffn.w2"), model.d_ff);
     }
     blocks_.push_back(std::move(block));
   }
@@ -185,6 +194,28 @@ Transformer::Transformer(const ModelConfig& model, const MoeConfig& moe, const T
 }
 
 Transformer::~Transformer() = default;
+
+Transformer::DenseFfn Transformer::make_dense_ffn(int w1, int w2, int64_t hidden) const {
+  SY_CHECK(w1 >= 0 && w2 >= 0, "Transformer: a dense FFN without its w1 / w2 parameters");
+  const size_t element = dtype_size(options_.activation_dtype), tokens = size_t(max_tokens_);
+  DenseFfn ffn;
+  ffn.w1 = w1;
+  ffn.w2 = w2;
+  ffn.hidden = hidden;
+  ffn.w1_columns = activation_columns(moe_.activation, hidden);
+  ffn.pre = Buffer(options_.device, tokens * size_t(ffn.w1_columns) * element);
+  ffn.post = Buffer(options_.device, tokens * size_t(hidden) * element);
+  return ffn;
+}
+
+void Transformer::dense_ffn_forward(const ExecContext& context, const ModelParameters& parameters,
+                                    const DenseFfn& ffn, const Tensor& input, Tensor& out) {
+  Tensor pre = rows(ffn.pre, ffn.w1_columns);
+  Tensor post = rows(ffn.post, ffn.hidden);
+  ops::gemm(context, false, false, 1.0f, input, parameters.compute(ffn.w1), 0.0f, pre);
+  ops::activation_forward(context, moe_.activation, pre, post);
+  ops::gemm(context, false, false, 1.0f, post, parameters.compute(ffn.w2), 1.0f, out);
+}
 
 int Transformer::moe_block_count() const {
   int count = 0;
@@ -272,11 +303,7 @@ void Transformer::forward_block(const ExecContext& context, const ModelParameter
   norm_forward(context, parameters, block.ffn_norm_weight, block.ffn_norm_bias, mid, normed2, mean2, rstd2);
   ops::copy(context, mid, x_out);
   if (!block.is_moe) {
-    Tensor pre = rows(block.ffn_pre, w1_columns_);
-    Tensor post = rows(block.ffn_post, model_.d_ff);
-    ops::gemm(context, false, false, 1.0f, normed2, parameters.compute(block.ffn_w1), 0.0f, pre);
-    ops::activation_forward(context, moe_.activation, pre, post);
-    ops::gemm(context, false, false, 1.0f, post, parameters.compute(block.ffn_w2), 1.0f, x_out);
+    dense_ffn_forward(context, parameters, block.ffn, normed2, x_out);
     return;
   }
   MoeWeights weights{parameters.compute(block.router), parameters.compute(block.expert_w1),
@@ -287,9 +314,9 @@ void Transformer::forward_block(const ExecContext& context, const ModelParameter
   Tensor moe_out = rows(block.moe_out, width);
   block.moe->forward(context, normed2, weights, args, moe_out);
   // Analysis taps (router statistics, specialization maps): a no-op unless one is installed.
-  notify_routing(context, (block.index + 1) / model_.moe_every - 1, training, block.moe->routing(),
-                 block.moe->router_logits());
+  notify_routing(context, block.moe_ordinal, training, block.moe->routing(), block.moe->router_logits());
   ops::add_into(context, moe_out, x_out);
+  if (block.has_shared_experts()) dense_ffn_forward(context, parameters, block.ffn, normed2, x_out);
 }
 
 void Transformer::forward_loss(const ExecContext& context, const ModelParameters& parameters, const Tensor& tokens,

@@ -9,7 +9,12 @@
 //     x'  = x_b + attention(qkv) Wo                                   causal, H heads; Wo [D, D]
 //     u   = norm2(x')
 //     x_{b+1} = x' + FFN_b(u)    dense: act(u W1) W2 (W1 [D, F or 2F for swiglu], W2 [F, D]),
-//                                or the MoE layer when (b + 1) % moe_every == 0
+//                                or the MoE layer when (b + 1) % moe_every == 0 and b >= dense_first_blocks
+//     MoE blocks with S = moe.num_shared_experts > 0 add always-active shared experts:
+//       FFN_b(u) = routed_moe(u) + sum_s act(u W1_s) W2_s        W1_s [D, Fs|2Fs], W2_s [Fs, D]
+//     computed as one dense FFN of hidden width S * Fs: W1 = [W1_1 .. W1_S] side by side (for
+//     swiglu: the S gate halves, then the S up halves) and W2 = the W2_s stacked, which is the same
+//     sum since act acts per column. Their weights are dense parameters, replicated on every rank.
 //   h = norm_f(x_L);  logits = h E^T (LM head tied to the embedding);  fused softmax cross-entropy.
 // Linear layers have no biases; LayerNorm has weight and bias, RMSNorm a weight.
 //
@@ -28,9 +33,10 @@
 //   blocks.<b>.ffn_norm.weight / .bias [D]
 //   blocks.<b>.ffn.w1 [D, F|2F], blocks.<b>.ffn.w2 [F, D]                        dense blocks
 //   blocks.<b>.moe.router [D, E], blocks.<b>.moe.w1 [E, D, Fe|2Fe], blocks.<b>.moe.w2 [E, Fe, D]
+//   blocks.<b>.moe.shared.w1 [D, S*Fs|2*S*Fs], blocks.<b>.moe.shared.w2 [S*Fs, D]   shared experts
 //   final_norm.weight / .bias [D]                                                (bias: LayerNorm only)
 // Initialisation: N(0, init_std^2) for matrices and embeddings, init_std / sqrt(2 L) for the
-// residual output projections (attn.out, ffn.w2, moe.w2), ones for norm weights, zeros for biases.
+// residual output projections (attn.out, ffn.w2, moe.w2, moe.shared.w2), ones for norm weights, zeros for biases.
 // Weight decay applies to matrices and embeddings, not to norms and biases.
 //
 // Memory: every activation needed by backward is kept per block in buffers sized once for
@@ -104,6 +110,20 @@ class Transformer {
 
  private:
   struct Block;
+  // A dense FFN out += act(input W1) W2 and its saved activations: the FFN of a dense block, or
+  // the shared experts of an MoE block (all of them as one FFN of hidden width S * Fs).
+  struct DenseFfn {
+    int w1 = -1, w2 = -1;  // parameter indices
+    int64_t hidden = 0, w1_columns = 0;  // F, and F or 2F for swiglu
+    Buffer pre, post;      // [tokens, w1_columns] and [tokens, hidden]
+  };
+  DenseFfn make_dense_ffn(int w1, int w2, int64_t hidden) const;
+  void dense_ffn_forward(const ExecContext& context, const ModelParameters& parameters, const DenseFfn& ffn,
+                         const Tensor& input, Tensor& out);
+  // Weight gradients of the FFN, and its input gradient written (input_grad_beta = 0) or added (1).
+  void dense_ffn_backward(const ExecContext& context, ModelParameters& parameters, const DenseFfn& ffn,
+                          const Tensor& input, const Tensor& grad_out, float input_grad_beta, Tensor& grad_input,
+                          bool accumulate);
   void allocate_backward_buffers();
   void forward_body(const ExecContext& context, const ModelParameters& parameters, const Tensor& tokens,
                     int64_t batch, int64_t seq_len, bool training, uint64_t step);
@@ -127,7 +147,6 @@ class Transformer {
   ParameterLayout layout_;
   DType stats_dtype_;  // fp32 on CUDA, the activation dtype on the CPU
   int64_t max_tokens_ = 0;
-  int64_t w1_columns_ = 0;  // dense FFN: F, or 2F for swiglu
 
   int token_embedding_ = -1, position_embedding_ = -1, final_norm_weight_ = -1, final_norm_bias_ = -1;
   std::vector<std::unique_ptr<Block>> blocks_;

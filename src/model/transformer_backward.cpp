@@ -22,20 +22,19 @@ void Transformer::allocate_backward_buffers() {
   grad_b_ = Buffer(device, tokens * width * element);
   grad_qkv_ = Buffer(device, tokens * 3 * width * element);
   grad_attention_ = Buffer(device, tokens * width * element);
-  bool any_dense = false;
+  int64_t ffn_w1_columns = 0, ffn_hidden = 0;  // the widest dense FFN (dense blocks, shared experts)
   int64_t scratch_elements = 2 * model_.d_model;  // a norm's weight and bias
   for (const auto& block : blocks_) {
-    if (!block->is_moe) {
-      any_dense = true;
-      continue;
-    }
+    ffn_w1_columns = std::max(ffn_w1_columns, block->ffn.w1_columns);
+    ffn_hidden = std::max(ffn_hidden, block->ffn.hidden);
+    if (!block->is_moe) continue;
     int64_t moe_elements = 0;
     for (int index : {block->router, block->expert_w1, block->expert_w2}) moe_elements += layout_.spec(index).numel();
     scratch_elements = std::max(scratch_elements, moe_elements);
   }
-  if (any_dense) {
-    grad_ffn_pre_ = Buffer(device, tokens * size_t(w1_columns_) * element);
-    grad_ffn_post_ = Buffer(device, tokens * size_t(model_.d_ff) * element);
+  if (ffn_hidden > 0) {
+    grad_ffn_pre_ = Buffer(device, tokens * size_t(ffn_w1_columns) * element);
+    grad_ffn_post_ = Buffer(device, tokens * size_t(ffn_hidden) * element);
   }
   // Gradient dtype: fp32 on CUDA, the master dtype (= activation dtype) on the CPU.
   const DType grad_dtype = device == DeviceKind::cpu ? options_.activation_dtype : DType::f32;
@@ -53,6 +52,22 @@ Tensor Transformer::scratch_like(const Tensor& target) const {
 
 void Transformer::add_gradient(const ExecContext& context, const Tensor& scratch, Tensor& target) const {
   ops::add_into(context, scratch, target);
+}
+
+void Transformer::dense_ffn_backward(const ExecContext& context, ModelParameters& parameters, const DenseFfn& ffn,
+                                     const Tensor& input, const Tensor& grad_out, float input_grad_beta,
+                                     Tensor& grad_input, bool accumulate) {
+  const float beta = accumulate ? 1.0f : 0.0f;
+  const Tensor pre = rows(ffn.pre, ffn.w1_columns);
+  const Tensor post = rows(ffn.post, ffn.hidden);
+  Tensor grad_pre = rows(grad_ffn_pre_, ffn.w1_columns);
+  Tensor grad_post = rows(grad_ffn_post_, ffn.hidden);
+  Tensor grad_w2 = parameters.grad(ffn.w2), grad_w1 = parameters.grad(ffn.w1);
+  ops::gemm(context, true, false, 1.0f, post, grad_out, beta, grad_w2);
+  ops::gemm(context, false, true, 1.0f, grad_out, parameters.compute(ffn.w2), 0.0f, grad_post);
+  ops::activation_backward(context, moe_.activation, pre, grad_post, grad_pre);
+  ops::gemm(context, true, false, 1.0f, input, grad_pre, beta, grad_w1);
+  ops::gemm(context, false, true, 1.0f, grad_pre, parameters.compute(ffn.w1), input_grad_beta, grad_input);
 }
 
 void Transformer::norm_backward(const ExecContext& context, ModelParameters& parameters, int weight, int bias,
@@ -123,16 +138,7 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
 
   // FFN sublayer: x_out = x' + FFN(u), u = norm2(x'); grad_residual = dL/dx_out.
   if (!block.is_moe) {
-    const Tensor pre = rows(block.ffn_pre, w1_columns_);
-    const Tensor post = rows(block.ffn_post, model_.d_ff);
-    Tensor grad_pre = rows(grad_ffn_pre_, w1_columns_);
-    Tensor grad_post = rows(grad_ffn_post_, model_.d_ff);
-    Tensor grad_w2 = parameters.grad(block.ffn_w2), grad_w1 = parameters.grad(block.ffn_w1);
-    ops::gemm(context, true, false, 1.0f, post, grad_residual, beta, grad_w2);
-    ops::gemm(context, false, true, 1.0f, grad_residual, parameters.compute(block.ffn_w2), 0.0f, grad_post);
-    ops::activation_backward(context, moe_.activation, pre, grad_post, grad_pre);
-    ops::gemm(context, true, false, 1.0f, normed2, grad_pre, beta, grad_w1);
-    ops::gemm(context, false, true, 1.0f, grad_pre, parameters.compute(block.ffn_w1), 0.0f, grad_normed2);
+    dense_ffn_backward(context, parameters, block.ffn, normed2, grad_residual, 0.0f, grad_normed2, accumulate);
   } else {
     MoeWeights weights{parameters.compute(block.router), parameters.compute(block.expert_w1),
                        parameters.compute(block.expert_w2)};
@@ -155,6 +161,9 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
       add_gradient(context, gradients.w1, targets[1]);
       add_gradient(context, gradients.w2, targets[2]);
     }
+    // Shared experts: their input gradient is added to the routed layer's.
+    if (block.has_shared_experts())
+      dense_ffn_backward(context, parameters, block.ffn, normed2, grad_residual, 1.0f, grad_normed2, accumulate);
   }
   Tensor mid = rows(block.mid, width);
   Tensor grad_part = rows(grad_b_, width);

@@ -143,8 +143,14 @@ std::string config_section(const Config& config) {
                     ", vocabulary " + std::to_string(model.vocab_size)},
       {"MoE", count_noun(model.moe_block_count(), "MoE layer") + " (" +
                   (model.moe_every == 1 ? std::string("every block") : "every " + count_noun(model.moe_every, "block")) +
+                  (model.dense_first_blocks > 0
+                       ? ", first " + count_noun(model.dense_first_blocks, "block") + " dense"
+                       : std::string()) +
                   "), " + count_noun(moe.num_experts, "expert") + ", top-" + std::to_string(moe.top_k) +
-                  ", expert d_ff " + std::to_string(moe.expert_d_ff) + ", " + expert_activation_name(moe.activation)},
+                  ", expert d_ff " + std::to_string(moe.expert_d_ff) + ", " + expert_activation_name(moe.activation) +
+                  (moe.num_shared_experts > 0 ? ", " + count_noun(moe.num_shared_experts, "shared expert") +
+                                                    " of d_ff " + std::to_string(moe.shared_expert_d_ff)
+                                              : std::string())},
       {"routing", (moe.dropless ? std::string("dropless") : "capacity factor " + number(moe.capacity_factor, "%.3g")) +
                       ", aux weight " + number(moe.aux_loss_weight, "%.3g") + ", z weight " +
                       number(moe.z_loss_weight, "%.3g") + ", jitter " + number(moe.jitter_eps, "%.3g")},

@@ -99,6 +99,12 @@ void write_run_directory_run_id(const std::string& run_dir, const std::string& r
 std::vector<std::string> architecture_keys(const Config& config) {
   std::vector<std::string> keys(std::begin(kArchitectureKeys), std::end(kArchitectureKeys));
   if (config.model.positions == PositionKind::learned) keys.push_back("model.seq_len");
+  // Only where they are not 0, so that models without them keep their fingerprints.
+  if (config.model.dense_first_blocks > 0) keys.push_back("model.dense_first_blocks");
+  if (config.moe.num_shared_experts > 0) {
+    keys.push_back("moe.num_shared_experts");
+    keys.push_back("moe.shared_expert_d_ff");
+  }
   return keys;
 }
 

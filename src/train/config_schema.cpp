@@ -199,6 +199,9 @@ std::vector<ConfigField> build_fields() {
                    "position encoding: learned table or rotary (needs an even head dim)"));
   add(integer_field("model", "moe_every", &C::model, &ModelConfig::moe_every, 1, 1024,
                     "block b (from 0) has an MoE FFN when (b+1) % moe_every == 0; 1 = every block"));
+  add(integer_field("model", "dense_first_blocks", &C::model, &ModelConfig::dense_first_blocks, 0, 1024,
+                    "blocks 0 .. N-1 have a dense FFN even where moe_every makes them MoE (at least one MoE block "
+                    "must remain)"));
   add(choice_field("model", "compute_dtype", &ModelConfig::compute_dtype, &C::model, kComputeDtypes,
                    "type of activations and weight copies in GEMMs; master weights stay fp32"));
   add(real_field("model", "init_std", &ModelConfig::init_std, &C::model, 0.0, true, 1.0, false,
@@ -216,6 +219,11 @@ std::vector<ConfigField> build_fields() {
   add(derived(integer_field("moe", "expert_d_ff", &C::moe, &MoeConfig::expert_d_ff, 1, 1 << 20,
                             "hidden width of each expert FFN"),
               "model.d_ff", [](Config& config) { config.moe.expert_d_ff = config.model.d_ff; }));
+  add(integer_field("moe", "num_shared_experts", &C::moe, &MoeConfig::num_shared_experts, 0, 64,
+                    "always-active shared experts of every MoE block, added to the routed output; 0 = none"));
+  add(derived(integer_field("moe", "shared_expert_d_ff", &C::moe, &MoeConfig::shared_expert_d_ff, 1, 1 << 20,
+                            "hidden width of each shared expert"),
+              "moe.expert_d_ff", [](Config& config) { config.moe.shared_expert_d_ff = config.moe.expert_d_ff; }));
   add(choice_field("moe", "activation", &MoeConfig::activation, &C::moe,
                    {{"gelu", ExpertActivation::gelu_tanh}, {"swiglu", ExpertActivation::swiglu}},
                    "expert FFN activation (swiglu has a third weight matrix)"));
@@ -398,6 +406,11 @@ void check_config_consistency(const Config& config, const std::function<std::str
   if (model.moe_every > model.n_layers)
     SY_BAD_INPUT(where("model.moe_every"), ": model.moe_every = ", model.moe_every, " > model.n_layers = ",
                  model.n_layers, ": no block would have an MoE FFN");
+  if (model.moe_block_count() == 0)
+    SY_BAD_INPUT(where("model.dense_first_blocks"), ": model.dense_first_blocks = ", model.dense_first_blocks,
+                 " leaves no MoE block of model.n_layers = ", model.n_layers, " with model.moe_every = ",
+                 model.moe_every, " (the last MoE block is ", model.n_layers / model.moe_every * model.moe_every - 1,
+                 ": dense_first_blocks must be at most that)");
   if (moe.top_k > moe.num_experts)
     SY_BAD_INPUT(where("moe.top_k"), ": moe.top_k = ", moe.top_k, " exceeds moe.num_experts = ", moe.num_experts);
   if (moe.k_min > moe.top_k)

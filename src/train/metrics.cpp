@@ -64,14 +64,16 @@ FlopsEstimate estimate_flops(const ModelConfig& model, const MoeConfig& moe) {
   const double dense_ffn = d * swiglu * model.d_ff + model.d_ff * d;
   const double expert_ffn = d * swiglu * moe.expert_d_ff + moe.expert_d_ff * d;
   const double router = d * moe.num_experts;
+  // Shared experts: always active, one dense FFN of width num_shared_experts * shared_expert_d_ff.
+  const double shared_ffn = d * swiglu * moe.shared_ffn_width() + moe.shared_ffn_width() * d;
   const double norm = model.norm == NormKind::layernorm ? 2 * d : d;
   FlopsEstimate estimate;
   double active = v * d, total = v * d + (model.positions == PositionKind::learned ? s * d : 0) + norm;
   double active_all = total;
   for (int block = 0; block < model.n_layers; ++block) {
     const double attention = 4 * d * d;
-    const double ffn_active = model.block_is_moe(block) ? router + moe.top_k * expert_ffn : dense_ffn;
-    const double ffn_total = model.block_is_moe(block) ? router + moe.num_experts * expert_ffn : dense_ffn;
+    const double ffn_active = model.block_is_moe(block) ? router + moe.top_k * expert_ffn + shared_ffn : dense_ffn;
+    const double ffn_total = model.block_is_moe(block) ? router + moe.num_experts * expert_ffn + shared_ffn : dense_ffn;
     active += attention + ffn_active;
     total += attention + ffn_total + 2 * norm;
     active_all += attention + ffn_active + 2 * norm;

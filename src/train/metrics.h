@@ -3,8 +3,9 @@
 //
 // FLOPs per token (forward + backward), counting only what a token actually runs:
 //   active matmul parameters A = per block (3D^2 + D^2 attention projections, plus the dense FFN
-//     D*W1 + F*D, or the MoE router D*E plus top_k experts' D*W1e + Fe*D) + V*D for the LM head
-//     (W1 = F, or 2F with swiglu). The embedding lookup, norms and activations are not counted.
+//     D*W1 + F*D, or the MoE router D*E plus top_k experts' D*W1e + Fe*D plus the shared
+//     experts' D*W1s + Fs*D with Fs = num_shared_experts * shared_expert_d_ff) + V*D for the LM
+//     head (W1 = F, or 2F with swiglu). The embedding lookup, norms and activations are not counted.
 //   matmuls: 6 A   (2 A forward, 4 A backward)
 //   attention scores and values: 12 * L * S * D (2 matmuls of S x D per token and layer, times 6
 //     for forward + backward; the causal mask's zero half is not subtracted)

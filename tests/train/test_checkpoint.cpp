@@ -211,6 +211,33 @@ TEST_F(CheckpointTest, ResumedRunIsBitIdenticalToTheStraightOne) {
   EXPECT_GT(straight_end.scaler.scale, 1024.0) << "the loss scale grew during the run (its state mattered)";
 }
 
+TEST_F(CheckpointTest, ResumeWithSharedExpertsAndDenseFirstBlocksIsBitIdentical) {
+  // Block 0 dense, blocks 1 and 2 MoE with two shared experts each.
+  const Config run_config = config({"training.steps=6", "model.n_layers=3", "model.moe_every=1",
+                                    "model.dense_first_blocks=1", "moe.num_shared_experts=2",
+                                    "moe.shared_expert_d_ff=8"});
+  std::vector<double> straight_losses;
+  Run straight(run_config);
+  for (int step = 0; step < 6; ++step) straight_losses.push_back(straight.trainer->train_step().loss);
+  const StateCopy straight_end(*straight.trainer);
+
+  std::vector<double> losses;
+  std::string path;
+  {
+    Run before(run_config);
+    for (int step = 0; step < 3; ++step) losses.push_back(before.trainer->train_step().loss);
+    path = before.trainer->save_checkpoint().path;
+  }
+  std::ifstream manifest(fs::path(path) / "manifest.json");
+  const std::string manifest_text((std::istreambuf_iterator<char>(manifest)), std::istreambuf_iterator<char>());
+  EXPECT_NE(manifest_text.find("blocks.2.moe.shared.w2"), std::string::npos) << "the shared experts are saved";
+  Run after(run_config);
+  ASSERT_TRUE(after.trainer->resume(path));
+  for (int step = 0; step < 3; ++step) losses.push_back(after.trainer->train_step().loss);
+  EXPECT_EQ(losses, straight_losses);
+  straight_end.expect_equal(StateCopy(*after.trainer));
+}
+
 TEST_F(CheckpointTest, RunSavesEveryNKeepsTheNewestAndResumesAuto) {
   const Config first_config = config({"training.steps=6", "checkpoint.every=2", "checkpoint.keep_last=2"});
   Run first(first_config);

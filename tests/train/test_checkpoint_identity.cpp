@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -63,6 +64,26 @@ TEST(ModelFingerprint, CoversTheArchitectureAndNothingElse) {
   // The position table's length is part of the model only with learned positions.
   EXPECT_NE(model_fingerprint(config({"model.positions=learned", "model.seq_len=32"})),
             model_fingerprint(config({"model.positions=learned"})));
+}
+
+TEST(ModelFingerprint, SharedExpertsAndDenseFirstBlocksEnterOnlyWhereUsed) {
+  // Models without them keep the fingerprint they had before the keys existed (the same text).
+  const std::vector<std::string> keys = architecture_keys(config());
+  EXPECT_EQ(std::count(keys.begin(), keys.end(), "model.dense_first_blocks"), 0);
+  EXPECT_EQ(std::count(keys.begin(), keys.end(), "moe.num_shared_experts"), 0);
+  EXPECT_EQ(model_fingerprint(config({"moe.shared_expert_d_ff=64"})), model_fingerprint(config()))
+      << "a width without shared experts changes no tensor";
+  const std::string shared = model_fingerprint(config({"moe.num_shared_experts=1"}));
+  EXPECT_NE(shared, model_fingerprint(config()));
+  EXPECT_NE(model_fingerprint(config({"moe.num_shared_experts=2"})), shared);
+  EXPECT_NE(model_fingerprint(config({"moe.num_shared_experts=1", "moe.shared_expert_d_ff=8"})), shared);
+  EXPECT_NE(model_fingerprint(config({"model.moe_every=1", "model.dense_first_blocks=1"})),
+            model_fingerprint(config({"model.moe_every=1"})));
+  // A checkpoint with shared experts, resumed without: the difference is named either way.
+  const std::vector<std::string> differences =
+      architecture_differences(config({"moe.num_shared_experts=2"}), config());
+  ASSERT_EQ(differences.size(), 1u);
+  EXPECT_EQ(differences[0], "moe.num_shared_experts is 2 there, 0 in this run");
 }
 
 TEST(ModelFingerprint, DifferencesNameEveryKey) {

@@ -207,6 +207,42 @@ TEST(Config, CrossFieldChecks) {
                    {"e.yaml:13", "training.eval_every", "data.val_path"});
 }
 
+TEST(Config, SharedExpertsAndDenseFirstBlocks) {
+  const Config base = parse_config_string(kBaseYaml, "s.yaml");
+  EXPECT_EQ(base.model.dense_first_blocks, 0);
+  EXPECT_EQ(base.moe.num_shared_experts, 0);
+  EXPECT_EQ(base.moe.shared_expert_d_ff, base.moe.expert_d_ff);  // derived default
+  const Config shared =
+      parse_config_string(base_with("top_k:", "  top_k: 2\n  expert_d_ff: 48\n  num_shared_experts: 2"), "s.yaml");
+  EXPECT_EQ(shared.moe.num_shared_experts, 2);
+  EXPECT_EQ(shared.moe.shared_expert_d_ff, 48);
+  EXPECT_EQ(shared.moe.shared_ffn_width(), 96);
+  const Config wide = parse_config_string(
+      base_with("top_k:", "  top_k: 2\n  num_shared_experts: 1\n  shared_expert_d_ff: 512"), "s.yaml");
+  EXPECT_EQ(wide.moe.shared_expert_d_ff, 512);
+  const Config dense_first = parse_config_string(
+      base_with("n_layers:", "  n_layers: 4\n  dense_first_blocks: 3"), "s.yaml");
+  EXPECT_EQ(dense_first.model.moe_block_count(), 1);
+  EXPECT_FALSE(dense_first.model.block_is_moe(2));
+  EXPECT_TRUE(dense_first.model.block_is_moe(3));
+  expect_bad_input([] { parse_config_string(base_with("top_k:", "  top_k: 2\n  num_shared_experts: -1"), "s.yaml"); },
+                   {"s.yaml:9", "moe.num_shared_experts", "[0, 64]"});
+  expect_bad_input([] { parse_config_string(base_with("top_k:", "  top_k: 2\n  num_shared_experts: 65"), "s.yaml"); },
+                   {"s.yaml:9", "moe.num_shared_experts"});
+  expect_bad_input([] { parse_config_string(base_with("top_k:", "  top_k: 2\n  shared_expert_d_ff: 0"), "s.yaml"); },
+                   {"s.yaml:9", "moe.shared_expert_d_ff"});
+  expect_bad_input([] { parse_config_string(base_with("n_layers:", "  n_layers: 2\n  dense_first_blocks: -1"), "s.yaml"); },
+                   {"s.yaml:4", "model.dense_first_blocks"});
+  // 2 blocks, every block MoE: dense_first_blocks 2 leaves none (1 is the most allowed).
+  expect_bad_input([] { parse_config_string(base_with("n_layers:", "  n_layers: 2\n  dense_first_blocks: 2"), "s.yaml"); },
+                   {"s.yaml:4", "model.dense_first_blocks = 2", "leaves no MoE block", "at most that"});
+  // moe_every 2 of 4 blocks: blocks 1 and 3 are MoE; 3 dense first blocks keep block 3.
+  parse_config_string(base_with("n_layers:", "  n_layers: 4\n  moe_every: 2\n  dense_first_blocks: 3"), "s.yaml");
+  expect_bad_input(
+      [] { parse_config_string(base_with("n_layers:", "  n_layers: 4\n  moe_every: 2\n  dense_first_blocks: 4"), "s.yaml"); },
+      {"model.dense_first_blocks = 4", "the last MoE block is 3"});
+}
+
 TEST(Config, YamlSyntaxErrorNamesFileAndLine) {
   std::string text = base_with("num_experts:", "  num_experts: [8");
   expect_bad_input([&] { parse_config_string(text, "s.yaml"); }, {"s.yaml:", "YAML syntax error"});
@@ -388,7 +424,9 @@ TEST(Config, RoundTripOfRandomConfigs) {
     overrides.push_back("model.n_heads=" + std::to_string(heads));
     overrides.push_back("model.d_model=" + std::to_string(heads * 2 * (4 + int(generator() % 8))));
     overrides.push_back("model.n_layers=" + std::to_string(layers));
-    overrides.push_back("model.moe_every=" + std::to_string(1 + int(generator() % layers)));
+    const int moe_every = 1 + int(generator() % layers), last_moe_block = layers / moe_every * moe_every - 1;
+    overrides.push_back("model.moe_every=" + std::to_string(moe_every));
+    overrides.push_back("model.dense_first_blocks=" + std::to_string(generator() % uint64_t(last_moe_block + 1)));
     overrides.push_back("moe.num_experts=" + std::to_string(experts));
     overrides.push_back("parallel.ep_size=" + std::to_string(1 << (generator() % 3)));
     int top_k = 1 + int(generator() % 8);

@@ -117,7 +117,9 @@ class CheckpointReshardTest : public ::testing::Test {
     if (world_rank() == 0) fs::remove_all(base_);
   }
 
-  Config config(int ep_size, const std::string& checkpoint_dir) const {
+  // shared_experts: DeepSeek-V3-style blocks (block 0 dense, blocks 1 and 2 MoE with two shared
+  // experts each, their dense weights replicated on every rank) instead of block 1 alone MoE.
+  Config config(int ep_size, const std::string& checkpoint_dir, bool shared_experts = false) const {
     const std::string yaml =
         "model: {d_model: 16, n_layers: 2, n_heads: 2, seq_len: 16, d_ff: 32, moe_every: 2, compute_dtype: fp32}\n"
         "moe: {num_experts: 8, top_k: 2, k_min: 2, expert_d_ff: 12, activation: swiglu, segment_alignment: 4,"
@@ -128,7 +130,11 @@ class CheckpointReshardTest : public ::testing::Test {
         "data: {path: " + (base_ / "train.bin").string() + ", val_path: " + (base_ / "val.bin").string() + "}\n"
         "checkpoint: {dir: " + checkpoint_dir + ", every: 0, keep_last: 0}\n"
         "logging: {run_dir: " + (base_ / "run").string() + "}\n";
-    return parse_config_string(yaml, "reshard.yaml");
+    std::vector<std::string> overrides;
+    if (shared_experts)
+      overrides = {"model.n_layers=3", "model.moe_every=1", "model.dense_first_blocks=1", "moe.num_shared_experts=2",
+                   "moe.shared_expert_d_ff=8"};
+    return parse_config_string(yaml, "reshard.yaml", overrides);
   }
 
   struct Run {
@@ -165,10 +171,12 @@ class CheckpointReshardTest : public ::testing::Test {
 
 struct Reshard {
   int save_ranks, save_ep, load_ranks, load_ep;
+  bool shared_experts = false;
 };
 
 void PrintTo(const Reshard& r, std::ostream* os) {
-  *os << r.save_ranks << "x ep" << r.save_ep << " -> " << r.load_ranks << "x ep" << r.load_ep;
+  *os << r.save_ranks << "x ep" << r.save_ep << " -> " << r.load_ranks << "x ep" << r.load_ep
+      << (r.shared_experts ? " (shared experts)" : "");
 }
 
 class CheckpointReshard : public CheckpointReshardTest, public ::testing::WithParamInterface<Reshard> {};
@@ -186,7 +194,7 @@ TEST_P(CheckpointReshard, SameOutputsAndBitIdenticalStateAfterLoading) {
   {
     const SubWorld sub = make_sub_world(scenario.save_ranks, scenario.save_ep);
     if (sub.member) member_part([&] {
-      Run run(config(scenario.save_ep, save_dir), sub);
+      Run run(config(scenario.save_ep, save_dir, scenario.shared_experts), sub);
       for (int step = 0; step < 3; ++step) EXPECT_TRUE(std::isfinite(run.trainer->train_step().loss));
       reference = fixed_logits(*run.trainer);
       saved = run.trainer->progress();
@@ -205,7 +213,7 @@ TEST_P(CheckpointReshard, SameOutputsAndBitIdenticalStateAfterLoading) {
   {
     const SubWorld sub = make_sub_world(scenario.load_ranks, scenario.load_ep);
     if (sub.member) member_part([&] {
-      Run run(config(scenario.load_ep, load_dir), sub);
+      Run run(config(scenario.load_ep, load_dir, scenario.shared_experts), sub);
       ASSERT_TRUE(run.trainer->resume(checkpoint)) << run.log.str();  // agreed: the same on every rank
       EXPECT_EQ(run.trainer->step(), 3);
       EXPECT_EQ(run.trainer->tokens_seen(), saved.tokens_seen);
@@ -243,7 +251,8 @@ TEST_P(CheckpointReshard, SameOutputsAndBitIdenticalStateAfterLoading) {
 INSTANTIATE_TEST_SUITE_P(Ranks, CheckpointReshard,
                          ::testing::Values(Reshard{2, 2, 1, 1}, Reshard{2, 2, 2, 1}, Reshard{1, 1, 2, 2},
                                            Reshard{2, 2, 4, 4}, Reshard{2, 2, 4, 2}, Reshard{4, 4, 2, 2},
-                                           Reshard{4, 2, 2, 1}, Reshard{4, 4, 1, 1}));
+                                           Reshard{4, 2, 2, 1}, Reshard{4, 4, 1, 1}, Reshard{2, 2, 1, 1, true},
+                                           Reshard{1, 1, 2, 2, true}, Reshard{4, 4, 1, 1, true}));
 
 TEST_F(CheckpointReshardTest, CorruptExpertReadByOneRankFailsOrIsSkippedEverywhere) {
   const int ranks = world_size();
