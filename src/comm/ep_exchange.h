@@ -49,6 +49,11 @@ namespace switchyard {
 
 enum class EpPass : uint8_t { forward, backward };
 
+// How far the receiver-side buffers grow when a step needs more rows than they hold (the exchange's
+// layout and the EP layer's expert activations alike): a quarter more, so that growth stops once
+// the load settles.
+inline int64_t with_headroom(int64_t rows) { return rows + rows / 4 + 1; }
+
 struct EpExchangeOptions {
   DeviceKind device = DeviceKind::cpu;
   int num_experts = 0;          // E, a multiple of the group's size

@@ -21,7 +21,4 @@ std::unique_ptr<EpExchange> make_nvlink_ep_exchange(std::shared_ptr<Communicator
 // count exchange).
 constexpr int kNvlinkInputRegion = 0, kNvlinkOutputRegion = 1, kNvlinkCountRegion = 2, kNvlinkExchangeRegions = 3;
 
-// Rows plus a quarter: growth happens rarely once the load settles.
-inline int64_t with_headroom(int64_t rows) { return rows + rows / 4 + 1; }
-
 }  // namespace switchyard

@@ -17,8 +17,6 @@ RoutingParams packed_params(const MoeLayerConfig& config, int64_t tokens, bool t
   return params;
 }
 
-int64_t with_headroom(int64_t rows) { return rows + rows / 4 + 1; }
-
 }  // namespace
 
 // ---- Construction ----------------------------------------------------------------------------
