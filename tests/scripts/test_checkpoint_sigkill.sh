@@ -176,7 +176,11 @@ finish() {
     fail "$name: the final checkpoint's tensors differ from the uninterrupted run's"
   "$binary" ckpt inspect "$work/$name/ckpt" >"$work/$name.inspect.log" 2>&1 ||
     { fail "$name: ckpt inspect of the checkpoint directory found problems"; cat "$work/$name.inspect.log" >&2; }
-  [ "$(ls -A "$work/$name/ckpt" | grep -c '^\.')" -eq 0 ] || fail "$name: leftovers of interrupted saves remain"
+  if [ "$(ls -A "$work/$name/ckpt" | grep -c '^\.')" -ne 0 ]; then
+    fail "$name: leftovers of interrupted saves remain"
+    ls -lA "$work/$name/ckpt" >&2  # which leftovers, and which run ids the processes took
+    grep -h "run id\|resumed from\|no usable checkpoint" "$work/$name".kill*.log "$work/$name.log" 2>/dev/null >&2
+  fi
 }
 
 reference() {  # NAME RANKS: the uninterrupted run; sets step_ms
