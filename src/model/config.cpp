@@ -19,6 +19,13 @@ const char* complexity_mode_name(ComplexityMode mode) {
 const char* expert_compute_mode_name(ExpertComputeMode mode) {
   return mode == ExpertComputeMode::sparse ? "sparse" : "dense";
 }
+const char* routing_method_name(RoutingMethod method) {
+  return method == RoutingMethod::token_choice ? "token_choice" : "expert_choice";
+}
+const char* score_function_name(ScoreFunction function) {
+  return function == ScoreFunction::softmax ? "softmax" : "sigmoid";
+}
+const char* drop_policy_name(DropPolicy policy) { return policy == DropPolicy::position ? "position" : "probability"; }
 const char* compute_dtype_name(DType dtype) {
   switch (dtype) {
     case DType::bf16: return "bf16";

@@ -69,6 +69,20 @@ struct MoeConfig {
   ComplexityMode complexity = ComplexityMode::none;
   ExpertComputeMode compute_mode = ExpertComputeMode::sparse;
   int segment_alignment = 128;
+  // The modern routing options (src/ops/moe_ops.h has their semantics; the defaults are Switch).
+  RoutingMethod routing = RoutingMethod::token_choice;      // token_choice | expert_choice
+  ScoreFunction score_function = ScoreFunction::softmax;    // softmax | sigmoid
+  double routed_scaling_factor = 1.0;
+  // > 0: aux-loss-free balancing (DeepSeek-V3). Each MoE block gets a router bias [E] (training
+  // state, fp32, in the dense parameter group without gradient or decay) that moves by this much
+  // after every optimizer step, toward balance, from the step's load over all ranks.
+  double bias_update_rate = 0.0;
+  double seq_aux_loss_weight = 0.0;     // sequence-level balance loss (sequences of model.seq_len)
+  double global_aux_loss_weight = 0.0;  // global-batch balance loss (loads over ranks and micro-batches)
+  int num_groups = 1;                   // group-limited routing: experts in num_groups groups ...
+  int topk_groups = 0;                  // ... of which a token may use this many (default num_groups)
+  DropPolicy drop_policy = DropPolicy::position;  // position | probability
+  bool uses_routing_bias() const { return bias_update_rate > 0.0; }
 };
 
 // Names used in YAML for the enums (and their inverse for messages).
@@ -77,6 +91,9 @@ const char* position_kind_name(PositionKind kind);
 const char* expert_activation_name(ExpertActivation activation);
 const char* complexity_mode_name(ComplexityMode mode);
 const char* expert_compute_mode_name(ExpertComputeMode mode);
+const char* routing_method_name(RoutingMethod method);   // "token_choice" | "expert_choice"
+const char* score_function_name(ScoreFunction function);  // "softmax" | "sigmoid"
+const char* drop_policy_name(DropPolicy policy);          // "position" | "probability"
 const char* compute_dtype_name(DType dtype);  // "bf16" | "fp16" | "fp32"
 
 }  // namespace switchyard

@@ -10,24 +10,49 @@ using dispatch::expect_on_device;
 using dispatch::expect_routing_on_device;
 using dispatch::is_cpu;
 
-void route(const ExecContext& context, const Tensor& logits, const Tensor* complexity, const RoutingParams& params,
-           RoutingResult& result) {
+void route(const ExecContext& context, const Tensor& logits, const RoutingInputs& inputs,
+           const RoutingParams& params, RoutingResult& result) {
   expect_on_device(context, "route", {&logits});
-  if (complexity) expect_on_device(context, "route", {complexity});
+  if (inputs.complexity) expect_on_device(context, "route", {inputs.complexity});
+  if (inputs.selection_bias) expect_on_device(context, "route", {inputs.selection_bias});
   expect_routing_on_device(context, "route", result);
-  if (is_cpu(context)) return cpu::route(logits, complexity, params, result);
-  SY_CUDA_BACKEND("route", cuda::route(logits, complexity, params, result, context.stream));
+  if (is_cpu(context)) return cpu::route(logits, inputs, params, result);
+  SY_CUDA_BACKEND("route", cuda::route(logits, inputs, params, result, context.stream));
 }
 
 void route_backward(const ExecContext& context, const Tensor& logits, const Tensor& grad_gates,
                     const RoutingResult& routing, const RoutingParams& params, float grad_aux_scale,
-                    float grad_z_scale, Tensor& grad_logits) {
+                    float grad_z_scale, Tensor& grad_logits, const Tensor* global_fractions) {
   expect_on_device(context, "route_backward", {&logits, &grad_gates, &grad_logits});
+  if (global_fractions) expect_on_device(context, "route_backward", {global_fractions});
   expect_routing_on_device(context, "route_backward", routing);
   if (is_cpu(context))
-    return cpu::route_backward(logits, grad_gates, routing, params, grad_aux_scale, grad_z_scale, grad_logits);
+    return cpu::route_backward(logits, grad_gates, routing, params, grad_aux_scale, grad_z_scale, grad_logits,
+                               global_fractions);
   SY_CUDA_BACKEND("route_backward", cuda::route_backward(logits, grad_gates, routing, params, grad_aux_scale,
-                                                         grad_z_scale, grad_logits, context.stream));
+                                                         grad_z_scale, grad_logits, context.stream,
+                                                         global_fractions));
+}
+
+void global_balance_loss(const ExecContext& context, const Tensor& loads, const RoutingParams& params,
+                         RoutingResult& routing, Tensor& global_fractions) {
+  expect_on_device(context, "global_balance_loss", {&loads, &global_fractions});
+  expect_routing_on_device(context, "global_balance_loss", routing);
+  if (is_cpu(context)) return cpu::global_balance_loss(loads, params, routing, global_fractions);
+  SY_CUDA_BACKEND("global_balance_loss",
+                  cuda::global_balance_loss(loads, params, routing, global_fractions, context.stream));
+}
+
+void accumulate_expert_load(const ExecContext& context, const Tensor& counts, Tensor& accumulator) {
+  expect_on_device(context, "accumulate_expert_load", {&counts, &accumulator});
+  if (is_cpu(context)) return cpu::accumulate_expert_load(counts, accumulator);
+  SY_CUDA_BACKEND("accumulate_expert_load", cuda::accumulate_expert_load(counts, accumulator, context.stream));
+}
+
+void update_routing_bias(const ExecContext& context, const Tensor& loads, float rate, Tensor& bias) {
+  expect_on_device(context, "update_routing_bias", {&loads, &bias});
+  if (is_cpu(context)) return cpu::update_routing_bias(loads, rate, bias);
+  SY_CUDA_BACKEND("update_routing_bias", cuda::update_routing_bias(loads, rate, bias, context.stream));
 }
 
 void permute(const ExecContext& context, const Tensor& tokens, const RoutingResult& routing,

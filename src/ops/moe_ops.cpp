@@ -8,6 +8,7 @@
 // The smaller of the two is the bound; it needs nothing the host does not already know.
 #include <algorithm>
 #include <limits>
+#include <utility>
 
 #include "src/ops/moe_ops.h"
 #include "src/ops/ops.h"
@@ -53,6 +54,31 @@ void validate_routing_params(const RoutingParams& params) {
                  "routing: num_experts * segment_alignment does not fit int32");
   SY_CHECK_INPUT(unchecked_padded_rows_upper_bound(params) <= int32_max,
                  "routing: the padded expert layout would exceed int32 rows");
+  SY_CHECK_INPUT(params.routed_scaling_factor > 0.0f && std::isfinite(params.routed_scaling_factor),
+                 "routing: routed_scaling_factor must be a positive number, got ", params.routed_scaling_factor);
+  SY_CHECK_INPUT(params.num_groups >= 1 && params.num_experts % params.num_groups == 0,
+                 "routing: num_groups (", params.num_groups, ") must be >= 1 and divide num_experts (",
+                 params.num_experts, ")");
+  SY_CHECK_INPUT(params.topk_groups >= 1 && params.topk_groups <= params.num_groups, "routing: topk_groups (",
+                 params.topk_groups, ") must be in [1, num_groups=", params.num_groups, "]");
+  SY_CHECK_INPUT(params.k_max <= params.topk_groups * (params.num_experts / params.num_groups), "routing: k_max (",
+                 params.k_max, ") exceeds the experts of topk_groups groups (", params.topk_groups, " x ",
+                 params.num_experts / params.num_groups, ")");
+  SY_CHECK_INPUT(params.tokens_per_sequence >= 0, "routing: tokens_per_sequence must be >= 0, got ",
+                 params.tokens_per_sequence);
+  for (const auto& [name, weight] : {std::pair<const char*, float>{"aux_loss_weight", params.aux_loss_weight},
+                                     {"z_loss_weight", params.z_loss_weight},
+                                     {"seq_aux_loss_weight", params.seq_aux_loss_weight},
+                                     {"global_aux_loss_weight", params.global_aux_loss_weight}})
+    SY_CHECK_INPUT(weight >= 0.0f && std::isfinite(weight), "routing: ", name, " must be >= 0, got ", weight);
+  if (params.method == RoutingMethod::expert_choice) {
+    SY_CHECK_INPUT(params.complexity == ComplexityMode::none,
+                   "routing: expert choice takes no complexity routing (each expert picks its tokens)");
+    SY_CHECK_INPUT(params.num_groups == 1, "routing: expert choice takes no group-limited routing");
+    SY_CHECK_INPUT(!params.dropless, "routing: expert choice needs a capacity (dropless is not defined for it)");
+    SY_CHECK_INPUT(params.drop_policy == DropPolicy::position,
+                   "routing: expert choice has its own drop rule (drop_policy must be position)");
+  }
 }
 
 int64_t padded_rows_upper_bound(const RoutingParams& params) {

@@ -28,15 +28,68 @@
 //  * losses: aux = aux_loss_weight * E * sum_e f_e * P_e, f_e = first_choice_count_e / T,
 //    P_e = prob_sum_e / T; z = z_loss_weight * mean_t(logsumexp_t^2). Both are computed on
 //    every pass; the caller decides whether they join the loss.
+//
+// The modern options (issue #19; the defaults above reproduce the Switch behaviour exactly):
+//  * score function. softmax: score p = softmax(z) as above. sigmoid (DeepSeek-V3): s_e =
+//    sigmoid(z_e) per expert, independent of the others. Gates of the chosen experts: the score,
+//    divided by the sum over the token's k_t chosen scores when params.renormalize, then times
+//    params.routed_scaling_factor (both functions). The balance losses use the normalized score
+//    s'_e = s_e / sum_f s_f (all experts) in place of p; prob_sums holds sum_t s'_{t,e}.
+//  * selection key, fp32 and bit-identical on both backends (src/ops/routing_math.h): softmax
+//    key_e = fp32(z_e) (+ b_e), sigmoid key_e = routing_sigmoid(fp32(z_e)) (+ b_e), with b the
+//    optional selection bias (RoutingInputs::selection_bias, fp32 [E]; aux-loss-free balancing).
+//    The k choices are the k largest keys, ties to the lower expert index. The bias moves the
+//    choice only: gates and losses use the unbiased scores. Without a bias and with softmax this is
+//    today's top-k over the logits.
+//  * group-limited routing: experts form params.num_groups groups of E / num_groups consecutive
+//    ids. Group score, from the keys: sigmoid: k1 + k2, the group's two largest keys added in that
+//    order (k1 alone for one-expert groups); softmax: routing_exp(k1 - m) + routing_exp(k2 - m) with
+//    m the token's largest key (the sum of the two largest probabilities, up to the token's common
+//    factor). A token keeps the params.topk_groups highest groups (ties to the lower group index)
+//    and takes its k choices among their experts only. topk_groups == num_groups: no limit.
+//  * drop policy under capacity. position: the GShard slots above. probability: an expert's
+//    choices are ranked by their priority score (routing_priority_score: the unbiased score,
+//    computed in a fixed order on both backends) from high to low, ties in GShard order; slot =
+//    that rank, so the lowest-scored choices of an over-full expert drop first. Slots of experts
+//    within capacity are then a permutation of the GShard ones; the layout is the same.
+//  * sequence-level balance loss (DeepSeek-V3): tokens form sequences of params.tokens_per_sequence
+//    consecutive tokens (0: the whole batch is one; the last may be shorter). Per sequence s with
+//    tokens T_s and choices C_s = sum_{t in s} k_t (all k_t choices, before capacity):
+//      f_{s,e} = E * count_{s,e} / C_s,   P_{s,e} = sum_{t in s} p_{t,e} / T_s  (p: s' for sigmoid)
+//      seq = seq_aux_loss_weight * mean_s sum_e f_{s,e} P_{s,e}
+//    f is held constant in backward (as f in the Switch loss); route() writes f to
+//    sequence_fractions [S, E].
+//  * global-batch balance loss (Qwen3; Megatron-Core's global_aux_loss): F_e = load_e / sum_f
+//    load_f from expert counts summed over all data-parallel ranks and the micro-batches of the step
+//    so far (the caller reduces them), global = global_aux_loss_weight * E * sum_e F_e * P_e with this
+//    batch's P_e = prob_sum_e / T. global_balance_loss() writes F and losses[kGlobalAuxLoss];
+//    route_backward takes F (global_fractions) and adds d global / d p[t,e] = w * E * F_e / T.
+//    route() writes 0 there.
+//  * expert choice (Zhou et al. 2022; params.method = expert_choice): each expert takes the
+//    capacity C = min(T, ceil(capacity_factor * T * k_max / E)) tokens with the highest priority
+//    score (ties to the lower token index); a token keeps at most k_max of the experts that took
+//    it, the highest-scored first (ties to the lower expert id), so k_t is in [0, k_max] (0: no
+//    expert; the routed output is zero). expert_ids / gates hold them in that order, slots are the
+//    token's rank among the tokens its expert kept (token order), so every kept slot < C;
+//    expert_counts are those kept tokens, kDroppedChoices the picks cut by the per-token cap.
+//    It looks at every token of the batch at once: in a causal LM it leaks across positions
+//    and batch rows, so it is for training research and encoders. No complexity, groups, bias,
+//    dropless or probability drops with it (validate_routing_params).
+//  * every score function works with complexity routing (k_t from c_t as above; entropy from p,
+//    or from s' for sigmoid).
 #pragma once
 
 #include <cstdint>
 
 #include "src/core/tensor.h"
+#include "src/ops/routing_math.h"
 
 namespace switchyard {
 
 enum class ComplexityMode : uint8_t { none, given, entropy };
+enum class ScoreFunction : uint8_t { softmax, sigmoid };
+enum class DropPolicy : uint8_t { position, probability };
+enum class RoutingMethod : uint8_t { token_choice, expert_choice };
 enum class ExpertActivation : uint8_t { gelu_tanh, swiglu };
 
 // Routing limits, checked when a run config is read (src/train/config.h) so that a config that
@@ -62,6 +115,30 @@ struct RoutingParams {
   int segment_alignment = 128;  // rows; the grouped GEMM tile height
   float aux_loss_weight = 1e-2f;
   float z_loss_weight = 1e-3f;
+  // The modern options (semantics above); the defaults are the Switch router.
+  RoutingMethod method = RoutingMethod::token_choice;
+  ScoreFunction score_function = ScoreFunction::softmax;
+  float routed_scaling_factor = 1.0f;  // gates *= this, after renormalization
+  int num_groups = 1;                  // divides num_experts
+  int topk_groups = 1;                 // 1..num_groups; == num_groups: no group limit
+  DropPolicy drop_policy = DropPolicy::position;
+  int64_t tokens_per_sequence = 0;     // sequence-level loss; 0: one sequence of num_tokens
+  float seq_aux_loss_weight = 0.0f;
+  float global_aux_loss_weight = 0.0f;
+};
+
+// Sequences of the sequence-level loss: ceil(T / tokens_per_sequence), or 1 (also for T = 0).
+inline int64_t routing_num_sequences(const RoutingParams& params) {
+  if (params.tokens_per_sequence <= 0 || params.num_tokens <= 0) return 1;
+  return (params.num_tokens + params.tokens_per_sequence - 1) / params.tokens_per_sequence;
+}
+
+// Optional inputs of route(). Converts from the complexity pointer alone (the Switch router's only
+// input), so `route(..., nullptr, ...)` and `route(..., &complexity, ...)` keep working.
+struct RoutingInputs {
+  RoutingInputs(const Tensor* complexity_in = nullptr) : complexity(complexity_in) {}  // NOLINT: implicit
+  const Tensor* complexity = nullptr;      // [T] in [0, 1], the logits' float type; complexity = given only
+  const Tensor* selection_bias = nullptr;  // fp32 [E] (float64 allowed on the CPU): added to the keys only
 };
 
 // Rows of the padded expert-contiguous layout in the worst case, known on the host without a sync.
@@ -70,7 +147,7 @@ int64_t padded_rows_upper_bound(const RoutingParams& params);
 // Indices into RoutingResult::scalars.
 enum RoutingScalar : int { kCapacity = 0, kTotalChoices = 1, kDroppedChoices = 2, kPaddedRows = 3, kNumRoutingScalars = 4 };
 // Indices into RoutingResult::losses.
-enum RoutingLoss : int { kAuxLoss = 0, kZLoss = 1, kNumRoutingLosses = 2 };
+enum RoutingLoss : int { kAuxLoss = 0, kZLoss = 1, kSeqAuxLoss = 2, kGlobalAuxLoss = 3, kNumRoutingLosses = 4 };
 
 // Everything routing produces. Tensors live on the backend's device; float ones are fp32 on CUDA
 // and the reference's float type on CPU.
@@ -86,6 +163,8 @@ struct RoutingResult {
   Tensor expert_offsets;       // int32 [E+1]
   Tensor scalars;              // int32 [kNumRoutingScalars]
   Tensor losses;               // float [kNumRoutingLosses]
+  Tensor sequence_fractions;   // float [>= S, E]: f_{s,e} of the sequence-level loss (rows < S written
+                               // when seq_aux_loss_weight > 0)
 };
 
 // Where each kept choice went in the expert-contiguous layout.
@@ -95,9 +174,22 @@ struct DispatchMap {
 };
 
 namespace cpu {
-void route(const Tensor& logits, const Tensor* complexity, const RoutingParams& params, RoutingResult& result);
+void route(const Tensor& logits, const RoutingInputs& inputs, const RoutingParams& params, RoutingResult& result);
+// global_fractions: F [E] of the global-batch loss (global_balance_loss), the logits' float type;
+// required when params.global_aux_loss_weight > 0. grad_aux_scale scales all three balance losses.
 void route_backward(const Tensor& logits, const Tensor& grad_gates, const RoutingResult& routing,
-                    const RoutingParams& params, float grad_aux_scale, float grad_z_scale, Tensor& grad_logits);
+                    const RoutingParams& params, float grad_aux_scale, float grad_z_scale, Tensor& grad_logits,
+                    const Tensor* global_fractions = nullptr);
+// loads [E] float: expert counts summed over ranks and micro-batches (the caller's reduction).
+// F_e = load_e / sum_f load_f (0 when the sum is 0) -> global_fractions [E];
+// routing.losses[kGlobalAuxLoss] = params.global_aux_loss_weight * E * sum_e F_e * prob_sums_e / T.
+void global_balance_loss(const Tensor& loads, const RoutingParams& params, RoutingResult& routing,
+                         Tensor& global_fractions);
+// accumulator [E] float += counts [E] int32 (e.g. routing.expert_counts).
+void accumulate_expert_load(const Tensor& counts, Tensor& accumulator);
+// Aux-loss-free balancing (DeepSeek-V3): bias_e += rate * sign(mean_f load_f - load_e), sign(0) = 0.
+// loads [E] float (the step's counts over all ranks and micro-batches), bias [E] fp32 (or f64).
+void update_routing_bias(const Tensor& loads, float rate, Tensor& bias);
 void permute(const Tensor& tokens, const RoutingResult& routing, const RoutingParams& params,
              Tensor& permuted, DispatchMap& map);
 void unpermute_combine(const Tensor& expert_outputs, const RoutingResult& routing, const DispatchMap& map,
@@ -131,12 +223,16 @@ void apply_jitter(const Tensor& x, float eps, uint64_t seed, uint32_t stream_id,
 }  // namespace cpu
 
 namespace cuda {
-void route(const Tensor& logits, const Tensor* complexity, const RoutingParams& params, RoutingResult& result,
+void route(const Tensor& logits, const RoutingInputs& inputs, const RoutingParams& params, RoutingResult& result,
            void* stream);
 // grad_logits may be fp32, bf16 or fp16 (written in the router GEMM's input type, saving a conversion).
 void route_backward(const Tensor& logits, const Tensor& grad_gates, const RoutingResult& routing,
                     const RoutingParams& params, float grad_aux_scale, float grad_z_scale, Tensor& grad_logits,
-                    void* stream);
+                    void* stream, const Tensor* global_fractions = nullptr);
+void global_balance_loss(const Tensor& loads, const RoutingParams& params, RoutingResult& routing,
+                         Tensor& global_fractions, void* stream);
+void accumulate_expert_load(const Tensor& counts, Tensor& accumulator, void* stream);
+void update_routing_bias(const Tensor& loads, float rate, Tensor& bias, void* stream);
 void permute(const Tensor& tokens, const RoutingResult& routing, const RoutingParams& params,
              Tensor& permuted, DispatchMap& map, void* stream);
 void unpermute_combine(const Tensor& expert_outputs, const RoutingResult& routing, const DispatchMap& map,

@@ -4,9 +4,10 @@
 namespace switchyard {
 
 RoutingBuffers::RoutingBuffers(DeviceKind device, DType float_dtype, int64_t max_tokens, int num_experts, int k_max,
-                               int64_t max_rows)
+                               int64_t max_rows, int64_t max_sequences)
     : device_(device), float_dtype_(float_dtype), max_tokens_(max_tokens), max_rows_(max_rows),
-      num_experts_(num_experts), k_max_(k_max) {
+      max_sequences_(max_sequences), num_experts_(num_experts), k_max_(k_max) {
+  SY_CHECK(max_sequences >= 1, "RoutingBuffers: max_sequences must be >= 1, got ", max_sequences);
   SY_CHECK(max_tokens >= 0 && num_experts >= 1 && k_max >= 1 && max_rows >= 0,
            "RoutingBuffers: bad sizes (max_tokens ", max_tokens, ", experts ", num_experts, ", k_max ", k_max,
            ", max_rows ", max_rows, ")");
@@ -25,6 +26,7 @@ RoutingBuffers::RoutingBuffers(DeviceKind device, DType float_dtype, int64_t max
   losses_ = Buffer(device, size_t(kNumRoutingLosses) * float_size);
   choice_rows_ = Buffer(device, choices * int_size);
   row_tokens_ = Buffer(device, size_t(max_rows) * int_size);
+  sequence_fractions_ = Buffer(device, size_t(max_sequences) * size_t(num_experts) * float_size);
 }
 
 RoutingResult RoutingBuffers::result(int64_t num_tokens) const {
@@ -42,6 +44,7 @@ RoutingResult RoutingBuffers::result(int64_t num_tokens) const {
   result.expert_offsets = expert_offsets_.view(DType::i32, {num_experts_ + 1});
   result.scalars = scalars_.view(DType::i32, {kNumRoutingScalars});
   result.losses = losses_.view(float_dtype_, {kNumRoutingLosses});
+  result.sequence_fractions = sequence_fractions_.view(float_dtype_, {max_sequences_, num_experts_});
   return result;
 }
 

@@ -53,7 +53,9 @@ struct ExecContext {
 // Checks a RoutingParams for values either backend would reject (SY_BAD_INPUT naming the field):
 // num_tokens >= 0, num_experts >= 1, 1 <= k_max <= min(8, num_experts), 1 <= k_min <= k_max when
 // complexity routing is on, capacity_factor > 0 (unless dropless), segment_alignment >= 1, and
-// num_tokens * k_max and the padded row count fit int32.
+// num_tokens * k_max and the padded row count fit int32; num_groups divides num_experts, 1 <=
+// topk_groups <= num_groups, k_max <= topk_groups * (E / num_groups); routed_scaling_factor > 0;
+// loss weights >= 0; expert choice without complexity, groups, dropless or probability drops.
 void validate_routing_params(const RoutingParams& params);
 
 // The capacity rule of src/ops/moe_ops.h, written once so both backends round identically:
@@ -68,11 +70,16 @@ inline int64_t expert_capacity(const RoutingParams& params, int64_t total_choice
 inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
 namespace ops {
-void route(const ExecContext& context, const Tensor& logits, const Tensor* complexity, const RoutingParams& params,
-           RoutingResult& result);
+void route(const ExecContext& context, const Tensor& logits, const RoutingInputs& inputs,
+           const RoutingParams& params, RoutingResult& result);
 void route_backward(const ExecContext& context, const Tensor& logits, const Tensor& grad_gates,
                     const RoutingResult& routing, const RoutingParams& params, float grad_aux_scale,
-                    float grad_z_scale, Tensor& grad_logits);
+                    float grad_z_scale, Tensor& grad_logits, const Tensor* global_fractions = nullptr);
+// The global-batch balance loss, expert loads and the bias update (src/ops/moe_ops.h).
+void global_balance_loss(const ExecContext& context, const Tensor& loads, const RoutingParams& params,
+                         RoutingResult& routing, Tensor& global_fractions);
+void accumulate_expert_load(const ExecContext& context, const Tensor& counts, Tensor& accumulator);
+void update_routing_bias(const ExecContext& context, const Tensor& loads, float rate, Tensor& bias);
 void permute(const ExecContext& context, const Tensor& tokens, const RoutingResult& routing,
              const RoutingParams& params, Tensor& permuted, DispatchMap& map);
 void permute_backward(const ExecContext& context, const Tensor& grad_permuted, const DispatchMap& map,
@@ -201,8 +208,9 @@ void synchronize(const ExecContext& context);
 class RoutingBuffers {
  public:
   RoutingBuffers() = default;
+  // max_sequences: rows of sequence_fractions (routing_num_sequences of the largest call).
   RoutingBuffers(DeviceKind device, DType float_dtype, int64_t max_tokens, int num_experts, int k_max,
-                 int64_t max_rows);
+                 int64_t max_rows, int64_t max_sequences = 1);
   RoutingResult result(int64_t num_tokens) const;
   DispatchMap map(int64_t num_tokens, int64_t rows) const;
   int64_t max_tokens() const { return max_tokens_; }
@@ -211,8 +219,9 @@ class RoutingBuffers {
  private:
   DeviceKind device_ = DeviceKind::cpu;
   DType float_dtype_ = DType::f32;
-  int64_t max_tokens_ = 0, max_rows_ = 0;
+  int64_t max_tokens_ = 0, max_rows_ = 0, max_sequences_ = 1;
   int num_experts_ = 0, k_max_ = 0;
+  Buffer sequence_fractions_;
   Buffer expert_ids_, gates_, slots_, token_k_, logsumexp_, expert_counts_, first_choice_counts_, prob_sums_,
       expert_offsets_, scalars_, losses_, choice_rows_, row_tokens_;
 };

@@ -179,6 +179,8 @@ void route_impl(const Tensor& logits_tensor, const Tensor* complexity_tensor, co
   losses[kAuxLoss] = num_tokens ? Real(double(params.aux_loss_weight) * num_experts * balance / (tokens * tokens))
                                 : Real(0);
   losses[kZLoss] = num_tokens ? Real(double(params.z_loss_weight) * sum_squared_logsumexp / tokens) : Real(0);
+  losses[kSeqAuxLoss] = Real(0);
+  losses[kGlobalAuxLoss] = Real(0);
 }
 
 template <typename Real>
@@ -253,8 +255,14 @@ void route_backward_impl(const Tensor& logits_tensor, const Tensor& grad_gates_t
 
 }  // namespace
 
-void route(const Tensor& logits, const Tensor* complexity, const RoutingParams& params, RoutingResult& result) {
+void route(const Tensor& logits, const RoutingInputs& inputs, const RoutingParams& params, RoutingResult& result) {
   validate_routing_params(params);
+  const Tensor* complexity = inputs.complexity;
+  SY_CHECK_INPUT(params.method == RoutingMethod::token_choice && params.score_function == ScoreFunction::softmax &&
+                     params.num_groups == 1 && params.drop_policy == DropPolicy::position &&
+                     params.seq_aux_loss_weight == 0.0f && inputs.selection_bias == nullptr,
+                 "route: this CPU build routes with softmax top-k only (sigmoid, bias, groups, probability drops, "
+                 "the sequence loss and expert choice are not in it yet)");
   detail::expect_float_matrix("route", "logits", logits, 2);
   expect_tensor("route", "logits", logits, logits.dtype, {params.num_tokens, params.num_experts});
   check_routing_tensors("route", result, params, logits.dtype);
@@ -268,8 +276,11 @@ void route(const Tensor& logits, const Tensor* complexity, const RoutingParams& 
 }
 
 void route_backward(const Tensor& logits, const Tensor& grad_gates, const RoutingResult& routing,
-                    const RoutingParams& params, float grad_aux_scale, float grad_z_scale, Tensor& grad_logits) {
+                    const RoutingParams& params, float grad_aux_scale, float grad_z_scale, Tensor& grad_logits,
+                    const Tensor* global_fractions) {
   validate_routing_params(params);
+  SY_CHECK_INPUT(global_fractions == nullptr && params.score_function == ScoreFunction::softmax,
+                 "route_backward: this CPU build has no sigmoid or global-batch loss gradient yet");
   detail::expect_float_matrix("route_backward", "logits", logits, 2);
   const DType real = logits.dtype;
   expect_tensor("route_backward", "logits", logits, real, {params.num_tokens, params.num_experts});

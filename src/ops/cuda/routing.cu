@@ -160,9 +160,15 @@ __global__ void __launch_bounds__(max_route_threads<kPerLane>(), (kPerLane <= 8 
 
 namespace cuda {
 
-void route(const Tensor& logits, const Tensor* complexity, const RoutingParams& params, RoutingResult& result,
+void route(const Tensor& logits, const RoutingInputs& inputs, const RoutingParams& params, RoutingResult& result,
            void* stream_handle) {
   validate_routing_params(params);  // the rules both backends share (src/ops/ops.h)
+  const Tensor* complexity = inputs.complexity;
+  SY_CHECK_INPUT(params.method == RoutingMethod::token_choice && params.score_function == ScoreFunction::softmax &&
+                     params.num_groups == 1 && params.drop_policy == DropPolicy::position &&
+                     params.seq_aux_loss_weight == 0.0f && inputs.selection_bias == nullptr,
+                 "route: this CUDA build routes with softmax top-k only (sigmoid, bias, groups, probability drops, "
+                 "the sequence loss and expert choice are not in it yet)");
   SY_CHECK_INPUT(params.num_experts <= kMaxRouteExperts, "routing on CUDA supports up to ", kMaxRouteExperts,
                  " experts, got ", params.num_experts);
   const int64_t tokens = params.num_tokens;

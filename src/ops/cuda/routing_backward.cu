@@ -151,8 +151,10 @@ namespace cuda {
 
 void route_backward(const Tensor& logits, const Tensor& grad_gates, const RoutingResult& routing,
                     const RoutingParams& params, float grad_aux_scale, float grad_z_scale, Tensor& grad_logits,
-                    void* stream_handle) {
+                    void* stream_handle, const Tensor* global_fractions) {
   validate_routing_params(params);  // the rules both backends share (src/ops/ops.h)
+  SY_CHECK_INPUT(global_fractions == nullptr && params.score_function == ScoreFunction::softmax,
+                 "route_backward: this CUDA build has no sigmoid or global-batch loss gradient yet");
   SY_CHECK_INPUT(params.num_experts <= kMaxRouteExperts, "routing on CUDA supports up to ", kMaxRouteExperts,
                  " experts, got ", params.num_experts);
   const int64_t tokens = params.num_tokens;

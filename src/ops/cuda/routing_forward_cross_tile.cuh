@@ -149,6 +149,8 @@ __device__ __forceinline__ void write_layout(const RouteArgs& args, const int* e
     args.scalars[kDroppedChoices] = dropped;
     args.scalars[kPaddedRows] = padded_rows;
     args.losses[kAuxLoss] = args.params.aux_loss_weight * float(num_experts) * aux_sum;
+    args.losses[kSeqAuxLoss] = 0.0f;     // written by the sequence-loss pass when its weight is > 0
+    args.losses[kGlobalAuxLoss] = 0.0f;  // written by global_balance_loss
   }
 }
 
