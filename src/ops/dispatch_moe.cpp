@@ -16,6 +16,10 @@ void route(const ExecContext& context, const Tensor& logits, const RoutingInputs
   if (inputs.complexity) expect_on_device(context, "route", {inputs.complexity});
   if (inputs.selection_bias) expect_on_device(context, "route", {inputs.selection_bias});
   expect_routing_on_device(context, "route", result);
+  if (params.method == RoutingMethod::expert_choice) {
+    if (is_cpu(context)) return cpu::route_expert_choice(logits, inputs, params, result);
+    SY_CUDA_BACKEND("route", cuda::route_expert_choice(logits, inputs, params, result, context.stream));
+  }
   if (is_cpu(context)) return cpu::route(logits, inputs, params, result);
   SY_CUDA_BACKEND("route", cuda::route(logits, inputs, params, result, context.stream));
 }

@@ -78,6 +78,8 @@ void validate_routing_params(const RoutingParams& params) {
     SY_CHECK_INPUT(!params.dropless, "routing: expert choice needs a capacity (dropless is not defined for it)");
     SY_CHECK_INPUT(params.drop_policy == DropPolicy::position,
                    "routing: expert choice has its own drop rule (drop_policy must be position)");
+    SY_CHECK_INPUT(params.seq_aux_loss_weight == 0.0f,
+                   "routing: expert choice is balanced by construction; it takes no sequence-level loss");
   }
 }
 

@@ -74,7 +74,7 @@
 //    expert_counts are those kept tokens, kDroppedChoices the picks cut by the per-token cap.
 //    It looks at every token of the batch at once: in a causal LM it leaks across positions
 //    and batch rows, so it is for training research and encoders. No complexity, groups, bias,
-//    dropless or probability drops with it (validate_routing_params).
+//    dropless, probability drops or sequence loss with it (validate_routing_params).
 //  * every score function works with complexity routing (k_t from c_t as above; entropy from p,
 //    or from s' for sigmoid).
 #pragma once
@@ -175,6 +175,9 @@ struct DispatchMap {
 
 namespace cpu {
 void route(const Tensor& logits, const RoutingInputs& inputs, const RoutingParams& params, RoutingResult& result);
+// params.method = expert_choice (ops::route picks it; src/ops/cpu/expert_choice.cpp).
+void route_expert_choice(const Tensor& logits, const RoutingInputs& inputs, const RoutingParams& params,
+                         RoutingResult& result);
 // global_fractions: F [E] of the global-batch loss (global_balance_loss), the logits' float type;
 // required when params.global_aux_loss_weight > 0. grad_aux_scale scales all three balance losses.
 void route_backward(const Tensor& logits, const Tensor& grad_gates, const RoutingResult& routing,
@@ -225,6 +228,8 @@ void apply_jitter(const Tensor& x, float eps, uint64_t seed, uint32_t stream_id,
 namespace cuda {
 void route(const Tensor& logits, const RoutingInputs& inputs, const RoutingParams& params, RoutingResult& result,
            void* stream);
+void route_expert_choice(const Tensor& logits, const RoutingInputs& inputs, const RoutingParams& params,
+                         RoutingResult& result, void* stream);
 // grad_logits may be fp32, bf16 or fp16 (written in the router GEMM's input type, saving a conversion).
 void route_backward(const Tensor& logits, const Tensor& grad_gates, const RoutingResult& routing,
                     const RoutingParams& params, float grad_aux_scale, float grad_z_scale, Tensor& grad_logits,
