@@ -30,6 +30,8 @@ MoeBlockStats read_layer_stats(const ExecContext& context, const Layer& layer) {
   const MoeLosses losses = layer.read_losses(context);
   stats.aux_loss = losses.aux_loss;
   stats.z_loss = losses.z_loss;
+  stats.seq_aux_loss = losses.seq_aux_loss;
+  stats.global_aux_loss = losses.global_aux_loss;
   const MoeRoutingStats routing = layer.read_routing_stats(context);
   stats.total_choices = routing.total_choices;
   stats.dropped_choices = routing.dropped_choices;

@@ -3,9 +3,10 @@
 //
 // Weights: router [D, E] (replicated), w1 [E_local, D, F or 2F], w2 [E_local, F, D] for the
 // experts this rank holds (all E with ep_size 1). Gradients have the same shapes and are
-// overwritten by backward. Statistics describe the last forward on this rank's tokens: the two
-// router losses (already weighted) and, per global expert, how many choices were routed to it
-// before capacity (its "tokens per expert"), with the dropped and total choice counts.
+// overwritten by backward; the router bias (MoeWeights::router_bias, with moe.bias_update_rate > 0)
+// has none. Statistics describe the last forward on this rank's tokens: the router losses (already
+// weighted: aux, z, sequence-level, global-batch) and, per global expert, how many choices were
+// routed to it before capacity (its "tokens per expert"), with the dropped and total choice counts.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +22,8 @@ namespace switchyard {
 struct MoeBlockStats {
   double aux_loss = 0.0;
   double z_loss = 0.0;
+  double seq_aux_loss = 0.0;     // 0 unless moe.seq_aux_loss_weight > 0
+  double global_aux_loss = 0.0;  // 0 unless moe.global_aux_loss_weight > 0
   int64_t total_choices = 0;
   int64_t dropped_choices = 0;
   std::vector<int64_t> expert_counts;  // [E], global expert ids
@@ -32,7 +35,8 @@ class MoeBlock {
   // y [T, D] = MoE(x [T, D]); x stays alive until the matching backward.
   virtual void forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights,
                        const MoeForwardArgs& args, Tensor& y) = 0;
-  // aux / z scales: d(total loss) / d(aux loss) and / d(z loss), loss scale included.
+  // aux / z scales: d(total loss) / d(aux loss) and / d(z loss), loss scale included; the aux scale
+  // applies to the sequence-level and global-batch losses too.
   virtual void backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights,
                         float aux_grad_scale, float z_grad_scale, Tensor& grad_x, MoeGradients& gradients) = 0;
   // Reads the statistics of the last forward to the host (waits for context.stream).

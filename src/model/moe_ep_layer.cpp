@@ -117,7 +117,7 @@ MoeLosses MoeEpLayer::forward(const ExecContext& context, const Tensor& x, const
   has_forward_ = false;
   tokens_ = tokens;
 
-  const RoutingResult& routing = router_.forward(context, x, weights.router, args);
+  const RoutingResult& routing = router_.forward(context, x, weights.router, weights.router_bias, args);
 
   // The count exchange (the one host sync) starts first, so that the permute into packed send
   // rows by global expert runs while the counts travel.

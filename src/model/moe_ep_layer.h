@@ -11,7 +11,10 @@
 // single-rank layers would produce, summed); see src/comm/gradient_sync.h for the data-parallel step.
 //
 // Forward, x [T, D]:
-//   x_r, logits = x_r Wr, route(logits)     as MoeLayer (jitter, complexity, capacity, losses)
+//   x_r, logits = x_r Wr, route(logits)     as MoeLayer (jitter, complexity, capacity, losses and
+//                                            every routing option: the same MoeRouter; the global-
+//                                            batch loss's reducer sums over all ranks, as routing
+//                                            over all E experts happens on each)
 //   X_s    = permute(x)                      routing with segment_alignment 1: packed by global
 //                                            expert, so rows for rank p are contiguous, no padding
 //   count exchange                           device counts -> all-to-all -> one host copy

@@ -120,7 +120,7 @@ MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const M
   has_forward_ = false;  // until this pass completes
 
   tokens_ = tokens;
-  const RoutingResult& routing = router_.forward(context, x, weights.router, args, observer_);
+  const RoutingResult& routing = router_.forward(context, x, weights.router, weights.router_bias, args, observer_);
   const RoutingParams& params = router_.params();
 
   small_batch_forward_ = takes_small_batch(tokens, args);

@@ -4,6 +4,9 @@
 //   x_r    = training && jitter_eps > 0 ? x * u : x     u ~ U[1-eps, 1+eps], Philox (seed, stream, step)
 //   logits = x_r Wr                                      Wr [D, E], logits fp32 on CUDA
 //   route(logits) -> expert ids, gates, slots, capacity, drops, layout offsets, aux / z losses
+//                    (and the modern options of src/ops/moe_ops.h: score function, selection bias,
+//                    groups, drop policy, sequence-level and global-batch losses, expert choice;
+//                    src/model/moe_router.h)
 //   X_p    = permute(x)                                  [R, D], expert-contiguous, padded segments
 //   H      = X_p W1_e, A = act(H), O = A W2_e            grouped GEMMs: W1 [E, D, F] (swiglu [E, D, 2F]),
 //                                                        W2 [E, F, D]; A [R, F]
@@ -99,8 +102,9 @@ class MoeLayer {
   // y [T, D] = MoE(x [T, D]), T <= max_tokens. Everything runs on context.stream.
   MoeLosses forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights,
                     const MoeForwardArgs& args, Tensor& y);
-  // Gradients of L given grad_y = dL/dy, where L also contains aux_grad_scale * aux_loss +
-  // z_grad_scale * z_loss (pass 0 to leave a loss out, or the loss scale under mixed precision).
+  // Gradients of L given grad_y = dL/dy, where L also contains aux_grad_scale * (aux_loss +
+  // seq_aux_loss + global_aux_loss) + z_grad_scale * z_loss (pass 0 to leave a loss out, or the
+  // loss scale under mixed precision).
   void backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights, float aux_grad_scale,
                 float z_grad_scale, Tensor& grad_x, MoeGradients& gradients);
 

@@ -31,6 +31,12 @@ void MoeLayerConfig::validate() const {
                  "moe: unknown activation");
   SY_CHECK_INPUT(moe.compute_mode == ExpertComputeMode::sparse || moe.compute_mode == ExpertComputeMode::dense,
                  "moe: unknown compute mode");
+  SY_CHECK_INPUT(moe.bias_update_rate >= 0.0 && std::isfinite(moe.bias_update_rate),
+                 "moe.bias_update_rate must be a non-negative number, got ", moe.bias_update_rate);
+  SY_CHECK_INPUT(!(moe.uses_routing_bias() && moe.routing == RoutingMethod::expert_choice),
+                 "moe.bias_update_rate = ", moe.bias_update_rate, " needs moe.routing = token_choice: the router "
+                 "bias steers the tokens' choices, expert choice has none");
+  SY_CHECK_INPUT(tokens_per_sequence >= 0, "moe: tokens_per_sequence must be >= 0, got ", tokens_per_sequence);
   validate_routing_params(routing_params(1, true));  // experts, k, k_min, alignment
   validate_routing_params(routing_params(1, false));
 }
@@ -48,7 +54,23 @@ RoutingParams MoeLayerConfig::routing_params(int64_t num_tokens, bool training) 
   params.segment_alignment = moe.segment_alignment;
   params.aux_loss_weight = float(moe.aux_loss_weight);
   params.z_loss_weight = float(moe.z_loss_weight);
+  params.method = moe.routing;
+  params.score_function = moe.score_function;
+  params.routed_scaling_factor = float(moe.routed_scaling_factor);
+  params.num_groups = moe.num_groups;
+  params.topk_groups = moe.topk_groups > 0 ? moe.topk_groups : moe.num_groups;  // 0: MoeConfig's "default"
+  params.drop_policy = moe.drop_policy;
+  params.tokens_per_sequence = tokens_per_sequence;
+  params.seq_aux_loss_weight = float(moe.seq_aux_loss_weight);
+  params.global_aux_loss_weight = float(moe.global_aux_loss_weight);
   return params;
+}
+
+int64_t MoeLayerConfig::max_sequences(int64_t max_tokens) const {
+  RoutingParams params;
+  params.num_tokens = max_tokens;
+  params.tokens_per_sequence = tokens_per_sequence;
+  return routing_num_sequences(params);
 }
 
 // ---- MoeRouter -------------------------------------------------------------------------------
@@ -65,7 +87,27 @@ MoeRouter::MoeRouter(const MoeLayerConfig& config, DeviceKind device, DType acti
   if (config_.moe.jitter_eps > 0.0f)
     jittered_input_ = Buffer(device, tokens * size_t(config_.d_model) * dtype_size(activation_dtype));
   logits_buffer_ = Buffer(device, tokens * size_t(config_.moe.num_experts) * dtype_size(float_dtype_));
-  buffers_ = RoutingBuffers(device, float_dtype_, max_tokens, config_.moe.num_experts, config_.moe.top_k, max_rows);
+  buffers_ = RoutingBuffers(device, float_dtype_, max_tokens, config_.moe.num_experts, config_.moe.top_k, max_rows,
+                            config_.max_sequences(max_tokens));
+  if (config_.moe.global_aux_loss_weight > 0.0) {
+    const size_t bytes = size_t(config_.moe.num_experts) * dtype_size(float_dtype_);
+    micro_loads_ = Buffer(device, bytes);
+    global_fractions_ = Buffer(device, bytes);
+  }
+}
+
+void MoeRouter::check_selection_bias(const Tensor* bias) const {
+  const int64_t experts = config_.moe.num_experts;
+  SY_CHECK_INPUT(bias != nullptr || !config_.moe.uses_routing_bias(), "MoeRouter: moe.bias_update_rate = ",
+                 config_.moe.bias_update_rate, " routes with a router bias, but the weights hold none "
+                 "(MoeWeights::router_bias is null)");
+  if (bias == nullptr) return;
+  SY_CHECK_INPUT(config_.moe.routing == RoutingMethod::token_choice,
+                 "MoeRouter: a router bias was given, but expert-choice routing takes none");
+  const bool dtype_ok = bias->dtype == DType::f32 || (device_ == DeviceKind::cpu && bias->dtype == DType::f64);
+  SY_CHECK(dtype_ok && bias->device == device_ && bias->rank == 1 && bias->dim(0) == experts && bias->data != nullptr,
+           "MoeRouter: the router bias must be ", device_ == DeviceKind::cpu ? "f32 or f64" : "f32 (the master copy)",
+           " [", experts, "] on ", device_kind_name(device_), ", got ", bias->describe());
 }
 
 Tensor MoeRouter::rows(const Buffer& buffer, DType dtype, int64_t columns) const {
@@ -73,10 +115,13 @@ Tensor MoeRouter::rows(const Buffer& buffer, DType dtype, int64_t columns) const
 }
 
 const RoutingResult& MoeRouter::forward(const ExecContext& context, const Tensor& x, const Tensor& router_weight,
-                                        const MoeForwardArgs& args, MoeStageObserver* observer) {
+                                        const Tensor* selection_bias, const MoeForwardArgs& args,
+                                        MoeStageObserver* observer) {
   const int64_t tokens = x.dim(0);
   SY_CHECK(tokens >= 1 && tokens <= max_tokens_, "MoeRouter: ", tokens, " tokens, the router holds 1 to ",
            max_tokens_);
+  check_selection_bias(selection_bias);
+  has_global_fractions_ = false;
   tokens_ = tokens;
   step_ = args.step;
   jittered_ = args.training && config_.moe.jitter_eps > 0.0f;
@@ -96,9 +141,34 @@ const RoutingResult& MoeRouter::forward(const ExecContext& context, const Tensor
   run_moe_stage(observer, context, "router GEMM",
                 [&] { ops::gemm(context, false, false, 1.0f, router_input_, router_weight, 0.0f, logits_); });
   routing_ = buffers_.result(tokens);
-  run_moe_stage(observer, context, "routing",
-                [&] { ops::route(context, logits_, args.complexity, params_, routing_); });
+  RoutingInputs inputs(args.complexity);
+  inputs.selection_bias = selection_bias;
+  run_moe_stage(observer, context, "routing", [&] {
+    ops::route(context, logits_, inputs, params_, routing_);
+    if (params_.global_aux_loss_weight > 0.0f && (args.training || args.for_backward))
+      global_balance_loss(context, args);
+  });
   return routing_;
+}
+
+void MoeRouter::global_balance_loss(const ExecContext& context, const MoeForwardArgs& args) {
+  const int64_t experts = config_.moe.num_experts;
+  Tensor loads = micro_loads_.view(float_dtype_, {experts});
+  ops::fill_zero(context, loads);
+  ops::accumulate_expert_load(context, routing_.expert_counts, loads);
+  if (args.training && args.load_reducer != nullptr && *args.load_reducer) (*args.load_reducer)(context, loads);
+  const Tensor* total = &loads;
+  if (args.training && args.global_loads != nullptr) {
+    Tensor& running = *args.global_loads;
+    SY_CHECK(running.dtype == float_dtype_ && running.numel() == experts && running.device == device_,
+             "MoeRouter: the running global loads must be ", dtype_name(float_dtype_), " [", experts, "] on ",
+             device_kind_name(device_), ", got ", running.describe());
+    ops::add_into(context, loads, running);
+    total = &running;
+  }
+  Tensor fractions = global_fractions_.view(float_dtype_, {experts});
+  ops::global_balance_loss(context, *total, params_, routing_, fractions);
+  has_global_fractions_ = true;
 }
 
 void MoeRouter::allocate_backward_buffers() {
@@ -122,9 +192,14 @@ void MoeRouter::backward(const ExecContext& context, float aux_grad_scale, float
   allocate_backward_buffers();
   const Tensor grad_gates = rows(grad_gates_, float_dtype_, config_.moe.top_k);
   grad_logits_view_ = rows(grad_logits_, activation_dtype_, config_.moe.num_experts);
+  SY_CHECK(params_.global_aux_loss_weight == 0.0f || has_global_fractions_,
+           "MoeRouter::backward: the global-batch loss of the last forward was not computed (a pure inference "
+           "forward: training = false and for_backward = false)");
+  const Tensor fractions = has_global_fractions_ ? global_fractions_.view(float_dtype_, {config_.moe.num_experts})
+                                                 : Tensor();
   run_moe_stage(observer, context, "routing backward", [&] {
     ops::route_backward(context, logits_, grad_gates, routing_, params_, aux_grad_scale, z_grad_scale,
-                        grad_logits_view_);
+                        grad_logits_view_, has_global_fractions_ ? &fractions : nullptr);
   });
   run_moe_stage(observer, context, "router weight grad", [&] {
     ops::gemm(context, true, false, 1.0f, router_input_, grad_logits_view_, 0.0f, grad_router_weight);
@@ -163,6 +238,8 @@ MoeLosses MoeRouter::read_losses(const ExecContext& context) const {
   MoeLosses losses;
   losses.aux_loss = values[kAuxLoss];
   losses.z_loss = values[kZLoss];
+  losses.seq_aux_loss = values[kSeqAuxLoss];
+  losses.global_aux_loss = values[kGlobalAuxLoss];
   losses.read = true;
   return losses;
 }

@@ -4,15 +4,30 @@
 // Forward, x [T, D], router weight Wr [D, E]:
 //   x_r    = training && jitter_eps > 0 ? x * u : x     u ~ U[1-eps, 1+eps], Philox (seed, stream, step)
 //   logits = x_r Wr                                      fp32 on CUDA, the reference's type on the CPU
-//   route(logits) -> expert ids, gates, slots, capacity, drops, layout offsets, aux / z losses
-//                                                        (src/ops/moe_ops.h; segment alignment as the
-//                                                        layer's layout needs: the GEMM tile height for
-//                                                        MoeLayer, 1 for the EP layer's packed rows)
+//   route(logits, selection bias) -> expert ids, gates, slots, capacity, drops, layout offsets,
+//                                        aux / z / sequence-level losses (src/ops/moe_ops.h; segment
+//                                        alignment as the layer's layout needs: the GEMM tile height
+//                                        for MoeLayer, 1 for the EP layer's packed rows)
+//   global-batch loss (moe.global_aux_loss_weight > 0), see below
 // Backward, in two parts so that the EP layer can run the first while expert rows travel:
 //   backward():           dL/dgates (+ aux and z losses) -> dL/dlogits -> dL/dWr = x_r^T dL/dlogits
 //   add_input_gradient(): grad_x += dL/dx_r, i.e. (dL/dlogits Wr^T), times u under jitter.
 // dL/dlogits is kept in the activation type: the router GEMMs take both operands in it (cuBLASLt
 // has no fp32 x bf16), and the CUDA routing backward writes that type directly (no conversion pass).
+//
+// The global-batch balance loss (Qwen3; Megatron-Core's global_aux_loss). On every forward that
+// may be differentiated (training, or for_backward), with w = moe.global_aux_loss_weight > 0:
+//   loads_m = this forward's expert_counts                          float [E]
+//   loads_m = reducer(loads_m)   training forwards with MoeForwardArgs::load_reducer: the sum over
+//                                the data-parallel ranks (every rank routes its own tokens over all
+//                                E experts, so with expert parallelism too this is every rank)
+//   running += loads_m           training forwards with MoeForwardArgs::global_loads (the caller's
+//                                running sum over the step's micro-batches so far, reset per step)
+//   F = running / sum(running)   (loads_m alone without a running sum) -> losses[kGlobalAuxLoss] =
+//                                w * E * sum_e F_e * P_e with this batch's P (global_balance_loss)
+// and backward passes F to route_backward (d global / d p[t, e] = w E F_e / T, F held constant).
+// So micro-batch m of a step is balanced against the loads of micro-batches 1..m of all ranks, as
+// Megatron-Core's global_aux_loss does with its running tokens-per-expert sum.
 //
 // Memory: every buffer is sized once for max_tokens; backward buffers on the first backward.
 // The caller keeps x alive between forward and backward (the weight gradient reads x_r = x when
@@ -23,6 +38,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 #include "src/core/device.h"
 #include "src/model/config.h"
@@ -36,39 +52,62 @@ namespace switchyard {
 struct MoeLayerConfig {
   MoeConfig moe;
   int64_t d_model = 0;
+  // Tokens of one sequence (the transformer's model.seq_len) for the sequence-level loss: the T
+  // rows of a forward are consecutive sequences of this many tokens. 0: the whole batch is one.
+  int64_t tokens_per_sequence = 0;
   uint64_t jitter_seed = 0;    // training.seed
   uint32_t jitter_stream = 0;  // the layer's index, so layers draw independent noise
 
   void validate() const;  // SY_BAD_INPUT naming the field
   RoutingParams routing_params(int64_t num_tokens, bool training) const;
+  // Rows of RoutingResult::sequence_fractions a forward of up to max_tokens tokens needs.
+  int64_t max_sequences(int64_t max_tokens) const;
   int64_t w1_columns() const {
     return moe.activation == ExpertActivation::swiglu ? 2 * int64_t(moe.expert_d_ff) : int64_t(moe.expert_d_ff);
   }
 };
 
 // Parameters as the layer reads them (compute copies on CUDA). router [D, E], w1 [E, D, F or 2F],
-// w2 [E, F, D].
+// w2 [E, F, D]. router_bias: the selection bias [E] of aux-loss-free balancing (added to the
+// routing keys only; src/ops/moe_ops.h), fp32 -- the master weights, never a bf16 copy -- or the
+// CPU layer's float type; required when moe.bias_update_rate > 0, optional otherwise (nullptr:
+// none), refused with expert choice. It has no gradient: the trainer moves it between steps.
 struct MoeWeights {
   Tensor router, w1, w2;
+  const Tensor* router_bias = nullptr;
 };
-// Weight gradients, same shapes; overwritten by backward.
+// Weight gradients, same shapes; overwritten by backward (the router bias has none).
 struct MoeGradients {
   Tensor router, w1, w2;
 };
+
+// Sums a float [E] tensor of expert loads over the data-parallel ranks, in place, ordered on
+// context.stream (the global-batch loss; see the top comment). Set by whoever owns the ranks
+// (the trainer); a collective: every rank's training forwards call it in the same order.
+using LoadReducer = std::function<void(const ExecContext& context, Tensor& loads)>;
 
 struct MoeForwardArgs {
   bool training = false;           // train capacity factor and jitter; eval capacity factor otherwise
   uint64_t step = 0;               // jitter RNG offset: each step draws new noise
   const Tensor* complexity = nullptr;  // [T] in [0, 1], float type of the logits; complexity = given only
-  bool read_losses = true;         // copy the two losses to the host (waits for the stream on CUDA)
+  bool read_losses = true;         // copy the losses to the host (waits for the stream on CUDA)
   bool for_backward = true;        // false: no backward follows (inference); H need not be stored and
                                    // backward() refuses to run
+  // The global-batch loss of training forwards (top comment): the reducer over the data-parallel
+  // ranks (nullptr: this rank's loads only) and the step's running sum of reduced loads, float [E]
+  // in the router's float type (nullptr: this micro-batch alone). Both unused unless
+  // moe.global_aux_loss_weight > 0.
+  const LoadReducer* load_reducer = nullptr;
+  Tensor* global_loads = nullptr;
 };
 
+// The router losses of the last forward, each already weighted as it enters the training loss.
 struct MoeLosses {
-  double aux_loss = 0.0;  // aux_loss_weight * E * sum_e f_e P_e
-  double z_loss = 0.0;    // z_loss_weight * mean_t logsumexp_t^2
-  bool read = false;      // false when forward was asked not to read them
+  double aux_loss = 0.0;         // aux_loss_weight * E * sum_e f_e P_e
+  double z_loss = 0.0;           // z_loss_weight * mean_t logsumexp_t^2
+  double seq_aux_loss = 0.0;     // seq_aux_loss_weight * mean_s sum_e f_{s,e} P_{s,e}
+  double global_aux_loss = 0.0;  // global_aux_loss_weight * E * sum_e F_e P_e
+  bool read = false;             // false when forward was asked not to read them
 };
 
 // Routing counters of the last forward, read from the device on request.
@@ -108,12 +147,15 @@ class MoeRouter {
   MoeRouter(MoeRouter&&) = default;
   MoeRouter& operator=(MoeRouter&&) = default;
 
-  // Routes x [T, D] (1 <= T <= max_tokens) with router weight [D, E]; the result stays valid until
-  // the next forward.
+  // Routes x [T, D] (1 <= T <= max_tokens) with router weight [D, E] and the optional selection
+  // bias [E] (MoeWeights::router_bias); the result stays valid until the next forward. With
+  // moe.global_aux_loss_weight > 0 it also computes the global-batch loss (top comment).
   const RoutingResult& forward(const ExecContext& context, const Tensor& x, const Tensor& router_weight,
-                               const MoeForwardArgs& args, MoeStageObserver* observer = nullptr);
+                               const Tensor* selection_bias, const MoeForwardArgs& args,
+                               MoeStageObserver* observer = nullptr);
   // grad_gates() [T, k_max] (written by the layer's combine backward) and the two loss scales ->
-  // dL/dlogits -> gradient of the router weight (overwritten).
+  // dL/dlogits -> gradient of the router weight (overwritten). aux_grad_scale scales the three
+  // balance losses (aux, sequence-level, global-batch), z_grad_scale the z loss.
   void backward(const ExecContext& context, float aux_grad_scale, float z_grad_scale, Tensor& grad_router_weight,
                 MoeStageObserver* observer = nullptr);
   // grad_x [T, D] += the router's share of dL/dx; after backward().
@@ -135,6 +177,9 @@ class MoeRouter {
  private:
   Tensor rows(const Buffer& buffer, DType dtype, int64_t columns) const;  // [tokens_, columns]
   void allocate_backward_buffers();
+  void check_selection_bias(const Tensor* selection_bias) const;
+  // The global-batch loss of the forward that just routed (top comment).
+  void global_balance_loss(const ExecContext& context, const MoeForwardArgs& args);
 
   MoeLayerConfig config_;
   DeviceKind device_ = DeviceKind::cpu;
@@ -145,11 +190,14 @@ class MoeRouter {
   RoutingBuffers buffers_;
   bool backward_ready_ = false;
   Buffer grad_gates_, grad_logits_, jitter_grad_input_;
+  // The global-batch loss (moe.global_aux_loss_weight > 0): this forward's loads and F [E].
+  Buffer micro_loads_, global_fractions_;
 
   // What the last forward left for backward.
   int64_t tokens_ = 0;
   uint64_t step_ = 0;
   bool jittered_ = false;
+  bool has_global_fractions_ = false;  // the last forward computed F (backward passes it)
   RoutingParams params_;
   RoutingResult routing_;
   Tensor router_input_, logits_, grad_logits_view_;

@@ -20,6 +20,7 @@ MoeLayerConfig moe_layer_config(const ModelConfig& model, const MoeConfig& moe, 
   config.moe = moe;
   config.moe.dropless = moe.dropless || options.dropless;
   config.d_model = model.d_model;
+  config.tokens_per_sequence = model.seq_len;  // the sequence-level loss's sequences
   config.jitter_seed = options.jitter_seed;
   config.jitter_stream = uint32_t(block_index);  // independent noise per layer
   return config;
@@ -75,6 +76,14 @@ ParameterLayout Transformer::build_layout(const ModelConfig& model, const MoeCon
       continue;
     }
     matrix(prefix + ".moe.router", {d_model, moe.num_experts}, std);
+    if (moe.uses_routing_bias()) {  // aux-loss-free balancing: zeros, no gradient, no decay, replicated
+      ParameterSpec bias;
+      bias.name = prefix + ".moe.router_bias";
+      bias.shape = {moe.num_experts};
+      bias.init = ParameterInit::zeros;
+      bias.weight_decay = false;
+      layout.add(bias);
+    }
     if (moe.num_shared_experts > 0) {  // dense (replicated, all-reduced over the world), not sharded
       matrix(prefix + ".moe.shared.w1", {d_model, activation_columns(moe.activation, moe.shared_ffn_width())}, std);
       matrix(prefix + ".moe.shared.w2", {moe.shared_ffn_width(), d_model}, residual_std);
@@ -156,6 +165,7 @@ Transformer::Transformer(const ModelConfig& model, const MoeConfig& moe, const T
     if (layernorm) block->norm2_mean = Buffer(device, tokens * stat);
     if (block->is_moe) {
       block->router = layout_.find(prefix + ".moe.router");
+      block->router_bias = layout_.find(prefix + ".moe.router_bias");
       block->expert_w1 = layout_.find(prefix + ".moe.w1");
       block->expert_w2 = layout_.find(prefix + ".moe.w2");
       block->moe = make_moe_block(moe_layer_config(model, moe, options_, index), device, dtype, max_tokens_,
@@ -174,6 +184,7 @@ Transformer::Transformer(const ModelConfig& model, const MoeConfig& moe, const T
     }
     blocks_.push_back(std::move(block));
   }
+  allocate_step_loads();
   for (int index = 0; index <= model.n_layers; ++index) residual_.emplace_back(device, tokens * width * element);
   final_norm_out_ = Buffer(device, tokens * width * element);
   final_rstd_ = Buffer(device, tokens * stat);
@@ -308,11 +319,24 @@ void Transformer::forward_block(const ExecContext& context, const ModelParameter
   }
   MoeWeights weights{parameters.compute(block.router), parameters.compute(block.expert_w1),
                      parameters.compute(block.expert_w2)};
+  // The router bias is read from the fp32 master weights, never a bf16 copy (src/model/moe_router.h).
+  const Tensor router_bias = block.router_bias >= 0 ? parameters.master(block.router_bias) : Tensor();
+  if (block.router_bias >= 0) weights.router_bias = &router_bias;
   MoeForwardArgs args;
   args.training = training;
   args.step = step;
+  Tensor global_loads;
+  if (training && moe_.global_aux_loss_weight > 0.0) {
+    global_loads = global_loads_row(block.moe_ordinal);
+    args.global_loads = &global_loads;
+    if (load_reducer_) args.load_reducer = &load_reducer_;
+  }
   Tensor moe_out = rows(block.moe_out, width);
   block.moe->forward(context, normed2, weights, args, moe_out);
+  if (training) {  // this step's expert loads (the router bias update reads them)
+    Tensor loads = step_loads_row(block.moe_ordinal);
+    ops::accumulate_expert_load(context, block.moe->routing().expert_counts, loads);
+  }
   // Analysis taps (router statistics, specialization maps): a no-op unless one is installed.
   notify_routing(context, block.moe_ordinal, training, block.moe->routing(), block.moe->router_logits());
   ops::add_into(context, moe_out, x_out);

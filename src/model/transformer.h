@@ -21,8 +21,25 @@
 // Loss and gradients. forward_loss() takes `ce_grad_scale` = dLoss/d(sum of token losses) and, when
 // training, writes d/dlogits into the logits' own memory in the same fused pass; backward() then
 // carries it to every parameter, with the MoE router losses entering at `aux_grad_scale`
-// (= dLoss/d(aux_l) = dLoss/d(z_l) for every MoE layer l). The trainer folds the loss scale,
-// 1 / tokens and 1 / (micro-steps * ranks) into those two numbers.
+// (= dLoss/d(aux_l) = dLoss/d(z_l) = dLoss/d(seq_l) = dLoss/d(global_l) for every MoE layer l:
+// the sequence-level and global-batch balance losses join the loss exactly like aux). The trainer
+// folds the loss scale, 1 / tokens and 1 / (micro-steps * ranks) into those two numbers.
+//
+// Routing balance across a step (driven by the trainer; src/model/transformer_balance.cpp):
+//   step loads    every training forward adds each MoE block's expert_counts (this rank's tokens,
+//                 before capacity) to that block's row of one fp32 [moe blocks, E] device buffer,
+//                 step_loads(); reset_step_loads() zeroes it.
+//   router bias   with moe.bias_update_rate > 0 each MoE block has a parameter
+//                 blocks.<b>.moe.router_bias [E] (aux-loss-free balancing, DeepSeek-V3): zeros at
+//                 init, dense group (replicated), no weight decay and never a gradient, so AdamW
+//                 leaves it bit-identical (its m and v stay 0). Routing adds it to the selection
+//                 keys (the master copy). update_routing_biases() moves it by rate * sign(mean load -
+//                 load) per expert from step_loads(), which the trainer has summed over all ranks.
+//   global loss   with moe.global_aux_loss_weight > 0, each training forward sums its MoE blocks'
+//                 counts over the ranks through the reducer set by set_load_reducer() (none: this
+//                 rank only) into a per-block running sum for the step (reset by
+//                 reset_step_loads()), from which the block's global-batch loss is computed
+//                 (src/model/moe_router.h).
 // accumulate == false overwrites the gradient buffers; true adds to them (gradient accumulation):
 // GEMM weight gradients through beta = 1, ops that only overwrite (norms, the MoE layer) through
 // a scratch buffer and an add.
@@ -33,11 +50,12 @@
 //   blocks.<b>.ffn_norm.weight / .bias [D]
 //   blocks.<b>.ffn.w1 [D, F|2F], blocks.<b>.ffn.w2 [F, D]                        dense blocks
 //   blocks.<b>.moe.router [D, E], blocks.<b>.moe.w1 [E, D, Fe|2Fe], blocks.<b>.moe.w2 [E, Fe, D]
+//   blocks.<b>.moe.router_bias [E]                                  moe.bias_update_rate > 0 only
 //   blocks.<b>.moe.shared.w1 [D, S*Fs|2*S*Fs], blocks.<b>.moe.shared.w2 [S*Fs, D]   shared experts
 //   final_norm.weight / .bias [D]                                                (bias: LayerNorm only)
 // Initialisation: N(0, init_std^2) for matrices and embeddings, init_std / sqrt(2 L) for the
-// residual output projections (attn.out, ffn.w2, moe.w2, moe.shared.w2), ones for norm weights, zeros for biases.
-// Weight decay applies to matrices and embeddings, not to norms and biases.
+// residual output projections (attn.out, ffn.w2, moe.w2, moe.shared.w2), ones for norm weights, zeros for biases
+// (the router bias included). Weight decay applies to matrices and embeddings, not to norms and biases.
 //
 // Memory: every activation needed by backward is kept per block in buffers sized once for
 // max_batch * max_seq_len tokens; backward scratch is shared between blocks. Activations are the
@@ -47,6 +65,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "src/comm/communicator.h"
@@ -108,6 +127,27 @@ class Transformer {
   // Loss sums and MoE statistics of the last forward (waits for context.stream).
   TransformerStats read_stats(const ExecContext& context) const;
 
+  // ---- Routing balance across a step (see the top comment) ----
+  // This step's expert loads: fp32 [moe_block_count(), E] on the model's device, row = MoE ordinal.
+  // Contiguous, so one all-reduce covers every block.
+  Tensor step_loads() const;
+  // Zeroes the step loads and the global-batch loss's running sums (the trainer: at every step's
+  // start and after each bias update).
+  void reset_step_loads(const ExecContext& context);
+  // bias_b += rate * sign(mean_e load_{b,e} - load_{b,e}) for every MoE block b with a router bias,
+  // on the master copy, from step_loads() as they stand (the trainer sums them over all ranks
+  // first); the compute copy, if `parameters` has one, is refreshed. No-op without router biases.
+  void update_routing_biases(const ExecContext& context, ModelParameters& parameters, float rate);
+  // The router biases' current values, one vector per MoE block (empty for a block without one);
+  // reads the host (waits for context.stream).
+  std::vector<std::vector<double>> routing_biases(const ExecContext& context,
+                                                  const ModelParameters& parameters) const;
+  bool has_routing_biases() const { return moe_.uses_routing_bias(); }
+  // The global-batch loss's reduction over the data-parallel ranks (src/model/moe_router.h
+  // LoadReducer); an empty function: this rank's loads only. Called once per MoE block in every
+  // training forward when moe.global_aux_loss_weight > 0.
+  void set_load_reducer(LoadReducer reducer) { load_reducer_ = std::move(reducer); }
+
  private:
   struct Block;
   // A dense FFN out += act(input W1) W2 and its saved activations: the FFN of a dense block, or
@@ -136,6 +176,9 @@ class Transformer {
   void norm_backward(const ExecContext& context, ModelParameters& parameters, int weight, int bias, const Tensor& x,
                      const Tensor& mean, const Tensor& rstd, const Tensor& grad_out, Tensor& grad_x,
                      bool accumulate);
+  void allocate_step_loads();
+  Tensor step_loads_row(int moe_ordinal) const;    // fp32 [E]
+  Tensor global_loads_row(int moe_ordinal) const;  // stats dtype [E]
   Tensor rows(const Buffer& buffer, int64_t columns) const;  // [tokens_, columns] activation view
   Tensor stat_rows(const Buffer& buffer) const;              // [tokens_] statistics view
   void add_gradient(const ExecContext& context, const Tensor& scratch, Tensor& target) const;
@@ -160,6 +203,10 @@ class Transformer {
   Tensor logits_view_;
   Buffer attention_workspace_;
   int64_t attention_workspace_bytes_ = 0;
+  // Routing balance: this step's expert loads (fp32) and the global-batch loss's running sums (the
+  // stats dtype), each [moe blocks, E]; the reducer over the ranks.
+  Buffer step_loads_, global_loads_;
+  LoadReducer load_reducer_;
 
   // Backward scratch, shared by the blocks (allocated by the first backward).
   bool backward_ready_ = false;

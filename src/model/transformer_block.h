@@ -18,6 +18,7 @@ struct Transformer::Block {
   int attn_norm_weight = -1, attn_norm_bias = -1, qkv = -1, out = -1;
   int ffn_norm_weight = -1, ffn_norm_bias = -1;
   int router = -1, expert_w1 = -1, expert_w2 = -1;  // MoE FFN
+  int router_bias = -1;                              // MoE FFN with moe.bias_update_rate > 0
   std::unique_ptr<MoeBlock> moe;
   // Dense blocks: the FFN (ffn.w1 / ffn.w2). MoE blocks: the shared experts (moe.shared.w1 /
   // .w2), absent (w1 = -1) without them.

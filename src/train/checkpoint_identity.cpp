@@ -29,6 +29,15 @@ const ConfigField& field_of(const std::string& path) {
   SY_THROW("no config key ", path);
 }
 
+// Not a key but a property of one: whether the MoE blocks hold a router bias (a tensor per block).
+// Its value, not bias_update_rate's, decides the tensors, so a resume may change the rate.
+const char* const kRouterBiasProperty = "moe.bias_update_rate > 0";
+
+std::string architecture_value(const Config& config, const std::string& key) {
+  if (key == kRouterBiasProperty) return config.moe.uses_routing_bias() ? "true" : "false";
+  return field_of(key).get(config);
+}
+
 Config parse_manifest_config(const std::string& config_yaml, const std::string& manifest_path) {
   try {
     return parse_stored_config(config_yaml, manifest_path + " (its config)");
@@ -105,12 +114,13 @@ std::vector<std::string> architecture_keys(const Config& config) {
     keys.push_back("moe.num_shared_experts");
     keys.push_back("moe.shared_expert_d_ff");
   }
+  if (config.moe.uses_routing_bias()) keys.push_back(kRouterBiasProperty);
   return keys;
 }
 
 std::string model_fingerprint(const Config& config) {
   std::string text;
-  for (const std::string& key : architecture_keys(config)) text += key + "=" + field_of(key).get(config) + "\n";
+  for (const std::string& key : architecture_keys(config)) text += key + "=" + architecture_value(config, key) + "\n";
   return checksum_hex(xxh64(text.data(), text.size()));
 }
 
@@ -120,9 +130,8 @@ std::vector<std::string> architecture_differences(const Config& stored, const Co
     if (std::find(keys.begin(), keys.end(), key) == keys.end()) keys.push_back(key);
   std::vector<std::string> differences;
   for (const std::string& key : keys) {
-    const ConfigField& field = field_of(key);
-    if (field.get(stored) != field.get(current))
-      differences.push_back(key + " is " + field.get(stored) + " there, " + field.get(current) + " in this run");
+    const std::string there = architecture_value(stored, key), here = architecture_value(current, key);
+    if (there != here) differences.push_back(key + " is " + there + " there, " + here + " in this run");
   }
   return differences;
 }

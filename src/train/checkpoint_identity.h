@@ -37,7 +37,9 @@ void write_run_directory_run_id(const std::string& run_dir, const std::string& r
 // The architecture keys of `config` in a fixed order: model.vocab_size, d_model, n_layers, n_heads,
 // d_ff, norm, positions, moe_every, moe.num_experts, expert_d_ff, activation, and model.seq_len
 // with learned positions (the position table's length), model.dense_first_blocks when not 0, and
-// moe.num_shared_experts and shared_expert_d_ff when there are shared experts.
+// moe.num_shared_experts and shared_expert_d_ff when there are shared experts, and
+// "moe.bias_update_rate > 0" (= true) when the MoE blocks hold a router bias: a property, not a
+// key, so that the rate itself may change across a resume.
 std::vector<std::string> architecture_keys(const Config& config);
 // XXH64 (16 hex digits) of "key=value\n" over architecture_keys: equal for configs whose models
 // have the same tensors; compute dtype, init, routing and parallel sizes do not enter it.

@@ -167,6 +167,10 @@ const std::vector<ConfigField>& config_fields();
 // Cross-field checks that need the whole config; `where(path)` gives the location to report for
 // a key (its file:line or --set; the file alone when it was not given). Throws SY_BAD_INPUT.
 void check_config_consistency(const Config& config, const std::function<std::string(const std::string&)>& where);
+// The part of those checks for the modern routing keys (config_routing_checks.cpp): groups divide
+// the experts, topk_groups <= num_groups with room for top_k, and expert choice without complexity,
+// groups, dropless, probability drops, the sequence-level loss or a router bias.
+void check_routing_consistency(const Config& config, const std::function<std::string(const std::string&)>& where);
 // Whether training.device may resolve to CUDA: auto or cuda, with the CUDA backend built.
 bool device_can_be_cuda(const Config& config, bool cuda_backend_built = kCudaBackendBuilt);
 // The limits of the backends the run may use (src/ops/moe_ops.h), so that a config that

@@ -250,6 +250,33 @@ std::vector<ConfigField> build_fields() {
                    "sparse: experts see their routed tokens; dense: every token (slow reference)"));
   add(integer_field("moe", "segment_alignment", &C::moe, &MoeConfig::segment_alignment, 1, 4096,
                     "rows each expert's segment is padded to (GEMM tile height); a power of two"));
+  // The modern routing options (src/ops/moe_ops.h, "The modern options"); the defaults are Switch.
+  add(choice_field("moe", "routing", &MoeConfig::routing, &C::moe,
+                   {{"token_choice", RoutingMethod::token_choice}, {"expert_choice", RoutingMethod::expert_choice}},
+                   "token_choice: each token picks top_k experts; expert_choice: each expert picks its tokens "
+                   "(sees the whole batch at once: leaks across positions in a causal LM)"));
+  add(choice_field("moe", "score_function", &MoeConfig::score_function, &C::moe,
+                   {{"softmax", ScoreFunction::softmax}, {"sigmoid", ScoreFunction::sigmoid}},
+                   "router scores: softmax over the experts, or a sigmoid per expert (DeepSeek-V3)"));
+  add(real_field("moe", "routed_scaling_factor", &MoeConfig::routed_scaling_factor, &C::moe, 0.0, true, 100.0, false,
+                 "the routed experts' gates are multiplied by this (after renormalization)"));
+  add(real_field("moe", "bias_update_rate", &MoeConfig::bias_update_rate, &C::moe, 0.0, false, 1.0, false,
+                 "aux-loss-free balancing: > 0 gives each MoE block a router bias that moves by this after every "
+                 "optimizer step, toward balance; 0 = off"));
+  add(real_field("moe", "seq_aux_loss_weight", &MoeConfig::seq_aux_loss_weight, &C::moe, 0.0, false, 100.0, false,
+                 "weight of the sequence-level balance loss (per sequence of model.seq_len tokens)"));
+  add(real_field("moe", "global_aux_loss_weight", &MoeConfig::global_aux_loss_weight, &C::moe, 0.0, false, 100.0,
+                 false, "weight of the global-batch balance loss (expert loads over all ranks and micro-batches)"));
+  add(integer_field("moe", "num_groups", &C::moe, &MoeConfig::num_groups, 1, 1024,
+                    "group-limited routing: the experts form this many groups of consecutive ids (divides "
+                    "num_experts); 1 = no groups"));
+  add(derived(integer_field("moe", "topk_groups", &C::moe, &MoeConfig::topk_groups, 1, 1024,
+                            "groups a token may use (<= num_groups; top_k must fit in their experts)"),
+              "moe.num_groups", [](Config& config) { config.moe.topk_groups = config.moe.num_groups; }));
+  add(choice_field("moe", "drop_policy", &MoeConfig::drop_policy, &C::moe,
+                   {{"position", DropPolicy::position}, {"probability", DropPolicy::probability}},
+                   "which choices an over-full expert drops: position = the later ones (GShard order), "
+                   "probability = the lowest-scored ones"));
 
   // parallel
   add(integer_field("parallel", "ep_size", &C::parallel, &ParallelConfig::ep_size, 1, 1024,
@@ -424,6 +451,7 @@ void check_config_consistency(const Config& config, const std::function<std::str
   if ((moe.segment_alignment & (moe.segment_alignment - 1)) != 0)
     SY_BAD_INPUT(where("moe.segment_alignment"), ": moe.segment_alignment = ", moe.segment_alignment,
                  " is not a power of two");
+  check_routing_consistency(config, where);
   // The world size is not known yet (0): the expert part of the layout's rules.
   ParallelLayout::check(/*world_size=*/0, config.parallel.ep_size, moe.num_experts, where("parallel.ep_size"));
   if (config.optimizer.min_lr > config.optimizer.lr)

@@ -104,7 +104,8 @@ std::string metrics_json(const StepMetrics& m) {
   out << ",\"lr\":" << json_number(m.lr) << ",\"grad_norm\":" << json_number(m.grad_norm)
       << ",\"loss_scale\":" << json_number(m.loss_scale) << ",\"skipped\":" << (m.skipped ? "true" : "false")
       << ",\"aux_loss\":" << json_number(m.aux_loss) << ",\"z_loss\":" << json_number(m.z_loss)
-      << ",\"dropped_fraction\":" << json_number(m.dropped_fraction) << ",\"tokens\":" << m.tokens
+      << ",\"seq_aux_loss\":" << json_number(m.seq_aux_loss)
+      << ",\"global_aux_loss\":" << json_number(m.global_aux_loss) << ",\"dropped_fraction\":" << json_number(m.dropped_fraction) << ",\"tokens\":" << m.tokens
       << ",\"step_time_s\":" << json_number(m.step_time_s) << ",\"tokens_per_s\":" << json_number(m.tokens_per_s)
       << ",\"flops_per_s\":" << json_number(m.flops_per_s);
   if (m.has_mfu)
@@ -148,7 +149,16 @@ std::string router_stats_json(const RouterLayerStats& stats) {
       << ",\"tokens_per_expert\":[";
   for (size_t expert = 0; expert < stats.tokens_per_expert.size(); ++expert)
     out << (expert ? "," : "") << stats.tokens_per_expert[expert];
-  out << "]}";
+  out << "],\"seq_aux_loss\":" << json_number(stats.seq_aux_loss)
+      << ",\"global_aux_loss\":" << json_number(stats.global_aux_loss);
+  if (stats.has_bias) {
+    out << ",\"bias\":[";
+    for (size_t expert = 0; expert < stats.bias.size(); ++expert)
+      out << (expert ? "," : "") << json_number(stats.bias[expert]);
+    out << "],\"bias_min\":" << json_number(stats.bias_min) << ",\"bias_max\":" << json_number(stats.bias_max)
+        << ",\"bias_std\":" << json_number(stats.bias_std);
+  }
+  out << "}";
   return out.str();
 }
 
@@ -170,7 +180,10 @@ std::string format_progress_line(const StepMetrics& m, DeviceKind device) {
   if (m.last_val_loss < 0) out << "-";
   else out << fixed(m.last_val_loss, 4);
   if (m.last_val_loss >= 0 && m.last_val_step > 0 && m.last_val_step != m.step) out << " (step " << m.last_val_step << ")";
-  out << " | aux " << fixed(m.aux_loss, 4) << " z " << fixed(m.z_loss, 5) << " | dropped "
+  out << " | aux " << fixed(m.aux_loss, 4) << " z " << fixed(m.z_loss, 5);
+  if (m.shows_seq_aux_loss) out << " seq " << fixed(m.seq_aux_loss, 4);
+  if (m.shows_global_aux_loss) out << " global " << fixed(m.global_aux_loss, 4);
+  out << " | dropped "
       << fixed(100 * m.dropped_fraction, 2) << "% (step) | " << si(m.tokens_per_s) << " tok/s | ";
   if (device == DeviceKind::cuda && m.has_mfu)
     out << "MFU " << fixed(100 * m.mfu, 1) << "% (" << fixed(100 * m.mfu_measured_peak, 1) << "% of 790 TFLOP/s)";
@@ -187,6 +200,16 @@ std::string format_progress_line(const StepMetrics& m, DeviceKind device) {
       entropy += layer.router_entropy_normalized;
     }
     out << " | load max/mean " << fixed(worst_imbalance, 2) << " H " << fixed(entropy / double(m.router.size()), 2);
+    // Router biases (aux-loss-free balancing): their range over every layer.
+    bool any_bias = false;
+    double bias_min = 0.0, bias_max = 0.0;
+    for (const RouterLayerStats& layer : m.router) {
+      if (!layer.has_bias) continue;
+      bias_min = any_bias ? std::min(bias_min, layer.bias_min) : layer.bias_min;
+      bias_max = any_bias ? std::max(bias_max, layer.bias_max) : layer.bias_max;
+      any_bias = true;
+    }
+    if (any_bias) out << " bias " << fixed(bias_min, 4) << ".." << fixed(bias_max, 4);
     if (m.router_first_step <= 0) out << " (logged window)";
     else if (m.router_first_step == m.step) out << " (step)";
     else out << " (steps " << m.router_first_step << "-" << m.step << ")";

@@ -15,9 +15,12 @@
 // Router statistics (when a step carries them, every training.log_every steps) go into the JSON
 // line as "router": [{"layer", "forwards", "tokens", "load_imbalance", "experts_used",
 // "dropped_fraction", "mean_gate", "entropy", "entropy_normalized", "aux_loss", "z_loss",
-// "tokens_per_expert": [...]}, ...] with "router_first_step" (the window's first step) and into
-// the progress line as the worst layer's max/mean load and the mean normalized router entropy,
-// labelled with their window. docs/ANALYTICS.md defines each one. Warnings raised at a step
+// "tokens_per_expert": [...], "seq_aux_loss", "global_aux_loss", and for a layer with a router bias
+// "bias": [E values], "bias_min", "bias_max", "bias_std"}, ...] with "router_first_step" (the
+// window's first step) and into the progress line as the worst layer's max/mean load and the mean
+// normalized router entropy, labelled with their window, and the range of the router biases.
+// Every line has "seq_aux_loss" and "global_aux_loss" (summed over MoE layers like "aux_loss", 0
+// when their weights are 0); the progress line shows them only when their weights are > 0. docs/ANALYTICS.md defines each one. Warnings raised at a step
 // (src/train/training_monitor.h) go into its line as "warnings": [{"kind", "message"}, ...].
 #pragma once
 
@@ -61,6 +64,8 @@ struct StepMetrics {
   double lr = 0, grad_norm = 0, loss_scale = 1;
   bool skipped = false;            // inf / NaN gradients: no update
   double aux_loss = 0, z_loss = 0; // summed over MoE layers, mean over micro-steps and ranks
+  double seq_aux_loss = 0, global_aux_loss = 0;  // the same (0 when their weights are 0)
+  bool shows_seq_aux_loss = false, shows_global_aux_loss = false;  // in the progress line (weights > 0)
   double dropped_fraction = 0;     // dropped / routed choices, all MoE layers
   int64_t tokens = 0;              // trained tokens this step, all ranks
   double step_time_s = 0, tokens_per_s = 0, flops_per_s = 0;

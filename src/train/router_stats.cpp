@@ -38,6 +38,22 @@ RouterLayerStats derive_router_stats(int moe_layer, const double* sums, int num_
   return stats;
 }
 
+void attach_balance_stats(RouterLayerStats& stats, double seq_aux_loss_sum, double global_aux_loss_sum,
+                          const std::vector<double>* bias) {
+  stats.seq_aux_loss = stats.forwards > 0 ? seq_aux_loss_sum / double(stats.forwards) : 0.0;
+  stats.global_aux_loss = stats.forwards > 0 ? global_aux_loss_sum / double(stats.forwards) : 0.0;
+  stats.has_bias = bias != nullptr && !bias->empty();
+  if (!stats.has_bias) return;
+  stats.bias = *bias;
+  stats.bias_min = *std::min_element(bias->begin(), bias->end());
+  stats.bias_max = *std::max_element(bias->begin(), bias->end());
+  double mean = 0.0, squares = 0.0;
+  for (double value : *bias) mean += value;
+  mean /= double(bias->size());
+  for (double value : *bias) squares += (value - mean) * (value - mean);
+  stats.bias_std = std::sqrt(squares / double(bias->size()));
+}
+
 RouterStatsRecorder::RouterStatsRecorder(DeviceKind device, int moe_layers, int num_experts)
     : device_(device), moe_layers_(moe_layers), num_experts_(num_experts) {
   SY_CHECK(moe_layers >= 0 && num_experts >= 1, "RouterStatsRecorder: ", moe_layers, " layers, ", num_experts,

@@ -13,6 +13,11 @@
 //   mean_gate              mean gate value of the kept choices
 //   router_entropy         mean over tokens of -sum_e p_e ln p_e (nats); normalized: / ln E in [0, 1]
 //   aux_loss, z_loss       mean per forward, weighted as they enter the loss
+// and, added by the trainer (attach_balance_stats; the device sums have no slot for them):
+//   seq_aux_loss, global_aux_loss   mean per forward of the sequence-level and global-batch losses,
+//                                   weighted (0 when their weights are 0)
+//   bias, bias_min/max/std          the layer's router bias at the time of the read (layers with
+//                                   one: moe.bias_update_rate > 0); std is the population std
 // Evaluation forwards are not recorded (their capacity factor differs and they are not training).
 #pragma once
 
@@ -39,10 +44,19 @@ struct RouterLayerStats {
   double router_entropy = 0.0;
   double router_entropy_normalized = 0.0;
   double aux_loss = 0.0, z_loss = 0.0;
+  double seq_aux_loss = 0.0, global_aux_loss = 0.0;
+  bool has_bias = false;
+  std::vector<double> bias;  // [E] when has_bias
+  double bias_min = 0.0, bias_max = 0.0, bias_std = 0.0;
 };
 
 // Derives the statistics from one layer's sums (the accumulator layout of router_sums.h).
 RouterLayerStats derive_router_stats(int moe_layer, const double* sums, int num_experts);
+// Adds what the trainer keeps on the host: the window's sums of the layer's sequence-level and
+// global-batch losses over every recorded forward of every rank (divided by stats.forwards), and
+// its router bias (nullptr or empty: none).
+void attach_balance_stats(RouterLayerStats& stats, double seq_aux_loss_sum, double global_aux_loss_sum,
+                          const std::vector<double>* bias);
 
 class RouterStatsRecorder : public RoutingObserver {
  public:

@@ -1,6 +1,7 @@
 // The training loop (src/train/trainer.h).
 #include "src/train/trainer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -114,6 +115,14 @@ Trainer::Trainer(const Config& config, const TokenFile& train, const TokenFile* 
   parameters_ = std::make_unique<ModelParameters>(model_->layout(), device, DType::f32, compute_dtype_);
   parameters_->initialize(context_, uint64_t(config.training.seed));
   optimizer_ = std::make_unique<AdamWOptimizer>(*parameters_, config.optimizer);
+  // Expert loads are summed over every rank: each routes its own tokens over all E experts, with
+  // or without expert parallelism (src/model/transformer.h, "Routing balance across a step").
+  world_load_reduce_ = StreamOrderedAllReduce(options_.groups.world, device);
+  if (config.moe.global_aux_loss_weight > 0.0 && world_load_reduce_.reduces()) {
+    const StreamOrderedAllReduce reduce = world_load_reduce_;
+    model_->set_load_reducer([reduce](const ExecContext& context, Tensor& loads) { reduce(context, loads); });
+  }
+  router_balance_window_.assign(size_t(model_->moe_block_count()) * 2, 0.0);
   if (options_.world_size > 1) {
     GradientSyncOptions sync_options;
     sync_options.average = false;  // the backward seeds already divide by the number of ranks
@@ -185,11 +194,14 @@ StepMetrics Trainer::train_step() {
   const int experts = config.moe.num_experts;
 
   // Host statistics, summed over micro-steps, then over ranks:
-  // [loss sum, tokens, aux, z, dropped, routed, counts per (MoE layer, expert)...]
+  // [loss sum, tokens, aux, z, seq, global, dropped, routed, stop, counts per (MoE layer, expert)...,
+  //  (seq, global) per MoE layer...]
   // kStop: 1 on a rank that received a preemption signal, so the sum tells every rank the same.
-  enum : size_t { kLossSum = 0, kTokens, kAux, kZ, kDropped, kRouted, kStop, kCounts };
-  std::vector<double> sums(kCounts + size_t(moe_layers) * size_t(experts), 0.0);
+  enum : size_t { kLossSum = 0, kTokens, kAux, kZ, kSeqAux, kGlobalAux, kDropped, kRouted, kStop, kCounts };
+  const size_t layer_losses = kCounts + size_t(moe_layers) * size_t(experts);
+  std::vector<double> sums(layer_losses + 2 * size_t(moe_layers), 0.0);
   const Tensor inputs = device_inputs_.view(DType::i32, {batch * seq_len});
+  model_->reset_step_loads(context_);  // this step's loads and the global loss's running sums
   const Tensor targets = device_targets_.view(DType::i32, {batch * seq_len});
   for (int micro = 0; micro < accumulation; ++micro) {
     train_loader_.next_batch(host_inputs_, host_targets_);
@@ -205,6 +217,10 @@ StepMetrics Trainer::train_step() {
       const MoeBlockStats& moe = stats.moe[layer];
       sums[kAux] += moe.aux_loss;
       sums[kZ] += moe.z_loss;
+      sums[kSeqAux] += moe.seq_aux_loss;
+      sums[kGlobalAux] += moe.global_aux_loss;
+      sums[layer_losses + 2 * layer] += moe.seq_aux_loss;
+      sums[layer_losses + 2 * layer + 1] += moe.global_aux_loss;
       sums[kDropped] += double(moe.dropped_choices);
       sums[kRouted] += double(moe.total_choices);
       for (int expert = 0; expert < experts; ++expert)
@@ -231,6 +247,14 @@ StepMetrics Trainer::train_step() {
     const double clip = max_norm > 0 && grad_norm > max_norm ? max_norm / (grad_norm + 1e-6) : 1.0;
     optimizer_->step(context_, lr, clip / loss_scale);
   }
+  if (apply && config.moe.uses_routing_bias()) {
+    // Aux-loss-free balancing: the step's loads of every rank move the router biases, the same on
+    // every rank (fp32 sums of counts are exact, the update is elementwise).
+    Tensor loads = model_->step_loads();
+    world_load_reduce_(context_, loads);
+    model_->update_routing_biases(context_, *parameters_, float(config.moe.bias_update_rate));
+    model_->reset_step_loads(context_);
+  }
   ++step_;
   // Test hook (src/comm/bootstrap.h): SWITCHYARD_INJECT_FAULT=<rank>:after_step_N:sigusr1|sigterm delivers
   // a preemption signal at a known step, for machines too fast for a signal sent from outside.
@@ -254,6 +278,12 @@ StepMetrics Trainer::train_step() {
   const double micro_steps = double(accumulation) * ranks;
   metrics.aux_loss = sums[kAux] / micro_steps;
   metrics.z_loss = sums[kZ] / micro_steps;
+  metrics.seq_aux_loss = sums[kSeqAux] / micro_steps;
+  metrics.global_aux_loss = sums[kGlobalAux] / micro_steps;
+  metrics.shows_seq_aux_loss = config.moe.seq_aux_loss_weight > 0.0;
+  metrics.shows_global_aux_loss = config.moe.global_aux_loss_weight > 0.0;
+  for (size_t index = 0; index < router_balance_window_.size(); ++index)
+    router_balance_window_[index] += sums[layer_losses + index];
   metrics.dropped_fraction = sums[kRouted] > 0 ? sums[kDropped] / sums[kRouted] : 0.0;
   metrics.tokens = int64_t(sums[kTokens]);
   metrics.step_time_s = seconds;
@@ -270,6 +300,16 @@ StepMetrics Trainer::train_step() {
       metrics.tokens_per_expert[size_t(layer)].push_back(
           int64_t(std::llround(sums[kCounts + size_t(layer) * size_t(experts) + size_t(expert)])));
   return metrics;
+}
+
+void Trainer::attach_router_balance_stats(std::vector<RouterLayerStats>& layers) {
+  const std::vector<std::vector<double>> biases =
+      model_->has_routing_biases() ? model_->routing_biases(context_, *parameters_) : std::vector<std::vector<double>>{};
+  for (size_t layer = 0; layer < layers.size(); ++layer) {
+    const std::vector<double>* bias = layer < biases.size() ? &biases[layer] : nullptr;
+    attach_balance_stats(layers[layer], router_balance_window_[2 * layer], router_balance_window_[2 * layer + 1], bias);
+  }
+  std::fill(router_balance_window_.begin(), router_balance_window_.end(), 0.0);
 }
 
 double Trainer::evaluate() {
@@ -342,6 +382,10 @@ void Trainer::run() {
     if (options_.device == DeviceKind::cpu && config.model.compute_dtype != DType::f32)
       *log << "switchyard train: model.compute_dtype = " << compute_dtype_name(config.model.compute_dtype)
            << " applies to CUDA; the CPU backend computes in fp32\n";
+    if (config.moe.routing == RoutingMethod::expert_choice)
+      *log << "switchyard train: moe.routing = expert_choice: each expert picks among all tokens of a "
+              "micro-batch, so a token's routing depends on later positions and other sequences (it leaks "
+              "across positions in this causal LM); meant for routing research, not for sampling\n";
     *log << "switchyard train: " << describe_switches()
          << (options_.device == DeviceKind::cpu ? " (CUDA only: the CPU backend uses none)" : "") << "\n";
     *log << "switchyard train: checkpoints "
@@ -386,6 +430,7 @@ void Trainer::run() {
     metrics.eta_s = per_step * double(config.training.steps - metrics.step);
     if (router_stats_due(metrics.step, config.training.log_every, config.training.steps)) {
       metrics.router = router_stats_->read_and_reset(context_, options_.groups.world.get());  // collective
+      attach_router_balance_stats(metrics.router);
       metrics.router_first_step = router_window_start;
       router_window_start = metrics.step + 1;
     }

@@ -10,8 +10,16 @@
 //   global gradient norm: dense part (replicated) + expert parts summed over the expert-parallel
 //     ranks, so expert shards count once each; inf / NaN anywhere -> the loss scaler skips the step
 //   AdamW with lr from the schedule and grad_scale = clip / loss_scale, clip = min(1, max_norm / norm)
+//   moe.bias_update_rate > 0 and the step applied (not skipped by the loss scaler): the step's expert
+//     loads (Transformer::step_loads) summed over all ranks in one all-reduce move every MoE block's
+//     router bias (Transformer::update_routing_biases); the loads are zeroed at every step's start
+//     and after the update, so a skipped step's loads are dropped
+//   moe.global_aux_loss_weight > 0: each training forward's MoE blocks sum their micro-batch's loads
+//     over all ranks (Transformer::set_load_reducer, the world communicator) into a running sum for
+//     the step, which their global-batch loss reads (src/model/moe_router.h)
 // The objective is the mean token cross-entropy over the whole global batch plus, for every MoE
-// layer, the mean over micro-steps and ranks of its aux and z losses. Every rank's backward is
+// layer, the mean over micro-steps and ranks of its aux, z, sequence-level and global-batch losses
+// (the last two 0 unless their weights are set; they share aux's gradient scale). Every rank's backward is
 // seeded with ce_grad_scale = loss_scale / (tokens per micro-batch * micro-steps * ranks) and
 // aux_grad_scale = loss_scale / (micro-steps * ranks), so plain sums across ranks give the exact
 // gradient: no division after the all-reduce.
@@ -54,6 +62,7 @@
 #include "src/train/metrics.h"
 #include "src/train/optimizer.h"
 #include "src/train/router_stats.h"
+#include "src/train/stream_all_reduce.h"
 #include "src/train/token_file.h"
 
 namespace switchyard {
@@ -139,6 +148,9 @@ class Trainer {
   void settle_fresh_run_id(bool automatic);
   void share_run_id();  // every rank takes world rank 0's run_id_ (collective)
   void log_line(const std::string& text) const;
+  // The router statistics the device sums lack: the window's sequence-level and global-batch losses
+  // (router_balance_window_, then zeroed) and the router biases.
+  void attach_router_balance_stats(std::vector<RouterLayerStats>& layers);
 
   Config config_;
   TrainerOptions options_;
@@ -168,6 +180,10 @@ class Trainer {
   std::vector<int32_t> host_inputs_, host_targets_;
   Buffer device_inputs_, device_targets_;
   Buffer reduce_buffer_;  // device staging for host-value all-reduces over NCCL
+  StreamOrderedAllReduce world_load_reduce_;  // expert loads over all ranks (no-op on one rank)
+  // Per MoE layer, (sequence-level, global-batch) loss sums over every forward of every rank since
+  // the last metrics line with router statistics.
+  std::vector<double> router_balance_window_;
 };
 
 }  // namespace switchyard
