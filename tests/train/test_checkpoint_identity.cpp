@@ -86,6 +86,25 @@ TEST(ModelFingerprint, SharedExpertsAndDenseFirstBlocksEnterOnlyWhereUsed) {
   EXPECT_EQ(differences[0], "moe.num_shared_experts is 2 there, 0 in this run");
 }
 
+TEST(ModelFingerprint, RouterBiasEntersAsAPropertyNotAsItsRate) {
+  // The routing options change no tensor; the router bias (bias_update_rate > 0) adds one per block.
+  const std::string base = model_fingerprint(config());
+  for (const char* same : {"moe.score_function=sigmoid", "moe.num_groups=2", "moe.topk_groups=1",
+                           "moe.drop_policy=probability", "moe.routed_scaling_factor=2", "moe.seq_aux_loss_weight=0.1",
+                           "moe.global_aux_loss_weight=0.1", "moe.routing=expert_choice"})
+    EXPECT_EQ(model_fingerprint(config({same})), base) << same;
+  const std::vector<std::string> keys = architecture_keys(config());
+  EXPECT_EQ(std::count(keys.begin(), keys.end(), "moe.bias_update_rate > 0"), 0) << "old fingerprints unchanged";
+  const std::string biased = model_fingerprint(config({"moe.bias_update_rate=0.001"}));
+  EXPECT_NE(biased, base);
+  EXPECT_EQ(model_fingerprint(config({"moe.bias_update_rate=0.01"})), biased) << "the rate may change on resume";
+  const std::vector<std::string> differences = architecture_differences(config({"moe.bias_update_rate=0.001"}), config());
+  ASSERT_EQ(differences.size(), 1u);
+  EXPECT_EQ(differences[0], "moe.bias_update_rate > 0 is true there, false in this run");
+  EXPECT_TRUE(architecture_differences(config({"moe.bias_update_rate=0.001"}), config({"moe.bias_update_rate=0.5"}))
+                  .empty());
+}
+
 TEST(ModelFingerprint, DifferencesNameEveryKey) {
   const std::vector<std::string> differences =
       architecture_differences(config(), config({"moe.num_experts=2", "moe.expert_d_ff=8", "parallel.ep_size=2"}));

@@ -439,6 +439,12 @@ TEST(Config, RoundTripOfRandomConfigs) {
     overrides.push_back("training.steps=" + std::to_string(1000 + generator() % 100000));
     overrides.push_back("optimizer.warmup_steps=" + std::to_string(generator() % 1000));
     overrides.push_back("moe.renormalize_gates=" + std::string(generator() % 2 ? "true" : "false"));
+    // Groups that divide the experts and hold top_k; token choice (entropy complexity is forced above,
+    // which expert choice refuses; test_config_routing.cpp round-trips expert choice).
+    const int groups = 1 << (generator() % 4);
+    overrides.push_back("moe.num_groups=" + std::to_string(groups));
+    overrides.push_back("moe.topk_groups=" + std::to_string(groups - int(generator() % uint64_t(groups))));
+    overrides.push_back("moe.routing=token_choice");
     Config config;
     try {
       config = parse_config_string(kBaseYaml, "random.yaml", overrides);
