@@ -118,10 +118,11 @@ BruteRouting brute_force_route(const std::vector<double>& logits, const RoutingP
   out.prob_sums.assign(size_t(experts), 0.0);
   out.counts.assign(size_t(experts), 0);
   out.first_choice_counts.assign(size_t(experts), 0);
-  std::vector<float> priority(size_t(tokens * k_max), 0.0f);
-  std::vector<std::vector<long double>> sequence_balance(size_t(sequences), std::vector<long double>(size_t(experts)));
-  std::vector<std::vector<int>> sequence_counts(size_t(sequences), std::vector<int>(size_t(experts)));
-  std::vector<int> sequence_choices(size_t(sequences)), sequence_length(size_t(sequences));
+  std::vector<float> priority(static_cast<size_t>(tokens * k_max), 0.0f);
+  const size_t sequence_rows = static_cast<size_t>(sequences), expert_columns = static_cast<size_t>(experts);
+  std::vector<std::vector<long double>> sequence_balance(sequence_rows, std::vector<long double>(expert_columns));
+  std::vector<std::vector<int>> sequence_counts(sequence_rows, std::vector<int>(expert_columns));
+  std::vector<int> sequence_choices(sequence_rows), sequence_length(sequence_rows);
   for (int64_t t = 0; t < tokens; ++t) {
     const double* row = logits.data() + t * experts;
     const BruteToken token = brute_token(row, params, bias);
