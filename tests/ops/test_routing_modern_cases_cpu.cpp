@@ -80,6 +80,12 @@ TEST(RoutingModern, GroupLimitKeepsTheBestGroups) {
   EXPECT_EQ(to_ints(Routed(params, logits)->expert_ids), (std::vector<int>{0, 1}));
   params.score_function = kSigmoid;
   EXPECT_EQ(to_ints(Routed(params, logits)->expert_ids), (std::vector<int>{2, 3}));
+  // Softmax group scores add the second term: [3, -3] scores 1 + e^-6, [2.9, 2.9] 2 e^-0.1 = 1.81,
+  // so the group without the best expert wins (k1 alone would keep group 0).
+  HostTensor second_term = make_tensor(DType::f64, {1, 8}, {3.0, -3.0, 2.9, 2.9, -1.0, -1.2, -1.1, -1.3});
+  params.score_function = kSoftmax;
+  EXPECT_EQ(to_ints(Routed(params, second_term)->expert_ids), (std::vector<int>{2, 3}));
+  params.score_function = kSigmoid;
   // Equal group scores go to the lower group: groups 1 and 3 tie (the same two keys), group 1 is
   // kept; without the limit expert 7 would be the second choice.
   HostTensor tied = make_tensor(DType::f32, {1, 8}, {-2.0, -2.5, 0.75, 0.25, -1.0, -1.0, 0.25, 0.75});
