@@ -325,7 +325,8 @@ TEST(RoutingModern, F32AndF64ReferencesAgreeOnIntegers) {
   const std::vector<double> values = random_values(300 * 32, 66);
   std::vector<double> rounded;
   for (double value : values) rounded.push_back(double(float(value)));
-  HostTensor logits32 = make_tensor(DType::f32, {300, 32}, rounded), logits64 = make_tensor(DType::f64, {300, 32}, rounded);
+  HostTensor logits32 = make_tensor(DType::f32, {300, 32}, rounded);
+  HostTensor logits64 = make_tensor(DType::f64, {300, 32}, rounded);
   HostTensor bias = make_tensor(DType::f32, {32}, random_values(32, 67, 0.3));
   for (ScoreFunction function : {kSoftmax, kSigmoid})
     for (ComplexityMode complexity : {ComplexityMode::none, ComplexityMode::entropy}) {

@@ -57,9 +57,9 @@ BruteToken brute_token(const double* row, const RoutingParams& params, const std
     if (!bias.empty()) key += bias[size_t(e)];
     token.keys.push_back(key);
   }
+  const bool sigmoid = params.score_function == ScoreFunction::sigmoid;
   for (int e = 0; e < experts; ++e)
-    token.balance_scores.push_back(params.score_function == ScoreFunction::sigmoid ? token.scores[size_t(e)] / sigmoid_sum
-                                                                                    : token.probabilities[size_t(e)]);
+    token.balance_scores.push_back(sigmoid ? token.scores[size_t(e)] / sigmoid_sum : token.probabilities[size_t(e)]);
   return token;
 }
 
@@ -79,12 +79,12 @@ std::vector<int> brute_candidates(const std::vector<float>& keys, const RoutingP
     std::vector<int> members(static_cast<size_t>(group_size));
     std::iota(members.begin(), members.end(), g * group_size);
     members = by_key(members);
-    const float k1 = keys[size_t(members[0])];
+    const float k1 = keys[size_t(members[0])], k2 = group_size > 1 ? keys[size_t(members[1])] : 0.0f;
     if (params.score_function == ScoreFunction::sigmoid)
-      group_score[size_t(g)] = group_size == 1 ? k1 : k1 + keys[size_t(members[1])];
+      group_score[size_t(g)] = group_size == 1 ? k1 : k1 + k2;
     else
       group_score[size_t(g)] = group_size == 1 ? routing_exp(k1 - max_key)
-                                               : routing_exp(k1 - max_key) + routing_exp(keys[size_t(members[1])] - max_key);
+                                               : routing_exp(k1 - max_key) + routing_exp(k2 - max_key);
   }
   std::vector<int> groups(static_cast<size_t>(params.num_groups));
   std::iota(groups.begin(), groups.end(), 0);
@@ -191,7 +191,8 @@ BruteRouting brute_force_route(const std::vector<double>& logits, const RoutingP
   }
   double balance = 0;
   for (int e = 0; e < experts; ++e)
-    balance += (double(out.first_choice_counts[size_t(e)]) / double(tokens)) * (out.prob_sums[size_t(e)] / double(tokens));
+    balance += (double(out.first_choice_counts[size_t(e)]) / double(tokens)) *
+               (out.prob_sums[size_t(e)] / double(tokens));
   out.aux = double(params.aux_loss_weight) * experts * balance;
   long double seq = 0;
   for (int64_t s = 0; s < sequences; ++s)
@@ -303,12 +304,14 @@ INSTANTIATE_TEST_SUITE_P(
         ModernCase{97, 8, 3, kSigmoid, false, true, 1.0f, 1, 1, kPosition, 1.25f, -1, kNone, DType::f32},
         ModernCase{200, 16, 4, kSigmoid, true, true, 2.5f, 8, 3, kPosition, 1.0f, -1, kNone, DType::f64},  // V3-like
         ModernCase{200, 16, 4, kSoftmax, false, false, 1.0f, 4, 2, kPosition, 1.0f, -1, kNone, DType::f32},
-        ModernCase{200, 16, 2, kSoftmax, true, true, 1.0f, 16, 3, kPosition, 1.0f, -1, kNone, DType::f64},  // 1-expert groups
+        // one-expert groups
+        ModernCase{200, 16, 2, kSoftmax, true, true, 1.0f, 16, 3, kPosition, 1.0f, -1, kNone, DType::f64},
         ModernCase{200, 16, 2, kSigmoid, false, false, 1.0f, 16, 2, kPosition, 1.0f, -1, kNone, DType::f64},
         ModernCase{300, 8, 2, kSoftmax, false, false, 1.0f, 1, 1, kProbability, 0.6f, -1, kNone, DType::f64},
         ModernCase{300, 8, 2, kSigmoid, true, true, 1.0f, 2, 1, kProbability, 0.6f, -1, kNone, DType::f32},
         ModernCase{300, 8, 1, kSoftmax, false, true, 1.0f, 1, 1, kProbability, 0.5f, -1, kNone, DType::f32},
-        ModernCase{100, 8, 2, kSoftmax, true, false, 1.0f, 1, 1, kPosition, 1.25f, 32, kNone, DType::f64},  // S = 4, last short
+        // sequences: S = 4, the last one short
+        ModernCase{100, 8, 2, kSoftmax, true, false, 1.0f, 1, 1, kPosition, 1.25f, 32, kNone, DType::f64},
         ModernCase{100, 8, 2, kSigmoid, false, true, 1.0f, 4, 2, kProbability, 0.8f, 25, ComplexityMode::given,
                    DType::f64},
         ModernCase{100, 8, 4, kSigmoid, true, false, 1.0f, 1, 1, kPosition, 1.25f, 0, ComplexityMode::entropy,

@@ -333,7 +333,8 @@ std::vector<float> selection_bias_values(const Tensor* bias, const RoutingParams
   values.resize(size_t(params.num_experts));
   detail::dispatch_float("route", bias->dtype, [&](auto real) {
     using Real = decltype(real);
-    for (int expert = 0; expert < params.num_experts; ++expert) values[size_t(expert)] = float(bias->as<Real>()[expert]);
+    for (int expert = 0; expert < params.num_experts; ++expert)
+      values[size_t(expert)] = float(bias->as<Real>()[expert]);
   });
   return values;
 }
