@@ -285,6 +285,12 @@ int command_bench_moe(int argc, char** argv) {
   if (options->wants("dense-mode")) report_dense_mode(time_dense_mode(settings, options->quick), records);
   if (options->wants("large")) report_large_layer(time_large_layer(settings, options->quick), records);
   if (options->wants("routing")) report_routing(time_routing(settings, options->quick), records);
+  if (!options->shape_spec.empty()) {
+    const std::vector<LayerShape> shapes = options->quick ? std::vector<LayerShape>{{"quick_shape", 256, 64, 64, 8, 2,
+                                                                                   ExpertActivation::swiglu}}
+                                                          : parse_shape_spec(options->shape_spec);
+    run_shapes(settings, shapes, records);
+  }
   run_detailed_modes(settings, *options, records);
   destroy_stream(settings.context.device, settings.context.stream);
   write_json_records(options->json_file, records);

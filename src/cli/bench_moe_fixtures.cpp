@@ -31,7 +31,8 @@ double time_median_ms(const BenchSettings& settings, const std::function<void()>
 }
 
 double expert_forward_flops(const LayerShape& shape) {
-  return 2.0 * double(shape.tokens) * shape.top_k * (2.0 * shape.d_model * shape.d_ff);
+  const double up_columns = shape.activation == ExpertActivation::swiglu ? 2.0 * shape.d_ff : double(shape.d_ff);
+  return 2.0 * double(shape.tokens) * shape.top_k * (double(shape.d_model) * up_columns + double(shape.d_ff) * shape.d_model);
 }
 
 MoeBench::MoeBench(const BenchSettings& settings, const LayerShape& shape, ExpertComputeMode mode) {
@@ -43,6 +44,7 @@ MoeBench::MoeBench(const BenchSettings& settings, const LayerShape& shape, Exper
   config.moe.dropless = settings.dropless;
   config.moe.capacity_factor = config.moe.eval_capacity_factor = settings.capacity_factor;
   config.moe.compute_mode = mode;
+  config.moe.activation = shape.activation;
   const DType act = settings.activation_dtype;
   layer = std::make_unique<MoeLayer>(config, settings.context.device, act, shape.tokens);
   const int64_t tokens = shape.tokens, d = shape.d_model, f = shape.d_ff, e = shape.experts;
@@ -83,6 +85,8 @@ DenseFfnBench::DenseFfnBench(const BenchSettings& settings, const LayerShape& sh
   const DType act = settings.activation_dtype;
   const DType grad_dtype = settings.context.device == DeviceKind::cuda ? DType::f32 : act;
   const int64_t rows = shape.tokens * shape.top_k, d = shape.d_model, f = shape.d_ff;
+  activation = shape.activation;
+  const int64_t up = activation == ExpertActivation::swiglu ? 2 * f : f;  // columns of W1 and H
   const DeviceKind device = settings.context.device;
   auto buffer = [&](Buffer& storage, Tensor& view, DType dtype, int64_t r, int64_t c) {
     storage = Buffer(device, size_t(r * c) * dtype_size(dtype));
@@ -90,25 +94,25 @@ DenseFfnBench::DenseFfnBench(const BenchSettings& settings, const LayerShape& sh
   };
   x = random_buffer(settings, act, rows * d, 1.0f, settings.seed + 11);
   tx = x.view(act, {rows, d});
-  w1 = random_buffer(settings, act, d * f, 1.0f / std::sqrt(float(d)), settings.seed + 12);
-  tw1 = w1.view(act, {d, f});
+  w1 = random_buffer(settings, act, d * up, 1.0f / std::sqrt(float(d)), settings.seed + 12);
+  tw1 = w1.view(act, {d, up});
   w2 = random_buffer(settings, act, f * d, 1.0f / std::sqrt(float(f)), settings.seed + 13);
   tw2 = w2.view(act, {f, d});
   grad_y = random_buffer(settings, act, rows * d, 1.0f, settings.seed + 14);
   tgy = grad_y.view(act, {rows, d});
-  buffer(hidden, th, act, rows, f);
+  buffer(hidden, th, act, rows, up);
   buffer(activated, ta, act, rows, f);
   buffer(y, ty, act, rows, d);
   buffer(grad_activated, tga, act, rows, f);
-  buffer(grad_hidden, tgh, act, rows, f);
+  buffer(grad_hidden, tgh, act, rows, up);
   buffer(grad_x, tgx, act, rows, d);
-  buffer(grad_w1, tgw1, grad_dtype, d, f);
+  buffer(grad_w1, tgw1, grad_dtype, d, up);
   buffer(grad_w2, tgw2, grad_dtype, f, d);
 }
 
 void DenseFfnBench::forward(const ExecContext& context) {
   ops::gemm(context, false, false, 1.0f, tx, tw1, 0.0f, th);
-  ops::activation_forward(context, ExpertActivation::gelu_tanh, th, ta);
+  ops::activation_forward(context, activation, th, ta);
   ops::gemm(context, false, false, 1.0f, ta, tw2, 0.0f, ty);
 }
 
@@ -116,7 +120,7 @@ void DenseFfnBench::forward_backward(const ExecContext& context) {
   forward(context);
   ops::gemm(context, false, true, 1.0f, tgy, tw2, 0.0f, tga);   // dA = dY W2^T
   ops::gemm(context, true, false, 1.0f, ta, tgy, 0.0f, tgw2);   // dW2 = A^T dY
-  ops::activation_backward(context, ExpertActivation::gelu_tanh, th, tga, tgh);
+  ops::activation_backward(context, activation, th, tga, tgh);
   ops::gemm(context, false, true, 1.0f, tgh, tw1, 0.0f, tgx);   // dX = dH W1^T
   ops::gemm(context, true, false, 1.0f, tx, tgh, 0.0f, tgw1);   // dW1 = X^T dH
 }

@@ -40,9 +40,11 @@ struct LayerShape {
   std::string name;
   int64_t tokens;
   int d_model, d_ff, experts, top_k;
+  ExpertActivation activation = ExpertActivation::gelu_tanh;
 };
 
-// FLOPs of the expert GEMMs of one forward (gelu: W1 is D x F).
+// FLOPs of the expert GEMMs of one forward: 2 T k (D F + F D) with gelu, 2 T k (D 2F + F D) =
+// 6 T k D F with swiglu (SonicMoE's count); backward is twice that.
 double expert_forward_flops(const LayerShape& shape);
 
 // The MoE layer with random weights, ready to time.
@@ -59,10 +61,12 @@ struct MoeBench {
   void forward_backward(const ExecContext& context);
 };
 
-// y = gelu(x W1) W2 with the same active size as the MoE layer (T*k rows), through the same gemm op.
+// y = act(x W1) W2 with the same active size as the MoE layer (T*k rows; swiglu: W1 is D x 2F),
+// through the same gemm and activation ops.
 struct DenseFfnBench {
   Buffer x, w1, w2, hidden, activated, y, grad_y, grad_activated, grad_hidden, grad_x, grad_w1, grad_w2;
   Tensor tx, tw1, tw2, th, ta, ty, tgy, tga, tgh, tgx, tgw1, tgw2;
+  ExpertActivation activation = ExpertActivation::gelu_tanh;
 
   DenseFfnBench(const BenchSettings& settings, const LayerShape& shape);
   void forward(const ExecContext& context);

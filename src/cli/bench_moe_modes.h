@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "src/cli/bench_moe_fixtures.h"
@@ -23,5 +24,12 @@ void run_breakdown(const BenchSettings& settings, const LayerShape& shape, std::
 // steps each; the graph's output must match the eager forward's (the max |difference| is reported).
 void run_stream(const BenchSettings& settings, const LayerShape& shape, const std::vector<int64_t>& token_counts,
                 int steps, std::vector<Record>& records);
+
+// --shape (src/cli/bench_moe_shapes.cpp): "sonic" (the five shapes of SonicMoE's H100 chart) or
+// one "T,d,n,E,K[,act]" (act swiglu, the default, or gelu); SY_BAD_INPUT naming the bad field.
+std::vector<LayerShape> parse_shape_spec(const std::string& spec);
+// Forward and backward of the layer at each shape: TFLOP/s, memory kept for backward, and the
+// ratio to a dense FFN of the same active size.
+void run_shapes(const BenchSettings& settings, const std::vector<LayerShape>& shapes, std::vector<Record>& records);
 
 }  // namespace switchyard::bench_moe

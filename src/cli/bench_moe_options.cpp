@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <sstream>
 
+#include "src/cli/bench_moe_modes.h"
 #include "src/cli/cli_args.h"
 #include "src/core/error.h"
 
@@ -29,6 +30,9 @@ std::optional<BenchMoeOptions> parse_bench_moe_options(int argc, char** argv) {
   parser.add_flag("stream", "streaming mode: small-batch forward replayed from a CUDA graph (alone, unless --only)");
   parser.add_option("stream-tokens", "LIST", "token counts of --stream (d768 ff3072 E32 top-1)", "1,8,32,64");
   parser.add_option("stream-steps", "N", "timed steps per --stream token count", "1000");
+  parser.add_option("shape", "SPEC",
+                    "the layer at T,d,n,E,K[,act] (act swiglu|gelu, default swiglu) or 'sonic' (SonicMoE's five\n"
+                    "H100 shapes): fwd/bwd TFLOP/s, memory kept for backward, ratio to dense (alone, unless --only)");
   if (!parser.parse(argc, argv)) return std::nullopt;
 
   BenchMoeOptions options;
@@ -63,8 +67,13 @@ std::optional<BenchMoeOptions> parse_bench_moe_options(int argc, char** argv) {
   }
   options.stream_steps = parser.get_int("stream-steps");
   SY_CHECK_INPUT(options.stream_steps >= 1, "--stream-steps must be >= 1");
-  // --breakdown or --stream alone runs only that; with --only it joins the parts named there.
-  const bool alone = (options.breakdown || options.stream) && !parser.has("only");
+  if (parser.has("shape")) {
+    options.shape_spec = parser.get("shape");
+    SY_CHECK_INPUT(!options.shape_spec.empty(), "--shape needs T,d,n,E,K[,act] or 'sonic'");
+    parse_shape_spec(options.shape_spec);  // a bad spec fails here, before any set-up
+  }
+  // --breakdown, --stream or --shape alone runs only that; with --only it joins the parts named there.
+  const bool alone = (options.breakdown || options.stream || !options.shape_spec.empty()) && !parser.has("only");
   options.parts = "," + std::string(alone ? "" : parser.get("only")) + ",";
   if (parser.has("json")) options.json_file = parser.get("json");
   return options;

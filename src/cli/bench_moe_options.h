@@ -22,10 +22,11 @@ struct BenchMoeOptions {
   bool stream = false;
   std::vector<int64_t> stream_tokens;
   int64_t stream_steps = 1000;
+  std::string shape_spec;                 // --shape: "sonic" or "T,d,n,E,K[,act]" (empty: not asked)
   std::string parts = ",";                // the parts to run, comma-delimited: ",seed,large,"
   std::optional<std::string> json_file;  // --json
 
-  // Whether part `part` (seed, dense-mode, large, routing) runs.
+  // Whether part `part` (seed, dense-mode, large, routing, shape) runs.
   bool wants(const char* part) const;
 };
 
