@@ -142,9 +142,10 @@ double routing_margin(const Tensor& logits, const std::vector<double>& bias, con
   const int experts = params.num_experts, group_size = experts / params.num_groups;
   const bool sigmoid_scores = params.score_function == ScoreFunction::sigmoid;
   double margin = INFINITY;
-  std::vector<std::vector<double>> expert_priorities(size_t(experts));  // competing for an expert
+  std::vector<std::vector<double>> expert_priorities(static_cast<size_t>(experts));  // competing for an expert
   for (int64_t t = 0; t < tokens; ++t) {
-    std::vector<double> z(size_t(experts)), key(size_t(experts)), priority(size_t(experts));
+    const size_t count = static_cast<size_t>(experts);
+    std::vector<double> z(count), key(count), priority(count);
     double max_z = -INFINITY, denominator = 0;
     for (int e = 0; e < experts; ++e) max_z = std::max(max_z, z[size_t(e)] = get_element(logits, t * experts + e));
     for (int e = 0; e < experts; ++e) denominator += std::exp(z[size_t(e)] - max_z);
