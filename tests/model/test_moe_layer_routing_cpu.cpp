@@ -314,13 +314,14 @@ const RoutingCase kGlobalCase{"global", RM::token_choice, SF::softmax, false, 1,
 
 std::vector<double> counts_of(const MoeLayer& layer) { return to_vector(layer.routing().expert_counts); }
 
-// w E sum_e F_e P_e with F = loads / sum(loads) and P = prob_sums / T (src/ops/moe_ops.h).
-double expected_global_loss(const MoeLayer& layer, const std::vector<double>& loads, double weight, int64_t tokens) {
+// w E sum_e F_e P_e with F = loads / sum(loads) and P = prob_sums / T (src/ops/moe_ops.h); w as the
+// routing parameters hold it (fp32).
+double expected_global_loss(const MoeLayer& layer, const std::vector<double>& loads, float weight, int64_t tokens) {
   const std::vector<double> prob_sums = to_vector(layer.routing().prob_sums);
   double total = 0, product = 0;
   for (double load : loads) total += load;
   for (size_t e = 0; e < loads.size(); ++e) product += loads[e] / total * prob_sums[e] / double(tokens);
-  return weight * double(loads.size()) * product;
+  return double(weight) * double(loads.size()) * product;
 }
 
 TEST(GlobalBatchLoss, RunsOverTheStepsMicroBatchesSummedByTheReducer) {
@@ -344,19 +345,19 @@ TEST(GlobalBatchLoss, RunsOverTheStepsMicroBatchesSummedByTheReducer) {
   for (double& value : sum) value *= 3.0;
   EXPECT_EQ(reductions, 1);
   EXPECT_EQ(to_vector(running), sum);
-  EXPECT_NEAR(first_loss, expected_global_loss(layer, sum, 0.1, kTokens), 1e-12);
+  EXPECT_NEAR(first_loss, expected_global_loss(layer, sum, 0.1f, kTokens), 1e-12);
 
   const double second_loss = layer.forward(kCpu, second.x, second.weights(), args, second.y).global_aux_loss;
   const std::vector<double> counts = counts_of(layer);
   for (size_t e = 0; e < sum.size(); ++e) sum[e] += 3.0 * counts[e];
   EXPECT_EQ(reductions, 2);
   EXPECT_EQ(to_vector(running), sum) << "the running sum covers both micro-batches";
-  EXPECT_NEAR(second_loss, expected_global_loss(layer, sum, 0.1, kTokens), 1e-12);
+  EXPECT_NEAR(second_loss, expected_global_loss(layer, sum, 0.1f, kTokens), 1e-12);
 
   // Without a running sum or reducer (and in evaluation, which never reduces): this batch alone.
   MoeForwardArgs alone{true, 0, nullptr, true};
   const double alone_loss = layer.forward(kCpu, second.x, second.weights(), alone, second.y).global_aux_loss;
-  EXPECT_NEAR(alone_loss, expected_global_loss(layer, counts_of(layer), 0.1, kTokens), 1e-12);
+  EXPECT_NEAR(alone_loss, expected_global_loss(layer, counts_of(layer), 0.1f, kTokens), 1e-12);
   MoeForwardArgs evaluation = args;
   evaluation.training = false;
   layer.forward(kCpu, second.x, second.weights(), evaluation, second.y);

@@ -67,8 +67,11 @@ TEST(Optimizer, LeavesAZeroGradientTensorWithoutDecayBitIdentical) {
     config.lr = 0.05;
     AdamWOptimizer optimizer(parameters, config);
     const Tensor master = parameters.master(bias);
+    const Tensor copy = parameters.compute(bias);
     const std::vector<char> before(static_cast<const char*>(master.data),
                                    static_cast<const char*>(master.data) + master.bytes());
+    const std::vector<char> copy_before(static_cast<const char*>(copy.data),
+                                        static_cast<const char*>(copy.data) + copy.bytes());
     const std::vector<double> norm_before = parameters.master_values(kCpu, norm);
     std::mt19937_64 generator(9);
     for (int step = 0; step < 5; ++step) {
@@ -84,7 +87,9 @@ TEST(Optimizer, LeavesAZeroGradientTensorWithoutDecayBitIdentical) {
                                   static_cast<const char*>(master.data) + master.bytes());
     EXPECT_TRUE(before == after) << "AdamW moved a tensor whose gradient is 0 (compute " << dtype_name(compute) << ")";
     EXPECT_NE(parameters.master_values(kCpu, norm), norm_before) << "the rest of the no-decay range moved";
-    EXPECT_EQ(to_vector(parameters.compute(bias)), parameters.master_values(kCpu, bias));
+    const std::vector<char> copy_after(static_cast<const char*>(copy.data),
+                                       static_cast<const char*>(copy.data) + copy.bytes());
+    EXPECT_TRUE(copy_before == copy_after) << "its compute copy changed";
   }
 }
 
@@ -233,35 +238,51 @@ std::vector<double> updated(const std::vector<double>& bias, const std::vector<i
   return result;
 }
 
+// max_e load_e / mean_e load_e of one step's loads.
+double load_imbalance(const std::vector<int64_t>& loads) {
+  int64_t total = 0, largest = 0;
+  for (int64_t load : loads) total += load, largest = std::max(largest, load);
+  return total > 0 ? double(largest) / (double(total) / double(loads.size())) : 0.0;
+}
+
 TEST_F(BalanceTraining, BiasMovesTowardBalanceAfterEveryAppliedStep) {
-  const Config run_config = config({"training.steps=20", "optimizer.grad_accum_steps=2"});
+  // A router that stays in use (sigmoid scores, a slow learning rate): with the bias its load
+  // imbalance over 40 steps is lower than without (1.58 against 2.15 here; other seeds, rates and
+  // softmax scores agree).
+  const std::vector<std::string> overrides = {"training.steps=40", "optimizer.grad_accum_steps=2", "optimizer.lr=0.001",
+                                        "model.init_std=0.1", "moe.score_function=sigmoid"};
+  const Config run_config = config(overrides);
   SKIP_UNLESS_TRAINABLE(run_config);
-  Run run(run_config);
-  std::vector<double> bias = run.bias();
-  EXPECT_EQ(bias, std::vector<double>(4, 0.0));
-  double first_imbalance = 0, late_imbalance = 0;
-  for (int step = 1; step <= 20; ++step) {
-    const StepMetrics metrics = run.trainer->train_step();
-    ASSERT_FALSE(metrics.skipped);
-    // The step's loads (both micro-batches) moved every expert's bias: down above the mean, up below.
-    const std::vector<int64_t>& loads = metrics.tokens_per_expert[0];
-    const std::vector<double> expected = updated(bias, loads, 0.01f);
-    bias = run.bias();
-    EXPECT_EQ(bias, expected) << "step " << step;
-    int64_t total = 0, largest = 0;
-    for (int64_t load : loads) total += load, largest = std::max(largest, load);
-    const double imbalance = double(largest) / (double(total) / 4.0);
-    if (step == 1) first_imbalance = imbalance;
-    if (step > 15) late_imbalance += imbalance / 5.0;
-  }
-  EXPECT_LT(late_imbalance, first_imbalance) << "the bias did not bring the loads closer to balance";
+  auto mean_imbalance = [&](const Config& which, bool check_bias) {
+    Run run(which);
+    std::vector<double> bias = check_bias ? run.bias() : std::vector<double>{};
+    if (check_bias) EXPECT_EQ(bias, std::vector<double>(4, 0.0));
+    double sum = 0;
+    for (int step = 1; step <= 40; ++step) {
+      const StepMetrics metrics = run.trainer->train_step();
+      EXPECT_FALSE(metrics.skipped);
+      const std::vector<int64_t>& loads = metrics.tokens_per_expert[0];
+      sum += load_imbalance(loads);
+      if (!check_bias) continue;
+      // The step's loads (both micro-batches) moved every expert's bias: down above the mean, up below.
+      const std::vector<double> expected = updated(bias, loads, float(which.moe.bias_update_rate));
+      bias = run.bias();
+      EXPECT_EQ(bias, expected) << "step " << step;
+    }
+    return sum / 40.0;
+  };
+  Config without = run_config;
+  without.moe.bias_update_rate = 0;
+  const double balanced = mean_imbalance(run_config, true), unbalanced = mean_imbalance(without, false);
+  EXPECT_LT(balanced, unbalanced) << "the bias did not bring the loads closer to balance";
 }
 
 TEST_F(BalanceTraining, SkippedStepLeavesTheBiasAndDropsItsLoads) {
   const Config run_config = config({"training.steps=40"});
   SKIP_UNLESS_TRAINABLE(run_config);
-  // A loss scale that overflows the gradients: the first steps are skipped (test_training_cpu.cpp).
-  Run run(run_config, std::ldexp(1.0, 134));
+  // A loss scale that overflows the gradients: the first steps are skipped (test_training_cpu.cpp;
+  // 2^132 / 32 tokens keeps the logits' gradient scale finite in fp32).
+  Run run(run_config, std::ldexp(1.0, 132));
   StepMetrics metrics = run.trainer->train_step();
   ASSERT_TRUE(metrics.skipped);
   EXPECT_EQ(run.bias(), std::vector<double>(4, 0.0)) << "a skipped step moves no bias";
@@ -330,7 +351,8 @@ TEST_F(BalanceTraining, ResumeIsBitIdenticalWithBiasAndBalanceLosses) {
 
 // The JSON lines of a run: every step has the balance losses; router statistics (every
 // training.log_every steps) have them per layer, and the bias with its summary where there is one.
-std::vector<json::Value> run_and_read_metrics(const Config& run_config) {
+// *final_bias: block 1's router bias at the end, when there is one.
+std::vector<json::Value> run_and_read_metrics(const Config& run_config, std::vector<double>* final_bias = nullptr) {
   TokenFile train(run_config.data.path, uint32_t(run_config.model.vocab_size));
   TokenFile val(run_config.data.val_path, uint32_t(run_config.model.vocab_size));
   std::ostringstream log;
@@ -338,6 +360,8 @@ std::vector<json::Value> run_and_read_metrics(const Config& run_config) {
   options.log = &log;
   Trainer trainer(run_config, train, &val, options);
   trainer.run();
+  const int bias = trainer.parameters().layout().find("blocks.1.moe.router_bias");
+  if (final_bias != nullptr && bias >= 0) *final_bias = trainer.parameters().master_values(trainer.context(), bias);
   std::ifstream file(trainer.metrics_path());
   std::vector<json::Value> lines;
   for (std::string line; std::getline(file, line);) lines.push_back(json::parse(line, "metrics"));
@@ -365,8 +389,10 @@ TEST_F(BalanceTraining, MetricsLinesCarryTheBiasAndTheLosses) {
   const Config run_config = config({"training.steps=4", "moe.seq_aux_loss_weight=0.01",
                                     "moe.global_aux_loss_weight=0.01"});
   SKIP_UNLESS_TRAINABLE(run_config);
-  const std::vector<json::Value> lines = run_and_read_metrics(run_config);
+  std::vector<double> final_bias;
+  const std::vector<json::Value> lines = run_and_read_metrics(run_config, &final_bias);
   ASSERT_EQ(lines.size(), 4u);
+  ASSERT_EQ(final_bias.size(), 4u);
   for (const json::Value& line : lines) {
     EXPECT_GT(line.number_or("seq_aux_loss", -1), 0.0);
     EXPECT_GT(line.number_or("global_aux_loss", -1), 0.0);
@@ -378,10 +404,20 @@ TEST_F(BalanceTraining, MetricsLinesCarryTheBiasAndTheLosses) {
   EXPECT_GT(layer.number_or("seq_aux_loss", -1), 0.0);
   EXPECT_GT(layer.number_or("global_aux_loss", -1), 0.0);
   ASSERT_NE(layer.find("bias"), nullptr);
-  EXPECT_EQ(layer.find("bias")->elements().size(), 4u);
-  EXPECT_LT(layer.number_or("bias_min", 0), 0.0);
-  EXPECT_GT(layer.number_or("bias_max", 0), 0.0);
-  EXPECT_GT(layer.number_or("bias_std", 0), 0.0);
+  ASSERT_EQ(layer.find("bias")->elements().size(), 4u);
+  // The bias as it stands after the last step, and its summary.
+  double mean = 0, squares = 0;
+  for (size_t e = 0; e < 4; ++e) {
+    EXPECT_NEAR(layer.find("bias")->elements()[e].number_or(1), final_bias[e], 1e-9) << "expert " << e;
+    mean += final_bias[e] / 4;
+  }
+  for (double value : final_bias) squares += (value - mean) * (value - mean) / 4;
+  EXPECT_NEAR(layer.number_or("bias_min", 1), *std::min_element(final_bias.begin(), final_bias.end()), 1e-9);
+  EXPECT_NEAR(layer.number_or("bias_max", 1), *std::max_element(final_bias.begin(), final_bias.end()), 1e-9);
+  EXPECT_NEAR(layer.number_or("bias_std", 1), std::sqrt(squares), 1e-9);
+  EXPECT_NE(final_bias, std::vector<double>(4, 0.0)) << "the bias moved";
+  // The router window of step 2 had the bias of step 2 (an earlier one).
+  EXPECT_NE(lines[1].find("router")->elements()[0].find("bias"), nullptr);
 }
 
 }  // namespace

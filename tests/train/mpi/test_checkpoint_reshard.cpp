@@ -9,6 +9,8 @@
 //     checkpoint (masters and both AdamW moments are bit-identical, whatever the sharding), and
 //     the step, tokens and data position carry over;
 //   - training continues (a finite loss).
+// Scenarios with aux-loss-free balancing carry a router bias per MoE block (dense, replicated,
+// moved after every step by the loads summed over all ranks): it reshards like any dense tensor.
 // And: a corrupt expert tensor that only one rank reads makes every rank fail with the same
 // bad-input message for an explicit path, and makes every rank skip to the older checkpoint for
 // resume auto.
@@ -30,6 +32,7 @@
 #include "src/core/error.h"
 #include "src/train/checkpoint.h"
 #include "src/train/trainer.h"
+#include "tests/model/routing_backend_probe.h"
 #include "tests/support/comm_test_support.h"
 
 using namespace switchyard;
@@ -119,7 +122,9 @@ class CheckpointReshardTest : public ::testing::Test {
 
   // shared_experts: DeepSeek-V3-style blocks (block 0 dense, blocks 1 and 2 MoE with two shared
   // experts each, their dense weights replicated on every rank) instead of block 1 alone MoE.
-  Config config(int ep_size, const std::string& checkpoint_dir, bool shared_experts = false) const {
+  // router_bias: moe.bias_update_rate > 0 (a router bias per MoE block), with sigmoid scores.
+  Config config(int ep_size, const std::string& checkpoint_dir, bool shared_experts = false,
+                bool router_bias = false) const {
     const std::string yaml =
         "model: {d_model: 16, n_layers: 2, n_heads: 2, seq_len: 16, d_ff: 32, moe_every: 2, compute_dtype: fp32}\n"
         "moe: {num_experts: 8, top_k: 2, k_min: 2, expert_d_ff: 12, activation: swiglu, segment_alignment: 4,"
@@ -134,6 +139,8 @@ class CheckpointReshardTest : public ::testing::Test {
     if (shared_experts)
       overrides = {"model.n_layers=3", "model.moe_every=1", "model.dense_first_blocks=1", "moe.num_shared_experts=2",
                    "moe.shared_expert_d_ff=8"};
+    if (router_bias)
+      overrides.insert(overrides.end(), {"moe.bias_update_rate=0.01", "moe.score_function=sigmoid"});
     return parse_config_string(yaml, "reshard.yaml", overrides);
   }
 
@@ -172,11 +179,12 @@ class CheckpointReshardTest : public ::testing::Test {
 struct Reshard {
   int save_ranks, save_ep, load_ranks, load_ep;
   bool shared_experts = false;
+  bool router_bias = false;
 };
 
 void PrintTo(const Reshard& r, std::ostream* os) {
   *os << r.save_ranks << "x ep" << r.save_ep << " -> " << r.load_ranks << "x ep" << r.load_ep
-      << (r.shared_experts ? " (shared experts)" : "");
+      << (r.shared_experts ? " (shared experts)" : "") << (r.router_bias ? " (router bias)" : "");
 }
 
 class CheckpointReshard : public CheckpointReshardTest, public ::testing::WithParamInterface<Reshard> {};
@@ -185,6 +193,14 @@ TEST_P(CheckpointReshard, SameOutputsAndBitIdenticalStateAfterLoading) {
   const Reshard scenario = GetParam();
   if (std::max(scenario.save_ranks, scenario.load_ranks) > world_size())
     GTEST_SKIP() << "needs " << std::max(scenario.save_ranks, scenario.load_ranks) << " ranks";
+  if (scenario.router_bias) {
+    const Config probe = config(1, "unused", scenario.shared_experts, true);
+    MoeLayerConfig layer;
+    layer.moe = probe.moe;
+    layer.d_model = probe.model.d_model;
+    const std::string missing = switchyard::testing::cpu_routing_missing(layer.routing_params(16, true), true);
+    if (!missing.empty()) GTEST_SKIP() << "the CPU routing backend of this build: " << missing;
+  }
   const std::string save_dir = (base_ / "save").string(), load_dir = (base_ / "load").string();
   const int rank = world_rank();
 
@@ -194,10 +210,16 @@ TEST_P(CheckpointReshard, SameOutputsAndBitIdenticalStateAfterLoading) {
   {
     const SubWorld sub = make_sub_world(scenario.save_ranks, scenario.save_ep);
     if (sub.member) member_part([&] {
-      Run run(config(scenario.save_ep, save_dir, scenario.shared_experts), sub);
+      Run run(config(scenario.save_ep, save_dir, scenario.shared_experts, scenario.router_bias), sub);
       for (int step = 0; step < 3; ++step) EXPECT_TRUE(std::isfinite(run.trainer->train_step().loss));
       reference = fixed_logits(*run.trainer);
       saved = run.trainer->progress();
+      if (scenario.router_bias) {
+        const int bias = run.trainer->parameters().layout().find("blocks.1.moe.router_bias");
+        ASSERT_GE(bias, 0);
+        const std::vector<double> values = run.trainer->parameters().master_values(run.trainer->context(), bias);
+        EXPECT_NE(values, std::vector<double>(values.size(), 0.0)) << "the router bias moved before the save";
+      }
       run.trainer->save_checkpoint();
     });
   }
@@ -213,7 +235,7 @@ TEST_P(CheckpointReshard, SameOutputsAndBitIdenticalStateAfterLoading) {
   {
     const SubWorld sub = make_sub_world(scenario.load_ranks, scenario.load_ep);
     if (sub.member) member_part([&] {
-      Run run(config(scenario.load_ep, load_dir, scenario.shared_experts), sub);
+      Run run(config(scenario.load_ep, load_dir, scenario.shared_experts, scenario.router_bias), sub);
       ASSERT_TRUE(run.trainer->resume(checkpoint)) << run.log.str();  // agreed: the same on every rank
       EXPECT_EQ(run.trainer->step(), 3);
       EXPECT_EQ(run.trainer->tokens_seen(), saved.tokens_seen);
@@ -252,7 +274,9 @@ INSTANTIATE_TEST_SUITE_P(Ranks, CheckpointReshard,
                          ::testing::Values(Reshard{2, 2, 1, 1}, Reshard{2, 2, 2, 1}, Reshard{1, 1, 2, 2},
                                            Reshard{2, 2, 4, 4}, Reshard{2, 2, 4, 2}, Reshard{4, 4, 2, 2},
                                            Reshard{4, 2, 2, 1}, Reshard{4, 4, 1, 1}, Reshard{2, 2, 1, 1, true},
-                                           Reshard{1, 1, 2, 2, true}, Reshard{4, 4, 1, 1, true}));
+                                           Reshard{1, 1, 2, 2, true}, Reshard{4, 4, 1, 1, true},
+                                           Reshard{2, 2, 1, 1, false, true}, Reshard{1, 1, 2, 2, false, true},
+                                           Reshard{4, 4, 2, 1, false, true}, Reshard{2, 1, 4, 4, true, true}));
 
 TEST_F(CheckpointReshardTest, CorruptExpertReadByOneRankFailsOrIsSkippedEverywhere) {
   const int ranks = world_size();
