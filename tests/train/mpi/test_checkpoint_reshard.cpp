@@ -10,7 +10,9 @@
 //     the step, tokens and data position carry over;
 //   - training continues (a finite loss).
 // Scenarios with aux-loss-free balancing carry a router bias per MoE block (dense, replicated,
-// moved after every step by the loads summed over all ranks): it reshards like any dense tensor.
+// moved after every step by the loads summed over all ranks, so equal on every rank): it reshards
+// like any dense tensor. They also train with the global-batch loss (loads summed over all ranks in
+// every micro-step).
 // And: a corrupt expert tensor that only one rank reads makes every rank fail with the same
 // bad-input message for an explicit path, and makes every rank skip to the older checkpoint for
 // resume auto.
@@ -122,7 +124,8 @@ class CheckpointReshardTest : public ::testing::Test {
 
   // shared_experts: DeepSeek-V3-style blocks (block 0 dense, blocks 1 and 2 MoE with two shared
   // experts each, their dense weights replicated on every rank) instead of block 1 alone MoE.
-  // router_bias: moe.bias_update_rate > 0 (a router bias per MoE block), with sigmoid scores.
+  // router_bias: moe.bias_update_rate > 0 (a router bias per MoE block), with sigmoid scores and the
+  // global-batch loss.
   Config config(int ep_size, const std::string& checkpoint_dir, bool shared_experts = false,
                 bool router_bias = false) const {
     const std::string yaml =
@@ -140,7 +143,8 @@ class CheckpointReshardTest : public ::testing::Test {
       overrides = {"model.n_layers=3", "model.moe_every=1", "model.dense_first_blocks=1", "moe.num_shared_experts=2",
                    "moe.shared_expert_d_ff=8"};
     if (router_bias)
-      overrides.insert(overrides.end(), {"moe.bias_update_rate=0.01", "moe.score_function=sigmoid"});
+      overrides.insert(overrides.end(),
+                       {"moe.bias_update_rate=0.01", "moe.score_function=sigmoid", "moe.global_aux_loss_weight=0.01"});
     return parse_config_string(yaml, "reshard.yaml", overrides);
   }
 
@@ -219,6 +223,13 @@ TEST_P(CheckpointReshard, SameOutputsAndBitIdenticalStateAfterLoading) {
         ASSERT_GE(bias, 0);
         const std::vector<double> values = run.trainer->parameters().master_values(run.trainer->context(), bias);
         EXPECT_NE(values, std::vector<double>(values.size(), 0.0)) << "the router bias moved before the save";
+        std::vector<double> every(values.size() * size_t(sub.size));
+        sub.groups.world->all_gather(values.data(), every.data(), int64_t(values.size()), DType::f64);
+        for (int other = 0; other < sub.size; ++other)
+          EXPECT_EQ(std::vector<double>(every.begin() + other * int64_t(values.size()),
+                                        every.begin() + (other + 1) * int64_t(values.size())),
+                    values)
+              << "rank " << other << "'s router bias differs from rank " << sub.rank << "'s";
       }
       run.trainer->save_checkpoint();
     });
