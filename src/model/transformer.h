@@ -28,7 +28,7 @@
 // Routing balance across a step (driven by the trainer; src/model/transformer_balance.cpp):
 //   step loads    every training forward adds each MoE block's expert_counts (this rank's tokens,
 //                 before capacity) to that block's row of one fp32 [moe blocks, E] device buffer,
-//                 step_loads(); reset_step_loads() zeroes it.
+//                 step_loads() (one small kernel per MoE block); reset_step_loads() zeroes it.
 //   router bias   with moe.bias_update_rate > 0 each MoE block has a parameter
 //                 blocks.<b>.moe.router_bias [E] (aux-loss-free balancing, DeepSeek-V3): zeros at
 //                 init, dense group (replicated), no weight decay and never a gradient, so AdamW
