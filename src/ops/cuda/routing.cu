@@ -1,25 +1,32 @@
 // Router forward on CUDA (semantics: src/ops/moe_ops.h; the CPU reference defines them). The
 // backward is src/ops/cuda/routing_backward.cu.
 //
-// One cooperative kernel after the logits GEMM; logits fp32 [T, E] row-major. Tiles of 32 W tokens,
-// one warp per 32 tokens (W = 16, or 8, 4, 2, 1 for smaller batches so that >= 128 tiles spread
-// over the SMs; at most 8 above 128 experts; W depends on T and E only, so the float sums have one
-// order on any GPU). Fewer, taller tiles shorten the cross-tile phase: at 65,536 tokens x 64
-// experts, W = 16 (128 tiles) took 25.8-25.9 us against 29.8-30.0 for W = 8 (256 tiles) on an H100.
-// A token's row lies over kGroup lanes, kPerLane = 8 logits each (two 16-byte streaming loads, the
-// next pass prefetched), which keeps blocks within 64 registers: 1024 threads per SM (16 logits
-// per lane above 128 experts: 128 registers, 512 threads per SM). The grid holds at most 3/4 of
-// the co-resident blocks (a grid barrier must never wait for a block that cannot be scheduled while
-// kernels on other streams, e.g. NCCL, hold SMs); block b walks tiles b, b + grid, ...
+// One cooperative kernel after the logits GEMM; logits fp32 [T, E] row-major, E <= 512. Tiles of
+// 32 W tokens, one warp per 32 tokens (W = 16, or 8, 4, 2, 1 for smaller batches so that >= 128
+// tiles spread over the SMs; at most 8 above 128 experts and in the modern variants; W depends on
+// T, E and the variant only, so the float sums have one order on any GPU:
+// routing_layout::forward_tile_warps). Fewer, taller tiles shorten the cross-tile phase: at 65,536
+// tokens x 64 experts, W = 16 (128 tiles) took 25.8-25.9 us against 29.8-30.0 for W = 8 (256 tiles)
+// on an H100. A token's row lies over kGroup lanes, kPerLane = 8 logits each (two 16-byte streaming
+// loads, the next pass prefetched), which keeps blocks within 64 registers: 1024 threads per SM (16
+// logits per lane above 128 experts, a whole warp per token above 256: 128 registers, 512 threads
+// per SM; routing_layout::forward_lanes). The grid holds at most 3/4 of the co-resident blocks (a
+// grid barrier must never wait for a block that cannot be scheduled while kernels on other streams,
+// e.g. NCCL, hold SMs); block b walks tiles b, b + grid, ...
+// Variants (a template parameter, so the Switch router's code is what it was): kSwitchVariant
+//   (softmax, top-k over the logits: routing_forward_tile.cuh), kSoftmaxKeyVariant (softmax with a
+//   selection bias and / or group-limited routing) and kSigmoidVariant (routing_forward_modern.cuh:
+//   keys from routing_math.h, the group limit through shared memory, gates from the unbiased score).
 // Phase 1, per tile: softmax statistics (e_i = exp(l_i - max), p_i = e_i / sum, lse), k_t, top-k on
-//   the key (ordered(l) << 32 | ~e) so ties go to the lower expert (per round a pairwise tree over
-//   the lane's slice, then over the group), gates (renormalized over the k_t choices or not). Slots
-//   follow GShard order (all choices j before any j+1), as ranks in the columns c = j E + e:
+//   the key (ordered(key) << 32 | ~e) so ties go to the lower expert (per round a pairwise tree over
+//   the lane's slice, then over the group), gates (renormalized over the k_t choices or not, times
+//   routed_scaling_factor). Slots follow GShard order (all choices j before any j+1), as ranks in
+//   the columns c = j E + e:
 //     slot(t, j) = sum_{j'<j} C[j'][e] + (tiles before t's)[c] + (warps before, in the tile)[c]
 //                  + (lanes before, in the warp)
 //   The last two come from __match_any_sync and a shared-memory scan of per-warp counts; phase 1
 //   writes ids, gates, k_t, lse, the partial slots (except of the block's last tile), the tile's
-//   column counts [K*E] and float partials (prob sums [E], sum of lse^2). Grid barrier.
+//   column counts [K*E] and float partials (prob sums [E] of p or s', sum of lse^2). Grid barrier.
 // Phase 2a, a group of G lanes per item over the grid (G = 1..32 from the tile count): scan each
 //   column over the tiles in place (counts of earlier tiles) and keep its total; sum each expert's
 //   prob partials and the lse^2 partials in a fixed order (member m takes tiles m, m+G, ..., then
@@ -27,8 +34,14 @@
 // Phase 2b: every block forms choice_base[j][e] = sum_{j'<j} C[j'][e] and completes the slots of
 //   its tiles: the last one from shared memory (phase 1 left its choices, ranks and warp offsets
 //   there), earlier ones (only when tiles outnumber the grid) in global memory. Block 0 writes
-//   counts, offsets, scalars and the aux loss. Capacity depends on sum_t k_t, known only here, so
-//   slots are written unconditionally and a choice is dropped when slot >= scalars[kCapacity].
+//   counts, offsets, scalars and the aux loss (0 for the sequence and global losses). Capacity
+//   depends on sum_t k_t, known only here, so slots are written unconditionally and a choice is
+//   dropped when slot >= scalars[kCapacity].
+// Then, on the same stream (routing_passes.cuh): probability drops re-rank the slots
+// (routing_drop_priority.cu); the sequence-level loss writes sequence_fractions and
+// losses[kSeqAuxLoss] (routing_sequence_loss.cu).
+// Shared memory: routing_layout::forward_shared (E = 512, K = 8, W = 8: about 130 KiB, 162 KiB with
+// the bias and the largest group scratch; one block per SM).
 // Why this shape: the only waits are two barriers polled by one thread per block; cross-tile work is
 // spread over the grid; per-token work is lean (trees, not dependent chains; one MUFU op per exp; no
 // per-choice register arrays). Integer sums are exact (outputs equal the CPU reference's bit for bit);

@@ -14,12 +14,14 @@
 //  1. priority_keys_kernel, one thread per token: key = routing_layout::drop_sort_key(priority,
 //     GShard slot) and value = t K + j of each of the token's k_t choices, stored at start_e + GShard
 //     slot (start_e = sum_{f<e} count_f, scanned per block in shared memory; block 0 stores the starts).
-//  2. cub::DeviceSegmentedSort::SortPairsDescending over the E segments [start_e, start_{e+1}); the
-//     keys of a segment are distinct (slots are), so the order is total.
+//  2. cub::DeviceSegmentedRadixSort::SortPairsDescending over the E segments [start_e, start_{e+1})
+//     on the key's 32 + drop_slot_bits(T K) bits; the keys of a segment are distinct (slots are), so
+//     the order is total. (Not cub::DeviceSegmentedSort: above 500 segments it copies segment
+//     counts to the host and synchronizes the stream.)
 //  3. write_ranked_slots_kernel: sorted position p in segment e -> slots[value] = p - start_e.
 // Scratch (persistent, per stream): keys 2 x uint64 [T*K], values 2 x int32 [T*K], starts int32
 // [E + 1], CUB's temporary storage.
-#include <cub/device/device_segmented_sort.cuh>
+#include <cub/device/device_segmented_radix_sort.cuh>
 
 #include <cstdint>
 
@@ -48,7 +50,8 @@ struct DropArgs {
   int64_t num_tokens;
   int num_experts, k_max;
   bool sigmoid;
-  int* starts;  // [E + 1]
+  int slot_bits;  // routing_layout::drop_slot_bits(T K)
+  int* starts;    // [E + 1]
   unsigned long long* keys;
   int* values;
 };
@@ -108,7 +111,7 @@ __global__ void __launch_bounds__(kThreads) priority_keys_kernel(DropArgs args) 
       const float priority =
           args.sigmoid ? routing_sigmoid(logit) : routing_softmax_priority(logit, max_logit, denominator);
       const int position = starts[expert] + gshard_slot;
-      args.keys[position] = routing_layout::drop_sort_key(__float_as_uint(priority), gshard_slot);
+      args.keys[position] = routing_layout::drop_sort_key(__float_as_uint(priority), gshard_slot, args.slot_bits);
       args.values[position] = int(index);
     }
   }
@@ -142,9 +145,10 @@ void rank_slots_by_priority(const Tensor& logits, const RoutingParams& params, R
   int* null_values = nullptr;
   int* null_offsets = nullptr;
   size_t cub_bytes = 0;
-  CUDA_CHECK(cub::DeviceSegmentedSort::SortPairsDescending(nullptr, cub_bytes, null_keys, null_keys, null_values,
-                                                          null_values, items, experts, null_offsets,
-                                                          null_offsets + 1, stream));
+  const int slot_bits = routing_layout::drop_slot_bits(items), end_bit = 32 + slot_bits;
+  CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(nullptr, cub_bytes, null_keys, null_keys, null_values,
+                                                               null_values, int(items), experts, null_offsets,
+                                                               null_offsets + 1, 0, end_bit, stream));
   const size_t key_bytes = align_256(size_t(items) * sizeof(unsigned long long));
   const size_t value_bytes = align_256(size_t(items) * sizeof(int));
   const size_t start_bytes = align_256(size_t(experts + 1) * sizeof(int));
@@ -167,6 +171,7 @@ void rank_slots_by_priority(const Tensor& logits, const RoutingParams& params, R
   args.num_experts = experts;
   args.k_max = params.k_max;
   args.sigmoid = params.score_function == ScoreFunction::sigmoid;
+  args.slot_bits = slot_bits;
   args.starts = starts;
   args.keys = keys_in;
   args.values = values_in;
@@ -174,8 +179,9 @@ void rank_slots_by_priority(const Tensor& logits, const RoutingParams& params, R
   priority_keys_kernel<<<token_blocks, kThreads, 0, stream>>>(args);
   CUDA_CHECK_LAUNCH();
 
-  CUDA_CHECK(cub::DeviceSegmentedSort::SortPairsDescending(cub_storage, cub_bytes, keys_in, keys_out, values_in,
-                                                          values_out, items, experts, starts, starts + 1, stream));
+  CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(cub_storage, cub_bytes, keys_in, keys_out, values_in,
+                                                               values_out, int(items), experts, starts, starts + 1, 0,
+                                                               end_bit, stream));
 
   const unsigned item_blocks = grid_for(items, kThreads, int64_t(multiprocessor_count()) * 16);
   write_ranked_slots_kernel<<<item_blocks, kThreads, 0, stream>>>(starts, values_out, result.expert_ids.as<int>(),

@@ -6,10 +6,10 @@
 //    (src/ops/cuda/routing.cu) and the row passes (backward, sequence loss);
 //  * the forward kernel's tile height (W warps of 32 tokens) and the carving of its dynamic shared
 //    memory (byte offsets of every array, 16-byte aligned, one allocation);
-//  * the chunks of the sequence-level loss pass (src/ops/cuda/routing_sequence_loss.cu): chunks of at
-//    most kSequenceChunkTokens tokens that never straddle a sequence;
+//  * the chunks of the sequence-level loss pass (src/ops/cuda/routing_sequence_loss.cu): chunks of
+//    128 tokens (longer for sequences of more than 64 such chunks) that never straddle a sequence;
 //  * the sort key of probability drops (src/ops/cuda/routing_drop_priority.cu): priority high to
-//    low, then GShard slot low to high, as one descending 64-bit key.
+//    low, then GShard slot low to high, as one descending integer key of 32 + slot bits.
 // Included by host .cpp and by .cu files (constexpr functions run on the device with
 // --expt-relaxed-constexpr, which the build passes).
 #pragma once
@@ -188,10 +188,20 @@ constexpr uint32_t ordered_float_bits(uint32_t bits) {
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
+// Bits of the slot part of a drop key: the smallest b with 2^b >= items (every slot < items = T K),
+// at least 1 and at most 31 (T K fits int32).
+constexpr int drop_slot_bits(int64_t items) {
+  int bits = 1;
+  while (bits < 31 && (int64_t(1) << bits) < items) ++bits;
+  return bits;
+}
+
 // Sorted high to low: priority high to low, then GShard slot low to high (slots of one expert are
-// distinct, so the keys of a segment are too).
-constexpr uint64_t drop_sort_key(uint32_t priority_bits, int32_t gshard_slot) {
-  return (uint64_t(ordered_float_bits(priority_bits)) << 32) | uint64_t(0xffffffffu - uint32_t(gshard_slot));
+// distinct, so the keys of a segment are too). The key has 32 + slot_bits significant bits (the
+// radix sort's end bit).
+constexpr uint64_t drop_sort_key(uint32_t priority_bits, int32_t gshard_slot, int slot_bits) {
+  const uint64_t slot_mask = (uint64_t(1) << slot_bits) - 1;
+  return (uint64_t(ordered_float_bits(priority_bits)) << slot_bits) | (slot_mask - uint64_t(uint32_t(gshard_slot)));
 }
 
 }  // namespace routing_layout
