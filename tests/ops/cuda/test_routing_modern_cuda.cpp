@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "src/ops/moe_ops.h"
@@ -247,11 +248,12 @@ std::vector<ModernCase> forward_cases() {
 INSTANTIATE_TEST_SUITE_P(Cases, RouteModernCudaTest, ::testing::ValuesIn(forward_cases()),
                          [](const ::testing::TestParamInfo<ModernCase>& info) { return info.param.name; });
 
-// Not a pass/fail check: microseconds per cuda::route call at the DeepSeek-V3 shape, against the
-// Switch router on the same logits (both back to back on the default stream).
+// Not a pass/fail check: microseconds per cuda::route call at the DeepSeek-V3 shape (32768 tokens,
+// E = 256, K = 8), back to back on the default stream: the Switch router, sigmoid + bias + 8 groups
+// (4 kept), and that with probability drops and the sequence loss (sequences of 4096 tokens).
 TEST(RouteModernCuda, TimingDeepSeekV3Shape) {
   SKIP_WITHOUT_CUDA();
-  const ModernCase test = make_case("timing", 32768, 256, 8, [](ModernCase& c) {
+  const ModernCase deepseek = make_case("timing", 32768, 256, 8, [](ModernCase& c) {
     c.score = ScoreFunction::sigmoid;
     c.bias = true;
     c.groups = 8;
@@ -260,16 +262,24 @@ TEST(RouteModernCuda, TimingDeepSeekV3Shape) {
     c.capacity_factor = 1.25f;
     c.alignment = 128;
   });
-  Inputs inputs = make_inputs(test, params_of(test), 3);
-  DeviceTensor logits = to_device(inputs.logits), bias = to_device(inputs.bias);
-  RoutingBuffers buffers(DeviceKind::cuda, DType::f32, test.tokens, test.experts, test.k_max, 0);
-  RoutingResult result = buffers.result(test.tokens);
-  ModernCase switch_case = test;
+  ModernCase switch_case = deepseek, passes = deepseek;
   switch_case.score = ScoreFunction::softmax;
   switch_case.bias = false;
   switch_case.groups = switch_case.topk_groups = 1;
   switch_case.scaling = 1.0f;
-  for (const ModernCase* which : {static_cast<const ModernCase*>(&switch_case), &test}) {
+  passes.drop = DropPolicy::probability;
+  passes.sequence_tokens = 4096;
+  passes.seq_weight = 1e-4f;
+  Inputs inputs = make_inputs(deepseek, params_of(deepseek), 3);
+  DeviceTensor logits = to_device(inputs.logits), bias = to_device(inputs.bias);
+  RoutingBuffers buffers(DeviceKind::cuda, DType::f32, deepseek.tokens, deepseek.experts, deepseek.k_max, 0,
+                         routing_num_sequences(params_of(passes)));
+  RoutingResult result = buffers.result(deepseek.tokens);
+  const std::pair<const ModernCase*, const char*> runs[] = {
+      {&switch_case, "Switch (softmax)"},
+      {&deepseek, "sigmoid + bias + 8 groups (4 kept)"},
+      {&passes, "sigmoid + bias + groups + probability drops + sequence loss"}};
+  for (const auto& [which, label] : runs) {
     const RoutingParams params = params_of(*which);
     RoutingInputs device_inputs;
     device_inputs.selection_bias = which->bias ? &bias.tensor() : nullptr;
@@ -287,8 +297,7 @@ TEST(RouteModernCuda, TimingDeepSeekV3Shape) {
     ASSERT_EQ(cudaEventElapsedTime(&milliseconds, start, stop), cudaSuccess);
     cudaEventDestroy(start);
     cudaEventDestroy(stop);
-    std::printf("[ timing ] cuda::route 32768 x 256 top-8 %s: %.1f us per call\n",
-                which == &test ? "sigmoid + bias + 8 groups (4 kept)" : "Switch (softmax)",
+    std::printf("[ timing ] cuda::route 32768 x 256 top-8, %s: %.1f us per call\n", label,
                 1000.0 * milliseconds / kIterations);
   }
 }
