@@ -96,12 +96,13 @@ enum class ExpertActivation : uint8_t { gelu_tanh, swiglu };
 // validates does not fail at its first forward:
 //  * kMaxTopK: choices per token, both backends (validate_routing_params; the CUDA kernels keep a
 //    token's choices in registers sized for it).
-//  * kCudaMaxExperts: experts per layer the CUDA router takes, one token's logits over at most 16
-//    lanes of 16 registers. The CPU backend has no limit of its own.
+//  * kCudaMaxExperts: experts per layer the CUDA router takes, one token's logits over at most 32
+//    lanes (a full warp) of 16 registers (src/ops/cuda/routing_layout.h). The CPU backend has no
+//    limit of its own.
 // The kernels' own constants (kMaxRouteExperts in src/ops/cuda/cuda_common.cuh, kMaxChoices in the
 // row-move kernels) are defined from these.
 inline constexpr int kMaxTopK = 8;
-inline constexpr int kCudaMaxExperts = 256;
+inline constexpr int kCudaMaxExperts = 512;
 
 struct RoutingParams {
   int64_t num_tokens = 0;

@@ -33,6 +33,7 @@
 #include "src/core/cuda_check.h"
 #include "src/core/device.h"
 #include "src/core/tensor.h"
+#include "src/ops/cuda/routing_layout.h"
 #include "src/ops/moe_ops.h"
 
 namespace switchyard {
@@ -481,8 +482,11 @@ __device__ __forceinline__ void grid_barrier(unsigned* arrivals, unsigned target
 // A token's row of E fp32 logits is spread over a group of kGroup lanes, kPerLane logits each
 // (lane m of the group holds experts [m * kPerLane, (m + 1) * kPerLane)); 32 / kGroup tokens per
 // warp pass. 16 logits per lane where E allows: fewer lanes per token means fewer shuffle rounds.
+// The layouts are chosen in src/ops/cuda/routing_layout.h (row_lanes, forward_lanes); above 256
+// experts a token takes the whole warp (32 lanes x 16).
 
 constexpr int kMaxRouteExperts = kCudaMaxExperts;  // src/ops/moe_ops.h: the config checks it too
+static_assert(kMaxRouteExperts <= routing_layout::kMaxExperts, "the lane layouts cover 512 experts at most");
 
 template <int kGroup, int kPerLane>
 struct LaneLayout {
@@ -490,17 +494,19 @@ struct LaneLayout {
   static constexpr int per_lane = kPerLane;
 };
 
-// Calls functor(LaneLayout<kGroup, kPerLane>{}) for the layout that covers `num_experts`
+// Calls functor(LaneLayout<kGroup, kPerLane>{}) for routing_layout::row_lanes(num_experts)
 // (kGroup * kPerLane >= E; E <= kMaxRouteExperts).
 template <typename Functor>
 void dispatch_lane_layout(int num_experts, Functor&& functor) {
-  if (num_experts <= 4) functor(LaneLayout<1, 4>{});
-  else if (num_experts <= 8) functor(LaneLayout<1, 8>{});
-  else if (num_experts <= 16) functor(LaneLayout<1, 16>{});
-  else if (num_experts <= 32) functor(LaneLayout<2, 16>{});
-  else if (num_experts <= 64) functor(LaneLayout<4, 16>{});
-  else if (num_experts <= 128) functor(LaneLayout<8, 16>{});
-  else functor(LaneLayout<16, 16>{});
+  const routing_layout::Lanes lanes = routing_layout::row_lanes(num_experts);
+  if (lanes.per_lane == 4) functor(LaneLayout<1, 4>{});
+  else if (lanes.per_lane == 8) functor(LaneLayout<1, 8>{});
+  else if (lanes.group == 1) functor(LaneLayout<1, 16>{});
+  else if (lanes.group == 2) functor(LaneLayout<2, 16>{});
+  else if (lanes.group == 4) functor(LaneLayout<4, 16>{});
+  else if (lanes.group == 8) functor(LaneLayout<8, 16>{});
+  else if (lanes.group == 16) functor(LaneLayout<16, 16>{});
+  else functor(LaneLayout<32, 16>{});
 }
 
 // The kPerLane logits of experts [first_expert, first_expert + kPerLane) of `token`; -inf where

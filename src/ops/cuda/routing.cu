@@ -1,25 +1,32 @@
 // Router forward on CUDA (semantics: src/ops/moe_ops.h; the CPU reference defines them). The
 // backward is src/ops/cuda/routing_backward.cu.
 //
-// One cooperative kernel after the logits GEMM; logits fp32 [T, E] row-major. Tiles of 32 W tokens,
-// one warp per 32 tokens (W = 16, or 8, 4, 2, 1 for smaller batches so that >= 128 tiles spread
-// over the SMs; at most 8 above 128 experts; W depends on T and E only, so the float sums have one
-// order on any GPU). Fewer, taller tiles shorten the cross-tile phase: at 65,536 tokens x 64
-// experts, W = 16 (128 tiles) took 25.8-25.9 us against 29.8-30.0 for W = 8 (256 tiles) on an H100.
-// A token's row lies over kGroup lanes, kPerLane = 8 logits each (two 16-byte streaming loads, the
-// next pass prefetched), which keeps blocks within 64 registers: 1024 threads per SM (16 logits
-// per lane above 128 experts: 128 registers, 512 threads per SM). The grid holds at most 3/4 of
-// the co-resident blocks (a grid barrier must never wait for a block that cannot be scheduled while
-// kernels on other streams, e.g. NCCL, hold SMs); block b walks tiles b, b + grid, ...
+// One cooperative kernel after the logits GEMM; logits fp32 [T, E] row-major, E <= 512. Tiles of
+// 32 W tokens, one warp per 32 tokens (W = 16, or 8, 4, 2, 1 for smaller batches so that >= 128
+// tiles spread over the SMs; at most 8 above 128 experts and in the modern variants; W depends on
+// T, E and the variant only, so the float sums have one order on any GPU:
+// routing_layout::forward_tile_warps). Fewer, taller tiles shorten the cross-tile phase: at 65,536
+// tokens x 64 experts, W = 16 (128 tiles) took 25.8-25.9 us against 29.8-30.0 for W = 8 (256 tiles)
+// on an H100. A token's row lies over kGroup lanes, kPerLane = 8 logits each (two 16-byte streaming
+// loads, the next pass prefetched), which keeps blocks within 64 registers: 1024 threads per SM (16
+// logits per lane above 128 experts, a whole warp per token above 256: 128 registers, 512 threads
+// per SM; routing_layout::forward_lanes). The grid holds at most 3/4 of the co-resident blocks (a
+// grid barrier must never wait for a block that cannot be scheduled while kernels on other streams,
+// e.g. NCCL, hold SMs); block b walks tiles b, b + grid, ...
+// Variants (a template parameter, so the Switch router's code is what it was): kSwitchVariant
+//   (softmax, top-k over the logits: routing_forward_tile.cuh), kSoftmaxKeyVariant (softmax with a
+//   selection bias and / or group-limited routing) and kSigmoidVariant (routing_forward_modern.cuh:
+//   keys from routing_math.h, the group limit through shared memory, gates from the unbiased score).
 // Phase 1, per tile: softmax statistics (e_i = exp(l_i - max), p_i = e_i / sum, lse), k_t, top-k on
-//   the key (ordered(l) << 32 | ~e) so ties go to the lower expert (per round a pairwise tree over
-//   the lane's slice, then over the group), gates (renormalized over the k_t choices or not). Slots
-//   follow GShard order (all choices j before any j+1), as ranks in the columns c = j E + e:
+//   the key (ordered(key) << 32 | ~e) so ties go to the lower expert (per round a pairwise tree over
+//   the lane's slice, then over the group), gates (renormalized over the k_t choices or not, times
+//   routed_scaling_factor). Slots follow GShard order (all choices j before any j+1), as ranks in
+//   the columns c = j E + e:
 //     slot(t, j) = sum_{j'<j} C[j'][e] + (tiles before t's)[c] + (warps before, in the tile)[c]
 //                  + (lanes before, in the warp)
 //   The last two come from __match_any_sync and a shared-memory scan of per-warp counts; phase 1
 //   writes ids, gates, k_t, lse, the partial slots (except of the block's last tile), the tile's
-//   column counts [K*E] and float partials (prob sums [E], sum of lse^2). Grid barrier.
+//   column counts [K*E] and float partials (prob sums [E] of p or s', sum of lse^2). Grid barrier.
 // Phase 2a, a group of G lanes per item over the grid (G = 1..32 from the tile count): scan each
 //   column over the tiles in place (counts of earlier tiles) and keep its total; sum each expert's
 //   prob partials and the lse^2 partials in a fixed order (member m takes tiles m, m+G, ..., then
@@ -27,8 +34,14 @@
 // Phase 2b: every block forms choice_base[j][e] = sum_{j'<j} C[j'][e] and completes the slots of
 //   its tiles: the last one from shared memory (phase 1 left its choices, ranks and warp offsets
 //   there), earlier ones (only when tiles outnumber the grid) in global memory. Block 0 writes
-//   counts, offsets, scalars and the aux loss. Capacity depends on sum_t k_t, known only here, so
-//   slots are written unconditionally and a choice is dropped when slot >= scalars[kCapacity].
+//   counts, offsets, scalars and the aux loss (0 for the sequence and global losses). Capacity
+//   depends on sum_t k_t, known only here, so slots are written unconditionally and a choice is
+//   dropped when slot >= scalars[kCapacity].
+// Then, on the same stream (routing_passes.cuh): probability drops re-rank the slots
+// (routing_drop_priority.cu); the sequence-level loss writes sequence_fractions and
+// losses[kSeqAuxLoss] (routing_sequence_loss.cu).
+// Shared memory: routing_layout::forward_shared (E = 512, K = 8, W = 8: about 130 KiB, 162 KiB with
+// the bias and the largest group scratch; one block per SM).
 // Why this shape: the only waits are two barriers polled by one thread per block; cross-tile work is
 // spread over the grid; per-token work is lean (trees, not dependent chains; one MUFU op per exp; no
 // per-choice register arrays). Integer sums are exact (outputs equal the CPU reference's bit for bit);
@@ -41,6 +54,7 @@
 #include "src/ops/cuda/routing_forward_args.cuh"        // arguments, scratch, shared memory
 #include "src/ops/cuda/routing_forward_tile.cuh"        // phase 1
 #include "src/ops/cuda/routing_forward_cross_tile.cuh"  // phase 2a, block 0's part of phase 2b
+#include "src/ops/cuda/routing_passes.cuh"               // probability drops, the sequence loss
 #include "src/ops/moe_ops.h"
 #include "src/ops/ops.h"
 
@@ -49,46 +63,66 @@ namespace {
 
 using namespace cuda_detail;
 
-// A block of W warps (1, 2, 4, 8 or 16, chosen per call) handles 32 W tokens, one per lane of each
-// warp; at most 8 warps with the 16-logit lane layout (its 128 registers per thread).
-constexpr int kMaxRouteWarps = 16;
-constexpr int kMaxWideRouteWarps = 8;
-template <int kPerLane>
-constexpr int max_route_threads() { return (kPerLane <= 8 ? kMaxRouteWarps : kMaxWideRouteWarps) * 32; }
-// The smallest batch that gets W warps per tile is W * 32 * kTargetTiles tokens (H100: 132 SMs).
-constexpr int64_t kTargetTiles = 128;
+// A block of W warps (routing_layout::forward_tile_warps: 1, 2, 4, 8 or 16, chosen per call) handles
+// 32 W tokens, one per lane of each warp. Launch bounds: 16 warps and 64 registers for the Switch
+// kernel's 8-logit layouts, 8 warps and 128 registers otherwise.
+template <int kPerLane, int kVariant>
+constexpr int max_route_threads() {
+  return (kVariant == routing_layout::kSwitchVariant && kPerLane <= 8 ? 16 : 8) * 32;
+}
+template <int kPerLane, int kVariant>
+constexpr int min_route_blocks() {
+  return (kVariant == routing_layout::kSwitchVariant && kPerLane <= 8 ? 1024 : 512) / max_route_threads<kPerLane, kVariant>();
+}
 // Arrivals at the two grid barriers plus one at the exit: the last block out sees this many.
 constexpr unsigned kArrivalsPerBlock = 3;
 
-// Lane layouts of the forward: 8 logits per lane up to 128 experts (<= 64 registers, 1024 threads
-// per SM); 16 per lane above, where 32 lanes per token would make every top-k round a 5-level
-// shuffle tree (<= 128 registers, 512 threads per SM).
+// Calls functor(LaneLayout<...>{}) for routing_layout::forward_lanes(num_experts).
 template <typename Functor>
 void dispatch_route_layout(int num_experts, Functor&& functor) {
-  if (num_experts <= 8) functor(LaneLayout<1, 8>{});
-  else if (num_experts <= 16) functor(LaneLayout<2, 8>{});
-  else if (num_experts <= 32) functor(LaneLayout<4, 8>{});
-  else if (num_experts <= 64) functor(LaneLayout<8, 8>{});
-  else if (num_experts <= 128) functor(LaneLayout<16, 8>{});
-  else functor(LaneLayout<16, 16>{});
+  const routing_layout::Lanes lanes = routing_layout::forward_lanes(num_experts);
+  if (lanes.per_lane == 16) {
+    if (lanes.group == 16) functor(LaneLayout<16, 16>{});
+    else functor(LaneLayout<32, 16>{});
+  } else if (lanes.group == 1) functor(LaneLayout<1, 8>{});
+  else if (lanes.group == 2) functor(LaneLayout<2, 8>{});
+  else if (lanes.group == 4) functor(LaneLayout<4, 8>{});
+  else if (lanes.group == 8) functor(LaneLayout<8, 8>{});
+  else functor(LaneLayout<16, 8>{});
+}
+
+// Calls functor(std::integral_constant<int, variant>{}).
+template <typename Functor>
+void dispatch_route_variant(int variant, Functor&& functor) {
+  if (variant == routing_layout::kSwitchVariant) functor(std::integral_constant<int, routing_layout::kSwitchVariant>{});
+  else if (variant == routing_layout::kSoftmaxKeyVariant)
+    functor(std::integral_constant<int, routing_layout::kSoftmaxKeyVariant>{});
+  else functor(std::integral_constant<int, routing_layout::kSigmoidVariant>{});
 }
 
 // ---- The kernel ---------------------------------------------------------------------------------
 
-template <int kGroup, int kPerLane>
-__global__ void __launch_bounds__(max_route_threads<kPerLane>(), (kPerLane <= 8 ? 1024 : 512) / max_route_threads<kPerLane>())
+template <int kGroup, int kPerLane, int kVariant>
+__global__ void __launch_bounds__(max_route_threads<kPerLane, kVariant>(), min_route_blocks<kPerLane, kVariant>())
     route_forward_kernel(RouteArgs args) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const int num_experts = args.params.num_experts, k_max = args.params.k_max, columns = num_experts * k_max;
   const int threads = blockDim.x, tile_tokens = threads, thread = threadIdx.x;
-  RouteShared shared(shared_bytes, num_experts, k_max, threads / 32);
+  RouteShared shared(shared_bytes, args.shared_layout);
   const RouteWorkspace& workspace = args.workspace;
   const unsigned blocks = gridDim.x;
   // grid <= num_tiles, so every block has at least one tile; this is its last.
   const int last_tile = int(blockIdx.x) + (args.num_tiles - 1 - int(blockIdx.x)) / int(blocks) * int(blocks);
 
+  if constexpr (kVariant != routing_layout::kSwitchVariant) {
+    if (args.selection_bias != nullptr) {  // zero-padded to the lane layout's width
+      for (int expert = thread; expert < kGroup * kPerLane; expert += threads)
+        shared.bias[expert] = expert < num_experts ? args.selection_bias[expert] : 0.0f;
+      __syncthreads();
+    }
+  }
   for (int tile = blockIdx.x; tile < args.num_tiles; tile += int(blocks))
-    route_tile<kGroup, kPerLane>(args, shared, tile, tile == last_tile);
+    route_tile<kGroup, kPerLane, kVariant>(args, shared, tile, tile == last_tile);
   grid_barrier(workspace.arrivals, blocks);
   scan_tiles_and_reduce(args);
   grid_barrier(workspace.arrivals, 2 * blocks);
@@ -156,6 +190,23 @@ __global__ void __launch_bounds__(max_route_threads<kPerLane>(), (kPerLane <= 8 
   if (thread == 0 && atomicAdd(workspace.arrivals, 1u) == kArrivalsPerBlock * blocks - 1) *workspace.arrivals = 0;
 }
 
+// The cooperative launch. A grid barrier must never wait for blocks that cannot be scheduled
+// because other kernels (NCCL on the communication stream, waiting for a peer) hold part of the
+// GPU: the grid takes at most 3/4 of the co-resident blocks (half where only one block fits per SM).
+// The tile loop is persistent, so a smaller grid only changes the schedule.
+template <int kGroup, int kPerLane, int kVariant>
+void launch_route_kernel(RouteArgs& args, int tile_tokens, size_t shared_bytes, cudaStream_t stream) {
+  auto kernel = route_forward_kernel<kGroup, kPerLane, kVariant>;
+  if (shared_bytes > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)));
+  const int resident = cooperative_grid_limit(reinterpret_cast<const void*>(kernel), tile_tokens, shared_bytes);
+  const int cap = resident >= 2 * multiprocessor_count() ? resident / 4 * 3 : resident / 2;
+  const int grid = std::min(args.num_tiles, std::max(1, cap));
+  void* kernel_args[] = {&args};
+  CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(unsigned(grid)),
+                                         dim3(unsigned(tile_tokens)), kernel_args, shared_bytes, stream));
+}
+
 }  // namespace
 
 namespace cuda {
@@ -164,11 +215,8 @@ void route(const Tensor& logits, const RoutingInputs& inputs, const RoutingParam
            void* stream_handle) {
   validate_routing_params(params);  // the rules both backends share (src/ops/ops.h)
   const Tensor* complexity = inputs.complexity;
-  SY_CHECK_INPUT(params.method == RoutingMethod::token_choice && params.score_function == ScoreFunction::softmax &&
-                     params.num_groups == 1 && params.drop_policy == DropPolicy::position &&
-                     params.seq_aux_loss_weight == 0.0f && inputs.selection_bias == nullptr,
-                 "route: this CUDA build routes with softmax top-k only (sigmoid, bias, groups, probability drops, "
-                 "the sequence loss and expert choice are not in it yet)");
+  SY_CHECK_INPUT(params.method == RoutingMethod::token_choice,
+                 "route: expert-choice routing goes through route_expert_choice (ops::route picks it)");
   SY_CHECK_INPUT(params.num_experts <= kMaxRouteExperts, "routing on CUDA supports up to ", kMaxRouteExperts,
                  " experts, got ", params.num_experts);
   const int64_t tokens = params.num_tokens;
@@ -179,6 +227,11 @@ void route(const Tensor& logits, const RoutingInputs& inputs, const RoutingParam
     SY_CHECK(complexity != nullptr, "route: complexity = given needs a complexity tensor");
     check_tensor(*complexity, "route: complexity", DType::f32, {tokens});
     complexity_data = complexity->as<float>();
+  }
+  const float* bias_data = nullptr;
+  if (inputs.selection_bias != nullptr) {
+    check_tensor(*inputs.selection_bias, "route: selection_bias", DType::f32, {experts});
+    bias_data = inputs.selection_bias->as<float>();
   }
   check_tensor(result.expert_ids, "route: expert_ids", DType::i32, {tokens, k_max});
   check_tensor(result.gates, "route: gates", DType::f32, {tokens, k_max});
@@ -191,12 +244,18 @@ void route(const Tensor& logits, const RoutingInputs& inputs, const RoutingParam
   check_tensor(result.expert_offsets, "route: expert_offsets", DType::i32, {experts + 1});
   check_tensor(result.scalars, "route: scalars", DType::i32, {kNumRoutingScalars});
   check_tensor(result.losses, "route: losses", DType::f32, {kNumRoutingLosses});
+  if (params.seq_aux_loss_weight > 0.0f) check_sequence_fractions(result.sequence_fractions, params, "route");
+
+  // The kernel variant: the Switch router unless a modern option changes the keys or the scores.
+  const bool grouped = params.num_groups > 1 && params.topk_groups < params.num_groups;
+  const int variant = params.score_function == ScoreFunction::sigmoid ? routing_layout::kSigmoidVariant
+                      : (bias_data != nullptr || grouped)             ? routing_layout::kSoftmaxKeyVariant
+                                                                      : routing_layout::kSwitchVariant;
 
   cudaStream_t stream = as_stream(stream_handle);
-  // Tile height 32 W: W = 8 warps while that leaves >= kTargetTiles tiles, fewer for smaller batches
-  // so that they still spread over the SMs (a function of T alone: see the top comment).
-  int num_warps = experts <= 128 ? kMaxRouteWarps : kMaxWideRouteWarps;  // as dispatch_route_layout
-  while (num_warps > 1 && tokens < int64_t(num_warps) * 32 * kTargetTiles) num_warps /= 2;
+  // Tile height 32 W: the most warps that leave >= kTargetTiles tiles (a function of T, E and the
+  // variant: see the top comment).
+  const int num_warps = routing_layout::forward_tile_warps(tokens, experts, variant);
   const int tile_tokens = num_warps * 32;
   const int64_t tile_count = std::max<int64_t>(1, (tokens + tile_tokens - 1) / tile_tokens);
   SY_CHECK(tile_count <= int64_t(INT_MAX), "route: too many tokens");
@@ -220,6 +279,9 @@ void route(const Tensor& logits, const RoutingInputs& inputs, const RoutingParam
   args.params = params;
   args.logits = logits.as<float>();
   args.complexity = complexity_data;
+  args.selection_bias = bias_data;
+  args.grouped = grouped;
+  args.group_size = experts / params.num_groups;
   args.vector_loads = experts % 4 == 0 && is_aligned(logits.data, 16);
   args.entropy_scale = experts > 1 ? 1.0f / logf(float(experts)) : 0.0f;
   args.num_tiles = num_tiles;
@@ -239,23 +301,23 @@ void route(const Tensor& logits, const RoutingInputs& inputs, const RoutingParam
   args.workspace.column_totals = reinterpret_cast<int*>(data + totals_at);
   args.workspace.float_partials = reinterpret_cast<float*>(data + floats_at);
 
-  const size_t shared_bytes = RouteShared(nullptr, experts, k_max, num_warps).bytes;
+  args.group_floats = grouped ? routing_layout::group_scratch_floats_per_warp(experts, params.num_groups) : 0;
+  args.shared_layout = routing_layout::forward_shared(
+      experts, k_max, num_warps, bias_data != nullptr ? routing_layout::bias_floats(experts) : 0, args.group_floats);
+  const size_t shared_bytes = args.shared_layout.bytes;
+  SY_CHECK(shared_bytes <= routing_layout::kMaxSharedBytes, "route: ", shared_bytes,
+           " bytes of shared memory for E = ", experts, ", K = ", k_max);
   dispatch_route_layout(experts, [&](auto lanes) {
     using Lanes = decltype(lanes);
-    auto kernel = route_forward_kernel<Lanes::group, Lanes::per_lane>;
-    if (shared_bytes > 48 * 1024)
-      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)));
-    // A grid barrier must never wait for blocks that cannot be scheduled because other kernels (NCCL
-    // on the communication stream, waiting for a peer) hold part of the GPU: the grid takes at most
-    // 3/4 of the co-resident blocks (half where only one block fits per SM). The tile loop is
-    // persistent, so a smaller grid only changes the schedule.
-    const int resident = cooperative_grid_limit(reinterpret_cast<const void*>(kernel), tile_tokens, shared_bytes);
-    const int cap = resident >= 2 * multiprocessor_count() ? resident / 4 * 3 : resident / 2;
-    const int grid = std::min(num_tiles, std::max(1, cap));
-    void* kernel_args[] = {&args};
-    CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(unsigned(grid)),
-                                           dim3(unsigned(tile_tokens)), kernel_args, shared_bytes, stream));
+    dispatch_route_variant(variant, [&](auto variant_tag) {
+      launch_route_kernel<Lanes::group, Lanes::per_lane, decltype(variant_tag)::value>(args, tile_tokens, shared_bytes,
+                                                                                      stream);
+    });
   });
+
+  // The passes after the kernel (src/ops/cuda/routing_passes.cuh).
+  if (params.drop_policy == DropPolicy::probability) rank_slots_by_priority(logits, params, result, stream);
+  if (params.seq_aux_loss_weight > 0.0f) sequence_balance_loss(logits, params, result, stream);
 }
 
 }  // namespace cuda

@@ -1,12 +1,21 @@
 // Router backward on CUDA (semantics: src/ops/moe_ops.h; the CPU reference src/ops/cpu/routing.cpp
 // defines it). The forward is src/ops/cuda/routing.cu.
 //
-// One kernel, the forward's lane-group layout (cuda_common.cuh: kGroup lanes per token, kPerLane
-// logits per lane), probabilities recomputed from the logits and the saved lse:
-//   dL/dp_e = aux' * w_aux * E * f_e / T + (gate terms of kept choices, slot < capacity):
-//     plain: dL/dp[e_j] += gg_j;  renormalized (S = sum_{i<k_t} p[e_i], g_j = p[e_j] / S):
-//     dL/dp[e_i] += (gg_i - sum_j gg_j g_j) / S
-//   dL/dl_e = p_e (dL/dp_e - sum_i p_i dL/dp_i) + z' * w_z * 2 * lse * p_e / T.
+// One kernel, a row layout of the forward's kind (routing_layout::row_lanes: kGroup lanes per token,
+// kPerLane logits per lane; 32 x 16 above 256 experts), scores recomputed from the fp32 logits z
+// [T, E] and the saved lse. With q the balance losses' score (softmax: p; sigmoid: s' = s / sum_f s_f)
+// and r the gates' score (softmax: p; sigmoid: s = sigmoid(z)), c = routed_scaling_factor:
+//   dL/dq[t,e] = a * (w_aux E fc_e / T^2 + w_global E F_e / T + w_seq f_{s(t),e} / (S T_s))
+//     (a = grad_aux_scale; fc the first-choice counts; F = global_fractions, when given;
+//     f = sequence_fractions rows of the forward, when w_seq > 0; s(t) = t's sequence of T_s tokens)
+//   gate terms of kept choices (slot < capacity), gg = c * grad_gates:
+//     plain: dL/dr[e_j] += gg_j;  renormalized (N = sum_{i<k_t} r[e_i], g_j = r[e_j] / N):
+//     dL/dr[e_i] += (gg_i - sum_j gg_j g_j) / N   (dropped choices still count in N; k_t = 0, which
+//     expert choice gives, has no terms)
+//   softmax (q = r = p):  dL/dz_e = p_e (dL/dp_e - sum_f p_f dL/dp_f) + zl_e
+//   sigmoid:  dL/ds_e = dL/dr_e + (dL/dq_e - sum_f s'_f dL/dq_f) / S,  dL/dz_e = s_e (1 - s_e) dL/ds_e + zl_e
+//     (s (1 - s) as s^2 e^-z for z >= 0: no cancellation)
+//   zl_e = z' * w_z * 2 * lse * p_e / T, the z loss on the logits' logsumexp with either score.
 // grad_logits [T, E] is fp32 as the contract says, or -- a CUDA extension the MoE layer uses --
 // bf16 / fp16: the router GEMMs take their operands in the activation type, so writing that type
 // here (rounded to nearest, the same bits a separate conversion would give) saves a conversion
@@ -14,6 +23,8 @@
 #include <cmath>
 
 #include "src/ops/cuda/cuda_common.cuh"
+#include "src/ops/cuda/routing_layout.h"
+#include "src/ops/cuda/routing_passes.cuh"
 #include "src/ops/moe_ops.h"
 #include "src/ops/ops.h"
 
@@ -34,15 +45,21 @@ struct RouteBackwardArgs {
   const int* token_k;
   const float* logsumexp;
   const int* first_choice_counts;
+  const float* global_fractions;    // F [E], or nullptr (no global-batch loss term)
+  const float* sequence_fractions;  // f [>= S][E], or nullptr (no sequence loss term)
   int64_t num_tokens;
+  int64_t sequence_tokens;          // tokens per sequence (routing_layout::sequence_chunks)
   int num_experts;
   int k_max;
   bool renormalize;
   bool vector_loads;   // logits rows as float4
   bool vector_stores;  // grad_logits rows as 4-element vectors
-  float aux_coefficient;  // grad_aux_scale * w_aux * E / T^2: dL/dp[t, e] = it * first_choice_count_e
-  float z_coefficient;    // grad_z_scale * w_z * 2 / T
-  void* grad_logits;      // Out [T, E]
+  float gate_scale;            // routed_scaling_factor
+  float aux_coefficient;       // grad_aux_scale * w_aux * E / T^2: dL/dq[t, e] = it * first_choice_count_e
+  float global_coefficient;    // grad_aux_scale * w_global * E / T: dL/dq[t, e] += it * F_e
+  float sequence_coefficient;  // grad_aux_scale * w_seq / S: dL/dq[t, e] += it * f_{s(t),e} / T_s
+  float z_coefficient;         // grad_z_scale * w_z * 2 / T
+  void* grad_logits;           // Out [T, E]
 };
 
 // Four consecutive Out elements in one aligned store (16 bytes of fp32, 8 of bf16 / fp16).
@@ -61,16 +78,21 @@ __device__ __forceinline__ void store_quad(Out* destination, float a, float b, f
   }
 }
 
-template <typename Out, int kGroup, int kPerLane>
+template <typename Out, int kGroup, int kPerLane, bool kSigmoid>
 __global__ void __launch_bounds__(kThreads) route_backward_kernel(RouteBackwardArgs args) {
   constexpr int kTokensPerPass = 32 / kGroup;
   const int lane = threadIdx.x % 32, group = lane / kGroup, member = lane % kGroup;
   const int first_expert = member * kPerLane, num_experts = args.num_experts, k_max = args.k_max;
-  float aux_gradient[kPerLane];
+  float balance_gradient[kPerLane];  // the token-independent part of dL/dq
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i)
-    aux_gradient[i] =
-        first_expert + i < num_experts ? args.aux_coefficient * float(args.first_choice_counts[first_expert + i]) : 0.0f;
+  for (int i = 0; i < kPerLane; ++i) {
+    const int expert = first_expert + i;
+    balance_gradient[i] = 0.0f;
+    if (expert < num_experts) {
+      balance_gradient[i] = args.aux_coefficient * float(args.first_choice_counts[expert]);
+      if (args.global_fractions) balance_gradient[i] += args.global_coefficient * args.global_fractions[expert];
+    }
+  }
 
   const int capacity = args.scalars[kCapacity];
   const int64_t warps_total = int64_t(gridDim.x) * (blockDim.x / 32);
@@ -84,18 +106,29 @@ __global__ void __launch_bounds__(kThreads) route_backward_kernel(RouteBackwardA
                                logits);
     const float lse = args.logsumexp[safe_token];
     const int k_token = args.token_k[safe_token];
-    float probs[kPerLane], grad_probs[kPerLane];
+
+    // dL/dq: the constant part, plus the sequence loss's row of the token's sequence.
+    float balance[kPerLane];
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      probs[i] = expf(logits[i] - lse);
-      grad_probs[i] = aux_gradient[i];
+    for (int i = 0; i < kPerLane; ++i) balance[i] = balance_gradient[i];
+    if (args.sequence_fractions) {
+      const int64_t sequence = safe_token / args.sequence_tokens, begin = sequence * args.sequence_tokens;
+      const int64_t length = args.num_tokens - begin < args.sequence_tokens ? args.num_tokens - begin
+                                                                            : args.sequence_tokens;
+      const float coefficient = args.sequence_coefficient / float(length);
+      const float* fractions = args.sequence_fractions + sequence * num_experts;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        const float fraction = first_expert + i < num_experts ? __ldg(fractions + first_expert + i) : 0.0f;
+        balance[i] = fmaf(coefficient, fraction, balance[i]);
+      }
     }
 
     // Gate terms: every lane of the group reads the token's choices (broadcast loads). Only kept
-    // choices (slot < capacity) pass a gate gradient; dropped ones still count in S.
+    // choices (slot < capacity) pass a gate gradient; dropped ones still count in N.
     const float* row = args.logits + safe_token * num_experts;
     int experts[kMaxChoices];
-    float gate_grads[kMaxChoices], chosen_probs[kMaxChoices];
+    float gate_grads[kMaxChoices], chosen_scores[kMaxChoices];
     float normalizer = 0.0f;
 #pragma unroll
     for (int choice = 0; choice < kMaxChoices; ++choice) {
@@ -103,33 +136,67 @@ __global__ void __launch_bounds__(kThreads) route_backward_kernel(RouteBackwardA
       experts[choice] = active ? args.expert_ids[safe_token * k_max + choice] : -1;
       const int slot = active ? args.slots[safe_token * k_max + choice] : -1;
       const bool kept = experts[choice] >= 0 && slot >= 0 && slot < capacity;
-      gate_grads[choice] = kept ? args.grad_gates[safe_token * k_max + choice] : 0.0f;
-      chosen_probs[choice] = args.renormalize && experts[choice] >= 0 ? expf(row[experts[choice]] - lse) : 0.0f;
-      normalizer += chosen_probs[choice];
+      gate_grads[choice] = kept ? args.gate_scale * args.grad_gates[safe_token * k_max + choice] : 0.0f;
+      chosen_scores[choice] = 0.0f;
+      if (args.renormalize && experts[choice] >= 0) {
+        const float logit = row[experts[choice]];
+        chosen_scores[choice] = kSigmoid ? 1.0f / (1.0f + expf(-logit)) : expf(logit - lse);
+      }
+      normalizer += chosen_scores[choice];
     }
     if (args.renormalize && normalizer > 0.0f) {
       float weighted = 0.0f;  // sum_j gg_j g_j
 #pragma unroll
       for (int choice = 0; choice < kMaxChoices; ++choice)
-        weighted += gate_grads[choice] * (chosen_probs[choice] / normalizer);
+        weighted += gate_grads[choice] * (chosen_scores[choice] / normalizer);
 #pragma unroll
       for (int choice = 0; choice < kMaxChoices; ++choice)
         gate_grads[choice] = (gate_grads[choice] - weighted) / normalizer;
     }
-#pragma unroll
-    for (int choice = 0; choice < kMaxChoices; ++choice) {
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i)
-        if (first_expert + i == experts[choice]) grad_probs[i] += gate_grads[choice];
-    }
 
-    float local_dot = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) local_dot += probs[i] * grad_probs[i];
-    const float shift = group_sum<kGroup>(local_dot) - args.z_coefficient * lse;
     float grads[kPerLane];
+    if constexpr (kSigmoid) {
+      // s, s (1 - s), S = sum s and sum_f s_f dL/dq_f; then dL/ds and dL/dz.
+      float slopes[kPerLane], lane_sum = 0.0f, lane_dot = 0.0f;
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) grads[i] = probs[i] * (grad_probs[i] - shift);
+      for (int i = 0; i < kPerLane; ++i) {
+        const float exp_minus = expf(-logits[i]);  // +inf past the row (logit -inf): s = 0, slope 0
+        const float score = 1.0f / (1.0f + exp_minus);
+        slopes[i] = logits[i] >= 0.0f ? score * (score * exp_minus) : score * (1.0f - score);
+        lane_sum += score;
+        lane_dot += score * balance[i];
+      }
+      const float score_sum = group_sum<kGroup>(lane_sum);
+      const float inverse = score_sum > 0.0f ? 1.0f / score_sum : 0.0f;
+      const float shift = group_sum<kGroup>(lane_dot) * inverse;  // sum_f s'_f dL/dq_f
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) balance[i] = (balance[i] - shift) * inverse;  // -> dL/ds from q
+#pragma unroll
+      for (int choice = 0; choice < kMaxChoices; ++choice) {
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i)
+          balance[i] += first_expert + i == experts[choice] ? gate_grads[choice] : 0.0f;  // no dynamic index
+      }
+      const float z_factor = args.z_coefficient * lse;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) grads[i] = fmaf(slopes[i], balance[i], z_factor * expf(logits[i] - lse));
+    } else {
+#pragma unroll
+      for (int choice = 0; choice < kMaxChoices; ++choice) {
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i)
+          balance[i] += first_expert + i == experts[choice] ? gate_grads[choice] : 0.0f;  // no dynamic index
+      }
+      float probs[kPerLane], local_dot = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        probs[i] = expf(logits[i] - lse);
+        local_dot += probs[i] * balance[i];
+      }
+      const float shift = group_sum<kGroup>(local_dot) - args.z_coefficient * lse;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) grads[i] = probs[i] * (balance[i] - shift);
+    }
 
     if (!token_exists) continue;
     Out* out = static_cast<Out*>(args.grad_logits) + token * num_experts;
@@ -153,8 +220,8 @@ void route_backward(const Tensor& logits, const Tensor& grad_gates, const Routin
                     const RoutingParams& params, float grad_aux_scale, float grad_z_scale, Tensor& grad_logits,
                     void* stream_handle, const Tensor* global_fractions) {
   validate_routing_params(params);  // the rules both backends share (src/ops/ops.h)
-  SY_CHECK_INPUT(global_fractions == nullptr && params.score_function == ScoreFunction::softmax,
-                 "route_backward: this CUDA build has no sigmoid or global-batch loss gradient yet");
+  SY_CHECK_INPUT(params.global_aux_loss_weight == 0.0f || global_fractions != nullptr,
+                 "route_backward: global_aux_loss_weight > 0 needs global_fractions (global_balance_loss)");
   SY_CHECK_INPUT(params.num_experts <= kMaxRouteExperts, "routing on CUDA supports up to ", kMaxRouteExperts,
                  " experts, got ", params.num_experts);
   const int64_t tokens = params.num_tokens;
@@ -170,6 +237,10 @@ void route_backward(const Tensor& logits, const Tensor& grad_gates, const Routin
   SY_CHECK(grad_logits.dtype == DType::f32 || grad_logits.dtype == DType::bf16 || grad_logits.dtype == DType::f16,
            "route_backward: grad_logits must be fp32, bf16 or fp16, got ", grad_logits.describe());
   check_tensor(grad_logits, "route_backward: grad_logits", grad_logits.dtype, {tokens, experts});
+  if (global_fractions != nullptr)
+    check_tensor(*global_fractions, "route_backward: global_fractions", DType::f32, {experts});
+  const bool sequence_loss = params.seq_aux_loss_weight > 0.0f;
+  if (sequence_loss) check_sequence_fractions(routing.sequence_fractions, params, "route_backward");
   if (tokens == 0) return;
 
   RouteBackwardArgs args{};
@@ -191,6 +262,18 @@ void route_backward(const Tensor& logits, const Tensor& grad_gates, const Routin
   args.aux_coefficient =
       float(double(grad_aux_scale) * params.aux_loss_weight * experts / (token_count * token_count));
   args.z_coefficient = float(double(grad_z_scale) * params.z_loss_weight * 2.0 / token_count);
+  args.gate_scale = params.routed_scaling_factor;
+  if (params.global_aux_loss_weight > 0.0f) {
+    args.global_fractions = global_fractions->as<float>();
+    args.global_coefficient = float(double(grad_aux_scale) * params.global_aux_loss_weight * experts / token_count);
+  }
+  if (sequence_loss) {
+    const routing_layout::SequenceChunks chunks = routing_layout::sequence_chunks(tokens, params.tokens_per_sequence);
+    args.sequence_fractions = routing.sequence_fractions.as<float>();
+    args.sequence_tokens = chunks.sequence_tokens;
+    args.sequence_coefficient =
+        float(double(grad_aux_scale) * params.seq_aux_loss_weight / double(chunks.num_sequences));
+  }
   args.grad_logits = grad_logits.data;
 
   cudaStream_t stream = as_stream(stream_handle);
@@ -200,7 +283,10 @@ void route_backward(const Tensor& logits, const Tensor& grad_gates, const Routin
       using Lanes = decltype(lanes);
       constexpr int kTokensPerBlock = (kThreads / 32) * (32 / Lanes::group);
       const unsigned blocks = grid_for(tokens, kTokensPerBlock, int64_t(multiprocessor_count()) * 16);
-      route_backward_kernel<Out, Lanes::group, Lanes::per_lane><<<blocks, kThreads, 0, stream>>>(args);
+      if (params.score_function == ScoreFunction::sigmoid)
+        route_backward_kernel<Out, Lanes::group, Lanes::per_lane, true><<<blocks, kThreads, 0, stream>>>(args);
+      else
+        route_backward_kernel<Out, Lanes::group, Lanes::per_lane, false><<<blocks, kThreads, 0, stream>>>(args);
       CUDA_CHECK_LAUNCH();
     });
   });

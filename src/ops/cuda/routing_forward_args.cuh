@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "src/ops/cuda/cuda_common.cuh"
+#include "src/ops/cuda/routing_layout.h"
 #include "src/ops/moe_ops.h"
 
 namespace switchyard {
@@ -26,43 +27,47 @@ struct RouteWorkspace {
 struct RouteArgs {
   RoutingParams params;
   const float *logits, *complexity;
+  const float* selection_bias;  // fp32 [E] or nullptr
   int num_tiles;
   bool vector_loads;
+  bool grouped;         // group-limited routing with topk_groups < num_groups
+  int group_size;       // E / num_groups
   float entropy_scale;  // 1 / ln E (0 for E = 1): normalizes the router entropy to [0, 1]
+  routing_layout::ForwardShared shared_layout;  // byte offsets in the dynamic shared memory
+  int group_floats;     // floats of group scratch per warp (routing_layout::group_scratch_floats_per_warp)
   // Outputs (RoutingResult).
   int *expert_ids, *slots, *token_k, *expert_counts, *first_choice_counts, *expert_offsets, *scalars;
   float *gates, *logsumexp, *prob_sums, *losses;
   RouteWorkspace workspace;
 };
 
-// Shared memory of the kernel, carved from one dynamic allocation (4-byte items first; the host
-// builds it on a null base for the size). choice_base and tile_offset serve phase 2b, the rest
-// phase 1; phase 2b reuses warp_floats (max(W, 3) rows of E + 1 words) for the expert totals, first-choice
-// counts and prob sums, and reads the last tile's choices, ranks and warp offsets where phase 1 left them.
+// Shared memory of the kernel, carved from one dynamic allocation at the offsets of
+// routing_layout::forward_shared (which the host also uses for the size). choice_base and
+// tile_offset serve phase 2b, the rest phase 1; phase 2b reuses warp_floats (max(W, 3) rows of E + 1
+// words) for the expert totals, first-choice counts and prob sums, and reads the last tile's
+// choices, ranks and warp offsets where phase 1 left them. bias (the selection bias, zero-padded to
+// the lane layout's width) and group_scratch (keys, group scores and kept flags of the tokens of
+// each warp's pass) exist only for calls that use them.
 struct RouteShared {
-  int *choice_base, *tile_offset;                         // [K*E] each
+  int *choice_base, *tile_offset;                              // [K*E] each
   float *warp_floats, *choice_gates, *token_lse, *token_norm;  // [W][E + 1] (as float_partials), [tile][K], [tile]
-  uint16_t* warp_counts;                                  // [W][K*E]
-  int16_t* choice_experts;                                // [tile][K]; valid for choices < token_choices
-  uint8_t *choice_ranks, *token_choices;                  // [tile][K], [tile] (k_t; 0 past the last token)
-  size_t bytes = 0;
-  __host__ __device__ RouteShared(unsigned char* base, int num_experts, int k_max, int num_warps) {
-    const size_t tile = size_t(num_warps) * 32, columns = size_t(num_experts) * k_max, choices = tile * k_max;
-    auto take = [&](size_t count, size_t item_bytes) {
-      void* at = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(base) + bytes);
-      bytes += (count * item_bytes + 15) / 16 * 16;
-      return at;
-    };
-    choice_base = static_cast<int*>(take(columns, 4));
-    tile_offset = static_cast<int*>(take(columns, 4));
-    warp_floats = static_cast<float*>(take(size_t(num_warps > 3 ? num_warps : 3) * (num_experts + 1), 4));
-    choice_gates = static_cast<float*>(take(choices, 4));
-    token_lse = static_cast<float*>(take(tile, 4));
-    token_norm = static_cast<float*>(take(tile, 4));
-    warp_counts = static_cast<uint16_t*>(take(size_t(num_warps) * columns, 2));
-    choice_experts = static_cast<int16_t*>(take(choices, 2));
-    choice_ranks = static_cast<uint8_t*>(take(choices, 1));
-    token_choices = static_cast<uint8_t*>(take(tile, 1));
+  float *bias, *group_scratch;                                 // [lanes], [W][group_floats]
+  uint16_t* warp_counts;                                       // [W][K*E]
+  int16_t* choice_experts;                                     // [tile][K]; valid for choices < token_choices
+  uint8_t *choice_ranks, *token_choices;                       // [tile][K], [tile] (k_t; 0 past the last token)
+  __device__ RouteShared(unsigned char* base, const routing_layout::ForwardShared& layout) {
+    choice_base = reinterpret_cast<int*>(base + layout.choice_base);
+    tile_offset = reinterpret_cast<int*>(base + layout.tile_offset);
+    warp_floats = reinterpret_cast<float*>(base + layout.warp_floats);
+    choice_gates = reinterpret_cast<float*>(base + layout.choice_gates);
+    token_lse = reinterpret_cast<float*>(base + layout.token_lse);
+    token_norm = reinterpret_cast<float*>(base + layout.token_norm);
+    bias = reinterpret_cast<float*>(base + layout.bias);
+    group_scratch = reinterpret_cast<float*>(base + layout.group_scratch);
+    warp_counts = reinterpret_cast<uint16_t*>(base + layout.warp_counts);
+    choice_experts = reinterpret_cast<int16_t*>(base + layout.choice_experts);
+    choice_ranks = reinterpret_cast<uint8_t*>(base + layout.choice_ranks);
+    token_choices = reinterpret_cast<uint8_t*>(base + layout.token_choices);
   }
 };
 

@@ -8,6 +8,8 @@
 
 #include "src/ops/cuda/cuda_common.cuh"
 #include "src/ops/cuda/routing_forward_args.cuh"
+#include "src/ops/cuda/routing_forward_modern.cuh"
+#include "src/ops/cuda/routing_forward_slices.cuh"
 #include "src/ops/moe_ops.h"
 
 namespace switchyard {
@@ -17,70 +19,23 @@ using namespace cuda_detail;
 
 // ---- Phase 1: one tile ------------------------------------------------------------------------
 
-// exp(logit - row_max) as 2^x on the MUFU unit, results below 2^-126 flushed to zero (probabilities
-// that small change no output), which spares exp2f's denormal fix-up: one instruction per logit.
-__device__ __forceinline__ float route_exp(float logit, float row_max) {
-  float result;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(result) : "f"((logit - row_max) * 1.4426950408889634f));
-  return result;
-}
-
-// Pairwise trees over a lane's slice (depth log2 kPerLane instead of a chain of kPerLane dependent
-// ops), laid out as a heap: node n combines nodes 2n (lower indices) and 2n + 1; one flat loop, so it
-// unrolls into registers. The order is fixed, so the sum is deterministic.
-template <int kPerLane, typename Combine>
-__device__ __forceinline__ float slice_reduce(const float (&values)[kPerLane], Combine combine) {
-  float node[2 * kPerLane];
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) node[kPerLane + i] = values[i];
-#pragma unroll
-  for (int n = kPerLane - 1; n >= 1; --n) node[n] = combine(node[2 * n], node[2 * n + 1]);
-  return node[1];
-}
-
-// The largest key of the slice and its index; the lower child wins ties, so the lowest index among
-// equal keys wins.
-template <int kPerLane>
-__device__ __forceinline__ void slice_argmax(const unsigned (&keys)[kPerLane], unsigned& best_key, int& best_index) {
-  unsigned node_key[2 * kPerLane];
-  int node_index[2 * kPerLane];
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    node_key[kPerLane + i] = keys[i];
-    node_index[kPerLane + i] = i;
-  }
-#pragma unroll
-  for (int n = kPerLane - 1; n >= 1; --n) {
-    const bool upper = node_key[2 * n + 1] > node_key[2 * n];
-    node_key[n] = upper ? node_key[2 * n + 1] : node_key[2 * n];
-    node_index[n] = upper ? node_index[2 * n + 1] : node_index[2 * n];
-  }
-  best_key = node_key[1];
-  best_index = node_index[1];
-}
-
-// Softmax statistics, k_t and the top-k of the tile's tokens (warp w: tokens 32w..32w+31, kGroup
-// lanes per token, 32 / kGroup tokens per pass), then ranks, counts, partials and outputs.
-// defer_slots: the block's last tile, whose slots phase 2b writes from shared memory.
+// The Switch router's per-token phase (softmax, top-k over the logits): for the tile's tokens (warp
+// w: tokens 32w..32w+31, kGroup lanes per token, 32 / kGroup tokens per pass) the softmax
+// statistics, k_t and the choices; member 0 of each token's lanes leaves the choices, gates (before
+// renormalization), k_t, lse and normalizer in shared memory. prob_accumulator / z_accumulator: the
+// lane's sums of p over its tokens, and of lse^2.
 template <int kGroup, int kPerLane>
-__device__ __forceinline__ void route_tile(const RouteArgs& args, const RouteShared& shared, int tile,
-                                           bool defer_slots) {
-  const int num_experts = args.params.num_experts, k_max = args.params.k_max, columns = num_experts * k_max;
-  const int float_items = num_experts + 1;  // prob sums, then the sum of lse^2
-  const int threads = blockDim.x, num_warps = threads / 32, tile_tokens = threads;
-  const int thread = threadIdx.x, warp = thread / 32, lane = thread % 32;
-  const RouteWorkspace& workspace = args.workspace;
+__device__ __forceinline__ void route_tokens_switch(const RouteArgs& args, const RouteShared& shared, int tile,
+                                                    float (&prob_accumulator)[kPerLane], float& z_accumulator) {
+  const int num_experts = args.params.num_experts, k_max = args.params.k_max;
+  const int tile_tokens = blockDim.x, thread = threadIdx.x, warp = thread / 32, lane = thread % 32;
   const int64_t tile_first_token = int64_t(tile) * tile_tokens;
-  for (int column = lane; column < columns; column += 32) shared.warp_counts[warp * columns + column] = 0;
-
-  // ---- Per token: softmax statistics, k_t, top-k (kGroup lanes per token) ----
   constexpr int kTokensPerPass = 32 / kGroup;
   constexpr int kPasses = 32 / kTokensPerPass;
   const int group = lane / kGroup, member = lane % kGroup, first_expert = member * kPerLane;
   const int lane_experts = num_experts - first_expert;  // < kPerLane: the slice runs past the row
   const bool given = args.params.complexity == ComplexityMode::given,
              entropy = args.params.complexity == ComplexityMode::entropy;
-  float prob_accumulator[kPerLane] = {}, z_accumulator = 0.0f;
   float logits_now[kPerLane], logits_next[kPerLane];
   const int64_t warp_first_token = tile_first_token + warp * 32 + group;
   load_logit_slice<kPerLane>(args.logits, args.params.num_tokens, num_experts, args.vector_loads, warp_first_token,
@@ -162,6 +117,32 @@ __device__ __forceinline__ void route_tile(const RouteArgs& args, const RouteSha
     for (int i = 0; i < kPerLane; ++i) logits_now[i] = logits_next[i];
     complexity_now = complexity_next;
   }
+}
+
+// Phase 1 for one tile of 32 W tokens: the per-token phase of the kernel's variant
+// (routing_layout::ForwardVariant: route_tokens_switch, or route_tokens_modern of
+// routing_forward_modern.cuh), then ranks, counts, partials and outputs.
+// defer_slots: the block's last tile, whose slots phase 2b writes from shared memory.
+template <int kGroup, int kPerLane, int kVariant>
+__device__ __forceinline__ void route_tile(const RouteArgs& args, const RouteShared& shared, int tile,
+                                           bool defer_slots) {
+  const int num_experts = args.params.num_experts, k_max = args.params.k_max, columns = num_experts * k_max;
+  const int float_items = num_experts + 1;  // prob sums, then the sum of lse^2
+  const int threads = blockDim.x, num_warps = threads / 32, tile_tokens = threads;
+  const int thread = threadIdx.x, warp = thread / 32, lane = thread % 32;
+  const RouteWorkspace& workspace = args.workspace;
+  const int64_t tile_first_token = int64_t(tile) * tile_tokens;
+  for (int column = lane; column < columns; column += 32) shared.warp_counts[warp * columns + column] = 0;
+
+  // ---- Per token (kGroup lanes per token) ----
+  const int first_expert = (lane % kGroup) * kPerLane;
+  const int lane_experts = num_experts - first_expert;  // < kPerLane: the slice runs past the row
+  float prob_accumulator[kPerLane] = {}, z_accumulator = 0.0f;
+  if constexpr (kVariant == routing_layout::kSwitchVariant)
+    route_tokens_switch<kGroup, kPerLane>(args, shared, tile, prob_accumulator, z_accumulator);
+  else
+    route_tokens_modern<kGroup, kPerLane, kVariant == routing_layout::kSigmoidVariant>(args, shared, tile,
+                                                                                      prob_accumulator, z_accumulator);
 
   // ---- Per warp: probability sums over its tokens, sum of lse^2, ranks among its 32 tokens ----
 #pragma unroll
@@ -209,6 +190,7 @@ __device__ __forceinline__ void route_tile(const RouteArgs& args, const RouteSha
   __syncthreads();
 
   // ---- Outputs of the tile (coalesced); slots still lack the tile and choice offsets ----
+  const float scale = args.params.routed_scaling_factor;  // 1 for the Switch router: exact
   for (int index = thread; index < tile_tokens * k_max; index += threads) {
     const int tile_token = index / k_max, choice = index - tile_token * k_max;
     const int64_t token = tile_first_token + tile_token;
@@ -217,7 +199,7 @@ __device__ __forceinline__ void route_tile(const RouteArgs& args, const RouteSha
     const int expert = active ? int(shared.choice_experts[index]) : -1;
     const int64_t out = tile_first_token * k_max + index;
     args.expert_ids[out] = expert;
-    args.gates[out] = active ? shared.choice_gates[index] / shared.token_norm[tile_token] : 0.0f;
+    args.gates[out] = active ? shared.choice_gates[index] / shared.token_norm[tile_token] * scale : 0.0f;
     if (!defer_slots)
       args.slots[out] = active ? shared.warp_counts[(tile_token / 32) * columns + choice * num_experts + expert] +
                                      shared.choice_ranks[index]

@@ -1,16 +1,17 @@
 // CUDA routing (src/ops/cuda/routing.cu) against the CPU reference (src/ops/cpu/routing.cpp) on the
 // same fp32 logits: integer outputs (expert ids, slots, k_t, counts, offsets, scalars) must match
 // exactly, floats (gates, lse, prob sums, losses, grad_logits) to a relative error of 1e-5.
-// Cases cover every lane layout of the kernel (E <= 8, 16, 32, 64, 128, 256), all four tile heights
+// Cases cover every lane layout of the kernel (E <= 8, 16, 32, 64, 128, 256, 512), all four tile heights
 // (32, 64, 128, 256 tokens: T < 8192, < 16384, < 32768, larger), rows that are not 16-byte
-// multiples (E % 4 != 0), slices that run past the row (E = 100, 200), capacity drops,
+// multiples (E % 4 != 0), slices that run past the row (E = 100, 200, 300, 384), capacity drops,
 // renormalization, both complexity modes, exact ties, K = 1, no tokens, a single tile, and more
 // tiles than the cooperative grid holds (each block walks several tiles and completes the slots of
 // all but its last in global memory: 274 tiles of 2048 columns, 782 of 128, 1172 of 16), and
 // repeated calls of different grid sizes on one stream (the barrier counter must be left at zero
 // and the results deterministic). route_backward is
 // checked with fp32 output against the CPU and with bf16 / fp16 output against the fp32 result
-// rounded. Device outputs are poisoned before every call.
+// rounded. Device outputs are poisoned before every call. The modern options (sigmoid, bias, groups,
+// probability drops, the sequence and global losses) are tested in test_routing_modern_cuda.cpp.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -242,7 +243,12 @@ INSTANTIATE_TEST_SUITE_P(
         RouteCase{"E256_top8_274_tiles_persistent", 70000, 256, 8, 1, kNone, true, false, 1.0f, 128, false},
         RouteCase{"E128_top4_196_tiles", 100000, 128, 4, 1, kNone, true, false, 1.1f, 128, false},
         RouteCase{"E64_top2_391_tiles_persistent", 200000, 64, 2, 1, kNone, true, false, 1.25f, 128, false},
-        RouteCase{"E8_top2_586_tiles_persistent", 300000, 8, 2, 1, kNone, true, false, 1.0f, 128, false}),
+        RouteCase{"E8_top2_586_tiles_persistent", 300000, 8, 2, 1, kNone, true, false, 1.0f, 128, false},
+        RouteCase{"E512_top8", 3000, 512, 8, 1, kNone, true, false, 1.25f, 32, false},
+        RouteCase{"E300_top2_slices_past_the_row", 2500, 300, 2, 1, kNone, false, false, 1.0f, 16, false},
+        RouteCase{"E512_top8_entropy_274_tiles_persistent", 70000, 512, 8, 2, kEntropy, true, false, 1.0f, 128,
+                  false},
+        RouteCase{"E384_top4_ties", 2000, 384, 4, 1, kNone, true, false, 1.0f, 16, true}),
     [](const ::testing::TestParamInfo<RouteCase>& info) { return info.param.name; });
 
 // Back-to-back calls of different shapes on one stream: each call must find the workspace clean
@@ -377,7 +383,9 @@ INSTANTIATE_TEST_SUITE_P(
                       RouteCase{"E6_top3_unaligned_rows", 999, 6, 3, 1, kNone, true, false, 0.9f, 8, false},
                       RouteCase{"E256_top8", 700, 256, 8, 1, kNone, true, false, 0.9f, 8, false},
                       RouteCase{"E32_entropy", 2000, 32, 4, 1, kEntropy, true, false, 0.9f, 8, false},
-                      RouteCase{"E16_dropless", 1000, 16, 2, 1, kNone, true, true, 1.0f, 8, false}),
+                      RouteCase{"E16_dropless", 1000, 16, 2, 1, kNone, true, true, 1.0f, 8, false},
+                      RouteCase{"E512_top8", 900, 512, 8, 1, kNone, true, false, 0.9f, 8, false},
+                      RouteCase{"E300_top3_plain", 1100, 300, 3, 1, kNone, false, false, 0.9f, 8, false}),
     [](const ::testing::TestParamInfo<RouteCase>& info) { return info.param.name; });
 
 // Not a pass/fail check: microseconds per cuda::route call, back to back on the default stream
