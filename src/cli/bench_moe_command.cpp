@@ -195,25 +195,29 @@ void report_large_layer(const LargeLayerTiming& timing, std::vector<Record>& rec
 }
 
 // ---- 4. Routing alone: softmax, top-k, gates, counts, slots, capacity, both loss sums ---------
+// Two cases: today's Switch-style router (65,536 x 64, softmax top-2) and the fine-grained
+// DeepSeek-V3 one (65,536 x 256, sigmoid top-8 with a selection bias, 8 groups of which 4 kept,
+// gates scaled by 2.5), the two routing targets of the kernels issue.
 
 struct RoutingTiming {
+  std::string label;
   int64_t tokens;
   int experts, top_k;
   double single_call_ms;  // one call between two events (with the launch gap a lone call sees)
   double queued_ms;       // per call of kBackToBack enqueued back to back (the kernel's own time)
 };
 
-RoutingTiming time_routing(const BenchSettings& settings, bool quick) {
-  RoutingParams params;
-  params.num_tokens = quick ? 1000 : 65536;
-  params.num_experts = quick ? 16 : 64;
-  params.k_max = params.k_min = 2;
-  params.renormalize = true;
+RoutingTiming time_routing_case(const BenchSettings& settings, const std::string& label, RoutingParams params,
+                                bool with_bias) {
   params.dropless = settings.dropless;
   params.capacity_factor = settings.capacity_factor;
   const DType float_dtype = settings.context.device == DeviceKind::cuda ? DType::f32 : settings.activation_dtype;
   Buffer logits = random_buffer(settings, float_dtype, params.num_tokens * params.num_experts, 2.0f, 31);
+  Buffer bias = random_buffer(settings, float_dtype, params.num_experts, 0.1f, 32);
   Tensor tlogits = logits.view(float_dtype, {params.num_tokens, params.num_experts});
+  Tensor tbias = bias.view(float_dtype, {params.num_experts});
+  RoutingInputs inputs;
+  if (with_bias) inputs.selection_bias = &tbias;
   RoutingBuffers buffers(settings.context.device, float_dtype, params.num_tokens, params.num_experts, params.k_max,
                          padded_rows_upper_bound(params));
   RoutingResult result = buffers.result(params.num_tokens);
@@ -221,30 +225,50 @@ RoutingTiming time_routing(const BenchSettings& settings, bool quick) {
   // as a lone call sees it), and the per-call time of 10 calls enqueued back to back (the kernel's
   // own time, as inside the layer, where routing is queued behind the router GEMM).
   constexpr int kBackToBack = 10;
-  const double route_ms = time_median_ms(settings, [&] { ops::route(settings.context, tlogits, nullptr, params, result); });
+  const double route_ms = time_median_ms(settings, [&] { ops::route(settings.context, tlogits, inputs, params, result); });
   const double queued_ms = time_median_ms(settings, [&] {
-    for (int call = 0; call < kBackToBack; ++call) ops::route(settings.context, tlogits, nullptr, params, result);
+    for (int call = 0; call < kBackToBack; ++call) ops::route(settings.context, tlogits, inputs, params, result);
   }) / kBackToBack;
-  return {params.num_tokens, params.num_experts, params.k_max, route_ms, queued_ms};
+  return {label, params.num_tokens, params.num_experts, params.k_max, route_ms, queued_ms};
 }
 
-void report_routing(const RoutingTiming& timing, std::vector<Record>& records) {
-  const double route_ms = timing.single_call_ms, queued_ms = timing.queued_ms;
-  // Bytes: logits read once; ids, gates, slots written per choice; token_k and logsumexp per token.
-  const double bytes = double(timing.tokens) * (timing.experts * 4.0 + timing.top_k * 12.0 + 8.0);
-  std::printf("\nRouting alone, %lld tokens x %d experts, top-%d: %.1f us per call back to back (%.0f GB/s); "
-              "%.1f us for one call alone\n",
-              (long long)timing.tokens, timing.experts, timing.top_k, queued_ms * 1e3, bytes / (queued_ms * 1e-3) / 1e9,
-              route_ms * 1e3);
-  Record record;
-  record.add("part", "routing");
-  record.add("tokens", double(timing.tokens));
-  record.add("experts", timing.experts);
-  record.add("top_k", timing.top_k);
-  record.add("route_us", queued_ms * 1e3);
-  record.add("route_gbps", bytes / (queued_ms * 1e-3) / 1e9);
-  record.add("route_single_call_us", route_ms * 1e3);
-  records.push_back(record);
+std::vector<RoutingTiming> time_routing(const BenchSettings& settings, bool quick) {
+  RoutingParams switch_params;
+  switch_params.num_tokens = quick ? 1000 : 65536;
+  switch_params.num_experts = quick ? 16 : 64;
+  switch_params.k_max = switch_params.k_min = 2;
+  switch_params.renormalize = true;
+  RoutingParams deepseek = switch_params;
+  deepseek.num_experts = quick ? 32 : 256;
+  deepseek.k_max = deepseek.k_min = quick ? 4 : 8;
+  deepseek.score_function = ScoreFunction::sigmoid;
+  deepseek.routed_scaling_factor = 2.5f;
+  deepseek.num_groups = 8;
+  deepseek.topk_groups = 4;
+  return {time_routing_case(settings, "softmax", switch_params, false),
+          time_routing_case(settings, "sigmoid+bias+8 groups (4 kept)", deepseek, true)};
+}
+
+void report_routing(const std::vector<RoutingTiming>& timings, std::vector<Record>& records) {
+  for (const RoutingTiming& timing : timings) {
+    const double route_ms = timing.single_call_ms, queued_ms = timing.queued_ms;
+    // Bytes: logits read once; ids, gates, slots written per choice; token_k and logsumexp per token.
+    const double bytes = double(timing.tokens) * (timing.experts * 4.0 + timing.top_k * 12.0 + 8.0);
+    std::printf("\nRouting alone, %lld tokens x %d experts, top-%d, %s: %.1f us per call back to back (%.0f GB/s); "
+                "%.1f us for one call alone\n",
+                (long long)timing.tokens, timing.experts, timing.top_k, timing.label.c_str(), queued_ms * 1e3,
+                bytes / (queued_ms * 1e-3) / 1e9, route_ms * 1e3);
+    Record record;
+    record.add("part", "routing");
+    record.add("router", timing.label);
+    record.add("tokens", double(timing.tokens));
+    record.add("experts", timing.experts);
+    record.add("top_k", timing.top_k);
+    record.add("route_us", queued_ms * 1e3);
+    record.add("route_gbps", bytes / (queued_ms * 1e-3) / 1e9);
+    record.add("route_single_call_us", route_ms * 1e3);
+    records.push_back(record);
+  }
 }
 
 // ---- 5, 6. The detailed modes (bench_moe_modes.h: they time, print and record in one) ---------

@@ -349,11 +349,11 @@ TEST(Config, StoredConfigSkipsOnlyTheBackendLimits) {
 }
 
 TEST(Config, BackendLimitsEntryPoint) {
-  Config config = parse_config_string(kBaseYaml, "b.yaml", {"moe.num_experts=512", "training.device=cpu"});
+  Config config = parse_config_string(kBaseYaml, "b.yaml", {"moe.num_experts=1024", "training.device=cpu"});
   const auto where = [](const std::string& path) { return "b.yaml (" + path + ")"; };
   EXPECT_NO_THROW(check_backend_limits(config, where, /*device_can_be_cuda=*/false));
   expect_bad_input([&] { check_backend_limits(config, where, /*device_can_be_cuda=*/true); },
-                   {"b.yaml (moe.num_experts): moe.num_experts = 512", "limit of " + std::to_string(kCudaMaxExperts)});
+                   {"b.yaml (moe.num_experts): moe.num_experts = 1024", "limit of " + std::to_string(kCudaMaxExperts)});
 
   EXPECT_FALSE(device_can_be_cuda(config, /*cuda_backend_built=*/true));  // training.device: cpu
   config.training.device = DeviceChoice::automatic;
