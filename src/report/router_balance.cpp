@@ -173,9 +173,9 @@ std::string router_bias_section(const RunHistory& history) {
 
 std::vector<PlotSeries> balance_loss_series(const RunHistory& history) {
   std::vector<PlotSeries> lines;
-  if (any_finite(history.seq_aux_loss))
+  if (history_has_seq_aux_loss(history))
     lines.push_back(series("sequence-level (balance)", history.step, history.seq_aux_loss, "#2ca02c"));
-  if (any_finite(history.global_aux_loss))
+  if (history_has_global_aux_loss(history))
     lines.push_back(series("global-batch (balance)", history.step, history.global_aux_loss, "#17becf"));
   return lines;
 }

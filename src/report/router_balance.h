@@ -20,7 +20,7 @@ namespace switchyard {
 std::string router_bias_section(const RunHistory& history);
 
 // "sequence-level (balance)" and "global-batch (balance)" over the steps, each only when the
-// history has a finite value of it.
+// history has it (history_has_seq_aux_loss / history_has_global_aux_loss).
 std::vector<PlotSeries> balance_loss_series(const RunHistory& history);
 
 }  // namespace switchyard

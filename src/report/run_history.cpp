@@ -76,9 +76,9 @@ bool any_router_layer(const RunHistory& history, bool (*test)(const RouterLayerB
   return false;
 }
 
-bool any_finite(const std::vector<double>& values) {
-  return std::any_of(values.begin(), values.end(), [](double value) { return std::isfinite(value); });
-}
+bool nonzero(double value) { return std::isfinite(value) && value != 0.0; }
+
+bool any_nonzero(const std::vector<double>& values) { return std::any_of(values.begin(), values.end(), nonzero); }
 
 }  // namespace
 
@@ -87,13 +87,13 @@ bool history_has_router_bias(const RunHistory& history) {
 }
 
 bool history_has_seq_aux_loss(const RunHistory& history) {
-  return any_finite(history.seq_aux_loss) ||
-         any_router_layer(history, [](const RouterLayerBalance& b) { return std::isfinite(b.seq_aux_loss); });
+  return any_nonzero(history.seq_aux_loss) ||
+         any_router_layer(history, [](const RouterLayerBalance& b) { return nonzero(b.seq_aux_loss); });
 }
 
 bool history_has_global_aux_loss(const RunHistory& history) {
-  return any_finite(history.global_aux_loss) ||
-         any_router_layer(history, [](const RouterLayerBalance& b) { return std::isfinite(b.global_aux_loss); });
+  return any_nonzero(history.global_aux_loss) ||
+         any_router_layer(history, [](const RouterLayerBalance& b) { return nonzero(b.global_aux_loss); });
 }
 
 std::vector<double> exponential_moving_average(const std::vector<double>& values, double smoothing) {

@@ -73,8 +73,9 @@ RunHistory read_run_history(const std::string& metrics_path, int load_bins = 160
 // previous value, NaN before the first finite one).
 std::vector<double> exponential_moving_average(const std::vector<double>& values, double smoothing);
 
-// Whether any router record carries a router bias / a finite sequence-level or global-batch loss
-// (per step or per layer): the report shows those views only then.
+// Whether any router record carries a router bias / whether the sequence-level or global-batch
+// loss is anywhere finite and not 0 (per step or per layer; the trainer writes 0 when the loss's
+// weight is 0): the report shows those views only then.
 bool history_has_router_bias(const RunHistory& history);
 bool history_has_seq_aux_loss(const RunHistory& history);
 bool history_has_global_aux_loss(const RunHistory& history);

@@ -20,7 +20,6 @@
 #include "src/report/run_history.h"
 #include "src/report/svg_plot.h"
 #include "src/train/config.h"
-#include "src/train/metrics.h"
 
 using namespace switchyard;
 
@@ -83,24 +82,22 @@ std::string modern_history() {
   return text;
 }
 
-// Metrics lines as the trainer writes them without the modern options.
-std::string classic_history() {
+// Metrics lines as the trainer wrote them before the modern options (no seq_aux_loss,
+// global_aux_loss or bias keys); with `zeros`, as it writes them for a run whose balance-loss
+// weights are 0 and that has no router bias (both losses present and 0).
+std::string classic_history(bool zeros) {
+  const std::string losses = zeros ? ",\"seq_aux_loss\":0,\"global_aux_loss\":0" : "";
   std::string text;
   for (int step = 1; step <= 4; ++step) {
-    StepMetrics metrics;
-    metrics.step = step;
-    metrics.total_steps = 4;
-    metrics.loss = 5.0 - 0.5 * step;
-    metrics.aux_loss = 0.01;
-    metrics.tokens_per_expert = {{10, 40, 20, 30}};
-    if (step % 2 == 0) {
-      std::vector<double> sums(kNumRouterSums + 4, 0.0);
-      sums[kRouterForwards] = 2;
-      sums[kRouterTokens] = 100;
-      for (int expert = 0; expert < 4; ++expert) sums[kNumRouterSums + expert] = 10.0 * (expert + 1);
-      metrics.router = {derive_router_stats(0, sums.data(), 4)};
-    }
-    text += metrics_json(metrics) + "\n";
+    text += "{\"step\":" + std::to_string(step) + ",\"total_steps\":4,\"loss\":" + std::to_string(5.0 - 0.5 * step) +
+            ",\"lr\":0.001,\"grad_norm\":1,\"loss_scale\":1,\"skipped\":false,\"aux_loss\":0.01,\"z_loss\":0" +
+            losses + ",\"dropped_fraction\":0,\"tokens\":100,\"tokens_per_expert\":[[10,40,20,30]]";
+    if (step % 2 == 0)
+      text += ",\"router\":[{\"layer\":0,\"forwards\":2,\"tokens\":100,\"load_imbalance\":1.6,\"experts_used\":1,"
+              "\"dropped_fraction\":0,\"mean_gate\":0.5,\"entropy\":1.2,\"entropy_normalized\":0.9,\"aux_loss\":0.01,"
+              "\"z_loss\":0,\"tokens_per_expert\":[20,80,40,60]" + losses + "}],\"router_first_step\":" +
+              std::to_string(step - 1);
+    text += "}\n";
   }
   return text;
 }
@@ -196,32 +193,40 @@ TEST(RouterBiasReport, SummaryNumbersWithoutTheVectorGetTheTableOnly) {
 }
 
 TEST(RouterBiasReport, HistoriesWithoutTheKeysAreUnchanged) {
-  const std::string path = write_file("classic.jsonl", classic_history());
-  const RunHistory history = read_run_history(path, 4);
-  std::remove(path.c_str());
-  ASSERT_EQ(history.step.size(), 4u);
-  ASSERT_EQ(history.router.size(), 2u);
-  ASSERT_EQ(history.router[1].balance.size(), 1u);
-  EXPECT_FALSE(history.router[1].balance[0].has_bias());
-  EXPECT_TRUE(std::isnan(history.router[1].balance[0].seq_aux_loss));
-  EXPECT_TRUE(std::isnan(history.seq_aux_loss[0]));
-  EXPECT_FALSE(history_has_router_bias(history));
-  EXPECT_FALSE(history_has_seq_aux_loss(history));
-  EXPECT_FALSE(history_has_global_aux_loss(history));
-  EXPECT_TRUE(balance_loss_series(history).empty());
-  const std::string html = build_report_html(inputs_for(history));
-  for (const char* absent : {"Router bias", "sequence-level", "global-batch", "seq aux loss", "global aux loss"})
-    EXPECT_EQ(html.find(absent), std::string::npos) << absent;
-  for (const char* present : {"Expert load", "Router statistics", "aux (load balance)", "<th>z loss</th></tr>"})
-    EXPECT_NE(html.find(present), std::string::npos) << present;
-  EXPECT_NE(router_bias_section(history).find("no router bias"), std::string::npos);
+  for (const bool zeros : {false, true}) {
+    SCOPED_TRACE(zeros ? "balance losses logged as 0, no bias" : "a history from before the modern options");
+    const std::string path = write_file("classic.jsonl", classic_history(zeros));
+    const RunHistory history = read_run_history(path, 4);
+    std::remove(path.c_str());
+    ASSERT_EQ(history.step.size(), 4u);
+    ASSERT_EQ(history.router.size(), 2u);
+    ASSERT_EQ(history.router[1].balance.size(), 1u);
+    EXPECT_FALSE(history.router[1].balance[0].has_bias());
+    EXPECT_EQ(std::isnan(history.router[1].balance[0].seq_aux_loss), !zeros);
+    EXPECT_EQ(std::isnan(history.global_aux_loss[0]), !zeros);
+    EXPECT_FALSE(history_has_router_bias(history));
+    EXPECT_FALSE(history_has_seq_aux_loss(history));
+    EXPECT_FALSE(history_has_global_aux_loss(history));
+    EXPECT_TRUE(balance_loss_series(history).empty());
+    const std::string html = build_report_html(inputs_for(history));
+    for (const char* absent : {"Router bias", "sequence-level", "global-batch", "seq aux loss", "global aux loss"})
+      EXPECT_EQ(html.find(absent), std::string::npos) << absent;
+    for (const char* present : {"MoE layer 0: expert load over training", "Router statistics", "aux (load balance)",
+                                "<th>z loss</th></tr>", "<td>1.600</td>"})
+      EXPECT_NE(html.find(present), std::string::npos) << present;
+    EXPECT_NE(router_bias_section(history).find("no router bias"), std::string::npos);
+  }
 
-  // A RunHistory built by hand (RouterRecord without `balance`) renders too.
-  RunHistory manual = history;
+  // A RunHistory built by hand (RouterRecord without `balance`, no balance-loss vectors) renders too.
+  const std::string path = write_file("manual.jsonl", classic_history(false));
+  RunHistory manual = read_run_history(path, 4);
+  std::remove(path.c_str());
   for (RouterRecord& record : manual.router) record.balance.clear();
   manual.seq_aux_loss.clear();
   manual.global_aux_loss.clear();
-  EXPECT_NE(build_report_html(inputs_for(manual)).find("Router statistics"), std::string::npos);
+  const std::string html = build_report_html(inputs_for(manual));
+  EXPECT_NE(html.find("<td>1.600</td>"), std::string::npos);
+  EXPECT_EQ(html.find("Router bias"), std::string::npos);
 }
 
 TEST(RouterBiasReport, RunTableNamesTheRoutingOptions) {
