@@ -7,6 +7,8 @@
 #include <limits>
 #include <sstream>
 
+#include "src/report/report_html.h"
+#include "src/report/router_balance.h"
 #include "src/report/svg_plot.h"
 #include "src/core/error.h"
 #include "src/train/metrics.h"
@@ -14,7 +16,7 @@
 namespace switchyard {
 namespace {
 
-constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+using namespace report_html;
 
 const char* kStyle = R"(<style>
 body { font-family: "DejaVu Sans", Helvetica, Arial, sans-serif; color: #222; max-width: 1180px; margin: 24px auto;
@@ -34,62 +36,6 @@ pre { background: #f8f8f8; padding: 8px; overflow-x: auto; } details { margin: 8
 .card { border: 1px solid #ddd; border-radius: 6px; padding: 8px 14px; min-width: 130px; }
 .card .value { font-size: 20px; font-weight: bold; } .card .label { font-size: 12px; color: #666; }
 </style>)";
-
-std::string escape(const std::string& text) { return xml_escape(text); }
-
-std::string number(double value, const char* format = "%.4g") {
-  return std::isfinite(value) ? format_number(value, format) : "-";
-}
-
-// Finite values only, for medians and the like.
-std::vector<double> finite(const std::vector<double>& values) {
-  std::vector<double> out;
-  for (double value : values)
-    if (std::isfinite(value)) out.push_back(value);
-  return out;
-}
-
-double median_of(std::vector<double> values) {
-  values = finite(values);
-  if (values.empty()) return kNaN;
-  std::sort(values.begin(), values.end());
-  const size_t middle = values.size() / 2;
-  return values.size() % 2 ? values[middle] : 0.5 * (values[middle - 1] + values[middle]);
-}
-
-bool any_finite(const std::vector<double>& values) {
-  return std::any_of(values.begin(), values.end(), [](double value) { return std::isfinite(value); });
-}
-
-std::string card(const std::string& value, const std::string& label) {
-  return "<div class=\"card\"><div class=\"value\">" + escape(value) + "</div><div class=\"label\">" + escape(label) +
-         "</div></div>";
-}
-
-std::string figure(const std::string& svg) { return "<figure>" + svg + "</figure>\n"; }
-
-PlotSeries series(const std::string& name, const std::vector<double>& x, const std::vector<double>& y,
-                  const std::string& color = "") {
-  PlotSeries out;
-  out.name = name;
-  out.x = x;
-  out.y = y;
-  out.color = color;
-  return out;
-}
-
-std::string line_chart(const std::string& title, const std::string& y_label, std::vector<PlotSeries> lines,
-                       int width = 560, int height = 280, bool from_zero = false, double ceiling = kNaN) {
-  LineChartOptions options;
-  options.y_ceiling = ceiling;
-  options.title = title;
-  options.x_label = "step";
-  options.y_label = y_label;
-  options.width = width;
-  options.height = height;
-  options.y_from_zero = from_zero;
-  return figure(svg_line_chart(lines, options));
-}
 
 // ---- Sections --------------------------------------------------------------------------------
 
@@ -131,6 +77,25 @@ std::string summary_section(const ReportInputs& inputs) {
   return out.str();
 }
 
+// "token choice, sigmoid scores x 2.5, top-4 of 8 groups, capacity factor 1.25 (probability drops),
+// aux weight 0, seq aux weight 0.0001, bias rate 0.001, z weight 0.001, jitter 0": the options that
+// are not Switch's defaults, and the weights always.
+std::string routing_summary(const MoeConfig& moe) {
+  const int topk_groups = moe.topk_groups > 0 ? moe.topk_groups : moe.num_groups;
+  std::string text = std::string(moe.routing == RoutingMethod::expert_choice ? "expert choice" : "token choice") +
+                     ", " + score_function_name(moe.score_function) + " scores";
+  if (moe.routed_scaling_factor != 1.0) text += " x " + number(moe.routed_scaling_factor, "%.3g");
+  if (moe.num_groups > 1)
+    text += ", top-" + std::to_string(topk_groups) + " of " + count_noun(moe.num_groups, "group");
+  text += moe.dropless ? std::string(", dropless") : ", capacity factor " + number(moe.capacity_factor, "%.3g");
+  if (!moe.dropless && moe.drop_policy == DropPolicy::probability) text += " (probability drops)";
+  text += ", aux weight " + number(moe.aux_loss_weight, "%.3g");
+  if (moe.seq_aux_loss_weight > 0) text += ", seq aux weight " + number(moe.seq_aux_loss_weight, "%.3g");
+  if (moe.global_aux_loss_weight > 0) text += ", global aux weight " + number(moe.global_aux_loss_weight, "%.3g");
+  if (moe.bias_update_rate > 0) text += ", bias rate " + number(moe.bias_update_rate, "%.3g");
+  return text + ", z weight " + number(moe.z_loss_weight, "%.3g") + ", jitter " + number(moe.jitter_eps, "%.3g");
+}
+
 std::string config_section(const Config& config) {
   const FlopsEstimate flops = estimate_flops(config.model, config.moe);
   const ModelConfig& model = config.model;
@@ -151,9 +116,7 @@ std::string config_section(const Config& config) {
                   (moe.num_shared_experts > 0 ? ", " + count_noun(moe.num_shared_experts, "shared expert") +
                                                     " of d_ff " + std::to_string(moe.shared_expert_d_ff)
                                               : std::string())},
-      {"routing", (moe.dropless ? std::string("dropless") : "capacity factor " + number(moe.capacity_factor, "%.3g")) +
-                      ", aux weight " + number(moe.aux_loss_weight, "%.3g") + ", z weight " +
-                      number(moe.z_loss_weight, "%.3g") + ", jitter " + number(moe.jitter_eps, "%.3g")},
+      {"routing", routing_summary(moe)},
       {"training", count_noun(config.training.steps, "step") + ", micro-batch " +
                        std::to_string(config.training.micro_batch_size) + " x " +
                        count_noun(config.optimizer.grad_accum_steps, "accumulation step") + ", lr " +
@@ -185,10 +148,10 @@ std::string curves_section(const RunHistory& history) {
   out << line_chart("Learning rate", "lr", {series("lr", history.step, history.lr)}, 560, 250, true);
   out << line_chart("Gradient norm (before clipping)", "norm", {series("grad norm", history.step, history.grad_norm)},
                     560, 250, true);
-  out << line_chart("Router losses (weighted, summed over MoE layers)", "loss",
-                    {series("aux (load balance)", history.step, history.aux_loss, "#ff7f0e"),
-                     series("z (logit size)", history.step, history.z_loss, "#9467bd")},
-                    560, 250, true);
+  std::vector<PlotSeries> router_losses = {series("aux (load balance)", history.step, history.aux_loss, "#ff7f0e"),
+                                           series("z (logit size)", history.step, history.z_loss, "#9467bd")};
+  for (const PlotSeries& line : balance_loss_series(history)) router_losses.push_back(line);
+  out << line_chart("Router losses (weighted, summed over MoE layers)", "loss", router_losses, 560, 250, true);
   std::vector<double> dropped_percent;
   for (double value : history.dropped_fraction) dropped_percent.push_back(100.0 * value);
   out << line_chart("Dropped choices (capacity overflow)", "% of routed choices",
@@ -298,16 +261,24 @@ std::string router_section(const RunHistory& history) {
   }
   out << "</div>\n";
   const RouterRecord& last = history.router.back();
+  // The balance losses of the modern options get a column where the metrics carry them.
+  const bool seq = history_has_seq_aux_loss(history), global = history_has_global_aux_loss(history);
   out << "<h3>Latest window (ending at step " << last.step << ")</h3>\n<table>\n<tr><th>layer</th><th>forwards</th>"
       << "<th>tokens</th><th>load max/mean</th><th>experts used</th><th>dropped</th><th>mean gate</th>"
-      << "<th>entropy (nats)</th><th>entropy / ln E</th><th>aux loss</th><th>z loss</th></tr>\n";
-  for (const RouterLayerStats& layer : last.layers)
+      << "<th>entropy (nats)</th><th>entropy / ln E</th><th>aux loss</th><th>z loss</th>"
+      << (seq ? "<th>seq aux loss</th>" : "") << (global ? "<th>global aux loss</th>" : "") << "</tr>\n";
+  for (size_t index = 0; index < last.layers.size(); ++index) {
+    const RouterLayerStats& layer = last.layers[index];
+    const RouterLayerBalance balance = index < last.balance.size() ? last.balance[index] : RouterLayerBalance();
     out << "<tr><td>" << layer.moe_layer << "</td><td>" << layer.forwards << "</td><td>" << layer.tokens << "</td><td>"
         << number(layer.load_imbalance, "%.3f") << "</td><td>" << number(100.0 * layer.experts_used_fraction, "%.1f")
         << "%</td><td>" << number(100.0 * layer.dropped_fraction, "%.2f") << "%</td><td>"
         << number(layer.mean_gate, "%.3f") << "</td><td>" << number(layer.router_entropy, "%.3f") << "</td><td>"
         << number(layer.router_entropy_normalized, "%.3f") << "</td><td>" << number(layer.aux_loss, "%.4g")
-        << "</td><td>" << number(layer.z_loss, "%.4g") << "</td></tr>\n";
+        << "</td><td>" << number(layer.z_loss, "%.4g") << "</td>"
+        << (seq ? "<td>" + number(balance.seq_aux_loss, "%.4g") + "</td>" : "")
+        << (global ? "<td>" + number(balance.global_aux_loss, "%.4g") + "</td>" : "") << "</tr>\n";
+  }
   out << "</table>\n";
   return out.str();
 }
@@ -442,6 +413,8 @@ std::string build_report_html(const ReportInputs& inputs) {
   if (inputs.config != nullptr) out << "<h2>Run</h2>\n" << config_section(*inputs.config);
   out << "<h2>Training curves</h2>\n" << curves_section(*inputs.history);
   out << "<h2>Expert load</h2>\n" << load_section(*inputs.history);
+  if (history_has_router_bias(*inputs.history))
+    out << "<h2>Router bias (aux-loss-free balancing)</h2>\n" << router_bias_section(*inputs.history);
   out << "<h2>Router statistics</h2>\n" << router_section(*inputs.history);
   out << "<h2>Expert specialization</h2>\n" << specialization_section(inputs);
   out << "<p class=\"note\">Written by <code>switchyard report</code>; docs/ANALYTICS.md explains every number.</p>\n"

@@ -1,10 +1,15 @@
 // The HTML report of a training run (`switchyard report RUN_DIR`): one self-contained file (inline
 // CSS and SVG, no scripts, nothing fetched) with
-//   - the run's shape (model and MoE settings from its config) and headline numbers;
+//   - the run's shape (model and MoE settings from its config, the routing options included) and
+//     headline numbers;
 //   - training curves: loss (per step, faint, and its moving average) with validation loss,
 //     learning rate, router aux / z losses, dropped fraction, throughput;
 //   - per MoE layer, a heatmap of the expert load over training (experts x step bins, each cell
 //     the expert's share of the bin's routed choices relative to an even split: 1x = balanced);
+//   - when the metrics carry a router bias (aux-loss-free balancing, moe.bias_update_rate > 0):
+//     its range and spread per layer over training and its value per expert at the last logged
+//     step beside that window's load (src/report/router_balance.h); the sequence-level and
+//     global-batch balance losses join the router-loss chart and table when logged;
 //   - router statistics (load max/mean, experts used, entropy, mean gate) over training and a
 //     table of the latest values, when the metrics carry them;
 //   - the expert specialization map (src/report/specialization.h), when one was computed:

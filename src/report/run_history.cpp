@@ -43,7 +43,58 @@ RouterLayerStats parse_router_layer(const json::Value& value) {
   return stats;
 }
 
+RouterLayerBalance parse_router_balance(const json::Value& value) {
+  RouterLayerBalance balance;
+  balance.seq_aux_loss = value.number_or("seq_aux_loss", kNaN);
+  balance.global_aux_loss = value.number_or("global_aux_loss", kNaN);
+  if (const json::Value* bias = value.find("bias"); bias != nullptr && bias->is_array())
+    for (const json::Value& entry : bias->elements()) balance.bias.push_back(entry.number_or(kNaN));
+  balance.bias_min = value.number_or("bias_min", kNaN);
+  balance.bias_max = value.number_or("bias_max", kNaN);
+  balance.bias_std = value.number_or("bias_std", kNaN);
+  if (!balance.bias.empty() && !(std::isfinite(balance.bias_min) && std::isfinite(balance.bias_max) &&
+                                  std::isfinite(balance.bias_std))) {
+    double low = balance.bias[0], high = balance.bias[0], sum = 0.0, squares = 0.0;
+    for (double entry : balance.bias) {
+      low = std::min(low, entry);
+      high = std::max(high, entry);
+      sum += entry;
+    }
+    const double mean = sum / double(balance.bias.size());
+    for (double entry : balance.bias) squares += (entry - mean) * (entry - mean);
+    if (!std::isfinite(balance.bias_min)) balance.bias_min = low;
+    if (!std::isfinite(balance.bias_max)) balance.bias_max = high;
+    if (!std::isfinite(balance.bias_std)) balance.bias_std = std::sqrt(squares / double(balance.bias.size()));
+  }
+  return balance;
+}
+
+bool any_router_layer(const RunHistory& history, bool (*test)(const RouterLayerBalance&)) {
+  for (const RouterRecord& record : history.router)
+    for (const RouterLayerBalance& balance : record.balance)
+      if (test(balance)) return true;
+  return false;
+}
+
+bool nonzero(double value) { return std::isfinite(value) && value != 0.0; }
+
+bool any_nonzero(const std::vector<double>& values) { return std::any_of(values.begin(), values.end(), nonzero); }
+
 }  // namespace
+
+bool history_has_router_bias(const RunHistory& history) {
+  return any_router_layer(history, [](const RouterLayerBalance& balance) { return balance.has_bias(); });
+}
+
+bool history_has_seq_aux_loss(const RunHistory& history) {
+  return any_nonzero(history.seq_aux_loss) ||
+         any_router_layer(history, [](const RouterLayerBalance& b) { return nonzero(b.seq_aux_loss); });
+}
+
+bool history_has_global_aux_loss(const RunHistory& history) {
+  return any_nonzero(history.global_aux_loss) ||
+         any_router_layer(history, [](const RouterLayerBalance& b) { return nonzero(b.global_aux_loss); });
+}
 
 std::vector<double> exponential_moving_average(const std::vector<double>& values, double smoothing) {
   std::vector<double> out(values.size(), kNaN);
@@ -108,6 +159,8 @@ RunHistory read_run_history(const std::string& metrics_path, int load_bins) {
     history.grad_norm.push_back(record.number_or("grad_norm", kNaN));
     history.aux_loss.push_back(record.number_or("aux_loss", kNaN));
     history.z_loss.push_back(record.number_or("z_loss", kNaN));
+    history.seq_aux_loss.push_back(record.number_or("seq_aux_loss", kNaN));
+    history.global_aux_loss.push_back(record.number_or("global_aux_loss", kNaN));
     history.dropped_fraction.push_back(record.number_or("dropped_fraction", kNaN));
     history.tokens_per_s.push_back(record.number_or("tokens_per_s", kNaN));
     history.step_time_s.push_back(record.number_or("step_time_s", kNaN));
@@ -145,7 +198,10 @@ RunHistory read_run_history(const std::string& metrics_path, int load_bins) {
     if (const json::Value* router = record.find("router"); router != nullptr && router->is_array()) {
       RouterRecord entry;
       entry.step = int64_t(step);
-      for (const json::Value& layer : router->elements()) entry.layers.push_back(parse_router_layer(layer));
+      for (const json::Value& layer : router->elements()) {
+        entry.layers.push_back(parse_router_layer(layer));
+        entry.balance.push_back(parse_router_balance(layer));
+      }
       history.router.push_back(std::move(entry));
     }
     if (const json::Value* warnings = record.find("warnings"); warnings != nullptr && warnings->is_array())

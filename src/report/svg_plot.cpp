@@ -453,7 +453,8 @@ std::string svg_heatmap(const std::vector<std::vector<double>>& values, const He
 
   // Colour mapping.
   double low = options.low, high = options.high;
-  if (options.scale == HeatmapScale::sequential && !(high > low)) {
+  const bool is_signed = options.scale == HeatmapScale::diverging_signed;
+  if ((options.scale == HeatmapScale::sequential && !(high > low)) || (is_signed && !(high > 0.0))) {
     low = std::numeric_limits<double>::infinity();
     high = -low;
     for (const auto& row : values)
@@ -463,12 +464,15 @@ std::string svg_heatmap(const std::vector<std::vector<double>>& values, const He
           high = std::max(high, value);
         }
     if (!std::isfinite(low)) low = 0.0, high = 1.0;
+    if (is_signed) high = std::max(std::fabs(low), std::fabs(high)), low = 0.0;  // then -high .. high
     if (high <= low) high = low + 1.0;
   }
+  if (is_signed) low = -high;
   const double log_limit = std::log(std::max(1.0001, options.ratio_limit));
   auto color_of = [&](double value) -> std::string {
     if (!std::isfinite(value)) return "#d9d9d9";
     if (options.scale == HeatmapScale::sequential) return sequential_color((value - low) / (high - low));
+    if (is_signed) return diverging_color(std::clamp(value / high, -1.0, 1.0));
     if (value <= 0.0) return diverging_color(-1.0);
     return diverging_color(std::log(value) / log_limit);
   };
@@ -561,7 +565,7 @@ std::string svg_heatmap(const std::vector<std::vector<double>>& values, const He
     const double fraction = double(tick) / 4.0;
     double value;
     std::string text;
-    if (options.scale == HeatmapScale::sequential) {
+    if (options.scale != HeatmapScale::diverging_ratio) {
       value = low + (high - low) * fraction;
       text = format_number(value, options.value_format.c_str());
     } else {

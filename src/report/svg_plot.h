@@ -11,7 +11,8 @@
 // on the edge marks each such point (hover: its true value) and a note under the plot counts them.
 // Every <svg> has a viewBox, so a page may scale it down (CSS max-width: 100%; height: auto).
 // Heatmap: one rectangle per cell with a hover title; colour from a sequential scale (viridis,
-// low..high) or a diverging one for ratios (blue < 1 < red on a log scale, white at 1); a colour
+// low..high), a diverging one for ratios (blue < 1 < red on a log scale, white at 1) or one for
+// signed values (blue < 0 < red, linear, symmetric about 0); a colour
 // bar with ticks on the right; row and column labels thinned to fit; optional value text in cells
 // large enough to hold it. Non-finite cells are drawn light grey ("no data").
 #pragma once
@@ -55,7 +56,8 @@ AxisRange robust_axis_range(const std::vector<double>& values);
 
 std::string svg_line_chart(const std::vector<PlotSeries>& series, const LineChartOptions& options);
 
-enum class HeatmapScale { sequential, diverging_ratio };
+// diverging_signed: signed values (a router bias), linear, blue < 0 < red, white at 0.
+enum class HeatmapScale { sequential, diverging_ratio, diverging_signed };
 
 struct HeatmapOptions {
   std::string title, x_label, y_label;
@@ -63,6 +65,7 @@ struct HeatmapOptions {
   HeatmapScale scale = HeatmapScale::sequential;
   // sequential: colour range (auto from the data when low >= high). diverging_ratio: the ratio at
   // the ends of the scale (1 / ratio_limit .. ratio_limit; values beyond are clamped).
+  // diverging_signed: the scale runs from -high to high (auto when high <= 0: the largest |value|).
   double low = 0.0, high = 0.0;
   double ratio_limit = 4.0;
   std::string colorbar_label;
