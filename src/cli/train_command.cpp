@@ -22,6 +22,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -55,6 +56,7 @@ struct TrainOptions {
   std::string resume;                  // --resume: empty = as the config says
   bool start_over = false;             // --start-over: a new run beside another run's checkpoints
   bool dry_run = false;
+  int profile_steps = 0;               // --profile-steps
 };
 
 namespace fs = std::filesystem;
@@ -258,6 +260,9 @@ int command_train(int argc, char** argv) {
                   "(otherwise refused): it gets its own run id and saves beside them, deleting none; the run "
                   "directory's previous config.yaml, metrics and final.weights are kept as *.before-start-over-N.*");
   parser.add_flag("dry-run", "validate the config and data, start the processes and groups, then exit");
+  parser.add_option("profile-steps", "N", "time where N optimizer steps go (after two warm-up steps): attention, MoE, "
+                    "dense FFNs, norms, embedding and loss, gradient sync, optimizer, idle gaps; printed and written "
+                    "to <run_dir>/profile.json", "0");
   parser.add_epilog("Examples:\n"
                     "  switchyard train configs/tiny-cpu.yaml --set training.steps=50\n"
                     "  mpirun -np 2 switchyard train configs/tiny-cpu.yaml --set parallel.ep_size=2 --dry-run\n"
@@ -275,6 +280,14 @@ int command_train(int argc, char** argv) {
   if (options.start_over && parser.has("resume"))
     SY_BAD_INPUT("--start-over starts a new run from step 0 and --resume continues one: give only one of them");
   options.dry_run = parser.flag("dry-run");
+  {
+    const std::string text = parser.get("profile-steps");
+    char* rest = nullptr;
+    const long long value = std::strtoll(text.c_str(), &rest, 10);
+    SY_CHECK_INPUT(!text.empty() && rest && *rest == '\0' && value >= 0 && value <= 1000,
+                   "--profile-steps must be a step count in [0, 1000], got '", text, "'");
+    options.profile_steps = int(value);
+  }
 
   // Catch SIGTERM / SIGUSR1 from here on, before the (possibly slow) set-up and CUDA start-up: a
   // preemption signal that arrives early must not kill the process; the trainer saves and stops.
@@ -298,6 +311,7 @@ int command_train(int argc, char** argv) {
   trainer_options.device = setup.process->device;
   trainer_options.world_rank = setup.process->world_rank;
   trainer_options.world_size = setup.process->world_size;
+  trainer_options.profile_steps = options.profile_steps;
   trainer_options.groups = setup.groups;
   trainer_options.log = is_rank0(*setup.process) ? &std::cout : nullptr;
   Trainer trainer(setup.config, setup.train_data, setup.val_data.is_open() ? &setup.val_data : nullptr,

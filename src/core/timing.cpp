@@ -76,6 +76,42 @@ double DeviceTimer::elapsed_ms() {
   return host_stop_ms_ - host_start_ms_;
 }
 
+EventTimeline::EventTimeline(DeviceKind device, void* stream) : device_(device), stream_(stream) {}
+
+EventTimeline::~EventTimeline() {
+#if defined(SWITCHYARD_WITH_CUDA)
+  for (void* event : events_) cuda_destroy_event(event);
+#endif
+}
+
+int EventTimeline::mark() {
+  const int index = marks_++;
+#if defined(SWITCHYARD_WITH_CUDA)
+  if (device_ == DeviceKind::cuda) {
+    if (size_t(index) == events_.size()) events_.push_back(cuda_create_event());
+    cuda_record_event(events_[size_t(index)], stream_);
+    return index;
+  }
+#endif
+  if (size_t(index) == host_ms_.size()) host_ms_.push_back(0.0);
+  host_ms_[size_t(index)] = host_now_ms();
+  return index;
+}
+
+std::vector<double> EventTimeline::times_ms() {
+  std::vector<double> times(size_t(marks_), 0.0);
+  for (int index = 1; index < marks_; ++index) {
+#if defined(SWITCHYARD_WITH_CUDA)
+    if (device_ == DeviceKind::cuda) {
+      times[size_t(index)] = cuda_event_elapsed_ms(events_[0], events_[size_t(index)]);
+      continue;
+    }
+#endif
+    times[size_t(index)] = host_ms_[size_t(index)] - host_ms_[0];
+  }
+  return times;
+}
+
 double percentile(std::vector<double> values, double fraction) {
   SY_CHECK(!values.empty(), "percentile of no values");
   std::sort(values.begin(), values.end());

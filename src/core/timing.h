@@ -31,6 +31,29 @@ class DeviceTimer {
   double host_start_ms_ = 0, host_stop_ms_ = 0;
 };
 
+// Marks points in the work enqueued on `stream` and reads their times afterwards: CUDA events
+// recorded on the stream (kept and reused across clear(), so a profiled step creates none after
+// the first), or the host clock on CPU. times_ms() waits for the last mark and returns every
+// mark's time in ms after mark 0.
+class EventTimeline {
+ public:
+  EventTimeline(DeviceKind device, void* stream);
+  ~EventTimeline();
+  EventTimeline(const EventTimeline&) = delete;
+  EventTimeline& operator=(const EventTimeline&) = delete;
+  int mark();  // index of the new mark
+  int size() const { return marks_; }
+  std::vector<double> times_ms();
+  void clear() { marks_ = 0; }
+
+ private:
+  DeviceKind device_;
+  void* stream_;
+  int marks_ = 0;
+  std::vector<void*> events_;
+  std::vector<double> host_ms_;
+};
+
 double median(std::vector<double> values);
 double percentile(std::vector<double> values, double fraction);  // fraction in [0, 1]
 

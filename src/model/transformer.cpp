@@ -245,12 +245,14 @@ Tensor Transformer::stat_rows(const Buffer& buffer) const {
 
 void Transformer::norm_forward(const ExecContext& context, const ModelParameters& parameters, int weight, int bias,
                                const Tensor& x, Tensor& out, Tensor& mean, Tensor& rstd) {
-  if (model_.norm == NormKind::layernorm) {
-    ops::layernorm_forward(context, x, parameters.compute(weight), parameters.compute(bias), kNormEps, out, mean,
-                           rstd);
-  } else {
-    ops::rmsnorm_forward(context, x, parameters.compute(weight), kNormEps, out, rstd);
-  }
+  stage(context, "norm", [&] {
+    if (model_.norm == NormKind::layernorm) {
+      ops::layernorm_forward(context, x, parameters.compute(weight), parameters.compute(bias), kNormEps, out, mean,
+                             rstd);
+    } else {
+      ops::rmsnorm_forward(context, x, parameters.compute(weight), kNormEps, out, rstd);
+    }
+  });
 }
 
 void Transformer::forward_body(const ExecContext& context, const ModelParameters& parameters, const Tensor& tokens,
@@ -274,8 +276,10 @@ void Transformer::forward_body(const ExecContext& context, const ModelParameters
 
   Tensor x0 = rows(residual_[0], model_.d_model);
   Tensor position_table = position_embedding_ >= 0 ? parameters.compute(position_embedding_) : Tensor();
-  ops::embedding_forward(context, tokens, parameters.compute(token_embedding_),
-                         position_embedding_ >= 0 ? &position_table : nullptr, seq_len, x0);
+  stage(context, "embedding", [&] {
+    ops::embedding_forward(context, tokens, parameters.compute(token_embedding_),
+                           position_embedding_ >= 0 ? &position_table : nullptr, seq_len, x0);
+  });
   for (size_t index = 0; index < blocks_.size(); ++index) {
     Tensor x = rows(residual_[index], model_.d_model);
     Tensor x_out = rows(residual_[index + 1], model_.d_model);
@@ -286,7 +290,9 @@ void Transformer::forward_body(const ExecContext& context, const ModelParameters
   Tensor mean = stat_rows(final_mean_), rstd = stat_rows(final_rstd_);
   norm_forward(context, parameters, final_norm_weight_, final_norm_bias_, last, normed, mean, rstd);
   logits_view_ = rows(logits_, model_.vocab_size);
-  ops::gemm(context, false, true, 1.0f, normed, parameters.compute(token_embedding_), 0.0f, logits_view_);
+  stage(context, "LM head", [&] {
+    ops::gemm(context, false, true, 1.0f, normed, parameters.compute(token_embedding_), 0.0f, logits_view_);
+  });
 }
 
 void Transformer::forward_block(const ExecContext& context, const ModelParameters& parameters, Block& block,
@@ -297,24 +303,26 @@ void Transformer::forward_block(const ExecContext& context, const ModelParameter
   Tensor mean1 = stat_rows(block.norm1_mean), rstd1 = stat_rows(block.norm1_rstd);
   norm_forward(context, parameters, block.attn_norm_weight, block.attn_norm_bias, x, normed, mean1, rstd1);
   Tensor qkv = rows(block.qkv_rows, 3 * width);
-  ops::gemm(context, false, false, 1.0f, normed, parameters.compute(block.qkv), 0.0f, qkv);
-  const AttentionShape shape{batch_, seq_len_, model_.n_heads, model_.head_dim()};
-  if (model_.positions == PositionKind::rotary) ops::rotary_forward(context, shape, qkv, kRotaryBase, 0, qkv);
   Tensor attention = rows(block.attention_out, width);
-  Tensor stats = block.attention_stats.view(stats_dtype_, {batch_, model_.n_heads, seq_len_});
-  Tensor workspace(attention_workspace_.data(), DType::u8, options_.device, {attention_workspace_bytes_});
-  ops::attention_forward(context, shape, qkv, attention, stats, workspace);
   Tensor mid = rows(block.mid, width);
-  ops::copy(context, x, mid);
-  ops::gemm(context, false, false, 1.0f, attention, parameters.compute(block.out), 1.0f, mid);
+  stage(context, "attention", [&] {
+    ops::gemm(context, false, false, 1.0f, normed, parameters.compute(block.qkv), 0.0f, qkv);
+    const AttentionShape shape{batch_, seq_len_, model_.n_heads, model_.head_dim()};
+    if (model_.positions == PositionKind::rotary) ops::rotary_forward(context, shape, qkv, kRotaryBase, 0, qkv);
+    Tensor stats = block.attention_stats.view(stats_dtype_, {batch_, model_.n_heads, seq_len_});
+    Tensor workspace(attention_workspace_.data(), DType::u8, options_.device, {attention_workspace_bytes_});
+    ops::attention_forward(context, shape, qkv, attention, stats, workspace);
+    ops::copy(context, x, mid);  // the residual, added by the output projection's beta = 1
+    ops::gemm(context, false, false, 1.0f, attention, parameters.compute(block.out), 1.0f, mid);
+  });
 
   // FFN sublayer.
   Tensor normed2 = rows(block.norm2_out, width);
   Tensor mean2 = stat_rows(block.norm2_mean), rstd2 = stat_rows(block.norm2_rstd);
   norm_forward(context, parameters, block.ffn_norm_weight, block.ffn_norm_bias, mid, normed2, mean2, rstd2);
-  ops::copy(context, mid, x_out);
+  stage(context, "residual", [&] { ops::copy(context, mid, x_out); });
   if (!block.is_moe) {
-    dense_ffn_forward(context, parameters, block.ffn, normed2, x_out);
+    stage(context, "dense FFN", [&] { dense_ffn_forward(context, parameters, block.ffn, normed2, x_out); });
     return;
   }
   MoeWeights weights{parameters.compute(block.router), parameters.compute(block.expert_w1),
@@ -332,15 +340,18 @@ void Transformer::forward_block(const ExecContext& context, const ModelParameter
     if (load_reducer_) args.load_reducer = &load_reducer_;
   }
   Tensor moe_out = rows(block.moe_out, width);
-  block.moe->forward(context, normed2, weights, args, moe_out);
-  if (training) {  // this step's expert loads (the router bias update reads them)
-    Tensor loads = step_loads_row(block.moe_ordinal);
-    ops::accumulate_expert_load(context, block.moe->routing().expert_counts, loads);
-  }
-  // Analysis taps (router statistics, specialization maps): a no-op unless one is installed.
-  notify_routing(context, block.moe_ordinal, training, block.moe->routing(), block.moe->router_logits());
-  ops::add_into(context, moe_out, x_out);
-  if (block.has_shared_experts()) dense_ffn_forward(context, parameters, block.ffn, normed2, x_out);
+  stage(context, "MoE", [&] {
+    block.moe->forward(context, normed2, weights, args, moe_out);
+    if (training) {  // this step's expert loads (the router bias update reads them)
+      Tensor loads = step_loads_row(block.moe_ordinal);
+      ops::accumulate_expert_load(context, block.moe->routing().expert_counts, loads);
+    }
+    // Analysis taps (router statistics, specialization maps): a no-op unless one is installed.
+    notify_routing(context, block.moe_ordinal, training, block.moe->routing(), block.moe->router_logits());
+  });
+  stage(context, "residual", [&] { ops::add_into(context, moe_out, x_out); });
+  if (block.has_shared_experts())
+    stage(context, "shared experts", [&] { dense_ffn_forward(context, parameters, block.ffn, normed2, x_out); });
 }
 
 void Transformer::forward_loss(const ExecContext& context, const ModelParameters& parameters, const Tensor& tokens,
@@ -353,8 +364,10 @@ void Transformer::forward_loss(const ExecContext& context, const ModelParameters
   Tensor token_losses = stat_rows(token_losses_);
   Tensor summary = loss_summary_.view(stats_dtype_, {kNumCrossEntropySummary});
   Tensor target_view = make_tensor(targets.data, DType::i32, targets.device, {tokens_});
-  ops::cross_entropy(context, logits_view_, target_view, ce_grad_scale, token_losses, summary,
-                     training ? &logits_view_ : nullptr);
+  stage(context, "loss", [&] {
+    ops::cross_entropy(context, logits_view_, target_view, ce_grad_scale, token_losses, summary,
+                       training ? &logits_view_ : nullptr);
+  });
   has_training_forward_ = training;
 }
 

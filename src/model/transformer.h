@@ -148,6 +148,16 @@ class Transformer {
   // training forward when moe.global_aux_loss_weight > 0.
   void set_load_reducer(LoadReducer reducer) { load_reducer_ = std::move(reducer); }
 
+  // Reports the boundaries of the model's stages to `observer` (src/model/moe_router.h) from now
+  // on; nullptr stops. Not owned. The stages do not nest and cover all the model's work:
+  //   forward:  "embedding", "norm", "attention", "residual", "dense FFN", "MoE", "shared experts",
+  //             "LM head", "loss"
+  //   backward: "LM head backward", "norm backward", "attention backward", "residual backward",
+  //             "dense FFN backward", "MoE backward", "shared experts backward", "embedding backward"
+  // (norms and residual adds occur once per block and sublayer; "MoE" covers the routed layer
+  // with its router and, in training, its step-load and global-loss bookkeeping).
+  void set_stage_observer(MoeStageObserver* observer) { stage_observer_ = observer; }
+
  private:
   struct Block;
   // A dense FFN out += act(input W1) W2 and its saved activations: the FFN of a dense block, or
@@ -164,6 +174,10 @@ class Transformer {
   void dense_ffn_backward(const ExecContext& context, ModelParameters& parameters, const DenseFfn& ffn,
                           const Tensor& input, const Tensor& grad_out, float input_grad_beta, Tensor& grad_input,
                           bool accumulate);
+  template <typename Work>
+  void stage(const ExecContext& context, const char* name, Work&& work) const {
+    run_moe_stage(stage_observer_, context, name, work);
+  }
   void allocate_backward_buffers();
   void forward_body(const ExecContext& context, const ModelParameters& parameters, const Tensor& tokens,
                     int64_t batch, int64_t seq_len, bool training, uint64_t step);
@@ -207,6 +221,7 @@ class Transformer {
   // stats dtype), each [moe blocks, E]; the reducer over the ranks.
   Buffer step_loads_, global_loads_;
   LoadReducer load_reducer_;
+  MoeStageObserver* stage_observer_ = nullptr;
 
   // Backward scratch, shared by the blocks (allocated by the first backward).
   bool backward_ready_ = false;

@@ -73,25 +73,27 @@ void Transformer::dense_ffn_backward(const ExecContext& context, ModelParameters
 void Transformer::norm_backward(const ExecContext& context, ModelParameters& parameters, int weight, int bias,
                                 const Tensor& x, const Tensor& mean, const Tensor& rstd, const Tensor& grad_out,
                                 Tensor& grad_x, bool accumulate) {
-  Tensor grad_weight = parameters.grad(weight);
-  Tensor weight_target = grad_weight, bias_target;
-  if (accumulate) {
-    grad_weight = scratch_like(grad_weight);
-  }
-  const Tensor weight_values = parameters.compute(weight);
-  if (model_.norm == NormKind::layernorm) {
-    Tensor grad_bias = parameters.grad(bias);
-    bias_target = grad_bias;
-    if (accumulate) {  // the bias's scratch follows the weight's
-      grad_bias.data = static_cast<char*>(gradient_scratch_.data()) + grad_weight.bytes();
-      SY_CHECK(grad_weight.bytes() + grad_bias.bytes() <= gradient_scratch_.bytes(), "norm scratch too small");
+  stage(context, "norm backward", [&] {
+    Tensor grad_weight = parameters.grad(weight);
+    Tensor weight_target = grad_weight, bias_target;
+    if (accumulate) {
+      grad_weight = scratch_like(grad_weight);
     }
-    ops::layernorm_backward(context, x, weight_values, mean, rstd, grad_out, grad_x, grad_weight, grad_bias);
-    if (accumulate) add_gradient(context, grad_bias, bias_target);
-  } else {
-    ops::rmsnorm_backward(context, x, weight_values, rstd, grad_out, grad_x, grad_weight);
-  }
-  if (accumulate) add_gradient(context, grad_weight, weight_target);
+    const Tensor weight_values = parameters.compute(weight);
+    if (model_.norm == NormKind::layernorm) {
+      Tensor grad_bias = parameters.grad(bias);
+      bias_target = grad_bias;
+      if (accumulate) {  // the bias's scratch follows the weight's
+        grad_bias.data = static_cast<char*>(gradient_scratch_.data()) + grad_weight.bytes();
+        SY_CHECK(grad_weight.bytes() + grad_bias.bytes() <= gradient_scratch_.bytes(), "norm scratch too small");
+      }
+      ops::layernorm_backward(context, x, weight_values, mean, rstd, grad_out, grad_x, grad_weight, grad_bias);
+      if (accumulate) add_gradient(context, grad_bias, bias_target);
+    } else {
+      ops::rmsnorm_backward(context, x, weight_values, rstd, grad_out, grad_x, grad_weight);
+    }
+    if (accumulate) add_gradient(context, grad_weight, weight_target);
+  });
 }
 
 void Transformer::backward(const ExecContext& context, ModelParameters& parameters, float aux_grad_scale,
@@ -108,9 +110,11 @@ void Transformer::backward(const ExecContext& context, ModelParameters& paramete
   const Tensor& grad_logits = logits_view_;
   Tensor normed = rows(final_norm_out_, width);
   Tensor grad_embedding = parameters.grad(token_embedding_);
-  ops::gemm(context, true, false, 1.0f, grad_logits, normed, beta, grad_embedding);
   Tensor grad_normed = rows(grad_a_, width);
-  ops::gemm(context, false, false, 1.0f, grad_logits, parameters.compute(token_embedding_), 0.0f, grad_normed);
+  stage(context, "LM head backward", [&] {
+    ops::gemm(context, true, false, 1.0f, grad_logits, normed, beta, grad_embedding);
+    ops::gemm(context, false, false, 1.0f, grad_logits, parameters.compute(token_embedding_), 0.0f, grad_normed);
+  });
   Tensor grad_residual = rows(grad_residual_, width);
   Tensor last = rows(residual_.back(), width);
   norm_backward(context, parameters, final_norm_weight_, final_norm_bias_, last, stat_rows(final_mean_),
@@ -120,13 +124,15 @@ void Transformer::backward(const ExecContext& context, ModelParameters& paramete
     backward_block(context, parameters, *blocks_[index], aux_grad_scale, accumulate, grad_residual);
 
   // Embedding: the head already wrote (or added to) dE, so the lookup's gradient is always added.
-  Tensor grad_position;
-  if (position_embedding_ >= 0) {
-    grad_position = parameters.grad(position_embedding_);
-    if (!accumulate) ops::fill_zero(context, grad_position);
-  }
-  ops::embedding_backward(context, tokens_view_, grad_residual, seq_len_, true, grad_embedding,
-                          position_embedding_ >= 0 ? &grad_position : nullptr);
+  stage(context, "embedding backward", [&] {
+    Tensor grad_position;
+    if (position_embedding_ >= 0) {
+      grad_position = parameters.grad(position_embedding_);
+      if (!accumulate) ops::fill_zero(context, grad_position);
+    }
+    ops::embedding_backward(context, tokens_view_, grad_residual, seq_len_, true, grad_embedding,
+                            position_embedding_ >= 0 ? &grad_position : nullptr);
+  });
 }
 
 void Transformer::backward_block(const ExecContext& context, ModelParameters& parameters, Block& block,
@@ -138,7 +144,9 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
 
   // FFN sublayer: x_out = x' + FFN(u), u = norm2(x'); grad_residual = dL/dx_out.
   if (!block.is_moe) {
-    dense_ffn_backward(context, parameters, block.ffn, normed2, grad_residual, 0.0f, grad_normed2, accumulate);
+    stage(context, "dense FFN backward", [&] {
+      dense_ffn_backward(context, parameters, block.ffn, normed2, grad_residual, 0.0f, grad_normed2, accumulate);
+    });
   } else {
     MoeWeights weights{parameters.compute(block.router), parameters.compute(block.expert_w1),
                        parameters.compute(block.expert_w2)};
@@ -155,45 +163,51 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
       }
       SY_CHECK(offset <= gradient_scratch_.bytes(), "MoE gradient scratch too small");
     }
-    block.moe->backward(context, grad_residual, weights, aux_grad_scale, aux_grad_scale, grad_normed2, gradients);
-    if (accumulate) {
-      add_gradient(context, gradients.router, targets[0]);
-      add_gradient(context, gradients.w1, targets[1]);
-      add_gradient(context, gradients.w2, targets[2]);
-    }
+    stage(context, "MoE backward", [&] {
+      block.moe->backward(context, grad_residual, weights, aux_grad_scale, aux_grad_scale, grad_normed2, gradients);
+      if (accumulate) {
+        add_gradient(context, gradients.router, targets[0]);
+        add_gradient(context, gradients.w1, targets[1]);
+        add_gradient(context, gradients.w2, targets[2]);
+      }
+    });
     // Shared experts: their input gradient is added to the routed layer's.
     if (block.has_shared_experts())
-      dense_ffn_backward(context, parameters, block.ffn, normed2, grad_residual, 1.0f, grad_normed2, accumulate);
+      stage(context, "shared experts backward", [&] {
+        dense_ffn_backward(context, parameters, block.ffn, normed2, grad_residual, 1.0f, grad_normed2, accumulate);
+      });
   }
   Tensor mid = rows(block.mid, width);
   Tensor grad_part = rows(grad_b_, width);
   norm_backward(context, parameters, block.ffn_norm_weight, block.ffn_norm_bias, mid, stat_rows(block.norm2_mean),
                 stat_rows(block.norm2_rstd), grad_normed2, grad_part, accumulate);
-  ops::add_into(context, grad_part, grad_residual);  // now dL/dx'
+  stage(context, "residual backward", [&] { ops::add_into(context, grad_part, grad_residual); });  // now dL/dx'
 
   // Attention sublayer: x' = x + attention(rotary(norm1(x) Wqkv)) Wo.
-  const Tensor attention = rows(block.attention_out, width);
-  Tensor grad_out_weight = parameters.grad(block.out);
-  ops::gemm(context, true, false, 1.0f, attention, grad_residual, beta, grad_out_weight);
-  Tensor grad_attention = rows(grad_attention_, width);
-  ops::gemm(context, false, true, 1.0f, grad_residual, parameters.compute(block.out), 0.0f, grad_attention);
-  const AttentionShape shape{batch_, seq_len_, model_.n_heads, model_.head_dim()};
-  const Tensor qkv = rows(block.qkv_rows, 3 * width);
-  const Tensor stats = block.attention_stats.view(stats_dtype_, {batch_, model_.n_heads, seq_len_});
-  Tensor workspace(attention_workspace_.data(), DType::u8, options_.device, {attention_workspace_bytes_});
-  Tensor grad_qkv = rows(grad_qkv_, 3 * width);
-  ops::attention_backward(context, shape, qkv, attention, grad_attention, stats, workspace, grad_qkv);
-  if (model_.positions == PositionKind::rotary)
-    ops::rotary_backward(context, shape, grad_qkv, kRotaryBase, 0, grad_qkv);
-  const Tensor normed1 = rows(block.norm1_out, width);
-  Tensor grad_qkv_weight = parameters.grad(block.qkv);
-  ops::gemm(context, true, false, 1.0f, normed1, grad_qkv, beta, grad_qkv_weight);
   Tensor grad_normed1 = rows(grad_a_, width);
-  ops::gemm(context, false, true, 1.0f, grad_qkv, parameters.compute(block.qkv), 0.0f, grad_normed1);
+  stage(context, "attention backward", [&] {
+    const Tensor attention = rows(block.attention_out, width);
+    Tensor grad_out_weight = parameters.grad(block.out);
+    ops::gemm(context, true, false, 1.0f, attention, grad_residual, beta, grad_out_weight);
+    Tensor grad_attention = rows(grad_attention_, width);
+    ops::gemm(context, false, true, 1.0f, grad_residual, parameters.compute(block.out), 0.0f, grad_attention);
+    const AttentionShape shape{batch_, seq_len_, model_.n_heads, model_.head_dim()};
+    const Tensor qkv = rows(block.qkv_rows, 3 * width);
+    const Tensor stats = block.attention_stats.view(stats_dtype_, {batch_, model_.n_heads, seq_len_});
+    Tensor workspace(attention_workspace_.data(), DType::u8, options_.device, {attention_workspace_bytes_});
+    Tensor grad_qkv = rows(grad_qkv_, 3 * width);
+    ops::attention_backward(context, shape, qkv, attention, grad_attention, stats, workspace, grad_qkv);
+    if (model_.positions == PositionKind::rotary)
+      ops::rotary_backward(context, shape, grad_qkv, kRotaryBase, 0, grad_qkv);
+    const Tensor normed1 = rows(block.norm1_out, width);
+    Tensor grad_qkv_weight = parameters.grad(block.qkv);
+    ops::gemm(context, true, false, 1.0f, normed1, grad_qkv, beta, grad_qkv_weight);
+    ops::gemm(context, false, true, 1.0f, grad_qkv, parameters.compute(block.qkv), 0.0f, grad_normed1);
+  });
   Tensor x = rows(residual_[size_t(block.index)], width);
   norm_backward(context, parameters, block.attn_norm_weight, block.attn_norm_bias, x, stat_rows(block.norm1_mean),
                 stat_rows(block.norm1_rstd), grad_normed1, grad_part, accumulate);
-  ops::add_into(context, grad_part, grad_residual);  // now dL/dx_b
+  stage(context, "residual backward", [&] { ops::add_into(context, grad_part, grad_residual); });  // now dL/dx_b
 }
 
 }  // namespace switchyard

@@ -112,6 +112,8 @@ Trainer::Trainer(const Config& config, const TokenFile& train, const TokenFile* 
   model_options.jitter_seed = uint64_t(config.training.seed);
   model_ = std::make_unique<Transformer>(config.model, config.moe, model_options);
   router_stats_ = std::make_unique<RouterStatsRecorder>(device, model_->moe_block_count(), config.moe.num_experts);
+  SY_CHECK_INPUT(options.profile_steps >= 0, "--profile-steps must be >= 0, got ", options.profile_steps);
+  if (options.profile_steps > 0) profiler_ = std::make_unique<StepProfiler>(device, context_.stream);
   parameters_ = std::make_unique<ModelParameters>(model_->layout(), device, DType::f32, compute_dtype_);
   parameters_->initialize(context_, uint64_t(config.training.seed));
   optimizer_ = std::make_unique<AdamWOptimizer>(*parameters_, config.optimizer);
@@ -201,6 +203,16 @@ StepMetrics Trainer::train_step() {
   const size_t layer_losses = kCounts + size_t(moe_layers) * size_t(experts);
   std::vector<double> sums(layer_losses + 2 * size_t(moe_layers), 0.0);
   const Tensor inputs = device_inputs_.view(DType::i32, {batch * seq_len});
+  ++steps_in_process_;
+  // --profile-steps: the stages of steps 3 .. 2 + N of this process (the first two warm up).
+  StepProfiler* profiler = profiler_ && steps_in_process_ > 2 &&
+                                   int64_t(profiles_.size()) < options_.profile_steps
+                               ? profiler_.get()
+                               : nullptr;
+  if (profiler) {
+    profiler->begin_step();
+    model_->set_stage_observer(profiler);
+  }
   model_->reset_step_loads(context_);  // this step's loads and the global loss's running sums
   const Tensor targets = device_targets_.view(DType::i32, {batch * seq_len});
   for (int micro = 0; micro < accumulation; ++micro) {
@@ -230,10 +242,13 @@ StepMetrics Trainer::train_step() {
 
   // Gradients of the whole global batch on every rank.
   if (synchronizer_) {
-    synchronizer_->all_reduce(context_, {parameters_->grad_group(ParameterGroup::dense)},
-                              {parameters_->grad_group(ParameterGroup::expert)});
+    run_moe_stage(profiler, context_, "gradient sync", [&] {
+      synchronizer_->all_reduce(context_, {parameters_->grad_group(ParameterGroup::dense)},
+                                {parameters_->grad_group(ParameterGroup::expert)});
+    });
   }
-  const GradientNorms norms = optimizer_->gradient_norms(context_);
+  GradientNorms norms;
+  run_moe_stage(profiler, context_, "optimizer", [&] { norms = optimizer_->gradient_norms(context_); });
   std::vector<double> expert_part = {norms.squared[int(ParameterGroup::expert)],
                                      norms.non_finite[int(ParameterGroup::expert)]};
   if (config.parallel.ep_size > 1) all_reduce_host(options_.groups.expert_parallel, expert_part);
@@ -245,15 +260,17 @@ StepMetrics Trainer::train_step() {
   if (apply) {
     const double max_norm = config.optimizer.grad_clip;
     const double clip = max_norm > 0 && grad_norm > max_norm ? max_norm / (grad_norm + 1e-6) : 1.0;
-    optimizer_->step(context_, lr, clip / loss_scale);
+    run_moe_stage(profiler, context_, "optimizer", [&] { optimizer_->step(context_, lr, clip / loss_scale); });
   }
   if (apply && config.moe.uses_routing_bias()) {
     // Aux-loss-free balancing: the step's loads of every rank move the router biases, the same on
     // every rank (fp32 sums of counts are exact, the update is elementwise).
-    Tensor loads = model_->step_loads();
-    world_load_reduce_(context_, loads);
-    model_->update_routing_biases(context_, *parameters_, float(config.moe.bias_update_rate));
-    model_->reset_step_loads(context_);
+    run_moe_stage(profiler, context_, "router bias update", [&] {
+      Tensor loads = model_->step_loads();
+      world_load_reduce_(context_, loads);
+      model_->update_routing_biases(context_, *parameters_, float(config.moe.bias_update_rate));
+      model_->reset_step_loads(context_);
+    });
   }
   ++step_;
   // Test hook (src/comm/bootstrap.h): SWITCHYARD_INJECT_FAULT=<rank>:after_step_N:sigusr1|sigterm delivers
@@ -266,6 +283,12 @@ StepMetrics Trainer::train_step() {
   tokens_seen_ += int64_t(std::llround(sums[kTokens]));
   ops::synchronize(context_);
   const double seconds = now_seconds() - start;
+  if (profiler) {
+    model_->set_stage_observer(nullptr);
+    profiles_.push_back(profiler->end_step(step_));
+    profile_flops_.tokens_per_step += sums[kTokens];
+    profile_flops_.step_seconds += seconds;
+  }
 
   StepMetrics metrics;
   metrics.step = step_;
@@ -336,6 +359,32 @@ std::string Trainer::final_weights_path() const {
 }
 
 std::string Trainer::metrics_path() const { return resolve_in_run_dir(config_, config_.logging.metrics_file); }
+
+void Trainer::finish_profile(bool run_ended) {
+  if (!profiler_ || profiles_.empty()) return;
+  if (!run_ended && int64_t(profiles_.size()) < options_.profile_steps) return;
+  ProfileFlops flops = profile_flops_;
+  const double steps = double(profiles_.size());
+  flops.tokens_per_step /= steps;  // means over the profiled steps
+  flops.step_seconds /= steps;
+  flops.flops_per_token = flops_.flops_per_token;
+  flops.peak_flops = options_.device == DeviceKind::cuda ? kH100DenseBf16PeakFlops * options_.world_size : 0.0;
+  if (options_.log) {
+    *options_.log << "switchyard train: " << format_step_profile(profiles_, flops);
+    if (int64_t(profiles_.size()) < options_.profile_steps)
+      *options_.log << "switchyard train: --profile-steps " << options_.profile_steps << ": the run had only "
+                    << profiles_.size() << " step(s) after the two warm-up steps\n";
+    options_.log->flush();
+  }
+  if (options_.world_rank == 0) {
+    const std::string path = (std::filesystem::path(config_.logging.run_dir) / "profile.json").string();
+    std::ofstream out(path);
+    out << step_profile_json(profiles_, flops) << "\n";
+    if (!out) SY_THROW("writing the step profile '", path, "' failed");
+    log_line("step profile -> " + path);
+  }
+  profiler_.reset();  // done: later steps run without marks
+}
 
 void Trainer::log_line(const std::string& text) const {
   if (!options_.log) return;
@@ -412,6 +461,7 @@ void Trainer::run() {
              std::to_string(config.training.steps) + ": nothing left to train");
   while (step_ < config.training.steps) {
     StepMetrics metrics = train_step();
+    finish_profile(false);
     ++steps_here;
     if (steps_here > 1) timed_seconds += metrics.step_time_s;
     const bool evaluate_now = val_loader_ && ((config.training.eval_every > 0 &&
@@ -452,6 +502,7 @@ void Trainer::run() {
       break;
     }
   }
+  finish_profile(true);
   if (!preempted_ && last_saved_step_ != step_) save_checkpoint();
   if (preempted_) {
     log_line("preempted at step " + std::to_string(step_) + " of " + std::to_string(config.training.steps) + " (" +

@@ -61,6 +61,7 @@
 #include "src/train/lr_schedule.h"
 #include "src/train/metrics.h"
 #include "src/train/optimizer.h"
+#include "src/train/step_profiler.h"
 #include "src/train/router_stats.h"
 #include "src/train/stream_all_reduce.h"
 #include "src/train/token_file.h"
@@ -87,6 +88,9 @@ struct TrainerOptions {
   // exceed its range) and loss scaling without fp16.
   double initial_loss_scale = 0;
   bool force_loss_scaling = false;
+  // --profile-steps: time the stages of this many optimizer steps after two warm-up steps (src/train/step_profiler.h),
+  // print the breakdown to `log` and write <run_dir>/profile.json (world rank 0). 0: off.
+  int profile_steps = 0;
 };
 
 class Trainer {
@@ -140,6 +144,8 @@ class Trainer {
   // Sums `values` over `communicator` (no-op when it is null or of size 1).
   void all_reduce_host(const std::shared_ptr<Communicator>& communicator, std::vector<double>& values);
   void upload_batch();
+  // Prints and writes the step profile once its steps are done (or the run ends); no-op otherwise.
+  void finish_profile(bool run_ended);
   bool has_peers(const std::shared_ptr<Communicator>& communicator) const;
   CheckpointContext checkpoint_context() const;
   void apply_progress(const TrainingProgress& progress, const std::string& path);
@@ -159,6 +165,10 @@ class Trainer {
   DType compute_dtype_;
   std::unique_ptr<Transformer> model_;
   std::unique_ptr<RouterStatsRecorder> router_stats_;  // device-side router sums between metrics lines
+  std::unique_ptr<StepProfiler> profiler_;             // --profile-steps only
+  std::vector<StepProfile> profiles_;
+  ProfileFlops profile_flops_;                         // summed over the profiled steps
+  int64_t steps_in_process_ = 0;                       // train_step calls of this process
   std::unique_ptr<ModelParameters> parameters_;
   std::unique_ptr<AdamWOptimizer> optimizer_;
   std::unique_ptr<GradientSynchronizer> synchronizer_;

@@ -1,0 +1,190 @@
+// StepProfiler and its table (src/train/step_profiler.h).
+#include "src/train/step_profiler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <sstream>
+
+#include "src/core/error.h"
+#include "src/core/json.h"
+
+namespace switchyard {
+
+namespace {
+
+// The rows of the table, in print order.
+const char* const kCategories[] = {"attention",         "MoE layers",    "shared experts",
+                                   "dense FFNs",        "norms and residuals", "embedding, LM head and loss",
+                                   "gradient sync",     "optimizer",     "other"};
+
+bool ends_with(const std::string& text, const std::string& suffix) {
+  return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+std::string base_name(const std::string& stage) {
+  return is_backward_stage(stage) ? stage.substr(0, stage.size() - std::string(" backward").size()) : stage;
+}
+
+struct CategoryTime {
+  double forward_ms = 0, backward_ms = 0;
+};
+
+// Mean over the profiles of each category's forward and backward time.
+std::map<std::string, CategoryTime> mean_categories(const std::vector<StepProfile>& profiles) {
+  std::map<std::string, CategoryTime> categories;
+  for (const StepProfile& profile : profiles)
+    for (const StageTime& stage : profile.stages) {
+      CategoryTime& time = categories[stage_category(stage.stage)];
+      (is_backward_stage(stage.stage) ? time.backward_ms : time.forward_ms) += stage.ms / double(profiles.size());
+    }
+  return categories;
+}
+
+std::string json_number(double value) {
+  if (!std::isfinite(value)) return "null";  // JSON has no inf / NaN
+  char buffer[32];
+  std::snprintf(buffer, sizeof(buffer), "%.9g", value);
+  return buffer;
+}
+
+double mean_of(const std::vector<StepProfile>& profiles, double (*field)(const StepProfile&)) {
+  double sum = 0;
+  for (const StepProfile& profile : profiles) sum += field(profile);
+  return profiles.empty() ? 0.0 : sum / double(profiles.size());
+}
+
+}  // namespace
+
+bool is_backward_stage(const std::string& stage) { return ends_with(stage, " backward"); }
+
+std::string stage_category(const std::string& stage) {
+  const std::string base = base_name(stage);
+  if (base == "attention") return "attention";
+  if (base == "MoE") return "MoE layers";
+  if (base == "shared experts") return "shared experts";
+  if (base == "dense FFN") return "dense FFNs";
+  if (base == "norm" || base == "residual") return "norms and residuals";
+  if (base == "embedding" || base == "LM head" || base == "loss") return "embedding, LM head and loss";
+  if (base == "gradient sync") return "gradient sync";
+  if (base == "optimizer" || base == "router bias update") return "optimizer";
+  return "other";
+}
+
+double StepProfile::stages_ms() const {
+  double sum = 0;
+  for (const StageTime& stage : stages) sum += stage.ms;
+  return sum;
+}
+
+StepProfiler::StepProfiler(DeviceKind device, void* stream) : timeline_(device, stream) {}
+
+void StepProfiler::begin_step() {
+  SY_CHECK(!in_step_, "StepProfiler: begin_step twice");
+  timeline_.clear();
+  intervals_.clear();
+  in_step_ = true;
+  timeline_.mark();
+}
+
+void StepProfiler::stage_begin(const ExecContext&, const char* stage) {
+  SY_CHECK(in_step_, "StepProfiler: stage '", stage, "' outside a profiled step");
+  SY_CHECK(open_stage_ == nullptr, "StepProfiler: stage '", stage, "' begins inside '",
+           open_stage_ ? open_stage_ : "", "' (stages must not nest)");
+  open_stage_ = stage;
+  open_mark_ = timeline_.mark();
+}
+
+void StepProfiler::stage_end(const ExecContext&, const char* stage) {
+  SY_CHECK(open_stage_ != nullptr && std::string(open_stage_) == stage, "StepProfiler: stage '", stage,
+           "' ends but '", open_stage_ ? open_stage_ : "none", "' is open");
+  intervals_.push_back({open_stage_, open_mark_, timeline_.mark()});
+  open_stage_ = nullptr;
+}
+
+StepProfile StepProfiler::end_step(int64_t step) {
+  SY_CHECK(in_step_ && open_stage_ == nullptr, "StepProfiler: end_step without a complete step");
+  const int last = timeline_.mark();
+  in_step_ = false;
+  const std::vector<double> times = timeline_.times_ms();
+  StepProfile profile;
+  profile.step = step;
+  profile.device_ms = times[size_t(last)];
+  std::map<std::string, size_t> index;
+  for (const Interval& interval : intervals_) {
+    auto [at, added] = index.emplace(interval.stage, profile.stages.size());
+    if (added) profile.stages.push_back({interval.stage, 0.0, 0});
+    StageTime& time = profile.stages[at->second];
+    time.ms += times[size_t(interval.end)] - times[size_t(interval.begin)];
+    ++time.count;
+  }
+  return profile;
+}
+
+std::string format_step_profile(const std::vector<StepProfile>& profiles, const ProfileFlops& flops) {
+  std::ostringstream out;
+  if (profiles.empty()) return "step profile: no step was profiled\n";
+  const auto categories = mean_categories(profiles);
+  const double device_ms = mean_of(profiles, [](const StepProfile& p) { return p.device_ms; });
+  const double idle_ms = mean_of(profiles, [](const StepProfile& p) { return p.idle_ms(); });
+  char line[200];
+  std::snprintf(line, sizeof(line), "step profile: mean of %zu step(s) (steps %lld..%lld), device time per step\n",
+                profiles.size(), (long long)profiles.front().step, (long long)profiles.back().step);
+  out << line;
+  std::snprintf(line, sizeof(line), "  %-28s %10s %10s %10s %7s\n", "part", "fwd ms", "bwd ms", "total ms", "share");
+  out << line;
+  auto row = [&](const std::string& name, double forward_ms, double backward_ms) {
+    const double total = forward_ms + backward_ms;
+    std::snprintf(line, sizeof(line), "  %-28s %10.3f %10.3f %10.3f %6.1f%%\n", name.c_str(), forward_ms, backward_ms,
+                  total, device_ms > 0 ? 100.0 * total / device_ms : 0.0);
+    out << line;
+  };
+  for (const char* category : kCategories) {
+    const auto found = categories.find(category);
+    if (found != categories.end()) row(category, found->second.forward_ms, found->second.backward_ms);
+  }
+  row("idle (no stage queued)", idle_ms, 0.0);
+  std::snprintf(line, sizeof(line), "  %-28s %10s %10s %10.3f %6.1f%%\n", "step (first to last mark)", "", "",
+                device_ms, 100.0);
+  out << line;
+  if (flops.step_seconds > 0) {
+    const double achieved = flops.tokens_per_step * flops.flops_per_token / flops.step_seconds;
+    std::snprintf(line, sizeof(line),
+                  "  MFU = tokens/step x FLOP/token / step time / peak = %.0f x %.4g / %.4f s", flops.tokens_per_step,
+                  flops.flops_per_token, flops.step_seconds);
+    out << line;
+    if (flops.peak_flops > 0) {
+      std::snprintf(line, sizeof(line), " / %.0f TFLOP/s = %.1f%% (%.1f TFLOP/s achieved)\n", flops.peak_flops / 1e12,
+                    100.0 * achieved / flops.peak_flops, achieved / 1e12);
+    } else {
+      std::snprintf(line, sizeof(line), " = %.3g FLOP/s (no peak on this backend)\n", achieved);
+    }
+    out << line;
+  }
+  return out.str();
+}
+
+std::string step_profile_json(const std::vector<StepProfile>& profiles, const ProfileFlops& flops) {
+  std::ostringstream out;
+  out << "{\"tokens_per_step\": " << json_number(flops.tokens_per_step)
+      << ", \"flops_per_token\": " << json_number(flops.flops_per_token)
+      << ", \"step_seconds\": " << json_number(flops.step_seconds)
+      << ", \"peak_flops\": " << json_number(flops.peak_flops) << ", \"steps\": [";
+  for (size_t index = 0; index < profiles.size(); ++index) {
+    const StepProfile& profile = profiles[index];
+    out << (index ? ", " : "") << "{\"step\": " << profile.step << ", \"device_ms\": " << json_number(profile.device_ms)
+        << ", \"idle_ms\": " << json_number(profile.idle_ms()) << ", \"stages\": [";
+    for (size_t stage = 0; stage < profile.stages.size(); ++stage) {
+      const StageTime& time = profile.stages[stage];
+      out << (stage ? ", " : "") << "{\"stage\": " << json::quote(time.stage)
+          << ", \"category\": " << json::quote(stage_category(time.stage)) << ", \"ms\": " << json_number(time.ms)
+          << ", \"count\": " << time.count << "}";
+    }
+    out << "]}";
+  }
+  out << "]}";
+  return out.str();
+}
+
+}  // namespace switchyard

@@ -1,0 +1,78 @@
+// Where one optimizer step goes: `switchyard train --profile-steps N` (docs/TRAINING.md, "Step
+// time breakdown").
+//
+// StepProfiler observes the stages of a step -- the model's (src/model/transformer.h
+// set_stage_observer: embedding, norms, attention, residual adds, dense FFNs, MoE layers, shared
+// experts, LM head, loss, and each one's backward) and the trainer's ("gradient sync",
+// "optimizer", "router bias update") -- by marking the context's stream at each boundary
+// (EventTimeline: CUDA events, or the host clock on CPU). After the step it sums each stage's
+// device time. Stages do not nest, so their sum plus the gaps between them is the step's device
+// time from its first mark to its last; the gaps ("idle") are time the GPU had no work from these
+// stages queued: host work such as reading the losses, launch latency, and waits on other ranks.
+// Recording events costs a few microseconds per stage; the step being profiled is otherwise the
+// same step.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "src/core/timing.h"
+#include "src/model/moe_router.h"
+#include "src/ops/ops.h"
+
+namespace switchyard {
+
+// The row a stage is counted in: "attention", "MoE layers", "shared experts", "dense FFNs",
+// "norms and residuals", "embedding, LM head and loss", "gradient sync", "optimizer" (the
+// optimizer and the router bias update); "other" for names it does not know.
+std::string stage_category(const std::string& stage);
+// Whether a stage is backward work (its name ends in " backward").
+bool is_backward_stage(const std::string& stage);
+
+struct StageTime {
+  std::string stage;
+  double ms = 0.0;  // summed over its occurrences in the step
+  int count = 0;
+};
+
+struct StepProfile {
+  int64_t step = 0;
+  double device_ms = 0.0;  // first mark to last: the step's span on the device timeline
+  std::vector<StageTime> stages;  // in the order each first appeared
+  double stages_ms() const;
+  double idle_ms() const { return device_ms - stages_ms(); }
+};
+
+class StepProfiler : public MoeStageObserver {
+ public:
+  StepProfiler(DeviceKind device, void* stream);
+  void begin_step();
+  // Marks the end, waits for the device and returns the step's stage times.
+  StepProfile end_step(int64_t step);
+  void stage_begin(const ExecContext& context, const char* stage) override;
+  void stage_end(const ExecContext& context, const char* stage) override;
+
+ private:
+  struct Interval {
+    const char* stage;
+    int begin, end;
+  };
+  EventTimeline timeline_;
+  std::vector<Interval> intervals_;
+  const char* open_stage_ = nullptr;
+  int open_mark_ = -1;
+  bool in_step_ = false;
+};
+
+// What a step's FLOP rate was made of (the MFU formula, docs/TRAINING.md "MFU").
+struct ProfileFlops {
+  double tokens_per_step = 0, flops_per_token = 0, step_seconds = 0, peak_flops = 0;  // peak 0: no MFU (CPU)
+};
+
+// The table of the profiled steps (the mean of each row over them, forward / backward / total ms
+// and share of the step) with the MFU formula's parts; and the same as one JSON object.
+std::string format_step_profile(const std::vector<StepProfile>& profiles, const ProfileFlops& flops);
+std::string step_profile_json(const std::vector<StepProfile>& profiles, const ProfileFlops& flops);
+
+}  // namespace switchyard
