@@ -1,0 +1,117 @@
+// The step breakdown of `switchyard train --profile-steps` (src/train/step_profiler.h): the model
+// reports every stage once per occurrence without nesting, the stages cover forward and backward,
+// each maps to its row, the sums are consistent with the step's span, and misuse is refused.
+#include <gtest/gtest.h>
+
+#include <map>
+#include <random>
+#include <set>
+#include <string>
+
+#include "src/core/error.h"
+#include "src/core/json.h"
+#include "src/model/transformer.h"
+#include "src/train/step_profiler.h"
+#include "tests/support/test_helpers.h"
+
+using namespace switchyard;
+using namespace switchyard::testing;
+
+namespace {
+
+const ExecContext kCpu{DeviceKind::cpu, nullptr};
+
+TEST(StepProfiler, TheModelsStagesCoverForwardAndBackward) {
+  ModelConfig model;
+  model.vocab_size = 13;
+  model.d_model = 8;
+  model.n_layers = 3;  // block 0 dense (dense_first_blocks), blocks 1 and 2 MoE (moe_every 1)
+  model.n_heads = 2;
+  model.seq_len = 6;
+  model.d_ff = 6;
+  model.moe_every = 1;
+  model.dense_first_blocks = 1;
+  model.compute_dtype = DType::f32;
+  MoeConfig moe;
+  moe.num_experts = 4;
+  moe.top_k = moe.k_min = 2;
+  moe.expert_d_ff = 5;
+  moe.num_shared_experts = 1;
+  moe.shared_expert_d_ff = 4;
+  moe.segment_alignment = 4;
+  TransformerOptions options;
+  options.activation_dtype = DType::f32;
+  options.max_batch = 2;
+  Transformer transformer(model, moe, options);
+  ModelParameters parameters(transformer.layout(), DeviceKind::cpu, DType::f32, DType::f32);
+  parameters.initialize(kCpu, 3);
+  HostTensor tokens(DType::i32, {12}), targets(DType::i32, {12});
+  std::mt19937_64 generator(5);
+  fill_uniform(tokens, generator, 0, 12);
+  fill_uniform(targets, generator, 0, 12);
+
+  StepProfiler profiler(DeviceKind::cpu, nullptr);
+  profiler.begin_step();
+  transformer.set_stage_observer(&profiler);
+  transformer.forward_loss(kCpu, parameters, tokens, targets, 2, 6, ForwardMode::training, 1.0f, 0);
+  transformer.backward(kCpu, parameters, 1.0f, false);
+  transformer.set_stage_observer(nullptr);
+  const StepProfile profile = profiler.end_step(7);
+
+  EXPECT_EQ(profile.step, 7);
+  std::map<std::string, int> counts;
+  for (const StageTime& stage : profile.stages) {
+    counts[stage.stage] = stage.count;
+    EXPECT_GE(stage.ms, 0.0) << stage.stage;
+    EXPECT_NE(stage_category(stage.stage), "other") << stage.stage;
+  }
+  // 3 blocks: 1 dense FFN, 2 MoE blocks with a shared expert each; 2 norms per block + the final one;
+  // forward residual work: a copy per block plus the MoE output's add; backward: 2 adds per block.
+  const std::map<std::string, int> expected = {
+      {"embedding", 1},          {"norm", 7},           {"attention", 3},         {"residual", 5},
+      {"dense FFN", 1},          {"MoE", 2},            {"shared experts", 2},    {"LM head", 1},
+      {"loss", 1},               {"LM head backward", 1}, {"norm backward", 7},  {"attention backward", 3},
+      {"residual backward", 6},  {"dense FFN backward", 1}, {"MoE backward", 2}, {"shared experts backward", 2},
+      {"embedding backward", 1}};
+  EXPECT_EQ(counts, expected);
+  EXPECT_LE(profile.stages_ms(), profile.device_ms + 1e-9);
+  EXPECT_GE(profile.idle_ms(), -1e-9);
+
+  ProfileFlops flops;
+  flops.tokens_per_step = 12;
+  flops.flops_per_token = 1000;
+  flops.step_seconds = 0.5;
+  const std::string table = format_step_profile({profile}, flops);
+  for (const char* row : {"attention", "MoE layers", "shared experts", "dense FFNs", "norms and residuals",
+                          "embedding, LM head and loss", "idle", "MFU = tokens/step x FLOP/token / step time"})
+    EXPECT_NE(table.find(row), std::string::npos) << row << "\n" << table;
+  const std::string text = step_profile_json({profile}, flops);
+  EXPECT_NO_THROW(json::parse(text, "profile.json"));
+  EXPECT_NE(text.find("\"stage\": \"MoE backward\""), std::string::npos) << text;
+}
+
+TEST(StepProfiler, CategoriesAndDirections) {
+  EXPECT_EQ(stage_category("MoE backward"), "MoE layers");
+  EXPECT_EQ(stage_category("gradient sync"), "gradient sync");
+  EXPECT_EQ(stage_category("router bias update"), "optimizer");
+  EXPECT_EQ(stage_category("loss"), "embedding, LM head and loss");
+  EXPECT_EQ(stage_category("something new"), "other");
+  EXPECT_TRUE(is_backward_stage("norm backward"));
+  EXPECT_FALSE(is_backward_stage("norm"));
+}
+
+TEST(StepProfiler, RefusesNestingAndStagesOutsideAStep) {
+  StepProfiler profiler(DeviceKind::cpu, nullptr);
+  EXPECT_THROW(profiler.stage_begin(kCpu, "norm"), Error);
+  profiler.begin_step();
+  profiler.stage_begin(kCpu, "MoE");
+  EXPECT_THROW(profiler.stage_begin(kCpu, "norm"), Error);
+  EXPECT_THROW(profiler.stage_end(kCpu, "norm"), Error);
+  profiler.stage_end(kCpu, "MoE");
+  const StepProfile profile = profiler.end_step(1);
+  ASSERT_EQ(profile.stages.size(), 1u);
+  EXPECT_EQ(profile.stages[0].stage, "MoE");
+  EXPECT_EQ(profile.stages[0].count, 1);
+}
+
+}  // namespace
