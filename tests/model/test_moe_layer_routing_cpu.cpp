@@ -4,9 +4,6 @@
 // sequence-level and global-batch losses and expert choice (sparse and dense mode); the
 // global-batch loss's running sum over micro-batches and its reducer over ranks; and the layer's
 // checks of the router bias. (test_moe_layer_cpu.cpp has the Switch router's cases.)
-//
-// The op backends of these options land on their own branches; a case the CPU backend of this
-// build does not take yet is skipped with the backend's message (tests/model/routing_backend_probe.h).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -19,7 +16,6 @@
 #include <vector>
 
 #include "src/model/moe_layer.h"
-#include "tests/model/routing_backend_probe.h"
 #include "tests/support/expect_error.h"
 #include "tests/support/test_helpers.h"
 
@@ -80,13 +76,6 @@ MoeLayerConfig make_config(const RoutingCase& c) {
   config.jitter_stream = 7;
   return config;
 }
-
-// Skips the test (from the TEST body) when the CPU backend lacks what `config` routes with.
-#define SKIP_UNLESS_ROUTED(config, with_bias)                                                            \
-  do {                                                                                                   \
-    const std::string missing_ = cpu_routing_missing((config).routing_params(kTokens, true), with_bias); \
-    if (!missing_.empty()) GTEST_SKIP() << "the CPU routing backend of this build: " << missing_;       \
-  } while (0)
 
 struct LayerData {
   HostTensor x, router, w1, w2, bias, y, probe, grad_x, grad_router, grad_w1, grad_w2;
@@ -204,7 +193,6 @@ class RoutingOptionGradients : public ::testing::TestWithParam<RoutingCase> {};
 TEST_P(RoutingOptionGradients, MatchFiniteDifferences) {
   const RoutingCase& c = GetParam();
   const MoeLayerConfig config = make_config(c);
-  SKIP_UNLESS_ROUTED(config, c.bias);
   const MoeForwardArgs args{/*training=*/true, /*step=*/3, nullptr, true};
   MoeLayer layer(config, DeviceKind::cpu, DType::f64, 16);
   const RoutingParams params = config.routing_params(kTokens, true);
@@ -415,7 +403,6 @@ TEST(RouterBias, ZeroBiasRoutesLikeNoBias) {
   RoutingCase c = kGlobalCase;
   c.global_weight = 0;
   const MoeLayerConfig config = make_config(c);
-  SKIP_UNLESS_ROUTED(config, true);
   MoeLayer plain(config, DeviceKind::cpu, DType::f64, kTokens), biased(config, DeviceKind::cpu, DType::f64, kTokens);
   LayerData a(config, kTokens, 5, false), b(config, kTokens, 5, true);
   for (int64_t e = 0; e < kExperts; ++e) set_element(b.bias.tensor(), e, 0.0);
@@ -433,7 +420,6 @@ TEST(RouterBias, MovesTheChoicesButNotTheGates) {
   c.k = 1;
   c.renormalize = false;
   const MoeLayerConfig config = make_config(c);
-  SKIP_UNLESS_ROUTED(config, true);
   MoeLayer layer(config, DeviceKind::cpu, DType::f64, kTokens);
   LayerData data(config, kTokens, 6, true);
   for (int64_t e = 0; e < kExperts; ++e) set_element(data.bias.tensor(), e, e == 2 ? 100.0 : 0.0);

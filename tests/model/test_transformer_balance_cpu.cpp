@@ -3,9 +3,6 @@
 // MoE block), the step loads every training forward adds, the bias update and the compute copy it
 // refreshes, the global-batch loss's reducer and running sums, and the whole model's gradients
 // against float64 finite differences with the modern options and a shared expert.
-//
-// Tests that route with an option the CPU backend of this build lacks yet skip with its message
-// (tests/model/routing_backend_probe.h).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -14,7 +11,6 @@
 #include <vector>
 
 #include "src/model/transformer.h"
-#include "tests/model/routing_backend_probe.h"
 #include "tests/support/test_helpers.h"
 
 using namespace switchyard;
@@ -251,12 +247,6 @@ TEST_P(ModernModelGradients, MatchFiniteDifferencesWithASharedExpert) {
   moe.seq_aux_loss_weight = c.seq_weight;
   moe.global_aux_loss_weight = c.global_weight;
   if (c.method == RoutingMethod::expert_choice) moe.capacity_factor = 0.75;  // 5 of 12 tokens per expert
-  MoeLayerConfig layer;
-  layer.moe = moe;
-  layer.d_model = model_config.d_model;
-  layer.tokens_per_sequence = model_config.seq_len;
-  const std::string missing = cpu_routing_missing(layer.routing_params(12, true), c.bias_rate > 0);
-  if (!missing.empty()) GTEST_SKIP() << "the CPU routing backend of this build: " << missing;
 
   Transformer model(model_config, moe, options(DType::f64));
   ModelParameters parameters(model.layout(), DeviceKind::cpu, DType::f64, DType::f64);

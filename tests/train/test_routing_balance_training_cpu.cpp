@@ -5,9 +5,6 @@
 // names the report reads; a tiny model with aux-loss-free balancing moves each bias toward balance
 // after every applied step (not after a skipped one); and a resumed run with the bias and the new
 // losses repeats the straight one bit for bit.
-//
-// Tests that train with an option the CPU routing backend of this build lacks yet skip with its
-// message (tests/model/routing_backend_probe.h).
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -28,7 +25,6 @@
 #include "src/train/metrics.h"
 #include "src/train/optimizer.h"
 #include "src/train/trainer.h"
-#include "tests/model/routing_backend_probe.h"
 #include "tests/support/test_helpers.h"
 
 using namespace switchyard;
@@ -187,15 +183,6 @@ class BalanceTraining : public ::testing::Test {
     return parse_config_string(yaml, "balance.yaml", overrides);
   }
 
-  // The CPU routing backend's refusal of what `config` routes with ("" when it takes it).
-  static std::string missing(const Config& config) {
-    MoeLayerConfig layer;
-    layer.moe = config.moe;
-    layer.d_model = config.model.d_model;
-    layer.tokens_per_sequence = config.model.seq_len;
-    return cpu_routing_missing(layer.routing_params(config.model.seq_len, true), config.moe.uses_routing_bias());
-  }
-
   struct Run {
     TokenFile train, val;
     std::ostringstream log;
@@ -217,12 +204,6 @@ class BalanceTraining : public ::testing::Test {
 
   fs::path directory_;
 };
-
-#define SKIP_UNLESS_TRAINABLE(config)                                                              \
-  do {                                                                                             \
-    const std::string missing_ = missing(config);                                                  \
-    if (!missing_.empty()) GTEST_SKIP() << "the CPU routing backend of this build: " << missing_; \
-  } while (0)
 
 // The bias after one update from `loads`: b += rate * sign(mean - load), in fp32 as the op adds.
 std::vector<double> updated(const std::vector<double>& bias, const std::vector<int64_t>& loads, float rate) {
@@ -252,7 +233,6 @@ TEST_F(BalanceTraining, BiasMovesTowardBalanceAfterEveryAppliedStep) {
   const std::vector<std::string> overrides = {"training.steps=40", "optimizer.grad_accum_steps=2", "optimizer.lr=0.001",
                                         "model.init_std=0.1", "moe.score_function=sigmoid"};
   const Config run_config = config(overrides);
-  SKIP_UNLESS_TRAINABLE(run_config);
   auto mean_imbalance = [&](const Config& which, bool check_bias) {
     Run run(which);
     std::vector<double> bias = check_bias ? run.bias() : std::vector<double>{};
@@ -279,7 +259,6 @@ TEST_F(BalanceTraining, BiasMovesTowardBalanceAfterEveryAppliedStep) {
 
 TEST_F(BalanceTraining, SkippedStepLeavesTheBiasAndDropsItsLoads) {
   const Config run_config = config({"training.steps=40"});
-  SKIP_UNLESS_TRAINABLE(run_config);
   // A loss scale that overflows the gradients: the first steps are skipped (test_training_cpu.cpp;
   // 2^132 / 32 tokens keeps the logits' gradient scale finite in fp32).
   Run run(run_config, std::ldexp(1.0, 132));
@@ -303,7 +282,6 @@ TEST_F(BalanceTraining, ResumeIsBitIdenticalWithBiasAndBalanceLosses) {
     return config(all);
   };
   const Config run_config = config(overrides);
-  SKIP_UNLESS_TRAINABLE(run_config);
   std::vector<double> straight_losses;
   Run straight(run_config);
   for (int step = 0; step < 6; ++step) {
@@ -388,7 +366,6 @@ TEST_F(BalanceTraining, MetricsLinesCarryTheBalanceLossesWithoutABias) {
 TEST_F(BalanceTraining, MetricsLinesCarryTheBiasAndTheLosses) {
   const Config run_config = config({"training.steps=4", "moe.seq_aux_loss_weight=0.01",
                                     "moe.global_aux_loss_weight=0.01"});
-  SKIP_UNLESS_TRAINABLE(run_config);
   std::vector<double> final_bias;
   const std::vector<json::Value> lines = run_and_read_metrics(run_config, &final_bias);
   ASSERT_EQ(lines.size(), 4u);

@@ -8,9 +8,6 @@
 // loss (whose reducer sums the loads over every rank, in both layers) and expert choice.
 // f64, relative error <= 1e-12 (only summation order differs). (test_expert_parallel.cpp has the
 // Switch router's scenarios, and the NCCL runs.)
-//
-// A scenario the CPU routing backend of this build does not take yet is skipped (on every rank
-// alike) with the backend's message (tests/model/routing_backend_probe.h).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -20,7 +17,6 @@
 
 #include "src/model/moe_ep_layer.h"
 #include "src/model/moe_layer.h"
-#include "tests/model/routing_backend_probe.h"
 #include "tests/support/comm_test_support.h"
 #include "tests/support/test_helpers.h"
 
@@ -186,10 +182,6 @@ class ExpertParallelRouting : public ::testing::TestWithParam<Scenario> {};
 TEST_P(ExpertParallelRouting, CpuMatchesSingleRankReference) {
   const Scenario& scenario = GetParam();
   const ProcessContext& process = bootstrap_process(DeviceKind::cpu);
-  {
-    const std::string missing = cpu_routing_missing(make_config(scenario, 1).routing_params(17, true), scenario.bias);
-    if (!missing.empty()) GTEST_SKIP() << "the CPU routing backend of this build: " << missing;
-  }
   uint64_t salt = 1;
   for (int ep_size : ep_sizes_to_test(process.world_size)) {
     SCOPED_TRACE(::testing::Message() << "ep_size " << ep_size << ", seed " << shared_seed());

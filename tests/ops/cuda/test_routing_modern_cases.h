@@ -27,12 +27,6 @@ using namespace switchyard::testing;
 
 inline constexpr double kTolerance = 1e-5;
 
-// The CPU reference call of a comparison; any error it throws fails the test.
-#define RUN_CPU_REFERENCE(call) \
-  do {                          \
-    call;                       \
-  } while (0)
-
 struct ModernCase {
   std::string name;
   int64_t tokens = 1000;
