@@ -417,6 +417,13 @@ Value& Value::push(Value value) {
 
 // ---- Writer --------------------------------------------------------------------------------------
 
+std::string number(double value) {
+  if (!std::isfinite(value)) return "null";
+  char buffer[32];
+  std::snprintf(buffer, sizeof(buffer), "%.9g", value);
+  return buffer;
+}
+
 std::string quote(const std::string& value) {
   std::string out = "\"";
   for (const char character : value) {

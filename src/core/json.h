@@ -97,5 +97,8 @@ Value parse(const std::string& text, const std::string& source, int64_t first_li
 // `value` as a JSON string literal, quotes included (control characters other than \n \r \t as
 // \u00XX; other bytes, UTF-8 included, pass through).
 std::string quote(const std::string& value);
+// A number for a JSON writer: %.9g (enough for the float32-accurate metrics written with it), or
+// null for inf / NaN, which JSON cannot hold.
+std::string number(double value);
 
 }  // namespace switchyard::json

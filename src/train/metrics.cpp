@@ -9,16 +9,10 @@
 #include <sstream>
 
 #include "src/core/error.h"
+#include "src/core/json.h"
 
 namespace switchyard {
 namespace {
-
-std::string json_number(double value) {
-  if (!std::isfinite(value)) return "null";  // JSON has no inf / NaN
-  char buffer[32];
-  std::snprintf(buffer, sizeof(buffer), "%.9g", value);
-  return buffer;
-}
 
 std::string json_string(const std::string& text) {
   std::string out = "\"";
@@ -99,18 +93,18 @@ void MetricsWriter::write(const StepMetrics& metrics) {
 
 std::string metrics_json(const StepMetrics& m) {
   std::ostringstream out;
-  out << "{\"step\":" << m.step << ",\"total_steps\":" << m.total_steps << ",\"loss\":" << json_number(m.loss);
-  if (m.has_val_loss) out << ",\"val_loss\":" << json_number(m.val_loss);
-  out << ",\"lr\":" << json_number(m.lr) << ",\"grad_norm\":" << json_number(m.grad_norm)
-      << ",\"loss_scale\":" << json_number(m.loss_scale) << ",\"skipped\":" << (m.skipped ? "true" : "false")
-      << ",\"aux_loss\":" << json_number(m.aux_loss) << ",\"z_loss\":" << json_number(m.z_loss)
-      << ",\"seq_aux_loss\":" << json_number(m.seq_aux_loss)
-      << ",\"global_aux_loss\":" << json_number(m.global_aux_loss) << ",\"dropped_fraction\":" << json_number(m.dropped_fraction) << ",\"tokens\":" << m.tokens
-      << ",\"step_time_s\":" << json_number(m.step_time_s) << ",\"tokens_per_s\":" << json_number(m.tokens_per_s)
-      << ",\"flops_per_s\":" << json_number(m.flops_per_s);
+  out << "{\"step\":" << m.step << ",\"total_steps\":" << m.total_steps << ",\"loss\":" << json::number(m.loss);
+  if (m.has_val_loss) out << ",\"val_loss\":" << json::number(m.val_loss);
+  out << ",\"lr\":" << json::number(m.lr) << ",\"grad_norm\":" << json::number(m.grad_norm)
+      << ",\"loss_scale\":" << json::number(m.loss_scale) << ",\"skipped\":" << (m.skipped ? "true" : "false")
+      << ",\"aux_loss\":" << json::number(m.aux_loss) << ",\"z_loss\":" << json::number(m.z_loss)
+      << ",\"seq_aux_loss\":" << json::number(m.seq_aux_loss)
+      << ",\"global_aux_loss\":" << json::number(m.global_aux_loss) << ",\"dropped_fraction\":" << json::number(m.dropped_fraction) << ",\"tokens\":" << m.tokens
+      << ",\"step_time_s\":" << json::number(m.step_time_s) << ",\"tokens_per_s\":" << json::number(m.tokens_per_s)
+      << ",\"flops_per_s\":" << json::number(m.flops_per_s);
   if (m.has_mfu)
-    out << ",\"mfu\":" << json_number(m.mfu) << ",\"mfu_measured_peak\":" << json_number(m.mfu_measured_peak);
-  out << ",\"elapsed_s\":" << json_number(m.elapsed_s) << ",\"eta_s\":" << json_number(m.eta_s)
+    out << ",\"mfu\":" << json::number(m.mfu) << ",\"mfu_measured_peak\":" << json::number(m.mfu_measured_peak);
+  out << ",\"elapsed_s\":" << json::number(m.elapsed_s) << ",\"eta_s\":" << json::number(m.eta_s)
       << ",\"tokens_per_expert\":[";
   for (size_t layer = 0; layer < m.tokens_per_expert.size(); ++layer) {
     out << (layer ? ",[" : "[");
@@ -140,23 +134,23 @@ std::string metrics_json(const StepMetrics& m) {
 std::string router_stats_json(const RouterLayerStats& stats) {
   std::ostringstream out;
   out << "{\"layer\":" << stats.moe_layer << ",\"forwards\":" << stats.forwards << ",\"tokens\":" << stats.tokens
-      << ",\"load_imbalance\":" << json_number(stats.load_imbalance)
-      << ",\"experts_used\":" << json_number(stats.experts_used_fraction)
-      << ",\"dropped_fraction\":" << json_number(stats.dropped_fraction)
-      << ",\"mean_gate\":" << json_number(stats.mean_gate) << ",\"entropy\":" << json_number(stats.router_entropy)
-      << ",\"entropy_normalized\":" << json_number(stats.router_entropy_normalized)
-      << ",\"aux_loss\":" << json_number(stats.aux_loss) << ",\"z_loss\":" << json_number(stats.z_loss)
+      << ",\"load_imbalance\":" << json::number(stats.load_imbalance)
+      << ",\"experts_used\":" << json::number(stats.experts_used_fraction)
+      << ",\"dropped_fraction\":" << json::number(stats.dropped_fraction)
+      << ",\"mean_gate\":" << json::number(stats.mean_gate) << ",\"entropy\":" << json::number(stats.router_entropy)
+      << ",\"entropy_normalized\":" << json::number(stats.router_entropy_normalized)
+      << ",\"aux_loss\":" << json::number(stats.aux_loss) << ",\"z_loss\":" << json::number(stats.z_loss)
       << ",\"tokens_per_expert\":[";
   for (size_t expert = 0; expert < stats.tokens_per_expert.size(); ++expert)
     out << (expert ? "," : "") << stats.tokens_per_expert[expert];
-  out << "],\"seq_aux_loss\":" << json_number(stats.seq_aux_loss)
-      << ",\"global_aux_loss\":" << json_number(stats.global_aux_loss);
+  out << "],\"seq_aux_loss\":" << json::number(stats.seq_aux_loss)
+      << ",\"global_aux_loss\":" << json::number(stats.global_aux_loss);
   if (stats.has_bias) {
     out << ",\"bias\":[";
     for (size_t expert = 0; expert < stats.bias.size(); ++expert)
-      out << (expert ? "," : "") << json_number(stats.bias[expert]);
-    out << "],\"bias_min\":" << json_number(stats.bias_min) << ",\"bias_max\":" << json_number(stats.bias_max)
-        << ",\"bias_std\":" << json_number(stats.bias_std);
+      out << (expert ? "," : "") << json::number(stats.bias[expert]);
+    out << "],\"bias_min\":" << json::number(stats.bias_min) << ",\"bias_max\":" << json::number(stats.bias_max)
+        << ",\"bias_std\":" << json::number(stats.bias_std);
   }
   out << "}";
   return out.str();
@@ -215,7 +209,7 @@ std::string format_progress_line(const StepMetrics& m, DeviceKind device) {
     else out << " (steps " << m.router_first_step << "-" << m.step << ")";
   }
   out << " | ETA " << format_duration(m.eta_s);
-  if (m.skipped) out << " | step skipped (inf/NaN gradients, loss scale now " << json_number(m.loss_scale) << ")";
+  if (m.skipped) out << " | step skipped (inf/NaN gradients, loss scale now " << json::number(m.loss_scale) << ")";
   return out.str();
 }
 

@@ -42,13 +42,6 @@ std::map<std::string, CategoryTime> mean_categories(const std::vector<StepProfil
   return categories;
 }
 
-std::string json_number(double value) {
-  if (!std::isfinite(value)) return "null";  // JSON has no inf / NaN
-  char buffer[32];
-  std::snprintf(buffer, sizeof(buffer), "%.9g", value);
-  return buffer;
-}
-
 double mean_of(const std::vector<StepProfile>& profiles, double (*field)(const StepProfile&)) {
   double sum = 0;
   for (const StepProfile& profile : profiles) sum += field(profile);
@@ -167,18 +160,18 @@ std::string format_step_profile(const std::vector<StepProfile>& profiles, const 
 
 std::string step_profile_json(const std::vector<StepProfile>& profiles, const ProfileFlops& flops) {
   std::ostringstream out;
-  out << "{\"tokens_per_step\": " << json_number(flops.tokens_per_step)
-      << ", \"flops_per_token\": " << json_number(flops.flops_per_token)
-      << ", \"step_seconds\": " << json_number(flops.step_seconds)
-      << ", \"peak_flops\": " << json_number(flops.peak_flops) << ", \"steps\": [";
+  out << "{\"tokens_per_step\": " << json::number(flops.tokens_per_step)
+      << ", \"flops_per_token\": " << json::number(flops.flops_per_token)
+      << ", \"step_seconds\": " << json::number(flops.step_seconds)
+      << ", \"peak_flops\": " << json::number(flops.peak_flops) << ", \"steps\": [";
   for (size_t index = 0; index < profiles.size(); ++index) {
     const StepProfile& profile = profiles[index];
-    out << (index ? ", " : "") << "{\"step\": " << profile.step << ", \"device_ms\": " << json_number(profile.device_ms)
-        << ", \"idle_ms\": " << json_number(profile.idle_ms()) << ", \"stages\": [";
+    out << (index ? ", " : "") << "{\"step\": " << profile.step << ", \"device_ms\": " << json::number(profile.device_ms)
+        << ", \"idle_ms\": " << json::number(profile.idle_ms()) << ", \"stages\": [";
     for (size_t stage = 0; stage < profile.stages.size(); ++stage) {
       const StageTime& time = profile.stages[stage];
       out << (stage ? ", " : "") << "{\"stage\": " << json::quote(time.stage)
-          << ", \"category\": " << json::quote(stage_category(time.stage)) << ", \"ms\": " << json_number(time.ms)
+          << ", \"category\": " << json::quote(stage_category(time.stage)) << ", \"ms\": " << json::number(time.ms)
           << ", \"count\": " << time.count << "}";
     }
     out << "]}";
