@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "src/ops/cpu/reference_util.h"
+#include "src/ops/cpu/routing_scores.h"
 #include "src/ops/moe_ops.h"
 #include "src/ops/ops.h"
 #include "src/ops/routing_math.h"
@@ -49,22 +50,6 @@ uint32_t ordered_key(float value) {
   uint32_t bits;
   std::memcpy(&bits, &folded, sizeof(bits));
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-}
-
-void check_result_tensors(const RoutingResult& result, const RoutingParams& params, DType real) {
-  const char* op = "route (expert choice)";
-  const int64_t tokens = params.num_tokens, experts = params.num_experts, k = params.k_max;
-  expect_tensor(op, "expert_ids", result.expert_ids, DType::i32, {tokens, k});
-  expect_tensor(op, "gates", result.gates, real, {tokens, k});
-  expect_tensor(op, "slots", result.slots, DType::i32, {tokens, k});
-  expect_tensor(op, "token_k", result.token_k, DType::i32, {tokens});
-  expect_tensor(op, "logsumexp", result.logsumexp, real, {tokens});
-  expect_tensor(op, "expert_counts", result.expert_counts, DType::i32, {experts});
-  expect_tensor(op, "first_choice_counts", result.first_choice_counts, DType::i32, {experts});
-  expect_tensor(op, "prob_sums", result.prob_sums, real, {experts});
-  expect_tensor(op, "expert_offsets", result.expert_offsets, DType::i32, {experts + 1});
-  expect_tensor(op, "scalars", result.scalars, DType::i32, {kNumRoutingScalars});
-  expect_tensor(op, "losses", result.losses, real, {kNumRoutingLosses});
 }
 
 template <typename Real>
@@ -202,7 +187,7 @@ void route_expert_choice(const Tensor& logits, const RoutingInputs& inputs, cons
                  "route: expert choice takes no selection bias (each expert picks by the unbiased score)");
   detail::expect_float_matrix("route", "logits", logits, 2);
   expect_tensor("route", "logits", logits, logits.dtype, {params.num_tokens, params.num_experts});
-  check_result_tensors(result, params, logits.dtype);
+  routing_detail::check_routing_tensors("route (expert choice)", result, params, logits.dtype);
   detail::dispatch_float("route", logits.dtype, [&](auto real) {
     route_expert_choice_impl<decltype(real)>(logits, params, result);
   });

@@ -117,23 +117,6 @@ double normalized_entropy(const double* distribution, int num_experts) {
   return entropy / std::log(double(num_experts));
 }
 
-void check_routing_tensors(const char* op, const RoutingResult& result, const RoutingParams& params, DType real) {
-  const int64_t tokens = params.num_tokens, experts = params.num_experts, k = params.k_max;
-  expect_tensor(op, "expert_ids", result.expert_ids, DType::i32, {tokens, k});
-  expect_tensor(op, "gates", result.gates, real, {tokens, k});
-  expect_tensor(op, "slots", result.slots, DType::i32, {tokens, k});
-  expect_tensor(op, "token_k", result.token_k, DType::i32, {tokens});
-  expect_tensor(op, "logsumexp", result.logsumexp, real, {tokens});
-  expect_tensor(op, "expert_counts", result.expert_counts, DType::i32, {experts});
-  expect_tensor(op, "first_choice_counts", result.first_choice_counts, DType::i32, {experts});
-  expect_tensor(op, "prob_sums", result.prob_sums, real, {experts});
-  expect_tensor(op, "expert_offsets", result.expert_offsets, DType::i32, {experts + 1});
-  expect_tensor(op, "scalars", result.scalars, DType::i32, {kNumRoutingScalars});
-  expect_tensor(op, "losses", result.losses, real, {kNumRoutingLosses});
-  if (params.seq_aux_loss_weight > 0.0f)
-    routing_detail::check_sequence_fractions(op, result.sequence_fractions, params, real);
-}
-
 // Per-sequence sums of the sequence-level loss.
 struct SequenceSums {
   std::vector<int64_t> counts;         // [S, E] choices of the sequence's tokens per expert (before capacity)
@@ -348,7 +331,7 @@ void route(const Tensor& logits, const RoutingInputs& inputs, const RoutingParam
   const Tensor* complexity = inputs.complexity;
   detail::expect_float_matrix("route", "logits", logits, 2);
   expect_tensor("route", "logits", logits, logits.dtype, {params.num_tokens, params.num_experts});
-  check_routing_tensors("route", result, params, logits.dtype);
+  routing_detail::check_routing_tensors("route", result, params, logits.dtype);
   if (params.complexity == ComplexityMode::given) {
     SY_CHECK(complexity != nullptr, "route: complexity = given needs a complexity tensor");
     expect_tensor("route", "complexity", *complexity, logits.dtype, {params.num_tokens});

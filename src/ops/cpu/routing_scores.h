@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "src/ops/cpu/reference_util.h"
 #include "src/ops/moe_ops.h"
 
 namespace switchyard {
@@ -76,6 +77,25 @@ inline void check_sequence_fractions(const char* op, const Tensor& fractions, co
                        fractions.data != nullptr;
   SY_CHECK(matches, op, ": sequence_fractions must be ", dtype_name(real), "[>= ", sequences, ", ",
            params.num_experts, "] on cpu (seq_aux_loss_weight > 0), got ", fractions.describe());
+}
+
+// Every output tensor of a routing call (token or expert choice) has its shape, dtype and memory.
+inline void check_routing_tensors(const char* op, const RoutingResult& result, const RoutingParams& params,
+                                  DType real) {
+  using detail::expect_tensor;
+  const int64_t tokens = params.num_tokens, experts = params.num_experts, k = params.k_max;
+  expect_tensor(op, "expert_ids", result.expert_ids, DType::i32, {tokens, k});
+  expect_tensor(op, "gates", result.gates, real, {tokens, k});
+  expect_tensor(op, "slots", result.slots, DType::i32, {tokens, k});
+  expect_tensor(op, "token_k", result.token_k, DType::i32, {tokens});
+  expect_tensor(op, "logsumexp", result.logsumexp, real, {tokens});
+  expect_tensor(op, "expert_counts", result.expert_counts, DType::i32, {experts});
+  expect_tensor(op, "first_choice_counts", result.first_choice_counts, DType::i32, {experts});
+  expect_tensor(op, "prob_sums", result.prob_sums, real, {experts});
+  expect_tensor(op, "expert_offsets", result.expert_offsets, DType::i32, {experts + 1});
+  expect_tensor(op, "scalars", result.scalars, DType::i32, {kNumRoutingScalars});
+  expect_tensor(op, "losses", result.losses, real, {kNumRoutingLosses});
+  if (params.seq_aux_loss_weight > 0.0f) check_sequence_fractions(op, result.sequence_fractions, params, real);
 }
 
 }  // namespace routing_detail
