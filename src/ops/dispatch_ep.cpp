@@ -52,6 +52,50 @@ void ep_from_expert_layout(const ExecContext& context, const Tensor& padded, con
                                                                        expected_rows, packed, context.stream));
 }
 
+// ---- Hierarchical exchange bookkeeping ---------------------------------------------------------
+
+void ep_choice_layout(const ExecContext& context, const Tensor& ids, int num_slots, Tensor& slots, Tensor& counts,
+                      Tensor& offsets, Tensor& scalars) {
+  expect_on_device(context, "ep_choice_layout", {&ids, &slots, &counts, &offsets, &scalars});
+  if (is_cpu(context)) return cpu::ep_choice_layout(ids, num_slots, slots, counts, offsets, scalars);
+  SY_CUDA_BACKEND("ep_choice_layout",
+                  cuda::ep_choice_layout(ids, num_slots, slots, counts, offsets, scalars, context.stream));
+}
+
+void ep_node_choices(const ExecContext& context, const Tensor& ids, const Tensor& slots, const Tensor& scalars, int experts_per_node,
+                     int num_nodes, Tensor& node_ids) {
+  expect_on_device(context, "ep_node_choices", {&ids, &slots, &scalars, &node_ids});
+  if (is_cpu(context)) return cpu::ep_node_choices(ids, slots, scalars, experts_per_node, num_nodes, node_ids);
+  SY_CUDA_BACKEND("ep_node_choices",
+                  cuda::ep_node_choices(ids, slots, scalars, experts_per_node, num_nodes, node_ids, context.stream));
+}
+
+void ep_pack_node_choices(const ExecContext& context, const Tensor& ids, const Tensor& gates,
+                          const Tensor& slots, const Tensor& scalars, const Tensor& node_ids, const Tensor& node_rows,
+                          int experts_per_node, Tensor& meta_ids, Tensor& meta_gates) {
+  expect_on_device(context, "ep_pack_node_choices",
+                   {&ids, &gates, &slots, &scalars, &node_ids, &node_rows, &meta_ids, &meta_gates});
+  if (is_cpu(context))
+    return cpu::ep_pack_node_choices(ids, gates, slots, scalars, node_ids, node_rows, experts_per_node, meta_ids,
+                                     meta_gates);
+  SY_CUDA_BACKEND("ep_pack_node_choices", cuda::ep_pack_node_choices(ids, gates, slots, scalars, node_ids, node_rows,
+                                                                     experts_per_node, meta_ids, meta_gates,
+                                                                     context.stream));
+}
+
+void ep_unpack_node_gate_grads(const ExecContext& context, const Tensor& meta_grad_gates, const Tensor& ids,
+                               const Tensor& slots, const Tensor& scalars, const Tensor& node_ids, const Tensor& node_rows,
+                               int experts_per_node, Tensor& grad_gates) {
+  expect_on_device(context, "ep_unpack_node_gate_grads",
+                   {&meta_grad_gates, &ids, &slots, &scalars, &node_ids, &node_rows, &grad_gates});
+  if (is_cpu(context))
+    return cpu::ep_unpack_node_gate_grads(meta_grad_gates, ids, slots, scalars, node_ids, node_rows, experts_per_node,
+                                          grad_gates);
+  SY_CUDA_BACKEND("ep_unpack_node_gate_grads",
+                  cuda::ep_unpack_node_gate_grads(meta_grad_gates, ids, slots, scalars, node_ids, node_rows,
+                                                  experts_per_node, grad_gates, context.stream));
+}
+
 // ---- Direct peer row moves (raw pointers: nothing to check against the context) ---------------
 
 void ep_push_rows(const ExecContext& context, const void* packed, int64_t rows, const EpPeerRows& peers,

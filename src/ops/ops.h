@@ -17,6 +17,8 @@
 //   dense model        embedding, norms, rotary, attention, cross-entropy,    src/ops/model_ops.h
 //                      adamw_step, grad_norm_and_check
 //   expert parallel    ep_send_counts, ep_receive_layout, ep_*_expert_layout  src/ops/ep_ops.h
+//   hierarchical EP    ep_choice_layout, ep_node_choices, ep_pack_node_choices, src/ops/ep_hier_ops.h
+//                      ep_unpack_node_gate_grads
 //   nvlink exchange    ep_push_rows, ep_pull_*, ep_zero_padding_rows, the     src/ops/ep_nvlink_ops.h
 //                      signals (CUDA only)
 //   memory helpers     fill_zero, copy, convert, add_into, synchronize        src/ops/elementwise_ops.h
@@ -34,6 +36,7 @@
 // their end (after their own declarations, so the cycle is harmless): code that includes only
 // one of them still reaches ops::.
 #include "src/ops/elementwise_ops.h"
+#include "src/ops/ep_hier_ops.h"
 #include "src/ops/ep_nvlink_ops.h"
 #include "src/ops/ep_ops.h"
 #include "src/ops/gemm.h"
@@ -160,6 +163,16 @@ void grad_norm_and_check(const ExecContext& context, const std::vector<Tensor>& 
 // Expert-parallel row moves (src/ops/ep_ops.h).
 void ep_send_counts(const ExecContext& context, const Tensor& expert_offsets, Tensor& send_counts);
 void ep_receive_layout(const ExecContext& context, EpReceiveLayout& layout);
+void ep_choice_layout(const ExecContext& context, const Tensor& ids, int num_slots, Tensor& slots, Tensor& counts,
+                      Tensor& offsets, Tensor& scalars);
+void ep_node_choices(const ExecContext& context, const Tensor& ids, const Tensor& slots, const Tensor& scalars, int experts_per_node,
+                     int num_nodes, Tensor& node_ids);
+void ep_pack_node_choices(const ExecContext& context, const Tensor& ids, const Tensor& gates,
+                          const Tensor& slots, const Tensor& scalars, const Tensor& node_ids, const Tensor& node_rows,
+                          int experts_per_node, Tensor& meta_ids, Tensor& meta_gates);
+void ep_unpack_node_gate_grads(const ExecContext& context, const Tensor& meta_grad_gates, const Tensor& ids,
+                               const Tensor& slots, const Tensor& scalars, const Tensor& node_ids, const Tensor& node_rows,
+                               int experts_per_node, Tensor& grad_gates);
 void ep_to_expert_layout(const ExecContext& context, const Tensor& packed, const EpReceiveLayout& layout,
                          int first_expert, int end_expert, int64_t expected_rows, Tensor& padded);
 void ep_from_expert_layout(const ExecContext& context, const Tensor& padded, const EpReceiveLayout& layout,
