@@ -1,5 +1,5 @@
-// EpExchange: the parts common to both transports, and the choice between them
-// (src/comm/ep_exchange.h).
+// EpExchange: the choice of transport, and PackedEpExchange, the part the nccl and nvlink
+// transports share (src/comm/ep_exchange.h, src/comm/ep_exchange_transports.h).
 #include "src/comm/ep_exchange.h"
 
 #include <string>
@@ -12,6 +12,9 @@ namespace switchyard {
 std::unique_ptr<EpExchange> EpExchange::create(std::shared_ptr<Communicator> expert_parallel,
                                                const EpExchangeOptions& options) {
   SY_CHECK(expert_parallel != nullptr, "EpExchange: no expert_parallel communicator");
+  SY_CHECK((options.node_group == nullptr) == (options.rail_group == nullptr),
+           "EpExchange: node_group and rail_group come together");
+  if (options.node_group) return make_hierarchical_ep_exchange(std::move(expert_parallel), options);
   SY_CHECK_INPUT(options.transport != EpTransport::nvlink || options.device == DeviceKind::cuda,
                  "parallel.ep_transport nvlink moves rows between GPUs; this run is on ",
                  device_kind_name(options.device));
@@ -26,18 +29,72 @@ std::unique_ptr<EpExchange> EpExchange::create(std::shared_ptr<Communicator> exp
   return make_nccl_ep_exchange(std::move(expert_parallel), options);
 }
 
-void EpExchange::start_count_exchange(const ExecContext& context, const Tensor& packed_offsets) {
-  packed_offsets_ = packed_offsets;
-  dispatcher_->start_count_exchange(context, packed_offsets);
+PackedEpExchange::PackedEpExchange(const EpExchangeOptions& options) : options_(options) {
+  SY_CHECK(options.max_send_rows >= 0 && options.row_width >= 1, "EpExchange: max_send_rows ", options.max_send_rows,
+           " and row_width ", options.row_width, " must be >= 0 and >= 1");
+  send_rows_ = Buffer(options.device, size_t(std::max<int64_t>(options.max_send_rows, 1)) * size_t(row_bytes()));
 }
 
-const ExpertExchangePlan& EpExchange::finish_count_exchange(const ExecContext& context) {
+EpExchangeStats PackedEpExchange::stats() const {
+  EpExchangeStats stats;
+  stats.sent_rows = plan().send_rows();
+  stats.received_rows = plan().recv_rows();
+  stats.expert_rows = plan().expert_rows();
+  return stats;
+}
+
+const ExpertExchangePlan& PackedEpExchange::start_forward(const ExecContext& context, const Tensor& x,
+                                                          const RoutingResult& routing, const RoutingParams& params,
+                                                          const DispatchMap& map) {
+  const int64_t bound = map.row_tokens.rank == 1 ? map.row_tokens.dim(0) : -1;
+  SY_CHECK(bound >= 0 && bound <= options_.max_send_rows, "EpExchange: the map holds ", bound,
+           " rows; the exchange was built for at most ", options_.max_send_rows);
+  routing_ = &routing;
+  packed_offsets_ = routing.expert_offsets;
+  // The counts leave first, so that the permute into packed rows runs while they travel.
+  dispatcher_->start_count_exchange(context, routing.expert_offsets);
+  DispatchMap full_map = map;
+  Tensor send_all = row_view(send_rows_.data(), send_rows_.bytes(), 0, bound);
+  ops::permute(context, x, routing, params, send_all, full_map);
   const ExpertExchangePlan& plan = dispatcher_->finish_count_exchange(context);
+  SY_CHECK(plan.send_rows() <= bound, "EpExchange: the routing sends ", plan.send_rows(), " rows, more than its ", bound,
+           " bound");
   ensure_layout_capacity(context);
+  map_ = full_map;
+  map_.row_tokens = Tensor(map.row_tokens.data, DType::i32, map.row_tokens.device, {plan.send_rows()});
   return plan;
 }
 
-Tensor EpExchange::row_view(void* base, size_t bytes, int64_t first_row, int64_t count) const {
+Tensor PackedEpExchange::packed_rows(EpPass pass) const {
+  const Buffer& buffer = pass == EpPass::forward ? send_rows_ : grad_send_rows_;
+  return row_view(buffer.data(), buffer.bytes(), 0, plan().send_rows());
+}
+
+void PackedEpExchange::dispatch(const ExecContext& context, EpPass pass) {
+  SY_CHECK(routing_ != nullptr, "EpExchange::dispatch: no start_forward before it");
+  dispatch_packed(context, pass, packed_rows(pass));
+}
+
+void PackedEpExchange::send_back(const ExecContext& context, EpPass pass, int chunk) {
+  Tensor packed = packed_rows(pass);
+  send_back_packed(context, pass, chunk, packed);
+}
+
+void PackedEpExchange::combine(const ExecContext& context, EpPass pass, Tensor& out) {
+  Tensor packed = packed_rows(pass);
+  combine_packed(context, pass, *routing_, map_, packed, out);
+}
+
+void PackedEpExchange::start_backward(const ExecContext& context, const Tensor& grad_y, Tensor& grad_gates) {
+  SY_CHECK(routing_ != nullptr, "EpExchange::start_backward: no forward before it");
+  // A fresh allocation on the first backward: nothing in flight can use it.
+  if (!grad_send_rows_.data()) grad_send_rows_ = Buffer(options_.device, send_rows_.bytes());
+  Tensor grad_rows = packed_rows(EpPass::backward);
+  ops::unpermute_combine_backward(context, grad_y, packed_rows(EpPass::forward), *routing_, map_, grad_rows,
+                                  grad_gates);
+}
+
+Tensor PackedEpExchange::row_view(void* base, size_t bytes, int64_t first_row, int64_t count) const {
   const size_t offset = size_t(first_row) * size_t(row_bytes());
   SY_CHECK(offset + size_t(count) * size_t(row_bytes()) <= bytes, "EpExchange: rows [", first_row, ", ",
            first_row + count, ") x ", options_.row_width, " exceed a buffer of ", bytes, " bytes");

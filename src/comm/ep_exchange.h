@@ -3,37 +3,39 @@
 // transport chosen inside (as DeepEP's buffer does), never by the layer.
 //
 // The group has P ranks; rank p holds the global experts [p*L, (p+1)*L), L = E/P. Each rank routes
-// its own tokens with segment_alignment 1, so its packed rows are grouped by global expert and the
-// rows for each destination are contiguous (src/comm/expert_dispatch.h). A pass runs:
+// its own tokens with segment_alignment 1 (src/comm/expert_dispatch.h). A pass runs:
 //
-//   start_count_exchange(packed offsets)    after routing: the counts leave (the layer permutes its
-//                                           rows into the packed buffer meanwhile)
-//   finish_count_exchange()                 the one host sync; the plan; the padded expert layout
-//                                           (expert_input / expert_output rows) made large enough
-//   dispatch(pass, packed)                  every packed row goes to its expert's layout: forward
-//                                           rows x into expert_input, backward rows dL/dO into
-//                                           expert_output
+//   start_forward(x, routing, map)          after routing: this rank's rows leave for their experts'
+//                                           ranks as far as the plan needs (counts, one host sync);
+//                                           returns the plan of THIS rank's padded expert layout
+//                                           (expert_input / expert_output rows, grown as needed)
+//   dispatch(forward)                       the rows go to the expert layouts (x rows into
+//                                           expert_input)
 //   for each chunk c:
 //     receive(pass, c)                      c's rows are in the layout, padding rows zero
 //     (the layer runs the expert FFN, or its backward, on c's rows of the layout; its results go
 //      to expert_output: O forward, dL/dX backward)
-//     send_back(pass, c, packed)            c's results start back toward their source ranks
-//   combine(pass, routing, map, packed, out)  every result is home and summed per token: forward
-//                                           out = y, y[t] = sum_j gate[t,j] * row(t,j), the rows kept
-//                                           in `packed` (backward's gate gradients read them);
-//                                           backward out = dL/dx, dL/dx[t] = sum_j row(t,j)
+//     send_back(pass, c)                    c's results start back toward their tokens
+//   combine(forward, y)                     y[t] = sum_j gate[t,j] * O(t,j)
+//   start_backward(grad_y, grad_gates)      dL/dgates [T, K] of this rank's routing; the dL/dO
+//                                           rows are readied
+//   dispatch(backward), the chunks as above (dL/dO into expert_output, dL/dX back)
+//   combine(backward, grad_x)               dL/dx[t] = sum_j dL/dX(t,j)
 // Backward reuses its forward's plan (no count exchange). Every call is collective over the group
-// in this order; everything runs on context.stream (NCCL work on the communicator's stream, ordered
-// by events).
+// in this order; everything runs on context.stream (NCCL work on the communicators' streams,
+// ordered by events). `x`, `routing` and `map` must stay valid until the backward's combine.
 //
-// Transports (parallel.ep_transport):
-//   nccl    packed all-to-all-v into a receive buffer, reordered into the padded layout on the
-//           receiver, chunked (a2a_chunks: chunk c's GEMMs overlap chunk c+1's transfer); MPI for
-//           CPU ranks;
-//   nvlink  ranks of one node: the padded layout lives in peer-mapped memory; rows are written
-//           straight into the owners' layouts and the results read straight back, fused with the
-//           per-token sum (src/comm/nvlink_exchange.h); one chunk;
-//   auto    nvlink where every rank of the group can map its peers' memory, else nccl.
+// Transports (parallel.ep_transport, parallel.ranks_per_node):
+//   nccl          packed all-to-all-v into a receive buffer, reordered into the padded layout on
+//                 the receiver, chunked (a2a_chunks: chunk c's GEMMs overlap chunk c+1's
+//                 transfer); MPI for CPU ranks;
+//   nvlink        ranks of one node: the padded layout lives in peer-mapped memory; rows are
+//                 written straight into the owners' layouts and the results read straight back,
+//                 fused with the per-token sum (src/comm/nvlink_exchange.h); one chunk;
+//   hierarchical  ranks on several nodes (src/comm/ep_exchange_hierarchical.cpp): a token's row
+//                 crosses the network once per destination node, then fans out inside the node
+//                 (nccl or nvlink as above); the node's partial sums cross back once;
+//   auto          nvlink where every rank of the group can map its peers' memory, else nccl.
 #pragma once
 
 #include <cstdint>
@@ -62,7 +64,21 @@ struct EpExchangeOptions {
   EpTransport transport = EpTransport::automatic;
   DType row_dtype = DType::f32; // the rows' type (the activation dtype)
   int64_t row_width = 0;        // D
+  int64_t max_send_rows = 0;    // the most rows one rank's routing keeps (its packed send layout)
   int64_t initial_rows = 0;     // layout rows to start with (grown on demand)
+  // Ranks on several nodes: the group's ranks of this rank's node (ranks g*R .. g*R + R-1 of the
+  // group, R = node_group's size) and the ranks at the same place on every node (rail_group).
+  // Both null: one node.
+  std::shared_ptr<Communicator> node_group, rail_group;
+};
+
+// What the last forward moved, in rows (from the host plans; no device read).
+struct EpExchangeStats {
+  int64_t sent_rows = 0;      // choices of this rank's tokens that left for an expert (kept choices)
+  int64_t received_rows = 0;  // rows its local experts received from all ranks
+  int64_t expert_rows = 0;    // the padded grouped-GEMM layout
+  int64_t network_rows = 0;   // hierarchical: rows this rank sent to other nodes' ranks (one per
+                              // token and destination node); 0 otherwise
 };
 
 class EpExchange {
@@ -72,42 +88,35 @@ class EpExchange {
                                             const EpExchangeOptions& options);
   virtual ~EpExchange() = default;
 
-  virtual EpTransport transport() const = 0;  // nccl (MPI on the CPU) or nvlink
-  ExpertDispatcher& dispatcher() { return *dispatcher_; }
-  int ranks() const { return dispatcher_->ranks(); }
-  int local_experts() const { return dispatcher_->local_experts(); }
-  int first_expert() const { return dispatcher_->first_expert(); }
-  int chunks() const { return dispatcher_->chunks(); }
-  const ExpertExchangePlan& plan() const { return dispatcher_->plan(); }
+  virtual EpTransport transport() const = 0;  // of the rows inside a node
+  virtual bool hierarchical() const { return false; }
+  virtual int ranks() const = 0;
+  virtual int local_experts() const = 0;
+  virtual int first_expert() const = 0;
+  virtual int chunks() const = 0;
+  virtual const ExpertExchangePlan& plan() const = 0;  // this rank's expert layout
   // int32 [n_c + 1] offsets of chunk c's experts relative to its first layout row.
-  Tensor chunk_offsets(int chunk) const { return dispatcher_->chunk_offsets(chunk); }
-
-  // `packed_offsets`: int32 [E+1] of the packed routing, on the device; valid for the whole pass.
-  void start_count_exchange(const ExecContext& context, const Tensor& packed_offsets);
-  const ExpertExchangePlan& finish_count_exchange(const ExecContext& context);
+  virtual Tensor chunk_offsets(int chunk) const = 0;
+  virtual EpExchangeStats stats() const = 0;
+  // Waits until every communicator stream is idle (before buffers that they may use are freed).
+  virtual void synchronize_communicators() = 0;
 
   // Rows [first_row, first_row + count) of the padded expert layout, [count, D].
   virtual Tensor expert_input(int64_t first_row, int64_t count) const = 0;
   virtual Tensor expert_output(int64_t first_row, int64_t count) const = 0;
 
-  // `packed` [plan().send_rows(), D]: this rank's rows, by global expert.
-  virtual void dispatch(const ExecContext& context, EpPass pass, const Tensor& packed) = 0;
+  // x [T, D]; routing (segment_alignment 1) with `params`; `map` the router's DispatchMap with
+  // room for every kept choice (permute fills it).
+  virtual const ExpertExchangePlan& start_forward(const ExecContext& context, const Tensor& x,
+                                                  const RoutingResult& routing, const RoutingParams& params,
+                                                  const DispatchMap& map) = 0;
+  virtual void dispatch(const ExecContext& context, EpPass pass) = 0;
   virtual void receive(const ExecContext& context, EpPass pass, int chunk) = 0;
-  virtual void send_back(const ExecContext& context, EpPass pass, int chunk, Tensor& packed) = 0;
+  virtual void send_back(const ExecContext& context, EpPass pass, int chunk) = 0;
   // `out` [T, D]: y (forward) or dL/dx (backward), overwritten.
-  virtual void combine(const ExecContext& context, EpPass pass, const RoutingResult& routing, const DispatchMap& map,
-                       Tensor& packed, Tensor& out) = 0;
-
- protected:
-  explicit EpExchange(const EpExchangeOptions& options) : options_(options) {}
-  // Makes the layout hold the plan's rows; the streams are idle or the growth synchronizes them.
-  virtual void ensure_layout_capacity(const ExecContext& context) = 0;
-  Tensor row_view(void* base, size_t bytes, int64_t first_row, int64_t count) const;
-  int64_t row_bytes() const { return options_.row_width * int64_t(dtype_size(options_.row_dtype)); }
-
-  EpExchangeOptions options_;
-  std::unique_ptr<ExpertDispatcher> dispatcher_;
-  Tensor packed_offsets_;  // of the pass in flight
+  virtual void combine(const ExecContext& context, EpPass pass, Tensor& out) = 0;
+  // grad_y [T, D]; grad_gates [T, K] of the forward's routing, overwritten.
+  virtual void start_backward(const ExecContext& context, const Tensor& grad_y, Tensor& grad_gates) = 0;
 };
 
 }  // namespace switchyard

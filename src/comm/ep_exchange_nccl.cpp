@@ -10,10 +10,10 @@
 namespace switchyard {
 namespace {
 
-class NcclEpExchange final : public EpExchange {
+class NcclEpExchange final : public PackedEpExchange {
  public:
   NcclEpExchange(std::shared_ptr<Communicator> expert_parallel, const EpExchangeOptions& options)
-      : EpExchange(options) {
+      : PackedEpExchange(options) {
     dispatcher_ = std::make_unique<ExpertDispatcher>(std::move(expert_parallel), options.device, options.num_experts,
                                                      options.segment_alignment, options.chunks);
     receive_capacity_ = options.initial_rows;
@@ -32,7 +32,7 @@ class NcclEpExchange final : public EpExchange {
     return row_view(expert_output_.data(), expert_output_.bytes(), first_row, count);
   }
 
-  void dispatch(const ExecContext& context, EpPass, const Tensor& packed) override {
+  void dispatch_packed(const ExecContext& context, EpPass, const Tensor& packed) override {
     Tensor received = received_rows();
     for (int chunk = 0; chunk < chunks(); ++chunk) dispatcher_->dispatch(context, chunk, packed, received);
   }
@@ -45,7 +45,7 @@ class NcclEpExchange final : public EpExchange {
   }
 
   // Both passes return the output rows: O forward, dL/dX backward.
-  void send_back(const ExecContext& context, EpPass, int chunk, Tensor& packed) override {
+  void send_back_packed(const ExecContext& context, EpPass, int chunk, Tensor& packed) override {
     Tensor received = received_rows();
     if (chunk_rows(chunk) > 0)
       dispatcher_->from_expert_layout(context, chunk, expert_output(0, plan().expert_rows()), received);
@@ -53,8 +53,8 @@ class NcclEpExchange final : public EpExchange {
     dispatcher_->combine(context, chunk, received, packed);
   }
 
-  void combine(const ExecContext& context, EpPass pass, const RoutingResult& routing, const DispatchMap& map,
-               Tensor& packed, Tensor& out) override {
+  void combine_packed(const ExecContext& context, EpPass pass, const RoutingResult& routing, const DispatchMap& map,
+                      Tensor& packed, Tensor& out) override {
     dispatcher_->wait_combined(context);
     if (pass == EpPass::forward) {
       ops::unpermute_combine(context, packed, routing, map, out);

@@ -13,11 +13,11 @@
 namespace switchyard {
 namespace {
 
-class NvlinkEpExchange final : public EpExchange {
+class NvlinkEpExchange final : public PackedEpExchange {
  public:
   NvlinkEpExchange(std::shared_ptr<Communicator> expert_parallel, const EpExchangeOptions& options,
                    std::unique_ptr<NvlinkPeerMemory> peers)
-      : EpExchange(options), peers_(std::move(peers)) {
+      : PackedEpExchange(options), peers_(std::move(peers)) {
     peers_->reserve(kNvlinkCountRegion,
                     size_t(peers_->ranks()) * size_t(options.num_experts) * sizeof(int32_t));
     // Unchunked: with no staging copy there is nothing to overlap.
@@ -37,7 +37,7 @@ class NvlinkEpExchange final : public EpExchange {
     return row_view(peers_->local(kNvlinkOutputRegion), peers_->bytes(kNvlinkOutputRegion), first_row, count);
   }
 
-  void dispatch(const ExecContext& context, EpPass pass, const Tensor& packed) override {
+  void dispatch_packed(const ExecContext& context, EpPass pass, const Tensor& packed) override {
     const ExpertExchangePlan& plan = this->plan();
     const EpReceiveLayout& layout = dispatcher_->layout();
     const int64_t padding_rows = plan.expert_rows() - plan.recv_rows();
@@ -61,10 +61,10 @@ class NvlinkEpExchange final : public EpExchange {
   }
 
   // The owners' results stay in their output regions until every rank pulls them in combine().
-  void send_back(const ExecContext&, EpPass, int, Tensor&) override {}
+  void send_back_packed(const ExecContext&, EpPass, int, Tensor&) override {}
 
-  void combine(const ExecContext& context, EpPass pass, const RoutingResult& routing, const DispatchMap& map,
-               Tensor& packed, Tensor& out) override {
+  void combine_packed(const ExecContext& context, EpPass pass, const RoutingResult& routing, const DispatchMap& map,
+                      Tensor& packed, Tensor& out) override {
     const bool forward = pass == EpPass::forward;
     peers_->signal_and_wait(forward ? kEpOutputsReady : kEpInputGradientsReady, context.stream);
     // Forward: y[t] = sum_j gate * row, the rows kept in `packed` for the gate gradients;

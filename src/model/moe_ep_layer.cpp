@@ -50,11 +50,11 @@ MoeEpLayer::MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicato
   options.transport = transport;
   options.row_dtype = activation_dtype;
   options.row_width = config_.d_model;
+  options.max_send_rows = max_send_rows_;
   options.initial_rows = max_send_rows_;  // the balanced load: every rank receives what it sends
   exchange_ = EpExchange::create(std::move(expert_parallel), options);
 
   const size_t activation_size = dtype_size(activation_dtype_);
-  send_rows_ = Buffer(device, size_t(max_send_rows_) * size_t(config_.d_model) * activation_size);
   hidden_capacity_ = max_send_rows_ + int64_t(local_experts()) * (config_.moe.segment_alignment - 1);
   hidden_pre_ = Buffer(device, size_t(hidden_capacity_) * size_t(config_.w1_columns()) * activation_size);
   hidden_post_ = Buffer(device, size_t(hidden_capacity_) * size_t(config_.moe.expert_d_ff) * activation_size);
@@ -67,7 +67,7 @@ void MoeEpLayer::ensure_hidden_capacity(const ExecContext& context, bool with_ba
   if (!grow && !grow_backward) return;
   // The caching allocator does not track streams: nothing may still use a buffer we free.
   ops::synchronize(context);
-  exchange_->dispatcher().communicator().synchronize();
+  exchange_->synchronize_communicators();
   const size_t activation_size = dtype_size(activation_dtype_);
   if (grow) {
     hidden_capacity_ = with_headroom(expert_rows);
@@ -119,31 +119,21 @@ MoeLosses MoeEpLayer::forward(const ExecContext& context, const Tensor& x, const
 
   const RoutingResult& routing = router_.forward(context, x, weights.router, weights.router_bias, args);
 
-  // The count exchange (the one host sync) starts first, so that the permute into packed send
-  // rows by global expert runs while the counts travel.
+  // The exchange permutes x into rows by expert while the counts travel (the one host sync).
   const int64_t send_bound = padded_rows_upper_bound(router_.params());
   SY_CHECK(send_bound <= max_send_rows_, "MoeEpLayer: ", send_bound, " send rows exceed the ", max_send_rows_,
            " allocated");
-  exchange_->start_count_exchange(context, routing.expert_offsets);
-  DispatchMap full_map = router_.dispatch_map(send_bound);
-  Tensor send_all = rows(send_rows_, 0, send_bound, d_model);
-  ops::permute(context, x, routing, router_.params(), send_all, full_map);
-  const ExpertExchangePlan& plan = exchange_->finish_count_exchange(context);
-  SY_CHECK(plan.send_rows() <= send_bound, "MoeEpLayer: the routing sends ", plan.send_rows(), " rows, more than its ",
-           send_bound, " bound");
+  exchange_->start_forward(context, x, routing, router_.params(), router_.dispatch_map(send_bound));
   ensure_hidden_capacity(context, args.training);
   inject_fault_point("ep_layer_dispatch");  // tests: a rank that stops between the counts and the rows
 
-  map_ = router_.dispatch_map(plan.send_rows());
-  Tensor send = rows(send_rows_, 0, plan.send_rows(), d_model);
-  exchange_->dispatch(context, EpPass::forward, send);
+  exchange_->dispatch(context, EpPass::forward);
   for (int chunk = 0; chunk < exchange_->chunks(); ++chunk) {
     exchange_->receive(context, EpPass::forward, chunk);
     experts_forward(context, chunk, weights);
-    exchange_->send_back(context, EpPass::forward, chunk, send);
+    exchange_->send_back(context, EpPass::forward, chunk);
   }
-  // The results come home into `send` and stay there for backward's gate gradients.
-  exchange_->combine(context, EpPass::forward, routing, map_, send, y);
+  exchange_->combine(context, EpPass::forward, y);
   has_forward_ = true;
   return args.read_losses ? read_losses(context) : MoeLosses{};
 }
@@ -180,28 +170,21 @@ void MoeEpLayer::backward(const ExecContext& context, const Tensor& grad_y, cons
   MoeWeights gradient_view{gradients.router, gradients.w1, gradients.w2};
   check_weights(gradient_view, gradient_dtype_, "gradients");
 
-  // Sender-side scratch on the first backward (a fresh allocation: nothing in flight can use it).
-  if (!grad_send_rows_.data())
-    grad_send_rows_ = Buffer(device_, size_t(max_send_rows_) * size_t(d_model) * dtype_size(activation_dtype_));
   // A forward in eval mode may have come first and left the backward buffers short.
   ensure_hidden_capacity(context, /*with_backward=*/true);
 
-  // Combine backward on the source rank: dL/dO rows of the sent choices and dL/dgates.
-  const ExpertExchangePlan& plan = exchange_->plan();
-  const Tensor returned = rows(send_rows_, 0, plan.send_rows(), d_model);
-  Tensor grad_rows = rows(grad_send_rows_, 0, plan.send_rows(), d_model);
+  // The combine's backward: dL/dgates of this rank's choices, the dL/dO rows readied.
   Tensor grad_gates = router_.grad_gates();
-  ops::unpermute_combine_backward(context, grad_y, returned, router_.routing(), map_, grad_rows, grad_gates);
-
-  exchange_->dispatch(context, EpPass::backward, grad_rows);
+  exchange_->start_backward(context, grad_y, grad_gates);
+  exchange_->dispatch(context, EpPass::backward);
   // The router's backward needs only local data: it runs while the gradient rows travel.
   router_.backward(context, aux_grad_scale, z_grad_scale, gradients.router);
   for (int chunk = 0; chunk < exchange_->chunks(); ++chunk) {
     exchange_->receive(context, EpPass::backward, chunk);
     experts_backward(context, chunk, weights, gradients);
-    exchange_->send_back(context, EpPass::backward, chunk, grad_rows);  // dL/dX rows, back into grad_rows
+    exchange_->send_back(context, EpPass::backward, chunk);  // dL/dX rows
   }
-  exchange_->combine(context, EpPass::backward, router_.routing(), map_, grad_rows, grad_x);
+  exchange_->combine(context, EpPass::backward, grad_x);
   has_forward_ = false;  // hidden_post now holds dL/dA
   router_.add_input_gradient(context, weights.router, grad_x);
 }
@@ -238,13 +221,6 @@ void MoeEpLayer::experts_backward(const ExecContext& context, int chunk, const M
 
 // ---- Host reads ------------------------------------------------------------------------------
 
-MoeExchangeStats MoeEpLayer::exchange_stats() const {
-  const ExpertExchangePlan& plan = exchange_->plan();
-  MoeExchangeStats stats;
-  stats.sent_rows = plan.send_rows();
-  stats.received_rows = plan.recv_rows();
-  stats.expert_rows = plan.expert_rows();
-  return stats;
-}
+MoeExchangeStats MoeEpLayer::exchange_stats() const { return exchange_->stats(); }
 
 }  // namespace switchyard

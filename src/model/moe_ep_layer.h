@@ -57,12 +57,8 @@
 
 namespace switchyard {
 
-// What the last forward's exchange moved, in rows (from the host plan; no device read).
-struct MoeExchangeStats {
-  int64_t sent_rows = 0;      // rows this rank sent (kept choices of its tokens)
-  int64_t received_rows = 0;  // rows its local experts received from all ranks
-  int64_t expert_rows = 0;    // the padded grouped-GEMM layout
-};
+// What the last forward's exchange moved, in rows (from the host plans; no device read).
+using MoeExchangeStats = EpExchangeStats;
 
 class MoeEpLayer {
  public:
@@ -102,7 +98,6 @@ class MoeEpLayer {
   // padded_rows here is the packed send layout: the rows this rank sent.
   MoeRoutingStats read_routing_stats(const ExecContext& context) const { return router_.read_routing_stats(context); }
   MoeExchangeStats exchange_stats() const;
-  ExpertDispatcher& dispatcher() { return exchange_->dispatcher(); }
 
  private:
   void check_weights(const MoeWeights& weights, DType dtype, const char* what) const;
@@ -120,9 +115,6 @@ class MoeEpLayer {
   MoeRouter router_;  // routing with segment alignment 1: the packed send layout
   std::unique_ptr<EpExchange> exchange_;
 
-  // Sender side (sized for max_tokens): packed x rows, then the returned expert outputs (kept for
-  // the gate gradients); in backward the dL/dO rows, then the returned dL/dX rows.
-  Buffer send_rows_, grad_send_rows_;
   // The experts' activations over the padded layout (grown on demand).
   int64_t hidden_capacity_ = 0, backward_hidden_capacity_ = 0;
   Buffer hidden_pre_, hidden_post_, grad_hidden_pre_;
@@ -130,7 +122,6 @@ class MoeEpLayer {
   // What the last forward left for backward.
   bool has_forward_ = false;
   int64_t tokens_ = 0;
-  DispatchMap map_;  // row_tokens over the sent rows only
 };
 
 }  // namespace switchyard
