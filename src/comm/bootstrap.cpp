@@ -247,6 +247,23 @@ ParallelGroups create_parallel_groups(const ProcessContext& context, const Paral
                groups.expert_data_parallel->size() == layout.expert_dp_size() &&
                groups.expert_data_parallel->rank() == placement.expert_dp_rank,
            "parallel groups do not have the expected layout");
+  if (layout.hierarchical()) {
+    // Node groups: R consecutive ranks of the group; rails: one rank per node, at the same place.
+    const int per_node = layout.ep_ranks_per_node();
+    const int node = context.world_rank / per_node;
+    const int rail = placement.ep_group * per_node + placement.ep_rank % per_node;
+    MPI_Comm node_comm = MPI_COMM_NULL, rail_comm = MPI_COMM_NULL;
+    PendingComms pending_levels{{&node_comm, &rail_comm}};
+    MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, node, context.world_rank, &node_comm));
+    MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, rail, context.world_rank, &rail_comm));
+    groups.expert_parallel_node =
+        create_communicator(context.device, take(node_comm), "expert_parallel_node", collective_timeout_s);
+    groups.expert_parallel_rail =
+        create_communicator(context.device, take(rail_comm), "expert_parallel_rail", collective_timeout_s);
+    SY_CHECK(groups.expert_parallel_node->size() == per_node &&
+                 groups.expert_parallel_rail->size() == layout.ep_nodes(),
+             "hierarchical groups do not have the expected layout");
+  }
   return groups;
 }
 

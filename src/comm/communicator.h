@@ -47,6 +47,9 @@ struct ParallelGroups {
   std::shared_ptr<Communicator> world;
   std::shared_ptr<Communicator> expert_parallel;
   std::shared_ptr<Communicator> expert_data_parallel;
+  // An expert-parallel group over several nodes (ParallelLayout::hierarchical): its ranks on this
+  // rank's node, and its ranks at this rank's place on every node. Null inside one node.
+  std::shared_ptr<Communicator> expert_parallel_node, expert_parallel_rail;
 };
 
 }  // namespace switchyard

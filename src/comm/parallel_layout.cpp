@@ -32,9 +32,20 @@ void ParallelLayout::check(int world_size, int ep_size, int num_experts, const s
   if (!reason.empty()) SY_BAD_INPUT(origin.empty() ? reason : origin + ": " + reason);
 }
 
-ParallelLayout::ParallelLayout(int world_size, int ep_size, int num_experts)
-    : world_size_(world_size), ep_size_(ep_size), num_experts_(num_experts) {
+std::string ParallelLayout::node_problem(int ep_size, int ranks_per_node) {
+  if (ranks_per_node < 0) return detail::concat("parallel.ranks_per_node = ", ranks_per_node, " must be >= 0");
+  if (ranks_per_node == 0 || ep_size < 1) return "";
+  if (ranks_per_node % ep_size == 0 || ep_size % ranks_per_node == 0) return "";
+  return detail::concat("parallel.ranks_per_node = ", ranks_per_node, " and parallel.ep_size = ", ep_size,
+                        ": one must divide the other, so that an expert-parallel group is either inside one node "
+                        "or made of whole nodes");
+}
+
+ParallelLayout::ParallelLayout(int world_size, int ep_size, int num_experts, int ranks_per_node)
+    : world_size_(world_size), ep_size_(ep_size), num_experts_(num_experts), ranks_per_node_(ranks_per_node) {
   check(world_size, ep_size, num_experts);  // before the world check: ep_size 0 is the user's error
+  const std::string nodes = node_problem(ep_size, ranks_per_node);
+  if (!nodes.empty()) SY_BAD_INPUT(nodes);
   SY_CHECK(world_size >= 1, "ParallelLayout: world size ", world_size);
 }
 

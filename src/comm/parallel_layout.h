@@ -12,6 +12,12 @@
 //
 // The rules (P >= 1, P divides E, P divides W) and their messages live here alone: the config
 // checks what it knows when it is read (E and P), the world part once MPI has started.
+//
+// Nodes (parallel.ranks_per_node = N_r, 0: all ranks on one node). World ranks [n*N_r, (n+1)*N_r)
+// share node n. An expert-parallel group inside one node (N_r a multiple of P) exchanges in one
+// level; a group over several nodes (N_r < P, N_r dividing P) exchanges hierarchically
+// (src/comm/ep_exchange.h): its R = N_r ranks per node form its node groups (ranks r with the same
+// r / R inside the group), its ranks at the same place on every node its rail groups (same r % R).
 #pragma once
 
 #include <string>
@@ -34,7 +40,7 @@ class ParallelLayout {
   // Throws SY_BAD_INPUT (naming parallel.ep_size, moe.num_experts and the world size) unless the
   // rules hold. num_experts 0: a layout of ranks only, for users that place no experts
   // (collective benchmarks, group tests); experts_per_rank and first_expert are then 0.
-  ParallelLayout(int world_size, int ep_size, int num_experts);
+  ParallelLayout(int world_size, int ep_size, int num_experts, int ranks_per_node = 0);
 
   // Why (world_size, ep_size, num_experts) has no layout, or "" when it has one. world_size 0
   // means not known yet (a config being read): only ep_size and num_experts are checked.
@@ -43,12 +49,18 @@ class ParallelLayout {
   // SY_BAD_INPUT("<origin>: " + problem) when there is a problem; `origin` (a config's file:line,
   // say) may be empty.
   static void check(int world_size, int ep_size, int num_experts, const std::string& origin = "");
+  // Why parallel.ranks_per_node does not fit parallel.ep_size (neither divides the other), or "".
+  static std::string node_problem(int ep_size, int ranks_per_node);
 
   int world_size() const { return world_size_; }
   int ep_size() const { return ep_size_; }
   int expert_dp_size() const { return world_size_ / ep_size_; }  // ranks holding each shard
   int num_experts() const { return num_experts_; }
   int experts_per_rank() const { return num_experts_ / ep_size_; }
+  // The expert-parallel group's ranks per node (P when the group is inside one node) and its nodes.
+  int ep_ranks_per_node() const { return ranks_per_node_ > 0 && ranks_per_node_ < ep_size_ ? ranks_per_node_ : ep_size_; }
+  int ep_nodes() const { return ep_size_ / ep_ranks_per_node(); }
+  bool hierarchical() const { return ep_nodes() > 1; }
 
   // SY_CHECK: 0 <= world_rank < world_size.
   RankPlacement placement(int world_rank) const;
@@ -58,7 +70,7 @@ class ParallelLayout {
   int shard_of_expert(int expert) const;
 
  private:
-  int world_size_, ep_size_, num_experts_;
+  int world_size_, ep_size_, num_experts_, ranks_per_node_;
 };
 
 }  // namespace switchyard

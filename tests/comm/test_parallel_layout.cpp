@@ -130,4 +130,30 @@ TEST(ParallelLayout, OutOfRangeArgumentsAreInternalErrors) {
   }
 }
 
+TEST(ParallelLayout, NodesMakeAGroupHierarchicalOnlyWhenItSpansSeveral) {
+  const ParallelLayout one_node(8, 4, 16);  // ranks_per_node 0: one node
+  EXPECT_FALSE(one_node.hierarchical());
+  EXPECT_EQ(one_node.ep_ranks_per_node(), 4);
+  EXPECT_EQ(one_node.ep_nodes(), 1);
+  const ParallelLayout inside(8, 4, 16, 8);  // a node of 8 holds both groups of 4
+  EXPECT_FALSE(inside.hierarchical());
+  EXPECT_EQ(inside.ep_nodes(), 1);
+  const ParallelLayout spanning(8, 8, 16, 2);  // one group of 8 over 4 nodes of 2
+  EXPECT_TRUE(spanning.hierarchical());
+  EXPECT_EQ(spanning.ep_ranks_per_node(), 2);
+  EXPECT_EQ(spanning.ep_nodes(), 4);
+  const ParallelLayout two_groups(8, 4, 16, 2);  // two groups of 4, each over 2 nodes of 2
+  EXPECT_TRUE(two_groups.hierarchical());
+  EXPECT_EQ(two_groups.ep_nodes(), 2);
+}
+
+TEST(ParallelLayout, RanksPerNodeMustDivideOrBeAMultipleOfTheGroup) {
+  EXPECT_EQ(ParallelLayout::node_problem(4, 0), "");
+  EXPECT_EQ(ParallelLayout::node_problem(4, 2), "");
+  EXPECT_EQ(ParallelLayout::node_problem(4, 8), "");
+  EXPECT_NE(ParallelLayout::node_problem(4, 3), "");
+  EXPECT_NE(ParallelLayout::node_problem(4, -1), "");
+  expect_bad_input([] { ParallelLayout(12, 4, 8, 6); }, {"parallel.ranks_per_node = 6", "parallel.ep_size = 4"});
+}
+
 }  // namespace
