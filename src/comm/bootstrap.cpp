@@ -272,6 +272,16 @@ ParallelGroups create_parallel_groups(const ProcessContext& context, int ep_size
                                 collective_timeout_s);
 }
 
+int contiguous_ranks_per_node(const ProcessContext& context) {
+  SY_CHECK(g_bootstrapped, "contiguous_ranks_per_node before bootstrap_process");
+  const int block = context.world_rank % context.local_size == context.local_rank ? 1 : 0;
+  int all_blocks = 0, smallest = 0, largest = 0;
+  MPI_CHECK(MPI_Allreduce(&block, &all_blocks, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+  MPI_CHECK(MPI_Allreduce(&context.local_size, &smallest, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+  MPI_CHECK(MPI_Allreduce(&context.local_size, &largest, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
+  return all_blocks == 1 && smallest == largest ? context.local_size : 0;
+}
+
 void register_for_abort(Communicator* communicator) {
   std::lock_guard<std::mutex> lock(g_registry_mutex);
   registry().push_back(communicator);

@@ -57,6 +57,11 @@ ParallelGroups create_parallel_groups(const ProcessContext& context, const Paral
 // does not divide the world size.
 ParallelGroups create_parallel_groups(const ProcessContext& context, int ep_size, double collective_timeout_s);
 
+// The ranks per node when every node holds one contiguous block of world ranks and all blocks have
+// the same size (mpirun's and srun's default block placement), else 0: what
+// parallel.ranks_per_node = 0 means. Collective over the world (two small all-reduces).
+int contiguous_ranks_per_node(const ProcessContext& context);
+
 // Runs `body` and returns its exit code. On a switchyard::Error (its exit code), std::exception
 // (exit 1) or anything else (exit 1) it prints exactly one line to stderr:
 //   switchyard: error: [rank R on HOST, file:line] message
