@@ -13,6 +13,7 @@
 #include <cstring>
 #include <map>
 #include <random>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -120,20 +121,31 @@ inline bool nccl_usable(std::string* reason) {
   return all_ok != 0;
 }
 
-// Parallel groups per (device, ep_size), created once: NCCL set-up is expensive. Every rank runs
-// the same tests in the same order, so the collective creation calls match.
-inline std::map<std::pair<DeviceKind, int>, ParallelGroups>& group_cache() {
-  static std::map<std::pair<DeviceKind, int>, ParallelGroups> cache;
+// Parallel groups per (device, ep_size, ranks_per_node), created once: NCCL set-up is expensive.
+// Every rank runs the same tests in the same order, so the collective creation calls match.
+// ranks_per_node < ep_size (dividing it) emulates nodes: the groups get node and rail communicators.
+inline std::map<std::tuple<DeviceKind, int, int>, ParallelGroups>& group_cache() {
+  static std::map<std::tuple<DeviceKind, int, int>, ParallelGroups> cache;
   return cache;
 }
 
-inline ParallelGroups& groups_for(DeviceKind device, int ep_size) {
-  auto key = std::make_pair(device, ep_size);
+inline ParallelGroups& groups_for(DeviceKind device, int ep_size, int ranks_per_node = 0) {
+  auto key = std::make_tuple(device, ep_size, ranks_per_node);
   auto found = group_cache().find(key);
   if (found != group_cache().end()) return found->second;
   ProcessContext context = bootstrap_process(device);
   context.device = device;  // a cpu request keeps using MPI even after a GPU was selected
-  return group_cache().emplace(key, create_parallel_groups(context, ep_size, kTestTimeoutSeconds)).first->second;
+  const ParallelLayout layout(context.world_size, ep_size, /*num_experts=*/0, ranks_per_node);
+  return group_cache().emplace(key, create_parallel_groups(context, layout, kTestTimeoutSeconds)).first->second;
+}
+
+// The node sizes to test for an EP group of ep_size: 0 (one node), then emulated nodes of
+// ep_size / 2 and of 1 rank (each once, when they make the group span several nodes).
+inline std::vector<int> node_sizes_to_test(int ep_size) {
+  std::vector<int> sizes{0};
+  if (ep_size >= 4) sizes.push_back(ep_size / 2);
+  if (ep_size >= 2) sizes.push_back(1);
+  return sizes;
 }
 
 // Called by main before MPI_Finalize: communicators must not outlive MPI or the CUDA runtime.
