@@ -7,6 +7,10 @@
 // whose scale is exactly 1, so each code is the hardware conversion itself; random rows of widths
 // 128, 131, 200, 768 and 7168 with magnitudes spread over 1e-3..1e3 per row, a zero row and a
 // block of magnitudes too small for a finite inverse scale.
+// Without a GPU one test still runs: the reference's scalar conversions against cuda_fp8.h's host
+// implementation (the software emulation of the same cvt), for every float bit pattern and every
+// code.
+#include <cuda_fp8.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -71,6 +75,29 @@ void expect_matches_reference(const HostTensor& host, DType dtype) {
       ADD_FAILURE() << "dequantized element " << index << ": cuda " << got << ", reference " << expected;
   }
   EXPECT_EQ(mismatches, 0);
+}
+
+// Host only: needs no GPU. About 30 s for the 2^32 floats.
+TEST(Fp8RowsCuda, ReferenceConversionsEqualCudaFp8HostConversions) {
+  uint64_t mismatches = 0;
+  for (uint64_t pattern = 0; pattern <= 0xFFFFFFFFull; ++pattern) {
+    const float value = bits_float(uint32_t(pattern));
+    const uint8_t expected = __nv_cvt_float_to_fp8(value, __NV_SATFINITE, __NV_E4M3);
+    if (cpu::e4m3_rne_satfinite(value) != expected && ++mismatches <= 8)
+      ADD_FAILURE() << "float bits " << std::hex << pattern << ": reference " << int(cpu::e4m3_rne_satfinite(value))
+                    << ", cuda_fp8.h " << int(expected);
+  }
+  EXPECT_EQ(mismatches, 0u);
+  for (int code = 0; code < 256; ++code) {
+    const float expected = __half2float(__half(__nv_cvt_fp8_to_halfraw(uint8_t(code), __NV_E4M3)));
+    const float actual = cpu::e4m3_to_float(uint8_t(code));
+    if (std::isnan(expected)) {
+      EXPECT_TRUE(std::isnan(actual)) << "code " << code;
+    } else {
+      EXPECT_EQ(actual, expected) << "code " << code;
+      EXPECT_EQ(std::signbit(actual), std::signbit(expected)) << "code " << code;
+    }
+  }
 }
 
 TEST(Fp8RowsCuda, EveryBf16ValueConvertsAsTheReference) {
