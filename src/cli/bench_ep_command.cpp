@@ -6,7 +6,10 @@
 //              gated combine -- everything of the EP layer except the expert FFN -- against a raw
 //              all_to_all_v moving the same rows there and back in the same run.
 //              GB/s = (rows sent + rows received) * D * element size / time, the payload bytes this
-//              rank puts on and takes off the network (mean over ranks).
+//              rank puts on and takes off the network (mean over ranks). With --ep-dispatch fp8 the
+//              dispatch quantizes the rows first and dequantizes each chunk on arrival (as the EP
+//              layer does, src/comm/ep_exchange.h); its rows count fp8_row_bytes(D) each, and the
+//              raw baseline moves the same bytes (fp8 rows out, activation rows back).
 //   layer      MoeEpLayer forward and forward+backward (router, routing, exchange, expert GEMMs).
 // Times: per iteration the slowest rank (after a barrier), median over iterations, after
 // warm-up; routing from random data, so the load is about balanced (capacity drops included).
@@ -55,6 +58,11 @@ struct EpBenchSettings {
   MoeLayerConfig config;
   int chunks = 1;
   EpTransport transport = EpTransport::automatic;
+  EpDispatch dispatch = EpDispatch::activation;
+  bool fp8() const { return dispatch == EpDispatch::fp8; }
+  int64_t row_bytes() const { return config.d_model * int64_t(dtype_size(activation_dtype)); }
+  // Bytes of one row in the forward dispatch: fp8 records or activation rows.
+  int64_t dispatch_row_bytes() const { return fp8() ? fp8_row_bytes(config.d_model) : row_bytes(); }
 };
 
 // Random inputs on the bench's device (src/cli/bench_common.h).
@@ -93,6 +101,7 @@ struct ExchangeBench {
   int64_t tokens;
   RoutingParams params;
   Buffer x, logits, send, received, expert_rows, y;
+  Buffer send_fp8, received_fp8;  // --ep-dispatch fp8: the quantized rows on both sides
   RoutingBuffers routing_buffers;
   RoutingResult routing;
   DispatchMap map;
@@ -113,7 +122,7 @@ struct ExchangeBench {
     y = Buffer(device, size_t(tokens) * row_bytes);
     routing_buffers = RoutingBuffers(device, settings.float_dtype, tokens, config.moe.num_experts, config.moe.top_k, bound);
     routing = routing_buffers.result(tokens);
-    if (device == DeviceKind::cuda && settings.transport != EpTransport::nccl) {
+    if (device == DeviceKind::cuda && settings.transport != EpTransport::nccl && !settings.fp8()) {
       std::string why;
       peers = NvlinkPeerMemory::create(expert_parallel, 2, &why);  // expert rows, counts
       SY_CHECK_INPUT(peers || settings.transport == EpTransport::automatic, "bench ep: --ep-transport nvlink: ", why);
@@ -139,8 +148,8 @@ struct ExchangeBench {
     dispatcher->start_count_exchange(context, routing.expert_offsets);  // as the EP layer orders it
     ops::permute(context, x.view(dtype, {tokens, d_model}), routing, params, send_all, full_map);
     const ExpertExchangePlan& plan = dispatcher->finish_count_exchange(context);
-    ensure(received, plan.recv_rows());
-    ensure(expert_rows, plan.expert_rows());
+    ensure(received, plan.recv_rows(), settings.row_bytes());
+    ensure(expert_rows, plan.expert_rows(), settings.row_bytes());
     Tensor send_rows = send.view(dtype, {plan.send_rows(), d_model});
     if (peers) {
       run_nvlink(plan, send_rows);
@@ -148,11 +157,26 @@ struct ExchangeBench {
     }
     Tensor received_rows = received.view(dtype, {plan.recv_rows(), d_model});
     Tensor padded = expert_rows.view(dtype, {plan.expert_rows(), d_model});
-    for (int chunk = 0; chunk < dispatcher->chunks(); ++chunk)
-      dispatcher->dispatch(context, chunk, send_rows, received_rows);
+    Tensor send_records, received_records;  // fp8: u8 [rows, fp8_row_bytes(D)]
+    if (settings.fp8()) {
+      const int64_t record_bytes = fp8_row_bytes(d_model);
+      ensure(send_fp8, plan.send_rows(), record_bytes);
+      ensure(received_fp8, plan.recv_rows(), record_bytes);
+      send_records = send_fp8.view(DType::u8, {plan.send_rows(), record_bytes});
+      received_records = received_fp8.view(DType::u8, {plan.recv_rows(), record_bytes});
+      ops::quantize_rows_fp8(context, send_rows, send_records);
+    }
+    for (int chunk = 0; chunk < dispatcher->chunks(); ++chunk) {
+      if (settings.fp8()) {
+        dispatcher->dispatch(context, chunk, send_records, received_records);
+      } else {
+        dispatcher->dispatch(context, chunk, send_rows, received_rows);
+      }
+    }
     for (int chunk = 0; chunk < dispatcher->chunks(); ++chunk) {
       dispatcher->wait_dispatched(context, chunk);
       if (plan.chunk_row_end(chunk) > plan.chunk_row_begin(chunk)) {
+        if (settings.fp8()) dispatcher->dequantize_received(context, chunk, received_records, received_rows);
         dispatcher->to_expert_layout(context, chunk, received_rows, padded);
         dispatcher->from_expert_layout(context, chunk, padded, received_rows);
       }
@@ -187,24 +211,31 @@ struct ExchangeBench {
   }
 
   // The same rows there and back with plain all_to_all_v calls (the plan of the last run), one
-  // message per peer: the raw baseline is never chunked.
+  // message per peer: the raw baseline is never chunked. With fp8 the dispatch direction moves the
+  // fp8 records (as bytes), the return the activation rows.
   void run_raw() {
     const ExpertExchangePlan& plan = dispatcher->plan();
     Communicator& communicator = dispatcher->communicator();
     std::vector<int64_t> send_counts, send_offsets, recv_counts, recv_offsets;
-    whole_exchange(plan, true, send_counts, send_offsets, recv_counts, recv_offsets);
-    communicator.all_to_all_v(send.data(), send_counts, send_offsets, received.data(), recv_counts, recv_offsets,
-                              settings.activation_dtype);
-    whole_exchange(plan, false, send_counts, send_offsets, recv_counts, recv_offsets);
+    const int64_t d_model = settings.config.d_model;
+    if (settings.fp8()) {
+      whole_exchange(plan, true, fp8_row_bytes(d_model), send_counts, send_offsets, recv_counts, recv_offsets);
+      communicator.all_to_all_v(send_fp8.data(), send_counts, send_offsets, received_fp8.data(), recv_counts,
+                                recv_offsets, DType::u8);
+    } else {
+      whole_exchange(plan, true, d_model, send_counts, send_offsets, recv_counts, recv_offsets);
+      communicator.all_to_all_v(send.data(), send_counts, send_offsets, received.data(), recv_counts, recv_offsets,
+                                settings.activation_dtype);
+    }
+    whole_exchange(plan, false, d_model, send_counts, send_offsets, recv_counts, recv_offsets);
     communicator.all_to_all_v(received.data(), send_counts, send_offsets, send.data(), recv_counts, recv_offsets,
                               settings.activation_dtype);
   }
 
-  // All experts' rows per peer in one message (the raw baseline is unchunked).
-  void whole_exchange(const ExpertExchangePlan& plan, bool dispatch, std::vector<int64_t>& send_counts,
+  // All experts' rows per peer in one message (the raw baseline is unchunked); `width` elements a row.
+  void whole_exchange(const ExpertExchangePlan& plan, bool dispatch, int64_t width, std::vector<int64_t>& send_counts,
                       std::vector<int64_t>& send_offsets, std::vector<int64_t>& recv_counts,
                       std::vector<int64_t>& recv_offsets) const {
-    const int64_t width = settings.config.d_model;
     for (std::vector<int64_t>* values : {&send_counts, &send_offsets, &recv_counts, &recv_offsets})
       values->assign(size_t(plan.ranks), 0);
     const std::vector<int64_t>& out = dispatch ? plan.send_starts : plan.recv_starts;
@@ -218,9 +249,8 @@ struct ExchangeBench {
     }
   }
 
-  void ensure(Buffer& buffer, int64_t rows) {
-    const size_t bytes = size_t(std::max<int64_t>(rows, 1)) * size_t(settings.config.d_model) *
-                         dtype_size(settings.activation_dtype);
+  void ensure(Buffer& buffer, int64_t rows, int64_t row_bytes) {
+    const size_t bytes = size_t(std::max<int64_t>(rows, 1)) * size_t(row_bytes);
     if (buffer.bytes() >= bytes) return;
     ops::synchronize(settings.context);  // the caching allocator does not track streams
     buffer.reset();
@@ -240,8 +270,8 @@ struct LayerBench {
     const MoeLayerConfig& config = settings.config;
     const DType act = settings.activation_dtype;
     const DeviceKind device = settings.context.device;
-    layer = std::make_unique<MoeEpLayer>(config, std::move(expert_parallel), device, act, tokens, settings.chunks,
-                                         settings.transport);
+    layer = std::make_unique<MoeEpLayer>(config, std::move(expert_parallel), device, act, tokens,
+                                         EpLayerOptions{settings.chunks, settings.transport, settings.dispatch});
     const int64_t d = config.d_model, f = config.moe.expert_d_ff, e = config.moe.num_experts, local = layer->local_experts();
     const uint64_t seed = settings.seed + 100 * uint64_t(layer->first_expert() + 1);
     x = random_buffer(settings, act, tokens * d, 1.0f, settings.seed + 21 + uint64_t(process_rank()));
@@ -319,6 +349,7 @@ void set_up_bench_ep(const BenchEpOptions& options, BenchEpSetup& setup) {
   settings.float_dtype = use_cuda ? DType::f32 : settings.activation_dtype;
   settings.chunks = int(std::min(options.chunks, options.experts_per_rank));  // a chunk holds at least one expert
   settings.transport = options.transport;
+  settings.dispatch = options.dispatch;
   SY_CHECK_INPUT(use_cuda || settings.transport != EpTransport::nvlink,
                  "bench ep: --ep-transport nvlink needs GPUs (CPU ranks use MPI)");
   MoeLayerConfig& config = settings.config;
@@ -336,7 +367,8 @@ void set_up_bench_ep(const BenchEpOptions& options, BenchEpSetup& setup) {
   // The transport the layers will pick (create() is collective and cheap: ask once here).
   if (use_cuda) {
     setup.backend = "nccl";
-    if (settings.transport != EpTransport::nccl && NvlinkPeerMemory::create(setup.groups.expert_parallel, 0, nullptr))
+    if (settings.transport != EpTransport::nccl && !settings.fp8() &&
+        NvlinkPeerMemory::create(setup.groups.expert_parallel, 0, nullptr))
       setup.backend = "nvlink";
   }
 }
@@ -361,10 +393,10 @@ ExchangeTiming time_exchange(BenchEpSetup& setup, int64_t tokens) {
   Communicator& communicator = bench.dispatcher->communicator();
   const double raw_ms = time_slowest_median_ms(settings, world, [&] { bench.run_raw(); },
                                                [&] { communicator.synchronize(); });
+  // Put on the network: the dispatch's rows out (fp8 records or activation rows), the combine's back.
   const ExpertExchangePlan& plan = bench.dispatcher->plan();
-  const size_t element = dtype_size(settings.activation_dtype);
-  const double bytes = global_mean(double(plan.send_rows() + plan.recv_rows()) * double(settings.config.d_model) *
-                                       double(element),
+  const double bytes = global_mean(double(plan.send_rows()) * double(settings.dispatch_row_bytes()) +
+                                       double(plan.recv_rows()) * double(settings.row_bytes()),
                                    setup.context.world_size);
   return {tokens, exchange_ms, raw_ms, bytes};
 }
@@ -397,9 +429,10 @@ void report_header(const BenchEpSetup& setup, const BenchEpOptions& options) {
   std::ostringstream capacity;
   if (settings.config.moe.dropless) capacity << "dropless";
   else capacity << "capacity factor " << options.capacity_factor;
-  std::printf("# switchyard bench ep: %d ranks, ep_size %d, backend %s, %s, D=%lld F=%lld E=%d (%lld per rank) "
-              "top-%lld %s, %s, a2a_chunks %d; median of the slowest rank over %d iterations\n",
+  std::printf("# switchyard bench ep: %d ranks, ep_size %d, backend %s, %s, dispatch %s, D=%lld F=%lld E=%d "
+              "(%lld per rank) top-%lld %s, %s, a2a_chunks %d; median of the slowest rank over %d iterations\n",
               setup.context.world_size, setup.ep_size, setup.backend, dtype_name(settings.activation_dtype),
+              ep_dispatch_name(settings.dispatch),
               (long long)options.d_model, (long long)options.d_ff, settings.config.moe.num_experts,
               (long long)options.experts_per_rank, (long long)options.top_k, options.activation.c_str(),
               capacity.str().c_str(), settings.chunks, settings.iterations);
@@ -419,6 +452,7 @@ Record base_record(const BenchEpSetup& setup, const BenchEpOptions& options, con
   record.add("experts", setup.settings.config.moe.num_experts);
   record.add("top_k", double(options.top_k));
   record.add("a2a_chunks", setup.settings.chunks);
+  record.add("ep_dispatch", ep_dispatch_name(setup.settings.dispatch));
   return record;
 }
 

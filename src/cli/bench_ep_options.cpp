@@ -51,6 +51,10 @@ std::optional<BenchEpOptions> parse_bench_ep_options(int argc, char** argv) {
                     "1");
   parser.add_option("ep-transport", "auto|nccl|nvlink",
                     "how rows move: nvlink (peer-mapped GPU memory, one node), nccl (all-to-all-v), auto", "auto");
+  parser.add_option("ep-dispatch", "activation|fp8",
+                    "what the forward dispatch sends: rows in the activation dtype, or fp8 (e4m3 + a scale per 128 "
+                    "values; not with --ep-transport nvlink)",
+                    "activation");
   parser.add_option("only", "LIST", "comma list of parts: exchange,layer", "exchange,layer");
   parser.add_option("iters", "N", "timed iterations per measurement (median of the slowest rank)", "20");
   parser.add_option("warmup", "N", "untimed iterations first", "5");
@@ -92,6 +96,9 @@ std::optional<BenchEpOptions> parse_bench_ep_options(int argc, char** argv) {
   options.ep_size = parser.get_int("ep-size");
   options.timeout_s = parser.get_double("timeout");
   options.transport = parse_ep_transport(parser.get("ep-transport"), "bench ep: --ep-transport");
+  options.dispatch = parse_ep_dispatch(parser.get("ep-dispatch"), "bench ep: --ep-dispatch");
+  SY_CHECK_INPUT(options.dispatch != EpDispatch::fp8 || options.transport != EpTransport::nvlink,
+                 "bench ep: --ep-dispatch fp8 needs --ep-transport nccl or auto (nvlink moves activation rows only)");
   if (parser.has("json")) options.json_file = parser.get("json");
   return options;
 }

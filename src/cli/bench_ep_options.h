@@ -24,6 +24,7 @@ struct BenchEpOptions {
   int64_t ep_size = 0;            // 0 = the world size
   double timeout_s = 300;
   EpTransport transport = EpTransport::automatic;
+  EpDispatch dispatch = EpDispatch::activation;  // --ep-dispatch (fp8: nccl only)
   std::string parts = ",";                // the parts to run, comma-delimited: ",exchange,layer,"
   std::optional<std::string> json_file;  // --json (written by rank 0)
 

@@ -9,16 +9,35 @@
 
 namespace switchyard {
 
+const char* ep_dispatch_name(EpDispatch dispatch) {
+  switch (dispatch) {
+    case EpDispatch::activation: return "activation";
+    case EpDispatch::fp8: return "fp8";
+  }
+  return "unknown";
+}
+
+EpDispatch parse_ep_dispatch(const std::string& text, const std::string& where) {
+  if (text == "activation") return EpDispatch::activation;
+  if (text == "fp8") return EpDispatch::fp8;
+  SY_BAD_INPUT(where, ": unknown expert-parallel dispatch format '", text, "' (choices: activation, fp8)");
+}
+
 std::unique_ptr<EpExchange> EpExchange::create(std::shared_ptr<Communicator> expert_parallel,
                                                const EpExchangeOptions& options) {
   SY_CHECK(expert_parallel != nullptr, "EpExchange: no expert_parallel communicator");
+  const bool fp8 = options.dispatch == EpDispatch::fp8;
+  SY_CHECK_INPUT(!fp8 || options.transport != EpTransport::nvlink,
+                 "parallel.ep_dispatch fp8 needs parallel.ep_transport nccl or auto: the nvlink transport moves "
+                 "rows in the activation dtype only");
   SY_CHECK((options.node_group == nullptr) == (options.rail_group == nullptr),
            "EpExchange: node_group and rail_group come together");
   if (options.node_group) return make_hierarchical_ep_exchange(std::move(expert_parallel), options);
   SY_CHECK_INPUT(options.transport != EpTransport::nvlink || options.device == DeviceKind::cuda,
                  "parallel.ep_transport nvlink moves rows between GPUs; this run is on ",
                  device_kind_name(options.device));
-  if (options.device == DeviceKind::cuda && options.transport != EpTransport::nccl) {
+  // fp8 under auto: nccl, the transport that has it.
+  if (options.device == DeviceKind::cuda && options.transport != EpTransport::nccl && !fp8) {
     std::string why;
     std::unique_ptr<NvlinkPeerMemory> peers = NvlinkPeerMemory::create(expert_parallel, kNvlinkExchangeRegions, &why);
     if (peers) return make_nvlink_ep_exchange(std::move(expert_parallel), options, std::move(peers));

@@ -36,6 +36,22 @@
 //                 crosses the network once per destination node, then fans out inside the node
 //                 (nccl or nvlink as above); the node's partial sums cross back once;
 //   auto          nvlink where every rank of the group can map its peers' memory, else nccl.
+//
+// FP8 dispatch (parallel.ep_dispatch fp8; the nccl transport only: with nvlink it is bad input,
+// auto picks nccl; hierarchical: the node leg, when it is nccl).
+// The FORWARD dispatch quantizes the packed x rows (ops::quantize_rows_fp8, src/ops/fp8_rows.h: e4m3
+// codes and a float32 scale per 128 elements, one record per row), the all-to-all-v moves those
+// byte rows, and the receiver dequantizes each chunk's rows into its receive rows (activation dtype)
+// before the usual reorder into the expert layout. Bytes per token row and direction:
+//   activation  D * sizeof(activation)           bf16, D = 7168: 14336
+//   fp8         roundup(D + 4 * ceil(D/128), 16)           D = 7168:  7392 (0.52x)
+// (D = 768: 1536 vs 800.) The backward dispatch (dL/dO rows) and both combines stay in the
+// activation dtype, as in DeepEP's FP8 dispatch: only the forward input rows are quantized. The
+// experts see the dequantized x in forward and backward alike (the layout keeps it), so their
+// weight gradients are those of the quantized inputs; dL/dx passes through the quantization
+// unchanged (straight-through, as DeepSeek-V3's training with DeepEP does). Per element
+// |x - x'| <= 2^-4 amax of its 128-block; the layer's outputs stay within a few percent of the
+// activation dispatch (tests/model/mpi/test_expert_parallel_fp8.cpp states the bounds).
 #pragma once
 
 #include <cstdint>
@@ -62,6 +78,7 @@ struct EpExchangeOptions {
   int segment_alignment = 1;    // the receiver's grouped-GEMM tile height
   int chunks = 1;               // parallel.a2a_chunks (nccl; clamped to L)
   EpTransport transport = EpTransport::automatic;
+  EpDispatch dispatch = EpDispatch::activation;  // parallel.ep_dispatch (fp8: nccl only)
   DType row_dtype = DType::f32; // the rows' type (the activation dtype)
   int64_t row_width = 0;        // D
   int64_t max_send_rows = 0;    // the most rows one rank's routing keeps (its packed send layout)
@@ -83,7 +100,8 @@ struct EpExchangeStats {
 
 class EpExchange {
  public:
-  // Picks the transport (SY_BAD_INPUT when nvlink is asked for and impossible). Collective.
+  // Picks the transport (SY_BAD_INPUT when nvlink is asked for and impossible, or together with
+  // fp8 dispatch). Collective.
   static std::unique_ptr<EpExchange> create(std::shared_ptr<Communicator> expert_parallel,
                                             const EpExchangeOptions& options);
   virtual ~EpExchange() = default;
@@ -95,6 +113,7 @@ class EpExchange {
   virtual int first_expert() const = 0;
   virtual int chunks() const = 0;
   virtual const ExpertExchangePlan& plan() const = 0;  // this rank's expert layout
+  virtual EpDispatch dispatch_format() const = 0;
   // int32 [n_c + 1] offsets of chunk c's experts relative to its first layout row.
   virtual Tensor chunk_offsets(int chunk) const = 0;
   virtual EpExchangeStats stats() const = 0;

@@ -63,6 +63,7 @@ class HierarchicalEpExchange final : public EpExchange {
 
   EpTransport transport() const override { return inner_->transport(); }
   bool hierarchical() const override { return true; }
+  EpDispatch dispatch_format() const override { return inner_->dispatch_format(); }
   int ranks() const override { return group_->size(); }
   int local_experts() const override { return inner_->local_experts(); }
   int first_expert() const override { return rail_->rank() * experts_per_node_ + inner_->first_expert(); }

@@ -18,6 +18,8 @@ class NvlinkEpExchange final : public PackedEpExchange {
   NvlinkEpExchange(std::shared_ptr<Communicator> expert_parallel, const EpExchangeOptions& options,
                    std::unique_ptr<NvlinkPeerMemory> peers)
       : PackedEpExchange(options), peers_(std::move(peers)) {
+    // EpExchange::create never picks this transport for fp8 dispatch: rows go as they are.
+    SY_CHECK(options.dispatch == EpDispatch::activation, "the nvlink EP exchange has no fp8 dispatch");
     peers_->reserve(kNvlinkCountRegion,
                     size_t(peers_->ranks()) * size_t(options.num_experts) * sizeof(int32_t));
     // Unchunked: with no staging copy there is nothing to overlap.

@@ -16,6 +16,7 @@ namespace switchyard {
 
 class PackedEpExchange : public EpExchange {
  public:
+  EpDispatch dispatch_format() const override { return options_.dispatch; }
   int ranks() const override { return dispatcher_->ranks(); }
   int local_experts() const override { return dispatcher_->local_experts(); }
   int first_expert() const override { return dispatcher_->first_expert(); }

@@ -1,17 +1,42 @@
-// How the expert-parallel layer moves token rows between ranks (parallel.ep_transport).
+// How the expert-parallel layer moves token rows between ranks.
+//
+// parallel.ep_transport, the path:
 //   nccl    payload all-to-all-v over NCCL (MPI on the CPU), receiver reorders (src/comm/expert_dispatch.h)
 //   nvlink  kernels write rows straight into the peers' expert layouts through peer-mapped memory
 //           (src/comm/nvlink_exchange.h); CUDA ranks of one node only
 //   auto    nvlink where the group allows it, else nccl
+// parallel.ep_dispatch, what the forward dispatch's rows are on the wire (src/comm/ep_exchange.h):
+//   activation  the activation dtype (bf16 on CUDA)
+//   fp8         e4m3 with a float32 scale per 128 elements (src/ops/fp8_rows.h); nccl only
 #pragma once
 
+#include <memory>
 #include <string>
 
 namespace switchyard {
+
+class Communicator;
 
 enum class EpTransport { automatic, nccl, nvlink };
 const char* ep_transport_name(EpTransport transport);
 // "auto" | "nccl" | "nvlink"; SY_BAD_INPUT naming `where` and the choices otherwise.
 EpTransport parse_ep_transport(const std::string& text, const std::string& where);
+
+enum class EpDispatch { activation, fp8 };
+const char* ep_dispatch_name(EpDispatch dispatch);
+// "activation" | "fp8"; SY_BAD_INPUT naming `where` and the choices otherwise.
+EpDispatch parse_ep_dispatch(const std::string& text, const std::string& where);
+
+// The expert-parallel layer's exchange settings from the configuration (parallel.a2a_chunks,
+// parallel.ep_transport, parallel.ep_dispatch), passed as one value from the trainer down to the
+// layer (src/model/moe_ep_layer.h) and its EpExchange (src/comm/ep_exchange.h).
+struct EpLayerOptions {
+  int a2a_chunks = 1;  // >= 1, clamped to the local expert count
+  EpTransport transport = EpTransport::automatic;
+  EpDispatch dispatch = EpDispatch::activation;
+  // A group over several nodes (ParallelGroups::expert_parallel_node / _rail, from
+  // parallel.ranks_per_node): the hierarchical exchange. Null: one node.
+  std::shared_ptr<Communicator> node_group, rail_group;
+};
 
 }  // namespace switchyard

@@ -393,6 +393,33 @@ void ExpertDispatcher::wait_combined(const ExecContext& context) {
   events_->compute_waits_for_comm(context, chunks_);
 }
 
+void ExpertDispatcher::dequantize_received(const ExecContext& context, int chunk, const Tensor& recv_fp8,
+                                           Tensor& recv_packed) {
+  check_context(context);
+  SY_CHECK(has_plan_, "ExpertDispatcher::dequantize_received: exchange_counts has not run");
+  SY_CHECK(chunk >= 0 && chunk < chunks_, "ExpertDispatcher::dequantize_received: chunk ", chunk, " of ", chunks_);
+  SY_CHECK(recv_fp8.rank == 2 && recv_packed.rank == 2 && recv_fp8.dtype == DType::u8 &&
+               recv_fp8.dim(0) >= plan_.recv_rows() && recv_packed.dim(0) >= plan_.recv_rows(),
+           "ExpertDispatcher::dequantize_received: need ", plan_.recv_rows(), " u8 and ", plan_.recv_rows(),
+           " activation rows, got ", recv_fp8.describe(), " and ", recv_packed.describe());
+  auto dequantize = [&](int64_t begin, int64_t end) {
+    if (end <= begin) return;
+    const size_t fp8_bytes = size_t(recv_fp8.dim(1));
+    const size_t row_bytes = size_t(recv_packed.dim(1)) * dtype_size(recv_packed.dtype);
+    const Tensor source(static_cast<char*>(recv_fp8.data) + size_t(begin) * fp8_bytes, DType::u8, device_,
+                        {end - begin, recv_fp8.dim(1)});
+    Tensor destination(static_cast<char*>(recv_packed.data) + size_t(begin) * row_bytes, recv_packed.dtype, device_,
+                       {end - begin, recv_packed.dim(1)});
+    ops::dequantize_rows_fp8(context, source, destination);
+  };
+  if (chunks_ == 1) return dequantize(0, plan_.recv_rows());
+  const int first = plan_.chunk_first_expert(chunk), end = plan_.chunk_end_expert(chunk);
+  for (int source = 0; source < ranks_; ++source) {
+    const size_t base = size_t(source) * size_t(local_experts_);
+    dequantize(plan_.recv_starts[base + size_t(first)], plan_.recv_starts[base + size_t(end)]);
+  }
+}
+
 void ExpertDispatcher::to_expert_layout(const ExecContext& context, int chunk, const Tensor& recv_packed,
                                         Tensor& expert_rows) {
   check_context(context);

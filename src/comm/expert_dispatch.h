@@ -146,6 +146,12 @@ class ExpertDispatcher {
   void combine(const ExecContext& context, int chunk, const Tensor& recv_packed, Tensor& send_packed);
   void wait_combined(const ExecContext& context);
 
+  // The FP8 dispatch's receiver (src/comm/ep_exchange.h): chunk `chunk`'s rows of `recv_fp8`
+  // (u8 [>= plan.recv_rows(), fp8_row_bytes(D)], what dispatch delivered) dequantized into the same
+  // rows of `recv_packed` [>= plan.recv_rows(), D]. The chunk's rows from one source are contiguous:
+  // one op per source that sent any (one op in all when there is one chunk). After wait_dispatched.
+  void dequantize_received(const ExecContext& context, int chunk, const Tensor& recv_fp8, Tensor& recv_packed);
+
   // Steps 3 and 4 for chunk `chunk`: `expert_rows` [>= plan.expert_rows(), D].
   void to_expert_layout(const ExecContext& context, int chunk, const Tensor& recv_packed, Tensor& expert_rows);
   void from_expert_layout(const ExecContext& context, int chunk, const Tensor& expert_rows, Tensor& recv_packed);

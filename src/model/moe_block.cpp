@@ -49,9 +49,9 @@ MoeBlockStats LocalMoeBlock::read_stats(const ExecContext& context) const { retu
 
 ExpertParallelMoeBlock::ExpertParallelMoeBlock(const MoeLayerConfig& config,
                                                std::shared_ptr<Communicator> expert_parallel, DeviceKind device,
-                                               DType activation_dtype, int64_t max_tokens, int a2a_chunks,
-                                               EpTransport transport)
-    : layer_(config, std::move(expert_parallel), device, activation_dtype, max_tokens, a2a_chunks, transport) {}
+                                               DType activation_dtype, int64_t max_tokens,
+                                               const EpLayerOptions& exchange)
+    : layer_(config, std::move(expert_parallel), device, activation_dtype, max_tokens, exchange) {}
 
 void ExpertParallelMoeBlock::forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights,
                                      const MoeForwardArgs& args, Tensor& y) {
@@ -72,14 +72,17 @@ MoeBlockStats ExpertParallelMoeBlock::read_stats(const ExecContext& context) con
 
 std::unique_ptr<MoeBlock> make_moe_block(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype,
                                          int64_t max_tokens, int ep_size, const ParallelGroups* groups,
-                                         int a2a_chunks, EpTransport transport) {
+                                         const EpLayerOptions& exchange) {
   if (ep_size == 1) return std::make_unique<LocalMoeBlock>(config, device, activation_dtype, max_tokens);
   SY_CHECK(groups != nullptr && groups->expert_parallel != nullptr && groups->expert_parallel->size() == ep_size,
            "make_moe_block: ep_size ", ep_size, " needs an expert-parallel communicator of that size");
   SY_CHECK_INPUT(config.moe.compute_mode == ExpertComputeMode::sparse,
                  "moe.compute_mode = dense is a single-device baseline; it needs parallel.ep_size = 1");
+  EpLayerOptions with_levels = exchange;  // the node levels come with the groups
+  with_levels.node_group = groups->expert_parallel_node;
+  with_levels.rail_group = groups->expert_parallel_rail;
   return std::make_unique<ExpertParallelMoeBlock>(config, groups->expert_parallel, device, activation_dtype,
-                                                  max_tokens, a2a_chunks, transport);
+                                                  max_tokens, with_levels);
 }
 
 }  // namespace switchyard

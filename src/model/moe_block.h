@@ -72,8 +72,8 @@ class LocalMoeBlock : public MoeBlock {
 class ExpertParallelMoeBlock : public MoeBlock {
  public:
   ExpertParallelMoeBlock(const MoeLayerConfig& config, std::shared_ptr<Communicator> expert_parallel,
-                         DeviceKind device, DType activation_dtype, int64_t max_tokens, int a2a_chunks,
-                         EpTransport transport);
+                         DeviceKind device, DType activation_dtype, int64_t max_tokens,
+                         const EpLayerOptions& exchange);
   void forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights, const MoeForwardArgs& args,
                Tensor& y) override;
   void backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights, float aux_grad_scale,
@@ -92,6 +92,6 @@ class ExpertParallelMoeBlock : public MoeBlock {
 // otherwise ExpertParallelMoeBlock over groups->expert_parallel.
 std::unique_ptr<MoeBlock> make_moe_block(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype,
                                          int64_t max_tokens, int ep_size, const ParallelGroups* groups,
-                                         int a2a_chunks, EpTransport transport = EpTransport::automatic);
+                                         const EpLayerOptions& exchange = {});
 
 }  // namespace switchyard

@@ -22,7 +22,7 @@ RoutingParams packed_params(const MoeLayerConfig& config, int64_t tokens, bool t
 // ---- Construction ----------------------------------------------------------------------------
 
 MoeEpLayer::MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicator> expert_parallel, DeviceKind device,
-                       DType activation_dtype, int64_t max_tokens, int a2a_chunks, EpTransport transport)
+                       DType activation_dtype, int64_t max_tokens, const EpLayerOptions& exchange)
     : config_(config), device_(device), activation_dtype_(activation_dtype) {
   config_.validate();
   SY_CHECK_INPUT(config_.moe.compute_mode == ExpertComputeMode::sparse,
@@ -46,12 +46,15 @@ MoeEpLayer::MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicato
   options.device = device;
   options.num_experts = config_.moe.num_experts;
   options.segment_alignment = config_.moe.segment_alignment;
-  options.chunks = a2a_chunks;
-  options.transport = transport;
+  options.chunks = exchange.a2a_chunks;
+  options.transport = exchange.transport;
+  options.dispatch = exchange.dispatch;
   options.row_dtype = activation_dtype;
   options.row_width = config_.d_model;
   options.max_send_rows = max_send_rows_;
   options.initial_rows = max_send_rows_;  // the balanced load: every rank receives what it sends
+  options.node_group = exchange.node_group;
+  options.rail_group = exchange.rail_group;
   exchange_ = EpExchange::create(std::move(expert_parallel), options);
 
   const size_t activation_size = dtype_size(activation_dtype_);

@@ -19,7 +19,9 @@
 //                                            expert, so rows for rank p are contiguous, no padding
 //   count exchange                           device counts -> all-to-all -> one host copy
 //   for each chunk c (parallel.a2a_chunks, C <= L; all dispatches enqueued first):
-//     dispatch(c)                            all_to_all_v of the chunk's rows (activation dtype)
+//     dispatch(c)                            all_to_all_v of the chunk's rows (activation dtype, or
+//                                            e4m3 + scales with parallel.ep_dispatch fp8, dequantized
+//                                            on arrival: src/comm/ep_exchange.h)
 //     X_p    = to_expert_layout(c)           [source][local expert] -> padded layout by expert
 //     H = X_p W1_l, A = act(H), O = A W2_l   grouped GEMMs over the chunk's experts
 //     from_expert_layout(c), combine(c)      rows back to their source ranks
@@ -32,6 +34,10 @@
 // backward runs per chunk (dW2_l, dA, act', dW1_l, dX_p), the dL/dX rows are combined back and
 // permute_backward sums them per token. Router backward (gates -> logits -> Wr, x) is local and
 // is enqueued while the gradient rows are in flight. Gradients are overwritten, not accumulated.
+// With fp8 dispatch the router still sees x itself; the experts see x' = dequantize(quantize(x))
+// in forward and backward (dW1 reads the layout that holds x'), and dL/dx' is passed on as dL/dx
+// (straight-through), so the layer computes exactly the layer on x' except for the router's
+// input, within a few percent of the activation dispatch.
 //
 // Dtypes as MoeLayer: CPU f32 or f64 throughout (MpiCommunicator, host buffers); CUDA bf16/f16
 // activations, fp32 logits / gates / losses / weight gradients (NcclCommunicator, device buffers).
@@ -63,11 +69,11 @@ using MoeExchangeStats = EpExchangeStats;
 class MoeEpLayer {
  public:
   // `expert_parallel`: the group sharing the experts (ParallelGroups::expert_parallel), on `device`.
-  // config.num_experts must be a multiple of its size. a2a_chunks >= 1 (clamped to the local
-  // expert count). `transport`: parallel.ep_transport (src/comm/ep_exchange.h). Collective.
+  // config.num_experts must be a multiple of its size. `exchange`: parallel.a2a_chunks (>= 1,
+  // clamped to the local expert count), parallel.ep_transport and parallel.ep_dispatch
+  // (src/comm/ep_exchange.h). Collective.
   MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicator> expert_parallel, DeviceKind device,
-             DType activation_dtype, int64_t max_tokens, int a2a_chunks = 1,
-             EpTransport transport = EpTransport::automatic);
+             DType activation_dtype, int64_t max_tokens, const EpLayerOptions& exchange = {});
   MoeEpLayer(const MoeEpLayer&) = delete;
   MoeEpLayer& operator=(const MoeEpLayer&) = delete;
 
@@ -91,6 +97,8 @@ class MoeEpLayer {
   int chunks() const { return exchange_->chunks(); }
   // The transport in use: nccl (MPI on the CPU) or nvlink.
   EpTransport transport() const { return exchange_->transport(); }
+  // What the forward dispatch's rows cross as: the activation dtype or fp8.
+  EpDispatch dispatch_format() const { return exchange_->dispatch_format(); }
 
   const RoutingResult& routing() const { return router_.routing(); }
   const Tensor& logits() const { return router_.logits(); }

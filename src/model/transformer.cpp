@@ -169,8 +169,7 @@ Transformer::Transformer(const ModelConfig& model, const MoeConfig& moe, const T
       block->expert_w1 = layout_.find(prefix + ".moe.w1");
       block->expert_w2 = layout_.find(prefix + ".moe.w2");
       block->moe = make_moe_block(moe_layer_config(model, moe, options_, index), device, dtype, max_tokens_,
-                                  options_.ep_size, options_.groups, options_.a2a_chunks,
-                                  options_.ep_transport);
+                                  options_.ep_size, options_.groups, options_.ep);
       const ParameterSpec& shard = layout_.spec(block->expert_w1);
       SY_CHECK(block->moe->first_local_expert() == shard.expert_first && block->moe->local_experts() == shard.shape[0],
                "Transformer: the MoE layer holds experts from ", block->moe->first_local_expert(), " (",

@@ -83,8 +83,7 @@ struct TransformerOptions {
   int ep_size = 1;                      // expert-parallel ranks (this rank's shard: ep_rank)
   int ep_rank = 0;
   const ParallelGroups* groups = nullptr;  // needed when ep_size > 1
-  int a2a_chunks = 1;                   // parallel.a2a_chunks (expert-parallel layer)
-  EpTransport ep_transport = EpTransport::automatic;  // parallel.ep_transport
+  EpLayerOptions ep;                    // the expert-parallel layer's exchange (parallel.*)
   uint64_t jitter_seed = 0;             // router jitter noise (training.seed)
   bool dropless = false;                // overrides moe.dropless (generation: no token is dropped)
   int64_t attention_workspace_limit_bytes = int64_t(512) << 20;  // CUDA attention scratch cap

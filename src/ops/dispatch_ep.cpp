@@ -1,6 +1,6 @@
-// Backend dispatch of the expert-parallel row moves (src/ops/ep_ops.h) and the nvlink transport's
-// direct peer row moves and signals (src/ops/ep_nvlink_ops.h); declared in src/ops/ops.h, rules in
-// src/ops/dispatch.h.
+// Backend dispatch of the expert-parallel row moves (src/ops/ep_ops.h), the FP8 row packing of the
+// FP8 dispatch (src/ops/fp8_rows.h) and the nvlink transport's direct peer row moves and signals
+// (src/ops/ep_nvlink_ops.h); declared in src/ops/ops.h, rules in src/ops/dispatch.h.
 #include "src/ops/dispatch.h"
 
 namespace switchyard {
@@ -94,6 +94,20 @@ void ep_unpack_node_gate_grads(const ExecContext& context, const Tensor& meta_gr
   SY_CUDA_BACKEND("ep_unpack_node_gate_grads",
                   cuda::ep_unpack_node_gate_grads(meta_grad_gates, ids, slots, scalars, node_ids, node_rows,
                                                   experts_per_node, grad_gates, context.stream));
+}
+
+// ---- FP8 row packing ---------------------------------------------------------------------------
+
+void quantize_rows_fp8(const ExecContext& context, const Tensor& rows, Tensor& packed) {
+  expect_on_device(context, "quantize_rows_fp8", {&rows, &packed});
+  if (is_cpu(context)) return cpu::quantize_rows_fp8(rows, packed);
+  SY_CUDA_BACKEND("quantize_rows_fp8", cuda::quantize_rows_fp8(rows, packed, context.stream));
+}
+
+void dequantize_rows_fp8(const ExecContext& context, const Tensor& packed, Tensor& rows) {
+  expect_on_device(context, "dequantize_rows_fp8", {&packed, &rows});
+  if (is_cpu(context)) return cpu::dequantize_rows_fp8(packed, rows);
+  SY_CUDA_BACKEND("dequantize_rows_fp8", cuda::dequantize_rows_fp8(packed, rows, context.stream));
 }
 
 // ---- Direct peer row moves (raw pointers: nothing to check against the context) ---------------

@@ -21,6 +21,8 @@
 //                      ep_unpack_node_gate_grads
 //   nvlink exchange    ep_push_rows, ep_pull_*, ep_zero_padding_rows, the     src/ops/ep_nvlink_ops.h
 //                      signals (CUDA only)
+//   fp8 rows           quantize_rows_fp8, dequantize_rows_fp8 (e4m3 with a     src/ops/fp8_rows.h
+//                      scale per 128 elements: the FP8 dispatch's wire format)
 //   memory helpers     fill_zero, copy, convert, add_into, synchronize        src/ops/elementwise_ops.h
 // Besides the ops: what both backends must agree on (routing parameter rules, the capacity
 // formula) and RoutingBuffers, which owns the memory of a RoutingResult and a DispatchMap sized
@@ -39,6 +41,7 @@
 #include "src/ops/ep_hier_ops.h"
 #include "src/ops/ep_nvlink_ops.h"
 #include "src/ops/ep_ops.h"
+#include "src/ops/fp8_rows.h"
 #include "src/ops/gemm.h"
 #include "src/ops/model_ops.h"
 #include "src/ops/moe_ops.h"
@@ -177,6 +180,10 @@ void ep_to_expert_layout(const ExecContext& context, const Tensor& packed, const
                          int first_expert, int end_expert, int64_t expected_rows, Tensor& padded);
 void ep_from_expert_layout(const ExecContext& context, const Tensor& padded, const EpReceiveLayout& layout,
                            int first_expert, int end_expert, int64_t expected_rows, Tensor& packed);
+
+// FP8 row packing (src/ops/fp8_rows.h): rows [R, D] <-> packed u8 [R, fp8_row_bytes(D)].
+void quantize_rows_fp8(const ExecContext& context, const Tensor& rows, Tensor& packed);
+void dequantize_rows_fp8(const ExecContext& context, const Tensor& packed, Tensor& rows);
 
 // Direct peer row moves of the nvlink transport (src/ops/ep_nvlink_ops.h): raw pointers,
 // device-visible on CUDA, host memory standing for the peers' on CPU. The CPU reference moves the

@@ -32,8 +32,12 @@ struct ParallelConfig {
   int ep_size = 1;
   int a2a_chunks = 1;
   EpTransport ep_transport = EpTransport::automatic;
+  EpDispatch ep_dispatch = EpDispatch::activation;
   double collective_timeout_s = 600.0;
   bool deterministic = false;
+
+  // What the expert-parallel layer takes of this section.
+  EpLayerOptions ep_layer_options() const { return EpLayerOptions{a2a_chunks, ep_transport, ep_dispatch}; }
 };
 
 // What a resumed run does with the learning-rate schedule when training.steps grows past the

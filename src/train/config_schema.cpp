@@ -287,6 +287,10 @@ std::vector<ConfigField> build_fields() {
                    {{"auto", EpTransport::automatic}, {"nccl", EpTransport::nccl}, {"nvlink", EpTransport::nvlink}},
                    "how token rows move between expert-parallel ranks: nvlink (GPUs of one node, rows written "
                    "into the peers' memory), nccl (all-to-all), or auto (nvlink where possible)"));
+  add(choice_field("parallel", "ep_dispatch", &ParallelConfig::ep_dispatch, &C::parallel,
+                   {{"activation", EpDispatch::activation}, {"fp8", EpDispatch::fp8}},
+                   "what the expert-parallel forward dispatch sends: token rows in the activation dtype, or fp8 "
+                   "(e4m3 with a scale per 128 values, about half the bytes; nccl transport only)"));
   add(real_field("parallel", "collective_timeout_s", &ParallelConfig::collective_timeout_s, &C::parallel, 0.0, true,
                  86400.0, false, "a collective that takes longer aborts the run with an error"));
   add(boolean_field("parallel", "deterministic", &ParallelConfig::deterministic, &C::parallel,
@@ -452,6 +456,9 @@ void check_config_consistency(const Config& config, const std::function<std::str
     SY_BAD_INPUT(where("moe.segment_alignment"), ": moe.segment_alignment = ", moe.segment_alignment,
                  " is not a power of two");
   check_routing_consistency(config, where);
+  if (config.parallel.ep_dispatch == EpDispatch::fp8 && config.parallel.ep_transport == EpTransport::nvlink)
+    SY_BAD_INPUT(where("parallel.ep_dispatch"), ": parallel.ep_dispatch = fp8 needs parallel.ep_transport = nccl or "
+                 "auto; the nvlink transport moves rows in the activation dtype only");
   // The world size is not known yet (0): the expert part of the layout's rules.
   ParallelLayout::check(/*world_size=*/0, config.parallel.ep_size, moe.num_experts, where("parallel.ep_size"));
   if (config.optimizer.min_lr > config.optimizer.lr)

@@ -107,8 +107,7 @@ Trainer::Trainer(const Config& config, const TokenFile& train, const TokenFile* 
   model_options.ep_size = ep_size;
   model_options.ep_rank = placement.ep_rank;
   model_options.groups = &options_.groups;
-  model_options.a2a_chunks = config.parallel.a2a_chunks;
-  model_options.ep_transport = config.parallel.ep_transport;
+  model_options.ep = config.parallel.ep_layer_options();
   model_options.jitter_seed = uint64_t(config.training.seed);
   model_ = std::make_unique<Transformer>(config.model, config.moe, model_options);
   router_stats_ = std::make_unique<RouterStatsRecorder>(device, model_->moe_block_count(), config.moe.num_experts);

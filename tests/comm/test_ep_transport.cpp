@@ -1,5 +1,5 @@
-// parallel.ep_transport / --ep-transport: the names parse both ways, anything else is bad input
-// naming where it came from and the choices.
+// parallel.ep_transport / --ep-transport and parallel.ep_dispatch / --ep-dispatch: the names parse
+// both ways, anything else is bad input naming where it came from and the choices.
 #include <gtest/gtest.h>
 
 #include <string>
@@ -20,4 +20,18 @@ TEST(EpTransport, UnknownNameIsBadInputNamingTheSourceAndChoices) {
   expect_bad_input([] { parse_ep_transport("infiniband", "bench ep: --ep-transport"); },
                    {"bench ep: --ep-transport", "infiniband", "auto, nccl, nvlink"});
   expect_bad_input([] { parse_ep_transport("", "parallel.ep_transport"); }, "parallel.ep_transport");
+}
+
+// parallel.ep_dispatch / --ep-dispatch likewise.
+TEST(EpDispatch, NamesRoundTrip) {
+  for (EpDispatch dispatch : {EpDispatch::activation, EpDispatch::fp8})
+    EXPECT_EQ(parse_ep_dispatch(ep_dispatch_name(dispatch), "test"), dispatch);
+  EXPECT_STREQ(ep_dispatch_name(EpDispatch::activation), "activation");
+  EXPECT_STREQ(ep_dispatch_name(EpDispatch::fp8), "fp8");
+}
+
+TEST(EpDispatch, UnknownNameIsBadInputNamingTheSourceAndChoices) {
+  expect_bad_input([] { parse_ep_dispatch("bf16", "bench ep: --ep-dispatch"); },
+                   {"bench ep: --ep-dispatch", "bf16", "activation, fp8"});
+  expect_bad_input([] { parse_ep_dispatch("", "parallel.ep_dispatch"); }, "parallel.ep_dispatch");
 }

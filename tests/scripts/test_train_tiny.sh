@@ -6,7 +6,9 @@
 #      `switchyard generate` must sample from those weights;
 #   2. the same seed twice gives bit-identical losses (parallel.deterministic);
 #   3. expert parallelism changes nothing but summation order: ep_size 2 and ep_size 1 (experts
-#      replicated) on the same two ranks give the same first losses.
+#      replicated) on the same two ranks give the same first losses;
+#   4. parallel.ep_dispatch fp8 reaches the layer through the trainer: the first losses move (the
+#      expert inputs are quantized) but stay within 1% of the activation dispatch's.
 # Usage: test_train_tiny.sh SWITCHYARD_BINARY SOURCE_DIR MPIEXEC
 set -u
 
@@ -121,6 +123,19 @@ if [ -s "$work/replicated/metrics.jsonl" ]; then
     awk '{ d = $1 - $2; if (d < 0) d = -d; if (d > 1e-4 * $2) { bad = 1; print "  step " NR ": " $1 " vs " $2 } }
          END { exit bad }' >&2 && echo "ok: ep_size 2 and ep_size 1 agree on the first 5 losses" ||
     fail "ep_size 2 and ep_size 1 disagree"
+fi
+
+# ---- 4. fp8 dispatch through the trainer ---------------------------------------------------------
+timeout 120 "${mpi[@]}" "$binary" train "$source_dir/configs/tiny-cpu.yaml" "${data[@]}" "${short[@]}" \
+  --set parallel.ep_dispatch=fp8 --set "logging.run_dir=$work/fp8" >"$work/fp8.out" 2>&1 ||
+  fail "the ep_dispatch fp8 run failed"
+if [ -s "$work/fp8/metrics.jsonl" ]; then
+  paste <(losses "$work/same_a/metrics.jsonl" | head -5) <(losses "$work/fp8/metrics.jsonl" | head -5) |
+    awk '{ d = $1 - $2; if (d < 0) d = -d; if (d > 0.01 * $1) { bad = 1; print "  step " NR ": " $1 " vs " $2 }
+           if (d > 0) moved = 1 }
+         END { if (!moved) print "  fp8 dispatch gave the activation dispatch'"'"'s losses exactly"; exit bad || !moved }' >&2 &&
+    echo "ok: fp8 dispatch: the first 5 losses within 1% of the activation dispatch's, not identical" ||
+    fail "fp8 dispatch losses are off (or identical: not quantized)"
 fi
 
 summarize_and_exit "training checks"

@@ -161,6 +161,8 @@ TEST(Config, WrongTypesNameKeyAndLine) {
                    {"w.yaml:16", "optimizer.lr", "not a number"});
   expect_bad_input([] { parse_config_string(base_with("seq_len:", "  seq_len: 32\n  norm: batchnorm"), "w.yaml"); },
                    {"w.yaml:6", "model.norm", "one of: layernorm, rmsnorm"});
+  expect_bad_input([] { parse_config_string(base_with("ep_size:", "  ep_size: 2\n  ep_dispatch: bf16"), "w.yaml"); },
+                   {"w.yaml:11", "parallel.ep_dispatch", "one of: activation, fp8"});
   expect_bad_input([] { parse_config_string(base_with("seq_len:", "  seq_len:"), "w.yaml"); },
                    {"w.yaml:5", "model.seq_len", "has no value"});
   expect_bad_input([] { parse_config_string("model: 3\n", "w.yaml"); }, {"w.yaml:1", "section model", "mapping"});
@@ -205,6 +207,14 @@ TEST(Config, CrossFieldChecks) {
                    {"e.yaml:17", "optimizer.min_lr"});
   expect_bad_input([] { parse_config_string(base_with("steps:", "  steps: 100\n  eval_every: 10"), "e.yaml"); },
                    {"e.yaml:13", "training.eval_every", "data.val_path"});
+  expect_bad_input(
+      [] {
+        parse_config_string(base_with("ep_size:", "  ep_size: 2\n  ep_transport: nvlink\n  ep_dispatch: fp8"), "e.yaml");
+      },
+      {"e.yaml:12", "parallel.ep_dispatch = fp8", "parallel.ep_transport"});
+  const Config fp8 = parse_config_string(base_with("ep_size:", "  ep_size: 2\n  ep_dispatch: fp8"), "e.yaml");
+  EXPECT_EQ(fp8.parallel.ep_dispatch, EpDispatch::fp8);
+  EXPECT_EQ(fp8.parallel.ep_layer_options().dispatch, EpDispatch::fp8);
 }
 
 TEST(Config, SharedExpertsAndDenseFirstBlocks) {

@@ -179,7 +179,8 @@ RunResult cpu_expert_parallel(const MoeLayerConfig& config, const Scenario& scen
                               ParallelGroups& groups) {
   const ExecContext cpu{DeviceKind::cpu, nullptr};
   const int64_t tokens = model.x.tensor().dim(0);
-  MoeEpLayer layer(config, groups.expert_parallel, DeviceKind::cpu, DType::f64, tokens + 3, scenario.chunks);
+  MoeEpLayer layer(config, groups.expert_parallel, DeviceKind::cpu, DType::f64, tokens + 3,
+                   EpLayerOptions{scenario.chunks});
   const int first = layer.first_expert(), local = layer.local_experts();
   MoeWeights weights{model.router, expert_view(model.w1, first, local), expert_view(model.w2, first, local)};
   HostTensor y(DType::f64, {tokens, kModel}), grad_x(DType::f64, {tokens, kModel});
@@ -308,8 +309,8 @@ Reference gpu_reference(const ExecContext& gpu, const MoeLayerConfig& config, co
 RunResult gpu_expert_parallel(const ExecContext& gpu, const MoeLayerConfig& config, const Scenario& scenario,
                               GpuModel& model, ParallelGroups& groups, EpTransport transport, EpTransport* used) {
   const Tensor& x = model.x.tensor;
-  MoeEpLayer layer(config, groups.expert_parallel, DeviceKind::cuda, DType::bf16, x.dim(0) + 3, scenario.chunks,
-                   transport);
+  MoeEpLayer layer(config, groups.expert_parallel, DeviceKind::cuda, DType::bf16, x.dim(0) + 3,
+                   EpLayerOptions{scenario.chunks, transport});
   *used = layer.transport();
   const int first = layer.first_expert(), local = layer.local_experts();
   const MoeWeights weights{model.router.tensor, expert_view(model.w1.tensor, first, local),

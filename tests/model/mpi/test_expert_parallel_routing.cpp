@@ -197,7 +197,8 @@ TEST_P(ExpertParallelRouting, CpuMatchesSingleRankReference) {
     const int64_t tokens = model.x.tensor().dim(0);
     MoeLayer single(config, DeviceKind::cpu, DType::f64, tokens);
     const Outcome reference = run_layer(single, config, model, reducer, scenario.bias, 0, kExperts);
-    MoeEpLayer parallel(config, groups.expert_parallel, DeviceKind::cpu, DType::f64, tokens + 3, scenario.chunks);
+    MoeEpLayer parallel(config, groups.expert_parallel, DeviceKind::cpu, DType::f64, tokens + 3,
+                        EpLayerOptions{scenario.chunks});
     const int first = parallel.first_expert(), local = parallel.local_experts();
     const Outcome result = run_layer(parallel, config, model, reducer, scenario.bias, first, local);
     EXPECT_EQ(reductions, scenario.global_weight > 0 ? 2 : 0);
