@@ -51,7 +51,8 @@ std::unique_ptr<EpExchange> EpExchange::create(std::shared_ptr<Communicator> exp
 PackedEpExchange::PackedEpExchange(const EpExchangeOptions& options) : options_(options) {
   SY_CHECK(options.max_send_rows >= 0 && options.row_width >= 1, "EpExchange: max_send_rows ", options.max_send_rows,
            " and row_width ", options.row_width, " must be >= 0 and >= 1");
-  send_rows_ = Buffer(options.device, size_t(std::max<int64_t>(options.max_send_rows, 1)) * size_t(row_bytes()));
+  send_capacity_ = std::max<int64_t>(options.max_send_rows, 1);
+  send_rows_ = Buffer(options.device, size_t(send_capacity_) * size_t(row_bytes()));
 }
 
 EpExchangeStats PackedEpExchange::stats() const {
@@ -66,8 +67,17 @@ const ExpertExchangePlan& PackedEpExchange::start_forward(const ExecContext& con
                                                           const RoutingResult& routing, const RoutingParams& params,
                                                           const DispatchMap& map) {
   const int64_t bound = map.row_tokens.rank == 1 ? map.row_tokens.dim(0) : -1;
-  SY_CHECK(bound >= 0 && bound <= options_.max_send_rows, "EpExchange: the map holds ", bound,
-           " rows; the exchange was built for at most ", options_.max_send_rows);
+  SY_CHECK(bound >= 0, "EpExchange: the map has no row_tokens");
+  if (bound > send_capacity_) {
+    // A relay of the hierarchical exchange sends what arrived; a layer's own routing never grows
+    // past max_send_rows. Nothing queued may still use the old buffers.
+    ops::synchronize(context);
+    synchronize_communicators();
+    send_capacity_ = with_headroom(bound);
+    send_rows_.reset();
+    grad_send_rows_.reset();
+    send_rows_ = Buffer(options_.device, size_t(send_capacity_) * size_t(row_bytes()));
+  }
   routing_ = &routing;
   packed_offsets_ = routing.expert_offsets;
   // The counts leave first, so that the permute into packed rows runs while they travel.

@@ -53,7 +53,10 @@ class PackedEpExchange : public EpExchange {
   Tensor packed_offsets_;  // of the pass in flight
 
  private:
-  Buffer send_rows_, grad_send_rows_;  // [max_send_rows, D] each; the second on the first backward
+  // [send_capacity_, D] each (max_send_rows to start with, grown when a map needs more); the second
+  // is allocated by the first backward after each growth.
+  int64_t send_capacity_ = 0;
+  Buffer send_rows_, grad_send_rows_;
   const RoutingResult* routing_ = nullptr;
   DispatchMap map_;  // row_tokens over the sent rows only
 };

@@ -97,6 +97,8 @@ class MoeEpLayer {
   int chunks() const { return exchange_->chunks(); }
   // The transport in use: nccl (MPI on the CPU) or nvlink.
   EpTransport transport() const { return exchange_->transport(); }
+  // True when the group spans nodes and the exchange is hierarchical (src/comm/ep_exchange.h).
+  bool hierarchical() const { return exchange_->hierarchical(); }
   // What the forward dispatch's rows cross as: the activation dtype or fp8.
   EpDispatch dispatch_format() const { return exchange_->dispatch_format(); }
 

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "src/comm/bootstrap.h"
+#include "src/comm/ep_transport.h"
 #include "src/core/device.h"
 #include "src/core/dtype.h"
 #include "src/core/mpi_check.h"
@@ -137,6 +138,16 @@ inline ParallelGroups& groups_for(DeviceKind device, int ep_size, int ranks_per_
   context.device = device;  // a cpu request keeps using MPI even after a GPU was selected
   const ParallelLayout layout(context.world_size, ep_size, /*num_experts=*/0, ranks_per_node);
   return group_cache().emplace(key, create_parallel_groups(context, layout, kTestTimeoutSeconds)).first->second;
+}
+
+// The EP layer's exchange options over `groups` (the node and rail groups when it has them).
+inline EpLayerOptions layer_options(const ParallelGroups& groups, int a2a_chunks = 1,
+                                    EpTransport transport = EpTransport::automatic,
+                                    EpDispatch dispatch = EpDispatch::activation) {
+  EpLayerOptions options{a2a_chunks, transport, dispatch};
+  options.node_group = groups.expert_parallel_node;
+  options.rail_group = groups.expert_parallel_rail;
+  return options;
 }
 
 // The node sizes to test for an EP group of ep_size: 0 (one node), then emulated nodes of

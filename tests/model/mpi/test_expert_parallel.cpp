@@ -180,7 +180,7 @@ RunResult cpu_expert_parallel(const MoeLayerConfig& config, const Scenario& scen
   const ExecContext cpu{DeviceKind::cpu, nullptr};
   const int64_t tokens = model.x.tensor().dim(0);
   MoeEpLayer layer(config, groups.expert_parallel, DeviceKind::cpu, DType::f64, tokens + 3,
-                   EpLayerOptions{scenario.chunks});
+                   layer_options(groups, scenario.chunks));
   const int first = layer.first_expert(), local = layer.local_experts();
   MoeWeights weights{model.router, expert_view(model.w1, first, local), expert_view(model.w2, first, local)};
   HostTensor y(DType::f64, {tokens, kModel}), grad_x(DType::f64, {tokens, kModel});
@@ -245,12 +245,15 @@ TEST_P(ExpertParallel, CpuMatchesSingleRankReference) {
   const int world_rank = bootstrap_process(DeviceKind::cpu).world_rank;
   uint64_t salt = 1;
   for (int ep_size : ep_sizes_to_test(world_size)) {
-    SCOPED_TRACE(::testing::Message() << "ep_size " << ep_size << ", seed " << shared_seed());
-    ParallelGroups& groups = groups_for(DeviceKind::cpu, ep_size);
-    HostModel model(config, scenario, world_rank, groups.expert_parallel->rank(), ep_size, salt++);
-    const Reference reference = cpu_reference(config, scenario, model);
-    const RunResult result = cpu_expert_parallel(config, scenario, model, groups);
-    check_scenario(scenario, result, reference, groups, kExperts / ep_size, 1e-12);
+    for (int ranks_per_node : node_sizes_to_test(ep_size)) {  // 0: one node; else the hierarchical exchange
+      SCOPED_TRACE(::testing::Message() << "ep_size " << ep_size << ", ranks_per_node " << ranks_per_node
+                                        << ", seed " << shared_seed());
+      ParallelGroups& groups = groups_for(DeviceKind::cpu, ep_size, ranks_per_node);
+      HostModel model(config, scenario, world_rank, groups.expert_parallel->rank(), ep_size, salt++);
+      const Reference reference = cpu_reference(config, scenario, model);
+      const RunResult result = cpu_expert_parallel(config, scenario, model, groups);
+      check_scenario(scenario, result, reference, groups, kExperts / ep_size, 1e-12);
+    }
   }
 }
 

@@ -184,47 +184,51 @@ TEST_P(ExpertParallelRouting, CpuMatchesSingleRankReference) {
   const ProcessContext& process = bootstrap_process(DeviceKind::cpu);
   uint64_t salt = 1;
   for (int ep_size : ep_sizes_to_test(process.world_size)) {
-    SCOPED_TRACE(::testing::Message() << "ep_size " << ep_size << ", seed " << shared_seed());
-    const MoeLayerConfig config = make_config(scenario, ep_size);
-    ParallelGroups& groups = groups_for(DeviceKind::cpu, ep_size);
-    HostModel model(config, process.world_rank, salt++);
-    // Loads over every rank (with or without expert parallelism each routes over all E experts).
-    int reductions = 0;
-    const LoadReducer reducer = [&](const ExecContext&, Tensor& loads) {
-      ++reductions;
-      groups.world->all_reduce_sum(loads.data, loads.numel(), loads.dtype);
-    };
-    const int64_t tokens = model.x.tensor().dim(0);
-    MoeLayer single(config, DeviceKind::cpu, DType::f64, tokens);
-    const Outcome reference = run_layer(single, config, model, reducer, scenario.bias, 0, kExperts);
-    MoeEpLayer parallel(config, groups.expert_parallel, DeviceKind::cpu, DType::f64, tokens + 3,
-                        EpLayerOptions{scenario.chunks});
-    const int first = parallel.first_expert(), local = parallel.local_experts();
-    const Outcome result = run_layer(parallel, config, model, reducer, scenario.bias, first, local);
-    EXPECT_EQ(reductions, scenario.global_weight > 0 ? 2 : 0);
+    for (int ranks_per_node : node_sizes_to_test(ep_size)) {  // 0: one node; else the hierarchical exchange
+      SCOPED_TRACE(::testing::Message() << "ep_size " << ep_size << ", ranks_per_node " << ranks_per_node << ", seed "
+                                        << shared_seed());
+      const MoeLayerConfig config = make_config(scenario, ep_size);
+      ParallelGroups& groups = groups_for(DeviceKind::cpu, ep_size, ranks_per_node);
+      HostModel model(config, process.world_rank, salt++);
+      // Loads over every rank (with or without expert parallelism each routes over all E experts).
+      int reductions = 0;
+      const LoadReducer reducer = [&](const ExecContext&, Tensor& loads) {
+        ++reductions;
+        groups.world->all_reduce_sum(loads.data, loads.numel(), loads.dtype);
+      };
+      const int64_t tokens = model.x.tensor().dim(0);
+      MoeLayer single(config, DeviceKind::cpu, DType::f64, tokens);
+      const Outcome reference = run_layer(single, config, model, reducer, scenario.bias, 0, kExperts);
+      MoeEpLayer parallel(config, groups.expert_parallel, DeviceKind::cpu, DType::f64, tokens + 3,
+                          layer_options(groups, scenario.chunks));
+      EXPECT_EQ(parallel.hierarchical(), ranks_per_node > 0 && ranks_per_node < ep_size);
+      const int first = parallel.first_expert(), local = parallel.local_experts();
+      const Outcome result = run_layer(parallel, config, model, reducer, scenario.bias, first, local);
+      EXPECT_EQ(reductions, scenario.global_weight > 0 ? 2 : 0);
 
-    expect_close("y", result.y, reference.y);
-    expect_close("grad_x", result.grad_x, reference.grad_x);
-    expect_close("grad_router", result.grad_router, reference.grad_router);
-    expect_loss("aux loss", result.losses.aux_loss, reference.losses.aux_loss);
-    expect_loss("z loss", result.losses.z_loss, reference.losses.z_loss);
-    expect_loss("seq loss", result.losses.seq_aux_loss, reference.losses.seq_aux_loss);
-    expect_loss("global loss", result.losses.global_aux_loss, reference.losses.global_aux_loss);
-    EXPECT_EQ(result.stats.dropped_choices, reference.stats.dropped_choices);
-    EXPECT_EQ(result.stats.total_choices, reference.stats.total_choices);
-    if (scenario.seq_weight > 0) EXPECT_GT(reference.losses.seq_aux_loss, 0.0);
-    if (scenario.global_weight > 0) EXPECT_GT(reference.losses.global_aux_loss, 0.0);
-    if (scenario.drop == DropPolicy::probability) EXPECT_GT(reference.stats.dropped_choices, 0);
+      expect_close("y", result.y, reference.y);
+      expect_close("grad_x", result.grad_x, reference.grad_x);
+      expect_close("grad_router", result.grad_router, reference.grad_router);
+      expect_loss("aux loss", result.losses.aux_loss, reference.losses.aux_loss);
+      expect_loss("z loss", result.losses.z_loss, reference.losses.z_loss);
+      expect_loss("seq loss", result.losses.seq_aux_loss, reference.losses.seq_aux_loss);
+      expect_loss("global loss", result.losses.global_aux_loss, reference.losses.global_aux_loss);
+      EXPECT_EQ(result.stats.dropped_choices, reference.stats.dropped_choices);
+      EXPECT_EQ(result.stats.total_choices, reference.stats.total_choices);
+      if (scenario.seq_weight > 0) EXPECT_GT(reference.losses.seq_aux_loss, 0.0);
+      if (scenario.global_weight > 0) EXPECT_GT(reference.losses.global_aux_loss, 0.0);
+      if (scenario.drop == DropPolicy::probability) EXPECT_GT(reference.stats.dropped_choices, 0);
 
-    // Expert gradients: the reference's, summed over the EP group, this rank's slice.
-    std::vector<double> w1_sum = reference.grad_w1, w2_sum = reference.grad_w2;
-    groups.expert_parallel->all_reduce_sum(w1_sum.data(), int64_t(w1_sum.size()), DType::f64);
-    groups.expert_parallel->all_reduce_sum(w2_sum.data(), int64_t(w2_sum.size()), DType::f64);
-    const int64_t w1_matrix = int64_t(w1_sum.size()) / kExperts, w2_matrix = int64_t(w2_sum.size()) / kExperts;
-    expect_close("grad_w1 (local experts)", result.grad_w1,
-                 std::vector<double>(w1_sum.begin() + first * w1_matrix, w1_sum.begin() + (first + local) * w1_matrix));
-    expect_close("grad_w2 (local experts)", result.grad_w2,
-                 std::vector<double>(w2_sum.begin() + first * w2_matrix, w2_sum.begin() + (first + local) * w2_matrix));
+      // Expert gradients: the reference's, summed over the EP group, this rank's slice.
+      std::vector<double> w1_sum = reference.grad_w1, w2_sum = reference.grad_w2;
+      groups.expert_parallel->all_reduce_sum(w1_sum.data(), int64_t(w1_sum.size()), DType::f64);
+      groups.expert_parallel->all_reduce_sum(w2_sum.data(), int64_t(w2_sum.size()), DType::f64);
+      const int64_t w1_matrix = int64_t(w1_sum.size()) / kExperts, w2_matrix = int64_t(w2_sum.size()) / kExperts;
+      expect_close("grad_w1 (local experts)", result.grad_w1,
+                   std::vector<double>(w1_sum.begin() + first * w1_matrix, w1_sum.begin() + (first + local) * w1_matrix));
+      expect_close("grad_w2 (local experts)", result.grad_w2,
+                   std::vector<double>(w2_sum.begin() + first * w2_matrix, w2_sum.begin() + (first + local) * w2_matrix));
+    }
   }
 }
 
