@@ -11,6 +11,10 @@
 //              layer does, src/comm/ep_exchange.h); its rows count fp8_row_bytes(D) each, and the
 //              raw baseline moves the same bytes (fp8 rows out, activation rows back).
 //   layer      MoeEpLayer forward and forward+backward (router, routing, exchange, expert GEMMs).
+//              With a group over several nodes (--ranks-per-node, or the launcher's placement) the
+//              layer runs the hierarchical exchange and reports the rows it sent over the network
+//              (one per token and destination node); the exchange part measures the one-level
+//              exchange only and is skipped there.
 // Times: per iteration the slowest rank (after a barrier), median over iterations, after
 // warm-up; routing from random data, so the load is about balanced (capacity drops included).
 // Expert FLOPs per rank (forward): 2 * T * k * (D * F' + F * D), F' = F (gelu) or 2F (swiglu);
@@ -266,12 +270,14 @@ struct LayerBench {
   MoeGradients gradients;
   Tensor x_view, y_view, grad_y_view, grad_x_view;
 
-  LayerBench(const EpBenchSettings& settings, std::shared_ptr<Communicator> expert_parallel, int64_t tokens) {
+  LayerBench(const EpBenchSettings& settings, const ParallelGroups& groups, int64_t tokens) {
     const MoeLayerConfig& config = settings.config;
     const DType act = settings.activation_dtype;
     const DeviceKind device = settings.context.device;
-    layer = std::make_unique<MoeEpLayer>(config, std::move(expert_parallel), device, act, tokens,
-                                         EpLayerOptions{settings.chunks, settings.transport, settings.dispatch});
+    EpLayerOptions exchange{settings.chunks, settings.transport, settings.dispatch};
+    exchange.node_group = groups.expert_parallel_node;  // null unless the group spans nodes
+    exchange.rail_group = groups.expert_parallel_rail;
+    layer = std::make_unique<MoeEpLayer>(config, groups.expert_parallel, device, act, tokens, exchange);
     const int64_t d = config.d_model, f = config.moe.expert_d_ff, e = config.moe.num_experts, local = layer->local_experts();
     const uint64_t seed = settings.seed + 100 * uint64_t(layer->first_expert() + 1);
     x = random_buffer(settings, act, tokens * d, 1.0f, settings.seed + 21 + uint64_t(process_rank()));
@@ -314,6 +320,7 @@ using Record = BenchRecord;
 struct BenchEpSetup {
   ProcessContext context;
   int ep_size = 1;
+  int ranks_per_node = 0, ep_nodes = 1;  // the group's ranks per node and nodes (> 1: hierarchical)
   ParallelGroups groups;
   EpBenchSettings settings;
   const char* backend = "mpi";  // the transport the layers will pick: mpi, nccl or nvlink
@@ -337,8 +344,12 @@ void set_up_bench_ep(const BenchEpOptions& options, BenchEpSetup& setup) {
   context.device = use_cuda ? DeviceKind::cuda : DeviceKind::cpu;
   const int ep_size = options.ep_size == 0 ? context.world_size : int(options.ep_size);
   // The same rules as a training run's parallel.ep_size (--ep-size plays its part here).
-  const ParallelLayout layout(context.world_size, ep_size, int(options.experts_per_rank) * ep_size);
+  const int ranks_per_node =
+      options.ranks_per_node > 0 ? int(options.ranks_per_node) : contiguous_ranks_per_node(context);
+  const ParallelLayout layout(context.world_size, ep_size, int(options.experts_per_rank) * ep_size, ranks_per_node);
   setup.ep_size = ep_size;
+  setup.ranks_per_node = layout.ep_ranks_per_node();
+  setup.ep_nodes = layout.ep_nodes();
   setup.groups = create_parallel_groups(context, layout, options.timeout_s);
 
   EpBenchSettings& settings = setup.settings;
@@ -405,20 +416,22 @@ struct LayerTiming {
   int64_t tokens;
   double forward_ms, both_ms;  // forward; forward+backward
   double received_rows;        // rows a rank's experts received (mean over ranks)
+  double network_rows;         // hierarchical: rows a rank sent to other nodes' relays (mean over ranks)
 };
 
 LayerTiming time_layer(BenchEpSetup& setup, int64_t tokens) {
   const EpBenchSettings& settings = setup.settings;
   Communicator& world = *setup.groups.world;
   auto wait_device = [&] { ops::synchronize(settings.context); };
-  LayerBench bench(settings, setup.groups.expert_parallel, tokens);
+  LayerBench bench(settings, setup.groups, tokens);
   const double forward_ms =
       time_slowest_median_ms(settings, world, [&] { bench.forward(settings.context, false); }, wait_device);
   const double both_ms =
       time_slowest_median_ms(settings, world, [&] { bench.forward_backward(settings.context); }, wait_device);
   const MoeExchangeStats stats = bench.layer->exchange_stats();
   const double received = global_mean(double(stats.received_rows), setup.context.world_size);
-  return {tokens, forward_ms, both_ms, received};
+  const double network = global_mean(double(stats.network_rows), setup.context.world_size);
+  return {tokens, forward_ms, both_ms, received, network};
 }
 
 // ---- Report (rank 0 prints; the records are kept on every rank, rank 0 writes them) -----------
@@ -436,6 +449,10 @@ void report_header(const BenchEpSetup& setup, const BenchEpOptions& options) {
               (long long)options.d_model, (long long)options.d_ff, settings.config.moe.num_experts,
               (long long)options.experts_per_rank, (long long)options.top_k, options.activation.c_str(),
               capacity.str().c_str(), settings.chunks, settings.iterations);
+  if (setup.ep_nodes > 1)
+    std::printf("# the group spans %d nodes of %d ranks: hierarchical exchange (the exchange part is the one-level "
+                "exchange and is skipped)\n",
+                setup.ep_nodes, setup.ranks_per_node);
   std::printf("# %s\n", describe_switches().c_str());
 }
 
@@ -453,6 +470,8 @@ Record base_record(const BenchEpSetup& setup, const BenchEpOptions& options, con
   record.add("top_k", double(options.top_k));
   record.add("a2a_chunks", setup.settings.chunks);
   record.add("ep_dispatch", ep_dispatch_name(setup.settings.dispatch));
+  record.add("ranks_per_node", setup.ranks_per_node);
+  record.add("ep_nodes", setup.ep_nodes);
   return record;
 }
 
@@ -480,17 +499,21 @@ void report_layer(const BenchEpSetup& setup, const BenchEpOptions& options, cons
   const double flops = 2.0 * double(tokens) * double(options.top_k) *
                        (double(options.d_model) * double(setup.settings.config.w1_columns()) +
                         double(options.d_ff) * double(options.d_model));
-  if (setup.leader)
+  if (setup.leader) {
     std::printf("layer    T=%-7lld forward %9.3f ms (%7.1f TFLOP/s) | forward+backward %9.3f ms (%7.1f TFLOP/s) | "
-                "%.0f tokens/s per rank\n",
+                "%.0f tokens/s per rank",
                 (long long)tokens, forward_ms, flops / (forward_ms * 1e-3) / 1e12, both_ms,
                 3 * flops / (both_ms * 1e-3) / 1e12, double(tokens) / (both_ms * 1e-3));
+    if (setup.ep_nodes > 1) std::printf(" | %.0f network rows per rank", timing.network_rows);
+    std::printf("\n");
+  }
   Record record = base_record(setup, options, "layer", tokens);
   record.add("fwd_ms", forward_ms);
   record.add("fwdbwd_ms", both_ms);
   record.add("fwd_expert_tflops", flops / (forward_ms * 1e-3) / 1e12);
   record.add("fwdbwd_expert_tflops", 3 * flops / (both_ms * 1e-3) / 1e12);
   record.add("received_rows_mean", timing.received_rows);
+  if (setup.ep_nodes > 1) record.add("network_rows_mean", timing.network_rows);
   records.push_back(record);
 }
 
@@ -513,7 +536,7 @@ int command_bench_ep(int argc, char** argv) {
   report_header(setup, *options);
   std::vector<Record> records;
   for (int64_t tokens : options->token_counts) {
-    if (options->wants("exchange")) report_exchange(setup, *options, time_exchange(setup, tokens), records);
+    if (options->wants("exchange") && setup.ep_nodes == 1) report_exchange(setup, *options, time_exchange(setup, tokens), records);
     if (options->wants("layer")) report_layer(setup, *options, time_layer(setup, tokens), records);
     if (setup.leader) std::fflush(stdout);
   }

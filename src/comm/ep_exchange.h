@@ -94,8 +94,8 @@ struct EpExchangeStats {
   int64_t sent_rows = 0;      // choices of this rank's tokens that left for an expert (kept choices)
   int64_t received_rows = 0;  // rows its local experts received from all ranks
   int64_t expert_rows = 0;    // the padded grouped-GEMM layout
-  int64_t network_rows = 0;   // hierarchical: rows this rank sent to other nodes' ranks (one per
-                              // token and destination node); 0 otherwise
+  int64_t network_rows = 0;   // hierarchical: rows this rank sent to other nodes' relays (one per
+                              // token and other destination node); 0 otherwise
 };
 
 class EpExchange {

@@ -72,7 +72,11 @@ class HierarchicalEpExchange final : public EpExchange {
   Tensor chunk_offsets(int chunk) const override { return inner_->chunk_offsets(chunk); }
   EpExchangeStats stats() const override {
     EpExchangeStats stats = inner_->stats();
-    stats.network_rows = rail_dispatcher_->plan().send_rows();
+    // Rows to this rank's own node stay here (the rail's self piece); the rest cross the network.
+    const ExpertExchangePlan& rail_plan = rail_dispatcher_->plan();
+    const int own_node = rail_->rank();
+    stats.network_rows = rail_plan.send_rows() -
+                         (rail_plan.send_counts.empty() ? 0 : int64_t(rail_plan.send_counts[size_t(own_node)]));
     return stats;
   }
   void synchronize_communicators() override {

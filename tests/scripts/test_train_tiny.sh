@@ -8,7 +8,9 @@
 #   3. expert parallelism changes nothing but summation order: ep_size 2 and ep_size 1 (experts
 #      replicated) on the same two ranks give the same first losses;
 #   4. parallel.ep_dispatch fp8 reaches the layer through the trainer: the first losses move (the
-#      expert inputs are quantized) but stay within 1% of the activation dispatch's.
+#      expert inputs are quantized) but stay within 1% of the activation dispatch's;
+#   5. parallel.ranks_per_node 1 makes the ep_size 2 group span two (emulated) nodes: the
+#      hierarchical exchange, which changes nothing but summation order.
 # Usage: test_train_tiny.sh SWITCHYARD_BINARY SOURCE_DIR MPIEXEC
 set -u
 
@@ -136,6 +138,19 @@ if [ -s "$work/fp8/metrics.jsonl" ]; then
          END { if (!moved) print "  fp8 dispatch gave the activation dispatch'"'"'s losses exactly"; exit bad || !moved }' >&2 &&
     echo "ok: fp8 dispatch: the first 5 losses within 1% of the activation dispatch's, not identical" ||
     fail "fp8 dispatch losses are off (or identical: not quantized)"
+fi
+
+# ---- 5. the hierarchical exchange through the trainer -------------------------------------------
+timeout 120 "${mpi[@]}" "$binary" train "$source_dir/configs/tiny-cpu.yaml" "${data[@]}" "${short[@]}" \
+  --set parallel.ranks_per_node=1 --set "logging.run_dir=$work/nodes" >"$work/nodes.out" 2>&1 ||
+  fail "the ranks_per_node 1 run failed"
+grep -q "spans 2 nodes of 1 ranks: hierarchical exchange" "$work/nodes.out" ||
+  fail "ranks_per_node 1 did not report the hierarchical exchange"
+if [ -s "$work/nodes/metrics.jsonl" ]; then
+  paste <(losses "$work/same_a/metrics.jsonl" | head -5) <(losses "$work/nodes/metrics.jsonl" | head -5) |
+    awk '{ d = $1 - $2; if (d < 0) d = -d; if (d > 1e-4 * $2) { bad = 1; print "  step " NR ": " $1 " vs " $2 } }
+         END { exit bad }' >&2 && echo "ok: the hierarchical exchange (2 nodes x 1) agrees with the one-level one" ||
+    fail "the hierarchical and one-level exchanges disagree"
 fi
 
 summarize_and_exit "training checks"
