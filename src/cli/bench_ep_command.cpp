@@ -10,7 +10,9 @@
 //              dispatch quantizes the rows first and dequantizes each chunk on arrival (as the EP
 //              layer does, src/comm/ep_exchange.h); its rows count fp8_row_bytes(D) each, and the
 //              raw baseline moves the same bytes (fp8 rows out, activation rows back).
-//   layer      MoeEpLayer forward and forward+backward (router, routing, exchange, expert GEMMs).
+//   layer      MoeEpLayer forward and forward+backward (router, routing, exchange, expert GEMMs),
+//              and the load: rows the busiest rank's experts received over the mean (--skew S
+//              biases selection toward the first experts: key_e + S (E-1-e)/(E-1)).
 //              With a group over several nodes (--ranks-per-node, or the launcher's placement) the
 //              layer runs the hierarchical exchange and reports the rows it sent over the network
 //              (one per token and destination node); the exchange part measures the one-level
@@ -63,6 +65,7 @@ struct EpBenchSettings {
   int chunks = 1;
   EpTransport transport = EpTransport::automatic;
   EpDispatch dispatch = EpDispatch::activation;
+  double skew = 0;  // --skew: selection bias ramp over the experts
   bool fp8() const { return dispatch == EpDispatch::fp8; }
   int64_t row_bytes() const { return config.d_model * int64_t(dtype_size(activation_dtype)); }
   // Bytes of one row in the forward dispatch: fp8 records or activation rows.
@@ -96,6 +99,11 @@ double time_slowest_median_ms(const EpBenchSettings& settings, Communicator& wor
 double global_mean(double value, int world_size) {
   MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
   return value / world_size;
+}
+
+double global_max(double value) {
+  MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
+  return value;
 }
 
 // Dispatch + combine of one layer without the expert FFN (the identity expert), and the raw
@@ -265,7 +273,8 @@ struct ExchangeBench {
 // The EP layer with random weights for this rank's shard.
 struct LayerBench {
   std::unique_ptr<MoeEpLayer> layer;
-  Buffer x, y, grad_y, grad_x, router, w1, w2, grad_router, grad_w1, grad_w2;
+  Buffer x, y, grad_y, grad_x, router, w1, w2, grad_router, grad_w1, grad_w2, skew_bias;
+  Tensor skew_bias_view;
   MoeWeights weights;
   MoeGradients gradients;
   Tensor x_view, y_view, grad_y_view, grad_x_view;
@@ -294,6 +303,15 @@ struct LayerBench {
     weights = {router.view(act, {d, e}), w1.view(act, {local, d, config.w1_columns()}), w2.view(act, {local, f, d})};
     gradients = {grad_router.view(grad_dtype, {d, e}), grad_w1.view(grad_dtype, {local, d, config.w1_columns()}),
                  grad_w2.view(grad_dtype, {local, f, d})};
+    if (settings.skew > 0) {  // a selection bias (keys only): hot experts without changing the gates
+      std::vector<float> ramp(static_cast<size_t>(e));
+      for (int64_t expert = 0; expert < e; ++expert)
+        ramp[size_t(expert)] = float(settings.skew * double(e - 1 - expert) / double(std::max<int64_t>(e - 1, 1)));
+      skew_bias = Buffer(device, size_t(e) * sizeof(float));
+      device_copy(skew_bias.data(), device, ramp.data(), DeviceKind::cpu, ramp.size() * sizeof(float));
+      skew_bias_view = skew_bias.view(DType::f32, {e});
+      weights.router_bias = &skew_bias_view;
+    }
     x_view = x.view(act, {tokens, d});
     y_view = y.view(act, {tokens, d});
     grad_y_view = grad_y.view(act, {tokens, d});
@@ -361,6 +379,7 @@ void set_up_bench_ep(const BenchEpOptions& options, BenchEpSetup& setup) {
   settings.chunks = int(std::min(options.chunks, options.experts_per_rank));  // a chunk holds at least one expert
   settings.transport = options.transport;
   settings.dispatch = options.dispatch;
+  settings.skew = options.skew;
   SY_CHECK_INPUT(use_cuda || settings.transport != EpTransport::nvlink,
                  "bench ep: --ep-transport nvlink needs GPUs (CPU ranks use MPI)");
   MoeLayerConfig& config = settings.config;
@@ -417,6 +436,7 @@ struct LayerTiming {
   double forward_ms, both_ms;  // forward; forward+backward
   double received_rows;        // rows a rank's experts received (mean over ranks)
   double network_rows;         // hierarchical: rows a rank sent to other nodes' relays (mean over ranks)
+  double received_max;         // rows the busiest rank's experts received
 };
 
 LayerTiming time_layer(BenchEpSetup& setup, int64_t tokens) {
@@ -431,7 +451,7 @@ LayerTiming time_layer(BenchEpSetup& setup, int64_t tokens) {
   const MoeExchangeStats stats = bench.layer->exchange_stats();
   const double received = global_mean(double(stats.received_rows), setup.context.world_size);
   const double network = global_mean(double(stats.network_rows), setup.context.world_size);
-  return {tokens, forward_ms, both_ms, received, network};
+  return {tokens, forward_ms, both_ms, received, network, global_max(double(stats.received_rows))};
 }
 
 // ---- Report (rank 0 prints; the records are kept on every rank, rank 0 writes them) -----------
@@ -449,6 +469,9 @@ void report_header(const BenchEpSetup& setup, const BenchEpOptions& options) {
               (long long)options.d_model, (long long)options.d_ff, settings.config.moe.num_experts,
               (long long)options.experts_per_rank, (long long)options.top_k, options.activation.c_str(),
               capacity.str().c_str(), settings.chunks, settings.iterations);
+  if (settings.skew > 0)
+    std::printf("# skew %g: expert e's selection key + %g * (E-1-e)/(E-1) (the first ranks' experts are hot)\n",
+                settings.skew, settings.skew);
   if (setup.ep_nodes > 1)
     std::printf("# the group spans %d nodes of %d ranks: hierarchical exchange (the exchange part is the one-level "
                 "exchange and is skipped)\n",
@@ -471,6 +494,7 @@ Record base_record(const BenchEpSetup& setup, const BenchEpOptions& options, con
   record.add("a2a_chunks", setup.settings.chunks);
   record.add("ep_dispatch", ep_dispatch_name(setup.settings.dispatch));
   record.add("ranks_per_node", setup.ranks_per_node);
+  record.add("skew", setup.settings.skew);
   record.add("ep_nodes", setup.ep_nodes);
   return record;
 }
@@ -504,6 +528,7 @@ void report_layer(const BenchEpSetup& setup, const BenchEpOptions& options, cons
                 "%.0f tokens/s per rank",
                 (long long)tokens, forward_ms, flops / (forward_ms * 1e-3) / 1e12, both_ms,
                 3 * flops / (both_ms * 1e-3) / 1e12, double(tokens) / (both_ms * 1e-3));
+    std::printf(" | load max/mean %.2f", timing.received_max / std::max(timing.received_rows, 1.0));
     if (setup.ep_nodes > 1) std::printf(" | %.0f network rows per rank", timing.network_rows);
     std::printf("\n");
   }
@@ -513,6 +538,7 @@ void report_layer(const BenchEpSetup& setup, const BenchEpOptions& options, cons
   record.add("fwd_expert_tflops", flops / (forward_ms * 1e-3) / 1e12);
   record.add("fwdbwd_expert_tflops", 3 * flops / (both_ms * 1e-3) / 1e12);
   record.add("received_rows_mean", timing.received_rows);
+  record.add("received_rows_max", timing.received_max);
   if (setup.ep_nodes > 1) record.add("network_rows_mean", timing.network_rows);
   records.push_back(record);
 }
