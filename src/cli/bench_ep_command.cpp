@@ -41,6 +41,7 @@
 #include "src/comm/bootstrap.h"
 #include "src/comm/expert_dispatch.h"
 #include "src/comm/nvlink_exchange.h"
+#include "src/comm/replication_plan.h"
 #include "src/cli/bench_common.h"
 #include "src/cli/bench_ep_options.h"
 #include "src/ops/ops.h"
@@ -437,6 +438,7 @@ struct LayerTiming {
   double received_rows;        // rows a rank's experts received (mean over ranks)
   double network_rows;         // hierarchical: rows a rank sent to other nodes' relays (mean over ranks)
   double received_max;         // rows the busiest rank's experts received
+  std::vector<int64_t> loads;  // [P * E] rows from each source rank to each expert (one-level exchange)
 };
 
 LayerTiming time_layer(BenchEpSetup& setup, int64_t tokens) {
@@ -451,7 +453,15 @@ LayerTiming time_layer(BenchEpSetup& setup, int64_t tokens) {
   const MoeExchangeStats stats = bench.layer->exchange_stats();
   const double received = global_mean(double(stats.received_rows), setup.context.world_size);
   const double network = global_mean(double(stats.network_rows), setup.context.world_size);
-  return {tokens, forward_ms, both_ms, received, network, global_max(double(stats.received_rows))};
+  // Every rank's rows per expert, for the replication plan (the one-level exchange has them).
+  std::vector<int64_t> loads;
+  const std::vector<int64_t> sent = bench.layer->sent_rows_per_expert();
+  if (!sent.empty()) {
+    loads.resize(sent.size() * size_t(setup.context.world_size));
+    MPI_CHECK(MPI_Allgather(sent.data(), int(sent.size()), MPI_INT64_T, loads.data(), int(sent.size()), MPI_INT64_T,
+                            MPI_COMM_WORLD));
+  }
+  return {tokens, forward_ms, both_ms, received, network, global_max(double(stats.received_rows)), std::move(loads)};
 }
 
 // ---- Report (rank 0 prints; the records are kept on every rank, rank 0 writes them) -----------
@@ -516,6 +526,30 @@ void report_exchange(const BenchEpSetup& setup, const BenchEpOptions& options, c
   records.push_back(record);
 }
 
+// --max-replicas-per-rank: the plan src/comm/replication_plan.h makes for the measured counts of
+// the first expert-parallel group (not applied: the busiest rank's load with and without it).
+void report_replication_plan(const BenchEpSetup& setup, const BenchEpOptions& options, const LayerTiming& timing,
+                             Record& record) {
+  if (options.max_replicas_per_rank <= 0 || timing.loads.empty()) return;
+  const int experts = setup.settings.config.moe.num_experts;
+  std::vector<std::vector<int64_t>> loads(size_t(setup.ep_size));
+  for (int source = 0; source < setup.ep_size; ++source)
+    loads[size_t(source)].assign(timing.loads.begin() + int64_t(source) * experts,
+                                 timing.loads.begin() + int64_t(source + 1) * experts);
+  ReplicationOptions replication;
+  replication.max_replicas_per_rank = int(options.max_replicas_per_rank);
+  const ReplicationPlan plan = plan_replication(loads, replication);
+  if (setup.leader)
+    std::printf("         replication plan (up to %lld per rank; computed, not applied): busiest rank %lld -> %lld "
+                "rows, %zu replicas, %lld rows moved\n",
+                (long long)options.max_replicas_per_rank, (long long)plan.max_load_before(),
+                (long long)plan.max_load_after(), plan.replicas.size(), (long long)plan.moved_rows());
+  record.add("replication_max_load_before", double(plan.max_load_before()));
+  record.add("replication_max_load_after", double(plan.max_load_after()));
+  record.add("replication_replicas", double(plan.replicas.size()));
+  record.add("replication_moved_rows", double(plan.moved_rows()));
+}
+
 void report_layer(const BenchEpSetup& setup, const BenchEpOptions& options, const LayerTiming& timing,
                   std::vector<Record>& records) {
   const double forward_ms = timing.forward_ms, both_ms = timing.both_ms;
@@ -539,6 +573,7 @@ void report_layer(const BenchEpSetup& setup, const BenchEpOptions& options, cons
   record.add("fwdbwd_expert_tflops", 3 * flops / (both_ms * 1e-3) / 1e12);
   record.add("received_rows_mean", timing.received_rows);
   record.add("received_rows_max", timing.received_max);
+  report_replication_plan(setup, options, timing, record);
   if (setup.ep_nodes > 1) record.add("network_rows_mean", timing.network_rows);
   records.push_back(record);
 }

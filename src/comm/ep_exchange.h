@@ -56,6 +56,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "src/comm/communicator.h"
 #include "src/comm/ep_transport.h"
@@ -117,6 +118,9 @@ class EpExchange {
   // int32 [n_c + 1] offsets of chunk c's experts relative to its first layout row.
   virtual Tensor chunk_offsets(int chunk) const = 0;
   virtual EpExchangeStats stats() const = 0;
+  // Rows the last forward sent from this rank to each global expert [E] (the one-level exchange's
+  // send counts; empty for the hierarchical one, whose first leg is by node).
+  virtual std::vector<int64_t> sent_rows_per_expert() const { return {}; }
   // Waits until every communicator stream is idle (before buffers that they may use are freed).
   virtual void synchronize_communicators() = 0;
 
