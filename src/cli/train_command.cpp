@@ -236,7 +236,8 @@ TrainingSetup set_up_training(const TrainOptions& options) {
   const ProcessContext& process = bootstrap_process(device);
   setup.process = &process;
   const ParallelLayout layout = validate_against_world(config, process.world_size);
-  setup.groups = create_parallel_groups(process, layout, config.parallel.collective_timeout_s);
+  setup.groups =
+      create_parallel_groups(process, layout, config.parallel.collective_timeout_s, config.parallel.ep_sm_budget);
   inject_fault_point("after_bootstrap");
   // Every rank reaches this barrier before any work starts: a rank that died or hangs during set-up
   // is detected here (within parallel.collective_timeout_s), not at the end of the run.
