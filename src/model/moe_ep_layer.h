@@ -66,7 +66,8 @@
 // reused across phases: the send buffer holds permuted x, then the returned expert outputs
 // (needed by backward for the gate gradients); the receive buffer holds arriving rows, then the
 // outgoing results, chunk by chunk; in backward the expert-output buffer holds the row gradients
-// and the activation buffer A holds dL/dA once dW2 has read A.
+// and the activation buffer A holds dL/dA once dW2 has read A. Two parts hold all of this twice,
+// each sized for its half of the tokens, plus part 1's gradient scratch (one chunk's experts).
 #pragma once
 
 #include <cstdint>
