@@ -17,6 +17,9 @@
 //              layer runs the hierarchical exchange and reports the rows it sent over the network
 //              (one per token and destination node); the exchange part measures the one-level
 //              exchange only and is skipped there.
+//              With --ep-overlap two_part the layer's two-part overlap (src/model/moe_ep_layer.h).
+// --ep-sm-budget N caps the exchange's SMs in both parts: the expert-parallel NCCL communicators
+// are created with maxCTAs N, the nvlink kernels launch at most N blocks.
 // Times: per iteration the slowest rank (after a barrier), median over iterations, after
 // warm-up; routing from random data, so the load is about balanced (capacity drops included).
 // Expert FLOPs per rank (forward): 2 * T * k * (D * F' + F * D), F' = F (gelu) or 2F (swiglu);
@@ -67,6 +70,8 @@ struct EpBenchSettings {
   EpTransport transport = EpTransport::automatic;
   EpDispatch dispatch = EpDispatch::activation;
   double skew = 0;  // --skew: selection bias ramp over the experts
+  EpOverlap overlap = EpOverlap::none;  // the layer's
+  int sm_budget = 0;
   bool fp8() const { return dispatch == EpDispatch::fp8; }
   int64_t row_bytes() const { return config.d_model * int64_t(dtype_size(activation_dtype)); }
   // Bytes of one row in the forward dispatch: fp8 records or activation rows.
@@ -140,6 +145,7 @@ struct ExchangeBench {
       peers = NvlinkPeerMemory::create(expert_parallel, 2, &why);  // expert rows, counts
       SY_CHECK_INPUT(peers || settings.transport == EpTransport::automatic, "bench ep: --ep-transport nvlink: ", why);
     }
+    if (peers) peers->set_max_blocks(settings.sm_budget);
     if (peers) peers->reserve(1, size_t(peers->ranks()) * size_t(config.moe.num_experts) * sizeof(int32_t));
     dispatcher = std::make_unique<ExpertDispatcher>(std::move(expert_parallel), device, config.moe.num_experts,
                                                     config.moe.segment_alignment, peers ? 1 : settings.chunks,
@@ -284,10 +290,15 @@ struct LayerBench {
     const MoeLayerConfig& config = settings.config;
     const DType act = settings.activation_dtype;
     const DeviceKind device = settings.context.device;
-    EpLayerOptions exchange{settings.chunks, settings.transport, settings.dispatch};
-    exchange.node_group = groups.expert_parallel_node;  // null unless the group spans nodes
-    exchange.rail_group = groups.expert_parallel_rail;
-    layer = std::make_unique<MoeEpLayer>(config, groups.expert_parallel, device, act, tokens, exchange);
+    EpLayerOptions options;
+    options.a2a_chunks = settings.chunks;
+    options.transport = settings.transport;
+    options.dispatch = settings.dispatch;
+    options.overlap = settings.overlap;
+    options.sm_budget = settings.sm_budget;
+    options.node_group = groups.expert_parallel_node;  // null unless the group spans nodes
+    options.rail_group = groups.expert_parallel_rail;
+    layer = std::make_unique<MoeEpLayer>(config, groups.expert_parallel, device, act, tokens, options);
     const int64_t d = config.d_model, f = config.moe.expert_d_ff, e = config.moe.num_experts, local = layer->local_experts();
     const uint64_t seed = settings.seed + 100 * uint64_t(layer->first_expert() + 1);
     x = random_buffer(settings, act, tokens * d, 1.0f, settings.seed + 21 + uint64_t(process_rank()));
@@ -369,7 +380,7 @@ void set_up_bench_ep(const BenchEpOptions& options, BenchEpSetup& setup) {
   setup.ep_size = ep_size;
   setup.ranks_per_node = layout.ep_ranks_per_node();
   setup.ep_nodes = layout.ep_nodes();
-  setup.groups = create_parallel_groups(context, layout, options.timeout_s);
+  setup.groups = create_parallel_groups(context, layout, options.timeout_s, options.sm_budget);
 
   EpBenchSettings& settings = setup.settings;
   settings.iterations = options.iterations;
@@ -381,6 +392,8 @@ void set_up_bench_ep(const BenchEpOptions& options, BenchEpSetup& setup) {
   settings.transport = options.transport;
   settings.dispatch = options.dispatch;
   settings.skew = options.skew;
+  settings.overlap = options.overlap;
+  settings.sm_budget = options.sm_budget;
   SY_CHECK_INPUT(use_cuda || settings.transport != EpTransport::nvlink,
                  "bench ep: --ep-transport nvlink needs GPUs (CPU ranks use MPI)");
   MoeLayerConfig& config = settings.config;
@@ -473,12 +486,14 @@ void report_header(const BenchEpSetup& setup, const BenchEpOptions& options) {
   if (settings.config.moe.dropless) capacity << "dropless";
   else capacity << "capacity factor " << options.capacity_factor;
   std::printf("# switchyard bench ep: %d ranks, ep_size %d, backend %s, %s, dispatch %s, D=%lld F=%lld E=%d "
-              "(%lld per rank) top-%lld %s, %s, a2a_chunks %d; median of the slowest rank over %d iterations\n",
+              "(%lld per rank) top-%lld %s, %s, a2a_chunks %d, ep_overlap %s, ep_sm_budget %d; median of the slowest "
+              "rank over %d iterations\n",
               setup.context.world_size, setup.ep_size, setup.backend, dtype_name(settings.activation_dtype),
               ep_dispatch_name(settings.dispatch),
               (long long)options.d_model, (long long)options.d_ff, settings.config.moe.num_experts,
               (long long)options.experts_per_rank, (long long)options.top_k, options.activation.c_str(),
-              capacity.str().c_str(), settings.chunks, settings.iterations);
+              capacity.str().c_str(), settings.chunks, ep_overlap_name(settings.overlap), settings.sm_budget,
+              settings.iterations);
   if (settings.skew > 0)
     std::printf("# skew %g: expert e's selection key + %g * (E-1-e)/(E-1) (the first ranks' experts are hot)\n",
                 settings.skew, settings.skew);
@@ -506,6 +521,8 @@ Record base_record(const BenchEpSetup& setup, const BenchEpOptions& options, con
   record.add("ranks_per_node", setup.ranks_per_node);
   record.add("skew", setup.settings.skew);
   record.add("ep_nodes", setup.ep_nodes);
+  record.add("ep_overlap", ep_overlap_name(setup.settings.overlap));
+  record.add("ep_sm_budget", setup.settings.sm_budget);
   return record;
 }
 

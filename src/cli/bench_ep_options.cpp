@@ -68,6 +68,14 @@ std::optional<BenchEpOptions> parse_bench_ep_options(int argc, char** argv) {
                     "what the forward dispatch sends: rows in the activation dtype, or fp8 (e4m3 + a scale per 128 "
                     "values; not with --ep-transport nvlink)",
                     "activation");
+  parser.add_option("ep-overlap", "none|two_part",
+                    "the layer's overlap: two_part splits its tokens in two so that one part's exchange runs while "
+                    "the experts compute the other (parallel.ep_overlap)",
+                    "none");
+  parser.add_option("ep-sm-budget", "N",
+                    "SMs the exchange may use: NCCL maxCTAs of the expert-parallel communicators and the nvlink "
+                    "kernels' blocks; 0 = no limit (parallel.ep_sm_budget)",
+                    "0");
   parser.add_option("only", "LIST", "comma list of parts: exchange,layer", "exchange,layer");
   parser.add_option("iters", "N", "timed iterations per measurement (median of the slowest rank)", "20");
   parser.add_option("warmup", "N", "untimed iterations first", "5");
@@ -118,6 +126,11 @@ std::optional<BenchEpOptions> parse_bench_ep_options(int argc, char** argv) {
   options.dispatch = parse_ep_dispatch(parser.get("ep-dispatch"), "bench ep: --ep-dispatch");
   SY_CHECK_INPUT(options.dispatch != EpDispatch::fp8 || options.transport != EpTransport::nvlink,
                  "bench ep: --ep-dispatch fp8 needs --ep-transport nccl or auto (nvlink moves activation rows only)");
+  options.overlap = parse_ep_overlap(parser.get("ep-overlap"), "bench ep: --ep-overlap");
+  const int64_t sm_budget = parser.get_int("ep-sm-budget");
+  SY_CHECK_INPUT(sm_budget >= 0 && sm_budget <= 1024, "bench ep: --ep-sm-budget must be in [0, 1024], got ",
+                 sm_budget);
+  options.sm_budget = int(sm_budget);
   if (parser.has("json")) options.json_file = parser.get("json");
   return options;
 }

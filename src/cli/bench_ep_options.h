@@ -28,6 +28,8 @@ struct BenchEpOptions {
   double timeout_s = 300;
   EpTransport transport = EpTransport::automatic;
   EpDispatch dispatch = EpDispatch::activation;  // --ep-dispatch (fp8: nccl only)
+  EpOverlap overlap = EpOverlap::none;            // --ep-overlap (the layer part)
+  int sm_budget = 0;                              // --ep-sm-budget (0: no limit)
   std::string parts = ",";                // the parts to run, comma-delimited: ",exchange,layer,"
   std::optional<std::string> json_file;  // --json (written by rank 0)
 

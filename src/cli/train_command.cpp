@@ -241,7 +241,8 @@ TrainingSetup set_up_training(const TrainOptions& options) {
   // Nodes as the launcher placed the ranks (0 when they are not contiguous blocks: one node).
   const int launcher_nodes = config.parallel.ranks_per_node > 0 ? 0 : contiguous_ranks_per_node(process);
   const ParallelLayout layout = validate_against_world(config, process.world_size, launcher_nodes);
-  setup.groups = create_parallel_groups(process, layout, config.parallel.collective_timeout_s);
+  setup.groups =
+      create_parallel_groups(process, layout, config.parallel.collective_timeout_s, config.parallel.ep_sm_budget);
   inject_fault_point("after_bootstrap");
   // Every rank reaches this barrier before any work starts: a rank that died or hangs during set-up
   // is detected here (within parallel.collective_timeout_s), not at the end of the run.

@@ -209,7 +209,8 @@ const ProcessContext& bootstrap_process(DeviceKind requested) {
 bool process_bootstrapped() { return g_bootstrapped; }
 
 ParallelGroups create_parallel_groups(const ProcessContext& context, const ParallelLayout& layout,
-                                      double collective_timeout_s) {
+                                      double collective_timeout_s, int ep_sm_budget) {
+  SY_CHECK_INPUT(ep_sm_budget >= 0, "parallel.ep_sm_budget must be >= 0, got ", ep_sm_budget);
   SY_CHECK(g_bootstrapped, "create_parallel_groups before bootstrap_process");
   SY_CHECK(layout.world_size() == context.world_size, "create_parallel_groups: a layout of ", layout.world_size(),
            " ranks for a world of ", context.world_size);
@@ -239,8 +240,8 @@ ParallelGroups create_parallel_groups(const ProcessContext& context, const Paral
     return taken;
   };
   groups.world = create_communicator(context.device, take(world), "world", collective_timeout_s);
-  groups.expert_parallel =
-      create_communicator(context.device, take(expert_parallel), "expert_parallel", collective_timeout_s);
+  groups.expert_parallel = create_communicator(context.device, take(expert_parallel), "expert_parallel",
+                                               collective_timeout_s, ep_sm_budget);
   groups.expert_data_parallel =
       create_communicator(context.device, take(expert_data_parallel), "expert_data_parallel", collective_timeout_s);
   SY_CHECK(groups.expert_parallel->size() == layout.ep_size() && groups.expert_parallel->rank() == placement.ep_rank &&
@@ -256,10 +257,10 @@ ParallelGroups create_parallel_groups(const ProcessContext& context, const Paral
     PendingComms pending_levels{{&node_comm, &rail_comm}};
     MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, node, context.world_rank, &node_comm));
     MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, rail, context.world_rank, &rail_comm));
-    groups.expert_parallel_node =
-        create_communicator(context.device, take(node_comm), "expert_parallel_node", collective_timeout_s);
-    groups.expert_parallel_rail =
-        create_communicator(context.device, take(rail_comm), "expert_parallel_rail", collective_timeout_s);
+    groups.expert_parallel_node = create_communicator(context.device, take(node_comm), "expert_parallel_node",
+                                                      collective_timeout_s, ep_sm_budget);
+    groups.expert_parallel_rail = create_communicator(context.device, take(rail_comm), "expert_parallel_rail",
+                                                      collective_timeout_s, ep_sm_budget);
     SY_CHECK(groups.expert_parallel_node->size() == per_node &&
                  groups.expert_parallel_rail->size() == layout.ep_nodes(),
              "hierarchical groups do not have the expected layout");

@@ -49,9 +49,12 @@ bool process_bootstrapped();
 // world under `collective_timeout_s` (<= 0: no limit), so a rank that never arrives (crashed or
 // hung before this point) ends the job with a timeout Error naming "barrier" and "world" instead
 // of hanging in communicator creation. Every collective of the returned communicators uses the
-// same timeout.
+// same timeout. `ep_sm_budget` (parallel.ep_sm_budget; 0 = none): on CUDA, the expert-parallel
+// communicators (expert_parallel and its node and rail groups) are created with NCCL's maxCTAs
+// at that (at most NCCL's channel limit), so that their all-to-alls leave the other SMs to the
+// experts' GEMMs; the others keep NCCL's defaults. MPI communicators ignore it.
 ParallelGroups create_parallel_groups(const ProcessContext& context, const ParallelLayout& layout,
-                                      double collective_timeout_s);
+                                      double collective_timeout_s, int ep_sm_budget = 0);
 // The same for callers that place no experts (collective benchmarks, tests): the layout of
 // (context.world_size, ep_size, no experts); SY_BAD_INPUT before any communication when ep_size
 // does not divide the world size.

@@ -10,7 +10,7 @@
 namespace switchyard {
 
 std::shared_ptr<Communicator> create_communicator(DeviceKind device, MPI_Comm group, const std::string& name,
-                                                  double timeout_seconds) {
+                                                  double timeout_seconds, int max_ctas) {
   if (device == DeviceKind::cpu) {
     try {
       return std::make_shared<MpiCommunicator>(group, name, timeout_seconds);
@@ -29,8 +29,9 @@ std::shared_ptr<Communicator> create_communicator(DeviceKind device, MPI_Comm gr
       if (!finalized) MPI_Comm_free(comm);
     }
   } free_group{&group};
-  return std::make_shared<NcclCommunicator>(group, name, timeout_seconds);
+  return std::make_shared<NcclCommunicator>(group, name, timeout_seconds, max_ctas);
 #else
+  (void)max_ctas;
   MPI_Comm_free(&group);
   SY_BAD_INPUT("communicator '", name, "' needs CUDA, but this build of switchyard has no CUDA backend");
 #endif

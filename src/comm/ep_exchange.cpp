@@ -23,6 +23,20 @@ EpDispatch parse_ep_dispatch(const std::string& text, const std::string& where) 
   SY_BAD_INPUT(where, ": unknown expert-parallel dispatch format '", text, "' (choices: activation, fp8)");
 }
 
+const char* ep_overlap_name(EpOverlap overlap) {
+  switch (overlap) {
+    case EpOverlap::none: return "none";
+    case EpOverlap::two_part: return "two_part";
+  }
+  return "unknown";
+}
+
+EpOverlap parse_ep_overlap(const std::string& text, const std::string& where) {
+  if (text == "none") return EpOverlap::none;
+  if (text == "two_part") return EpOverlap::two_part;
+  SY_BAD_INPUT(where, ": unknown expert-parallel overlap '", text, "' (choices: none, two_part)");
+}
+
 std::unique_ptr<EpExchange> EpExchange::create(std::shared_ptr<Communicator> expert_parallel,
                                                const EpExchangeOptions& options) {
   SY_CHECK(expert_parallel != nullptr, "EpExchange: no expert_parallel communicator");

@@ -84,6 +84,7 @@ struct EpExchangeOptions {
   int64_t row_width = 0;        // D
   int64_t max_send_rows = 0;    // the most rows one rank's routing keeps (its packed send layout)
   int64_t initial_rows = 0;     // layout rows to start with (grown on demand)
+  int sm_budget = 0;            // parallel.ep_sm_budget: the nvlink kernels' grid cap (0: none)
   // Ranks on several nodes: the group's ranks of this rank's node (ranks g*R .. g*R + R-1 of the
   // group, R = node_group's size) and the ranks at the same place on every node (rail_group).
   // Both null: one node.

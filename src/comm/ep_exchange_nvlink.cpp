@@ -20,6 +20,7 @@ class NvlinkEpExchange final : public PackedEpExchange {
       : PackedEpExchange(options), peers_(std::move(peers)) {
     // EpExchange::create never picks this transport for fp8 dispatch: rows go as they are.
     SY_CHECK(options.dispatch == EpDispatch::activation, "the nvlink EP exchange has no fp8 dispatch");
+    peers_->set_max_blocks(options.sm_budget);
     peers_->reserve(kNvlinkCountRegion,
                     size_t(peers_->ranks()) * size_t(options.num_experts) * sizeof(int32_t));
     // Unchunked: with no staging copy there is nothing to overlap.

@@ -8,6 +8,12 @@
 // parallel.ep_dispatch, what the forward dispatch's rows are on the wire (src/comm/ep_exchange.h):
 //   activation  the activation dtype (bf16 on CUDA)
 //   fp8         e4m3 with a float32 scale per 128 elements (src/ops/fp8_rows.h); nccl only
+// parallel.ep_overlap, what the exchange overlaps with (src/model/moe_ep_layer.h):
+//   none      the chunks of one exchange (parallel.a2a_chunks) overlap the experts of the others
+//   two_part  the layer's tokens in two parts with an exchange each: one part's rows travel while
+//             the experts compute the other's (DeepSeek-V3's two-micro-batch overlap, in a layer)
+// parallel.ep_sm_budget, the SMs the exchange may occupy while experts compute: 0 = no limit;
+// else the expert-parallel NCCL communicators' maxCTAs and the nvlink kernels' grid cap.
 #pragma once
 
 #include <memory>
@@ -27,9 +33,15 @@ const char* ep_dispatch_name(EpDispatch dispatch);
 // "activation" | "fp8"; SY_BAD_INPUT naming `where` and the choices otherwise.
 EpDispatch parse_ep_dispatch(const std::string& text, const std::string& where);
 
+enum class EpOverlap { none, two_part };
+const char* ep_overlap_name(EpOverlap overlap);
+// "none" | "two_part"; SY_BAD_INPUT naming `where` and the choices otherwise.
+EpOverlap parse_ep_overlap(const std::string& text, const std::string& where);
+
 // The expert-parallel layer's exchange settings from the configuration (parallel.a2a_chunks,
-// parallel.ep_transport, parallel.ep_dispatch), passed as one value from the trainer down to the
-// layer (src/model/moe_ep_layer.h) and its EpExchange (src/comm/ep_exchange.h).
+// parallel.ep_transport, parallel.ep_dispatch, parallel.ep_overlap, parallel.ep_sm_budget),
+// passed as one value from the trainer down to the layer (src/model/moe_ep_layer.h) and its
+// EpExchange (src/comm/ep_exchange.h).
 struct EpLayerOptions {
   int a2a_chunks = 1;  // >= 1, clamped to the local expert count
   EpTransport transport = EpTransport::automatic;
@@ -37,6 +49,10 @@ struct EpLayerOptions {
   // A group over several nodes (ParallelGroups::expert_parallel_node / _rail, from
   // parallel.ranks_per_node): the hierarchical exchange. Null: one node.
   std::shared_ptr<Communicator> node_group, rail_group;
+  EpOverlap overlap = EpOverlap::none;
+  // The nvlink kernels' grid cap (>= 0, 0 = none). The NCCL communicators take theirs when they
+  // are created (create_parallel_groups, src/comm/bootstrap.h).
+  int sm_budget = 0;
 };
 
 }  // namespace switchyard

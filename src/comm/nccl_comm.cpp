@@ -6,6 +6,7 @@
 // the core, so waiting ranks do not starve other work on the host.
 #include "src/comm/nccl_comm.h"
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -144,7 +145,7 @@ struct NcclCommunicator::State {
   }
 };
 
-NcclCommunicator::NcclCommunicator(MPI_Comm group, std::string name, double timeout_seconds)
+NcclCommunicator::NcclCommunicator(MPI_Comm group, std::string name, double timeout_seconds, int max_ctas)
     : state_(std::make_unique<State>()), name_(std::move(name)), timeout_seconds_(timeout_seconds) {
   MPI_CHECK(MPI_Comm_rank(group, &rank_));
   MPI_CHECK(MPI_Comm_size(group, &size_));
@@ -167,6 +168,13 @@ NcclCommunicator::NcclCommunicator(MPI_Comm group, std::string name, double time
     config.blocking = state_->blocking ? 1 : 0;
     if (state_->blocking) setenv("NCCL_RUNTIME_CONNECT", "0", /*overwrite=*/0);
     config.commName = name_.c_str();
+    SY_CHECK_INPUT(max_ctas >= 0, "communicator '", name_, "': max CTAs must be >= 0, got ", max_ctas);
+    if (max_ctas > 0) {
+      // The SM budget of parallel.ep_sm_budget. minCTAs 1: a default (or NCCL_MIN_CTAS) above the
+      // budget would make the config invalid.
+      config.maxCTAs = std::min(max_ctas, kNcclMaxChannels);
+      config.minCTAs = 1;
+    }
     ncclResult_t result = ncclSuccess;
     {
       GuardedHostCall guard(detail::concat("ncclCommInitRankConfig of communicator '", name_, "' (rank ", rank_,

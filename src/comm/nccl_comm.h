@@ -30,10 +30,16 @@ namespace switchyard {
 
 class NcclCommunicator : public Communicator {
  public:
+  // NCCL's channel limit (MAXCHANNELS), the largest maxCTAs a config may ask for.
+  static constexpr int kNcclMaxChannels = 64;
+
   // Collective over the ranks of `group` (used only here, not owned): group rank 0 creates the
   // NCCL unique id, an MPI broadcast over `group` shares it, and every rank joins with
   // ncclCommInitRankConfig on the current CUDA device. `timeout_seconds` <= 0 waits forever.
-  NcclCommunicator(MPI_Comm group, std::string name, double timeout_seconds);
+  // `max_ctas` > 0: the most thread blocks (CTAs) its kernels use (ncclConfig_t::maxCTAs, capped at
+  // kNcclMaxChannels), so that they leave the other SMs to compute running beside them; 0: NCCL's
+  // default (NCCL_MAX_CTAS, else every channel it wants).
+  NcclCommunicator(MPI_Comm group, std::string name, double timeout_seconds, int max_ctas = 0);
   // Graceful teardown (ncclCommFinalize + ncclCommDestroy under the timeout); while an
   // exception is propagating, or after a failure, it aborts instead so it never blocks on peers.
   ~NcclCommunicator() override;

@@ -213,7 +213,7 @@ void NvlinkPeerMemory::signal_and_wait(int kind, void* stream) {
 
 void NvlinkPeerMemory::push(int region, const void* packed, int64_t rows, int64_t row_bytes, int local_experts,
                             const int32_t* packed_offsets, const int32_t* peer_rows, int kind, void* stream) {
-  EpPeerRows peers{ranks_, local_experts, rank_, row_bytes, packed_offsets, peer_rows, peer_bases(region)};
+  EpPeerRows peers{ranks_, local_experts, rank_, row_bytes, packed_offsets, peer_rows, peer_bases(region), max_blocks_};
   ops::ep_push_rows(cuda_context(stream), packed, rows, peers, boards_, kind, block_counter_);
 }
 
@@ -228,7 +228,7 @@ void NvlinkPeerMemory::pull_combine(int region, int64_t rows, int64_t row_bytes,
                                     const int32_t* packed_offsets, const int32_t* peer_rows,
                                     const int32_t* choice_rows, const float* gates, int64_t num_tokens, int k_max,
                                     DType dtype, void* tokens_out, void* keep, void* stream) {
-  EpPeerRows peers{ranks_, local_experts, rank_, row_bytes, packed_offsets, peer_rows, peer_bases(region)};
+  EpPeerRows peers{ranks_, local_experts, rank_, row_bytes, packed_offsets, peer_rows, peer_bases(region), max_blocks_};
   ops::ep_pull_combine(cuda_context(stream), peers, rows, choice_rows, gates, num_tokens, k_max, dtype, tokens_out,
                        keep);
 }

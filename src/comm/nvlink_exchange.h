@@ -53,6 +53,8 @@ class NvlinkPeerMemory {
   // Device array [P] of the region's base on every rank (this rank's own at index rank()).
   void* const* peer_bases(int region) const { return regions_.at(size_t(region)).device_bases; }
 
+  // The most blocks a push or pull-combine launches (parallel.ep_sm_budget); 0: no cap.
+  void set_max_blocks(int blocks) { max_blocks_ = blocks; }
   const EpSignalBoards& boards() const { return boards_; }
   unsigned* block_counter() const { return block_counter_; }
   EpWaitFailure* failure_record() const { return failure_device_; }
@@ -102,6 +104,7 @@ class NvlinkPeerMemory {
   EpWaitFailure* failure_device_ = nullptr;
   void* staging_ = nullptr;  // device bytes for the handle all-gather
   int note_id_ = -1;
+  int max_blocks_ = 0;
 };
 
 }  // namespace switchyard

@@ -41,49 +41,7 @@ MoeEpLayer::MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicato
   max_send_rows_ = std::max(padded_rows_upper_bound(packed_params(config_, max_tokens, true)),
                             padded_rows_upper_bound(packed_params(config_, max_tokens, false)));
   router_ = MoeRouter(config_, device, activation_dtype, max_tokens, /*segment_alignment=*/1, max_send_rows_);
-
-  EpExchangeOptions options;
-  options.device = device;
-  options.num_experts = config_.moe.num_experts;
-  options.segment_alignment = config_.moe.segment_alignment;
-  options.chunks = exchange.a2a_chunks;
-  options.transport = exchange.transport;
-  options.dispatch = exchange.dispatch;
-  options.row_dtype = activation_dtype;
-  options.row_width = config_.d_model;
-  options.max_send_rows = max_send_rows_;
-  options.initial_rows = max_send_rows_;  // the balanced load: every rank receives what it sends
-  options.node_group = exchange.node_group;
-  options.rail_group = exchange.rail_group;
-  exchange_ = EpExchange::create(std::move(expert_parallel), options);
-
-  const size_t activation_size = dtype_size(activation_dtype_);
-  hidden_capacity_ = max_send_rows_ + int64_t(local_experts()) * (config_.moe.segment_alignment - 1);
-  hidden_pre_ = Buffer(device, size_t(hidden_capacity_) * size_t(config_.w1_columns()) * activation_size);
-  hidden_post_ = Buffer(device, size_t(hidden_capacity_) * size_t(config_.moe.expert_d_ff) * activation_size);
-}
-
-void MoeEpLayer::ensure_hidden_capacity(const ExecContext& context, bool with_backward) {
-  const int64_t expert_rows = exchange_->plan().expert_rows();
-  const bool grow = expert_rows > hidden_capacity_;
-  const bool grow_backward = with_backward && expert_rows > backward_hidden_capacity_;
-  if (!grow && !grow_backward) return;
-  // The caching allocator does not track streams: nothing may still use a buffer we free.
-  ops::synchronize(context);
-  exchange_->synchronize_communicators();
-  const size_t activation_size = dtype_size(activation_dtype_);
-  if (grow) {
-    hidden_capacity_ = with_headroom(expert_rows);
-    for (Buffer* buffer : {&hidden_pre_, &hidden_post_}) buffer->reset();
-    hidden_pre_ = Buffer(device_, size_t(hidden_capacity_) * size_t(config_.w1_columns()) * activation_size);
-    hidden_post_ = Buffer(device_, size_t(hidden_capacity_) * size_t(config_.moe.expert_d_ff) * activation_size);
-  }
-  if (grow_backward) {
-    backward_hidden_capacity_ = std::max(hidden_capacity_, expert_rows);
-    grad_hidden_pre_.reset();
-    grad_hidden_pre_ =
-        Buffer(device_, size_t(backward_hidden_capacity_) * size_t(config_.w1_columns()) * activation_size);
-  }
+  create_parts(expert_parallel, exchange);
 }
 
 Tensor MoeEpLayer::rows(const Buffer& buffer, int64_t first_row, int64_t count, int64_t columns) const {
@@ -121,36 +79,39 @@ MoeLosses MoeEpLayer::forward(const ExecContext& context, const Tensor& x, const
   tokens_ = tokens;
 
   const RoutingResult& routing = router_.forward(context, x, weights.router, weights.router_bias, args);
-
-  // The exchange permutes x into rows by expert while the counts travel (the one host sync).
-  const int64_t send_bound = padded_rows_upper_bound(router_.params());
-  SY_CHECK(send_bound <= max_send_rows_, "MoeEpLayer: ", send_bound, " send rows exceed the ", max_send_rows_,
-           " allocated");
-  exchange_->start_forward(context, x, routing, router_.params(), router_.dispatch_map(send_bound));
-  ensure_hidden_capacity(context, args.training);
+  // Each exchange permutes its rows by expert while its counts travel (a host sync per part).
+  start_parts(context, x, routing);
+  for (Part& part : parts_) ensure_hidden_capacity(context, part, args.training);
   inject_fault_point("ep_layer_dispatch");  // tests: a rank that stops between the counts and the rows
 
-  exchange_->dispatch(context, EpPass::forward);
-  for (int chunk = 0; chunk < exchange_->chunks(); ++chunk) {
-    exchange_->receive(context, EpPass::forward, chunk);
-    experts_forward(context, chunk, weights);
-    exchange_->send_back(context, EpPass::forward, chunk);
+  // Every dispatch first: a part's rows travel while the experts compute the part before it.
+  for (Part& part : parts_) part.exchange->dispatch(context, EpPass::forward);
+  for (Part& part : parts_) {
+    for (int chunk = 0; chunk < part.exchange->chunks(); ++chunk) {
+      part.exchange->receive(context, EpPass::forward, chunk);
+      experts_forward(context, part, chunk, weights);
+      part.exchange->send_back(context, EpPass::forward, chunk);
+    }
   }
-  exchange_->combine(context, EpPass::forward, y);
+  for (Part& part : parts_) {
+    Tensor part_y = token_rows(y, part.first_token, part.tokens);
+    part.exchange->combine(context, EpPass::forward, part_y);
+  }
   has_forward_ = true;
   return args.read_losses ? read_losses(context) : MoeLosses{};
 }
 
-void MoeEpLayer::experts_forward(const ExecContext& context, int chunk, const MoeWeights& weights) {
-  const ExpertExchangePlan& plan = exchange_->plan();
+void MoeEpLayer::experts_forward(const ExecContext& context, Part& part, int chunk, const MoeWeights& weights) {
+  const EpExchange& exchange = *part.exchange;
+  const ExpertExchangePlan& plan = exchange.plan();
   const int first = plan.chunk_first_expert(chunk), count = plan.chunk_end_expert(chunk) - first;
   const int64_t row_begin = plan.chunk_row_begin(chunk), chunk_rows = plan.chunk_row_end(chunk) - row_begin;
   if (chunk_rows == 0) return;  // no rank routed anything to these experts
-  Tensor input = exchange_->expert_input(row_begin, chunk_rows);
-  Tensor hidden_pre = rows(hidden_pre_, row_begin, chunk_rows, config_.w1_columns());
-  Tensor hidden_post = rows(hidden_post_, row_begin, chunk_rows, config_.moe.expert_d_ff);
-  Tensor output = exchange_->expert_output(row_begin, chunk_rows);
-  const Tensor offsets = exchange_->chunk_offsets(chunk);
+  Tensor input = exchange.expert_input(row_begin, chunk_rows);
+  Tensor hidden_pre = rows(part.hidden_pre, row_begin, chunk_rows, config_.w1_columns());
+  Tensor hidden_post = rows(part.hidden_post, row_begin, chunk_rows, config_.moe.expert_d_ff);
+  Tensor output = exchange.expert_output(row_begin, chunk_rows);
+  const Tensor offsets = exchange.chunk_offsets(chunk);
   // H and A = act(H): one kernel where the activation fuses into the GEMM (ops::fuses_expert_activation).
   ops::grouped_gemm_activation(context, config_.moe.activation, input, expert_slice(weights.w1, first, count), offsets,
                                hidden_pre, hidden_post, /*keep_pre=*/true, config_.moe.segment_alignment);
@@ -174,56 +135,107 @@ void MoeEpLayer::backward(const ExecContext& context, const Tensor& grad_y, cons
   check_weights(gradient_view, gradient_dtype_, "gradients");
 
   // A forward in eval mode may have come first and left the backward buffers short.
-  ensure_hidden_capacity(context, /*with_backward=*/true);
+  for (Part& part : parts_) ensure_hidden_capacity(context, part, /*with_backward=*/true);
+  if (parts_.size() > 1) ensure_gradient_scratch(context);
 
-  // The combine's backward: dL/dgates of this rank's choices, the dL/dO rows readied.
+  // The combine's backward: dL/dgates of each part's choices (its rows of grad_gates), the dL/dO
+  // rows readied; then every dispatch.
   Tensor grad_gates = router_.grad_gates();
-  exchange_->start_backward(context, grad_y, grad_gates);
-  exchange_->dispatch(context, EpPass::backward);
+  for (Part& part : parts_) {
+    const Tensor part_grad_y = token_rows(grad_y, part.first_token, part.tokens);
+    Tensor part_grad_gates = token_rows(grad_gates, part.first_token, part.tokens);
+    part.exchange->start_backward(context, part_grad_y, part_grad_gates);
+  }
+  for (Part& part : parts_) part.exchange->dispatch(context, EpPass::backward);
   // The router's backward needs only local data: it runs while the gradient rows travel.
   router_.backward(context, aux_grad_scale, z_grad_scale, gradients.router);
-  for (int chunk = 0; chunk < exchange_->chunks(); ++chunk) {
-    exchange_->receive(context, EpPass::backward, chunk);
-    experts_backward(context, chunk, weights, gradients);
-    exchange_->send_back(context, EpPass::backward, chunk);  // dL/dX rows
+  for (size_t index = 0; index < parts_.size(); ++index) {
+    Part& part = parts_[index];
+    for (int chunk = 0; chunk < part.exchange->chunks(); ++chunk) {
+      part.exchange->receive(context, EpPass::backward, chunk);
+      experts_backward(context, part, chunk, weights, gradients, /*accumulate=*/index > 0);
+      part.exchange->send_back(context, EpPass::backward, chunk);  // dL/dX rows
+    }
   }
-  exchange_->combine(context, EpPass::backward, grad_x);
+  for (Part& part : parts_) {
+    Tensor part_grad_x = token_rows(grad_x, part.first_token, part.tokens);
+    part.exchange->combine(context, EpPass::backward, part_grad_x);
+  }
   has_forward_ = false;  // hidden_post now holds dL/dA
   router_.add_input_gradient(context, weights.router, grad_x);
 }
 
-void MoeEpLayer::experts_backward(const ExecContext& context, int chunk, const MoeWeights& weights,
-                                  MoeGradients& gradients) {
-  const ExpertExchangePlan& plan = exchange_->plan();
+void MoeEpLayer::experts_backward(const ExecContext& context, Part& part, int chunk, const MoeWeights& weights,
+                                  MoeGradients& gradients, bool accumulate) {
+  const EpExchange& exchange = *part.exchange;
+  const ExpertExchangePlan& plan = exchange.plan();
   const int first = plan.chunk_first_expert(chunk), count = plan.chunk_end_expert(chunk) - first;
   const int64_t row_begin = plan.chunk_row_begin(chunk), chunk_rows = plan.chunk_row_end(chunk) - row_begin;
   Tensor grad_w1 = expert_slice(gradients.w1, first, count), grad_w2 = expert_slice(gradients.w2, first, count);
-  if (chunk_rows == 0) {  // no tokens reached these experts: their gradients are zero
-    ops::fill_zero(context, grad_w1);
-    ops::fill_zero(context, grad_w2);
+  if (chunk_rows == 0) {  // no tokens reached these experts: they add nothing
+    if (!accumulate) {
+      ops::fill_zero(context, grad_w1);
+      ops::fill_zero(context, grad_w2);
+    }
     return;
   }
+  // The weight gradient GEMMs overwrite: accumulating, they write the scratch, added below.
+  Tensor chunk_grad_w1 = grad_w1, chunk_grad_w2 = grad_w2;
+  if (accumulate) {
+    SY_CHECK(count <= gradient_scratch_experts_, "MoeEpLayer: a chunk of ", count, " experts exceeds the scratch of ",
+             gradient_scratch_experts_);
+    char* scratch = static_cast<char*>(gradient_scratch_.data());
+    chunk_grad_w1 = Tensor(scratch, gradient_dtype_, device_, {count, grad_w1.dim(1), grad_w1.dim(2)});
+    chunk_grad_w2 = Tensor(scratch + chunk_grad_w1.bytes(), gradient_dtype_, device_,
+                           {count, grad_w2.dim(1), grad_w2.dim(2)});
+  }
   // The exchange put dL/dO into the output rows (padding rows zero); dL/dX goes back there.
-  const Tensor input = exchange_->expert_input(row_begin, chunk_rows);
-  const Tensor hidden_pre = rows(hidden_pre_, row_begin, chunk_rows, config_.w1_columns());
-  Tensor hidden_post = rows(hidden_post_, row_begin, chunk_rows, config_.moe.expert_d_ff);
-  Tensor grad_expert_rows = exchange_->expert_output(row_begin, chunk_rows);
-  Tensor grad_hidden_pre = rows(grad_hidden_pre_, row_begin, chunk_rows, config_.w1_columns());
-  const Tensor offsets = exchange_->chunk_offsets(chunk);
-  ops::grouped_gemm_weight_grad(context, hidden_post, grad_expert_rows, offsets, grad_w2, config_.moe.segment_alignment);
+  const Tensor input = exchange.expert_input(row_begin, chunk_rows);
+  const Tensor hidden_pre = rows(part.hidden_pre, row_begin, chunk_rows, config_.w1_columns());
+  Tensor hidden_post = rows(part.hidden_post, row_begin, chunk_rows, config_.moe.expert_d_ff);
+  Tensor grad_expert_rows = exchange.expert_output(row_begin, chunk_rows);
+  Tensor grad_hidden_pre = rows(part.grad_hidden_pre, row_begin, chunk_rows, config_.w1_columns());
+  const Tensor offsets = exchange.chunk_offsets(chunk);
+  ops::grouped_gemm_weight_grad(context, hidden_post, grad_expert_rows, offsets, chunk_grad_w2,
+                                config_.moe.segment_alignment);
   // dL/dH = act'(H) * (dL/dO W2^T), fused where possible; the unfused path puts dL/dA in A's buffer
   // (A is dead once dW2 has read it).
   Tensor& grad_hidden_post = hidden_post;
   ops::grouped_gemm_activation_backward(context, config_.moe.activation, grad_expert_rows,
                                         expert_slice(weights.w2, first, count), offsets, hidden_pre, grad_hidden_post,
                                         grad_hidden_pre, config_.moe.segment_alignment);
-  ops::grouped_gemm_weight_grad(context, input, grad_hidden_pre, offsets, grad_w1, config_.moe.segment_alignment);
+  ops::grouped_gemm_weight_grad(context, input, grad_hidden_pre, offsets, chunk_grad_w1, config_.moe.segment_alignment);
   ops::grouped_gemm(context, grad_hidden_pre, expert_slice(weights.w1, first, count), true, offsets, grad_expert_rows,
                     config_.moe.segment_alignment);
+  if (accumulate) {
+    ops::add_into(context, chunk_grad_w1, grad_w1);
+    ops::add_into(context, chunk_grad_w2, grad_w2);
+  }
 }
 
 // ---- Host reads ------------------------------------------------------------------------------
 
-MoeExchangeStats MoeEpLayer::exchange_stats() const { return exchange_->stats(); }
+MoeExchangeStats MoeEpLayer::exchange_stats() const {
+  MoeExchangeStats total;
+  for (const Part& part : parts_) {
+    const EpExchangeStats stats = part.exchange->stats();
+    total.sent_rows += stats.sent_rows;
+    total.received_rows += stats.received_rows;
+    total.expert_rows += stats.expert_rows;
+    total.network_rows += stats.network_rows;
+  }
+  return total;
+}
+
+std::vector<int64_t> MoeEpLayer::sent_rows_per_expert() const {
+  std::vector<int64_t> total;
+  for (const Part& part : parts_) {
+    const std::vector<int64_t> rows = part.exchange->sent_rows_per_expert();
+    if (rows.empty()) return {};  // the hierarchical exchange: by node first
+    total.resize(rows.size(), 0);
+    for (size_t expert = 0; expert < rows.size(); ++expert) total[expert] += rows[expert];
+  }
+  return total;
+}
 
 }  // namespace switchyard

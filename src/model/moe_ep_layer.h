@@ -39,6 +39,22 @@
 // (straight-through), so the layer computes exactly the layer on x' except for the router's
 // input, within a few percent of the activation dispatch.
 //
+// Two-part overlap (parallel.ep_overlap two_part; src/model/moe_ep_layer_parts.cpp). The router
+// routes all T tokens once (capacity, drops and losses exactly as above); the tokens are then split
+// into parts [0, T0) and [T0, T), T0 = T / 2, each with its own EpExchange and expert activations.
+// A part's routing is the full routing's rows with the choices that were not kept made empty
+// (ops::ep_kept_choices), laid out by expert (ops::ep_choice_layout: no capacity, nothing more to
+// drop), and the full routing's gate rows. The order, per pass:
+//   start both parts (two count exchanges, two host syncs), dispatch both,
+//   part 0's chunks (receive, experts, send back), part 1's chunks, combine both into y's rows
+// (backward: start_backward of both into their rows of dL/dgates, dispatch both, the router's
+// backward, the chunks part by part, combine both into grad_x's rows). On the GPU the exchanges'
+// NCCL work queues on the communicator's stream, ordered by events: part 1's rows travel while
+// part 0's expert GEMMs run, and part 0's results travel back while part 1's run. Part 0 writes
+// the local experts' weight gradients, part 1's are added chunk by chunk through a scratch the
+// size of one chunk's experts. A part may hold no token (T = 1) or no kept choice: it still takes
+// part in every collective, with nothing to send. Results equal `none` up to summation order.
+//
 // Dtypes as MoeLayer: CPU f32 or f64 throughout (MpiCommunicator, host buffers); CUDA bf16/f16
 // activations, fp32 logits / gates / losses / weight gradients (NcclCommunicator, device buffers).
 // compute_mode dense is not supported here (SY_BAD_INPUT): it is a single-device baseline.
@@ -50,11 +66,13 @@
 // reused across phases: the send buffer holds permuted x, then the returned expert outputs
 // (needed by backward for the gate gradients); the receive buffer holds arriving rows, then the
 // outgoing results, chunk by chunk; in backward the expert-output buffer holds the row gradients
-// and the activation buffer A holds dL/dA once dW2 has read A.
+// and the activation buffer A holds dL/dA once dW2 has read A. Two parts hold all of this twice,
+// each sized for its half of the tokens, plus part 1's gradient scratch (one chunk's experts).
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "src/comm/ep_exchange.h"
 #include "src/core/device.h"
@@ -70,8 +88,8 @@ class MoeEpLayer {
  public:
   // `expert_parallel`: the group sharing the experts (ParallelGroups::expert_parallel), on `device`.
   // config.num_experts must be a multiple of its size. `exchange`: parallel.a2a_chunks (>= 1,
-  // clamped to the local expert count), parallel.ep_transport and parallel.ep_dispatch
-  // (src/comm/ep_exchange.h). Collective.
+  // clamped to the local expert count), parallel.ep_transport, parallel.ep_dispatch
+  // (src/comm/ep_exchange.h), parallel.ep_overlap and parallel.ep_sm_budget. Collective.
   MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicator> expert_parallel, DeviceKind device,
              DType activation_dtype, int64_t max_tokens, const EpLayerOptions& exchange = {});
   MoeEpLayer(const MoeEpLayer&) = delete;
@@ -91,33 +109,69 @@ class MoeEpLayer {
   DType float_dtype() const { return router_.float_dtype(); }
   DType gradient_dtype() const { return gradient_dtype_; }
   int64_t max_tokens() const { return max_tokens_; }
-  int ep_size() const { return exchange_->ranks(); }
-  int local_experts() const { return exchange_->local_experts(); }
-  int first_expert() const { return exchange_->first_expert(); }
-  int chunks() const { return exchange_->chunks(); }
+  int ep_size() const { return exchange().ranks(); }
+  int local_experts() const { return exchange().local_experts(); }
+  int first_expert() const { return exchange().first_expert(); }
+  int chunks() const { return exchange().chunks(); }
   // The transport in use: nccl (MPI on the CPU) or nvlink.
-  EpTransport transport() const { return exchange_->transport(); }
+  EpTransport transport() const { return exchange().transport(); }
   // True when the group spans nodes and the exchange is hierarchical (src/comm/ep_exchange.h).
-  bool hierarchical() const { return exchange_->hierarchical(); }
+  bool hierarchical() const { return exchange().hierarchical(); }
   // What the forward dispatch's rows cross as: the activation dtype or fp8.
-  EpDispatch dispatch_format() const { return exchange_->dispatch_format(); }
+  EpDispatch dispatch_format() const { return exchange().dispatch_format(); }
+  EpOverlap overlap() const { return parts_.size() > 1 ? EpOverlap::two_part : EpOverlap::none; }
 
   const RoutingResult& routing() const { return router_.routing(); }
   const Tensor& logits() const { return router_.logits(); }
   MoeLosses read_losses(const ExecContext& context) const { return router_.read_losses(context); }
   // padded_rows here is the packed send layout: the rows this rank sent.
   MoeRoutingStats read_routing_stats(const ExecContext& context) const { return router_.read_routing_stats(context); }
+  // Summed over the parts.
   MoeExchangeStats exchange_stats() const;
   // Rows the last forward sent to each global expert [E]; empty with the hierarchical exchange.
-  std::vector<int64_t> sent_rows_per_expert() const { return exchange_->sent_rows_per_expert(); }
+  std::vector<int64_t> sent_rows_per_expert() const;
 
  private:
+  // Tokens [first_token, first_token + tokens) of the last forward with their own exchange and
+  // expert activations: one part holds every token (ep_overlap none), or two split them.
+  struct Part {
+    int64_t max_tokens = 0;
+    int64_t first_token = 0, tokens = 0;
+    std::unique_ptr<EpExchange> exchange;
+    // The experts' activations over the part's padded layout (grown on demand).
+    int64_t hidden_capacity = 0, backward_hidden_capacity = 0;
+    Buffer hidden_pre, hidden_post, grad_hidden_pre;
+    // Two parts: the part's own routing (its kept choices, by expert) and row map, over
+    // routing_ints (ids, slots, choice rows, row tokens: max_tokens * K each; counts, offsets,
+    // scalars). One part uses the router's.
+    Buffer routing_ints;
+    RoutingResult routing;
+    DispatchMap map;
+  };
+
+  const EpExchange& exchange() const { return *parts_.front().exchange; }
   void check_weights(const MoeWeights& weights, DType dtype, const char* what) const;
-  // Grows the expert activations for the current plan (streams idle: right after the exchange).
-  void ensure_hidden_capacity(const ExecContext& context, bool with_backward);
-  void experts_forward(const ExecContext& context, int chunk, const MoeWeights& weights);
-  void experts_backward(const ExecContext& context, int chunk, const MoeWeights& weights, MoeGradients& gradients);
+
+  // ---- The parts (src/model/moe_ep_layer_parts.cpp) ----
+  // One or two parts, each with an exchange over `expert_parallel`. Collective.
+  void create_parts(const std::shared_ptr<Communicator>& expert_parallel, const EpLayerOptions& exchange);
+  // Splits the forward's tokens over the parts and starts each part's exchange (its count
+  // exchange: a host sync each).
+  void start_parts(const ExecContext& context, const Tensor& x, const RoutingResult& routing);
+  // Two parts: the part's routing over its rows of `routing`.
+  void build_part_routing(const ExecContext& context, const RoutingResult& routing, Part& part);
+  // Grows a part's expert activations for its current plan (streams idle: right after the exchange).
+  void ensure_hidden_capacity(const ExecContext& context, Part& part, bool with_backward);
+  // The scratch that part 1's weight gradients go through: one chunk's experts of w1 and w2.
+  void ensure_gradient_scratch(const ExecContext& context);
+
+  void experts_forward(const ExecContext& context, Part& part, int chunk, const MoeWeights& weights);
+  // `accumulate`: add the gradients of the chunk's experts to `gradients` instead of overwriting.
+  void experts_backward(const ExecContext& context, Part& part, int chunk, const MoeWeights& weights,
+                        MoeGradients& gradients, bool accumulate);
   Tensor rows(const Buffer& buffer, int64_t first_row, int64_t count, int64_t columns) const;
+  // Rows [first, first + count) of a row-major [T, C] tensor (contiguous: a view).
+  static Tensor token_rows(const Tensor& tensor, int64_t first, int64_t count);
   Tensor expert_slice(const Tensor& tensor, int first, int count) const;
 
   MoeLayerConfig config_;
@@ -125,11 +179,9 @@ class MoeEpLayer {
   DType activation_dtype_, gradient_dtype_;
   int64_t max_tokens_ = 0, max_send_rows_ = 0;
   MoeRouter router_;  // routing with segment alignment 1: the packed send layout
-  std::unique_ptr<EpExchange> exchange_;
-
-  // The experts' activations over the padded layout (grown on demand).
-  int64_t hidden_capacity_ = 0, backward_hidden_capacity_ = 0;
-  Buffer hidden_pre_, hidden_post_, grad_hidden_pre_;
+  std::vector<Part> parts_;  // built once: the exchanges keep pointers to a part's routing
+  Buffer gradient_scratch_;  // two parts: [experts, D, F or 2F] then [experts, F, D]
+  int gradient_scratch_experts_ = 0;
 
   // What the last forward left for backward.
   bool has_forward_ = false;

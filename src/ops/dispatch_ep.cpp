@@ -54,6 +54,13 @@ void ep_from_expert_layout(const ExecContext& context, const Tensor& padded, con
 
 // ---- Hierarchical exchange bookkeeping ---------------------------------------------------------
 
+void ep_kept_choices(const ExecContext& context, const Tensor& ids, const Tensor& slots, const Tensor& scalars,
+                     Tensor& kept_ids) {
+  expect_on_device(context, "ep_kept_choices", {&ids, &slots, &scalars, &kept_ids});
+  if (is_cpu(context)) return cpu::ep_kept_choices(ids, slots, scalars, kept_ids);
+  SY_CUDA_BACKEND("ep_kept_choices", cuda::ep_kept_choices(ids, slots, scalars, kept_ids, context.stream));
+}
+
 void ep_choice_layout(const ExecContext& context, const Tensor& ids, int num_slots, Tensor& slots, Tensor& counts,
                       Tensor& offsets, Tensor& scalars) {
   expect_on_device(context, "ep_choice_layout", {&ids, &slots, &counts, &offsets, &scalars});

@@ -1,6 +1,8 @@
 // The bookkeeping of the hierarchical expert-parallel exchange (src/comm/ep_exchange_hierarchical.cpp):
 // which nodes a token's rows go to, what travels with each row, and the stable layouts on either
-// side. One declaration, two backends, the conventions of src/ops/moe_ops.h:
+// side; and of the EP layer's two-part overlap (src/model/moe_ep_layer.h: a part's routing is
+// ep_kept_choices of the full routing's rows, laid out by ep_choice_layout). One declaration, two
+// backends, the conventions of src/ops/moe_ops.h:
 //
 //   switchyard::cpu::NAME   src/ops/cpu/ep_hierarchy.cpp   reference
 //   switchyard::cuda::NAME  src/ops/cuda/ep_hierarchy.cu   same integers bit for bit, same floats
@@ -18,6 +20,9 @@
 //       counts[x] = choices with id x; offsets the exclusive prefix (no padding); -1 ids get slot -1.
 //       scalars = {capacity INT32_MAX, total choices, 0 dropped, offsets[X]}: a RoutingResult with
 //       these (and ids, gates) is what permute / unpermute_combine / their backwards read.
+//   ep_kept_choices(ids, slots, scalars) -> kept_ids [T, K]: ids[t, j] where choice (t, j) is kept,
+//       else -1. ids / slots may be rows [t0, t1) of a larger routing (scalars is that routing's);
+//       given to ep_choice_layout, kept_ids lay out exactly the choices permute would have kept.
 //   ep_node_choices(ids, slots, scalars, G, N) -> node_ids [T, KN], KN = min(K, N): the distinct nodes
 //       id / G of t's kept choices in ascending order, then -1.
 //   ep_pack_node_choices(ids, gates, slots, scalars, node_ids, node_rows [T, KN], G)
@@ -38,6 +43,7 @@
 namespace switchyard {
 
 namespace cpu {
+void ep_kept_choices(const Tensor& ids, const Tensor& slots, const Tensor& scalars, Tensor& kept_ids);
 void ep_choice_layout(const Tensor& ids, int num_slots, Tensor& slots, Tensor& counts, Tensor& offsets,
                       Tensor& scalars);
 void ep_node_choices(const Tensor& ids, const Tensor& slots, const Tensor& scalars, int experts_per_node, int num_nodes,
@@ -50,6 +56,7 @@ void ep_unpack_node_gate_grads(const Tensor& meta_grad_gates, const Tensor& ids,
 }  // namespace cpu
 
 namespace cuda {
+void ep_kept_choices(const Tensor& ids, const Tensor& slots, const Tensor& scalars, Tensor& kept_ids, void* stream);
 void ep_choice_layout(const Tensor& ids, int num_slots, Tensor& slots, Tensor& counts, Tensor& offsets,
                       Tensor& scalars, void* stream);
 void ep_node_choices(const Tensor& ids, const Tensor& slots, const Tensor& scalars, int experts_per_node, int num_nodes,

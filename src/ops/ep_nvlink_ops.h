@@ -54,6 +54,9 @@ struct EpPeerRows {
   const int32_t* packed_offsets = nullptr;  // [P*L + 1]
   const int32_t* peer_rows = nullptr;       // [P*L]
   void* const* peer_bases = nullptr;        // [P]
+  // CUDA: the most blocks a push, pull or pull-combine launches (parallel.ep_sm_budget), so the
+  // exchange leaves the other SMs to the experts; 0: no cap beyond the kernels' own.
+  int max_blocks = 0;
 };
 
 // What a failed wait leaves for the host (host-mapped memory on CUDA).

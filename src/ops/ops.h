@@ -17,8 +17,8 @@
 //   dense model        embedding, norms, rotary, attention, cross-entropy,    src/ops/model_ops.h
 //                      adamw_step, grad_norm_and_check
 //   expert parallel    ep_send_counts, ep_receive_layout, ep_*_expert_layout  src/ops/ep_ops.h
-//   hierarchical EP    ep_choice_layout, ep_node_choices, ep_pack_node_choices, src/ops/ep_hier_ops.h
-//                      ep_unpack_node_gate_grads
+//   hierarchical EP    ep_kept_choices, ep_choice_layout, ep_node_choices,    src/ops/ep_hier_ops.h
+//                      ep_pack_node_choices, ep_unpack_node_gate_grads
 //   nvlink exchange    ep_push_rows, ep_pull_*, ep_zero_padding_rows, the     src/ops/ep_nvlink_ops.h
 //                      signals (CUDA only)
 //   fp8 rows           quantize_rows_fp8, dequantize_rows_fp8 (e4m3 with a     src/ops/fp8_rows.h
@@ -166,6 +166,8 @@ void grad_norm_and_check(const ExecContext& context, const std::vector<Tensor>& 
 // Expert-parallel row moves (src/ops/ep_ops.h).
 void ep_send_counts(const ExecContext& context, const Tensor& expert_offsets, Tensor& send_counts);
 void ep_receive_layout(const ExecContext& context, EpReceiveLayout& layout);
+void ep_kept_choices(const ExecContext& context, const Tensor& ids, const Tensor& slots, const Tensor& scalars,
+                     Tensor& kept_ids);
 void ep_choice_layout(const ExecContext& context, const Tensor& ids, int num_slots, Tensor& slots, Tensor& counts,
                       Tensor& offsets, Tensor& scalars);
 void ep_node_choices(const ExecContext& context, const Tensor& ids, const Tensor& slots, const Tensor& scalars, int experts_per_node,

@@ -34,11 +34,21 @@ struct ParallelConfig {
   int a2a_chunks = 1;
   EpTransport ep_transport = EpTransport::automatic;
   EpDispatch ep_dispatch = EpDispatch::activation;
+  EpOverlap ep_overlap = EpOverlap::none;
+  int ep_sm_budget = 0;
   double collective_timeout_s = 600.0;
   bool deterministic = false;
 
   // What the expert-parallel layer takes of this section.
-  EpLayerOptions ep_layer_options() const { return EpLayerOptions{a2a_chunks, ep_transport, ep_dispatch}; }
+  EpLayerOptions ep_layer_options() const {
+    EpLayerOptions options;
+    options.a2a_chunks = a2a_chunks;
+    options.transport = ep_transport;
+    options.dispatch = ep_dispatch;
+    options.overlap = ep_overlap;
+    options.sm_budget = ep_sm_budget;
+    return options;
+  }
 };
 
 // What a resumed run does with the learning-rate schedule when training.steps grows past the

@@ -295,6 +295,12 @@ std::vector<ConfigField> build_fields() {
                    {{"activation", EpDispatch::activation}, {"fp8", EpDispatch::fp8}},
                    "what the expert-parallel forward dispatch sends: token rows in the activation dtype, or fp8 "
                    "(e4m3 with a scale per 128 values, about half the bytes; nccl transport only)"));
+  add(choice_field("parallel", "ep_overlap", &ParallelConfig::ep_overlap, &C::parallel,
+                   {{"none", EpOverlap::none}, {"two_part", EpOverlap::two_part}},
+                   "two_part: each MoE layer splits its tokens in two, so that one part's exchange runs while the "
+                   "experts compute the other (DeepSeek-V3's two-micro-batch overlap); none: one exchange"));
+  add(integer_field("parallel", "ep_sm_budget", &C::parallel, &ParallelConfig::ep_sm_budget, 0, 1024,
+                    "SMs the expert-parallel exchange may use (NCCL maxCTAs, nvlink kernel blocks); 0 = no limit"));
   add(real_field("parallel", "collective_timeout_s", &ParallelConfig::collective_timeout_s, &C::parallel, 0.0, true,
                  86400.0, false, "a collective that takes longer aborts the run with an error"));
   add(boolean_field("parallel", "deterministic", &ParallelConfig::deterministic, &C::parallel,

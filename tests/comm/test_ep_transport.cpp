@@ -1,5 +1,6 @@
-// parallel.ep_transport / --ep-transport and parallel.ep_dispatch / --ep-dispatch: the names parse
-// both ways, anything else is bad input naming where it came from and the choices.
+// parallel.ep_transport / --ep-transport, parallel.ep_dispatch / --ep-dispatch and
+// parallel.ep_overlap / --ep-overlap: the names parse both ways, anything else is bad input naming
+// where it came from and the choices.
 #include <gtest/gtest.h>
 
 #include <string>
@@ -34,4 +35,17 @@ TEST(EpDispatch, UnknownNameIsBadInputNamingTheSourceAndChoices) {
   expect_bad_input([] { parse_ep_dispatch("bf16", "bench ep: --ep-dispatch"); },
                    {"bench ep: --ep-dispatch", "bf16", "activation, fp8"});
   expect_bad_input([] { parse_ep_dispatch("", "parallel.ep_dispatch"); }, "parallel.ep_dispatch");
+}
+
+// parallel.ep_overlap / --ep-overlap likewise.
+TEST(EpOverlap, NamesRoundTrip) {
+  for (EpOverlap overlap : {EpOverlap::none, EpOverlap::two_part})
+    EXPECT_EQ(parse_ep_overlap(ep_overlap_name(overlap), "test"), overlap);
+  EXPECT_STREQ(ep_overlap_name(EpOverlap::two_part), "two_part");
+}
+
+TEST(EpOverlap, UnknownNameIsBadInputNamingTheSourceAndChoices) {
+  expect_bad_input([] { parse_ep_overlap("dual", "bench ep: --ep-overlap"); },
+                   {"bench ep: --ep-overlap", "dual", "none, two_part"});
+  expect_bad_input([] { parse_ep_overlap("", "parallel.ep_overlap"); }, "parallel.ep_overlap");
 }

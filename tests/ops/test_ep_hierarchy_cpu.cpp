@@ -7,6 +7,8 @@
 #include <cstring>
 #include <random>
 #include <set>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "src/ops/ops.h"
@@ -61,6 +63,40 @@ TEST(EpHierarchyCpu, ChoiceLayoutIsAStableCountingSort) {
     EXPECT_EQ(scalars.data<int32_t>()[kDroppedChoices], 0);
     EXPECT_EQ(scalars.data<int32_t>()[kPaddedRows], total);
   }
+}
+
+// Rows [first, first + count) of a [T, K] int32 tensor, as the EP layer's parts view the routing.
+Tensor row_view(const HostTensor& tensor, int64_t first, int64_t count) {
+  const int64_t choices = tensor.tensor().dim(1);
+  return Tensor(tensor.data<int32_t>() + first * choices, DType::i32, DeviceKind::cpu, {count, choices});
+}
+
+TEST(EpHierarchyCpu, KeptChoicesKeepTheIdsPermuteKeepsAndNothingElse) {
+  std::mt19937_64 generator(14);
+  for (const auto& [tokens, choices, experts] :
+       std::vector<std::tuple<int64_t, int, int>>{{1, 1, 4}, {97, 2, 8}, {300, 8, 64}, {0, 2, 8}}) {
+    SenderChoices sender = random_sender_choices(generator, tokens, choices, experts, 0.2, 0.3);
+    // The whole routing, and rows [tokens / 3, tokens) of it (a part's view: the full scalars).
+    const std::vector<std::pair<int64_t, int64_t>> views{{0, tokens}, {tokens / 3, tokens - tokens / 3}};
+    for (const auto& [first, count] : views) {
+      HostTensor kept_ids(DType::i32, {count, choices});
+      poison(kept_ids);
+      Tensor kept_view = kept_ids.tensor();
+      ops::ep_kept_choices(kCpu, row_view(sender.ids, first, count), row_view(sender.slots, first, count),
+                           sender.scalars, kept_view);
+      for (int64_t index = 0; index < count * choices; ++index) {
+        const int64_t source = first * choices + index;
+        const int32_t expected = sender_keeps(sender, source) ? sender.ids.data<int32_t>()[source] : -1;
+        ASSERT_EQ(kept_ids.data<int32_t>()[index], expected) << "choice " << source;
+      }
+    }
+  }
+}
+
+TEST(EpHierarchyCpu, KeptChoicesRejectMismatchedSlots) {
+  HostTensor ids(DType::i32, {3, 2}), slots(DType::i32, {2, 2}), scalars(DType::i32, {kNumRoutingScalars}),
+      kept(DType::i32, {3, 2});
+  EXPECT_THROW(ops::ep_kept_choices(kCpu, ids, slots, scalars, kept), Error);
 }
 
 TEST(EpHierarchyCpu, ChoiceLayoutRejectsAnIdPastTheSlots) {

@@ -143,12 +143,17 @@ inline ParallelGroups& groups_for(DeviceKind device, int ep_size, int ranks_per_
 // The EP layer's exchange options over `groups` (the node and rail groups when it has them).
 inline EpLayerOptions layer_options(const ParallelGroups& groups, int a2a_chunks = 1,
                                     EpTransport transport = EpTransport::automatic,
-                                    EpDispatch dispatch = EpDispatch::activation) {
+                                    EpDispatch dispatch = EpDispatch::activation,
+                                    EpOverlap overlap = EpOverlap::none) {
   EpLayerOptions options{a2a_chunks, transport, dispatch};
   options.node_group = groups.expert_parallel_node;
   options.rail_group = groups.expert_parallel_rail;
+  options.overlap = overlap;
   return options;
 }
+
+// Both overlap modes: every EP equivalence test runs each (none first).
+inline std::vector<EpOverlap> overlaps_to_test() { return {EpOverlap::none, EpOverlap::two_part}; }
 
 // The node sizes to test for an EP group of ep_size: 0 (one node), then emulated nodes of
 // ep_size / 2 and of 1 rank (each once, when they make the group span several nodes).

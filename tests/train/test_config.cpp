@@ -167,6 +167,10 @@ TEST(Config, WrongTypesNameKeyAndLine) {
                    {"parallel.ranks_per_node = 3", "parallel.ep_size = 4", "divide"});
   expect_bad_input([] { parse_config_string(base_with("ep_size:", "  ep_size: 2\n  ep_dispatch: bf16"), "w.yaml"); },
                    {"w.yaml:11", "parallel.ep_dispatch", "one of: activation, fp8"});
+  expect_bad_input([] { parse_config_string(base_with("ep_size:", "  ep_size: 2\n  ep_overlap: dual"), "w.yaml"); },
+                   {"w.yaml:11", "parallel.ep_overlap", "one of: none, two_part"});
+  expect_bad_input([] { parse_config_string(base_with("ep_size:", "  ep_size: 2\n  ep_sm_budget: -1"), "w.yaml"); },
+                   {"w.yaml:11", "parallel.ep_sm_budget", "out of range"});
   expect_bad_input([] { parse_config_string(base_with("seq_len:", "  seq_len:"), "w.yaml"); },
                    {"w.yaml:5", "model.seq_len", "has no value"});
   expect_bad_input([] { parse_config_string("model: 3\n", "w.yaml"); }, {"w.yaml:1", "section model", "mapping"});
@@ -219,6 +223,12 @@ TEST(Config, CrossFieldChecks) {
   const Config fp8 = parse_config_string(base_with("ep_size:", "  ep_size: 2\n  ep_dispatch: fp8"), "e.yaml");
   EXPECT_EQ(fp8.parallel.ep_dispatch, EpDispatch::fp8);
   EXPECT_EQ(fp8.parallel.ep_layer_options().dispatch, EpDispatch::fp8);
+  const Config overlap =
+      parse_config_string(base_with("ep_size:", "  ep_size: 2\n  ep_overlap: two_part\n  ep_sm_budget: 24"), "e.yaml");
+  EXPECT_EQ(overlap.parallel.ep_layer_options().overlap, EpOverlap::two_part);
+  EXPECT_EQ(overlap.parallel.ep_layer_options().sm_budget, 24);
+  EXPECT_EQ(fp8.parallel.ep_layer_options().overlap, EpOverlap::none);  // the default
+  EXPECT_EQ(fp8.parallel.ep_layer_options().sm_budget, 0);
 }
 
 TEST(Config, SharedExpertsAndDenseFirstBlocks) {

@@ -34,10 +34,10 @@ struct Choices {
     slots = slots_tensor.as<int32_t>();
     capacity = scalars_tensor.as<int32_t>()[kCapacity];
   }
+  bool kept(int64_t index) const { return ids[index] >= 0 && slots[index] >= 0 && slots[index] < capacity; }
   // The node of choice `index` when it is kept, else -1.
   int kept_node(int64_t index, int experts_per_node) const {
-    const bool kept = ids[index] >= 0 && slots[index] >= 0 && slots[index] < capacity;
-    return kept ? ids[index] / experts_per_node : -1;
+    return kept(index) ? ids[index] / experts_per_node : -1;
   }
 };
 
@@ -49,6 +49,17 @@ int32_t node_row(const int32_t* node_ids, const int32_t* node_rows, int64_t toke
 }
 
 }  // namespace
+
+void ep_kept_choices(const Tensor& ids_tensor, const Tensor& slots_tensor, const Tensor& scalars_tensor,
+                     Tensor& kept_ids_tensor) {
+  const char* op = "ep_kept_choices";
+  const int64_t tokens = expect_choices(op, "ids", ids_tensor), choices = ids_tensor.dim(1);
+  const Choices sender(op, ids_tensor, slots_tensor, scalars_tensor);
+  expect_tensor(op, "kept_ids", kept_ids_tensor, DType::i32, {tokens, choices});
+  int32_t* kept_ids = kept_ids_tensor.as<int32_t>();
+  for (int64_t index = 0; index < tokens * choices; ++index)
+    kept_ids[index] = sender.kept(index) ? sender.ids[index] : -1;
+}
 
 void ep_choice_layout(const Tensor& ids_tensor, int num_slots, Tensor& slots_tensor, Tensor& counts_tensor,
                       Tensor& offsets_tensor, Tensor& scalars_tensor) {

@@ -10,6 +10,7 @@
 //      same id (__match_any_sync) take consecutive slots by lane order, the lowest such lane bumps
 //      the tile's running count in shared memory. Order within a tile is thus token-major, as the
 //      reference's.
+// ep_kept_choices: one thread per choice.
 // ep_node_choices / ep_pack_node_choices / ep_unpack_node_gate_grads: one thread per token; K <= 8,
 //   so the per-token work is a few dozen integer operations.
 #include <algorithm>
@@ -98,6 +99,14 @@ __device__ __forceinline__ int kept_node(const int* ids, const int* slots, const
                                          int per_node) {
   const int slot = slots[index];
   return (ids[index] >= 0 && slot >= 0 && slot < scalars[kCapacity]) ? ids[index] / per_node : -1;
+}
+
+__global__ void __launch_bounds__(kTokenThreads)
+kept_choices_kernel(const int* ids, const int* slots, const int* scalars, long long choices, int* kept_ids) {
+  const long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (index >= choices) return;
+  const int slot = slots[index];
+  kept_ids[index] = (ids[index] >= 0 && slot >= 0 && slot < scalars[kCapacity]) ? ids[index] : -1;
 }
 
 __global__ void __launch_bounds__(kTokenThreads)
@@ -194,6 +203,20 @@ void ep_choice_layout(const Tensor& ids, int num_slots, Tensor& slots, Tensor& c
   CUDA_CHECK_LAUNCH();
   if (choices == 0) return;
   tile_assign_kernel<<<tiles, 32, shared, stream>>>(ids.as<int>(), choices, num_slots, tile_counts, slots.as<int>());
+  CUDA_CHECK_LAUNCH();
+}
+
+void ep_kept_choices(const Tensor& ids, const Tensor& slots, const Tensor& scalars, Tensor& kept_ids,
+                     void* stream_handle) {
+  const int64_t tokens = check_choices(ids, "ep_kept_choices", "ids");
+  const int choices = int(ids.dim(1));
+  check_tensor(slots, "ep_kept_choices: slots", DType::i32, {tokens, choices});
+  check_tensor(scalars, "ep_kept_choices: scalars", DType::i32, {kNumRoutingScalars});
+  check_tensor(kept_ids, "ep_kept_choices: kept_ids", DType::i32, {tokens, choices});
+  const long long count = (long long)tokens * choices;
+  if (count == 0) return;
+  kept_choices_kernel<<<token_blocks(count), kTokenThreads, 0, static_cast<cudaStream_t>(stream_handle)>>>(
+      ids.as<int>(), slots.as<int>(), scalars.as<int>(), count, kept_ids.as<int>());
   CUDA_CHECK_LAUNCH();
 }
 

@@ -1,6 +1,8 @@
 // Direct peer row moves on CUDA (semantics: src/ops/ep_nvlink_ops.h; reference:
 // src/ops/cpu/ep_nvlink.cpp).
 //
+// Grids: at most EpPeerRows::max_blocks blocks when it is > 0 (parallel.ep_sm_budget); the row
+//   moves and the pull-combine stride over their rows or tokens.
 // ep_push_rows / ep_pull_rows: one warp per packed row, grid-stride from the rows of peer rank+1,
 //   wrapping (no incast). The warp finds the row's global expert e (binary search over
 //   packed_offsets, E + 1 ints, L1-resident), the peer p = e / L and the destination row, and
@@ -191,14 +193,11 @@ __global__ void __launch_bounds__(kThreads) zero_padding_kernel(Unit* padded, in
 // (kChoices = K rounded up to 1, 2, 4 or 8: the register arrays are sized by it).
 constexpr int kMaxChoices = kMaxTopK;  // src/ops/moe_ops.h
 
+// One token's sum, by one warp.
 template <typename T, int kElems, int kChoices>
-__global__ void __launch_bounds__(kThreads)
-    pull_combine_kernel(EpPeerRows peers, int64_t rows, const int32_t* choice_rows, const float* gates,
-                        int64_t num_tokens, int k_max, int64_t width, T* tokens_out, T* keep) {
-  const int lane = threadIdx.x & 31;
-  const int64_t token = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  if (token >= num_tokens) return;
-  const int experts = peers.num_ranks * peers.local_experts;
+__device__ __forceinline__ void pull_combine_token(const EpPeerRows& peers, int64_t rows, const int32_t* choice_rows,
+                                                   const float* gates, int k_max, int64_t width, T* tokens_out, T* keep,
+                                                   int experts, int lane, int64_t token) {
   int row = -1;
   const T* remote = nullptr;
   float weight = 1.0f;
@@ -227,6 +226,28 @@ __global__ void __launch_bounds__(kThreads)
   weighted_row_gather<T, kElems, kChoices>(remote_of, weight_of, width, tokens_out + token * width, keep, rows_of);
 }
 
+template <typename T, int kElems, int kChoices>
+__global__ void __launch_bounds__(kThreads)
+    pull_combine_kernel(EpPeerRows peers, int64_t rows, const int32_t* choice_rows, const float* gates,
+                        int64_t num_tokens, int k_max, int64_t width, T* tokens_out, T* keep) {
+  const int lane = threadIdx.x & 31;
+  const int experts = peers.num_ranks * peers.local_experts;
+  // Grid-stride over tokens (a warp each): the grid may be capped (EpPeerRows::max_blocks).
+  for (int64_t token = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; token < num_tokens;
+       token += int64_t(gridDim.x) * kWarpsPerBlock) {
+    pull_combine_token<T, kElems, kChoices>(peers, rows, choice_rows, gates, k_max, width, tokens_out, keep, experts,
+                                            lane, token);
+  }
+}
+
+// The most blocks a row move launches: 4 per SM (enough warps in flight to keep the links busy),
+// or the exchange's SM budget (parallel.ep_sm_budget), whichever is smaller, so that the experts'
+// GEMMs keep the other SMs while rows move.
+int grid_cap(const EpPeerRows& peers) {
+  const int cap = 4 * multiprocessor_count();
+  return peers.max_blocks > 0 ? std::min(cap, peers.max_blocks) : cap;
+}
+
 template <bool kPush>
 void launch_move(void* packed, int64_t rows, const EpPeerRows& peers, const EpSignalBoards& signal, int signal_kind,
                  unsigned* block_counter, void* stream) {
@@ -243,9 +264,8 @@ void launch_move(void* packed, int64_t rows, const EpPeerRows& peers, const EpSi
   // Peer bases come from cudaMalloc (256-byte aligned) and row strides are whole rows, so the row
   // width and the local pointer decide the unit.
   const int64_t row_bytes = peers.row_bytes;
-  const int blocks_cap = 4 * multiprocessor_count();
   const int64_t wanted = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  const int blocks = int(std::max<int64_t>(1, std::min<int64_t>(blocks_cap, wanted)));
+  const int blocks = int(std::max<int64_t>(1, std::min<int64_t>(grid_cap(peers), wanted)));
   auto launch = [&](auto unit) {
     using Unit = decltype(unit);
     args.row_units = row_bytes / int64_t(sizeof(Unit));
@@ -286,7 +306,8 @@ void ep_pull_combine(const EpPeerRows& peers, int64_t rows, const int32_t* choic
            " bytes are not whole ", dtype_name(dtype), " elements");
   if (num_tokens == 0) return;
   const int64_t width = peers.row_bytes / int64_t(dtype_size(dtype));
-  const int64_t blocks = (num_tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  int64_t blocks = (num_tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  if (peers.max_blocks > 0) blocks = std::min<int64_t>(blocks, peers.max_blocks);  // the kernel strides
   SY_CHECK(blocks < (int64_t(1) << 31), "ep_pull_combine: too many tokens for one launch");
   dispatch_activation_dtype(dtype, "ep_pull_combine", [&](auto tag) {
     using T = decltype(tag);

@@ -7,7 +7,8 @@
 // (every rank's tokens routed to the expert). CPU: f64, relative error <= 1e-12 (only summation
 // order differs). With one GPU per rank the same scenarios run over NCCL in bf16 against the
 // single-GPU layer (else skipped). ep_size: 1, 2 and the world size (at np 4, ep 2 leaves an
-// expert-DP group of 2). Scenarios: top-2 renormalized swiglu with jitter, a rank whose tokens
+// expert-DP group of 2). The CPU runs take both overlap modes (parallel.ep_overlap none and
+// two_part), the GPU runs too. Scenarios: top-2 renormalized swiglu with jitter, a rank whose tokens
 // all pick one expert (heavy capacity drops), an expert shard nobody routes to (a rank receiving
 // no tokens), entropy-complexity routing in eval mode, and chunked exchanges (a2a_chunks > 1).
 #include <gtest/gtest.h>
@@ -176,11 +177,12 @@ Reference cpu_reference(const MoeLayerConfig& config, const Scenario& scenario, 
 }
 
 RunResult cpu_expert_parallel(const MoeLayerConfig& config, const Scenario& scenario, HostModel& model,
-                              ParallelGroups& groups) {
+                              ParallelGroups& groups, EpOverlap overlap = EpOverlap::none) {
   const ExecContext cpu{DeviceKind::cpu, nullptr};
   const int64_t tokens = model.x.tensor().dim(0);
   MoeEpLayer layer(config, groups.expert_parallel, DeviceKind::cpu, DType::f64, tokens + 3,
-                   layer_options(groups, scenario.chunks));
+                   layer_options(groups, scenario.chunks, EpTransport::automatic, EpDispatch::activation, overlap));
+  EXPECT_EQ(layer.overlap(), overlap);
   const int first = layer.first_expert(), local = layer.local_experts();
   MoeWeights weights{model.router, expert_view(model.w1, first, local), expert_view(model.w2, first, local)};
   HostTensor y(DType::f64, {tokens, kModel}), grad_x(DType::f64, {tokens, kModel});
@@ -251,8 +253,11 @@ TEST_P(ExpertParallel, CpuMatchesSingleRankReference) {
       ParallelGroups& groups = groups_for(DeviceKind::cpu, ep_size, ranks_per_node);
       HostModel model(config, scenario, world_rank, groups.expert_parallel->rank(), ep_size, salt++);
       const Reference reference = cpu_reference(config, scenario, model);
-      const RunResult result = cpu_expert_parallel(config, scenario, model, groups);
-      check_scenario(scenario, result, reference, groups, kExperts / ep_size, 1e-12);
+      for (EpOverlap overlap : overlaps_to_test()) {
+        SCOPED_TRACE(::testing::Message() << "ep_overlap " << ep_overlap_name(overlap));
+        const RunResult result = cpu_expert_parallel(config, scenario, model, groups, overlap);
+        check_scenario(scenario, result, reference, groups, kExperts / ep_size, 1e-12);
+      }
     }
   }
 }
@@ -310,10 +315,11 @@ Reference gpu_reference(const ExecContext& gpu, const MoeLayerConfig& config, co
 // Two forward+backward passes (the second reuses the buffers and, for nvlink, the signal counts),
 // the second's results returned. *used: the transport the layer picked.
 RunResult gpu_expert_parallel(const ExecContext& gpu, const MoeLayerConfig& config, const Scenario& scenario,
-                              GpuModel& model, ParallelGroups& groups, EpTransport transport, EpTransport* used) {
+                              GpuModel& model, ParallelGroups& groups, EpTransport transport, EpOverlap overlap,
+                              EpTransport* used) {
   const Tensor& x = model.x.tensor;
   MoeEpLayer layer(config, groups.expert_parallel, DeviceKind::cuda, DType::bf16, x.dim(0) + 3,
-                   EpLayerOptions{scenario.chunks, transport});
+                   layer_options(groups, scenario.chunks, transport, EpDispatch::activation, overlap));
   *used = layer.transport();
   const int first = layer.first_expert(), local = layer.local_experts();
   const MoeWeights weights{model.router.tensor, expert_view(model.w1.tensor, first, local),
@@ -355,13 +361,19 @@ TEST_P(ExpertParallel, NcclMatchesSingleGpuLayer) {
     const Reference reference = gpu_reference(gpu, config, scenario, model);
     // Both transports: NCCL, and rows written straight into peer memory where the group allows it.
     for (EpTransport transport : {EpTransport::nccl, EpTransport::automatic}) {
-      EpTransport used = EpTransport::nccl;
-      const RunResult result = gpu_expert_parallel(gpu, config, scenario, model, gpu_groups, transport, &used);
-      SCOPED_TRACE(::testing::Message() << "transport " << ep_transport_name(used));
-      if (transport == EpTransport::automatic && used != EpTransport::nvlink && world_rank == 0)
-        std::printf("[ note     ] the nvlink transport is not available here; auto chose %s\n", ep_transport_name(used));
-      // bf16 activations; GEMMs over different row counts may round differently.
-      check_scenario(scenario, result, reference, cpu_groups, kExperts / ep_size, 1e-2);
+      for (EpOverlap overlap : overlaps_to_test()) {
+        EpTransport used = EpTransport::nccl;
+        const RunResult result =
+            gpu_expert_parallel(gpu, config, scenario, model, gpu_groups, transport, overlap, &used);
+        SCOPED_TRACE(::testing::Message() << "transport " << ep_transport_name(used) << ", ep_overlap "
+                                          << ep_overlap_name(overlap));
+        if (transport == EpTransport::automatic && used != EpTransport::nvlink && world_rank == 0 &&
+            overlap == EpOverlap::none)
+          std::printf("[ note     ] the nvlink transport is not available here; auto chose %s\n",
+                      ep_transport_name(used));
+        // bf16 activations; GEMMs over different row counts may round differently.
+        check_scenario(scenario, result, reference, cpu_groups, kExperts / ep_size, 1e-2);
+      }
     }
     destroy_stream(DeviceKind::cuda, gpu.stream);
   }

@@ -26,6 +26,8 @@
 //    0.10 for grad_router, ~1.5x the largest seen; a wrong scale (factor 2: ~1) fails them, and a
 //    dropped or misplaced row fails test 1 exactly.
 // 3. fp8 with parallel.ep_transport nvlink is bad input naming both keys.
+// Tests 1 and 2 run with both overlap modes (parallel.ep_overlap none and two_part); test 2 compares
+// either against the one-part activation dispatch.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -142,10 +144,10 @@ struct Outcome {
 
 // The EP layer (this rank's expert shard) on x, forward and backward, outputs poisoned first.
 Outcome run_expert_parallel(const MoeLayerConfig& config, Problem& problem, ParallelGroups& groups, int chunks,
-                            EpDispatch dispatch) {
+                            EpDispatch dispatch, EpOverlap overlap = EpOverlap::none) {
   const int64_t tokens = problem.x.tensor().dim(0);
   MoeEpLayer layer(config, groups.expert_parallel, DeviceKind::cpu, DType::f64, tokens + 2,
-                   layer_options(groups, chunks, EpTransport::automatic, dispatch));
+                   layer_options(groups, chunks, EpTransport::automatic, dispatch, overlap));
   EXPECT_EQ(layer.dispatch_format(), dispatch);
   const int first = layer.first_expert(), local = layer.local_experts();
   const MoeWeights weights{problem.router, expert_view(problem.w1, first, local),
@@ -234,23 +236,26 @@ TEST_P(ExpertParallelFp8, EqualsTheLayerOnDequantizedInputs) {
     ASSERT_EQ(block0_change, 0.0) << "block 0 is not a fixed point of the quantization: the test is broken";
     ASSERT_GT(block1_change, 1e-4) << "the quantization left block 1 unchanged: the test proves nothing";
 
-    const Outcome fp8 = run_expert_parallel(config, problem, groups, scenario.chunks, EpDispatch::fp8);
     Communicator& ep = *groups.expert_parallel;
     const int local = kExperts / ep_size, first = ep.rank() * local;
     const Outcome reference = run_single_rank(config, problem, dequantized, ep, first, local);
-    const double tolerance = 1e-12;  // f64; only the summation order differs
-    expect_relative("y", fp8.y, reference.y, tolerance);
-    expect_relative("grad_x", fp8.grad_x, reference.grad_x, tolerance);
-    expect_relative("grad_w1 (local experts)", fp8.grad_w1, reference.grad_w1, tolerance);
-    expect_relative("grad_w2 (local experts)", fp8.grad_w2, reference.grad_w2, tolerance);
-    expect_relative("logits", fp8.logits, reference.logits, tolerance);
-    // Router gradient rows of block 0 (x_r = x = x' there; block 1's rows see x, not x').
-    expect_relative("grad_router (block 0 rows)", first_rows(fp8.grad_router, kFp8BlockElements, kExperts),
-                    first_rows(reference.grad_router, kFp8BlockElements, kExperts), tolerance);
-    EXPECT_NEAR(fp8.aux, reference.aux, tolerance * std::fabs(reference.aux)) << "aux loss";
-    EXPECT_NEAR(fp8.z, reference.z, tolerance * std::fabs(reference.z)) << "z loss";
-    EXPECT_EQ(fp8.stats.dropped_choices, reference.stats.dropped_choices);
-    EXPECT_EQ(fp8.stats.total_choices, reference.stats.total_choices);
+    for (EpOverlap overlap : overlaps_to_test()) {
+      SCOPED_TRACE(::testing::Message() << "ep_overlap " << ep_overlap_name(overlap));
+      const Outcome fp8 = run_expert_parallel(config, problem, groups, scenario.chunks, EpDispatch::fp8, overlap);
+      const double tolerance = 1e-12;  // f64; only the summation order differs
+      expect_relative("y", fp8.y, reference.y, tolerance);
+      expect_relative("grad_x", fp8.grad_x, reference.grad_x, tolerance);
+      expect_relative("grad_w1 (local experts)", fp8.grad_w1, reference.grad_w1, tolerance);
+      expect_relative("grad_w2 (local experts)", fp8.grad_w2, reference.grad_w2, tolerance);
+      expect_relative("logits", fp8.logits, reference.logits, tolerance);
+      // Router gradient rows of block 0 (x_r = x = x' there; block 1's rows see x, not x').
+      expect_relative("grad_router (block 0 rows)", first_rows(fp8.grad_router, kFp8BlockElements, kExperts),
+                      first_rows(reference.grad_router, kFp8BlockElements, kExperts), tolerance);
+      EXPECT_NEAR(fp8.aux, reference.aux, tolerance * std::fabs(reference.aux)) << "aux loss";
+      EXPECT_NEAR(fp8.z, reference.z, tolerance * std::fabs(reference.z)) << "z loss";
+      EXPECT_EQ(fp8.stats.dropped_choices, reference.stats.dropped_choices);
+      EXPECT_EQ(fp8.stats.total_choices, reference.stats.total_choices);
+    }
   }
 }
 
@@ -266,39 +271,44 @@ TEST_P(ExpertParallelFp8, WithinToleranceOfActivationDispatch) {
                                       << shared_seed());
     ParallelGroups& groups = groups_for(DeviceKind::cpu, ep_size, ranks_per_node);
     Problem problem(config, world_rank, salt++);
-    const Outcome fp8 = run_expert_parallel(config, problem, groups, scenario.chunks, EpDispatch::fp8);
     const Outcome exact = run_expert_parallel(config, problem, groups, scenario.chunks, EpDispatch::activation);
+    for (EpOverlap overlap : overlaps_to_test()) {
+      SCOPED_TRACE(::testing::Message() << "ep_overlap " << ep_overlap_name(overlap));
+      // The two-part layer against the one-part activation dispatch: only the quantization differs.
+      const Outcome fp8 = run_expert_parallel(config, problem, groups, scenario.chunks, EpDispatch::fp8, overlap);
 
-    // The router sees x in both: identical routing.
-    EXPECT_EQ(fp8.logits, exact.logits);
-    EXPECT_EQ(fp8.aux, exact.aux);
-    EXPECT_EQ(fp8.z, exact.z);
-    EXPECT_EQ(fp8.stats.dropped_choices, exact.stats.dropped_choices);
-    EXPECT_EQ(fp8.stats.total_choices, exact.stats.total_choices);
+      // The router sees x in both: identical routing.
+      EXPECT_EQ(fp8.logits, exact.logits);
+      EXPECT_EQ(fp8.aux, exact.aux);
+      EXPECT_EQ(fp8.z, exact.z);
+      EXPECT_EQ(fp8.stats.dropped_choices, exact.stats.dropped_choices);
+      EXPECT_EQ(fp8.stats.total_choices, exact.stats.total_choices);
 
-    struct Compared {
-      const char* name;
-      const std::vector<double>&fp8, &exact;
-      double tolerance;
-    };
-    const Compared tensors[] = {
-        {"y", fp8.y, exact.y, 0.06},
-        {"grad_x", fp8.grad_x, exact.grad_x, 0.06},
-        {"grad_router", fp8.grad_router, exact.grad_router, 0.10},
-        {"grad_w1", fp8.grad_w1, exact.grad_w1, 0.06},
-        {"grad_w2", fp8.grad_w2, exact.grad_w2, 0.06},
-    };
-    std::string measured;
-    for (const Compared& tensor : tensors) {
-      expect_relative(tensor.name, tensor.fp8, tensor.exact, tensor.tolerance);
-      char text[64];
-      std::snprintf(text, sizeof(text), " %s %.4f", tensor.name, relative_error(tensor.fp8, tensor.exact));
-      measured += text;
+      struct Compared {
+        const char* name;
+        const std::vector<double>&fp8, &exact;
+        double tolerance;
+      };
+      const Compared tensors[] = {
+          {"y", fp8.y, exact.y, 0.06},
+          {"grad_x", fp8.grad_x, exact.grad_x, 0.06},
+          {"grad_router", fp8.grad_router, exact.grad_router, 0.10},
+          {"grad_w1", fp8.grad_w1, exact.grad_w1, 0.06},
+          {"grad_w2", fp8.grad_w2, exact.grad_w2, 0.06},
+      };
+      std::string measured;
+      for (const Compared& tensor : tensors) {
+        expect_relative(tensor.name, tensor.fp8, tensor.exact, tensor.tolerance);
+        char text[64];
+        std::snprintf(text, sizeof(text), " %s %.4f", tensor.name, relative_error(tensor.fp8, tensor.exact));
+        measured += text;
+      }
+      // The quantization did happen: y moved.
+      EXPECT_GT(relative_error(fp8.y, exact.y), 1e-4) << "fp8 dispatch left y unchanged";
+      if (world_rank == 0)
+        std::printf("[ note     ] ep_size %d ep_overlap %s fp8 vs activation, relative:%s\n", ep_size,
+                    ep_overlap_name(overlap), measured.c_str());
     }
-    // The quantization did happen: y moved.
-    EXPECT_GT(relative_error(fp8.y, exact.y), 1e-4) << "fp8 dispatch left y unchanged";
-    if (world_rank == 0)
-      std::printf("[ note     ] ep_size %d fp8 vs activation, relative:%s\n", ep_size, measured.c_str());
   }
 }
 

@@ -6,8 +6,9 @@
 // EP group -- for sigmoid scores with a router bias, groups (also num_groups = ep_size, one group
 // per rank: device-limited routing), probability drops, the sequence-level loss, the global-batch
 // loss (whose reducer sums the loads over every rank, in both layers) and expert choice.
-// f64, relative error <= 1e-12 (only summation order differs). (test_expert_parallel.cpp has the
-// Switch router's scenarios, and the NCCL runs.)
+// f64, relative error <= 1e-12 (only summation order differs). Both overlap modes (parallel.ep_overlap
+// none and two_part: the routing over all of a rank's tokens, split after it). (test_expert_parallel.cpp
+// has the Switch router's scenarios, and the NCCL runs.)
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -199,35 +200,42 @@ TEST_P(ExpertParallelRouting, CpuMatchesSingleRankReference) {
       const int64_t tokens = model.x.tensor().dim(0);
       MoeLayer single(config, DeviceKind::cpu, DType::f64, tokens);
       const Outcome reference = run_layer(single, config, model, reducer, scenario.bias, 0, kExperts);
-      MoeEpLayer parallel(config, groups.expert_parallel, DeviceKind::cpu, DType::f64, tokens + 3,
-                          layer_options(groups, scenario.chunks));
-      EXPECT_EQ(parallel.hierarchical(), ranks_per_node > 0 && ranks_per_node < ep_size);
-      const int first = parallel.first_expert(), local = parallel.local_experts();
-      const Outcome result = run_layer(parallel, config, model, reducer, scenario.bias, first, local);
-      EXPECT_EQ(reductions, scenario.global_weight > 0 ? 2 : 0);
+      for (EpOverlap overlap : overlaps_to_test()) {
+        SCOPED_TRACE(::testing::Message() << "ep_overlap " << ep_overlap_name(overlap));
+        reductions = 0;
+        MoeEpLayer parallel(config, groups.expert_parallel, DeviceKind::cpu, DType::f64, tokens + 3,
+                            layer_options(groups, scenario.chunks, EpTransport::automatic, EpDispatch::activation,
+                                          overlap));
+        EXPECT_EQ(parallel.hierarchical(), ranks_per_node > 0 && ranks_per_node < ep_size);
+        const int first = parallel.first_expert(), local = parallel.local_experts();
+        const Outcome result = run_layer(parallel, config, model, reducer, scenario.bias, first, local);
+        EXPECT_EQ(reductions, scenario.global_weight > 0 ? 1 : 0);
 
-      expect_close("y", result.y, reference.y);
-      expect_close("grad_x", result.grad_x, reference.grad_x);
-      expect_close("grad_router", result.grad_router, reference.grad_router);
-      expect_loss("aux loss", result.losses.aux_loss, reference.losses.aux_loss);
-      expect_loss("z loss", result.losses.z_loss, reference.losses.z_loss);
-      expect_loss("seq loss", result.losses.seq_aux_loss, reference.losses.seq_aux_loss);
-      expect_loss("global loss", result.losses.global_aux_loss, reference.losses.global_aux_loss);
-      EXPECT_EQ(result.stats.dropped_choices, reference.stats.dropped_choices);
-      EXPECT_EQ(result.stats.total_choices, reference.stats.total_choices);
-      if (scenario.seq_weight > 0) EXPECT_GT(reference.losses.seq_aux_loss, 0.0);
-      if (scenario.global_weight > 0) EXPECT_GT(reference.losses.global_aux_loss, 0.0);
-      if (scenario.drop == DropPolicy::probability) EXPECT_GT(reference.stats.dropped_choices, 0);
+        expect_close("y", result.y, reference.y);
+        expect_close("grad_x", result.grad_x, reference.grad_x);
+        expect_close("grad_router", result.grad_router, reference.grad_router);
+        expect_loss("aux loss", result.losses.aux_loss, reference.losses.aux_loss);
+        expect_loss("z loss", result.losses.z_loss, reference.losses.z_loss);
+        expect_loss("seq loss", result.losses.seq_aux_loss, reference.losses.seq_aux_loss);
+        expect_loss("global loss", result.losses.global_aux_loss, reference.losses.global_aux_loss);
+        EXPECT_EQ(result.stats.dropped_choices, reference.stats.dropped_choices);
+        EXPECT_EQ(result.stats.total_choices, reference.stats.total_choices);
+        if (scenario.seq_weight > 0) EXPECT_GT(reference.losses.seq_aux_loss, 0.0);
+        if (scenario.global_weight > 0) EXPECT_GT(reference.losses.global_aux_loss, 0.0);
+        if (scenario.drop == DropPolicy::probability) EXPECT_GT(reference.stats.dropped_choices, 0);
 
-      // Expert gradients: the reference's, summed over the EP group, this rank's slice.
-      std::vector<double> w1_sum = reference.grad_w1, w2_sum = reference.grad_w2;
-      groups.expert_parallel->all_reduce_sum(w1_sum.data(), int64_t(w1_sum.size()), DType::f64);
-      groups.expert_parallel->all_reduce_sum(w2_sum.data(), int64_t(w2_sum.size()), DType::f64);
-      const int64_t w1_matrix = int64_t(w1_sum.size()) / kExperts, w2_matrix = int64_t(w2_sum.size()) / kExperts;
-      expect_close("grad_w1 (local experts)", result.grad_w1,
-                   std::vector<double>(w1_sum.begin() + first * w1_matrix, w1_sum.begin() + (first + local) * w1_matrix));
-      expect_close("grad_w2 (local experts)", result.grad_w2,
-                   std::vector<double>(w2_sum.begin() + first * w2_matrix, w2_sum.begin() + (first + local) * w2_matrix));
+        // Expert gradients: the reference's, summed over the EP group, this rank's slice.
+        std::vector<double> w1_sum = reference.grad_w1, w2_sum = reference.grad_w2;
+        groups.expert_parallel->all_reduce_sum(w1_sum.data(), int64_t(w1_sum.size()), DType::f64);
+        groups.expert_parallel->all_reduce_sum(w2_sum.data(), int64_t(w2_sum.size()), DType::f64);
+        const int64_t w1_matrix = int64_t(w1_sum.size()) / kExperts, w2_matrix = int64_t(w2_sum.size()) / kExperts;
+        expect_close("grad_w1 (local experts)", result.grad_w1,
+                     std::vector<double>(w1_sum.begin() + first * w1_matrix,
+                                         w1_sum.begin() + (first + local) * w1_matrix));
+        expect_close("grad_w2 (local experts)", result.grad_w2,
+                     std::vector<double>(w2_sum.begin() + first * w2_matrix,
+                                         w2_sum.begin() + (first + local) * w2_matrix));
+      }
     }
   }
 }

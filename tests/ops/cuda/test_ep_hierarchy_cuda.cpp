@@ -1,7 +1,8 @@
-// The CUDA bookkeeping of the hierarchical exchange (src/ops/cuda/ep_hierarchy.cu) against the CPU
-// reference (src/ops/cpu/ep_hierarchy.cpp) on identical random sender routings: every integer
-// equal, every gate moved bit for bit. Sizes cover one tile and many (the counting sort's tiles of
-// 2048 choices), empty choices and drops; device outputs start poisoned.
+// The CUDA bookkeeping of the hierarchical exchange and of the EP layer's two-part overlap
+// (src/ops/cuda/ep_hierarchy.cu) against the CPU reference (src/ops/cpu/ep_hierarchy.cpp) on
+// identical random sender routings: every integer equal, every gate moved bit for bit. Sizes cover
+// one tile and many (the counting sort's tiles of 2048 choices), empty choices and drops; device
+// outputs start poisoned.
 #include <gtest/gtest.h>
 
 #include <random>
@@ -51,6 +52,22 @@ TEST(EpHierarchyCuda, ChoiceLayoutMatchesTheReference) {
     expect_same_bytes(counts, device_counts, "counts");
     expect_same_bytes(offsets, device_offsets, "offsets");
     expect_same_bytes(scalars, device_scalars, "scalars");
+  }
+}
+
+TEST(EpHierarchyCuda, KeptChoicesMatchTheReference) {
+  SKIP_WITHOUT_CUDA();
+  std::mt19937_64 generator(23);
+  for (const auto& [tokens, choices, experts] :
+       std::vector<std::tuple<int64_t, int, int>>{{1, 1, 4}, {3000, 8, 64}, {70000, 2, 256}, {0, 2, 8}}) {
+    SenderChoices sender = random_sender_choices(generator, tokens, choices, experts, 0.1, 0.2);
+    HostTensor kept(DType::i32, {tokens, choices});
+    ops::ep_kept_choices(kCpu, sender.ids, sender.slots, sender.scalars, kept);
+    DeviceTensor ids = to_device(sender.ids), slots = to_device(sender.slots), scalars = to_device(sender.scalars);
+    DeviceTensor device_kept(DType::i32, {tokens, choices});
+    ops::ep_kept_choices(kCuda, ids, slots, scalars, device_kept);
+    ops::synchronize(kCuda);
+    expect_same_bytes(kept, device_kept, "kept_ids");
   }
 }
 
