@@ -351,9 +351,11 @@ TEST_P(ExpertParallel, NcclMatchesSingleGpuLayer) {
   const int world_size = bootstrap_process(DeviceKind::cuda).world_size;
   const int world_rank = bootstrap_process(DeviceKind::cuda).world_rank;
   uint64_t salt = 101;
-  for (int ep_size : ep_sizes_to_test(world_size)) {
-    SCOPED_TRACE(::testing::Message() << "ep_size " << ep_size << ", seed " << shared_seed());
-    ParallelGroups& gpu_groups = groups_for(DeviceKind::cuda, ep_size);
+  for (int ep_size : ep_sizes_to_test(world_size))
+  for (int ranks_per_node : node_sizes_to_test(ep_size)) {  // > 0: the hierarchical exchange over NCCL
+    SCOPED_TRACE(::testing::Message() << "ep_size " << ep_size << ", ranks_per_node " << ranks_per_node << ", seed "
+                                      << shared_seed());
+    ParallelGroups& gpu_groups = groups_for(DeviceKind::cuda, ep_size, ranks_per_node);
     ParallelGroups& cpu_groups = groups_for(DeviceKind::cpu, ep_size);  // same members, for host sums
     HostModel host(config, scenario, world_rank, gpu_groups.expert_parallel->rank(), ep_size, salt++);
     GpuModel model(host);
