@@ -22,8 +22,12 @@ RoutingParams packed_params(const MoeLayerConfig& config, int64_t tokens, bool t
 // ---- Construction ----------------------------------------------------------------------------
 
 MoeEpLayer::MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicator> expert_parallel, DeviceKind device,
-                       DType activation_dtype, int64_t max_tokens, const EpLayerOptions& exchange)
-    : config_(config), device_(device), activation_dtype_(activation_dtype) {
+                       DType activation_dtype, int64_t max_tokens, const EpLayerOptions& exchange,
+                       std::shared_ptr<MoeLayerMemory> memory)
+    : config_(config), device_(device), activation_dtype_(activation_dtype),
+      memory_(memory ? std::move(memory) : std::make_shared<MoeLayerMemory>(device)) {
+  SY_CHECK(memory_->device() == device, "MoeEpLayer: its memory is on ", device_kind_name(memory_->device()),
+           ", the layer on ", device_kind_name(device));
   config_.validate();
   SY_CHECK_INPUT(config_.moe.compute_mode == ExpertComputeMode::sparse,
                  "moe: compute_mode dense is a single-device baseline; expert parallelism needs sparse");
@@ -40,50 +44,62 @@ MoeEpLayer::MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicato
   max_tokens_ = max_tokens;
   max_send_rows_ = std::max(padded_rows_upper_bound(packed_params(config_, max_tokens, true)),
                             padded_rows_upper_bound(packed_params(config_, max_tokens, false)));
-  router_ = MoeRouter(config_, device, activation_dtype, max_tokens, /*segment_alignment=*/1, max_send_rows_);
+  router_ = MoeRouter(config_, device, activation_dtype, max_tokens, /*segment_alignment=*/1, max_send_rows_,
+                      memory_);
+  if (memory_->exchange) {  // another layer of this model made it (collective: every rank does the same)
+    exchange_ = memory_->exchange;
+    SY_CHECK(exchange_->ranks() == expert_parallel->size() && exchange_->chunks() <= exchange.a2a_chunks,
+             "MoeEpLayer: the shared exchange belongs to another group or configuration");
+  } else {
+    exchange_ = make_exchange(std::move(expert_parallel), exchange);
+    memory_->exchange = exchange_;
+  }
+  // The experts' activations start at the balanced load (every rank receives what it sends).
+  const int64_t rows = max_send_rows_ + int64_t(local_experts()) * (config_.moe.segment_alignment - 1);
+  reserve_hidden(rows, /*with_backward=*/false);
+}
 
+std::shared_ptr<EpExchange> MoeEpLayer::make_exchange(std::shared_ptr<Communicator> expert_parallel,
+                                                      const EpLayerOptions& exchange) const {
   EpExchangeOptions options;
-  options.device = device;
+  options.device = device_;
   options.num_experts = config_.moe.num_experts;
   options.segment_alignment = config_.moe.segment_alignment;
   options.chunks = exchange.a2a_chunks;
   options.transport = exchange.transport;
   options.dispatch = exchange.dispatch;
-  options.row_dtype = activation_dtype;
+  options.row_dtype = activation_dtype_;
   options.row_width = config_.d_model;
   options.max_send_rows = max_send_rows_;
   options.initial_rows = max_send_rows_;  // the balanced load: every rank receives what it sends
   options.node_group = exchange.node_group;
   options.rail_group = exchange.rail_group;
-  exchange_ = EpExchange::create(std::move(expert_parallel), options);
+  return EpExchange::create(std::move(expert_parallel), options);
+}
 
+int64_t MoeEpLayer::hidden_rows(MoeBufferSlot slot) const {
+  const int64_t columns = slot == MoeBufferSlot::hidden_post ? config_.moe.expert_d_ff : config_.w1_columns();
+  return int64_t(memory_->at(slot).bytes() / (size_t(columns) * dtype_size(activation_dtype_)));
+}
+
+void MoeEpLayer::reserve_hidden(int64_t rows, bool with_backward) {
   const size_t activation_size = dtype_size(activation_dtype_);
-  hidden_capacity_ = max_send_rows_ + int64_t(local_experts()) * (config_.moe.segment_alignment - 1);
-  hidden_pre_ = Buffer(device, size_t(hidden_capacity_) * size_t(config_.w1_columns()) * activation_size);
-  hidden_post_ = Buffer(device, size_t(hidden_capacity_) * size_t(config_.moe.expert_d_ff) * activation_size);
+  memory_->reserve(MoeBufferSlot::hidden_pre, size_t(rows) * size_t(config_.w1_columns()) * activation_size);
+  memory_->reserve(MoeBufferSlot::hidden_post, size_t(rows) * size_t(config_.moe.expert_d_ff) * activation_size);
+  if (with_backward)
+    memory_->reserve(MoeBufferSlot::grad_hidden_pre, size_t(rows) * size_t(config_.w1_columns()) * activation_size);
 }
 
 void MoeEpLayer::ensure_hidden_capacity(const ExecContext& context, bool with_backward) {
   const int64_t expert_rows = exchange_->plan().expert_rows();
-  const bool grow = expert_rows > hidden_capacity_;
-  const bool grow_backward = with_backward && expert_rows > backward_hidden_capacity_;
+  const bool grow = expert_rows > hidden_rows(MoeBufferSlot::hidden_pre);
+  const bool grow_backward = with_backward && expert_rows > hidden_rows(MoeBufferSlot::grad_hidden_pre);
   if (!grow && !grow_backward) return;
   // The caching allocator does not track streams: nothing may still use a buffer we free.
   ops::synchronize(context);
   exchange_->synchronize_communicators();
-  const size_t activation_size = dtype_size(activation_dtype_);
-  if (grow) {
-    hidden_capacity_ = with_headroom(expert_rows);
-    for (Buffer* buffer : {&hidden_pre_, &hidden_post_}) buffer->reset();
-    hidden_pre_ = Buffer(device_, size_t(hidden_capacity_) * size_t(config_.w1_columns()) * activation_size);
-    hidden_post_ = Buffer(device_, size_t(hidden_capacity_) * size_t(config_.moe.expert_d_ff) * activation_size);
-  }
-  if (grow_backward) {
-    backward_hidden_capacity_ = std::max(hidden_capacity_, expert_rows);
-    grad_hidden_pre_.reset();
-    grad_hidden_pre_ =
-        Buffer(device_, size_t(backward_hidden_capacity_) * size_t(config_.w1_columns()) * activation_size);
-  }
+  // Backward scratch as long as the activations: the headroom serves both.
+  reserve_hidden(grow ? with_headroom(expert_rows) : hidden_rows(MoeBufferSlot::hidden_pre), with_backward);
 }
 
 Tensor MoeEpLayer::rows(const Buffer& buffer, int64_t first_row, int64_t count, int64_t columns) const {
@@ -147,8 +163,8 @@ void MoeEpLayer::experts_forward(const ExecContext& context, int chunk, const Mo
   const int64_t row_begin = plan.chunk_row_begin(chunk), chunk_rows = plan.chunk_row_end(chunk) - row_begin;
   if (chunk_rows == 0) return;  // no rank routed anything to these experts
   Tensor input = exchange_->expert_input(row_begin, chunk_rows);
-  Tensor hidden_pre = rows(hidden_pre_, row_begin, chunk_rows, config_.w1_columns());
-  Tensor hidden_post = rows(hidden_post_, row_begin, chunk_rows, config_.moe.expert_d_ff);
+  Tensor hidden_pre = rows(memory_->at(MoeBufferSlot::hidden_pre), row_begin, chunk_rows, config_.w1_columns());
+  Tensor hidden_post = rows(memory_->at(MoeBufferSlot::hidden_post), row_begin, chunk_rows, config_.moe.expert_d_ff);
   Tensor output = exchange_->expert_output(row_begin, chunk_rows);
   const Tensor offsets = exchange_->chunk_offsets(chunk);
   // H and A = act(H): one kernel where the activation fuses into the GEMM (ops::fuses_expert_activation).
@@ -205,10 +221,11 @@ void MoeEpLayer::experts_backward(const ExecContext& context, int chunk, const M
   }
   // The exchange put dL/dO into the output rows (padding rows zero); dL/dX goes back there.
   const Tensor input = exchange_->expert_input(row_begin, chunk_rows);
-  const Tensor hidden_pre = rows(hidden_pre_, row_begin, chunk_rows, config_.w1_columns());
-  Tensor hidden_post = rows(hidden_post_, row_begin, chunk_rows, config_.moe.expert_d_ff);
+  const Tensor hidden_pre = rows(memory_->at(MoeBufferSlot::hidden_pre), row_begin, chunk_rows, config_.w1_columns());
+  Tensor hidden_post = rows(memory_->at(MoeBufferSlot::hidden_post), row_begin, chunk_rows, config_.moe.expert_d_ff);
   Tensor grad_expert_rows = exchange_->expert_output(row_begin, chunk_rows);
-  Tensor grad_hidden_pre = rows(grad_hidden_pre_, row_begin, chunk_rows, config_.w1_columns());
+  Tensor grad_hidden_pre =
+      rows(memory_->at(MoeBufferSlot::grad_hidden_pre), row_begin, chunk_rows, config_.w1_columns());
   const Tensor offsets = exchange_->chunk_offsets(chunk);
   ops::grouped_gemm_weight_grad(context, hidden_post, grad_expert_rows, offsets, grad_w2, config_.moe.segment_alignment);
   // dL/dH = act'(H) * (dL/dO W2^T), fused where possible; the unfused path puts dL/dA in A's buffer

@@ -50,7 +50,11 @@
 // reused across phases: the send buffer holds permuted x, then the returned expert outputs
 // (needed by backward for the gate gradients); the receive buffer holds arriving rows, then the
 // outgoing results, chunk by chunk; in backward the expert-output buffer holds the row gradients
-// and the activation buffer A holds dL/dA once dW2 has read A.
+// and the activation buffer A holds dL/dA once dW2 has read A. The expert activations and the
+// exchange (with its row buffers) live in the layer's MoeLayerMemory (src/model/moe_memory.h): its
+// own, unless the constructor is given one that the model's other MoE layers share (activation
+// recomputation: every layer's forward is repeated right before its backward, so one exchange and
+// one set of expert activations serve them all).
 #pragma once
 
 #include <cstdint>
@@ -72,8 +76,11 @@ class MoeEpLayer {
   // config.num_experts must be a multiple of its size. `exchange`: parallel.a2a_chunks (>= 1,
   // clamped to the local expert count), parallel.ep_transport and parallel.ep_dispatch
   // (src/comm/ep_exchange.h). Collective.
+  // `memory`: see the top comment (null: the layer's own); a shared one must have been used only by
+  // layers of this configuration and group.
   MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicator> expert_parallel, DeviceKind device,
-             DType activation_dtype, int64_t max_tokens, const EpLayerOptions& exchange = {});
+             DType activation_dtype, int64_t max_tokens, const EpLayerOptions& exchange = {},
+             std::shared_ptr<MoeLayerMemory> memory = nullptr);
   MoeEpLayer(const MoeEpLayer&) = delete;
   MoeEpLayer& operator=(const MoeEpLayer&) = delete;
 
@@ -91,6 +98,7 @@ class MoeEpLayer {
   DType float_dtype() const { return router_.float_dtype(); }
   DType gradient_dtype() const { return gradient_dtype_; }
   int64_t max_tokens() const { return max_tokens_; }
+  const MoeLayerMemory& memory() const { return *memory_; }
   int ep_size() const { return exchange_->ranks(); }
   int local_experts() const { return exchange_->local_experts(); }
   int first_expert() const { return exchange_->first_expert(); }
@@ -111,8 +119,12 @@ class MoeEpLayer {
 
  private:
   void check_weights(const MoeWeights& weights, DType dtype, const char* what) const;
+  std::shared_ptr<EpExchange> make_exchange(std::shared_ptr<Communicator> expert_parallel,
+                                            const EpLayerOptions& exchange) const;
   // Grows the expert activations for the current plan (streams idle: right after the exchange).
   void ensure_hidden_capacity(const ExecContext& context, bool with_backward);
+  int64_t hidden_rows(MoeBufferSlot slot) const;  // rows the slot's buffer holds now
+  void reserve_hidden(int64_t rows, bool with_backward);
   void experts_forward(const ExecContext& context, int chunk, const MoeWeights& weights);
   void experts_backward(const ExecContext& context, int chunk, const MoeWeights& weights, MoeGradients& gradients);
   Tensor rows(const Buffer& buffer, int64_t first_row, int64_t count, int64_t columns) const;
@@ -122,12 +134,10 @@ class MoeEpLayer {
   DeviceKind device_;
   DType activation_dtype_, gradient_dtype_;
   int64_t max_tokens_ = 0, max_send_rows_ = 0;
+  std::shared_ptr<MoeLayerMemory> memory_;  // the experts' activations over the padded layout
+                                            // (grown on demand) and the exchange
   MoeRouter router_;  // routing with segment alignment 1: the packed send layout
-  std::unique_ptr<EpExchange> exchange_;
-
-  // The experts' activations over the padded layout (grown on demand).
-  int64_t hidden_capacity_ = 0, backward_hidden_capacity_ = 0;
-  Buffer hidden_pre_, hidden_post_, grad_hidden_pre_;
+  std::shared_ptr<EpExchange> exchange_;
 
   // What the last forward left for backward.
   bool has_forward_ = false;
