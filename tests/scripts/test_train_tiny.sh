@@ -143,10 +143,14 @@ fi
 
 # ---- 5. activation recomputation through the trainer ------------------------------------------
 timeout 120 "${mpi[@]}" "$binary" train "$source_dir/configs/tiny-cpu.yaml" "${data[@]}" "${short[@]}" \
-  --set training.recompute=all --set "logging.run_dir=$work/recompute" >"$work/recompute.out" 2>&1 ||
+  --set training.recompute=all --set "logging.run_dir=$work/recompute" --profile-steps 1 >"$work/recompute.out" 2>&1 ||
   fail "the training.recompute all run failed"
 grep -q 'recompute: all' "$work/recompute/config.yaml" 2>/dev/null ||
   fail "the resolved config.yaml does not record training.recompute: all"
+# The profiled step shows the repeated forward work: the option reached the model.
+grep -q '"stage": "MoE recompute"' "$work/recompute/profile.json" 2>/dev/null &&
+  grep -q '"stage": "attention recompute"' "$work/recompute/profile.json" ||
+  fail "the profiled step of the recompute all run has no MoE / attention recompute stages"
 if [ -s "$work/recompute/metrics.jsonl" ] && [ -s "$work/same_a/metrics.jsonl" ] &&
   cmp -s <(losses "$work/same_a/metrics.jsonl") <(losses "$work/recompute/metrics.jsonl") &&
   cmp -s <(tensors "$work/same_a/final.weights") <(tensors "$work/recompute/final.weights"); then
