@@ -10,7 +10,13 @@
 //              dispatch quantizes the rows first and dequantizes each chunk on arrival (as the EP
 //              layer does, src/comm/ep_exchange.h); its rows count fp8_row_bytes(D) each, and the
 //              raw baseline moves the same bytes (fp8 rows out, activation rows back).
-//   layer      MoeEpLayer forward and forward+backward (router, routing, exchange, expert GEMMs).
+//   layer      MoeEpLayer forward and forward+backward (router, routing, exchange, expert GEMMs),
+//              and the load: rows the busiest rank's experts received over the mean (--skew S
+//              biases selection toward the first experts: key_e + S (E-1-e)/(E-1)).
+//              With a group over several nodes (--ranks-per-node, or the launcher's placement) the
+//              layer runs the hierarchical exchange and reports the rows it sent over the network
+//              (one per token and destination node); the exchange part measures the one-level
+//              exchange only and is skipped there.
 // Times: per iteration the slowest rank (after a barrier), median over iterations, after
 // warm-up; routing from random data, so the load is about balanced (capacity drops included).
 // Expert FLOPs per rank (forward): 2 * T * k * (D * F' + F * D), F' = F (gelu) or 2F (swiglu);
@@ -35,6 +41,7 @@
 #include "src/comm/bootstrap.h"
 #include "src/comm/expert_dispatch.h"
 #include "src/comm/nvlink_exchange.h"
+#include "src/comm/replication_plan.h"
 #include "src/cli/bench_common.h"
 #include "src/cli/bench_ep_options.h"
 #include "src/ops/ops.h"
@@ -59,6 +66,7 @@ struct EpBenchSettings {
   int chunks = 1;
   EpTransport transport = EpTransport::automatic;
   EpDispatch dispatch = EpDispatch::activation;
+  double skew = 0;  // --skew: selection bias ramp over the experts
   bool fp8() const { return dispatch == EpDispatch::fp8; }
   int64_t row_bytes() const { return config.d_model * int64_t(dtype_size(activation_dtype)); }
   // Bytes of one row in the forward dispatch: fp8 records or activation rows.
@@ -92,6 +100,11 @@ double time_slowest_median_ms(const EpBenchSettings& settings, Communicator& wor
 double global_mean(double value, int world_size) {
   MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
   return value / world_size;
+}
+
+double global_max(double value) {
+  MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
+  return value;
 }
 
 // Dispatch + combine of one layer without the expert FFN (the identity expert), and the raw
@@ -261,17 +274,20 @@ struct ExchangeBench {
 // The EP layer with random weights for this rank's shard.
 struct LayerBench {
   std::unique_ptr<MoeEpLayer> layer;
-  Buffer x, y, grad_y, grad_x, router, w1, w2, grad_router, grad_w1, grad_w2;
+  Buffer x, y, grad_y, grad_x, router, w1, w2, grad_router, grad_w1, grad_w2, skew_bias;
+  Tensor skew_bias_view;
   MoeWeights weights;
   MoeGradients gradients;
   Tensor x_view, y_view, grad_y_view, grad_x_view;
 
-  LayerBench(const EpBenchSettings& settings, std::shared_ptr<Communicator> expert_parallel, int64_t tokens) {
+  LayerBench(const EpBenchSettings& settings, const ParallelGroups& groups, int64_t tokens) {
     const MoeLayerConfig& config = settings.config;
     const DType act = settings.activation_dtype;
     const DeviceKind device = settings.context.device;
-    layer = std::make_unique<MoeEpLayer>(config, std::move(expert_parallel), device, act, tokens,
-                                         EpLayerOptions{settings.chunks, settings.transport, settings.dispatch});
+    EpLayerOptions exchange{settings.chunks, settings.transport, settings.dispatch};
+    exchange.node_group = groups.expert_parallel_node;  // null unless the group spans nodes
+    exchange.rail_group = groups.expert_parallel_rail;
+    layer = std::make_unique<MoeEpLayer>(config, groups.expert_parallel, device, act, tokens, exchange);
     const int64_t d = config.d_model, f = config.moe.expert_d_ff, e = config.moe.num_experts, local = layer->local_experts();
     const uint64_t seed = settings.seed + 100 * uint64_t(layer->first_expert() + 1);
     x = random_buffer(settings, act, tokens * d, 1.0f, settings.seed + 21 + uint64_t(process_rank()));
@@ -288,6 +304,15 @@ struct LayerBench {
     weights = {router.view(act, {d, e}), w1.view(act, {local, d, config.w1_columns()}), w2.view(act, {local, f, d})};
     gradients = {grad_router.view(grad_dtype, {d, e}), grad_w1.view(grad_dtype, {local, d, config.w1_columns()}),
                  grad_w2.view(grad_dtype, {local, f, d})};
+    if (settings.skew > 0) {  // a selection bias (keys only): hot experts without changing the gates
+      std::vector<float> ramp(static_cast<size_t>(e));
+      for (int64_t expert = 0; expert < e; ++expert)
+        ramp[size_t(expert)] = float(settings.skew * double(e - 1 - expert) / double(std::max<int64_t>(e - 1, 1)));
+      skew_bias = Buffer(device, size_t(e) * sizeof(float));
+      device_copy(skew_bias.data(), device, ramp.data(), DeviceKind::cpu, ramp.size() * sizeof(float));
+      skew_bias_view = skew_bias.view(DType::f32, {e});
+      weights.router_bias = &skew_bias_view;
+    }
     x_view = x.view(act, {tokens, d});
     y_view = y.view(act, {tokens, d});
     grad_y_view = grad_y.view(act, {tokens, d});
@@ -314,6 +339,7 @@ using Record = BenchRecord;
 struct BenchEpSetup {
   ProcessContext context;
   int ep_size = 1;
+  int ranks_per_node = 0, ep_nodes = 1;  // the group's ranks per node and nodes (> 1: hierarchical)
   ParallelGroups groups;
   EpBenchSettings settings;
   const char* backend = "mpi";  // the transport the layers will pick: mpi, nccl or nvlink
@@ -337,8 +363,12 @@ void set_up_bench_ep(const BenchEpOptions& options, BenchEpSetup& setup) {
   context.device = use_cuda ? DeviceKind::cuda : DeviceKind::cpu;
   const int ep_size = options.ep_size == 0 ? context.world_size : int(options.ep_size);
   // The same rules as a training run's parallel.ep_size (--ep-size plays its part here).
-  const ParallelLayout layout(context.world_size, ep_size, int(options.experts_per_rank) * ep_size);
+  const int ranks_per_node =
+      options.ranks_per_node > 0 ? int(options.ranks_per_node) : contiguous_ranks_per_node(context);
+  const ParallelLayout layout(context.world_size, ep_size, int(options.experts_per_rank) * ep_size, ranks_per_node);
   setup.ep_size = ep_size;
+  setup.ranks_per_node = layout.ep_ranks_per_node();
+  setup.ep_nodes = layout.ep_nodes();
   setup.groups = create_parallel_groups(context, layout, options.timeout_s);
 
   EpBenchSettings& settings = setup.settings;
@@ -350,6 +380,7 @@ void set_up_bench_ep(const BenchEpOptions& options, BenchEpSetup& setup) {
   settings.chunks = int(std::min(options.chunks, options.experts_per_rank));  // a chunk holds at least one expert
   settings.transport = options.transport;
   settings.dispatch = options.dispatch;
+  settings.skew = options.skew;
   SY_CHECK_INPUT(use_cuda || settings.transport != EpTransport::nvlink,
                  "bench ep: --ep-transport nvlink needs GPUs (CPU ranks use MPI)");
   MoeLayerConfig& config = settings.config;
@@ -405,20 +436,32 @@ struct LayerTiming {
   int64_t tokens;
   double forward_ms, both_ms;  // forward; forward+backward
   double received_rows;        // rows a rank's experts received (mean over ranks)
+  double network_rows;         // hierarchical: rows a rank sent to other nodes' relays (mean over ranks)
+  double received_max;         // rows the busiest rank's experts received
+  std::vector<int64_t> loads;  // [P * E] rows from each source rank to each expert (one-level exchange)
 };
 
 LayerTiming time_layer(BenchEpSetup& setup, int64_t tokens) {
   const EpBenchSettings& settings = setup.settings;
   Communicator& world = *setup.groups.world;
   auto wait_device = [&] { ops::synchronize(settings.context); };
-  LayerBench bench(settings, setup.groups.expert_parallel, tokens);
+  LayerBench bench(settings, setup.groups, tokens);
   const double forward_ms =
       time_slowest_median_ms(settings, world, [&] { bench.forward(settings.context, false); }, wait_device);
   const double both_ms =
       time_slowest_median_ms(settings, world, [&] { bench.forward_backward(settings.context); }, wait_device);
   const MoeExchangeStats stats = bench.layer->exchange_stats();
   const double received = global_mean(double(stats.received_rows), setup.context.world_size);
-  return {tokens, forward_ms, both_ms, received};
+  const double network = global_mean(double(stats.network_rows), setup.context.world_size);
+  // Every rank's rows per expert, for the replication plan (the one-level exchange has them).
+  std::vector<int64_t> loads;
+  const std::vector<int64_t> sent = bench.layer->sent_rows_per_expert();
+  if (!sent.empty()) {
+    loads.resize(sent.size() * size_t(setup.context.world_size));
+    MPI_CHECK(MPI_Allgather(sent.data(), int(sent.size()), MPI_INT64_T, loads.data(), int(sent.size()), MPI_INT64_T,
+                            MPI_COMM_WORLD));
+  }
+  return {tokens, forward_ms, both_ms, received, network, global_max(double(stats.received_rows)), std::move(loads)};
 }
 
 // ---- Report (rank 0 prints; the records are kept on every rank, rank 0 writes them) -----------
@@ -436,6 +479,13 @@ void report_header(const BenchEpSetup& setup, const BenchEpOptions& options) {
               (long long)options.d_model, (long long)options.d_ff, settings.config.moe.num_experts,
               (long long)options.experts_per_rank, (long long)options.top_k, options.activation.c_str(),
               capacity.str().c_str(), settings.chunks, settings.iterations);
+  if (settings.skew > 0)
+    std::printf("# skew %g: expert e's selection key + %g * (E-1-e)/(E-1) (the first ranks' experts are hot)\n",
+                settings.skew, settings.skew);
+  if (setup.ep_nodes > 1)
+    std::printf("# the group spans %d nodes of %d ranks: hierarchical exchange (the exchange part is the one-level "
+                "exchange and is skipped)\n",
+                setup.ep_nodes, setup.ranks_per_node);
   std::printf("# %s\n", describe_switches().c_str());
 }
 
@@ -453,6 +503,9 @@ Record base_record(const BenchEpSetup& setup, const BenchEpOptions& options, con
   record.add("top_k", double(options.top_k));
   record.add("a2a_chunks", setup.settings.chunks);
   record.add("ep_dispatch", ep_dispatch_name(setup.settings.dispatch));
+  record.add("ranks_per_node", setup.ranks_per_node);
+  record.add("skew", setup.settings.skew);
+  record.add("ep_nodes", setup.ep_nodes);
   return record;
 }
 
@@ -473,6 +526,30 @@ void report_exchange(const BenchEpSetup& setup, const BenchEpOptions& options, c
   records.push_back(record);
 }
 
+// --max-replicas-per-rank: the plan src/comm/replication_plan.h makes for the measured counts of
+// the first expert-parallel group (not applied: the busiest rank's load with and without it).
+void report_replication_plan(const BenchEpSetup& setup, const BenchEpOptions& options, const LayerTiming& timing,
+                             Record& record) {
+  if (options.max_replicas_per_rank <= 0 || timing.loads.empty()) return;
+  const int experts = setup.settings.config.moe.num_experts;
+  std::vector<std::vector<int64_t>> loads(size_t(setup.ep_size));
+  for (int source = 0; source < setup.ep_size; ++source)
+    loads[size_t(source)].assign(timing.loads.begin() + int64_t(source) * experts,
+                                 timing.loads.begin() + int64_t(source + 1) * experts);
+  ReplicationOptions replication;
+  replication.max_replicas_per_rank = int(options.max_replicas_per_rank);
+  const ReplicationPlan plan = plan_replication(loads, replication);
+  if (setup.leader)
+    std::printf("         replication plan (up to %lld per rank; computed, not applied): busiest rank %lld -> %lld "
+                "rows, %zu replicas, %lld rows moved\n",
+                (long long)options.max_replicas_per_rank, (long long)plan.max_load_before(),
+                (long long)plan.max_load_after(), plan.replicas.size(), (long long)plan.moved_rows());
+  record.add("replication_max_load_before", double(plan.max_load_before()));
+  record.add("replication_max_load_after", double(plan.max_load_after()));
+  record.add("replication_replicas", double(plan.replicas.size()));
+  record.add("replication_moved_rows", double(plan.moved_rows()));
+}
+
 void report_layer(const BenchEpSetup& setup, const BenchEpOptions& options, const LayerTiming& timing,
                   std::vector<Record>& records) {
   const double forward_ms = timing.forward_ms, both_ms = timing.both_ms;
@@ -480,17 +557,24 @@ void report_layer(const BenchEpSetup& setup, const BenchEpOptions& options, cons
   const double flops = 2.0 * double(tokens) * double(options.top_k) *
                        (double(options.d_model) * double(setup.settings.config.w1_columns()) +
                         double(options.d_ff) * double(options.d_model));
-  if (setup.leader)
+  if (setup.leader) {
     std::printf("layer    T=%-7lld forward %9.3f ms (%7.1f TFLOP/s) | forward+backward %9.3f ms (%7.1f TFLOP/s) | "
-                "%.0f tokens/s per rank\n",
+                "%.0f tokens/s per rank",
                 (long long)tokens, forward_ms, flops / (forward_ms * 1e-3) / 1e12, both_ms,
                 3 * flops / (both_ms * 1e-3) / 1e12, double(tokens) / (both_ms * 1e-3));
+    std::printf(" | load max/mean %.2f", timing.received_max / std::max(timing.received_rows, 1.0));
+    if (setup.ep_nodes > 1) std::printf(" | %.0f network rows per rank", timing.network_rows);
+    std::printf("\n");
+  }
   Record record = base_record(setup, options, "layer", tokens);
   record.add("fwd_ms", forward_ms);
   record.add("fwdbwd_ms", both_ms);
   record.add("fwd_expert_tflops", flops / (forward_ms * 1e-3) / 1e12);
   record.add("fwdbwd_expert_tflops", 3 * flops / (both_ms * 1e-3) / 1e12);
   record.add("received_rows_mean", timing.received_rows);
+  record.add("received_rows_max", timing.received_max);
+  report_replication_plan(setup, options, timing, record);
+  if (setup.ep_nodes > 1) record.add("network_rows_mean", timing.network_rows);
   records.push_back(record);
 }
 
@@ -513,7 +597,7 @@ int command_bench_ep(int argc, char** argv) {
   report_header(setup, *options);
   std::vector<Record> records;
   for (int64_t tokens : options->token_counts) {
-    if (options->wants("exchange")) report_exchange(setup, *options, time_exchange(setup, tokens), records);
+    if (options->wants("exchange") && setup.ep_nodes == 1) report_exchange(setup, *options, time_exchange(setup, tokens), records);
     if (options->wants("layer")) report_layer(setup, *options, time_layer(setup, tokens), records);
     if (setup.leader) std::fflush(stdout);
   }

@@ -1,6 +1,7 @@
 // The options of `switchyard bench ep` (src/cli/bench_ep_options.h).
 #include "src/cli/bench_ep_options.h"
 
+#include <cmath>
 #include <sstream>
 
 #include "src/cli/cli_args.h"
@@ -47,6 +48,18 @@ std::optional<BenchEpOptions> parse_bench_ep_options(int argc, char** argv) {
   parser.add_option("activation", "NAME", "gelu or swiglu", "gelu");
   parser.add_option("capacity-factor", "X", "capacity factor; 0 = dropless", "1.25");
   parser.add_option("ep-size", "N", "expert-parallel group size (0 = the world size)", "0");
+  parser.add_option("skew", "S",
+                    "skewed load: expert e's selection key gets + S * (E-1-e)/(E-1), so the first ranks' experts "
+                    "are hot (0 = balanced; with --capacity-factor 0 the load shows as imbalance, not drops)",
+                    "0");
+  parser.add_option("max-replicas-per-rank", "M",
+                    "also print the hot-expert replication plan for the measured load with up to M replicas per "
+                    "rank (computed from the layer's counts; the exchange does not apply it yet); 0 = none",
+                    "0");
+  parser.add_option("ranks-per-node", "N",
+                    "ranks per node (0 = as placed by the launcher); a group over several nodes exchanges "
+                    "hierarchically: one network row per token and node, fan-out inside the node",
+                    "0");
   parser.add_option("a2a-chunks", "N", "split the exchange into N chunks (<= experts per rank) to overlap the expert GEMMs",
                     "1");
   parser.add_option("ep-transport", "auto|nccl|nvlink",
@@ -94,6 +107,12 @@ std::optional<BenchEpOptions> parse_bench_ep_options(int argc, char** argv) {
   SY_CHECK_INPUT(options.capacity_factor >= 0, "bench ep: --capacity-factor must be >= 0");
   options.parts = "," + parser.get("only") + ",";
   options.ep_size = parser.get_int("ep-size");
+  options.ranks_per_node = parser.get_int("ranks-per-node");
+  options.skew = parser.get_double("skew");
+  options.max_replicas_per_rank = parser.get_int("max-replicas-per-rank");
+  SY_CHECK_INPUT(options.max_replicas_per_rank >= 0, "bench ep: --max-replicas-per-rank must be >= 0");
+  SY_CHECK_INPUT(options.skew >= 0 && std::isfinite(options.skew), "bench ep: --skew must be a finite value >= 0");
+  SY_CHECK_INPUT(options.ranks_per_node >= 0, "bench ep: --ranks-per-node must be >= 0, got ", options.ranks_per_node);
   options.timeout_s = parser.get_double("timeout");
   options.transport = parse_ep_transport(parser.get("ep-transport"), "bench ep: --ep-transport");
   options.dispatch = parse_ep_dispatch(parser.get("ep-dispatch"), "bench ep: --ep-dispatch");

@@ -22,6 +22,9 @@ struct BenchEpOptions {
   int64_t chunks = 1;            // --a2a-chunks as given (the set-up caps it at experts_per_rank)
   double capacity_factor = 1.25;  // 0 = dropless
   int64_t ep_size = 0;            // 0 = the world size
+  int64_t ranks_per_node = 0;     // --ranks-per-node: 0 = the bootstrap's nodes (see parallel.ranks_per_node)
+  double skew = 0;                // --skew: selection bias toward low-numbered experts (0 = balanced)
+  int64_t max_replicas_per_rank = 0;  // --max-replicas-per-rank: > 0 prints the replication plan
   double timeout_s = 300;
   EpTransport transport = EpTransport::automatic;
   EpDispatch dispatch = EpDispatch::activation;  // --ep-dispatch (fp8: nccl only)

@@ -207,6 +207,9 @@ void report_layout(const Config& config, const ProcessContext& process, const Pa
       << layout.ep_size() << " x expert-data-parallel " << layout.expert_dp_size() << "; "
       << config.model.moe_block_count() << " MoE block(s) of " << config.model.n_layers << ", "
       << layout.num_experts() << " experts each, " << experts_per_rank << " per rank\n";
+  if (layout.hierarchical())
+    out << "  each expert-parallel group spans " << layout.ep_nodes() << " nodes of " << layout.ep_ranks_per_node()
+        << " ranks: hierarchical exchange (one network row per token and node)\n";
   for (int rank = 0; rank < process.world_size; ++rank) {
     const RankInfo& info = all[size_t(rank)];
     const int first_expert = layout.placement(rank).first_expert;
@@ -235,7 +238,9 @@ TrainingSetup set_up_training(const TrainOptions& options) {
   // 2. Processes and groups.
   const ProcessContext& process = bootstrap_process(device);
   setup.process = &process;
-  const ParallelLayout layout = validate_against_world(config, process.world_size);
+  // Nodes as the launcher placed the ranks (0 when they are not contiguous blocks: one node).
+  const int launcher_nodes = config.parallel.ranks_per_node > 0 ? 0 : contiguous_ranks_per_node(process);
+  const ParallelLayout layout = validate_against_world(config, process.world_size, launcher_nodes);
   setup.groups = create_parallel_groups(process, layout, config.parallel.collective_timeout_s);
   inject_fault_point("after_bootstrap");
   // Every rank reaches this barrier before any work starts: a rank that died or hangs during set-up

@@ -26,13 +26,14 @@ EpDispatch parse_ep_dispatch(const std::string& text, const std::string& where) 
 std::unique_ptr<EpExchange> EpExchange::create(std::shared_ptr<Communicator> expert_parallel,
                                                const EpExchangeOptions& options) {
   SY_CHECK(expert_parallel != nullptr, "EpExchange: no expert_parallel communicator");
+  SY_CHECK((options.node_group == nullptr) == (options.rail_group == nullptr),
+           "EpExchange: node_group and rail_group come together");
+  // Across nodes fp8 is the network leg's, whatever moves the rows inside a node.
+  if (options.node_group) return make_hierarchical_ep_exchange(std::move(expert_parallel), options);
   const bool fp8 = options.dispatch == EpDispatch::fp8;
   SY_CHECK_INPUT(!fp8 || options.transport != EpTransport::nvlink,
                  "parallel.ep_dispatch fp8 needs parallel.ep_transport nccl or auto: the nvlink transport moves "
                  "rows in the activation dtype only");
-  SY_CHECK((options.node_group == nullptr) == (options.rail_group == nullptr),
-           "EpExchange: node_group and rail_group come together");
-  if (options.node_group) return make_hierarchical_ep_exchange(std::move(expert_parallel), options);
   SY_CHECK_INPUT(options.transport != EpTransport::nvlink || options.device == DeviceKind::cuda,
                  "parallel.ep_transport nvlink moves rows between GPUs; this run is on ",
                  device_kind_name(options.device));

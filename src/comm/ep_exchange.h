@@ -56,6 +56,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "src/comm/communicator.h"
 #include "src/comm/ep_transport.h"
@@ -94,8 +95,8 @@ struct EpExchangeStats {
   int64_t sent_rows = 0;      // choices of this rank's tokens that left for an expert (kept choices)
   int64_t received_rows = 0;  // rows its local experts received from all ranks
   int64_t expert_rows = 0;    // the padded grouped-GEMM layout
-  int64_t network_rows = 0;   // hierarchical: rows this rank sent to other nodes' ranks (one per
-                              // token and destination node); 0 otherwise
+  int64_t network_rows = 0;   // hierarchical: rows this rank sent to other nodes' relays (one per
+                              // token and other destination node); 0 otherwise
 };
 
 class EpExchange {
@@ -117,6 +118,9 @@ class EpExchange {
   // int32 [n_c + 1] offsets of chunk c's experts relative to its first layout row.
   virtual Tensor chunk_offsets(int chunk) const = 0;
   virtual EpExchangeStats stats() const = 0;
+  // Rows the last forward sent from this rank to each global expert [E] (the one-level exchange's
+  // send counts; empty for the hierarchical one, whose first leg is by node).
+  virtual std::vector<int64_t> sent_rows_per_expert() const { return {}; }
   // Waits until every communicator stream is idle (before buffers that they may use are freed).
   virtual void synchronize_communicators() = 0;
 

@@ -28,6 +28,11 @@
 // back and land in the sender's [T, K] (ep_unpack_node_gate_grads); inner's combine sums each
 // relay row's dL/dX, which crosses back and sums per token.
 //
+// FP8 dispatch (parallel.ep_dispatch fp8) applies to the network leg, the scarce link: the forward's
+// x rows cross as e4m3 records (src/ops/fp8_rows.h) and the relay dequantizes them on arrival; the
+// node leg then moves the dequantized rows in the activation dtype (quantizing them again would
+// add nothing but a second rounding), and everything else stays in the activation dtype.
+//
 // Every buffer sized by what arrives (relay rows: up to N x T) grows on demand, after waiting for
 // every stream, like the one-level transports' receive buffers.
 #include <algorithm>
@@ -35,6 +40,7 @@
 
 #include "src/comm/ep_exchange_transports.h"
 #include "src/core/error.h"
+#include "src/ops/fp8_rows.h"
 
 namespace switchyard {
 namespace {
@@ -54,8 +60,10 @@ class HierarchicalEpExchange final : public EpExchange {
     experts_per_node_ = options.num_experts / nodes;
     rail_dispatcher_ = std::make_unique<ExpertDispatcher>(rail_, options.device, nodes, 1, 1);
 
+    fp8_network_ = options.dispatch == EpDispatch::fp8;
     EpExchangeOptions inner = options;
     inner.num_experts = experts_per_node_;
+    inner.dispatch = EpDispatch::activation;  // fp8 is the network leg's
     inner.node_group = nullptr;
     inner.rail_group = nullptr;
     inner_ = EpExchange::create(node_, inner);
@@ -63,7 +71,7 @@ class HierarchicalEpExchange final : public EpExchange {
 
   EpTransport transport() const override { return inner_->transport(); }
   bool hierarchical() const override { return true; }
-  EpDispatch dispatch_format() const override { return inner_->dispatch_format(); }
+  EpDispatch dispatch_format() const override { return options_.dispatch; }
   int ranks() const override { return group_->size(); }
   int local_experts() const override { return inner_->local_experts(); }
   int first_expert() const override { return rail_->rank() * experts_per_node_ + inner_->first_expert(); }
@@ -72,7 +80,11 @@ class HierarchicalEpExchange final : public EpExchange {
   Tensor chunk_offsets(int chunk) const override { return inner_->chunk_offsets(chunk); }
   EpExchangeStats stats() const override {
     EpExchangeStats stats = inner_->stats();
-    stats.network_rows = rail_dispatcher_->plan().send_rows();
+    // Rows to this rank's own node stay here (the rail's self piece); the rest cross the network.
+    const ExpertExchangePlan& rail_plan = rail_dispatcher_->plan();
+    const int own_node = rail_->rank();
+    stats.network_rows = rail_plan.send_rows() -
+                         (rail_plan.send_counts.empty() ? 0 : int64_t(rail_plan.send_counts[size_t(own_node)]));
     return stats;
   }
   void synchronize_communicators() override {
@@ -120,10 +132,21 @@ class HierarchicalEpExchange final : public EpExchange {
     Tensor relay = relay_rows_view(relay_rows);
     Tensor relay_ids = relay_ints(kRelayIds, relay_rows * choices_, {relay_rows, choices});
     Tensor relay_gates = floats(relay_gates_, relay_rows, choices);
-    rail_dispatcher_->dispatch(context, 0, rows_of(net_send_, sent, options_.row_width, options_.row_dtype), relay);
+    const Tensor sent_rows = rows_of(net_send_, sent, options_.row_width, options_.row_dtype);
+    Tensor relay_records;
+    if (fp8_network_) {
+      const int64_t record = fp8_row_bytes(options_.row_width);
+      Tensor send_records = rows_of(net_send_fp8_, sent, record, DType::u8);
+      relay_records = rows_of(relay_fp8_, relay_rows, record, DType::u8);
+      ops::quantize_rows_fp8(context, sent_rows, send_records);
+      rail_dispatcher_->dispatch(context, 0, send_records, relay_records);
+    } else {
+      rail_dispatcher_->dispatch(context, 0, sent_rows, relay);
+    }
     rail_dispatcher_->dispatch(context, 0, meta_ids, relay_ids);
     rail_dispatcher_->dispatch(context, 0, meta_gates, relay_gates);
     rail_dispatcher_->wait_dispatched(context, 0);
+    if (fp8_network_) ops::dequantize_rows_fp8(context, relay_records, relay);
 
     // The relay's tokens are its received rows; their routing is the node-local expert ids.
     relay_routing_ = relay_layout_routing(relay_rows, relay_ids, relay_gates);
@@ -249,6 +272,8 @@ class HierarchicalEpExchange final : public EpExchange {
     const size_t ints = size_t(sender_rows_) * size_t(kNumSenderInts) * size_t(sender_choices_);
     sender_ints_ = Buffer(options_.device, ints * sizeof(int32_t));
     net_send_ = Buffer(options_.device, size_t(sender_rows_) * size_t(options_.row_width) * dtype_size(options_.row_dtype));
+    if (fp8_network_)
+      net_send_fp8_ = Buffer(options_.device, size_t(sender_rows_) * size_t(fp8_row_bytes(options_.row_width)));
     meta_send_gates_ = Buffer(options_.device, size_t(sender_rows_) * size_t(sender_choices_) * 8);
     meta_grad_gates_ = Buffer(options_.device, size_t(sender_rows_) * size_t(sender_choices_) * 8);
     const int experts = experts_per_node_, nodes = rail_->size();
@@ -266,6 +291,8 @@ class HierarchicalEpExchange final : public EpExchange {
     relay_rows_ =
         Buffer(options_.device, size_t(relay_capacity_) * size_t(options_.row_width) * dtype_size(options_.row_dtype));
     relay_gates_ = Buffer(options_.device, size_t(relay_capacity_) * size_t(relay_choices_) * 8);
+    if (fp8_network_)
+      relay_fp8_ = Buffer(options_.device, size_t(relay_capacity_) * size_t(fp8_row_bytes(options_.row_width)));
     relay_grad_gates_ = Buffer(options_.device, size_t(relay_capacity_) * size_t(relay_choices_) * 8);
   }
 
@@ -301,6 +328,7 @@ class HierarchicalEpExchange final : public EpExchange {
   EpExchangeOptions options_;
   std::shared_ptr<Communicator> group_, node_, rail_;
   int experts_per_node_ = 0;
+  bool fp8_network_ = false;  // the forward's x rows cross the network as fp8 records
   std::unique_ptr<ExpertDispatcher> rail_dispatcher_;  // N "experts": one per node, L = 1
   std::unique_ptr<EpExchange> inner_;                  // over node_group, the node's G experts
 
@@ -315,11 +343,11 @@ class HierarchicalEpExchange final : public EpExchange {
   // Sender: node layout integers, rows to the network, metadata and returned gate gradients.
   int64_t sender_rows_ = 0;
   int sender_choices_ = 0;
-  Buffer sender_ints_, net_send_, meta_send_gates_, meta_grad_gates_, small_ints_;
+  Buffer sender_ints_, net_send_, net_send_fp8_, meta_send_gates_, meta_grad_gates_, small_ints_;
   // Relay: received rows (x', then partial y; dL/dy', then partial dL/dx) and metadata.
   int64_t relay_capacity_ = 0;
   int relay_choices_ = 0;
-  Buffer relay_ints_, relay_rows_, relay_gates_, relay_grad_gates_;
+  Buffer relay_ints_, relay_rows_, relay_fp8_, relay_gates_, relay_grad_gates_;
 };
 
 }  // namespace

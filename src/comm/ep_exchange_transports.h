@@ -24,6 +24,9 @@ class PackedEpExchange : public EpExchange {
   const ExpertExchangePlan& plan() const override { return dispatcher_->plan(); }
   Tensor chunk_offsets(int chunk) const override { return dispatcher_->chunk_offsets(chunk); }
   EpExchangeStats stats() const override;
+  std::vector<int64_t> sent_rows_per_expert() const override {
+    return std::vector<int64_t>(plan().send_counts.begin(), plan().send_counts.end());
+  }
   void synchronize_communicators() override { dispatcher_->communicator().synchronize(); }
 
   const ExpertExchangePlan& start_forward(const ExecContext& context, const Tensor& x, const RoutingResult& routing,

@@ -116,6 +116,8 @@ class MoeEpLayer {
   // padded_rows here is the packed send layout: the rows this rank sent.
   MoeRoutingStats read_routing_stats(const ExecContext& context) const { return router_.read_routing_stats(context); }
   MoeExchangeStats exchange_stats() const;
+  // Rows the last forward sent to each global expert [E]; empty with the hierarchical exchange.
+  std::vector<int64_t> sent_rows_per_expert() const { return exchange_->sent_rows_per_expert(); }
 
  private:
   void check_weights(const MoeWeights& weights, DType dtype, const char* what) const;

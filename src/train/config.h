@@ -30,6 +30,7 @@ enum class DeviceChoice : uint8_t { automatic, cpu, cuda };  // "auto" in YAML
 
 struct ParallelConfig {
   int ep_size = 1;
+  int ranks_per_node = 0;  // 0: the launcher's nodes (contiguous blocks of ranks), else declared
   int a2a_chunks = 1;
   EpTransport ep_transport = EpTransport::automatic;
   EpDispatch ep_dispatch = EpDispatch::activation;
@@ -131,7 +132,9 @@ Config parse_stored_config(const std::string& yaml_text, const std::string& sour
 std::string config_to_yaml(const Config& config);
 // The checks that need the world size (known only after MPI start-up): the world part of
 // ParallelLayout's rules (src/comm/parallel_layout.h). Returns the run's layout.
-ParallelLayout validate_against_world(const Config& config, int world_size);
+// `ranks_per_node`: the nodes to lay the job out on (config.parallel.ranks_per_node, or for 0 what
+// the bootstrap found: contiguous_ranks_per_node; 0 there means one node).
+ParallelLayout validate_against_world(const Config& config, int world_size, int ranks_per_node = 0);
 
 // Names used in YAML for the enums of this layer (the model's: src/model/config.h).
 const char* device_choice_name(DeviceChoice choice);

@@ -281,6 +281,10 @@ std::vector<ConfigField> build_fields() {
   // parallel
   add(integer_field("parallel", "ep_size", &C::parallel, &ParallelConfig::ep_size, 1, 1024,
                     "ranks that split the experts; divides num_experts and the world size"));
+  add(integer_field("parallel", "ranks_per_node", &C::parallel, &ParallelConfig::ranks_per_node, 0, 1 << 20,
+                    "ranks per node; 0 = as the launcher placed them. An expert-parallel group over several nodes "
+                    "exchanges hierarchically (one network row per token and node); declare a smaller value to "
+                    "emulate nodes, or one >= ep_size for the one-level exchange across nodes"));
   add(integer_field("parallel", "a2a_chunks", &C::parallel, &ParallelConfig::a2a_chunks, 1, 64,
                     "pieces each all-to-all is split into to overlap it with expert compute"));
   add(choice_field("parallel", "ep_transport", &ParallelConfig::ep_transport, &C::parallel,
@@ -467,6 +471,15 @@ void check_config_consistency(const Config& config, const std::function<std::str
                  "auto; the nvlink transport moves rows in the activation dtype only");
   // The world size is not known yet (0): the expert part of the layout's rules.
   ParallelLayout::check(/*world_size=*/0, config.parallel.ep_size, moe.num_experts, where("parallel.ep_size"));
+  const std::string nodes = ParallelLayout::node_problem(config.parallel.ep_size, config.parallel.ranks_per_node);
+  if (!nodes.empty()) SY_BAD_INPUT(where("parallel.ranks_per_node"), ": ", nodes);
+  if (config.parallel.ranks_per_node > 0 && config.parallel.ranks_per_node < config.parallel.ep_size) {
+    const int nodes_per_group = config.parallel.ep_size / config.parallel.ranks_per_node;
+    if (moe.top_k > moe.num_experts / nodes_per_group)
+      SY_BAD_INPUT(where("parallel.ranks_per_node"), ": the expert-parallel group spans ", nodes_per_group,
+                   " nodes of ", moe.num_experts / nodes_per_group, " experts, fewer than moe.top_k = ", moe.top_k,
+                   " (the hierarchical exchange carries at most the experts of one node per row)");
+  }
   if (config.optimizer.min_lr > config.optimizer.lr)
     SY_BAD_INPUT(where("optimizer.min_lr"), ": optimizer.min_lr = ", format_real(config.optimizer.min_lr),
                  " exceeds optimizer.lr = ", format_real(config.optimizer.lr));
@@ -497,10 +510,19 @@ void check_backend_limits(const Config& config, const std::function<std::string(
                  " experts per layer; set training.device: cpu or use fewer experts");
 }
 
-ParallelLayout validate_against_world(const Config& config, int world_size) {
+ParallelLayout validate_against_world(const Config& config, int world_size, int ranks_per_node) {
   SY_CHECK(world_size >= 1, "world size ", world_size);
   ParallelLayout::check(world_size, config.parallel.ep_size, config.moe.num_experts, config.source);
-  return ParallelLayout(world_size, config.parallel.ep_size, config.moe.num_experts);
+  const int declared = config.parallel.ranks_per_node > 0 ? config.parallel.ranks_per_node : ranks_per_node;
+  const std::string nodes = ParallelLayout::node_problem(config.parallel.ep_size, declared);
+  if (!nodes.empty()) SY_BAD_INPUT(config.source, ": ", nodes, " (the launcher placed ", ranks_per_node,
+                                   " ranks per node; set parallel.ranks_per_node)");
+  const ParallelLayout layout(world_size, config.parallel.ep_size, config.moe.num_experts, declared);
+  if (layout.hierarchical() && config.moe.top_k > layout.num_experts() / layout.ep_nodes())
+    SY_BAD_INPUT(config.source, ": the expert-parallel group spans ", layout.ep_nodes(), " nodes of ",
+                 layout.num_experts() / layout.ep_nodes(), " experts, fewer than moe.top_k = ", config.moe.top_k,
+                 " (set parallel.ranks_per_node to a multiple of parallel.ep_size for the one-level exchange)");
+  return layout;
 }
 
 }  // namespace switchyard

@@ -9,7 +9,9 @@
 #      replicated) on the same two ranks give the same first losses;
 #   4. parallel.ep_dispatch fp8 reaches the layer through the trainer: the first losses move (the
 #      expert inputs are quantized) but stay within 1% of the activation dispatch's;
-#   5. training.recompute all (every block's attention and MoE / FFN forward repeated in backward,
+#   5. parallel.ranks_per_node 1 makes the ep_size 2 group span two (emulated) nodes: the
+#      hierarchical exchange, which changes nothing but summation order;
+#   6. training.recompute all (every block's attention and MoE / FFN forward repeated in backward,
 #      the all-to-alls included) reaches the model through the trainer and changes nothing: the
 #      losses and final weights of run 2 bit for bit; a bad value is refused naming the key.
 # Usage: test_train_tiny.sh SWITCHYARD_BINARY SOURCE_DIR MPIEXEC
@@ -141,7 +143,20 @@ if [ -s "$work/fp8/metrics.jsonl" ]; then
     fail "fp8 dispatch losses are off (or identical: not quantized)"
 fi
 
-# ---- 5. activation recomputation through the trainer ------------------------------------------
+# ---- 5. the hierarchical exchange through the trainer -------------------------------------------
+timeout 120 "${mpi[@]}" "$binary" train "$source_dir/configs/tiny-cpu.yaml" "${data[@]}" "${short[@]}" \
+  --set parallel.ranks_per_node=1 --set "logging.run_dir=$work/nodes" >"$work/nodes.out" 2>&1 ||
+  fail "the ranks_per_node 1 run failed"
+grep -q "spans 2 nodes of 1 ranks: hierarchical exchange" "$work/nodes.out" ||
+  fail "ranks_per_node 1 did not report the hierarchical exchange"
+if [ -s "$work/nodes/metrics.jsonl" ]; then
+  paste <(losses "$work/same_a/metrics.jsonl" | head -5) <(losses "$work/nodes/metrics.jsonl" | head -5) |
+    awk '{ d = $1 - $2; if (d < 0) d = -d; if (d > 1e-4 * $2) { bad = 1; print "  step " NR ": " $1 " vs " $2 } }
+         END { exit bad }' >&2 && echo "ok: the hierarchical exchange (2 nodes x 1) agrees with the one-level one" ||
+    fail "the hierarchical and one-level exchanges disagree"
+fi
+
+# ---- 6. activation recomputation through the trainer ------------------------------------------
 timeout 120 "${mpi[@]}" "$binary" train "$source_dir/configs/tiny-cpu.yaml" "${data[@]}" "${short[@]}" \
   --set training.recompute=all --set "logging.run_dir=$work/recompute" --profile-steps 1 >"$work/recompute.out" 2>&1 ||
   fail "the training.recompute all run failed"

@@ -162,6 +162,10 @@ TEST(Config, WrongTypesNameKeyAndLine) {
                    {"w.yaml:16", "optimizer.lr", "not a number"});
   expect_bad_input([] { parse_config_string(base_with("seq_len:", "  seq_len: 32\n  norm: batchnorm"), "w.yaml"); },
                    {"w.yaml:6", "model.norm", "one of: layernorm, rmsnorm"});
+  expect_bad_input([] { parse_config_string(base_with("ep_size:", "  ep_size: 2\n  ranks_per_node: -1"), "w.yaml"); },
+                   {"w.yaml:11", "parallel.ranks_per_node"});
+  expect_bad_input([] { parse_config_string(base_with("ep_size:", "  ep_size: 4\n  ranks_per_node: 3"), "w.yaml"); },
+                   {"parallel.ranks_per_node = 3", "parallel.ep_size = 4", "divide"});
   expect_bad_input([] { parse_config_string(base_with("ep_size:", "  ep_size: 2\n  ep_dispatch: bf16"), "w.yaml"); },
                    {"w.yaml:11", "parallel.ep_dispatch", "one of: activation, fp8"});
   expect_bad_input([] { parse_config_string(base_with("seq_len:", "  seq_len:"), "w.yaml"); },
@@ -460,6 +464,7 @@ TEST(Config, RoundTripOfRandomConfigs) {
     overrides.push_back("model.dense_first_blocks=" + std::to_string(generator() % uint64_t(last_moe_block + 1)));
     overrides.push_back("moe.num_experts=" + std::to_string(experts));
     overrides.push_back("parallel.ep_size=" + std::to_string(1 << (generator() % 3)));
+    overrides.push_back("parallel.ranks_per_node=" + std::to_string(generator() % 2 ? 0 : 4 << (generator() % 3)));
     int top_k = 1 + int(generator() % 8);
     overrides.push_back("moe.top_k=" + std::to_string(top_k));
     overrides.push_back("moe.complexity=entropy");

@@ -117,6 +117,41 @@ TEST_P(Groups, MembershipFollowsEpSize) {
   }
 }
 
+TEST_P(Groups, NodeAndRailGroupsOfAGroupOverSeveralNodes) {
+  const ProcessContext& context = bootstrap_process(DeviceKind::cpu);
+  const int world_size = context.world_size, rank = context.world_rank;
+  for (int ep_size : ep_sizes_to_test(world_size)) {
+    for (int per_node : node_sizes_to_test(ep_size)) {
+      SCOPED_TRACE(detail::concat("ep_size ", ep_size, ", ranks_per_node ", per_node));
+      ParallelGroups& groups = groups_for(GetParam(), ep_size, per_node);
+      const bool spans_nodes = per_node > 0 && per_node < ep_size;
+      ASSERT_EQ(groups.expert_parallel_node != nullptr, spans_nodes);
+      ASSERT_EQ(groups.expert_parallel_rail != nullptr, spans_nodes);
+      if (!spans_nodes) continue;
+      // The node: per_node consecutive ranks; the rail: one rank per node of the group, same place.
+      const int group_first = rank / ep_size * ep_size, ep_rank = rank % ep_size;
+      std::vector<int32_t> node, rail;
+      for (int member = 0; member < per_node; ++member) node.push_back(rank / per_node * per_node + member);
+      for (int place = ep_rank % per_node; place < ep_size; place += per_node) rail.push_back(group_first + place);
+      EXPECT_EQ(members_of(*groups.expert_parallel_node), node);
+      EXPECT_EQ(members_of(*groups.expert_parallel_rail), rail);
+      EXPECT_EQ(groups.expert_parallel_node->rank(), ep_rank % per_node);
+      EXPECT_EQ(groups.expert_parallel_rail->rank(), ep_rank / per_node);
+      EXPECT_EQ(groups.expert_parallel_node->device(), GetParam());
+      EXPECT_EQ(groups.expert_parallel_rail->name(), "expert_parallel_rail");
+    }
+  }
+}
+
+TEST(Bootstrap, ContiguousRanksPerNodeIsTheWholeWorldOnOneHost) {
+  // mpirun on one machine places every rank on this node, as one contiguous block.
+  const ProcessContext& context = bootstrap_process(DeviceKind::cpu);
+  int hosts_differ = context.local_size != context.world_size ? 1 : 0;
+  MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &hosts_differ, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
+  if (hosts_differ) GTEST_SKIP() << "the ranks run on several hosts";
+  EXPECT_EQ(contiguous_ranks_per_node(context), context.world_size);
+}
+
 INSTANTIATE_TEST_SUITE_P(Backends, Groups, ::testing::Values(DeviceKind::cpu, DeviceKind::cuda),
                          [](const ::testing::TestParamInfo<DeviceKind>& info) {
                            return std::string(info.param == DeviceKind::cpu ? "mpi" : "nccl");

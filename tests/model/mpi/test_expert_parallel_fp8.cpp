@@ -145,7 +145,7 @@ Outcome run_expert_parallel(const MoeLayerConfig& config, Problem& problem, Para
                             EpDispatch dispatch) {
   const int64_t tokens = problem.x.tensor().dim(0);
   MoeEpLayer layer(config, groups.expert_parallel, DeviceKind::cpu, DType::f64, tokens + 2,
-                   EpLayerOptions{chunks, EpTransport::automatic, dispatch});
+                   layer_options(groups, chunks, EpTransport::automatic, dispatch));
   EXPECT_EQ(layer.dispatch_format(), dispatch);
   const int first = layer.first_expert(), local = layer.local_experts();
   const MoeWeights weights{problem.router, expert_view(problem.w1, first, local),
@@ -210,9 +210,11 @@ TEST_P(ExpertParallelFp8, EqualsTheLayerOnDequantizedInputs) {
   const int world_size = bootstrap_process(DeviceKind::cpu).world_size;
   const int world_rank = bootstrap_process(DeviceKind::cpu).world_rank;
   uint64_t salt = 11;
-  for (int ep_size : ep_sizes_to_test(world_size)) {
-    SCOPED_TRACE(::testing::Message() << "ep_size " << ep_size << ", seed " << shared_seed());
-    ParallelGroups& groups = groups_for(DeviceKind::cpu, ep_size);
+  for (int ep_size : ep_sizes_to_test(world_size))
+  for (int ranks_per_node : node_sizes_to_test(ep_size)) {  // > 0: hierarchical, fp8 on the network leg
+    SCOPED_TRACE(::testing::Message() << "ep_size " << ep_size << ", ranks_per_node " << ranks_per_node << ", seed "
+                                      << shared_seed());
+    ParallelGroups& groups = groups_for(DeviceKind::cpu, ep_size, ranks_per_node);
     Problem problem(config, world_rank, salt++);
     problem.make_router_blind_to_quantization(world_rank);
 
@@ -258,9 +260,11 @@ TEST_P(ExpertParallelFp8, WithinToleranceOfActivationDispatch) {
   const int world_size = bootstrap_process(DeviceKind::cpu).world_size;
   const int world_rank = bootstrap_process(DeviceKind::cpu).world_rank;
   uint64_t salt = 23;
-  for (int ep_size : ep_sizes_to_test(world_size)) {
-    SCOPED_TRACE(::testing::Message() << "ep_size " << ep_size << ", seed " << shared_seed());
-    ParallelGroups& groups = groups_for(DeviceKind::cpu, ep_size);
+  for (int ep_size : ep_sizes_to_test(world_size))
+  for (int ranks_per_node : node_sizes_to_test(ep_size)) {  // > 0: hierarchical, fp8 on the network leg
+    SCOPED_TRACE(::testing::Message() << "ep_size " << ep_size << ", ranks_per_node " << ranks_per_node << ", seed "
+                                      << shared_seed());
+    ParallelGroups& groups = groups_for(DeviceKind::cpu, ep_size, ranks_per_node);
     Problem problem(config, world_rank, salt++);
     const Outcome fp8 = run_expert_parallel(config, problem, groups, scenario.chunks, EpDispatch::fp8);
     const Outcome exact = run_expert_parallel(config, problem, groups, scenario.chunks, EpDispatch::activation);

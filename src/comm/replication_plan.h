@@ -1,0 +1,53 @@
+// Hot-expert replication, the plan (issue #22, item 3; the exchange does not apply it yet): from one
+// step's row counts, which hot experts get a replica on which lightly loaded rank, and which
+// senders' rows go to the replica instead of the owner.
+//
+// Input: loads[s][e], the rows source rank s routes to global expert e this step (every rank's
+// send counts, all-gathered: P x E ints, known to every rank, so every rank computes the same
+// plan), P ranks holding L = E / P experts each (owner(e) = e / L). A rank's load is the rows its
+// experts receive.
+//
+// Greedy and deterministic (ties go to the lowest index): while the busiest rank h is above
+// (1 + tolerance) x the mean load, take h's most loaded expert e that is not yet replicated and
+// the least loaded rank q that hosts fewer than max_replicas_per_rank replicas (q != h); move whole
+// (source, e) segments, in source order, from h to q while each move leaves q below h's load
+// before the move (so the larger of the two strictly drops). Whole segments keep a row's place unchanged inside
+// its segment: the replica computes exactly the rows the owner would have, and a fixed-order sum of
+// per-segment weight gradients can then be bit-identical with and without replication. An expert
+// whose smallest segment does not fit is skipped; the loop ends when no expert of h can move.
+//
+// The routing result is untouched: only the rank that computes a (source, expert) segment changes.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace switchyard {
+
+struct ExpertReplica {
+  int expert = 0;             // global expert id
+  int owner = 0;              // rank holding its weights
+  int host = 0;               // rank computing the moved segments with a copy of them
+  std::vector<int> sources;   // source ranks whose rows for `expert` go to `host`, ascending
+  int64_t rows = 0;           // rows moved
+};
+
+struct ReplicationPlan {
+  std::vector<ExpertReplica> replicas;
+  std::vector<int64_t> rank_loads_before, rank_loads_after;  // [P] rows each rank's experts compute
+  // The rank that computes source s's rows for expert e: the owner, or a replica's host.
+  int destination(int source, int expert, int experts_per_rank) const;
+  int64_t moved_rows() const;
+  int64_t max_load_before() const;
+  int64_t max_load_after() const;
+};
+
+struct ReplicationOptions {
+  int max_replicas_per_rank = 1;  // parallel.max_replicas_per_rank; 0 = off
+  double tolerance = 0.05;        // stop once the busiest rank is within this of the mean
+};
+
+// loads: [P][E] row counts (E a multiple of P). SY_CHECK on malformed input.
+ReplicationPlan plan_replication(const std::vector<std::vector<int64_t>>& loads, const ReplicationOptions& options);
+
+}  // namespace switchyard
