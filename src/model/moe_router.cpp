@@ -192,7 +192,8 @@ void MoeRouter::allocate_backward_buffers() {
   grad_gates_ = Buffer(device_, tokens * size_t(config_.moe.top_k) * dtype_size(float_dtype_));
   grad_logits_ = Buffer(device_, tokens * size_t(config_.moe.num_experts) * dtype_size(activation_dtype_));
   if (config_.moe.jitter_eps > 0.0f)
-    memory_->reserve(MoeBufferSlot::jitter_grad_input, tokens * size_t(config_.d_model) * dtype_size(activation_dtype_));
+    memory_->reserve(MoeBufferSlot::jitter_grad_input,
+                     tokens * size_t(config_.d_model) * dtype_size(activation_dtype_));
   backward_ready_ = true;
 }
 

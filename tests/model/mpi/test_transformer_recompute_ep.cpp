@@ -2,12 +2,13 @@
 // TransformerOptions::recompute), run under mpirun -np 2 and -np 4 on the CPU backend.
 //
 // Each rank trains a tiny transformer whose MoE blocks shard their experts over ep_size ranks (2
-// and the world size), on its own tokens, for two micro-steps (the second accumulating), with
-// jitter, capacity drops, a shared expert and the global-batch loss reduced over the world. With
-// recompute = moe and all, every MoE block's forward -- all-to-alls included -- runs again in
-// backward on every rank, through one exchange and one set of expert buffers shared by the blocks;
-// the loss, router statistics, reductions and every gradient (this rank's expert shards included)
-// must equal recompute = none bit for bit.
+// and the world size; one node, and emulated nodes: the hierarchical exchange), on its own
+// tokens, for two micro-steps (the second accumulating), with jitter, capacity drops, a shared
+// expert and the global-batch loss reduced over the world. With recompute = moe and all, every MoE
+// block's forward -- all-to-alls included -- runs again in backward on every rank, through one
+// exchange and one set of expert buffers shared by the blocks; the loss, router statistics,
+// reductions and every gradient (this rank's expert shards included) must equal recompute = none
+// bit for bit.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -118,12 +119,15 @@ int world_size() {
 TEST(TransformerRecomputeEp, EqualsNoRecomputationBitForBitOnEveryRank) {
   for (int ep_size : ep_sizes_to_test(world_size())) {
     if (ep_size == 1) continue;  // the single-device layer: tests/model/test_transformer_recompute_cpu.cpp
-    const ParallelGroups& groups = groups_for(DeviceKind::cpu, ep_size);
+    for (int ranks_per_node : node_sizes_to_test(ep_size))
     for (int chunks : {1, 2}) {
-      const uint64_t seed = shared_seed() + uint64_t(ep_size * 10 + chunks);
+      if (ranks_per_node > 0 && chunks > 1) continue;  // chunking is the one-node exchange's
+      const ParallelGroups& groups = groups_for(DeviceKind::cpu, ep_size, ranks_per_node);
+      const uint64_t seed = shared_seed() + uint64_t(ep_size * 100 + ranks_per_node * 10 + chunks);
       const StepResult none = run_step(groups, ep_size, chunks, RecomputeMode::none, seed);
       for (RecomputeMode mode : {RecomputeMode::moe, RecomputeMode::all}) {
-        SCOPED_TRACE(std::string("ep_size ") + std::to_string(ep_size) + ", a2a_chunks " + std::to_string(chunks) +
+        SCOPED_TRACE(std::string("ep_size ") + std::to_string(ep_size) + ", ranks_per_node " +
+                     std::to_string(ranks_per_node) + ", a2a_chunks " + std::to_string(chunks) +
                      ", recompute " + recompute_mode_name(mode) + ", rank " + std::to_string(groups.world->rank()) +
                      ", seed " + std::to_string(seed));
         const StepResult recomputed = run_step(groups, ep_size, chunks, mode, seed);
