@@ -26,6 +26,15 @@ const char* score_function_name(ScoreFunction function) {
   return function == ScoreFunction::softmax ? "softmax" : "sigmoid";
 }
 const char* drop_policy_name(DropPolicy policy) { return policy == DropPolicy::position ? "position" : "probability"; }
+const char* recompute_mode_name(RecomputeMode mode) {
+  switch (mode) {
+    case RecomputeMode::none: return "none";
+    case RecomputeMode::moe: return "moe";
+    case RecomputeMode::attention: return "attention";
+    case RecomputeMode::all: return "all";
+  }
+  return "?";
+}
 const char* compute_dtype_name(DType dtype) {
   switch (dtype) {
     case DType::bf16: return "bf16";

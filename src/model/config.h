@@ -19,6 +19,10 @@ enum class PositionKind : uint8_t { learned, rotary };
 // sparse: each expert sees only its routed tokens; dense: every expert runs on every token and
 // the gates mask the result (a reference for the sparse path, slow).
 enum class ExpertComputeMode : uint8_t { sparse, dense };
+// Activation recomputation (training.recompute): which sublayers' activations backward recomputes
+// instead of keeping them per block. moe: the FFN sublayer (MoE or dense); attention: the attention
+// sublayer; all: both. Semantics and memory: TransformerOptions::recompute (src/model/transformer.h).
+enum class RecomputeMode : uint8_t { none, moe, attention, all };
 
 struct ModelConfig {
   int vocab_size = 256;
@@ -95,5 +99,6 @@ const char* routing_method_name(RoutingMethod method);   // "token_choice" | "ex
 const char* score_function_name(ScoreFunction function);  // "softmax" | "sigmoid"
 const char* drop_policy_name(DropPolicy policy);          // "position" | "probability"
 const char* compute_dtype_name(DType dtype);  // "bf16" | "fp16" | "fp32"
+const char* recompute_mode_name(RecomputeMode mode);  // "none" | "moe" | "attention" | "all"
 
 }  // namespace switchyard

@@ -6,8 +6,8 @@
 namespace switchyard {
 
 LocalMoeBlock::LocalMoeBlock(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype,
-                             int64_t max_tokens)
-    : layer_(config, device, activation_dtype, max_tokens) {}
+                             int64_t max_tokens, std::shared_ptr<MoeLayerMemory> memory)
+    : layer_(config, device, activation_dtype, max_tokens, std::move(memory)) {}
 
 void LocalMoeBlock::forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights,
                             const MoeForwardArgs& args, Tensor& y) {
@@ -50,8 +50,8 @@ MoeBlockStats LocalMoeBlock::read_stats(const ExecContext& context) const { retu
 ExpertParallelMoeBlock::ExpertParallelMoeBlock(const MoeLayerConfig& config,
                                                std::shared_ptr<Communicator> expert_parallel, DeviceKind device,
                                                DType activation_dtype, int64_t max_tokens,
-                                               const EpLayerOptions& exchange)
-    : layer_(config, std::move(expert_parallel), device, activation_dtype, max_tokens, exchange) {}
+                                               const EpLayerOptions& exchange, std::shared_ptr<MoeLayerMemory> memory)
+    : layer_(config, std::move(expert_parallel), device, activation_dtype, max_tokens, exchange, std::move(memory)) {}
 
 void ExpertParallelMoeBlock::forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights,
                                      const MoeForwardArgs& args, Tensor& y) {
@@ -72,8 +72,9 @@ MoeBlockStats ExpertParallelMoeBlock::read_stats(const ExecContext& context) con
 
 std::unique_ptr<MoeBlock> make_moe_block(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype,
                                          int64_t max_tokens, int ep_size, const ParallelGroups* groups,
-                                         const EpLayerOptions& exchange) {
-  if (ep_size == 1) return std::make_unique<LocalMoeBlock>(config, device, activation_dtype, max_tokens);
+                                         const EpLayerOptions& exchange, std::shared_ptr<MoeLayerMemory> memory) {
+  if (ep_size == 1)
+    return std::make_unique<LocalMoeBlock>(config, device, activation_dtype, max_tokens, std::move(memory));
   SY_CHECK(groups != nullptr && groups->expert_parallel != nullptr && groups->expert_parallel->size() == ep_size,
            "make_moe_block: ep_size ", ep_size, " needs an expert-parallel communicator of that size");
   SY_CHECK_INPUT(config.moe.compute_mode == ExpertComputeMode::sparse,
@@ -82,7 +83,7 @@ std::unique_ptr<MoeBlock> make_moe_block(const MoeLayerConfig& config, DeviceKin
   with_levels.node_group = groups->expert_parallel_node;
   with_levels.rail_group = groups->expert_parallel_rail;
   return std::make_unique<ExpertParallelMoeBlock>(config, groups->expert_parallel, device, activation_dtype,
-                                                  max_tokens, with_levels);
+                                                  max_tokens, with_levels, std::move(memory));
 }
 
 }  // namespace switchyard

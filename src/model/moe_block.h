@@ -32,7 +32,8 @@ struct MoeBlockStats {
 class MoeBlock {
  public:
   virtual ~MoeBlock() = default;
-  // y [T, D] = MoE(x [T, D]); x stays alive until the matching backward.
+  // y [T, D] = MoE(x [T, D]); x stays alive until the matching backward. args.recompute repeats
+  // the last forward without side effects (src/model/moe_router.h MoeForwardArgs).
   virtual void forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights,
                        const MoeForwardArgs& args, Tensor& y) = 0;
   // aux / z scales: d(total loss) / d(aux loss) and / d(z loss), loss scale included; the aux scale
@@ -47,12 +48,15 @@ class MoeBlock {
   // (src/model/routing_observer.h).
   virtual const RoutingResult& routing() const = 0;
   virtual const Tensor& router_logits() const = 0;
+  // Where the layer's large buffers live (src/model/moe_memory.h).
+  virtual const MoeLayerMemory& memory() const = 0;
 };
 
 // The single-device layer: every expert lives here (ep_size 1).
 class LocalMoeBlock : public MoeBlock {
  public:
-  LocalMoeBlock(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype, int64_t max_tokens);
+  LocalMoeBlock(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype, int64_t max_tokens,
+                std::shared_ptr<MoeLayerMemory> memory = nullptr);
   void forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights, const MoeForwardArgs& args,
                Tensor& y) override;
   void backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights, float aux_grad_scale,
@@ -62,6 +66,7 @@ class LocalMoeBlock : public MoeBlock {
   int first_local_expert() const override { return 0; }
   const RoutingResult& routing() const override { return layer_.routing(); }
   const Tensor& router_logits() const override { return layer_.logits(); }
+  const MoeLayerMemory& memory() const override { return layer_.memory(); }
 
  private:
   MoeLayer layer_;
@@ -73,7 +78,7 @@ class ExpertParallelMoeBlock : public MoeBlock {
  public:
   ExpertParallelMoeBlock(const MoeLayerConfig& config, std::shared_ptr<Communicator> expert_parallel,
                          DeviceKind device, DType activation_dtype, int64_t max_tokens,
-                         const EpLayerOptions& exchange);
+                         const EpLayerOptions& exchange, std::shared_ptr<MoeLayerMemory> memory = nullptr);
   void forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights, const MoeForwardArgs& args,
                Tensor& y) override;
   void backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights, float aux_grad_scale,
@@ -83,15 +88,19 @@ class ExpertParallelMoeBlock : public MoeBlock {
   int first_local_expert() const override { return layer_.first_expert(); }
   const RoutingResult& routing() const override { return layer_.routing(); }
   const Tensor& router_logits() const override { return layer_.logits(); }
+  const MoeLayerMemory& memory() const override { return layer_.memory(); }
 
  private:
   MoeEpLayer layer_;
 };
 
 // The block for a run with `ep_size` expert-parallel ranks: LocalMoeBlock when ep_size is 1,
-// otherwise ExpertParallelMoeBlock over groups->expert_parallel.
+// otherwise ExpertParallelMoeBlock over groups->expert_parallel. `memory`: where the layer's large
+// buffers live (src/model/moe_memory.h; null: its own), one for all the blocks of a model that
+// recomputes its MoE forwards.
 std::unique_ptr<MoeBlock> make_moe_block(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype,
                                          int64_t max_tokens, int ep_size, const ParallelGroups* groups,
-                                         const EpLayerOptions& exchange = {});
+                                         const EpLayerOptions& exchange = {},
+                                         std::shared_ptr<MoeLayerMemory> memory = nullptr);
 
 }  // namespace switchyard

@@ -21,9 +21,22 @@ RoutingParams packed_params(const MoeLayerConfig& config, int64_t tokens, bool t
 
 // ---- Construction ----------------------------------------------------------------------------
 
+namespace {
+// The memory's EP parts, made empty on first use (the first layer on it creates the parts).
+MoeEpParts& ep_parts_of(MoeLayerMemory& memory) {
+  if (!memory.ep_parts) memory.ep_parts = std::make_shared<MoeEpParts>();
+  return *memory.ep_parts;
+}
+}  // namespace
+
 MoeEpLayer::MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicator> expert_parallel, DeviceKind device,
-                       DType activation_dtype, int64_t max_tokens, const EpLayerOptions& exchange)
-    : config_(config), device_(device), activation_dtype_(activation_dtype) {
+                       DType activation_dtype, int64_t max_tokens, const EpLayerOptions& exchange,
+                       std::shared_ptr<MoeLayerMemory> memory)
+    : config_(config), device_(device), activation_dtype_(activation_dtype),
+      memory_(memory ? std::move(memory) : std::make_shared<MoeLayerMemory>(device)),
+      parts_(ep_parts_of(*memory_).parts), ep_parts_(*memory_->ep_parts) {
+  SY_CHECK(memory_->device() == device, "MoeEpLayer: its memory is on ", device_kind_name(memory_->device()),
+           ", the layer on ", device_kind_name(device));
   config_.validate();
   SY_CHECK_INPUT(config_.moe.compute_mode == ExpertComputeMode::sparse,
                  "moe: compute_mode dense is a single-device baseline; expert parallelism needs sparse");
@@ -40,7 +53,8 @@ MoeEpLayer::MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicato
   max_tokens_ = max_tokens;
   max_send_rows_ = std::max(padded_rows_upper_bound(packed_params(config_, max_tokens, true)),
                             padded_rows_upper_bound(packed_params(config_, max_tokens, false)));
-  router_ = MoeRouter(config_, device, activation_dtype, max_tokens, /*segment_alignment=*/1, max_send_rows_);
+  router_ = MoeRouter(config_, device, activation_dtype, max_tokens, /*segment_alignment=*/1, max_send_rows_,
+                      memory_);
   create_parts(expert_parallel, exchange);
 }
 
@@ -182,9 +196,9 @@ void MoeEpLayer::experts_backward(const ExecContext& context, Part& part, int ch
   // The weight gradient GEMMs overwrite: accumulating, they write the scratch, added below.
   Tensor chunk_grad_w1 = grad_w1, chunk_grad_w2 = grad_w2;
   if (accumulate) {
-    SY_CHECK(count <= gradient_scratch_experts_, "MoeEpLayer: a chunk of ", count, " experts exceeds the scratch of ",
-             gradient_scratch_experts_);
-    char* scratch = static_cast<char*>(gradient_scratch_.data());
+    SY_CHECK(count <= ep_parts_.gradient_scratch_experts, "MoeEpLayer: a chunk of ", count,
+             " experts exceeds the scratch of ", ep_parts_.gradient_scratch_experts);
+    char* scratch = static_cast<char*>(ep_parts_.gradient_scratch.data());
     chunk_grad_w1 = Tensor(scratch, gradient_dtype_, device_, {count, grad_w1.dim(1), grad_w1.dim(2)});
     chunk_grad_w2 = Tensor(scratch + chunk_grad_w1.bytes(), gradient_dtype_, device_,
                            {count, grad_w2.dim(1), grad_w2.dim(2)});

@@ -68,6 +68,10 @@
 // outgoing results, chunk by chunk; in backward the expert-output buffer holds the row gradients
 // and the activation buffer A holds dL/dA once dW2 has read A. Two parts hold all of this twice,
 // each sized for its half of the tokens, plus part 1's gradient scratch (one chunk's experts).
+// The parts (exchanges, expert activations) live in the layer's MoeLayerMemory
+// (src/model/moe_memory.h): its own, unless the constructor is given one that the model's other MoE
+// layers share (activation recomputation: every layer's forward is repeated right before its
+// backward, so one set of parts serves them all).
 #pragma once
 
 #include <cstdint>
@@ -76,6 +80,7 @@
 
 #include "src/comm/ep_exchange.h"
 #include "src/core/device.h"
+#include "src/model/moe_memory.h"
 #include "src/model/moe_router.h"
 #include "src/ops/ops.h"
 
@@ -90,8 +95,11 @@ class MoeEpLayer {
   // config.num_experts must be a multiple of its size. `exchange`: parallel.a2a_chunks (>= 1,
   // clamped to the local expert count), parallel.ep_transport, parallel.ep_dispatch
   // (src/comm/ep_exchange.h), parallel.ep_overlap and parallel.ep_sm_budget. Collective.
+  // `memory`: see the top comment (null: the layer's own); a shared one must have been used only by
+  // layers of this configuration and group.
   MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicator> expert_parallel, DeviceKind device,
-             DType activation_dtype, int64_t max_tokens, const EpLayerOptions& exchange = {});
+             DType activation_dtype, int64_t max_tokens, const EpLayerOptions& exchange = {},
+             std::shared_ptr<MoeLayerMemory> memory = nullptr);
   MoeEpLayer(const MoeEpLayer&) = delete;
   MoeEpLayer& operator=(const MoeEpLayer&) = delete;
 
@@ -109,6 +117,7 @@ class MoeEpLayer {
   DType float_dtype() const { return router_.float_dtype(); }
   DType gradient_dtype() const { return gradient_dtype_; }
   int64_t max_tokens() const { return max_tokens_; }
+  const MoeLayerMemory& memory() const { return *memory_; }
   int ep_size() const { return exchange().ranks(); }
   int local_experts() const { return exchange().local_experts(); }
   int first_expert() const { return exchange().first_expert(); }
@@ -132,22 +141,7 @@ class MoeEpLayer {
   std::vector<int64_t> sent_rows_per_expert() const;
 
  private:
-  // Tokens [first_token, first_token + tokens) of the last forward with their own exchange and
-  // expert activations: one part holds every token (ep_overlap none), or two split them.
-  struct Part {
-    int64_t max_tokens = 0;
-    int64_t first_token = 0, tokens = 0;
-    std::unique_ptr<EpExchange> exchange;
-    // The experts' activations over the part's padded layout (grown on demand).
-    int64_t hidden_capacity = 0, backward_hidden_capacity = 0;
-    Buffer hidden_pre, hidden_post, grad_hidden_pre;
-    // Two parts: the part's own routing (its kept choices, by expert) and row map, over
-    // routing_ints (ids, slots, choice rows, row tokens: max_tokens * K each; counts, offsets,
-    // scalars). One part uses the router's.
-    Buffer routing_ints;
-    RoutingResult routing;
-    DispatchMap map;
-  };
+  using Part = MoeEpPart;  // src/model/moe_memory.h
 
   const EpExchange& exchange() const { return *parts_.front().exchange; }
   void check_weights(const MoeWeights& weights, DType dtype, const char* what) const;
@@ -178,10 +172,10 @@ class MoeEpLayer {
   DeviceKind device_;
   DType activation_dtype_, gradient_dtype_;
   int64_t max_tokens_ = 0, max_send_rows_ = 0;
+  std::shared_ptr<MoeLayerMemory> memory_;  // the parts live in memory_->ep_parts
   MoeRouter router_;  // routing with segment alignment 1: the packed send layout
-  std::vector<Part> parts_;  // built once: the exchanges keep pointers to a part's routing
-  Buffer gradient_scratch_;  // two parts: [experts, D, F or 2F] then [experts, F, D]
-  int gradient_scratch_experts_ = 0;
+  std::vector<Part>& parts_;  // memory_->ep_parts->parts
+  MoeEpParts& ep_parts_;      // memory_->ep_parts
 
   // What the last forward left for backward.
   bool has_forward_ = false;

@@ -41,6 +41,13 @@ void MoeEpLayer::create_parts(const std::shared_ptr<Communicator>& expert_parall
   // Part 0 takes T / 2 tokens, part 1 the rest.
   std::vector<int64_t> part_max_tokens{max_tokens_};
   if (two_parts) part_max_tokens = {max_tokens_ / 2, max_tokens_ - max_tokens_ / 2};
+  if (!parts_.empty()) {  // another layer on this memory made them (every rank does the same)
+    SY_CHECK(parts_.size() == part_max_tokens.size() && parts_.front().max_tokens == part_max_tokens.front() &&
+                 parts_.front().exchange->ranks() == expert_parallel->size() &&
+                 parts_.front().exchange->chunks() <= exchange.a2a_chunks,
+             "MoeEpLayer: the shared parts belong to another group or configuration");
+    return;
+  }
   parts_.resize(part_max_tokens.size());
   const size_t activation_size = dtype_size(activation_dtype_);
   for (size_t index = 0; index < parts_.size(); ++index) {
@@ -161,13 +168,13 @@ void MoeEpLayer::ensure_gradient_scratch(const ExecContext& context) {
   int experts = 0;
   for (int chunk = 0; chunk < plan.chunks; ++chunk)
     experts = std::max(experts, plan.chunk_end_expert(chunk) - plan.chunk_first_expert(chunk));
-  if (experts <= gradient_scratch_experts_) return;
+  if (experts <= ep_parts_.gradient_scratch_experts) return;
   ops::synchronize(context);  // nothing queued may still use the old scratch
   const int64_t d_model = config_.d_model, d_ff = config_.moe.expert_d_ff;
   const int64_t elements = int64_t(experts) * (d_model * config_.w1_columns() + d_ff * d_model);
-  gradient_scratch_.reset();
-  gradient_scratch_ = Buffer(device_, size_t(elements) * dtype_size(gradient_dtype_));
-  gradient_scratch_experts_ = experts;
+  ep_parts_.gradient_scratch.reset();
+  ep_parts_.gradient_scratch = Buffer(device_, size_t(elements) * dtype_size(gradient_dtype_));
+  ep_parts_.gradient_scratch_experts = experts;
 }
 
 }  // namespace switchyard

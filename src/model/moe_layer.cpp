@@ -20,8 +20,12 @@ bool is_host_reference_dtype(DType dtype) { return dtype == DType::f32 || dtype 
 
 // ---- Construction ----------------------------------------------------------------------------
 
-MoeLayer::MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype, int64_t max_tokens)
-    : config_(config), device_(device), activation_dtype_(activation_dtype) {
+MoeLayer::MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype, int64_t max_tokens,
+                   std::shared_ptr<MoeLayerMemory> memory)
+    : config_(config), device_(device), activation_dtype_(activation_dtype),
+      memory_(memory ? std::move(memory) : std::make_shared<MoeLayerMemory>(device)) {
+  SY_CHECK(memory_->device() == device, "MoeLayer: its memory is on ", device_kind_name(memory_->device()),
+           ", the layer on ", device_kind_name(device));
   config_.validate();
   SY_CHECK_INPUT(max_tokens >= 1, "MoeLayer: max_tokens must be >= 1, got ", max_tokens);
   if (device == DeviceKind::cpu) {
@@ -41,14 +45,15 @@ MoeLayer::MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activa
     max_rows_ = std::max(padded_rows_upper_bound(config_.routing_params(max_tokens, true)),
                          padded_rows_upper_bound(config_.routing_params(max_tokens, false)));
   }
-  router_ = MoeRouter(config_, device, activation_dtype, max_tokens, config_.moe.segment_alignment, max_rows_);
+  router_ = MoeRouter(config_, device, activation_dtype, max_tokens, config_.moe.segment_alignment, max_rows_,
+                      memory_);
 
   const size_t activation_size = dtype_size(activation_dtype_);
   const size_t tokens = size_t(max_tokens), rows = size_t(max_rows_);
-  permuted_ = Buffer(device, rows * size_t(d_model) * activation_size);
-  hidden_pre_ = Buffer(device, rows * size_t(config_.w1_columns()) * activation_size);
-  hidden_post_ = Buffer(device, rows * size_t(config_.moe.expert_d_ff) * activation_size);
-  expert_out_ = Buffer(device, rows * size_t(d_model) * activation_size);
+  memory_->reserve(MoeBufferSlot::permuted, rows * size_t(d_model) * activation_size);
+  memory_->reserve(MoeBufferSlot::hidden_pre, rows * size_t(config_.w1_columns()) * activation_size);
+  memory_->reserve(MoeBufferSlot::hidden_post, rows * size_t(config_.moe.expert_d_ff) * activation_size);
+  memory_->reserve(MoeBufferSlot::expert_out, rows * size_t(d_model) * activation_size);
   if (device == DeviceKind::cuda && config_.moe.compute_mode == ExpertComputeMode::sparse) {
     const int64_t threshold = std::min({switches().small_batch_tokens, max_tokens,
                                         kSmallBatchMaxChoices / int64_t(config_.moe.top_k)});
@@ -77,8 +82,8 @@ MoeLayer::MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activa
 void MoeLayer::allocate_backward_buffers() {
   if (backward_ready_) return;
   const size_t activation_size = dtype_size(activation_dtype_), rows = size_t(max_rows_);
-  grad_rows_ = Buffer(device_, rows * size_t(config_.d_model) * activation_size);
-  grad_hidden_pre_ = Buffer(device_, rows * size_t(config_.w1_columns()) * activation_size);
+  memory_->reserve(MoeBufferSlot::grad_rows, rows * size_t(config_.d_model) * activation_size);
+  memory_->reserve(MoeBufferSlot::grad_hidden_pre, rows * size_t(config_.w1_columns()) * activation_size);
   backward_ready_ = true;
 }
 
@@ -98,6 +103,10 @@ const Tensor* MoeLayer::padding_marks() const {
 
 Tensor MoeLayer::rows_view(const Buffer& buffer, DType dtype, int64_t rows, int64_t columns) const {
   return buffer.view(dtype, {rows, columns});
+}
+
+Tensor MoeLayer::rows_view(MoeBufferSlot slot, int64_t rows, int64_t columns) const {
+  return rows_view(memory_->at(slot), activation_dtype_, rows, columns);
 }
 
 void MoeLayer::check_weights(const MoeWeights& weights, DType dtype, const char* what) const {
@@ -142,7 +151,7 @@ MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const M
     rows_ = padded_rows_upper_bound(params);
     SY_CHECK(rows_ <= max_rows_, "MoeLayer: ", rows_, " rows exceed the ", max_rows_, " allocated");
     map_ = router_.dispatch_map(rows_);
-    Tensor permuted = rows_view(permuted_, activation_dtype_, rows_, d_model);
+    Tensor permuted = rows_view(MoeBufferSlot::permuted, rows_, d_model);
     run_stage(context, "permute", [&] { ops::permute(context, x, routing, params, permuted, map_); });
     expert_offsets_ = routing.expert_offsets;
     combine_routing_ = routing;
@@ -151,10 +160,10 @@ MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const M
   }
 
   // Experts.
-  Tensor permuted = rows_view(permuted_, activation_dtype_, rows_, d_model);
-  Tensor hidden_pre = rows_view(hidden_pre_, activation_dtype_, rows_, config_.w1_columns());
-  Tensor hidden_post = rows_view(hidden_post_, activation_dtype_, rows_, config_.moe.expert_d_ff);
-  Tensor expert_out = rows_view(expert_out_, activation_dtype_, rows_, d_model);
+  Tensor permuted = rows_view(MoeBufferSlot::permuted, rows_, d_model);
+  Tensor hidden_pre = rows_view(MoeBufferSlot::hidden_pre, rows_, config_.w1_columns());
+  Tensor hidden_post = rows_view(MoeBufferSlot::hidden_post, rows_, config_.moe.expert_d_ff);
+  Tensor expert_out = rows_view(MoeBufferSlot::expert_out, rows_, d_model);
   const int alignment = params.segment_alignment;
   const Tensor* padding = padding_marks();
   if (fuses_activation(context)) {  // one kernel writes H and A = act(H)
@@ -199,7 +208,7 @@ void MoeLayer::build_dense_layout(const ExecContext& context, const Tensor& x) {
   SY_CHECK(rows_ <= max_rows_, "MoeLayer: ", rows_, " dense rows exceed the ", max_rows_, " allocated");
 
   const size_t row_bytes = size_t(d_model) * dtype_size(activation_dtype_);
-  char* permuted_base = static_cast<char*>(permuted_.data());
+  char* permuted_base = static_cast<char*>(memory_->at(MoeBufferSlot::permuted).data());
   for (int64_t expert = 0; expert < experts; ++expert) {
     char* segment_base = permuted_base + size_t(expert * padded_tokens) * row_bytes;
     Tensor segment(segment_base, activation_dtype_, device_, {tokens, d_model});
@@ -272,13 +281,13 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
   check_weights(gradient_view, gradient_dtype_, "gradients");
   allocate_backward_buffers();
 
-  const Tensor permuted = rows_view(permuted_, activation_dtype_, rows_, d_model);
-  const Tensor hidden_pre = rows_view(hidden_pre_, activation_dtype_, rows_, config_.w1_columns());
-  const Tensor hidden_post = rows_view(hidden_post_, activation_dtype_, rows_, config_.moe.expert_d_ff);
-  const Tensor expert_out = rows_view(expert_out_, activation_dtype_, rows_, d_model);
+  const Tensor permuted = rows_view(MoeBufferSlot::permuted, rows_, d_model);
+  const Tensor hidden_pre = rows_view(MoeBufferSlot::hidden_pre, rows_, config_.w1_columns());
+  const Tensor hidden_post = rows_view(MoeBufferSlot::hidden_post, rows_, config_.moe.expert_d_ff);
+  const Tensor expert_out = rows_view(MoeBufferSlot::expert_out, rows_, d_model);
   // grad_rows holds dL/d expert_out first, then dL/d permuted (the first is dead by then).
-  Tensor grad_rows = rows_view(grad_rows_, activation_dtype_, rows_, d_model);
-  Tensor grad_hidden_pre = rows_view(grad_hidden_pre_, activation_dtype_, rows_, config_.w1_columns());
+  Tensor grad_rows = rows_view(MoeBufferSlot::grad_rows, rows_, d_model);
+  Tensor grad_hidden_pre = rows_view(MoeBufferSlot::grad_hidden_pre, rows_, config_.w1_columns());
   Tensor grad_gates = router_.grad_gates();
   const int alignment = router_.params().segment_alignment;
   const Tensor* padding = padding_marks();
@@ -295,18 +304,16 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
   if (fuses_activation(context)) {
     // One kernel: dL/dH = act'(H) * (dL/dO W2^T). Its dL/dA scratch, written only were it to run
     // unfused after all, is A itself: dead once weight grad 2 has read it (the EP layer does so too).
-    Tensor grad_hidden_post_scratch = rows_view(hidden_post_, activation_dtype_, rows_, config_.moe.expert_d_ff);
+    Tensor grad_hidden_post_scratch = rows_view(MoeBufferSlot::hidden_post, rows_, config_.moe.expert_d_ff);
     run_stage(context, "data grad 2", [&] {
       ops::grouped_gemm_activation_backward(context, config_.moe.activation, grad_rows, weights.w2, expert_offsets_,
                                             hidden_pre, grad_hidden_post_scratch, grad_hidden_pre, alignment,
                                             padding);
     });
   } else {
-    if (!grad_hidden_post_.data()) {
-      const size_t bytes = size_t(max_rows_) * size_t(config_.moe.expert_d_ff) * dtype_size(activation_dtype_);
-      grad_hidden_post_ = Buffer(device_, bytes);
-    }
-    Tensor grad_hidden_post = rows_view(grad_hidden_post_, activation_dtype_, rows_, config_.moe.expert_d_ff);
+    memory_->reserve(MoeBufferSlot::grad_hidden_post,
+                     size_t(max_rows_) * size_t(config_.moe.expert_d_ff) * dtype_size(activation_dtype_));
+    Tensor grad_hidden_post = rows_view(MoeBufferSlot::grad_hidden_post, rows_, config_.moe.expert_d_ff);
     run_stage(context, "data grad 2", [&] {
       ops::grouped_gemm(context, grad_rows, weights.w2, true, expert_offsets_, grad_hidden_post, alignment, padding);
     });

@@ -25,9 +25,12 @@
 // CUDA: x, y, grad_x, weights bf16 (or f16: the activation dtype); logits, gates and losses
 // fp32; weight gradients fp32.
 //
-// Memory: every activation and scratch buffer is owned by the layer, sized once for max_tokens
-// (the expert buffers by padded_rows_upper_bound, so the host never needs the routing counts) and
-// reused each step; backward buffers are allocated on the first backward. The caller keeps x
+// Memory: every activation and scratch buffer is sized once for max_tokens (the expert buffers by
+// padded_rows_upper_bound, so the host never needs the routing counts) and reused each step;
+// backward buffers are allocated on the first backward. The large ones (expert rows, hidden
+// activations, backward scratch, the jittered router input) live in the layer's MoeLayerMemory
+// (src/model/moe_memory.h): its own unless the constructor is given one that other layers share
+// (activation recomputation); the routing results and logits always live in the layer. The caller keeps x
 // alive between forward and backward (the router GEMM's weight gradient reads it when there is no
 // jitter) and calls backward after the forward it belongs to.
 //
@@ -78,6 +81,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "src/core/device.h"
@@ -95,7 +99,9 @@ constexpr int64_t kDefaultSmallBatchTokens = Switches{}.small_batch_tokens;
 
 class MoeLayer {
  public:
-  MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype, int64_t max_tokens);
+  // `memory`: where the large buffers live (null: the layer's own; see the top comment).
+  MoeLayer(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype, int64_t max_tokens,
+           std::shared_ptr<MoeLayerMemory> memory = nullptr);
   MoeLayer(const MoeLayer&) = delete;
   MoeLayer& operator=(const MoeLayer&) = delete;
 
@@ -115,6 +121,7 @@ class MoeLayer {
   DType gradient_dtype() const { return gradient_dtype_; }      // weight gradients
   int64_t max_tokens() const { return max_tokens_; }
   int64_t max_rows() const { return max_rows_; }
+  const MoeLayerMemory& memory() const { return *memory_; }
 
   // State of the last forward, on the device.
   const RoutingResult& routing() const { return router_.routing(); }
@@ -151,25 +158,24 @@ class MoeLayer {
   // zero rows to zero rows); nullptr in dense mode, where unrouted rows hold tokens.
   const Tensor* padding_marks() const;
   Tensor rows_view(const Buffer& buffer, DType dtype, int64_t rows, int64_t columns) const;
+  Tensor rows_view(MoeBufferSlot slot, int64_t rows, int64_t columns) const;  // activation dtype
 
   MoeLayerConfig config_;
   DeviceKind device_;
   DType activation_dtype_, gradient_dtype_;
   int64_t max_tokens_ = 0, max_rows_ = 0;
+  std::shared_ptr<MoeLayerMemory> memory_;  // forward activations and backward scratch
   MoeRouter router_;
 
-  // Forward activations.
-  Buffer permuted_, hidden_pre_, hidden_post_, expert_out_;
   // Small-batch path: its token threshold and workspace (sized at construction).
   int64_t small_batch_tokens_ = 0;
   Buffer small_batch_workspace_;
   // Dense mode: the layout tensors the combine ops see (offsets e * T_pad, counts T_pad, unlimited
   // capacity), so a backend that derives padding rows from the layout finds none to clear.
   Buffer dense_offsets_, dense_counts_, dense_scalars_;
-  // Backward scratch (allocated by the first backward; grad_hidden_post_ only for the unfused
+  // Backward scratch is allocated by the first backward (grad_hidden_post only for the unfused
   // activation).
   bool backward_ready_ = false;
-  Buffer grad_rows_, grad_hidden_post_, grad_hidden_pre_;
   MoeStageObserver* observer_ = nullptr;
   // Host staging for the dense row map.
   std::vector<int32_t> host_expert_ids_, host_slots_, host_choice_rows_, host_row_tokens_, host_offsets_,

@@ -76,22 +76,24 @@ int64_t MoeLayerConfig::max_sequences(int64_t max_tokens) const {
 // ---- MoeRouter -------------------------------------------------------------------------------
 
 MoeRouter::MoeRouter(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype, int64_t max_tokens,
-                     int segment_alignment, int64_t max_rows)
+                     int segment_alignment, int64_t max_rows, std::shared_ptr<MoeLayerMemory> memory)
     : config_(config), device_(device), activation_dtype_(activation_dtype), max_tokens_(max_tokens),
-      segment_alignment_(segment_alignment) {
+      segment_alignment_(segment_alignment), memory_(std::move(memory)) {
   SY_CHECK(max_tokens >= 1 && segment_alignment >= 1, "MoeRouter: bad sizes (max_tokens ", max_tokens,
            ", segment_alignment ", segment_alignment, ")");
+  SY_CHECK(memory_ != nullptr && memory_->device() == device, "MoeRouter: needs a MoeLayerMemory on ",
+           device_kind_name(device));
   // Router logits, gates and losses: fp32 on CUDA, the reference's float type on the CPU.
   float_dtype_ = device == DeviceKind::cpu ? activation_dtype : DType::f32;
   const size_t tokens = size_t(max_tokens);
   if (config_.moe.jitter_eps > 0.0f)
-    jittered_input_ = Buffer(device, tokens * size_t(config_.d_model) * dtype_size(activation_dtype));
+    memory_->reserve(MoeBufferSlot::jittered_input, tokens * size_t(config_.d_model) * dtype_size(activation_dtype));
   logits_buffer_ = Buffer(device, tokens * size_t(config_.moe.num_experts) * dtype_size(float_dtype_));
   buffers_ = RoutingBuffers(device, float_dtype_, max_tokens, config_.moe.num_experts, config_.moe.top_k, max_rows,
                             config_.max_sequences(max_tokens));
   if (config_.moe.global_aux_loss_weight > 0.0) {
     const size_t bytes = size_t(config_.moe.num_experts) * dtype_size(float_dtype_);
-    micro_loads_ = Buffer(device, bytes);
+    balance_loads_ = Buffer(device, bytes);
     global_fractions_ = Buffer(device, bytes);
   }
 }
@@ -121,9 +123,11 @@ const RoutingResult& MoeRouter::forward(const ExecContext& context, const Tensor
   SY_CHECK(tokens >= 1 && tokens <= max_tokens_, "MoeRouter: ", tokens, " tokens, the router holds 1 to ",
            max_tokens_);
   check_selection_bias(selection_bias);
+  if (args.recompute) check_recompute(tokens, args);
   has_global_fractions_ = false;
   tokens_ = tokens;
   step_ = args.step;
+  training_ = args.training;
   jittered_ = args.training && config_.moe.jitter_eps > 0.0f;
   params_ = config_.routing_params(tokens, args.training);
   params_.segment_alignment = segment_alignment_;
@@ -131,7 +135,7 @@ const RoutingResult& MoeRouter::forward(const ExecContext& context, const Tensor
   // Jitter only perturbs what the router sees; the experts get x itself.
   router_input_ = x;
   if (jittered_) {
-    router_input_ = rows(jittered_input_, activation_dtype_, config_.d_model);
+    router_input_ = rows(memory_->at(MoeBufferSlot::jittered_input), activation_dtype_, config_.d_model);
     run_moe_stage(observer, context, "jitter", [&] {
       ops::apply_jitter(context, x, config_.moe.jitter_eps, config_.jitter_seed, config_.jitter_stream, step_,
                         router_input_);
@@ -151,23 +155,34 @@ const RoutingResult& MoeRouter::forward(const ExecContext& context, const Tensor
   return routing_;
 }
 
+void MoeRouter::check_recompute(int64_t tokens, const MoeForwardArgs& args) const {
+  SY_CHECK(args.training && training_ && tokens == tokens_ && args.step == step_ &&
+               routing_.expert_ids.data != nullptr,
+           "MoeRouter: a recompute repeats the last forward, a training one of as many tokens at the same step "
+           "(last: ", training_ ? "training" : "not training", ", ", tokens_, " tokens, step ", step_,
+           "; asked: ", args.training ? "training" : "not training", ", ", tokens, " tokens, step ", args.step, ")");
+}
+
 void MoeRouter::global_balance_loss(const ExecContext& context, const MoeForwardArgs& args) {
   const int64_t experts = config_.moe.num_experts;
-  Tensor loads = micro_loads_.view(float_dtype_, {experts});
-  ops::fill_zero(context, loads);
-  ops::accumulate_expert_load(context, routing_.expert_counts, loads);
-  if (args.training && args.load_reducer != nullptr && *args.load_reducer) (*args.load_reducer)(context, loads);
-  const Tensor* total = &loads;
-  if (args.training && args.global_loads != nullptr) {
-    Tensor& running = *args.global_loads;
-    SY_CHECK(running.dtype == float_dtype_ && running.numel() == experts && running.device == device_,
-             "MoeRouter: the running global loads must be ", dtype_name(float_dtype_), " [", experts, "] on ",
-             device_kind_name(device_), ", got ", running.describe());
-    ops::add_into(context, loads, running);
-    total = &running;
+  // `loads` ends up holding the loads the loss is computed from, which a recompute reuses as they
+  // are: gathering them again would reduce over the ranks and add to the running sum twice.
+  Tensor loads = balance_loads_.view(float_dtype_, {experts});
+  if (!args.recompute) {
+    ops::fill_zero(context, loads);
+    ops::accumulate_expert_load(context, routing_.expert_counts, loads);
+    if (args.training && args.load_reducer != nullptr && *args.load_reducer) (*args.load_reducer)(context, loads);
+    if (args.training && args.global_loads != nullptr) {
+      Tensor& running = *args.global_loads;
+      SY_CHECK(running.dtype == float_dtype_ && running.numel() == experts && running.device == device_,
+               "MoeRouter: the running global loads must be ", dtype_name(float_dtype_), " [", experts, "] on ",
+               device_kind_name(device_), ", got ", running.describe());
+      ops::add_into(context, loads, running);
+      ops::copy(context, running, loads);
+    }
   }
   Tensor fractions = global_fractions_.view(float_dtype_, {experts});
-  ops::global_balance_loss(context, *total, params_, routing_, fractions);
+  ops::global_balance_loss(context, loads, params_, routing_, fractions);
   has_global_fractions_ = true;
 }
 
@@ -177,7 +192,8 @@ void MoeRouter::allocate_backward_buffers() {
   grad_gates_ = Buffer(device_, tokens * size_t(config_.moe.top_k) * dtype_size(float_dtype_));
   grad_logits_ = Buffer(device_, tokens * size_t(config_.moe.num_experts) * dtype_size(activation_dtype_));
   if (config_.moe.jitter_eps > 0.0f)
-    jitter_grad_input_ = Buffer(device_, tokens * size_t(config_.d_model) * dtype_size(activation_dtype_));
+    memory_->reserve(MoeBufferSlot::jitter_grad_input,
+                     tokens * size_t(config_.d_model) * dtype_size(activation_dtype_));
   backward_ready_ = true;
 }
 
@@ -216,7 +232,7 @@ void MoeRouter::add_input_gradient(const ExecContext& context, const Tensor& rou
     }
     // x_r = x * u elementwise, so dL/dx gains u * (G Wr^T): the same jitter op applied to the
     // gradient (in place: both backends allow it), then added to grad_x.
-    Tensor router_grad_input = rows(jitter_grad_input_, activation_dtype_, config_.d_model);
+    Tensor router_grad_input = rows(memory_->at(MoeBufferSlot::jitter_grad_input), activation_dtype_, config_.d_model);
     ops::gemm(context, false, true, 1.0f, grad_logits_view_, router_weight, 0.0f, router_grad_input);
     ops::apply_jitter(context, router_grad_input, config_.moe.jitter_eps, config_.jitter_seed, config_.jitter_stream,
                       step_, router_grad_input);

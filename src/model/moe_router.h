@@ -26,6 +26,8 @@
 //   F = running / sum(running)   (loads_m alone without a running sum) -> losses[kGlobalAuxLoss] =
 //                                w * E * sum_e F_e * P_e with this batch's P (global_balance_loss)
 // and backward passes F to route_backward (d global / d p[t, e] = w E F_e / T, F held constant).
+// A recompute (MoeForwardArgs::recompute) gathers nothing: it recomputes the loss and F from the
+// loads the forward it repeats ended up with (running, or loads_m without a running sum), kept here.
 // So micro-batch m of a step is balanced against the loads of micro-batches 1..m of all ranks, as
 // Megatron-Core's global_aux_loss does with its running tokens-per-expert sum. Cost: four small
 // kernels on [E] (zero, accumulate, add, the loss) and the reducer's all-reduce of E floats, inside
@@ -33,7 +35,8 @@
 //
 // Memory: every buffer is sized once for max_tokens; backward buffers on the first backward.
 // The caller keeps x alive between forward and backward (the weight gradient reads x_r = x when
-// there is no jitter).
+// there is no jitter). The jittered input and its backward scratch live in the layer's
+// MoeLayerMemory (src/model/moe_memory.h), which recomputing models share between layers.
 //
 // This header also holds what every MoE layer shares: its configuration, the forward arguments,
 // the losses and counters read back, and the stage observer a benchmark uses to time each stage.
@@ -41,9 +44,11 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 
 #include "src/core/device.h"
 #include "src/model/config.h"
+#include "src/model/moe_memory.h"
 #include "src/ops/ops.h"
 
 namespace switchyard {
@@ -101,6 +106,13 @@ struct MoeForwardArgs {
   // moe.global_aux_loss_weight > 0.
   const LoadReducer* load_reducer = nullptr;
   Tensor* global_loads = nullptr;
+  // Activation recomputation (TransformerOptions::recompute): this forward repeats the layer's last
+  // forward, a training one, right before its backward, with the same x, weights, training and step,
+  // so the jitter noise, the routing (deterministic kernels; the same router bias and complexity)
+  // and every loss come out bit for bit as they did. It has no side effects: the global-batch loss
+  // is recomputed from the loads the first forward gathered (the router keeps them), so
+  // load_reducer and global_loads are not touched -- no all-reduce, nothing added twice.
+  bool recompute = false;
 };
 
 // The router losses of the last forward, each already weighted as it enters the training loss.
@@ -143,7 +155,7 @@ class MoeRouter {
   // `segment_alignment`: the layout the routing's offsets describe (config.segment_alignment, or 1
   // for a packed layout); `max_rows`: the rows of the largest dispatch map the layer asks for.
   MoeRouter(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype, int64_t max_tokens,
-            int segment_alignment, int64_t max_rows);
+            int segment_alignment, int64_t max_rows, std::shared_ptr<MoeLayerMemory> memory);
   MoeRouter(const MoeRouter&) = delete;
   MoeRouter& operator=(const MoeRouter&) = delete;
   MoeRouter(MoeRouter&&) = default;
@@ -152,6 +164,8 @@ class MoeRouter {
   // Routes x [T, D] (1 <= T <= max_tokens) with router weight [D, E] and the optional selection
   // bias [E] (MoeWeights::router_bias); the result stays valid until the next forward. With
   // moe.global_aux_loss_weight > 0 it also computes the global-batch loss (top comment).
+  // args.recompute: see MoeForwardArgs (refused unless the last forward was a training one of as
+  // many tokens at the same step).
   const RoutingResult& forward(const ExecContext& context, const Tensor& x, const Tensor& router_weight,
                                const Tensor* selection_bias, const MoeForwardArgs& args,
                                MoeStageObserver* observer = nullptr);
@@ -179,6 +193,7 @@ class MoeRouter {
  private:
   Tensor rows(const Buffer& buffer, DType dtype, int64_t columns) const;  // [tokens_, columns]
   void allocate_backward_buffers();
+  void check_recompute(int64_t tokens, const MoeForwardArgs& args) const;
   void check_selection_bias(const Tensor* selection_bias) const;
   // The global-batch loss of the forward that just routed (top comment).
   void global_balance_loss(const ExecContext& context, const MoeForwardArgs& args);
@@ -188,16 +203,20 @@ class MoeRouter {
   DType activation_dtype_ = DType::f32, float_dtype_ = DType::f32;
   int64_t max_tokens_ = 0;
   int segment_alignment_ = 1;
-  Buffer jittered_input_, logits_buffer_;
+  std::shared_ptr<MoeLayerMemory> memory_;  // the jittered input and its gradient scratch
+  Buffer logits_buffer_;
   RoutingBuffers buffers_;
   bool backward_ready_ = false;
-  Buffer grad_gates_, grad_logits_, jitter_grad_input_;
-  // The global-batch loss (moe.global_aux_loss_weight > 0): this forward's loads and F [E].
-  Buffer micro_loads_, global_fractions_;
+  Buffer grad_gates_, grad_logits_;
+  // The global-batch loss (moe.global_aux_loss_weight > 0): the loads the last training forward's
+  // loss was computed from (this micro-batch's, reduced, or the running sum they were added to;
+  // a recompute reuses them) and F [E].
+  Buffer balance_loads_, global_fractions_;
 
   // What the last forward left for backward.
   int64_t tokens_ = 0;
   uint64_t step_ = 0;
+  bool training_ = false;  // the last forward was a training one
   bool jittered_ = false;
   bool has_global_fractions_ = false;  // the last forward computed F (backward passes it)
   RoutingParams params_;

@@ -139,7 +139,15 @@ Transformer::Transformer(const ModelConfig& model, const MoeConfig& moe, const T
 
   const size_t element = dtype_size(dtype), stat = dtype_size(stats_dtype_);
   const size_t tokens = size_t(max_tokens_), width = size_t(model.d_model);
-  const bool layernorm = model.norm == NormKind::layernorm;
+  if (recomputes_attention()) shared_attention_ = make_attention_activations();
+  if (recomputes_ffn()) {  // sized for the widest dense FFN: dense blocks' and shared experts'
+    const int64_t shared_width = model.moe_block_count() > 0 ? moe.shared_ffn_width() : 0;
+    const int64_t dense_width = model.moe_block_count() < model.n_layers ? model.d_ff : 0;
+    const int64_t hidden = std::max(shared_width, dense_width);
+    shared_ffn_ = make_ffn_activations(activation_columns(moe_.activation, hidden), hidden);
+    moe_memory_ = std::make_shared<MoeLayerMemory>(device);
+  }
+  if (options_.recompute == RecomputeMode::all) shared_mid_ = Buffer(device, tokens * width * element);
   for (int index = 0; index < model.n_layers; ++index) {
     auto block = std::make_unique<Block>();
     const std::string prefix = "blocks." + std::to_string(index);
@@ -152,42 +160,38 @@ Transformer::Transformer(const ModelConfig& model, const MoeConfig& moe, const T
     block->out = layout_.find(prefix + ".attn.out");
     block->ffn_norm_weight = layout_.find(prefix + ".ffn_norm.weight");
     block->ffn_norm_bias = layout_.find(prefix + ".ffn_norm.bias");
-    block->norm1_out = Buffer(device, tokens * width * element);
-    block->norm1_rstd = Buffer(device, tokens * stat);
-    if (layernorm) block->norm1_mean = Buffer(device, tokens * stat);
-    block->qkv_rows = Buffer(device, tokens * 3 * width * element);
-    block->attention_out = Buffer(device, tokens * width * element);
-    block->attention_stats = Buffer(device, size_t(options_.max_batch) * size_t(model.n_heads) *
-                                                size_t(options_.max_seq_len) * stat);
-    block->mid = Buffer(device, tokens * width * element);
-    block->norm2_out = Buffer(device, tokens * width * element);
-    block->norm2_rstd = Buffer(device, tokens * stat);
-    if (layernorm) block->norm2_mean = Buffer(device, tokens * stat);
     if (block->is_moe) {
       block->router = layout_.find(prefix + ".moe.router");
       block->router_bias = layout_.find(prefix + ".moe.router_bias");
       block->expert_w1 = layout_.find(prefix + ".moe.w1");
       block->expert_w2 = layout_.find(prefix + ".moe.w2");
       block->moe = make_moe_block(moe_layer_config(model, moe, options_, index), device, dtype, max_tokens_,
-                                  options_.ep_size, options_.groups, options_.ep);
+                                  options_.ep_size, options_.groups, options_.ep, moe_memory_);
       const ParameterSpec& shard = layout_.spec(block->expert_w1);
       SY_CHECK(block->moe->first_local_expert() == shard.expert_first && block->moe->local_experts() == shard.shape[0],
                "Transformer: the MoE layer holds experts from ", block->moe->first_local_expert(), " (",
                block->moe->local_experts(), "), the parameters from ", shard.expert_first, " (", shard.shape[0], ")");
-      block->moe_out = Buffer(device, tokens * width * element);
       if (moe.num_shared_experts > 0)
         block->ffn = make_dense_ffn(layout_.find(prefix + ".moe.shared.w1"), layout_.find(prefix + ".moe.shared.w2"),
                                     moe.shared_ffn_width());
     } else {
       block->ffn = make_dense_ffn(layout_.find(prefix + ".ffn.w1"), layout_.find(prefix + ".ffn.w2"), model.d_ff);
     }
+    // Saved activations: the block's own, or the shared set of a recomputed sublayer.
+    if (!shared_attention_) block->own_attention = make_attention_activations();
+    block->attention = shared_attention_ ? shared_attention_.get() : block->own_attention.get();
+    if (!shared_ffn_) block->own_ffn = make_ffn_activations(block->ffn.w1_columns, block->ffn.hidden);
+    block->ffn_saved = shared_ffn_ ? shared_ffn_.get() : block->own_ffn.get();
+    if (!shared_mid_.data()) block->own_mid = Buffer(device, tokens * width * element);
+    block->mid = shared_mid_.data() ? &shared_mid_ : &block->own_mid;
     blocks_.push_back(std::move(block));
   }
+  if (model.moe_block_count() > 0) moe_out_ = Buffer(device, tokens * width * element);
   allocate_step_loads();
   for (int index = 0; index <= model.n_layers; ++index) residual_.emplace_back(device, tokens * width * element);
   final_norm_out_ = Buffer(device, tokens * width * element);
   final_rstd_ = Buffer(device, tokens * stat);
-  if (layernorm) final_mean_ = Buffer(device, tokens * stat);
+  if (model.norm == NormKind::layernorm) final_mean_ = Buffer(device, tokens * stat);
   logits_ = Buffer(device, tokens * size_t(model.vocab_size) * element);
   token_losses_ = Buffer(device, tokens * stat);
   loss_summary_ = Buffer(device, size_t(kNumCrossEntropySummary) * stat);
@@ -207,24 +211,61 @@ Transformer::~Transformer() = default;
 
 Transformer::DenseFfn Transformer::make_dense_ffn(int w1, int w2, int64_t hidden) const {
   SY_CHECK(w1 >= 0 && w2 >= 0, "Transformer: a dense FFN without its w1 / w2 parameters");
-  const size_t element = dtype_size(options_.activation_dtype), tokens = size_t(max_tokens_);
   DenseFfn ffn;
   ffn.w1 = w1;
   ffn.w2 = w2;
   ffn.hidden = hidden;
   ffn.w1_columns = activation_columns(moe_.activation, hidden);
-  ffn.pre = Buffer(options_.device, tokens * size_t(ffn.w1_columns) * element);
-  ffn.post = Buffer(options_.device, tokens * size_t(hidden) * element);
   return ffn;
 }
 
+bool Transformer::recomputes_attention() const {
+  return options_.recompute == RecomputeMode::attention || options_.recompute == RecomputeMode::all;
+}
+
+bool Transformer::recomputes_ffn() const {
+  return options_.recompute == RecomputeMode::moe || options_.recompute == RecomputeMode::all;
+}
+
+std::unique_ptr<Transformer::AttentionActivations> Transformer::make_attention_activations() const {
+  const DeviceKind device = options_.device;
+  const size_t element = dtype_size(options_.activation_dtype), stat = dtype_size(stats_dtype_);
+  const size_t tokens = size_t(max_tokens_), width = size_t(model_.d_model);
+  auto saved = std::make_unique<AttentionActivations>();
+  saved->norm_out = Buffer(device, tokens * width * element);
+  saved->norm_rstd = Buffer(device, tokens * stat);
+  if (model_.norm == NormKind::layernorm) saved->norm_mean = Buffer(device, tokens * stat);
+  saved->qkv_rows = Buffer(device, tokens * 3 * width * element);
+  saved->attention_out = Buffer(device, tokens * width * element);
+  saved->attention_stats =
+      Buffer(device, size_t(options_.max_batch) * size_t(model_.n_heads) * size_t(options_.max_seq_len) * stat);
+  return saved;
+}
+
+std::unique_ptr<Transformer::FfnActivations> Transformer::make_ffn_activations(int64_t w1_columns,
+                                                                               int64_t hidden) const {
+  const DeviceKind device = options_.device;
+  const size_t element = dtype_size(options_.activation_dtype), stat = dtype_size(stats_dtype_);
+  const size_t tokens = size_t(max_tokens_), width = size_t(model_.d_model);
+  auto saved = std::make_unique<FfnActivations>();
+  saved->norm_out = Buffer(device, tokens * width * element);
+  saved->norm_rstd = Buffer(device, tokens * stat);
+  if (model_.norm == NormKind::layernorm) saved->norm_mean = Buffer(device, tokens * stat);
+  if (hidden > 0) {
+    saved->pre = Buffer(device, tokens * size_t(w1_columns) * element);
+    saved->post = Buffer(device, tokens * size_t(hidden) * element);
+  }
+  return saved;
+}
+
 void Transformer::dense_ffn_forward(const ExecContext& context, const ModelParameters& parameters,
-                                    const DenseFfn& ffn, const Tensor& input, Tensor& out) {
-  Tensor pre = rows(ffn.pre, ffn.w1_columns);
-  Tensor post = rows(ffn.post, ffn.hidden);
+                                    const DenseFfn& ffn, const FfnActivations& saved, const Tensor& input,
+                                    Tensor* out) {
+  Tensor pre = rows(saved.pre, ffn.w1_columns);
+  Tensor post = rows(saved.post, ffn.hidden);
   ops::gemm(context, false, false, 1.0f, input, parameters.compute(ffn.w1), 0.0f, pre);
   ops::activation_forward(context, moe_.activation, pre, post);
-  ops::gemm(context, false, false, 1.0f, post, parameters.compute(ffn.w2), 1.0f, out);
+  if (out) ops::gemm(context, false, false, 1.0f, post, parameters.compute(ffn.w2), 1.0f, *out);
 }
 
 int Transformer::moe_block_count() const {
@@ -243,8 +284,8 @@ Tensor Transformer::stat_rows(const Buffer& buffer) const {
 }
 
 void Transformer::norm_forward(const ExecContext& context, const ModelParameters& parameters, int weight, int bias,
-                               const Tensor& x, Tensor& out, Tensor& mean, Tensor& rstd) {
-  stage(context, "norm", [&] {
+                               const Tensor& x, Tensor& out, Tensor& mean, Tensor& rstd, const char* stage_name) {
+  stage(context, stage_name, [&] {
     if (model_.norm == NormKind::layernorm) {
       ops::layernorm_forward(context, x, parameters.compute(weight), parameters.compute(bias), kNormEps, out, mean,
                              rstd);
@@ -271,6 +312,7 @@ void Transformer::forward_body(const ExecContext& context, const ModelParameters
   batch_ = batch;
   seq_len_ = seq_len;
   tokens_ = batch * seq_len;
+  step_ = step;
   tokens_view_ = tokens;
 
   Tensor x0 = rows(residual_[0], model_.d_model);
@@ -296,32 +338,47 @@ void Transformer::forward_body(const ExecContext& context, const ModelParameters
 
 void Transformer::forward_block(const ExecContext& context, const ModelParameters& parameters, Block& block,
                                 const Tensor& x, Tensor& x_out, bool training, uint64_t step) {
+  Tensor mid = rows(*block.mid, model_.d_model);
+  attention_sublayer_forward(context, parameters, block, x, &mid, false);
+  ffn_sublayer_forward(context, parameters, block, mid, &x_out, training, step);
+}
+
+void Transformer::attention_sublayer_forward(const ExecContext& context, const ModelParameters& parameters,
+                                             Block& block, const Tensor& x, Tensor* mid, bool recompute) {
   const int64_t width = model_.d_model;
-  // Attention sublayer.
-  Tensor normed = rows(block.norm1_out, width);
-  Tensor mean1 = stat_rows(block.norm1_mean), rstd1 = stat_rows(block.norm1_rstd);
-  norm_forward(context, parameters, block.attn_norm_weight, block.attn_norm_bias, x, normed, mean1, rstd1);
-  Tensor qkv = rows(block.qkv_rows, 3 * width);
-  Tensor attention = rows(block.attention_out, width);
-  Tensor mid = rows(block.mid, width);
-  stage(context, "attention", [&] {
+  const AttentionActivations& saved = *block.attention;
+  Tensor normed = rows(saved.norm_out, width);
+  Tensor mean1 = stat_rows(saved.norm_mean), rstd1 = stat_rows(saved.norm_rstd);
+  norm_forward(context, parameters, block.attn_norm_weight, block.attn_norm_bias, x, normed, mean1, rstd1,
+               recompute ? "norm recompute" : "norm");
+  Tensor qkv = rows(saved.qkv_rows, 3 * width);
+  Tensor attention = rows(saved.attention_out, width);
+  stage(context, recompute ? "attention recompute" : "attention", [&] {
     ops::gemm(context, false, false, 1.0f, normed, parameters.compute(block.qkv), 0.0f, qkv);
     const AttentionShape shape{batch_, seq_len_, model_.n_heads, model_.head_dim()};
     if (model_.positions == PositionKind::rotary) ops::rotary_forward(context, shape, qkv, kRotaryBase, 0, qkv);
-    Tensor stats = block.attention_stats.view(stats_dtype_, {batch_, model_.n_heads, seq_len_});
+    Tensor stats = saved.attention_stats.view(stats_dtype_, {batch_, model_.n_heads, seq_len_});
     Tensor workspace(attention_workspace_.data(), DType::u8, options_.device, {attention_workspace_bytes_});
     ops::attention_forward(context, shape, qkv, attention, stats, workspace);
-    ops::copy(context, x, mid);  // the residual, added by the output projection's beta = 1
-    ops::gemm(context, false, false, 1.0f, attention, parameters.compute(block.out), 1.0f, mid);
+    if (!mid) return;
+    ops::copy(context, x, *mid);  // the residual, added by the output projection's beta = 1
+    ops::gemm(context, false, false, 1.0f, attention, parameters.compute(block.out), 1.0f, *mid);
   });
+}
 
-  // FFN sublayer.
-  Tensor normed2 = rows(block.norm2_out, width);
-  Tensor mean2 = stat_rows(block.norm2_mean), rstd2 = stat_rows(block.norm2_rstd);
-  norm_forward(context, parameters, block.ffn_norm_weight, block.ffn_norm_bias, mid, normed2, mean2, rstd2);
-  stage(context, "residual", [&] { ops::copy(context, mid, x_out); });
+void Transformer::ffn_sublayer_forward(const ExecContext& context, const ModelParameters& parameters, Block& block,
+                                       const Tensor& mid, Tensor* x_out, bool training, uint64_t step) {
+  const int64_t width = model_.d_model;
+  const bool recompute = x_out == nullptr;
+  const FfnActivations& saved = *block.ffn_saved;
+  Tensor normed2 = rows(saved.norm_out, width);
+  Tensor mean2 = stat_rows(saved.norm_mean), rstd2 = stat_rows(saved.norm_rstd);
+  norm_forward(context, parameters, block.ffn_norm_weight, block.ffn_norm_bias, mid, normed2, mean2, rstd2,
+               recompute ? "norm recompute" : "norm");
+  if (!recompute) stage(context, "residual", [&] { ops::copy(context, mid, *x_out); });
   if (!block.is_moe) {
-    stage(context, "dense FFN", [&] { dense_ffn_forward(context, parameters, block.ffn, normed2, x_out); });
+    stage(context, recompute ? "dense FFN recompute" : "dense FFN",
+          [&] { dense_ffn_forward(context, parameters, block.ffn, saved, normed2, x_out); });
     return;
   }
   MoeWeights weights{parameters.compute(block.router), parameters.compute(block.expert_w1),
@@ -332,15 +389,17 @@ void Transformer::forward_block(const ExecContext& context, const ModelParameter
   MoeForwardArgs args;
   args.training = training;
   args.step = step;
+  args.recompute = recompute;  // repeats the routing; gathers no loads (src/model/moe_router.h)
   Tensor global_loads;
-  if (training && moe_.global_aux_loss_weight > 0.0) {
+  if (training && !recompute && moe_.global_aux_loss_weight > 0.0) {
     global_loads = global_loads_row(block.moe_ordinal);
     args.global_loads = &global_loads;
     if (load_reducer_) args.load_reducer = &load_reducer_;
   }
-  Tensor moe_out = rows(block.moe_out, width);
-  stage(context, "MoE", [&] {
+  Tensor moe_out = rows(moe_out_, width);
+  stage(context, recompute ? "MoE recompute" : "MoE", [&] {
     block.moe->forward(context, normed2, weights, args, moe_out);
+    if (recompute) return;  // the step loads and the taps saw this forward the first time
     if (training) {  // this step's expert loads (the router bias update reads them)
       Tensor loads = step_loads_row(block.moe_ordinal);
       ops::accumulate_expert_load(context, block.moe->routing().expert_counts, loads);
@@ -348,9 +407,10 @@ void Transformer::forward_block(const ExecContext& context, const ModelParameter
     // Analysis taps (router statistics, specialization maps): a no-op unless one is installed.
     notify_routing(context, block.moe_ordinal, training, block.moe->routing(), block.moe->router_logits());
   });
-  stage(context, "residual", [&] { ops::add_into(context, moe_out, x_out); });
+  if (!recompute) stage(context, "residual", [&] { ops::add_into(context, moe_out, *x_out); });
   if (block.has_shared_experts())
-    stage(context, "shared experts", [&] { dense_ffn_forward(context, parameters, block.ffn, normed2, x_out); });
+    stage(context, recompute ? "shared experts recompute" : "shared experts",
+          [&] { dense_ffn_forward(context, parameters, block.ffn, saved, normed2, x_out); });
 }
 
 void Transformer::forward_loss(const ExecContext& context, const ModelParameters& parameters, const Tensor& tokens,
@@ -374,6 +434,30 @@ const Tensor& Transformer::forward_logits(const ExecContext& context, const Mode
                                           const Tensor& tokens, int64_t batch, int64_t seq_len) {
   forward_body(context, parameters, tokens, batch, seq_len, false, 0);
   return logits_view_;
+}
+
+TransformerActivationMemory Transformer::activation_memory() const {
+  auto attention_bytes = [](const AttentionActivations& saved) {
+    return int64_t(saved.norm_out.bytes() + saved.norm_mean.bytes() + saved.norm_rstd.bytes() +
+                   saved.qkv_rows.bytes() + saved.attention_out.bytes() + saved.attention_stats.bytes());
+  };
+  auto ffn_bytes = [](const FfnActivations& saved) {
+    return int64_t(saved.norm_out.bytes() + saved.norm_mean.bytes() + saved.norm_rstd.bytes() + saved.pre.bytes() +
+                   saved.post.bytes());
+  };
+  TransformerActivationMemory memory;
+  for (const Buffer& buffer : residual_) memory.residual += int64_t(buffer.bytes());
+  for (const auto& block : blocks_) {
+    if (block->own_attention) memory.per_block += attention_bytes(*block->own_attention);
+    if (block->own_ffn) memory.per_block += ffn_bytes(*block->own_ffn);
+    memory.per_block += int64_t(block->own_mid.bytes());
+    if (block->is_moe && !moe_memory_) memory.per_block += int64_t(block->moe->memory().activation_bytes());
+  }
+  if (shared_attention_) memory.shared += attention_bytes(*shared_attention_);
+  if (shared_ffn_) memory.shared += ffn_bytes(*shared_ffn_);
+  memory.shared += int64_t(shared_mid_.bytes());
+  if (moe_memory_) memory.shared += int64_t(moe_memory_->activation_bytes());
+  return memory;
 }
 
 TransformerStats Transformer::read_stats(const ExecContext& context) const {

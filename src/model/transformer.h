@@ -57,10 +57,22 @@
 // residual output projections (attn.out, ffn.w2, moe.w2, moe.shared.w2), ones for norm weights, zeros for biases
 // (the router bias included). Weight decay applies to matrices and embeddings, not to norms and biases.
 //
-// Memory: every activation needed by backward is kept per block in buffers sized once for
-// max_batch * max_seq_len tokens; backward scratch is shared between blocks. Activations are the
+// Memory: every activation needed by backward is kept in buffers sized once for max_batch *
+// max_seq_len tokens: per block, except those of the sublayers that options.recompute recomputes,
+// which are one set shared by all blocks (TransformerOptions::recompute); backward scratch, the MoE
+// layer's output rows and the attention workspace are shared between blocks. Activations are the
 // compute dtype (bf16 / fp16 on CUDA; f32 or f64 on the CPU); norm statistics, attention
 // statistics and losses are fp32 on CUDA (the activation dtype on the CPU reference).
+// Saved bytes per block (e = activation, s = statistics element size, T tokens, D, H heads,
+// LayerNorm; RMSNorm keeps no mean, so one T*s less per norm):
+//   attention  T (5 D e + 2 s + H s)    norm1 out, mean, rstd; qkv (3 D); attention out; softmax stats
+//   x'         T D e                    the FFN sublayer's input (mid)
+//   FFN        T (D e + 2 s)            norm2 out, mean, rstd
+//              + dense FFN / shared experts: T (w1 columns + hidden) e
+//              + MoE layer: R (2 D + w1 columns + F) e (permuted rows, H, A, expert outputs; R the
+//                padded rows) + T E s' (logits) + routing results, + T D e under jitter
+// The block input x_b (T D e) is the residual stream, kept in every mode. docs/TRAINING.md
+// ("Activation recomputation") has the figures for configs/bench-1gpu.yaml.
 #pragma once
 
 #include <cstdint>
@@ -86,6 +98,32 @@ struct TransformerOptions {
   EpLayerOptions ep;                    // the expert-parallel layer's exchange (parallel.*)
   uint64_t jitter_seed = 0;             // router jitter noise (training.seed)
   bool dropless = false;                // overrides moe.dropless (generation: no token is dropped)
+  // Activation recomputation (training.recompute): which sublayers' activations backward recomputes
+  // instead of keeping them per block.
+  //   none       every block keeps all its backward reads.
+  //   attention  the attention sublayer's activations -- norm1's output and statistics, qkv after
+  //              rotary, the attention output and its softmax statistics -- are not kept per block:
+  //              each block's backward first repeats norm1 -> qkv -> rotary -> attention from the
+  //              block input x_b, which the residual stream keeps anyway.
+  //   moe        the same for the FFN sublayer of every block, MoE or dense: norm2's output and
+  //              statistics, the dense FFN's (and shared experts') hidden rows, and the MoE layer's
+  //              expert activations (permuted rows, H, A, expert outputs, the jittered router input)
+  //              are recomputed from x', which each block keeps. The repeated MoE forward routes
+  //              exactly as the first did (same jitter seed, stream and step, same router bias; the
+  //              routing kernels are deterministic) and has no side effects: it adds no step loads,
+  //              calls no routing tap, and neither reduces nor adds the global-batch loss's loads
+  //              (MoeForwardArgs::recompute); the routing results and losses it rewrites are equal
+  //              to the first forward's. Expert-parallel blocks repeat their all-to-alls: every
+  //              rank recomputes the same blocks in the same order, since the option is global.
+  //   all        both, and x' too (from the attention recompute): a block keeps only x_b.
+  // The recomputed buffers are one set shared by all blocks (the MoE layers share one
+  // MoeLayerMemory: src/model/moe_memory.h), so the recomputed sublayers' activations take one
+  // block's worth instead of L. The price: one more forward of the recomputed sublayers in each
+  // backward (no more than the attention and FFN forward FLOPs again). Loss and gradients equal
+  // those of none bit for bit: the recompute runs the same kernels on the same inputs (tested on
+  // the CPU backend). CUDA graphs are not involved: only the inference MoE stream
+  // (src/model/moe_stream.h) captures graphs, and it has no backward.
+  RecomputeMode recompute = RecomputeMode::none;
   int64_t attention_workspace_limit_bytes = int64_t(512) << 20;  // CUDA attention scratch cap
 };
 
@@ -94,6 +132,16 @@ struct TransformerStats {
   double loss_sum = 0.0;    // sum of the token cross-entropies of the last forward_loss
   int64_t tokens = 0;       // tokens that entered it
   std::vector<MoeBlockStats> moe;  // one per MoE block, in block order
+};
+
+// The bytes of the buffers that hold a training forward's activations until backward
+// (Transformer::activation_memory; the formulas are in the top comment, "Memory"). Backward
+// scratch, the logits, the MoE routing results, the EP exchange's rows and the attention
+// workspace are not counted.
+struct TransformerActivationMemory {
+  int64_t per_block = 0;  // what each block keeps (its MoE layer's own memory included), summed
+  int64_t shared = 0;     // the recomputed sublayers' one set for all blocks (options.recompute)
+  int64_t residual = 0;   // the residual stream: every block's input and the last block's output
 };
 
 enum class ForwardMode : uint8_t { training, evaluation };
@@ -125,6 +173,8 @@ class Transformer {
   void backward(const ExecContext& context, ModelParameters& parameters, float aux_grad_scale, bool accumulate);
   // Loss sums and MoE statistics of the last forward (waits for context.stream).
   TransformerStats read_stats(const ExecContext& context) const;
+  // The activation memory as allocated (sized for max_batch x max_seq_len tokens).
+  TransformerActivationMemory activation_memory() const;
 
   // ---- Routing balance across a step (see the top comment) ----
   // This step's expert loads: fp32 [moe_block_count(), E] on the model's device, row = MoE ordinal.
@@ -152,27 +202,46 @@ class Transformer {
   //   forward:  "embedding", "norm", "attention", "residual", "dense FFN", "MoE", "shared experts",
   //             "LM head", "loss"
   //   backward: "LM head backward", "norm backward", "attention backward", "residual backward",
-  //             "dense FFN backward", "MoE backward", "shared experts backward", "embedding backward"
+  //             "dense FFN backward", "MoE backward", "shared experts backward", "embedding backward",
+  //             and with options.recompute the repeated forward work: "norm recompute",
+  //             "attention recompute", "dense FFN recompute", "MoE recompute",
+  //             "shared experts recompute"
   // (norms and residual adds occur once per block and sublayer; "MoE" covers the routed layer
   // with its router and, in training, its step-load and global-loss bookkeeping).
   void set_stage_observer(MoeStageObserver* observer) { stage_observer_ = observer; }
 
  private:
   struct Block;
-  // A dense FFN out += act(input W1) W2 and its saved activations: the FFN of a dense block, or
-  // the shared experts of an MoE block (all of them as one FFN of hidden width S * Fs).
+  // What the attention sublayer's backward reads: norm1's output and statistics, qkv after rotary,
+  // the attention output and its softmax statistics.
+  struct AttentionActivations {
+    Buffer norm_out, norm_mean, norm_rstd, qkv_rows, attention_out, attention_stats;
+  };
+  // What the FFN sublayer's backward reads besides its input x': norm2's output and statistics and
+  // the dense FFN's pre- and post-activation rows (the MoE layer keeps its own).
+  struct FfnActivations {
+    Buffer norm_out, norm_mean, norm_rstd, pre, post;
+  };
+  // A dense FFN out += act(input W1) W2: the FFN of a dense block, or the shared experts of an MoE
+  // block (all of them as one FFN of hidden width S * Fs).
   struct DenseFfn {
     int w1 = -1, w2 = -1;  // parameter indices
     int64_t hidden = 0, w1_columns = 0;  // F, and F or 2F for swiglu
-    Buffer pre, post;      // [tokens, w1_columns] and [tokens, hidden]
   };
   DenseFfn make_dense_ffn(int w1, int w2, int64_t hidden) const;
+  std::unique_ptr<AttentionActivations> make_attention_activations() const;
+  // pre [tokens, w1_columns] and post [tokens, hidden] (none for 0: an MoE block without shared experts).
+  std::unique_ptr<FfnActivations> make_ffn_activations(int64_t w1_columns, int64_t hidden) const;
+  bool recomputes_attention() const;
+  bool recomputes_ffn() const;
+  // pre and post = act(input W1) into `saved`; then out += post W2 unless `out` is null (a recompute:
+  // backward reads pre and post only).
   void dense_ffn_forward(const ExecContext& context, const ModelParameters& parameters, const DenseFfn& ffn,
-                         const Tensor& input, Tensor& out);
+                         const FfnActivations& saved, const Tensor& input, Tensor* out);
   // Weight gradients of the FFN, and its input gradient written (input_grad_beta = 0) or added (1).
   void dense_ffn_backward(const ExecContext& context, ModelParameters& parameters, const DenseFfn& ffn,
-                          const Tensor& input, const Tensor& grad_out, float input_grad_beta, Tensor& grad_input,
-                          bool accumulate);
+                          const FfnActivations& saved, const Tensor& input, const Tensor& grad_out,
+                          float input_grad_beta, Tensor& grad_input, bool accumulate);
   template <typename Work>
   void stage(const ExecContext& context, const char* name, Work&& work) const {
     run_moe_stage(stage_observer_, context, name, work);
@@ -182,10 +251,20 @@ class Transformer {
                     int64_t batch, int64_t seq_len, bool training, uint64_t step);
   void forward_block(const ExecContext& context, const ModelParameters& parameters, Block& block, const Tensor& x,
                      Tensor& x_out, bool training, uint64_t step);
+  // The attention sublayer from the block input x: norm1 and attention into the block's
+  // AttentionActivations and, unless `mid` is null, mid = x + attention Wo. `recompute` names the
+  // stages "... recompute".
+  void attention_sublayer_forward(const ExecContext& context, const ModelParameters& parameters, Block& block,
+                                  const Tensor& x, Tensor* mid, bool recompute);
+  // The FFN sublayer from mid: norm2 and the FFN (dense, or MoE plus shared experts) into the
+  // block's saved activations, and x_out = mid + FFN(norm2(mid)). With x_out null, a recompute of
+  // the last training forward at `step` (options.recompute): only what backward reads, no side effects.
+  void ffn_sublayer_forward(const ExecContext& context, const ModelParameters& parameters, Block& block,
+                            const Tensor& mid, Tensor* x_out, bool training, uint64_t step);
   void backward_block(const ExecContext& context, ModelParameters& parameters, Block& block, float aux_grad_scale,
                       bool accumulate, Tensor& grad_residual);
   void norm_forward(const ExecContext& context, const ModelParameters& parameters, int weight, int bias,
-                    const Tensor& x, Tensor& out, Tensor& mean, Tensor& rstd);
+                    const Tensor& x, Tensor& out, Tensor& mean, Tensor& rstd, const char* stage_name = "norm");
   void norm_backward(const ExecContext& context, ModelParameters& parameters, int weight, int bias, const Tensor& x,
                      const Tensor& mean, const Tensor& rstd, const Tensor& grad_out, Tensor& grad_x,
                      bool accumulate);
@@ -207,12 +286,21 @@ class Transformer {
   int token_embedding_ = -1, position_embedding_ = -1, final_norm_weight_ = -1, final_norm_bias_ = -1;
   std::vector<std::unique_ptr<Block>> blocks_;
 
+  // The recomputed sublayers' saved activations, one set for all blocks (null without recomputation;
+  // the MoE layers' share moe_memory_), and x' in mode all.
+  std::unique_ptr<AttentionActivations> shared_attention_;
+  std::unique_ptr<FfnActivations> shared_ffn_;
+  std::shared_ptr<MoeLayerMemory> moe_memory_;
+  Buffer shared_mid_;
+
   // Forward state.
   int64_t batch_ = 0, seq_len_ = 0, tokens_ = 0;
+  uint64_t step_ = 0;  // the last forward's (the router jitter's step; a recompute repeats it)
   bool has_training_forward_ = false;
   Tensor tokens_view_;
   std::vector<Buffer> residual_;  // L + 1 buffers [T, D]: block inputs and the last block's output
   Buffer final_norm_out_, final_mean_, final_rstd_, logits_, token_losses_, loss_summary_;
+  Buffer moe_out_;  // an MoE layer's output rows before the residual add (backward never reads them)
   Tensor logits_view_;
   Buffer attention_workspace_;
   int64_t attention_workspace_bytes_ = 0;

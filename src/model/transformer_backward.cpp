@@ -4,7 +4,9 @@
 // input gradient goes through norm2's backward and is added (dL/dx'), then the attention's input
 // gradient through norm1's backward is added (dL/dx_b). Weight gradients of GEMMs use
 // beta = accumulate; the ops that only overwrite (norm weights, the MoE layer) write a scratch
-// buffer that is then added when accumulating.
+// buffer that is then added when accumulating. With options.recompute, a block's backward first
+// repeats the recomputed sublayers' forward into the shared buffers (attention from x_b, which
+// in mode all also gives x'; the FFN from x'), then runs as without.
 #include <algorithm>
 
 #include "src/ops/ops.h"
@@ -55,11 +57,11 @@ void Transformer::add_gradient(const ExecContext& context, const Tensor& scratch
 }
 
 void Transformer::dense_ffn_backward(const ExecContext& context, ModelParameters& parameters, const DenseFfn& ffn,
-                                     const Tensor& input, const Tensor& grad_out, float input_grad_beta,
-                                     Tensor& grad_input, bool accumulate) {
+                                     const FfnActivations& saved, const Tensor& input, const Tensor& grad_out,
+                                     float input_grad_beta, Tensor& grad_input, bool accumulate) {
   const float beta = accumulate ? 1.0f : 0.0f;
-  const Tensor pre = rows(ffn.pre, ffn.w1_columns);
-  const Tensor post = rows(ffn.post, ffn.hidden);
+  const Tensor pre = rows(saved.pre, ffn.w1_columns);
+  const Tensor post = rows(saved.post, ffn.hidden);
   Tensor grad_pre = rows(grad_ffn_pre_, ffn.w1_columns);
   Tensor grad_post = rows(grad_ffn_post_, ffn.hidden);
   Tensor grad_w2 = parameters.grad(ffn.w2), grad_w1 = parameters.grad(ffn.w1);
@@ -139,13 +141,24 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
                                  float aux_grad_scale, bool accumulate, Tensor& grad_residual) {
   const int64_t width = model_.d_model;
   const float beta = accumulate ? 1.0f : 0.0f;
-  Tensor normed2 = rows(block.norm2_out, width);
+  const Tensor x = rows(residual_[size_t(block.index)], width);
+  Tensor mid = rows(*block.mid, width);
+  // Recomputation: the attention first, as in mode all it gives x' (the FFN's input).
+  if (recomputes_attention())
+    attention_sublayer_forward(context, parameters, block, x, options_.recompute == RecomputeMode::all ? &mid : nullptr,
+                               true);
+  if (recomputes_ffn()) ffn_sublayer_forward(context, parameters, block, mid, nullptr, true, step_);
+
+  const AttentionActivations& attention_saved = *block.attention;
+  const FfnActivations& ffn_saved = *block.ffn_saved;
+  Tensor normed2 = rows(ffn_saved.norm_out, width);
   Tensor grad_normed2 = rows(grad_a_, width);
 
   // FFN sublayer: x_out = x' + FFN(u), u = norm2(x'); grad_residual = dL/dx_out.
   if (!block.is_moe) {
     stage(context, "dense FFN backward", [&] {
-      dense_ffn_backward(context, parameters, block.ffn, normed2, grad_residual, 0.0f, grad_normed2, accumulate);
+      dense_ffn_backward(context, parameters, block.ffn, ffn_saved, normed2, grad_residual, 0.0f, grad_normed2,
+                         accumulate);
     });
   } else {
     MoeWeights weights{parameters.compute(block.router), parameters.compute(block.expert_w1),
@@ -174,39 +187,39 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
     // Shared experts: their input gradient is added to the routed layer's.
     if (block.has_shared_experts())
       stage(context, "shared experts backward", [&] {
-        dense_ffn_backward(context, parameters, block.ffn, normed2, grad_residual, 1.0f, grad_normed2, accumulate);
+        dense_ffn_backward(context, parameters, block.ffn, ffn_saved, normed2, grad_residual, 1.0f, grad_normed2,
+                           accumulate);
       });
   }
-  Tensor mid = rows(block.mid, width);
   Tensor grad_part = rows(grad_b_, width);
-  norm_backward(context, parameters, block.ffn_norm_weight, block.ffn_norm_bias, mid, stat_rows(block.norm2_mean),
-                stat_rows(block.norm2_rstd), grad_normed2, grad_part, accumulate);
+  norm_backward(context, parameters, block.ffn_norm_weight, block.ffn_norm_bias, mid, stat_rows(ffn_saved.norm_mean),
+                stat_rows(ffn_saved.norm_rstd), grad_normed2, grad_part, accumulate);
   stage(context, "residual backward", [&] { ops::add_into(context, grad_part, grad_residual); });  // now dL/dx'
 
   // Attention sublayer: x' = x + attention(rotary(norm1(x) Wqkv)) Wo.
   Tensor grad_normed1 = rows(grad_a_, width);
   stage(context, "attention backward", [&] {
-    const Tensor attention = rows(block.attention_out, width);
+    const Tensor attention = rows(attention_saved.attention_out, width);
     Tensor grad_out_weight = parameters.grad(block.out);
     ops::gemm(context, true, false, 1.0f, attention, grad_residual, beta, grad_out_weight);
     Tensor grad_attention = rows(grad_attention_, width);
     ops::gemm(context, false, true, 1.0f, grad_residual, parameters.compute(block.out), 0.0f, grad_attention);
     const AttentionShape shape{batch_, seq_len_, model_.n_heads, model_.head_dim()};
-    const Tensor qkv = rows(block.qkv_rows, 3 * width);
-    const Tensor stats = block.attention_stats.view(stats_dtype_, {batch_, model_.n_heads, seq_len_});
+    const Tensor qkv = rows(attention_saved.qkv_rows, 3 * width);
+    const Tensor stats = attention_saved.attention_stats.view(stats_dtype_, {batch_, model_.n_heads, seq_len_});
     Tensor workspace(attention_workspace_.data(), DType::u8, options_.device, {attention_workspace_bytes_});
     Tensor grad_qkv = rows(grad_qkv_, 3 * width);
     ops::attention_backward(context, shape, qkv, attention, grad_attention, stats, workspace, grad_qkv);
     if (model_.positions == PositionKind::rotary)
       ops::rotary_backward(context, shape, grad_qkv, kRotaryBase, 0, grad_qkv);
-    const Tensor normed1 = rows(block.norm1_out, width);
+    const Tensor normed1 = rows(attention_saved.norm_out, width);
     Tensor grad_qkv_weight = parameters.grad(block.qkv);
     ops::gemm(context, true, false, 1.0f, normed1, grad_qkv, beta, grad_qkv_weight);
     ops::gemm(context, false, true, 1.0f, grad_qkv, parameters.compute(block.qkv), 0.0f, grad_normed1);
   });
-  Tensor x = rows(residual_[size_t(block.index)], width);
-  norm_backward(context, parameters, block.attn_norm_weight, block.attn_norm_bias, x, stat_rows(block.norm1_mean),
-                stat_rows(block.norm1_rstd), grad_normed1, grad_part, accumulate);
+  norm_backward(context, parameters, block.attn_norm_weight, block.attn_norm_bias, x,
+                stat_rows(attention_saved.norm_mean), stat_rows(attention_saved.norm_rstd), grad_normed1, grad_part,
+                accumulate);
   stage(context, "residual backward", [&] { ops::add_into(context, grad_part, grad_residual); });  // now dL/dx_b
 }
 

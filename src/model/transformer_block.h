@@ -25,9 +25,14 @@ struct Transformer::Block {
   DenseFfn ffn;
   bool has_shared_experts() const { return is_moe && ffn.w1 >= 0; }
 
-  // Activations of the last forward, kept for backward.
-  Buffer norm1_out, norm1_mean, norm1_rstd, qkv_rows, attention_out, attention_stats, mid;
-  Buffer norm2_out, norm2_mean, norm2_rstd, moe_out;
+  // Activations of the last forward, kept for backward: the block's own (own_*), or for a
+  // sublayer that options.recompute recomputes, the model's one shared set.
+  AttentionActivations* attention = nullptr;
+  FfnActivations* ffn_saved = nullptr;
+  Buffer* mid = nullptr;  // x' = x + attention: the FFN sublayer's input
+  std::unique_ptr<AttentionActivations> own_attention;
+  std::unique_ptr<FfnActivations> own_ffn;
+  Buffer own_mid;
 };
 
 }  // namespace switchyard

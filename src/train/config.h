@@ -79,6 +79,8 @@ struct TrainingConfig {
   int eval_batches = 8;
   int64_t log_every = 10;
   DeviceChoice device = DeviceChoice::automatic;
+  // Activation recomputation (src/model/transformer.h TransformerOptions::recompute).
+  RecomputeMode recompute = RecomputeMode::none;
 };
 
 struct DataConfig {

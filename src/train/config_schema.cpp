@@ -355,6 +355,12 @@ std::vector<ConfigField> build_fields() {
   add(choice_field("training", "device", &TrainingConfig::device, &C::training,
                    {{"auto", DeviceChoice::automatic}, {"cpu", DeviceChoice::cpu}, {"cuda", DeviceChoice::cuda}},
                    "auto = cuda when a GPU is visible, else cpu"));
+  add(choice_field("training", "recompute", &TrainingConfig::recompute, &C::training,
+                   {{"none", RecomputeMode::none}, {"moe", RecomputeMode::moe},
+                    {"attention", RecomputeMode::attention}, {"all", RecomputeMode::all}},
+                   "activation recomputation: backward repeats the forward of these sublayers instead of keeping "
+                   "their activations per block (moe: every FFN sublayer, MoE or dense; all: attention and FFN); "
+                   "less memory for one more forward of them"));
 
   // data
   add(required(text_field("data", "path", &DataConfig::path, &C::data,

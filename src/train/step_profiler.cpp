@@ -23,8 +23,11 @@ bool ends_with(const std::string& text, const std::string& suffix) {
   return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
+// The stage's part without " backward" or " recompute" ("MoE recompute" counts as "MoE").
 std::string base_name(const std::string& stage) {
-  return is_backward_stage(stage) ? stage.substr(0, stage.size() - std::string(" backward").size()) : stage;
+  for (const std::string suffix : {" backward", " recompute"})
+    if (ends_with(stage, suffix)) return stage.substr(0, stage.size() - suffix.size());
+  return stage;
 }
 
 struct CategoryTime {
@@ -50,7 +53,9 @@ double mean_of(const std::vector<StepProfile>& profiles, double (*field)(const S
 
 }  // namespace
 
-bool is_backward_stage(const std::string& stage) { return ends_with(stage, " backward"); }
+bool is_backward_stage(const std::string& stage) {
+  return ends_with(stage, " backward") || ends_with(stage, " recompute");
+}
 
 std::string stage_category(const std::string& stage) {
   const std::string base = base_name(stage);

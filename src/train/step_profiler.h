@@ -27,7 +27,8 @@ namespace switchyard {
 // "norms and residuals", "embedding, LM head and loss", "gradient sync", "optimizer" (the
 // optimizer and the router bias update); "other" for names it does not know.
 std::string stage_category(const std::string& stage);
-// Whether a stage is backward work (its name ends in " backward").
+// Whether a stage is backward work: its name ends in " backward", or in " recompute" (the forward
+// work that activation recomputation repeats inside backward, counted in its sublayer's row).
 bool is_backward_stage(const std::string& stage);
 
 struct StageTime {

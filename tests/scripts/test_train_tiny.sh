@@ -10,7 +10,10 @@
 #   4. parallel.ep_dispatch fp8 reaches the layer through the trainer: the first losses move (the
 #      expert inputs are quantized) but stay within 1% of the activation dispatch's;
 #   5. parallel.ranks_per_node 1 makes the ep_size 2 group span two (emulated) nodes: the
-#      hierarchical exchange, which changes nothing but summation order.
+#      hierarchical exchange, which changes nothing but summation order;
+#   6. training.recompute all (every block's attention and MoE / FFN forward repeated in backward,
+#      the all-to-alls included) reaches the model through the trainer and changes nothing: the
+#      losses and final weights of run 2 bit for bit; a bad value is refused naming the key.
 # Usage: test_train_tiny.sh SWITCHYARD_BINARY SOURCE_DIR MPIEXEC
 set -u
 
@@ -152,5 +155,30 @@ if [ -s "$work/nodes/metrics.jsonl" ]; then
          END { exit bad }' >&2 && echo "ok: the hierarchical exchange (2 nodes x 1) agrees with the one-level one" ||
     fail "the hierarchical and one-level exchanges disagree"
 fi
+
+# ---- 6. activation recomputation through the trainer ------------------------------------------
+timeout 120 "${mpi[@]}" "$binary" train "$source_dir/configs/tiny-cpu.yaml" "${data[@]}" "${short[@]}" \
+  --set training.recompute=all --set "logging.run_dir=$work/recompute" --profile-steps 1 >"$work/recompute.out" 2>&1 ||
+  fail "the training.recompute all run failed"
+grep -q 'recompute: all' "$work/recompute/config.yaml" 2>/dev/null ||
+  fail "the resolved config.yaml does not record training.recompute: all"
+# The profiled step shows the repeated forward work: the option reached the model.
+grep -q '"stage": "MoE recompute"' "$work/recompute/profile.json" 2>/dev/null &&
+  grep -q '"stage": "attention recompute"' "$work/recompute/profile.json" ||
+  fail "the profiled step of the recompute all run has no MoE / attention recompute stages"
+if [ -s "$work/recompute/metrics.jsonl" ] && [ -s "$work/same_a/metrics.jsonl" ] &&
+  cmp -s <(losses "$work/same_a/metrics.jsonl") <(losses "$work/recompute/metrics.jsonl") &&
+  cmp -s <(tensors "$work/same_a/final.weights") <(tensors "$work/recompute/final.weights"); then
+  echo "ok: training.recompute all gives the losses and final weights of none, bit for bit ($(losses "$work/recompute/metrics.jsonl" | wc -l) steps)"
+else
+  fail "training.recompute all changed the losses or the final weights"
+  paste <(losses "$work/same_a/metrics.jsonl" | head -5) <(losses "$work/recompute/metrics.jsonl" | head -5) >&2
+fi
+timeout 60 "$binary" train "$source_dir/configs/tiny-cpu.yaml" "${data[@]}" --set training.recompute=full \
+  --set "logging.run_dir=$work/bad_recompute" >"$work/bad_recompute.out" 2>&1
+status=$?
+[ "$status" -eq 2 ] || fail "training.recompute=full should exit 2, exited $status"
+grep -q 'training.recompute.*one of: none, moe, attention, all' "$work/bad_recompute.out" ||
+  fail "the bad training.recompute value's message does not name the key and its choices"
 
 summarize_and_exit "training checks"

@@ -10,6 +10,7 @@
 #include <random>
 #include <set>
 #include <sstream>
+#include <utility>
 
 #include "src/core/error.h"
 #include "src/train/config.h"
@@ -304,6 +305,26 @@ TEST(Config, OverridesApplyInOrderAndNameTheArgument) {
   expect_bad_input([] { parse_config_string(kBaseYaml, "o.yaml", {"parallel.ep_size=3"}); },
                    {"--set parallel.ep_size=3", "moe.num_experts = 8"});
   expect_bad_input([] { parse_config_string(kBaseYaml, "o.yaml", {"data.path="}); }, {"--set data.path=", "data.path"});
+}
+
+TEST(Config, RecomputeTakesItsFourModesAndNamesTheKeyOtherwise) {
+  EXPECT_EQ(parse_config_string(kBaseYaml, "r.yaml").training.recompute, RecomputeMode::none);
+  for (const auto& [text, mode] : {std::pair<const char*, RecomputeMode>{"none", RecomputeMode::none},
+                                   {"moe", RecomputeMode::moe},
+                                   {"attention", RecomputeMode::attention},
+                                   {"all", RecomputeMode::all}}) {
+    const Config config = parse_config_string(kBaseYaml, "r.yaml", {std::string("training.recompute=") + text});
+    EXPECT_EQ(config.training.recompute, mode) << text;
+    EXPECT_EQ(recompute_mode_name(mode), std::string(text));
+    EXPECT_EQ(parse_config_string(config_to_yaml(config), "round trip").training.recompute, mode) << text;
+  }
+  const std::string choices = "one of: none, moe, attention, all";
+  expect_bad_input([] { parse_config_string(kBaseYaml, "r.yaml", {"training.recompute=full"}); },
+                   {"--set training.recompute=full", "training.recompute", choices});
+  expect_bad_input([] { parse_config_string(base_with("steps:", "  steps: 100\n  recompute: MoE"), "r.yaml"); },
+                   {"r.yaml:13", "training.recompute", choices});
+  expect_bad_input([] { parse_config_string(base_with("steps:", "  steps: 100\n  recompute: true"), "r.yaml"); },
+                   {"training.recompute", choices});
 }
 
 TEST(Config, LoadConfigNamesTheFile) {

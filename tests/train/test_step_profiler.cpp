@@ -21,7 +21,9 @@ namespace {
 
 const ExecContext kCpu{DeviceKind::cpu, nullptr};
 
-TEST(StepProfiler, TheModelsStagesCoverForwardAndBackward) {
+// One profiled forward + backward of a 3-block model (block 0 dense, blocks 1 and 2 MoE with a
+// shared expert), as step 7.
+StepProfile profile_one_step(RecomputeMode recompute) {
   ModelConfig model;
   model.vocab_size = 13;
   model.d_model = 8;
@@ -42,6 +44,7 @@ TEST(StepProfiler, TheModelsStagesCoverForwardAndBackward) {
   TransformerOptions options;
   options.activation_dtype = DType::f32;
   options.max_batch = 2;
+  options.recompute = recompute;
   Transformer transformer(model, moe, options);
   ModelParameters parameters(transformer.layout(), DeviceKind::cpu, DType::f32, DType::f32);
   parameters.initialize(kCpu, 3);
@@ -56,8 +59,11 @@ TEST(StepProfiler, TheModelsStagesCoverForwardAndBackward) {
   transformer.forward_loss(kCpu, parameters, tokens, targets, 2, 6, ForwardMode::training, 1.0f, 0);
   transformer.backward(kCpu, parameters, 1.0f, false);
   transformer.set_stage_observer(nullptr);
-  const StepProfile profile = profiler.end_step(7);
+  return profiler.end_step(7);
+}
 
+TEST(StepProfiler, TheModelsStagesCoverForwardAndBackward) {
+  const StepProfile profile = profile_one_step(RecomputeMode::none);
   EXPECT_EQ(profile.step, 7);
   std::map<std::string, int> counts;
   for (const StageTime& stage : profile.stages) {
@@ -88,6 +94,28 @@ TEST(StepProfiler, TheModelsStagesCoverForwardAndBackward) {
   const std::string text = step_profile_json({profile}, flops);
   EXPECT_NO_THROW(json::parse(text, "profile.json"));
   EXPECT_NE(text.find("\"stage\": \"MoE backward\""), std::string::npos) << text;
+}
+
+// Recomputation adds the repeated forward work to backward, each stage in its sublayer's row.
+TEST(StepProfiler, RecomputedStagesCountAsBackwardWorkOfTheirSublayer) {
+  const StepProfile profile = profile_one_step(RecomputeMode::all);
+  std::map<std::string, int> recomputed;
+  for (const StageTime& stage : profile.stages) {
+    EXPECT_NE(stage_category(stage.stage), "other") << stage.stage;
+    if (stage.stage.find(" recompute") != std::string::npos) recomputed[stage.stage] = stage.count;
+  }
+  const std::map<std::string, int> expected = {{"norm recompute", 6},       {"attention recompute", 3},
+                                               {"dense FFN recompute", 1},  {"MoE recompute", 2},
+                                               {"shared experts recompute", 2}};
+  EXPECT_EQ(recomputed, expected);
+  std::map<std::string, int> moe_only;
+  for (const StageTime& stage : profile_one_step(RecomputeMode::moe).stages)
+    if (stage.stage.find(" recompute") != std::string::npos) moe_only[stage.stage] = stage.count;
+  EXPECT_EQ(moe_only, (std::map<std::string, int>{{"norm recompute", 3}, {"dense FFN recompute", 1},
+                                                  {"MoE recompute", 2}, {"shared experts recompute", 2}}));
+  EXPECT_EQ(stage_category("MoE recompute"), "MoE layers");
+  EXPECT_EQ(stage_category("norm recompute"), "norms and residuals");
+  EXPECT_TRUE(is_backward_stage("attention recompute"));
 }
 
 TEST(StepProfiler, CategoriesAndDirections) {
