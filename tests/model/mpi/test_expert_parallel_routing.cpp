@@ -210,6 +210,12 @@ TEST_P(ExpertParallelRouting, CpuMatchesSingleRankReference) {
         const int first = parallel.first_expert(), local = parallel.local_experts();
         const Outcome result = run_layer(parallel, config, model, reducer, scenario.bias, first, local);
         EXPECT_EQ(reductions, scenario.global_weight > 0 ? 1 : 0);
+        if (parallel.hierarchical() && scenario.groups == 0 && ranks_per_node == 1) {
+          // One group per rank = per node, topk_groups of them: a token's row crosses the network
+          // at most topk_groups times (once per node, however many of its experts live there).
+          EXPECT_LE(parallel.exchange_stats().network_rows, tokens * scenario.topk_groups);
+          EXPECT_GT(parallel.exchange_stats().network_rows, 0);
+        }
 
         expect_close("y", result.y, reference.y);
         expect_close("grad_x", result.grad_x, reference.grad_x);
