@@ -119,6 +119,14 @@ inline double dot(const Tensor& left, const Tensor& right) {
   return sum;
 }
 
+// Experts [first, first + count) of a [E, a, b] weight or gradient (a view, no copy): the slice an
+// expert-parallel rank holds of the full model.
+inline Tensor expert_view(const Tensor& tensor, int first, int count) {
+  const int64_t matrix = tensor.dim(1) * tensor.dim(2);
+  return Tensor(static_cast<char*>(tensor.data) + size_t(first * matrix) * dtype_size(tensor.dtype), tensor.dtype,
+                tensor.device, {int64_t(count), tensor.dim(1), tensor.dim(2)});
+}
+
 inline double max_abs_difference(const std::vector<double>& actual, const std::vector<double>& expected) {
   double worst = actual.size() == expected.size() ? 0.0 : std::numeric_limits<double>::infinity();
   for (size_t index = 0; index < std::min(actual.size(), expected.size()); ++index) {

@@ -122,12 +122,6 @@ struct HostModel {
   }
 };
 
-Tensor expert_view(const Tensor& tensor, int first, int count) {
-  const int64_t matrix = tensor.dim(1) * tensor.dim(2);
-  return Tensor(static_cast<char*>(tensor.data) + size_t(first * matrix) * dtype_size(tensor.dtype), tensor.dtype,
-                tensor.device, {int64_t(count), tensor.dim(1), tensor.dim(2)});
-}
-
 void expect_close(const std::string& what, const std::vector<double>& actual, const std::vector<double>& expected,
                   double tolerance) {
   for (double value : actual) {

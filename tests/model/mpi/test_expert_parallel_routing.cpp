@@ -121,12 +121,6 @@ struct HostModel {
   }
 };
 
-Tensor expert_view(const Tensor& tensor, int first, int count) {
-  const int64_t matrix = tensor.dim(1) * tensor.dim(2);
-  return Tensor(static_cast<char*>(tensor.data) + size_t(first * matrix) * dtype_size(tensor.dtype), tensor.dtype,
-                tensor.device, {int64_t(count), tensor.dim(1), tensor.dim(2)});
-}
-
 struct Outcome {
   std::vector<double> y, grad_x, grad_router, grad_w1, grad_w2;
   MoeLosses losses;
