@@ -24,6 +24,7 @@
 #include "src/model/moe_ep_layer.h"
 #include "src/model/moe_layer.h"
 #include "tests/support/comm_test_support.h"
+#include "tests/support/expect_close.h"
 #include "tests/support/test_helpers.h"
 
 using namespace switchyard;
@@ -121,17 +122,6 @@ struct HostModel {
     }
   }
 };
-
-void expect_close(const std::string& what, const std::vector<double>& actual, const std::vector<double>& expected,
-                  double tolerance) {
-  for (double value : actual) {
-    if (!std::isfinite(value)) {
-      ADD_FAILURE() << what << ": non-finite value (an output left unwritten?)";
-      return;
-    }
-  }
-  EXPECT_LE(relative_error(actual, expected), tolerance) << what;
-}
 
 // What one scenario produced on this rank: the EP layer's results and the reference's.
 struct RunResult {

@@ -40,6 +40,7 @@
 #include "src/model/moe_layer.h"
 #include "src/ops/ops.h"
 #include "tests/support/comm_test_support.h"
+#include "tests/support/expect_close.h"
 #include "tests/support/expect_error.h"
 #include "tests/support/test_helpers.h"
 
@@ -184,16 +185,6 @@ Outcome run_single_rank(const MoeLayerConfig& config, Problem& problem, const Te
                  losses.aux_loss,       losses.z_loss,           layer.read_routing_stats(kCpu)};
 }
 
-void expect_relative(const std::string& what, const std::vector<double>& actual, const std::vector<double>& expected,
-                     double tolerance) {
-  for (double value : actual)
-    if (!std::isfinite(value)) {
-      ADD_FAILURE() << what << ": non-finite value (an output left unwritten?)";
-      return;
-    }
-  EXPECT_LE(relative_error(actual, expected), tolerance) << what;
-}
-
 std::vector<double> first_rows(const std::vector<double>& matrix, int64_t rows, int64_t columns) {
   return std::vector<double>(matrix.begin(), matrix.begin() + rows * columns);
 }
@@ -237,13 +228,13 @@ TEST_P(ExpertParallelFp8, EqualsTheLayerOnDequantizedInputs) {
       SCOPED_TRACE(::testing::Message() << "ep_overlap " << ep_overlap_name(overlap));
       const Outcome fp8 = run_expert_parallel(config, problem, groups, scenario.chunks, EpDispatch::fp8, overlap);
       const double tolerance = 1e-12;  // f64; only the summation order differs
-      expect_relative("y", fp8.y, reference.y, tolerance);
-      expect_relative("grad_x", fp8.grad_x, reference.grad_x, tolerance);
-      expect_relative("grad_w1 (local experts)", fp8.grad_w1, reference.grad_w1, tolerance);
-      expect_relative("grad_w2 (local experts)", fp8.grad_w2, reference.grad_w2, tolerance);
-      expect_relative("logits", fp8.logits, reference.logits, tolerance);
+      expect_close("y", fp8.y, reference.y, tolerance);
+      expect_close("grad_x", fp8.grad_x, reference.grad_x, tolerance);
+      expect_close("grad_w1 (local experts)", fp8.grad_w1, reference.grad_w1, tolerance);
+      expect_close("grad_w2 (local experts)", fp8.grad_w2, reference.grad_w2, tolerance);
+      expect_close("logits", fp8.logits, reference.logits, tolerance);
       // Router gradient rows of block 0 (x_r = x = x' there; block 1's rows see x, not x').
-      expect_relative("grad_router (block 0 rows)", first_rows(fp8.grad_router, kFp8BlockElements, kExperts),
+      expect_close("grad_router (block 0 rows)", first_rows(fp8.grad_router, kFp8BlockElements, kExperts),
                       first_rows(reference.grad_router, kFp8BlockElements, kExperts), tolerance);
       EXPECT_NEAR(fp8.aux, reference.aux, tolerance * std::fabs(reference.aux)) << "aux loss";
       EXPECT_NEAR(fp8.z, reference.z, tolerance * std::fabs(reference.z)) << "z loss";
@@ -292,7 +283,7 @@ TEST_P(ExpertParallelFp8, WithinToleranceOfActivationDispatch) {
       };
       std::string measured;
       for (const Compared& tensor : tensors) {
-        expect_relative(tensor.name, tensor.fp8, tensor.exact, tensor.tolerance);
+        expect_close(tensor.name, tensor.fp8, tensor.exact, tensor.tolerance);
         char text[64];
         std::snprintf(text, sizeof(text), " %s %.4f", tensor.name, relative_error(tensor.fp8, tensor.exact));
         measured += text;

@@ -22,6 +22,7 @@
 #include "src/model/moe_ep_layer.h"
 #include "src/model/moe_layer.h"
 #include "tests/support/comm_test_support.h"
+#include "tests/support/expect_close.h"
 #include "tests/support/test_helpers.h"
 
 using namespace switchyard;
@@ -33,6 +34,7 @@ namespace {
 constexpr int64_t kModel = 8, kHidden = 6;
 constexpr int kExperts = 8;
 const ExecContext kCpu{DeviceKind::cpu, nullptr};
+constexpr double kExactTolerance = 1e-12;  // f64; only the summation order differs
 
 struct OverlapScenario {
   const char* name;
@@ -142,15 +144,6 @@ Outcome run_pass(Layer& layer, const MoeLayerConfig& config, Problem& problem, i
   return outcome;
 }
 
-void expect_close(const std::string& what, const std::vector<double>& actual, const std::vector<double>& expected) {
-  for (double value : actual)
-    if (!std::isfinite(value)) {
-      ADD_FAILURE() << what << ": non-finite value (an output left unwritten?)";
-      return;
-    }
-  EXPECT_LE(relative_error(actual, expected), 1e-12) << what;
-}
-
 // The reference's gradient of every expert summed over the EP group, cut to [first, first + local).
 std::vector<double> local_sum(Communicator& ep, std::vector<double> full, int first, int local) {
   ep.all_reduce_sum(full.data(), int64_t(full.size()), DType::f64);
@@ -199,21 +192,21 @@ TEST_P(ExpertParallelOverlap, TwoPartsEqualTheSingleRankLayerAtTheEdges) {
         const Outcome result = run_pass(two_parts, config, problem, pass, first, local);
         const Outcome one = run_pass(one_part, config, problem, pass, first, local);
 
-        expect_close("y", result.y, reference.y);
-        expect_close("grad_x", result.grad_x, reference.grad_x);
-        expect_close("grad_router", result.grad_router, reference.grad_router);
+        expect_close("y", result.y, reference.y, kExactTolerance);
+        expect_close("grad_x", result.grad_x, reference.grad_x, kExactTolerance);
+        expect_close("grad_router", result.grad_router, reference.grad_router, kExactTolerance);
         EXPECT_NEAR(result.losses.aux_loss, reference.losses.aux_loss, 1e-12 * std::fabs(reference.losses.aux_loss));
         EXPECT_NEAR(result.losses.z_loss, reference.losses.z_loss, 1e-12 * std::fabs(reference.losses.z_loss));
         EXPECT_EQ(result.stats.dropped_choices, reference.stats.dropped_choices);
         EXPECT_EQ(result.stats.total_choices, reference.stats.total_choices);
-        expect_close("grad_w1 (local experts)", result.grad_w1, local_sum(ep, reference.grad_w1, first, local));
-        expect_close("grad_w2 (local experts)", result.grad_w2, local_sum(ep, reference.grad_w2, first, local));
+        expect_close("grad_w1 (local experts)", result.grad_w1, local_sum(ep, reference.grad_w1, first, local), kExactTolerance);
+        expect_close("grad_w2 (local experts)", result.grad_w2, local_sum(ep, reference.grad_w2, first, local), kExactTolerance);
 
         // The same rows cross, split over two exchanges.
         const MoeExchangeStats split = two_parts.exchange_stats(), whole = one_part.exchange_stats();
         EXPECT_EQ(split.sent_rows, whole.sent_rows);
         EXPECT_EQ(split.received_rows, whole.received_rows);
-        expect_close("y (one part)", one.y, reference.y);
+        expect_close("y (one part)", one.y, reference.y, kExactTolerance);
 
         // The batches must be the edges they claim.
         if (process.world_rank == 1 && scenario.capacity_factor > 0.0f) {
