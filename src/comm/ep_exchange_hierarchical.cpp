@@ -97,7 +97,7 @@ class HierarchicalEpExchange final : public EpExchange {
   }
 
   const ExpertExchangePlan& start_forward(const ExecContext& context, const Tensor& x, const RoutingResult& routing,
-                                          const RoutingParams& params, const DispatchMap&) override {
+                                          const RoutingParams&, const DispatchMap&) override {
     const int64_t tokens = x.dim(0), choices = routing.expert_ids.dim(1);
     const int nodes = rail_->size();
     SY_CHECK_INPUT(choices <= experts_per_node_, "hierarchical exchange: top_k ", choices, " exceeds the ",
