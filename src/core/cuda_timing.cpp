@@ -15,6 +15,15 @@ void* cuda_create_event() {
   return event;
 }
 void cuda_destroy_event(void* event) { cudaEventDestroy(static_cast<cudaEvent_t>(event)); }
+void* cuda_create_sync_event() {  // for ordering only: no timing, cheaper to record and wait on
+  cudaEvent_t event = nullptr;
+  CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  return event;
+}
+void cuda_stream_wait_event(void* stream, void* event) {
+  CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(event), 0));
+}
+void cuda_release_stream(void* stream) { cudaStreamDestroy(static_cast<cudaStream_t>(stream)); }
 void cuda_record_event(void* event, void* stream) {
   CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(event), static_cast<cudaStream_t>(stream)));
 }

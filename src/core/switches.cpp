@@ -74,6 +74,7 @@ Switches parse_switches() {
   read_choice("SWITCHYARD_SM90_SKIP_PADDING", kOneOrZero, parsed.sm90_skip_padding);
   read_choice("SWITCHYARD_NCCL_BLOCKING", kOneOrZero, parsed.nccl_blocking);
   read_count("SWITCHYARD_SMALL_BATCH_TOKENS", parsed.small_batch_tokens);
+  read_choice("SWITCHYARD_SHARED_EXPERT_STREAM", kOneOrZero, parsed.shared_expert_stream);
   return parsed;
 }
 
@@ -101,7 +102,8 @@ std::string describe_switches(const Switches& values) {
          " SWITCHYARD_SM90_MULTICAST=" + switch_text(values.sm90_multicast) +
          " SWITCHYARD_SM90_SKIP_PADDING=" + one_or_zero(values.sm90_skip_padding) +
          " SWITCHYARD_NCCL_BLOCKING=" + one_or_zero(values.nccl_blocking) +
-         " SWITCHYARD_SMALL_BATCH_TOKENS=" + std::to_string(values.small_batch_tokens);
+         " SWITCHYARD_SMALL_BATCH_TOKENS=" + std::to_string(values.small_batch_tokens) +
+         " SWITCHYARD_SHARED_EXPERT_STREAM=" + one_or_zero(values.shared_expert_stream);
 }
 
 const char* switch_text(AttentionPath value) { return spelling_of(kAttentionPaths, value); }

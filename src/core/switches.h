@@ -31,6 +31,9 @@
 //   SWITCHYARD_SMALL_BATCH_TOKENS  8 | any integer N >= 0     small_batch_tokens: inference forwards of at most N
 //                                                             tokens take the small-batch expert kernels; 0: off
 //                                                             (src/model/moe_layer.h)
+//   SWITCHYARD_SHARED_EXPERT_STREAM 1 | 0                     shared_expert_stream: CUDA runs the shared experts on a
+//                                                             second stream, overlapping the routed layer; 0: in
+//                                                             sequence on the compute stream (src/model/transformer.h)
 //
 // Not here: SWITCHYARD_INJECT_FAULT=<rank>:<point>[:hang|sigterm|sigusr1], a testing aid for the
 // whole-program failure tests (src/comm/bootstrap.h, inject_fault_point). It is read and checked
@@ -61,6 +64,7 @@ struct Switches {
   bool sm90_skip_padding = true;                              // SWITCHYARD_SM90_SKIP_PADDING
   bool nccl_blocking = true;                                  // SWITCHYARD_NCCL_BLOCKING
   int64_t small_batch_tokens = 8;                             // SWITCHYARD_SMALL_BATCH_TOKENS
+  bool shared_expert_stream = true;                           // SWITCHYARD_SHARED_EXPERT_STREAM
 };
 
 // The switches as the environment sets them now; a bad value throws bad input (exit 2) naming the

@@ -14,6 +14,9 @@ void cuda_destroy_stream(void* stream);
 void* cuda_create_event();
 void cuda_destroy_event(void* event);
 void cuda_record_event(void* event, void* stream);
+void* cuda_create_sync_event();
+void cuda_stream_wait_event(void* stream, void* event);
+void cuda_release_stream(void* stream);
 double cuda_event_elapsed_ms(void* start, void* stop);
 #endif
 
@@ -37,6 +40,40 @@ void destroy_stream(DeviceKind device, void* stream) {
 #endif
   (void)device;
   (void)stream;
+}
+
+SideStream::SideStream(DeviceKind device, void* compute_stream, bool active)
+    : device_(device), compute_stream_(compute_stream) {
+  if (!active || device != DeviceKind::cuda) return;
+#if defined(SWITCHYARD_WITH_CUDA)
+  stream_ = cuda_create_stream();
+  fork_event_ = cuda_create_sync_event();
+  join_event_ = cuda_create_sync_event();
+#endif
+}
+
+SideStream::~SideStream() {
+#if defined(SWITCHYARD_WITH_CUDA)
+  if (fork_event_) cuda_destroy_event(fork_event_);
+  if (join_event_) cuda_destroy_event(join_event_);
+  if (stream_) cuda_release_stream(stream_);  // a destructor must not throw
+#endif
+}
+
+void SideStream::fork() {
+  if (!active()) return;
+#if defined(SWITCHYARD_WITH_CUDA)
+  cuda_record_event(fork_event_, compute_stream_);
+  cuda_stream_wait_event(stream_, fork_event_);
+#endif
+}
+
+void SideStream::join() {
+  if (!active()) return;
+#if defined(SWITCHYARD_WITH_CUDA)
+  cuda_record_event(join_event_, stream_);
+  cuda_stream_wait_event(compute_stream_, join_event_);
+#endif
 }
 
 DeviceTimer::DeviceTimer(DeviceKind device, void* stream) : device_(device), stream_(stream) {

@@ -11,6 +11,31 @@ namespace switchyard {
 void* create_stream(DeviceKind device);
 void destroy_stream(DeviceKind device, void* stream);
 
+// A second stream for work that may overlap the compute stream's (the shared experts beside the
+// routed layer). fork() makes it wait for everything enqueued so far on the compute stream; join()
+// makes the compute stream wait for everything enqueued on it since. Inactive (CPU, or not asked
+// for): stream() is the compute stream itself and fork/join do nothing, so callers write one path.
+class SideStream {
+ public:
+  SideStream() = default;
+  SideStream(DeviceKind device, void* compute_stream, bool active);
+  ~SideStream();
+  SideStream(const SideStream&) = delete;
+  SideStream& operator=(const SideStream&) = delete;
+  bool active() const { return stream_ != nullptr; }
+  void* stream() const { return active() ? stream_ : compute_stream_; }
+  void* compute_stream() const { return compute_stream_; }
+  void fork();
+  void join();
+
+ private:
+  DeviceKind device_ = DeviceKind::cpu;
+  void* compute_stream_ = nullptr;
+  void* stream_ = nullptr;
+  void* fork_event_ = nullptr;
+  void* join_event_ = nullptr;
+};
+
 // Times a region of work enqueued on `stream`: start(), enqueue, stop(), then elapsed_ms() waits
 // for the stop event. On CPU it reads a steady clock (ops are synchronous there).
 class DeviceTimer {

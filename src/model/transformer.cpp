@@ -1,6 +1,7 @@
 // The transformer's parameters, buffers and forward pass (math: src/model/transformer.h).
 // Backward lives in transformer_backward.cpp.
 #include "src/model/transformer.h"
+#include "src/core/switches.h"
 
 #include <algorithm>
 #include <cmath>
@@ -396,6 +397,15 @@ void Transformer::ffn_sublayer_forward(const ExecContext& context, const ModelPa
     args.global_loads = &global_loads;
     if (load_reducer_) args.load_reducer = &load_reducer_;
   }
+  // The shared experts first, on their stream: x_out = x' + shared(u) there, while the routed layer
+  // runs here and writes only moe_out (src/model/transformer.h).
+  SideStream& side = shared_expert_stream(context);
+  if (block.has_shared_experts()) {
+    side.fork();
+    const ExecContext side_context{context.device, side.stream()};
+    stage(side_context, recompute ? "shared experts recompute" : "shared experts",
+          [&] { dense_ffn_forward(side_context, parameters, block.ffn, saved, normed2, x_out); });
+  }
   Tensor moe_out = rows(moe_out_, width);
   stage(context, recompute ? "MoE recompute" : "MoE", [&] {
     block.moe->forward(context, normed2, weights, args, moe_out);
@@ -407,10 +417,16 @@ void Transformer::ffn_sublayer_forward(const ExecContext& context, const ModelPa
     // Analysis taps (router statistics, specialization maps): a no-op unless one is installed.
     notify_routing(context, block.moe_ordinal, training, block.moe->routing(), block.moe->router_logits());
   });
+  if (block.has_shared_experts()) side.join();
   if (!recompute) stage(context, "residual", [&] { ops::add_into(context, moe_out, *x_out); });
-  if (block.has_shared_experts())
-    stage(context, recompute ? "shared experts recompute" : "shared experts",
-          [&] { dense_ffn_forward(context, parameters, block.ffn, saved, normed2, x_out); });
+}
+
+SideStream& Transformer::shared_expert_stream(const ExecContext& context) {
+  const bool active = context.device == DeviceKind::cuda && switches().shared_expert_stream && !stage_observer_;
+  SideStream* side = shared_expert_stream_.get();
+  if (!side || side->active() != active || side->compute_stream() != context.stream)
+    shared_expert_stream_ = std::make_unique<SideStream>(context.device, context.stream, active);
+  return *shared_expert_stream_;
 }
 
 void Transformer::forward_loss(const ExecContext& context, const ModelParameters& parameters, const Tensor& tokens,

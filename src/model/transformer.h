@@ -15,6 +15,12 @@
 //     computed as one dense FFN of hidden width S * Fs: W1 = [W1_1 .. W1_S] side by side (for
 //     swiglu: the S gate halves, then the S up halves) and W2 = the W2_s stacked, which is the same
 //     sum since act acts per column. Their weights are dense parameters, replicated on every rank.
+//     On CUDA they run on a second stream (SideStream, src/core/timing.h), forked once u is ready:
+//     x_{b+1} = x' + shared(u) is written there while the routed layer (routing, its host syncs,
+//     with EP the dispatch and combine) runs on the compute stream, which joins before adding
+//     routed_moe(u). Backward likewise: the shared experts' input gradient goes to scratch on the
+//     side stream and is added after the join. SWITCHYARD_SHARED_EXPERT_STREAM=0, and a profiled
+//     step (--profile-steps times each stage alone), keep them in sequence on the compute stream.
 //   h = norm_f(x_L);  logits = h E^T (LM head tied to the embedding);  fused softmax cross-entropy.
 // Linear layers have no biases; LayerNorm has weight and bias, RMSNorm a weight.
 //
@@ -81,6 +87,7 @@
 #include <vector>
 
 #include "src/comm/communicator.h"
+#include "src/core/timing.h"
 #include "src/model/moe_block.h"
 #include "src/model/parameters.h"
 #include "src/model/config.h"
@@ -246,6 +253,10 @@ class Transformer {
   void stage(const ExecContext& context, const char* name, Work&& work) const {
     run_moe_stage(stage_observer_, context, name, work);
   }
+  // The shared experts' stream for `context`: a SideStream that overlaps its stream on CUDA, an
+  // inactive one (the compute stream itself) on CPU, with the switch off, or while a stage observer
+  // times each stage alone.
+  SideStream& shared_expert_stream(const ExecContext& context);
   void allocate_backward_buffers();
   void forward_body(const ExecContext& context, const ModelParameters& parameters, const Tensor& tokens,
                     int64_t batch, int64_t seq_len, bool training, uint64_t step);
@@ -309,6 +320,8 @@ class Transformer {
   Buffer step_loads_, global_loads_;
   LoadReducer load_reducer_;
   MoeStageObserver* stage_observer_ = nullptr;
+  // The shared experts' stream (made on first use for the compute stream it overlaps).
+  std::unique_ptr<SideStream> shared_expert_stream_;
 
   // Backward scratch, shared by the blocks (allocated by the first backward).
   bool backward_ready_ = false;

@@ -176,6 +176,18 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
       }
       SY_CHECK(offset <= gradient_scratch_.bytes(), "MoE gradient scratch too small");
     }
+    // The shared experts' backward on their stream, beside the routed layer's: their input
+    // gradient goes to grad_b_ (free until the norm's backward below) and is added after the join.
+    SideStream& side = shared_expert_stream(context);
+    Tensor grad_shared_input = rows(grad_b_, width);
+    if (block.has_shared_experts()) {
+      side.fork();
+      const ExecContext side_context{context.device, side.stream()};
+      stage(side_context, "shared experts backward", [&] {
+        dense_ffn_backward(side_context, parameters, block.ffn, ffn_saved, normed2, grad_residual, 0.0f,
+                           grad_shared_input, accumulate);
+      });
+    }
     stage(context, "MoE backward", [&] {
       block.moe->backward(context, grad_residual, weights, aux_grad_scale, aux_grad_scale, grad_normed2, gradients);
       if (accumulate) {
@@ -184,12 +196,10 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
         add_gradient(context, gradients.w2, targets[2]);
       }
     });
-    // Shared experts: their input gradient is added to the routed layer's.
-    if (block.has_shared_experts())
-      stage(context, "shared experts backward", [&] {
-        dense_ffn_backward(context, parameters, block.ffn, ffn_saved, normed2, grad_residual, 1.0f, grad_normed2,
-                           accumulate);
-      });
+    if (block.has_shared_experts()) {
+      side.join();
+      stage(context, "shared experts backward", [&] { ops::add_into(context, grad_shared_input, grad_normed2); });
+    }
   }
   Tensor grad_part = rows(grad_b_, width);
   norm_backward(context, parameters, block.ffn_norm_weight, block.ffn_norm_bias, mid, stat_rows(ffn_saved.norm_mean),

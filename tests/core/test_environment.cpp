@@ -204,15 +204,17 @@ TEST_F(SwitchesTest, DescribeNamesEveryVariableWithItsValue) {
             "switches: SWITCHYARD_ATTENTION=auto SWITCHYARD_GROUPED_GEMM=auto SWITCHYARD_FUSED_ACTIVATION=1 "
             "SWITCHYARD_SM90_GEMM=pipelined SWITCHYARD_SM90_STORE=warps SWITCHYARD_SM90_SCHEDULE=auto "
             "SWITCHYARD_SM90_MULTICAST=auto SWITCHYARD_SM90_SKIP_PADDING=1 SWITCHYARD_NCCL_BLOCKING=1 "
-            "SWITCHYARD_SMALL_BATCH_TOKENS=8");
+            "SWITCHYARD_SMALL_BATCH_TOKENS=8 SWITCHYARD_SHARED_EXPERT_STREAM=1");
   Switches changed;
   changed.attention = AttentionPath::cudnn_nondeterministic;
   changed.sm90_store = Sm90Store::direct;
   changed.nccl_blocking = false;
   changed.small_batch_tokens = 0;
+  changed.shared_expert_stream = false;
   const std::string text = describe_switches(changed);
   for (const char* part : {"SWITCHYARD_ATTENTION=cudnn-nondeterministic", "SWITCHYARD_SM90_STORE=direct",
-                           "SWITCHYARD_NCCL_BLOCKING=0", "SWITCHYARD_SMALL_BATCH_TOKENS=0"})
+                           "SWITCHYARD_NCCL_BLOCKING=0", "SWITCHYARD_SMALL_BATCH_TOKENS=0",
+                           "SWITCHYARD_SHARED_EXPERT_STREAM=0"})
     EXPECT_NE(text.find(part), std::string::npos) << part << " not in: " << text;
 }
 

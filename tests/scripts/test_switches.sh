@@ -46,6 +46,7 @@ expect_rejected() {
 }
 expect_rejected SWITCHYARD_SM90_GEMM=bogus SWITCHYARD_SM90_GEMM "got 'bogus'" "'pipelined', 'basic'"
 expect_rejected SWITCHYARD_SMALL_BATCH_TOKENS=-3 SWITCHYARD_SMALL_BATCH_TOKENS "got '-3'" "non-negative integer"
+expect_rejected SWITCHYARD_SHARED_EXPERT_STREAM=yes SWITCHYARD_SHARED_EXPERT_STREAM "got 'yes'" "'1', '0'"
 expect_rejected SWITCHYARD_ATTENTION=cuDNN SWITCHYARD_ATTENTION "got 'cuDNN'" \
   "'auto', 'cudnn', 'cudnn-nondeterministic', 'cublas'"
 expect_rejected SWITCHYARD_NCCL_BLOCKING=yes SWITCHYARD_NCCL_BLOCKING "got 'yes'" "'1', '0'"
