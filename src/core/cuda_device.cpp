@@ -106,4 +106,10 @@ AllocatorStats cuda_allocator_stats_impl() {
   return allocator().stats;
 }
 
+DeviceMemoryInfo cuda_memory_info_impl() {
+  DeviceMemoryInfo info;
+  CUDA_CHECK(cudaMemGetInfo(&info.free_bytes, &info.total_bytes));
+  return info;
+}
+
 }  // namespace switchyard

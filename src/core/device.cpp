@@ -18,6 +18,7 @@ void cuda_copy(void* destination, const void* source, size_t bytes);
 void cuda_memset(void* destination, int value, size_t bytes);
 void cuda_synchronize();
 AllocatorStats cuda_allocator_stats_impl();
+DeviceMemoryInfo cuda_memory_info_impl();
 #endif
 
 namespace {
@@ -117,6 +118,14 @@ void device_synchronize(DeviceKind device) {
 AllocatorStats cuda_allocator_stats() {
 #if defined(SWITCHYARD_WITH_CUDA)
   return cuda_allocator_stats_impl();
+#else
+  return {};
+#endif
+}
+
+DeviceMemoryInfo cuda_memory_info() {
+#if defined(SWITCHYARD_WITH_CUDA)
+  return cuda_memory_info_impl();
 #else
   return {};
 #endif

@@ -38,6 +38,13 @@ struct AllocatorStats {
   int64_t driver_allocations = 0;
 };
 AllocatorStats cuda_allocator_stats();
+// The current CUDA device's free and total memory (cudaMemGetInfo: every process on the device
+// counts); zeros without CUDA.
+struct DeviceMemoryInfo {
+  size_t free_bytes = 0;
+  size_t total_bytes = 0;
+};
+DeviceMemoryInfo cuda_memory_info();
 
 // An owning allocation. Move-only.
 class Buffer {

@@ -386,6 +386,25 @@ void Trainer::finish_profile(bool run_ended) {
   profiler_.reset();  // done: later steps run without marks
 }
 
+// Once, after the first step (every buffer exists by then, the backward's included): what this
+// rank's device holds, measured (the allocator's bytes, cudaMemGetInfo), beside the saved
+// activations computed from the shapes.
+void Trainer::log_memory() const {
+  if (options_.device != DeviceKind::cuda) return;
+  const AllocatorStats allocator = cuda_allocator_stats();
+  const DeviceMemoryInfo device = cuda_memory_info();
+  const TransformerActivationMemory activations = model_->activation_memory();
+  auto gib = [](double bytes) {
+    std::ostringstream text;
+    text << std::fixed << std::setprecision(1) << bytes / double(1ull << 30) << " GiB";
+    return text.str();
+  };
+  log_line("device memory after the first step: " + gib(double(allocator.bytes_reserved)) + " held by switchyard (" +
+           gib(double(allocator.bytes_in_use)) + " in use, of which saved activations " +
+           gib(double(activations.per_block + activations.shared + activations.residual)) + "); the device has " +
+           gib(double(device.free_bytes)) + " free of " + gib(double(device.total_bytes)));
+}
+
 void Trainer::log_line(const std::string& text) const {
   if (!options_.log) return;
   *options_.log << "switchyard train: " << text << "\n";
@@ -492,6 +511,7 @@ void Trainer::run() {
       log->flush();
     }
     for (const TrainingWarning& warning : metrics.warnings) log_line("warning: " + warning.message);
+    if (steps_here == 1) log_memory();
     if (every > 0 && step_ % every == 0) save_checkpoint();
     if (stop_requested_) {
       const int signal_number = preemption_signal();

@@ -154,6 +154,7 @@ class Trainer {
   void settle_fresh_run_id(bool automatic);
   void share_run_id();  // every rank takes world rank 0's run_id_ (collective)
   void log_line(const std::string& text) const;
+  void log_memory() const;
   // The router statistics the device sums lack: the window's sequence-level and global-batch losses
   // (router_balance_window_, then zeroed) and the router biases.
   void attach_router_balance_stats(std::vector<RouterLayerStats>& layers);
