@@ -127,6 +127,26 @@ TEST(Config, TinyCpuConfigLoads) {
       << "checkpoint.dir follows logging.run_dir";
 }
 
+// Every config the project ships loads and validates (unknown keys, ranges, cross-key rules), and
+// configs/README.md lists it.
+TEST(Config, EveryShippedConfigLoadsAndIsListed) {
+  std::ifstream readme(source_root() / "configs" / "README.md");
+  ASSERT_TRUE(readme) << "configs/README.md not found next to the sources";
+  const std::string text((std::istreambuf_iterator<char>(readme)), std::istreambuf_iterator<char>());
+  int loaded = 0;
+  for (const auto& entry : std::filesystem::recursive_directory_iterator(source_root() / "configs")) {
+    if (entry.path().extension() != ".yaml") continue;
+    SCOPED_TRACE(entry.path().string());
+    EXPECT_NO_THROW(load_config(entry.path().string()));
+    const std::string name = entry.path().filename().string();
+    const bool in_compare = entry.path().parent_path().filename() == "compare";
+    EXPECT_NE(text.find(in_compare ? "compare/*.yaml" : "`" + name + "`"), std::string::npos)
+        << name << " is not in configs/README.md";
+    ++loaded;
+  }
+  EXPECT_GE(loaded, 10) << "the shipped configs were not found";
+}
+
 TEST(Config, ReadmeDocumentsEveryKey) {
   std::ifstream readme(source_root() / "configs" / "README.md");
   ASSERT_TRUE(readme) << "configs/README.md not found next to the sources";
