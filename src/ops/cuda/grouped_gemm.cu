@@ -127,7 +127,7 @@ void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& 
   const int n = checked_int(columns, "N"), k = checked_int(inner, "Kdim");
   const cudaDataType_t input_type = cuda_data_type(a.dtype), output_type = cuda_data_type(c.dtype);
   const size_t input_size = dtype_size(a.dtype), output_size = dtype_size(c.dtype);
-  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  const float alpha = 1.0f, beta = 0.0f;
   cublasHandle_t handle = cublas_handle(cuda_stream);
   for (int64_t expert = 0; expert < num_experts; ++expert) {
     const int64_t first = offsets[size_t(expert)], segment_rows = offsets[size_t(expert) + 1] - first;
