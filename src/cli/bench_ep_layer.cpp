@@ -113,7 +113,13 @@ LayerTiming time_layer(BenchEpSetup& setup, int64_t tokens) {
   const MoeExchangeStats stats = bench.layer->exchange_stats();
   const double received = global_mean(double(stats.received_rows), setup.context.world_size);
   const double network = global_mean(double(stats.network_rows), setup.context.world_size);
-  LayerTiming timing{tokens, forward_ms, both_ms, received, network, global_max(double(stats.received_rows))};
+  LayerTiming timing;
+  timing.tokens = tokens;
+  timing.forward_ms = forward_ms;
+  timing.both_ms = both_ms;
+  timing.received_rows = received;
+  timing.network_rows = network;
+  timing.received_max = global_max(double(stats.received_rows));
   timing.replicates = bench.layer->replicates();
   timing.replication = bench.layer->replication_stats();  // the last forward's plan (of world rank 0's group)
   return timing;

@@ -63,11 +63,11 @@ Record base_record(const BenchEpSetup& setup, const BenchEpOptions& options, con
 // ---- The layer part (src/cli/bench_ep_layer.cpp) ----
 
 struct LayerTiming {
-  int64_t tokens;
-  double forward_ms, both_ms;  // forward; forward+backward
-  double received_rows;        // rows a rank's experts (and replica slots) received (mean over ranks)
-  double network_rows;         // hierarchical: rows a rank sent to other nodes' relays (mean over ranks)
-  double received_max;         // rows the busiest rank's experts (and replica slots) received
+  int64_t tokens = 0;
+  double forward_ms = 0, both_ms = 0;  // forward; forward+backward
+  double received_rows = 0;    // rows a rank's experts (and replica slots) received (mean over ranks)
+  double network_rows = 0;     // hierarchical: rows a rank sent to other nodes' relays (mean over ranks)
+  double received_max = 0;     // rows the busiest rank's experts (and replica slots) received
   bool replicates = false;     // --max-replicas-per-rank: the layer's last plan
   ReplicationStats replication;
 };
