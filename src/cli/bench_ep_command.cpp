@@ -18,13 +18,18 @@
 //              (one per token and destination node); the exchange part measures the one-level
 //              exchange only and is skipped there.
 //              With --ep-overlap two_part the layer's two-part overlap (src/model/moe_ep_layer.h).
+//              With --max-replicas-per-rank M the layer replicates hot experts (up to M replicas per
+//              rank, src/model/moe_ep_layer.h): timed with it, the load is the rows after replication,
+//              and the last forward's plan is printed (busiest rank's rows before -> after).
+//              The layer part lives in src/cli/bench_ep_layer.cpp.
 // --ep-sm-budget N caps the exchange's SMs in both parts: the expert-parallel NCCL communicators
 // are created with maxCTAs N, the nvlink kernels launch at most N blocks.
 // Times: per iteration the slowest rank (after a barrier), median over iterations, after
 // warm-up; routing from random data, so the load is about balanced (capacity drops included).
 // Expert FLOPs per rank (forward): 2 * T * k * (D * F' + F * D), F' = F (gelu) or 2F (swiglu);
 // forward+backward counts three times that.
-// The flags: bench_ep_options.h. This file holds the benches, the set-up, the timing of each part
+// The flags: bench_ep_options.h. This file holds the exchange bench, the set-up, the helpers both
+// parts share (declared in bench_ep_layer.h), the header and the records' file; each part's timing
 // (a results struct; every rank) and the lines and records made from it (rank 0 prints).
 #include <mpi.h>
 
@@ -44,8 +49,8 @@
 #include "src/comm/bootstrap.h"
 #include "src/comm/expert_dispatch.h"
 #include "src/comm/nvlink_exchange.h"
-#include "src/comm/replication_plan.h"
 #include "src/cli/bench_common.h"
+#include "src/cli/bench_ep_layer.h"
 #include "src/cli/bench_ep_options.h"
 #include "src/ops/ops.h"
 #include "src/cli/commands.h"
@@ -56,27 +61,8 @@
 #include "src/model/moe_ep_layer.h"
 
 namespace switchyard {
-namespace {
 
-using namespace bench_ep;
-
-struct EpBenchSettings {
-  ExecContext context;
-  DType activation_dtype = DType::bf16, float_dtype = DType::f32;
-  int warmup = 5, iterations = 20;
-  uint64_t seed = 1;
-  MoeLayerConfig config;
-  int chunks = 1;
-  EpTransport transport = EpTransport::automatic;
-  EpDispatch dispatch = EpDispatch::activation;
-  double skew = 0;  // --skew: selection bias ramp over the experts
-  EpOverlap overlap = EpOverlap::none;  // the layer's
-  int sm_budget = 0;
-  bool fp8() const { return dispatch == EpDispatch::fp8; }
-  int64_t row_bytes() const { return config.d_model * int64_t(dtype_size(activation_dtype)); }
-  // Bytes of one row in the forward dispatch: fp8 records or activation rows.
-  int64_t dispatch_row_bytes() const { return fp8() ? fp8_row_bytes(config.d_model) : row_bytes(); }
-};
+namespace bench_ep {
 
 // Random inputs on the bench's device (src/cli/bench_common.h).
 Buffer random_buffer(const EpBenchSettings& settings, DType dtype, int64_t count, float stddev, uint64_t seed) {
@@ -111,6 +97,35 @@ double global_max(double value) {
   MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
   return value;
 }
+
+// The fields every record starts with: the run's shape.
+Record base_record(const BenchEpSetup& setup, const BenchEpOptions& options, const char* part, int64_t tokens) {
+  Record record;
+  record.add("part", part);
+  record.add("backend", setup.backend);
+  record.add("world_size", setup.context.world_size);
+  record.add("ep_size", setup.ep_size);
+  record.add("tokens_per_rank", double(tokens));
+  record.add("d_model", double(options.d_model));
+  record.add("d_ff", double(options.d_ff));
+  record.add("experts", setup.settings.config.moe.num_experts);
+  record.add("top_k", double(options.top_k));
+  record.add("a2a_chunks", setup.settings.chunks);
+  record.add("ep_dispatch", ep_dispatch_name(setup.settings.dispatch));
+  record.add("ranks_per_node", setup.ranks_per_node);
+  record.add("skew", setup.settings.skew);
+  record.add("ep_nodes", setup.ep_nodes);
+  record.add("ep_overlap", ep_overlap_name(setup.settings.overlap));
+  record.add("ep_sm_budget", setup.settings.sm_budget);
+  record.add("max_replicas_per_rank", setup.settings.max_replicas_per_rank);
+  return record;
+}
+
+}  // namespace bench_ep
+
+namespace {
+
+using namespace bench_ep;
 
 // Dispatch + combine of one layer without the expert FFN (the identity expert), and the raw
 // all-to-all-v of the same rows.
@@ -277,85 +292,7 @@ struct ExchangeBench {
   }
 };
 
-// The EP layer with random weights for this rank's shard.
-struct LayerBench {
-  std::unique_ptr<MoeEpLayer> layer;
-  Buffer x, y, grad_y, grad_x, router, w1, w2, grad_router, grad_w1, grad_w2, skew_bias;
-  Tensor skew_bias_view;
-  MoeWeights weights;
-  MoeGradients gradients;
-  Tensor x_view, y_view, grad_y_view, grad_x_view;
-
-  LayerBench(const EpBenchSettings& settings, const ParallelGroups& groups, int64_t tokens) {
-    const MoeLayerConfig& config = settings.config;
-    const DType act = settings.activation_dtype;
-    const DeviceKind device = settings.context.device;
-    EpLayerOptions options;
-    options.a2a_chunks = settings.chunks;
-    options.transport = settings.transport;
-    options.dispatch = settings.dispatch;
-    options.overlap = settings.overlap;
-    options.sm_budget = settings.sm_budget;
-    options.node_group = groups.expert_parallel_node;  // null unless the group spans nodes
-    options.rail_group = groups.expert_parallel_rail;
-    layer = std::make_unique<MoeEpLayer>(config, groups.expert_parallel, device, act, tokens, options);
-    const int64_t d = config.d_model, f = config.moe.expert_d_ff, e = config.moe.num_experts, local = layer->local_experts();
-    const uint64_t seed = settings.seed + 100 * uint64_t(layer->first_expert() + 1);
-    x = random_buffer(settings, act, tokens * d, 1.0f, settings.seed + 21 + uint64_t(process_rank()));
-    grad_y = random_buffer(settings, act, tokens * d, 1.0f, settings.seed + 22 + uint64_t(process_rank()));
-    router = random_buffer(settings, act, d * e, 1.0f / std::sqrt(float(d)), settings.seed + 23);
-    w1 = random_buffer(settings, act, local * d * config.w1_columns(), 1.0f / std::sqrt(float(d)), seed + 1);
-    w2 = random_buffer(settings, act, local * f * d, 1.0f / std::sqrt(float(f)), seed + 2);
-    const DType grad_dtype = layer->gradient_dtype();
-    y = Buffer(device, size_t(tokens * d) * dtype_size(act));
-    grad_x = Buffer(device, size_t(tokens * d) * dtype_size(act));
-    grad_router = Buffer(device, size_t(d * e) * dtype_size(grad_dtype));
-    grad_w1 = Buffer(device, size_t(local * d * config.w1_columns()) * dtype_size(grad_dtype));
-    grad_w2 = Buffer(device, size_t(local * f * d) * dtype_size(grad_dtype));
-    weights = {router.view(act, {d, e}), w1.view(act, {local, d, config.w1_columns()}), w2.view(act, {local, f, d})};
-    gradients = {grad_router.view(grad_dtype, {d, e}), grad_w1.view(grad_dtype, {local, d, config.w1_columns()}),
-                 grad_w2.view(grad_dtype, {local, f, d})};
-    if (settings.skew > 0) {  // a selection bias (keys only): hot experts without changing the gates
-      std::vector<float> ramp(static_cast<size_t>(e));
-      for (int64_t expert = 0; expert < e; ++expert)
-        ramp[size_t(expert)] = float(settings.skew * double(e - 1 - expert) / double(std::max<int64_t>(e - 1, 1)));
-      skew_bias = Buffer(device, size_t(e) * sizeof(float));
-      device_copy(skew_bias.data(), device, ramp.data(), DeviceKind::cpu, ramp.size() * sizeof(float));
-      skew_bias_view = skew_bias.view(DType::f32, {e});
-      weights.router_bias = &skew_bias_view;
-    }
-    x_view = x.view(act, {tokens, d});
-    y_view = y.view(act, {tokens, d});
-    grad_y_view = grad_y.view(act, {tokens, d});
-    grad_x_view = grad_x.view(act, {tokens, d});
-  }
-  void forward(const ExecContext& context, bool training) {
-    MoeForwardArgs args;
-    args.training = training;
-    args.read_losses = false;
-    layer->forward(context, x_view, weights, args, y_view);
-  }
-  void forward_backward(const ExecContext& context) {
-    forward(context, true);
-    layer->backward(context, grad_y_view, weights, 1.0f, 1.0f, grad_x_view, gradients);
-  }
-};
-
-using Record = BenchRecord;
-
 // ---- Set-up -----------------------------------------------------------------------------------
-
-// The process, its groups and the settings every measurement shares (after the set-up every rank
-// runs the same measurements; rank 0 prints and writes the records).
-struct BenchEpSetup {
-  ProcessContext context;
-  int ep_size = 1;
-  int ranks_per_node = 0, ep_nodes = 1;  // the group's ranks per node and nodes (> 1: hierarchical)
-  ParallelGroups groups;
-  EpBenchSettings settings;
-  const char* backend = "mpi";  // the transport the layers will pick: mpi, nccl or nvlink
-  bool leader = false;
-};
 
 // Starts MPI (and the GPUs under --device cuda, or auto when every rank has one), forms the
 // groups and fills in the layer's configuration. The benches keep a reference to setup.settings,
@@ -394,6 +331,10 @@ void set_up_bench_ep(const BenchEpOptions& options, BenchEpSetup& setup) {
   settings.skew = options.skew;
   settings.overlap = options.overlap;
   settings.sm_budget = options.sm_budget;
+  settings.max_replicas_per_rank = int(options.max_replicas_per_rank);
+  SY_CHECK_INPUT(settings.max_replicas_per_rank == 0 || setup.ep_nodes == 1,
+                 "bench ep: --max-replicas-per-rank needs the one-level exchange, but the expert-parallel group spans ",
+                 setup.ep_nodes, " nodes (--ranks-per-node, or the launcher's placement)");
   SY_CHECK_INPUT(use_cuda || settings.transport != EpTransport::nvlink,
                  "bench ep: --ep-transport nvlink needs GPUs (CPU ranks use MPI)");
   MoeLayerConfig& config = settings.config;
@@ -445,38 +386,6 @@ ExchangeTiming time_exchange(BenchEpSetup& setup, int64_t tokens) {
   return {tokens, exchange_ms, raw_ms, bytes};
 }
 
-struct LayerTiming {
-  int64_t tokens;
-  double forward_ms, both_ms;  // forward; forward+backward
-  double received_rows;        // rows a rank's experts received (mean over ranks)
-  double network_rows;         // hierarchical: rows a rank sent to other nodes' relays (mean over ranks)
-  double received_max;         // rows the busiest rank's experts received
-  std::vector<int64_t> loads;  // [P * E] rows from each source rank to each expert (one-level exchange)
-};
-
-LayerTiming time_layer(BenchEpSetup& setup, int64_t tokens) {
-  const EpBenchSettings& settings = setup.settings;
-  Communicator& world = *setup.groups.world;
-  auto wait_device = [&] { ops::synchronize(settings.context); };
-  LayerBench bench(settings, setup.groups, tokens);
-  const double forward_ms =
-      time_slowest_median_ms(settings, world, [&] { bench.forward(settings.context, false); }, wait_device);
-  const double both_ms =
-      time_slowest_median_ms(settings, world, [&] { bench.forward_backward(settings.context); }, wait_device);
-  const MoeExchangeStats stats = bench.layer->exchange_stats();
-  const double received = global_mean(double(stats.received_rows), setup.context.world_size);
-  const double network = global_mean(double(stats.network_rows), setup.context.world_size);
-  // Every rank's rows per expert, for the replication plan (the one-level exchange has them).
-  std::vector<int64_t> loads;
-  const std::vector<int64_t> sent = bench.layer->sent_rows_per_expert();
-  if (!sent.empty()) {
-    loads.resize(sent.size() * size_t(setup.context.world_size));
-    MPI_CHECK(MPI_Allgather(sent.data(), int(sent.size()), MPI_INT64_T, loads.data(), int(sent.size()), MPI_INT64_T,
-                            MPI_COMM_WORLD));
-  }
-  return {tokens, forward_ms, both_ms, received, network, global_max(double(stats.received_rows)), std::move(loads)};
-}
-
 // ---- Report (rank 0 prints; the records are kept on every rank, rank 0 writes them) -----------
 
 void report_header(const BenchEpSetup& setup, const BenchEpOptions& options) {
@@ -504,28 +413,6 @@ void report_header(const BenchEpSetup& setup, const BenchEpOptions& options) {
   std::printf("# %s\n", describe_switches().c_str());
 }
 
-// The fields every record starts with: the run's shape.
-Record base_record(const BenchEpSetup& setup, const BenchEpOptions& options, const char* part, int64_t tokens) {
-  Record record;
-  record.add("part", part);
-  record.add("backend", setup.backend);
-  record.add("world_size", setup.context.world_size);
-  record.add("ep_size", setup.ep_size);
-  record.add("tokens_per_rank", double(tokens));
-  record.add("d_model", double(options.d_model));
-  record.add("d_ff", double(options.d_ff));
-  record.add("experts", setup.settings.config.moe.num_experts);
-  record.add("top_k", double(options.top_k));
-  record.add("a2a_chunks", setup.settings.chunks);
-  record.add("ep_dispatch", ep_dispatch_name(setup.settings.dispatch));
-  record.add("ranks_per_node", setup.ranks_per_node);
-  record.add("skew", setup.settings.skew);
-  record.add("ep_nodes", setup.ep_nodes);
-  record.add("ep_overlap", ep_overlap_name(setup.settings.overlap));
-  record.add("ep_sm_budget", setup.settings.sm_budget);
-  return record;
-}
-
 void report_exchange(const BenchEpSetup& setup, const BenchEpOptions& options, const ExchangeTiming& timing,
                      std::vector<Record>& records) {
   const double exchange_ms = timing.exchange_ms, raw_ms = timing.raw_ms, bytes = timing.bytes;
@@ -540,58 +427,6 @@ void report_exchange(const BenchEpSetup& setup, const BenchEpOptions& options, c
   record.add("dispatch_combine_gbps", bytes / (exchange_ms * 1e-3) / 1e9);
   record.add("raw_a2a_ms", raw_ms);
   record.add("raw_a2a_gbps", bytes / (raw_ms * 1e-3) / 1e9);
-  records.push_back(record);
-}
-
-// --max-replicas-per-rank: the plan src/comm/replication_plan.h makes for the measured counts of
-// the first expert-parallel group (not applied: the busiest rank's load with and without it).
-void report_replication_plan(const BenchEpSetup& setup, const BenchEpOptions& options, const LayerTiming& timing,
-                             Record& record) {
-  if (options.max_replicas_per_rank <= 0 || timing.loads.empty()) return;
-  const int experts = setup.settings.config.moe.num_experts;
-  std::vector<std::vector<int64_t>> loads(size_t(setup.ep_size));
-  for (int source = 0; source < setup.ep_size; ++source)
-    loads[size_t(source)].assign(timing.loads.begin() + int64_t(source) * experts,
-                                 timing.loads.begin() + int64_t(source + 1) * experts);
-  ReplicationOptions replication;
-  replication.max_replicas_per_rank = int(options.max_replicas_per_rank);
-  const ReplicationPlan plan = plan_replication(loads, replication);
-  if (setup.leader)
-    std::printf("         replication plan (up to %lld per rank; computed, not applied): busiest rank %lld -> %lld "
-                "rows, %zu replicas, %lld rows moved\n",
-                (long long)options.max_replicas_per_rank, (long long)plan.max_load_before(),
-                (long long)plan.max_load_after(), plan.replicas.size(), (long long)plan.moved_rows());
-  record.add("replication_max_load_before", double(plan.max_load_before()));
-  record.add("replication_max_load_after", double(plan.max_load_after()));
-  record.add("replication_replicas", double(plan.replicas.size()));
-  record.add("replication_moved_rows", double(plan.moved_rows()));
-}
-
-void report_layer(const BenchEpSetup& setup, const BenchEpOptions& options, const LayerTiming& timing,
-                  std::vector<Record>& records) {
-  const double forward_ms = timing.forward_ms, both_ms = timing.both_ms;
-  const int64_t tokens = timing.tokens;
-  const double flops = 2.0 * double(tokens) * double(options.top_k) *
-                       (double(options.d_model) * double(setup.settings.config.w1_columns()) +
-                        double(options.d_ff) * double(options.d_model));
-  if (setup.leader) {
-    std::printf("layer    T=%-7lld forward %9.3f ms (%7.1f TFLOP/s) | forward+backward %9.3f ms (%7.1f TFLOP/s) | "
-                "%.0f tokens/s per rank",
-                (long long)tokens, forward_ms, flops / (forward_ms * 1e-3) / 1e12, both_ms,
-                3 * flops / (both_ms * 1e-3) / 1e12, double(tokens) / (both_ms * 1e-3));
-    std::printf(" | load max/mean %.2f", timing.received_max / std::max(timing.received_rows, 1.0));
-    if (setup.ep_nodes > 1) std::printf(" | %.0f network rows per rank", timing.network_rows);
-    std::printf("\n");
-  }
-  Record record = base_record(setup, options, "layer", tokens);
-  record.add("fwd_ms", forward_ms);
-  record.add("fwdbwd_ms", both_ms);
-  record.add("fwd_expert_tflops", flops / (forward_ms * 1e-3) / 1e12);
-  record.add("fwdbwd_expert_tflops", 3 * flops / (both_ms * 1e-3) / 1e12);
-  record.add("received_rows_mean", timing.received_rows);
-  record.add("received_rows_max", timing.received_max);
-  report_replication_plan(setup, options, timing, record);
-  if (setup.ep_nodes > 1) record.add("network_rows_mean", timing.network_rows);
   records.push_back(record);
 }
 

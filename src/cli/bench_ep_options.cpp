@@ -53,8 +53,9 @@ std::optional<BenchEpOptions> parse_bench_ep_options(int argc, char** argv) {
                     "are hot (0 = balanced; with --capacity-factor 0 the load shows as imbalance, not drops)",
                     "0");
   parser.add_option("max-replicas-per-rank", "M",
-                    "also print the hot-expert replication plan for the measured load with up to M replicas per "
-                    "rank (computed from the layer's counts; the exchange does not apply it yet); 0 = none",
+                    "the layer replicates hot experts, up to M replicas per rank (parallel.max_replicas_per_rank; "
+                    "timed with it, and the last plan printed; needs --a2a-chunks 1, --ep-overlap none and one "
+                    "node); 0 = none",
                     "0");
   parser.add_option("ranks-per-node", "N",
                     "ranks per node (0 = as placed by the launcher); a group over several nodes exchanges "
@@ -127,6 +128,9 @@ std::optional<BenchEpOptions> parse_bench_ep_options(int argc, char** argv) {
   SY_CHECK_INPUT(options.dispatch != EpDispatch::fp8 || options.transport != EpTransport::nvlink,
                  "bench ep: --ep-dispatch fp8 needs --ep-transport nccl or auto (nvlink moves activation rows only)");
   options.overlap = parse_ep_overlap(parser.get("ep-overlap"), "bench ep: --ep-overlap");
+  SY_CHECK_INPUT(options.max_replicas_per_rank == 0 || (options.chunks == 1 && options.overlap == EpOverlap::none),
+                 "bench ep: --max-replicas-per-rank ", options.max_replicas_per_rank,
+                 " needs --a2a-chunks 1 and --ep-overlap none (replication's current limits)");
   const int64_t sm_budget = parser.get_int("ep-sm-budget");
   SY_CHECK_INPUT(sm_budget >= 0 && sm_budget <= 1024, "bench ep: --ep-sm-budget must be in [0, 1024], got ",
                  sm_budget);

@@ -24,7 +24,7 @@ struct BenchEpOptions {
   int64_t ep_size = 0;            // 0 = the world size
   int64_t ranks_per_node = 0;     // --ranks-per-node: 0 = the bootstrap's nodes (see parallel.ranks_per_node)
   double skew = 0;                // --skew: selection bias toward low-numbered experts (0 = balanced)
-  int64_t max_replicas_per_rank = 0;  // --max-replicas-per-rank: > 0 prints the replication plan
+  int64_t max_replicas_per_rank = 0;  // --max-replicas-per-rank: > 0 the layer replicates hot experts
   double timeout_s = 300;
   EpTransport transport = EpTransport::automatic;
   EpDispatch dispatch = EpDispatch::activation;  // --ep-dispatch (fp8: nccl only)

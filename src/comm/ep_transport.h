@@ -14,6 +14,8 @@
 //             the experts compute the other's (DeepSeek-V3's two-micro-batch overlap, in a layer)
 // parallel.ep_sm_budget, the SMs the exchange may occupy while experts compute: 0 = no limit;
 // else the expert-parallel NCCL communicators' maxCTAs and the nvlink kernels' grid cap.
+// parallel.max_replicas_per_rank, hot-expert replication (src/model/moe_ep_layer.h): each step the
+// most loaded experts get copies on the least loaded ranks, up to this many per rank; 0 = off.
 #pragma once
 
 #include <memory>
@@ -39,7 +41,8 @@ const char* ep_overlap_name(EpOverlap overlap);
 EpOverlap parse_ep_overlap(const std::string& text, const std::string& where);
 
 // The expert-parallel layer's exchange settings from the configuration (parallel.a2a_chunks,
-// parallel.ep_transport, parallel.ep_dispatch, parallel.ep_overlap, parallel.ep_sm_budget),
+// parallel.ep_transport, parallel.ep_dispatch, parallel.ep_overlap, parallel.ep_sm_budget,
+// parallel.max_replicas_per_rank),
 // passed as one value from the trainer down to the layer (src/model/moe_ep_layer.h) and its
 // EpExchange (src/comm/ep_exchange.h).
 struct EpLayerOptions {
@@ -53,6 +56,9 @@ struct EpLayerOptions {
   // The nvlink kernels' grid cap (>= 0, 0 = none). The NCCL communicators take theirs when they
   // are created (create_parallel_groups, src/comm/bootstrap.h).
   int sm_budget = 0;
+  // Hot-expert replica slots per rank (>= 0, 0 = off). Needs the one-level exchange, one part and
+  // one chunk (SY_BAD_INPUT otherwise).
+  int max_replicas_per_rank = 0;
 };
 
 }  // namespace switchyard

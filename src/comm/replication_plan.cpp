@@ -77,9 +77,13 @@ ReplicationPlan plan_replication(const std::vector<std::vector<int64_t>>& loads,
     replica.expert = hot;
     replica.owner = busiest;
     replica.host = host;
+    // A prefix of the expert's sources, in source order: the host's rows of the expert then come
+    // before the owner's in the no-replication layout, so the owner can continue the host's partial
+    // weight-gradient sum (src/model/moe_ep_layer.h, "Hot-expert replication").
     for (int source = 0; source < ranks; ++source) {
       const int64_t rows = loads[size_t(source)][size_t(hot)];
-      if (rows == 0 || rank_load[size_t(host)] + rows >= rank_load[size_t(busiest)]) continue;  // must lower the pair's max
+      if (rows == 0) continue;  // no rows: nothing to move, nothing to order
+      if (rank_load[size_t(host)] + rows >= rank_load[size_t(busiest)]) break;  // must lower the pair's max
       replica.sources.push_back(source);
       replica.rows += rows;
       rank_load[size_t(host)] += rows;

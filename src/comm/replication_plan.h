@@ -1,6 +1,6 @@
-// Hot-expert replication, the plan (issue #22, item 3; the exchange does not apply it yet): from one
-// step's row counts, which hot experts get a replica on which lightly loaded rank, and which
-// senders' rows go to the replica instead of the owner.
+// Hot-expert replication, the plan (issue #22, item 3; applied by the EP layer,
+// src/model/moe_ep_layer.h): from one step's row counts, which hot experts get a replica on which
+// lightly loaded rank, and which senders' rows go to the replica instead of the owner.
 //
 // Input: loads[s][e], the rows source rank s routes to global expert e this step (every rank's
 // send counts, all-gathered: P x E ints, known to every rank, so every rank computes the same
@@ -11,10 +11,13 @@
 // (1 + tolerance) x the mean load, take h's most loaded expert e that is not yet replicated and
 // the least loaded rank q that hosts fewer than max_replicas_per_rank replicas (q != h); move whole
 // (source, e) segments, in source order, from h to q while each move leaves q below h's load
-// before the move (so the larger of the two strictly drops). Whole segments keep a row's place unchanged inside
-// its segment: the replica computes exactly the rows the owner would have, and a fixed-order sum of
-// per-segment weight gradients can then be bit-identical with and without replication. An expert
-// whose smallest segment does not fit is skipped; the loop ends when no expert of h can move.
+// before the move (so the larger of the two strictly drops), stopping at the first non-empty
+// segment that does not fit. So a replica's sources are a PREFIX of the expert's non-empty sources:
+// whole segments keep a row's place unchanged inside its segment, and in the owner's layout without
+// replication (rows of an expert ordered by source) the replica's rows all come before the
+// owner's remaining ones. The owner can then continue the replica's partial weight-gradient sum
+// over its own rows, and that sum is bit-identical to the one without replication. An expert whose
+// first non-empty segment does not fit is skipped; the loop ends when no expert of h can move.
 //
 // The routing result is untouched: only the rank that computes a (source, expert) segment changes.
 #pragma once

@@ -67,7 +67,10 @@ void ExpertParallelMoeBlock::backward(const ExecContext& context, const Tensor& 
 }
 
 MoeBlockStats ExpertParallelMoeBlock::read_stats(const ExecContext& context) const {
-  return read_layer_stats(context, layer_);
+  MoeBlockStats stats = read_layer_stats(context, layer_);
+  stats.replicates = layer_.replicates();
+  stats.replication = layer_.replication_stats();
+  return stats;
 }
 
 std::unique_ptr<MoeBlock> make_moe_block(const MoeLayerConfig& config, DeviceKind device, DType activation_dtype,

@@ -6,7 +6,8 @@
 // overwritten by backward; the router bias (MoeWeights::router_bias, with moe.bias_update_rate > 0)
 // has none. Statistics describe the last forward on this rank's tokens: the router losses (already
 // weighted: aux, z, sequence-level, global-batch) and, per global expert, how many choices were
-// routed to it before capacity (its "tokens per expert"), with the dropped and total choice counts.
+// routed to it before capacity (its "tokens per expert"), with the dropped and total choice counts,
+// and for an expert-parallel layer with hot-expert replication what its plan replicated.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +28,10 @@ struct MoeBlockStats {
   int64_t total_choices = 0;
   int64_t dropped_choices = 0;
   std::vector<int64_t> expert_counts;  // [E], global expert ids
+  // Hot-expert replication (parallel.max_replicas_per_rank; src/model/moe_ep_layer.h): whether the
+  // layer replicates, and its plan for the last forward (the same on every rank of the group).
+  bool replicates = false;
+  ReplicationStats replication;
 };
 
 class MoeBlock {

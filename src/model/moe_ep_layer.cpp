@@ -55,7 +55,12 @@ MoeEpLayer::MoeEpLayer(const MoeLayerConfig& config, std::shared_ptr<Communicato
                             padded_rows_upper_bound(packed_params(config_, max_tokens, false)));
   router_ = MoeRouter(config_, device, activation_dtype, max_tokens, /*segment_alignment=*/1, max_send_rows_,
                       memory_);
+  SY_CHECK(expert_parallel != nullptr && config_.moe.num_experts % expert_parallel->size() == 0,
+           "MoeEpLayer: ", config_.moe.num_experts, " experts do not split over the expert-parallel group");
+  local_experts_ = config_.moe.num_experts / expert_parallel->size();
+  first_expert_ = expert_parallel->rank() * local_experts_;
   create_parts(expert_parallel, exchange);
+  create_replicas(expert_parallel, exchange);
 }
 
 Tensor MoeEpLayer::rows(const Buffer& buffer, int64_t first_row, int64_t count, int64_t columns) const {
@@ -94,7 +99,10 @@ MoeLosses MoeEpLayer::forward(const ExecContext& context, const Tensor& x, const
 
   const RoutingResult& routing = router_.forward(context, x, weights.router, weights.router_bias, args);
   // Each exchange permutes its rows by expert while its counts travel (a host sync per part).
-  start_parts(context, x, routing);
+  if (replicates_)
+    start_replicated(context, x, routing, weights);
+  else
+    start_parts(context, x, routing);
   for (Part& part : parts_) ensure_hidden_capacity(context, part, args.training);
   inject_fault_point("ep_layer_dispatch");  // tests: a rank that stops between the counts and the rows
 
@@ -103,7 +111,10 @@ MoeLosses MoeEpLayer::forward(const ExecContext& context, const Tensor& x, const
   for (Part& part : parts_) {
     for (int chunk = 0; chunk < part.exchange->chunks(); ++chunk) {
       part.exchange->receive(context, EpPass::forward, chunk);
-      experts_forward(context, part, chunk, weights);
+      if (replicates_)
+        replicated_experts_forward(context, weights);  // one part, one chunk
+      else
+        experts_forward(context, part, chunk, weights);
       part.exchange->send_back(context, EpPass::forward, chunk);
     }
   }
@@ -116,21 +127,25 @@ MoeLosses MoeEpLayer::forward(const ExecContext& context, const Tensor& x, const
 }
 
 void MoeEpLayer::experts_forward(const ExecContext& context, Part& part, int chunk, const MoeWeights& weights) {
-  const EpExchange& exchange = *part.exchange;
-  const ExpertExchangePlan& plan = exchange.plan();
+  const ExpertExchangePlan& plan = part.exchange->plan();
   const int first = plan.chunk_first_expert(chunk), count = plan.chunk_end_expert(chunk) - first;
   const int64_t row_begin = plan.chunk_row_begin(chunk), chunk_rows = plan.chunk_row_end(chunk) - row_begin;
-  if (chunk_rows == 0) return;  // no rank routed anything to these experts
-  Tensor input = exchange.expert_input(row_begin, chunk_rows);
-  Tensor hidden_pre = rows(part.hidden_pre, row_begin, chunk_rows, config_.w1_columns());
-  Tensor hidden_post = rows(part.hidden_post, row_begin, chunk_rows, config_.moe.expert_d_ff);
-  Tensor output = exchange.expert_output(row_begin, chunk_rows);
-  const Tensor offsets = exchange.chunk_offsets(chunk);
+  expert_rows_forward(context, part, row_begin, chunk_rows, part.exchange->chunk_offsets(chunk),
+                      expert_slice(weights.w1, first, count), expert_slice(weights.w2, first, count));
+}
+
+void MoeEpLayer::expert_rows_forward(const ExecContext& context, Part& part, int64_t row_begin, int64_t rows_count,
+                                     const Tensor& offsets, const Tensor& w1, const Tensor& w2) {
+  if (rows_count == 0) return;  // no rank routed anything to these experts
+  const EpExchange& exchange = *part.exchange;
+  Tensor input = exchange.expert_input(row_begin, rows_count);
+  Tensor hidden_pre = rows(part.hidden_pre, row_begin, rows_count, config_.w1_columns());
+  Tensor hidden_post = rows(part.hidden_post, row_begin, rows_count, config_.moe.expert_d_ff);
+  Tensor output = exchange.expert_output(row_begin, rows_count);
   // H and A = act(H): one kernel where the activation fuses into the GEMM (ops::fuses_expert_activation).
-  ops::grouped_gemm_activation(context, config_.moe.activation, input, expert_slice(weights.w1, first, count), offsets,
-                               hidden_pre, hidden_post, /*keep_pre=*/true, config_.moe.segment_alignment);
-  ops::grouped_gemm(context, hidden_post, expert_slice(weights.w2, first, count), false, offsets, output,
-                    config_.moe.segment_alignment);
+  ops::grouped_gemm_activation(context, config_.moe.activation, input, w1, offsets, hidden_pre, hidden_post,
+                               /*keep_pre=*/true, config_.moe.segment_alignment);
+  ops::grouped_gemm(context, hidden_post, w2, false, offsets, output, config_.moe.segment_alignment);
 }
 
 // ---- Backward --------------------------------------------------------------------------------
@@ -167,7 +182,10 @@ void MoeEpLayer::backward(const ExecContext& context, const Tensor& grad_y, cons
     Part& part = parts_[index];
     for (int chunk = 0; chunk < part.exchange->chunks(); ++chunk) {
       part.exchange->receive(context, EpPass::backward, chunk);
-      experts_backward(context, part, chunk, weights, gradients, /*accumulate=*/index > 0);
+      if (replicates_)
+        replicated_experts_backward(context, weights, gradients);  // one part, one chunk
+      else
+        experts_backward(context, part, chunk, weights, gradients, /*accumulate=*/index > 0);
       part.exchange->send_back(context, EpPass::backward, chunk);  // dL/dX rows
     }
   }
@@ -181,18 +199,11 @@ void MoeEpLayer::backward(const ExecContext& context, const Tensor& grad_y, cons
 
 void MoeEpLayer::experts_backward(const ExecContext& context, Part& part, int chunk, const MoeWeights& weights,
                                   MoeGradients& gradients, bool accumulate) {
-  const EpExchange& exchange = *part.exchange;
-  const ExpertExchangePlan& plan = exchange.plan();
+  const ExpertExchangePlan& plan = part.exchange->plan();
   const int first = plan.chunk_first_expert(chunk), count = plan.chunk_end_expert(chunk) - first;
   const int64_t row_begin = plan.chunk_row_begin(chunk), chunk_rows = plan.chunk_row_end(chunk) - row_begin;
   Tensor grad_w1 = expert_slice(gradients.w1, first, count), grad_w2 = expert_slice(gradients.w2, first, count);
-  if (chunk_rows == 0) {  // no tokens reached these experts: they add nothing
-    if (!accumulate) {
-      ops::fill_zero(context, grad_w1);
-      ops::fill_zero(context, grad_w2);
-    }
-    return;
-  }
+  if (chunk_rows == 0 && accumulate) return;  // no tokens reached these experts: they add nothing
   // The weight gradient GEMMs overwrite: accumulating, they write the scratch, added below.
   Tensor chunk_grad_w1 = grad_w1, chunk_grad_w2 = grad_w2;
   if (accumulate) {
@@ -203,28 +214,42 @@ void MoeEpLayer::experts_backward(const ExecContext& context, Part& part, int ch
     chunk_grad_w2 = Tensor(scratch + chunk_grad_w1.bytes(), gradient_dtype_, device_,
                            {count, grad_w2.dim(1), grad_w2.dim(2)});
   }
-  // The exchange put dL/dO into the output rows (padding rows zero); dL/dX goes back there.
-  const Tensor input = exchange.expert_input(row_begin, chunk_rows);
-  const Tensor hidden_pre = rows(part.hidden_pre, row_begin, chunk_rows, config_.w1_columns());
-  Tensor hidden_post = rows(part.hidden_post, row_begin, chunk_rows, config_.moe.expert_d_ff);
-  Tensor grad_expert_rows = exchange.expert_output(row_begin, chunk_rows);
-  Tensor grad_hidden_pre = rows(part.grad_hidden_pre, row_begin, chunk_rows, config_.w1_columns());
-  const Tensor offsets = exchange.chunk_offsets(chunk);
-  ops::grouped_gemm_weight_grad(context, hidden_post, grad_expert_rows, offsets, chunk_grad_w2,
-                                config_.moe.segment_alignment);
-  // dL/dH = act'(H) * (dL/dO W2^T), fused where possible; the unfused path puts dL/dA in A's buffer
-  // (A is dead once dW2 has read it).
-  Tensor& grad_hidden_post = hidden_post;
-  ops::grouped_gemm_activation_backward(context, config_.moe.activation, grad_expert_rows,
-                                        expert_slice(weights.w2, first, count), offsets, hidden_pre, grad_hidden_post,
-                                        grad_hidden_pre, config_.moe.segment_alignment);
-  ops::grouped_gemm_weight_grad(context, input, grad_hidden_pre, offsets, chunk_grad_w1, config_.moe.segment_alignment);
-  ops::grouped_gemm(context, grad_hidden_pre, expert_slice(weights.w1, first, count), true, offsets, grad_expert_rows,
-                    config_.moe.segment_alignment);
+  expert_rows_backward(context, part, row_begin, chunk_rows, part.exchange->chunk_offsets(chunk),
+                       expert_slice(weights.w1, first, count), expert_slice(weights.w2, first, count), chunk_grad_w1,
+                       chunk_grad_w2, /*continue_sums=*/false);
   if (accumulate) {
     ops::add_into(context, chunk_grad_w1, grad_w1);
     ops::add_into(context, chunk_grad_w2, grad_w2);
   }
+}
+
+void MoeEpLayer::expert_rows_backward(const ExecContext& context, Part& part, int64_t row_begin, int64_t rows_count,
+                                      const Tensor& offsets, const Tensor& w1, const Tensor& w2, Tensor& grad_w1,
+                                      Tensor& grad_w2, bool continue_sums) {
+  if (rows_count == 0) {  // no tokens reached these experts: they add nothing
+    if (!continue_sums) {
+      ops::fill_zero(context, grad_w1);
+      ops::fill_zero(context, grad_w2);
+    }
+    return;
+  }
+  const EpExchange& exchange = *part.exchange;
+  // The exchange put dL/dO into the output rows (padding rows zero); dL/dX goes back there.
+  const Tensor input = exchange.expert_input(row_begin, rows_count);
+  const Tensor hidden_pre = rows(part.hidden_pre, row_begin, rows_count, config_.w1_columns());
+  Tensor hidden_post = rows(part.hidden_post, row_begin, rows_count, config_.moe.expert_d_ff);
+  Tensor grad_expert_rows = exchange.expert_output(row_begin, rows_count);
+  Tensor grad_hidden_pre = rows(part.grad_hidden_pre, row_begin, rows_count, config_.w1_columns());
+  const int alignment = config_.moe.segment_alignment;
+  ops::grouped_gemm_weight_grad(context, hidden_post, grad_expert_rows, offsets, grad_w2, alignment, nullptr,
+                                continue_sums);
+  // dL/dH = act'(H) * (dL/dO W2^T), fused where possible; the unfused path puts dL/dA in A's buffer
+  // (A is dead once dW2 has read it).
+  Tensor& grad_hidden_post = hidden_post;
+  ops::grouped_gemm_activation_backward(context, config_.moe.activation, grad_expert_rows, w2, offsets, hidden_pre,
+                                        grad_hidden_post, grad_hidden_pre, alignment);
+  ops::grouped_gemm_weight_grad(context, input, grad_hidden_pre, offsets, grad_w1, alignment, nullptr, continue_sums);
+  ops::grouped_gemm(context, grad_hidden_pre, w1, true, offsets, grad_expert_rows, alignment);
 }
 
 // ---- Host reads ------------------------------------------------------------------------------
@@ -242,6 +267,7 @@ MoeExchangeStats MoeEpLayer::exchange_stats() const {
 }
 
 std::vector<int64_t> MoeEpLayer::sent_rows_per_expert() const {
+  if (replicates_) return replicated_sent_rows_;  // the exchange's counts are by virtual expert
   std::vector<int64_t> total;
   for (const Part& part : parts_) {
     const std::vector<int64_t> rows = part.exchange->sent_rows_per_expert();

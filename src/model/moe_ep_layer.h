@@ -55,6 +55,37 @@
 // size of one chunk's experts. A part may hold no token (T = 1) or no kept choice: it still takes
 // part in every collective, with nothing to send. Results equal `none` up to summation order.
 //
+// Hot-expert replication (parallel.max_replicas_per_rank M > 0; src/model/moe_ep_replication.cpp,
+// src/comm/replica_exchange.h). A skewed router makes the busiest rank every step's critical path;
+// with replication some of its rows are computed on idle ranks each step, with copies of the weights:
+//   after routing  every rank's rows per global expert are all-gathered (one more host sync) and
+//                  every rank computes the same plan (src/comm/replication_plan.h): which hot experts
+//                  get a replica on which rank, and which SOURCE ranks' rows (a prefix of the
+//                  expert's sources, in source order) go to the replica;
+//   the exchange   runs over P*(L+M) virtual experts (a rank's L experts, then its M replica slots):
+//                  the routing's kept choices are renamed to virtual experts (ops::ep_kept_choices,
+//                  then ops::ep_map_choice_ids with this rank's table; slots unchanged), so each
+//                  rank's packed rows are only regrouped. The routing that the gates, losses and
+//                  statistics come from is untouched;
+//   weights        each replica's w1 and w2 go owner -> host before the experts run; the host runs
+//                  its experts with the layer's weights and its slots with the copies;
+//   backward       every rank first runs its slots' backward (their weight gradients from 0 into a
+//                  buffer per slot), the partial gradients go host -> owner, then the owner runs its
+//                  experts' backward continuing those sums over its own rows
+//                  (ops::grouped_gemm_weight_grad with accumulate). Every collective comes in this
+//                  order on every rank, so a rank with nothing to send still takes part.
+// Bit-identical on the CPU: without replication an expert's rows are summed in source order; the
+// replica's sources come first, so host-then-owner is that very sum. The chain is kept in f64 (the
+// CPU reference's accumulator) and rounded once to the gradient dtype, so y, grad_x, grad_router
+// and the local weight gradients equal those without replication bit for bit, f32 or f64 (every
+// output row is the same per-row arithmetic on either rank). On CUDA the chain is fp32 and the
+// continuing GEMM takes the cuBLAS loop: equal up to fp32 summation order.
+// Limits (SY_BAD_INPUT): one part (ep_overlap none), one chunk (a2a_chunks 1), the one-level
+// exchange. Costs per layer and forward: the count all-gather and its host sync, each replica's
+// weights there and gradients back (bytes: src/comm/replica_exchange.h); memory: M slots of weights
+// (activation dtype) and weight gradients (chain dtype), the virtual routing's ints, and on CPU f32
+// an f64 copy of the local experts' weight gradients.
+//
 // Dtypes as MoeLayer: CPU f32 or f64 throughout (MpiCommunicator, host buffers); CUDA bf16/f16
 // activations, fp32 logits / gates / losses / weight gradients (NcclCommunicator, device buffers).
 // compute_mode dense is not supported here (SY_BAD_INPUT): it is a single-device baseline.
@@ -119,9 +150,13 @@ class MoeEpLayer {
   int64_t max_tokens() const { return max_tokens_; }
   const MoeLayerMemory& memory() const { return *memory_; }
   int ep_size() const { return exchange().ranks(); }
-  int local_experts() const { return exchange().local_experts(); }
-  int first_expert() const { return exchange().first_expert(); }
+  int local_experts() const { return local_experts_; }
+  int first_expert() const { return first_expert_; }
   int chunks() const { return exchange().chunks(); }
+  // Hot-expert replication is on (max_replicas_per_rank > 0 over more than one rank), and what the
+  // last forward's plan did (zeros when off; the same on every rank of the group).
+  bool replicates() const { return replicates_; }
+  ReplicationStats replication_stats() const { return replication_stats_; }
   // The transport in use: nccl (MPI on the CPU) or nvlink.
   EpTransport transport() const { return exchange().transport(); }
   // True when the group spans nodes and the exchange is hierarchical (src/comm/ep_exchange.h).
@@ -163,6 +198,33 @@ class MoeEpLayer {
   // `accumulate`: add the gradients of the chunk's experts to `gradients` instead of overwriting.
   void experts_backward(const ExecContext& context, Part& part, int chunk, const MoeWeights& weights,
                         MoeGradients& gradients, bool accumulate);
+  // The experts [n] of rows [row_begin, row_begin + rows) of the part's layout: `offsets` int32 [n + 1]
+  // from row_begin, w1 [n, D, F or 2F], w2 [n, F, D].
+  void expert_rows_forward(const ExecContext& context, Part& part, int64_t row_begin, int64_t rows,
+                           const Tensor& offsets, const Tensor& w1, const Tensor& w2);
+  // Their backward: dL/dX into the layout's output rows; weight gradients [n, ...] written, or with
+  // `continue_sums` added to what they hold by the weight-gradient GEMMs themselves.
+  void expert_rows_backward(const ExecContext& context, Part& part, int64_t row_begin, int64_t rows,
+                            const Tensor& offsets, const Tensor& w1, const Tensor& w2, Tensor& grad_w1,
+                            Tensor& grad_w2, bool continue_sums);
+
+  // ---- Hot-expert replication (src/model/moe_ep_replication.cpp) ----
+  void create_replicas(const std::shared_ptr<Communicator>& expert_parallel, const EpLayerOptions& exchange);
+  // The plan, the virtual routing, the part's exchange started over it, the replicas' weights sent.
+  void start_replicated(const ExecContext& context, const Tensor& x, const RoutingResult& routing,
+                        const MoeWeights& weights);
+  void build_replica_routing(const ExecContext& context, const RoutingResult& routing);
+  // The slots' layout offsets (after the exchange's plan) and buffers for the slots in use.
+  void prepare_replica_slots(const ExecContext& context);
+  void replicated_experts_forward(const ExecContext& context, const MoeWeights& weights);
+  void replicated_experts_backward(const ExecContext& context, const MoeWeights& weights, MoeGradients& gradients);
+  // The first `slots` replica slots' w1 (or, `second`, w2) [slots, ...] in a buffer of per-slot
+  // matrices with room for `capacity` slots: the replicas' weights or their gradients.
+  Tensor slot_matrices(const Buffer& buffer, int capacity, DType dtype, bool second, int slots) const;
+  // The local experts' gradients in the chain dtype: the gradients themselves, or the f64 scratch.
+  Tensor owner_chain(const Tensor& gradient, bool second);
+  // Virtual-expert params of the laid-out routings (two parts, replicas): every choice kept.
+  static RoutingParams laid_out_params(int64_t tokens, int num_experts, int choices);
   Tensor rows(const Buffer& buffer, int64_t first_row, int64_t count, int64_t columns) const;
   // Rows [first, first + count) of a row-major [T, C] tensor (contiguous: a view).
   static Tensor token_rows(const Tensor& tensor, int64_t first, int64_t count);
@@ -176,6 +238,12 @@ class MoeEpLayer {
   MoeRouter router_;  // routing with segment alignment 1: the packed send layout
   std::vector<Part>& parts_;  // memory_->ep_parts->parts
   MoeEpParts& ep_parts_;      // memory_->ep_parts
+
+  int local_experts_ = 1, first_expert_ = 0;  // this rank's experts (not the exchange's virtual ones)
+  bool replicates_ = false;
+  DType chain_dtype_ = DType::f32;  // replication: the weight-gradient sums across ranks (see the top)
+  ReplicationStats replication_stats_;
+  std::vector<int64_t> replicated_sent_rows_;  // replication: rows the last forward sent per global expert
 
   // What the last forward left for backward.
   bool has_forward_ = false;

@@ -12,9 +12,12 @@ namespace {
 // [E + 1] and scalars.
 enum PartInts { kPartIds, kPartSlots, kPartChoiceRows, kPartRowTokens, kPartChoiceRegions };
 
-// A part's routing holds its kept choices only, laid out without capacity: every one is kept, so
-// the layout's worst case is every choice of every token (what permute checks the row map against).
-RoutingParams part_params(int64_t tokens, int num_experts, int choices) {
+}  // namespace
+
+// A part's (or the replicas') routing holds its kept choices only, laid out without capacity: every
+// one is kept, so the layout's worst case is every choice of every token (what permute checks the
+// row map against).
+RoutingParams MoeEpLayer::laid_out_params(int64_t tokens, int num_experts, int choices) {
   RoutingParams params;
   params.num_tokens = tokens;
   params.num_experts = num_experts;
@@ -23,8 +26,6 @@ RoutingParams part_params(int64_t tokens, int num_experts, int choices) {
   params.segment_alignment = 1;
   return params;
 }
-
-}  // namespace
 
 Tensor MoeEpLayer::token_rows(const Tensor& tensor, int64_t first, int64_t count) {
   SY_CHECK(tensor.rank == 2 && first >= 0 && count >= 0 && first + count <= tensor.dim(0), "MoeEpLayer: rows [",
@@ -38,13 +39,28 @@ void MoeEpLayer::create_parts(const std::shared_ptr<Communicator>& expert_parall
   SY_CHECK_INPUT(exchange.sm_budget >= 0, "parallel.ep_sm_budget must be >= 0, got ", exchange.sm_budget);
   const bool two_parts = exchange.overlap == EpOverlap::two_part;
   const int choices = config_.moe.top_k, experts = config_.moe.num_experts;
+  // Replication runs the exchange over virtual experts: each rank's own, then its replica slots.
+  const int replica_slots = expert_parallel->size() > 1 ? exchange.max_replicas_per_rank : 0;
+  const int exchanged_experts = expert_parallel->size() * (local_experts_ + replica_slots);
+  SY_CHECK_INPUT(exchange.max_replicas_per_rank >= 0, "parallel.max_replicas_per_rank must be >= 0, got ",
+                 exchange.max_replicas_per_rank);
+  if (replica_slots > 0) {  // the current limits of replication (src/model/moe_ep_layer.h)
+    SY_CHECK_INPUT(!two_parts, "parallel.max_replicas_per_rank = ", replica_slots,
+                   " needs parallel.ep_overlap = none (replication with two_part is not supported yet)");
+    SY_CHECK_INPUT(exchange.a2a_chunks == 1, "parallel.max_replicas_per_rank = ", replica_slots,
+                   " needs parallel.a2a_chunks = 1, got ", exchange.a2a_chunks,
+                   " (replication runs the exchange in one chunk)");
+    SY_CHECK_INPUT(exchange.node_group == nullptr, "parallel.max_replicas_per_rank = ", replica_slots,
+                   " needs the one-level exchange; this expert-parallel group spans nodes (parallel.ranks_per_node)");
+  }
   // Part 0 takes T / 2 tokens, part 1 the rest.
   std::vector<int64_t> part_max_tokens{max_tokens_};
   if (two_parts) part_max_tokens = {max_tokens_ / 2, max_tokens_ - max_tokens_ / 2};
   if (!parts_.empty()) {  // another layer on this memory made them (every rank does the same)
     SY_CHECK(parts_.size() == part_max_tokens.size() && parts_.front().max_tokens == part_max_tokens.front() &&
                  parts_.front().exchange->ranks() == expert_parallel->size() &&
-                 parts_.front().exchange->chunks() <= exchange.a2a_chunks,
+                 parts_.front().exchange->chunks() <= exchange.a2a_chunks &&
+                 parts_.front().exchange->local_experts() == local_experts_ + replica_slots,
              "MoeEpLayer: the shared parts belong to another group or configuration");
     return;
   }
@@ -59,7 +75,7 @@ void MoeEpLayer::create_parts(const std::shared_ptr<Communicator>& expert_parall
     const int64_t send_rows = two_parts ? part.max_tokens * choices : max_send_rows_;
     EpExchangeOptions options;
     options.device = device_;
-    options.num_experts = experts;
+    options.num_experts = exchanged_experts;
     options.segment_alignment = config_.moe.segment_alignment;
     options.chunks = exchange.a2a_chunks;
     options.transport = exchange.transport;
@@ -73,7 +89,8 @@ void MoeEpLayer::create_parts(const std::shared_ptr<Communicator>& expert_parall
     options.rail_group = exchange.rail_group;
     part.exchange = EpExchange::create(expert_parallel, options);
 
-    part.hidden_capacity = options.initial_rows + int64_t(local_experts()) * (config_.moe.segment_alignment - 1);
+    part.hidden_capacity =
+        options.initial_rows + int64_t(part.exchange->local_experts()) * (config_.moe.segment_alignment - 1);
     part.hidden_pre = Buffer(device_, size_t(part.hidden_capacity) * size_t(config_.w1_columns()) * activation_size);
     part.hidden_post =
         Buffer(device_, size_t(part.hidden_capacity) * size_t(config_.moe.expert_d_ff) * activation_size);
@@ -132,7 +149,7 @@ void MoeEpLayer::start_parts(const ExecContext& context, const Tensor& x, const 
   // Both routings first: the count exchanges then follow each other.
   for (Part& part : parts_) build_part_routing(context, routing, part);
   for (Part& part : parts_) {
-    const RoutingParams params = part_params(part.tokens, config_.moe.num_experts, int(routing.expert_ids.dim(1)));
+    const RoutingParams params = laid_out_params(part.tokens, config_.moe.num_experts, int(routing.expert_ids.dim(1)));
     part.exchange->start_forward(context, token_rows(x, part.first_token, part.tokens), part.routing, params,
                                  part.map);
   }

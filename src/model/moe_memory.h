@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "src/comm/ep_exchange.h"
+#include "src/comm/replica_exchange.h"
 #include "src/core/device.h"
 
 namespace switchyard {
@@ -48,11 +49,31 @@ struct MoeEpPart {
   DispatchMap map;
 };
 
+// Hot-expert replication (src/model/moe_ep_layer.h, "Hot-expert replication"): the collectives
+// and this rank's replica buffers. Empty (no exchange) without replication.
+struct MoeEpReplicas {
+  std::unique_ptr<ReplicaExchange> exchange;
+  // The part's routing by virtual expert over routing_ints: the kept choices' virtual ids [max_tokens,
+  // K], then the step's tables (expert map [E], counts [E'], offsets [E' + 1]) and the slots'
+  // layout offsets [M + 1]; host_tables stages the tables for their upload.
+  Buffer routing_ints;
+  std::vector<int32_t> host_tables;
+  RoutingResult routing;
+  Tensor slot_offsets;  // int32 [hosted + 1]: the hosted slots' rows from the first slot's row
+  // Grown to the slots in use: their w1 [n, D, F or 2F] then w2 [n, F, D] (activation dtype), and
+  // their weight gradients in the chain dtype (MoeEpLayer: f64 on the CPU, the gradient dtype on CUDA).
+  int weight_slots = 0, gradient_slots = 0;
+  Buffer weights, gradients;
+  // The local experts' gradients in the chain dtype when it is wider than the gradient dtype (CPU f32).
+  Buffer owner_gradients;
+};
+
 // An expert-parallel layer's parts and part 1's weight-gradient scratch.
 struct MoeEpParts {
   std::vector<MoeEpPart> parts;  // built once: the exchanges keep pointers to a part's routing
   Buffer gradient_scratch;       // two parts: [experts, D, F or 2F] then [experts, F, D]
   int gradient_scratch_experts = 0;
+  MoeEpReplicas replicas;
   size_t activation_bytes() const {  // H and A of every part
     size_t bytes = 0;
     for (const MoeEpPart& part : parts) bytes += part.hidden_pre.bytes() + part.hidden_post.bytes();

@@ -69,6 +69,12 @@ void ep_choice_layout(const ExecContext& context, const Tensor& ids, int num_slo
                   cuda::ep_choice_layout(ids, num_slots, slots, counts, offsets, scalars, context.stream));
 }
 
+void ep_map_choice_ids(const ExecContext& context, const Tensor& ids, const Tensor& expert_map, Tensor& mapped_ids) {
+  expect_on_device(context, "ep_map_choice_ids", {&ids, &expert_map, &mapped_ids});
+  if (is_cpu(context)) return cpu::ep_map_choice_ids(ids, expert_map, mapped_ids);
+  SY_CUDA_BACKEND("ep_map_choice_ids", cuda::ep_map_choice_ids(ids, expert_map, mapped_ids, context.stream));
+}
+
 void ep_node_choices(const ExecContext& context, const Tensor& ids, const Tensor& slots, const Tensor& scalars, int experts_per_node,
                      int num_nodes, Tensor& node_ids) {
   expect_on_device(context, "ep_node_choices", {&ids, &slots, &scalars, &node_ids});

@@ -110,12 +110,12 @@ void grouped_gemm(const ExecContext& context, const Tensor& a, const Tensor& b, 
 
 void grouped_gemm_weight_grad(const ExecContext& context, const Tensor& a, const Tensor& g,
                               const Tensor& expert_offsets, Tensor& grad_b, [[maybe_unused]] int segment_alignment,
-                              [[maybe_unused]] const Tensor* row_tokens) {
+                              [[maybe_unused]] const Tensor* row_tokens, bool accumulate) {
   expect_on_device(context, "grouped_gemm_weight_grad", {&a, &g, &expert_offsets, &grad_b});
-  if (is_cpu(context)) return cpu::grouped_gemm_weight_grad(a, g, expert_offsets, grad_b);
+  if (is_cpu(context)) return cpu::grouped_gemm_weight_grad(a, g, expert_offsets, grad_b, accumulate);
   SY_CUDA_BACKEND("grouped_gemm_weight_grad",
                   cuda::grouped_gemm_weight_grad(a, g, expert_offsets, grad_b, context.stream, segment_alignment,
-                                                 row_tokens));
+                                                 row_tokens, accumulate));
 }
 
 void activation_forward(const ExecContext& context, ExpertActivation activation, const Tensor& pre, Tensor& post) {

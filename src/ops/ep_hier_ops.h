@@ -1,8 +1,9 @@
 // The bookkeeping of the hierarchical expert-parallel exchange (src/comm/ep_exchange_hierarchical.cpp):
 // which nodes a token's rows go to, what travels with each row, and the stable layouts on either
-// side; and of the EP layer's two-part overlap (src/model/moe_ep_layer.h: a part's routing is
-// ep_kept_choices of the full routing's rows, laid out by ep_choice_layout). One declaration, two
-// backends, the conventions of src/ops/moe_ops.h:
+// side; of the EP layer's two-part overlap (src/model/moe_ep_layer.h: a part's routing is
+// ep_kept_choices of the full routing's rows, laid out by ep_choice_layout); and of its hot-expert
+// replication (ep_map_choice_ids: the routing's experts renamed to the ranks' virtual experts). One
+// declaration, two backends, the conventions of src/ops/moe_ops.h:
 //
 //   switchyard::cpu::NAME   src/ops/cpu/ep_hierarchy.cpp   reference
 //   switchyard::cuda::NAME  src/ops/cuda/ep_hierarchy.cu   same integers bit for bit, same floats
@@ -23,6 +24,9 @@
 //   ep_kept_choices(ids, slots, scalars) -> kept_ids [T, K]: ids[t, j] where choice (t, j) is kept,
 //       else -1. ids / slots may be rows [t0, t1) of a larger routing (scalars is that routing's);
 //       given to ep_choice_layout, kept_ids lay out exactly the choices permute would have kept.
+//   ep_map_choice_ids(ids [T, K], expert_map [X]) -> mapped_ids [T, K]: expert_map[ids[t, j]] where
+//       ids[t, j] >= 0, else -1 (every id must be < X; slots and capacity are the caller's: the
+//       mapped ids keep the routing's slots, so permute keeps and drops the same choices).
 //   ep_node_choices(ids, slots, scalars, G, N) -> node_ids [T, KN], KN = min(K, N): the distinct nodes
 //       id / G of t's kept choices in ascending order, then -1.
 //   ep_pack_node_choices(ids, gates, slots, scalars, node_ids, node_rows [T, KN], G)
@@ -46,6 +50,7 @@ namespace cpu {
 void ep_kept_choices(const Tensor& ids, const Tensor& slots, const Tensor& scalars, Tensor& kept_ids);
 void ep_choice_layout(const Tensor& ids, int num_slots, Tensor& slots, Tensor& counts, Tensor& offsets,
                       Tensor& scalars);
+void ep_map_choice_ids(const Tensor& ids, const Tensor& expert_map, Tensor& mapped_ids);
 void ep_node_choices(const Tensor& ids, const Tensor& slots, const Tensor& scalars, int experts_per_node, int num_nodes,
                      Tensor& node_ids);
 void ep_pack_node_choices(const Tensor& ids, const Tensor& gates, const Tensor& slots, const Tensor& scalars, const Tensor& node_ids,
@@ -59,6 +64,7 @@ namespace cuda {
 void ep_kept_choices(const Tensor& ids, const Tensor& slots, const Tensor& scalars, Tensor& kept_ids, void* stream);
 void ep_choice_layout(const Tensor& ids, int num_slots, Tensor& slots, Tensor& counts, Tensor& offsets,
                       Tensor& scalars, void* stream);
+void ep_map_choice_ids(const Tensor& ids, const Tensor& expert_map, Tensor& mapped_ids, void* stream);
 void ep_node_choices(const Tensor& ids, const Tensor& slots, const Tensor& scalars, int experts_per_node, int num_nodes,
                      Tensor& node_ids, void* stream);
 void ep_pack_node_choices(const Tensor& ids, const Tensor& gates, const Tensor& slots, const Tensor& scalars, const Tensor& node_ids,

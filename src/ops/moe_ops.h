@@ -205,8 +205,12 @@ void permute_backward(const Tensor& grad_permuted, const DispatchMap& map, int64
 // C_e = A_e * B_e for each expert segment e: A [R, Kdim] rows of segment e, B [E, Kdim, N],
 // C [R, N]. trans_b uses B [E, N, Kdim]. Padding rows of C are written as zero.
 void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& expert_offsets, Tensor& c);
-// dB_e = A_e^T * G_e: A [R, M], G [R, N], dB [E, M, N] (overwritten).
-void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& expert_offsets, Tensor& grad_b);
+// dB_e = A_e^T * G_e: A [R, M], G [R, N], dB [E, M, N] of A's type, or f64 with f32 A. Sums in
+// double over the segment's rows in order, starting from 0 (overwritten) or, with `accumulate`,
+// from dB's values: into an f64 dB, calls over consecutive row ranges chain to the one sum over
+// all of them bit for bit (the EP layer's hot-expert replicas rely on it).
+void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& expert_offsets, Tensor& grad_b,
+                              bool accumulate = false);
 // gelu_tanh: post = gelu(pre), both [R, F]. swiglu: pre [R, 2F] = [gate | up] (two halves of each
 // row), post [R, F] = silu(gate) * up.
 void activation_forward(ExpertActivation activation, const Tensor& pre, Tensor& post);
@@ -258,8 +262,10 @@ void permute_backward(const Tensor& grad_permuted, const DispatchMap& map, int64
 // (sm90::Options::row_tokens); results are the same.
 void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& expert_offsets, Tensor& c,
                   void* stream, int segment_alignment = 1, const Tensor* row_tokens = nullptr);
+// accumulate: dB_e += A_e^T G_e (fp32 math; the cuBLAS loop with beta 1, never the sm_90a kernel).
 void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& expert_offsets, Tensor& grad_b,
-                              void* stream, int segment_alignment = 1, const Tensor* row_tokens = nullptr);
+                              void* stream, int segment_alignment = 1, const Tensor* row_tokens = nullptr,
+                              bool accumulate = false);
 void activation_forward(ExpertActivation activation, const Tensor& pre, Tensor& post, void* stream);
 void activation_backward(ExpertActivation activation, const Tensor& pre, const Tensor& grad_post, Tensor& grad_pre,
                          void* stream);

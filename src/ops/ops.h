@@ -18,7 +18,8 @@
 //                      adamw_step, grad_norm_and_check
 //   expert parallel    ep_send_counts, ep_receive_layout, ep_*_expert_layout  src/ops/ep_ops.h
 //   hierarchical EP    ep_kept_choices, ep_choice_layout, ep_node_choices,    src/ops/ep_hier_ops.h
-//                      ep_pack_node_choices, ep_unpack_node_gate_grads
+//                      ep_pack_node_choices, ep_unpack_node_gate_grads,
+//                      ep_map_choice_ids (hot-expert replicas)
 //   nvlink exchange    ep_push_rows, ep_pull_*, ep_zero_padding_rows, the     src/ops/ep_nvlink_ops.h
 //                      signals (CUDA only)
 //   fp8 rows           quantize_rows_fp8, dequantize_rows_fp8 (e4m3 with a     src/ops/fp8_rows.h
@@ -100,9 +101,11 @@ void unpermute_combine_backward(const ExecContext& context, const Tensor& grad_c
 void grouped_gemm(const ExecContext& context, const Tensor& a, const Tensor& b, bool trans_b,
                   const Tensor& expert_offsets, Tensor& c, int segment_alignment = 1,
                   const Tensor* row_tokens = nullptr);
+// accumulate: grad_b += the product instead of = (src/ops/moe_ops.h: on the CPU in double from
+// grad_b's values, which may be f64 with f32 inputs; on CUDA the cuBLAS loop with beta 1).
 void grouped_gemm_weight_grad(const ExecContext& context, const Tensor& a, const Tensor& g,
                               const Tensor& expert_offsets, Tensor& grad_b, int segment_alignment = 1,
-                              const Tensor* row_tokens = nullptr);
+                              const Tensor* row_tokens = nullptr, bool accumulate = false);
 void activation_forward(const ExecContext& context, ExpertActivation activation, const Tensor& pre, Tensor& post);
 void activation_backward(const ExecContext& context, ExpertActivation activation, const Tensor& pre,
                          const Tensor& grad_post, Tensor& grad_pre);
@@ -170,6 +173,7 @@ void ep_kept_choices(const ExecContext& context, const Tensor& ids, const Tensor
                      Tensor& kept_ids);
 void ep_choice_layout(const ExecContext& context, const Tensor& ids, int num_slots, Tensor& slots, Tensor& counts,
                       Tensor& offsets, Tensor& scalars);
+void ep_map_choice_ids(const ExecContext& context, const Tensor& ids, const Tensor& expert_map, Tensor& mapped_ids);
 void ep_node_choices(const ExecContext& context, const Tensor& ids, const Tensor& slots, const Tensor& scalars, int experts_per_node,
                      int num_nodes, Tensor& node_ids);
 void ep_pack_node_choices(const ExecContext& context, const Tensor& ids, const Tensor& gates,

@@ -36,6 +36,7 @@ struct ParallelConfig {
   EpDispatch ep_dispatch = EpDispatch::activation;
   EpOverlap ep_overlap = EpOverlap::none;
   int ep_sm_budget = 0;
+  int max_replicas_per_rank = 0;  // hot-expert replica slots per rank; 0 = off
   double collective_timeout_s = 600.0;
   bool deterministic = false;
 
@@ -47,6 +48,7 @@ struct ParallelConfig {
     options.dispatch = ep_dispatch;
     options.overlap = ep_overlap;
     options.sm_budget = ep_sm_budget;
+    options.max_replicas_per_rank = max_replicas_per_rank;
     return options;
   }
 };

@@ -301,6 +301,10 @@ std::vector<ConfigField> build_fields() {
                    "experts compute the other (DeepSeek-V3's two-micro-batch overlap); none: one exchange"));
   add(integer_field("parallel", "ep_sm_budget", &C::parallel, &ParallelConfig::ep_sm_budget, 0, 1024,
                     "SMs the expert-parallel exchange may use (NCCL maxCTAs, nvlink kernel blocks); 0 = no limit"));
+  add(integer_field("parallel", "max_replicas_per_rank", &C::parallel, &ParallelConfig::max_replicas_per_rank, 0,
+                    1024,
+                    "hot-expert replication: each step the most loaded experts get copies on the least loaded "
+                    "expert-parallel ranks, up to this many per rank (bit-identical results); 0 = off"));
   add(real_field("parallel", "collective_timeout_s", &ParallelConfig::collective_timeout_s, &C::parallel, 0.0, true,
                  86400.0, false, "a collective that takes longer aborts the run with an error"));
   add(boolean_field("parallel", "deterministic", &ParallelConfig::deterministic, &C::parallel,
@@ -441,6 +445,28 @@ const char* device_choice_name(DeviceChoice choice) {
   return "?";
 }
 
+namespace {
+
+// Hot-expert replication applies to the one-level exchange with one part and one chunk
+// (src/model/moe_ep_layer.h); the launcher's nodes are checked by validate_against_world.
+void check_replication_consistency(const ParallelConfig& parallel,
+                                   const std::function<std::string(const std::string&)>& where) {
+  if (parallel.max_replicas_per_rank == 0) return;
+  const std::string key = "parallel.max_replicas_per_rank";
+  if (parallel.ep_overlap != EpOverlap::none)
+    SY_BAD_INPUT(where(key), ": ", key, " = ", parallel.max_replicas_per_rank, " needs parallel.ep_overlap = none (",
+                 "replication with two_part is not supported yet)");
+  if (parallel.a2a_chunks != 1)
+    SY_BAD_INPUT(where(key), ": ", key, " = ", parallel.max_replicas_per_rank, " needs parallel.a2a_chunks = 1, ",
+                 "got ", parallel.a2a_chunks, " (replication runs the exchange in one chunk)");
+  if (parallel.ranks_per_node > 0 && parallel.ranks_per_node < parallel.ep_size)
+    SY_BAD_INPUT(where(key), ": ", key, " = ", parallel.max_replicas_per_rank, " needs the one-level exchange, but ",
+                 "parallel.ranks_per_node = ", parallel.ranks_per_node, " < parallel.ep_size = ", parallel.ep_size,
+                 " makes it hierarchical (replication across nodes is not supported yet)");
+}
+
+}  // namespace
+
 void check_config_consistency(const Config& config, const std::function<std::string(const std::string&)>& where) {
   const ModelConfig& model = config.model;
   const MoeConfig& moe = config.moe;
@@ -486,6 +512,7 @@ void check_config_consistency(const Config& config, const std::function<std::str
                    " nodes of ", moe.num_experts / nodes_per_group, " experts, fewer than moe.top_k = ", moe.top_k,
                    " (the hierarchical exchange carries at most the experts of one node per row)");
   }
+  check_replication_consistency(config.parallel, where);
   if (config.optimizer.min_lr > config.optimizer.lr)
     SY_BAD_INPUT(where("optimizer.min_lr"), ": optimizer.min_lr = ", format_real(config.optimizer.min_lr),
                  " exceeds optimizer.lr = ", format_real(config.optimizer.lr));
@@ -524,6 +551,11 @@ ParallelLayout validate_against_world(const Config& config, int world_size, int 
   if (!nodes.empty()) SY_BAD_INPUT(config.source, ": ", nodes, " (the launcher placed ", ranks_per_node,
                                    " ranks per node; set parallel.ranks_per_node)");
   const ParallelLayout layout(world_size, config.parallel.ep_size, config.moe.num_experts, declared);
+  if (layout.hierarchical() && config.parallel.max_replicas_per_rank > 0)
+    SY_BAD_INPUT(config.source, ": parallel.max_replicas_per_rank = ", config.parallel.max_replicas_per_rank,
+                 " needs the one-level exchange, but the expert-parallel group spans ", layout.ep_nodes(),
+                 " nodes (the launcher placed ", ranks_per_node, " ranks per node): set parallel.ranks_per_node to a "
+                 "multiple of parallel.ep_size, or parallel.max_replicas_per_rank to 0");
   if (layout.hierarchical() && config.moe.top_k > layout.num_experts() / layout.ep_nodes())
     SY_BAD_INPUT(config.source, ": the expert-parallel group spans ", layout.ep_nodes(), " nodes of ",
                  layout.num_experts() / layout.ep_nodes(), " experts, fewer than moe.top_k = ", config.moe.top_k,

@@ -113,6 +113,11 @@ std::string metrics_json(const StepMetrics& m) {
     out << "]";
   }
   out << "]";
+  if (m.has_replication)
+    out << ",\"replicated_experts\":" << json::number(m.replicated_experts)
+        << ",\"replicated_rows\":" << json::number(m.replicated_rows)
+        << ",\"ep_max_load_before\":" << json::number(m.ep_max_load_before)
+        << ",\"ep_max_load_after\":" << json::number(m.ep_max_load_after);
   if (!m.router.empty()) {
     out << ",\"router\":[";
     for (size_t layer = 0; layer < m.router.size(); ++layer)
@@ -186,6 +191,9 @@ std::string format_progress_line(const StepMetrics& m, DeviceKind device) {
   char lr[32];
   std::snprintf(lr, sizeof(lr), "%.3g", m.lr);
   out << " | lr " << lr;
+  if (m.has_replication)  // this step's plans: replicas and the busiest rank's rows without -> with them
+    out << " | replicas " << fixed(m.replicated_experts, 1) << " (" << si(m.replicated_rows) << " rows), max rank load "
+        << si(m.ep_max_load_before) << " -> " << si(m.ep_max_load_after);
   if (!m.router.empty()) {
     // The worst layer's balance and the mean confidence: the two numbers that flag a collapsing router.
     double worst_imbalance = 0.0, entropy = 0.0;

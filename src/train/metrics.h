@@ -22,6 +22,9 @@
 // Every line has "seq_aux_loss" and "global_aux_loss" (summed over MoE layers like "aux_loss", 0
 // when their weights are 0); the progress line shows them only when their weights are > 0. docs/ANALYTICS.md defines each one. Warnings raised at a step
 // (src/train/training_monitor.h) go into its line as "warnings": [{"kind", "message"}, ...].
+// With hot-expert replication every line has "replicated_experts", "replicated_rows",
+// "ep_max_load_before" and "ep_max_load_after" (StepMetrics says how they are summed), and the
+// progress line the replicas and the busiest rank's rows before -> after.
 #pragma once
 
 #include <cstdint>
@@ -73,6 +76,12 @@ struct StepMetrics {
   double mfu = 0, mfu_measured_peak = 0;
   double elapsed_s = 0, eta_s = 0;
   std::vector<std::vector<int64_t>> tokens_per_expert;  // [MoE layer][global expert]: routed choices
+  // Hot-expert replication (parallel.max_replicas_per_rank > 0 with ep_size > 1; JSON keys when on):
+  // per MoE forward, summed over MoE layers, mean over micro-steps and ranks -- replicas, rows
+  // computed by a replica instead of the owner, and the busiest expert-parallel rank's rows without
+  // and with the replicas.
+  bool has_replication = false;
+  double replicated_experts = 0, replicated_rows = 0, ep_max_load_before = 0, ep_max_load_after = 0;
   // Router statistics per MoE layer over the steps since the previous metrics line that had them
   // (src/train/router_stats.h); empty on the steps in between. JSON key "router".
   std::vector<RouterLayerStats> router;

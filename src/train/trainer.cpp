@@ -199,7 +199,11 @@ StepMetrics Trainer::train_step() {
   // [loss sum, tokens, aux, z, seq, global, dropped, routed, stop, counts per (MoE layer, expert)...,
   //  (seq, global) per MoE layer...]
   // kStop: 1 on a rank that received a preemption signal, so the sum tells every rank the same.
-  enum : size_t { kLossSum = 0, kTokens, kAux, kZ, kSeqAux, kGlobalAux, kDropped, kRouted, kStop, kCounts };
+  // kReplicas .. kLoadAfter: hot-expert replication's plans (MoeBlockStats::replication).
+  enum : size_t {
+    kLossSum = 0, kTokens, kAux, kZ, kSeqAux, kGlobalAux, kDropped, kRouted, kStop,
+    kReplicas, kReplicatedRows, kLoadBefore, kLoadAfter, kCounts
+  };
   const size_t layer_losses = kCounts + size_t(moe_layers) * size_t(experts);
   std::vector<double> sums(layer_losses + 2 * size_t(moe_layers), 0.0);
   const Tensor inputs = device_inputs_.view(DType::i32, {batch * seq_len});
@@ -235,6 +239,10 @@ StepMetrics Trainer::train_step() {
       sums[layer_losses + 2 * layer + 1] += moe.global_aux_loss;
       sums[kDropped] += double(moe.dropped_choices);
       sums[kRouted] += double(moe.total_choices);
+      sums[kReplicas] += double(moe.replication.replicas);
+      sums[kReplicatedRows] += double(moe.replication.moved_rows);
+      sums[kLoadBefore] += double(moe.replication.max_load_before);
+      sums[kLoadAfter] += double(moe.replication.max_load_after);
       for (int expert = 0; expert < experts; ++expert)
         sums[kCounts + layer * size_t(experts) + size_t(expert)] += double(moe.expert_counts[size_t(expert)]);
     }
@@ -308,6 +316,11 @@ StepMetrics Trainer::train_step() {
   for (size_t index = 0; index < router_balance_window_.size(); ++index)
     router_balance_window_[index] += sums[layer_losses + index];
   metrics.dropped_fraction = sums[kRouted] > 0 ? sums[kDropped] / sums[kRouted] : 0.0;
+  metrics.has_replication = config.parallel.max_replicas_per_rank > 0 && config.parallel.ep_size > 1;
+  metrics.replicated_experts = sums[kReplicas] / micro_steps;
+  metrics.replicated_rows = sums[kReplicatedRows] / micro_steps;
+  metrics.ep_max_load_before = sums[kLoadBefore] / micro_steps;
+  metrics.ep_max_load_after = sums[kLoadAfter] / micro_steps;
   metrics.tokens = int64_t(sums[kTokens]);
   metrics.step_time_s = seconds;
   metrics.tokens_per_s = seconds > 0 ? sums[kTokens] / seconds : 0.0;

@@ -1,6 +1,7 @@
-// The hot-expert replication plan (src/comm/replication_plan.h): a hand-checked case, and on
-// random skewed loads the properties the exchange will rely on -- every (source, expert) segment
-// has exactly one destination, loads are conserved, the busiest rank never gets busier, budgets
+// The hot-expert replication plan (src/comm/replication_plan.h): hand-checked cases (the prefix
+// rule among them), and on random skewed loads the properties the EP layer relies on -- every
+// (source, expert) segment has exactly one destination, a replica's sources are a prefix of its
+// expert's non-empty sources, loads are conserved, the busiest rank never gets busier, budgets
 // hold, a replica never sits on its owner, balanced loads and a zero budget move nothing, and the
 // same loads give the same plan.
 #include <gtest/gtest.h>
@@ -58,6 +59,36 @@ TEST(ReplicationPlan, HandCheckedHotExpertMovesToTheIdlestRank) {
   EXPECT_EQ(plan.destination(0, 3, 2), 1);
 }
 
+TEST(ReplicationPlan, SourcesAreAPrefixTheFirstSegmentThatDoesNotFitEndsTheReplica) {
+  // 3 ranks x 1 expert. Expert 0 (rank 0) gets 4, 30 and 4 rows from sources 0, 1, 2; experts 1
+  // and 2 one row from each source. Rank 0 (38) is the busiest, rank 1 (3) the idlest (tie with
+  // rank 2, lower index). Source 0's 4 rows move (7 vs 34); source 1's 30 would give 37 >= 34 and
+  // do not fit, so the replica ends there: source 2's 4 rows, which would fit, stay with the owner
+  // (moving them would put rows behind source 1's in the owner's order on the replica).
+  const Loads loads = {{4, 1, 1}, {30, 1, 1}, {4, 1, 1}};
+  const ReplicationPlan plan = plan_replication(loads, ReplicationOptions{});
+  ASSERT_EQ(plan.replicas.size(), 1u);
+  EXPECT_EQ(plan.replicas[0].expert, 0);
+  EXPECT_EQ(plan.replicas[0].host, 1);
+  EXPECT_EQ(plan.replicas[0].sources, std::vector<int>{0});
+  EXPECT_EQ(plan.replicas[0].rows, 4);
+  EXPECT_EQ(plan.rank_loads_after, (std::vector<int64_t>{34, 7, 3}));
+  EXPECT_EQ(plan.destination(2, 0, 1), 0);
+
+  // Empty segments neither move nor end the prefix: source 0 sends nothing to expert 0, source 1's
+  // 6 rows move (9 vs 6), source 2's would not fit. Then rank 1 (9) is the busiest: its expert 1
+  // goes whole to rank 2 (rank 1 has used its one replica slot): 6, 6, 6.
+  const ReplicationPlan skip_empty = plan_replication({{0, 1, 1}, {6, 1, 1}, {6, 1, 1}}, ReplicationOptions{});
+  ASSERT_EQ(skip_empty.replicas.size(), 2u);
+  EXPECT_EQ(skip_empty.replicas[0].expert, 0);
+  EXPECT_EQ(skip_empty.replicas[0].host, 1);
+  EXPECT_EQ(skip_empty.replicas[0].sources, (std::vector<int>{1}));
+  EXPECT_EQ(skip_empty.replicas[1].expert, 1);
+  EXPECT_EQ(skip_empty.replicas[1].host, 2);
+  EXPECT_EQ(skip_empty.replicas[1].sources, (std::vector<int>{0, 1, 2}));
+  EXPECT_EQ(skip_empty.rank_loads_after, (std::vector<int64_t>{6, 6, 6}));
+}
+
 TEST(ReplicationPlan, BalancedLoadsAndAZeroBudgetMoveNothing) {
   const Loads balanced = {{5, 5, 5, 5}, {5, 5, 5, 5}};
   EXPECT_TRUE(plan_replication(balanced, ReplicationOptions{}).replicas.empty());
@@ -100,6 +131,12 @@ TEST(ReplicationPlan, RandomSkewedLoadsKeepEveryInvariant) {
       EXPECT_EQ(replica.owner, replica.expert / per_rank);
       EXPECT_TRUE(std::is_sorted(replica.sources.begin(), replica.sources.end()));
       EXPECT_FALSE(replica.sources.empty());
+      // A prefix of the expert's non-empty sources: every source before the last moved one that
+      // sends rows to the expert moved too.
+      for (int source = 0; source < replica.sources.back(); ++source)
+        if (loads[size_t(source)][size_t(replica.expert)] > 0)
+          EXPECT_TRUE(std::binary_search(replica.sources.begin(), replica.sources.end(), source))
+              << "expert " << replica.expert << ": source " << source << " skipped";
       int64_t rows = 0;
       for (int source : replica.sources) rows += loads[size_t(source)][size_t(replica.expert)];
       EXPECT_EQ(rows, replica.rows);

@@ -1,5 +1,6 @@
 // The CPU reference of the hierarchical exchange's bookkeeping (src/ops/ep_hier_ops.h) against
-// definitions written out here: the stable counting sort by brute-force counting, the node sets
+// definitions written out here: the stable counting sort by brute-force counting, the id map
+// element by element, the node sets
 // by std::set, and metadata / gate-gradient round trips through a node layout built with the
 // ops themselves and permute. Outputs are poisoned before every call.
 #include <gtest/gtest.h>
@@ -105,6 +106,31 @@ TEST(EpHierarchyCpu, ChoiceLayoutRejectsAnIdPastTheSlots) {
   ids.data<int32_t>()[0] = 0;
   ids.data<int32_t>()[1] = 3;
   EXPECT_THROW(ops::ep_choice_layout(kCpu, ids, 3, slots, counts, offsets, scalars), Error);
+}
+
+TEST(EpHierarchyCpu, MapChoiceIdsRenamesEveryChoiceThroughTheMapAndKeepsEmptyOnes) {
+  std::mt19937_64 generator(16);
+  for (const auto& [tokens, choices, experts] :
+       std::vector<std::tuple<int64_t, int, int>>{{1, 1, 4}, {97, 2, 8}, {300, 8, 64}, {0, 2, 8}}) {
+    const SenderChoices sender = random_sender_choices(generator, tokens, choices, experts, 0.2, 0.3);
+    HostTensor expert_map(DType::i32, {experts}), mapped(DType::i32, {tokens, choices});
+    for (int expert = 0; expert < experts; ++expert)  // any values: a virtual id per expert
+      expert_map.data<int32_t>()[expert] = int32_t(generator() % 1000);
+    poison(mapped);
+    ops::ep_map_choice_ids(kCpu, sender.ids, expert_map, mapped);
+    for (int64_t index = 0; index < tokens * choices; ++index) {
+      // Dropped choices are renamed too: their slots keep them dropped.
+      const int32_t id = sender.ids.data<int32_t>()[index];
+      ASSERT_EQ(mapped.data<int32_t>()[index], id < 0 ? -1 : expert_map.data<int32_t>()[id]) << "choice " << index;
+    }
+  }
+}
+
+TEST(EpHierarchyCpu, MapChoiceIdsRejectsAnIdPastTheMap) {
+  HostTensor ids(DType::i32, {1, 2}), expert_map(DType::i32, {3}), mapped(DType::i32, {1, 2});
+  ids.data<int32_t>()[0] = 0;
+  ids.data<int32_t>()[1] = 3;
+  EXPECT_THROW(ops::ep_map_choice_ids(kCpu, ids, expert_map, mapped), Error);
 }
 
 TEST(EpHierarchyCpu, NodeChoicesAreTheDistinctNodesOfTheKeptChoices) {

@@ -236,6 +236,71 @@ TEST(GroupedGemm, WeightGradientSumsSegmentOuterProducts) {
       }
 }
 
+// accumulate: the sum starts from grad_b's values; into an f64 grad_b (f32 or f64 inputs) a chain of
+// calls over consecutive row ranges of each segment equals the one call over all of them bit for
+// bit -- what the EP layer's hot-expert replicas rely on.
+TEST(GroupedGemm, WeightGradientAccumulatesAndChainsBitForBitIntoF64) {
+  const std::vector<int32_t> offset_values = test_offsets();  // expert 1 empty
+  const int64_t rows = 30, experts = 5, left = 6, right = 3;
+  for (DType real : {DType::f32, DType::f64}) {
+    SCOPED_TRACE(dtype_name(real));
+    HostTensor a(real, {rows, left}), g(real, {rows, right});
+    std::mt19937_64 generator(real == DType::f32 ? 13 : 14);
+    fill_uniform(a, generator, -1, 1);
+    fill_uniform(g, generator, -1, 1);
+    HostTensor whole(DType::f64, {experts, left, right});
+    poison(whole);
+    cpu::grouped_gemm_weight_grad(a, g, make_offsets(offset_values), whole);
+    // The same sums in two calls: the first rows of each segment (a third, rounded down), then the
+    // rest, accumulating. Each call sees its rows as a layout of its own (offsets from 0).
+    std::vector<int32_t> head_offsets{0}, tail_offsets{0};
+    std::vector<int64_t> head_rows, tail_rows;
+    for (int64_t e = 0; e < experts; ++e) {
+      const int32_t begin = offset_values[size_t(e)], end = offset_values[size_t(e + 1)];
+      const int32_t split = begin + (end - begin) / 3;
+      for (int32_t r = begin; r < split; ++r) head_rows.push_back(r);
+      for (int32_t r = split; r < end; ++r) tail_rows.push_back(r);
+      head_offsets.push_back(int32_t(head_rows.size()));
+      tail_offsets.push_back(int32_t(tail_rows.size()));
+    }
+    auto gather = [&](const HostTensor& source, const std::vector<int64_t>& picked, int64_t width) {
+      HostTensor out(real, {std::max<int64_t>(int64_t(picked.size()), 1), width});
+      for (size_t row = 0; row < picked.size(); ++row)
+        for (int64_t column = 0; column < width; ++column)
+          set_element(out, int64_t(row) * width + column, get_element(source, picked[row] * width + column));
+      return out;
+    };
+    HostTensor chained(DType::f64, {experts, left, right});
+    poison(chained);  // overwritten by the first call
+    cpu::grouped_gemm_weight_grad(gather(a, head_rows, left), gather(g, head_rows, right), make_offsets(head_offsets),
+                                  chained);
+    cpu::grouped_gemm_weight_grad(gather(a, tail_rows, left), gather(g, tail_rows, right), make_offsets(tail_offsets),
+                                  chained, /*accumulate=*/true);
+    for (int64_t index = 0; index < experts * left * right; ++index)
+      ASSERT_EQ(chained.data<double>()[index], whole.data<double>()[index]) << "element " << index;
+    // Rounded once to the inputs' type, the f64 sums are what the overwriting call in that type gives.
+    HostTensor direct(real, {experts, left, right});
+    cpu::grouped_gemm_weight_grad(a, g, make_offsets(offset_values), direct);
+    for (int64_t index = 0; index < experts * left * right; ++index)
+      ASSERT_EQ(get_element(direct, index), real == DType::f32 ? double(float(whole.data<double>()[index]))
+                                                               : whole.data<double>()[index]);
+  }
+  // accumulate adds to whatever is there: twice the same rows doubles the gradient.
+  HostTensor a(DType::f64, {rows, left}), g(DType::f64, {rows, right}), twice(DType::f64, {experts, left, right});
+  std::mt19937_64 generator(15);
+  fill_uniform(a, generator, -1, 1);
+  fill_uniform(g, generator, -1, 1);
+  cpu::grouped_gemm_weight_grad(a, g, make_offsets(offset_values), twice);
+  HostTensor once(DType::f64, {experts, left, right});
+  copy_values(twice, once);
+  cpu::grouped_gemm_weight_grad(a, g, make_offsets(offset_values), twice, /*accumulate=*/true);
+  for (int64_t index = 0; index < experts * left * right; ++index)
+    EXPECT_NEAR(twice.data<double>()[index], 2 * once.data<double>()[index], 1e-13);
+  // f64 inputs never take an f32 gradient.
+  HostTensor narrow(DType::f32, {experts, left, right});
+  EXPECT_THROW(cpu::grouped_gemm_weight_grad(a, g, make_offsets(offset_values), narrow), Error);
+}
+
 TEST(GroupedGemm, RejectsBadOffsetsAndShapes) {
   HostTensor a(DType::f32, {10, 4}), b(DType::f32, {2, 4, 3}), c(DType::f32, {10, 3});
   std::mt19937_64 generator(12);

@@ -3,7 +3,8 @@
 # --ep-dispatch fp8 runs too and is named in the header and the records; fp8 with nvlink is bad input;
 # --ranks-per-node 1 runs the layer over two emulated nodes (hierarchical, network rows reported);
 # --skew makes the first rank's experts hot (load max/mean well above 1, about 1 without), and
-# --max-replicas-per-rank prints a replication plan that lowers the busiest rank's load.
+# --max-replicas-per-rank replicates them in the layer: the busiest rank's rows drop (the printed
+# plan's before -> after, the measured load), and it is bad input with --a2a-chunks 2 or across nodes.
 # --ep-overlap two_part with --ep-sm-budget runs the layer part and is named in the header and records,
 # a bad --ep-overlap is bad input naming the flag.
 set -u
@@ -49,17 +50,36 @@ grep -q 'spans 2 nodes of 1 ranks' "$work/nodes.txt" || { cat "$work/nodes.txt";
 grep -q '"network_rows_mean"' "$work/nodes.jsonl" || { cat "$work/nodes.jsonl"; fail "no network_rows_mean"; }
 grep -q '"part": "exchange"' "$work/nodes.jsonl" && fail "the one-level exchange part must be skipped across nodes"
 timeout 120 "$mpiexec" -np 2 --oversubscribe --allow-run-as-root "$binary" bench ep --device cpu --quick \
-  --tokens 256 --iters 1 --warmup 0 --only layer --capacity-factor 0 --skew 4 --max-replicas-per-rank 1 \
+  --tokens 256 --iters 1 --warmup 0 --only layer --capacity-factor 0 --skew 4 \
   --json "$work/skew.jsonl" \
   > "$work/skew.txt" 2>&1 || { cat "$work/skew.txt"; fail "bench ep --skew 4 exited non-zero"; }
+timeout 120 "$mpiexec" -np 2 --oversubscribe --allow-run-as-root "$binary" bench ep --device cpu --quick \
+  --tokens 256 --iters 1 --warmup 0 --only layer --capacity-factor 0 --skew 4 --max-replicas-per-rank 1 \
+  --json "$work/replicas.jsonl" > "$work/replicas.txt" 2>&1 \
+  || { cat "$work/replicas.txt"; fail "bench ep --skew 4 --max-replicas-per-rank 1 exited non-zero"; }
 ratio() { awk -F'"received_rows_mean": ' '{ split($2, a, ","); mean = a[1] }
   { split($0, b, "\"received_rows_max\": "); split(b[2], c, /[,}]/); print c[1] / mean }' "$1"; }
 awk -v r="$(ratio "$work/nodes.jsonl")" 'BEGIN { exit !(r < 1.3) }' || fail "balanced load max/mean $(ratio "$work/nodes.jsonl") is not about 1"
 awk -v r="$(ratio "$work/skew.jsonl")" 'BEGIN { exit !(r > 1.5) }' || fail "--skew 4 load max/mean $(ratio "$work/skew.jsonl") is not skewed"
-grep -q 'replication plan (up to 1 per rank' "$work/skew.txt" || { cat "$work/skew.txt"; fail "no replication plan line"; }
-awk -F'"replication_max_load_after": ' '{ split($2, a, ","); after = a[1] }
-     { split($0, b, "\"replication_max_load_before\": "); split(b[2], c, ","); before = c[1] }
-     END { exit !(after < before) }' "$work/skew.jsonl" || { cat "$work/skew.jsonl"; fail "the plan did not lower the busiest load"; }
+grep -q 'replication' "$work/skew.txt" && { cat "$work/skew.txt"; fail "replication reported without --max-replicas-per-rank"; }
+grep -q 'replication (up to 1 per rank, applied' "$work/replicas.txt" || { cat "$work/replicas.txt"; fail "no replication line"; }
+field() { awk -F"\"$2\": " '{ split($2, a, /[,}]/); print a[1] }' "$1"; }
+before=$(field "$work/replicas.jsonl" replication_max_load_before); after=$(field "$work/replicas.jsonl" replication_max_load_after)
+awk -v b="$before" -v a="$after" 'BEGIN { exit !(a < b) }' || { cat "$work/replicas.jsonl"; fail "the plan did not lower the busiest load ($before -> $after)"; }
+# Applied: the rows the busiest rank received are the plan's, and the measured imbalance drops.
+[ "$(field "$work/replicas.jsonl" received_rows_max)" = "$after" ] \
+  || { cat "$work/replicas.jsonl"; fail "received_rows_max is not the plan's load after replication ($after)"; }
+awk -v with="$(ratio "$work/replicas.jsonl")" -v without="$(ratio "$work/skew.jsonl")" 'BEGIN { exit !(with < without) }' \
+  || fail "replication did not lower load max/mean ($(ratio "$work/replicas.jsonl") vs $(ratio "$work/skew.jsonl"))"
+"$binary" bench ep --device cpu --quick --max-replicas-per-rank 1 --a2a-chunks 2 > "$work/bad_replicas.txt" 2>&1
+[ $? -eq 2 ] || { cat "$work/bad_replicas.txt"; fail "--max-replicas-per-rank with --a2a-chunks 2 must exit 2"; }
+grep -q -- '--max-replicas-per-rank 1 needs --a2a-chunks 1' "$work/bad_replicas.txt" \
+  || { cat "$work/bad_replicas.txt"; fail "the error must name --max-replicas-per-rank and --a2a-chunks"; }
+timeout 120 "$mpiexec" -np 2 --oversubscribe --allow-run-as-root "$binary" bench ep --device cpu --quick \
+  --tokens 64 --iters 1 --warmup 0 --only layer --ranks-per-node 1 --max-replicas-per-rank 1 > "$work/bad_nodes.txt" 2>&1
+[ $? -eq 2 ] || { cat "$work/bad_nodes.txt"; fail "--max-replicas-per-rank across nodes must exit 2"; }
+grep -q -- '--max-replicas-per-rank needs the one-level exchange' "$work/bad_nodes.txt" \
+  || { cat "$work/bad_nodes.txt"; fail "the error must name --max-replicas-per-rank"; }
 "$binary" bench ep --device cpu > /dev/null 2>&1
 [ $? -eq 2 ] || fail "bench ep on CPU without --quick must exit 2"
 echo "bench ep: ok"

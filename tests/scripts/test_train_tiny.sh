@@ -13,7 +13,10 @@
 #      hierarchical exchange, which changes nothing but summation order;
 #   6. training.recompute all (every block's attention and MoE / FFN forward repeated in backward,
 #      the all-to-alls included) reaches the model through the trainer and changes nothing: the
-#      losses and final weights of run 2 bit for bit; a bad value is refused naming the key.
+#      losses and final weights of run 2 bit for bit; a bad value is refused naming the key;
+#   7. hot-expert replication (parallel.max_replicas_per_rank 1) replicates on some steps and gives
+#      the losses and final weights of run 2 bit for bit; with ep_overlap two_part it is refused
+#      (exit 2) naming both keys.
 # Usage: test_train_tiny.sh SWITCHYARD_BINARY SOURCE_DIR MPIEXEC
 set -u
 
@@ -180,5 +183,34 @@ status=$?
 [ "$status" -eq 2 ] || fail "training.recompute=full should exit 2, exited $status"
 grep -q 'training.recompute.*one of: none, moe, attention, all' "$work/bad_recompute.out" ||
   fail "the bad training.recompute value's message does not name the key and its choices"
+
+# ---- 7. hot-expert replication through the trainer -------------------------------------------
+timeout 120 "${mpi[@]}" "$binary" train "$source_dir/configs/tiny-cpu.yaml" "${data[@]}" "${short[@]}" \
+  --set parallel.max_replicas_per_rank=1 --set "logging.run_dir=$work/replicas" >"$work/replicas.out" 2>&1 ||
+  fail "the parallel.max_replicas_per_rank 1 run failed"
+if [ -s "$work/replicas/metrics.jsonl" ] && [ -s "$work/same_a/metrics.jsonl" ]; then
+  # Steps whose plan replicated something: without any the comparison below would prove nothing.
+  replicated=$(grep -o '"replicated_experts":[-0-9.eE+]*' "$work/replicas/metrics.jsonl" | cut -d: -f2 |
+    awk '$1 > 0' | wc -l)
+  steps=$(losses "$work/replicas/metrics.jsonl" | wc -l)
+  if [ "$replicated" -eq 0 ]; then
+    fail "parallel.max_replicas_per_rank 1 replicated nothing in $steps steps (no replicated_experts > 0)"
+  elif cmp -s <(losses "$work/same_a/metrics.jsonl") <(losses "$work/replicas/metrics.jsonl") &&
+    cmp -s <(tensors "$work/same_a/final.weights") <(tensors "$work/replicas/final.weights"); then
+    echo "ok: hot-expert replication ($replicated of $steps steps replicated) gives the losses and final weights of none, bit for bit"
+  else
+    fail "hot-expert replication changed the losses or the final weights"
+    paste <(losses "$work/same_a/metrics.jsonl" | head -5) <(losses "$work/replicas/metrics.jsonl" | head -5) >&2
+  fi
+  grep -q '| replicas [0-9.]* (.* rows), max rank load' "$work/replicas.out" ||
+    fail "the progress lines do not report the replicas"
+fi
+timeout 60 "$binary" train "$source_dir/configs/tiny-cpu.yaml" "${data[@]}" --set parallel.ep_size=2 \
+  --set parallel.max_replicas_per_rank=1 --set parallel.ep_overlap=two_part \
+  --set "logging.run_dir=$work/bad_replicas" >"$work/bad_replicas.out" 2>&1
+status=$?
+[ "$status" -eq 2 ] || fail "parallel.max_replicas_per_rank with ep_overlap two_part should exit 2, exited $status"
+grep -q 'parallel.max_replicas_per_rank = 1 needs parallel.ep_overlap = none' "$work/bad_replicas.out" ||
+  fail "the unsupported replication combination's message does not name both keys"
 
 summarize_and_exit "training checks"

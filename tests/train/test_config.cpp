@@ -252,6 +252,35 @@ TEST(Config, CrossFieldChecks) {
   EXPECT_EQ(fp8.parallel.ep_layer_options().sm_budget, 0);
 }
 
+// Hot-expert replication (parallel.max_replicas_per_rank) reaches the layer options; the
+// combinations the layer does not support are bad input naming both keys.
+TEST(Config, ReplicationKeyAndItsUnsupportedCombinations) {
+  const Config on = parse_config_string(base_with("ep_size:", "  ep_size: 2\n  max_replicas_per_rank: 2"), "r.yaml");
+  EXPECT_EQ(on.parallel.max_replicas_per_rank, 2);
+  EXPECT_EQ(on.parallel.ep_layer_options().max_replicas_per_rank, 2);
+  EXPECT_EQ(parse_config_string(kBaseYaml, "r.yaml").parallel.ep_layer_options().max_replicas_per_rank, 0);
+  expect_bad_input([] { parse_config_string(base_with("ep_size:", "  ep_size: 2\n  max_replicas_per_rank: -1"), "r.yaml"); },
+                   {"r.yaml:11", "parallel.max_replicas_per_rank", "out of range"});
+  expect_bad_input(
+      [] {
+        parse_config_string(base_with("ep_size:", "  ep_size: 2\n  max_replicas_per_rank: 1\n  ep_overlap: two_part"),
+                            "r.yaml");
+      },
+      {"r.yaml:11", "parallel.max_replicas_per_rank = 1", "parallel.ep_overlap = none"});
+  expect_bad_input(
+      [] {
+        parse_config_string(base_with("ep_size:", "  ep_size: 2\n  max_replicas_per_rank: 1\n  a2a_chunks: 2"), "r.yaml");
+      },
+      {"r.yaml:11", "parallel.max_replicas_per_rank = 1", "parallel.a2a_chunks = 1"});
+  expect_bad_input([] { parse_config_string(kBaseYaml, "r.yaml", {"parallel.max_replicas_per_rank=1",
+                                                                  "parallel.ranks_per_node=1"}); },
+                   {"--set parallel.max_replicas_per_rank=1", "parallel.ranks_per_node = 1", "hierarchical"});
+  // Nodes the launcher made (known only at start-up) are checked against the world.
+  expect_bad_input([&] { validate_against_world(on, 4, /*ranks_per_node=*/1); },
+                   {"parallel.max_replicas_per_rank = 2", "one-level exchange", "parallel.ranks_per_node"});
+  EXPECT_NO_THROW(validate_against_world(on, 4, /*ranks_per_node=*/2));
+}
+
 TEST(Config, SharedExpertsAndDenseFirstBlocks) {
   const Config base = parse_config_string(kBaseYaml, "s.yaml");
   EXPECT_EQ(base.model.dense_first_blocks, 0);
@@ -511,6 +540,13 @@ TEST(Config, RoundTripOfRandomConfigs) {
     overrides.push_back("moe.num_groups=" + std::to_string(groups));
     overrides.push_back("moe.topk_groups=" + std::to_string(groups - int(generator() % uint64_t(groups))));
     overrides.push_back("moe.routing=token_choice");
+    // Replication with what it supports (one chunk, one part); or off.
+    const int replicas = generator() % 2 ? 0 : 1 + int(generator() % 3);
+    overrides.push_back("parallel.max_replicas_per_rank=" + std::to_string(replicas));
+    if (replicas > 0) {
+      overrides.push_back("parallel.a2a_chunks=1");
+      overrides.push_back("parallel.ep_overlap=none");
+    }
     Config config;
     try {
       config = parse_config_string(kBaseYaml, "random.yaml", overrides);

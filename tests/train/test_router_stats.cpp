@@ -272,4 +272,27 @@ TEST(RouterStats, MetricsJsonAndProgressLine) {
   EXPECT_NE(line.find("H 0.25"), std::string::npos) << line;
 }
 
+// Hot-expert replication's per-step fields: in the line only when the run replicates.
+TEST(RouterStats, ReplicationFieldsInTheMetricsLineAndProgressLine) {
+  StepMetrics metrics;
+  metrics.step = 3;
+  metrics.total_steps = 10;
+  metrics.tokens_per_expert = {{3, 4}};
+  for (const char* key : {"replicated_experts", "replicated_rows", "ep_max_load_before", "ep_max_load_after"})
+    EXPECT_EQ(metrics_json(metrics).find(key), std::string::npos) << key;
+  EXPECT_EQ(format_progress_line(metrics, DeviceKind::cpu).find("replicas"), std::string::npos);
+  metrics.has_replication = true;
+  metrics.replicated_experts = 1.5;
+  metrics.replicated_rows = 2100;
+  metrics.ep_max_load_before = 9400;
+  metrics.ep_max_load_after = 6200;
+  const json::Value parsed = json::parse(metrics_json(metrics), "metrics line");
+  EXPECT_EQ(parsed.number_or("replicated_experts", 0), 1.5);
+  EXPECT_EQ(parsed.number_or("replicated_rows", 0), 2100);
+  EXPECT_EQ(parsed.number_or("ep_max_load_before", 0), 9400);
+  EXPECT_EQ(parsed.number_or("ep_max_load_after", 0), 6200);
+  const std::string line = format_progress_line(metrics, DeviceKind::cpu);
+  EXPECT_NE(line.find("replicas 1.5 (2.1k rows), max rank load 9.4k -> 6.2k"), std::string::npos) << line;
+}
+
 }  // namespace

@@ -61,6 +61,25 @@ void ep_kept_choices(const Tensor& ids_tensor, const Tensor& slots_tensor, const
     kept_ids[index] = sender.kept(index) ? sender.ids[index] : -1;
 }
 
+void ep_map_choice_ids(const Tensor& ids_tensor, const Tensor& expert_map_tensor, Tensor& mapped_ids_tensor) {
+  const char* op = "ep_map_choice_ids";
+  const int64_t tokens = expect_choices(op, "ids", ids_tensor), choices = ids_tensor.dim(1);
+  SY_CHECK(expert_map_tensor.rank == 1 && expert_map_tensor.dim(0) >= 1, op, ": expert_map must be i32 [X], got ",
+           expert_map_tensor.describe());
+  const int64_t experts = expert_map_tensor.dim(0);
+  expect_tensor(op, "expert_map", expert_map_tensor, DType::i32, {experts});
+  expect_tensor(op, "mapped_ids", mapped_ids_tensor, DType::i32, {tokens, choices});
+  const int32_t* ids = ids_tensor.as<int32_t>();
+  const int32_t* expert_map = expert_map_tensor.as<int32_t>();
+  int32_t* mapped = mapped_ids_tensor.as<int32_t>();
+  for (int64_t index = 0; index < tokens * choices; ++index) {
+    const int32_t id = ids[index];
+    SY_CHECK(id < experts, op, ": id ", id, " at token ", index / choices, " choice ", index % choices, " is >= ",
+             experts);
+    mapped[index] = id >= 0 ? expert_map[id] : -1;
+  }
+}
+
 void ep_choice_layout(const Tensor& ids_tensor, int num_slots, Tensor& slots_tensor, Tensor& counts_tensor,
                       Tensor& offsets_tensor, Tensor& scalars_tensor) {
   const char* op = "ep_choice_layout";

@@ -4,7 +4,10 @@
 //                             A [R, Kdim], B [E, Kdim, N] (trans_b: [E, N, Kdim]), C [R, N];
 //                             rows at or past offsets[E] are written as zero.
 //   grouped_gemm_weight_grad: dB_e = sum_{r in segment e} A[r, :]^T G[r, :]
-//                             A [R, M], G [R, N], dB [E, M, N] (overwritten; empty segments give 0).
+//                             A [R, M], G [R, N], dB [E, M, N] (overwritten; empty segments give 0),
+//                             dB of A's type or f64 with f32 A. accumulate: the sum starts from
+//                             dB's values instead of 0 (so a chain of calls over consecutive rows
+//                             into an f64 dB is the one sum over all the rows, bit for bit).
 //   grouped_gemm_activation(_backward): the expert GEMMs composed with the activation
 //                             (src/ops/cpu/activation.cpp); the CUDA backend fuses them.
 // Row-major, one float type per call (f32 or f64), accumulation in double.
@@ -52,17 +55,18 @@ void grouped_gemm_impl(const Tensor& a_tensor, const Tensor& b_tensor, bool tran
   std::fill(c + int64_t(offsets[num_experts]) * columns, c + rows * columns, Real(0));
 }
 
-template <typename Real>
+template <typename Real, typename Gradient>
 void grouped_gemm_weight_grad_impl(const Tensor& a_tensor, const Tensor& g_tensor, const Tensor& offsets_tensor,
-                                   Tensor& grad_b_tensor) {
+                                   Tensor& grad_b_tensor, bool accumulate) {
   const int64_t left = a_tensor.dim(1), right = g_tensor.dim(1), num_experts = grad_b_tensor.dim(0);
   const Real* a = a_tensor.as<Real>();
   const Real* g = g_tensor.as<Real>();
-  Real* grad_b = grad_b_tensor.as<Real>();
+  Gradient* grad_b = grad_b_tensor.as<Gradient>();
   const int32_t* offsets = offsets_tensor.as<int32_t>();
   std::vector<double> sum(static_cast<size_t>(left * right));
   for (int64_t expert = 0; expert < num_experts; ++expert) {
-    std::fill(sum.begin(), sum.end(), 0.0);
+    Gradient* out = grad_b + expert * left * right;
+    for (int64_t index = 0; index < left * right; ++index) sum[size_t(index)] = accumulate ? double(out[index]) : 0.0;
     for (int64_t row = offsets[expert]; row < offsets[expert + 1]; ++row) {
       const Real* g_row = g + row * right;
       for (int64_t m = 0; m < left; ++m) {
@@ -71,8 +75,7 @@ void grouped_gemm_weight_grad_impl(const Tensor& a_tensor, const Tensor& g_tenso
         for (int64_t n = 0; n < right; ++n) sum_row[n] += a_value * double(g_row[n]);
       }
     }
-    Real* out = grad_b + expert * left * right;
-    for (int64_t index = 0; index < left * right; ++index) out[index] = Real(sum[size_t(index)]);
+    for (int64_t index = 0; index < left * right; ++index) out[index] = Gradient(sum[size_t(index)]);
   }
 }
 
@@ -97,18 +100,25 @@ void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& 
   });
 }
 
-void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& expert_offsets, Tensor& grad_b) {
+void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& expert_offsets, Tensor& grad_b,
+                              bool accumulate) {
   const char* op = "grouped_gemm_weight_grad";
   detail::expect_float_matrix(op, "a", a, 2);
   detail::expect_float_matrix(op, "g", g, 2);
   detail::expect_float_matrix(op, "grad_b", grad_b, 3);
   const DType real = a.dtype;
+  // The gradient may be wider than the inputs (f64 with f32), as fp32 is with bf16 on CUDA.
+  const DType gradient = grad_b.dtype == DType::f64 ? DType::f64 : real;
   const int64_t rows = a.dim(0), num_experts = grad_b.dim(0);
   expect_tensor(op, "g", g, real, {rows, g.dim(1)});
-  expect_tensor(op, "grad_b", grad_b, real, {num_experts, a.dim(1), g.dim(1)});
+  expect_tensor(op, "grad_b", grad_b, gradient, {num_experts, a.dim(1), g.dim(1)});
   check_offsets(op, expert_offsets, num_experts, rows);
   detail::dispatch_float(op, real, [&](auto tag) {
-    grouped_gemm_weight_grad_impl<decltype(tag)>(a, g, expert_offsets, grad_b);
+    using Real = decltype(tag);
+    if (gradient == DType::f64)
+      grouped_gemm_weight_grad_impl<Real, double>(a, g, expert_offsets, grad_b, accumulate);
+    else
+      grouped_gemm_weight_grad_impl<Real, Real>(a, g, expert_offsets, grad_b, accumulate);
   });
 }
 

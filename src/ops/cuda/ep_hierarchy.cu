@@ -10,7 +10,7 @@
 //      same id (__match_any_sync) take consecutive slots by lane order, the lowest such lane bumps
 //      the tile's running count in shared memory. Order within a tile is thus token-major, as the
 //      reference's.
-// ep_kept_choices: one thread per choice.
+// ep_kept_choices, ep_map_choice_ids: one thread per choice.
 // ep_node_choices / ep_pack_node_choices / ep_unpack_node_gate_grads: one thread per token; K <= 8,
 //   so the per-token work is a few dozen integer operations.
 #include <algorithm>
@@ -107,6 +107,15 @@ kept_choices_kernel(const int* ids, const int* slots, const int* scalars, long l
   if (index >= choices) return;
   const int slot = slots[index];
   kept_ids[index] = (ids[index] >= 0 && slot >= 0 && slot < scalars[kCapacity]) ? ids[index] : -1;
+}
+
+// An id past the map (which the reference rejects) maps to -1: the choice is then dropped.
+__global__ void __launch_bounds__(kTokenThreads)
+map_choice_ids_kernel(const int* ids, const int* expert_map, int experts, long long choices, int* mapped) {
+  const long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (index >= choices) return;
+  const int id = ids[index];
+  mapped[index] = (id >= 0 && id < experts) ? expert_map[id] : -1;
 }
 
 __global__ void __launch_bounds__(kTokenThreads)
@@ -217,6 +226,21 @@ void ep_kept_choices(const Tensor& ids, const Tensor& slots, const Tensor& scala
   if (count == 0) return;
   kept_choices_kernel<<<token_blocks(count), kTokenThreads, 0, static_cast<cudaStream_t>(stream_handle)>>>(
       ids.as<int>(), slots.as<int>(), scalars.as<int>(), count, kept_ids.as<int>());
+  CUDA_CHECK_LAUNCH();
+}
+
+void ep_map_choice_ids(const Tensor& ids, const Tensor& expert_map, Tensor& mapped_ids, void* stream_handle) {
+  const int64_t tokens = check_choices(ids, "ep_map_choice_ids", "ids");
+  const int choices = int(ids.dim(1));
+  SY_CHECK(expert_map.rank == 1 && expert_map.dim(0) >= 1, "ep_map_choice_ids: expert_map must be i32 [X], got ",
+           expert_map.describe());
+  const int experts = int(expert_map.dim(0));
+  check_tensor(expert_map, "ep_map_choice_ids: expert_map", DType::i32, {experts});
+  check_tensor(mapped_ids, "ep_map_choice_ids: mapped_ids", DType::i32, {tokens, choices});
+  const long long count = (long long)tokens * choices;
+  if (count == 0) return;
+  map_choice_ids_kernel<<<token_blocks(count), kTokenThreads, 0, static_cast<cudaStream_t>(stream_handle)>>>(
+      ids.as<int>(), expert_map.as<int>(), experts, count, mapped_ids.as<int>());
   CUDA_CHECK_LAUNCH();
 }
 

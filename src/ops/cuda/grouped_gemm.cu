@@ -5,7 +5,9 @@
 //                             A [R, Kdim], B [E, Kdim, N] (trans_b: [E, N, Kdim]), C [R, N];
 //                             rows at or past offsets[E] are written as zero.
 //   grouped_gemm_weight_grad: dB_e = A_e^T G_e over the rows of segment e; A [R, M], G [R, N],
-//                             dB [E, M, N], overwritten (experts without rows get dB_e = 0).
+//                             dB [E, M, N], overwritten (experts without rows get dB_e = 0); with
+//                             accumulate dB_e += A_e^T G_e (the cuBLAS loop with beta 1: experts
+//                             without rows keep dB_e).
 // A, B, G bf16 or fp16; C / dB of that type or fp32; fp32 accumulation. Row-major throughout.
 //
 // The offsets live on the device; this path copies them to pinned host memory (one small
@@ -147,7 +149,7 @@ void grouped_gemm(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& 
 }
 
 void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& expert_offsets, Tensor& grad_b,
-                              void* stream, int segment_alignment, const Tensor* row_tokens) {
+                              void* stream, int segment_alignment, const Tensor* row_tokens, bool accumulate) {
   const char* op = "grouped_gemm_weight_grad";
   SY_CHECK(a.rank == 2 && g.rank == 2 && grad_b.rank == 3, op,
                  ": expected a [R, M], g [R, N], grad_b [E, M, N], got ", a.describe(), ", ", g.describe(), ", ",
@@ -157,7 +159,8 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
   check_tensor(a, "grouped_gemm_weight_grad: a", a.dtype, {rows, left});
   check_tensor(g, "grouped_gemm_weight_grad: g", a.dtype, {rows, right});
   check_tensor(grad_b, "grouped_gemm_weight_grad: grad_b", grad_b.dtype, {num_experts, left, right});
-  if (use_sm90(segment_alignment) && sm90::weight_grad_supported(a, g, expert_offsets, grad_b))
+  // The sm_90a kernel overwrites; accumulating takes the cuBLAS loop.
+  if (!accumulate && use_sm90(segment_alignment) && sm90::weight_grad_supported(a, g, expert_offsets, grad_b))
     return sm90::grouped_gemm_weight_grad(a, g, expert_offsets, grad_b, sm90_options(row_tokens, rows), stream);
   cudaStream_t cuda_stream = as_stream(stream);
   const std::vector<int32_t> offsets =
@@ -168,13 +171,13 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
   const cudaDataType_t input_type = cuda_data_type(a.dtype), output_type = cuda_data_type(grad_b.dtype);
   const size_t input_size = dtype_size(a.dtype), output_size = dtype_size(grad_b.dtype);
   const size_t expert_bytes = size_t(left * right) * output_size;
-  const float alpha = 1.0f, beta = 0.0f;
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   cublasHandle_t handle = cublas_handle(cuda_stream);
   for (int64_t expert = 0; expert < num_experts; ++expert) {
     const int64_t first = offsets[size_t(expert)], segment_rows = offsets[size_t(expert) + 1] - first;
     char* grad_expert = static_cast<char*>(grad_b.data) + size_t(expert) * expert_bytes;
     if (segment_rows == 0) {
-      CUDA_CHECK(cudaMemsetAsync(grad_expert, 0, expert_bytes, cuda_stream));
+      if (!accumulate) CUDA_CHECK(cudaMemsetAsync(grad_expert, 0, expert_bytes, cuda_stream));
       continue;
     }
     const char* a_segment = static_cast<const char*>(a.data) + size_t(first * left) * input_size;

@@ -1,5 +1,5 @@
-// The CUDA bookkeeping of the hierarchical exchange and of the EP layer's two-part overlap
-// (src/ops/cuda/ep_hierarchy.cu) against the CPU reference (src/ops/cpu/ep_hierarchy.cpp) on
+// The CUDA bookkeeping of the hierarchical exchange and of the EP layer's two-part overlap and
+// hot-expert replicas (src/ops/cuda/ep_hierarchy.cu) against the CPU reference (src/ops/cpu/ep_hierarchy.cpp) on
 // identical random sender routings: every integer equal, every gate moved bit for bit. Sizes cover
 // one tile and many (the counting sort's tiles of 2048 choices), empty choices and drops; device
 // outputs start poisoned.
@@ -68,6 +68,23 @@ TEST(EpHierarchyCuda, KeptChoicesMatchTheReference) {
     ops::ep_kept_choices(kCuda, ids, slots, scalars, device_kept);
     ops::synchronize(kCuda);
     expect_same_bytes(kept, device_kept, "kept_ids");
+  }
+}
+
+TEST(EpHierarchyCuda, MapChoiceIdsMatchesTheReference) {
+  SKIP_WITHOUT_CUDA();
+  std::mt19937_64 generator(24);
+  for (const auto& [tokens, choices, experts] :
+       std::vector<std::tuple<int64_t, int, int>>{{1, 1, 4}, {3000, 8, 64}, {70000, 2, 256}, {0, 2, 8}}) {
+    SenderChoices sender = random_sender_choices(generator, tokens, choices, experts, 0.1, 0.2);
+    HostTensor expert_map(DType::i32, {experts}), mapped(DType::i32, {tokens, choices});
+    for (int expert = 0; expert < experts; ++expert) expert_map.data<int32_t>()[expert] = int32_t(generator() % 1000);
+    ops::ep_map_choice_ids(kCpu, sender.ids, expert_map, mapped);
+    DeviceTensor ids = to_device(sender.ids), device_map = to_device(expert_map);
+    DeviceTensor device_mapped(DType::i32, {tokens, choices});
+    ops::ep_map_choice_ids(kCuda, ids, device_map, device_mapped);
+    ops::synchronize(kCuda);
+    expect_same_bytes(mapped, device_mapped, "mapped_ids");
   }
 }
 

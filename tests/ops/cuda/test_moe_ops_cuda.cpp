@@ -300,6 +300,32 @@ TEST_P(GroupedGemmCudaTest, WeightGradMatchesCpu) {
   expect_close("grad_b", grad_b.tensor(), expected, tolerance_for(test.output));
 }
 
+// accumulate: grad_b += A^T G (the cuBLAS loop with beta 1), experts
+// without rows keep their values: the reference's sum plus the starting values.
+TEST_P(GroupedGemmCudaTest, WeightGradAccumulatesOntoItsStartingValues) {
+  SKIP_WITHOUT_CUDA();
+  const GroupedCase& test = GetParam();
+  if (test.output != DType::f32) GTEST_SKIP() << "the EP layer accumulates fp32 gradients";
+  std::mt19937_64 generator(42);
+  int64_t rows = 0;
+  HostTensor offsets = make_offsets(test.experts, test.max_rows, 16, generator, rows);
+  HostPair a = random_pair(DType::bf16, {rows, test.inner}, generator);
+  HostPair g = random_pair(DType::bf16, {rows, test.columns}, generator);
+  HostTensor start(DType::f32, {test.experts, test.inner, test.columns});
+  fill_uniform(start, generator, -1, 1);
+  HostTensor expected(DType::f32, {test.experts, test.inner, test.columns});
+  cpu::grouped_gemm_weight_grad(a.reference, g.reference, offsets, expected);
+  for (int64_t index = 0; index < expected.numel(); ++index)
+    expected.data<float>()[index] += start.data<float>()[index];
+
+  DeviceTensor a_device = to_device(a.data), g_device = to_device(g.data), offsets_device = to_device(offsets);
+  DeviceTensor grad_b = to_device(start);
+  cuda::grouped_gemm_weight_grad(a_device.tensor(), g_device.tensor(), offsets_device.tensor(), grad_b.tensor(),
+                                 nullptr, /*segment_alignment=*/16, nullptr, /*accumulate=*/true);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  expect_close("grad_b", grad_b.tensor(), expected, tolerance_for(test.output));
+}
+
 INSTANTIATE_TEST_SUITE_P(Cases, GroupedGemmCudaTest,
                          ::testing::Values(GroupedCase{false, DType::bf16, 8, 70, 96, 80},
                                            GroupedCase{true, DType::bf16, 8, 70, 96, 80},
