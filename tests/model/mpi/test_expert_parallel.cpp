@@ -26,6 +26,7 @@
 #include "tests/support/comm_test_support.h"
 #include "tests/support/expect_close.h"
 #include "tests/support/test_helpers.h"
+#include "tests/support/ep_layer_test_config.h"
 
 using namespace switchyard;
 using namespace switchyard::comm_test;
@@ -64,21 +65,11 @@ const Scenario kScenarios[] = {
 };
 
 MoeLayerConfig make_config(const Scenario& scenario) {
-  MoeLayerConfig config;
-  config.d_model = kModel;
-  config.moe.expert_d_ff = kHidden;
-  config.moe.num_experts = kExperts;
-  config.moe.top_k = scenario.k_max;
+  MoeLayerConfig config = ep_test_layer_config(kModel, kHidden, kExperts, scenario.k_max, scenario.activation,
+                                               scenario.capacity_factor, scenario.alignment);
   config.moe.k_min = scenario.k_min;
   config.moe.complexity = scenario.complexity;
   config.moe.renormalize_gates = scenario.renormalize;
-  config.moe.dropless = scenario.capacity_factor == 0.0f;
-  config.moe.capacity_factor = config.moe.eval_capacity_factor =
-      scenario.capacity_factor > 0.0f ? scenario.capacity_factor : 1.0f;
-  config.moe.segment_alignment = scenario.alignment;
-  config.moe.aux_loss_weight = 0.05f;
-  config.moe.z_loss_weight = 0.01f;
-  config.moe.activation = scenario.activation;
   config.moe.jitter_eps = scenario.jitter_eps;
   config.jitter_seed = 99;
   config.jitter_stream = 3;

@@ -24,6 +24,7 @@
 #include "tests/support/comm_test_support.h"
 #include "tests/support/expect_close.h"
 #include "tests/support/test_helpers.h"
+#include "tests/support/ep_layer_test_config.h"
 
 using namespace switchyard;
 using namespace switchyard::comm_test;
@@ -53,20 +54,8 @@ const OverlapScenario kOverlapScenarios[] = {
 };
 
 MoeLayerConfig make_config(const OverlapScenario& scenario) {
-  MoeLayerConfig config;
-  config.d_model = kModel;
-  config.moe.expert_d_ff = kHidden;
-  config.moe.num_experts = kExperts;
-  config.moe.top_k = config.moe.k_min = scenario.k;
-  config.moe.renormalize_gates = scenario.k > 1;
-  config.moe.dropless = scenario.capacity_factor == 0.0f;
-  config.moe.capacity_factor = config.moe.eval_capacity_factor =
-      scenario.capacity_factor > 0.0f ? scenario.capacity_factor : 1.0f;
-  config.moe.segment_alignment = scenario.alignment;
-  config.moe.aux_loss_weight = 0.05f;
-  config.moe.z_loss_weight = 0.01f;
-  config.moe.activation = scenario.activation;
-  return config;
+  return ep_test_layer_config(kModel, kHidden, kExperts, scenario.k, scenario.activation, scenario.capacity_factor,
+                              scenario.alignment);
 }
 
 // Tokens of world rank `rank` in pass `pass`: rank 0 always one; the others vary with the pass

@@ -29,6 +29,7 @@
 #include "tests/support/expect_close.h"
 #include "tests/support/expect_error.h"
 #include "tests/support/test_helpers.h"
+#include "tests/support/ep_layer_test_config.h"
 
 using namespace switchyard;
 using namespace switchyard::comm_test;
@@ -58,20 +59,8 @@ const ReplicationScenario kScenarios[] = {
 };
 
 MoeLayerConfig make_config(const ReplicationScenario& scenario) {
-  MoeLayerConfig config;
-  config.d_model = kModel;
-  config.moe.expert_d_ff = kHidden;
-  config.moe.num_experts = kExperts;
-  config.moe.top_k = config.moe.k_min = scenario.k;
-  config.moe.renormalize_gates = scenario.k > 1;
-  config.moe.dropless = scenario.capacity_factor == 0.0f;
-  config.moe.capacity_factor = config.moe.eval_capacity_factor =
-      scenario.capacity_factor > 0.0f ? scenario.capacity_factor : 1.0f;
-  config.moe.segment_alignment = scenario.alignment;
-  config.moe.aux_loss_weight = 0.05f;
-  config.moe.z_loss_weight = 0.01f;
-  config.moe.activation = scenario.activation;
-  return config;
+  return ep_test_layer_config(kModel, kHidden, kExperts, scenario.k, scenario.activation, scenario.capacity_factor,
+                              scenario.alignment);
 }
 
 int64_t tokens_of(int rank, int pass) {
