@@ -118,6 +118,7 @@ Record base_record(const BenchEpSetup& setup, const BenchEpOptions& options, con
   record.add("ep_overlap", ep_overlap_name(setup.settings.overlap));
   record.add("ep_sm_budget", setup.settings.sm_budget);
   record.add("max_replicas_per_rank", setup.settings.max_replicas_per_rank);
+  record.add("replica_min_rows", setup.settings.replica_min_rows);
   return record;
 }
 
@@ -332,6 +333,7 @@ void set_up_bench_ep(const BenchEpOptions& options, BenchEpSetup& setup) {
   settings.overlap = options.overlap;
   settings.sm_budget = options.sm_budget;
   settings.max_replicas_per_rank = int(options.max_replicas_per_rank);
+  settings.replica_min_rows = int(options.replica_min_rows);
   SY_CHECK_INPUT(settings.max_replicas_per_rank == 0 || setup.ep_nodes == 1,
                  "bench ep: --max-replicas-per-rank needs the one-level exchange, but the expert-parallel group spans ",
                  setup.ep_nodes, " nodes (--ranks-per-node, or the launcher's placement)");

@@ -37,6 +37,7 @@ struct LayerBench {
     options.overlap = settings.overlap;
     options.sm_budget = settings.sm_budget;
     options.max_replicas_per_rank = settings.max_replicas_per_rank;
+    options.replica_min_rows = settings.replica_min_rows;
     options.node_group = groups.expert_parallel_node;  // null unless the group spans nodes
     options.rail_group = groups.expert_parallel_rail;
     layer = std::make_unique<MoeEpLayer>(config, groups.expert_parallel, device, act, tokens, options);

@@ -30,6 +30,7 @@ struct EpBenchSettings {
   EpOverlap overlap = EpOverlap::none;  // the layer's
   int sm_budget = 0;
   int max_replicas_per_rank = 0;  // the layer's hot-expert replicas (--max-replicas-per-rank)
+  int replica_min_rows = 0;       // --replica-min-rows
   bool fp8() const { return dispatch == EpDispatch::fp8; }
   int64_t row_bytes() const { return config.d_model * int64_t(dtype_size(activation_dtype)); }
   // Bytes of one row in the forward dispatch: fp8 records or activation rows.

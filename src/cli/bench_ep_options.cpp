@@ -57,6 +57,10 @@ std::optional<BenchEpOptions> parse_bench_ep_options(int argc, char** argv) {
                     "timed with it, and the last plan printed; needs --a2a-chunks 1, --ep-overlap none and one "
                     "node); 0 = none",
                     "0");
+  parser.add_option("replica-min-rows", "N",
+                    "with --max-replicas-per-rank: a replica is made only when it takes over at least N rows "
+                    "(parallel.replica_min_rows)",
+                    "0");
   parser.add_option("ranks-per-node", "N",
                     "ranks per node (0 = as placed by the launcher); a group over several nodes exchanges "
                     "hierarchically: one network row per token and node, fan-out inside the node",
@@ -120,6 +124,9 @@ std::optional<BenchEpOptions> parse_bench_ep_options(int argc, char** argv) {
   options.skew = parser.get_double("skew");
   options.max_replicas_per_rank = parser.get_int("max-replicas-per-rank");
   SY_CHECK_INPUT(options.max_replicas_per_rank >= 0, "bench ep: --max-replicas-per-rank must be >= 0");
+  options.replica_min_rows = parser.get_int("replica-min-rows");
+  SY_CHECK_INPUT(options.replica_min_rows >= 0 && options.replica_min_rows <= (int64_t(1) << 30),
+                 "bench ep: --replica-min-rows must be in [0, 2^30], got ", options.replica_min_rows);
   SY_CHECK_INPUT(options.skew >= 0 && std::isfinite(options.skew), "bench ep: --skew must be a finite value >= 0");
   SY_CHECK_INPUT(options.ranks_per_node >= 0, "bench ep: --ranks-per-node must be >= 0, got ", options.ranks_per_node);
   options.timeout_s = parser.get_double("timeout");

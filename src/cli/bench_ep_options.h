@@ -25,6 +25,7 @@ struct BenchEpOptions {
   int64_t ranks_per_node = 0;     // --ranks-per-node: 0 = the bootstrap's nodes (see parallel.ranks_per_node)
   double skew = 0;                // --skew: selection bias toward low-numbered experts (0 = balanced)
   int64_t max_replicas_per_rank = 0;  // --max-replicas-per-rank: > 0 the layer replicates hot experts
+  int64_t replica_min_rows = 0;       // --replica-min-rows: the fewest rows a replica must take over
   double timeout_s = 300;
   EpTransport transport = EpTransport::automatic;
   EpDispatch dispatch = EpDispatch::activation;  // --ep-dispatch (fp8: nccl only)

@@ -59,6 +59,8 @@ struct EpLayerOptions {
   // Hot-expert replica slots per rank (>= 0, 0 = off). Needs the one-level exchange, one part and
   // one chunk (SY_BAD_INPUT otherwise).
   int max_replicas_per_rank = 0;
+  // The fewest rows a replica must take over to be made (>= 0; src/comm/replication_plan.h).
+  int replica_min_rows = 0;
 };
 
 }  // namespace switchyard

@@ -8,7 +8,7 @@
 namespace switchyard {
 
 ReplicaExchange::ReplicaExchange(std::shared_ptr<Communicator> expert_parallel, DeviceKind device, int num_experts,
-                                 int max_replicas_per_rank)
+                                 int max_replicas_per_rank, int64_t min_rows)
     : communicator_(std::move(expert_parallel)), device_(device), events_(device, 1) {
   SY_CHECK(communicator_ != nullptr, "ReplicaExchange: no expert_parallel communicator");
   SY_CHECK(communicator_->device() == device, "ReplicaExchange: the communicator is on ",
@@ -22,11 +22,13 @@ ReplicaExchange::ReplicaExchange(std::shared_ptr<Communicator> expert_parallel, 
                  max_replicas_per_rank);
   local_experts_ = num_experts / ranks_;
   slots_ = max_replicas_per_rank;
+  SY_CHECK_INPUT(min_rows >= 0, "parallel.replica_min_rows must be >= 0, got ", min_rows);
+  min_rows_ = min_rows;
   counts_ = Buffer(device, size_t(num_experts) * sizeof(int32_t));
   gathered_ = Buffer(device, size_t(ranks_) * size_t(num_experts) * sizeof(int32_t));
   host_gathered_.assign(size_t(ranks_) * size_t(num_experts), 0);
   loads_.assign(size_t(ranks_), std::vector<int64_t>(size_t(num_experts), 0));
-  plan_ = plan_replication(loads_, ReplicationOptions{slots_});
+  plan_ = plan_replication(loads_, plan_options());
   build_tables();
 }
 
@@ -51,7 +53,7 @@ const ReplicationPlan& ReplicaExchange::plan_step(const ExecContext& context, co
   for (int source = 0; source < ranks_; ++source)
     for (int expert = 0; expert < num_experts_; ++expert)
       loads_[size_t(source)][size_t(expert)] = host_gathered_[size_t(source) * size_t(num_experts_) + size_t(expert)];
-  plan_ = plan_replication(loads_, ReplicationOptions{slots_});
+  plan_ = plan_replication(loads_, plan_options());
   build_tables();
   return plan_;
 }

@@ -48,9 +48,10 @@ struct ReplicationStats {
 
 class ReplicaExchange {
  public:
-  // num_experts: E, a multiple of the group's size; max_replicas_per_rank M >= 1. Not collective.
+  // num_experts: E, a multiple of the group's size; max_replicas_per_rank M >= 1; min_rows: the
+  // plan's ReplicationOptions::min_rows (>= 0). Not collective.
   ReplicaExchange(std::shared_ptr<Communicator> expert_parallel, DeviceKind device, int num_experts,
-                  int max_replicas_per_rank);
+                  int max_replicas_per_rank, int64_t min_rows = 0);
   ~ReplicaExchange();
   ReplicaExchange(const ReplicaExchange&) = delete;
   ReplicaExchange& operator=(const ReplicaExchange&) = delete;
@@ -88,6 +89,12 @@ class ReplicaExchange {
 
  private:
   void check_context(const ExecContext& context) const;
+  ReplicationOptions plan_options() const {
+    ReplicationOptions options;
+    options.max_replicas_per_rank = slots_;
+    options.min_rows = min_rows_;
+    return options;
+  }
   void build_tables();
   // Staging of at least `bytes` (grown after the streams are idle).
   void ensure_staging(const ExecContext& context, size_t bytes);
@@ -97,6 +104,7 @@ class ReplicaExchange {
   std::shared_ptr<Communicator> communicator_;
   DeviceKind device_;
   int ranks_ = 1, rank_ = 0, num_experts_ = 0, local_experts_ = 1, slots_ = 0;
+  int64_t min_rows_ = 0;
   ReplicationPlan plan_;
   std::vector<std::vector<int64_t>> loads_;  // [P][E]
   std::vector<int> host_of_, slot_of_;       // [E]: -1 when the expert has no replica

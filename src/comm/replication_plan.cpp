@@ -35,7 +35,8 @@ ReplicationPlan plan_replication(const std::vector<std::vector<int64_t>>& loads,
   SY_CHECK(ranks >= 1, "plan_replication: no ranks");
   const int experts = int(loads[0].size());
   SY_CHECK(experts >= ranks && experts % ranks == 0, "plan_replication: ", experts, " experts over ", ranks, " ranks");
-  SY_CHECK(options.max_replicas_per_rank >= 0 && options.tolerance >= 0, "plan_replication: bad options");
+  SY_CHECK(options.max_replicas_per_rank >= 0 && options.tolerance >= 0 && options.min_rows >= 0,
+           "plan_replication: bad options");
   const int per_rank = experts / ranks;
   std::vector<int64_t> expert_load(size_t(experts), 0);
   for (const std::vector<int64_t>& row : loads) {
@@ -89,7 +90,9 @@ ReplicationPlan plan_replication(const std::vector<std::vector<int64_t>>& loads,
       rank_load[size_t(host)] += rows;
       rank_load[size_t(busiest)] -= rows;
     }
-    if (replica.sources.empty()) {
+    if (replica.sources.empty() || replica.rows < options.min_rows) {  // moves nothing, or too little to pay
+      rank_load[size_t(host)] -= replica.rows;
+      rank_load[size_t(busiest)] += replica.rows;
       stuck.insert({busiest, hot});
       continue;
     }

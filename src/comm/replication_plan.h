@@ -17,7 +17,9 @@
 // replication (rows of an expert ordered by source) the replica's rows all come before the
 // owner's remaining ones. The owner can then continue the replica's partial weight-gradient sum
 // over its own rows, and that sum is bit-identical to the one without replication. An expert whose
-// first non-empty segment does not fit is skipped; the loop ends when no expert of h can move.
+// first non-empty segment does not fit, or whose replica would take fewer than min_rows rows
+// (parallel.replica_min_rows: below that the weight copy costs more than the rows save), is
+// skipped; the loop ends when no expert of h can move.
 //
 // The routing result is untouched: only the rank that computes a (source, expert) segment changes.
 #pragma once
@@ -48,6 +50,7 @@ struct ReplicationPlan {
 struct ReplicationOptions {
   int max_replicas_per_rank = 1;  // parallel.max_replicas_per_rank; 0 = off
   double tolerance = 0.05;        // stop once the busiest rank is within this of the mean
+  int64_t min_rows = 0;           // parallel.replica_min_rows: a replica moving fewer rows is not made
 };
 
 // loads: [P][E] row counts (E a multiple of P). SY_CHECK on malformed input.

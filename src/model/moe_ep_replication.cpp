@@ -36,7 +36,8 @@ void MoeEpLayer::create_replicas(const std::shared_ptr<Communicator>& expert_par
              "MoeEpLayer: the shared replicas belong to another group or configuration");
     return;
   }
-  replicas.exchange = std::make_unique<ReplicaExchange>(expert_parallel, device_, config_.moe.num_experts, slots);
+  replicas.exchange = std::make_unique<ReplicaExchange>(expert_parallel, device_, config_.moe.num_experts, slots,
+                                                        exchange.replica_min_rows);
   const int64_t experts = config_.moe.num_experts, virtual_experts = replicas.exchange->virtual_experts();
   const int64_t choices = std::max<int64_t>(max_tokens_ * config_.moe.top_k, 1);
   // The step's tables: expert map [E], counts [E'], offsets [E' + 1]; then the slots' offsets [M + 1].

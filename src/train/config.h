@@ -37,6 +37,7 @@ struct ParallelConfig {
   EpOverlap ep_overlap = EpOverlap::none;
   int ep_sm_budget = 0;
   int max_replicas_per_rank = 0;  // hot-expert replica slots per rank; 0 = off
+  int replica_min_rows = 0;       // the fewest rows a replica must take over to be made
   double collective_timeout_s = 600.0;
   bool deterministic = false;
 
@@ -49,6 +50,7 @@ struct ParallelConfig {
     options.overlap = ep_overlap;
     options.sm_budget = ep_sm_budget;
     options.max_replicas_per_rank = max_replicas_per_rank;
+    options.replica_min_rows = replica_min_rows;
     return options;
   }
 };

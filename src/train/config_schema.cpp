@@ -305,6 +305,10 @@ std::vector<ConfigField> build_fields() {
                     1024,
                     "hot-expert replication: each step the most loaded experts get copies on the least loaded "
                     "expert-parallel ranks, up to this many per rank (bit-identical results); 0 = off"));
+  add(integer_field("parallel", "replica_min_rows", &C::parallel, &ParallelConfig::replica_min_rows, 0,
+                    1 << 30,
+                    "hot-expert replication: a replica is made only when it takes over at least this many rows "
+                    "(its weights and gradient cross the exchange each step; docs/DESIGN.md gives the break-even)"));
   add(real_field("parallel", "collective_timeout_s", &ParallelConfig::collective_timeout_s, &C::parallel, 0.0, true,
                  86400.0, false, "a collective that takes longer aborts the run with an error"));
   add(boolean_field("parallel", "deterministic", &ParallelConfig::deterministic, &C::parallel,

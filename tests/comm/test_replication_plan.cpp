@@ -100,6 +100,23 @@ TEST(ReplicationPlan, BalancedLoadsAndAZeroBudgetMoveNothing) {
   EXPECT_EQ(plan.rank_loads_after, plan.rank_loads_before);
 }
 
+// parallel.replica_min_rows: a replica that would take fewer rows is not made, and the loads it
+// would have moved stay where they were.
+TEST(ReplicationPlan, MinimumRowsLeavesSmallReplicasOut) {
+  const Loads skewed = {{50, 1, 1, 1}, {50, 1, 1, 1}};
+  const ReplicationPlan free_plan = plan_replication(skewed, ReplicationOptions{});
+  ASSERT_FALSE(free_plan.replicas.empty());
+  const int64_t smallest = free_plan.replicas.front().rows;
+  ReplicationOptions exact;
+  exact.min_rows = smallest;
+  EXPECT_EQ(plan_replication(skewed, exact).replicas.size(), free_plan.replicas.size()) << "min_rows is inclusive";
+  ReplicationOptions above;
+  above.min_rows = smallest + 1;
+  const ReplicationPlan none = plan_replication(skewed, above);
+  EXPECT_TRUE(none.replicas.empty());
+  EXPECT_EQ(none.rank_loads_after, none.rank_loads_before);
+}
+
 TEST(ReplicationPlan, RandomSkewedLoadsKeepEveryInvariant) {
   std::mt19937_64 generator(5);
   int improved = 0;
@@ -113,6 +130,7 @@ TEST(ReplicationPlan, RandomSkewedLoadsKeepEveryInvariant) {
             int64_t(double(generator() % 20) * std::exp(skew * double(experts - 1 - expert) / double(experts)));
     ReplicationOptions options;
     options.max_replicas_per_rank = 1 + int(generator() % 3);
+    options.min_rows = trial % 3 == 0 ? int64_t(generator() % 40) : 0;
     const ReplicationPlan plan = plan_replication(loads, options);
     SCOPED_TRACE(::testing::Message() << "trial " << trial << ": " << ranks << " ranks x " << per_rank);
 
@@ -140,6 +158,7 @@ TEST(ReplicationPlan, RandomSkewedLoadsKeepEveryInvariant) {
       int64_t rows = 0;
       for (int source : replica.sources) rows += loads[size_t(source)][size_t(replica.expert)];
       EXPECT_EQ(rows, replica.rows);
+      EXPECT_GE(replica.rows, options.min_rows);
       ++hosted[replica.host];
       ++replicas_of_expert[replica.expert];
     }

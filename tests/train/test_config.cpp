@@ -259,6 +259,13 @@ TEST(Config, ReplicationKeyAndItsUnsupportedCombinations) {
   EXPECT_EQ(on.parallel.max_replicas_per_rank, 2);
   EXPECT_EQ(on.parallel.ep_layer_options().max_replicas_per_rank, 2);
   EXPECT_EQ(parse_config_string(kBaseYaml, "r.yaml").parallel.ep_layer_options().max_replicas_per_rank, 0);
+  const Config minimum =
+      parse_config_string(base_with("ep_size:", "  ep_size: 2\n  max_replicas_per_rank: 1\n  replica_min_rows: 3000"),
+                          "r.yaml");
+  EXPECT_EQ(minimum.parallel.ep_layer_options().replica_min_rows, 3000);
+  EXPECT_EQ(on.parallel.ep_layer_options().replica_min_rows, 0);
+  expect_bad_input([] { parse_config_string(base_with("ep_size:", "  ep_size: 2\n  replica_min_rows: -5"), "r.yaml"); },
+                   {"r.yaml:11", "parallel.replica_min_rows", "out of range"});
   expect_bad_input([] { parse_config_string(base_with("ep_size:", "  ep_size: 2\n  max_replicas_per_rank: -1"), "r.yaml"); },
                    {"r.yaml:11", "parallel.max_replicas_per_rank", "out of range"});
   expect_bad_input(
