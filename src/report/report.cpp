@@ -158,6 +158,15 @@ std::string curves_section(const RunHistory& history) {
                     {series("dropped", history.step, dropped_percent, "#8c564b")}, 560, 250, true, 100.0);
   out << line_chart("Throughput", "tokens / s", {series("tokens/s", history.step, history.tokens_per_s, "#2ca02c")},
                     560, 250, true);
+  if (history_has_replication(history)) {  // parallel.max_replicas_per_rank > 0
+    out << line_chart("Hot-expert replication: the busiest EP rank", "rows (summed over MoE layers)",
+                      {series("without replicas", history.step, history.ep_max_load_before, "#d62728"),
+                       series("with replicas", history.step, history.ep_max_load_after, "#2ca02c"),
+                       series("rows computed by replicas", history.step, history.replicated_rows, "#7f7f7f")},
+                      560, 250, true);
+    out << line_chart("Hot-expert replicas", "replicas (summed over MoE layers)",
+                      {series("replicas", history.step, history.replicated_experts, "#9467bd")}, 560, 250, true);
+  }
   out << "</div>\n";
   return out.str();
 }

@@ -91,6 +91,11 @@ bool history_has_seq_aux_loss(const RunHistory& history) {
          any_router_layer(history, [](const RouterLayerBalance& b) { return nonzero(b.seq_aux_loss); });
 }
 
+bool history_has_replication(const RunHistory& history) {
+  return std::any_of(history.ep_max_load_before.begin(), history.ep_max_load_before.end(),
+                     [](double value) { return !std::isnan(value); });
+}
+
 bool history_has_global_aux_loss(const RunHistory& history) {
   return any_nonzero(history.global_aux_loss) ||
          any_router_layer(history, [](const RouterLayerBalance& b) { return nonzero(b.global_aux_loss); });
@@ -161,6 +166,10 @@ RunHistory read_run_history(const std::string& metrics_path, int load_bins) {
     history.z_loss.push_back(record.number_or("z_loss", kNaN));
     history.seq_aux_loss.push_back(record.number_or("seq_aux_loss", kNaN));
     history.global_aux_loss.push_back(record.number_or("global_aux_loss", kNaN));
+    history.replicated_experts.push_back(record.number_or("replicated_experts", kNaN));
+    history.replicated_rows.push_back(record.number_or("replicated_rows", kNaN));
+    history.ep_max_load_before.push_back(record.number_or("ep_max_load_before", kNaN));
+    history.ep_max_load_after.push_back(record.number_or("ep_max_load_after", kNaN));
     history.dropped_fraction.push_back(record.number_or("dropped_fraction", kNaN));
     history.tokens_per_s.push_back(record.number_or("tokens_per_s", kNaN));
     history.step_time_s.push_back(record.number_or("step_time_s", kNaN));

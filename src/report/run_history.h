@@ -55,6 +55,9 @@ struct RunHistory {
   // One entry per metrics line, in file order.
   std::vector<double> step, loss, lr, grad_norm, aux_loss, z_loss, dropped_fraction, tokens_per_s, step_time_s, mfu;
   std::vector<double> seq_aux_loss, global_aux_loss;  // NaN on lines without the key
+  // Hot-expert replication (NaN on lines without the keys): replicas, rows a replica computed, and
+  // the busiest expert-parallel rank's rows without and with them (summed over MoE layers).
+  std::vector<double> replicated_experts, replicated_rows, ep_max_load_before, ep_max_load_after;
   std::vector<bool> skipped;
   std::vector<double> val_step, val_loss;  // lines with an evaluation
   // Expert load: load[layer][bin][expert] = routed choices summed over the bin's steps.
@@ -78,6 +81,7 @@ std::vector<double> exponential_moving_average(const std::vector<double>& values
 // weight is 0): the report shows those views only then.
 bool history_has_router_bias(const RunHistory& history);
 bool history_has_seq_aux_loss(const RunHistory& history);
+bool history_has_replication(const RunHistory& history);  // any line with ep_max_load_before
 bool history_has_global_aux_loss(const RunHistory& history);
 
 }  // namespace switchyard
