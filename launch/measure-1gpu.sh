@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# One GPU's measurement set, as docs/PERFORMANCE.md reports it: build, every CUDA test, the routing
+# benchmark, the step-time breakdown of the throughput configs, a short bench-large-1gpu run (does
+# it fit, tokens/s, MFU), the shared experts' second stream on and off, run-to-run determinism and,
+# with --anchors, the PyTorch training anchor beside bench-1gpu. Each part writes OUT/<part>.log
+# and one line to OUT/summary.log; a part that fails is reported and the next one runs.
+#
+# Usage: bash launch/measure-1gpu.sh [--out DIR] [--budget SECONDS] [--anchors DIR] [--only LIST]
+#   --out       where the logs go (default: runs/measure)
+#   --budget    stop starting new parts after this many seconds (default: 0 = no limit); each part
+#               is also capped by what is left
+#   --anchors   a folder holding torch_train_bench.py (the project's anchors); without it the
+#               anchor part is skipped
+#   --only      comma list of parts, in this order: build,tests,routing,profile,large,stream,determinism,anchor
+#               (default: all)
+# Needs a CUDA GPU, nvcc, and data/sotu/{train,val}.bin (bash launch/get-data.sh writes them; this
+# script runs it when they are missing). Run from anywhere; it works in the repository root. Every
+# training run gets its own folder under OUT/runs, removed once its numbers are read (the runs are
+# cut short after their last logged step, so no checkpoint is worth keeping).
+set -uo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+out="runs/measure"
+budget=0
+anchors=""
+only="build,tests,routing,profile,large,stream,determinism,anchor"
+fail() { echo "measure-1gpu: $*" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) [ $# -ge 2 ] || fail "--out needs a folder"; out="$2"; shift 2 ;;
+    --budget) [ $# -ge 2 ] && [[ "$2" =~ ^[0-9]+$ ]] || fail "--budget needs a whole number of seconds"; budget="$2"; shift 2 ;;
+    --anchors) [ $# -ge 2 ] || fail "--anchors needs a folder"; anchors="$2"; shift 2 ;;
+    --only) [ $# -ge 2 ] || fail "--only needs a list"; only="$2"; shift 2 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    *) fail "unknown argument '$1' (see --help)" ;;
+  esac
+done
+for part in ${only//,/ }; do
+  case "$part" in build|tests|routing|profile|large|stream|determinism|anchor) ;;
+    *) fail "--only: unknown part '$part' (parts: build,tests,routing,profile,large,stream,determinism,anchor)" ;;
+  esac
+done
+[ -z "$anchors" ] || [ -f "$anchors/torch_train_bench.py" ] || fail "--anchors $anchors holds no torch_train_bench.py"
+mkdir -p "$out" || fail "cannot create $out"
+binary="build/switchyard"
+start=$(date +%s)
+wants() { [[ ",$only," == *",$1,"* ]]; }
+left() { [ "$budget" -eq 0 ] && echo 100000 || echo $(( budget - ($(date +%s) - start) )); }
+cap() { local remaining; remaining=$(left); echo $(( remaining < $1 ? remaining : $1 )); }
+note() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$out/summary.log"; }
+# A fresh run folder for one training run (the previous one's removed: its numbers are in the logs).
+run_dir() { rm -rf "$out/runs/$1"; mkdir -p "$out/runs"; echo "$out/runs/$1"; }
+# A part runs only when asked for and when at least `needed` seconds are left.
+runs() { wants "$1" || return 1; [ "$(left)" -ge "$2" ] || { note "$1: skipped (budget)"; return 1; }; note "$1"; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1 ||
+  fail "nvidia-smi failed: this script needs a GPU"
+note "gpu: $(head -1 "$out/gpu.txt"); commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+
+if runs build 60; then
+  { cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release && cmake --build build -j "$(nproc)" --target switchyard cuda_tests; } \
+    > "$out/build.log" 2>&1 || { note "build: FAILED (build.log)"; exit 1; }
+fi
+[ -x "$binary" ] || fail "$binary is missing (run with the build part)"
+[ -s data/sotu/train.bin ] || bash launch/get-data.sh "$binary" > "$out/data.log" 2>&1 || fail "get-data failed ($out/data.log)"
+
+if runs tests 60; then
+  timeout "$(cap 300)" ./build/tests/cuda_tests --gtest_brief=1 > "$out/cuda_tests.log" 2>&1
+  note "tests: rc $? -- $(grep -E '^\[  (PASSED|FAILED) ' "$out/cuda_tests.log" | tr '\n' ' ')"
+fi
+if runs routing 30; then
+  timeout "$(cap 120)" "$binary" bench moe --only routing > "$out/routing.log" 2>&1
+  grep "^Routing alone" "$out/routing.log" | while read -r line; do note "routing: $line"; done
+fi
+if runs profile 60; then
+  for config in bench-1gpu finegrained-1gpu; do
+    [ "$(left)" -ge 40 ] || { note "profile $config: skipped (budget)"; continue; }
+    timeout "$(cap 150)" "$binary" train "configs/$config.yaml" --profile-steps 3 \
+      --set "logging.run_dir=$(run_dir "profile-$config")" 2>&1 | sed -u '/step profile ->/q' > "$out/profile-$config.log"
+    note "profile $config: $(grep -m1 'MFU = ' "$out/profile-$config.log" | sed 's/.*= //')"
+  done
+fi
+if runs large 60; then
+  timeout "$(cap 200)" "$binary" train configs/bench-large-1gpu.yaml --set training.steps=8 --set training.log_every=2 \
+    --set "logging.run_dir=$(run_dir large)" 2>&1 | sed -u '/step 8\//q' > "$out/large.log"
+  note "large: $(grep -m1 'device memory' "$out/large.log" | sed 's/.*: device/device/')"
+  note "large: $(grep 'step 8/' "$out/large.log" | head -1)"
+fi
+if runs stream 60; then
+  for round in 1 2; do
+    for stream in 1 0; do
+      [ "$(left)" -ge 30 ] || { note "stream $stream: skipped (budget)"; continue; }
+      SWITCHYARD_SHARED_EXPERT_STREAM=$stream timeout "$(cap 90)" "$binary" train configs/finegrained-1gpu.yaml \
+        --set training.steps=30 --set training.log_every=10 --set "logging.run_dir=$(run_dir "stream-$stream-$round")" \
+        2>&1 | sed -u '/step 30\//q' > "$out/stream-$stream-$round.log"
+      note "stream $stream (round $round): $(grep 'step 30/' "$out/stream-$stream-$round.log" | head -1)"
+    done
+  done
+fi
+if runs determinism 60; then
+  for run in a b; do
+    dir="$(run_dir "determinism-$run")"
+    timeout "$(cap 90)" "$binary" train configs/finegrained-1gpu.yaml --set parallel.deterministic=true \
+      --set training.steps=4 --set optimizer.warmup_steps=1 --set training.log_every=1 \
+      --set "logging.run_dir=$dir" > "$out/determinism-$run.log" 2>&1
+    python3 -c "import json,sys; [print(r['step'], r['loss'], r['grad_norm']) for r in map(json.loads, open(sys.argv[1]))]" \
+      "$dir/metrics.jsonl" > "$out/determinism-$run.losses" 2>&1
+  done
+  if [ -s "$out/determinism-a.losses" ] && cmp -s "$out/determinism-a.losses" "$out/determinism-b.losses"; then
+    note "determinism: two runs, identical losses and gradient norms over 4 steps"
+  else
+    note "determinism: DIFFER or failed (determinism-*.losses, determinism-*.log)"
+  fi
+fi
+if [ -n "$anchors" ] && runs anchor 120; then
+  timeout "$(cap 200)" python3 "$anchors/torch_train_bench.py" --compile --steps 10 > "$out/anchor-compile.log" 2>&1
+  note "anchor: $(tail -1 "$out/anchor-compile.log")"
+  timeout "$(cap 120)" "$binary" train configs/bench-1gpu.yaml --set training.steps=20 \
+    --set "logging.run_dir=$(run_dir bench-1gpu)" 2>&1 | sed -u '/step 20\//q' > "$out/bench-1gpu.log"
+  note "bench-1gpu: $(grep 'step 20/' "$out/bench-1gpu.log" | head -1)"
+fi
+note "done: $out/summary.log"
