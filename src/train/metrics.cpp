@@ -14,23 +14,6 @@
 namespace switchyard {
 namespace {
 
-std::string json_string(const std::string& text) {
-  std::string out = "\"";
-  for (char c : text) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if ((unsigned char)c < 0x20) {
-      char buffer[8];
-      std::snprintf(buffer, sizeof(buffer), "\\u%04x", unsigned((unsigned char)c));
-      out += buffer;
-    } else {
-      out += c;
-    }
-  }
-  return out + "\"";
-}
-
 std::string fixed(double value, int digits) {
   char buffer[64];
   std::snprintf(buffer, sizeof(buffer), "%.*f", digits, value);
@@ -128,8 +111,8 @@ std::string metrics_json(const StepMetrics& m) {
   if (!m.warnings.empty()) {
     out << ",\"warnings\":[";
     for (size_t index = 0; index < m.warnings.size(); ++index)
-      out << (index ? "," : "") << "{\"kind\":" << json_string(m.warnings[index].kind)
-          << ",\"message\":" << json_string(m.warnings[index].message) << "}";
+      out << (index ? "," : "") << "{\"kind\":" << json::quote(m.warnings[index].kind)
+          << ",\"message\":" << json::quote(m.warnings[index].message) << "}";
     out << "]";
   }
   out << "}";
