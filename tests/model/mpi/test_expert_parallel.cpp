@@ -79,22 +79,10 @@ MoeLayerConfig make_config(const Scenario& scenario) {
 int64_t tokens_of(int world_rank) { return 17 + 5 * world_rank; }
 
 // Full model (every expert, identical on all ranks) and this rank's tokens, on the host in f64.
-struct HostModel {
-  HostTensor router, w1, w2, x, grad_y;
+struct HostModel : EpTestProblem {
   HostModel(const MoeLayerConfig& config, const Scenario& scenario, int world_rank, int ep_rank, int ep_size,
             uint64_t salt)
-      : router(DType::f64, {kModel, kExperts}),
-        w1(DType::f64, {kExperts, kModel, config.w1_columns()}),
-        w2(DType::f64, {kExperts, kHidden, kModel}),
-        x(DType::f64, {tokens_of(world_rank), kModel}),
-        grad_y(DType::f64, {tokens_of(world_rank), kModel}) {
-    std::mt19937_64 shared(shared_seed() ^ (salt * 0x9E3779B97F4A7C15ull));
-    fill_normal(router, shared, 0, 1);
-    fill_normal(w1, shared, 0, 0.6);
-    fill_normal(w2, shared, 0, 0.6);
-    std::mt19937_64 own(shared_seed() + 7919 * uint64_t(world_rank + 1) + salt);
-    fill_uniform(x, own, -1, 1);
-    fill_uniform(grad_y, own, -1, 1);
+      : EpTestProblem(config, DType::f64, world_rank, tokens_of(world_rank), salt, 1.0, 0.6, 0.6) {
     const int64_t tokens = x.tensor().dim(0);
     if (scenario.one_expert_rank && ep_rank == 0) {
       // Positive multiples of one vector: every token has the same logit order.

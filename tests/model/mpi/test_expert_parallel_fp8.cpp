@@ -85,34 +85,21 @@ MoeForwardArgs training_args() {
 }
 
 // Every expert's weights (identical on all ranks) and this rank's tokens, f64 on the host.
-struct Problem {
-  HostTensor router, w1, w2, x, grad_y;
+struct Problem : EpTestProblem {
   Problem(const MoeLayerConfig& config, int world_rank, uint64_t salt)
-      : router(DType::f64, {kModel, kExperts}),
-        w1(DType::f64, {kExperts, kModel, config.w1_columns()}),
-        w2(DType::f64, {kExperts, kHidden, kModel}),
-        x(DType::f64, {tokens_of(world_rank), kModel}),
-        grad_y(DType::f64, {tokens_of(world_rank), kModel}) {
-    std::mt19937_64 shared(shared_seed() ^ (salt * 0x9E3779B97F4A7C15ull));
-    fill_normal(router, shared, 0, 0.3);
-    fill_normal(w1, shared, 0, 0.1);
-    fill_normal(w2, shared, 0, 0.3);
-    std::mt19937_64 own(shared_seed() + 7919 * uint64_t(world_rank + 1) + salt);
-    fill_uniform(x, own, -1, 1);
-    fill_uniform(grad_y, own, -1, 1);
-  }
+      : EpTestProblem(config, DType::f64, world_rank, tokens_of(world_rank), salt, 0.3, 0.1, 0.3) {}
 
   // Block 0 of every token exact in e4m3 at a power-of-two scale (448 * 2^k its largest magnitude);
   // router rows of block 1 zero, so the routing cannot see block 1.
   void make_router_blind_to_quantization(int world_rank) {
-    std::mt19937_64 own(shared_seed() + 104729 * uint64_t(world_rank + 1));
+    std::mt19937_64 blocks(shared_seed() + 104729 * uint64_t(world_rank + 1));
     std::uniform_int_distribution<int> code(0, 0x7E), sign(0, 1), exponent(-12, -6);
     const int64_t tokens = x.tensor().dim(0);
     for (int64_t token = 0; token < tokens; ++token) {
-      const double scale = std::ldexp(1.0, exponent(own));
+      const double scale = std::ldexp(1.0, exponent(blocks));
       double* row = x.data<double>() + token * kModel;
       for (int64_t column = 0; column < kFp8BlockElements; ++column)
-        row[column] = (sign(own) ? -1.0 : 1.0) * double(cpu::e4m3_to_float(uint8_t(code(own)))) * scale;
+        row[column] = (sign(blocks) ? -1.0 : 1.0) * double(cpu::e4m3_to_float(uint8_t(code(blocks)))) * scale;
       row[token % kFp8BlockElements] = 448.0 * scale;
     }
     for (int64_t feature = kFp8BlockElements; feature < kModel; ++feature)

@@ -69,21 +69,9 @@ constexpr int kPasses = 3;
 constexpr int64_t kMaxTokens = 29 + 3 * 3;  // the largest batch at np 4
 
 // Every expert's weights (identical on all ranks) and one pass's tokens of this rank.
-struct Problem {
-  HostTensor router, w1, w2, x, grad_y;
+struct Problem : EpTestProblem {
   Problem(const MoeLayerConfig& config, int world_rank, int64_t tokens, uint64_t salt)
-      : router(DType::f64, {kModel, kExperts}),
-        w1(DType::f64, {kExperts, kModel, config.w1_columns()}),
-        w2(DType::f64, {kExperts, kHidden, kModel}),
-        x(DType::f64, {tokens, kModel}),
-        grad_y(DType::f64, {tokens, kModel}) {
-    std::mt19937_64 shared(shared_seed() ^ (salt * 0x9E3779B97F4A7C15ull));
-    fill_normal(router, shared, 0, 1);
-    fill_normal(w1, shared, 0, 0.6);
-    fill_normal(w2, shared, 0, 0.6);
-    std::mt19937_64 own(shared_seed() + 7919 * uint64_t(world_rank + 1) + salt);
-    fill_uniform(x, own, -1, 1);
-    fill_uniform(grad_y, own, -1, 1);
+      : EpTestProblem(config, DType::f64, world_rank, tokens, salt, 1.0, 0.6, 0.6) {
     if (world_rank == 1) {
       // Positive multiples of one vector: every token ranks the experts alike, so with a capacity
       // the first tokens fill their experts and the later ones (part 1) are all dropped.

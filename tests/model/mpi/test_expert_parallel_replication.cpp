@@ -72,25 +72,13 @@ constexpr int64_t kMaxTokens = 41 + 5 * 3;
 
 // Every expert's weights (identical on all ranks), a selection bias that makes the low experts hot,
 // and one pass's tokens of this rank; in `dtype` (f64 or f32).
-struct Problem {
-  HostTensor router, w1, w2, bias, x, grad_y;
+struct Problem : EpTestProblem {
+  HostTensor bias;
   Problem(const MoeLayerConfig& config, DType dtype, int world_rank, int64_t tokens, uint64_t salt)
-      : router(dtype, {kModel, kExperts}),
-        w1(dtype, {kExperts, kModel, config.w1_columns()}),
-        w2(dtype, {kExperts, kHidden, kModel}),
-        bias(dtype, {kExperts}),
-        x(dtype, {tokens, kModel}),
-        grad_y(dtype, {tokens, kModel}) {
-    std::mt19937_64 shared(shared_seed() ^ (salt * 0x9E3779B97F4A7C15ull));
-    fill_normal(router, shared, 0, 0.5);
-    fill_normal(w1, shared, 0, 0.6);
-    fill_normal(w2, shared, 0, 0.6);
+      : EpTestProblem(config, dtype, world_rank, tokens, salt, 0.5, 0.6, 0.6), bias(dtype, {kExperts}) {
     // Expert 0 far hotter than the others (most tokens' first choice): a replica of it can take only
     // part of its rows, so its owner continues the replica's sums.
     for (int expert = 0; expert < kExperts; ++expert) set_element(bias, expert, expert == 0 ? 4.0 : 0.0);
-    std::mt19937_64 own(shared_seed() + 7919 * uint64_t(world_rank + 1) + salt);
-    fill_uniform(x, own, -1, 1);
-    fill_uniform(grad_y, own, -1, 1);
   }
 };
 
