@@ -119,6 +119,28 @@ std::vector<int> ReplicaExchange::replicas_between(int owner, int host) const {
   return experts;
 }
 
+ReplicaExchange::MatrixLayout ReplicaExchange::matrix_layout(int64_t elements) const {
+  MatrixLayout layout;
+  layout.owner_counts.assign(size_t(ranks_), 0);
+  layout.owner_offsets.assign(size_t(ranks_), 0);
+  layout.host_counts.assign(size_t(ranks_), 0);
+  layout.host_offsets.assign(size_t(ranks_), 0);
+  // As owner: this rank's replicated matrices packed by host, hosts ascending, experts ascending.
+  for (int host = 0; host < ranks_; ++host) {
+    const int64_t count = int64_t(replicas_between(rank_, host).size());
+    layout.owner_offsets[size_t(host)] = layout.packed * elements;
+    layout.owner_counts[size_t(host)] = count * elements;
+    layout.packed += count;
+  }
+  // As host: its slots from each owner are contiguous (ascending expert id).
+  for (int slot = 0; slot < hosted(); ++slot) {
+    const int owner = hosted_experts_[size_t(slot)] / local_experts_;
+    if (layout.host_counts[size_t(owner)] == 0) layout.host_offsets[size_t(owner)] = int64_t(slot) * elements;
+    layout.host_counts[size_t(owner)] += elements;
+  }
+  return layout;
+}
+
 void ReplicaExchange::ensure_staging(const ExecContext& context, size_t bytes) {
   if (staging_.bytes() >= bytes) return;
   // Nothing queued may still use the old staging.
@@ -154,22 +176,8 @@ void ReplicaExchange::send_weights(const ExecContext& context, const Tensor& wei
   check_matrices("replica weights", replica_weights, hosted(), weights, device_);
   const int64_t elements = weights.dim(1) * weights.dim(2);
   const size_t matrix_bytes = size_t(elements) * dtype_size(weights.dtype);
-  // The owner's matrices for each host, hosts ascending, experts ascending within a host.
-  std::vector<int64_t> send_counts(size_t(ranks_), 0), send_offsets(size_t(ranks_), 0);
-  std::vector<int64_t> recv_counts(size_t(ranks_), 0), recv_offsets(size_t(ranks_), 0);
-  int64_t packed = 0;
-  for (int host = 0; host < ranks_; ++host) {
-    const int64_t count = int64_t(replicas_between(rank_, host).size());
-    send_offsets[size_t(host)] = packed * elements;
-    send_counts[size_t(host)] = count * elements;
-    packed += count;
-  }
-  // The host's slots from each owner are contiguous (ascending expert id).
-  for (int slot = 0; slot < hosted(); ++slot) {
-    const int owner = hosted_experts_[size_t(slot)] / local_experts_;
-    if (recv_counts[size_t(owner)] == 0) recv_offsets[size_t(owner)] = int64_t(slot) * elements;
-    recv_counts[size_t(owner)] += elements;
-  }
+  const MatrixLayout layout = matrix_layout(elements);
+  const int64_t packed = layout.packed;
   ensure_staging(context, std::max<size_t>(size_t(packed) * matrix_bytes, 1));
   const Tensor staging(staging_.data(), weights.dtype, device_, {std::max<int64_t>(packed, 1), weights.dim(1),
                                                                  weights.dim(2)});
@@ -180,8 +188,8 @@ void ReplicaExchange::send_weights(const ExecContext& context, const Tensor& wei
       ops::copy(context, matrix(weights, expert % local_experts_), destination);
     }
   events_.comm_waits_for_compute(context, *communicator_);
-  communicator_->all_to_all_v(staging_.data(), send_counts, send_offsets, replica_weights.data, recv_counts,
-                              recv_offsets, weights.dtype);
+  communicator_->all_to_all_v(staging_.data(), layout.owner_counts, layout.owner_offsets, replica_weights.data,
+                              layout.host_counts, layout.host_offsets, weights.dtype);
   events_.record_comm(0, *communicator_);
   events_.compute_waits_for_comm(context, 0);
 }
@@ -196,24 +204,12 @@ void ReplicaExchange::return_gradients(const ExecContext& context, const Tensor&
   const int64_t elements = owner_gradients.dim(1) * owner_gradients.dim(2);
   const size_t matrix_bytes = size_t(elements) * dtype_size(owner_gradients.dtype);
   // The mirror of send_weights: slots go back to their owners, the owner receives by host.
-  std::vector<int64_t> send_counts(size_t(ranks_), 0), send_offsets(size_t(ranks_), 0);
-  std::vector<int64_t> recv_counts(size_t(ranks_), 0), recv_offsets(size_t(ranks_), 0);
-  for (int slot = 0; slot < hosted(); ++slot) {
-    const int owner = hosted_experts_[size_t(slot)] / local_experts_;
-    if (send_counts[size_t(owner)] == 0) send_offsets[size_t(owner)] = int64_t(slot) * elements;
-    send_counts[size_t(owner)] += elements;
-  }
-  int64_t packed = 0;
-  for (int host = 0; host < ranks_; ++host) {
-    const int64_t count = int64_t(replicas_between(rank_, host).size());
-    recv_offsets[size_t(host)] = packed * elements;
-    recv_counts[size_t(host)] = count * elements;
-    packed += count;
-  }
+  const MatrixLayout layout = matrix_layout(elements);
+  const int64_t packed = layout.packed;
   ensure_staging(context, std::max<size_t>(size_t(packed) * matrix_bytes, 1));
   events_.comm_waits_for_compute(context, *communicator_);
-  communicator_->all_to_all_v(replica_gradients.data, send_counts, send_offsets, staging_.data(), recv_counts,
-                              recv_offsets, owner_gradients.dtype);
+  communicator_->all_to_all_v(replica_gradients.data, layout.host_counts, layout.host_offsets, staging_.data(),
+                              layout.owner_counts, layout.owner_offsets, owner_gradients.dtype);
   events_.record_comm(0, *communicator_);
   events_.compute_waits_for_comm(context, 0);
   const Tensor staging(staging_.data(), owner_gradients.dtype, device_,

@@ -98,6 +98,15 @@ class ReplicaExchange {
   void build_tables();
   // Staging of at least `bytes` (grown after the streams are idle).
   void ensure_staging(const ExecContext& context, size_t bytes);
+  // The all-to-all-v pieces (in elements, `elements` per matrix) between the replicas' owners and
+  // hosts, one per peer: as owner, this rank's replicated matrices packed by host (`packed` of them,
+  // hosts ascending, experts ascending); as host, its slots by owner. send_weights sends the owner
+  // side and receives the host side; return_gradients the reverse.
+  struct MatrixLayout {
+    std::vector<int64_t> owner_counts, owner_offsets, host_counts, host_offsets;
+    int64_t packed = 0;
+  };
+  MatrixLayout matrix_layout(int64_t elements) const;
   // The replicas owned by `owner` and hosted by `host`, ascending by expert.
   std::vector<int> replicas_between(int owner, int host) const;
 
