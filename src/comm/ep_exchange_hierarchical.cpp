@@ -200,24 +200,8 @@ class HierarchicalEpExchange final : public EpExchange {
   enum SenderInts { kNodeIds, kNodeSlots, kNodeChoiceRows, kNodeRowTokens, kMetaIds, kNumSenderInts };
   enum RelayInts { kRelayIds, kRelaySlots, kRelayChoiceRows, kRelayRowTokens, kNumRelayInts };
 
-  RoutingParams node_params(int64_t tokens) const {
-    RoutingParams params;
-    params.num_tokens = tokens;
-    params.num_experts = rail_->size();
-    params.k_max = node_slots_;
-    params.dropless = true;
-    params.segment_alignment = 1;
-    return params;
-  }
-  RoutingParams relay_params(int64_t rows) const {
-    RoutingParams params;
-    params.num_tokens = rows;
-    params.num_experts = experts_per_node_;
-    params.k_max = choices_;
-    params.dropless = true;
-    params.segment_alignment = 1;
-    return params;
-  }
+  RoutingParams node_params(int64_t tokens) const { return choice_layout_params(tokens, rail_->size(), node_slots_); }
+  RoutingParams relay_params(int64_t rows) const { return choice_layout_params(rows, experts_per_node_, choices_); }
 
   // The sender's node layout as a RoutingResult that permute / permute_backward read.
   RoutingResult node_layout_routing(int64_t tokens) {

@@ -223,8 +223,6 @@ class MoeEpLayer {
   Tensor slot_matrices(const Buffer& buffer, int capacity, DType dtype, bool second, int slots) const;
   // The local experts' gradients in the chain dtype: the gradients themselves, or the f64 scratch.
   Tensor owner_chain(const Tensor& gradient, bool second);
-  // Virtual-expert params of the laid-out routings (two parts, replicas): every choice kept.
-  static RoutingParams laid_out_params(int64_t tokens, int num_experts, int choices);
   Tensor rows(const Buffer& buffer, int64_t first_row, int64_t count, int64_t columns) const;
   // Rows [first, first + count) of a row-major [T, C] tensor (contiguous: a view).
   static Tensor token_rows(const Tensor& tensor, int64_t first, int64_t count);

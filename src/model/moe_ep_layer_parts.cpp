@@ -14,19 +14,6 @@ enum PartInts { kPartIds, kPartSlots, kPartChoiceRows, kPartRowTokens, kPartChoi
 
 }  // namespace
 
-// A part's (or the replicas') routing holds its kept choices only, laid out without capacity: every
-// one is kept, so the layout's worst case is every choice of every token (what permute checks the
-// row map against).
-RoutingParams MoeEpLayer::laid_out_params(int64_t tokens, int num_experts, int choices) {
-  RoutingParams params;
-  params.num_tokens = tokens;
-  params.num_experts = num_experts;
-  params.k_max = choices;
-  params.dropless = true;
-  params.segment_alignment = 1;
-  return params;
-}
-
 Tensor MoeEpLayer::token_rows(const Tensor& tensor, int64_t first, int64_t count) {
   SY_CHECK(tensor.rank == 2 && first >= 0 && count >= 0 && first + count <= tensor.dim(0), "MoeEpLayer: rows [",
            first, ", ", first + count, ") of ", tensor.describe());
@@ -149,7 +136,7 @@ void MoeEpLayer::start_parts(const ExecContext& context, const Tensor& x, const 
   // Both routings first: the count exchanges then follow each other.
   for (Part& part : parts_) build_part_routing(context, routing, part);
   for (Part& part : parts_) {
-    const RoutingParams params = laid_out_params(part.tokens, config_.moe.num_experts, int(routing.expert_ids.dim(1)));
+    const RoutingParams params = choice_layout_params(part.tokens, config_.moe.num_experts, int(routing.expert_ids.dim(1)));
     part.exchange->start_forward(context, token_rows(x, part.first_token, part.tokens), part.routing, params,
                                  part.map);
   }

@@ -62,7 +62,7 @@ void MoeEpLayer::start_replicated(const ExecContext& context, const Tensor& x, c
   SY_CHECK(send_bound <= max_send_rows_, "MoeEpLayer: ", send_bound, " send rows exceed the ", max_send_rows_,
            " allocated");
   const RoutingParams params =
-      laid_out_params(part.tokens, replica_exchange.virtual_experts(), int(routing.expert_ids.dim(1)));
+      choice_layout_params(part.tokens, replica_exchange.virtual_experts(), int(routing.expert_ids.dim(1)));
   part.exchange->start_forward(context, x, replicas.routing, params, router_.dispatch_map(send_bound));
   prepare_replica_slots(context);
 

@@ -76,6 +76,19 @@ inline int64_t expert_capacity(const RoutingParams& params, int64_t total_choice
 
 inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
+// What permute, unpermute_combine and their backwards take with a layout that ep_choice_layout made
+// (src/ops/ep_hier_ops.h): `choices` per token over `num_experts` ids, every one kept (no capacity:
+// the worst case is every choice of every token), packed (segment alignment 1).
+inline RoutingParams choice_layout_params(int64_t tokens, int num_experts, int choices) {
+  RoutingParams params;
+  params.num_tokens = tokens;
+  params.num_experts = num_experts;
+  params.k_max = choices;
+  params.dropless = true;
+  params.segment_alignment = 1;
+  return params;
+}
+
 namespace ops {
 void route(const ExecContext& context, const Tensor& logits, const RoutingInputs& inputs,
            const RoutingParams& params, RoutingResult& result);
