@@ -19,6 +19,7 @@
 #include "src/model/moe_ep_layer.h"
 #include "src/model/moe_layer.h"
 #include "tests/support/comm_test_support.h"
+#include "tests/support/ep_layer_test_config.h"
 #include "tests/support/expect_close.h"
 #include "tests/support/test_helpers.h"
 
@@ -103,23 +104,13 @@ MoeLayerConfig make_config(const Scenario& scenario, int ep_size) {
 int64_t tokens_of(int world_rank) { return 17 + 5 * world_rank; }
 
 // The full model (every expert and the bias, identical on all ranks) and this rank's tokens.
-struct HostModel {
-  HostTensor router, w1, w2, bias, x, grad_y;
+struct HostModel : EpTestProblem {
+  HostTensor bias;
   HostModel(const MoeLayerConfig& config, int world_rank, uint64_t salt)
-      : router(DType::f64, {kModel, kExperts}),
-        w1(DType::f64, {kExperts, kModel, config.w1_columns()}),
-        w2(DType::f64, {kExperts, kHidden, kModel}),
-        bias(DType::f64, {kExperts}),
-        x(DType::f64, {tokens_of(world_rank), kModel}),
-        grad_y(DType::f64, {tokens_of(world_rank), kModel}) {
-    std::mt19937_64 shared(shared_seed() ^ (salt * 0x9E3779B97F4A7C15ull));
-    fill_normal(router, shared, 0, 1);
-    fill_normal(w1, shared, 0, 0.6);
-    fill_normal(w2, shared, 0, 0.6);
-    fill_uniform(bias, shared, -0.3, 0.3);
-    std::mt19937_64 own(shared_seed() + 7919 * uint64_t(world_rank + 1) + salt);
-    fill_uniform(x, own, -1, 1);
-    fill_uniform(grad_y, own, -1, 1);
+      : EpTestProblem(config, DType::f64, world_rank, tokens_of(world_rank), salt, 1.0, 0.6, 0.6),
+        bias(DType::f64, {kExperts}) {
+    std::mt19937_64 shared_bias(shared_seed() ^ ((salt + 1) * 0xD1B54A32D192ED03ull));  // the same on every rank
+    fill_uniform(bias, shared_bias, -0.3, 0.3);
   }
 };
 
