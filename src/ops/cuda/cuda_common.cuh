@@ -442,6 +442,18 @@ __device__ __forceinline__ unsigned long long group_max(unsigned long long value
   return value;
 }
 
+// The largest 32-bit value of an aligned group of kGroup lanes (one warp reduction for a whole warp).
+template <int kGroup>
+__device__ __forceinline__ unsigned group_max_bits(unsigned value) {
+  if constexpr (kGroup == 32) {
+    return __reduce_max_sync(kFullWarpMask, value);
+  } else {
+#pragma unroll
+    for (int offset = kGroup / 2; offset > 0; offset >>= 1) value = max(value, __shfl_xor_sync(kFullWarpMask, value, offset));
+    return value;
+  }
+}
+
 __device__ __forceinline__ unsigned lanemask_lt() {
   unsigned mask;
   asm("mov.u32 %0, %%lanemask_lt;" : "=r"(mask));

@@ -301,7 +301,17 @@ void route(const Tensor& logits, const RoutingInputs& inputs, const RoutingParam
   args.workspace.column_totals = reinterpret_cast<int*>(data + totals_at);
   args.workspace.float_partials = reinterpret_cast<float*>(data + floats_at);
 
-  args.group_floats = grouped ? routing_layout::group_scratch_floats_per_warp(experts, params.num_groups) : 0;
+  // The group limit in registers when every group covers a power-of-two run of whole lane slices
+  // (e.g. E = 256, 8 groups: 2 lanes of 16 experts per group), through shared memory otherwise.
+  const routing_layout::Lanes lanes = routing_layout::forward_lanes(experts);
+  const int lanes_per_group = args.group_size % lanes.per_lane == 0 ? args.group_size / lanes.per_lane : 0;
+  args.lanes_per_group =
+      grouped && lanes_per_group > 0 && lanes_per_group <= lanes.group && (lanes_per_group & (lanes_per_group - 1)) == 0
+          ? lanes_per_group
+          : 0;
+  args.group_floats = grouped && args.lanes_per_group == 0
+                          ? routing_layout::group_scratch_floats_per_warp(experts, params.num_groups)
+                          : 0;
   args.shared_layout = routing_layout::forward_shared(
       experts, k_max, num_warps, bias_data != nullptr ? routing_layout::bias_floats(experts) : 0, args.group_floats);
   const size_t shared_bytes = args.shared_layout.bytes;

@@ -32,6 +32,8 @@ struct RouteArgs {
   bool vector_loads;
   bool grouped;         // group-limited routing with topk_groups < num_groups
   int group_size;       // E / num_groups
+  int lanes_per_group;  // group_size / lanes' slice width when groups cover whole lanes (a power of two); 0: the
+                        // group limit goes through shared memory
   float entropy_scale;  // 1 / ln E (0 for E = 1): normalizes the router entropy to [0, 1]
   routing_layout::ForwardShared shared_layout;  // byte offsets in the dynamic shared memory
   int group_floats;     // floats of group scratch per warp (routing_layout::group_scratch_floats_per_warp)

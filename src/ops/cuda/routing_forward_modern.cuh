@@ -51,7 +51,7 @@ __device__ __forceinline__ void limit_to_groups(const RouteArgs& args, float* sc
   unsigned lane_max = 0u;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) lane_max = keys[i] > lane_max ? keys[i] : lane_max;
-  const float largest_key = from_ordered_bits(unsigned(group_max<kGroup>(static_cast<unsigned long long>(lane_max))));
+  const float largest_key = from_ordered_bits(group_max_bits<kGroup>(lane_max));
   __syncwarp();  // the keys are in scratch
 
   // Group scores: member m scores groups m, m + kGroup, ...
@@ -104,6 +104,64 @@ __device__ __forceinline__ void limit_to_groups(const RouteArgs& args, float* sc
   __syncwarp();  // the next pass writes the scratch again
 }
 
+// Group-limited routing for one token with the group scores in registers: for groups that cover
+// whole lanes (args.lanes_per_group = group_size / kPerLane, a power of two, > 0; the host picks this
+// path), each lane takes the two largest keys of its slice, the group's lanes merge them by xor
+// shuffles, and each lane ranks its group against the others' scores (one shuffle per group). The
+// values and comparisons are the shared-memory path's (the two largest keys as a multiset, equal
+// ones both count; ties to the lower group), so the kept groups are the same. Every lane of the
+// warp calls this.
+template <int kGroup, int kPerLane, bool kSigmoid>
+__device__ __forceinline__ void limit_to_groups_in_registers(const RouteArgs& args, unsigned (&keys)[kPerLane],
+                                                             int member, int lane_experts) {
+  const int num_groups = args.params.num_groups, keep = args.params.topk_groups;
+  const int lanes_per_group = args.lanes_per_group, group_base = (threadIdx.x % 32) & ~(kGroup - 1);
+  unsigned lane_max = 0u;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) lane_max = keys[i] > lane_max ? keys[i] : lane_max;
+  const float largest_key = from_ordered_bits(group_max_bits<kGroup>(lane_max));
+  // The slice's two largest keys (experts past the row take no part).
+  float first = -INFINITY, second = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    if (i >= lane_experts) continue;
+    const float key = from_ordered_bits(keys[i]) + 0.0f;
+    if (key > first) {
+      second = first;
+      first = key;
+    } else if (key > second) {
+      second = key;
+    }
+  }
+  // Merge with the group's other lanes: the top two of {a1 >= a2} and {b1 >= b2}.
+  for (int offset = 1; offset < lanes_per_group; offset <<= 1) {
+    const float other_first = __shfl_xor_sync(kFullWarpMask, first, offset);
+    const float other_second = __shfl_xor_sync(kFullWarpMask, second, offset);
+    const float merged_second = first >= other_first ? fmaxf(second, other_first) : fmaxf(first, other_second);
+    first = fmaxf(first, other_first);
+    second = merged_second;
+  }
+  const bool whole_group = args.group_size > 1;  // lanes_per_group > 0 implies group_size >= kPerLane
+  float score;
+  if constexpr (kSigmoid) {
+    score = whole_group ? __fadd_rn(first, second) : first;
+  } else {
+    const float top = routing_exp(__fsub_rn(first, largest_key));
+    score = whole_group ? __fadd_rn(top, routing_exp(__fsub_rn(second, largest_key))) : top;
+  }
+  // Rank of this lane's group: groups with a higher score, or an equal one and a lower index.
+  const int my_group = member / lanes_per_group;
+  int rank = 0;
+  for (int other = 0; other < num_groups; ++other) {
+    const float theirs = __shfl_sync(kFullWarpMask, score, group_base + other * lanes_per_group);
+    rank += (theirs > score || (theirs == score && other < my_group)) ? 1 : 0;
+  }
+  if (my_group >= num_groups || rank >= keep) {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) keys[i] = 0u;
+  }
+}
+
 // The per-token phase with scores, keys and the group limit above (same outputs and shared-memory
 // hand-off as route_tokens_switch in routing_forward_tile.cuh).
 template <int kGroup, int kPerLane, bool kSigmoid>
@@ -119,6 +177,7 @@ __device__ __forceinline__ void route_tokens_modern(const RouteArgs& args, const
   const bool given = args.params.complexity == ComplexityMode::given,
              entropy = args.params.complexity == ComplexityMode::entropy;
   const bool has_bias = args.selection_bias != nullptr, grouped = args.grouped;
+  const bool grouped_in_shared = grouped && args.lanes_per_group == 0;
   const float* lane_bias = shared.bias + first_expert;  // zero-padded to kGroup * kPerLane
   float* scratch = shared.group_scratch + warp * args.group_floats + group * (num_experts + args.params.num_groups);
   float logits_now[kPerLane], logits_next[kPerLane];
@@ -160,7 +219,7 @@ __device__ __forceinline__ void route_tokens_modern(const RouteArgs& args, const
       }
       if (has_bias) key = __fadd_rn(key, lane_bias[i]);
       keys[i] = i < lane_experts ? ordered_bits(key) : 0u;
-      if (grouped && i < lane_experts) scratch[first_expert + i] = key + 0.0f;
+      if (grouped_in_shared && i < lane_experts) scratch[first_expert + i] = key + 0.0f;
     }
     const float sum = group_sum<kGroup>(slice_reduce(exps, [](float a, float b) { return a + b; }));
     const float inverse_sum = token_exists ? 1.0f / sum : 0.0f, log_sum = logf(sum), lse = row_max + log_sum;
@@ -179,30 +238,39 @@ __device__ __forceinline__ void route_tokens_modern(const RouteArgs& args, const
     const int k_token = token_exists ? choices_of_token(args.params.complexity != ComplexityMode::none,
                                                         complexity, args.params.k_min, k_max)
                                      : 0;
-    if (grouped) limit_to_groups<kGroup, kPerLane, kSigmoid>(args, scratch, keys, member, first_expert, lane_experts);
+    if (grouped_in_shared)
+      limit_to_groups<kGroup, kPerLane, kSigmoid>(args, scratch, keys, member, first_expert, lane_experts);
+    else if (grouped)
+      limit_to_groups_in_registers<kGroup, kPerLane, kSigmoid>(args, keys, member, lane_experts);
 
-    // Top-k over the keys, as route_tokens_switch; the owner of the winner also hands its score to
-    // the token's lanes.
+    // Top-k over the keys: per round the slice's best (tree, lowest index on ties), the group's
+    // largest key (32 bits), and the lowest lane holding it (a ballot): lanes own ascending slices,
+    // so that is the lowest expert among equal keys, the order the reference breaks ties in. The
+    // winner's lane clears the key and hands its index and unbiased score to the token's lanes.
     const int rounds = int(__reduce_max_sync(kFullWarpMask, unsigned(k_token)));
     const int group_base = lane & ~(kGroup - 1);
+    const unsigned group_lanes = kGroup == 32 ? kFullWarpMask : ((1u << kGroup) - 1u) << group_base;
     float normalizer = 0.0f;
 #pragma unroll 1
     for (int choice = 0; choice < rounds; ++choice) {
       unsigned best_key;
       int best_index;
       slice_argmax(keys, best_key, best_index);
-      const unsigned long long best = group_max<kGroup>(
-          (static_cast<unsigned long long>(best_key) << 32) | (0xffffffffu - unsigned(first_expert + best_index)));
-      const int winner = int(0xffffffffu - unsigned(best & 0xffffffffu));  // < kGroup * kPerLane
+      const unsigned group_best = group_max_bits<kGroup>(best_key);
+      const unsigned holders = __ballot_sync(kFullWarpMask, best_key == group_best) & group_lanes;
+      const int winner_lane = __ffs(holders) - 1;
       float winner_score = 0.0f;
+      if (lane == winner_lane) {
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        if (first_expert + i == winner) {
-          keys[i] = 0u;
-          winner_score = scores[i];
+        for (int i = 0; i < kPerLane; ++i) {
+          if (i == best_index) {
+            keys[i] = 0u;
+            winner_score = scores[i];
+          }
         }
       }
-      winner_score = __shfl_sync(kFullWarpMask, winner_score, group_base + winner / kPerLane);
+      const int winner = (winner_lane - group_base) * kPerLane + __shfl_sync(kFullWarpMask, best_index, winner_lane);
+      winner_score = __shfl_sync(kFullWarpMask, winner_score, winner_lane);
       const float gate = kSigmoid ? winner_score : winner_score * inverse_sum;
       if (choice < k_token) normalizer += gate;  // in choice order, as the reference sums
       if (member == 0) {

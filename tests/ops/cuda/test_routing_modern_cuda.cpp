@@ -126,6 +126,28 @@ std::vector<ModernCase> forward_cases() {
                   c.groups = 5;
                   c.topk_groups = 2;
                 }),
+      // Groups of whole lane slices take the register path (1, 2 and 4 lanes per group here).
+      make_case("E64_sigmoid_bias_ties_groups_of_8", 1500, 64, 4,
+                [](ModernCase& c) {
+                  c.score = S::sigmoid;
+                  c.bias = true;
+                  c.ties = true;
+                  c.groups = 8;
+                  c.topk_groups = 3;
+                }),
+      make_case("E128_softmax_bias_ties_groups_of_32", 1500, 128, 6,
+                [](ModernCase& c) {
+                  c.bias = true;
+                  c.ties = true;
+                  c.groups = 4;
+                  c.topk_groups = 2;
+                }),
+      make_case("E192_sigmoid_groups_of_32_padded_lanes", 1500, 192, 8,
+                [](ModernCase& c) {
+                  c.score = S::sigmoid;
+                  c.groups = 6;
+                  c.topk_groups = 3;
+                }),
       make_case("E16_softmax_bias_one_expert_groups", 1500, 16, 2,
                 [](ModernCase& c) {
                   c.bias = true;
