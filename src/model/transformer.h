@@ -208,8 +208,8 @@ class Transformer {
   // on; nullptr stops. Not owned. The stages do not nest and cover all the model's work:
   //   forward:  "embedding", "norm", "attention", "residual", "dense FFN", "MoE", "shared experts",
   //             "LM head", "loss"
-  //   backward: "LM head backward", "norm backward", "attention backward", "residual backward",
-  //             "dense FFN backward", "MoE backward", "shared experts backward", "embedding backward",
+  //   backward: "LM head backward", "norm backward" (which adds to the residual stream's
+  //             gradient), "attention backward", "dense FFN backward", "MoE backward", "shared experts backward", "embedding backward",
   //             and with options.recompute the repeated forward work: "norm recompute",
   //             "attention recompute", "dense FFN recompute", "MoE recompute",
   //             "shared experts recompute"
@@ -278,14 +278,13 @@ class Transformer {
                     const Tensor& x, Tensor& out, Tensor& mean, Tensor& rstd, const char* stage_name = "norm");
   void norm_backward(const ExecContext& context, ModelParameters& parameters, int weight, int bias, const Tensor& x,
                      const Tensor& mean, const Tensor& rstd, const Tensor& grad_out, Tensor& grad_x,
-                     bool accumulate);
+                     bool add_to_grad_x, bool accumulate);
   void allocate_step_loads();
   Tensor step_loads_row(int moe_ordinal) const;    // fp32 [E]
   Tensor global_loads_row(int moe_ordinal) const;  // stats dtype [E]
   Tensor rows(const Buffer& buffer, int64_t columns) const;  // [tokens_, columns] activation view
   Tensor stat_rows(const Buffer& buffer) const;              // [tokens_] statistics view
   void add_gradient(const ExecContext& context, const Tensor& scratch, Tensor& target) const;
-  Tensor scratch_like(const Tensor& target) const;
 
   ModelConfig model_;
   MoeConfig moe_;

@@ -1,10 +1,10 @@
 // The transformer's backward pass (math: src/model/transformer.h).
 //
 // grad_residual carries dL/dx_b down the blocks: it enters block b as dL/dx_{b+1}; the FFN's
-// input gradient goes through norm2's backward and is added (dL/dx'), then the attention's input
-// gradient through norm1's backward is added (dL/dx_b). Weight gradients of GEMMs use
-// beta = accumulate; the ops that only overwrite (norm weights, the MoE layer) write a scratch
-// buffer that is then added when accumulating. With options.recompute, a block's backward first
+// input gradient goes through norm2's backward, which adds it (dL/dx'), then the attention's input
+// gradient through norm1's backward, which adds it (dL/dx_b). Weight gradients of GEMMs use
+// beta = accumulate, the norms add theirs when accumulating; the MoE layer only overwrites, so it
+// writes a scratch buffer that is then added. With options.recompute, a block's backward first
 // repeats the recomputed sublayers' forward into the shared buffers (attention from x_b, which
 // in mode all also gives x'; the FFN from x'), then runs as without.
 #include <algorithm>
@@ -25,7 +25,7 @@ void Transformer::allocate_backward_buffers() {
   grad_qkv_ = Buffer(device, tokens * 3 * width * element);
   grad_attention_ = Buffer(device, tokens * width * element);
   int64_t ffn_w1_columns = 0, ffn_hidden = 0;  // the widest dense FFN (dense blocks, shared experts)
-  int64_t scratch_elements = 2 * model_.d_model;  // a norm's weight and bias
+  int64_t scratch_elements = 0;  // the largest MoE layer's gradients
   for (const auto& block : blocks_) {
     ffn_w1_columns = std::max(ffn_w1_columns, block->ffn.w1_columns);
     ffn_hidden = std::max(ffn_hidden, block->ffn.hidden);
@@ -42,14 +42,6 @@ void Transformer::allocate_backward_buffers() {
   const DType grad_dtype = device == DeviceKind::cpu ? options_.activation_dtype : DType::f32;
   gradient_scratch_ = Buffer(device, size_t(scratch_elements) * dtype_size(grad_dtype));
   backward_ready_ = true;
-}
-
-Tensor Transformer::scratch_like(const Tensor& target) const {
-  SY_CHECK(target.bytes() <= gradient_scratch_.bytes(), "Transformer: gradient scratch too small for ",
-           target.describe());
-  Tensor scratch = target;
-  scratch.data = gradient_scratch_.data();
-  return scratch;
 }
 
 void Transformer::add_gradient(const ExecContext& context, const Tensor& scratch, Tensor& target) const {
@@ -74,27 +66,19 @@ void Transformer::dense_ffn_backward(const ExecContext& context, ModelParameters
 
 void Transformer::norm_backward(const ExecContext& context, ModelParameters& parameters, int weight, int bias,
                                 const Tensor& x, const Tensor& mean, const Tensor& rstd, const Tensor& grad_out,
-                                Tensor& grad_x, bool accumulate) {
+                                Tensor& grad_x, bool add_to_grad_x, bool accumulate) {
   stage(context, "norm backward", [&] {
     Tensor grad_weight = parameters.grad(weight);
-    Tensor weight_target = grad_weight, bias_target;
-    if (accumulate) {
-      grad_weight = scratch_like(grad_weight);
-    }
     const Tensor weight_values = parameters.compute(weight);
+    // The op adds dx to the residual stream's gradient and the parameter gradients to the
+    // micro-steps' sums itself: no scratch, no separate add passes.
+    const NormAccumulate mode{add_to_grad_x, accumulate};
     if (model_.norm == NormKind::layernorm) {
       Tensor grad_bias = parameters.grad(bias);
-      bias_target = grad_bias;
-      if (accumulate) {  // the bias's scratch follows the weight's
-        grad_bias.data = static_cast<char*>(gradient_scratch_.data()) + grad_weight.bytes();
-        SY_CHECK(grad_weight.bytes() + grad_bias.bytes() <= gradient_scratch_.bytes(), "norm scratch too small");
-      }
-      ops::layernorm_backward(context, x, weight_values, mean, rstd, grad_out, grad_x, grad_weight, grad_bias);
-      if (accumulate) add_gradient(context, grad_bias, bias_target);
+      ops::layernorm_backward(context, x, weight_values, mean, rstd, grad_out, grad_x, grad_weight, grad_bias, mode);
     } else {
-      ops::rmsnorm_backward(context, x, weight_values, rstd, grad_out, grad_x, grad_weight);
+      ops::rmsnorm_backward(context, x, weight_values, rstd, grad_out, grad_x, grad_weight, mode);
     }
-    if (accumulate) add_gradient(context, grad_weight, weight_target);
   });
 }
 
@@ -120,7 +104,7 @@ void Transformer::backward(const ExecContext& context, ModelParameters& paramete
   Tensor grad_residual = rows(grad_residual_, width);
   Tensor last = rows(residual_.back(), width);
   norm_backward(context, parameters, final_norm_weight_, final_norm_bias_, last, stat_rows(final_mean_),
-                stat_rows(final_rstd_), grad_normed, grad_residual, accumulate);
+                stat_rows(final_rstd_), grad_normed, grad_residual, false, accumulate);
 
   for (size_t index = blocks_.size(); index-- > 0;)
     backward_block(context, parameters, *blocks_[index], aux_grad_scale, accumulate, grad_residual);
@@ -177,7 +161,7 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
       SY_CHECK(offset <= gradient_scratch_.bytes(), "MoE gradient scratch too small");
     }
     // The shared experts' backward on their stream, beside the routed layer's: their input
-    // gradient goes to grad_b_ (free until the norm's backward below) and is added after the join.
+    // gradient goes to grad_b_ (free scratch) and is added after the join.
     SideStream& side = shared_expert_stream(context);
     Tensor grad_shared_input = rows(grad_b_, width);
     if (block.has_shared_experts()) {
@@ -201,10 +185,9 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
       stage(context, "shared experts backward", [&] { ops::add_into(context, grad_shared_input, grad_normed2); });
     }
   }
-  Tensor grad_part = rows(grad_b_, width);
+  // grad_residual += norm2's input gradient: now dL/dx'.
   norm_backward(context, parameters, block.ffn_norm_weight, block.ffn_norm_bias, mid, stat_rows(ffn_saved.norm_mean),
-                stat_rows(ffn_saved.norm_rstd), grad_normed2, grad_part, accumulate);
-  stage(context, "residual backward", [&] { ops::add_into(context, grad_part, grad_residual); });  // now dL/dx'
+                stat_rows(ffn_saved.norm_rstd), grad_normed2, grad_residual, true, accumulate);
 
   // Attention sublayer: x' = x + attention(rotary(norm1(x) Wqkv)) Wo.
   Tensor grad_normed1 = rows(grad_a_, width);
@@ -228,9 +211,8 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
     ops::gemm(context, false, true, 1.0f, grad_qkv, parameters.compute(block.qkv), 0.0f, grad_normed1);
   });
   norm_backward(context, parameters, block.attn_norm_weight, block.attn_norm_bias, x,
-                stat_rows(attention_saved.norm_mean), stat_rows(attention_saved.norm_rstd), grad_normed1, grad_part,
-                accumulate);
-  stage(context, "residual backward", [&] { ops::add_into(context, grad_part, grad_residual); });  // now dL/dx_b
+                stat_rows(attention_saved.norm_mean), stat_rows(attention_saved.norm_rstd), grad_normed1,
+                grad_residual, true, accumulate);  // grad_residual += norm1's input gradient: now dL/dx_b
 }
 
 }  // namespace switchyard

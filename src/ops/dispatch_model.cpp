@@ -43,13 +43,13 @@ void layernorm_forward(const ExecContext& context, const Tensor& x, const Tensor
 
 void layernorm_backward(const ExecContext& context, const Tensor& x, const Tensor& weight, const Tensor& mean,
                         const Tensor& rstd, const Tensor& grad_out, Tensor& grad_x, Tensor& grad_weight,
-                        Tensor& grad_bias) {
+                        Tensor& grad_bias, NormAccumulate accumulate) {
   expect_on_device(context, "layernorm_backward",
                    {&x, &weight, &mean, &rstd, &grad_out, &grad_x, &grad_weight, &grad_bias});
   if (is_cpu(context))
-    return cpu::layernorm_backward(x, weight, mean, rstd, grad_out, grad_x, grad_weight, grad_bias);
+    return cpu::layernorm_backward(x, weight, mean, rstd, grad_out, grad_x, grad_weight, grad_bias, accumulate);
   SY_CUDA_BACKEND("layernorm_backward", cuda::layernorm_backward(x, weight, mean, rstd, grad_out, grad_x, grad_weight,
-                                                                 grad_bias, context.stream));
+                                                                 grad_bias, context.stream, accumulate));
 }
 
 void rmsnorm_forward(const ExecContext& context, const Tensor& x, const Tensor& weight, float eps, Tensor& out,
@@ -60,11 +60,11 @@ void rmsnorm_forward(const ExecContext& context, const Tensor& x, const Tensor& 
 }
 
 void rmsnorm_backward(const ExecContext& context, const Tensor& x, const Tensor& weight, const Tensor& rstd,
-                      const Tensor& grad_out, Tensor& grad_x, Tensor& grad_weight) {
+                      const Tensor& grad_out, Tensor& grad_x, Tensor& grad_weight, NormAccumulate accumulate) {
   expect_on_device(context, "rmsnorm_backward", {&x, &weight, &rstd, &grad_out, &grad_x, &grad_weight});
-  if (is_cpu(context)) return cpu::rmsnorm_backward(x, weight, rstd, grad_out, grad_x, grad_weight);
+  if (is_cpu(context)) return cpu::rmsnorm_backward(x, weight, rstd, grad_out, grad_x, grad_weight, accumulate);
   SY_CUDA_BACKEND("rmsnorm_backward",
-                  cuda::rmsnorm_backward(x, weight, rstd, grad_out, grad_x, grad_weight, context.stream));
+                  cuda::rmsnorm_backward(x, weight, rstd, grad_out, grad_x, grad_weight, context.stream, accumulate));
 }
 
 void rotary_forward(const ExecContext& context, const AttentionShape& shape, const Tensor& qkv, double base,

@@ -22,7 +22,10 @@
 //              dx = rstd (g - mean_D(g) - xhat mean_D(g xhat)), dw = sum_t dy xhat, db = sum_t dy.
 // RMSNorm      y = x * rstd * w, rstd = 1 / sqrt(mean_D(x^2) + eps);
 //              dx = rstd (g - xhat mean_D(g xhat)), dw = sum_t dy xhat.
-//              Weight and bias gradients are overwritten. CUDA: x, y, w, b, dy, dx one activation
+//              NormAccumulate says what backward adds to instead of overwriting: grad_x (dx added
+//              to the residual stream's gradient, so the block's residual add is part of the pass,
+//              one rounding) and the weight and bias gradients (micro-steps after the first); by
+//              default both are overwritten. CUDA: x, y, w, b, dy, dx one activation
 //              dtype; mean / rstd / dw / db fp32; dw, db reduced in a fixed order (per-chunk
 //              partial sums over rows, then the chunks in order), so they are bit-reproducible.
 // QKV layout   qkv [T, 3D]: each row holds q (H heads of Dh) | k (same) | v (same); that is the
@@ -141,6 +144,12 @@ inline AdamWCoefficients adamw_coefficients(const AdamWParams& params) {
 // lr >= 0, eps > 0, weight_decay >= 0, finite grad_scale.
 void validate_adamw_params(const AdamWParams& params);
 
+// What a norm backward adds to instead of overwriting (see LayerNorm above).
+struct NormAccumulate {
+  bool grad_x = false;  // grad_x += dx
+  bool params = false;  // grad_weight += dw, grad_bias += db
+};
+
 namespace cpu {
 void embedding_forward(const Tensor& tokens, const Tensor& token_table, const Tensor* position_table, int64_t seq_len,
                        Tensor& out);
@@ -150,10 +159,11 @@ void embedding_backward(const Tensor& tokens, const Tensor& grad_out, int64_t se
 void layernorm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps, Tensor& out, Tensor& mean,
                        Tensor& rstd);
 void layernorm_backward(const Tensor& x, const Tensor& weight, const Tensor& mean, const Tensor& rstd,
-                        const Tensor& grad_out, Tensor& grad_x, Tensor& grad_weight, Tensor& grad_bias);
+                        const Tensor& grad_out, Tensor& grad_x, Tensor& grad_weight, Tensor& grad_bias,
+                        NormAccumulate accumulate = {});
 void rmsnorm_forward(const Tensor& x, const Tensor& weight, float eps, Tensor& out, Tensor& rstd);
 void rmsnorm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& grad_out, Tensor& grad_x,
-                      Tensor& grad_weight);
+                      Tensor& grad_weight, NormAccumulate accumulate = {});
 
 void rotary_forward(const AttentionShape& shape, const Tensor& qkv, double base, int64_t position_offset,
                     Tensor& qkv_out);
@@ -184,10 +194,11 @@ void embedding_backward(const Tensor& tokens, const Tensor& grad_out, int64_t se
 void layernorm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps, Tensor& out, Tensor& mean,
                        Tensor& rstd, void* stream);
 void layernorm_backward(const Tensor& x, const Tensor& weight, const Tensor& mean, const Tensor& rstd,
-                        const Tensor& grad_out, Tensor& grad_x, Tensor& grad_weight, Tensor& grad_bias, void* stream);
+                        const Tensor& grad_out, Tensor& grad_x, Tensor& grad_weight, Tensor& grad_bias, void* stream,
+                        NormAccumulate accumulate = {});
 void rmsnorm_forward(const Tensor& x, const Tensor& weight, float eps, Tensor& out, Tensor& rstd, void* stream);
 void rmsnorm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& grad_out, Tensor& grad_x,
-                      Tensor& grad_weight, void* stream);
+                      Tensor& grad_weight, void* stream, NormAccumulate accumulate = {});
 
 void rotary_forward(const AttentionShape& shape, const Tensor& qkv, double base, int64_t position_offset,
                     Tensor& qkv_out, void* stream);

@@ -160,11 +160,11 @@ void layernorm_forward(const ExecContext& context, const Tensor& x, const Tensor
                        float eps, Tensor& out, Tensor& mean, Tensor& rstd);
 void layernorm_backward(const ExecContext& context, const Tensor& x, const Tensor& weight, const Tensor& mean,
                         const Tensor& rstd, const Tensor& grad_out, Tensor& grad_x, Tensor& grad_weight,
-                        Tensor& grad_bias);
+                        Tensor& grad_bias, NormAccumulate accumulate = {});
 void rmsnorm_forward(const ExecContext& context, const Tensor& x, const Tensor& weight, float eps, Tensor& out,
                      Tensor& rstd);
 void rmsnorm_backward(const ExecContext& context, const Tensor& x, const Tensor& weight, const Tensor& rstd,
-                      const Tensor& grad_out, Tensor& grad_x, Tensor& grad_weight);
+                      const Tensor& grad_out, Tensor& grad_x, Tensor& grad_weight, NormAccumulate accumulate = {});
 void rotary_forward(const ExecContext& context, const AttentionShape& shape, const Tensor& qkv, double base,
                     int64_t position_offset, Tensor& qkv_out);
 void rotary_backward(const ExecContext& context, const AttentionShape& shape, const Tensor& grad_qkv_out,

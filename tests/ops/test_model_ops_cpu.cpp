@@ -5,6 +5,7 @@
 // formulas. Inputs are fresh random values; outputs are poisoned (NaN) before each call.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -157,6 +158,53 @@ TEST_P(NormCpu, ForwardMatchesFormulaAndBackwardMatchesFiniteDifferences) {
   EXPECT_LE(error_vs(grad_x, central_difference_gradient(loss, x, kStep)), kGradientTolerance);
   EXPECT_LE(error_vs(grad_weight, central_difference_gradient(loss, weight, kStep)), kGradientTolerance);
   if (layernorm) EXPECT_LE(error_vs(grad_bias, central_difference_gradient(loss, bias, kStep)), kGradientTolerance);
+}
+
+// NormAccumulate: dx added to grad_x's old value (the residual stream's gradient), dw and db added
+// to theirs; each flag alone leaves the other output overwritten.
+TEST_P(NormCpu, AccumulateAddsToTheOldValues) {
+  const bool layernorm = GetParam();
+  std::mt19937_64 rng(layernorm ? 23 : 24);
+  const int rows = 6, width = 9;
+  HostTensor x = random_tensor(DType::f64, {rows, width}, rng, 2.0);
+  HostTensor weight = random_tensor(DType::f64, {width}, rng), bias = random_tensor(DType::f64, {width}, rng);
+  HostTensor grad_out = random_tensor(DType::f64, {rows, width}, rng);
+  HostTensor out(DType::f64, {rows, width}), mean(DType::f64, {rows}), rstd(DType::f64, {rows});
+  if (layernorm)
+    cpu::layernorm_forward(x, weight, bias, 1e-5f, out, mean, rstd);
+  else
+    cpu::rmsnorm_forward(x, weight, 1e-5f, out, rstd);
+  auto backward = [&](NormAccumulate mode, HostTensor& grad_x, HostTensor& grad_weight, HostTensor& grad_bias) {
+    if (layernorm)
+      cpu::layernorm_backward(x, weight, mean, rstd, grad_out, grad_x, grad_weight, grad_bias, mode);
+    else
+      cpu::rmsnorm_backward(x, weight, rstd, grad_out, grad_x, grad_weight, mode);
+  };
+  HostTensor fresh_x = poisoned(DType::f64, {rows, width});
+  HostTensor fresh_w = poisoned(DType::f64, {width}), fresh_b = poisoned(DType::f64, {width});
+  backward({}, fresh_x, fresh_w, fresh_b);
+  for (const NormAccumulate mode : {NormAccumulate{true, false}, NormAccumulate{false, true}, NormAccumulate{true, true}}) {
+    HostTensor old_x = random_tensor(DType::f64, {rows, width}, rng);
+    HostTensor old_w = random_tensor(DType::f64, {width}, rng), old_b = random_tensor(DType::f64, {width}, rng);
+    HostTensor grad_x = poisoned(DType::f64, {rows, width});
+    HostTensor grad_w = poisoned(DType::f64, {width}), grad_b = poisoned(DType::f64, {width});
+    const auto start_from = [](HostTensor& target, const HostTensor& values) {
+      std::copy(values.data<double>(), values.data<double>() + values.numel(), target.data<double>());
+    };
+    if (mode.grad_x) start_from(grad_x, old_x);
+    if (mode.params) start_from(grad_w, old_w), start_from(grad_b, old_b);
+    backward(mode, grad_x, grad_w, grad_b);
+    for (int64_t i = 0; i < int64_t(rows) * width; ++i)
+      EXPECT_NEAR(grad_x.data<double>()[i], (mode.grad_x ? old_x.data<double>()[i] : 0.0) + fresh_x.data<double>()[i],
+                  1e-12) << i;
+    for (int j = 0; j < width; ++j) {
+      EXPECT_NEAR(grad_w.data<double>()[j], (mode.params ? old_w.data<double>()[j] : 0.0) + fresh_w.data<double>()[j],
+                  1e-12) << j;
+      if (layernorm)
+        EXPECT_NEAR(grad_b.data<double>()[j],
+                    (mode.params ? old_b.data<double>()[j] : 0.0) + fresh_b.data<double>()[j], 1e-12) << j;
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(LayerAndRms, NormCpu, ::testing::Values(true, false),

@@ -4,7 +4,8 @@
 //              rstd = 1 / sqrt(var + eps), xhat = (x - mean) rstd, y = xhat w + b
 //   rmsnorm:   rstd = 1 / sqrt(sum_j x_j^2 / D + eps), xhat = x rstd, y = xhat w
 //   backward:  g = dy w; layernorm dx = rstd (g - mean_D(g) - xhat mean_D(g xhat)),
-//              rmsnorm dx = rstd (g - xhat mean_D(g xhat)); dw = sum_t dy xhat, db = sum_t dy
+//              rmsnorm dx = rstd (g - xhat mean_D(g xhat)); dw = sum_t dy xhat, db = sum_t dy;
+//              each written, or (NormAccumulate) added to its old value in double and rounded once
 // Everything in double; mean and rstd [T] are stored in the tensors' float type and backward
 // uses the stored values (as the CUDA backward does), so forward + backward is one consistent map.
 #include <cmath>
@@ -55,7 +56,7 @@ void forward_impl(bool center, const Tensor& x_tensor, const Tensor& weight_tens
 template <typename Real>
 void backward_impl(bool center, const Tensor& x_tensor, const Tensor& weight_tensor, const Tensor* mean_tensor,
                    const Tensor& rstd_tensor, const Tensor& grad_out_tensor, Tensor& grad_x_tensor,
-                   Tensor& grad_weight_tensor, Tensor* grad_bias_tensor) {
+                   Tensor& grad_weight_tensor, Tensor* grad_bias_tensor, NormAccumulate accumulate) {
   const int64_t rows = x_tensor.dim(0), width = x_tensor.dim(1);
   const Real* x = x_tensor.as<Real>();
   const Real* weight = weight_tensor.as<Real>();
@@ -80,12 +81,15 @@ void backward_impl(bool center, const Tensor& x_tensor, const Tensor& weight_ten
     const double mean_g = center ? sum_g / double(width) : 0.0, mean_g_xhat = sum_g_xhat / double(width);
     for (int64_t j = 0; j < width; ++j) {
       const double g = double(dy_row[j]) * double(weight[j]);
-      grad_x[row * width + j] = Real(rstd * (g - mean_g - normalized[size_t(j)] * mean_g_xhat));
+      const double dx = rstd * (g - mean_g - normalized[size_t(j)] * mean_g_xhat);
+      Real& out = grad_x[row * width + j];
+      out = Real(accumulate.grad_x ? double(out) + dx : dx);
     }
   }
+  const auto store = [&](Real& out, double sum) { out = Real(accumulate.params ? double(out) + sum : sum); };
   for (int64_t j = 0; j < width; ++j) {
-    grad_weight_tensor.as<Real>()[j] = Real(grad_weight[size_t(j)]);
-    if (grad_bias_tensor) grad_bias_tensor->as<Real>()[j] = Real(grad_bias[size_t(j)]);
+    store(grad_weight_tensor.as<Real>()[j], grad_weight[size_t(j)]);
+    if (grad_bias_tensor) store(grad_bias_tensor->as<Real>()[j], grad_bias[size_t(j)]);
   }
 }
 
@@ -113,7 +117,8 @@ void layernorm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias
 }
 
 void layernorm_backward(const Tensor& x, const Tensor& weight, const Tensor& mean, const Tensor& rstd,
-                        const Tensor& grad_out, Tensor& grad_x, Tensor& grad_weight, Tensor& grad_bias) {
+                        const Tensor& grad_out, Tensor& grad_x, Tensor& grad_weight, Tensor& grad_bias,
+                        NormAccumulate accumulate) {
   const char* op = "layernorm_backward";
   detail::expect_float_matrix(op, "x", x, 2);
   const int64_t rows = x.dim(0), width = x.dim(1);
@@ -125,7 +130,7 @@ void layernorm_backward(const Tensor& x, const Tensor& weight, const Tensor& mea
   expect_tensor(op, "grad_weight", grad_weight, x.dtype, {width});
   expect_tensor(op, "grad_bias", grad_bias, x.dtype, {width});
   detail::dispatch_float(op, x.dtype, [&](auto tag) {
-    backward_impl<decltype(tag)>(true, x, weight, &mean, rstd, grad_out, grad_x, grad_weight, &grad_bias);
+    backward_impl<decltype(tag)>(true, x, weight, &mean, rstd, grad_out, grad_x, grad_weight, &grad_bias, accumulate);
   });
 }
 
@@ -142,7 +147,7 @@ void rmsnorm_forward(const Tensor& x, const Tensor& weight, float eps, Tensor& o
 }
 
 void rmsnorm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& grad_out, Tensor& grad_x,
-                      Tensor& grad_weight) {
+                      Tensor& grad_weight, NormAccumulate accumulate) {
   const char* op = "rmsnorm_backward";
   detail::expect_float_matrix(op, "x", x, 2);
   const int64_t rows = x.dim(0), width = x.dim(1);
@@ -152,7 +157,7 @@ void rmsnorm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd,
   expect_tensor(op, "grad_x", grad_x, x.dtype, {rows, width});
   expect_tensor(op, "grad_weight", grad_weight, x.dtype, {width});
   detail::dispatch_float(op, x.dtype, [&](auto tag) {
-    backward_impl<decltype(tag)>(false, x, weight, nullptr, rstd, grad_out, grad_x, grad_weight, nullptr);
+    backward_impl<decltype(tag)>(false, x, weight, nullptr, rstd, grad_out, grad_x, grad_weight, nullptr, accumulate);
   });
 }
 

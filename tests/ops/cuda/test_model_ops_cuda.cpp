@@ -203,11 +203,48 @@ TEST_P(NormCuda, ForwardAndBackwardMatchCpu) {
   EXPECT_TRUE(dw_bits == d_dw.bytes() && dx_bits == d_dx.bytes()) << "norm backward not reproducible";
 }
 
+// NormAccumulate on CUDA: dx added to grad_x's old values (rounded once, in fp32) and dw, db added to
+// theirs, against the CPU reference from the same starting values.
+TEST_P(NormCuda, AccumulateMatchesCpu) {
+  SKIP_WITHOUT_CUDA();
+  const NormCase c = GetParam();
+  std::mt19937_64 rng(3000 + c.width);
+  const float eps = 1e-5f;
+  HostTensor x = random_input(c.dtype, {c.rows, c.width}, rng, 2.0);
+  HostTensor weight = random_input(c.dtype, {c.width}, rng), bias = random_input(c.dtype, {c.width}, rng);
+  HostTensor grad_out = random_input(c.dtype, {c.rows, c.width}, rng);
+  HostTensor out_ref = f64_like(x.tensor()), mean_ref(DType::f64, {c.rows}), rstd_ref(DType::f64, {c.rows});
+  HostTensor grad_x_ref = random_input(c.dtype, {c.rows, c.width}, rng);
+  HostTensor grad_w_ref = random_input(DType::f32, {c.width}, rng), grad_b_ref = random_input(DType::f32, {c.width}, rng);
+  DeviceTensor d_x = to_device(x, c.dtype), d_w = to_device(weight, c.dtype), d_b = to_device(bias, c.dtype);
+  DeviceTensor d_dy = to_device(grad_out, c.dtype), d_out(c.dtype, x.tensor());
+  DeviceTensor d_mean(DType::f32, mean_ref.tensor()), d_rstd(DType::f32, rstd_ref.tensor());
+  // The starting values, uploaded before the reference adds to them.
+  DeviceTensor d_dx = to_device(grad_x_ref, c.dtype), d_dw = to_device(grad_w_ref, DType::f32),
+               d_db = to_device(grad_b_ref, DType::f32);
+  const NormAccumulate both{true, true};
+  if (c.layernorm) {
+    cpu::layernorm_forward(x, weight, bias, eps, out_ref, mean_ref, rstd_ref);
+    cpu::layernorm_backward(x, weight, mean_ref, rstd_ref, grad_out, grad_x_ref, grad_w_ref, grad_b_ref, both);
+    cuda::layernorm_forward(d_x, d_w, d_b, eps, d_out, d_mean, d_rstd, nullptr);
+    cuda::layernorm_backward(d_x, d_w, d_mean, d_rstd, d_dy, d_dx, d_dw, d_db, nullptr, both);
+    EXPECT_LE(error_vs(d_db.download(), grad_b_ref), tolerance_for(c.dtype));
+  } else {
+    cpu::rmsnorm_forward(x, weight, eps, out_ref, rstd_ref);
+    cpu::rmsnorm_backward(x, weight, rstd_ref, grad_out, grad_x_ref, grad_w_ref, both);
+    cuda::rmsnorm_forward(d_x, d_w, eps, d_out, d_rstd, nullptr);
+    cuda::rmsnorm_backward(d_x, d_w, d_rstd, d_dy, d_dx, d_dw, nullptr, both);
+  }
+  EXPECT_LE(error_vs(d_dx.download(), grad_x_ref), tolerance_for(c.dtype));
+  EXPECT_LE(error_vs(d_dw.download(), grad_w_ref), tolerance_for(c.dtype));
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, NormCuda,
                          ::testing::Values(NormCase{DType::f32, true, 300, 768}, NormCase{DType::bf16, true, 300, 768},
                                            NormCase{DType::f32, false, 130, 333},
                                            NormCase{DType::bf16, false, 257, 1024},
-                                           NormCase{DType::f16, true, 65, 200}));
+                                           NormCase{DType::f16, true, 65, 200},
+                                           NormCase{DType::bf16, true, 1000, 768}));  // 16 chunks: every final run
 
 // ---- Rotary -------------------------------------------------------------------------------------
 
