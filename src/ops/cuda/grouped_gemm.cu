@@ -6,8 +6,8 @@
 //                             rows at or past offsets[E] are written as zero.
 //   grouped_gemm_weight_grad: dB_e = A_e^T G_e over the rows of segment e; A [R, M], G [R, N],
 //                             dB [E, M, N], overwritten (experts without rows get dB_e = 0); with
-//                             accumulate dB_e += A_e^T G_e (the cuBLAS loop with beta 1: experts
-//                             without rows keep dB_e).
+//                             accumulate dB_e += A_e^T G_e (experts without rows keep dB_e; the
+//                             sm_90a kernel adds in its epilogue, the cuBLAS loop uses beta 1).
 // A, B, G bf16 or fp16; C / dB of that type or fp32; fp32 accumulation. Row-major throughout.
 //
 // The offsets live on the device; this path copies them to pinned host memory (one small
@@ -159,9 +159,11 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
   check_tensor(a, "grouped_gemm_weight_grad: a", a.dtype, {rows, left});
   check_tensor(g, "grouped_gemm_weight_grad: g", a.dtype, {rows, right});
   check_tensor(grad_b, "grouped_gemm_weight_grad: grad_b", grad_b.dtype, {num_experts, left, right});
-  // The sm_90a kernel overwrites; accumulating takes the cuBLAS loop.
-  if (!accumulate && use_sm90(segment_alignment) && sm90::weight_grad_supported(a, g, expert_offsets, grad_b))
-    return sm90::grouped_gemm_weight_grad(a, g, expert_offsets, grad_b, sm90_options(row_tokens, rows), stream);
+  if (use_sm90(segment_alignment) && sm90::weight_grad_supported(a, g, expert_offsets, grad_b)) {
+    sm90::Options options = sm90_options(row_tokens, rows);
+    options.accumulate = accumulate;
+    return sm90::grouped_gemm_weight_grad(a, g, expert_offsets, grad_b, options, stream);
+  }
   cudaStream_t cuda_stream = as_stream(stream);
   const std::vector<int32_t> offsets =
       host_offsets("grouped_gemm_weight_grad: expert_offsets", expert_offsets, num_experts, rows, cuda_stream);

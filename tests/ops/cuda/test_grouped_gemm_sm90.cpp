@@ -148,36 +148,51 @@ void run_weight_grad_case(const WeightGradCase& config, uint32_t seed) {
     }
   }
 
+  // Accumulating runs start from these values (dB_e += A_e^T G_e; empty experts keep them exactly).
+  std::vector<float> start(size_t(experts * m * n));
+  std::uniform_real_distribution<float> start_value(-1.0f, 1.0f);
+  for (float& value : start) value = start_value(rng);
+
   const std::vector<int> marks = padding_marks(layout);
   Buffer marks_device = upload(marks.data(), marks.size() * sizeof(int));
-  for (const KernelChoice& choice :
-       with_padding_marks(weight_grad_kernel_choices(), static_cast<const int*>(marks_device.data()))) {
-    std::ostringstream label;
-    label << "E=" << experts << " R=" << rows << " M=" << m << " N=" << n << " kernel=" << choice.name;
-    SCOPED_TRACE(label.str());
-    device_memset(grad_device.data(), DeviceKind::cuda, 0xFF, grad_device.bytes());
-    sm90::grouped_gemm_weight_grad(a_tensor, g_tensor, offsets_tensor, grad_tensor, choice.options, nullptr);
-    device_synchronize(DeviceKind::cuda);
-    const std::vector<float> grad = download<float>(grad_device, size_t(experts * m * n));
+  for (const bool accumulate : {false, true}) {
+    for (KernelChoice choice :
+         with_padding_marks(weight_grad_kernel_choices(), static_cast<const int*>(marks_device.data()))) {
+      choice.options.accumulate = accumulate;
+      std::ostringstream label;
+      label << "E=" << experts << " R=" << rows << " M=" << m << " N=" << n << " kernel=" << choice.name
+            << (accumulate ? " accumulate" : "");
+      SCOPED_TRACE(label.str());
+      if (accumulate)
+        device_copy(grad_device.data(), DeviceKind::cuda, start.data(), DeviceKind::cpu, start.size() * sizeof(float));
+      else
+        device_memset(grad_device.data(), DeviceKind::cuda, 0xFF, grad_device.bytes());
+      sm90::grouped_gemm_weight_grad(a_tensor, g_tensor, offsets_tensor, grad_tensor, choice.options, nullptr);
+      device_synchronize(DeviceKind::cuda);
+      const std::vector<float> grad = download<float>(grad_device, size_t(experts * m * n));
 
-    ErrorMeter meter;
-    int64_t nonzero_in_empty = 0;
-    for (int expert = 0; expert < experts; ++expert) {
-      const float* grad_expert = grad.data() + size_t(expert) * size_t(m * n);
-      if (layout.kept[expert] == 0) {  // whole dB_e must be exactly zero
-        for (int64_t index = 0; index < m * n; ++index) nonzero_in_empty += grad_expert[index] != 0.0f;
-        continue;
-      }
-      const double* want = reference.data() + size_t(expert) * checked_m.size() * size_t(n);
-      for (size_t i = 0; i < checked_m.size(); ++i) {
-        for (int64_t column = 0; column < n; ++column) {
-          meter.add(grad_expert[checked_m[i] * n + column], want[i * size_t(n) + column]);
+      ErrorMeter meter;
+      int64_t changed_in_empty = 0;
+      for (int expert = 0; expert < experts; ++expert) {
+        const float* grad_expert = grad.data() + size_t(expert) * size_t(m * n);
+        const float* start_expert = start.data() + size_t(expert) * size_t(m * n);
+        if (layout.kept[expert] == 0) {  // dB_e must be exactly zero, or exactly its start
+          for (int64_t index = 0; index < m * n; ++index)
+            changed_in_empty += grad_expert[index] != (accumulate ? start_expert[index] : 0.0f);
+          continue;
+        }
+        const double* want = reference.data() + size_t(expert) * checked_m.size() * size_t(n);
+        for (size_t i = 0; i < checked_m.size(); ++i) {
+          for (int64_t column = 0; column < n; ++column) {
+            const int64_t index = checked_m[i] * n + column;
+            meter.add(grad_expert[index], want[i * size_t(n) + column] + (accumulate ? start_expert[index] : 0.0));
+          }
         }
       }
+      EXPECT_EQ(changed_in_empty, 0) << "empty experts must get zero gradients (accumulating: keep their values)";
+      EXPECT_EQ(meter.non_finite, 0) << "NaN/Inf (unwritten) gradient entries";
+      EXPECT_LE(meter.relative(), 2e-3) << "max error " << meter.max_error << " vs max |ref| " << meter.max_reference;
     }
-    EXPECT_EQ(nonzero_in_empty, 0) << "empty experts must get zero gradients";
-    EXPECT_EQ(meter.non_finite, 0) << "NaN/Inf (unwritten) gradient entries";
-    EXPECT_LE(meter.relative(), 2e-3) << "max error " << meter.max_error << " vs max |ref| " << meter.max_reference;
   }
 }
 
@@ -217,7 +232,8 @@ TEST(GroupedGemmSm90, WeightGradThirtyTwoExpertsManyTiles) {
   run_weight_grad_case({32, 1, 150, 384, 512, 8}, 23);
 }
 
-// No routed rows at all: forward writes nothing, weight grad writes zeros (also for R = 0).
+// No routed rows at all: forward writes nothing, weight grad writes zeros or, accumulating, leaves dB
+// as it was (also for R = 0).
 TEST(GroupedGemmSm90, AllSegmentsEmpty) {
   SKIP_WITHOUT_SM90();
   std::mt19937 rng(31);
@@ -248,6 +264,15 @@ TEST(GroupedGemmSm90, AllSegmentsEmpty) {
       EXPECT_EQ(std::count(c.begin(), c.end(), kPoisonBf16), rows * n) << "forward wrote rows of empty segments";
       const std::vector<float> grad = download<float>(grad_device, size_t(experts * k * n));
       EXPECT_EQ(std::count(grad.begin(), grad.end(), 0.0f), experts * k * n) << "weight grad must be all zeros";
+      // Accumulating adds nothing: the values stay as they were.
+      KernelChoice accumulating = choice;
+      accumulating.options.accumulate = true;
+      const std::vector<float> start(size_t(experts * k * n), 1.5f);
+      device_copy(grad_device.data(), DeviceKind::cuda, start.data(), DeviceKind::cpu, start.size() * sizeof(float));
+      sm90::grouped_gemm_weight_grad(a_tensor, g_tensor, offsets_tensor, grad_tensor, accumulating.options, nullptr);
+      device_synchronize(DeviceKind::cuda);
+      const std::vector<float> kept = download<float>(grad_device, size_t(experts * k * n));
+      EXPECT_EQ(std::count(kept.begin(), kept.end(), 1.5f), experts * k * n) << "accumulating nothing changed dB";
     }
   }
 }

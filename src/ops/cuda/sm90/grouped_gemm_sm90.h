@@ -103,6 +103,8 @@ struct Options {
   const int* row_tokens = nullptr;
   // Whether callers that have padding marks pass them (SWITCHYARD_SM90_SKIP_PADDING=1|0).
   bool skip_padding = true;
+  // Weight grad only: dB += A^T G instead of dB = A^T G (gradient accumulation in place).
+  bool accumulate = false;
 };
 
 // Options from the switches (src/core/switches.h, parsed at start-up): variant, store, schedule,

@@ -146,6 +146,7 @@ struct WeightGradProblem {
   int n;        // columns of each dB_e (multiple of 64)
   int m_tiles;  // ceil(M / 128)
   int n_tiles;  // ceil(N / block_n)
+  int accumulate;  // nonzero: dB_e += A_e^T G_e (every tile has one writer, so the sums stay deterministic)
 };
 
 // ---- Host helpers (grouped_gemm_sm90.cu) ------------------------------------------------------

@@ -138,6 +138,15 @@ __device__ __forceinline__ void tma_store_3d(const CUtensorMap* map, uint32_t so
                : "memory");
 }
 
+// TMA tile reduce-add from shared memory into global (dst += tile; the element type is the map's).
+__device__ __forceinline__ void tma_reduce_add_3d(const CUtensorMap* map, uint32_t source, int coord0, int coord1,
+                                                  int coord2) {
+  asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(source), "r"(coord0), "r"(coord1), "r"(coord2)
+               : "memory");
+}
+
 __device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t source, int coord0, int coord1) {
   asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
                    reinterpret_cast<uint64_t>(map)),

@@ -1,7 +1,8 @@
 // sm_90a grouped GEMM, weight gradient: dB_e = A_e^T * G_e, reducing over the rows of segment e.
 //
 // A [R, M] bf16 and G [R, N] bf16 row-major; dB [E, M, N] fp32 row-major, overwritten (zeros for an
-// empty expert). Tile (e, m-tile, n-tile) is 128 rows of dB_e x block_n columns; its reduction runs
+// empty expert) or, with Options::accumulate, added to (each epilogue reads and adds, or TMA
+// reduce-adds; every element has one writer, so the result is deterministic). Tile (e, m-tile, n-tile) is 128 rows of dB_e x block_n columns; its reduction runs
 // over segment e in 64-row stages. Both operands are MN-major in shared memory (A^T: the M values of
 // one row of A are contiguous; G: the N values are), which wgmma reads with its transpose bits.
 //
@@ -46,7 +47,7 @@ __device__ __forceinline__ void load_weight_grad_stage(const CUtensorMap* map_a,
 // `n0`) of dB_e: each quad of threads writes a full 32-byte sector per row.
 template <int kBlockN>
 __device__ __forceinline__ void store_weight_grad_tile(const float (&acc)[kBlockN / 2], float* grad_expert, int row0,
-                                                       int n0, int m, int n, int thread_in_warpgroup) {
+                                                       int n0, int m, int n, bool accumulate, int thread_in_warpgroup) {
   const int warp = thread_in_warpgroup / 32, lane = thread_in_warpgroup % 32;
   const int row = row0 + warp * 16 + lane / 4;
   if (row0 >= m) return;  // M is a multiple of 64: the warpgroup's rows are all in or all out
@@ -54,9 +55,16 @@ __device__ __forceinline__ void store_weight_grad_tile(const float (&acc)[kBlock
   for (int j = 0; j < kBlockN / 8; ++j) {
     const int column = n0 + j * 8 + (lane % 4) * 2;
     if (column >= n) continue;
-    *reinterpret_cast<float2*>(grad_expert + int64_t(row) * n + column) = make_float2(acc[4 * j], acc[4 * j + 1]);
-    *reinterpret_cast<float2*>(grad_expert + int64_t(row + 8) * n + column) =
-        make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+    float2* upper = reinterpret_cast<float2*>(grad_expert + int64_t(row) * n + column);
+    float2* lower = reinterpret_cast<float2*>(grad_expert + int64_t(row + 8) * n + column);
+    float2 upper_value = make_float2(acc[4 * j], acc[4 * j + 1]), lower_value = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+    if (accumulate) {
+      const float2 upper_old = *upper, lower_old = *lower;
+      upper_value = make_float2(upper_old.x + upper_value.x, upper_old.y + upper_value.y);
+      lower_value = make_float2(lower_old.x + lower_value.x, lower_old.y + lower_value.y);
+    }
+    *upper = upper_value;
+    *lower = lower_value;
   }
 }
 
@@ -85,7 +93,8 @@ __device__ __forceinline__ void write_staged_fragments(const float (&acc)[kBlock
 template <int kBlockN>
 __device__ __forceinline__ void store_weight_grad_tile_tma(const float (&acc)[kBlockN / 2], const CUtensorMap* map_grad,
                                                            uint8_t* staging, int expert, int row0, int n0, int m,
-                                                           int n, int barrier_id, int thread_in_warpgroup) {
+                                                           int n, bool accumulate, int barrier_id,
+                                                           int thread_in_warpgroup) {
   if (row0 >= m) return;  // M is a multiple of 64: uniform over the warpgroup
   if (thread_in_warpgroup == 0) bulk_wait_group_read_all();
   warpgroup_barrier(barrier_id);
@@ -95,8 +104,11 @@ __device__ __forceinline__ void store_weight_grad_tile_tma(const float (&acc)[kB
   if (thread_in_warpgroup == 0) {
     const int boxes = min(kBlockN, n - n0) / kFloatBoxColumns;
     for (int box = 0; box < boxes; ++box) {
-      tma_store_3d(map_grad, shared_address(staging + box * kFloatBoxBytes), n0 + box * kFloatBoxColumns, row0,
-                   expert);
+      const uint32_t source = shared_address(staging + box * kFloatBoxBytes);
+      if (accumulate)
+        tma_reduce_add_3d(map_grad, source, n0 + box * kFloatBoxColumns, row0, expert);
+      else
+        tma_store_3d(map_grad, source, n0 + box * kFloatBoxColumns, row0, expert);
     }
     bulk_commit_group();
   }
@@ -125,15 +137,20 @@ __device__ __forceinline__ void stage_weight_grad_tile(const float (&acc)[kBlock
 
 // One storer warp: lane l copies 16 bytes of every row (box l / 8, unit l % 8), 512 bytes per row.
 __device__ __forceinline__ void store_staged_tile(const uint8_t* staging, float* grad_rows, int n, int columns,
-                                                  int lane) {
+                                                  bool accumulate, int lane) {
   const int box = lane / 8, unit = lane % 8;
   if (box * kFloatBoxColumns >= columns) return;
   float* out = grad_rows + box * kFloatBoxColumns + unit * 4;
   const uint8_t* in = staging + box * kFloatBoxBytes;
 #pragma unroll 8
   for (int row = 0; row < 64; ++row) {
-    const float4 value = *reinterpret_cast<const float4*>(in + row * 128 + ((unit ^ (row % 8)) << 4));
-    *reinterpret_cast<float4*>(out + int64_t(row) * n) = value;
+    float4 value = *reinterpret_cast<const float4*>(in + row * 128 + ((unit ^ (row % 8)) << 4));
+    float4* target = reinterpret_cast<float4*>(out + int64_t(row) * n);
+    if (accumulate) {
+      const float4 old = *target;
+      value = make_float4(old.x + value.x, old.y + value.y, old.z + value.z, old.w + value.w);
+    }
+    *target = value;
   }
 }
 
@@ -249,7 +266,8 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
           named_barrier_arrive(kFreedBarrier + storer, kStorerHandoffThreads);
           named_barrier_sync(kStagedBarrier + storer, kStorerHandoffThreads);
           store_staged_tile(staging, problem.grad_b + (int64_t(where.expert) * problem.m + row0) * problem.n + where.n0,
-                            problem.n, min(kBlockN, problem.n - where.n0), thread_in_warpgroup % 32);
+                            problem.n, min(kBlockN, problem.n - where.n0), problem.accumulate != 0,
+                            thread_in_warpgroup % 32);
         }
         return;
       }
@@ -317,10 +335,10 @@ __global__ void __launch_bounds__(3 * kWarpgroupThreads, 1)
       if (row0 < problem.m) stage_weight_grad_tile<kBlockN>(acc, staging, consumer, thread_in_warpgroup);
     } else if constexpr (kTmaStore) {
       store_weight_grad_tile_tma<kBlockN>(acc, &map_grad, staging, where.expert, row0, where.n0, problem.m, problem.n,
-                                          1 + consumer, thread_in_warpgroup);
+                                          problem.accumulate != 0, 1 + consumer, thread_in_warpgroup);
     } else {
       store_weight_grad_tile<kBlockN>(acc, problem.grad_b + int64_t(where.expert) * problem.m * problem.n, row0,
-                                      where.n0, problem.m, problem.n, thread_in_warpgroup);
+                                      where.n0, problem.m, problem.n, problem.accumulate != 0, thread_in_warpgroup);
     }
   }
   // The last stores must be done with the staging before the CTA's shared memory goes away.
@@ -356,7 +374,7 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
       });
   store_weight_grad_tile<kBasicBlockN>(acc, problem.grad_b + int64_t(expert) * problem.m * problem.n,
                                        m0 + consumer * (kBlockM / 2), n0, problem.m, problem.n,
-                                       threadIdx.x % kWarpgroupThreads);
+                                       problem.accumulate != 0, threadIdx.x % kWarpgroupThreads);
 #elif defined(__CUDA_ARCH__)
   __trap();
 #endif
@@ -425,8 +443,8 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
            grad_b.describe());
   const int64_t rows = a.dim(0), m = a.dim(1), n = g.dim(1), experts = grad_b.dim(0);
   cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
-  if (rows == 0) {  // every segment is empty (and a zero-row tensor map cannot be encoded)
-    CUDA_CHECK(cudaMemsetAsync(grad_b.data, 0, grad_b.bytes(), cuda_stream));
+  if (rows == 0) {  // every segment is empty (and a zero-row tensor map cannot be encoded): dB_e += 0
+    if (!options.accumulate) CUDA_CHECK(cudaMemsetAsync(grad_b.data, 0, grad_b.bytes(), cuda_stream));
     return;
   }
   const uint32_t box[2] = {kChunk, kBlockK};
@@ -446,6 +464,7 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
   problem.m = int(m);
   problem.n = int(n);
   problem.m_tiles = int((m + kBlockM - 1) / kBlockM);
+  problem.accumulate = options.accumulate ? 1 : 0;
   if (options.variant == Variant::basic) {
     problem.n_tiles = int((n + kBasicBlockN - 1) / kBasicBlockN);
     launch_basic(map_a, map_g, problem, cuda_stream);
