@@ -2,6 +2,7 @@
 #include "src/model/moe_block.h"
 
 #include "src/core/error.h"
+#include "src/ops/ops.h"
 
 namespace switchyard {
 
@@ -63,7 +64,24 @@ void ExpertParallelMoeBlock::forward(const ExecContext& context, const Tensor& x
 void ExpertParallelMoeBlock::backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights,
                                       float aux_grad_scale, float z_grad_scale, Tensor& grad_x,
                                       MoeGradients& gradients) {
-  layer_.backward(context, grad_y, weights, aux_grad_scale, z_grad_scale, grad_x, gradients);
+  if (!gradients.accumulate) {
+    layer_.backward(context, grad_y, weights, aux_grad_scale, z_grad_scale, grad_x, gradients);
+    return;
+  }
+  // The layer overwrites a scratch copy of the three gradients, which is then added.
+  Tensor* targets[3] = {&gradients.router, &gradients.w1, &gradients.w2};
+  size_t bytes = 0;
+  for (const Tensor* target : targets) bytes += target->bytes();
+  if (gradient_scratch_.bytes() < bytes) gradient_scratch_ = Buffer(context.device, bytes);
+  MoeGradients scratch{gradients.router, gradients.w1, gradients.w2};
+  Tensor* parts[3] = {&scratch.router, &scratch.w1, &scratch.w2};
+  size_t offset = 0;
+  for (Tensor* part : parts) {
+    part->data = static_cast<char*>(gradient_scratch_.data()) + offset;
+    offset += part->bytes();
+  }
+  layer_.backward(context, grad_y, weights, aux_grad_scale, z_grad_scale, grad_x, scratch);
+  for (int index = 0; index < 3; ++index) ops::add_into(context, *parts[index], *targets[index]);
 }
 
 MoeBlockStats ExpertParallelMoeBlock::read_stats(const ExecContext& context) const {

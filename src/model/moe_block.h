@@ -3,7 +3,7 @@
 //
 // Weights: router [D, E] (replicated), w1 [E_local, D, F or 2F], w2 [E_local, F, D] for the
 // experts this rank holds (all E with ep_size 1). Gradients have the same shapes and are
-// overwritten by backward; the router bias (MoeWeights::router_bias, with moe.bias_update_rate > 0)
+// overwritten by backward, or added to with MoeGradients::accumulate; the router bias (MoeWeights::router_bias, with moe.bias_update_rate > 0)
 // has none. Statistics describe the last forward on this rank's tokens: the router losses (already
 // weighted: aux, z, sequence-level, global-batch) and, per global expert, how many choices were
 // routed to it before capacity (its "tokens per expert"), with the dropped and total choice counts,
@@ -86,6 +86,8 @@ class ExpertParallelMoeBlock : public MoeBlock {
                          const EpLayerOptions& exchange, std::shared_ptr<MoeLayerMemory> memory = nullptr);
   void forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights, const MoeForwardArgs& args,
                Tensor& y) override;
+  // MoeGradients::accumulate goes through a scratch here: the EP layer's parts, chunks and
+  // replicas overwrite, and its sums stay bit-identical to the single-rank layer's on CPU ranks.
   void backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights, float aux_grad_scale,
                 float z_grad_scale, Tensor& grad_x, MoeGradients& gradients) override;
   MoeBlockStats read_stats(const ExecContext& context) const override;
@@ -97,6 +99,7 @@ class ExpertParallelMoeBlock : public MoeBlock {
 
  private:
   MoeEpLayer layer_;
+  Buffer gradient_scratch_;  // the three gradients side by side, for accumulating backwards
 };
 
 // The block for a run with `ep_size` expert-parallel ranks: LocalMoeBlock when ep_size is 1,

@@ -299,7 +299,8 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
     ops::unpermute_combine_backward(context, grad_y, expert_out, combine_routing_, map_, grad_rows, grad_gates);
   });
   run_stage(context, "weight grad 2", [&] {
-    ops::grouped_gemm_weight_grad(context, hidden_post, grad_rows, expert_offsets_, gradients.w2, alignment, padding);
+    ops::grouped_gemm_weight_grad(context, hidden_post, grad_rows, expert_offsets_, gradients.w2, alignment, padding,
+                                  gradients.accumulate);
   });
   if (fuses_activation(context)) {
     // One kernel: dL/dH = act'(H) * (dL/dO W2^T). Its dL/dA scratch, written only were it to run
@@ -323,7 +324,7 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
   }
   run_stage(context, "weight grad 1", [&] {
     ops::grouped_gemm_weight_grad(context, permuted, grad_hidden_pre, expert_offsets_, gradients.w1, alignment,
-                                  padding);
+                                  padding, gradients.accumulate);
   });
   run_stage(context, "data grad 1", [&] {
     ops::grouped_gemm(context, grad_hidden_pre, weights.w1, true, expert_offsets_, grad_rows, alignment, padding);
@@ -331,7 +332,7 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
   run_stage(context, "permute backward", [&] { ops::permute_backward(context, grad_rows, map_, tokens, grad_x); });
 
   // Gates and losses -> logits -> router weight and router input.
-  router_.backward(context, aux_grad_scale, z_grad_scale, gradients.router, observer_);
+  router_.backward(context, aux_grad_scale, z_grad_scale, gradients.router, observer_, gradients.accumulate);
   router_.add_input_gradient(context, weights.router, grad_x, observer_);
 }
 

@@ -203,7 +203,7 @@ Tensor MoeRouter::grad_gates() {
 }
 
 void MoeRouter::backward(const ExecContext& context, float aux_grad_scale, float z_grad_scale,
-                         Tensor& grad_router_weight, MoeStageObserver* observer) {
+                         Tensor& grad_router_weight, MoeStageObserver* observer, bool accumulate) {
   SY_CHECK(routing_.expert_ids.data != nullptr, "MoeRouter::backward: no forward has run");
   allocate_backward_buffers();
   const Tensor grad_gates = rows(grad_gates_, float_dtype_, config_.moe.top_k);
@@ -218,7 +218,8 @@ void MoeRouter::backward(const ExecContext& context, float aux_grad_scale, float
                         grad_logits_view_, has_global_fractions_ ? &fractions : nullptr);
   });
   run_moe_stage(observer, context, "router weight grad", [&] {
-    ops::gemm(context, true, false, 1.0f, router_input_, grad_logits_view_, 0.0f, grad_router_weight);
+    ops::gemm(context, true, false, 1.0f, router_input_, grad_logits_view_, accumulate ? 1.0f : 0.0f,
+              grad_router_weight);
   });
 }
 

@@ -86,6 +86,9 @@ struct MoeWeights {
 // Weight gradients, same shapes; overwritten by backward (the router bias has none).
 struct MoeGradients {
   Tensor router, w1, w2;
+  // Add this backward's gradients to the tensors' values instead of overwriting them (gradient
+  // accumulation over micro-steps: the GEMMs add in place, no scratch and no add pass).
+  bool accumulate = false;
 };
 
 // Sums a float [E] tensor of expert loads over the data-parallel ranks, in place, ordered on
@@ -170,10 +173,11 @@ class MoeRouter {
                                const Tensor* selection_bias, const MoeForwardArgs& args,
                                MoeStageObserver* observer = nullptr);
   // grad_gates() [T, k_max] (written by the layer's combine backward) and the two loss scales ->
-  // dL/dlogits -> gradient of the router weight (overwritten). aux_grad_scale scales the three
-  // balance losses (aux, sequence-level, global-batch), z_grad_scale the z loss.
+  // dL/dlogits -> gradient of the router weight (overwritten, or added to with accumulate).
+  // aux_grad_scale scales the three balance losses (aux, sequence-level, global-batch),
+  // z_grad_scale the z loss.
   void backward(const ExecContext& context, float aux_grad_scale, float z_grad_scale, Tensor& grad_router_weight,
-                MoeStageObserver* observer = nullptr);
+                MoeStageObserver* observer = nullptr, bool accumulate = false);
   // grad_x [T, D] += the router's share of dL/dx; after backward().
   void add_input_gradient(const ExecContext& context, const Tensor& router_weight, Tensor& grad_x,
                           MoeStageObserver* observer = nullptr);

@@ -284,7 +284,6 @@ class Transformer {
   Tensor global_loads_row(int moe_ordinal) const;  // stats dtype [E]
   Tensor rows(const Buffer& buffer, int64_t columns) const;  // [tokens_, columns] activation view
   Tensor stat_rows(const Buffer& buffer) const;              // [tokens_] statistics view
-  void add_gradient(const ExecContext& context, const Tensor& scratch, Tensor& target) const;
 
   ModelConfig model_;
   MoeConfig moe_;
@@ -324,8 +323,7 @@ class Transformer {
 
   // Backward scratch, shared by the blocks (allocated by the first backward).
   bool backward_ready_ = false;
-  Buffer grad_residual_, grad_a_, grad_b_, grad_qkv_, grad_attention_, grad_ffn_pre_, grad_ffn_post_,
-      gradient_scratch_;
+  Buffer grad_residual_, grad_a_, grad_b_, grad_qkv_, grad_attention_, grad_ffn_pre_, grad_ffn_post_;
 };
 
 }  // namespace switchyard

@@ -2,9 +2,9 @@
 //
 // grad_residual carries dL/dx_b down the blocks: it enters block b as dL/dx_{b+1}; the FFN's
 // input gradient goes through norm2's backward, which adds it (dL/dx'), then the attention's input
-// gradient through norm1's backward, which adds it (dL/dx_b). Weight gradients of GEMMs use
-// beta = accumulate, the norms add theirs when accumulating; the MoE layer only overwrites, so it
-// writes a scratch buffer that is then added. With options.recompute, a block's backward first
+// gradient through norm1's backward, which adds it (dL/dx_b). When accumulating (micro-steps after
+// the first) every weight gradient is added in place: GEMMs with beta = 1, the norms and the MoE
+// block with their accumulate flags. With options.recompute, a block's backward first
 // repeats the recomputed sublayers' forward into the shared buffers (attention from x_b, which
 // in mode all also gives x'; the FFN from x'), then runs as without.
 #include <algorithm>
@@ -25,27 +25,15 @@ void Transformer::allocate_backward_buffers() {
   grad_qkv_ = Buffer(device, tokens * 3 * width * element);
   grad_attention_ = Buffer(device, tokens * width * element);
   int64_t ffn_w1_columns = 0, ffn_hidden = 0;  // the widest dense FFN (dense blocks, shared experts)
-  int64_t scratch_elements = 0;  // the largest MoE layer's gradients
   for (const auto& block : blocks_) {
     ffn_w1_columns = std::max(ffn_w1_columns, block->ffn.w1_columns);
     ffn_hidden = std::max(ffn_hidden, block->ffn.hidden);
-    if (!block->is_moe) continue;
-    int64_t moe_elements = 0;
-    for (int index : {block->router, block->expert_w1, block->expert_w2}) moe_elements += layout_.spec(index).numel();
-    scratch_elements = std::max(scratch_elements, moe_elements);
   }
   if (ffn_hidden > 0) {
     grad_ffn_pre_ = Buffer(device, tokens * size_t(ffn_w1_columns) * element);
     grad_ffn_post_ = Buffer(device, tokens * size_t(ffn_hidden) * element);
   }
-  // Gradient dtype: fp32 on CUDA, the master dtype (= activation dtype) on the CPU.
-  const DType grad_dtype = device == DeviceKind::cpu ? options_.activation_dtype : DType::f32;
-  gradient_scratch_ = Buffer(device, size_t(scratch_elements) * dtype_size(grad_dtype));
   backward_ready_ = true;
-}
-
-void Transformer::add_gradient(const ExecContext& context, const Tensor& scratch, Tensor& target) const {
-  ops::add_into(context, scratch, target);
 }
 
 void Transformer::dense_ffn_backward(const ExecContext& context, ModelParameters& parameters, const DenseFfn& ffn,
@@ -147,19 +135,8 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
   } else {
     MoeWeights weights{parameters.compute(block.router), parameters.compute(block.expert_w1),
                        parameters.compute(block.expert_w2)};
-    Tensor targets[3] = {parameters.grad(block.router), parameters.grad(block.expert_w1),
-                         parameters.grad(block.expert_w2)};
-    MoeGradients gradients{targets[0], targets[1], targets[2]};
-    if (accumulate) {  // the three gradients side by side in the scratch
-      char* base = static_cast<char*>(gradient_scratch_.data());
-      Tensor* parts[3] = {&gradients.router, &gradients.w1, &gradients.w2};
-      size_t offset = 0;
-      for (Tensor* part : parts) {
-        part->data = base + offset;
-        offset += part->bytes();
-      }
-      SY_CHECK(offset <= gradient_scratch_.bytes(), "MoE gradient scratch too small");
-    }
+    MoeGradients gradients{parameters.grad(block.router), parameters.grad(block.expert_w1),
+                           parameters.grad(block.expert_w2), accumulate};
     // The shared experts' backward on their stream, beside the routed layer's: their input
     // gradient goes to grad_b_ (free scratch) and is added after the join.
     SideStream& side = shared_expert_stream(context);
@@ -174,11 +151,6 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
     }
     stage(context, "MoE backward", [&] {
       block.moe->backward(context, grad_residual, weights, aux_grad_scale, aux_grad_scale, grad_normed2, gradients);
-      if (accumulate) {
-        add_gradient(context, gradients.router, targets[0]);
-        add_gradient(context, gradients.w1, targets[1]);
-        add_gradient(context, gradients.w2, targets[2]);
-      }
     });
     if (block.has_shared_experts()) {
       side.join();

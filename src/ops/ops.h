@@ -115,7 +115,8 @@ void grouped_gemm(const ExecContext& context, const Tensor& a, const Tensor& b, 
                   const Tensor& expert_offsets, Tensor& c, int segment_alignment = 1,
                   const Tensor* row_tokens = nullptr);
 // accumulate: grad_b += the product instead of = (src/ops/moe_ops.h: on the CPU in double from
-// grad_b's values, which may be f64 with f32 inputs; on CUDA the cuBLAS loop with beta 1).
+// grad_b's values, which may be f64 with f32 inputs; on CUDA in the sm_90a kernel's epilogue, or
+// the cuBLAS loop with beta 1).
 void grouped_gemm_weight_grad(const ExecContext& context, const Tensor& a, const Tensor& g,
                               const Tensor& expert_offsets, Tensor& grad_b, int segment_alignment = 1,
                               const Tensor* row_tokens = nullptr, bool accumulate = false);
