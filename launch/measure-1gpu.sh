@@ -15,8 +15,10 @@
 #               (default: all)
 # Needs a CUDA GPU, nvcc, and data/sotu/{train,val}.bin (bash launch/get-data.sh writes them; this
 # script runs it when they are missing). Run from anywhere; it works in the repository root. Every
-# training run gets its own folder under OUT/runs, removed once its numbers are read (the runs are
-# cut short after their last logged step, so no checkpoint is worth keeping).
+# training run gets its own folder in a scratch directory outside OUT (under $TMPDIR or /tmp),
+# removed when the script exits: the runs are cut short after their last logged step, so no
+# checkpoint is worth keeping, and OUT holds only the logs (a device call returns a limited number
+# of files).
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -48,8 +50,11 @@ wants() { [[ ",$only," == *",$1,"* ]]; }
 left() { [ "$budget" -eq 0 ] && echo 100000 || echo $(( budget - ($(date +%s) - start) )); }
 cap() { local remaining; remaining=$(left); echo $(( remaining < $1 ? remaining : $1 )); }
 note() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$out/summary.log"; }
-# A fresh run folder for one training run (the previous one's removed: its numbers are in the logs).
-run_dir() { rm -rf "$out/runs/$1"; mkdir -p "$out/runs"; echo "$out/runs/$1"; }
+# Training runs' folders, outside OUT; a fresh one per run (the previous one's removed: its
+# numbers are in the logs).
+runs_root="$(mktemp -d "${TMPDIR:-/tmp}/measure-1gpu-runs.XXXXXX")" || fail "cannot create a scratch directory"
+trap 'rm -rf "$runs_root"' EXIT
+run_dir() { rm -rf "$runs_root/$1"; echo "$runs_root/$1"; }
 # A part runs only when asked for and when at least `needed` seconds are left.
 runs() { wants "$1" || return 1; [ "$(left)" -ge "$2" ] || { note "$1: skipped (budget)"; return 1; }; note "$1"; }
 
