@@ -11,7 +11,7 @@
 #               is also capped by what is left
 #   --anchors   a folder holding torch_train_bench.py (the project's anchors); without it the
 #               anchor part is skipped
-#   --only      comma list of parts, in this order: build,tests,routing,profile,large,stream,determinism,anchor
+#   --only      comma list of parts, in this order: build,tests,routing,profile,large,stream,determinism,microbatch,anchor
 #               (default: all)
 # Needs a CUDA GPU, nvcc, and data/sotu/{train,val}.bin (bash launch/get-data.sh writes them; this
 # script runs it when they are missing). Run from anywhere; it works in the repository root. Every
@@ -25,7 +25,7 @@ cd "$root"
 out="runs/measure"
 budget=0
 anchors=""
-only="build,tests,routing,profile,large,stream,determinism,anchor"
+only="build,tests,routing,profile,large,stream,determinism,microbatch,anchor"
 fail() { echo "measure-1gpu: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -38,8 +38,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 for part in ${only//,/ }; do
-  case "$part" in build|tests|routing|profile|large|stream|determinism|anchor) ;;
-    *) fail "--only: unknown part '$part' (parts: build,tests,routing,profile,large,stream,determinism,anchor)" ;;
+  case "$part" in build|tests|routing|profile|large|stream|determinism|microbatch|anchor) ;;
+    *) fail "--only: unknown part '$part' (parts: build,tests,routing,profile,large,stream,determinism,microbatch,anchor)" ;;
   esac
 done
 [ -z "$anchors" ] || [ -f "$anchors/torch_train_bench.py" ] || fail "--anchors $anchors holds no torch_train_bench.py"
@@ -116,6 +116,16 @@ if runs determinism 60; then
   else
     note "determinism: DIFFER or failed (determinism-*.losses, determinism-*.log)"
   fi
+fi
+if runs microbatch 60; then
+  for split in 1x72 2x36; do
+    [ "$(left)" -ge 30 ] || { note "microbatch $split: skipped (budget)"; continue; }
+    timeout "$(cap 90)" "$binary" train configs/bench-1gpu.yaml --set training.steps=20 \
+      --set "optimizer.grad_accum_steps=${split%x*}" --set "training.micro_batch_size=${split#*x}" \
+      --set "logging.run_dir=$(run_dir "microbatch-$split")" 2>&1 | sed -u '/step 20\//q' > "$out/microbatch-$split.log"
+    note "microbatch $split: $(grep -m1 'device memory' "$out/microbatch-$split.log" | sed 's/.*: device/device/')"
+    note "microbatch $split: $(grep 'step 20/' "$out/microbatch-$split.log" | head -1)"
+  done
 fi
 if [ -n "$anchors" ] && runs anchor 120; then
   timeout "$(cap 200)" python3 "$anchors/torch_train_bench.py" --compile --steps 10 > "$out/anchor-compile.log" 2>&1
