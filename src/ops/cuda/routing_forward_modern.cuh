@@ -17,10 +17,13 @@
 //     group) stay, the keys of the others become 0, below every key
 //   top-k over the keys (ties to the lower expert), as the Switch kernel's, but the gate is the
 //   winner's unbiased score, which its owner lane broadcasts (the key no longer gives it back).
-// Memory: keys and group scores pass through the warp's group scratch in shared memory
-// (RouteShared::group_scratch: per token of the pass E keys, then num_groups scores; the keys' first
-// num_groups slots then hold the kept flags), the bias through RouteShared::bias (zero-padded to
-// kGroup * kPerLane floats). Group selection costs O(num_groups^2 / kGroup) comparisons per token.
+// Memory: when every group covers a power-of-two run of whole lane slices (args.lanes_per_group > 0:
+// E = 256 in 8 groups, for one) the group limit stays in registers and shuffles
+// (limit_to_groups_in_registers); otherwise keys and group scores pass through the warp's group
+// scratch in shared memory (RouteShared::group_scratch: per token of the pass E keys, then
+// num_groups scores; the keys' first num_groups slots then hold the kept flags). The bias comes
+// through RouteShared::bias (zero-padded to kGroup * kPerLane floats). Group selection costs
+// O(num_groups^2 / kGroup) comparisons per token (shared path) or num_groups shuffles (registers).
 #pragma once
 
 #include <cmath>
