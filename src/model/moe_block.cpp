@@ -73,7 +73,7 @@ void ExpertParallelMoeBlock::backward(const ExecContext& context, const Tensor& 
   size_t bytes = 0;
   for (const Tensor* target : targets) bytes += target->bytes();
   if (gradient_scratch_.bytes() < bytes) gradient_scratch_ = Buffer(context.device, bytes);
-  MoeGradients scratch{gradients.router, gradients.w1, gradients.w2};
+  MoeGradients scratch{gradients.router, gradients.w1, gradients.w2, /*accumulate=*/false};
   Tensor* parts[3] = {&scratch.router, &scratch.w1, &scratch.w2};
   size_t offset = 0;
   for (Tensor* part : parts) {

@@ -86,8 +86,9 @@ class ExpertParallelMoeBlock : public MoeBlock {
                          const EpLayerOptions& exchange, std::shared_ptr<MoeLayerMemory> memory = nullptr);
   void forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights, const MoeForwardArgs& args,
                Tensor& y) override;
-  // MoeGradients::accumulate goes through a scratch here: the EP layer's parts, chunks and
-  // replicas overwrite, and its sums stay bit-identical to the single-rank layer's on CPU ranks.
+  // MoeGradients::accumulate goes through a scratch that is then added: the layer overwrites, so
+  // that its sums are the same with and without hot-expert replication (whose owners' chains start
+  // from the returned partial sums), accumulating or not.
   void backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights, float aux_grad_scale,
                 float z_grad_scale, Tensor& grad_x, MoeGradients& gradients) override;
   MoeBlockStats read_stats(const ExecContext& context) const override;

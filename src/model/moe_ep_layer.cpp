@@ -162,10 +162,11 @@ void MoeEpLayer::backward(const ExecContext& context, const Tensor& grad_y, cons
   check_weights(weights, activation_dtype_, "weights");
   MoeWeights gradient_view{gradients.router, gradients.w1, gradients.w2};
   check_weights(gradient_view, gradient_dtype_, "gradients");
+  SY_CHECK(!gradients.accumulate, "MoeEpLayer::backward overwrites the gradients (accumulate through a scratch, "
+           "as ExpertParallelMoeBlock does)");
 
   // A forward in eval mode may have come first and left the backward buffers short.
   for (Part& part : parts_) ensure_hidden_capacity(context, part, /*with_backward=*/true);
-  if (parts_.size() > 1) ensure_gradient_scratch(context);
 
   // The combine's backward: dL/dgates of each part's choices (its rows of grad_gates), the dL/dO
   // rows readied; then every dispatch.
@@ -203,24 +204,9 @@ void MoeEpLayer::experts_backward(const ExecContext& context, Part& part, int ch
   const int first = plan.chunk_first_expert(chunk), count = plan.chunk_end_expert(chunk) - first;
   const int64_t row_begin = plan.chunk_row_begin(chunk), chunk_rows = plan.chunk_row_end(chunk) - row_begin;
   Tensor grad_w1 = expert_slice(gradients.w1, first, count), grad_w2 = expert_slice(gradients.w2, first, count);
-  if (chunk_rows == 0 && accumulate) return;  // no tokens reached these experts: they add nothing
-  // The weight gradient GEMMs overwrite: accumulating, they write the scratch, added below.
-  Tensor chunk_grad_w1 = grad_w1, chunk_grad_w2 = grad_w2;
-  if (accumulate) {
-    SY_CHECK(count <= ep_parts_.gradient_scratch_experts, "MoeEpLayer: a chunk of ", count,
-             " experts exceeds the scratch of ", ep_parts_.gradient_scratch_experts);
-    char* scratch = static_cast<char*>(ep_parts_.gradient_scratch.data());
-    chunk_grad_w1 = Tensor(scratch, gradient_dtype_, device_, {count, grad_w1.dim(1), grad_w1.dim(2)});
-    chunk_grad_w2 = Tensor(scratch + chunk_grad_w1.bytes(), gradient_dtype_, device_,
-                           {count, grad_w2.dim(1), grad_w2.dim(2)});
-  }
   expert_rows_backward(context, part, row_begin, chunk_rows, part.exchange->chunk_offsets(chunk),
-                       expert_slice(weights.w1, first, count), expert_slice(weights.w2, first, count), chunk_grad_w1,
-                       chunk_grad_w2, /*continue_sums=*/false);
-  if (accumulate) {
-    ops::add_into(context, chunk_grad_w1, grad_w1);
-    ops::add_into(context, chunk_grad_w2, grad_w2);
-  }
+                       expert_slice(weights.w1, first, count), expert_slice(weights.w2, first, count), grad_w1,
+                       grad_w2, /*continue_sums=*/accumulate);
 }
 
 void MoeEpLayer::expert_rows_backward(const ExecContext& context, Part& part, int64_t row_begin, int64_t rows_count,

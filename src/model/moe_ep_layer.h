@@ -33,7 +33,8 @@
 // backward gives dL/dO rows and dL/dgates locally; the dL/dO rows are dispatched, the expert
 // backward runs per chunk (dW2_l, dA, act', dW1_l, dX_p), the dL/dX rows are combined back and
 // permute_backward sums them per token. Router backward (gates -> logits -> Wr, x) is local and
-// is enqueued while the gradient rows are in flight. Gradients are overwritten, not accumulated.
+// is enqueued while the gradient rows are in flight. Gradients are overwritten (MoeGradients::
+// accumulate is refused; ExpertParallelMoeBlock accumulates through a scratch).
 // With fp8 dispatch the router still sees x itself; the experts see x' = dequantize(quantize(x))
 // in forward and backward (dW1 reads the layout that holds x'), and dL/dx' is passed on as dL/dx
 // (straight-through), so the layer computes exactly the layer on x' except for the router's
@@ -191,11 +192,9 @@ class MoeEpLayer {
   void build_part_routing(const ExecContext& context, const RoutingResult& routing, Part& part);
   // Grows a part's expert activations for its current plan (streams idle: right after the exchange).
   void ensure_hidden_capacity(const ExecContext& context, Part& part, bool with_backward);
-  // The scratch that part 1's weight gradients go through: one chunk's experts of w1 and w2.
-  void ensure_gradient_scratch(const ExecContext& context);
-
   void experts_forward(const ExecContext& context, Part& part, int chunk, const MoeWeights& weights);
-  // `accumulate`: add the gradients of the chunk's experts to `gradients` instead of overwriting.
+  // `accumulate` (part 1 of two): add the gradients of the chunk's experts to `gradients` instead of
+  // overwriting (in place: the weight-gradient GEMMs continue the sums).
   void experts_backward(const ExecContext& context, Part& part, int chunk, const MoeWeights& weights,
                         MoeGradients& gradients, bool accumulate);
   // The experts [n] of rows [row_begin, row_begin + rows) of the part's layout: `offsets` int32 [n + 1]

@@ -166,19 +166,4 @@ void MoeEpLayer::ensure_hidden_capacity(const ExecContext& context, Part& part, 
   }
 }
 
-void MoeEpLayer::ensure_gradient_scratch(const ExecContext& context) {
-  // Part 1 accumulates: its chunks' experts pass through the scratch.
-  const ExpertExchangePlan& plan = parts_.back().exchange->plan();
-  int experts = 0;
-  for (int chunk = 0; chunk < plan.chunks; ++chunk)
-    experts = std::max(experts, plan.chunk_end_expert(chunk) - plan.chunk_first_expert(chunk));
-  if (experts <= ep_parts_.gradient_scratch_experts) return;
-  ops::synchronize(context);  // nothing queued may still use the old scratch
-  const int64_t d_model = config_.d_model, d_ff = config_.moe.expert_d_ff;
-  const int64_t elements = int64_t(experts) * (d_model * config_.w1_columns() + d_ff * d_model);
-  ep_parts_.gradient_scratch.reset();
-  ep_parts_.gradient_scratch = Buffer(device_, size_t(elements) * dtype_size(gradient_dtype_));
-  ep_parts_.gradient_scratch_experts = experts;
-}
-
 }  // namespace switchyard

@@ -68,11 +68,9 @@ struct MoeEpReplicas {
   Buffer owner_gradients;
 };
 
-// An expert-parallel layer's parts and part 1's weight-gradient scratch.
+// An expert-parallel layer's parts and its replicas.
 struct MoeEpParts {
   std::vector<MoeEpPart> parts;  // built once: the exchanges keep pointers to a part's routing
-  Buffer gradient_scratch;       // two parts: [experts, D, F or 2F] then [experts, F, D]
-  int gradient_scratch_experts = 0;
   MoeEpReplicas replicas;
   size_t activation_bytes() const {  // H and A of every part
     size_t bytes = 0;

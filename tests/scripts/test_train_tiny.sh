@@ -6,7 +6,8 @@
 #      `switchyard generate` must sample from those weights;
 #   2. the same seed twice gives bit-identical losses (parallel.deterministic);
 #   3. expert parallelism changes nothing but summation order: ep_size 2 and ep_size 1 (experts
-#      replicated) on the same two ranks give the same first losses;
+#      replicated) on the same two ranks give the same first losses; so with two accumulating
+#      micro-steps per step (gradients added in place), with one part and with two_part;
 #   4. parallel.ep_dispatch fp8 reaches the layer through the trainer: the first losses move (the
 #      expert inputs are quantized) but stay within 1% of the activation dispatch's;
 #   5. parallel.ranks_per_node 1 makes the ep_size 2 group span two (emulated) nodes: the
@@ -15,8 +16,8 @@
 #      the all-to-alls included) reaches the model through the trainer and changes nothing: the
 #      losses and final weights of run 2 bit for bit; a bad value is refused naming the key;
 #   7. hot-expert replication (parallel.max_replicas_per_rank 1) replicates on some steps and gives
-#      the losses and final weights of run 2 bit for bit; with ep_overlap two_part it is refused
-#      (exit 2) naming both keys.
+#      the losses and final weights of run 2 bit for bit, and with accumulating micro-steps those of
+#      3b's ep_size 2 run; with ep_overlap two_part it is refused (exit 2) naming both keys.
 # Usage: test_train_tiny.sh SWITCHYARD_BINARY SOURCE_DIR MPIEXEC
 set -u
 
@@ -133,6 +134,34 @@ if [ -s "$work/replicated/metrics.jsonl" ]; then
     fail "ep_size 2 and ep_size 1 disagree"
 fi
 
+# ---- 3b. gradient accumulation in place: ep_size 2 (one part, and two_part) == ep_size 1 ----------
+# Two micro-steps of 4 sequences: micro-step 2 adds the expert, router and norm gradients in place
+# (MoeGradients::accumulate, NormAccumulate); with two_part, part 1 adds to part 0's as well.
+accumulating=(--set optimizer.grad_accum_steps=2 --set training.micro_batch_size=4)
+for variant in ep1 ep2 ep2_two_part; do
+  case "$variant" in
+    ep1) extra=(--set parallel.ep_size=1) ;;
+    ep2) extra=() ;;
+    ep2_two_part) extra=(--set parallel.ep_overlap=two_part) ;;
+  esac
+  timeout 120 "${mpi[@]}" "$binary" train "$source_dir/configs/tiny-cpu.yaml" "${data[@]}" "${short[@]}" \
+    "${accumulating[@]}" "${extra[@]}" --set "logging.run_dir=$work/accumulate_$variant" \
+    >"$work/accumulate_$variant.out" 2>&1 || fail "the accumulating $variant run failed"
+done
+# The gradient norm sees a lost micro-step at once (the losses only through the next update).
+grad_norms() { grep -o '"grad_norm":[-0-9.eE+]*' "$1" | cut -d: -f2; }
+for variant in ep2 ep2_two_part; do
+  agreed=1
+  for metric in losses grad_norms; do
+    paste <("$metric" "$work/accumulate_ep1/metrics.jsonl" | head -5) <("$metric" "$work/accumulate_$variant/metrics.jsonl" | head -5) |
+      awk '{ d = $1 - $2; if (d < 0) d = -d; if (d > 1e-4 * $1 || NF < 2) { bad = 1; print "  step " NR ": " $1 " vs " $2 } }
+           END { exit bad || NR < 5 }' >&2 ||
+      { agreed=0; fail "accumulating micro-steps: $variant and ep_size 1 disagree ($metric)"; }
+  done
+  [ "$agreed" -eq 0 ] ||
+    echo "ok: accumulating micro-steps: $variant agrees with ep_size 1 on the first 5 losses and gradient norms"
+done
+
 # ---- 4. fp8 dispatch through the trainer ---------------------------------------------------------
 timeout 120 "${mpi[@]}" "$binary" train "$source_dir/configs/tiny-cpu.yaml" "${data[@]}" "${short[@]}" \
   --set parallel.ep_dispatch=fp8 --set "logging.run_dir=$work/fp8" >"$work/fp8.out" 2>&1 ||
@@ -204,6 +233,22 @@ if [ -s "$work/replicas/metrics.jsonl" ] && [ -s "$work/same_a/metrics.jsonl" ];
   fi
   grep -q '| replicas [0-9.]* (.* rows), max rank load' "$work/replicas.out" ||
     fail "the progress lines do not report the replicas"
+fi
+# With two accumulating micro-steps per step too (section 3b's ep2 run without replication).
+timeout 120 "${mpi[@]}" "$binary" train "$source_dir/configs/tiny-cpu.yaml" "${data[@]}" "${short[@]}" \
+  "${accumulating[@]}" --set parallel.max_replicas_per_rank=1 --set "logging.run_dir=$work/replicas_accumulate" \
+  >"$work/replicas_accumulate.out" 2>&1 || fail "the accumulating parallel.max_replicas_per_rank 1 run failed"
+if [ -s "$work/replicas_accumulate/metrics.jsonl" ] && [ -s "$work/accumulate_ep2/metrics.jsonl" ]; then
+  replicated=$(grep -o '"replicated_experts":[-0-9.eE+]*' "$work/replicas_accumulate/metrics.jsonl" | cut -d: -f2 |
+    awk '$1 > 0' | wc -l)
+  if [ "$replicated" -eq 0 ]; then
+    fail "the accumulating replication run replicated nothing"
+  elif cmp -s <(losses "$work/accumulate_ep2/metrics.jsonl") <(losses "$work/replicas_accumulate/metrics.jsonl") &&
+    cmp -s <(tensors "$work/accumulate_ep2/final.weights") <(tensors "$work/replicas_accumulate/final.weights"); then
+    echo "ok: with accumulating micro-steps too, replication ($replicated steps) gives the losses and final weights of none, bit for bit"
+  else
+    fail "with accumulating micro-steps, hot-expert replication changed the losses or the final weights"
+  fi
 fi
 timeout 60 "$binary" train "$source_dir/configs/tiny-cpu.yaml" "${data[@]}" --set parallel.ep_size=2 \
   --set parallel.max_replicas_per_rank=1 --set parallel.ep_overlap=two_part \
