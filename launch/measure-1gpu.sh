@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One GPU's measurement set, as docs/PERFORMANCE.md reports it: build, every CUDA test, the routing
-# benchmark, the step-time breakdown of the throughput configs, a short bench-large-1gpu run (does
-# it fit, tokens/s, MFU), the shared experts' second stream on and off, run-to-run determinism and,
-# with --anchors, the PyTorch training anchor beside bench-1gpu. Each part writes OUT/<part>.log
-# and one line to OUT/summary.log; a part that fails is reported and the next one runs.
+# benchmark, ncu on the two routing cases' kernel (occupancy, issue and stall figures), the
+# step-time breakdown of the throughput configs, a short bench-large-1gpu run (does it fit,
+# tokens/s, MFU), the shared experts' second stream on and off, run-to-run determinism,
+# bench-1gpu's 73,728-token step as 1 x 72 and 2 x 36 sequences instead of 3 x 24 (fewer
+# micro-steps: fewer fp32 gradient read-add-writes, larger GEMMs) and, with --anchors, the PyTorch
+# training anchor beside bench-1gpu. Each part writes OUT/<part>.log and one line to
+# OUT/summary.log; a part that fails is reported and the next one runs.
 #
 # Usage: bash launch/measure-1gpu.sh [--out DIR] [--budget SECONDS] [--anchors DIR] [--only LIST]
 #   --out       where the logs go (default: runs/measure)
@@ -11,7 +14,7 @@
 #               is also capped by what is left
 #   --anchors   a folder holding torch_train_bench.py (the project's anchors); without it the
 #               anchor part is skipped
-#   --only      comma list of parts, in this order: build,tests,routing,profile,large,stream,determinism,microbatch,anchor
+#   --only      comma list of parts, in this order: build,tests,routing,ncu,profile,large,stream,determinism,microbatch,anchor
 #               (default: all)
 # Needs a CUDA GPU, nvcc, and data/sotu/{train,val}.bin (bash launch/get-data.sh writes them; this
 # script runs it when they are missing). Run from anywhere; it works in the repository root. Every
@@ -25,7 +28,7 @@ cd "$root"
 out="runs/measure"
 budget=0
 anchors=""
-only="build,tests,routing,profile,large,stream,determinism,microbatch,anchor"
+only="build,tests,routing,ncu,profile,large,stream,determinism,microbatch,anchor"
 fail() { echo "measure-1gpu: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -38,8 +41,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 for part in ${only//,/ }; do
-  case "$part" in build|tests|routing|profile|large|stream|determinism|microbatch|anchor) ;;
-    *) fail "--only: unknown part '$part' (parts: build,tests,routing,profile,large,stream,determinism,microbatch,anchor)" ;;
+  case "$part" in build|tests|routing|ncu|profile|large|stream|determinism|microbatch|anchor) ;;
+    *) fail "--only: unknown part '$part' (parts: build,tests,routing,ncu,profile,large,stream,determinism,microbatch,anchor)" ;;
   esac
 done
 [ -z "$anchors" ] || [ -f "$anchors/torch_train_bench.py" ] || fail "--anchors $anchors holds no torch_train_bench.py"
@@ -76,6 +79,19 @@ fi
 if runs routing 30; then
   timeout "$(cap 120)" "$binary" bench moe --only routing > "$out/routing.log" 2>&1
   grep "^Routing alone" "$out/routing.log" | while read -r line; do note "routing: $line"; done
+fi
+if runs ncu 60; then
+  # bench moe --only routing with --warmup 1 --iters 1 launches the softmax case's kernel 22 times
+  # (2 lone calls, 2 x 10 back to back), then the fine-grained case's: one launch of each.
+  for case in "softmax 0" "fine-grained 22"; do
+    set -- $case
+    [ "$(left)" -ge 30 ] || { note "ncu $1: skipped (budget)"; continue; }
+    timeout "$(cap 120)" ncu --kernel-name regex:route_forward --launch-skip "$2" --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section SchedulerStats "$binary" bench moe --only routing --warmup 1 --iters 1 > "$out/ncu-$1.log" 2>&1
+    note "ncu $1: rc $? -- $(grep -E 'route_forward_kernel|Duration|Achieved Occupancy|Issued Warp Per Scheduler|No Eligible' \
+      "$out/ncu-$1.log" | sed -E 's/ +/ /g' | tr '\n' ';')"
+  done
 fi
 if runs profile 60; then
   for config in bench-1gpu finegrained-1gpu; do
