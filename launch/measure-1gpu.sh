@@ -84,13 +84,13 @@ if runs ncu 60; then
   # bench moe --only routing with --warmup 1 --iters 1 launches the softmax case's kernel 22 times
   # (2 lone calls, 2 x 10 back to back), then the fine-grained case's: one launch of each.
   for case in "softmax 0" "fine-grained 22"; do
-    set -- $case
-    [ "$(left)" -ge 30 ] || { note "ncu $1: skipped (budget)"; continue; }
-    timeout "$(cap 120)" ncu --kernel-name regex:route_forward --launch-skip "$2" --launch-count 1 \
+    read -r name skip <<<"$case"
+    [ "$(left)" -ge 30 ] || { note "ncu $name: skipped (budget)"; continue; }
+    timeout "$(cap 120)" ncu --kernel-name regex:route_forward --launch-skip "$skip" --launch-count 1 \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-      --section SchedulerStats "$binary" bench moe --only routing --warmup 1 --iters 1 > "$out/ncu-$1.log" 2>&1
-    note "ncu $1: rc $? -- $(grep -E 'route_forward_kernel|Duration|Achieved Occupancy|Issued Warp Per Scheduler|No Eligible' \
-      "$out/ncu-$1.log" | sed -E 's/ +/ /g' | tr '\n' ';')"
+      --section SchedulerStats "$binary" bench moe --only routing --warmup 1 --iters 1 > "$out/ncu-$name.log" 2>&1
+    note "ncu $name: rc $? -- $(grep -E 'route_forward_kernel|Duration|Achieved Occupancy|Issued Warp Per Scheduler|No Eligible' \
+      "$out/ncu-$name.log" | sed -E 's/ +/ /g' | tr '\n' ';')"
   done
 fi
 if runs profile 60; then

@@ -141,13 +141,17 @@ ReplicaExchange::MatrixLayout ReplicaExchange::matrix_layout(int64_t elements) c
   return layout;
 }
 
-void ReplicaExchange::ensure_staging(const ExecContext& context, size_t bytes) {
-  if (staging_.bytes() >= bytes) return;
-  // Nothing queued may still use the old staging.
-  ops::synchronize(context);
-  communicator_->synchronize();
-  staging_.reset();
-  staging_ = Buffer(device_, bytes + bytes / 4);
+Tensor ReplicaExchange::staging_matrices(const ExecContext& context, const Tensor& like, int64_t count) {
+  const size_t matrix_bytes = size_t(like.dim(1) * like.dim(2)) * dtype_size(like.dtype);
+  const size_t bytes = std::max<size_t>(size_t(count) * matrix_bytes, 1);  // none packed: nothing is read
+  if (staging_.bytes() < bytes) {
+    // Nothing queued may still use the old staging.
+    ops::synchronize(context);
+    communicator_->synchronize();
+    staging_.reset();
+    staging_ = Buffer(device_, bytes + bytes / 4);
+  }
+  return Tensor(staging_.data(), like.dtype, device_, {std::max<int64_t>(count, 1), like.dim(1), like.dim(2)});
 }
 
 namespace {
@@ -174,13 +178,8 @@ void ReplicaExchange::send_weights(const ExecContext& context, const Tensor& wei
            "ReplicaExchange::send_weights: weights must be [", local_experts_, ", a, b] on ",
            device_kind_name(device_), ", got ", weights.describe());
   check_matrices("replica weights", replica_weights, hosted(), weights, device_);
-  const int64_t elements = weights.dim(1) * weights.dim(2);
-  const size_t matrix_bytes = size_t(elements) * dtype_size(weights.dtype);
-  const MatrixLayout layout = matrix_layout(elements);
-  const int64_t packed = layout.packed;
-  ensure_staging(context, std::max<size_t>(size_t(packed) * matrix_bytes, 1));
-  const Tensor staging(staging_.data(), weights.dtype, device_, {std::max<int64_t>(packed, 1), weights.dim(1),
-                                                                 weights.dim(2)});
+  const MatrixLayout layout = matrix_layout(weights.dim(1) * weights.dim(2));
+  const Tensor staging = staging_matrices(context, weights, layout.packed);
   int64_t at = 0;
   for (int host = 0; host < ranks_; ++host)
     for (int expert : replicas_between(rank_, host)) {
@@ -201,19 +200,14 @@ void ReplicaExchange::return_gradients(const ExecContext& context, const Tensor&
            "ReplicaExchange::return_gradients: owner gradients must be [", local_experts_, ", a, b] on ",
            device_kind_name(device_), ", got ", owner_gradients.describe());
   check_matrices("replica gradients", replica_gradients, hosted(), owner_gradients, device_);
-  const int64_t elements = owner_gradients.dim(1) * owner_gradients.dim(2);
-  const size_t matrix_bytes = size_t(elements) * dtype_size(owner_gradients.dtype);
   // The mirror of send_weights: slots go back to their owners, the owner receives by host.
-  const MatrixLayout layout = matrix_layout(elements);
-  const int64_t packed = layout.packed;
-  ensure_staging(context, std::max<size_t>(size_t(packed) * matrix_bytes, 1));
+  const MatrixLayout layout = matrix_layout(owner_gradients.dim(1) * owner_gradients.dim(2));
+  const Tensor staging = staging_matrices(context, owner_gradients, layout.packed);
   events_.comm_waits_for_compute(context, *communicator_);
   communicator_->all_to_all_v(replica_gradients.data, layout.host_counts, layout.host_offsets, staging_.data(),
                               layout.owner_counts, layout.owner_offsets, owner_gradients.dtype);
   events_.record_comm(0, *communicator_);
   events_.compute_waits_for_comm(context, 0);
-  const Tensor staging(staging_.data(), owner_gradients.dtype, device_,
-                       {std::max<int64_t>(packed, 1), owner_gradients.dim(1), owner_gradients.dim(2)});
   int64_t at = 0;
   for (int host = 0; host < ranks_; ++host)
     for (int expert : replicas_between(rank_, host)) {

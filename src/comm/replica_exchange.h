@@ -96,8 +96,9 @@ class ReplicaExchange {
     return options;
   }
   void build_tables();
-  // Staging of at least `bytes` (grown after the streams are idle).
-  void ensure_staging(const ExecContext& context, size_t bytes);
+  // The staging as `count` matrices shaped and typed like those of `like` [n, a, b] (the view has at
+  // least one; the buffer, grown after the streams are idle, holds `count`).
+  Tensor staging_matrices(const ExecContext& context, const Tensor& like, int64_t count);
   // The all-to-all-v pieces (in elements, `elements` per matrix) between the replicas' owners and
   // hosts, one per peer: as owner, this rank's replicated matrices packed by host (`packed` of them,
   // hosts ascending, experts ascending); as host, its slots by owner. send_weights sends the owner
