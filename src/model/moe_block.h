@@ -55,6 +55,8 @@ class MoeBlock {
   virtual const Tensor& router_logits() const = 0;
   // Where the layer's large buffers live (src/model/moe_memory.h).
   virtual const MoeLayerMemory& memory() const = 0;
+  // Reports the layer's own stages to `observer` from now on (nullptr: stop); not owned.
+  virtual void set_stage_observer(MoeStageObserver* observer) = 0;
 };
 
 // The single-device layer: every expert lives here (ep_size 1).
@@ -72,6 +74,7 @@ class LocalMoeBlock : public MoeBlock {
   const RoutingResult& routing() const override { return layer_.routing(); }
   const Tensor& router_logits() const override { return layer_.logits(); }
   const MoeLayerMemory& memory() const override { return layer_.memory(); }
+  void set_stage_observer(MoeStageObserver* observer) override { layer_.set_stage_observer(observer); }
 
  private:
   MoeLayer layer_;
@@ -97,6 +100,7 @@ class ExpertParallelMoeBlock : public MoeBlock {
   const RoutingResult& routing() const override { return layer_.routing(); }
   const Tensor& router_logits() const override { return layer_.logits(); }
   const MoeLayerMemory& memory() const override { return layer_.memory(); }
+  void set_stage_observer(MoeStageObserver* observer) override { layer_.set_stage_observer(observer); }
 
  private:
   MoeEpLayer layer_;

@@ -97,31 +97,39 @@ MoeLosses MoeEpLayer::forward(const ExecContext& context, const Tensor& x, const
   has_forward_ = false;
   tokens_ = tokens;
 
-  const RoutingResult& routing = router_.forward(context, x, weights.router, weights.router_bias, args);
+  const RoutingResult& routing = router_.forward(context, x, weights.router, weights.router_bias, args, observer_);
   // Each exchange permutes its rows by expert while its counts travel (a host sync per part).
-  if (replicates_)
-    start_replicated(context, x, routing, weights);
-  else
-    start_parts(context, x, routing);
-  for (Part& part : parts_) ensure_hidden_capacity(context, part, args.training);
+  run_stage(context, "exchange plan", [&] {
+    if (replicates_)
+      start_replicated(context, x, routing, weights);
+    else
+      start_parts(context, x, routing);
+    for (Part& part : parts_) ensure_hidden_capacity(context, part, args.training);
+  });
   inject_fault_point("ep_layer_dispatch");  // tests: a rank that stops between the counts and the rows
 
   // Every dispatch first: a part's rows travel while the experts compute the part before it.
-  for (Part& part : parts_) part.exchange->dispatch(context, EpPass::forward);
+  run_stage(context, "dispatch", [&] {
+    for (Part& part : parts_) part.exchange->dispatch(context, EpPass::forward);
+  });
   for (Part& part : parts_) {
     for (int chunk = 0; chunk < part.exchange->chunks(); ++chunk) {
-      part.exchange->receive(context, EpPass::forward, chunk);
-      if (replicates_)
-        replicated_experts_forward(context, weights);  // one part, one chunk
-      else
-        experts_forward(context, part, chunk, weights);
-      part.exchange->send_back(context, EpPass::forward, chunk);
+      run_stage(context, "receive", [&] { part.exchange->receive(context, EpPass::forward, chunk); });
+      run_stage(context, "experts", [&] {
+        if (replicates_)
+          replicated_experts_forward(context, weights);  // one part, one chunk
+        else
+          experts_forward(context, part, chunk, weights);
+      });
+      run_stage(context, "send back", [&] { part.exchange->send_back(context, EpPass::forward, chunk); });
     }
   }
-  for (Part& part : parts_) {
-    Tensor part_y = token_rows(y, part.first_token, part.tokens);
-    part.exchange->combine(context, EpPass::forward, part_y);
-  }
+  run_stage(context, "combine", [&] {
+    for (Part& part : parts_) {
+      Tensor part_y = token_rows(y, part.first_token, part.tokens);
+      part.exchange->combine(context, EpPass::forward, part_y);
+    }
+  });
   has_forward_ = true;
   return args.read_losses ? read_losses(context) : MoeLosses{};
 }
@@ -171,31 +179,39 @@ void MoeEpLayer::backward(const ExecContext& context, const Tensor& grad_y, cons
   // The combine's backward: dL/dgates of each part's choices (its rows of grad_gates), the dL/dO
   // rows readied; then every dispatch.
   Tensor grad_gates = router_.grad_gates();
-  for (Part& part : parts_) {
-    const Tensor part_grad_y = token_rows(grad_y, part.first_token, part.tokens);
-    Tensor part_grad_gates = token_rows(grad_gates, part.first_token, part.tokens);
-    part.exchange->start_backward(context, part_grad_y, part_grad_gates);
-  }
-  for (Part& part : parts_) part.exchange->dispatch(context, EpPass::backward);
+  run_stage(context, "combine backward", [&] {
+    for (Part& part : parts_) {
+      const Tensor part_grad_y = token_rows(grad_y, part.first_token, part.tokens);
+      Tensor part_grad_gates = token_rows(grad_gates, part.first_token, part.tokens);
+      part.exchange->start_backward(context, part_grad_y, part_grad_gates);
+    }
+  });
+  run_stage(context, "dispatch", [&] {
+    for (Part& part : parts_) part.exchange->dispatch(context, EpPass::backward);
+  });
   // The router's backward needs only local data: it runs while the gradient rows travel.
-  router_.backward(context, aux_grad_scale, z_grad_scale, gradients.router);
+  router_.backward(context, aux_grad_scale, z_grad_scale, gradients.router, observer_);
   for (size_t index = 0; index < parts_.size(); ++index) {
     Part& part = parts_[index];
     for (int chunk = 0; chunk < part.exchange->chunks(); ++chunk) {
-      part.exchange->receive(context, EpPass::backward, chunk);
-      if (replicates_)
-        replicated_experts_backward(context, weights, gradients);  // one part, one chunk
-      else
-        experts_backward(context, part, chunk, weights, gradients, /*accumulate=*/index > 0);
-      part.exchange->send_back(context, EpPass::backward, chunk);  // dL/dX rows
+      run_stage(context, "receive", [&] { part.exchange->receive(context, EpPass::backward, chunk); });
+      run_stage(context, "experts", [&] {
+        if (replicates_)
+          replicated_experts_backward(context, weights, gradients);  // one part, one chunk
+        else
+          experts_backward(context, part, chunk, weights, gradients, /*accumulate=*/index > 0);
+      });
+      run_stage(context, "send back", [&] { part.exchange->send_back(context, EpPass::backward, chunk); });  // dL/dX rows
     }
   }
-  for (Part& part : parts_) {
-    Tensor part_grad_x = token_rows(grad_x, part.first_token, part.tokens);
-    part.exchange->combine(context, EpPass::backward, part_grad_x);
-  }
+  run_stage(context, "permute backward", [&] {
+    for (Part& part : parts_) {
+      Tensor part_grad_x = token_rows(grad_x, part.first_token, part.tokens);
+      part.exchange->combine(context, EpPass::backward, part_grad_x);
+    }
+  });
   has_forward_ = false;  // hidden_post now holds dL/dA
-  router_.add_input_gradient(context, weights.router, grad_x);
+  router_.add_input_gradient(context, weights.router, grad_x, observer_);
 }
 
 void MoeEpLayer::experts_backward(const ExecContext& context, Part& part, int chunk, const MoeWeights& weights,

@@ -176,7 +176,20 @@ class MoeEpLayer {
   // Rows the last forward sent to each global expert [E]; empty with the hierarchical exchange.
   std::vector<int64_t> sent_rows_per_expert() const;
 
+  // Reports stage boundaries to `observer` from now on (nullptr: stop); not owned. Forward: the
+  // router's ("jitter", "router GEMM", "routing"), then "exchange plan" (the count exchange and
+  // the permutation by expert: a host sync per part), "dispatch", per part and chunk "receive",
+  // "experts", "send back", then "combine". Backward: "combine backward", "dispatch", the router's
+  // ("routing backward", "router weight grad"), per part and chunk "receive", "experts", "send
+  // back", then "permute backward" (the returned rows to tokens) and "router input grad". Times are
+  // the compute stream's: an exchange on another stream shows as the wait in "receive".
+  void set_stage_observer(MoeStageObserver* observer) { observer_ = observer; }
+
  private:
+  template <typename Work>
+  void run_stage(const ExecContext& context, const char* stage, Work&& work) {
+    run_moe_stage(observer_, context, stage, work);
+  }
   using Part = MoeEpPart;  // src/model/moe_memory.h
 
   const EpExchange& exchange() const { return *parts_.front().exchange; }
@@ -241,6 +254,8 @@ class MoeEpLayer {
   DType chain_dtype_ = DType::f32;  // replication: the weight-gradient sums across ranks (see the top)
   ReplicationStats replication_stats_;
   std::vector<int64_t> replicated_sent_rows_;  // replication: rows the last forward sent per global expert
+
+  MoeStageObserver* observer_ = nullptr;
 
   // What the last forward left for backward.
   bool has_forward_ = false;

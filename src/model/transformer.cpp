@@ -264,9 +264,17 @@ void Transformer::dense_ffn_forward(const ExecContext& context, const ModelParam
                                     Tensor* out) {
   Tensor pre = rows(saved.pre, ffn.w1_columns);
   Tensor post = rows(saved.post, ffn.hidden);
-  ops::gemm(context, false, false, 1.0f, input, parameters.compute(ffn.w1), 0.0f, pre);
-  ops::activation_forward(context, moe_.activation, pre, post);
-  if (out) ops::gemm(context, false, false, 1.0f, post, parameters.compute(ffn.w2), 1.0f, *out);
+  stage(context, "GEMM 1", [&] { ops::gemm(context, false, false, 1.0f, input, parameters.compute(ffn.w1), 0.0f, pre); });
+  stage(context, "activation", [&] { ops::activation_forward(context, moe_.activation, pre, post); });
+  if (out)
+    stage(context, "GEMM 2",
+          [&] { ops::gemm(context, false, false, 1.0f, post, parameters.compute(ffn.w2), 1.0f, *out); });
+}
+
+void Transformer::set_stage_observer(MoeStageObserver* observer) {
+  stage_observer_ = observer;
+  for (const auto& block : blocks_)
+    if (block->is_moe) block->moe->set_stage_observer(observer);
 }
 
 int Transformer::moe_block_count() const {
@@ -355,15 +363,19 @@ void Transformer::attention_sublayer_forward(const ExecContext& context, const M
   Tensor qkv = rows(saved.qkv_rows, 3 * width);
   Tensor attention = rows(saved.attention_out, width);
   stage(context, recompute ? "attention recompute" : "attention", [&] {
-    ops::gemm(context, false, false, 1.0f, normed, parameters.compute(block.qkv), 0.0f, qkv);
+    stage(context, "QKV projection",
+          [&] { ops::gemm(context, false, false, 1.0f, normed, parameters.compute(block.qkv), 0.0f, qkv); });
     const AttentionShape shape{batch_, seq_len_, model_.n_heads, model_.head_dim()};
-    if (model_.positions == PositionKind::rotary) ops::rotary_forward(context, shape, qkv, kRotaryBase, 0, qkv);
+    if (model_.positions == PositionKind::rotary)
+      stage(context, "rotary", [&] { ops::rotary_forward(context, shape, qkv, kRotaryBase, 0, qkv); });
     Tensor stats = saved.attention_stats.view(stats_dtype_, {batch_, model_.n_heads, seq_len_});
     Tensor workspace(attention_workspace_.data(), DType::u8, options_.device, {attention_workspace_bytes_});
-    ops::attention_forward(context, shape, qkv, attention, stats, workspace);
+    stage(context, "attention core", [&] { ops::attention_forward(context, shape, qkv, attention, stats, workspace); });
     if (!mid) return;
-    ops::copy(context, x, *mid);  // the residual, added by the output projection's beta = 1
-    ops::gemm(context, false, false, 1.0f, attention, parameters.compute(block.out), 1.0f, *mid);
+    stage(context, "output projection", [&] {
+      ops::copy(context, x, *mid);  // the residual, added by the output projection's beta = 1
+      ops::gemm(context, false, false, 1.0f, attention, parameters.compute(block.out), 1.0f, *mid);
+    });
   });
 }
 

@@ -205,17 +205,24 @@ class Transformer {
   void set_load_reducer(LoadReducer reducer) { load_reducer_ = std::move(reducer); }
 
   // Reports the boundaries of the model's stages to `observer` (src/model/moe_router.h) from now
-  // on; nullptr stops. Not owned. The stages do not nest and cover all the model's work:
+  // on; nullptr stops. Not owned. The stages do not overlap and cover all the model's work:
   //   forward:  "embedding", "norm", "attention", "residual", "dense FFN", "MoE", "shared experts",
   //             "LM head", "loss"
   //   backward: "LM head backward", "norm backward" (which adds to the residual stream's
-  //             gradient), "attention backward", "dense FFN backward", "MoE backward", "shared experts backward", "embedding backward",
-  //             and with options.recompute the repeated forward work: "norm recompute",
-  //             "attention recompute", "dense FFN recompute", "MoE recompute",
-  //             "shared experts recompute"
+  //             gradient), "attention backward", "dense FFN backward", "MoE backward",
+  //             "shared experts backward", "embedding backward", and with options.recompute the
+  //             repeated forward work: "norm recompute", "attention recompute", "dense FFN
+  //             recompute", "MoE recompute", "shared experts recompute"
   // (norms and residual adds occur once per block and sublayer; "MoE" covers the routed layer
-  // with its router and, in training, its step-load and global-loss bookkeeping).
-  void set_stage_observer(MoeStageObserver* observer) { stage_observer_ = observer; }
+  // with its router and, in training, its step-load and global-loss bookkeeping). Some stages hold
+  // sub-stages, one level deep (the observer sees them begin and end inside their stage):
+  //   attention: "QKV projection", "rotary", "attention core", "output projection" (with its
+  //              residual); backward: the same names + " backward", in reverse order
+  //   dense FFN, shared experts: "GEMM 1", "activation", "GEMM 2"; backward: "weight grad 2",
+  //              "data grad 2", "activation backward", "weight grad 1", "data grad 1"
+  //   MoE, MoE backward: the MoE layer's own stages (src/model/moe_layer.h; the expert-parallel
+  //              layer's: src/model/moe_ep_layer.h)
+  void set_stage_observer(MoeStageObserver* observer);
 
  private:
   struct Block;

@@ -45,11 +45,15 @@ void Transformer::dense_ffn_backward(const ExecContext& context, ModelParameters
   Tensor grad_pre = rows(grad_ffn_pre_, ffn.w1_columns);
   Tensor grad_post = rows(grad_ffn_post_, ffn.hidden);
   Tensor grad_w2 = parameters.grad(ffn.w2), grad_w1 = parameters.grad(ffn.w1);
-  ops::gemm(context, true, false, 1.0f, post, grad_out, beta, grad_w2);
-  ops::gemm(context, false, true, 1.0f, grad_out, parameters.compute(ffn.w2), 0.0f, grad_post);
-  ops::activation_backward(context, moe_.activation, pre, grad_post, grad_pre);
-  ops::gemm(context, true, false, 1.0f, input, grad_pre, beta, grad_w1);
-  ops::gemm(context, false, true, 1.0f, grad_pre, parameters.compute(ffn.w1), input_grad_beta, grad_input);
+  stage(context, "weight grad 2", [&] { ops::gemm(context, true, false, 1.0f, post, grad_out, beta, grad_w2); });
+  stage(context, "data grad 2",
+        [&] { ops::gemm(context, false, true, 1.0f, grad_out, parameters.compute(ffn.w2), 0.0f, grad_post); });
+  stage(context, "activation backward",
+        [&] { ops::activation_backward(context, moe_.activation, pre, grad_post, grad_pre); });
+  stage(context, "weight grad 1", [&] { ops::gemm(context, true, false, 1.0f, input, grad_pre, beta, grad_w1); });
+  stage(context, "data grad 1", [&] {
+    ops::gemm(context, false, true, 1.0f, grad_pre, parameters.compute(ffn.w1), input_grad_beta, grad_input);
+  });
 }
 
 void Transformer::norm_backward(const ExecContext& context, ModelParameters& parameters, int weight, int bias,
@@ -166,21 +170,27 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
   stage(context, "attention backward", [&] {
     const Tensor attention = rows(attention_saved.attention_out, width);
     Tensor grad_out_weight = parameters.grad(block.out);
-    ops::gemm(context, true, false, 1.0f, attention, grad_residual, beta, grad_out_weight);
     Tensor grad_attention = rows(grad_attention_, width);
-    ops::gemm(context, false, true, 1.0f, grad_residual, parameters.compute(block.out), 0.0f, grad_attention);
+    stage(context, "output projection backward", [&] {
+      ops::gemm(context, true, false, 1.0f, attention, grad_residual, beta, grad_out_weight);
+      ops::gemm(context, false, true, 1.0f, grad_residual, parameters.compute(block.out), 0.0f, grad_attention);
+    });
     const AttentionShape shape{batch_, seq_len_, model_.n_heads, model_.head_dim()};
     const Tensor qkv = rows(attention_saved.qkv_rows, 3 * width);
     const Tensor stats = attention_saved.attention_stats.view(stats_dtype_, {batch_, model_.n_heads, seq_len_});
     Tensor workspace(attention_workspace_.data(), DType::u8, options_.device, {attention_workspace_bytes_});
     Tensor grad_qkv = rows(grad_qkv_, 3 * width);
-    ops::attention_backward(context, shape, qkv, attention, grad_attention, stats, workspace, grad_qkv);
+    stage(context, "attention core backward", [&] {
+      ops::attention_backward(context, shape, qkv, attention, grad_attention, stats, workspace, grad_qkv);
+    });
     if (model_.positions == PositionKind::rotary)
-      ops::rotary_backward(context, shape, grad_qkv, kRotaryBase, 0, grad_qkv);
+      stage(context, "rotary backward", [&] { ops::rotary_backward(context, shape, grad_qkv, kRotaryBase, 0, grad_qkv); });
     const Tensor normed1 = rows(attention_saved.norm_out, width);
     Tensor grad_qkv_weight = parameters.grad(block.qkv);
-    ops::gemm(context, true, false, 1.0f, normed1, grad_qkv, beta, grad_qkv_weight);
-    ops::gemm(context, false, true, 1.0f, grad_qkv, parameters.compute(block.qkv), 0.0f, grad_normed1);
+    stage(context, "QKV projection backward", [&] {
+      ops::gemm(context, true, false, 1.0f, normed1, grad_qkv, beta, grad_qkv_weight);
+      ops::gemm(context, false, true, 1.0f, grad_qkv, parameters.compute(block.qkv), 0.0f, grad_normed1);
+    });
   });
   norm_backward(context, parameters, block.attn_norm_weight, block.attn_norm_bias, x,
                 stat_rows(attention_saved.norm_mean), stat_rows(attention_saved.norm_rstd), grad_normed1,

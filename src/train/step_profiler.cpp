@@ -6,6 +6,9 @@
 #include <cstdio>
 #include <map>
 #include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "src/core/error.h"
 #include "src/core/json.h"
@@ -51,6 +54,53 @@ double mean_of(const std::vector<StepProfile>& profiles, double (*field)(const S
   return profiles.empty() ? 0.0 : sum / double(profiles.size());
 }
 
+struct MeanStage {
+  std::string parent, stage;
+  double ms = 0, calls = 0;  // per step
+};
+
+// Mean per step of each (parent, stage) of `list` over the profiles, in order of first appearance.
+std::vector<MeanStage> mean_stages(const std::vector<StepProfile>& profiles,
+                                   std::vector<StageTime> StepProfile::*list) {
+  std::vector<MeanStage> means;
+  std::map<std::pair<std::string, std::string>, size_t> index;
+  const double steps = double(profiles.size());
+  for (const StepProfile& profile : profiles)
+    for (const StageTime& time : profile.*list) {
+      auto [at, added] = index.emplace(std::make_pair(time.parent, time.stage), means.size());
+      if (added) means.push_back({time.parent, time.stage});
+      means[at->second].ms += time.ms / steps;
+      means[at->second].calls += double(time.count) / steps;
+    }
+  return means;
+}
+
+// The sub-stages under each stage that has them, stages in the order they first ended, with the
+// part of the stage that no sub-stage covers (host work inside it, small kernels between them).
+void format_substages(const std::vector<StepProfile>& profiles, std::ostringstream& out) {
+  const std::vector<MeanStage> substages = mean_stages(profiles, &StepProfile::substages);
+  if (substages.empty()) return;
+  char line[200];
+  std::snprintf(line, sizeof(line), "  within the stages (mean per step):\n  %-26s %-28s %10s %8s\n", "stage",
+                "sub-stage", "ms", "calls");
+  out << line;
+  for (const MeanStage& stage : mean_stages(profiles, &StepProfile::stages)) {
+    double covered = 0;
+    bool any = false;
+    for (const MeanStage& substage : substages) {
+      if (substage.parent != stage.stage) continue;
+      std::snprintf(line, sizeof(line), "  %-26s %-28s %10.3f %8.1f\n", any ? "" : stage.stage.c_str(),
+                    substage.stage.c_str(), substage.ms, substage.calls);
+      out << line;
+      covered += substage.ms;
+      any = true;
+    }
+    if (!any) continue;
+    std::snprintf(line, sizeof(line), "  %-26s %-28s %10.3f\n", "", "(in no sub-stage)", stage.ms - covered);
+    out << line;
+  }
+}
+
 }  // namespace
 
 bool is_backward_stage(const std::string& stage) {
@@ -88,32 +138,34 @@ void StepProfiler::begin_step() {
 
 void StepProfiler::stage_begin(const ExecContext&, const char* stage) {
   SY_CHECK(in_step_, "StepProfiler: stage '", stage, "' outside a profiled step");
-  SY_CHECK(open_stage_ == nullptr, "StepProfiler: stage '", stage, "' begins inside '",
-           open_stage_ ? open_stage_ : "", "' (stages must not nest)");
-  open_stage_ = stage;
-  open_mark_ = timeline_.mark();
+  SY_CHECK(depth_ < 2, "StepProfiler: stage '", stage, "' begins inside '", open_[1].stage, "', itself inside '",
+           open_[0].stage, "' (a stage holds sub-stages one level deep)");
+  open_[depth_++] = {stage, timeline_.mark()};
 }
 
 void StepProfiler::stage_end(const ExecContext&, const char* stage) {
-  SY_CHECK(open_stage_ != nullptr && std::string(open_stage_) == stage, "StepProfiler: stage '", stage,
-           "' ends but '", open_stage_ ? open_stage_ : "none", "' is open");
-  intervals_.push_back({open_stage_, open_mark_, timeline_.mark()});
-  open_stage_ = nullptr;
+  SY_CHECK(depth_ > 0 && std::string(open_[depth_ - 1].stage) == stage, "StepProfiler: stage '", stage,
+           "' ends but '", depth_ > 0 ? open_[depth_ - 1].stage : "none", "' is open");
+  --depth_;
+  intervals_.push_back({open_[depth_].stage, depth_ == 1 ? open_[0].stage : nullptr, open_[depth_].mark,
+                        timeline_.mark()});
 }
 
 StepProfile StepProfiler::end_step(int64_t step) {
-  SY_CHECK(in_step_ && open_stage_ == nullptr, "StepProfiler: end_step without a complete step");
+  SY_CHECK(in_step_ && depth_ == 0, "StepProfiler: end_step without a complete step");
   const int last = timeline_.mark();
   in_step_ = false;
   const std::vector<double> times = timeline_.times_ms();
   StepProfile profile;
   profile.step = step;
   profile.device_ms = times[size_t(last)];
-  std::map<std::string, size_t> index;
+  std::map<std::pair<std::string, std::string>, size_t> index;  // (parent, stage) -> position
   for (const Interval& interval : intervals_) {
-    auto [at, added] = index.emplace(interval.stage, profile.stages.size());
-    if (added) profile.stages.push_back({interval.stage, 0.0, 0});
-    StageTime& time = profile.stages[at->second];
+    const std::string parent = interval.parent ? interval.parent : "";
+    std::vector<StageTime>& list = interval.parent ? profile.substages : profile.stages;
+    auto [at, added] = index.emplace(std::make_pair(parent, std::string(interval.stage)), list.size());
+    if (added) list.push_back({interval.stage, 0.0, 0, parent});
+    StageTime& time = list[at->second];
     time.ms += times[size_t(interval.end)] - times[size_t(interval.begin)];
     ++time.count;
   }
@@ -160,6 +212,7 @@ std::string format_step_profile(const std::vector<StepProfile>& profiles, const 
     }
     out << line;
   }
+  format_substages(profiles, out);
   return out.str();
 }
 
@@ -177,6 +230,13 @@ std::string step_profile_json(const std::vector<StepProfile>& profiles, const Pr
       const StageTime& time = profile.stages[stage];
       out << (stage ? ", " : "") << "{\"stage\": " << json::quote(time.stage)
           << ", \"category\": " << json::quote(stage_category(time.stage)) << ", \"ms\": " << json::number(time.ms)
+          << ", \"count\": " << time.count << "}";
+    }
+    out << "], \"substages\": [";
+    for (size_t stage = 0; stage < profile.substages.size(); ++stage) {
+      const StageTime& time = profile.substages[stage];
+      out << (stage ? ", " : "") << "{\"parent\": " << json::quote(time.parent)
+          << ", \"stage\": " << json::quote(time.stage) << ", \"ms\": " << json::number(time.ms)
           << ", \"count\": " << time.count << "}";
     }
     out << "]}";

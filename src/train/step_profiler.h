@@ -6,11 +6,14 @@
 // experts, LM head, loss, and each one's backward) and the trainer's ("gradient sync",
 // "optimizer", "router bias update") -- by marking the context's stream at each boundary
 // (EventTimeline: CUDA events, or the host clock on CPU). After the step it sums each stage's
-// device time. Stages do not nest, so their sum plus the gaps between them is the step's device
-// time from its first mark to its last; the gaps ("idle") are time the GPU had no work from these
-// stages queued: host work such as reading the losses, launch latency, and waits on other ranks.
-// Recording events costs a few microseconds per stage; the step being profiled is otherwise the
-// same step.
+// device time. The stages do not overlap, so their sum plus the gaps between them is the step's
+// device time from its first mark to its last; the gaps ("idle") are time the GPU had no work from
+// these stages queued: host work such as reading the losses, launch latency, and waits on other
+// ranks. A stage may hold sub-stages, one level deep (the attention's QKV projection, rotary, core
+// and output projection; the MoE layer's own stages: router GEMM, routing, permute, expert GEMMs,
+// ...; the optimizer's gradient norms and AdamW): they are timed the same way and listed under
+// their stage, whose time alone enters the rows. Recording events costs a few microseconds per
+// stage; the step being profiled is otherwise the same step.
 #pragma once
 
 #include <cstdint>
@@ -35,12 +38,14 @@ struct StageTime {
   std::string stage;
   double ms = 0.0;  // summed over its occurrences in the step
   int count = 0;
+  std::string parent;  // the stage it ran inside ("" for a stage of its own)
 };
 
 struct StepProfile {
   int64_t step = 0;
   double device_ms = 0.0;  // first mark to last: the step's span on the device timeline
-  std::vector<StageTime> stages;  // in the order each first appeared
+  std::vector<StageTime> stages;     // in the order each first ended; they do not overlap
+  std::vector<StageTime> substages;  // (parent, stage) pairs in the order each first ended
   double stages_ms() const;
   double idle_ms() const { return device_ms - stages_ms(); }
 };
@@ -57,12 +62,17 @@ class StepProfiler : public MoeStageObserver {
  private:
   struct Interval {
     const char* stage;
+    const char* parent;  // nullptr: a stage of its own
     int begin, end;
+  };
+  struct Open {
+    const char* stage;
+    int mark;
   };
   EventTimeline timeline_;
   std::vector<Interval> intervals_;
-  const char* open_stage_ = nullptr;
-  int open_mark_ = -1;
+  Open open_[2] = {};  // the open stage and its open sub-stage
+  int depth_ = 0;
   bool in_step_ = false;
 };
 
@@ -72,7 +82,9 @@ struct ProfileFlops {
 };
 
 // The table of the profiled steps (the mean of each row over them, forward / backward / total ms
-// and share of the step) with the MFU formula's parts; and the same as one JSON object.
+// and share of the step) with the MFU formula's parts, then the sub-stages of each stage that has
+// them (mean ms and calls per step, and what of the stage no sub-stage covers); and the same as
+// one JSON object.
 std::string format_step_profile(const std::vector<StepProfile>& profiles, const ProfileFlops& flops);
 std::string step_profile_json(const std::vector<StepProfile>& profiles, const ProfileFlops& flops);
 

@@ -256,7 +256,9 @@ StepMetrics Trainer::train_step() {
     });
   }
   GradientNorms norms;
-  run_moe_stage(profiler, context_, "optimizer", [&] { norms = optimizer_->gradient_norms(context_); });
+  run_moe_stage(profiler, context_, "optimizer", [&] {  // its sub-stages name the two passes in the profile
+    run_moe_stage(profiler, context_, "gradient norms", [&] { norms = optimizer_->gradient_norms(context_); });
+  });
   std::vector<double> expert_part = {norms.squared[int(ParameterGroup::expert)],
                                      norms.non_finite[int(ParameterGroup::expert)]};
   if (config.parallel.ep_size > 1) all_reduce_host(options_.groups.expert_parallel, expert_part);
@@ -268,7 +270,9 @@ StepMetrics Trainer::train_step() {
   if (apply) {
     const double max_norm = config.optimizer.grad_clip;
     const double clip = max_norm > 0 && grad_norm > max_norm ? max_norm / (grad_norm + 1e-6) : 1.0;
-    run_moe_stage(profiler, context_, "optimizer", [&] { optimizer_->step(context_, lr, clip / loss_scale); });
+    run_moe_stage(profiler, context_, "optimizer", [&] {
+      run_moe_stage(profiler, context_, "AdamW", [&] { optimizer_->step(context_, lr, clip / loss_scale); });
+    });
   }
   if (apply && config.moe.uses_routing_bias()) {
     // Aux-loss-free balancing: the step's loads of every rank move the router biases, the same on

@@ -1,5 +1,5 @@
 // The step breakdown of `switchyard train --profile-steps` (src/train/step_profiler.h): the model
-// reports every stage once per occurrence without nesting, the stages cover forward and backward,
+// reports every stage once per occurrence (sub-stages one level inside their stage), the stages cover forward and backward,
 // each maps to its row, the sums are consistent with the step's span, and misuse is refused.
 #include <gtest/gtest.h>
 
@@ -129,18 +129,64 @@ TEST(StepProfiler, CategoriesAndDirections) {
   EXPECT_FALSE(is_backward_stage("norm"));
 }
 
-TEST(StepProfiler, RefusesNestingAndStagesOutsideAStep) {
+TEST(StepProfiler, RefusesDeepNestingAndStagesOutsideAStep) {
   StepProfiler profiler(DeviceKind::cpu, nullptr);
   EXPECT_THROW(profiler.stage_begin(kCpu, "norm"), Error);
   profiler.begin_step();
   profiler.stage_begin(kCpu, "MoE");
-  EXPECT_THROW(profiler.stage_begin(kCpu, "norm"), Error);
-  EXPECT_THROW(profiler.stage_end(kCpu, "norm"), Error);
+  profiler.stage_begin(kCpu, "routing");  // a sub-stage: one level is allowed
+  EXPECT_THROW(profiler.stage_begin(kCpu, "norm"), Error);  // two levels are not
+  EXPECT_THROW(profiler.stage_end(kCpu, "MoE"), Error);     // the sub-stage is open
+  EXPECT_THROW(profiler.end_step(1), Error);
+  profiler.stage_end(kCpu, "routing");
   profiler.stage_end(kCpu, "MoE");
+  EXPECT_THROW(profiler.stage_end(kCpu, "MoE"), Error);
   const StepProfile profile = profiler.end_step(1);
   ASSERT_EQ(profile.stages.size(), 1u);
   EXPECT_EQ(profile.stages[0].stage, "MoE");
   EXPECT_EQ(profile.stages[0].count, 1);
+  ASSERT_EQ(profile.substages.size(), 1u);
+  EXPECT_EQ(profile.substages[0].parent, "MoE");
+  EXPECT_EQ(profile.substages[0].stage, "routing");
+}
+
+// The sub-stages: the attention's and the FFNs' pieces, the MoE layer's own stages under "MoE" and
+// "MoE backward", each inside its stage's time, and listed in the table and the JSON.
+TEST(StepProfiler, SubStagesBreakTheStagesDown) {
+  const StepProfile profile = profile_one_step(RecomputeMode::none);
+  std::map<std::pair<std::string, std::string>, int> counts;
+  std::map<std::string, double> substage_sums;
+  for (const StageTime& substage : profile.substages) {
+    counts[{substage.parent, substage.stage}] = substage.count;
+    substage_sums[substage.parent] += substage.ms;
+    EXPECT_GE(substage.ms, 0.0);
+  }
+  for (const StageTime& stage : profile.stages)
+    if (substage_sums.count(stage.stage)) EXPECT_LE(substage_sums[stage.stage], stage.ms + 1e-9) << stage.stage;
+  // 3 blocks: every attention has its four pieces (rotary: the model's default positions).
+  for (const char* piece : {"QKV projection", "attention core", "output projection"})
+    EXPECT_EQ((counts[{"attention", piece}]), 3) << piece;
+  for (const char* piece : {"QKV projection backward", "attention core backward", "output projection backward"})
+    EXPECT_EQ((counts[{"attention backward", piece}]), 3) << piece;
+  // The dense FFN (block 0) and the two shared experts.
+  EXPECT_EQ((counts[{"dense FFN", "GEMM 1"}]), 1);
+  EXPECT_EQ((counts[{"dense FFN", "GEMM 2"}]), 1);
+  EXPECT_EQ((counts[{"shared experts", "activation"}]), 2);
+  EXPECT_EQ((counts[{"dense FFN backward", "weight grad 1"}]), 1);
+  EXPECT_EQ((counts[{"shared experts backward", "data grad 1"}]), 2);
+  // The MoE layer's own stages, two MoE blocks.
+  for (const char* piece : {"router GEMM", "routing", "permute", "expert GEMM 1", "expert GEMM 2", "combine"})
+    EXPECT_EQ((counts[{"MoE", piece}]), 2) << piece;
+  for (const char* piece : {"combine backward", "weight grad 2", "data grad 1", "permute backward", "routing backward",
+                            "router weight grad", "router input grad"})
+    EXPECT_EQ((counts[{"MoE backward", piece}]), 2) << piece;
+
+  const std::string table = format_step_profile({profile}, ProfileFlops{});
+  for (const char* text : {"within the stages", "attention core backward", "expert GEMM 1", "(in no sub-stage)"})
+    EXPECT_NE(table.find(text), std::string::npos) << text << "\n" << table;
+  const std::string text = step_profile_json({profile}, ProfileFlops{});
+  EXPECT_NO_THROW(json::parse(text, "profile.json"));
+  EXPECT_NE(text.find("\"parent\": \"MoE backward\", \"stage\": \"weight grad 2\""), std::string::npos) << text;
 }
 
 }  // namespace
