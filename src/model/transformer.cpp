@@ -261,14 +261,14 @@ std::unique_ptr<Transformer::FfnActivations> Transformer::make_ffn_activations(i
 
 void Transformer::dense_ffn_forward(const ExecContext& context, const ModelParameters& parameters,
                                     const DenseFfn& ffn, const FfnActivations& saved, const Tensor& input,
-                                    Tensor* out) {
+                                    const Tensor& residual, Tensor* out) {
   Tensor pre = rows(saved.pre, ffn.w1_columns);
   Tensor post = rows(saved.post, ffn.hidden);
   stage(context, "GEMM 1", [&] { ops::gemm(context, false, false, 1.0f, input, parameters.compute(ffn.w1), 0.0f, pre); });
   stage(context, "activation", [&] { ops::activation_forward(context, moe_.activation, pre, post); });
   if (out)
     stage(context, "GEMM 2",
-          [&] { ops::gemm(context, false, false, 1.0f, post, parameters.compute(ffn.w2), 1.0f, *out); });
+          [&] { ops::gemm(context, false, false, 1.0f, post, parameters.compute(ffn.w2), 1.0f, *out, &residual); });
 }
 
 void Transformer::set_stage_observer(MoeStageObserver* observer) {
@@ -372,9 +372,8 @@ void Transformer::attention_sublayer_forward(const ExecContext& context, const M
     Tensor workspace(attention_workspace_.data(), DType::u8, options_.device, {attention_workspace_bytes_});
     stage(context, "attention core", [&] { ops::attention_forward(context, shape, qkv, attention, stats, workspace); });
     if (!mid) return;
-    stage(context, "output projection", [&] {
-      ops::copy(context, x, *mid);  // the residual, added by the output projection's beta = 1
-      ops::gemm(context, false, false, 1.0f, attention, parameters.compute(block.out), 1.0f, *mid);
+    stage(context, "output projection", [&] {  // mid = x + attention Wo: the residual is the GEMM's addend
+      ops::gemm(context, false, false, 1.0f, attention, parameters.compute(block.out), 1.0f, *mid, &x);
     });
   });
 }
@@ -388,10 +387,9 @@ void Transformer::ffn_sublayer_forward(const ExecContext& context, const ModelPa
   Tensor mean2 = stat_rows(saved.norm_mean), rstd2 = stat_rows(saved.norm_rstd);
   norm_forward(context, parameters, block.ffn_norm_weight, block.ffn_norm_bias, mid, normed2, mean2, rstd2,
                recompute ? "norm recompute" : "norm");
-  if (!recompute) stage(context, "residual", [&] { ops::copy(context, mid, *x_out); });
-  if (!block.is_moe) {
+  if (!block.is_moe) {  // x_out = mid + FFN(u): the down-projection adds the residual
     stage(context, recompute ? "dense FFN recompute" : "dense FFN",
-          [&] { dense_ffn_forward(context, parameters, block.ffn, saved, normed2, x_out); });
+          [&] { dense_ffn_forward(context, parameters, block.ffn, saved, normed2, mid, x_out); });
     return;
   }
   MoeWeights weights{parameters.compute(block.router), parameters.compute(block.expert_w1),
@@ -410,15 +408,16 @@ void Transformer::ffn_sublayer_forward(const ExecContext& context, const ModelPa
     if (load_reducer_) args.load_reducer = &load_reducer_;
   }
   // The shared experts first, on their stream: x_out = x' + shared(u) there, while the routed layer
-  // runs here and writes only moe_out (src/model/transformer.h).
+  // runs here and writes only moe_out (src/model/transformer.h). Without them the routed layer
+  // writes x_out, and the residual is added to it.
   SideStream& side = shared_expert_stream(context);
   if (block.has_shared_experts()) {
     side.fork();
     const ExecContext side_context{context.device, side.stream()};
     stage(side_context, recompute ? "shared experts recompute" : "shared experts",
-          [&] { dense_ffn_forward(side_context, parameters, block.ffn, saved, normed2, x_out); });
+          [&] { dense_ffn_forward(side_context, parameters, block.ffn, saved, normed2, mid, x_out); });
   }
-  Tensor moe_out = rows(moe_out_, width);
+  Tensor moe_out = x_out && !block.has_shared_experts() ? *x_out : rows(moe_out_, width);
   stage(context, recompute ? "MoE recompute" : "MoE", [&] {
     block.moe->forward(context, normed2, weights, args, moe_out);
     if (recompute) return;  // the step loads and the taps saw this forward the first time
@@ -430,7 +429,9 @@ void Transformer::ffn_sublayer_forward(const ExecContext& context, const ModelPa
     notify_routing(context, block.moe_ordinal, training, block.moe->routing(), block.moe->router_logits());
   });
   if (block.has_shared_experts()) side.join();
-  if (!recompute) stage(context, "residual", [&] { ops::add_into(context, moe_out, *x_out); });
+  if (recompute) return;
+  // x_out = (x' + shared(u)) + moe_out with shared experts, moe_out + x' without.
+  stage(context, "residual", [&] { ops::add_into(context, block.has_shared_experts() ? moe_out : mid, *x_out); });
 }
 
 SideStream& Transformer::shared_expert_stream(const ExecContext& context) {

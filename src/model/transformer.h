@@ -248,10 +248,10 @@ class Transformer {
   std::unique_ptr<FfnActivations> make_ffn_activations(int64_t w1_columns, int64_t hidden) const;
   bool recomputes_attention() const;
   bool recomputes_ffn() const;
-  // pre and post = act(input W1) into `saved`; then out += post W2 unless `out` is null (a recompute:
-  // backward reads pre and post only).
+  // pre and post = act(input W1) into `saved`; then out = residual + post W2 unless `out` is null (a
+  // recompute: backward reads pre and post only). The residual is the GEMM's addend: no copy.
   void dense_ffn_forward(const ExecContext& context, const ModelParameters& parameters, const DenseFfn& ffn,
-                         const FfnActivations& saved, const Tensor& input, Tensor* out);
+                         const FfnActivations& saved, const Tensor& input, const Tensor& residual, Tensor* out);
   // Weight gradients of the FFN, and its input gradient written (input_grad_beta = 0) or added (1).
   void dense_ffn_backward(const ExecContext& context, ModelParameters& parameters, const DenseFfn& ffn,
                           const FfnActivations& saved, const Tensor& input, const Tensor& grad_out,
@@ -316,7 +316,8 @@ class Transformer {
   Tensor tokens_view_;
   std::vector<Buffer> residual_;  // L + 1 buffers [T, D]: block inputs and the last block's output
   Buffer final_norm_out_, final_mean_, final_rstd_, logits_, token_losses_, loss_summary_;
-  Buffer moe_out_;  // an MoE layer's output rows before the residual add (backward never reads them)
+  Buffer moe_out_;  // an MoE layer's output rows before the residual add, with shared experts or in a
+                    // recompute (backward never reads them)
   Tensor logits_view_;
   Buffer attention_workspace_;
   int64_t attention_workspace_bytes_ = 0;

@@ -9,10 +9,10 @@ using dispatch::expect_on_device;
 using dispatch::is_cpu;
 
 void gemm(const ExecContext& context, bool trans_a, bool trans_b, float alpha, const Tensor& a, const Tensor& b,
-          float beta, Tensor& c) {
-  expect_on_device(context, "gemm", {&a, &b, &c});
-  if (is_cpu(context)) return cpu::gemm(trans_a, trans_b, alpha, a, b, beta, c);
-  SY_CUDA_BACKEND("gemm", cuda::gemm(trans_a, trans_b, alpha, a, b, beta, c, context.stream));
+          float beta, Tensor& c, const Tensor* addend) {
+  expect_on_device(context, "gemm", {&a, &b, &c, addend});
+  if (is_cpu(context)) return cpu::gemm(trans_a, trans_b, alpha, a, b, beta, c, addend);
+  SY_CUDA_BACKEND("gemm", cuda::gemm(trans_a, trans_b, alpha, a, b, beta, c, addend, context.stream));
 }
 
 void embedding_forward(const ExecContext& context, const Tensor& tokens, const Tensor& token_table,

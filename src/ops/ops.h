@@ -138,8 +138,9 @@ bool fuses_expert_activation(const ExecContext& context, ExpertActivation activa
                              int64_t d_ff, int segment_alignment);
 void apply_jitter(const ExecContext& context, const Tensor& x, float eps, uint64_t seed, uint32_t stream_id,
                   uint64_t offset, Tensor& out);
+// c = alpha op(a) op(b) + beta * (addend ? *addend : c) (src/ops/gemm.h).
 void gemm(const ExecContext& context, bool trans_a, bool trans_b, float alpha, const Tensor& a, const Tensor& b,
-          float beta, Tensor& c);
+          float beta, Tensor& c, const Tensor* addend = nullptr);
 
 // The small-batch expert path (src/ops/small_batch_ops.h); the CPU reference ignores `workspace`
 // (it may be empty), CUDA needs it on the device.

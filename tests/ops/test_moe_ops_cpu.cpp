@@ -426,6 +426,32 @@ TEST(Gemm, AllTransposesWithAlphaAndBeta) {
   EXPECT_THROW(cpu::gemm(false, false, 1, a, b, 0, c), Error);
 }
 
+// A separate addend: C = alpha AB + beta Z equals copying Z into C and adding in place; Z is left
+// alone, C's old values are not read, and beta = 0 reads no addend.
+TEST(Gemm, SeparateAddendEqualsTheInPlaceSum) {
+  const int64_t m = 6, n = 7, k = 5;
+  std::mt19937_64 generator(18);
+  for (DType real : {DType::f32, DType::f64}) {
+    HostTensor a(real, {m, k}), b(real, {k, n}), addend(real, {m, n}), addend_before(real, {m, n});
+    HostTensor in_place(real, {m, n}), separate(real, {m, n});
+    fill_uniform(a, generator, -1, 1);
+    fill_uniform(b, generator, -1, 1);
+    fill_uniform(addend, generator, -1, 1);
+    copy_values(addend, addend_before);
+    copy_values(addend, in_place);
+    cpu::gemm(false, false, 0.5f, a, b, 1.0f, in_place);
+    poison(separate);
+    cpu::gemm(false, false, 0.5f, a, b, 1.0f, separate, &addend.tensor());
+    EXPECT_EQ(max_abs_difference(separate, in_place), 0.0);
+    EXPECT_EQ(max_abs_difference(addend, addend_before), 0.0);
+    poison(addend);
+    cpu::gemm(false, false, 0.5f, a, b, 0.0f, separate, &addend.tensor());
+    EXPECT_TRUE(all_finite(separate));
+  }
+  HostTensor a(DType::f32, {2, 3}), b(DType::f32, {3, 4}), c(DType::f32, {2, 4}), wrong(DType::f32, {4, 2});
+  EXPECT_THROW(cpu::gemm(false, false, 1, a, b, 1, c, &wrong.tensor()), Error);
+}
+
 // ---- elementwise helpers and dispatch ----------------------------------------------------------
 
 TEST(Ops, ConvertAndAddInto) {

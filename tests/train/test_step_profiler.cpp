@@ -72,10 +72,11 @@ TEST(StepProfiler, TheModelsStagesCoverForwardAndBackward) {
     EXPECT_NE(stage_category(stage.stage), "other") << stage.stage;
   }
   // 3 blocks: 1 dense FFN, 2 MoE blocks with a shared expert each; 2 norms per block + the final one;
-  // forward residual work: a copy per block plus the MoE output's add; backward: none (the norms'
-  // backward adds to the residual stream's gradient); the shared experts' backward is their FFN's and the add of their input gradient (after the join).
+  // forward residual work: the MoE output's add (the GEMMs add the other residuals as their
+  // addends); backward: none (the norms' backward adds to the residual stream's gradient); the
+  // shared experts' backward is their FFN's and the add of their input gradient (after the join).
   const std::map<std::string, int> expected = {
-      {"embedding", 1},          {"norm", 7},           {"attention", 3},         {"residual", 5},
+      {"embedding", 1},          {"norm", 7},           {"attention", 3},         {"residual", 2},
       {"dense FFN", 1},          {"MoE", 2},            {"shared experts", 2},    {"LM head", 1},
       {"loss", 1},               {"LM head backward", 1}, {"norm backward", 7},  {"attention backward", 3},
       {"dense FFN backward", 1}, {"MoE backward", 2}, {"shared experts backward", 4},

@@ -1,6 +1,7 @@
 // Dense GEMM on CUDA through cuBLASLt (contract: src/ops/gemm.h).
 //
-//   C[M, N] = alpha * op(A)[M, K] * op(B)[K, N] + beta * C, all row-major; op(X) = X^T if trans_x.
+//   C[M, N] = alpha * op(A)[M, K] * op(B)[K, N] + beta * Z, all row-major; op(X) = X^T if trans_x;
+//   Z = the addend when given (C's type and shape; Lt's C operand, with our C as its D), else C.
 //   A, B: bf16 or fp16 (C of the same type or fp32), or both fp32 (C fp32); fp32 accumulation.
 //
 // cuBLASLt is column-major. A row-major [r, c] matrix is the column-major [c, r] matrix X^T, so
@@ -8,9 +9,11 @@
 // C/D is our C seen as a column-major [N, M] matrix with leading dimension N.
 // The Lt handle (per device) and a 32 MiB workspace (per device and stream, cuda_common.cuh) are
 // created once; descriptors and the heuristic's algorithm are cached per shape, transposes, types
-// and pointer alignments (the heuristic's choice is only valid for the alignments it was told),
+// and pointer alignments (the heuristic's choice is only valid for the alignments it was told; C's
+// is the smaller of the addend's and the output's, and the plan serves both as Lt's C and D),
 // so a training step makes no heuristic query after its first iteration. cublasGemmEx, with the
-// same column-major view, covers k = 0 and any shape the Lt heuristic has no algorithm for.
+// same column-major view, covers k = 0 and any shape the Lt heuristic has no algorithm for (with
+// a separate addend it first copies the addend into C, since cublasGemmEx has one C).
 #include <algorithm>
 #include <climits>
 #include <map>
@@ -127,7 +130,7 @@ const Plan& plan_for(const PlanKey& key, cublasLtHandle_t handle) {
 namespace cuda {
 
 void gemm(bool trans_a, bool trans_b, float alpha, const Tensor& a, const Tensor& b, float beta, Tensor& c,
-          void* stream) {
+          const Tensor* addend, void* stream) {
   SY_CHECK(a.rank == 2 && b.rank == 2 && c.rank == 2, "gemm: a, b and c must be matrices, got ", a.describe(),
                  ", ", b.describe(), ", ", c.describe());
   const int64_t rows = trans_a ? a.dim(1) : a.dim(0), inner = trans_a ? a.dim(0) : a.dim(1);
@@ -143,13 +146,19 @@ void gemm(bool trans_a, bool trans_b, float alpha, const Tensor& a, const Tensor
   check_tensor(a, "gemm: a", input, {a.dim(0), a.dim(1)});
   check_tensor(b, "gemm: b", input, {b.dim(0), b.dim(1)});
   check_tensor(c, "gemm: c", output, {rows, columns});
+  if (addend != nullptr) check_tensor(*addend, "gemm: addend", output, {rows, columns});
   if (rows == 0 || columns == 0) return;
+  // Z: what beta scales (not read when beta is 0).
+  const void* addend_data = addend != nullptr && beta != 0.0f ? addend->data : c.data;
 
   cudaStream_t cuda_stream = as_stream(stream);
   // The same product through cublasGemmEx (column-major view as above), for what Lt does not take:
   // k = 0 (C = beta C) and shapes its heuristic has no algorithm for.
   auto gemm_ex = [&]() {
     SY_CHECK(rows <= INT32_MAX && columns <= INT32_MAX && inner <= INT32_MAX, "gemm: dimensions exceed int32");
+    if (addend_data != c.data)
+      CUDA_CHECK(cudaMemcpyAsync(c.data, addend_data, size_t(rows * columns) * dtype_size(output),
+                                 cudaMemcpyDeviceToDevice, cuda_stream));
     const int m = int(columns), n = int(rows), k = int(inner);
     CUBLAS_CHECK(cublasGemmEx(cublas_handle(cuda_stream), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
                               trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, m, n, k, &alpha, b.data, cuda_data_type(input),
@@ -172,7 +181,7 @@ void gemm(bool trans_a, bool trans_b, float alpha, const Tensor& a, const Tensor
   key.output = output;
   key.align_a = pointer_alignment(b.data);
   key.align_b = pointer_alignment(a.data);
-  key.align_c = pointer_alignment(c.data);
+  key.align_c = std::min(pointer_alignment(c.data), pointer_alignment(addend_data));
   cublasLtHandle_t handle = cublaslt_handle();
   const Plan& plan = plan_for(key, handle);
   if (!plan.use_lt) {
@@ -180,7 +189,7 @@ void gemm(bool trans_a, bool trans_b, float alpha, const Tensor& a, const Tensor
     return;
   }
   CUBLAS_CHECK(cublasLtMatmul(handle, plan.operation, &alpha, b.data, plan.layout_a, a.data, plan.layout_b, &beta,
-                              c.data, plan.layout_c, c.data, plan.layout_c, &plan.algorithm,
+                              addend_data, plan.layout_c, c.data, plan.layout_c, &plan.algorithm,
                               gemm_workspace(cuda_stream), kGemmWorkspaceBytes, cuda_stream));
 }
 

@@ -374,9 +374,40 @@ TEST_P(GemmCudaTest, MatchesCpu) {
       else upload(c.data, c_device.tensor());
     }
     cuda::gemm(test.trans_a, test.trans_b, test.alpha, a_device.tensor(), b_device.tensor(), test.beta,
-               c_device.tensor(), nullptr);
+               c_device.tensor(), nullptr, nullptr);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     expect_close("c", c_device.tensor(), expected, tolerance_for(test.output));
+  }
+}
+
+// C = alpha op(A) op(B) + beta Z with Z a tensor of its own: C starts poisoned (never read), Z is
+// left as it was, and with beta = 0 a poisoned Z must not be read either.
+TEST_P(GemmCudaTest, SeparateAddendMatchesCpu) {
+  SKIP_WITHOUT_CUDA();
+  const GemmCase& test = GetParam();
+  std::mt19937_64 generator(52);
+  HostPair a = test.trans_a ? random_pair(test.input, {test.inner, test.rows}, generator)
+                            : random_pair(test.input, {test.rows, test.inner}, generator);
+  HostPair b = test.trans_b ? random_pair(test.input, {test.columns, test.inner}, generator)
+                            : random_pair(test.input, {test.inner, test.columns}, generator);
+  HostPair addend = random_pair(test.output, {test.rows, test.columns}, generator);
+  HostTensor expected(DType::f32, {test.rows, test.columns});
+  fill_uniform(expected, generator, -1.0, 1.0);  // overwritten: the reference reads the addend
+  cpu::gemm(test.trans_a, test.trans_b, test.alpha, a.reference, b.reference, test.beta, expected,
+            &addend.reference.tensor());
+
+  DeviceTensor a_device = to_device(a.data), b_device = to_device(b.data);
+  DeviceTensor addend_device = to_device(addend.data);
+  if (test.beta == 0.0f) poison_device(addend_device.tensor());
+  const std::vector<uint8_t> addend_before = addend_device.bytes();
+  DeviceTensor c_device(test.output, {test.rows, test.columns});
+  for (int repeat = 0; repeat < 2; ++repeat) {  // the second call runs from the plan cache
+    poison_device(c_device.tensor());
+    cuda::gemm(test.trans_a, test.trans_b, test.alpha, a_device.tensor(), b_device.tensor(), test.beta,
+               c_device.tensor(), &addend_device.tensor(), nullptr);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    expect_close("c", c_device.tensor(), expected, tolerance_for(test.output));
+    EXPECT_EQ(addend_device.bytes(), addend_before) << "the addend was written";
   }
 }
 
@@ -390,7 +421,11 @@ INSTANTIATE_TEST_SUITE_P(
                       GemmCase{true, false, DType::bf16, DType::bf16, 128, 64, 96, 0.5f, 0.75f},
                       GemmCase{false, false, DType::f16, DType::f16, 64, 128, 256, 1.0f, 0.0f},
                       GemmCase{false, false, DType::f32, DType::f32, 45, 31, 70, 1.5f, -0.25f},
-                      GemmCase{true, true, DType::f32, DType::f32, 128, 96, 64, 1.0f, 0.0f}),
+                      GemmCase{true, true, DType::f32, DType::f32, 128, 96, 64, 1.0f, 0.0f},
+                      // a residual as the transformer adds it (x_out = x + h W, bf16), and k = 0
+                      // (cublasGemmEx's path: C = beta Z)
+                      GemmCase{false, false, DType::bf16, DType::bf16, 192, 256, 320, 1.0f, 1.0f},
+                      GemmCase{false, false, DType::bf16, DType::bf16, 64, 96, 0, 1.0f, 1.0f}),
     gemm_case_name);
 
 // ---- Activations ----------------------------------------------------------------------------
