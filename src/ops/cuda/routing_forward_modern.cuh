@@ -40,6 +40,16 @@ namespace {
 
 using namespace cuda_detail;
 
+// m, the token's largest key (the token's lanes agree on it): what softmax group scores are taken
+// relative to. Every lane of the warp calls this (shuffles); the sigmoid variant never does.
+template <int kGroup, int kPerLane>
+__device__ __forceinline__ float token_largest_key(const unsigned (&keys)[kPerLane]) {
+  unsigned lane_max = 0u;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) lane_max = keys[i] > lane_max ? keys[i] : lane_max;
+  return from_ordered_bits(group_max_bits<kGroup>(lane_max));
+}
+
 // Group-limited routing for one token (every lane of the warp calls this together: __syncwarp).
 // `scratch` is the token's [E + num_groups] floats, its E keys written (folded -0: key + 0.0f);
 // `keys` the lane's ordered keys (0 past the row). Leaves the keys of experts outside the kept
@@ -50,11 +60,7 @@ __device__ __forceinline__ void limit_to_groups(const RouteArgs& args, float* sc
   const int num_experts = args.params.num_experts, num_groups = args.params.num_groups;
   const int group_size = args.group_size, keep = args.params.topk_groups;
   float* group_scores = scratch + num_experts;
-  // m, the token's largest key (softmax group scores only; the group's lanes agree on it).
-  unsigned lane_max = 0u;
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) lane_max = keys[i] > lane_max ? keys[i] : lane_max;
-  const float largest_key = from_ordered_bits(group_max_bits<kGroup>(lane_max));
+  const float largest_key = kSigmoid ? 0.0f : token_largest_key<kGroup>(keys);  // softmax group scores only
   __syncwarp();  // the keys are in scratch
 
   // Group scores: member m scores groups m, m + kGroup, ...
@@ -119,10 +125,7 @@ __device__ __forceinline__ void limit_to_groups_in_registers(const RouteArgs& ar
                                                              int member, int lane_experts) {
   const int num_groups = args.params.num_groups, keep = args.params.topk_groups;
   const int lanes_per_group = args.lanes_per_group, group_base = (threadIdx.x % 32) & ~(kGroup - 1);
-  unsigned lane_max = 0u;
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) lane_max = keys[i] > lane_max ? keys[i] : lane_max;
-  const float largest_key = from_ordered_bits(group_max_bits<kGroup>(lane_max));
+  const float largest_key = kSigmoid ? 0.0f : token_largest_key<kGroup>(keys);  // softmax group scores only
   // The slice's two largest keys (experts past the row take no part).
   float first = -INFINITY, second = -INFINITY;
 #pragma unroll
@@ -246,33 +249,18 @@ __device__ __forceinline__ void route_tokens_modern(const RouteArgs& args, const
     else if (grouped)
       limit_to_groups_in_registers<kGroup, kPerLane, kSigmoid>(args, keys, member, lane_experts);
 
-    // Top-k over the keys: per round the slice's best (tree, lowest index on ties), the group's
-    // largest key (32 bits), and the lowest lane holding it (a ballot): lanes own ascending slices,
-    // so that is the lowest expert among equal keys, the order the reference breaks ties in. The
-    // winner's lane clears the key and hands its index and unbiased score to the token's lanes.
+    // Top-k over the keys (take_largest_key: per round the token's largest key, ties to the lowest
+    // expert; the winner's lane clears it), but the gate is the winner's unbiased score, which its
+    // lane hands to the token's lanes (the key no longer gives it back).
     const int rounds = int(__reduce_max_sync(kFullWarpMask, unsigned(k_token)));
-    const int group_base = lane & ~(kGroup - 1);
-    const unsigned group_lanes = kGroup == 32 ? kFullWarpMask : ((1u << kGroup) - 1u) << group_base;
     float normalizer = 0.0f;
 #pragma unroll 1
     for (int choice = 0; choice < rounds; ++choice) {
-      unsigned best_key;
-      int best_index;
-      slice_argmax(keys, best_key, best_index);
-      const unsigned group_best = group_max_bits<kGroup>(best_key);
-      const unsigned holders = __ballot_sync(kFullWarpMask, best_key == group_best) & group_lanes;
-      const int winner_lane = __ffs(holders) - 1;
+      unsigned group_best;
+      int winner_lane;
       float winner_score = 0.0f;
-      if (lane == winner_lane) {
-#pragma unroll
-        for (int i = 0; i < kPerLane; ++i) {
-          if (i == best_index) {
-            keys[i] = 0u;
-            winner_score = scores[i];
-          }
-        }
-      }
-      const int winner = (winner_lane - group_base) * kPerLane + __shfl_sync(kFullWarpMask, best_index, winner_lane);
+      const int winner =
+          take_largest_key<kGroup>(keys, lane, group_best, winner_lane, [&](int i) { winner_score = scores[i]; });
       winner_score = __shfl_sync(kFullWarpMask, winner_score, winner_lane);
       const float gate = kSigmoid ? winner_score : winner_score * inverse_sum;
       if (choice < k_token) normalizer += gate;  // in choice order, as the reference sums

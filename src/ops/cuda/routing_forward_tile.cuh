@@ -79,33 +79,21 @@ __device__ __forceinline__ void route_tokens_switch(const RouteArgs& args, const
                                                         complexity, args.params.k_min, k_max)
                                      : 0;
 
-    // Top-k: per round the slice's best key (tree, lowest index on ties), the group's largest key
-    // (32 bits) and the lowest lane holding it (a ballot): lanes own ascending slices, so that is
-    // the lowest expert among equal keys. The winner's lane zeroes the key and hands out its index.
-    // Missing experts (past the row) have key 0, below every logit. Only as many rounds as some
-    // token of the warp needs.
+    // Top-k (take_largest_key: per round the token's largest key, ties to the lowest expert; the
+    // winner's lane clears it): the gate comes back from the key, the logit. Missing experts (past
+    // the row) have key 0, below every logit. Only as many rounds as some token of the warp needs.
     if (lane_experts < kPerLane) {
 #pragma unroll
       for (int i = 0; i < kPerLane; ++i)
         if (i >= lane_experts) keys[i] = 0u;
     }
     const int rounds = int(__reduce_max_sync(kFullWarpMask, unsigned(k_token)));
-    const int group_base = lane & ~(kGroup - 1);
-    const unsigned group_lanes = kGroup == 32 ? kFullWarpMask : ((1u << kGroup) - 1u) << group_base;
     float normalizer = 0.0f;
 #pragma unroll 1
     for (int choice = 0; choice < rounds; ++choice) {
-      unsigned best_key;
-      int best_index;
-      slice_argmax(keys, best_key, best_index);
-      const unsigned group_best = group_max_bits<kGroup>(best_key);
-      const int winner_lane = __ffs(__ballot_sync(kFullWarpMask, best_key == group_best) & group_lanes) - 1;
-      if (lane == winner_lane) {
-#pragma unroll
-        for (int i = 0; i < kPerLane; ++i)
-          if (i == best_index) keys[i] = 0u;
-      }
-      const int winner = (winner_lane - group_base) * kPerLane + __shfl_sync(kFullWarpMask, best_index, winner_lane);
+      unsigned group_best;
+      int winner_lane;
+      const int winner = take_largest_key<kGroup>(keys, lane, group_best, winner_lane, [](int) {});
       const float prob = route_exp(from_ordered_bits(group_best), row_max) * inverse_sum;
       if (choice < k_token) normalizer += prob;  // in choice order, as the reference sums
       if (member == 0) {
