@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One GPU's measurement set, as docs/PERFORMANCE.md reports it: build, every CUDA test, the routing
-# benchmark, ncu on the two routing cases' kernel (occupancy, issue and stall figures), the
-# step-time breakdown of the throughput configs, a short bench-large-1gpu run (does it fit,
+# benchmark, ncu on the two routing cases' kernel (occupancy, issue and stall figures), the MoE
+# layer (SonicMoE's five shapes and the seed's against dense, stage breakdowns at 8,192 and 65,536
+# tokens; with --anchors the PyTorch layer anchors beside them), the step-time breakdown of the
+# throughput configs (with its sub-stages), a short bench-large-1gpu run (does it fit,
 # tokens/s, MFU), the shared experts' second stream on and off, run-to-run determinism,
 # bench-1gpu's 73,728-token step as 1 x 72 and 2 x 36 sequences instead of 3 x 24 (fewer
 # micro-steps: fewer fp32 gradient read-add-writes, larger GEMMs) and, with --anchors, the PyTorch
@@ -12,9 +14,10 @@
 #   --out       where the logs go (default: runs/measure)
 #   --budget    stop starting new parts after this many seconds (default: 0 = no limit); each part
 #               is also capped by what is left
-#   --anchors   a folder holding torch_train_bench.py (the project's anchors); without it the
-#               anchor part is skipped
-#   --only      comma list of parts, in this order: build,tests,routing,ncu,profile,large,stream,determinism,microbatch,anchor
+#   --anchors   a folder holding the project's anchors (torch_train_bench.py, torch_moe_bench.py,
+#               torch_moe_shapes_bench.py); without it the anchor part and the layer part's anchors
+#               are skipped
+#   --only      comma list of parts, in this order: build,tests,routing,ncu,layer,profile,large,stream,determinism,microbatch,anchor
 #               (default: all)
 # Needs a CUDA GPU, nvcc, and data/sotu/{train,val}.bin (bash launch/get-data.sh writes them; this
 # script runs it when they are missing). Run from anywhere; it works in the repository root. Every
@@ -28,7 +31,7 @@ cd "$root"
 out="runs/measure"
 budget=0
 anchors=""
-only="build,tests,routing,ncu,profile,large,stream,determinism,microbatch,anchor"
+only="build,tests,routing,ncu,layer,profile,large,stream,determinism,microbatch,anchor"
 fail() { echo "measure-1gpu: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -41,8 +44,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 for part in ${only//,/ }; do
-  case "$part" in build|tests|routing|ncu|profile|large|stream|determinism|microbatch|anchor) ;;
-    *) fail "--only: unknown part '$part' (parts: build,tests,routing,ncu,profile,large,stream,determinism,microbatch,anchor)" ;;
+  case "$part" in build|tests|routing|ncu|layer|profile|large|stream|determinism|microbatch|anchor) ;;
+    *) fail "--only: unknown part '$part' (parts: build,tests,routing,ncu,layer,profile,large,stream,determinism,microbatch,anchor)" ;;
   esac
 done
 [ -z "$anchors" ] || [ -f "$anchors/torch_train_bench.py" ] || fail "--anchors $anchors holds no torch_train_bench.py"
@@ -91,6 +94,26 @@ if runs ncu 60; then
       --section SchedulerStats "$binary" bench moe --only routing --warmup 1 --iters 1 > "$out/ncu-$name.log" 2>&1
     note "ncu $name: rc $? -- $(grep -E 'route_forward_kernel|Duration|Achieved Occupancy|Issued Warp Per Scheduler|No Eligible' \
       "$out/ncu-$name.log" | sed -E 's/ +/ /g' | tr '\n' ';')"
+  done
+fi
+if runs layer 60; then
+  timeout "$(cap 180)" "$binary" bench moe --shape sonic --json "$out/layer-sonic.json" > "$out/layer-sonic.log" 2>&1
+  note "layer sonic: rc $? (layer-sonic.log)"
+  if [ -n "$anchors" ] && [ "$(left)" -ge 60 ]; then
+    timeout "$(cap 180)" python3 "$anchors/torch_moe_shapes_bench.py" > "$out/layer-sonic-anchor.log" 2>&1
+    note "layer sonic anchor: rc $? (layer-sonic-anchor.log)"
+  fi
+  [ "$(left)" -ge 40 ] && timeout "$(cap 120)" "$binary" bench moe --only seed,large > "$out/layer-seed.log" 2>&1 &&
+    note "layer seed: $(grep -m3 -E 'B16_S512|B64_S1024|65536' "$out/layer-seed.log" | tr -s ' ' | tr '\n' ';')"
+  if [ -n "$anchors" ] && [ "$(left)" -ge 60 ]; then
+    timeout "$(cap 150)" python3 "$anchors/torch_moe_bench.py" > "$out/layer-seed-anchor.log" 2>&1
+    note "layer seed anchor: rc $? (layer-seed-anchor.log)"
+  fi
+  for tokens in 8192 65536; do
+    [ "$(left)" -ge 30 ] || { note "layer breakdown $tokens: skipped (budget)"; continue; }
+    timeout "$(cap 90)" "$binary" bench moe --breakdown --breakdown-tokens "$tokens" --iters 30 \
+      > "$out/layer-breakdown-$tokens.log" 2>&1
+    note "layer breakdown $tokens: rc $? (layer-breakdown-$tokens.log)"
   done
 fi
 if runs profile 60; then

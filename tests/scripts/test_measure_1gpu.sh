@@ -8,7 +8,7 @@ source "$(dirname "$0")/lib.sh"
 script="$source_dir/launch/measure-1gpu.sh"
 
 bash "$script" --help >"$work/help.log" 2>&1 || fail "--help exited $?"
-for part in build tests routing ncu profile large stream determinism microbatch anchor; do
+for part in build tests routing ncu layer profile large stream determinism microbatch anchor; do
   grep -q "$part" "$work/help.log" || fail "--help does not name the part '$part'"
 done
 
