@@ -40,6 +40,12 @@ for command in train prepare-data bench; do
   expect_exit 0 "switchyard help $command" -- "$binary" help "$command"
 done
 expect_exit 0 "switchyard bench comm --help" -- "$binary" bench comm --help
+expect_exit 0 "switchyard bench optimizer --quick" -- "$binary" bench optimizer --quick --device cpu --iters 2 \
+  --json "$work/optimizer.json" && expect_in "$work/out" "AdamW" "bench optimizer prints the AdamW pass" &&
+  expect_in "$work/optimizer.json" '"pass": "grad_norm"' "bench optimizer --json writes its records"
+expect_exit 2 "bench optimizer on the CPU without --quick" -- "$binary" bench optimizer --device cpu
+expect_exit 2 "bench optimizer --params 5" -- "$binary" bench optimizer --quick --device cpu --params 5 &&
+  expect_in "$work/err" "--params" "the bad --params is named"
 expect_exit 2 "no command" -- "$binary"
 expect_exit 2 "unknown command" -- "$binary" frobnicate && expect_in "$work/err" "--help" "unknown command hints at --help"
 expect_exit 2 "unknown top-level flag" -- "$binary" --frobnicate

@@ -13,7 +13,10 @@
 //
 // The tensors are cut into chunks of kChunkElements; a table of chunks (pointers already offset to
 // the chunk, element count, copy dtype, decay flag) lives in device memory and block b updates
-// chunk b. The table depends only on the tensor list, so it is uploaded when the list changes and
+// chunk b. Bytes per element: 16 read (param, grad, m, v), 12 written (+2 for the copy): a pass over
+// memory, so each thread loads its next four elements before it updates the current ones (the loads
+// of one iteration overlap the arithmetic and stores of the previous), and writes its four copy
+// values as one 8-byte store where the copy is 8-byte aligned. The table depends only on the tensor list, so it is uploaded when the list changes and
 // reused otherwise (a training run passes the same list every step: one upload per run). The
 // upload is an async copy from pageable memory, which the driver stages before returning.
 #include <vector>
@@ -40,9 +43,10 @@ struct Chunk {
   void* copy;
   int64_t count;
   int32_t copy_kind;
-  int32_t flags;  // bit 0: weight decay, bit 1: the four fp32 arrays are 16-byte aligned
+  int32_t flags;  // bit 0: weight decay, bit 1: the four fp32 arrays are 16-byte aligned, bit 2: the copy is
+                  // 8-byte aligned
 };
-constexpr int32_t kDecayFlag = 1, kVectorFlag = 2;
+constexpr int32_t kDecayFlag = 1, kVectorFlag = 2, kVectorCopyFlag = 4;
 
 __device__ __forceinline__ void adamw_element(float& param, float grad, float& exp_avg, float& exp_avg_sq,
                                               const AdamWCoefficients& c, bool decay) {
@@ -63,17 +67,50 @@ __device__ __forceinline__ void store_copy(void* copy, int32_t kind, int64_t ind
     static_cast<__half*>(copy)[index] = __float2half_rn(value);
 }
 
+// Four consecutive copy values (elements 4 * vector_index ..) as one 8-byte store.
+__device__ __forceinline__ void store_copy4(void* copy, int32_t kind, int64_t vector_index, const float4& value) {
+  uint2 packed;
+  if (kind == kCopyBf16) {
+    const __nv_bfloat162 low = __floats2bfloat162_rn(value.x, value.y), high = __floats2bfloat162_rn(value.z, value.w);
+    packed.x = *reinterpret_cast<const uint32_t*>(&low);
+    packed.y = *reinterpret_cast<const uint32_t*>(&high);
+  } else {
+    const __half2 low = __floats2half2_rn(value.x, value.y), high = __floats2half2_rn(value.z, value.w);
+    packed.x = *reinterpret_cast<const uint32_t*>(&low);
+    packed.y = *reinterpret_cast<const uint32_t*>(&high);
+  }
+  reinterpret_cast<uint2*>(copy)[vector_index] = packed;
+}
+
 __global__ void __launch_bounds__(kThreads) adamw_kernel(const Chunk* __restrict__ chunks, AdamWCoefficients c) {
   const Chunk chunk = chunks[blockIdx.x];
   const bool decay = (chunk.flags & kDecayFlag) != 0;
   int64_t start = 0;
   if (chunk.flags & kVectorFlag) {
     const int64_t vectors = chunk.count / 4;
-    for (int64_t index = threadIdx.x; index < vectors; index += kThreads) {
-      float4 param = reinterpret_cast<const float4*>(chunk.param)[index];
-      const float4 grad = reinterpret_cast<const float4*>(chunk.grad)[index];
-      float4 m = reinterpret_cast<const float4*>(chunk.exp_avg)[index];
-      float4 v = reinterpret_cast<const float4*>(chunk.exp_avg_sq)[index];
+    const float4* param_in = reinterpret_cast<const float4*>(chunk.param);
+    const float4* grad_in = reinterpret_cast<const float4*>(chunk.grad);
+    const float4* m_in = reinterpret_cast<const float4*>(chunk.exp_avg);
+    const float4* v_in = reinterpret_cast<const float4*>(chunk.exp_avg_sq);
+    const bool vector_copy = (chunk.flags & kVectorCopyFlag) != 0;
+    int64_t index = threadIdx.x;
+    float4 param{}, grad{}, m{}, v{};
+    if (index < vectors) {
+      param = param_in[index];
+      grad = grad_in[index];
+      m = m_in[index];
+      v = v_in[index];
+    }
+    for (; index < vectors; index += kThreads) {
+      // The next four elements' loads first (distinct arrays: no store below can change them).
+      const int64_t next = index + kThreads;
+      float4 next_param{}, next_grad{}, next_m{}, next_v{};
+      if (next < vectors) {
+        next_param = param_in[next];
+        next_grad = grad_in[next];
+        next_m = m_in[next];
+        next_v = v_in[next];
+      }
       adamw_element(param.x, grad.x, m.x, v.x, c, decay);
       adamw_element(param.y, grad.y, m.y, v.y, c, decay);
       adamw_element(param.z, grad.z, m.z, v.z, c, decay);
@@ -82,11 +119,19 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const Chunk* __restrict
       reinterpret_cast<float4*>(chunk.exp_avg)[index] = m;
       reinterpret_cast<float4*>(chunk.exp_avg_sq)[index] = v;
       if (chunk.copy_kind != kNoCopy) {
-        store_copy(chunk.copy, chunk.copy_kind, 4 * index, param.x);
-        store_copy(chunk.copy, chunk.copy_kind, 4 * index + 1, param.y);
-        store_copy(chunk.copy, chunk.copy_kind, 4 * index + 2, param.z);
-        store_copy(chunk.copy, chunk.copy_kind, 4 * index + 3, param.w);
+        if (vector_copy) {
+          store_copy4(chunk.copy, chunk.copy_kind, index, param);
+        } else {
+          store_copy(chunk.copy, chunk.copy_kind, 4 * index, param.x);
+          store_copy(chunk.copy, chunk.copy_kind, 4 * index + 1, param.y);
+          store_copy(chunk.copy, chunk.copy_kind, 4 * index + 2, param.z);
+          store_copy(chunk.copy, chunk.copy_kind, 4 * index + 3, param.w);
+        }
       }
+      param = next_param;
+      grad = next_grad;
+      m = next_m;
+      v = next_v;
     }
     start = vectors * 4;
   }
@@ -138,7 +183,8 @@ std::vector<Chunk> build_chunks(const std::vector<AdamWTensor>& tensors) {
           copy_kind == kNoCopy ? nullptr : static_cast<unsigned char*>(entry.compute_copy.data) + start * copy_element;
       chunk.count = std::min(kChunkElements, count - start);
       chunk.copy_kind = copy_kind;
-      chunk.flags = (entry.weight_decay ? kDecayFlag : 0) | (aligned ? kVectorFlag : 0);
+      chunk.flags = (entry.weight_decay ? kDecayFlag : 0) | (aligned ? kVectorFlag : 0) |
+                    (chunk.copy != nullptr && is_aligned(chunk.copy, 8) ? kVectorCopyFlag : 0);
       chunks.push_back(chunk);
     }
   }

@@ -407,6 +407,7 @@ TEST(AdamWCuda, MatchesCpuBitForBitOverSteps) {
   SKIP_WITHOUT_CUDA();
   std::mt19937_64 rng(6000);
   // sizes: tiny, odd, just over a chunk, several chunks; the odd offset makes one tensor unaligned
+  // (tensor 2's fp32 arrays, tensor 4's copy)
   const std::vector<int64_t> sizes = {1, 17, 16384 + 5, 40000, 1000};
   const std::vector<DType> copies = {DType::bf16, DType::f16, DType::bf16, DType::u8 /* none */, DType::bf16};
   struct Slot {
@@ -434,8 +435,14 @@ TEST(AdamWCuda, MatchesCpuBitForBitOverSteps) {
       device_copy(view.data, DeviceKind::cuda, slot.host[part].tensor().data, DeviceKind::cpu, size_t(count) * 4);
       slot.device_views[part] = view;
     }
-    slot.device.emplace_back(slot.copy.tensor().dtype, slot.copy.tensor());
-    slot.device_views[4] = slot.device.back().tensor();
+    // tensor 4's copy starts one element into its buffer: 2-byte aligned, so its fp32 arrays take the
+    // 16-byte loads while its copy takes one store per element (the others: one 8-byte store per 4)
+    const int64_t copy_pad = i == 4 ? 1 : 0;
+    slot.device.push_back(DeviceTensor(slot.copy.tensor().dtype, {count + copy_pad}));
+    Tensor copy_view = slot.device.back().tensor();
+    copy_view.data = static_cast<uint16_t*>(copy_view.data) + copy_pad;
+    copy_view.shape[0] = count;
+    slot.device_views[4] = copy_view;
     AdamWTensor cpu_entry{slot.host[0], slot.host[1], slot.host[2], slot.host[3], Tensor(), i % 2 == 0};
     AdamWTensor cuda_entry{
         slot.device_views[0], slot.device_views[1], slot.device_views[2], slot.device_views[3], Tensor(), i % 2 == 0};

@@ -1,0 +1,164 @@
+// switchyard bench optimizer: the optimizer's two passes over every parameter, alone -- the
+// gradient norm (with its non-finite count: one read of the fp32 gradients) and the AdamW step
+// (read param, grad, m, v; write param, m, v and the bf16 compute copy) -- at a parameter count of
+// choice (default: configs/bench-1gpu.yaml's 0.96B), as the trainer lays them out (one decayed
+// range and one small undecayed one per parameter group). Reports ms (median), the bytes each pass
+// must move and the rate, so the pass can be set against the card's memory bandwidth.
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "src/cli/bench_common.h"
+#include "src/cli/cli_args.h"
+#include "src/cli/commands.h"
+#include "src/core/device.h"
+#include "src/core/error.h"
+#include "src/core/timing.h"
+#include "src/ops/ops.h"
+
+namespace switchyard {
+namespace {
+
+struct Options {
+  DeviceKind device = DeviceKind::cpu;
+  int64_t parameters = 0;
+  int warmup = 3, iterations = 10;
+  std::string json_file;
+};
+
+// The median of `iterations` timed calls after `warmup` untimed ones.
+template <typename Work>
+double median_ms(const ExecContext& context, const Options& options, Work&& work) {
+  for (int i = 0; i < options.warmup; ++i) work();
+  ops::synchronize(context);
+  DeviceTimer timer(context.device, context.stream);
+  std::vector<double> samples;
+  for (int i = 0; i < options.iterations; ++i) {
+    timer.start();
+    work();
+    timer.stop();
+    samples.push_back(timer.elapsed_ms());
+  }
+  std::sort(samples.begin(), samples.end());
+  return samples[samples.size() / 2];
+}
+
+std::optional<Options> parse_options(int argc, char** argv) {
+  ArgParser parser("switchyard bench optimizer",
+                   "Time the optimizer's passes over every parameter: the gradient norm and the AdamW step\n"
+                   "(fp32 master weights, gradients and moments, bf16 compute copy), as the trainer runs them.");
+  parser.add_option("device", "auto|cpu|cuda", "where to run (cpu: only with --quick)", "auto");
+  parser.add_option("params", "N", "parameters (default: configs/bench-1gpu.yaml's, 960,000,000)", "960000000");
+  parser.add_option("iters", "N", "timed iterations (median reported)", "10");
+  parser.add_option("warmup", "N", "untimed iterations first", "3");
+  parser.add_option("json", "FILE", "also write the records as JSON lines to FILE");
+  parser.add_flag("quick", "1,000,000 parameters unless --params is given (a smoke test; runs on CPU too)");
+  if (!parser.parse(argc, argv)) return std::nullopt;
+  Options options;
+  const std::string device = parser.get("device");
+  if (device == "auto") options.device = cuda_available() ? DeviceKind::cuda : DeviceKind::cpu;
+  else if (device == "cpu") options.device = DeviceKind::cpu;
+  else if (device == "cuda") options.device = DeviceKind::cuda;
+  else SY_BAD_INPUT("--device must be auto, cpu or cuda, not '", device, "'");
+  if (options.device == DeviceKind::cuda && !cuda_available()) SY_BAD_INPUT("--device cuda: no CUDA device");
+  const bool quick = parser.flag("quick");
+  if (options.device == DeviceKind::cpu && !quick)
+    SY_BAD_INPUT("bench optimizer on the CPU backend runs only with --quick (the full size needs a GPU)");
+  options.parameters = parser.has("params") || !quick ? parser.get_int("params") : 1000000;
+  SY_CHECK_INPUT(options.parameters >= 1000, "--params must be >= 1000, got ", options.parameters);
+  options.iterations = int(parser.get_int("iters"));
+  options.warmup = int(parser.get_int("warmup"));
+  SY_CHECK_INPUT(options.iterations >= 1 && options.warmup >= 0, "--iters must be >= 1 and --warmup >= 0");
+  if (parser.has("json")) options.json_file = parser.get("json");
+  return options;
+}
+
+int run(const Options& options) {
+  const DeviceKind device = options.device;
+  if (device == DeviceKind::cuda) cuda_set_device(0);
+  const ExecContext context{device, create_stream(device)};
+  const int64_t count = options.parameters, undecayed = std::max<int64_t>(1, count / 1000);
+  // fp32 state as the trainer holds it; gradients of a plausible size, small positive v.
+  Buffer param = random_device_buffer(device, DType::f32, count, 0.02f, 1);
+  Buffer grad = random_device_buffer(device, DType::f32, count, 1e-3f, 2);
+  Buffer exp_avg = random_device_buffer(device, DType::f32, count, 1e-4f, 3);
+  Buffer exp_avg_sq(device, size_t(count) * 4);
+  device_memset(exp_avg_sq.data(), device, 0, exp_avg_sq.bytes());
+  // The bf16 compute copy AdamW writes in the same pass (CUDA; the CPU backend trains in f32 and
+  // keeps none).
+  Buffer copy(device, device == DeviceKind::cuda ? size_t(count) * 2 : 0);
+  Buffer norm_result(device, size_t(kNumGradCheckResults) * 8);
+
+  auto slice = [&](const Buffer& buffer, DType dtype, int64_t begin, int64_t end) {
+    return Tensor(static_cast<char*>(buffer.data()) + size_t(begin) * dtype_size(dtype), dtype, device,
+                  {end - begin});
+  };
+  std::vector<AdamWTensor> entries;
+  for (bool decay : {true, false}) {
+    const int64_t begin = decay ? 0 : count - undecayed, end = decay ? count - undecayed : count;
+    AdamWTensor entry;
+    entry.param = slice(param, DType::f32, begin, end);
+    entry.grad = slice(grad, DType::f32, begin, end);
+    entry.exp_avg = slice(exp_avg, DType::f32, begin, end);
+    entry.exp_avg_sq = slice(exp_avg_sq, DType::f32, begin, end);
+    if (device == DeviceKind::cuda) entry.compute_copy = slice(copy, DType::bf16, begin, end);
+    entry.weight_decay = decay;
+    entries.push_back(entry);
+  }
+  const DType result_dtype = device == DeviceKind::cpu ? DType::f64 : DType::f32;
+  Tensor result = norm_result.view(result_dtype, {kNumGradCheckResults});
+  const Tensor all_grads = slice(grad, DType::f32, 0, count);
+
+  AdamWParams params;
+  params.lr = 1e-6;  // repeated steps keep the values sane
+  int64_t step = 0;
+  const double norm_ms = median_ms(context, options, [&] { ops::grad_norm_and_check(context, {all_grads}, result); });
+  const double adamw_ms = median_ms(context, options, [&] {
+    params.step = ++step;
+    ops::adamw_step(context, entries, params);
+  });
+  ops::synchronize(context);
+
+  const double norm_bytes = 4.0 * double(count);
+  const double adamw_bytes = double(count) * (16.0 + 12.0 + (device == DeviceKind::cuda ? 2.0 : 0.0));
+  std::printf("Optimizer passes over %lld parameters (%s), ms (median of %d after %d warm-up)\n",
+              (long long)count, device_kind_name(device), options.iterations, options.warmup);
+  std::printf("  %-34s %10s %14s %10s\n", "pass", "ms", "bytes moved", "GB/s");
+  auto row = [&](const char* name, double ms, double bytes) {
+    std::printf("  %-34s %10.3f %14.4g %10.1f\n", name, ms, bytes, ms > 0 ? bytes / (ms * 1e-3) / 1e9 : 0.0);
+  };
+  row("gradient norm (read grad)", norm_ms, norm_bytes);
+  row(device == DeviceKind::cuda ? "AdamW (read 16 B, write 14 B each)" : "AdamW (read 16 B, write 12 B each)",
+      adamw_ms, adamw_bytes);
+  row("both", norm_ms + adamw_ms, norm_bytes + adamw_bytes);
+  if (!options.json_file.empty()) {
+    std::ofstream out(options.json_file, std::ios::app);
+    for (int pass = 0; pass < 2; ++pass) {
+      BenchRecord record;
+      record.add("bench", "optimizer");
+      record.add("pass", pass == 0 ? "grad_norm" : "adamw");
+      record.add("device", device_kind_name(device));
+      record.add("parameters", double(count));
+      record.add("ms", pass == 0 ? norm_ms : adamw_ms);
+      record.add("bytes", pass == 0 ? norm_bytes : adamw_bytes);
+      record.add("gb_per_s", (pass == 0 ? norm_bytes / norm_ms : adamw_bytes / adamw_ms) * 1e-6);
+      out << record.json() << "\n";
+    }
+    if (!out) SY_THROW("writing --json ", options.json_file, " failed");
+  }
+  destroy_stream(device, context.stream);
+  return kExitOk;
+}
+
+}  // namespace
+
+int command_bench_optimizer(int argc, char** argv) {
+  const std::optional<Options> options = parse_options(argc, argv);
+  if (!options) return kExitOk;  // --help
+  return run(*options);
+}
+
+}  // namespace switchyard
