@@ -76,15 +76,28 @@ std::optional<Options> parse_options(int argc, char** argv) {
   return options;
 }
 
+// `count` fp32 values: a block of normal(0, stddev) values (random_device_buffer) repeated over
+// the buffer, so a billion parameters need no billion host draws.
+Buffer tiled_random_buffer(DeviceKind device, int64_t count, float stddev, uint64_t seed) {
+  const int64_t block = std::min<int64_t>(count, int64_t(1) << 24);
+  const Buffer values = random_device_buffer(device, DType::f32, block, stddev, seed);
+  Buffer buffer(device, size_t(count) * 4);
+  for (int64_t at = 0; at < count; at += block) {
+    const int64_t take = std::min(block, count - at);
+    device_copy(static_cast<float*>(buffer.data()) + at, device, values.data(), device, size_t(take) * 4);
+  }
+  return buffer;
+}
+
 int run(const Options& options) {
   const DeviceKind device = options.device;
   if (device == DeviceKind::cuda) cuda_set_device(0);
   const ExecContext context{device, create_stream(device)};
   const int64_t count = options.parameters, undecayed = std::max<int64_t>(1, count / 1000);
   // fp32 state as the trainer holds it; gradients of a plausible size, small positive v.
-  Buffer param = random_device_buffer(device, DType::f32, count, 0.02f, 1);
-  Buffer grad = random_device_buffer(device, DType::f32, count, 1e-3f, 2);
-  Buffer exp_avg = random_device_buffer(device, DType::f32, count, 1e-4f, 3);
+  Buffer param = tiled_random_buffer(device, count, 0.02f, 1);
+  Buffer grad = tiled_random_buffer(device, count, 1e-3f, 2);
+  Buffer exp_avg = tiled_random_buffer(device, count, 1e-4f, 3);
   Buffer exp_avg_sq(device, size_t(count) * 4);
   device_memset(exp_avg_sq.data(), device, 0, exp_avg_sq.bytes());
   // The bf16 compute copy AdamW writes in the same pass (CUDA; the CPU backend trains in f32 and
