@@ -3,12 +3,12 @@
 # benchmark, ncu on the two routing cases' kernel (occupancy, issue and stall figures), the MoE
 # layer (SonicMoE's five shapes and the seed's against dense, stage breakdowns at 8,192 and 65,536
 # tokens; with --anchors the PyTorch layer anchors beside them), the step-time breakdown of the
-# throughput configs (with its sub-stages) and the optimizer's passes alone (bench optimizer), a short bench-large-1gpu run (does it fit,
-# tokens/s, MFU), the shared experts' second stream on and off, run-to-run determinism,
-# bench-1gpu's 73,728-token step as 1 x 72 and 2 x 36 sequences instead of 3 x 24 (fewer
-# micro-steps: fewer fp32 gradient read-add-writes, larger GEMMs) and, with --anchors, the PyTorch
-# training anchor beside bench-1gpu. Each part writes OUT/<part>.log and one line to
-# OUT/summary.log; a part that fails is reported and the next one runs.
+# throughput configs (with its sub-stages) and the optimizer's passes alone (bench optimizer), a
+# short bench-large-1gpu run (does it fit, tokens/s, MFU), the shared experts' second stream on and
+# off, run-to-run determinism, bench-1gpu's 73,728-token step as 1 x 72 and 2 x 36 sequences
+# instead of 3 x 24 (fewer micro-steps: fewer fp32 gradient read-add-writes, larger GEMMs) and,
+# with --anchors, the PyTorch training anchor beside bench-1gpu. Each part writes OUT/<part>.log and
+# one line to OUT/summary.log; a part that fails is reported and the next one runs.
 #
 # Usage: bash launch/measure-1gpu.sh [--out DIR] [--budget SECONDS] [--anchors DIR] [--only LIST]
 #   --out       where the logs go (default: runs/measure)

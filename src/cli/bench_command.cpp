@@ -21,7 +21,8 @@ const Benchmark kBenchmarks[] = {
     {"moe", "the MoE layer vs a dense FFN, sparse vs dense-compute, expert GEMM TFLOP/s, routing", command_bench_moe},
     {"ep", "expert parallelism: dispatch+combine vs raw all-to-all-v, EP layer fwd and fwd+bwd (under mpirun)",
      command_bench_ep},
-    {"optimizer", "the optimizer's passes (gradient norm, AdamW) over N parameters: ms and GB/s", command_bench_optimizer},
+    {"optimizer", "the optimizer's passes (gradient norm, AdamW) over N parameters: ms and GB/s",
+     command_bench_optimizer},
 };
 
 void print_benchmarks(std::ostream& out) {

@@ -201,7 +201,8 @@ void MoeEpLayer::backward(const ExecContext& context, const Tensor& grad_y, cons
         else
           experts_backward(context, part, chunk, weights, gradients, /*accumulate=*/index > 0);
       });
-      run_stage(context, "send back", [&] { part.exchange->send_back(context, EpPass::backward, chunk); });  // dL/dX rows
+      // dL/dX rows
+      run_stage(context, "send back", [&] { part.exchange->send_back(context, EpPass::backward, chunk); });
     }
   }
   run_stage(context, "permute backward", [&] {

@@ -264,7 +264,8 @@ void Transformer::dense_ffn_forward(const ExecContext& context, const ModelParam
                                     const Tensor& residual, Tensor* out) {
   Tensor pre = rows(saved.pre, ffn.w1_columns);
   Tensor post = rows(saved.post, ffn.hidden);
-  stage(context, "GEMM 1", [&] { ops::gemm(context, false, false, 1.0f, input, parameters.compute(ffn.w1), 0.0f, pre); });
+  stage(context, "GEMM 1",
+        [&] { ops::gemm(context, false, false, 1.0f, input, parameters.compute(ffn.w1), 0.0f, pre); });
   stage(context, "activation", [&] { ops::activation_forward(context, moe_.activation, pre, post); });
   if (out)
     stage(context, "GEMM 2",

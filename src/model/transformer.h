@@ -46,9 +46,9 @@
 //                 rank only) into a per-block running sum for the step (reset by
 //                 reset_step_loads()), from which the block's global-batch loss is computed
 //                 (src/model/moe_router.h).
-// accumulate == false overwrites the gradient buffers; true adds to them (gradient accumulation):
-// GEMM weight gradients through beta = 1, ops that only overwrite (norms, the MoE layer) through
-// a scratch buffer and an add.
+// accumulate == false overwrites the gradient buffers; true adds to them (gradient accumulation),
+// in place: GEMM weight gradients through beta = 1, the norms and the MoE block through their
+// accumulate flags (src/model/transformer_backward.cpp).
 //
 // Parameter names (src/model/parameters.h; the weights file uses them):
 //   embedding.token [V, D], embedding.position [S, D] (learned positions only)

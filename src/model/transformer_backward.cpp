@@ -184,7 +184,8 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
       ops::attention_backward(context, shape, qkv, attention, grad_attention, stats, workspace, grad_qkv);
     });
     if (model_.positions == PositionKind::rotary)
-      stage(context, "rotary backward", [&] { ops::rotary_backward(context, shape, grad_qkv, kRotaryBase, 0, grad_qkv); });
+      stage(context, "rotary backward",
+            [&] { ops::rotary_backward(context, shape, grad_qkv, kRotaryBase, 0, grad_qkv); });
     const Tensor normed1 = rows(attention_saved.norm_out, width);
     Tensor grad_qkv_weight = parameters.grad(block.qkv);
     stage(context, "QKV projection backward", [&] {

@@ -1,6 +1,7 @@
 // The step breakdown of `switchyard train --profile-steps` (src/train/step_profiler.h): the model
-// reports every stage once per occurrence (sub-stages one level inside their stage), the stages cover forward and backward,
-// each maps to its row, the sums are consistent with the step's span, and misuse is refused.
+// reports every stage once per occurrence (sub-stages one level inside their stage), the stages
+// cover forward and backward, each maps to its row, the sums are consistent with the step's span,
+// and misuse is refused.
 #include <gtest/gtest.h>
 
 #include <map>

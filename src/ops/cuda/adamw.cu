@@ -16,9 +16,10 @@
 // chunk b. Bytes per element: 16 read (param, grad, m, v), 12 written (+2 for the copy): a pass over
 // memory, so each thread loads its next four elements before it updates the current ones (the loads
 // of one iteration overlap the arithmetic and stores of the previous), and writes its four copy
-// values as one 8-byte store where the copy is 8-byte aligned. The table depends only on the tensor list, so it is uploaded when the list changes and
-// reused otherwise (a training run passes the same list every step: one upload per run). The
-// upload is an async copy from pageable memory, which the driver stages before returning.
+// values as one 8-byte store where the copy is 8-byte aligned. The table depends only on the tensor
+// list, so it is uploaded when the list changes and reused otherwise (a training run passes the
+// same list every step: one upload per run). The upload is an async copy from pageable memory,
+// which the driver stages before returning.
 #include <vector>
 
 #include "src/ops/cuda/cuda_common.cuh"
