@@ -1,8 +1,9 @@
-// What the benchmarks (bench moe, bench ep) share: the JSON record they write and their random
-// input data.
+// What the benchmarks (bench moe, bench ep, bench optimizer) share: the JSON record they write,
+// their random input data, the --device choice and the median of timed calls.
 #pragma once
 
 #include <cmath>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -10,12 +11,22 @@
 
 #include "src/core/device.h"
 #include "src/core/json.h"
+#include "src/ops/ops.h"
 
 namespace switchyard {
 
 // `count` normal(0, stddev) values stored in `dtype` on `device`, drawn on the host from
 // std::mt19937_64(seed), so a seed gives the same data on every run and either backend.
 Buffer random_device_buffer(DeviceKind device, DType dtype, int64_t count, float stddev, uint64_t seed);
+
+// A benchmark's --device value (auto|cpu|cuda): auto takes CUDA when a device is present. Bad input
+// (exit 2, naming the benchmark) for any other value, for cuda without a device, and for the CPU
+// unless `quick` (the full sizes need a GPU).
+DeviceKind bench_device(const std::string& value, bool quick, const char* benchmark);
+
+// The median time in ms of `iterations` calls of fn, each timed on the context's stream (device
+// events, or the host clock on CPU), after `warmup` untimed calls and a synchronize.
+double median_call_ms(const ExecContext& context, int warmup, int iterations, const std::function<void()>& fn);
 
 // One benchmark measurement as a flat JSON object (the records `bench moe|ep --json` write):
 // members in the order added; numbers with 6 significant digits, and null where a value is not

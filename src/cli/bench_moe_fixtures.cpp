@@ -17,17 +17,7 @@ Buffer random_buffer(const BenchSettings& settings, DType dtype, int64_t count, 
 }
 
 double time_median_ms(const BenchSettings& settings, const std::function<void()>& fn) {
-  for (int i = 0; i < settings.warmup; ++i) fn();
-  ops::synchronize(settings.context);
-  DeviceTimer timer(settings.context.device, settings.context.stream);
-  std::vector<double> samples;
-  for (int i = 0; i < settings.iterations; ++i) {
-    timer.start();
-    fn();
-    timer.stop();
-    samples.push_back(timer.elapsed_ms());
-  }
-  return median(samples);
+  return median_call_ms(settings.context, settings.warmup, settings.iterations, fn);
 }
 
 double expert_forward_flops(const LayerShape& shape) {

@@ -36,15 +36,8 @@ std::optional<BenchMoeOptions> parse_bench_moe_options(int argc, char** argv) {
   if (!parser.parse(argc, argv)) return std::nullopt;
 
   BenchMoeOptions options;
-  const std::string device = parser.get("device");
-  if (device == "auto") options.device = cuda_available() ? DeviceKind::cuda : DeviceKind::cpu;
-  else if (device == "cpu") options.device = DeviceKind::cpu;
-  else if (device == "cuda") options.device = DeviceKind::cuda;
-  else SY_BAD_INPUT("--device must be auto, cpu or cuda, not '", device, "'");
-  if (options.device == DeviceKind::cuda && !cuda_available()) SY_BAD_INPUT("--device cuda: no CUDA device");
   options.quick = parser.flag("quick");
-  if (options.device == DeviceKind::cpu && !options.quick)
-    SY_BAD_INPUT("bench moe on the CPU backend runs only with --quick (the full shapes need a GPU)");
+  options.device = bench_device(parser.get("device"), options.quick, "moe");
   options.iterations = int(parser.get_int("iters"));
   options.warmup = int(parser.get_int("warmup"));
   SY_CHECK_INPUT(options.iterations >= 1 && options.warmup >= 0, "--iters must be >= 1 and --warmup >= 0");

@@ -29,23 +29,6 @@ struct Options {
   std::string json_file;
 };
 
-// The median of `iterations` timed calls after `warmup` untimed ones.
-template <typename Work>
-double median_ms(const ExecContext& context, const Options& options, Work&& work) {
-  for (int i = 0; i < options.warmup; ++i) work();
-  ops::synchronize(context);
-  DeviceTimer timer(context.device, context.stream);
-  std::vector<double> samples;
-  for (int i = 0; i < options.iterations; ++i) {
-    timer.start();
-    work();
-    timer.stop();
-    samples.push_back(timer.elapsed_ms());
-  }
-  std::sort(samples.begin(), samples.end());
-  return samples[samples.size() / 2];
-}
-
 std::optional<Options> parse_options(int argc, char** argv) {
   ArgParser parser("switchyard bench optimizer",
                    "Time the optimizer's passes over every parameter: the gradient norm and the AdamW step\n"
@@ -58,15 +41,8 @@ std::optional<Options> parse_options(int argc, char** argv) {
   parser.add_flag("quick", "1,000,000 parameters unless --params is given (a smoke test; runs on CPU too)");
   if (!parser.parse(argc, argv)) return std::nullopt;
   Options options;
-  const std::string device = parser.get("device");
-  if (device == "auto") options.device = cuda_available() ? DeviceKind::cuda : DeviceKind::cpu;
-  else if (device == "cpu") options.device = DeviceKind::cpu;
-  else if (device == "cuda") options.device = DeviceKind::cuda;
-  else SY_BAD_INPUT("--device must be auto, cpu or cuda, not '", device, "'");
-  if (options.device == DeviceKind::cuda && !cuda_available()) SY_BAD_INPUT("--device cuda: no CUDA device");
   const bool quick = parser.flag("quick");
-  if (options.device == DeviceKind::cpu && !quick)
-    SY_BAD_INPUT("bench optimizer on the CPU backend runs only with --quick (the full size needs a GPU)");
+  options.device = bench_device(parser.get("device"), quick, "optimizer");
   options.parameters = parser.has("params") || !quick ? parser.get_int("params") : 1000000;
   SY_CHECK_INPUT(options.parameters >= 1000, "--params must be >= 1000, got ", options.parameters);
   options.iterations = int(parser.get_int("iters"));
@@ -128,8 +104,9 @@ int run(const Options& options) {
   AdamWParams params;
   params.lr = 1e-6;  // repeated steps keep the values sane
   int64_t step = 0;
-  const double norm_ms = median_ms(context, options, [&] { ops::grad_norm_and_check(context, {all_grads}, result); });
-  const double adamw_ms = median_ms(context, options, [&] {
+  const double norm_ms = median_call_ms(context, options.warmup, options.iterations,
+                                        [&] { ops::grad_norm_and_check(context, {all_grads}, result); });
+  const double adamw_ms = median_call_ms(context, options.warmup, options.iterations, [&] {
     params.step = ++step;
     ops::adamw_step(context, entries, params);
   });
