@@ -352,14 +352,17 @@ std::string gemm_case_name(const ::testing::TestParamInfo<GemmCase>& info) {
 
 class GemmCudaTest : public ::testing::TestWithParam<GemmCase> {};
 
+// A random operand op(X) [rows, columns]: stored [columns, rows] when transposed.
+HostPair gemm_operand(DType dtype, bool transposed, int64_t rows, int64_t columns, std::mt19937_64& generator) {
+  return transposed ? random_pair(dtype, {columns, rows}, generator) : random_pair(dtype, {rows, columns}, generator);
+}
+
 TEST_P(GemmCudaTest, MatchesCpu) {
   SKIP_WITHOUT_CUDA();
   const GemmCase& test = GetParam();
   std::mt19937_64 generator(51);
-  HostPair a = test.trans_a ? random_pair(test.input, {test.inner, test.rows}, generator)
-                            : random_pair(test.input, {test.rows, test.inner}, generator);
-  HostPair b = test.trans_b ? random_pair(test.input, {test.columns, test.inner}, generator)
-                            : random_pair(test.input, {test.inner, test.columns}, generator);
+  HostPair a = gemm_operand(test.input, test.trans_a, test.rows, test.inner, generator);
+  HostPair b = gemm_operand(test.input, test.trans_b, test.inner, test.columns, generator);
   HostPair c = random_pair(test.output, {test.rows, test.columns}, generator);
   HostTensor expected(DType::f32, {test.rows, test.columns});
   copy_values(c.reference, expected);
@@ -386,10 +389,8 @@ TEST_P(GemmCudaTest, SeparateAddendMatchesCpu) {
   SKIP_WITHOUT_CUDA();
   const GemmCase& test = GetParam();
   std::mt19937_64 generator(52);
-  HostPair a = test.trans_a ? random_pair(test.input, {test.inner, test.rows}, generator)
-                            : random_pair(test.input, {test.rows, test.inner}, generator);
-  HostPair b = test.trans_b ? random_pair(test.input, {test.columns, test.inner}, generator)
-                            : random_pair(test.input, {test.inner, test.columns}, generator);
+  HostPair a = gemm_operand(test.input, test.trans_a, test.rows, test.inner, generator);
+  HostPair b = gemm_operand(test.input, test.trans_b, test.inner, test.columns, generator);
   HostPair addend = random_pair(test.output, {test.rows, test.columns}, generator);
   HostTensor expected(DType::f32, {test.rows, test.columns});
   fill_uniform(expected, generator, -1.0, 1.0);  // overwritten: the reference reads the addend
