@@ -2,6 +2,7 @@
 #include "src/comm/comm_factory.h"
 
 #include "src/comm/mpi_comm.h"
+#include "src/core/device.h"
 #include "src/core/mpi_check.h"
 #if defined(SWITCHYARD_WITH_CUDA)
 #include "src/comm/nccl_comm.h"
@@ -29,6 +30,10 @@ std::shared_ptr<Communicator> create_communicator(DeviceKind device, MPI_Comm gr
       if (!finalized) MPI_Comm_free(comm);
     }
   } free_group{&group};
+  int group_size = 0;
+  MPI_CHECK(MPI_Comm_size(group, &group_size));
+  // Its kernels (and the nvlink exchange's, over this group) may wait on the other ranks' GPUs.
+  if (group_size > 1) note_cross_process_device_waits();
   return std::make_shared<NcclCommunicator>(group, name, timeout_seconds, max_ctas);
 #else
   (void)max_ctas;

@@ -1,6 +1,7 @@
 // CPU half of the device abstraction; CUDA calls are forwarded to cuda_device.cpp when built.
 #include "src/core/device.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -35,6 +36,12 @@ int cuda_device_count() {
 #endif
 }
 bool cuda_available() { return cuda_device_count() > 0; }
+
+namespace {
+std::atomic<bool> cross_process_waits{false};
+}  // namespace
+void note_cross_process_device_waits() { cross_process_waits.store(true); }
+bool cross_process_device_waits() { return cross_process_waits.load(); }
 
 void cuda_set_device(int ordinal) {
 #if defined(SWITCHYARD_WITH_CUDA)

@@ -21,6 +21,12 @@ void cuda_set_device(int ordinal);
 // The PCI bus id of CUDA device `ordinal` ("0000:1B:00.0"): what tells two processes' GPUs apart
 // when each sees its own device 0.
 std::string cuda_device_pci_bus_id(int ordinal);
+// Whether this process may run GPU kernels that wait on other processes (NCCL collectives, the
+// nvlink exchange's signals): noted by src/comm when it creates a CUDA communicator of more than
+// one rank, never cleared. A kernel with grid-wide barriers (the router) then leaves SMs free for
+// them, since its blocks must all be resident at once.
+void note_cross_process_device_waits();
+bool cross_process_device_waits();
 
 void* device_allocate(DeviceKind device, size_t bytes);
 void device_free(DeviceKind device, void* pointer, size_t bytes);

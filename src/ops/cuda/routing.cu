@@ -10,9 +10,10 @@
 // on an H100. A token's row lies over kGroup lanes, kPerLane = 8 logits each (two 16-byte streaming
 // loads, the next pass prefetched), which keeps blocks within 64 registers: 1024 threads per SM (16
 // logits per lane above 128 experts, a whole warp per token above 256: 128 registers, 512 threads
-// per SM; routing_layout::forward_lanes). The grid holds at most 3/4 of the co-resident blocks (a
-// grid barrier must never wait for a block that cannot be scheduled while kernels on other streams,
-// e.g. NCCL, hold SMs); block b walks tiles b, b + grid, ...
+// per SM; routing_layout::forward_lanes). The grid holds every co-resident block, or at most 3/4 of
+// them in a process whose kernels may wait on other ranks (a grid barrier must never wait for a
+// block that cannot be scheduled while kernels on other streams, e.g. NCCL, hold SMs: see
+// launch_route_kernel); block b walks tiles b, b + grid, ...
 // Variants (a template parameter, so the Switch router's code is what it was): kSwitchVariant
 //   (softmax, top-k over the logits: routing_forward_tile.cuh), kSoftmaxKeyVariant (softmax with a
 //   selection bias and / or group-limited routing) and kSigmoidVariant (routing_forward_modern.cuh:
@@ -192,15 +193,21 @@ __global__ void __launch_bounds__(max_route_threads<kPerLane, kVariant>(), min_r
 
 // The cooperative launch. A grid barrier must never wait for blocks that cannot be scheduled
 // because other kernels (NCCL on the communication stream, waiting for a peer) hold part of the
-// GPU: the grid takes at most 3/4 of the co-resident blocks (half where only one block fits per SM).
-// The tile loop is persistent, so a smaller grid only changes the schedule.
+// GPU: in a process that may run such kernels (cross_process_device_waits: a CUDA communicator of
+// more than one rank exists) the grid takes at most 3/4 of the co-resident blocks (half where only
+// one block fits per SM). Otherwise every kernel that could hold SMs finishes on its own (the shared
+// experts' GEMMs on the side stream), so the grid may take them all: one wave of tiles where the
+// 3/4 cap would make two (65,536 x 256 experts: 256 tiles against a cap of 198 blocks). The tile
+// loop is persistent, so the grid size only changes the schedule, never a result.
 template <int kGroup, int kPerLane, int kVariant>
 void launch_route_kernel(RouteArgs& args, int tile_tokens, size_t shared_bytes, cudaStream_t stream) {
   auto kernel = route_forward_kernel<kGroup, kPerLane, kVariant>;
   if (shared_bytes > 48 * 1024)
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)));
   const int resident = cooperative_grid_limit(reinterpret_cast<const void*>(kernel), tile_tokens, shared_bytes);
-  const int cap = resident >= 2 * multiprocessor_count() ? resident / 4 * 3 : resident / 2;
+  const int cap = !cross_process_device_waits()              ? resident
+                  : resident >= 2 * multiprocessor_count() ? resident / 4 * 3
+                                                           : resident / 2;
   const int grid = std::min(args.num_tiles, std::max(1, cap));
   void* kernel_args[] = {&args};
   CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(unsigned(grid)),
