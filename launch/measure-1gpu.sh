@@ -3,7 +3,7 @@
 # benchmark, ncu on the two routing cases' kernel (occupancy, issue and stall figures), the MoE
 # layer (SonicMoE's five shapes and the seed's against dense, stage breakdowns at 8,192 and 65,536
 # tokens; with --anchors the PyTorch layer anchors beside them), the step-time breakdown of the
-# throughput configs (with its sub-stages; bench-1gpu again with cuDNN's non-deterministic
+# three throughput configs (with their sub-stages; bench-1gpu again with cuDNN's non-deterministic
 # attention backward) and the optimizer's passes alone (bench optimizer), a
 # short bench-large-1gpu run (does it fit, tokens/s, MFU), the shared experts' second stream on and
 # off, run-to-run determinism, bench-1gpu's 73,728-token step as 1 x 72 and 2 x 36 sequences
@@ -118,7 +118,7 @@ if runs layer 60; then
   done
 fi
 if runs profile 60; then
-  for config in bench-1gpu finegrained-1gpu; do
+  for config in bench-1gpu finegrained-1gpu bench-large-1gpu; do
     [ "$(left)" -ge 40 ] || { note "profile $config: skipped (budget)"; continue; }
     timeout "$(cap 150)" "$binary" train "configs/$config.yaml" --profile-steps 3 \
       --set "logging.run_dir=$(run_dir "profile-$config")" 2>&1 | sed -u '/step profile ->/q' > "$out/profile-$config.log"
