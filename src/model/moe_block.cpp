@@ -22,31 +22,58 @@ void LocalMoeBlock::backward(const ExecContext& context, const Tensor& grad_y, c
   layer_.backward(context, grad_y, weights, aux_grad_scale, z_grad_scale, grad_x, gradients);
 }
 
+MoeBlockStats MoeBlock::read_stats(const ExecContext& context) const {
+  HostReads reads(context.device);
+  MoeStatsReadout readout;
+  stage_stat_reads(reads, readout);
+  reads.read(context);
+  return stats_from(readout);
+}
+
 namespace {
 
-// The statistics both layers expose the same way.
+// The statistics both layers expose the same way: the router's losses and counters and the
+// per-expert counts of their routing.
 template <typename Layer>
-MoeBlockStats read_layer_stats(const ExecContext& context, const Layer& layer) {
+void stage_layer_stat_reads(const Layer& layer, HostReads& reads, MoeStatsReadout& readout) {
+  const RoutingResult& routing = layer.routing();
+  SY_CHECK(routing.losses.data != nullptr, "MoeBlock: statistics read before any forward");
+  const bool f64 = layer.float_dtype() == DType::f64;
+  reads.add(routing.losses, Tensor(f64 ? static_cast<void*>(readout.losses) : static_cast<void*>(readout.float_losses),
+                                   layer.float_dtype(), DeviceKind::cpu, {kNumRoutingLosses}));
+  reads.add(routing.scalars, Tensor(readout.scalars, DType::i32, DeviceKind::cpu, {kNumRoutingScalars}));
+  const int experts = layer.config().moe.num_experts;
+  readout.expert_counts.assign(size_t(experts), 0);
+  reads.add(routing.expert_counts, Tensor(readout.expert_counts.data(), DType::i32, DeviceKind::cpu, {experts}));
+}
+
+template <typename Layer>
+MoeBlockStats layer_stats_from(const Layer& layer, const MoeStatsReadout& readout) {
+  double values[kNumRoutingLosses] = {};
+  for (int index = 0; index < kNumRoutingLosses; ++index)
+    values[index] = layer.float_dtype() == DType::f64 ? readout.losses[index] : double(readout.float_losses[index]);
+  const MoeLosses losses = moe_losses_from(values);
+  const MoeRoutingStats routing = moe_routing_stats_from(readout.scalars);
   MoeBlockStats stats;
-  const MoeLosses losses = layer.read_losses(context);
   stats.aux_loss = losses.aux_loss;
   stats.z_loss = losses.z_loss;
   stats.seq_aux_loss = losses.seq_aux_loss;
   stats.global_aux_loss = losses.global_aux_loss;
-  const MoeRoutingStats routing = layer.read_routing_stats(context);
   stats.total_choices = routing.total_choices;
   stats.dropped_choices = routing.dropped_choices;
-  const int experts = layer.config().moe.num_experts;
-  std::vector<int32_t> counts(size_t(experts), 0);
-  Tensor host(counts.data(), DType::i32, DeviceKind::cpu, {experts});
-  ops::copy(context, layer.routing().expert_counts, host);
-  stats.expert_counts.assign(counts.begin(), counts.end());
+  stats.expert_counts.assign(readout.expert_counts.begin(), readout.expert_counts.end());
   return stats;
 }
 
 }  // namespace
 
-MoeBlockStats LocalMoeBlock::read_stats(const ExecContext& context) const { return read_layer_stats(context, layer_); }
+void LocalMoeBlock::stage_stat_reads(HostReads& reads, MoeStatsReadout& readout) const {
+  stage_layer_stat_reads(layer_, reads, readout);
+}
+
+MoeBlockStats LocalMoeBlock::stats_from(const MoeStatsReadout& readout) const {
+  return layer_stats_from(layer_, readout);
+}
 
 ExpertParallelMoeBlock::ExpertParallelMoeBlock(const MoeLayerConfig& config,
                                                std::shared_ptr<Communicator> expert_parallel, DeviceKind device,
@@ -84,9 +111,13 @@ void ExpertParallelMoeBlock::backward(const ExecContext& context, const Tensor& 
   for (int index = 0; index < 3; ++index) ops::add_into(context, *parts[index], *targets[index]);
 }
 
-MoeBlockStats ExpertParallelMoeBlock::read_stats(const ExecContext& context) const {
-  MoeBlockStats stats = read_layer_stats(context, layer_);
-  stats.replicates = layer_.replicates();
+void ExpertParallelMoeBlock::stage_stat_reads(HostReads& reads, MoeStatsReadout& readout) const {
+  stage_layer_stat_reads(layer_, reads, readout);
+}
+
+MoeBlockStats ExpertParallelMoeBlock::stats_from(const MoeStatsReadout& readout) const {
+  MoeBlockStats stats = layer_stats_from(layer_, readout);
+  stats.replicates = layer_.replicates();  // host-side plan figures: no device read
   stats.replication = layer_.replication_stats();
   return stats;
 }

@@ -17,6 +17,7 @@
 #include "src/comm/communicator.h"
 #include "src/model/moe_ep_layer.h"
 #include "src/model/moe_layer.h"
+#include "src/ops/host_reads.h"
 
 namespace switchyard {
 
@@ -34,6 +35,15 @@ struct MoeBlockStats {
   ReplicationStats replication;
 };
 
+// Host storage of one block's statistics while a batched read (HostReads) is in flight; it must
+// not move until the read is done.
+struct MoeStatsReadout {
+  double losses[kNumRoutingLosses] = {};  // the layer's losses (f64 layers read straight into these)
+  float float_losses[kNumRoutingLosses] = {};
+  int32_t scalars[kNumRoutingScalars] = {};
+  std::vector<int32_t> expert_counts;  // [E]
+};
+
 class MoeBlock {
  public:
   virtual ~MoeBlock() = default;
@@ -46,7 +56,12 @@ class MoeBlock {
   virtual void backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights,
                         float aux_grad_scale, float z_grad_scale, Tensor& grad_x, MoeGradients& gradients) = 0;
   // Reads the statistics of the last forward to the host (waits for context.stream).
-  virtual MoeBlockStats read_stats(const ExecContext& context) const = 0;
+  MoeBlockStats read_stats(const ExecContext& context) const;
+  // The same in two halves, so that a caller reads every block's statistics with one wait
+  // (src/ops/host_reads.h): stage_stat_reads notes this block's reads into `readout`, stats_from
+  // makes the statistics once `reads` has read them.
+  virtual void stage_stat_reads(HostReads& reads, MoeStatsReadout& readout) const = 0;
+  virtual MoeBlockStats stats_from(const MoeStatsReadout& readout) const = 0;
   virtual int local_experts() const = 0;
   virtual int first_local_expert() const = 0;
   // The last forward's routing and router logits (device tensors), for analysis taps
@@ -68,7 +83,8 @@ class LocalMoeBlock : public MoeBlock {
                Tensor& y) override;
   void backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights, float aux_grad_scale,
                 float z_grad_scale, Tensor& grad_x, MoeGradients& gradients) override;
-  MoeBlockStats read_stats(const ExecContext& context) const override;
+  void stage_stat_reads(HostReads& reads, MoeStatsReadout& readout) const override;
+  MoeBlockStats stats_from(const MoeStatsReadout& readout) const override;
   int local_experts() const override { return layer_.config().moe.num_experts; }
   int first_local_expert() const override { return 0; }
   const RoutingResult& routing() const override { return layer_.routing(); }
@@ -94,7 +110,8 @@ class ExpertParallelMoeBlock : public MoeBlock {
   // from the returned partial sums), accumulating or not.
   void backward(const ExecContext& context, const Tensor& grad_y, const MoeWeights& weights, float aux_grad_scale,
                 float z_grad_scale, Tensor& grad_x, MoeGradients& gradients) override;
-  MoeBlockStats read_stats(const ExecContext& context) const override;
+  void stage_stat_reads(HostReads& reads, MoeStatsReadout& readout) const override;
+  MoeBlockStats stats_from(const MoeStatsReadout& readout) const override;
   int local_experts() const override { return layer_.local_experts(); }
   int first_local_expert() const override { return layer_.first_expert(); }
   const RoutingResult& routing() const override { return layer_.routing(); }

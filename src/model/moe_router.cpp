@@ -243,15 +243,7 @@ void MoeRouter::add_input_gradient(const ExecContext& context, const Tensor& rou
 
 // ---- Host reads ------------------------------------------------------------------------------
 
-MoeLosses MoeRouter::read_losses(const ExecContext& context) const {
-  SY_CHECK(routing_.losses.data != nullptr, "MoeRouter::read_losses: no forward has run");
-  double values[kNumRoutingLosses] = {};
-  float float_values[kNumRoutingLosses] = {};
-  Tensor host(float_dtype_ == DType::f64 ? static_cast<void*>(values) : static_cast<void*>(float_values),
-              float_dtype_, DeviceKind::cpu, {kNumRoutingLosses});
-  ops::copy(context, routing_.losses, host);
-  if (float_dtype_ != DType::f64)
-    for (int index = 0; index < kNumRoutingLosses; ++index) values[index] = float_values[index];
+MoeLosses moe_losses_from(const double (&values)[kNumRoutingLosses]) {
   MoeLosses losses;
   losses.aux_loss = values[kAuxLoss];
   losses.z_loss = values[kZLoss];
@@ -261,17 +253,33 @@ MoeLosses MoeRouter::read_losses(const ExecContext& context) const {
   return losses;
 }
 
-MoeRoutingStats MoeRouter::read_routing_stats(const ExecContext& context) const {
-  SY_CHECK(routing_.scalars.data != nullptr, "MoeRouter::read_routing_stats: no forward has run");
-  int32_t scalars[kNumRoutingScalars] = {};
-  Tensor host(scalars, DType::i32, DeviceKind::cpu, {kNumRoutingScalars});
-  ops::copy(context, routing_.scalars, host);
+MoeRoutingStats moe_routing_stats_from(const int32_t (&scalars)[kNumRoutingScalars]) {
   MoeRoutingStats stats;
   stats.capacity = scalars[kCapacity];
   stats.total_choices = scalars[kTotalChoices];
   stats.dropped_choices = scalars[kDroppedChoices];
   stats.padded_rows = scalars[kPaddedRows];
   return stats;
+}
+
+MoeLosses MoeRouter::read_losses(const ExecContext& context) const {
+  SY_CHECK(routing_.losses.data != nullptr, "MoeRouter::read_losses: no forward has run");
+  double values[kNumRoutingLosses] = {};
+  float float_values[kNumRoutingLosses] = {};
+  Tensor host(float_dtype_ == DType::f64 ? static_cast<void*>(values) : static_cast<void*>(float_values),
+              float_dtype_, DeviceKind::cpu, {kNumRoutingLosses});
+  ops::copy(context, routing_.losses, host);
+  if (float_dtype_ != DType::f64)
+    for (int index = 0; index < kNumRoutingLosses; ++index) values[index] = float_values[index];
+  return moe_losses_from(values);
+}
+
+MoeRoutingStats MoeRouter::read_routing_stats(const ExecContext& context) const {
+  SY_CHECK(routing_.scalars.data != nullptr, "MoeRouter::read_routing_stats: no forward has run");
+  int32_t scalars[kNumRoutingScalars] = {};
+  Tensor host(scalars, DType::i32, DeviceKind::cpu, {kNumRoutingScalars});
+  ops::copy(context, routing_.scalars, host);
+  return moe_routing_stats_from(scalars);
 }
 
 }  // namespace switchyard

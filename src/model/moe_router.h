@@ -132,6 +132,10 @@ struct MoeRoutingStats {
   int64_t capacity = 0, total_choices = 0, dropped_choices = 0, padded_rows = 0;
 };
 
+// The losses and counters from the host copies of RoutingResult::losses and ::scalars.
+MoeLosses moe_losses_from(const double (&values)[kNumRoutingLosses]);
+MoeRoutingStats moe_routing_stats_from(const int32_t (&scalars)[kNumRoutingScalars]);
+
 // Receives the boundaries of a layer's stages; stage_begin is called before a stage's work is
 // enqueued on context.stream and stage_end after it, with the same name (a string literal).
 // Router stages: "jitter", "router GEMM", "routing" (forward); "routing backward", "router weight

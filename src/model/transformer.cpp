@@ -196,6 +196,7 @@ Transformer::Transformer(const ModelConfig& model, const MoeConfig& moe, const T
   logits_ = Buffer(device, tokens * size_t(model.vocab_size) * element);
   token_losses_ = Buffer(device, tokens * stat);
   loss_summary_ = Buffer(device, size_t(kNumCrossEntropySummary) * stat);
+  stat_reads_ = HostReads(device);
 
   if (device == DeviceKind::cuda) {
     // As many (sequence, head) pairs per pass as fit under the cap, at least one.
@@ -491,20 +492,27 @@ TransformerActivationMemory Transformer::activation_memory() const {
 }
 
 TransformerStats Transformer::read_stats(const ExecContext& context) const {
-  TransformerStats stats;
+  // Every statistic in one read with one wait (src/ops/host_reads.h), not a wait per tensor.
   double summary[kNumCrossEntropySummary] = {};
   float summary_float[kNumCrossEntropySummary] = {};
   const bool is_double = stats_dtype_ == DType::f64;
-  Tensor host(is_double ? static_cast<void*>(summary) : static_cast<void*>(summary_float), stats_dtype_,
-              DeviceKind::cpu, {kNumCrossEntropySummary});
-  Tensor device_summary = loss_summary_.view(stats_dtype_, {kNumCrossEntropySummary});
-  ops::copy(context, device_summary, host);
+  stat_reads_.add(loss_summary_.view(stats_dtype_, {kNumCrossEntropySummary}),
+                  Tensor(is_double ? static_cast<void*>(summary) : static_cast<void*>(summary_float), stats_dtype_,
+                         DeviceKind::cpu, {kNumCrossEntropySummary}));
+  std::vector<MoeStatsReadout> readouts(static_cast<size_t>(moe_block_count()));  // sized first: reads point in
+  size_t next = 0;
+  for (const auto& block : blocks_)
+    if (block->is_moe) block->moe->stage_stat_reads(stat_reads_, readouts[next++]);
+  stat_reads_.read(context);
+
+  TransformerStats stats;
   if (!is_double)
     for (int index = 0; index < kNumCrossEntropySummary; ++index) summary[index] = summary_float[index];
   stats.tokens = int64_t(std::llround(summary[kCrossEntropyValidTokens]));
   stats.loss_sum = summary[kCrossEntropyMeanLoss] * double(stats.tokens);
+  next = 0;
   for (const auto& block : blocks_)
-    if (block->is_moe) stats.moe.push_back(block->moe->read_stats(context));
+    if (block->is_moe) stats.moe.push_back(block->moe->stats_from(readouts[next++]));
   return stats;
 }
 

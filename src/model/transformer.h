@@ -316,6 +316,7 @@ class Transformer {
   Tensor tokens_view_;
   std::vector<Buffer> residual_;  // L + 1 buffers [T, D]: block inputs and the last block's output
   Buffer final_norm_out_, final_mean_, final_rstd_, logits_, token_losses_, loss_summary_;
+  mutable HostReads stat_reads_;  // read_stats' batched read (its staging buffers persist)
   Buffer moe_out_;  // an MoE layer's output rows before the residual add, with shared experts or in a
                     // recompute (backward never reads them)
   Tensor logits_view_;

@@ -1,0 +1,38 @@
+// HostReads: many small device tensors read to the host with one wait.
+//
+// On CUDA every ops::copy to the host waits for the stream, so reading a step's statistics one
+// tensor at a time (a micro-step's loss summary and, per MoE layer, its losses, routing counters and
+// expert counts) leaves the GPU idle once per tensor while the host turns around. HostReads collects
+// (device source, host destination) pairs; read() copies every source into one device staging
+// buffer (device-to-device copies enqueued on the stream, no wait), the staging buffer to the host
+// (the one wait), and each part to its destination. On the CPU it copies each pair directly. The
+// staging buffers are kept and grown, so a training run allocates them once.
+#pragma once
+
+#include <utility>
+#include <vector>
+
+#include "src/core/device.h"
+#include "src/ops/ops.h"
+
+namespace switchyard {
+
+class HostReads {
+ public:
+  explicit HostReads(DeviceKind device = DeviceKind::cpu) : device_(device) {}
+
+  // Reads `source` (on the reads' device) into `destination` (host memory of the same dtype and
+  // size) at the next read(). Both must stay valid until then.
+  void add(const Tensor& source, const Tensor& destination);
+  // Performs the reads noted since the last read() on context.stream, waits, and forgets them.
+  void read(const ExecContext& context);
+  size_t pending() const { return reads_.size(); }
+
+ private:
+  DeviceKind device_;
+  std::vector<std::pair<Tensor, Tensor>> reads_;
+  Buffer staging_;  // on the device
+  std::vector<unsigned char> host_staging_;
+};
+
+}  // namespace switchyard
