@@ -20,7 +20,8 @@ AdamWOptimizer::AdamWOptimizer(ModelParameters& parameters, const OptimizerConfi
   }
   // The result dtype: f64 on the CPU (exact sums for the f64 reference), fp32 on CUDA.
   const DType result_dtype = device == DeviceKind::cpu ? DType::f64 : DType::f32;
-  norm_result_ = Buffer(device, size_t(kNumGradCheckResults) * dtype_size(result_dtype));
+  norm_result_ = Buffer(device, size_t(kNumParameterGroups * kNumGradCheckResults) * dtype_size(result_dtype));
+  norm_reads_ = HostReads(device);
 
   // Each group's decay range, then its no-decay range: four tensors, the same list every step.
   for (int group = 0; group < kNumParameterGroups; ++group) {
@@ -62,20 +63,28 @@ GradientNorms AdamWOptimizer::gradient_norms(const ExecContext& context) {
   GradientNorms norms;
   const DeviceKind device = parameters_.device();
   const DType result_dtype = device == DeviceKind::cpu ? DType::f64 : DType::f32;
-  Tensor result = norm_result_.view(result_dtype, {kNumGradCheckResults});
+  const size_t result_bytes = size_t(kNumGradCheckResults) * dtype_size(result_dtype);
+  double values[kNumParameterGroups][kNumGradCheckResults] = {};
+  float float_values[kNumParameterGroups][kNumGradCheckResults] = {};
+  bool present[kNumParameterGroups] = {};
   for (int group = 0; group < kNumParameterGroups; ++group) {
     const ParameterGroup which = ParameterGroup(group);
     if (parameters_.layout().group_elements(which) == 0) continue;
+    present[group] = true;
+    Tensor result(static_cast<char*>(norm_result_.data()) + size_t(group) * result_bytes, result_dtype, device,
+                  {kNumGradCheckResults});
     ops::grad_norm_and_check(context, {parameters_.grad_group(which)}, result);
-    double values[kNumGradCheckResults] = {};
-    float float_values[kNumGradCheckResults] = {};
-    Tensor host(result_dtype == DType::f64 ? static_cast<void*>(values) : static_cast<void*>(float_values),
-                result_dtype, DeviceKind::cpu, {kNumGradCheckResults});
-    ops::copy(context, result, host);
+    void* host =
+        result_dtype == DType::f64 ? static_cast<void*>(values[group]) : static_cast<void*>(float_values[group]);
+    norm_reads_.add(result, Tensor(host, result_dtype, DeviceKind::cpu, {kNumGradCheckResults}));
+  }
+  norm_reads_.read(context);  // one wait for both groups
+  for (int group = 0; group < kNumParameterGroups; ++group) {
+    if (!present[group]) continue;
     if (result_dtype == DType::f32)
-      for (int index = 0; index < kNumGradCheckResults; ++index) values[index] = float_values[index];
-    norms.squared[group] = values[kGradSquaredNorm];
-    norms.non_finite[group] = values[kGradNonFiniteCount];
+      for (int index = 0; index < kNumGradCheckResults; ++index) values[group][index] = float_values[group][index];
+    norms.squared[group] = values[group][kGradSquaredNorm];
+    norms.non_finite[group] = values[group][kGradNonFiniteCount];
   }
   return norms;
 }

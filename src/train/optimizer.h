@@ -8,13 +8,15 @@
 // fp16 compute copies, so no separate conversion pass runs.
 //
 // Gradient norms: the squared L2 norm and the non-finite count of each group's gradients, from
-// the deterministic grad_norm_and_check op; the trainer combines them across ranks (the dense
-// group is replicated, the expert group is sharded over the expert-parallel ranks).
+// the deterministic grad_norm_and_check op, both groups' results read to the host with one wait;
+// the trainer combines them across ranks (the dense group is replicated, the expert group is
+// sharded over the expert-parallel ranks).
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
+#include "src/ops/host_reads.h"
 #include "src/ops/model_ops.h"
 #include "src/model/parameters.h"
 #include "src/train/config.h"
@@ -49,7 +51,8 @@ class AdamWOptimizer {
   OptimizerConfig config_;
   int64_t updates_ = 0;
   Buffer exp_avg_[kNumParameterGroups], exp_avg_sq_[kNumParameterGroups];
-  Buffer norm_result_;  // [2] per group, on the device
+  Buffer norm_result_;  // [2] per group, group after group, on the device
+  HostReads norm_reads_;  // both groups' results in one read
   std::vector<AdamWTensor> entries_;
 };
 
