@@ -5,11 +5,11 @@
 // experts this rank holds (all E with ep_size 1). Gradients have the same shapes and are
 // overwritten by backward, or added to with MoeGradients::accumulate; the router bias
 // (MoeWeights::router_bias, with moe.bias_update_rate > 0) has none. Statistics describe the last
-// forward on this rank's tokens, read in one batched read with the model's (HostReads): the
-// router losses (already
-// weighted: aux, z, sequence-level, global-batch) and, per global expert, how many choices were
-// routed to it before capacity (its "tokens per expert"), with the dropped and total choice counts,
-// and for an expert-parallel layer with hot-expert replication what its plan replicated.
+// forward on this rank's tokens (read with the model's other statistics in one HostReads): the
+// router losses (already weighted: aux, z, sequence-level, global-batch) and, per global expert,
+// how many choices were routed to it before capacity (its "tokens per expert"), with the dropped
+// and total choice counts, and for an expert-parallel layer with hot-expert replication what its
+// plan replicated.
 #pragma once
 
 #include <cstdint>
