@@ -493,6 +493,7 @@ TransformerActivationMemory Transformer::activation_memory() const {
 
 TransformerStats Transformer::read_stats(const ExecContext& context) const {
   // Every statistic in one read with one wait (src/ops/host_reads.h), not a wait per tensor.
+  stat_reads_.clear();
   double summary[kNumCrossEntropySummary] = {};
   float summary_float[kNumCrossEntropySummary] = {};
   const bool is_double = stats_dtype_ == DType::f64;

@@ -23,24 +23,23 @@ void HostReads::add(const Tensor& source, const Tensor& destination) {
 }
 
 void HostReads::read(const ExecContext& context) {
+  // The pending list is forgotten however this ends (its destinations may not outlive a throw).
+  std::vector<std::pair<Tensor, Tensor>> reads;
+  reads.swap(reads_);
   SY_CHECK(context.device == device_, "HostReads::read: context is on ", device_kind_name(context.device),
            ", the reads on ", device_kind_name(device_));
-  if (device_ == DeviceKind::cpu || reads_.size() == 1) {
-    for (auto& [source, destination] : reads_) ops::copy(context, source, destination);
-    reads_.clear();
+  if (device_ == DeviceKind::cpu || reads.size() == 1) {
+    for (auto& [source, destination] : reads) ops::copy(context, source, destination);
     return;
   }
   size_t total = 0;
-  for (const auto& read : reads_) total += aligned(read.first.bytes());
-  if (total == 0) {
-    reads_.clear();
-    return;
-  }
+  for (const auto& read : reads) total += aligned(read.first.bytes());
+  if (total == 0) return;
   if (staging_.bytes() < total) staging_ = Buffer(device_, total);
   if (host_staging_.size() < total) host_staging_.resize(total);
   unsigned char* staging = static_cast<unsigned char*>(staging_.data());
   size_t at = 0;
-  for (const auto& [source, destination] : reads_) {  // device to device: enqueued, no wait
+  for (const auto& [source, destination] : reads) {  // device to device: enqueued, no wait
     Tensor part(staging + at, source.dtype, device_, {source.numel()});
     const Tensor flat(source.data, source.dtype, device_, {source.numel()});
     ops::copy(context, flat, part);
@@ -50,11 +49,10 @@ void HostReads::read(const ExecContext& context) {
   Tensor host_all(host_staging_.data(), DType::u8, DeviceKind::cpu, {int64_t(total)});
   ops::copy(context, device_all, host_all);  // the one wait
   at = 0;
-  for (auto& [source, destination] : reads_) {
+  for (auto& [source, destination] : reads) {
     std::memcpy(destination.data, host_staging_.data() + at, source.bytes());
     at += aligned(source.bytes());
   }
-  reads_.clear();
 }
 
 }  // namespace switchyard

@@ -24,8 +24,12 @@ class HostReads {
   // Reads `source` (on the reads' device) into `destination` (host memory of the same dtype and
   // size) at the next read(). Both must stay valid until then.
   void add(const Tensor& source, const Tensor& destination);
-  // Performs the reads noted since the last read() on context.stream, waits, and forgets them.
+  // Performs the reads noted since the last read() or clear() on context.stream, waits, and
+  // forgets them (also when it throws).
   void read(const ExecContext& context);
+  // Forgets the noted reads: a caller that keeps a HostReads across calls starts each batch with
+  // it, so that reads noted before an exception (whose host destinations may be gone) never run.
+  void clear() { reads_.clear(); }
   size_t pending() const { return reads_.size(); }
 
  private:

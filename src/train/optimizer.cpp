@@ -67,6 +67,7 @@ GradientNorms AdamWOptimizer::gradient_norms(const ExecContext& context) {
   double values[kNumParameterGroups][kNumGradCheckResults] = {};
   float float_values[kNumParameterGroups][kNumGradCheckResults] = {};
   bool present[kNumParameterGroups] = {};
+  norm_reads_.clear();
   for (int group = 0; group < kNumParameterGroups; ++group) {
     const ParameterGroup which = ParameterGroup(group);
     if (parameters_.layout().group_elements(which) == 0) continue;

@@ -50,4 +50,22 @@ TEST(HostReads, RefusesMismatchedTensors) {
   EXPECT_EQ(reads.pending(), 0u);
 }
 
+// A read that throws forgets its list, and clear() forgets one that never ran: reads noted before
+// an exception (their host destinations may be gone) never run later.
+TEST(HostReads, NothingNotedBeforeAThrowRunsLater) {
+  std::mt19937_64 generator(3);
+  HostTensor source(DType::f32, {4}), destination(DType::f32, {4});
+  fill_uniform(source, generator, -1, 1);
+  poison(destination);
+  HostReads reads(DeviceKind::cpu);
+  reads.add(source, destination);
+  const ExecContext wrong{DeviceKind::cuda, nullptr};
+  EXPECT_THROW(reads.read(wrong), Error);
+  EXPECT_EQ(reads.pending(), 0u);
+  reads.add(source, destination);
+  reads.clear();
+  reads.read(kCpu);
+  EXPECT_FALSE(all_finite(destination)) << "a cleared read ran";
+}
+
 }  // namespace
