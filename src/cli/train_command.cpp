@@ -267,9 +267,9 @@ int command_train(int argc, char** argv) {
                   "directory's previous config.yaml, metrics and final.weights are kept as *.before-start-over-N.*");
   parser.add_flag("dry-run", "validate the config and data, start the processes and groups, then exit");
   parser.add_option("profile-steps", "N", "time where N optimizer steps go (after two warm-up steps): attention, MoE, "
-                    "dense FFNs, norms, embedding and loss, gradient sync, optimizer, idle gaps, then the stages within "
-                    "them (QKV projection, attention core, the MoE layer's routing and expert GEMMs, AdamW, ...); "
-                    "printed and written to <run_dir>/profile.json", "0");
+                    "dense FFNs, norms, embedding and loss, gradient sync, optimizer, idle gaps, then the stages "
+                    "within them (QKV projection, attention core, the MoE layer's routing and expert GEMMs, AdamW, "
+                    "...); printed and written to <run_dir>/profile.json", "0");
   parser.add_epilog("Examples:\n"
                     "  switchyard train configs/tiny-cpu.yaml --set training.steps=50\n"
                     "  mpirun -np 2 switchyard train configs/tiny-cpu.yaml --set parallel.ep_size=2 --dry-run\n"

@@ -136,7 +136,8 @@ void MoeEpLayer::start_parts(const ExecContext& context, const Tensor& x, const 
   // Both routings first: the count exchanges then follow each other.
   for (Part& part : parts_) build_part_routing(context, routing, part);
   for (Part& part : parts_) {
-    const RoutingParams params = choice_layout_params(part.tokens, config_.moe.num_experts, int(routing.expert_ids.dim(1)));
+    const RoutingParams params =
+        choice_layout_params(part.tokens, config_.moe.num_experts, int(routing.expert_ids.dim(1)));
     part.exchange->start_forward(context, token_rows(x, part.first_token, part.tokens), part.routing, params,
                                  part.map);
   }

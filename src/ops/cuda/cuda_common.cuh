@@ -449,7 +449,8 @@ __device__ __forceinline__ unsigned group_max_bits(unsigned value) {
     return __reduce_max_sync(kFullWarpMask, value);
   } else {
 #pragma unroll
-    for (int offset = kGroup / 2; offset > 0; offset >>= 1) value = max(value, __shfl_xor_sync(kFullWarpMask, value, offset));
+    for (int offset = kGroup / 2; offset > 0; offset >>= 1)
+      value = max(value, __shfl_xor_sync(kFullWarpMask, value, offset));
     return value;
   }
 }

@@ -215,7 +215,8 @@ TEST_P(NormCuda, AccumulateMatchesCpu) {
   HostTensor grad_out = random_input(c.dtype, {c.rows, c.width}, rng);
   HostTensor out_ref = f64_like(x.tensor()), mean_ref(DType::f64, {c.rows}), rstd_ref(DType::f64, {c.rows});
   HostTensor grad_x_ref = random_input(c.dtype, {c.rows, c.width}, rng);
-  HostTensor grad_w_ref = random_input(DType::f32, {c.width}, rng), grad_b_ref = random_input(DType::f32, {c.width}, rng);
+  HostTensor grad_w_ref = random_input(DType::f32, {c.width}, rng);
+  HostTensor grad_b_ref = random_input(DType::f32, {c.width}, rng);
   DeviceTensor d_x = to_device(x, c.dtype), d_w = to_device(weight, c.dtype), d_b = to_device(bias, c.dtype);
   DeviceTensor d_dy = to_device(grad_out, c.dtype), d_out(c.dtype, x.tensor());
   DeviceTensor d_mean(DType::f32, mean_ref.tensor()), d_rstd(DType::f32, rstd_ref.tensor());

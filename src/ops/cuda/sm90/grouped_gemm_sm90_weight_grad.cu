@@ -2,8 +2,8 @@
 //
 // A [R, M] bf16 and G [R, N] bf16 row-major; dB [E, M, N] fp32 row-major, overwritten (zeros for an
 // empty expert) or, with Options::accumulate, added to (each epilogue reads and adds, or TMA
-// reduce-adds; every element has one writer, so the result is deterministic). Tile (e, m-tile, n-tile) is 128 rows of dB_e x block_n columns; its reduction runs
-// over segment e in 64-row stages. Both operands are MN-major in shared memory (A^T: the M values of
+// reduce-adds; every element has one writer, so the result is deterministic). Tile (e, m-tile,
+// n-tile) is 128 rows of dB_e x block_n columns; its reduction runs over segment e in 64-row stages. Both operands are MN-major in shared memory (A^T: the M values of
 // one row of A are contiguous; G: the N values are), which wgmma reads with its transpose bits.
 //
 // Epilogue (pipelined): direct st.global of the fragments, or (tma, the default) the fp32 tile is
@@ -57,7 +57,8 @@ __device__ __forceinline__ void store_weight_grad_tile(const float (&acc)[kBlock
     if (column >= n) continue;
     float2* upper = reinterpret_cast<float2*>(grad_expert + int64_t(row) * n + column);
     float2* lower = reinterpret_cast<float2*>(grad_expert + int64_t(row + 8) * n + column);
-    float2 upper_value = make_float2(acc[4 * j], acc[4 * j + 1]), lower_value = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+    float2 upper_value = make_float2(acc[4 * j], acc[4 * j + 1]);
+    float2 lower_value = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
     if (accumulate) {
       const float2 upper_old = *upper, lower_old = *lower;
       upper_value = make_float2(upper_old.x + upper_value.x, upper_old.y + upper_value.y);
