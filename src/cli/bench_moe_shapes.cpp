@@ -91,6 +91,7 @@ void run_shapes(const BenchSettings& settings, const std::vector<LayerShape>& sh
     std::printf("%-26s %6lld | %8.3f %8.3f | %8.1f %8.1f | %9.3f %6.2f | %9.1f\n", label, (long long)rows, forward_ms,
                 backward_ms, forward_tflops, backward_tflops, dense_both_ms, both_ms / dense_both_ms,
                 saved / (1024.0 * 1024.0));
+    std::fflush(stdout);  // each row as it is measured: a run cut short by a time limit keeps its rows
     Record record;
     record.add("part", "shape");
     record.add("shape", label);
