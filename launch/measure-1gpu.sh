@@ -3,9 +3,9 @@
 # benchmark, ncu on the two routing cases' kernel (occupancy, issue and stall figures), the MoE
 # layer (SonicMoE's five shapes and the seed's against dense, stage breakdowns at 8,192 and 65,536
 # tokens; with --anchors the PyTorch layer anchors beside them), the step-time breakdown of the
-# three throughput configs (with their sub-stages; bench-1gpu again with cuDNN's non-deterministic
-# attention backward) and the optimizer's passes alone (bench optimizer), a
-# short bench-large-1gpu run (does it fit, tokens/s, MFU), the shared experts' second stream on and
+# three throughput configs (with their sub-stages; bench-1gpu again with parallel.deterministic:
+# true, i.e. without cuDNN's atomic attention backward) and the optimizer's passes alone (bench
+# optimizer), a short bench-large-1gpu run (does it fit, tokens/s, MFU), the shared experts' second stream on and
 # off, run-to-run determinism, bench-1gpu's 73,728-token step as 1 x 72 and 2 x 36 sequences
 # instead of 3 x 24 (fewer micro-steps: fewer fp32 gradient read-add-writes, larger GEMMs) and,
 # with --anchors, the PyTorch training anchor beside bench-1gpu. Each part writes OUT/<part>.log and
@@ -124,15 +124,15 @@ if runs profile 60; then
       --set "logging.run_dir=$(run_dir "profile-$config")" 2>&1 | sed -u '/step profile ->/q' > "$out/profile-$config.log"
     note "profile $config: $(grep -m1 'MFU = ' "$out/profile-$config.log" | sed 's/.*= //')"
   done
-  # cuDNN's attention backward with the atomic dQ (non-deterministic) against the default
-  # deterministic one: compare "attention core backward" with profile-bench-1gpu.log's.
+  # bench-1gpu with parallel.deterministic: true (cuDNN's attention backward without the atomic
+  # dQ) against the default: compare "attention core backward" with profile-bench-1gpu.log's.
   if [ "$(left)" -ge 40 ]; then
-    SWITCHYARD_ATTENTION=cudnn-nondeterministic timeout "$(cap 150)" "$binary" train configs/bench-1gpu.yaml \
-      --profile-steps 3 --set "logging.run_dir=$(run_dir profile-nondeterministic)" 2>&1 |
-      sed -u '/step profile ->/q' > "$out/profile-bench-1gpu-nondeterministic.log"
-    note "profile bench-1gpu, attention nondeterministic: $(grep -m1 'MFU = ' \
-      "$out/profile-bench-1gpu-nondeterministic.log" | sed 's/.*= //'); core backward: $(grep -h \
-      'attention core backward' "$out/profile-bench-1gpu.log" "$out/profile-bench-1gpu-nondeterministic.log" |
+    timeout "$(cap 150)" "$binary" train configs/bench-1gpu.yaml --set parallel.deterministic=true \
+      --profile-steps 3 --set "logging.run_dir=$(run_dir profile-deterministic)" 2>&1 |
+      sed -u '/step profile ->/q' > "$out/profile-bench-1gpu-deterministic.log"
+    note "profile bench-1gpu, parallel.deterministic=true: $(grep -m1 'MFU = ' \
+      "$out/profile-bench-1gpu-deterministic.log" | sed 's/.*= //'); core backward (default, deterministic): $(grep \
+      -h 'attention core backward' "$out/profile-bench-1gpu.log" "$out/profile-bench-1gpu-deterministic.log" |
       tr -s ' ' | tr '\n' ';')"
   fi
   # The optimizer's passes alone at bench-1gpu's parameter count (ms and GB/s against the HBM).

@@ -6,11 +6,12 @@
 // layers read fields of switches(), never the environment. Unset and empty mean the default.
 //
 //   variable                       values (default first)     field: what it does
-//   SWITCHYARD_ATTENTION           auto | cudnn |             attention: auto: cuDNN fused attention (deterministic
-//                                  cudnn-nondeterministic |   backward) where it can run, else the cuBLAS + softmax
-//                                  cublas                     path; cudnn: cuDNN or an error; cudnn-nondeterministic:
-//                                                             as cudnn with the atomic dQ backward; cublas: never
-//                                                             cuDNN (src/ops/cuda/attention_cudnn.h)
+//   SWITCHYARD_ATTENTION           auto | cudnn |             attention: auto: cuDNN fused attention (its backward
+//                                  cudnn-nondeterministic |   deterministic as parallel.deterministic says) where it
+//                                  cublas                     can run, else the cuBLAS + softmax path; cudnn: cuDNN or
+//                                                             an error; cudnn-nondeterministic: as cudnn with the
+//                                                             atomic dQ backward always; cublas: never cuDNN
+//                                                             (src/ops/cuda/attention_cudnn.h)
 //   SWITCHYARD_GROUPED_GEMM        auto | cublas              grouped_gemm: cublas forces the per-expert cuBLAS loop
 //                                                             instead of the sm_90a grouped GEMM (src/ops/moe_ops.h)
 //   SWITCHYARD_FUSED_ACTIVATION    1 | 0                      fused_activation: the expert activation runs in the

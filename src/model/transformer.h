@@ -131,6 +131,9 @@ struct TransformerOptions {
   // the CPU backend). CUDA graphs are not involved: only the inference MoE stream
   // (src/model/moe_stream.h) captures graphs, and it has no backward.
   RecomputeMode recompute = RecomputeMode::none;
+  // parallel.deterministic: false lets the CUDA attention backward accumulate dQ with atomics
+  // (faster; losses may then differ in their last bits run to run). The CPU ignores it.
+  bool deterministic = true;
   int64_t attention_workspace_limit_bytes = int64_t(512) << 20;  // CUDA attention scratch cap
 };
 

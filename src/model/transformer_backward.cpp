@@ -181,7 +181,8 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
     Tensor workspace(attention_workspace_.data(), DType::u8, options_.device, {attention_workspace_bytes_});
     Tensor grad_qkv = rows(grad_qkv_, 3 * width);
     stage(context, "attention core backward", [&] {
-      ops::attention_backward(context, shape, qkv, attention, grad_attention, stats, workspace, grad_qkv);
+      ops::attention_backward(context, shape, qkv, attention, grad_attention, stats, workspace, grad_qkv,
+                              options_.deterministic);
     });
     if (model_.positions == PositionKind::rotary)
       stage(context, "rotary backward",

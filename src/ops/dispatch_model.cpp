@@ -93,12 +93,12 @@ void attention_forward(const ExecContext& context, const AttentionShape& shape, 
 
 void attention_backward(const ExecContext& context, const AttentionShape& shape, const Tensor& qkv,
                         const Tensor& out, const Tensor& grad_out, const Tensor& softmax_stats, Tensor& workspace,
-                        Tensor& grad_qkv) {
+                        Tensor& grad_qkv, bool deterministic) {
   expect_on_device(context, "attention_backward", {&qkv, &out, &grad_out, &softmax_stats, &grad_qkv});
   if (is_cpu(context))
     return cpu::attention_backward(shape, qkv, out, grad_out, softmax_stats, workspace, grad_qkv);
   SY_CUDA_BACKEND("attention_backward", cuda::attention_backward(shape, qkv, out, grad_out, softmax_stats, workspace,
-                                                                 grad_qkv, context.stream));
+                                                                 grad_qkv, deterministic, context.stream));
 }
 
 void cross_entropy(const ExecContext& context, const Tensor& logits, const Tensor& targets, float grad_scale,

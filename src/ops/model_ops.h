@@ -208,7 +208,8 @@ void rotary_backward(const AttentionShape& shape, const Tensor& grad_qkv_out, do
 void attention_forward(const AttentionShape& shape, const Tensor& qkv, Tensor& out, Tensor& softmax_stats,
                        Tensor& workspace, void* stream);
 void attention_backward(const AttentionShape& shape, const Tensor& qkv, const Tensor& out, const Tensor& grad_out,
-                        const Tensor& softmax_stats, Tensor& workspace, Tensor& grad_qkv, void* stream);
+                        const Tensor& softmax_stats, Tensor& workspace, Tensor& grad_qkv, bool deterministic,
+                        void* stream);
 
 void cross_entropy(const Tensor& logits, const Tensor& targets, float grad_scale, Tensor& token_losses, Tensor& summary,
                    Tensor* grad_logits, void* stream);

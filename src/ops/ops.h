@@ -173,9 +173,11 @@ void rotary_backward(const ExecContext& context, const AttentionShape& shape, co
                      double base, int64_t position_offset, Tensor& grad_qkv);
 void attention_forward(const ExecContext& context, const AttentionShape& shape, const Tensor& qkv, Tensor& out,
                        Tensor& softmax_stats, Tensor& workspace);
+// deterministic = false lets CUDA's fused backward accumulate dQ with fp32 atomics (faster, not
+// bit-reproducible; parallel.deterministic); the CPU is deterministic either way.
 void attention_backward(const ExecContext& context, const AttentionShape& shape, const Tensor& qkv,
                         const Tensor& out, const Tensor& grad_out, const Tensor& softmax_stats, Tensor& workspace,
-                        Tensor& grad_qkv);
+                        Tensor& grad_qkv, bool deterministic = true);
 void cross_entropy(const ExecContext& context, const Tensor& logits, const Tensor& targets, float grad_scale,
                    Tensor& token_losses, Tensor& summary, Tensor* grad_logits);
 void adamw_step(const ExecContext& context, const std::vector<AdamWTensor>& tensors, const AdamWParams& params);

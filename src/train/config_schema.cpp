@@ -312,7 +312,8 @@ std::vector<ConfigField> build_fields() {
   add(real_field("parallel", "collective_timeout_s", &ParallelConfig::collective_timeout_s, &C::parallel, 0.0, true,
                  86400.0, false, "a collective that takes longer aborts the run with an error"));
   add(boolean_field("parallel", "deterministic", &ParallelConfig::deterministic, &C::parallel,
-                    "fixed reduction orders: bit-identical reruns and resumes (slower)"));
+                    "true: bit-identical reruns and resumes; false lets the CUDA attention backward accumulate with "
+                    "atomics (faster, last bits may differ run to run)"));
 
   // optimizer
   add(real_field("optimizer", "lr", &OptimizerConfig::lr, &C::optimizer, 0.0, true, 10.0, false,

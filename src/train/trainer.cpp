@@ -110,6 +110,7 @@ Trainer::Trainer(const Config& config, const TokenFile& train, const TokenFile* 
   model_options.ep = config.parallel.ep_layer_options();
   model_options.jitter_seed = uint64_t(config.training.seed);
   model_options.recompute = config.training.recompute;
+  model_options.deterministic = config.parallel.deterministic;
   model_ = std::make_unique<Transformer>(config.model, config.moe, model_options);
   router_stats_ = std::make_unique<RouterStatsRecorder>(device, model_->moe_block_count(), config.moe.num_experts);
   SY_CHECK_INPUT(options.profile_steps >= 0, "--profile-steps must be >= 0, got ", options.profile_steps);

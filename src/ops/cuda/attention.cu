@@ -301,7 +301,8 @@ void attention_forward(const AttentionShape& shape, const Tensor& qkv, Tensor& o
 }
 
 void attention_backward(const AttentionShape& shape, const Tensor& qkv, const Tensor& out, const Tensor& grad_out,
-                        const Tensor& softmax_stats, Tensor& workspace, Tensor& grad_qkv, void* stream) {
+                        const Tensor& softmax_stats, Tensor& workspace, Tensor& grad_qkv, bool deterministic,
+                        void* stream) {
   const char* op = "attention_backward";
   check_common(op, shape, qkv);
   check_tensor(out, "attention_backward: out", qkv.dtype, {shape.tokens(), shape.model_dim()});
@@ -310,7 +311,8 @@ void attention_backward(const AttentionShape& shape, const Tensor& qkv, const Te
                {shape.batch, shape.heads, shape.seq_len});
   check_tensor(grad_qkv, "attention_backward: grad_qkv", qkv.dtype, {shape.tokens(), 3 * shape.model_dim()});
   if (shape.pairs() == 0) return;
-  if (cuda_detail::cudnn_attention_backward(shape, qkv, out, grad_out, softmax_stats, workspace, grad_qkv, stream))
+  if (cuda_detail::cudnn_attention_backward(shape, qkv, out, grad_out, softmax_stats, workspace, grad_qkv,
+                                            deterministic, stream))
     return;
   cudaStream_t cuda_stream = as_stream(stream);
   const Workspace space = carve_workspace(op, shape, qkv.dtype, workspace);

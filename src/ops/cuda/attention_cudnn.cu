@@ -167,7 +167,7 @@ GraphSpec make_spec(const AttentionShape& shape, DType dtype, Direction directio
 // The plan for this call, or null when the fallback must run (throws when the path demands cuDNN).
 PlanEntry* select_plan(const char* op, const AttentionShape& shape, DType dtype, Direction direction,
                        std::initializer_list<std::pair<const char*, const Tensor*>> tensors, cudaStream_t stream,
-                       GraphSpec& spec) {
+                       GraphSpec& spec, bool deterministic = true) {
   const AttentionPath path = cuda::attention_path();
   if (path == AttentionPath::cublas) return nullptr;
   std::string reason = ineligibility(shape, dtype);
@@ -178,7 +178,8 @@ PlanEntry* select_plan(const char* op, const AttentionShape& shape, DType dtype,
                    " but cuDNN fused attention cannot take this call: ", reason);
     return nullptr;
   }
-  spec = make_spec(shape, dtype, direction, path != AttentionPath::cudnn_nondeterministic);
+  // The caller's choice (parallel.deterministic) unless the switch forces the atomic-dQ backward.
+  spec = make_spec(shape, dtype, direction, deterministic && path != AttentionPath::cudnn_nondeterministic);
   PlanEntry& entry = plan_for(spec, stream);
   if (!entry.plan) {
     if (path_requires_cudnn(path))
@@ -320,14 +321,14 @@ bool cudnn_attention_forward(const AttentionShape& shape, const Tensor& qkv, Ten
 
 bool cudnn_attention_backward(const AttentionShape& shape, const Tensor& qkv, const Tensor& out,
                               const Tensor& grad_out, const Tensor& softmax_stats, Tensor& workspace,
-                              Tensor& grad_qkv, void* stream) {
+                              Tensor& grad_qkv, bool deterministic, void* stream) {
   const cudaStream_t cuda_stream = as_stream(stream);
   GraphSpec spec;
   const PlanEntry* entry =
       select_plan("attention_backward", shape, qkv.dtype, Direction::backward,
                   {{"qkv", &qkv}, {"out", &out}, {"grad_out", &grad_out}, {"softmax_stats", &softmax_stats},
                    {"grad_qkv", &grad_qkv}},
-                  cuda_stream, spec);
+                  cuda_stream, spec, deterministic);
   if (!entry) return false;
   const BuiltPlan& plan = *entry->plan;
   const WorkspaceLayout layout = layout_of(spec, plan);

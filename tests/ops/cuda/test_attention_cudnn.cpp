@@ -106,13 +106,13 @@ struct Problem {
     d_workspace.poison();
     cuda::attention_forward(shape, d_qkv, d_out, d_stats, workspace, nullptr);
   }
-  void backward(Tensor& workspace) {
+  void backward(Tensor& workspace, bool deterministic = true) {
     d_grad.poison();
     d_workspace.poison();
-    cuda::attention_backward(shape, d_qkv, d_out, d_grad_out, d_stats, workspace, d_grad, nullptr);
+    cuda::attention_backward(shape, d_qkv, d_out, d_grad_out, d_stats, workspace, d_grad, deterministic, nullptr);
   }
   void forward() { forward(d_workspace.tensor()); }
-  void backward() { backward(d_workspace.tensor()); }
+  void backward(bool deterministic = true) { backward(d_workspace.tensor(), deterministic); }
 
   void expect_forward_matches_reference(const char* label) {
     EXPECT_LE(relative_error(d_out.values(), to_vector(out_ref)), tolerance_for(dtype)) << label << ": out";
@@ -234,6 +234,26 @@ TEST_P(AttentionCudnn, NonDeterministicBackwardMatchesReference) {
   p.expect_forward_matches_reference("cudnn-nondeterministic");
   p.backward();  // the workspace (and so the dQ accumulator) is poisoned first
   p.expect_backward_matches_reference("cudnn-nondeterministic");
+}
+
+// The default path with a caller that allows atomics (training with parallel.deterministic: false)
+// takes the same atomic-dQ plan and must match the reference as well.
+TEST_P(AttentionCudnn, CallerAllowedAtomicBackwardMatchesReference) {
+  SKIP_WITHOUT_CUDA();
+  const FusedCase c = GetParam();
+  cuda::CudnnAttentionProbe probe;
+  if (!require_plans(false, probe)) {
+    if (!is_sm90()) GTEST_SKIP() << "not an sm90 device: " << probe.reason;
+    return;
+  }
+  Problem p(c.shape, c.dtype, std::max(probe.forward_workspace_bytes, probe.backward_workspace_bytes),
+            9500 + uint64_t(c.shape.seq_len));
+  PathGuard path(AttentionPath::automatic);
+  p.forward();
+  p.backward(/*deterministic=*/false);
+  p.expect_backward_matches_reference("auto, deterministic = false");
+  p.backward(/*deterministic=*/true);  // and the deterministic plan still serves the next call
+  p.expect_backward_matches_reference("auto, deterministic = true");
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, AttentionCudnn,

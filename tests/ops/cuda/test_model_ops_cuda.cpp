@@ -302,7 +302,7 @@ TEST_P(AttentionCuda, ForwardAndBackwardMatchCpu) {
   cuda::attention_forward(shape, d_qkv, d_out, d_stats, d_workspace, nullptr);
   EXPECT_LE(error_vs(d_out.download(), out_ref), tolerance_for(c.dtype));
   EXPECT_LE(error_vs(d_stats.download(), stats_ref), 1e-5);
-  cuda::attention_backward(shape, d_qkv, d_out, d_dout, d_stats, d_workspace, d_grad, nullptr);
+  cuda::attention_backward(shape, d_qkv, d_out, d_dout, d_stats, d_workspace, d_grad, true, nullptr);
   HostTensor grad = d_grad.download();
   EXPECT_LE(error_vs(grad, grad_ref), tolerance_for(c.dtype));
   // each third separately, so a wrong dk or dv cannot hide behind a large dq
@@ -317,7 +317,7 @@ TEST_P(AttentionCuda, ForwardAndBackwardMatchCpu) {
   }
   const std::vector<uint8_t> bits = d_grad.bytes();
   d_grad.poison();
-  cuda::attention_backward(shape, d_qkv, d_out, d_dout, d_stats, d_workspace, d_grad, nullptr);
+  cuda::attention_backward(shape, d_qkv, d_out, d_dout, d_stats, d_workspace, d_grad, true, nullptr);
   EXPECT_TRUE(bits == d_grad.bytes()) << "attention backward is not bit-reproducible";
 }
 
