@@ -5,11 +5,20 @@
 //   forward   y[i] = x[i] cos - x[i + Dh/2] sin,  y[i + Dh/2] = x[i + Dh/2] cos + x[i] sin
 //   backward  the same with -theta (the inverse rotation), applied to the gradient
 // for every q head and every k head; v (the last D columns) is copied when out of place.
-// One thread per (row, i): the angle is computed once in double (theta reaches S * 1 rad and an
-// fp32 angle would be off by ~1e-3 rad at a few thousand positions) and reused for the 2H heads
-// of the row, so the double-precision cost is spread over 2H rotations. Each thread reads its
-// pairs before writing them, so in place is safe.
+// The angle is computed in double (theta reaches S * 1 rad and an fp32 angle would be off by ~1e-3
+// rad at a few thousand positions), then its cos and sin rounded to fp32.
+//
+// Two kernels compute the same values. The packed one (Dh/2 a multiple of a 16-byte pack of T,
+// 16-byte aligned tensors: every model config) is a memory pass: one thread per (row, head, pack)
+// loads 16 bytes of x[i..] and of x[i + Dh/2..], and reads the (cos, sin) pairs from a table over
+// positions x (Dh/2) built once per stream by rotary_table_kernel and kept while positions, Dh and
+// base stay the same (float2 table[p * Dh/2 + i], L2-resident: 256 KB at S 1024, Dh 64). The
+// scalar one (any even Dh) spends one double sincos per (row, i) on the 2H heads of its row.
+// Each thread reads its pairs before writing them, so in place is safe in both.
 #include <cmath>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "src/ops/cuda/cuda_common.cuh"
 #include "src/ops/model_ops.h"
@@ -20,6 +29,7 @@ namespace {
 using namespace cuda_detail;
 
 constexpr int kThreads = 256;
+constexpr int kScratchRotaryTable = 0x524f5459;  // persistent_scratch tag ("ROTY"; cuda_common.cuh)
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -52,6 +62,86 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// (cos, sin) of position * base^(-2i/Dh) for positions [0, positions) and i < half, as the scalar
+// kernel computes them.
+__global__ void __launch_bounds__(kThreads)
+    rotary_table_kernel(int64_t positions, int64_t half, int64_t head_dim, double log_base, float2* table) {
+  const int64_t count = positions * half, stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t index = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; index < count; index += stride) {
+    const int64_t position = index / half, i = index % half;
+    const double inverse_frequency = exp(-2.0 * double(i) / double(head_dim) * log_base);
+    double sine, cosine;
+    sincos(double(position) * inverse_frequency, &sine, &cosine);
+    table[index] = make_float2(float(cosine), float(sine));
+  }
+}
+
+// One thread per (row, unit): units [0, 2H * packs) rotate pack `unit % packs` of q/k head
+// `unit / packs` (packs = half / kElems); units past that (out of place only) copy v's packs.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    rotary_packed_kernel(const T* input, int64_t tokens, int64_t seq_len, int64_t heads, int64_t head_dim,
+                         const float2* table, int64_t position_offset, float direction, bool copy_values, T* output) {
+  constexpr int kElems = Pack<T>::kElems;
+  const int64_t half = head_dim / 2, model_dim = heads * head_dim, row_width = 3 * model_dim;
+  const int64_t packs = half / kElems, rotate_units = 2 * heads * packs;
+  const int64_t units = rotate_units + (copy_values ? model_dim / kElems : 0);
+  const int64_t count = tokens * units, stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t index = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; index < count; index += stride) {
+    const int64_t row = index / units, unit = index % units;
+    const T* in_row = input + row * row_width;
+    T* out_row = output + row * row_width;
+    if (unit >= rotate_units) {  // v, copied as it is
+      const int64_t column = 2 * model_dim + (unit - rotate_units) * kElems;
+      *reinterpret_cast<uint4*>(out_row + column) = *reinterpret_cast<const uint4*>(in_row + column);
+      continue;
+    }
+    const int64_t i0 = (unit % packs) * kElems, first = (unit / packs) * head_dim + i0;
+    const float2* angles = table + (position_offset + row % seq_len) * half + i0;
+    float x1[kElems], x2[kElems];
+    load_pack(in_row + first, x1);
+    load_pack(in_row + first + half, x2);
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+      const float2 angle = angles[e];
+      const float cosine = angle.x, sine = direction * angle.y;
+      const float y1 = x1[e] * cosine - x2[e] * sine, y2 = x2[e] * cosine + x1[e] * sine;
+      x1[e] = y1;
+      x2[e] = y2;
+    }
+    store_pack(out_row + first, x1);
+    store_pack(out_row + first + half, x2);
+  }
+}
+
+// The (cos, sin) table of `stream` covering positions [0, positions) for (head_dim, log_base),
+// rebuilt on that stream when it does not: a new Dh or base, more positions (grown to the next
+// power of two, at least 1024, so a decode loop's offsets rebuild it rarely), or new memory.
+const float2* rotary_table(int64_t positions, int64_t head_dim, double log_base, cudaStream_t stream) {
+  struct Built {
+    const void* address = nullptr;
+    int64_t positions = 0, head_dim = 0;
+    double log_base = 0.0;
+  };
+  static std::mutex mutex;
+  static auto* built = new std::map<std::tuple<int, cudaStream_t>, Built>();  // never destroyed
+  const int64_t half = head_dim / 2;
+  std::lock_guard<std::mutex> lock(mutex);
+  Built& entry = (*built)[{current_device(), stream}];
+  const bool same_key = entry.head_dim == head_dim && entry.log_base == log_base;
+  const int64_t wanted = same_key ? std::max(positions, entry.positions) : positions;
+  int64_t capacity = 1024;
+  while (capacity < wanted) capacity *= 2;
+  void* table = persistent_scratch(stream, kScratchRotaryTable, size_t(capacity * half) * sizeof(float2));
+  if (entry.address != table || !same_key || entry.positions < positions) {
+    rotary_table_kernel<<<grid_for(capacity * half, kThreads, int64_t(multiprocessor_count()) * 16), kThreads, 0,
+                          stream>>>(capacity, half, head_dim, log_base, static_cast<float2*>(table));
+    CUDA_CHECK_LAUNCH();
+    entry = Built{table, capacity, head_dim, log_base};
+  }
+  return static_cast<const float2*>(table);
+}
+
 void rotate(const char* op, const AttentionShape& shape, const Tensor& input, double base, int64_t position_offset,
             double direction, Tensor& output, void* stream) {
   SY_CHECK_INPUT(
@@ -66,11 +156,23 @@ void rotate(const char* op, const AttentionShape& shape, const Tensor& input, do
   check_tensor(output, op, input.dtype, {tokens, width});
   if (tokens == 0) return;
   const bool copy_values = input.data != output.data;
+  cudaStream_t cuda_stream = as_stream(stream);
   dispatch_activation_dtype(input.dtype, op, [&](auto tag) {
     using T = decltype(tag);
-    const int64_t count = tokens * (shape.head_dim / 2);
+    constexpr int kElems = Pack<T>::kElems;
+    const int64_t half = shape.head_dim / 2;
+    if (half % kElems == 0 && is_aligned(input.data, 16) && is_aligned(output.data, 16)) {
+      const float2* table = rotary_table(position_offset + shape.seq_len, shape.head_dim, std::log(base), cuda_stream);
+      const int64_t units = 2 * shape.heads * (half / kElems) + (copy_values ? shape.model_dim() / kElems : 0);
+      rotary_packed_kernel<T><<<grid_for(tokens * units, kThreads, int64_t(multiprocessor_count()) * 16), kThreads, 0,
+                                cuda_stream>>>(input.as<T>(), tokens, shape.seq_len, shape.heads, shape.head_dim, table,
+                                               position_offset, float(direction), copy_values, output.as<T>());
+      CUDA_CHECK_LAUNCH();
+      return;
+    }
+    const int64_t count = tokens * half;
     rotary_kernel<T>
-        <<<grid_for(count, kThreads, int64_t(multiprocessor_count()) * 16), kThreads, 0, as_stream(stream)>>>(
+        <<<grid_for(count, kThreads, int64_t(multiprocessor_count()) * 16), kThreads, 0, cuda_stream>>>(
             input.as<T>(), tokens, shape.seq_len, shape.heads, shape.head_dim, std::log(base), position_offset,
             direction, copy_values, output.as<T>());
     CUDA_CHECK_LAUNCH();

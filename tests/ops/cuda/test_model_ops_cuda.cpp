@@ -251,26 +251,42 @@ INSTANTIATE_TEST_SUITE_P(Shapes, NormCuda,
 
 class RotaryCuda : public ::testing::TestWithParam<DType> {};
 
+// Head dims 64 and 128 take the packed kernel with its (cos, sin) table, 12 (six pairs: no whole
+// 16-byte pack) the scalar one; the offsets grow past the table's first 1024 positions, so the
+// table is rebuilt between calls on the same stream, and Dh changes between shapes.
 TEST_P(RotaryCuda, ForwardAndBackwardMatchCpuInAndOutOfPlace) {
   SKIP_WITHOUT_CUDA();
   const DType dtype = GetParam();
   std::mt19937_64 rng(3000);
-  const AttentionShape shape{2, 96, 3, 64};
-  const int64_t offset = 3000;  // large angles: the double-precision angle matters
-  HostTensor qkv = random_input(dtype, {shape.tokens(), 3 * shape.model_dim()}, rng);
-  HostTensor out_ref = f64_like(qkv.tensor()), back_ref = f64_like(qkv.tensor());
-  cpu::rotary_forward(shape, qkv, 10000.0, offset, out_ref);
-  cpu::rotary_backward(shape, qkv, 10000.0, offset, back_ref);
-  DeviceTensor d_qkv = to_device(qkv, dtype), d_out(dtype, qkv.tensor());
-  cuda::rotary_forward(shape, d_qkv, 10000.0, offset, d_out, nullptr);
-  EXPECT_LE(error_vs(d_out.download(), out_ref), tolerance_for(dtype) / 4);
-  cuda::rotary_backward(shape, d_qkv, 10000.0, offset, d_out, nullptr);
-  EXPECT_LE(error_vs(d_out.download(), back_ref), tolerance_for(dtype) / 4);
-  cuda::rotary_forward(shape, d_qkv, 10000.0, offset, d_qkv, nullptr);  // in place
-  EXPECT_LE(error_vs(d_qkv.download(), out_ref), tolerance_for(dtype) / 4);
+  struct Case {
+    AttentionShape shape;
+    int64_t offset;
+  };
+  const Case cases[] = {{{2, 96, 3, 64}, 0},
+                        {{2, 96, 3, 64}, 3000},  // large angles: the double-precision angle matters
+                        {{1, 40, 2, 12}, 3000},
+                        {{2, 33, 2, 128}, 5000}};
+  for (const Case& c : cases) {
+    const AttentionShape& shape = c.shape;
+    SCOPED_TRACE(::testing::Message() << "S=" << shape.seq_len << " H=" << shape.heads << " Dh=" << shape.head_dim
+                                    << " offset=" << c.offset);
+    HostTensor qkv = random_input(dtype, {shape.tokens(), 3 * shape.model_dim()}, rng);
+    HostTensor out_ref = f64_like(qkv.tensor()), back_ref = f64_like(qkv.tensor());
+    cpu::rotary_forward(shape, qkv, 10000.0, c.offset, out_ref);
+    cpu::rotary_backward(shape, qkv, 10000.0, c.offset, back_ref);
+    DeviceTensor d_qkv = to_device(qkv, dtype), d_out(dtype, qkv.tensor());
+    d_out.poison();
+    cuda::rotary_forward(shape, d_qkv, 10000.0, c.offset, d_out, nullptr);
+    EXPECT_LE(error_vs(d_out.download(), out_ref), tolerance_for(dtype) / 4);
+    d_out.poison();
+    cuda::rotary_backward(shape, d_qkv, 10000.0, c.offset, d_out, nullptr);
+    EXPECT_LE(error_vs(d_out.download(), back_ref), tolerance_for(dtype) / 4);
+    cuda::rotary_forward(shape, d_qkv, 10000.0, c.offset, d_qkv, nullptr);  // in place
+    EXPECT_LE(error_vs(d_qkv.download(), out_ref), tolerance_for(dtype) / 4);
+  }
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, RotaryCuda, ::testing::Values(DType::f32, DType::bf16));
+INSTANTIATE_TEST_SUITE_P(Dtypes, RotaryCuda, ::testing::Values(DType::f32, DType::bf16, DType::f16));
 
 // ---- Attention ----------------------------------------------------------------------------------
 
