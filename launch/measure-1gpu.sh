@@ -8,7 +8,8 @@
 # optimizer), a short bench-large-1gpu run (does it fit, tokens/s, MFU), the shared experts' second stream on and
 # off, run-to-run determinism, bench-1gpu's 73,728-token step as 1 x 72 and 2 x 36 sequences
 # instead of 3 x 24 (fewer micro-steps: fewer fp32 gradient read-add-writes, larger GEMMs) and,
-# with --anchors, the PyTorch training anchor beside bench-1gpu. Each part writes OUT/<part>.log and
+# with --anchors, the PyTorch training anchor beside bench-1gpu (as 3 x 24 and as 1 x 72 sequences,
+# both sides). Each part writes OUT/<part>.log and
 # one line to OUT/summary.log; a part that fails is reported and the next one runs.
 #
 # Usage: bash launch/measure-1gpu.sh [--out DIR] [--budget SECONDS] [--anchors DIR] [--only LIST]
@@ -189,5 +190,15 @@ if [ -n "$anchors" ] && runs anchor 120; then
   timeout "$(cap 120)" "$binary" train configs/bench-1gpu.yaml --set training.steps=20 \
     --set "logging.run_dir=$(run_dir bench-1gpu)" 2>&1 | sed -u '/step 20\//q' > "$out/bench-1gpu.log"
   note "bench-1gpu: $(grep 'step 20/' "$out/bench-1gpu.log" | head -1)"
+  # Both with the step as one micro-step of 72 sequences: each side's fastest split, side by side.
+  if [ "$(left)" -ge 120 ]; then
+    timeout "$(cap 200)" python3 "$anchors/torch_train_bench.py" --compile --steps 10 --micro 72 --accum 1 \
+      > "$out/anchor-compile-1x72.log" 2>&1
+    note "anchor 1x72: rc $? -- $(tail -1 "$out/anchor-compile-1x72.log")"
+    timeout "$(cap 120)" "$binary" train configs/bench-1gpu.yaml --set training.steps=20 \
+      --set optimizer.grad_accum_steps=1 --set training.micro_batch_size=72 \
+      --set "logging.run_dir=$(run_dir bench-1gpu-1x72)" 2>&1 | sed -u '/step 20\//q' > "$out/bench-1gpu-1x72.log"
+    note "bench-1gpu 1x72: $(grep 'step 20/' "$out/bench-1gpu-1x72.log" | head -1)"
+  fi
 fi
 note "done: $out/summary.log"
