@@ -4,9 +4,10 @@
 // head_dim 64 and 128, S not a multiple of 64 (and of 128, where old cuDNN needs a padding-mask
 // workaround), S = 1024 and B*H = 512. The deterministic path must give the same bits twice and
 // with the internal workspace buffer instead of the caller's; the non-deterministic path runs
-// with a poisoned workspace (so its dQ accumulator must be zeroed by cuDNN or by us). Outputs and
-// workspaces are poisoned (0xFF bytes: NaN) before every call. On an sm90 device every eligible
-// case must build its plans: a failure prints the graph step, attribute and cuDNN status.
+// with a poisoned workspace (so its dQ accumulator must be zeroed by cuDNN or by us), forced by
+// the switch and chosen by a caller that allows atomics. Outputs and workspaces are poisoned (0xFF
+// bytes: NaN) before every call. On an sm90 device every eligible case must build its plans: a
+// failure prints the graph step, attribute and cuDNN status.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -229,30 +230,19 @@ TEST_P(AttentionCudnn, NonDeterministicBackwardMatchesReference) {
   }
   Problem p(c.shape, c.dtype, std::max(probe.forward_workspace_bytes, probe.backward_workspace_bytes),
             9000 + uint64_t(c.shape.seq_len));
-  PathGuard path(AttentionPath::cudnn_nondeterministic);
-  p.forward();
-  p.expect_forward_matches_reference("cudnn-nondeterministic");
-  p.backward();  // the workspace (and so the dQ accumulator) is poisoned first
-  p.expect_backward_matches_reference("cudnn-nondeterministic");
-}
-
-// The default path with a caller that allows atomics (training with parallel.deterministic: false)
-// takes the same atomic-dQ plan and must match the reference as well.
-TEST_P(AttentionCudnn, CallerAllowedAtomicBackwardMatchesReference) {
-  SKIP_WITHOUT_CUDA();
-  const FusedCase c = GetParam();
-  cuda::CudnnAttentionProbe probe;
-  if (!require_plans(false, probe)) {
-    if (!is_sm90()) GTEST_SKIP() << "not an sm90 device: " << probe.reason;
-    return;
+  {
+    PathGuard path(AttentionPath::cudnn_nondeterministic);
+    p.forward();
+    p.expect_forward_matches_reference("cudnn-nondeterministic");
+    p.backward();  // the workspace (and so the dQ accumulator) is poisoned first
+    p.expect_backward_matches_reference("cudnn-nondeterministic");
   }
-  Problem p(c.shape, c.dtype, std::max(probe.forward_workspace_bytes, probe.backward_workspace_bytes),
-            9500 + uint64_t(c.shape.seq_len));
+  // The default path takes the same atomic graph when the caller allows it (training with
+  // parallel.deterministic: false), and the deterministic one still serves the next call.
   PathGuard path(AttentionPath::automatic);
-  p.forward();
   p.backward(/*deterministic=*/false);
   p.expect_backward_matches_reference("auto, deterministic = false");
-  p.backward(/*deterministic=*/true);  // and the deterministic plan still serves the next call
+  p.backward(/*deterministic=*/true);
   p.expect_backward_matches_reference("auto, deterministic = true");
 }
 
