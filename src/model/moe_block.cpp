@@ -38,9 +38,7 @@ template <typename Layer>
 void stage_layer_stat_reads(const Layer& layer, HostReads& reads, MoeStatsReadout& readout) {
   const RoutingResult& routing = layer.routing();
   SY_CHECK(routing.losses.data != nullptr, "MoeBlock: statistics read before any forward");
-  const bool f64 = layer.float_dtype() == DType::f64;
-  reads.add(routing.losses, Tensor(f64 ? static_cast<void*>(readout.losses) : static_cast<void*>(readout.float_losses),
-                                   layer.float_dtype(), DeviceKind::cpu, {kNumRoutingLosses}));
+  reads.add(routing.losses, readout.losses.destination(layer.float_dtype()));
   reads.add(routing.scalars, Tensor(readout.scalars, DType::i32, DeviceKind::cpu, {kNumRoutingScalars}));
   const int experts = layer.config().moe.num_experts;
   readout.expert_counts.assign(size_t(experts), 0);
@@ -49,10 +47,7 @@ void stage_layer_stat_reads(const Layer& layer, HostReads& reads, MoeStatsReadou
 
 template <typename Layer>
 MoeBlockStats layer_stats_from(const Layer& layer, const MoeStatsReadout& readout) {
-  double values[kNumRoutingLosses] = {};
-  for (int index = 0; index < kNumRoutingLosses; ++index)
-    values[index] = layer.float_dtype() == DType::f64 ? readout.losses[index] : double(readout.float_losses[index]);
-  const MoeLosses losses = moe_losses_from(values);
+  const MoeLosses losses = readout.losses.losses(layer.float_dtype());
   const MoeRoutingStats routing = moe_routing_stats_from(readout.scalars);
   MoeBlockStats stats;
   stats.aux_loss = losses.aux_loss;

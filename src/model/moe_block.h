@@ -40,8 +40,7 @@ struct MoeBlockStats {
 // Host storage of one block's statistics while a batched read (HostReads) is in flight; it must
 // not move until the read is done.
 struct MoeStatsReadout {
-  double losses[kNumRoutingLosses] = {};  // the layer's losses (f64 layers read straight into these)
-  float float_losses[kNumRoutingLosses] = {};
+  RoutingLossesReadout losses;
   int32_t scalars[kNumRoutingScalars] = {};
   std::vector<int32_t> expert_counts;  // [E]
 };

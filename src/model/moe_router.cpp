@@ -243,12 +243,20 @@ void MoeRouter::add_input_gradient(const ExecContext& context, const Tensor& rou
 
 // ---- Host reads ------------------------------------------------------------------------------
 
-MoeLosses moe_losses_from(const double (&values)[kNumRoutingLosses]) {
+Tensor RoutingLossesReadout::destination(DType float_dtype) {
+  SY_CHECK(float_dtype == DType::f32 || float_dtype == DType::f64, "RoutingLossesReadout: losses are f32 or f64, not ",
+           dtype_name(float_dtype));
+  void* values = float_dtype == DType::f64 ? static_cast<void*>(f64_values) : static_cast<void*>(f32_values);
+  return Tensor(values, float_dtype, DeviceKind::cpu, {kNumRoutingLosses});
+}
+
+MoeLosses RoutingLossesReadout::losses(DType float_dtype) const {
+  auto value = [&](int index) { return float_dtype == DType::f64 ? f64_values[index] : double(f32_values[index]); };
   MoeLosses losses;
-  losses.aux_loss = values[kAuxLoss];
-  losses.z_loss = values[kZLoss];
-  losses.seq_aux_loss = values[kSeqAuxLoss];
-  losses.global_aux_loss = values[kGlobalAuxLoss];
+  losses.aux_loss = value(kAuxLoss);
+  losses.z_loss = value(kZLoss);
+  losses.seq_aux_loss = value(kSeqAuxLoss);
+  losses.global_aux_loss = value(kGlobalAuxLoss);
   losses.read = true;
   return losses;
 }
@@ -264,14 +272,10 @@ MoeRoutingStats moe_routing_stats_from(const int32_t (&scalars)[kNumRoutingScala
 
 MoeLosses MoeRouter::read_losses(const ExecContext& context) const {
   SY_CHECK(routing_.losses.data != nullptr, "MoeRouter::read_losses: no forward has run");
-  double values[kNumRoutingLosses] = {};
-  float float_values[kNumRoutingLosses] = {};
-  Tensor host(float_dtype_ == DType::f64 ? static_cast<void*>(values) : static_cast<void*>(float_values),
-              float_dtype_, DeviceKind::cpu, {kNumRoutingLosses});
+  RoutingLossesReadout readout;
+  Tensor host = readout.destination(float_dtype_);
   ops::copy(context, routing_.losses, host);
-  if (float_dtype_ != DType::f64)
-    for (int index = 0; index < kNumRoutingLosses; ++index) values[index] = float_values[index];
-  return moe_losses_from(values);
+  return readout.losses(float_dtype_);
 }
 
 MoeRoutingStats MoeRouter::read_routing_stats(const ExecContext& context) const {

@@ -132,8 +132,16 @@ struct MoeRoutingStats {
   int64_t capacity = 0, total_choices = 0, dropped_choices = 0, padded_rows = 0;
 };
 
-// The losses and counters from the host copies of RoutingResult::losses and ::scalars.
-MoeLosses moe_losses_from(const double (&values)[kNumRoutingLosses]);
+// Host storage for a copy of RoutingResult::losses, which holds the router's float dtype (f32, or
+// f64 on a CPU router of f64): destination() is where the copy lands, losses() reads it back.
+struct RoutingLossesReadout {
+  double f64_values[kNumRoutingLosses] = {};
+  float f32_values[kNumRoutingLosses] = {};
+  Tensor destination(DType float_dtype);
+  MoeLosses losses(DType float_dtype) const;
+};
+
+// The counters from the host copy of RoutingResult::scalars.
 MoeRoutingStats moe_routing_stats_from(const int32_t (&scalars)[kNumRoutingScalars]);
 
 // Receives the boundaries of a layer's stages; stage_begin is called before a stage's work is
