@@ -167,22 +167,30 @@ MoeLosses MoeLayer::forward(const ExecContext& context, const Tensor& x, const M
   const int alignment = params.segment_alignment;
   const Tensor* padding = padding_marks();
   if (fuses_activation(context)) {  // one kernel writes H and A = act(H)
-    run_stage(context, "expert GEMM 1", [&] {
+    run_stage(context, "expert GEMM 1", expert_gemm_flops(1), [&] {
       ops::grouped_gemm_activation(context, config_.moe.activation, permuted, weights.w1, expert_offsets_, hidden_pre,
                                    hidden_post, args.for_backward, alignment, padding);
     });
   } else {
-    run_stage(context, "expert GEMM 1", [&] {
+    run_stage(context, "expert GEMM 1", expert_gemm_flops(1), [&] {
       ops::grouped_gemm(context, permuted, weights.w1, false, expert_offsets_, hidden_pre, alignment, padding);
     });
     run_stage(context, "activation",
               [&] { ops::activation_forward(context, config_.moe.activation, hidden_pre, hidden_post); });
   }
-  run_stage(context, "expert GEMM 2", [&] {
+  run_stage(context, "expert GEMM 2", expert_gemm_flops(2), [&] {
     ops::grouped_gemm(context, hidden_post, weights.w2, false, expert_offsets_, expert_out, alignment, padding);
   });
   run_stage(context, "combine", [&] { ops::unpermute_combine(context, expert_out, combine_routing_, map_, y); });
   return finish_forward(context, x, args);
+}
+
+double MoeLayer::expert_gemm_flops(int gemm) const {
+  const int64_t rows = config_.moe.compute_mode == ExpertComputeMode::sparse
+                           ? tokens_ * config_.moe.top_k
+                           : tokens_ * config_.moe.num_experts;
+  return gemm == 1 ? matmul_flops(rows, config_.d_model, config_.w1_columns())
+                   : matmul_flops(rows, config_.moe.expert_d_ff, config_.d_model);
 }
 
 MoeLosses MoeLayer::finish_forward(const ExecContext& context, const Tensor& x, const MoeForwardArgs& args) {
@@ -298,7 +306,7 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
   run_stage(context, "combine backward", [&] {
     ops::unpermute_combine_backward(context, grad_y, expert_out, combine_routing_, map_, grad_rows, grad_gates);
   });
-  run_stage(context, "weight grad 2", [&] {
+  run_stage(context, "weight grad 2", expert_gemm_flops(2), [&] {
     ops::grouped_gemm_weight_grad(context, hidden_post, grad_rows, expert_offsets_, gradients.w2, alignment, padding,
                                   gradients.accumulate);
   });
@@ -306,7 +314,7 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
     // One kernel: dL/dH = act'(H) * (dL/dO W2^T). Its dL/dA scratch, written only were it to run
     // unfused after all, is A itself: dead once weight grad 2 has read it (the EP layer does so too).
     Tensor grad_hidden_post_scratch = rows_view(MoeBufferSlot::hidden_post, rows_, config_.moe.expert_d_ff);
-    run_stage(context, "data grad 2", [&] {
+    run_stage(context, "data grad 2", expert_gemm_flops(2), [&] {
       ops::grouped_gemm_activation_backward(context, config_.moe.activation, grad_rows, weights.w2, expert_offsets_,
                                             hidden_pre, grad_hidden_post_scratch, grad_hidden_pre, alignment,
                                             padding);
@@ -315,18 +323,18 @@ void MoeLayer::backward(const ExecContext& context, const Tensor& grad_y, const 
     memory_->reserve(MoeBufferSlot::grad_hidden_post,
                      size_t(max_rows_) * size_t(config_.moe.expert_d_ff) * dtype_size(activation_dtype_));
     Tensor grad_hidden_post = rows_view(MoeBufferSlot::grad_hidden_post, rows_, config_.moe.expert_d_ff);
-    run_stage(context, "data grad 2", [&] {
+    run_stage(context, "data grad 2", expert_gemm_flops(2), [&] {
       ops::grouped_gemm(context, grad_rows, weights.w2, true, expert_offsets_, grad_hidden_post, alignment, padding);
     });
     run_stage(context, "activation backward", [&] {
       ops::activation_backward(context, config_.moe.activation, hidden_pre, grad_hidden_post, grad_hidden_pre);
     });
   }
-  run_stage(context, "weight grad 1", [&] {
+  run_stage(context, "weight grad 1", expert_gemm_flops(1), [&] {
     ops::grouped_gemm_weight_grad(context, permuted, grad_hidden_pre, expert_offsets_, gradients.w1, alignment,
                                   padding, gradients.accumulate);
   });
-  run_stage(context, "data grad 1", [&] {
+  run_stage(context, "data grad 1", expert_gemm_flops(1), [&] {
     ops::grouped_gemm(context, grad_hidden_pre, weights.w1, true, expert_offsets_, grad_rows, alignment, padding);
   });
   run_stage(context, "permute backward", [&] { ops::permute_backward(context, grad_rows, map_, tokens, grad_x); });

@@ -144,6 +144,14 @@ class MoeLayer {
   void run_stage(const ExecContext& context, const char* stage, Work&& work) {
     run_moe_stage(observer_, context, stage, work);
   }
+  template <typename Work>
+  void run_stage(const ExecContext& context, const char* stage, double flops, Work&& work) {
+    run_moe_stage(observer_, context, stage, flops, work);
+  }
+  // Matmul FLOPs of expert GEMM `gemm` (1 or 2), and of each of its two backward GEMMs, in the last
+  // forward: over its T * top_k routed choices in sparse mode (segment padding and dropped choices
+  // not counted; an upper bound under complexity routing), over every token per expert in dense mode.
+  double expert_gemm_flops(int gemm) const;
   void check_weights(const MoeWeights& weights, DType dtype, const char* what) const;
   void build_dense_layout(const ExecContext& context, const Tensor& x);
   // Whether this forward takes the small-batch path (CUDA, sparse, inference, few tokens).

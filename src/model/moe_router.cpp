@@ -142,7 +142,8 @@ const RoutingResult& MoeRouter::forward(const ExecContext& context, const Tensor
     });
   }
   logits_ = rows(logits_buffer_, float_dtype_, config_.moe.num_experts);
-  run_moe_stage(observer, context, "router GEMM",
+  const double router_flops = matmul_flops(tokens, config_.d_model, config_.moe.num_experts);
+  run_moe_stage(observer, context, "router GEMM", router_flops,
                 [&] { ops::gemm(context, false, false, 1.0f, router_input_, router_weight, 0.0f, logits_); });
   routing_ = buffers_.result(tokens);
   RoutingInputs inputs(args.complexity);
@@ -217,7 +218,8 @@ void MoeRouter::backward(const ExecContext& context, float aux_grad_scale, float
     ops::route_backward(context, logits_, grad_gates, routing_, params_, aux_grad_scale, z_grad_scale,
                         grad_logits_view_, has_global_fractions_ ? &fractions : nullptr);
   });
-  run_moe_stage(observer, context, "router weight grad", [&] {
+  const double router_flops = matmul_flops(tokens_, config_.d_model, config_.moe.num_experts);
+  run_moe_stage(observer, context, "router weight grad", router_flops, [&] {
     ops::gemm(context, true, false, 1.0f, router_input_, grad_logits_view_, accumulate ? 1.0f : 0.0f,
               grad_router_weight);
   });
@@ -226,7 +228,8 @@ void MoeRouter::backward(const ExecContext& context, float aux_grad_scale, float
 void MoeRouter::add_input_gradient(const ExecContext& context, const Tensor& router_weight, Tensor& grad_x,
                                    MoeStageObserver* observer) {
   SY_CHECK(grad_logits_view_.data != nullptr, "MoeRouter::add_input_gradient: backward() has not run");
-  run_moe_stage(observer, context, "router input grad", [&] {
+  const double flops = matmul_flops(tokens_, config_.moe.num_experts, config_.d_model);
+  run_moe_stage(observer, context, "router input grad", flops, [&] {
     if (!jittered_) {
       ops::gemm(context, false, true, 1.0f, grad_logits_view_, router_weight, 1.0f, grad_x);  // grad_x += G Wr^T
       return;

@@ -154,7 +154,16 @@ class MoeStageObserver {
   virtual ~MoeStageObserver() = default;
   virtual void stage_begin(const ExecContext& context, const char* stage) = 0;
   virtual void stage_end(const ExecContext& context, const char* stage) = 0;
+  // The matmul FLOPs of the open stage `stage` (called before its stage_end); stages without a
+  // count do not call it.
+  virtual void stage_flops(const char* stage, double flops) {
+    (void)stage;
+    (void)flops;
+  }
 };
+
+// FLOPs of C [m, n] = A [m, k] B [k, n]: one multiply-add (2 FLOPs) per (row, column, k).
+inline double matmul_flops(int64_t m, int64_t k, int64_t n) { return 2.0 * double(m) * double(k) * double(n); }
 
 // Runs work() between the observer's stage_begin and stage_end for `stage` (just work() without one).
 template <typename Work>
@@ -162,6 +171,18 @@ void run_moe_stage(MoeStageObserver* observer, const ExecContext& context, const
   if (observer) observer->stage_begin(context, stage);
   work();
   if (observer) observer->stage_end(context, stage);
+}
+
+// The same for a stage whose matmul FLOPs are `flops` (the profile shows its TFLOP/s).
+template <typename Work>
+void run_moe_stage(MoeStageObserver* observer, const ExecContext& context, const char* stage, double flops,
+                   Work&& work) {
+  if (observer) observer->stage_begin(context, stage);
+  work();
+  if (observer) {
+    observer->stage_flops(stage, flops);
+    observer->stage_end(context, stage);
+  }
 }
 
 class MoeRouter {

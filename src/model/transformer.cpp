@@ -265,11 +265,12 @@ void Transformer::dense_ffn_forward(const ExecContext& context, const ModelParam
                                     const Tensor& residual, Tensor* out) {
   Tensor pre = rows(saved.pre, ffn.w1_columns);
   Tensor post = rows(saved.post, ffn.hidden);
-  stage(context, "GEMM 1",
+  const int64_t tokens = input.dim(0), width = input.dim(1);
+  stage(context, "GEMM 1", matmul_flops(tokens, width, ffn.w1_columns),
         [&] { ops::gemm(context, false, false, 1.0f, input, parameters.compute(ffn.w1), 0.0f, pre); });
   stage(context, "activation", [&] { ops::activation_forward(context, moe_.activation, pre, post); });
   if (out)
-    stage(context, "GEMM 2",
+    stage(context, "GEMM 2", matmul_flops(tokens, ffn.hidden, width),
           [&] { ops::gemm(context, false, false, 1.0f, post, parameters.compute(ffn.w2), 1.0f, *out, &residual); });
 }
 
@@ -365,16 +366,19 @@ void Transformer::attention_sublayer_forward(const ExecContext& context, const M
   Tensor qkv = rows(saved.qkv_rows, 3 * width);
   Tensor attention = rows(saved.attention_out, width);
   stage(context, recompute ? "attention recompute" : "attention", [&] {
-    stage(context, "QKV projection",
+    const int64_t tokens = normed.dim(0);
+    stage(context, "QKV projection", matmul_flops(tokens, width, 3 * width),
           [&] { ops::gemm(context, false, false, 1.0f, normed, parameters.compute(block.qkv), 0.0f, qkv); });
     const AttentionShape shape{batch_, seq_len_, model_.n_heads, model_.head_dim()};
     if (model_.positions == PositionKind::rotary)
       stage(context, "rotary", [&] { ops::rotary_forward(context, shape, qkv, kRotaryBase, 0, qkv); });
     Tensor stats = saved.attention_stats.view(stats_dtype_, {batch_, model_.n_heads, seq_len_});
     Tensor workspace(attention_workspace_.data(), DType::u8, options_.device, {attention_workspace_bytes_});
-    stage(context, "attention core", [&] { ops::attention_forward(context, shape, qkv, attention, stats, workspace); });
+    stage(context, "attention core", causal_attention_flops(shape),
+          [&] { ops::attention_forward(context, shape, qkv, attention, stats, workspace); });
     if (!mid) return;
-    stage(context, "output projection", [&] {  // mid = x + attention Wo: the residual is the GEMM's addend
+    stage(context, "output projection", matmul_flops(tokens, width, width), [&] {  // mid = x + attention Wo:
+      // the residual is the GEMM's addend
       ops::gemm(context, false, false, 1.0f, attention, parameters.compute(block.out), 1.0f, *mid, &x);
     });
   });

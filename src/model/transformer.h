@@ -263,6 +263,10 @@ class Transformer {
   void stage(const ExecContext& context, const char* name, Work&& work) const {
     run_moe_stage(stage_observer_, context, name, work);
   }
+  template <typename Work>
+  void stage(const ExecContext& context, const char* name, double flops, Work&& work) const {
+    run_moe_stage(stage_observer_, context, name, flops, work);
+  }
   // The shared experts' stream for `context`: a SideStream that overlaps its stream on CUDA, an
   // inactive one (the compute stream itself) on CPU, with the switch off, or while a stage observer
   // times each stage alone.

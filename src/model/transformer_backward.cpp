@@ -45,13 +45,17 @@ void Transformer::dense_ffn_backward(const ExecContext& context, ModelParameters
   Tensor grad_pre = rows(grad_ffn_pre_, ffn.w1_columns);
   Tensor grad_post = rows(grad_ffn_post_, ffn.hidden);
   Tensor grad_w2 = parameters.grad(ffn.w2), grad_w1 = parameters.grad(ffn.w1);
-  stage(context, "weight grad 2", [&] { ops::gemm(context, true, false, 1.0f, post, grad_out, beta, grad_w2); });
-  stage(context, "data grad 2",
+  const int64_t tokens = input.dim(0), width = input.dim(1);
+  const double flops_1 = matmul_flops(tokens, width, ffn.w1_columns), flops_2 = matmul_flops(tokens, ffn.hidden, width);
+  stage(context, "weight grad 2", flops_2,
+        [&] { ops::gemm(context, true, false, 1.0f, post, grad_out, beta, grad_w2); });
+  stage(context, "data grad 2", flops_2,
         [&] { ops::gemm(context, false, true, 1.0f, grad_out, parameters.compute(ffn.w2), 0.0f, grad_post); });
   stage(context, "activation backward",
         [&] { ops::activation_backward(context, moe_.activation, pre, grad_post, grad_pre); });
-  stage(context, "weight grad 1", [&] { ops::gemm(context, true, false, 1.0f, input, grad_pre, beta, grad_w1); });
-  stage(context, "data grad 1", [&] {
+  stage(context, "weight grad 1", flops_1,
+        [&] { ops::gemm(context, true, false, 1.0f, input, grad_pre, beta, grad_w1); });
+  stage(context, "data grad 1", flops_1, [&] {
     ops::gemm(context, false, true, 1.0f, grad_pre, parameters.compute(ffn.w1), input_grad_beta, grad_input);
   });
 }
@@ -171,7 +175,8 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
     const Tensor attention = rows(attention_saved.attention_out, width);
     Tensor grad_out_weight = parameters.grad(block.out);
     Tensor grad_attention = rows(grad_attention_, width);
-    stage(context, "output projection backward", [&] {
+    const int64_t tokens = attention.dim(0);
+    stage(context, "output projection backward", 2 * matmul_flops(tokens, width, width), [&] {
       ops::gemm(context, true, false, 1.0f, attention, grad_residual, beta, grad_out_weight);
       ops::gemm(context, false, true, 1.0f, grad_residual, parameters.compute(block.out), 0.0f, grad_attention);
     });
@@ -180,7 +185,7 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
     const Tensor stats = attention_saved.attention_stats.view(stats_dtype_, {batch_, model_.n_heads, seq_len_});
     Tensor workspace(attention_workspace_.data(), DType::u8, options_.device, {attention_workspace_bytes_});
     Tensor grad_qkv = rows(grad_qkv_, 3 * width);
-    stage(context, "attention core backward", [&] {
+    stage(context, "attention core backward", 2 * causal_attention_flops(shape), [&] {
       ops::attention_backward(context, shape, qkv, attention, grad_attention, stats, workspace, grad_qkv,
                               options_.deterministic);
     });
@@ -189,7 +194,7 @@ void Transformer::backward_block(const ExecContext& context, ModelParameters& pa
             [&] { ops::rotary_backward(context, shape, grad_qkv, kRotaryBase, 0, grad_qkv); });
     const Tensor normed1 = rows(attention_saved.norm_out, width);
     Tensor grad_qkv_weight = parameters.grad(block.qkv);
-    stage(context, "QKV projection backward", [&] {
+    stage(context, "QKV projection backward", 2 * matmul_flops(tokens, width, 3 * width), [&] {
       ops::gemm(context, true, false, 1.0f, normed1, grad_qkv, beta, grad_qkv_weight);
       ops::gemm(context, false, true, 1.0f, grad_qkv, parameters.compute(block.qkv), 0.0f, grad_normed1);
     });

@@ -82,6 +82,13 @@ struct AttentionShape {
   int64_t pairs() const { return batch * heads; }  // (sequence, head) pairs
 };
 
+// Matmul FLOPs of the causal attention core's forward as the fused kernels execute it: q k^T and
+// P v, 2 S^2 Dh FLOPs each per (sequence, head), halved by the mask. (Its backward is counted as
+// twice this, the model-FLOPs convention, though it recomputes P.)
+inline double causal_attention_flops(const AttentionShape& shape) {
+  return 2.0 * double(shape.pairs()) * double(shape.seq_len) * double(shape.seq_len) * double(shape.head_dim);
+}
+
 // Bytes of CUDA attention workspace for `pairs_per_pass` (b, h) pairs per pass (1 .. B*H), for
 // activations of `dtype`: per pair an fp32 [S, S] score block, a [S, S] probability block in
 // `dtype` and an fp32 [S] row statistic; plus ten device pointer tables of B*H entries each.

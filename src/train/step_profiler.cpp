@@ -56,7 +56,7 @@ double mean_of(const std::vector<StepProfile>& profiles, double (*field)(const S
 
 struct MeanStage {
   std::string parent, stage;
-  double ms = 0, calls = 0;  // per step
+  double ms = 0, calls = 0, flops = 0;  // per step
 };
 
 // Mean per step of each (parent, stage) of `list` over the profiles, in order of first appearance.
@@ -71,6 +71,7 @@ std::vector<MeanStage> mean_stages(const std::vector<StepProfile>& profiles,
       if (added) means.push_back({time.parent, time.stage});
       means[at->second].ms += time.ms / steps;
       means[at->second].calls += double(time.count) / steps;
+      means[at->second].flops += time.flops / steps;
     }
   return means;
 }
@@ -81,17 +82,22 @@ void format_substages(const std::vector<StepProfile>& profiles, std::ostringstre
   const std::vector<MeanStage> substages = mean_stages(profiles, &StepProfile::substages);
   if (substages.empty()) return;
   char line[200];
-  std::snprintf(line, sizeof(line), "  within the stages (mean per step):\n  %-26s %-28s %10s %8s\n", "stage",
-                "sub-stage", "ms", "calls");
+  std::snprintf(line, sizeof(line), "  within the stages (mean per step; TFLOP/s of the matmul FLOPs):\n"
+                "  %-26s %-28s %10s %8s %9s\n", "stage", "sub-stage", "ms", "calls", "TFLOP/s");
   out << line;
   for (const MeanStage& stage : mean_stages(profiles, &StepProfile::stages)) {
     double covered = 0;
     bool any = false;
     for (const MeanStage& substage : substages) {
       if (substage.parent != stage.stage) continue;
-      std::snprintf(line, sizeof(line), "  %-26s %-28s %10.3f %8.1f\n", any ? "" : stage.stage.c_str(),
+      std::snprintf(line, sizeof(line), "  %-26s %-28s %10.3f %8.1f", any ? "" : stage.stage.c_str(),
                     substage.stage.c_str(), substage.ms, substage.calls);
       out << line;
+      if (substage.flops > 0 && substage.ms > 0) {
+        std::snprintf(line, sizeof(line), " %9.4g", substage.flops / (substage.ms * 1e-3) / 1e12);
+        out << line;
+      }
+      out << "\n";
       covered += substage.ms;
       any = true;
     }
@@ -140,7 +146,13 @@ void StepProfiler::stage_begin(const ExecContext&, const char* stage) {
   SY_CHECK(in_step_, "StepProfiler: stage '", stage, "' outside a profiled step");
   SY_CHECK(depth_ < 2, "StepProfiler: stage '", stage, "' begins inside '", open_[1].stage, "', itself inside '",
            open_[0].stage, "' (a stage holds sub-stages one level deep)");
-  open_[depth_++] = {stage, timeline_.mark()};
+  open_[depth_++] = {stage, timeline_.mark(), 0.0};
+}
+
+void StepProfiler::stage_flops(const char* stage, double flops) {
+  SY_CHECK(depth_ > 0 && std::string(open_[depth_ - 1].stage) == stage, "StepProfiler: FLOPs for stage '", stage,
+           "' but '", depth_ > 0 ? open_[depth_ - 1].stage : "none", "' is open");
+  open_[depth_ - 1].flops += flops;
 }
 
 void StepProfiler::stage_end(const ExecContext&, const char* stage) {
@@ -148,7 +160,7 @@ void StepProfiler::stage_end(const ExecContext&, const char* stage) {
            "' ends but '", depth_ > 0 ? open_[depth_ - 1].stage : "none", "' is open");
   --depth_;
   intervals_.push_back({open_[depth_].stage, depth_ == 1 ? open_[0].stage : nullptr, open_[depth_].mark,
-                        timeline_.mark()});
+                        timeline_.mark(), open_[depth_].flops});
 }
 
 StepProfile StepProfiler::end_step(int64_t step) {
@@ -167,6 +179,7 @@ StepProfile StepProfiler::end_step(int64_t step) {
     if (added) list.push_back({interval.stage, 0.0, 0, parent});
     StageTime& time = list[at->second];
     time.ms += times[size_t(interval.end)] - times[size_t(interval.begin)];
+    time.flops += interval.flops;
     ++time.count;
   }
   return profile;
@@ -237,7 +250,7 @@ std::string step_profile_json(const std::vector<StepProfile>& profiles, const Pr
       const StageTime& time = profile.substages[stage];
       out << (stage ? ", " : "") << "{\"parent\": " << json::quote(time.parent)
           << ", \"stage\": " << json::quote(time.stage) << ", \"ms\": " << json::number(time.ms)
-          << ", \"count\": " << time.count << "}";
+          << ", \"count\": " << time.count << ", \"flops\": " << json::number(time.flops) << "}";
     }
     out << "]}";
   }

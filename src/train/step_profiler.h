@@ -39,6 +39,7 @@ struct StageTime {
   double ms = 0.0;  // summed over its occurrences in the step
   int count = 0;
   std::string parent;  // the stage it ran inside ("" for a stage of its own)
+  double flops = 0.0;  // matmul FLOPs its occurrences reported (MoeStageObserver::stage_flops); 0: none
 };
 
 struct StepProfile {
@@ -58,16 +59,19 @@ class StepProfiler : public MoeStageObserver {
   StepProfile end_step(int64_t step);
   void stage_begin(const ExecContext& context, const char* stage) override;
   void stage_end(const ExecContext& context, const char* stage) override;
+  void stage_flops(const char* stage, double flops) override;
 
  private:
   struct Interval {
     const char* stage;
     const char* parent;  // nullptr: a stage of its own
     int begin, end;
+    double flops;
   };
   struct Open {
     const char* stage;
     int mark;
+    double flops;
   };
   EventTimeline timeline_;
   std::vector<Interval> intervals_;
@@ -83,8 +87,8 @@ struct ProfileFlops {
 
 // The table of the profiled steps (the mean of each row over them, forward / backward / total ms
 // and share of the step) with the MFU formula's parts, then the sub-stages of each stage that has
-// them (mean ms and calls per step, and what of the stage no sub-stage covers); and the same as
-// one JSON object.
+// them (mean ms and calls per step, the TFLOP/s of those that report their matmul FLOPs, and what
+// of the stage no sub-stage covers); and the same as one JSON object.
 std::string format_step_profile(const std::vector<StepProfile>& profiles, const ProfileFlops& flops);
 std::string step_profile_json(const std::vector<StepProfile>& profiles, const ProfileFlops& flops);
 

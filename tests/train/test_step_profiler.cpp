@@ -139,6 +139,7 @@ TEST(StepProfiler, RefusesDeepNestingAndStagesOutsideAStep) {
   profiler.stage_begin(kCpu, "routing");  // a sub-stage: one level is allowed
   EXPECT_THROW(profiler.stage_begin(kCpu, "norm"), Error);  // two levels are not
   EXPECT_THROW(profiler.stage_end(kCpu, "MoE"), Error);     // the sub-stage is open
+  EXPECT_THROW(profiler.stage_flops("MoE", 1.0), Error);    // FLOPs go to the open (sub-)stage only
   EXPECT_THROW(profiler.end_step(1), Error);
   profiler.stage_end(kCpu, "routing");
   profiler.stage_end(kCpu, "MoE");
@@ -189,6 +190,43 @@ TEST(StepProfiler, SubStagesBreakTheStagesDown) {
   const std::string text = step_profile_json({profile}, ProfileFlops{});
   EXPECT_NO_THROW(json::parse(text, "profile.json"));
   EXPECT_NE(text.find("\"parent\": \"MoE backward\", \"stage\": \"weight grad 2\""), std::string::npos) << text;
+}
+
+// The matmul FLOPs the stages report: 2 m k n per GEMM at the model's shapes (T = 12 tokens,
+// D = 8, 2 heads of 4, S = 6), the attention core's causal half, the experts over T * top_k
+// choices; backward GEMM pairs twice their forward; stages without a count report none. The table
+// shows their TFLOP/s, the JSON their FLOPs.
+TEST(StepProfiler, SubStagesReportTheirMatmulFlops) {
+  const StepProfile profile = profile_one_step(RecomputeMode::none);
+  std::map<std::pair<std::string, std::string>, double> flops;
+  for (const StageTime& substage : profile.substages) flops[{substage.parent, substage.stage}] = substage.flops;
+  for (const StageTime& stage : profile.stages) EXPECT_EQ(stage.flops, 0.0) << stage.stage;
+  const double tokens = 12, width = 8, per_layer_core = 2.0 * (2 * 2) * 6 * 6 * 4;
+  EXPECT_EQ((flops[{"attention", "QKV projection"}]), 3 * 2 * tokens * width * 3 * width);
+  EXPECT_EQ((flops[{"attention", "attention core"}]), 3 * per_layer_core);
+  EXPECT_EQ((flops[{"attention", "output projection"}]), 3 * 2 * tokens * width * width);
+  EXPECT_EQ((flops[{"attention backward", "attention core backward"}]), 3 * 2 * per_layer_core);
+  EXPECT_EQ((flops[{"attention backward", "QKV projection backward"}]), 3 * 2 * 2 * tokens * width * 3 * width);
+  EXPECT_EQ((flops[{"attention", "rotary"}]), 0.0);
+  const bool swiglu = MoeConfig{}.activation == ExpertActivation::swiglu;
+  const double expert_w1 = swiglu ? 10 : 5, dense_w1 = swiglu ? 12 : 6, shared_w1 = swiglu ? 8 : 4;
+  const double choices = tokens * 2;  // top-2
+  EXPECT_EQ((flops[{"MoE", "router GEMM"}]), 2 * 2 * tokens * width * 4);
+  EXPECT_EQ((flops[{"MoE", "expert GEMM 1"}]), 2 * 2 * choices * width * expert_w1);
+  EXPECT_EQ((flops[{"MoE", "expert GEMM 2"}]), 2 * 2 * choices * 5 * width);
+  EXPECT_EQ((flops[{"MoE backward", "weight grad 1"}]), 2 * 2 * choices * width * expert_w1);
+  EXPECT_EQ((flops[{"MoE backward", "data grad 2"}]), 2 * 2 * choices * 5 * width);
+  EXPECT_EQ((flops[{"MoE backward", "router input grad"}]), 2 * 2 * tokens * 4 * width);
+  EXPECT_EQ((flops[{"MoE", "routing"}]), 0.0);
+  EXPECT_EQ((flops[{"dense FFN", "GEMM 1"}]), 2 * tokens * width * dense_w1);
+  EXPECT_EQ((flops[{"dense FFN backward", "data grad 2"}]), 2 * tokens * 6 * width);
+  EXPECT_EQ((flops[{"shared experts", "GEMM 1"}]), 2 * 2 * tokens * width * shared_w1);
+
+  const std::string table = format_step_profile({profile}, ProfileFlops{});
+  EXPECT_NE(table.find("TFLOP/s"), std::string::npos) << table;
+  const std::string text = step_profile_json({profile}, ProfileFlops{});
+  EXPECT_NE(text.find("\"stage\": \"expert GEMM 1\", \"ms\": "), std::string::npos) << text;
+  EXPECT_NE(text.find("\"flops\": "), std::string::npos) << text;
 }
 
 }  // namespace
