@@ -4,13 +4,14 @@
 # layer (SonicMoE's five shapes and the seed's against dense, stage breakdowns at 8,192 and 65,536
 # tokens; with --anchors the PyTorch layer anchors beside them), the step-time breakdown of the
 # three throughput configs (with their sub-stages; bench-1gpu again with parallel.deterministic:
-# true, i.e. without cuDNN's atomic attention backward) and the optimizer's passes alone (bench
-# optimizer), a short bench-large-1gpu run (does it fit, tokens/s, MFU), the shared experts' second stream on and
-# off, run-to-run determinism, bench-1gpu's 73,728-token step as 1 x 72 and 2 x 36 sequences
-# instead of 3 x 24 (fewer micro-steps: fewer fp32 gradient read-add-writes, larger GEMMs) and,
-# with --anchors, the PyTorch training anchor beside bench-1gpu (as 3 x 24 and as 1 x 72 sequences,
-# both sides). Each part writes OUT/<part>.log and
-# one line to OUT/summary.log; a part that fails is reported and the next one runs.
+# true, i.e. without cuDNN's atomic attention backward), the optimizer's passes and the other
+# memory-bound passes alone (bench optimizer, bench passes), a short bench-large-1gpu run (does it
+# fit, tokens/s, MFU), the shared experts' second stream on and off, run-to-run determinism,
+# bench-1gpu's 73,728-token step as 1 x 72 and 2 x 36 sequences instead of 3 x 24 (fewer
+# micro-steps: fewer fp32 gradient read-add-writes, larger GEMMs) and, with --anchors, the PyTorch
+# training anchor beside bench-1gpu (as 3 x 24 and as 1 x 72 sequences, both sides). Each part
+# writes OUT/<part>.log and one line to OUT/summary.log; a part that fails is reported and the
+# next one runs.
 #
 # Usage: bash launch/measure-1gpu.sh [--out DIR] [--budget SECONDS] [--anchors DIR] [--only LIST]
 #   --out       where the logs go (default: runs/measure)
@@ -140,6 +141,14 @@ if runs profile 60; then
   if [ "$(left)" -ge 30 ]; then
     timeout "$(cap 90)" "$binary" bench optimizer > "$out/optimizer.log" 2>&1
     note "optimizer: rc $? -- $(grep -E 'gradient norm|AdamW' "$out/optimizer.log" | tr -s ' ' | tr '\n' ';')"
+  fi
+  # The memory-bound passes alone (norms, rotary, activations, residual add) at bench-1gpu's and
+  # bench-large-1gpu's micro-step shapes: GB/s against the HBM's ~3 TB/s.
+  if [ "$(left)" -ge 30 ]; then
+    timeout "$(cap 60)" "$binary" bench passes > "$out/passes.log" 2>&1
+    timeout "$(cap 60)" "$binary" bench passes --tokens 8192 --d-model 2048 --heads 16 --d-ff 7168 --seq-len 2048 \
+      > "$out/passes-large.log" 2>&1
+    note "passes: rc $? -- $(grep -E 'norm backward|rotary forward' "$out/passes.log" | tr -s ' ' | tr '\n' ';')"
   fi
 fi
 if runs large 60; then

@@ -23,6 +23,8 @@ const Benchmark kBenchmarks[] = {
      command_bench_ep},
     {"optimizer", "the optimizer's passes (gradient norm, AdamW) over N parameters: ms and GB/s",
      command_bench_optimizer},
+    {"passes", "a step's memory-bound passes (norms, rotary, activations, residual add) alone: ms and GB/s",
+     command_bench_passes},
 };
 
 void print_benchmarks(std::ostream& out) {

@@ -13,6 +13,7 @@ int command_bench_comm(int argc, char** argv);    // src/cli/bench_comm_command.
 int command_bench_moe(int argc, char** argv);     // src/cli/bench_moe_command.cpp
 int command_bench_ep(int argc, char** argv);      // src/cli/bench_ep_command.cpp
 int command_bench_optimizer(int argc, char** argv);  // src/cli/bench_optimizer_command.cpp
+int command_bench_passes(int argc, char** argv);     // src/cli/bench_passes_command.cpp
 int command_report(int argc, char** argv);        // src/cli/report_command.cpp
 int command_specialize(int argc, char** argv);    // src/cli/report_command.cpp
 }  // namespace switchyard

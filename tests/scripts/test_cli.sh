@@ -46,6 +46,12 @@ expect_exit 0 "switchyard bench optimizer --quick" -- "$binary" bench optimizer 
 expect_exit 2 "bench optimizer on the CPU without --quick" -- "$binary" bench optimizer --device cpu
 expect_exit 2 "bench optimizer --params 5" -- "$binary" bench optimizer --quick --device cpu --params 5 &&
   expect_in "$work/err" "--params" "the bad --params is named"
+expect_exit 0 "switchyard bench passes --quick" -- "$binary" bench passes --quick --device cpu --iters 2 \
+  --json "$work/passes.json" && expect_in "$work/out" "layernorm backward" "bench passes prints the norm backward" &&
+  expect_in "$work/passes.json" '"pass": "rotary forward' "bench passes --json writes its records"
+expect_exit 2 "bench passes --heads 5" -- "$binary" bench passes --quick --device cpu --heads 5 &&
+  expect_in "$work/err" "--heads" "the bad --heads is named"
+expect_exit 2 "bench passes on the CPU in bf16" -- "$binary" bench passes --quick --device cpu --dtype bf16
 expect_exit 2 "no command" -- "$binary"
 expect_exit 2 "unknown command" -- "$binary" frobnicate && expect_in "$work/err" "--help" "unknown command hints at --help"
 expect_exit 2 "unknown top-level flag" -- "$binary" --frobnicate
