@@ -269,7 +269,7 @@ int command_train(int argc, char** argv) {
   parser.add_option("profile-steps", "N", "time where N optimizer steps go (after two warm-up steps): attention, MoE, "
                     "dense FFNs, norms, embedding and loss, gradient sync, optimizer, idle gaps, then the stages "
                     "within them (QKV projection, attention core, the MoE layer's routing and expert GEMMs, AdamW, "
-                    "...); printed and written to <run_dir>/profile.json", "0");
+                    "...), the matmul ones with their TFLOP/s; printed and written to <run_dir>/profile.json", "0");
   parser.add_epilog("Examples:\n"
                     "  switchyard train configs/tiny-cpu.yaml --set training.steps=50\n"
                     "  mpirun -np 2 switchyard train configs/tiny-cpu.yaml --set parallel.ep_size=2 --dry-run\n"
