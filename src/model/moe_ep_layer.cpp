@@ -85,14 +85,8 @@ void MoeEpLayer::check_weights(const MoeWeights& weights, DType dtype, const cha
 
 MoeLosses MoeEpLayer::forward(const ExecContext& context, const Tensor& x, const MoeWeights& weights,
                               const MoeForwardArgs& args, Tensor& y) {
-  SY_CHECK(context.device == device_, "MoeEpLayer::forward: context is on ", device_kind_name(context.device),
-           ", the layer on ", device_kind_name(device_));
-  SY_CHECK(x.rank == 2, "MoeEpLayer::forward: x must be [T, D], got ", x.describe());
-  const int64_t tokens = x.dim(0), d_model = config_.d_model;
-  SY_CHECK(tokens >= 1 && tokens <= max_tokens_, "MoeEpLayer::forward: ", tokens, " tokens, the layer holds 1 to ",
-           max_tokens_);
-  expect_moe_tensor("MoeEpLayer", "x", x, activation_dtype_, device_, {tokens, d_model});
-  expect_moe_tensor("MoeEpLayer", "y", y, activation_dtype_, device_, {tokens, d_model});
+  const int64_t tokens =
+      expect_moe_forward_io("MoeEpLayer", context, device_, x, y, config_.d_model, activation_dtype_, max_tokens_);
   check_weights(weights, activation_dtype_, "weights");
   has_forward_ = false;
   tokens_ = tokens;

@@ -21,6 +21,19 @@ void expect_moe_tensor(const char* owner, const char* what, const Tensor& tensor
            tensor.describe());
 }
 
+int64_t expect_moe_forward_io(const char* owner, const ExecContext& context, DeviceKind device, const Tensor& x,
+                              const Tensor& y, int64_t d_model, DType dtype, int64_t max_tokens) {
+  SY_CHECK(context.device == device, owner, "::forward: context is on ", device_kind_name(context.device),
+           ", the layer on ", device_kind_name(device));
+  SY_CHECK(x.rank == 2, owner, "::forward: x must be [T, D], got ", x.describe());
+  const int64_t tokens = x.dim(0);
+  SY_CHECK(tokens >= 1 && tokens <= max_tokens, owner, "::forward: ", tokens, " tokens, the layer holds 1 to ",
+           max_tokens);
+  expect_moe_tensor(owner, "x", x, dtype, device, {tokens, d_model});
+  expect_moe_tensor(owner, "y", y, dtype, device, {tokens, d_model});
+  return tokens;
+}
+
 void expect_moe_weights(const char* owner, const MoeLayerConfig& config, int64_t experts_held,
                         const MoeWeights& weights, DType dtype, DeviceKind device, const char* what) {
   const int64_t d_model = config.d_model;
