@@ -4,7 +4,8 @@
 # layer (SonicMoE's five shapes and the seed's against dense, stage breakdowns at 8,192 and 65,536
 # tokens; with --anchors the PyTorch layer anchors beside them), the step-time breakdown of the
 # three throughput configs (with their sub-stages; bench-1gpu again with parallel.deterministic:
-# true, i.e. without cuDNN's atomic attention backward), the optimizer's passes and the other
+# true, i.e. without cuDNN's atomic attention backward; bench-large-1gpu again with the weight
+# gradients' direct stores, SWITCHYARD_SM90_STORE=direct), the optimizer's passes and the other
 # memory-bound passes alone (bench optimizer, bench passes), a short bench-large-1gpu run (does it
 # fit, tokens/s, MFU), the shared experts' second stream on and off, run-to-run determinism,
 # bench-1gpu's 73,728-token step as 1 x 72 and 2 x 36 sequences instead of 3 x 24 (fewer
@@ -135,6 +136,18 @@ if runs profile 60; then
     note "profile bench-1gpu, parallel.deterministic=true: $(grep -m1 'MFU = ' \
       "$out/profile-bench-1gpu-deterministic.log" | sed 's/.*= //'); core backward (default, deterministic): $(grep \
       -h 'attention core backward' "$out/profile-bench-1gpu.log" "$out/profile-bench-1gpu-deterministic.log" |
+      tr -s ' ' | tr '\n' ';')"
+  fi
+  # bench-large-1gpu with the weight gradients' direct stores (128 x 256 tiles, red.global.add on
+  # the accumulating micro-steps) against the default staged 128 x 128 tiles: compare the MoE
+  # backward's "weight grad" rows (ms and TFLOP/s) with profile-bench-large-1gpu.log's.
+  if [ "$(left)" -ge 60 ]; then
+    SWITCHYARD_SM90_STORE=direct timeout "$(cap 150)" "$binary" train configs/bench-large-1gpu.yaml \
+      --profile-steps 3 --set "logging.run_dir=$(run_dir profile-large-direct)" 2>&1 |
+      sed -u '/step profile ->/q' > "$out/profile-bench-large-1gpu-direct.log"
+    note "profile bench-large-1gpu, SWITCHYARD_SM90_STORE=direct: $(grep -m1 'MFU = ' \
+      "$out/profile-bench-large-1gpu-direct.log" | sed 's/.*= //'); weight grads (default, direct): $(grep -h \
+      'weight grad [12]' "$out/profile-bench-large-1gpu.log" "$out/profile-bench-large-1gpu-direct.log" |
       tr -s ' ' | tr '\n' ';')"
   fi
   # The optimizer's passes alone at bench-1gpu's parameter count (ms and GB/s against the HBM).

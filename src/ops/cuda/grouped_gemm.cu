@@ -163,8 +163,10 @@ void grouped_gemm_weight_grad(const Tensor& a, const Tensor& g, const Tensor& ex
     sm90::Options options = sm90_options(row_tokens, rows);
     options.accumulate = accumulate;
     // Accumulating, the TMA unit reduce-adds the tiles: the storer warps' read-add-write stalls
-    // on each load (profiled: bench-1gpu's MoE backward 33.5 -> 46.2 ms through them).
-    if (accumulate) options.store = sm90::Store::tma;
+    // on each load (profiled: bench-1gpu's MoE backward 33.5 -> 46.2 ms through them). The direct
+    // store (SWITCHYARD_SM90_STORE=direct) reduce-adds from registers (red.global.add): kept, for
+    // comparison with its wider 128 x 256 tiles.
+    if (accumulate && options.store == sm90::Store::warps) options.store = sm90::Store::tma;
     return sm90::grouped_gemm_weight_grad(a, g, expert_offsets, grad_b, options, stream);
   }
   cudaStream_t cuda_stream = as_stream(stream);

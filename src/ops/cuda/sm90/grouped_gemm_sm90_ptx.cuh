@@ -154,6 +154,12 @@ __device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t so
                : "memory");
 }
 
+// *address += (x, y) at the L2, fire-and-forget (no value returned, so the warp does not wait for it):
+// red.global.add.v2.f32, sm_90 and later; address 8-byte aligned.
+__device__ __forceinline__ void red_add_f32x2(float* address, float x, float y) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(address), "f"(x), "f"(y) : "memory");
+}
+
 __device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
 
 // Waits until all but the newest kPending committed bulk-store groups have read their

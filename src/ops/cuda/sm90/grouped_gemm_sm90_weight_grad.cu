@@ -6,9 +6,10 @@
 // n-tile) is 128 rows of dB_e x block_n columns; its reduction runs over segment e in 64-row stages. Both operands are MN-major in shared memory (A^T: the M values of
 // one row of A are contiguous; G: the N values are), which wgmma reads with its transpose bits.
 //
-// Epilogue (pipelined): direct st.global of the fragments, or (tma, the default) the fp32 tile is
-// written to swizzled shared memory and stored by TMA bulk stores that drain while the consumers
-// already run the next tile's mainloop (grouped_gemm_sm90.h says why). Shared-memory layout of
+// Epilogue (pipelined): direct st.global of the fragments (red.global.add accumulating), or (tma,
+// the default) the fp32 tile is written to swizzled shared memory and stored by TMA bulk stores
+// that drain while the consumers already run the next tile's mainloop (grouped_gemm_sm90.h says
+// why). Shared-memory layout of
 // one warpgroup's 64 x 128 staging: four 64 x 32 fp32 boxes of 8 KiB, row r of a box at 128 * r,
 // its 16-byte unit u at position u ^ (r % 8) (the TMA's 128-byte swizzle); a warp's float2
 // fragment writes then hit every bank exactly twice (the minimum for 256 bytes).
@@ -44,7 +45,10 @@ __device__ __forceinline__ void load_weight_grad_stage(const CUtensorMap* map_a,
 }
 
 // Writes one consumer warpgroup's 64 x kBlockN fp32 fragment tile (rows from `row0`, columns from
-// `n0`) of dB_e: each quad of threads writes a full 32-byte sector per row.
+// `n0`) of dB_e: each quad of threads writes a full 32-byte sector per row. Accumulating, each pair
+// goes to the L2 as a vector reduce-add (red.global.add.v2.f32): the warps go on to the next tile
+// without waiting for a load of the old values, and each element still gets exactly one add per
+// call (deterministic).
 template <int kBlockN>
 __device__ __forceinline__ void store_weight_grad_tile(const float (&acc)[kBlockN / 2], float* grad_expert, int row0,
                                                        int n0, int m, int n, bool accumulate, int thread_in_warpgroup) {
@@ -55,17 +59,15 @@ __device__ __forceinline__ void store_weight_grad_tile(const float (&acc)[kBlock
   for (int j = 0; j < kBlockN / 8; ++j) {
     const int column = n0 + j * 8 + (lane % 4) * 2;
     if (column >= n) continue;
-    float2* upper = reinterpret_cast<float2*>(grad_expert + int64_t(row) * n + column);
-    float2* lower = reinterpret_cast<float2*>(grad_expert + int64_t(row + 8) * n + column);
-    float2 upper_value = make_float2(acc[4 * j], acc[4 * j + 1]);
-    float2 lower_value = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+    float* upper = grad_expert + int64_t(row) * n + column;
+    float* lower = grad_expert + int64_t(row + 8) * n + column;
     if (accumulate) {
-      const float2 upper_old = *upper, lower_old = *lower;
-      upper_value = make_float2(upper_old.x + upper_value.x, upper_old.y + upper_value.y);
-      lower_value = make_float2(lower_old.x + lower_value.x, lower_old.y + lower_value.y);
+      red_add_f32x2(upper, acc[4 * j], acc[4 * j + 1]);
+      red_add_f32x2(lower, acc[4 * j + 2], acc[4 * j + 3]);
+    } else {
+      *reinterpret_cast<float2*>(upper) = make_float2(acc[4 * j], acc[4 * j + 1]);
+      *reinterpret_cast<float2*>(lower) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
     }
-    *upper = upper_value;
-    *lower = lower_value;
   }
 }
 
