@@ -51,7 +51,7 @@ enum RouterSum : int {
 
 // Doubles of CUDA scratch one call needs (per-block partials); callers keep it alive across calls
 // on the same stream.
-constexpr int64_t kRouterSumsScratchDoubles = 4 * 128;
+constexpr int64_t kRouterSumsScratchDoubles = 4 * 512;
 
 // The sizes of one call: T tokens, E experts, K choice columns.
 struct RouterSumsShape {

@@ -2,9 +2,11 @@
 //
 // Two kernels on the caller's stream, no host synchronization, no atomics:
 //   1. token_terms: a grid of up to kMaxBlocks blocks, one warp per token (warp w of block b takes
-//      tokens b * warps + w, then a grid's worth further; lanes stride over the E logits), accumulates
-//      the token's entropy and its
-//      kept choices' gates in double, and reduces them in a fixed tree into scratch[4 b .. 4 b + 2].
+//      tokens b * warps + w, then a grid's worth further; lanes stride over the E logits, lane j
+//      looks at choice column j). Each lane sums its share of the warp's tokens in double (entropy
+//      terms, kept choices, their gates); the warp reduces them once, after its last token, and
+//      the block in a fixed order into scratch[4 b .. 4 b + 2]. (One reduction per token instead
+//      cost 30 shuffles a token.)
 //   2. finish: one block adds the partials in block order and the per-layer scalars (T, choices,
 //      drops, losses) and expert counts to the accumulator.
 // Work is T * E exponentials; at T = 16k, E = 64 that is ~1M, a few microseconds.
@@ -42,28 +44,27 @@ __device__ double warp_sum(double value) {
 __global__ void __launch_bounds__(kThreads) token_terms_kernel(TokenTermsArgs args) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int capacity = args.scalars[kCapacity];
-  double entropy = 0.0, kept = 0.0, kept_gates = 0.0;  // this warp's tokens (valid in lane 0 after the sums)
+  double entropy = 0.0, kept = 0.0, kept_gates = 0.0;  // this lane's share of the warp's tokens
   for (int token = blockIdx.x * kWarps + warp; token < args.tokens; token += gridDim.x * kWarps) {
     const float lse = args.logsumexp[token];
     const float* row = args.logits + size_t(token) * size_t(args.experts);
-    double token_entropy = 0.0;
     for (int expert = lane; expert < args.experts; expert += 32) {
       const float gap = lse - row[expert];  // -ln p >= 0 (up to rounding)
-      token_entropy += double(expf(-gap) * gap);
+      entropy += double(expf(-gap) * gap);
     }
-    entropy += warp_sum(token_entropy);
-    // Lane j looks at choice j (K <= 32); the shuffles stay outside the branch (full-warp masks).
-    bool is_kept = false;
-    double gate = 0.0;
-    if (lane < args.choices) {
+    if (lane < args.choices) {  // lane j looks at choice j (K <= 32)
       const size_t index = size_t(token) * size_t(args.choices) + size_t(lane);
       const int expert = args.expert_ids[index], slot = args.slots[index];
-      is_kept = expert >= 0 && slot >= 0 && slot < capacity;
-      gate = is_kept ? double(args.gates[index]) : 0.0;
+      if (expert >= 0 && slot >= 0 && slot < capacity) {
+        kept += 1.0;
+        kept_gates += double(args.gates[index]);
+      }
     }
-    kept += warp_sum(is_kept ? 1.0 : 0.0);
-    kept_gates += warp_sum(gate);
   }
+  // Full-warp shuffles, after the loop (every lane reaches them).
+  entropy = warp_sum(entropy);
+  kept = warp_sum(kept);
+  kept_gates = warp_sum(kept_gates);
   __shared__ double warp_terms[kWarps][kTerms];
   if (lane == 0) {
     warp_terms[warp][0] = entropy;
