@@ -428,11 +428,15 @@ void Transformer::ffn_sublayer_forward(const ExecContext& context, const ModelPa
     block.moe->forward(context, normed2, weights, args, moe_out);
     if (recompute) return;  // the step loads and the taps saw this forward the first time
     if (training) {  // this step's expert loads (the router bias update reads them)
-      Tensor loads = step_loads_row(block.moe_ordinal);
-      ops::accumulate_expert_load(context, block.moe->routing().expert_counts, loads);
+      stage(context, "step loads", [&] {
+        Tensor loads = step_loads_row(block.moe_ordinal);
+        ops::accumulate_expert_load(context, block.moe->routing().expert_counts, loads);
+      });
     }
     // Analysis taps (router statistics, specialization maps): a no-op unless one is installed.
-    notify_routing(context, block.moe_ordinal, training, block.moe->routing(), block.moe->router_logits());
+    stage(context, "routing taps", [&] {
+      notify_routing(context, block.moe_ordinal, training, block.moe->routing(), block.moe->router_logits());
+    });
   });
   if (block.has_shared_experts()) side.join();
   if (recompute) return;
