@@ -2,7 +2,7 @@
 # One GPU's measurement set, as docs/PERFORMANCE.md reports it: build, every CUDA test, the routing
 # benchmark, ncu on the two routing cases' kernel (occupancy, issue and stall figures), the MoE
 # layer (SonicMoE's five shapes and the seed's against dense, stage breakdowns at 8,192 and 65,536
-# tokens; with --anchors the PyTorch layer anchors beside them), the step-time breakdown of the
+# tokens and at SonicMoE's shapes; with --anchors the PyTorch layer anchors beside them), the step-time breakdown of the
 # three throughput configs (with their sub-stages; bench-1gpu again with parallel.deterministic:
 # true, i.e. without cuDNN's atomic attention backward; bench-large-1gpu again with the weight
 # gradients' direct stores, SWITCHYARD_SM90_STORE=direct), the optimizer's passes and the other
@@ -119,6 +119,11 @@ if runs layer 60; then
       > "$out/layer-breakdown-$tokens.log" 2>&1
     note "layer breakdown $tokens: rc $? (layer-breakdown-$tokens.log)"
   done
+  # Where the time goes at SonicMoE's five shapes (stage times and each GEMM's TFLOP/s).
+  if [ "$(left)" -ge 60 ]; then
+    timeout "$(cap 180)" "$binary" bench moe --breakdown --shape sonic --iters 10 > "$out/layer-breakdown-sonic.log" 2>&1
+    note "layer breakdown sonic: rc $? (layer-breakdown-sonic.log)"
+  fi
 fi
 if runs profile 60; then
   for config in bench-1gpu finegrained-1gpu bench-large-1gpu; do

@@ -273,12 +273,17 @@ void report_routing(const std::vector<RoutingTiming>& timings, std::vector<Recor
 
 // ---- 5, 6. The detailed modes (bench_moe_modes.h: they time, print and record in one) ---------
 
-void run_detailed_modes(const BenchSettings& settings, const BenchMoeOptions& options, std::vector<Record>& records) {
-  // 5. Per-stage breakdown of one shape: where the layer's time goes.
+void run_detailed_modes(const BenchSettings& settings, const BenchMoeOptions& options,
+                        const std::vector<LayerShape>& shapes, std::vector<Record>& records) {
+  // 5. Per-stage breakdown: where the layer's time goes, at the --shape shapes or the seed's.
   if (options.breakdown) {
-    const LayerShape shape = options.quick ? LayerShape{"breakdown", options.breakdown_tokens, 32, 64, 4, 1}
-                                           : LayerShape{"breakdown", options.breakdown_tokens, 768, 3072, 32, 1};
-    run_breakdown(settings, shape, records);
+    if (!shapes.empty()) {
+      for (const LayerShape& shape : shapes) run_breakdown(settings, shape, records);
+    } else {
+      const LayerShape shape = options.quick ? LayerShape{"breakdown", options.breakdown_tokens, 32, 64, 4, 1}
+                                             : LayerShape{"breakdown", options.breakdown_tokens, 768, 3072, 32, 1};
+      run_breakdown(settings, shape, records);
+    }
   }
   // 6. Streaming mode: small batches, one graph replay per step.
   if (options.stream) {
@@ -309,13 +314,13 @@ int command_bench_moe(int argc, char** argv) {
   if (options->wants("dense-mode")) report_dense_mode(time_dense_mode(settings, options->quick), records);
   if (options->wants("large")) report_large_layer(time_large_layer(settings, options->quick), records);
   if (options->wants("routing")) report_routing(time_routing(settings, options->quick), records);
-  if (!options->shape_spec.empty()) {
-    const std::vector<LayerShape> shapes = options->quick ? std::vector<LayerShape>{{"quick_shape", 256, 64, 64, 8, 2,
-                                                                                   ExpertActivation::swiglu}}
-                                                          : parse_shape_spec(options->shape_spec);
-    run_shapes(settings, shapes, records);
-  }
-  run_detailed_modes(settings, *options, records);
+  std::vector<LayerShape> shapes;
+  if (!options->shape_spec.empty())
+    shapes = options->quick ? std::vector<LayerShape>{{"quick_shape", 256, 64, 64, 8, 2, ExpertActivation::swiglu}}
+                            : parse_shape_spec(options->shape_spec);
+  // --shape alone: the table of those shapes; with --breakdown: the stage breakdown at each instead.
+  if (!shapes.empty() && !options->breakdown) run_shapes(settings, shapes, records);
+  run_detailed_modes(settings, *options, shapes, records);
   destroy_stream(settings.context.device, settings.context.stream);
   write_json_records(options->json_file, records);
   return kExitOk;

@@ -89,9 +89,12 @@ void run_breakdown(const BenchSettings& settings, const LayerShape& shape, std::
     return 0.0;
   };
 
-  std::printf("\nStage breakdown, %lld tokens, d%d ff%d E%d top-%d (%s, %s), us (median of %d, %s)\n",
+  char label[96];  // T,d,n,E,K,act: tells the records of several shapes apart
+  std::snprintf(label, sizeof(label), "%lld,%d,%d,%d,%d,%s", (long long)shape.tokens, shape.d_model, shape.d_ff,
+                shape.experts, shape.top_k, expert_activation_name(shape.activation));
+  std::printf("\nStage breakdown, %lld tokens, d%d ff%d E%d top-%d %s (%s, %s), us (median of %d, %s)\n",
               (long long)shape.tokens, shape.d_model, shape.d_ff, shape.experts, shape.top_k,
-              context.device == DeviceKind::cuda ? "cuda" : "cpu", dtype_name(settings.activation_dtype),
+              expert_activation_name(shape.activation), context.device == DeviceKind::cuda ? "cuda" : "cpu", dtype_name(settings.activation_dtype),
               settings.iterations, context.device == DeviceKind::cuda ? "device events" : "host clock");
   std::printf("expert rows: %lld padded rows hold %lld choices (%.2fx); buffers sized for %lld rows\n",
               (long long)stats.padded_rows, (long long)stats.total_choices,
@@ -109,6 +112,7 @@ void run_breakdown(const BenchSettings& settings, const LayerShape& shape, std::
     else std::printf("%9s\n", "");
     Record record;
     record.add("part", "breakdown");
+    record.add("shape", label);
     record.add("tokens", double(shape.tokens));
     record.add("pass", slot.pass);
     record.add("stage", slot.stage);
@@ -125,6 +129,7 @@ void run_breakdown(const BenchSettings& settings, const LayerShape& shape, std::
               dense_forward * 1e3, dense_both * 1e3, whole_forward / dense_forward, whole_both / dense_both);
   Record summary;
   summary.add("part", "breakdown-total");
+  summary.add("shape", label);
   summary.add("tokens", double(shape.tokens));
   summary.add("stages_fwd_us", pass_sums[0] * 1e3);
   summary.add("stages_bwd_us", pass_sums[1] * 1e3);

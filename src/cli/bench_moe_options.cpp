@@ -26,13 +26,15 @@ std::optional<BenchMoeOptions> parse_bench_moe_options(int argc, char** argv) {
   parser.add_option("only", "LIST", "comma list of parts: seed,dense-mode,large,routing", "seed,dense-mode,large,routing");
   parser.add_flag("quick", "tiny shapes (a smoke test; runs on CPU too)");
   parser.add_flag("breakdown", "time each stage of the layer's forward and backward (alone, unless --only is given)");
-  parser.add_option("breakdown-tokens", "N", "tokens of the --breakdown shape (d768 ff3072 E32 top-1)", "8192");
+  parser.add_option("breakdown-tokens", "N",
+                    "tokens of the --breakdown shape (d768 ff3072 E32 top-1; with --shape, its shapes instead)", "8192");
   parser.add_flag("stream", "streaming mode: small-batch forward replayed from a CUDA graph (alone, unless --only)");
   parser.add_option("stream-tokens", "LIST", "token counts of --stream (d768 ff3072 E32 top-1)", "1,8,32,64");
   parser.add_option("stream-steps", "N", "timed steps per --stream token count", "1000");
   parser.add_option("shape", "SPEC",
                     "the layer at T,d,n,E,K[,act] (act swiglu|gelu, default swiglu) or 'sonic' (SonicMoE's five\n"
-                    "H100 shapes): fwd/bwd TFLOP/s, memory kept for backward, ratio to dense (alone, unless --only)");
+                    "H100 shapes): fwd/bwd TFLOP/s, memory kept for backward, ratio to dense (alone, unless --only);\n"
+                    "with --breakdown, the stage breakdown at each of these shapes instead");
   if (!parser.parse(argc, argv)) return std::nullopt;
 
   BenchMoeOptions options;
@@ -64,6 +66,8 @@ std::optional<BenchMoeOptions> parse_bench_moe_options(int argc, char** argv) {
     options.shape_spec = parser.get("shape");
     SY_CHECK_INPUT(!options.shape_spec.empty(), "--shape needs T,d,n,E,K[,act] or 'sonic'");
     parse_shape_spec(options.shape_spec);  // a bad spec fails here, before any set-up
+    SY_CHECK_INPUT(!parser.has("breakdown-tokens"),
+                   "--breakdown-tokens and --shape both name the breakdown's shape: give one (T is --shape's first field)");
   }
   // --breakdown, --stream or --shape alone runs only that; with --only it joins the parts named there.
   const bool alone = (options.breakdown || options.stream || !options.shape_spec.empty()) && !parser.has("only");

@@ -25,6 +25,15 @@ done
 grep -q "sum of stages" "$work/breakdown.txt" || fail "--breakdown prints no sum-vs-whole line"
 grep -q '"part": "seed"' "$work/breakdown.jsonl" && fail "--breakdown alone must not run the other parts"
 grep -q "48 tokens" "$work/breakdown.txt" || fail "--breakdown-tokens was ignored"
+# --breakdown with --shape: the breakdown at that shape (--quick: its tiny stand-in), no shape table.
+"$binary" bench moe --quick --device cpu --iters 2 --warmup 1 --breakdown --shape 512,64,64,8,2 \
+  --json "$work/breakdown-shape.jsonl" > "$work/breakdown-shape.txt" 2>&1 ||
+  { cat "$work/breakdown-shape.txt"; fail "--breakdown --shape exited non-zero"; }
+grep -q "Stage breakdown, .* swiglu" "$work/breakdown-shape.txt" || fail "--breakdown --shape: no swiglu breakdown"
+grep -q '"part": "shape"' "$work/breakdown-shape.jsonl" && fail "--breakdown --shape must not print the shape table"
+grep -q '"shape": "' "$work/breakdown-shape.jsonl" || fail "--breakdown records name their shape"
+"$binary" bench moe --quick --device cpu --breakdown --shape sonic --breakdown-tokens 64 > /dev/null 2>&1
+[ $? -eq 2 ] || fail "--breakdown-tokens with --shape must exit 2"
 
 "$binary" bench moe --device cpu > "$work/err.txt" 2>&1
 [ $? -eq 2 ] || fail "bench moe on CPU without --quick must exit 2"
