@@ -25,6 +25,7 @@
 #include "src/core/device.h"
 #include "src/core/error.h"
 #include "src/train/config.h"
+#include "src/train/step_profiler.h"
 #include "src/train/weights_file.h"
 #include "src/train/weights_source.h"
 
@@ -149,6 +150,21 @@ int command_report(int argc, char** argv) {
       inputs.specialization_source = "the first " + std::to_string(tokens.size()) + " tokens of " + text;
       if (parser.has("specialization-json"))
         write_text_file(parser.get("specialization-json"), map->json() + "\n", "specialization JSON");
+    }
+  }
+
+  // The step time breakdown, when the run was profiled (train --profile-steps writes profile.json).
+  const std::string profile_path = (fs::path(run_dir) / "profile.json").string();
+  if (!fs::exists(profile_path, status)) {
+    inputs.step_profile_missing_reason = "the run has no profile.json (train --profile-steps N writes one).";
+  } else {
+    try {
+      ProfileFlops flops;
+      const std::vector<StepProfile> profiles =
+          parse_step_profile_json(read_text_file(profile_path), profile_path, flops);
+      inputs.step_profile = format_step_profile(profiles, flops);
+    } catch (const Error& error) {  // a broken profile costs its section, not the report
+      inputs.step_profile_missing_reason = std::string(profile_path) + " could not be read: " + error.what();
     }
   }
 

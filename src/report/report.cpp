@@ -426,6 +426,13 @@ std::string build_report_html(const ReportInputs& inputs) {
     out << "<h2>Router bias (aux-loss-free balancing)</h2>\n" << router_bias_section(*inputs.history);
   out << "<h2>Router statistics</h2>\n" << router_section(*inputs.history);
   out << "<h2>Expert specialization</h2>\n" << specialization_section(inputs);
+  out << "<h2>Step time breakdown</h2>\n";
+  if (inputs.step_profile.empty())
+    out << "<p class=\"note\">Not profiled: " << escape(inputs.step_profile_missing_reason) << "</p>\n";
+  else
+    out << "<p class=\"note\">Device time per optimizer step by part and by stage, from <code>profile.json</code> "
+           "(docs/TRAINING.md, \"Step time breakdown\").</p>\n<pre>"
+        << escape(inputs.step_profile) << "</pre>\n";
   out << "<p class=\"note\">Written by <code>switchyard report</code>; docs/ANALYTICS.md explains every number.</p>\n"
       << "</body>\n</html>\n";
   return out.str();

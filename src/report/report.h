@@ -14,7 +14,9 @@
 //     table of the latest values, when the metrics carry them;
 //   - the expert specialization map (src/report/specialization.h), when one was computed:
 //     heatmaps of lift by byte class, by position in the window and by the preceding byte's
-//     class, and the text table.
+//     class, and the text table;
+//   - the step time breakdown of `train --profile-steps` (the run's profile.json), when there is one.
+// docs/ANALYTICS.md ("The run report") describes each section for users.
 #pragma once
 
 #include <cstdint>
@@ -34,6 +36,10 @@ struct ReportInputs {
   const SpecializationMap* specialization = nullptr;  // nullptr: the section explains why it is missing
   std::string specialization_source;                  // "the first 16384 tokens of data/val.bin"
   std::string specialization_missing_reason;
+  // The step time breakdown as `train --profile-steps` prints it (format_step_profile of the run's
+  // profile.json); empty: the section says why, from step_profile_missing_reason.
+  std::string step_profile;
+  std::string step_profile_missing_reason;
 };
 
 std::string build_report_html(const ReportInputs& inputs);

@@ -258,4 +258,36 @@ std::string step_profile_json(const std::vector<StepProfile>& profiles, const Pr
   return out.str();
 }
 
+std::vector<StepProfile> parse_step_profile_json(const std::string& text, const std::string& source,
+                                                 ProfileFlops& flops) {
+  const json::Value root = json::parse(text, source);
+  flops.tokens_per_step = root.at("tokens_per_step", source).as_double(source + ": tokens_per_step");
+  flops.flops_per_token = root.at("flops_per_token", source).as_double(source + ": flops_per_token");
+  flops.step_seconds = root.at("step_seconds", source).as_double(source + ": step_seconds");
+  flops.peak_flops = root.at("peak_flops", source).as_double(source + ": peak_flops");
+  std::vector<StepProfile> profiles;
+  for (const json::Value& step : root.at("steps", source).as_array(source + ": steps")) {
+    const std::string where = source + ": step " + std::to_string(profiles.size());
+    StepProfile profile;
+    profile.step = step.at("step", where).as_int64(where + ": step");
+    profile.device_ms = step.at("device_ms", where).as_double(where + ": device_ms");
+    auto read_times = [&](const char* key, bool substages, std::vector<StageTime>& list) {
+      for (const json::Value& entry : step.at(key, where).as_array(where + ": " + key)) {
+        const std::string at = where + ": " + key + "[" + std::to_string(list.size()) + "]";
+        StageTime time;
+        time.stage = entry.at("stage", at).as_string(at + ": stage");
+        time.ms = entry.at("ms", at).as_double(at + ": ms");
+        time.count = int(entry.at("count", at).as_int64(at + ": count"));
+        if (substages) time.parent = entry.at("parent", at).as_string(at + ": parent");
+        time.flops = entry.number_or("flops", 0.0);  // absent in profiles written before it was counted
+        list.push_back(time);
+      }
+    };
+    read_times("stages", false, profile.stages);
+    if (step.has("substages")) read_times("substages", true, profile.substages);
+    profiles.push_back(profile);
+  }
+  return profiles;
+}
+
 }  // namespace switchyard

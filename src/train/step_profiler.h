@@ -91,5 +91,9 @@ struct ProfileFlops {
 // of the stage no sub-stage covers); and the same as one JSON object.
 std::string format_step_profile(const std::vector<StepProfile>& profiles, const ProfileFlops& flops);
 std::string step_profile_json(const std::vector<StepProfile>& profiles, const ProfileFlops& flops);
+// The inverse, for profile.json read back (`switchyard report`): the steps and the MFU parts.
+// SY_BAD_INPUT naming `source` and the field when the text is not such a profile.
+std::vector<StepProfile> parse_step_profile_json(const std::string& text, const std::string& source,
+                                                 ProfileFlops& flops);
 
 }  // namespace switchyard

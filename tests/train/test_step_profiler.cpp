@@ -229,4 +229,33 @@ TEST(StepProfiler, SubStagesReportTheirMatmulFlops) {
   EXPECT_NE(text.find("\"flops\": "), std::string::npos) << text;
 }
 
+// profile.json read back (`switchyard report`): the same steps, stages, sub-stages and FLOPs, so
+// the same table; text that is not a profile is refused naming the file and the field.
+TEST(StepProfiler, ProfileJsonReadsBackToTheSameTable) {
+  const StepProfile profile = profile_one_step(RecomputeMode::none);
+  ProfileFlops flops;
+  flops.tokens_per_step = 12;
+  flops.flops_per_token = 3.5e6;
+  flops.step_seconds = 0.25;
+  flops.peak_flops = 989e12;
+  const std::string text = step_profile_json({profile, profile}, flops);
+  ProfileFlops read_flops;
+  const std::vector<StepProfile> read = parse_step_profile_json(text, "profile.json", read_flops);
+  ASSERT_EQ(read.size(), 2u);
+  EXPECT_EQ(read[0].stages.size(), profile.stages.size());
+  EXPECT_EQ(read[0].substages.size(), profile.substages.size());
+  EXPECT_EQ(read_flops.peak_flops, flops.peak_flops);
+  EXPECT_EQ(format_step_profile(read, read_flops), format_step_profile({profile, profile}, flops));
+  try {
+    parse_step_profile_json("{\"tokens_per_step\": 1, \"flops_per_token\": 1, \"step_seconds\": 1, "
+                            "\"peak_flops\": 0, \"steps\": [{\"step\": 1}]}",
+                            "runs/x/profile.json", read_flops);
+    FAIL() << "a step without device_ms was accepted";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("runs/x/profile.json"), std::string::npos) << error.what();
+    EXPECT_NE(std::string(error.what()).find("device_ms"), std::string::npos) << error.what();
+  }
+  EXPECT_THROW(parse_step_profile_json("not json", "p.json", read_flops), Error);
+}
+
 }  // namespace
