@@ -156,7 +156,8 @@ int command_report(int argc, char** argv) {
   // The step time breakdown, when the run was profiled (train --profile-steps writes profile.json).
   const std::string profile_path = (fs::path(run_dir) / "profile.json").string();
   if (!fs::exists(profile_path, status)) {
-    inputs.step_profile_missing_reason = "the run has no profile.json (train --profile-steps N writes one).";
+    inputs.step_profile_missing_reason =
+        "not profiled: the run has no profile.json (train --profile-steps N writes one).";
   } else {
     try {
       ProfileFlops flops;
@@ -164,7 +165,7 @@ int command_report(int argc, char** argv) {
           parse_step_profile_json(read_text_file(profile_path), profile_path, flops);
       inputs.step_profile = format_step_profile(profiles, flops);
     } catch (const Error& error) {  // a broken profile costs its section, not the report
-      inputs.step_profile_missing_reason = std::string(profile_path) + " could not be read: " + error.what();
+      inputs.step_profile_missing_reason = "not shown: " + error.message();  // names the file and the field
     }
   }
 

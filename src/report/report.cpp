@@ -428,7 +428,7 @@ std::string build_report_html(const ReportInputs& inputs) {
   out << "<h2>Expert specialization</h2>\n" << specialization_section(inputs);
   out << "<h2>Step time breakdown</h2>\n";
   if (inputs.step_profile.empty())
-    out << "<p class=\"note\">Not profiled: " << escape(inputs.step_profile_missing_reason) << "</p>\n";
+    out << "<p class=\"note\">" << escape(inputs.step_profile_missing_reason) << "</p>\n";
   else
     out << "<p class=\"note\">Device time per optimizer step by part and by stage, from <code>profile.json</code> "
            "(docs/TRAINING.md, \"Step time breakdown\").</p>\n<pre>"

@@ -37,7 +37,7 @@ struct ReportInputs {
   std::string specialization_source;                  // "the first 16384 tokens of data/val.bin"
   std::string specialization_missing_reason;
   // The step time breakdown as `train --profile-steps` prints it (format_step_profile of the run's
-  // profile.json); empty: the section says why, from step_profile_missing_reason.
+  // profile.json); empty: the section shows step_profile_missing_reason ("not profiled: ...").
   std::string step_profile;
   std::string step_profile_missing_reason;
 };

@@ -289,9 +289,9 @@ TEST(Report, HtmlHasEverySectionAndNoScripts) {
   EXPECT_TRUE(balanced_xml(html.substr(body, body_end + 7 - body))) << html;
   inputs.specialization = nullptr;
   inputs.specialization_missing_reason = "no weights";
-  inputs.step_profile_missing_reason = "no profile.json";
+  inputs.step_profile_missing_reason = "not profiled: no profile.json";
   EXPECT_NE(build_report_html(inputs).find("Not computed: no weights"), std::string::npos);
-  EXPECT_NE(build_report_html(inputs).find("Not profiled: no profile.json"), std::string::npos);
+  EXPECT_NE(build_report_html(inputs).find("not profiled: no profile.json"), std::string::npos);
   inputs.step_profile = "step profile: a <table>\n";  // shown as text, escaped
   const std::string with_profile = build_report_html(inputs);
   EXPECT_NE(with_profile.find("<h2>Step time breakdown</h2>"), std::string::npos);
