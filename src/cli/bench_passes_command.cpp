@@ -38,7 +38,7 @@ std::optional<Options> parse_options(int argc, char** argv) {
                    "Time the memory-bound passes of a training step alone (norms, rotary, activations, the\n"
                    "residual add) at one micro-step's shape: ms, the least bytes each must move, GB/s.");
   parser.add_option("device", "auto|cpu|cuda", "where to run (cpu: only with --quick)", "auto");
-  parser.add_option("tokens", "N", "tokens per micro-step (default: bench-1gpu's 24 x 1024)", "24576");
+  parser.add_option("tokens", "N", "tokens per micro-step (bench-1gpu's: 24 x 1024)", "24576");
   parser.add_option("d-model", "N", "model width", "768");
   parser.add_option("heads", "N", "attention heads (rotary: head dim = d-model / heads)", "12");
   parser.add_option("d-ff", "N", "FFN width of the activation passes", "3072");
