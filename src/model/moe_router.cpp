@@ -246,20 +246,12 @@ void MoeRouter::add_input_gradient(const ExecContext& context, const Tensor& rou
 
 // ---- Host reads ------------------------------------------------------------------------------
 
-Tensor RoutingLossesReadout::destination(DType float_dtype) {
-  SY_CHECK(float_dtype == DType::f32 || float_dtype == DType::f64, "RoutingLossesReadout: losses are f32 or f64, not ",
-           dtype_name(float_dtype));
-  void* values = float_dtype == DType::f64 ? static_cast<void*>(f64_values) : static_cast<void*>(f32_values);
-  return Tensor(values, float_dtype, DeviceKind::cpu, {kNumRoutingLosses});
-}
-
 MoeLosses RoutingLossesReadout::losses(DType float_dtype) const {
-  auto value = [&](int index) { return float_dtype == DType::f64 ? f64_values[index] : double(f32_values[index]); };
   MoeLosses losses;
-  losses.aux_loss = value(kAuxLoss);
-  losses.z_loss = value(kZLoss);
-  losses.seq_aux_loss = value(kSeqAuxLoss);
-  losses.global_aux_loss = value(kGlobalAuxLoss);
+  losses.aux_loss = value(kAuxLoss, float_dtype);
+  losses.z_loss = value(kZLoss, float_dtype);
+  losses.seq_aux_loss = value(kSeqAuxLoss, float_dtype);
+  losses.global_aux_loss = value(kGlobalAuxLoss, float_dtype);
   losses.read = true;
   return losses;
 }

@@ -49,6 +49,7 @@
 #include "src/core/device.h"
 #include "src/model/config.h"
 #include "src/model/moe_memory.h"
+#include "src/ops/host_reads.h"
 #include "src/ops/ops.h"
 
 namespace switchyard {
@@ -132,12 +133,9 @@ struct MoeRoutingStats {
   int64_t capacity = 0, total_choices = 0, dropped_choices = 0, padded_rows = 0;
 };
 
-// Host storage for a copy of RoutingResult::losses, which holds the router's float dtype (f32, or
-// f64 on a CPU router of f64): destination() is where the copy lands, losses() reads it back.
-struct RoutingLossesReadout {
-  double f64_values[kNumRoutingLosses] = {};
-  float f32_values[kNumRoutingLosses] = {};
-  Tensor destination(DType float_dtype);
+// Host storage for a copy of RoutingResult::losses, in the router's float dtype (f32, or f64 on a
+// CPU router of f64): destination() is where the copy lands, losses() reads it back.
+struct RoutingLossesReadout : HostFloats<kNumRoutingLosses> {
   MoeLosses losses(DType float_dtype) const;
 };
 

@@ -502,12 +502,8 @@ TransformerActivationMemory Transformer::activation_memory() const {
 TransformerStats Transformer::read_stats(const ExecContext& context) const {
   // Every statistic in one read with one wait (src/ops/host_reads.h), not a wait per tensor.
   stat_reads_.clear();
-  double summary[kNumCrossEntropySummary] = {};
-  float summary_float[kNumCrossEntropySummary] = {};
-  const bool is_double = stats_dtype_ == DType::f64;
-  stat_reads_.add(loss_summary_.view(stats_dtype_, {kNumCrossEntropySummary}),
-                  Tensor(is_double ? static_cast<void*>(summary) : static_cast<void*>(summary_float), stats_dtype_,
-                         DeviceKind::cpu, {kNumCrossEntropySummary}));
+  HostFloats<kNumCrossEntropySummary> summary;
+  stat_reads_.add(loss_summary_.view(stats_dtype_, {kNumCrossEntropySummary}), summary.destination(stats_dtype_));
   std::vector<MoeStatsReadout> readouts(static_cast<size_t>(moe_block_count()));  // sized first: reads point in
   size_t next = 0;
   for (const auto& block : blocks_)
@@ -515,10 +511,8 @@ TransformerStats Transformer::read_stats(const ExecContext& context) const {
   stat_reads_.read(context);
 
   TransformerStats stats;
-  if (!is_double)
-    for (int index = 0; index < kNumCrossEntropySummary; ++index) summary[index] = summary_float[index];
-  stats.tokens = int64_t(std::llround(summary[kCrossEntropyValidTokens]));
-  stats.loss_sum = summary[kCrossEntropyMeanLoss] * double(stats.tokens);
+  stats.tokens = int64_t(std::llround(summary.value(kCrossEntropyValidTokens, stats_dtype_)));
+  stats.loss_sum = summary.value(kCrossEntropyMeanLoss, stats_dtype_) * double(stats.tokens);
   next = 0;
   for (const auto& block : blocks_)
     if (block->is_moe) stats.moe.push_back(block->moe->stats_from(readouts[next++]));

@@ -13,9 +13,27 @@
 #include <vector>
 
 #include "src/core/device.h"
+#include "src/core/error.h"
 #include "src/ops/ops.h"
 
 namespace switchyard {
+
+// Host storage for a copy of N floats kept in `dtype` on a device: f32, or f64 where the CPU
+// reference computes in double. destination(dtype) is where the copy lands (give it to HostReads
+// or ops::copy); value(index, dtype) reads it back as a double.
+template <int N>
+struct HostFloats {
+  double f64_values[N] = {};
+  float f32_values[N] = {};
+  Tensor destination(DType dtype) {
+    SY_CHECK(dtype == DType::f32 || dtype == DType::f64, "HostFloats: f32 or f64 values, not ", dtype_name(dtype));
+    void* values = dtype == DType::f64 ? static_cast<void*>(f64_values) : static_cast<void*>(f32_values);
+    return Tensor(values, dtype, DeviceKind::cpu, {N});
+  }
+  double value(int index, DType dtype) const {
+    return dtype == DType::f64 ? f64_values[index] : double(f32_values[index]);
+  }
+};
 
 class HostReads {
  public:

@@ -64,8 +64,7 @@ GradientNorms AdamWOptimizer::gradient_norms(const ExecContext& context) {
   const DeviceKind device = parameters_.device();
   const DType result_dtype = device == DeviceKind::cpu ? DType::f64 : DType::f32;
   const size_t result_bytes = size_t(kNumGradCheckResults) * dtype_size(result_dtype);
-  double values[kNumParameterGroups][kNumGradCheckResults] = {};
-  float float_values[kNumParameterGroups][kNumGradCheckResults] = {};
+  HostFloats<kNumGradCheckResults> results[kNumParameterGroups];
   bool present[kNumParameterGroups] = {};
   norm_reads_.clear();
   for (int group = 0; group < kNumParameterGroups; ++group) {
@@ -75,17 +74,13 @@ GradientNorms AdamWOptimizer::gradient_norms(const ExecContext& context) {
     Tensor result(static_cast<char*>(norm_result_.data()) + size_t(group) * result_bytes, result_dtype, device,
                   {kNumGradCheckResults});
     ops::grad_norm_and_check(context, {parameters_.grad_group(which)}, result);
-    void* host =
-        result_dtype == DType::f64 ? static_cast<void*>(values[group]) : static_cast<void*>(float_values[group]);
-    norm_reads_.add(result, Tensor(host, result_dtype, DeviceKind::cpu, {kNumGradCheckResults}));
+    norm_reads_.add(result, results[group].destination(result_dtype));
   }
   norm_reads_.read(context);  // one wait for both groups
   for (int group = 0; group < kNumParameterGroups; ++group) {
     if (!present[group]) continue;
-    if (result_dtype == DType::f32)
-      for (int index = 0; index < kNumGradCheckResults; ++index) values[group][index] = float_values[group][index];
-    norms.squared[group] = values[group][kGradSquaredNorm];
-    norms.non_finite[group] = values[group][kGradNonFiniteCount];
+    norms.squared[group] = results[group].value(kGradSquaredNorm, result_dtype);
+    norms.non_finite[group] = results[group].value(kGradNonFiniteCount, result_dtype);
   }
   return norms;
 }
