@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <fstream>
 #include <thread>
 #include <vector>
 
@@ -58,6 +59,15 @@ DeviceKind bench_device(const std::string& value, bool quick, const char* benchm
   if (device == DeviceKind::cpu && !quick)
     SY_BAD_INPUT("bench ", benchmark, " on the CPU backend runs only with --quick (the full sizes need a GPU)");
   return device;
+}
+
+void write_bench_records(const std::string& path, const std::vector<BenchRecord>& records, const char* benchmark,
+                         bool append) {
+  std::ofstream out(path, append ? std::ios::app : std::ios::trunc);
+  if (!out) SY_BAD_INPUT("bench ", benchmark, ": cannot write --json file '", path, "'");
+  for (const BenchRecord& record : records) out << record.json() << "\n";
+  out.flush();
+  if (!out) SY_THROW("bench ", benchmark, ": writing --json file '", path, "' failed");
 }
 
 double median_call_ms(const ExecContext& context, int warmup, int iterations, const std::function<void()>& fn) {

@@ -53,4 +53,10 @@ struct BenchRecord {
   }
 };
 
+// --json: `records` as JSON lines in `path`, replacing the file, or appended with `append` (bench
+// optimizer and bench passes, whose records a measurement script gathers in one file). Bad input
+// (naming `benchmark`) when the file cannot be opened; an error when a write fails.
+void write_bench_records(const std::string& path, const std::vector<BenchRecord>& records, const char* benchmark,
+                         bool append = false);
+
 }  // namespace switchyard

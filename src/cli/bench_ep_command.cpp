@@ -36,7 +36,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -432,15 +431,6 @@ void report_exchange(const BenchEpSetup& setup, const BenchEpOptions& options, c
   records.push_back(record);
 }
 
-// --json on rank 0: one record per line.
-void write_json_records(const BenchEpSetup& setup, const std::optional<std::string>& file,
-                        const std::vector<Record>& records) {
-  if (!setup.leader || !file) return;
-  std::ofstream out(*file);
-  if (!out) SY_BAD_INPUT("bench ep: cannot write --json file '", *file, "'");
-  for (const Record& record : records) out << record.json() << "\n";
-}
-
 }  // namespace
 
 int command_bench_ep(int argc, char** argv) {
@@ -457,7 +447,7 @@ int command_bench_ep(int argc, char** argv) {
   }
   ops::synchronize(setup.settings.context);
   destroy_stream(setup.settings.context.device, setup.settings.context.stream);
-  write_json_records(setup, options->json_file, records);
+  if (setup.leader && options->json_file) write_bench_records(*options->json_file, records, "ep");  // rank 0 only
   return kExitOk;
 }
 

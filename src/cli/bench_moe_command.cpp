@@ -9,7 +9,6 @@
 // soon as it is timed, so a failing part leaves the tables of the earlier ones.
 #include <algorithm>
 #include <cstdio>
-#include <fstream>
 #include <optional>
 #include <string>
 #include <vector>
@@ -294,14 +293,6 @@ void run_detailed_modes(const BenchSettings& settings, const BenchMoeOptions& op
   }
 }
 
-// --json: one record per line.
-void write_json_records(const std::optional<std::string>& file, const std::vector<Record>& records) {
-  if (!file) return;
-  std::ofstream out(*file);
-  if (!out) SY_BAD_INPUT("cannot write --json file '", *file, "'");
-  for (const Record& record : records) out << record.json() << "\n";
-}
-
 }  // namespace
 
 int command_bench_moe(int argc, char** argv) {
@@ -322,7 +313,7 @@ int command_bench_moe(int argc, char** argv) {
   if (!shapes.empty() && !options->breakdown) run_shapes(settings, shapes, records);
   run_detailed_modes(settings, *options, shapes, records);
   destroy_stream(settings.context.device, settings.context.stream);
-  write_json_records(options->json_file, records);
+  if (options->json_file) write_bench_records(*options->json_file, records, "moe");
   return kExitOk;
 }
 

@@ -6,7 +6,6 @@
 // must move and the rate, so the pass can be set against the card's memory bandwidth.
 #include <algorithm>
 #include <cstdio>
-#include <fstream>
 #include <optional>
 #include <string>
 #include <vector>
@@ -125,7 +124,7 @@ int run(const Options& options) {
       adamw_ms, adamw_bytes);
   row("both", norm_ms + adamw_ms, norm_bytes + adamw_bytes);
   if (!options.json_file.empty()) {
-    std::ofstream out(options.json_file, std::ios::app);
+    std::vector<BenchRecord> records;
     for (int pass = 0; pass < 2; ++pass) {
       BenchRecord record;
       record.add("bench", "optimizer");
@@ -135,9 +134,9 @@ int run(const Options& options) {
       record.add("ms", pass == 0 ? norm_ms : adamw_ms);
       record.add("bytes", pass == 0 ? norm_bytes : adamw_bytes);
       record.add("gb_per_s", (pass == 0 ? norm_bytes / norm_ms : adamw_bytes / adamw_ms) * 1e-6);
-      out << record.json() << "\n";
+      records.push_back(record);
     }
-    if (!out) SY_THROW("writing --json ", options.json_file, " failed");
+    write_bench_records(options.json_file, records, "optimizer", /*append=*/true);
   }
   destroy_stream(device, context.stream);
   return kExitOk;

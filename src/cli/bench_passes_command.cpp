@@ -8,7 +8,6 @@
 // rate, so a pass can be set against the card's memory bandwidth (about 3 TB/s on an H100): a
 // pass far below it is where a kernel loses time, a pass near it can only get cheaper by fusion.
 #include <cstdio>
-#include <fstream>
 #include <functional>
 #include <optional>
 #include <string>
@@ -164,30 +163,27 @@ int run(const Options& options) {
               (long long)tokens, (long long)width, (long long)options.heads, (long long)hidden,
               device_kind_name(device), dtype_name(dtype), options.iterations, options.warmup);
   std::printf("  %-34s %10s %14s %10s\n", "pass", "ms", "least bytes", "GB/s");
-  std::ofstream json;
-  if (!options.json_file.empty()) json.open(options.json_file, std::ios::app);
+  std::vector<BenchRecord> records;
   for (const Pass& pass : passes) {
     const double ms = median_call_ms(context, options.warmup, options.iterations, pass.run);
     const double rate = ms > 0 ? pass.bytes / (ms * 1e-3) / 1e9 : 0.0;
     std::printf("  %-34s %10.4f %14.4g %10.1f\n", pass.name.c_str(), ms, pass.bytes, rate);
     std::fflush(stdout);
-    if (json.is_open()) {
-      BenchRecord record;
-      record.add("bench", "passes");
-      record.add("pass", pass.name);
-      record.add("device", device_kind_name(device));
-      record.add("dtype", dtype_name(dtype));
-      record.add("tokens", double(tokens));
-      record.add("d_model", double(width));
-      record.add("d_ff", double(hidden));
-      record.add("ms", ms);
-      record.add("bytes", pass.bytes);
-      record.add("gb_per_s", rate);
-      json << record.json() << "\n";
-    }
+    BenchRecord record;
+    record.add("bench", "passes");
+    record.add("pass", pass.name);
+    record.add("device", device_kind_name(device));
+    record.add("dtype", dtype_name(dtype));
+    record.add("tokens", double(tokens));
+    record.add("d_model", double(width));
+    record.add("d_ff", double(hidden));
+    record.add("ms", ms);
+    record.add("bytes", pass.bytes);
+    record.add("gb_per_s", rate);
+    records.push_back(record);
   }
   ops::synchronize(context);
-  if (json.is_open() && !json) SY_THROW("writing --json ", options.json_file, " failed");
+  if (!options.json_file.empty()) write_bench_records(options.json_file, records, "passes", /*append=*/true);
   destroy_stream(device, context.stream);
   return kExitOk;
 }
