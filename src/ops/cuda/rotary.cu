@@ -8,13 +8,13 @@
 // The angle is computed in double (theta reaches S * 1 rad and an fp32 angle would be off by ~1e-3
 // rad at a few thousand positions), then its cos and sin rounded to fp32.
 //
-// Two kernels compute the same values. The packed one (Dh/2 a multiple of a 16-byte pack of T,
-// 16-byte aligned tensors: every model config) is a memory pass: one thread per (row, head, pack)
-// loads 16 bytes of x[i..] and of x[i + Dh/2..], and reads the (cos, sin) pairs from a table over
-// positions x (Dh/2) built once per stream by rotary_table_kernel and kept while positions, Dh and
-// base stay the same (float2 table[p * Dh/2 + i], L2-resident: 256 KB at S 1024, Dh 64). The
-// scalar one (any even Dh) spends one double sincos per (row, i) on the 2H heads of its row.
-// Each thread reads its pairs before writing them, so in place is safe in both.
+// Both kernels read the (cos, sin) pairs from one table over positions x (Dh/2), built once per
+// stream by rotary_table_kernel and kept while positions, Dh and base stay the same (float2
+// table[p * Dh/2 + i], L2-resident: 256 KB at S 1024, Dh 64). The packed kernel (Dh/2 a multiple
+// of a 16-byte pack of T, 16-byte aligned tensors: every model config) is a memory pass: one
+// thread per (row, head, pack) loads 16 bytes of x[i..] and of x[i + Dh/2..]. The scalar one (any
+// even Dh) takes one (row, i) per thread over the 2H heads of its row. Each thread reads its pairs
+// before writing them, so in place is safe in both.
 #include <cmath>
 #include <map>
 #include <mutex>
@@ -33,17 +33,14 @@ constexpr int kScratchRotaryTable = 0x524f5459;  // persistent_scratch tag ("ROT
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    rotary_kernel(const T* input, int64_t tokens, int64_t seq_len, int64_t heads, int64_t head_dim, double log_base,
-                  int64_t position_offset, double direction, bool copy_values, T* output) {
+    rotary_kernel(const T* input, int64_t tokens, int64_t seq_len, int64_t heads, int64_t head_dim,
+                  const float2* table, int64_t position_offset, float direction, bool copy_values, T* output) {
   const int64_t half = head_dim / 2, model_dim = heads * head_dim, row_width = 3 * model_dim;
   const int64_t count = tokens * half, stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t index = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; index < count; index += stride) {
     const int64_t row = index / half, i = index % half;
-    const double position = double(position_offset + row % seq_len);
-    const double inverse_frequency = exp(-2.0 * double(i) / double(head_dim) * log_base);
-    double sine_d, cosine_d;
-    sincos(position * inverse_frequency, &sine_d, &cosine_d);
-    const float cosine = float(cosine_d), sine = float(direction * sine_d);
+    const float2 angle = table[(position_offset + row % seq_len) * half + i];
+    const float cosine = angle.x, sine = direction * angle.y;
     const T* in_row = input + row * row_width;
     T* out_row = output + row * row_width;
     for (int64_t head = 0; head < 2 * heads; ++head) {  // q heads, then k heads
@@ -62,8 +59,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// (cos, sin) of position * base^(-2i/Dh) for positions [0, positions) and i < half, as the scalar
-// kernel computes them.
+// (cos, sin) of position * base^(-2i/Dh) for positions [0, positions) and i < half: the angle in
+// double, its cos and sin rounded to fp32.
 __global__ void __launch_bounds__(kThreads)
     rotary_table_kernel(int64_t positions, int64_t half, int64_t head_dim, double log_base, float2* table) {
   const int64_t count = positions * half, stride = int64_t(gridDim.x) * blockDim.x;
@@ -161,8 +158,8 @@ void rotate(const char* op, const AttentionShape& shape, const Tensor& input, do
     using T = decltype(tag);
     constexpr int kElems = Pack<T>::kElems;
     const int64_t half = shape.head_dim / 2;
+    const float2* table = rotary_table(position_offset + shape.seq_len, shape.head_dim, std::log(base), cuda_stream);
     if (half % kElems == 0 && is_aligned(input.data, 16) && is_aligned(output.data, 16)) {
-      const float2* table = rotary_table(position_offset + shape.seq_len, shape.head_dim, std::log(base), cuda_stream);
       const int64_t units = 2 * shape.heads * (half / kElems) + (copy_values ? shape.model_dim() / kElems : 0);
       rotary_packed_kernel<T><<<grid_for(tokens * units, kThreads, int64_t(multiprocessor_count()) * 16), kThreads, 0,
                                 cuda_stream>>>(input.as<T>(), tokens, shape.seq_len, shape.heads, shape.head_dim, table,
@@ -173,8 +170,8 @@ void rotate(const char* op, const AttentionShape& shape, const Tensor& input, do
     const int64_t count = tokens * half;
     rotary_kernel<T>
         <<<grid_for(count, kThreads, int64_t(multiprocessor_count()) * 16), kThreads, 0, cuda_stream>>>(
-            input.as<T>(), tokens, shape.seq_len, shape.heads, shape.head_dim, std::log(base), position_offset,
-            direction, copy_values, output.as<T>());
+            input.as<T>(), tokens, shape.seq_len, shape.heads, shape.head_dim, table, position_offset,
+            float(direction), copy_values, output.as<T>());
     CUDA_CHECK_LAUNCH();
   });
 }
