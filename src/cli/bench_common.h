@@ -15,8 +15,9 @@
 
 namespace switchyard {
 
-// `count` normal(0, stddev) values stored in `dtype` on `device`, drawn on the host from
-// std::mt19937_64(seed), so a seed gives the same data on every run and either backend.
+// `count` normal(0, stddev) values stored in `dtype` (f32, bf16 or f16) on `device`, drawn on the
+// host from the Philox stream of `seed` (src/core/rng.h) over every host thread, so a seed gives
+// the same data on every run and either backend.
 Buffer random_device_buffer(DeviceKind device, DType dtype, int64_t count, float stddev, uint64_t seed);
 
 // A benchmark's --device value (auto|cpu|cuda): auto takes CUDA when a device is present. Bad input

@@ -175,12 +175,10 @@ void run_moe_stage(MoeStageObserver* observer, const ExecContext& context, const
 template <typename Work>
 void run_moe_stage(MoeStageObserver* observer, const ExecContext& context, const char* stage, double flops,
                    Work&& work) {
-  if (observer) observer->stage_begin(context, stage);
-  work();
-  if (observer) {
-    observer->stage_flops(stage, flops);
-    observer->stage_end(context, stage);
-  }
+  run_moe_stage(observer, context, stage, [&] {
+    work();
+    if (observer) observer->stage_flops(stage, flops);  // while the stage is open
+  });
 }
 
 class MoeRouter {

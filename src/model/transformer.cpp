@@ -377,8 +377,8 @@ void Transformer::attention_sublayer_forward(const ExecContext& context, const M
     stage(context, "attention core", causal_attention_flops(shape),
           [&] { ops::attention_forward(context, shape, qkv, attention, stats, workspace); });
     if (!mid) return;
-    stage(context, "output projection", matmul_flops(tokens, width, width), [&] {  // mid = x + attention Wo:
-      // the residual is the GEMM's addend
+    stage(context, "output projection", matmul_flops(tokens, width, width), [&] {
+      // mid = x + attention Wo: the residual is the GEMM's addend
       ops::gemm(context, false, false, 1.0f, attention, parameters.compute(block.out), 1.0f, *mid, &x);
     });
   });

@@ -224,7 +224,8 @@ class Transformer {
   //   dense FFN, shared experts: "GEMM 1", "activation", "GEMM 2"; backward: "weight grad 2",
   //              "data grad 2", "activation backward", "weight grad 1", "data grad 1"
   //   MoE, MoE backward: the MoE layer's own stages (src/model/moe_layer.h; the expert-parallel
-  //              layer's: src/model/moe_ep_layer.h)
+  //              layer's: src/model/moe_ep_layer.h); forward then "step loads" (training) and
+  //              "routing taps" (the block's bookkeeping)
   void set_stage_observer(MoeStageObserver* observer);
 
  private:
