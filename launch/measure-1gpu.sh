@@ -125,19 +125,24 @@ if runs layer 60; then
     note "layer breakdown sonic: rc $? (layer-breakdown-sonic.log)"
   fi
 fi
+# One profiled training run: profile_run NAME CONFIG [train options...] writes the step breakdown
+# of configs/CONFIG.yaml to OUT/NAME.log (a SWITCHYARD_* assignment before the call passes through).
+profile_run() {
+  local name="$1" config="$2"
+  shift 2
+  timeout "$(cap 150)" "$binary" train "configs/$config.yaml" --profile-steps 3 "$@" \
+    --set "logging.run_dir=$(run_dir "$name")" 2>&1 | sed -u '/step profile ->/q' > "$out/$name.log"
+}
 if runs profile 60; then
   for config in bench-1gpu finegrained-1gpu bench-large-1gpu; do
     [ "$(left)" -ge 40 ] || { note "profile $config: skipped (budget)"; continue; }
-    timeout "$(cap 150)" "$binary" train "configs/$config.yaml" --profile-steps 3 \
-      --set "logging.run_dir=$(run_dir "profile-$config")" 2>&1 | sed -u '/step profile ->/q' > "$out/profile-$config.log"
+    profile_run "profile-$config" "$config"
     note "profile $config: $(grep -m1 'MFU = ' "$out/profile-$config.log" | sed 's/.*= //')"
   done
   # bench-1gpu with parallel.deterministic: true (cuDNN's attention backward without the atomic
   # dQ) against the default: compare "attention core backward" with profile-bench-1gpu.log's.
   if [ "$(left)" -ge 40 ]; then
-    timeout "$(cap 150)" "$binary" train configs/bench-1gpu.yaml --set parallel.deterministic=true \
-      --profile-steps 3 --set "logging.run_dir=$(run_dir profile-deterministic)" 2>&1 |
-      sed -u '/step profile ->/q' > "$out/profile-bench-1gpu-deterministic.log"
+    profile_run profile-bench-1gpu-deterministic bench-1gpu --set parallel.deterministic=true
     note "profile bench-1gpu, parallel.deterministic=true: $(grep -m1 'MFU = ' \
       "$out/profile-bench-1gpu-deterministic.log" | sed 's/.*= //'); core backward (default, deterministic): $(grep \
       -h 'attention core backward' "$out/profile-bench-1gpu.log" "$out/profile-bench-1gpu-deterministic.log" |
@@ -147,9 +152,7 @@ if runs profile 60; then
   # the accumulating micro-steps) against the default staged 128 x 128 tiles: compare the MoE
   # backward's "weight grad" rows (ms and TFLOP/s) with profile-bench-large-1gpu.log's.
   if [ "$(left)" -ge 60 ]; then
-    SWITCHYARD_SM90_STORE=direct timeout "$(cap 150)" "$binary" train configs/bench-large-1gpu.yaml \
-      --profile-steps 3 --set "logging.run_dir=$(run_dir profile-large-direct)" 2>&1 |
-      sed -u '/step profile ->/q' > "$out/profile-bench-large-1gpu-direct.log"
+    SWITCHYARD_SM90_STORE=direct profile_run profile-bench-large-1gpu-direct bench-large-1gpu
     note "profile bench-large-1gpu, SWITCHYARD_SM90_STORE=direct: $(grep -m1 'MFU = ' \
       "$out/profile-bench-large-1gpu-direct.log" | sed 's/.*= //'); weight grads (default, direct): $(grep -h \
       'weight grad [12]' "$out/profile-bench-large-1gpu.log" "$out/profile-bench-large-1gpu-direct.log" |
